@@ -1,0 +1,1 @@
+"""accord: align and merge neural networks."""

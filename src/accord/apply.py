@@ -1,0 +1,185 @@
+"""Rewrite a state dict in new coordinates: one transform per feature space.
+
+Writers get ``T`` on their feature axis, readers get ``T⁻¹`` on theirs
+(``W ← T_out · W · T_in⁻¹``, ``b ← T_out · b``), elementwise parameters follow permutations.
+Dense maps need the space's BatchNorms folded into their writers first
+(:func:`fold_batchnorms`); a folded BatchNorm keeps only its shift, which moves like a bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accord.errors import SpecError
+from accord.spec import AxisRef, FeatureSpace, Spec
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A change of coordinates of one space: ``matrix`` for writers, ``inverse`` for readers.
+
+    ``matrix`` maps a model's features into the target coordinates (C × C, float64);
+    ``inverse`` maps back. ``permutation`` is set when the map is a permutation: then
+    ``matrix[i, permutation[i]] = 1``, i.e. new feature ``i`` is old feature ``permutation[i]``.
+    """
+
+    matrix: torch.Tensor
+    inverse: torch.Tensor
+    permutation: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @classmethod
+    def identity(cls, size: int) -> Transform:
+        return cls.from_permutation(torch.arange(size))
+
+    @classmethod
+    def from_permutation(cls, permutation: torch.Tensor) -> Transform:
+        permutation = torch.as_tensor(permutation, dtype=torch.long)
+        size = permutation.numel()
+        matrix = torch.zeros(size, size, dtype=torch.float64)
+        matrix[torch.arange(size), permutation] = 1.0
+        return cls(matrix, matrix.T.clone(), permutation)
+
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, inverse: torch.Tensor | None = None) -> Transform:
+        matrix = matrix.to(torch.float64)
+        if inverse is None:
+            inverse = torch.linalg.inv(matrix)
+        return cls(matrix, inverse.to(torch.float64))
+
+
+def transform_axis(
+    tensor: torch.Tensor, ref: AxisRef, size: int, map_: torch.Tensor
+) -> torch.Tensor:
+    """``new[c] = Σ_d map_[c, d] · old[d]`` over the features of ``ref`` in ``tensor``."""
+    axis = ref.axis % tensor.dim()
+    moved = tensor.movedim(axis, 0)
+    stop = ref.offset + size * ref.block
+    part = moved[ref.offset : stop]
+    rest = part.shape[1:]
+    grouped = part.reshape(size, ref.block, -1).to(torch.float64)
+    mixed = torch.einsum("cd,dbr->cbr", map_.to(torch.float64), grouped)
+    out = moved.clone()
+    out[ref.offset : stop] = mixed.reshape(size * ref.block, *rest).to(tensor.dtype)
+    return out.movedim(0, axis)
+
+
+def permute_axis(tensor: torch.Tensor, ref: AxisRef, size: int, perm: torch.Tensor) -> torch.Tensor:
+    """Exact gather of the features of ``ref``: new feature ``c`` is old feature ``perm[c]``."""
+    axis = ref.axis % tensor.dim()
+    moved = tensor.movedim(axis, 0)
+    stop = ref.offset + size * ref.block
+    blocks = moved[ref.offset : stop].reshape(size, ref.block, *moved.shape[1:])
+    out = moved.clone()
+    out[ref.offset : stop] = blocks[perm].reshape(size * ref.block, *moved.shape[1:])
+    return out.movedim(0, axis)
+
+
+def apply_transforms(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: Spec,
+    transforms: Mapping[str, Transform],
+) -> StateDict:
+    """A new state dict with the spaces in ``transforms`` re-coordinated; the input is kept."""
+    out = {key: value.clone() for key, value in state_dict.items()}
+    for name, transform in transforms.items():
+        space = spec[name]
+        if transform.size != space.size:
+            raise SpecError(
+                f"space {name!r} has {space.size} features, its transform is {transform.size} wide"
+            )
+        if transform.permutation is not None:
+            _permute_space(out, space, transform.permutation)
+        else:
+            _map_space(out, space, transform)
+    return out
+
+
+def _permute_space(out: StateDict, space: FeatureSpace, perm: torch.Tensor) -> None:
+    # For a permutation P, P⁻ᵀ = P: readers and elementwise entries gather like writers.
+    for ref in space.refs:
+        out[ref.tensor] = permute_axis(out[ref.tensor], ref, space.size, perm)
+
+
+def _map_space(out: StateDict, space: FeatureSpace, transform: Transform) -> None:
+    folded = {bn.norm for bn in space.batchnorms}
+    for ref in space.elementwise:
+        module, _, leaf = ref.tensor.rpartition(".")
+        if module not in folded:
+            raise SpecError(
+                f"space {space.name!r}: {ref.tensor} is a per-feature parameter, so this space "
+                "admits permutations only; use a permutation matcher or mark the space fixed"
+            )
+        if leaf == "bias":
+            _require_folded(out, module, space.name)
+            out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, transform.matrix)
+    for ref in space.writers:
+        out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, transform.matrix)
+    inverse_t = transform.inverse.T
+    for ref in space.readers:
+        out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, inverse_t)
+
+
+def _require_folded(state: StateDict, norm: str, space: str) -> None:
+    weight, mean = state.get(f"{norm}.weight"), state.get(f"{norm}.running_mean")
+    unfolded = (weight is not None and not torch.all(weight == 1)) or (
+        mean is not None and not torch.all(mean == 0)
+    )
+    if unfolded:
+        raise SpecError(
+            f"space {space!r}: BatchNorm {norm!r} must be folded into its writer before a "
+            "dense map is applied; call accord.apply.fold_batchnorms first"
+        )
+
+
+def fold_batchnorms(model: nn.Module, spaces: list[FeatureSpace] | Spec) -> StateDict:
+    """The model's state dict with each listed BatchNorm folded into the writer before it.
+
+    In eval mode BN is the per-channel affine ``y = γ (x − μ)/σ + β`` with
+    ``σ = sqrt(var + eps)``: it becomes ``W ← diag(γ/σ) W`` in the writer, the writer's bias is
+    zeroed, and the BN keeps ``weight = 1``, ``running_mean = 0``, ``running_var = 1 − eps``
+    (so that it divides by exactly 1) and the whole shift ``β − γμ/σ + γ b/σ`` as its bias.
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    for space in spaces:
+        for bn in space.batchnorms:
+            norm = modules.get(bn.norm)
+            if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None:
+                raise SpecError(
+                    f"space {space.name!r}: {bn.norm!r} is not a BatchNorm with running statistics"
+                )
+            _fold_one(state, bn.norm, bn.writer, norm.eps)
+    return state
+
+
+def _fold_one(state: StateDict, norm: str, writer: str, eps: float) -> None:
+    var = state[f"{norm}.running_var"].to(torch.float64)
+    mean = state[f"{norm}.running_mean"].to(torch.float64)
+    gamma = state.get(f"{norm}.weight", torch.ones_like(var)).to(torch.float64)
+    beta = state.get(f"{norm}.bias", torch.zeros_like(var)).to(torch.float64)
+    scale = gamma / torch.sqrt(var + eps)
+    weight = state[f"{writer}.weight"]
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    state[f"{writer}.weight"] = (weight.to(torch.float64) * scale.reshape(shape)).to(weight.dtype)
+    shift = beta - scale * mean
+    if f"{writer}.bias" in state:
+        shift = shift + scale * state[f"{writer}.bias"].to(torch.float64)
+        state[f"{writer}.bias"] = torch.zeros_like(state[f"{writer}.bias"])
+    dtype = state[f"{norm}.running_mean"].dtype
+    state[f"{norm}.running_mean"] = torch.zeros_like(mean).to(dtype)
+    state[f"{norm}.running_var"] = torch.full_like(var, 1.0 - eps).to(dtype)
+    if f"{norm}.weight" in state:
+        state[f"{norm}.weight"] = torch.ones_like(gamma).to(dtype)
+    if f"{norm}.bias" not in state:
+        raise SpecError(f"BatchNorm {norm!r} has no affine shift to hold the folded bias")
+    state[f"{norm}.bias"] = shift.to(dtype)

@@ -1,0 +1,160 @@
+"""Function preservation: random re-coordinations of a model's free spaces must not change it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.errors import SpecError
+from accord.spec import FeatureSpace, Spec
+
+
+def random_permutation(size: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation that keeps each of ``groups`` equal blocks in place."""
+    block = size // groups
+    parts = [torch.randperm(block, generator=generator) + g * block for g in range(groups)]
+    return torch.cat(parts)
+
+
+def random_transform(space: FeatureSpace, generator: torch.Generator) -> Transform:
+    """A random map of the kind ``space`` admits exactly (block-diagonal when grouped).
+
+    ``linear`` spaces get ``Q₁ diag(s) Q₂`` with singular values in [0.5, 2]; ``orthogonal``
+    spaces a random orthogonal map; ``dense`` and ``permutation`` spaces a permutation.
+    """
+    if space.maps in ("dense", "permutation"):
+        return Transform.from_permutation(random_permutation(space.size, space.groups, generator))
+    block = space.size // space.groups
+    blocks = []
+    for _ in range(space.groups):
+        q1 = _random_orthogonal(block, generator)
+        if space.maps == "orthogonal":
+            blocks.append(q1)
+            continue
+        q2 = _random_orthogonal(block, generator)
+        scales = 0.5 * 4.0 ** torch.rand(block, generator=generator, dtype=torch.float64)
+        blocks.append(q1 @ torch.diag(scales) @ q2)
+    return Transform.from_matrix(torch.block_diag(*blocks))
+
+
+def _random_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
+    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def randomly_permuted(model: nn.Module, spec: Spec, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` computing the same function, with every free space permuted.
+
+    Grouped spaces (attention heads) are permuted within each group. The copy is what
+    alignment methods must undo: merging a model with its permuted copy returns the model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    transforms = {
+        space.name: Transform.from_permutation(
+            random_permutation(space.size, space.groups, generator)
+        )
+        for space in spec.free_spaces
+    }
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(apply_transforms(model.state_dict(), spec, transforms))
+    return permuted
+
+
+def transformed_copy(model: nn.Module, spec: Spec, transforms: dict[str, Transform]) -> nn.Module:
+    """A copy of ``model`` with ``transforms`` applied, folding BatchNorms where maps are dense."""
+    dense = [
+        spec[name] for name, t in transforms.items() if t.permutation is None and spec[name].free
+    ]
+    state = fold_batchnorms(model, dense) if dense else model.state_dict()
+    out = copy.deepcopy(model)
+    out.load_state_dict(apply_transforms(state, spec, transforms))
+    return out
+
+
+def check_spec(
+    spec: Spec, model: nn.Module, example_input: Any, *, seed: int = 0, rtol: float = 1e-5
+) -> None:
+    """Raise :class:`SpecError` naming the first free space whose random map changes the output.
+
+    Runs in float64 and eval mode so that only a wrong spec, not rounding, can fail it. Each
+    space is tested on its own, then all of them together.
+    """
+    spec.validate(model)
+    reference_model = copy.deepcopy(model).double().eval()
+    inputs = _to_double(example_input)
+    with torch.no_grad():
+        expected = _flat_outputs(_call(reference_model, inputs))
+    generator = torch.Generator().manual_seed(seed)
+    transforms = {s.name: random_transform(s, generator) for s in spec.free_spaces}
+    for name, transform in transforms.items():
+        error = _relative_change(spec, reference_model, inputs, expected, {name: transform})
+        if error > rtol:
+            space = spec[name]
+            raise SpecError(
+                f"space {name!r} ({space.maps} maps, {space.size} features) breaks the function: "
+                f"relative output change {error:.2e} > {rtol:.0e}. Its writers "
+                f"{[r.describe() for r in space.writers]} or readers "
+                f"{[r.describe() for r in space.readers]} are incomplete or wrong; fix the spec "
+                "or mark the space fixed"
+            )
+    if transforms:
+        error = _relative_change(spec, reference_model, inputs, expected, transforms)
+        if error > rtol:
+            raise SpecError(
+                f"every space passes alone but together they change the output by {error:.2e}: "
+                "two spaces claim overlapping axes"
+            )
+
+
+def _relative_change(
+    spec: Spec,
+    model: nn.Module,
+    inputs: Any,
+    expected: list[torch.Tensor],
+    transforms: dict[str, Transform],
+) -> float:
+    changed = transformed_copy(model, spec, transforms).eval()
+    with torch.no_grad():
+        outputs = _flat_outputs(_call(changed, inputs))
+    worst = 0.0
+    for got, want in zip(outputs, expected, strict=True):
+        scale = want.abs().max().clamp_min(1e-12)
+        worst = max(worst, float((got - want).abs().max() / scale))
+    return worst
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _to_double(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_to_double(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_double(v) for k, v in value.items()}
+    return value
+
+
+def _flat_outputs(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output.double()] if output.is_floating_point() else [output]
+    items: Iterable[Any]
+    if isinstance(output, dict):
+        items = output.values()
+    elif isinstance(output, tuple | list):
+        items = output
+    else:
+        return []
+    return [t for item in items for t in _flat_outputs(item)]

@@ -1,0 +1,304 @@
+"""Feature spaces: which tensor axes of a network move together under a re-coordination.
+
+A :class:`FeatureSpace` of ``size`` C lists
+
+* ``writers``: axes that produce the features (Linear rows and bias, Conv output channels).
+  A transform ``T`` (C_out × C) acts on them as ``new[c] = Σ_d T[c, d] · old[d]``;
+* ``readers``: axes that consume them (Linear columns, Conv input channels). They receive
+  ``T⁻¹`` on the input side, ``W ← W · T⁻¹``, i.e. ``new[c] = Σ_d T⁻ᵀ[c, d] · old[d]``. Keys of
+  attention also sit here: ``q·k`` is unchanged when ``q ← T q`` and ``k ← T⁻ᵀ k``;
+* ``elementwise``: per-feature parameters and buffers that can only follow a permutation (norm
+  gains and shifts, running statistics, depthwise kernels);
+* ``batchnorms``: BatchNorms directly after a writer, which :func:`accord.apply.fold_batchnorms`
+  folds into that writer so that a dense map becomes exact in eval mode.
+
+``maps`` says which transforms keep the network's function:
+
+* ``"linear"``: any invertible map, exactly (only linear layers and foldable BatchNorm lie
+  between writers and readers);
+* ``"dense"``: permutations exactly, other invertible maps as an approximation (an
+  elementwise nonlinearity lies in between, as in CCA Merge);
+* ``"orthogonal"``: orthogonal maps exactly (query/key spaces, whose map q and k share);
+* ``"permutation"``: permutations only (a LayerNorm/GroupNorm normalises across the space, or a
+  depthwise convolution ties channels).
+
+``groups`` > 1 restricts maps to block-diagonal ones with ``groups`` equal blocks (attention
+heads). Statistics of a space are recorded at its ``observe`` points: torch.fx node names with
+the feature axis; every position along the other axes is one sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from accord._io import write_json
+from accord.errors import SpecError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MapKind = Literal["linear", "dense", "orthogonal", "permutation"]
+MAP_KINDS: tuple[str, ...] = ("linear", "dense", "orthogonal", "permutation")
+SPEC_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class AxisRef:
+    """An axis of a parameter or buffer that carries a space's features.
+
+    The features occupy ``size * block`` entries from ``offset`` along ``axis``; feature ``c``
+    owns the contiguous entries ``offset + c*block ... offset + (c+1)*block - 1`` (``block`` > 1
+    when a Flatten gives each channel a block of a Linear layer's columns).
+    """
+
+    tensor: str
+    axis: int
+    block: int = 1
+    offset: int = 0
+
+    def describe(self) -> str:
+        extra = "" if self.block == 1 else f", block {self.block}"
+        extra += "" if self.offset == 0 else f", from {self.offset}"
+        return f"{self.tensor}[{self.axis}{extra}]"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Where a space's activations are recorded: an fx node and the feature axis of its output."""
+
+    node: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class FoldedNorm:
+    """A BatchNorm module that directly follows a writer module, foldable into it."""
+
+    norm: str
+    writer: str
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """One feature space of a network; see the module docstring."""
+
+    name: str
+    size: int
+    writers: tuple[AxisRef, ...] = ()
+    readers: tuple[AxisRef, ...] = ()
+    elementwise: tuple[AxisRef, ...] = ()
+    batchnorms: tuple[FoldedNorm, ...] = ()
+    observe: tuple[Observation, ...] = ()
+    maps: MapKind = "permutation"
+    groups: int = 1
+    free: bool = True
+    reason: str = ""
+
+    @property
+    def refs(self) -> tuple[AxisRef, ...]:
+        """Every axis this space moves."""
+        return self.writers + self.readers + self.elementwise
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("writers", "readers", "elementwise"):
+            data[key] = [_ref_to_list(ref) for ref in getattr(self, key)]
+        data["observe"] = [[obs.node, obs.axis] for obs in self.observe]
+        data["batchnorms"] = [[bn.norm, bn.writer] for bn in self.batchnorms]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "space") -> FeatureSpace:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; accepted keys: {sorted(known)}")
+        try:
+            return cls(
+                name=str(data["name"]),
+                size=int(data["size"]),
+                writers=tuple(_ref_from_list(r) for r in data.get("writers", ())),
+                readers=tuple(_ref_from_list(r) for r in data.get("readers", ())),
+                elementwise=tuple(_ref_from_list(r) for r in data.get("elementwise", ())),
+                batchnorms=tuple(FoldedNorm(*bn) for bn in data.get("batchnorms", ())),
+                observe=tuple(Observation(str(n), int(a)) for n, a in data.get("observe", ())),
+                maps=data.get("maps", "permutation"),
+                groups=int(data.get("groups", 1)),
+                free=bool(data.get("free", True)),
+                reason=str(data.get("reason", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(
+                f"{where}: malformed entry ({exc!r}); see Spec.save for the format"
+            ) from exc
+
+
+def _ref_to_list(ref: AxisRef) -> list[Any]:
+    out: list[Any] = [ref.tensor, ref.axis]
+    if ref.block != 1 or ref.offset != 0:
+        out.append(ref.block)
+    if ref.offset != 0:
+        out.append(ref.offset)
+    return out
+
+
+def _ref_from_list(item: Any) -> AxisRef:
+    if isinstance(item, Mapping):
+        return AxisRef(**item)
+    tensor, axis, *rest = item
+    return AxisRef(str(tensor), int(axis), *(int(x) for x in rest))
+
+
+@dataclass
+class Spec:
+    """The feature spaces of a network, as found by :func:`accord.trace` or loaded from JSON."""
+
+    spaces: list[FeatureSpace]
+    model: str = ""
+    observation: Literal["post", "pre"] = "post"
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[FeatureSpace]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+    def __getitem__(self, name: str) -> FeatureSpace:
+        for space in self.spaces:
+            if space.name == name:
+                return space
+        raise SpecError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
+
+    @property
+    def free_spaces(self) -> list[FeatureSpace]:
+        return [s for s in self.spaces if s.free]
+
+    def replace_space(self, name: str, **changes: Any) -> Spec:
+        """A copy of this spec with one space's fields changed (e.g. ``free=False``)."""
+        spaces = [replace(s, **changes) if s.name == name else s for s in self.spaces]
+        self[name]
+        return Spec(spaces, self.model, self.observation, list(self.notes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SPEC_FORMAT,
+            "model": self.model,
+            "observation": self.observation,
+            "notes": list(self.notes),
+            "spaces": [s.to_dict() for s in self.spaces],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "spec") -> Spec:
+        if not isinstance(data, Mapping) or "spaces" not in data:
+            raise SpecError(f"{where}: expected a JSON object with a 'spaces' list")
+        spaces = [
+            FeatureSpace.from_dict(s, f"{where}: spaces[{i}]") for i, s in enumerate(data["spaces"])
+        ]
+        return cls(
+            spaces=spaces,
+            model=str(data.get("model", "")),
+            observation=data.get("observation", "post"),
+            notes=list(data.get("notes", [])),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset))]``."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module | None = None) -> Spec:
+        """Read a spec written by :meth:`save`; validate it against ``model`` when given."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise SpecError(f"spec file {path} does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec file {path} is not valid JSON: {exc}") from exc
+        spec = cls.from_dict(data, where=str(path))
+        if model is not None:
+            spec.validate(model)
+        return spec
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise :class:`SpecError` naming every reference that does not fit ``model``."""
+        tensors = dict(model.state_dict())
+        problems = [p for space in self.spaces for p in _space_problems(space, tensors)]
+        problems += _overlap_problems(self.spaces)
+        if problems:
+            raise SpecError("spec does not fit the model:\n  " + "\n  ".join(problems))
+
+    def check(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        *,
+        seed: int = 0,
+        rtol: float = 1e-5,
+    ) -> None:
+        """Transform every free space at random and check the outputs do not change.
+
+        Permutation spaces get a random permutation, ``linear`` ones a random well-conditioned
+        invertible map, ``orthogonal`` ones a random orthogonal map; ``dense`` spaces get a
+        permutation, since any other map is only an approximation there. The spaces are
+        tested one at a time so that the error names the space that broke the function.
+        """
+        from accord.check import check_spec
+
+        check_spec(self, model, example_input, seed=seed, rtol=rtol)
+
+
+def _space_problems(space: FeatureSpace, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    where = f"space {space.name!r}"
+    problems = []
+    if space.maps not in MAP_KINDS:
+        problems.append(f"{where}: maps={space.maps!r} is not one of {list(MAP_KINDS)}")
+    if space.size < 1 or space.groups < 1 or space.size % space.groups:
+        problems.append(f"{where}: size {space.size} is not a positive multiple of groups")
+    for ref in space.refs:
+        if ref.tensor not in tensors:
+            hint = _close(ref.tensor, tensors)
+            problems.append(f"{where}: unknown parameter or buffer {ref.tensor!r}{hint}")
+            continue
+        shape = tuple(tensors[ref.tensor].shape)
+        if not -len(shape) <= ref.axis < len(shape):
+            problems.append(f"{where}: {ref.describe()} has no axis {ref.axis} (shape {shape})")
+            continue
+        needed = ref.offset + space.size * ref.block
+        if shape[ref.axis] < needed:
+            problems.append(
+                f"{where}: {ref.describe()} needs {needed} entries on axis {ref.axis}, "
+                f"the tensor has {shape[ref.axis]} (shape {shape})"
+            )
+    return problems
+
+
+def _overlap_problems(spaces: Iterable[FeatureSpace]) -> list[str]:
+    owner: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+    problems = []
+    for space in spaces:
+        for ref in space.refs:
+            start, stop = ref.offset, ref.offset + space.size * ref.block
+            for other_start, other_stop, other in owner.get((ref.tensor, ref.axis), []):
+                if start < other_stop and other_start < stop and other != space.name:
+                    problems.append(
+                        f"{ref.describe()} is claimed by spaces {other!r} and {space.name!r}"
+                    )
+            owner.setdefault((ref.tensor, ref.axis), []).append((start, stop, space.name))
+    return problems
+
+
+def _close(name: str, names: Iterable[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -1,0 +1,60 @@
+"""Reference architectures for merging experiments: MLP, VGG11/16, ResNet20 and a tiny ViT.
+
+Every model takes ``in_channels`` (3), ``image_size`` (32) and ``num_classes`` (10), maps
+(B, in_channels, image_size, image_size) images to (B, num_classes) logits and is traceable
+by ``torch.fx.symbolic_trace``. A built model remembers its full config, so it can be rebuilt:
+
+>>> import torch
+>>> from accord.zoo import build_model, model_config
+>>> model = build_model("resnet20", width=2, num_classes=100)
+>>> model(torch.zeros(2, 3, 32, 32)).shape
+torch.Size([2, 100])
+>>> model_config(model)
+{'name': 'resnet20', 'in_channels': 3, 'image_size': 32, 'num_classes': 100, 'width': 2}
+>>> twin = build_model(**model_config(model))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from accord.errors import ModelError
+from accord.zoo.registry import MODELS, model_class, resolve_config
+
+__all__ = ["MODELS", "build_model", "model_config"]
+
+
+def build_model(name: str, **config: Any) -> nn.Module:
+    """Build zoo model ``name`` (one of :data:`MODELS`) with ``config`` over its defaults.
+
+    Keys per model (defaults in brackets), besides in_channels, image_size, num_classes:
+
+    - ``mlp``: width [128] hidden units, depth [3] hidden layers.
+    - ``vgg11``, ``vgg16``: width [1.0] channel multiplier, batch_norm [False].
+    - ``resnet20``: width [1] channel multiplier (stages 16w, 32w, 64w).
+    - ``vit``: patch_size [4] (divides image_size), dim [64], depth [2], heads [4]
+      (divides dim), mlp_ratio [2.0].
+
+    Raises ModelError for an unknown name, an unknown key or an invalid value. Weights come
+    from torch's global generator: the same ``torch.manual_seed`` gives the same model.
+    """
+    resolved = resolve_config(name, config)
+    model = model_class(name)(**resolved)
+    model.accord_config = {"name": name, **resolved}
+    return model
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """``{"name": ..., **config}`` of a model from :func:`build_model`, all defaults filled in.
+
+    ``build_model(**model_config(model))`` builds the same architecture.
+    """
+    config = getattr(model, "accord_config", None)
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{type(model).__name__} was not built by accord.zoo.build_model, so it has no "
+            "config; build it with build_model(name, **config)"
+        )
+    return dict(config)
