@@ -1,1 +1,87 @@
-"""accord: align and merge neural networks."""
+"""accord: align and merge neural networks.
+
+The data path: trace → statistics → match → apply → combine → repair → evaluate → save.
+"""
+
+from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.check import randomly_permuted
+from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
+from accord.errors import (
+    AccordError,
+    ConfigError,
+    DataError,
+    MergeError,
+    ModelError,
+    SpecError,
+    StatisticsError,
+    StoreError,
+    TraceError,
+)
+from accord.evaluate import (
+    Evaluation,
+    InterpolationCurve,
+    evaluate,
+    evaluate_ensemble,
+    interpolation_curve,
+)
+from accord.repair import reset_batchnorm
+from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
+from accord.statistics import SpaceStatistics, Statistics
+from accord.store import (
+    Checkpoint,
+    checkpoint_dataset,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_set
+from accord.zoo import MODELS, build_model, example_input, model_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "AccordError",
+    "AxisRef",
+    "Checkpoint",
+    "ConfigError",
+    "DataError",
+    "DataSplits",
+    "Evaluation",
+    "FeatureSpace",
+    "InterpolationCurve",
+    "MergeError",
+    "ModelError",
+    "ModelSetRequest",
+    "Observation",
+    "SpaceStatistics",
+    "Spec",
+    "SpecError",
+    "Statistics",
+    "StatisticsError",
+    "StoreError",
+    "TraceError",
+    "TrainConfig",
+    "Transform",
+    "apply_transforms",
+    "build_model",
+    "checkpoint_dataset",
+    "default_dataset",
+    "evaluate",
+    "evaluate_ensemble",
+    "example_input",
+    "fold_batchnorms",
+    "interpolation_curve",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_dataset",
+    "model_config",
+    "randomly_permuted",
+    "reset_batchnorm",
+    "save_checkpoint",
+    "spec_table",
+    "split_indices",
+    "train_model",
+    "train_model_set",
+]

@@ -302,3 +302,28 @@ def _close(name: str, names: Iterable[str]) -> str:
 
     match = difflib.get_close_matches(name, list(names), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def spec_table(spec: Spec) -> str:
+    """The spaces as a text table: name, size, maps, writers, readers, free or fixed and why."""
+    from accord._table import format_table
+
+    def refs(items: tuple[AxisRef, ...]) -> str:
+        shown = ", ".join(r.describe() for r in items[:3])
+        return shown + (f", +{len(items) - 3} more" if len(items) > 3 else "")
+
+    rows = [
+        [
+            s.name,
+            s.size,
+            s.maps + (f"/{s.groups} groups" if s.groups > 1 else ""),
+            refs(s.writers),
+            refs(s.readers),
+            "free" if s.free else f"fixed: {s.reason}",
+        ]
+        for s in spec.spaces
+    ]
+    headers = ["space", "size", "maps", "writers", "readers", "status"]
+    return f"{spec.model}: {len(spec.free_spaces)} free of {len(spec)} spaces\n" + format_table(
+        headers, rows
+    )

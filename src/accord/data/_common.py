@@ -15,7 +15,7 @@ from accord.errors import DataError
 class RawData:
     """A dataset as read from disk, before any splitting or normalisation.
 
-    Images are float32 N×C×H×W scaled to [0, 1]; labels are int64 of shape N.
+    Images are N×C×H×W in their stored type with values in [0, max_value]; labels are int64 N.
     """
 
     train_images: np.ndarray
@@ -23,11 +23,7 @@ class RawData:
     test_images: np.ndarray
     test_labels: np.ndarray
     class_names: tuple[str, ...]
-
-
-def to_unit_float(images: np.ndarray, max_value: float) -> np.ndarray:
-    """Return ``images`` as float32 scaled from [0, max_value] to [0, 1]."""
-    return np.multiply(images, np.float32(1.0 / max_value), dtype=np.float32)
+    max_value: float
 
 
 def check_labels(labels: np.ndarray, num_images: int, num_classes: int, source: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from accord.data._common import RawData, check_labels, to_unit_float
+from accord.data._common import RawData, check_labels
 from accord.errors import DataError
 
 _PIXELS = 3 * 32 * 32
@@ -56,7 +56,7 @@ _CIFAR100 = _Layout(
 def load_cifar10(root: str | os.PathLike[str]) -> RawData:
     """Read CIFAR-10 from ``root/cifar-10-batches-py`` or from ``root`` itself.
 
-    Images are float32 N×3×32×32 in [0, 1]. Raises FileNotFoundError naming the first missing
+    Images are uint8 N×3×32×32. Raises FileNotFoundError naming the first missing
     file and DataError naming a damaged one.
     """
     return _load(Path(root), _CIFAR10)
@@ -65,7 +65,7 @@ def load_cifar10(root: str | os.PathLike[str]) -> RawData:
 def load_cifar100(root: str | os.PathLike[str]) -> RawData:
     """Read CIFAR-100 (100 fine labels) from ``root/cifar-100-python`` or from ``root`` itself.
 
-    Images are float32 N×3×32×32 in [0, 1]. Raises FileNotFoundError naming the first missing
+    Images are uint8 N×3×32×32. Raises FileNotFoundError naming the first missing
     file and DataError naming a damaged one.
     """
     return _load(Path(root), _CIFAR100)
@@ -77,11 +77,12 @@ def _load(root: Path, layout: _Layout) -> RawData:
     train = [_read_batch(folder / name, layout) for name in layout.train]
     test = [_read_batch(folder / name, layout) for name in layout.test]
     return RawData(
-        train_images=to_unit_float(np.concatenate([images for images, _ in train]), 255.0),
+        train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),
-        test_images=to_unit_float(np.concatenate([images for images, _ in test]), 255.0),
+        test_images=np.concatenate([images for images, _ in test]),
         test_labels=np.concatenate([labels for _, labels in test]),
         class_names=class_names,
+        max_value=255.0,
     )
 
 

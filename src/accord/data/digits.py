@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from accord.data._common import RawData, check_labels, to_unit_float
+from accord.data._common import RawData, check_labels
 
 TEST_FRACTION = 0.2
 # The split is part of the dataset's definition, so its seed is a constant, not an option.
@@ -12,12 +12,12 @@ _TEST_SEED = 0
 
 
 def load_digits() -> RawData:
-    """Read the digits as images 1×8×8 in [0, 1], the same 20 % held out as test every time."""
+    """Read the digits (float64 images N×1×8×8 in 0..16), holding out the same 20 % as test."""
     # Imported here: scikit-learn takes about a second to import and only digits needs it.
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
-    images = to_unit_float(bunch.images[:, None], 16.0)
+    images = bunch.images[:, None]
     labels = check_labels(np.asarray(bunch.target), len(images), 10, "sklearn digits")
     order = np.random.default_rng(_TEST_SEED).permutation(len(labels))
     num_test = round(TEST_FRACTION * len(labels))
@@ -28,4 +28,5 @@ def load_digits() -> RawData:
         test_images=images[test],
         test_labels=labels[test],
         class_names=tuple(str(d) for d in range(10)),
+        max_value=16.0,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accord.data._common import RawData, check_labels, to_unit_float
+from accord.data._common import RawData, check_labels
 from accord.errors import DataError
 
 # Element type code (third magic byte) -> numpy dtype; multi-byte types are big-endian.
@@ -85,7 +85,7 @@ def idx_folder_complete(root: Path) -> bool:
 
 
 def load_idx_folder(root: Path, class_names: tuple[str, ...]) -> RawData:
-    """Read the four MNIST-style IDX files in ``root`` (images N×1×28×28 in [0, 1]).
+    """Read the four MNIST-style IDX files in ``root`` (uint8 images N×1×H×W).
 
     Raises FileNotFoundError naming the first missing file and DataError for damaged ones.
     """
@@ -98,11 +98,11 @@ def load_idx_folder(root: Path, class_names: tuple[str, ...]) -> RawData:
                 f"{paths[f'{part}_images']}: expected uint8 images of shape N×H×W, found "
                 f"{images.dtype} {images.shape}; it is not an image file, download it again."
             )
-        arrays[f"{part}_images"] = to_unit_float(images[:, None], 255.0)
+        arrays[f"{part}_images"] = images[:, None]
         arrays[f"{part}_labels"] = check_labels(
             arrays[f"{part}_labels"], len(images), len(class_names), str(paths[f"{part}_labels"])
         )
-    return RawData(**arrays, class_names=class_names)
+    return RawData(**arrays, class_names=class_names, max_value=255.0)
 
 
 def _read_bytes(path: Path) -> bytes:

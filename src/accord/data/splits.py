@@ -40,7 +40,7 @@ def split_indices(
     sorted int64 index arrays. Example::
 
         >>> [idx.tolist() for idx in split_indices(np.array([0, 1, 0, 1]), 2, "classes")]
-        [[1, 3], [0, 2]]
+        [[0, 2], [1, 3]]
     """
     if mode not in _MODES:
         raise unknown_choice("split mode", mode, SPLIT_MODES)
@@ -58,11 +58,15 @@ def split_indices(
     return _MODES[mode](labels, num_models, alpha, rng)
 
 
-def _iid(labels: np.ndarray, num_models: int, _alpha: float, _rng: np.random.Generator) -> list[np.ndarray]:
+def _iid(
+    labels: np.ndarray, num_models: int, _alpha: float, _rng: np.random.Generator
+) -> list[np.ndarray]:
     return [np.arange(len(labels)) for _ in range(num_models)]
 
 
-def _classes(labels: np.ndarray, num_models: int, _alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _classes(
+    labels: np.ndarray, num_models: int, _alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     classes = np.unique(labels)
     if num_models > len(classes):
         raise DataError(
@@ -73,7 +77,9 @@ def _classes(labels: np.ndarray, num_models: int, _alpha: float, rng: np.random.
     return [np.flatnonzero(np.isin(labels, group)) for group in groups]
 
 
-def _dirichlet(labels: np.ndarray, num_models: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+    labels: np.ndarray, num_models: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     if not alpha > 0:
         raise DataError(f"split mode 'dirichlet' needs alpha > 0, got {alpha}.")
     parts: list[list[np.ndarray]] = [[] for _ in range(num_models)]
@@ -86,7 +92,9 @@ def _dirichlet(labels: np.ndarray, num_models: int, alpha: float, rng: np.random
     return [_sorted_union(part) for part in parts]
 
 
-def _eighty_twenty(labels: np.ndarray, num_models: int, _alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _eighty_twenty(
+    labels: np.ndarray, num_models: int, _alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     classes = np.unique(labels)
     if num_models != 2 or len(classes) < 2:
         raise DataError(

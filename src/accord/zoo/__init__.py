@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from accord.errors import ModelError
 from accord.zoo.registry import MODELS, model_class, resolve_config
 
-__all__ = ["MODELS", "build_model", "model_config"]
+__all__ = ["MODELS", "build_model", "example_input", "model_config"]
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
@@ -58,3 +59,11 @@ def model_config(model: nn.Module) -> dict[str, Any]:
             "config; build it with build_model(name, **config)"
         )
     return dict(config)
+
+
+def example_input(config: dict[str, Any], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A random input batch of the shape a model with zoo ``config`` expects."""
+    resolved = resolve_config(config["name"], {k: v for k, v in config.items() if k != "name"})
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, resolved["in_channels"], resolved["image_size"], resolved["image_size"])
+    return torch.randn(shape, generator=generator)

@@ -82,7 +82,7 @@ def _check_value(key: str, value: object, kind: type) -> str | None:
 
 
 def _plain(value: Any) -> bool | int | float:
-    """``value`` as a built-in bool, int or float, so the config is plain JSON (numpy scalars)."""
+    """``value`` as a built-in bool, int or float, so a config given numpy scalars is plain JSON."""
     if isinstance(value, bool):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -8,7 +8,21 @@ import torch
 from torch import nn
 
 # Output channels of each 3x3 conv, "M" for a 2x2 max pool (Simonyan & Zisserman, 2015).
-VGG11_LAYERS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+VGG11_LAYERS: tuple[int | str, ...] = (
+    64,
+    "M",
+    128,
+    "M",
+    256,
+    256,
+    "M",
+    512,
+    512,
+    "M",
+    512,
+    512,
+    "M",
+)
 VGG16_LAYERS: tuple[int | str, ...] = (
     *(64, 64, "M", 128, 128, "M", 256, 256, 256, "M"),
     *(512, 512, 512, "M", 512, 512, 512, "M"),
@@ -51,7 +65,9 @@ class VGG(nn.Module):
             modules.append(nn.ReLU())
             channels = out_channels
         self.features = nn.Sequential(*modules)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * size * size, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes) from images (B, in_channels, H, W)."""

@@ -1,0 +1,223 @@
+"""The ``accord`` command: train, evaluate, trace, merge and demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import accord
+from accord._table import format_table
+from accord.errors import AccordError
+
+DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text and "," not in text:
+            start, stop = (int(x) for x in text.split("-"))
+            return tuple(range(start, stop + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected e.g. 0,1,2 or 0-3") from exc
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _model_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise AccordError(f"--model-option {pair!r}: expected KEY=VALUE, e.g. depth=2")
+        lowered = value.lower()
+        options[key] = lowered == "true" if lowered in ("true", "false") else _number(value)
+    return options
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the dataset's files (default: $ACCORD_DATA/<name> or "
+        "/usr/share/datasets/<name>)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a set of models from seeds into the model store")
+    p.add_argument("--arch", required=True, help=f"model: {', '.join(accord.MODELS)}")
+    p.add_argument(
+        "--dataset", default="auto", help="dataset name, or auto (Fashion-MNIST, else digits)"
+    )
+    p.add_argument(
+        "--seeds", type=_seeds, default=(0, 1), help="e.g. 0,1,2 or 0-3 (one model each)"
+    )
+    p.add_argument("--split", default="iid", help="data split: iid, classes, dirichlet, 80-20")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration (split dirichlet)"
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=_number, default=None, help="width (multiplier, or MLP units)")
+    p.add_argument("--depth", type=int, default=None, help="MLP hidden layers / ViT blocks")
+    p.add_argument("--batch-norm", action="store_true", help="VGG with BatchNorm")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--limit", type=int, default=None, help="use this many train/test examples")
+    p.add_argument("--store", default=DEFAULT_STORE, help="model store folder [%(default)s]")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    model = _model_options(args.model_option)
+    for key in ("width", "depth"):
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
+    if args.batch_norm:
+        model["batch_norm"] = True
+    dataset = accord.default_dataset() if args.dataset == "auto" else args.dataset
+    request = accord.ModelSetRequest(
+        arch=args.arch,
+        dataset=dataset,
+        seeds=args.seeds,
+        split=args.split,
+        alpha=args.alpha,
+        model=model,
+        train=accord.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
+        limit=args.limit,
+        data_dir=args.data_dir,
+    )
+    checkpoints = accord.train_model_set(
+        request, args.store, device=args.device, progress=not args.quiet
+    )
+    rows = [_checkpoint_row(c) for c in checkpoints]
+    print(format_table(["model", "val acc", "test acc"], rows))
+    return 0
+
+
+def _checkpoint_row(checkpoint: accord.Checkpoint) -> list[Any]:
+    metrics = checkpoint.config.get("metrics", {})
+    return [
+        str(checkpoint.path),
+        metrics.get("val_accuracy", "-"),
+        metrics.get("test_accuracy", "-"),
+    ]
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate stored models and their logit-averaging ensemble")
+    p.add_argument("models", nargs="*", help="checkpoint folders (default: every model in --store)")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    _add_common(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    paths = [Path(m) for m in args.models] or accord.list_checkpoints(args.store)
+    checkpoints = [accord.load_checkpoint(p, device=args.device) for p in paths]
+    data = accord.checkpoint_dataset(checkpoints, data_dir=args.data_dir)
+    rows = []
+    for checkpoint in checkpoints:
+        val = accord.evaluate(checkpoint.model, data.val, device=args.device)
+        test = accord.evaluate(checkpoint.model, data.test, device=args.device)
+        rows.append([checkpoint.name, val.accuracy, test.accuracy, test.loss])
+    if len(checkpoints) > 1:
+        models = [c.model for c in checkpoints]
+        val = accord.evaluate_ensemble(models, data.val, device=args.device)
+        test = accord.evaluate_ensemble(models, data.test, device=args.device)
+        rows.append([f"ensemble of {len(models)}", val.accuracy, test.accuracy, test.loss])
+    print(format_table(["model", "val acc", "test acc", "test loss"], rows))
+    return 0
+
+
+def _add_spec(sub: Any) -> None:
+    p = sub.add_parser("spec", help="trace a model and print its feature spaces")
+    p.add_argument("model", help=f"a checkpoint folder or a zoo name ({', '.join(accord.MODELS)})")
+    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pre-activation", action="store_true", help="observe before nonlinearities")
+    p.add_argument("--save", default=None, help="also write the spec as JSON here")
+    p.set_defaults(func=_cmd_spec)
+
+
+def _cmd_spec(args: argparse.Namespace) -> int:
+    if Path(args.model).is_dir():
+        model = accord.load_checkpoint(args.model).model
+    else:
+        options = _model_options(args.model_option)
+        for key in ("in_channels", "image_size"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        model = accord.build_model(args.model, **options)
+    config = accord.model_config(model)
+    example = accord.example_input(config)
+    spec = accord.trace(model, example, observe="pre" if args.pre_activation else "post")
+    print(accord.spec_table(spec))
+    if args.save:
+        spec.save(args.save)
+        print(f"spec written to {args.save}")
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="train 4 small models (or reuse them) and compare merges")
+    p.add_argument(
+        "--dataset", default="auto", help="auto: Fashion-MNIST when installed, else digits"
+    )
+    p.add_argument("--store", default=DEFAULT_STORE)
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from accord.demo import run_demo
+
+    print(
+        run_demo(
+            args.dataset,
+            args.store,
+            device=args.device,
+            data_dir=args.data_dir,
+            progress=not args.quiet,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accord",
+        description="Align and merge neural networks (CCA Merge and its baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"accord {accord.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_eval, _add_spec, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AccordError as exc:
+        print(f"accord {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Accuracy and loss of a model, of a logit-averaging ensemble, and along a linear path.
+
+``data`` is anything that yields ``(inputs, labels)`` batches: a DataLoader, a list of
+batches, or an :class:`accord.data.Dataset` (batched here).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from accord.data import Dataset, make_loader
+
+Batches = Iterable[Any]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Top-1 accuracy (in [0, 1]) and mean cross-entropy over ``count`` examples."""
+
+    accuracy: float
+    loss: float
+    count: int
+
+
+def batches(data: Dataset | Batches, batch_size: int = 512) -> Batches:
+    """``data`` as an iterable of ``(inputs, labels)`` batches."""
+    if isinstance(data, Dataset):
+        return make_loader(data, batch_size=batch_size)
+    return data
+
+
+def _evaluate_logits(
+    forward: Any, data: Dataset | Batches, device: str | torch.device, desc: str, progress: bool
+) -> Evaluation:
+    correct, loss_sum, count = 0, 0.0, 0
+    loader = batches(data)
+    for inputs, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = forward(inputs)
+        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        count += int(labels.numel())
+    if count == 0:
+        raise ValueError("evaluation data is empty")
+    return Evaluation(correct / count, loss_sum / count, count)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | Batches,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Evaluation:
+    """Accuracy and loss of ``model`` (in eval mode) on ``data``."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        return _evaluate_logits(model, data, device, "evaluate", progress)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+    models: Sequence[nn.Module],
+    data: Dataset | Batches,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Evaluation:
+    """Accuracy and loss of the ensemble that averages the models' logits."""
+    flags = [m.training for m in models]
+    for model in models:
+        model.to(device).eval()
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(inputs) for m in models]).mean(dim=0)
+
+    try:
+        return _evaluate_logits(forward, data, device, "ensemble", progress)
+    finally:
+        for model, flag in zip(models, flags, strict=True):
+            model.train(flag)
+
+
+def interpolate_states(
+    state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 − alpha)·a + alpha·b`` for floating tensors; integer buffers are taken from ``a``."""
+    return {
+        key: torch.lerp(value, state_b[key], alpha) if value.is_floating_point() else value.clone()
+        for key, value in state_a.items()
+    }
+
+
+@dataclass(frozen=True)
+class InterpolationCurve:
+    """Evaluations along ``(1 − α)·θ_a + α·θ_b`` and the loss barrier of that path.
+
+    The barrier is ``max_α [L(α) − ((1 − α) L(0) + α L(1))]``, and likewise for the accuracy
+    (``accuracy_barrier`` is the largest drop below the line between the endpoints).
+    """
+
+    alphas: list[float]
+    evaluations: list[Evaluation]
+
+    @property
+    def losses(self) -> list[float]:
+        return [e.loss for e in self.evaluations]
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [e.accuracy for e in self.evaluations]
+
+    @property
+    def loss_barrier(self) -> float:
+        first, last = self.losses[0], self.losses[-1]
+        line = [(1 - a) * first + a * last for a in self.alphas]
+        return max(loss - ref for loss, ref in zip(self.losses, line, strict=True))
+
+    @property
+    def accuracy_barrier(self) -> float:
+        first, last = self.accuracies[0], self.accuracies[-1]
+        line = [(1 - a) * first + a * last for a in self.alphas]
+        return max(ref - acc for acc, ref in zip(self.accuracies, line, strict=True))
+
+
+def interpolation_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Dataset | Batches,
+    *,
+    steps: int = 11,
+    repair_data: Dataset | Batches | None = None,
+    device: str | torch.device = "cpu",
+) -> InterpolationCurve:
+    """Evaluate the linear path from ``model_a`` (α = 0) to ``model_b`` (α = 1).
+
+    With ``repair_data``, each interpolated model's BatchNorm statistics are recomputed on it
+    first (without it, interior points of BatchNorm networks are badly calibrated).
+    """
+    from accord.repair import reset_batchnorm
+
+    alphas = [i / (steps - 1) for i in range(steps)]
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    probe = copy.deepcopy(model_a)
+    evaluations = []
+    for alpha in alphas:
+        probe.load_state_dict(interpolate_states(state_a, state_b, alpha))
+        if repair_data is not None:
+            reset_batchnorm(probe, repair_data, device=device)
+        evaluations.append(evaluate(probe, data, device=device))
+    return InterpolationCurve(alphas, evaluations)

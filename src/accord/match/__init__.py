@@ -1,0 +1,138 @@
+"""Matching: one transform per (model, free space) into the merged coordinates.
+
+Each method lives in its own module and registers itself with one decorator line
+(:func:`register`); :func:`match` checks the request and runs the method.
+
+=================  ==========================================================  ==========
+method             paper                                                       needs data
+=================  ==========================================================  ==========
+identity           direct weight averaging                                     no
+permutation        activation matching (Ainsworth et al. 2023; Li et al. 2016) yes
+weight_matching    Git Re-Basin weight matching, MergeMany (Ainsworth 2023)    no
+zipit              ZipIt! (Stoica et al., ICLR 2024)                           yes
+ot                 OT fusion (Singh & Jaggi, NeurIPS 2020)                     yes
+cca                CCA Merge (Horoi et al., ICML 2024)                         yes
+=================  ==========================================================  ==========
+
+>>> from accord.match import MATCHERS
+>>> sorted(MATCHERS)
+['cca', 'identity', 'ot', 'permutation', 'weight_matching', 'zipit']
+>>> MATCHERS["cca"].options
+{'ridge': 0.1, 'absolute_ridge': None}
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from accord.errors import MergeError
+from accord.match import cca, identity, ot, permutation, weight_matching, zipit
+from accord.match._registry import MATCHERS, Alignment, MatcherInfo, register
+from accord.spec import Spec
+from accord.statistics import Statistics
+
+__all__ = ["MATCHERS", "Alignment", "MatcherInfo", "match", "register"]
+
+# The method modules register themselves when imported (above); keep the names referenced.
+_METHOD_MODULES = (cca, identity, ot, permutation, weight_matching, zipit)
+
+
+def match(
+    method: str,
+    spec: Spec,
+    statistics: Statistics | None,
+    states: Sequence[Mapping[str, Tensor]],
+    *,
+    reference: int = 0,
+    **options: Any,
+) -> Alignment:
+    """Align the models' free spaces with ``method`` (a key of :data:`MATCHERS`).
+
+    ``states`` are the models' state dicts (model ``reference`` is the target of star
+    methods); ``statistics`` are their activation statistics (:func:`accord.collect_statistics`),
+    required by data-driven methods. ``options`` override the method's defaults
+    (``MATCHERS[method].options``). Everything is checked before any matching starts.
+    """
+    info = _matcher(method)
+    resolved = _resolve_options(info, options)
+    _check_models(info, spec, statistics, states, reference)
+    return info.function(spec, statistics, states, reference, **resolved)
+
+
+def _matcher(method: str) -> MatcherInfo:
+    if isinstance(method, str) and method in MATCHERS:
+        return MATCHERS[method]
+    close = difflib.get_close_matches(str(method), list(MATCHERS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise MergeError(
+        f"unknown matching method {method!r}{hint}; methods: {', '.join(sorted(MATCHERS))}"
+    )
+
+
+def _resolve_options(info: MatcherInfo, options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = [name for name in options if name not in info.options]
+    if unknown:
+        accepted = ", ".join(sorted(info.options)) or "none"
+        hints = [
+            f"{name!r}" + "".join(f" (did you mean {c!r}?)" for c in _close(name, info.options))
+            for name in unknown
+        ]
+        raise MergeError(
+            f"method {info.name!r} has no option {', '.join(hints)}; accepted options: {accepted}"
+        )
+    return {**info.options, **options}
+
+
+def _close(name: str, choices: Mapping[str, Any]) -> list[str]:
+    return difflib.get_close_matches(name, list(choices), n=1)
+
+
+def _check_models(
+    info: MatcherInfo,
+    spec: Spec,
+    statistics: Statistics | None,
+    states: Sequence[Mapping[str, Tensor]],
+    reference: int,
+) -> None:
+    num_models = len(states)
+    if num_models < 1:
+        raise MergeError("match needs the state dict of at least one model")
+    if isinstance(reference, bool) or not isinstance(reference, int):
+        raise MergeError(f"reference={reference!r} must be a model index")
+    if not 0 <= reference < num_models:
+        raise MergeError(f"reference={reference} is not a model index (0..{num_models - 1})")
+    if statistics is None:
+        if info.needs_data:
+            raise MergeError(
+                f"method {info.name!r} aligns features by their activations and needs data: "
+                "collect statistics with accord.collect_statistics(models, spec, data) and pass "
+                "them, or use a method that needs none (weight_matching, identity)"
+            )
+        return
+    _check_statistics(spec, statistics, num_models, reference)
+
+
+def _check_statistics(
+    spec: Spec, statistics: Statistics, num_models: int, reference: int
+) -> None:
+    if statistics.num_models != num_models:
+        raise MergeError(
+            f"the statistics describe {statistics.num_models} models, {num_models} state dicts "
+            "were given; collect statistics of exactly the models being merged"
+        )
+    if statistics.pairs != "all" and statistics.reference != reference:
+        raise MergeError(
+            f"the statistics hold cross-covariances with model {statistics.reference} only; "
+            f"match with reference={statistics.reference} or collect them with pairs='all'"
+        )
+    for space in spec.free_spaces:
+        stats = statistics.spaces.get(space.name)
+        if stats is not None and stats.size != space.size:
+            raise MergeError(
+                f"space {space.name!r} has {space.size} features but its statistics have "
+                f"{stats.size}; collect statistics with this spec"
+            )

@@ -1,0 +1,139 @@
+"""Pieces the matchers share: assignments within groups, statistics look-ups, the star loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from accord.apply import Transform
+from accord.errors import MergeError
+from accord.match._registry import Alignment
+from accord.spec import FeatureSpace, Spec
+from accord.statistics import SpaceStatistics, Statistics
+
+NO_STATISTICS = (
+    "no statistics for this space (it has no observation point): identity transforms; "
+    "weight_matching aligns such spaces from the weights"
+)
+
+
+class Matched(NamedTuple):
+    """One model's alignment in one space: the method used, the map, scores and a note."""
+
+    method: str
+    transform: Transform
+    scores: dict[str, Any]
+    note: str = ""
+
+
+PairAligner = Callable[[FeatureSpace, SpaceStatistics, int, int], Matched]
+
+
+def group_slices(size: int, groups: int) -> list[slice]:
+    """The ``groups`` equal, contiguous feature blocks a grouped space's maps must respect."""
+    block = size // groups
+    return [slice(g * block, (g + 1) * block) for g in range(groups)]
+
+
+def assign(score: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The permutation ``perm`` maximising ``Σ_c score[c, perm[c]]``, block by block.
+
+    ``score`` is (C, C) with rows in the target coordinates and columns the model's features,
+    so ``Transform.from_permutation(perm)`` maps the model into the target. Grouped spaces are
+    solved per diagonal block (Hungarian algorithm, scipy ``linear_sum_assignment``).
+    """
+    size = score.shape[0]
+    perm = torch.empty(size, dtype=torch.long)
+    for part in group_slices(size, groups):
+        block = score[part, part].to(torch.float64).numpy()
+        _, cols = linear_sum_assignment(block, maximize=True)
+        perm[part] = torch.as_tensor(cols, dtype=torch.long) + part.start
+    return perm
+
+
+def as_permutation(matrix: torch.Tensor, atol: float = 1e-9) -> torch.Tensor | None:
+    """``perm`` with ``matrix[c, perm[c]] = 1`` if ``matrix`` is a permutation matrix, else None."""
+    perm = matrix.argmax(dim=1)
+    exact = torch.zeros_like(matrix)
+    exact[torch.arange(matrix.shape[0]), perm] = 1.0
+    if len(set(perm.tolist())) != matrix.shape[0] or (matrix - exact).abs().max() > atol:
+        return None
+    return perm
+
+
+def covariance(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
+    """``Cov(x_i, x_j)`` in float64, or a MergeError that says how to collect it."""
+    try:
+        return stats.covariance(i, j).to(torch.float64)
+    except KeyError:
+        raise MergeError(
+            f"space {space!r}: the covariance of models {i} and {j} was not collected; "
+            "collect statistics with pairs='all'"
+        ) from None
+
+
+def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
+    """Pearson correlation of model i's features (rows) with model j's (columns), float64."""
+    cross = covariance(stats, i, j, space)
+    std_i = torch.diagonal(covariance(stats, i, i, space)).clamp_min(0).sqrt()
+    std_j = torch.diagonal(covariance(stats, j, j, space)).clamp_min(0).sqrt()
+    # Dead features (zero variance) correlate with nothing rather than dividing by zero.
+    return cross / (std_i[:, None] * std_j[None, :]).clamp_min(1e-12)
+
+
+def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform]]:
+    """Identity maps for every free space of every model."""
+    return [{s.name: Transform.identity(s.size) for s in spec.free_spaces} for _ in range(num_models)]
+
+
+def star_alignment(
+    spec: Spec,
+    statistics: Statistics,
+    num_models: int,
+    reference: int,
+    method: str,
+    align: PairAligner,
+) -> Alignment:
+    """Align every model to the reference in every free space that has statistics.
+
+    ``align(space, stats, reference, i)`` matches model i to the reference in one space. The
+    reference keeps identities; spaces without statistics keep identities, with a note.
+    """
+    transforms = identity_transforms(spec, num_models)
+    report: dict[str, dict[str, Any]] = {}
+    for space in spec.free_spaces:
+        stats = statistics.spaces.get(space.name)
+        if stats is None:
+            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
+            continue
+        used, notes, models = [], [], {}
+        for i in range(num_models):
+            if i == reference:
+                continue
+            matched = align(space, stats, reference, i)
+            transforms[i][space.name] = matched.transform
+            models[i] = matched.scores
+            used.append(matched.method)
+            if matched.note and matched.note not in notes:
+                notes.append(matched.note)
+        methods = sorted(set(used)) or [method]
+        report[space.name] = {"method": "+".join(methods), "notes": notes, "models": models}
+    return Alignment(transforms, report)
+
+
+def check_option(name: str, value: Any, *, low: float, high: float = math.inf) -> None:
+    """MergeError unless ``value`` is a real number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise MergeError(f"option {name}={value!r} must be a number")
+    if not low <= value <= high:
+        raise MergeError(f"option {name}={value!r} must lie in [{low}, {high}]")
+
+
+def check_integer(name: str, value: Any, *, low: int) -> None:
+    """MergeError unless ``value`` is an integer ≥ ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MergeError(f"option {name}={value!r} must be an integer ≥ {low}")

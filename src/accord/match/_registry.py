@@ -1,0 +1,68 @@
+"""The table of matching methods: a name, the paper, whether it needs data, its options.
+
+Registering a method is one decorator line in the method's own file. The options and their
+defaults are written once, there; the function takes them as keyword-only arguments without
+defaults, so the dispatcher (:func:`accord.match.match`) is the one place that fills them in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from accord.apply import Transform
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """What a matcher found: one transform per model and free space, and what it did.
+
+    ``transforms[i][space]`` maps model i's features of ``space`` into the merged coordinates
+    (for star methods, the reference's coordinates, so the reference gets identities).
+    ``report[space]`` says which method was actually used (``"method"``), why it differs from
+    the one asked for (``"notes"``) and its scores per aligned model (``"models"``).
+    """
+
+    transforms: list[dict[str, Transform]]
+    report: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MatcherInfo:
+    """A registered matching method: ``function(spec, statistics, states, reference, **options)``."""
+
+    name: str
+    function: Callable[..., Alignment]
+    paper: str
+    needs_data: bool
+    options: dict[str, Any]
+
+
+MATCHERS: dict[str, MatcherInfo] = {}
+
+
+def register(
+    name: str, *, paper: str, needs_data: bool, **defaults: Any
+) -> Callable[[Callable[..., Alignment]], Callable[..., Alignment]]:
+    """Register a matcher as ``name`` with option defaults ``defaults``.
+
+    The function's keyword-only parameters must be exactly the option names, so that the
+    options a user can pass and the ones the function reads cannot drift apart.
+    """
+
+    def attach(function: Callable[..., Alignment]) -> Callable[..., Alignment]:
+        parameters = inspect.signature(function).parameters.values()
+        keywords = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if keywords != set(defaults):
+            raise TypeError(
+                f"matcher {name!r}: keyword-only parameters {sorted(keywords)} differ from the "
+                f"registered options {sorted(defaults)}"
+            )
+        if name in MATCHERS:
+            raise TypeError(f"matcher {name!r} is registered twice")
+        MATCHERS[name] = MatcherInfo(name, function, paper, needs_data, dict(defaults))
+        return function
+
+    return attach

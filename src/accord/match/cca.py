@@ -1,0 +1,161 @@
+"""CCA Merge: map each model's features onto the reference's by canonical correlation analysis.
+
+Horoi et al., "Harmony in Diversity: Merging Neural Networks with Canonical Correlation
+Analysis", ICML 2024. With x the reference's features and y model i's (DESIGN.md §4):
+
+    Sxx' = Sxx + g_x·I,   Syy' = Syy + g_y·I
+    K = Sxx'^(-1/2) Sxy Syy'^(-1/2) = U S Vᵀ           (S: canonical correlations, descending)
+    T = Sxx'^(1/2) U Vᵀ Syy'^(-1/2),    T⁻¹ = Syy'^(1/2) V Uᵀ Sxx'^(-1/2)
+
+``T`` maps y's features into x's coordinates (writers get ``T``, readers ``T⁻¹``). If y = A x
+exactly, then ``T = A⁻¹`` as g → 0 and all canonical correlations are 1.
+
+Ridge. By default ``g`` is scale-relative, computed for each side from its own covariance:
+``g_x = r·trace(Sxx)/C`` and ``g_y = r·trace(Syy)/C`` (r = ``ridge``), so that r means the same
+for narrow and wide layers and for small and large activations, and a model whose features are
+uniformly larger gets a proportionally larger ridge. As r → ∞ this gives
+``T → sqrt(g_x/g_y)·U₀V₀ᵀ`` with ``Sxy = U₀S₀V₀ᵀ``: orthogonal Procrustes times the ratio of
+the two models' RMS feature scales. ``absolute_ridge`` sets ``g_x = g_y = absolute_ridge``
+instead (the reference code's convention, with g chosen from 1e-6…1e7); then T → U₀V₀ᵀ
+exactly as g → ∞. Grouped spaces are solved per group block; C is then the block size.
+
+Map kinds (DESIGN.md §3): ``linear``/``dense`` spaces get T; ``orthogonal`` spaces get the
+Procrustes map U₀V₀ᵀ (the g → ∞ limit, exact in such spaces); ``permutation`` spaces fall back
+to activation matching, and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from accord.apply import Transform
+from accord.match._common import (
+    Matched,
+    check_option,
+    covariance,
+    group_slices,
+    star_alignment,
+)
+from accord.match._registry import Alignment, register
+from accord.match.permutation import permutation_match
+from accord.spec import FeatureSpace, Spec
+from accord.statistics import SpaceStatistics, Statistics
+
+
+def spd_roots(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(S^(1/2), S^(-1/2))`` of a symmetric positive semi-definite matrix, via ``eigh``.
+
+    Eigenvalues below ``λ_max · C · ε`` (numerically zero) are raised to that floor, so
+    that a singular S gives a large but finite inverse root instead of inf or NaN.
+    """
+    values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
+    floor = values.max().clamp_min(1e-300) * matrix.shape[0] * torch.finfo(torch.float64).eps
+    values = values.clamp_min(floor)
+    root = (vectors * values.sqrt()) @ vectors.T
+    inverse_root = (vectors * values.rsqrt()) @ vectors.T
+    return root, inverse_root
+
+
+def ridges(sxx: Tensor, syy: Tensor, ridge: float, absolute_ridge: float | None) -> tuple[float, float]:
+    """``(g_x, g_y)``: ``absolute_ridge`` for both, or ``ridge · trace(S)/C`` for each side."""
+    if absolute_ridge is not None:
+        return float(absolute_ridge), float(absolute_ridge)
+    size = sxx.shape[0]
+    return ridge * float(torch.trace(sxx)) / size, ridge * float(torch.trace(syy)) / size
+
+
+def cca_map(
+    sxx: Tensor, syy: Tensor, sxy: Tensor, g_x: float, g_y: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(T, T⁻¹, S)`` of CCA Merge for one block; see the module docstring for the formulas.
+
+    The inverse is assembled from its own formula, never by inverting T.
+    """
+    eye = torch.eye(sxx.shape[0], dtype=torch.float64)
+    x_root, x_inverse_root = spd_roots(sxx + g_x * eye)
+    y_root, y_inverse_root = spd_roots(syy + g_y * eye)
+    u, s, vh = torch.linalg.svd(x_inverse_root @ sxy @ y_inverse_root)
+    transform = x_root @ u @ vh @ y_inverse_root
+    inverse = y_root @ vh.T @ u.T @ x_inverse_root
+    return transform, inverse, s
+
+
+def procrustes(sxy: Tensor) -> Tensor:
+    """The orthogonal ``R = U Vᵀ`` (``Sxy = U S Vᵀ``) maximising ``trace(Rᵀ Sxy)``, i.e.
+    minimising ``E‖x − R y‖²`` over orthogonal R."""
+    u, _, vh = torch.linalg.svd(sxy)
+    return u @ vh
+
+
+def cca_match(
+    space: FeatureSpace,
+    stats: SpaceStatistics,
+    reference: int,
+    i: int,
+    *,
+    ridge: float,
+    absolute_ridge: float | None,
+) -> Matched:
+    """CCA Merge of model i onto the reference in one space (block-diagonal when grouped).
+
+    Report: ``canonical_correlations`` (all groups, descending) and their mean.
+    """
+    if space.maps == "permutation":
+        note = "fell back to permutation: the space admits permutations only"
+        return permutation_match(space, stats, reference, i, note)
+    sxx = covariance(stats, reference, reference, space.name)
+    syy = covariance(stats, i, i, space.name)
+    sxy = covariance(stats, reference, i, space.name)
+    maps, inverses, correlations = [], [], []
+    for part in group_slices(space.size, space.groups):
+        block_xx, block_yy, block_xy = sxx[part, part], syy[part, part], sxy[part, part]
+        g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
+        transform, inverse, s = cca_map(block_xx, block_yy, block_xy, g_x, g_y)
+        if space.maps == "orthogonal":
+            transform = procrustes(block_xy)
+            inverse = transform.T
+        maps.append(transform)
+        inverses.append(inverse)
+        correlations.append(s)
+    canonical = torch.cat(correlations).sort(descending=True).values
+    scores = {
+        "canonical_correlations": canonical.tolist(),
+        "mean_canonical_correlation": float(canonical.mean()),
+    }
+    result = Transform(torch.block_diag(*maps), torch.block_diag(*inverses))
+    if space.maps == "orthogonal":
+        note = "procrustes: the space admits orthogonal maps only (the g → ∞ limit of CCA)"
+        return Matched("procrustes", result, scores, note)
+    return Matched("cca", result, scores)
+
+
+@register(
+    "cca",
+    paper="Horoi et al., Harmony in Diversity: Merging Neural Networks with CCA, ICML 2024",
+    needs_data=True,
+    ridge=0.1,
+    absolute_ridge=None,
+)
+def match_cca(
+    spec: Spec,
+    statistics: Statistics,
+    states: Sequence[Mapping[str, Tensor]],
+    reference: int,
+    *,
+    ridge: float,
+    absolute_ridge: float | None,
+) -> Alignment:
+    """Align every model to the reference with CCA Merge (star).
+
+    ``ridge`` (r ≥ 0): scale-relative regulariser ``g = r·trace(S)/C`` per side; choose it on
+    a validation split. ``absolute_ridge`` (g ≥ 0): overrides it with one absolute g.
+    """
+    check_option("ridge", ridge, low=0.0)
+    if absolute_ridge is not None:
+        check_option("absolute_ridge", absolute_ridge, low=0.0)
+    align = partial(cca_match, ridge=ridge, absolute_ridge=absolute_ridge)
+    return star_alignment(spec, statistics, len(states), reference, "cca", align)

@@ -1,0 +1,148 @@
+"""ZipIt!: greedily merge correlated features, across models and within each model.
+
+Stoica, Bolya, Bjorner, Ramesh, Hearn & Hoffman, "ZipIt! Merging Models from Different Tasks
+without Training", ICLR 2024 (Sec. 4; α and β from Sec. 4.3). Re-implemented from the paper
+and the authors' ``match_tensors_zipit`` (github.com/gstoica27/ZipIt, matching_functions.py).
+
+The N·C features of all models (reference block first) form clusters, initially singletons,
+scored by the correlation matrix R (N·C × N·C, self-pairs excluded). Until C clusters remain,
+the two clusters with the highest score merge:
+
+* **α, repeated matching.** The merged cluster's score with any other cluster k is
+  ``α · min(score(a, k), score(b, k))``: it may be matched again, at a discount (α ∈ (0, 1]).
+  With α = 0 it is never matched again with a cluster that shares a model with it, so every
+  cluster holds at most one feature per model (for N = 2: a one-to-one matching).
+* **β, same-model budget.** A merge is within-model when both clusters have the same origin
+  (the model of their first feature, reference first, as in the authors' code). Each model may
+  make ``⌊β · (N−1)·C / N⌋`` such merges, an equal share of a fraction β of all merges; then its
+  within-model pairs are disabled. β = 0 gives cross-model matches only, β = 1 a free zip.
+
+Each merged feature is the average of its cluster: with the unmerge matrix U (N·C × C,
+``U[f, k] = 1`` when feature f is in cluster k) and the merge matrix ``M = Uᵀ / |cluster|``
+(C × N·C), model i's blocks give ``Transform(matrix = N·M_i, inverse = U_i)``; averaging the
+N transformed models yields ZipIt's merged writers ``Σ_i M_i W_i`` and readers ``W_i U_i``.
+When every cluster holds one feature of each model (a one-to-one matching), the maps are
+returned as permutations onto the reference's coordinates instead — the same merge, exactly.
+Grouped spaces are zipped per group. Defaults α = 0.3, β = 0.125 are those of the authors'
+``match_tensors_zipit``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from accord.apply import Transform
+from accord.errors import MergeError
+from accord.match._common import (
+    NO_STATISTICS,
+    check_option,
+    correlation,
+    group_slices,
+    identity_transforms,
+)
+from accord.match._registry import Alignment, register
+from accord.match.permutation import permutation_match
+from accord.spec import FeatureSpace, Spec
+from accord.statistics import SpaceStatistics, Statistics
+
+
+@dataclass
+class Zip:
+    """The clusters of one zipped block and what the greedy merging did."""
+
+    clusters: list[list[int]]
+    within: list[int]
+    merges: dict[str, int] = field(default_factory=dict)
+    merged_correlations: list[float] = field(default_factory=list)
+
+
+def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> Zip:
+    """Greedy ZipIt! on a (N·B × N·B) correlation matrix laid out model by model.
+
+    Returns B clusters of feature positions, sorted by their first position. Raises
+    MergeError if the constraints leave no allowed pair before B clusters remain.
+    """
+    total = scores.shape[0]
+    block = total // num_models
+    sims = scores.to(torch.float64).clone()
+    sims.fill_diagonal_(-math.inf)
+    origin = [f // block for f in range(total)]
+    members = {f: [f] for f in range(total)}
+    models = {f: {f // block} for f in range(total)}
+    budget = math.floor(beta * (total - block) / num_models + 1e-9)
+    zipped = Zip([], [0] * num_models, {"cross_model": 0, "within_model": 0, "repeated": 0})
+    for model in range(num_models):
+        _close_budget(sims, origin, members, model, budget, zipped)
+    while len(members) > block:
+        best = int(sims.argmax())
+        a, b = sorted(divmod(best, total))
+        if sims[a, b] == -math.inf:
+            raise MergeError(
+                f"zipit: no allowed pair is left with {len(members)} clusters for {block} "
+                "features; raise alpha above 0 or beta"
+            )
+        zipped.merged_correlations.append(float(scores[a, b]))
+        _count(zipped, origin, members, a, b)
+        merged = torch.minimum(sims[a], sims[b])
+        if alpha > 0:
+            merged = merged * alpha
+        else:
+            shared = [k for k in members if models[k] & (models[a] | models[b])]
+            merged[shared] = -math.inf
+        sims[a], sims[:, a] = merged, merged
+        sims[b], sims[:, b] = -math.inf, -math.inf
+        sims[a, a] = -math.inf
+        members[a] += members.pop(b)
+        models[a] |= models.pop(b)
+        if origin[a] == origin[b]:
+            _close_budget(sims, origin, members, origin[a], budget, zipped)
+    zipped.clusters = [sorted(members[k]) for k in sorted(members)]
+    return zipped
+
+
+def _count(zipped: Zip, origin: list[int], members: dict[int, list[int]], a: int, b: int) -> None:
+    repeated = len(members[a]) > 1 or len(members[b]) > 1
+    zipped.merges["repeated"] += int(repeated)
+    if origin[a] == origin[b]:
+        zipped.merges["within_model"] += 1
+        zipped.within[origin[a]] += 1
+    else:
+        zipped.merges["cross_model"] += 1
+
+
+def _close_budget(
+    sims: Tensor,
+    origin: list[int],
+    members: dict[int, list[int]],
+    model: int,
+    budget: int,
+    zipped: Zip,
+) -> None:
+    """Disable within-model pairs of ``model`` once it has spent its budget."""
+    if zipped.within[model] < budget:
+        return
+    own = torch.tensor([k for k in members if origin[k] == model], dtype=torch.long)
+    if own.numel():
+        sims[own[:, None], own[None, :]] = -math.inf
+
+
+def _layout(num_models: int, reference: int) -> list[int]:
+    """Model order of the zipped layout: reference first, the others by index."""
+    return [reference] + [m for m in range(num_models) if m != reference]
+
+
+def _correlations(
+    space: FeatureSpace, stats: SpaceStatistics, order: list[int], part: slice
+) -> Tensor:
+    """Correlations of the group ``part`` of every model's features, models in ``order``."""
+    rows = [
+        torch.cat([correlation(stats, m, n, space.name)[part, part] for n in order], dim=1)
+        for m in order
+    ]
+    return torch.cat(rows, dim=0)

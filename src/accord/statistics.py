@@ -1,0 +1,563 @@
+"""Activation statistics of N models: means and covariances per feature space, in float64.
+
+Statistics do not depend on any merge hyper-parameter: collect them once and reuse them for
+every method and every ridge value.
+
+Accumulation (one pass, float64). For model i with features ``x_i`` (C,) and a shift ``s_i``
+(the first batch's mean), :func:`collect_statistics` keeps ``n``, ``t_i = Σ (x_i − s_i)`` and
+``P_ij = Σ (x_i − s_i)(x_j − s_j)ᵀ``. Then ``mean_i = s_i + t_i / n`` and
+
+    Cov(x_i, x_j) = (P_ij − t_i t_jᵀ / n) / (n − 1).
+
+The shift keeps the subtraction well conditioned when features have a large offset. Sums add
+across processes: each rank re-expresses its sums around one common shift and all-reduces them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from accord._io import write_with
+from accord.errors import StatisticsError
+from accord.fx import observed_graph, symbolic_graph
+from accord.spec import Observation
+
+if TYPE_CHECKING:
+    from accord.spec import Spec
+
+Pair = tuple[int, int]
+STATISTICS_FORMAT = 1
+
+
+@dataclass
+class SpaceStatistics:
+    """Statistics of one space over ``count`` samples for N models.
+
+    ``mean[i]`` is model i's feature mean (C,); ``blocks[(i, j)]`` with ``i <= j`` is
+    ``Cov(x_i, x_j)`` (C × C, unbiased). Always present: ``(i, i)`` for every model and the
+    pairs of every model with the reference; every pair when collected with ``pairs="all"``.
+    """
+
+    count: int
+    mean: torch.Tensor
+    blocks: dict[Pair, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return int(self.mean.shape[1])
+
+    @property
+    def num_models(self) -> int:
+        return int(self.mean.shape[0])
+
+    def covariance(self, i: int, j: int) -> torch.Tensor:
+        """``Cov(x_i, x_j)``: rows are model i's features, columns model j's."""
+        if (i, j) in self.blocks:
+            return self.blocks[(i, j)]
+        if (j, i) in self.blocks:
+            return self.blocks[(j, i)].T
+        raise KeyError(
+            f"the covariance of models {i} and {j} was not collected; collect with pairs='all'"
+        )
+
+    def correlation(self, i: int, j: int, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation of model i's features (rows) with model j's (columns)."""
+        std_i = torch.diagonal(self.covariance(i, i)).clamp_min(0).sqrt()
+        std_j = torch.diagonal(self.covariance(j, j)).clamp_min(0).sqrt()
+        return self.covariance(i, j) / (std_i[:, None] * std_j[None, :]).clamp_min(eps)
+
+
+@dataclass
+class Statistics:
+    """Per-space statistics (``spaces``) and per-BatchNorm output statistics (``norms``).
+
+    ``norms[name]`` holds each model's statistics of that BatchNorm's output (within-model
+    blocks only): what the merged BatchNorm is given when maps are dense (DESIGN.md §4).
+    """
+
+    spaces: dict[str, SpaceStatistics]
+    num_models: int
+    reference: int = 0
+    pairs: str = "reference"
+    norms: dict[str, SpaceStatistics] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write one safetensors file, atomically (suggested suffix ``.safetensors``).
+
+        Tensors (float64): ``s{k}.mean`` and ``s{k}.cov.{i}.{j}`` for the k-th space,
+        ``n{k}.…`` for the k-th norm. The header's ``__metadata__["accord"]`` is JSON:
+        ``{"format", "num_models", "reference", "pairs", "spaces": [{"name", "count",
+        "key"}], "norms": [...]}``; ``key`` is the tensors' prefix.
+        """
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {
+            "format": STATISTICS_FORMAT,
+            "num_models": self.num_models,
+            "reference": self.reference,
+            "pairs": self.pairs,
+        }
+        for kind, prefix, group in (("spaces", "s", self.spaces), ("norms", "n", self.norms)):
+            meta[kind] = []
+            for k, (name, stats) in enumerate(group.items()):
+                key = f"{prefix}{k}"
+                meta[kind].append({"name": name, "count": stats.count, "key": key})
+                tensors[f"{key}.mean"] = stats.mean.detach().cpu().contiguous()
+                for (i, j), block in stats.blocks.items():
+                    tensors[f"{key}.cov.{i}.{j}"] = block.detach().cpu().contiguous()
+        header = {"accord": json.dumps(meta)}
+        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Statistics:
+        """Read statistics written by :meth:`save` (tensors on the CPU)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise StatisticsError(f"statistics file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})["accord"])
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (KeyError, OSError, ValueError) as exc:
+            raise StatisticsError(
+                f"{path} is not a statistics file written by Statistics.save ({exc!r})"
+            ) from exc
+        groups = {kind: _load_group(meta[kind], tensors) for kind in ("spaces", "norms")}
+        return cls(
+            spaces=groups["spaces"],
+            num_models=int(meta["num_models"]),
+            reference=int(meta["reference"]),
+            pairs=str(meta["pairs"]),
+            norms=groups["norms"],
+        )
+
+
+def _load_group(
+    entries: list[dict[str, Any]], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, SpaceStatistics]:
+    group = {}
+    for entry in entries:
+        key = entry["key"]
+        blocks = {}
+        for name, tensor in tensors.items():
+            if name.startswith(f"{key}.cov."):
+                i, j = name[len(key) + 5 :].split(".")
+                blocks[(int(i), int(j))] = tensor
+        group[entry["name"]] = SpaceStatistics(int(entry["count"]), tensors[f"{key}.mean"], blocks)
+    return group
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one accumulator observes: a space or a BatchNorm output, and the blocks it keeps."""
+
+    name: str
+    size: int
+    points: tuple[Observation, ...]
+    pairs: tuple[Pair, ...]
+
+    def describe(self) -> str:
+        kind = "space" if self.points[0].node != self.name else "BatchNorm"
+        return f"{kind} {self.name!r}"
+
+
+def _feature_rows(tensor: Any, axis: int, node: str) -> torch.Tensor:
+    """Node output → (samples, C) float64: every position off the feature axis is a sample."""
+    if not isinstance(tensor, torch.Tensor):
+        raise StatisticsError(
+            f"observation node {node!r} outputs {type(tensor).__name__}, not a tensor; "
+            "observe a tensor-valued node instead"
+        )
+    # One copy, taken before any later in-place op (ReLU(inplace=True), +=) can change it.
+    moved = tensor.detach().movedim(axis, -1)
+    rows = moved.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    return rows.reshape(-1, moved.shape[-1]) if moved.dim() else rows.reshape(1, 1)
+
+
+def _key(point: Observation) -> str:
+    return f"{point.axis}:{point.node}"
+
+
+class _Accumulator:
+    """Shifted sums of one target (module docstring): ``n``, ``t_i`` and ``P_ij``."""
+
+    def __init__(self, target: _Target, num_models: int, device: torch.device) -> None:
+        zeros = {"dtype": torch.float64, "device": device}
+        self.target = target
+        self.count = 0
+        self.shift = torch.zeros(num_models, target.size, **zeros)
+        self.total = torch.zeros(num_models, target.size, **zeros)
+        self.products = {p: torch.zeros(target.size, target.size, **zeros) for p in target.pairs}
+
+    def add(self, features: Sequence[Mapping[str, torch.Tensor]], batch: int) -> None:
+        """Add one batch; ``features[i]`` maps observation keys to model i's (rows, C) float64."""
+        xs = [self._rows(model_features, i) for i, model_features in enumerate(features)]
+        if self.count == 0:
+            self.shift = torch.stack([x.mean(0) for x in xs])
+        xs = [x - s for x, s in zip(xs, self.shift, strict=True)]
+        total = torch.stack([x.sum(0) for x in xs])
+        if not bool(torch.isfinite(total).all()):
+            raise self._non_finite(features, batch)
+        self.total += total
+        for (i, j), product in self.products.items():
+            product.addmm_(xs[i].T, xs[j])
+        self.count += xs[0].shape[0]
+
+    def _rows(self, features: Mapping[str, torch.Tensor], model: int) -> torch.Tensor:
+        parts = [features[_key(point)] for point in self.target.points]
+        for point, part in zip(self.target.points, parts, strict=True):
+            if part.shape[1] != self.target.size:
+                raise StatisticsError(
+                    f"{self.target.describe()}: node {point.node!r} of model {model} has "
+                    f"{part.shape[1]} features on axis {point.axis}, the spec says "
+                    f"{self.target.size}; the spec was made for another model: trace again"
+                )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _non_finite(
+        self, features: Sequence[Mapping[str, torch.Tensor]], batch: int
+    ) -> StatisticsError:
+        for model, point in itertools.product(range(len(features)), self.target.points):
+            if not bool(torch.isfinite(features[model][_key(point)]).all()):
+                where = f"node {point.node!r} of model {model}"
+                break
+        else:  # finite activations but a non-finite shift: the first batch overflowed
+            where = "the first batch's mean"
+        return StatisticsError(
+            f"{self.target.describe()}: non-finite activations (NaN or inf) at {where} in "
+            f"batch {batch}; check the models' weights and the inputs of that batch"
+        )
+
+    def reshift(self, shift: torch.Tensor) -> None:
+        """Re-express the sums around ``shift``: with ``d = s − shift``, ``t ← t + n·d`` and
+        ``P_ij ← P_ij + t_i d_jᵀ + d_i t_jᵀ + n d_i d_jᵀ``."""
+        d = self.shift - shift
+        for (i, j), product in self.products.items():
+            product += torch.outer(self.total[i], d[j]) + torch.outer(d[i], self.total[j])
+            product += self.count * torch.outer(d[i], d[j])
+        self.total += self.count * d
+        self.shift = shift.clone()
+
+    def flat(self) -> torch.Tensor:
+        """``[n, t, P…]`` as one float64 vector, for one all-reduce."""
+        count = self.total.new_tensor([self.count])
+        return torch.cat(
+            [count, self.total.flatten(), *(p.flatten() for p in self.products.values())]
+        )
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        """Inverse of :meth:`flat`."""
+        self.count = round(float(flat[0]))
+        sizes = [self.total.numel()] + [p.numel() for p in self.products.values()]
+        total, *products = flat[1:].split(sizes)
+        self.total = total.view_as(self.total).clone()
+        for key, product in zip(self.products, products, strict=True):
+            self.products[key] = product.view_as(self.products[key]).clone()
+
+    def finish(self) -> SpaceStatistics:
+        """Means and unbiased covariances, on the CPU."""
+        n, name = self.count, self.target.describe()
+        if n < 2:
+            raise StatisticsError(f"{name}: {n} sample(s); covariances need at least 2")
+        blocks = {}
+        for (i, j), product in self.products.items():
+            block = (product - torch.outer(self.total[i], self.total[j]) / n) / (n - 1)
+            blocks[(i, j)] = ((block + block.T) / 2 if i == j else block).cpu()
+        return SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks)
+
+
+def _pairs(num_models: int, reference: int, pairs: str) -> tuple[Pair, ...]:
+    if pairs == "all":
+        return tuple(itertools.combinations_with_replacement(range(num_models), 2))
+    cross = [(min(i, reference), max(i, reference)) for i in range(num_models) if i != reference]
+    return tuple((i, i) for i in range(num_models)) + tuple(cross)
+
+
+def _targets(
+    spec: Spec, model: nn.Module, pairs: tuple[Pair, ...]
+) -> tuple[list[_Target], list[_Target]]:
+    """The free observed spaces, and the BatchNorms folded into them (within-model blocks)."""
+    used = [space for space in spec.spaces if space.free and space.observe]
+    spaces = [_Target(s.name, s.size, s.observe, pairs) for s in used]
+    norm_names = list(dict.fromkeys(bn.norm for space in used for bn in space.batchnorms))
+    if not norm_names:
+        return spaces, []
+    graph = symbolic_graph(model).graph
+    diagonal = tuple(p for p in pairs if p[0] == p[1])
+    norms = []
+    for name in norm_names:
+        nodes = [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
+        module = model.get_submodule(name)
+        if not nodes or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise StatisticsError(
+                f"the spec folds {name!r}, which is not a BatchNorm called in the traced "
+                f"graph of {type(model).__name__}; the spec was made for another model"
+            )
+        points = tuple(Observation(node, 1) for node in nodes)
+        norms.append(_Target(name, module.num_features, points, diagonal))
+    return spaces, norms
+
+
+def _statistics_graph(model: nn.Module, targets: Sequence[_Target]) -> fx.GraphModule:
+    """``observed_graph`` whose dict maps ``"axis:node"`` to that node's (rows, C) float64."""
+    points = list(dict.fromkeys(p for target in targets for p in target.points))
+    gm = observed_graph(model, [p.node for p in points])
+    by_name = {node.name: node for node in gm.graph.nodes}
+    rows = {}
+    for point in points:
+        with gm.graph.inserting_after(by_name[point.node]):
+            rows[_key(point)] = gm.graph.call_function(
+                _feature_rows, (by_name[point.node], point.axis, point.node)
+            )
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    output.args = ((output.args[0][0], rows),)
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+def _inputs(batch: Any, index: int) -> torch.Tensor:
+    """The model inputs of a batch: a tensor, ``(inputs,)`` or ``(inputs, labels, ...)``."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise StatisticsError(
+            f"batch {index}: expected a tensor or a tuple (inputs, labels) whose first item is "
+            f"a tensor, got {type(batch).__name__}"
+        )
+    return inputs
+
+
+def _schedule(
+    batches: Iterable[Any],
+    total: int | None,
+    max_samples: int | None,
+    stride: tuple[int, int],
+    show: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(index, inputs)`` of the batches with ``index % world == rank`` (``stride``).
+
+    Every rank walks the whole stream, so ``max_samples`` counts the same samples on all.
+    """
+    rank, world = stride
+    seen = 0
+    with tqdm(total=total, disable=not show, desc="statistics", unit="batch") as bar:
+        for index, batch in enumerate(batches):
+            inputs = _inputs(batch, index)
+            if max_samples is not None:
+                inputs = inputs[: max_samples - seen]
+            seen += len(inputs)
+            bar.update()
+            if index % world == rank and len(inputs):
+                yield index, inputs
+            if max_samples is not None and seen >= max_samples:
+                return
+
+
+@contextmanager
+def _evaluating(models: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    """Models in eval mode on ``device``; each one's device and training flags restored after."""
+    saved = []
+    for model in models:
+        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        saved.append((tensor.device if tensor is not None else None, _flags(model)))
+    try:
+        for model in models:
+            model.to(device).eval()
+        yield
+    finally:
+        for model, (original, flags) in zip(models, saved, strict=True):
+            if original is not None:
+                model.to(original)
+            for module, flag in zip(model.modules(), flags, strict=True):
+                module.training = flag
+
+
+def _flags(model: nn.Module) -> list[bool]:
+    return [module.training for module in model.modules()]
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_arguments(
+    models: Sequence[nn.Module], reference: int, pairs: str, max_samples: int | None
+) -> None:
+    problems = []
+    if not models:
+        problems.append("no models given")
+    elif not 0 <= reference < len(models):
+        problems.append(f"reference={reference} is not a model index (0 … {len(models) - 1})")
+    if pairs not in ("reference", "all"):
+        problems.append(f"pairs={pairs!r} must be 'reference' or 'all'")
+    if max_samples is not None and max_samples < 1:
+        problems.append(f"max_samples={max_samples} must be a positive number of samples")
+    if problems:
+        raise StatisticsError("collect_statistics: " + "; ".join(problems))
+
+
+def _synchronise(
+    accumulators: Sequence[_Accumulator], failure: StatisticsError | None, device: torch.device
+) -> None:
+    """Sum the accumulators over all ranks; every rank raises if any rank failed."""
+    rank, world = _world()
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return
+    dist = torch.distributed
+    flag = torch.tensor([float(failure is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        messages: list[str | None] = [None] * world
+        dist.all_gather_object(messages, None if failure is None else str(failure))
+        raise failure or StatisticsError(
+            "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+        )
+    # One common shift (that of the lowest rank with data) makes the sums add exactly, so
+    # the result equals one process's up to rounding.
+    owners = torch.tensor([rank if a.count else world for a in accumulators], device=device)
+    dist.all_reduce(owners, op=dist.ReduceOp.MIN)
+    shifts = torch.cat(
+        [
+            a.shift.flatten() * float(owner == rank)
+            for a, owner in zip(accumulators, owners, strict=True)
+        ]
+    )
+    dist.all_reduce(shifts)
+    sizes = [a.shift.numel() for a in accumulators]
+    for a, shift in zip(accumulators, shifts.split(sizes), strict=True):
+        a.reshift(shift.view_as(a.shift))
+    flat = [a.flat() for a in accumulators]
+    summed = torch.cat(flat)
+    dist.all_reduce(summed)
+    for a, part in zip(accumulators, summed.split([f.numel() for f in flat]), strict=True):
+        a.set_flat(part)
+
+
+def _accumulate(
+    models: Sequence[nn.Module],
+    accumulators: Sequence[_Accumulator],
+    schedule: Iterator[tuple[int, torch.Tensor]],
+    device: torch.device,
+) -> StatisticsError | None:
+    """Forward every scheduled batch through every model once; return a failure, if any."""
+    targets = [a.target for a in accumulators]
+    try:
+        with closing(schedule), _evaluating(models, device), torch.no_grad():
+            graphs = [_statistics_graph(model, targets) for model in models]
+            for index, inputs in schedule:
+                features = [graph(inputs.to(device))[1] for graph in graphs]
+                for accumulator in accumulators:
+                    accumulator.add(features, index)
+    except StatisticsError as exc:  # raised on every rank by _synchronise, not here
+        return exc
+    return None
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    spec: Spec | None = None,
+    *,
+    max_samples: int | None = None,
+    device: str | torch.device = "cpu",
+    reference: int = 0,
+    pairs: Literal["reference", "all"] = "reference",
+    progress: bool = True,
+    sharded: bool = False,
+) -> Statistics:
+    """Means and covariances of every free observed space of N same-architecture models.
+
+    One pass over ``data`` (batches ``(inputs, labels)``, ``(inputs,)`` or bare tensors), each
+    model run once per batch in eval mode under ``torch.no_grad`` on ``device``; the models'
+    devices and training flags are restored afterwards. At an observation with feature axis
+    ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every spatial position or
+    token is one, and the positions of all of a space's observations pool.
+
+    Kept, in float64 (module docstring): ``mean[i]``, ``Cov(x_i, x_i)``, and ``Cov(x_r, x_i)``
+    with the ``reference`` r (``pairs="reference"``, O(N·C²) memory) or every ``Cov(x_i, x_j)``
+    (``pairs="all"``). ``norms`` gets each model's output statistics of every BatchNorm that
+    the observed spaces fold. Fixed spaces and spaces without observations get no entry.
+    ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
+
+    ``max_samples`` stops after that many input samples (the last batch is cut). Under
+    torch.distributed, rank r takes the batches with ``index % world_size == r`` of the
+    whole stream (``sharded=True``: ``data`` is already this rank's share and
+    ``max_samples`` counts per rank); every rank returns the same all-reduced statistics.
+    Results are on the CPU. Raises :class:`StatisticsError` on empty data or non-finite
+    activations (naming the space, node and batch); warns when a space has fewer samples
+    than features.
+
+    >>> from accord.spec import FeatureSpace, Spec
+    >>> models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+    >>> spec = Spec([FeatureSpace("hidden", 8, observe=(Observation("_1", 1),))])
+    >>> stats = collect_statistics(models, [torch.randn(64, 4)], spec, progress=False)
+    >>> stats.spaces["hidden"].covariance(1, 0).shape
+    torch.Size([8, 8])
+    """
+    models = list(models)
+    _check_arguments(models, reference, pairs, max_samples)
+    stream = iter(data)
+    first = next(stream, None)
+    if first is None:
+        raise StatisticsError("data is empty: pass at least one batch of inputs")
+    if spec is None:
+        from accord.trace import trace
+
+        spec = trace(models[0], _inputs(first, 0))
+    spaces, norms = _targets(spec, models[0], _pairs(len(models), reference, pairs))
+    device = torch.device(device)
+    accumulators = [_Accumulator(target, len(models), device) for target in spaces + norms]
+    stats = Statistics({}, len(models), reference, pairs)
+    if not accumulators:
+        return stats
+    rank, world = _world()
+    schedule = _schedule(
+        itertools.chain([first], stream),
+        _length(data),
+        max_samples,
+        (0, 1) if sharded else (rank, world),
+        progress and rank == 0,
+    )
+    _synchronise(accumulators, _accumulate(models, accumulators, schedule, device), device)
+    for a in accumulators:
+        if a.count < a.target.size:
+            warnings.warn(
+                f"{a.target.describe()}: {a.count} samples for {a.target.size} features, so its "
+                "covariances are singular; collect more data (the ridge keeps later solves stable)",
+                stacklevel=2,
+            )
+    finished = [a.finish() for a in accumulators]
+    stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
+    stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}
+    return stats
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:  # generators, iterable datasets
+        return None
+
+
+__all__ = ["SpaceStatistics", "Statistics", "collect_statistics"]

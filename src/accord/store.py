@@ -1,0 +1,180 @@
+"""Checkpoints (safetensors weights + a JSON config that rebuilds the model) and the model store.
+
+A checkpoint is a directory holding ``model.safetensors`` and ``config.json``; the config's
+``"model"`` entry is a zoo config (``build_model(**config["model"])``). Directories are
+written under a temporary name and renamed, so a reader never sees half a checkpoint. The
+store is a folder of checkpoints named by a digest of their training configuration, so the
+same configuration is never trained twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from accord._io import write_json
+from accord.errors import StoreError
+from accord.zoo import build_model, model_config
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and its full JSON config."""
+
+    path: Path
+    model: nn.Module
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def save_checkpoint(
+    model: nn.Module, directory: str | os.PathLike[str], info: dict[str, Any], *, overwrite=False
+) -> Path:
+    """Write ``model`` and ``{"model": model_config(model), **info}`` into ``directory``, atomically.
+
+    An existing directory is refused unless ``overwrite``; it is then replaced whole.
+    """
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise StoreError(f"{target} already exists; choose another path or pass overwrite=True")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS))
+        config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
+        write_json(staging / CONFIG, config)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON config of a checkpoint; StoreError naming the file when it is missing or broken."""
+    path = Path(directory) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise StoreError(f"{path} does not exist: {directory} is not an accord checkpoint") from exc
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); delete the entry to retrain") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise StoreError(f"{path} has no 'model' entry describing the architecture")
+    return config
+
+
+def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> Checkpoint:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it.
+
+    Weights that do not match the config (missing, unexpected or misshapen tensors, a corrupt
+    file) raise StoreError naming the file and the first offending key.
+    """
+    path = Path(directory)
+    config = read_config(path)
+    model = build_model(**config["model"])
+    weights = path / WEIGHTS
+    try:
+        state = load_file(str(weights), device=str(device))
+    except FileNotFoundError as exc:
+        raise StoreError(f"{weights} does not exist; the checkpoint is incomplete") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StoreError(f"{weights} cannot be read ({exc}); the file is corrupt") from exc
+    _check_state(model, state, weights)
+    model.load_state_dict(state)
+    return Checkpoint(path, model.to(device).eval(), config)
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise StoreError(
+            f"{weights} does not match its config.json: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; the entry is inconsistent, delete it to retrain"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise StoreError(
+                f"{weights}: tensor {key!r} has shape {tuple(state[key].shape)}, config.json "
+                f"describes {tuple(tensor.shape)}; delete the entry to retrain"
+            )
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A short stable digest of a JSON-serialisable configuration."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def store_entry(store: str | os.PathLike[str], key: dict[str, Any], label: str) -> Path:
+    """The store directory for a training configuration ``key``: ``<label>-<digest>``."""
+    return Path(store) / f"{label}-{config_digest(key)}"
+
+
+def find_entry(path: Path, key: dict[str, Any]) -> Checkpoint | None:
+    """The stored checkpoint at ``path`` if it was trained with ``key``; None if absent.
+
+    An entry that exists but does not load, or whose recorded key differs, is an error, not
+    something to train over silently.
+    """
+    if not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config.get("key") != key:
+        raise StoreError(
+            f"{path / CONFIG} was trained with another configuration than its name says; "
+            "delete the entry to retrain"
+        )
+    return checkpoint
+
+
+def list_checkpoints(store: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint directories directly inside ``store``, sorted by name."""
+    root = Path(store)
+    if not root.is_dir():
+        raise StoreError(f"model store {root} does not exist; train models with `accord train`")
+    return sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+
+
+def checkpoint_dataset(
+    checkpoints: list[Checkpoint], data_dir: str | os.PathLike[str] | None = None
+) -> Any:
+    """The dataset (same name and size limit) the checkpoints were trained on.
+
+    Checkpoints trained on different datasets cannot be evaluated together: StoreError.
+    """
+    from accord.data import load_dataset
+
+    sources = {
+        (c.config.get("key", {}).get("dataset"), c.config.get("key", {}).get("limit"))
+        for c in checkpoints
+    }
+    if len(sources) != 1 or None in next(iter(sources))[:1]:
+        names = {str(c.path): c.config.get("key", {}).get("dataset") for c in checkpoints}
+        raise StoreError(
+            f"the checkpoints must come from `accord train` on one dataset; found {names}"
+        )
+    name, limit = sources.pop()
+    return load_dataset(name, data_dir, limit=limit)

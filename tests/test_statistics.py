@@ -1,0 +1,303 @@
+"""Tests of accord.statistics against direct float64 computations on stored activations."""
+
+from __future__ import annotations
+
+import doctest
+import subprocess
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import accord.statistics
+from accord.errors import StatisticsError
+from accord.spec import FeatureSpace, Observation, Spec
+from accord.statistics import SpaceStatistics, Statistics, collect_statistics
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_stats_worker as worker
+
+# A space's observations as (module name whose output is observed, fx node name of that call).
+Points = Sequence[tuple[str, str]]
+
+
+def _mlps(num_models: int = 3, width: int = 10) -> list[nn.Module]:
+    models = []
+    for seed in range(num_models):
+        torch.manual_seed(seed)
+        models.append(
+            nn.Sequential(
+                nn.Linear(6, width),
+                nn.ReLU(),
+                nn.Linear(width, width),
+                nn.ReLU(),
+                nn.Linear(width, 3),
+            )
+        )
+    return models
+
+
+def _mlp_spec(width: int = 10) -> Spec:
+    return Spec(
+        [
+            FeatureSpace("input", 6, free=False, reason="network input"),
+            FeatureSpace("h1", width, observe=(Observation("_1", 1),)),
+            FeatureSpace("h2", width, observe=(Observation("_3", 1),)),
+            FeatureSpace("unobserved", 3),
+            FeatureSpace("logits", 3, observe=(Observation("_4", 1),), free=False),
+        ]
+    )
+
+
+MLP_POINTS = {"h1": [("1", "_1")], "h2": [("3", "_3")]}
+
+
+def _convs(num_models: int = 3) -> list[nn.Module]:
+    models = []
+    for seed in range(num_models):
+        torch.manual_seed(seed)
+        models.append(
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(8, 6, 3),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(6 * 3 * 3, 4),
+            )
+        )
+    return models
+
+
+def _conv_spec() -> Spec:
+    return Spec(
+        [
+            FeatureSpace("c1", 8, observe=(Observation("_1", 1),)),
+            FeatureSpace("c2", 6, observe=(Observation("_3", 1),)),
+        ]
+    )
+
+
+CONV_POINTS = {"c1": [("1", "_1")], "c2": [("3", "_3")]}
+
+
+def _batches(shape: tuple[int, ...], sizes: Sequence[int], seed: int = 0) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=generator) + 1, torch.zeros(n)) for n in sizes]
+
+
+def _activations(model: nn.Module, batches: Sequence[tuple], points: Points) -> np.ndarray:
+    """Samples (rows) × features of a space, from forward hooks on the observed modules."""
+    stored: list[torch.Tensor] = []
+    # clone: a later in-place op (ReLU(inplace=True)) must not change what was observed
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out: stored.append(out.detach().clone())
+        )
+        for name, _node in points
+    ]
+    model.eval()
+    with torch.no_grad():
+        for inputs, _labels in batches:
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    rows = [t.movedim(1, -1).reshape(-1, t.shape[1]).double().numpy() for t in stored]
+    return np.concatenate(rows)
+
+
+def _direct(models: Sequence[nn.Module], batches: Sequence[tuple], points: Points):
+    """Means (N, C) and the joint covariance (N·C × N·C) by numpy in float64."""
+    xs = [_activations(model, batches, points) for model in models]
+    return np.stack([x.mean(0) for x in xs]), np.cov(np.concatenate(xs, axis=1), rowvar=False)
+
+
+def _assert_close(got: torch.Tensor, want: np.ndarray, rtol: float) -> None:
+    error = np.abs(got.numpy() - want).max()
+    assert error <= rtol * np.abs(want).max(), f"error {error:.3g} vs scale {np.abs(want).max()}"
+
+
+def _assert_matches_direct(
+    stats: SpaceStatistics, models: Sequence[nn.Module], batches: Sequence[tuple], points: Points
+) -> None:
+    mean, cov = _direct(models, batches, points)
+    c = stats.size
+    _assert_close(stats.mean, mean, 1e-10)
+    for i, j in stats.blocks:
+        _assert_close(stats.covariance(i, j), cov[i * c : (i + 1) * c, j * c : (j + 1) * c], 1e-10)
+        _assert_close(stats.covariance(j, i), cov[j * c : (j + 1) * c, i * c : (i + 1) * c], 1e-10)
+
+
+def _assert_equal(a: Statistics, b: Statistics, rtol: float = 0.0) -> None:
+    assert (a.num_models, a.reference, a.pairs) == (b.num_models, b.reference, b.pairs)
+    for group_a, group_b in ((a.spaces, b.spaces), (a.norms, b.norms)):
+        assert list(group_a) == list(group_b)
+        for name, x in group_a.items():
+            y = group_b[name]
+            assert x.count == y.count and set(x.blocks) == set(y.blocks)
+            for got, want in [(x.mean, y.mean)] + [(x.blocks[k], y.blocks[k]) for k in x.blocks]:
+                if rtol == 0:
+                    assert torch.equal(got, want), name
+                else:
+                    _assert_close(got, want.numpy(), rtol)
+
+
+@pytest.mark.parametrize("pairs", ["reference", "all"])
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_matches_direct_float64(net: str, pairs: str) -> None:
+    if net == "mlp":
+        models, spec, points, data = _mlps(), _mlp_spec(), MLP_POINTS, _batches((6,), [50, 30])
+    else:
+        models, spec, points, data = (
+            _convs(),
+            _conv_spec(),
+            CONV_POINTS,
+            _batches((3, 5, 5), [7, 5]),
+        )
+    stats = collect_statistics(models, data, spec, reference=1, pairs=pairs, progress=False)
+    assert set(stats.spaces) == set(points) and (stats.num_models, stats.reference) == (3, 1)
+    expected = {(0, 0), (1, 1), (2, 2), (0, 1), (1, 2)} | ({(0, 2)} if pairs == "all" else set())
+    for name, space_points in points.items():
+        assert set(stats.spaces[name].blocks) == expected
+        _assert_matches_direct(stats.spaces[name], models, data, space_points)
+    # every spatial position is a sample
+    first = next(iter(points))
+    assert stats.spaces[first].count == {"mlp": 80, "conv": 12 * 25}[net]
+    if pairs == "reference":
+        with pytest.raises(KeyError, match="pairs='all'"):
+            stats.spaces[first].covariance(0, 2)
+
+
+def test_pooled_observation_points() -> None:
+    """A space observed at two nodes (a residual stream): positions of both are samples."""
+    models, data = _mlps(), _batches((6,), [40, 20])
+    spec = Spec([FeatureSpace("stream", 10, observe=(Observation("_1", 1), Observation("_3", 1)))])
+    stats = collect_statistics(models, data, spec, progress=False)
+    assert stats.spaces["stream"].count == 120
+    _assert_matches_direct(stats.spaces["stream"], models, data, [("1", "_1"), ("3", "_3")])
+
+
+def test_batch_sizes_do_not_matter() -> None:
+    # float64 models: a float32 forward itself rounds differently for other batch sizes
+    models, spec = [m.double() for m in _convs()], _conv_spec()
+    data = [(x.double(), y) for x, y in _batches((3, 5, 5), [1, 6, 2, 9, 3])]
+    whole = torch.cat([x for x, _ in data])
+    split = collect_statistics(models, data, spec, pairs="all", progress=False)
+    # bare tensors and (inputs,) tuples are batches too
+    one = collect_statistics(models, [whole], spec, pairs="all", progress=False)
+    one_tuple = collect_statistics(models, [(whole,)], spec, pairs="all", progress=False)
+    _assert_equal(split, one, rtol=1e-12)
+    _assert_equal(one, one_tuple)
+
+
+def test_large_offset_keeps_precision() -> None:
+    """Activations ~1e4 with spread ~0.1: a raw E[xxᵀ] − μμᵀ would lose ~6 digits."""
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        layer = nn.Linear(4, 5)
+        layer.weight.data.mul_(0.1)
+        layer.bias.data.fill_(1e4)
+        models.append(nn.Sequential(layer))
+    data = _batches((4,), [64, 64, 64])
+    spec = Spec([FeatureSpace("z", 5, observe=(Observation("_0", 1),))])
+    stats = collect_statistics(models, data, spec, progress=False)
+    _assert_matches_direct(stats.spaces["z"], models, data, [("0", "_0")])
+
+
+def test_max_samples_truncates_exactly() -> None:
+    models, spec = [m.double() for m in _convs()], _conv_spec()
+    data = [(x.double(), y) for x, y in _batches((3, 5, 5), [4, 4, 4, 4])]
+    got = collect_statistics(models, data, spec, max_samples=6, progress=False)
+    want = collect_statistics(models, [torch.cat([x for x, _ in data])[:6]], spec, progress=False)
+    assert got.spaces["c1"].count == 6 * 25
+    _assert_equal(got, want, rtol=1e-12)
+
+
+def test_non_finite_activations_name_space_node_and_batch() -> None:
+    data = _batches((6,), [8, 8, 8])
+    data[2][0][3, 1] = float("nan")
+    with pytest.raises(StatisticsError, match=r"space 'h1'.*node '_1' of model 0.*batch 2"):
+        collect_statistics(_mlps(), data, _mlp_spec(), progress=False)
+
+
+def test_fewer_samples_than_features_warns() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = collect_statistics(_mlps(), _batches((6,), [5]), _mlp_spec(), progress=False)
+    assert [str(w.message).split(",")[0] for w in caught] == [
+        f"space '{name}': 5 samples for 10 features" for name in ("h1", "h2")
+    ]
+    assert {w.filename for w in caught} == {__file__}
+    assert stats.spaces["h1"].count == 5
+
+
+def test_empty_data_and_bad_arguments_raise() -> None:
+    with pytest.raises(StatisticsError, match="data is empty"):
+        collect_statistics(_mlps(), [], _mlp_spec(), progress=False)
+    with pytest.raises(StatisticsError, match=r"reference=3.*pairs='some'"):
+        collect_statistics(_mlps(), [], _mlp_spec(), reference=3, pairs="some")  # type: ignore[arg-type]
+    with pytest.raises(StatisticsError, match="expected a tensor"):
+        collect_statistics(_mlps(), [[1, 2]], _mlp_spec(), progress=False)
+
+
+def test_spec_of_another_model_raises() -> None:
+    spec = Spec([FeatureSpace("h1", 7, observe=(Observation("_1", 1),))])
+    with pytest.raises(StatisticsError, match="space 'h1': node '_1' of model 0 has 10 features"):
+        collect_statistics(_mlps(), _batches((6,), [20]), spec, progress=False)
+
+
+def test_batchnorm_outputs_and_model_state_restored() -> None:
+    models, spec = worker.conv_bn_models(), worker.conv_bn_spec()
+    for model in models:
+        model.train()
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    data = _batches((3, 6, 6), [5, 7])
+    stats = collect_statistics(models, data, spec, progress=False)
+    for model, state in zip(models, before, strict=True):
+        assert all(m.training for m in model.modules())
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert list(stats.norms) == ["1"]
+    norm = stats.norms["1"]
+    assert set(norm.blocks) == {(0, 0), (1, 1), (2, 2)} and norm.count == 12 * 36
+    _assert_matches_direct(norm, models, data, [("1", "_1")])
+    _assert_matches_direct(stats.spaces["c1"], models, data, [("2", "_2")])
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    stats = collect_statistics(
+        worker.conv_bn_models(),
+        _batches((3, 6, 6), [6]),
+        worker.conv_bn_spec(),
+        pairs="all",
+        reference=2,
+        progress=False,
+    )
+    path = tmp_path / "sub" / "stats.safetensors"
+    stats.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["stats.safetensors"]
+    _assert_equal(Statistics.load(path), stats)
+    with pytest.raises(StatisticsError, match="does not exist"):
+        Statistics.load(tmp_path / "missing.safetensors")
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(accord.statistics).failed == 0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    script = Path(worker.__file__)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--standalone", str(script), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, kwargs in worker.cases().items():
+        _assert_equal(
+            Statistics.load(tmp_path / f"{name}.safetensors"), collect_statistics(**kwargs), 1e-10
+        )
