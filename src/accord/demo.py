@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import accord
 from accord._table import format_table
 

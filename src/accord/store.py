@@ -46,9 +46,13 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    model: nn.Module, directory: str | os.PathLike[str], info: dict[str, Any], *, overwrite=False
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    info: dict[str, Any],
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` and ``{"model": model_config(model), **info}`` into ``directory``, atomically.
+    """Write ``model`` and ``{"model": model_config(model), **info}`` to ``directory``, atomically.
 
     An existing directory is refused unless ``overwrite``; it is then replaced whole.
     """
