@@ -170,10 +170,10 @@ class _Target:
     size: int
     points: tuple[Observation, ...]
     pairs: tuple[Pair, ...]
+    kind: Literal["space", "BatchNorm"] = "space"
 
     def describe(self) -> str:
-        kind = "space" if self.points[0].node != self.name else "BatchNorm"
-        return f"{kind} {self.name!r}"
+        return f"{self.kind} {self.name!r}"
 
 
 def _feature_rows(tensor: Any, axis: int, node: str) -> torch.Tensor:
@@ -186,7 +186,7 @@ def _feature_rows(tensor: Any, axis: int, node: str) -> torch.Tensor:
     # One copy, taken before any later in-place op (ReLU(inplace=True), +=) can change it.
     moved = tensor.detach().movedim(axis, -1)
     rows = moved.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    return rows.reshape(-1, moved.shape[-1]) if moved.dim() else rows.reshape(1, 1)
+    return rows.reshape(-1, moved.shape[-1])
 
 
 def _key(point: Observation) -> str:
@@ -207,6 +207,11 @@ class _Accumulator:
     def add(self, features: Sequence[Mapping[str, torch.Tensor]], batch: int) -> None:
         """Add one batch; ``features[i]`` maps observation keys to model i's (rows, C) float64."""
         xs = [self._rows(model_features, i) for i, model_features in enumerate(features)]
+        if len({x.shape[0] for x in xs}) > 1:
+            raise StatisticsError(
+                f"{self.target.describe()}: the models give {[x.shape[0] for x in xs]} samples "
+                f"in batch {batch}; statistics need models of one architecture"
+            )
         if self.count == 0:
             self.shift = torch.stack([x.mean(0) for x in xs])
         xs = [x - s for x, s in zip(xs, self.shift, strict=True)]
@@ -302,14 +307,14 @@ def _targets(
     norms = []
     for name in norm_names:
         nodes = [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
-        module = model.get_submodule(name)
+        module = next((m for n, m in model.named_modules() if n == name), None)
         if not nodes or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise StatisticsError(
                 f"the spec folds {name!r}, which is not a BatchNorm called in the traced "
                 f"graph of {type(model).__name__}; the spec was made for another model"
             )
         points = tuple(Observation(node, 1) for node in nodes)
-        norms.append(_Target(name, module.num_features, points, diagonal))
+        norms.append(_Target(name, module.num_features, points, diagonal, "BatchNorm"))
     return spaces, norms
 
 

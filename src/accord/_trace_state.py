@@ -1,0 +1,235 @@
+"""The bookkeeping of :func:`accord.trace.trace`: traced values, feature spaces, union-find.
+
+Every fx node gets a *value*: :class:`Feat` for a tensor, :class:`Tup` for a tuple, or
+:class:`Other` for anything else (shapes, ints, None). A tensor's features lie along one axis,
+laid out as *segments*: ``size`` features of one space, each owning ``block`` consecutive
+entries (a Flatten of (C, H, W) gives block H·W; a concat gives several segments). A segment
+whose ``space`` is None holds features no space owns (they are never transformed).
+
+Spaces are merged with union-find; a space's map kind only weakens as evidence arrives
+(linear → dense → orthogonal → permutation), and a fixed space stays fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from accord.spec import MAP_KINDS, AxisRef, FoldedNorm
+
+ROLES = ("writers", "readers", "elementwise")
+
+
+@dataclass(frozen=True)
+class Seg:
+    """``size`` features of ``space`` (None: owned by no space), ``block`` entries each."""
+
+    space: int | None
+    size: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Feat:
+    """A traced tensor.
+
+    ``axis`` is its feature axis (non-negative) and ``segs`` their layout, or ``axis`` is None
+    when no space's features lie in it. ``param`` names the parameter or buffer it is a view
+    of; ``dims[i]`` is then the parameter axis behind axis ``i`` (None: broadcast, -1: sliced).
+    """
+
+    shape: tuple[int, ...]
+    axis: int | None = None
+    segs: tuple[Seg, ...] = ()
+    param: str | None = None
+    dims: tuple[int | None, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def featured(self) -> bool:
+        return self.axis is not None
+
+    def moved(self, shape: tuple[int, ...], axis: int | None) -> Feat:
+        """The same features on another tensor (``axis`` None drops them)."""
+        return Feat(tuple(shape), axis, self.segs if axis is not None else ())
+
+
+@dataclass(frozen=True)
+class Tup:
+    """A traced tuple or list."""
+
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Other:
+    """A traced non-tensor (shape, int, None, ...), with its value from the example run."""
+
+    value: Any = None
+
+
+def plain(meta: Any) -> Any:
+    """The value of a node without features, from its recorded meta."""
+    if isinstance(meta, TensorMeta):
+        return Feat(meta.shape)
+    if isinstance(meta, tuple):
+        return Tup(tuple(plain(m) for m in meta))
+    return Other(meta)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and kind of a tensor seen while running the example input."""
+
+    shape: tuple[int, ...]
+    floating: bool
+
+
+def seg_offsets(feat: Feat, scale: int = 1) -> Iterator[tuple[Seg, int]]:
+    """Each segment with its first entry along the feature axis (entries times ``scale``)."""
+    offset = 0
+    for seg in feat.segs:
+        yield seg, offset * scale
+        offset += seg.size * seg.block
+
+
+@dataclass
+class SpaceRecord:
+    """What the tracer learned about one space (merged into its union-find root)."""
+
+    size: int
+    base: str
+    order: int
+    refs: dict[str, list[AxisRef]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    batchnorms: list[FoldedNorm] = field(default_factory=list)
+    maps: str = "linear"
+    groups: int = 1
+    reasons: list[str] = field(default_factory=list)
+    residual: bool = False
+    is_input: bool = False
+    is_output: bool = False
+
+    def absorb(self, other: SpaceRecord) -> None:
+        for role in ROLES:
+            self.refs[role] += other.refs[role]
+        self.batchnorms += other.batchnorms
+        self.maps = weaker(self.maps, other.maps)
+        self.groups = common_groups(self.size, self.groups, other.groups)
+        self.reasons += other.reasons
+        self.residual |= other.residual
+        self.is_input |= other.is_input
+        self.is_output |= other.is_output
+
+
+def weaker(a: str, b: str) -> str:
+    """The more restrictive of two map kinds."""
+    return a if MAP_KINDS.index(a) >= MAP_KINDS.index(b) else b
+
+
+def common_groups(size: int, a: int, b: int) -> int:
+    """Groups that satisfy both block constraints: blocks of gcd of the two block sizes.
+
+    Permuting inside blocks of that size keeps both partitions into equal blocks.
+    """
+    return size // math.gcd(size // a, size // b)
+
+
+class SpaceTable:
+    """Union-find over spaces, with the operations the tracing rules need."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.records: list[SpaceRecord] = []
+
+    def new(self, size: int, base: str, maps: str = "linear", groups: int = 1) -> int:
+        index = len(self.parent)
+        self.parent.append(index)
+        self.records.append(SpaceRecord(size, base, index, maps=maps, groups=groups))
+        return index
+
+    def find(self, index: int) -> int:
+        while self.parent[index] != index:
+            self.parent[index] = self.parent[self.parent[index]]
+            index = self.parent[index]
+        return index
+
+    def record(self, index: int) -> SpaceRecord:
+        return self.records[self.find(index)]
+
+    def union(self, a: int, b: int, residual: bool = False) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The earlier space stays the root, so a stream is named after its first writer.
+            ra, rb = min(ra, rb), max(ra, rb)
+            self.parent[rb] = ra
+            self.records[ra].absorb(self.records[rb])
+        self.records[ra].residual |= residual
+        return ra
+
+    def roots(self) -> list[int]:
+        return [i for i in range(len(self.parent)) if self.find(i) == i]
+
+    def fix(self, index: int, reason: str) -> None:
+        record = self.record(index)
+        if reason not in record.reasons:
+            record.reasons.append(reason)
+
+    def downgrade(self, index: int, kind: str) -> None:
+        record = self.record(index)
+        record.maps = weaker(record.maps, kind)
+
+    def constrain_groups(self, index: int, groups: int) -> None:
+        record = self.record(index)
+        record.groups = common_groups(record.size, record.groups, groups)
+
+    def add_ref(self, index: int, role: str, ref: AxisRef) -> None:
+        self.record(index).refs[role].append(ref)
+
+    # Operations on whole values -------------------------------------------------------------
+
+    def spaces(self, value: Any) -> list[int]:
+        """Every space with features in ``value`` (tensors, tuples, lists)."""
+        if isinstance(value, Feat):
+            return [seg.space for seg in value.segs if seg.space is not None]
+        if isinstance(value, Tup | list | tuple):
+            items = value.items if isinstance(value, Tup) else value
+            return [s for item in items for s in self.spaces(item)]
+        if isinstance(value, dict):
+            return [s for item in value.values() for s in self.spaces(item)]
+        return []
+
+    def fix_value(self, value: Any, reason: str) -> None:
+        for space in self.spaces(value):
+            self.fix(space, reason)
+
+    def downgrade_value(self, value: Any, kind: str) -> None:
+        for space in self.spaces(value):
+            self.downgrade(space, kind)
+
+    def add_per_feature(
+        self, feat: Feat, role: str, tensor: str, axis: int, scale: int = 1
+    ) -> None:
+        """``tensor``'s ``axis`` carries ``feat``'s features (``scale`` entries per entry)."""
+        for seg, offset in seg_offsets(feat, scale):
+            if seg.space is not None:
+                ref = AxisRef(tensor, axis, seg.block * scale, offset)
+                self.add_ref(seg.space, role, ref)
+
+    def union_layouts(self, a: Feat, b: Feat, residual: bool) -> bool:
+        """Make two layouts one (same segments pairwise); False where they do not line up."""
+        if len(a.segs) != len(b.segs) or any(
+            (x.size, x.block) != (y.size, y.block) for x, y in zip(a.segs, b.segs, strict=True)
+        ):
+            return False
+        for x, y in zip(a.segs, b.segs, strict=True):
+            if x.space is None or y.space is None:
+                # Features nobody owns cannot follow a map, so their partner cannot either.
+                self.fix_value(Feat((), 0, (x, y)), "combined with features accord cannot map")
+            else:
+                self.union(x.space, y.space, residual)
+        return True
