@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import fx
+
 from accord.spec import MAP_KINDS, AxisRef, FoldedNorm
 
 ROLES = ("writers", "readers", "elementwise")
@@ -233,3 +235,89 @@ class SpaceTable:
             else:
                 self.union(x.space, y.space, residual)
         return True
+
+
+class Walk:
+    """Everything the rules share while walking one graph."""
+
+    def __init__(self, modules: dict[str, Any], keys: set[str], call_counts: dict[str, int]):
+        self.table = SpaceTable()
+        self.values: dict[str, Any] = {}
+        self.metas: dict[str, Any] = {}
+        # (kind, node name) in graph order; kinds: act_in, act_out, reader_in, writer_out.
+        self.events: dict[tuple[str, str], None] = {}
+        self.tainted: dict[str, str] = {}
+        self.inplace: list[str] = []
+        self.modules = modules
+        self.keys = keys
+        self.call_counts = call_counts
+
+    def taint(self, tensor: str, reason: str) -> None:
+        """Any space claiming ``tensor`` will be fixed: ``tensor`` is also used opaquely."""
+        self.tainted.setdefault(tensor, reason)
+
+
+_MISSING = object()
+
+
+@dataclass
+class Call:
+    """One call node being traced: its resolved arguments, output meta and target."""
+
+    walk: Walk
+    node: fx.Node
+    meta: Any
+    desc: str
+    module: Any = None
+    used: set[str] = field(default_factory=set)
+
+    @property
+    def table(self) -> SpaceTable:
+        return self.walk.table
+
+    def resolve(self, arg: Any) -> Any:
+        """A node argument with nodes replaced by their values (Other unwrapped)."""
+        if isinstance(arg, fx.Node):
+            value = self.walk.values[arg.name]
+            return value.value if isinstance(value, Other) else value
+        if isinstance(arg, list | tuple):
+            return type(arg)(self.resolve(a) for a in arg)
+        if isinstance(arg, slice):
+            return slice(self.resolve(arg.start), self.resolve(arg.stop), self.resolve(arg.step))
+        if isinstance(arg, dict):
+            return {k: self.resolve(v) for k, v in arg.items()}
+        return arg
+
+    def arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
+        """Argument ``index`` (positional) or ``name`` (keyword), resolved."""
+        if index < len(self.node.args):
+            return self.resolve(self.node.args[index])
+        if name in self.node.kwargs:
+            return self.resolve(self.node.kwargs[name])
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+
+    @property
+    def x(self) -> Any:
+        """The main input: a module's input, a method's tensor, a function's first argument."""
+        return self.arg(0, "input", None)
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        return self.meta.shape if isinstance(self.meta, TensorMeta) else None
+
+    def input_node(self, index: int = 0) -> str | None:
+        arg = self.node.args[index] if index < len(self.node.args) else None
+        return arg.name if isinstance(arg, fx.Node) else None
+
+    def event(self, kind: str, node: str | None = None) -> None:
+        self.walk.events[(kind, node or self.node.name)] = None
+
+    def use(self, feat: Feat) -> None:
+        """Record that this call claims the parameter behind ``feat``."""
+        if feat.param is not None:
+            self.used.add(feat.param)
+
+    def plain(self) -> Any:
+        return plain(self.meta)

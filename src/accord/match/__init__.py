@@ -116,9 +116,7 @@ def _check_models(
     _check_statistics(spec, statistics, num_models, reference)
 
 
-def _check_statistics(
-    spec: Spec, statistics: Statistics, num_models: int, reference: int
-) -> None:
+def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, reference: int) -> None:
     if statistics.num_models != num_models:
         raise MergeError(
             f"the statistics describe {statistics.num_models} models, {num_models} state dicts "

@@ -87,7 +87,9 @@ def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Ten
 
 def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform]]:
     """Identity maps for every free space of every model."""
-    return [{s.name: Transform.identity(s.size) for s in spec.free_spaces} for _ in range(num_models)]
+    return [
+        {s.name: Transform.identity(s.size) for s in spec.free_spaces} for _ in range(num_models)
+    ]
 
 
 def star_alignment(

@@ -31,7 +31,10 @@ class Alignment:
 
 @dataclass(frozen=True)
 class MatcherInfo:
-    """A registered matching method: ``function(spec, statistics, states, reference, **options)``."""
+    """A registered method, called as ``function(spec, statistics, states, reference, **options)``.
+
+    ``options`` are the defaults of its keyword-only options.
+    """
 
     name: str
     function: Callable[..., Alignment]

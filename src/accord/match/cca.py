@@ -60,7 +60,9 @@ def spd_roots(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return root, inverse_root
 
 
-def ridges(sxx: Tensor, syy: Tensor, ridge: float, absolute_ridge: float | None) -> tuple[float, float]:
+def ridges(
+    sxx: Tensor, syy: Tensor, ridge: float, absolute_ridge: float | None
+) -> tuple[float, float]:
     """``(g_x, g_y)``: ``absolute_ridge`` for both, or ``ridge · trace(S)/C`` for each side."""
     if absolute_ridge is not None:
         return float(absolute_ridge), float(absolute_ridge)

@@ -146,3 +146,136 @@ def _correlations(
         for m in order
     ]
     return torch.cat(rows, dim=0)
+
+
+def _one_to_one(zips: list[Zip], num_models: int, block: int) -> bool:
+    """Whether every cluster holds exactly one feature of each model."""
+    wanted = set(range(num_models))
+    return all(
+        len(c) == num_models and {f // block for f in c} == wanted for z in zips for c in z.clusters
+    )
+
+
+def _permutations(zips: list[Zip], order: list[int], block: int) -> list[Transform]:
+    """One-to-one clusters as permutations: merged feature k is cluster k of its group, whose
+    reference feature is k, so the reference gets the identity."""
+    size = block * len(zips)
+    perms = [torch.empty(size, dtype=torch.long) for _ in order]
+    for g, zipped in enumerate(zips):
+        for k, cluster in enumerate(zipped.clusters):
+            for f in cluster:
+                perms[order[f // block]][g * block + k] = g * block + f % block
+    return [Transform.from_permutation(p) for p in perms]
+
+
+def _merge_maps(zips: list[Zip], order: list[int], block: int) -> list[Transform]:
+    """``Transform(N·M_i, U_i)`` per model from the clusters (block-diagonal over groups)."""
+    size, num_models = block * len(zips), len(order)
+    unmerge = [torch.zeros(size, size, dtype=torch.float64) for _ in order]
+    counts = torch.zeros(size, dtype=torch.float64)
+    for g, zipped in enumerate(zips):
+        for k, cluster in enumerate(zipped.clusters):
+            counts[g * block + k] = len(cluster)
+            for f in cluster:
+                unmerge[order[f // block]][g * block + f % block, g * block + k] = 1.0
+    # M_i = U_iᵀ / |cluster|: each merged feature is the average of its cluster's features.
+    return [Transform(num_models * u.T / counts[:, None], u) for u in unmerge]
+
+
+def _zip_space(
+    space: FeatureSpace,
+    stats: SpaceStatistics,
+    reference: int,
+    num_models: int,
+    alpha: float,
+    beta: float,
+) -> tuple[list[Transform], dict[str, Any]]:
+    """ZipIt! in one space: each model's transform and the space's report."""
+    order = _layout(num_models, reference)
+    block = space.size // space.groups
+    zips = [
+        zip_features(_correlations(space, stats, order, part), num_models, alpha, beta)
+        for part in group_slices(space.size, space.groups)
+    ]
+    merges = {key: sum(z.merges[key] for z in zips) for key in zips[0].merges}
+    merged = [c for z in zips for c in z.merged_correlations]
+    report: dict[str, Any] = {
+        "method": "zipit",
+        "notes": [],
+        "models": {
+            order[r]: {"within_model_merges": sum(z.within[r] for z in zips)}
+            for r in range(num_models)
+        },
+        "merges": merges,
+        "mean_merge_correlation": sum(merged) / len(merged) if merged else 1.0,
+        "one_to_one": _one_to_one(zips, num_models, block),
+    }
+    if report["one_to_one"]:
+        return _permutations(zips, order, block), report
+    if space.maps not in ("permutation", "orthogonal"):
+        return _merge_maps(zips, order, block), report
+    return _fallback(space, stats, reference, num_models, report)
+
+
+def _fallback(
+    space: FeatureSpace,
+    stats: SpaceStatistics,
+    reference: int,
+    num_models: int,
+    report: dict[str, Any],
+) -> tuple[list[Transform], dict[str, Any]]:
+    """Activation matching where ZipIt's many-to-one merge is not an admissible map."""
+    note = (
+        f"fell back to permutation: ZipIt's merge is not one-to-one ({report['merges']}) and "
+        f"the space admits {space.maps} maps only"
+    )
+    transforms = [Transform.identity(space.size) for _ in range(num_models)]
+    models: dict[int, dict[str, Any]] = {}
+    for i in range(num_models):
+        if i != reference:
+            matched = permutation_match(space, stats, reference, i, note)
+            transforms[i], models[i] = matched.transform, matched.scores
+    return transforms, {**report, "method": "permutation", "notes": [note], "models": models}
+
+
+@register(
+    "zipit",
+    paper="Stoica et al., ZipIt! Merging Models from Different Tasks without Training, ICLR 2024",
+    needs_data=True,
+    alpha=0.3,
+    beta=0.125,
+)
+def match_zipit(
+    spec: Spec,
+    statistics: Statistics,
+    states: Sequence[Mapping[str, Tensor]],
+    reference: int,
+    *,
+    alpha: float,
+    beta: float,
+) -> Alignment:
+    """ZipIt! in every free space with statistics (merged width = original width C).
+
+    ``alpha`` ∈ [0, 1]: discount of a merged feature's correlations (0: no repeated matches).
+    ``beta`` ∈ [0, 1]: fraction of merges that may be within a model. N > 2 models need the
+    correlations of every pair of models (statistics collected with ``pairs="all"``).
+    """
+    check_option("alpha", alpha, low=0.0, high=1.0)
+    check_option("beta", beta, low=0.0, high=1.0)
+    num_models = len(states)
+    if num_models > 2 and statistics.pairs != "all":
+        raise MergeError(
+            f"zipit merges the features of all {num_models} models jointly and needs the "
+            "cross-covariance of every pair of models: collect statistics with pairs='all'"
+        )
+    transforms = identity_transforms(spec, num_models)
+    report: dict[str, dict[str, Any]] = {}
+    for space in spec.free_spaces:
+        stats = statistics.spaces.get(space.name)
+        if stats is None:
+            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
+            continue
+        maps, report[space.name] = _zip_space(space, stats, reference, num_models, alpha, beta)
+        for i, transform in enumerate(maps):
+            transforms[i][space.name] = transform
+    return Alignment(transforms, report)

@@ -1,0 +1,313 @@
+"""Merge N same-architecture models: trace → statistics → match → apply → combine → repair.
+
+Every model is aligned to the reference (a star) and the aligned models are averaged.
+Dense maps (CCA, ZipIt!, OT plans) cannot move BatchNorm's per-channel normalisation, so by
+default (``batchnorm="fold"``) the BatchNorms of such spaces are folded into their writers
+before the map, and the merged BatchNorm is then given the statistics the merged features
+should have (DESIGN.md §4); ``batchnorm="transform"`` applies the map to γ and β instead, as
+the CCA Merge reference code does.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.combine.average import average_states
+from accord.errors import MergeError
+from accord.evaluate import batches, evaluate
+from accord.match import MATCHERS, Alignment, match
+from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
+from accord.spec import Spec
+from accord.statistics import Statistics, collect_statistics
+
+REPAIRS = ("auto", "bn-reset", "repair", "none")
+BATCHNORM_ROUTES = ("fold", "transform")
+
+
+@dataclass
+class MergeResult:
+    """The merged model (a new module of the models' class) and how it was made."""
+
+    model: nn.Module
+    transforms: list[dict[str, Transform]]
+    report: dict[str, Any]
+    spec: Spec
+    statistics: Statistics | None = None
+    aligned: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+
+
+def check_compatible(models: Sequence[nn.Module]) -> None:
+    """MergeError naming the first parameter whose name or shape differs between models."""
+    if len(models) < 2:
+        raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    reference = models[0].state_dict()
+    for index, model in enumerate(models[1:], start=1):
+        if type(model) is not type(models[0]):
+            raise MergeError(
+                f"model {index} is a {type(model).__name__}, model 0 a "
+                f"{type(models[0]).__name__}: only models of one architecture can be merged"
+            )
+        state = model.state_dict()
+        for key, tensor in reference.items():
+            if key not in state:
+                raise MergeError(f"model {index} has no parameter {key!r} (model 0 has)")
+            if state[key].shape != tensor.shape:
+                raise MergeError(
+                    f"parameter {key!r} has shape {tuple(state[key].shape)} in model {index} "
+                    f"but {tuple(tensor.shape)} in model 0"
+                )
+        extra = [key for key in state if key not in reference]
+        if extra:
+            raise MergeError(f"model {index} has parameter {extra[0]!r} that model 0 lacks")
+
+
+def choose_reference(
+    models: Sequence[nn.Module], reference: int | str, validation: Any, device: str
+) -> int:
+    """An index, or ``"best"``: the model with the highest validation accuracy."""
+    if reference == "best":
+        if validation is None:
+            raise MergeError('reference="best" needs validation data (validation=...)')
+        scores = [evaluate(m, validation, device).accuracy for m in models]
+        return max(range(len(models)), key=scores.__getitem__)
+    if isinstance(reference, bool) or not isinstance(reference, int):
+        raise MergeError(f"reference={reference!r}: give a model index or 'best'")
+    if not 0 <= reference < len(models):
+        raise MergeError(f"reference={reference} is not a model index (0..{len(models) - 1})")
+    return reference
+
+
+def first_inputs(data: Any) -> torch.Tensor:
+    """The inputs of the first batch of ``data`` (for tracing)."""
+    batch = next(iter(batches(data)), None)
+    if batch is None:
+        raise MergeError("data is empty")
+    return batch[0] if isinstance(batch, tuple | list) else batch
+
+
+def dense_spaces(spec: Spec, alignment: Alignment) -> list[str]:
+    """Spaces where some model's map is not a permutation."""
+    names = {
+        name
+        for transforms in alignment.transforms
+        for name, t in transforms.items()
+        if t.permutation is None
+    }
+    return [s.name for s in spec.spaces if s.name in names]
+
+
+def _bn_as_writers(spec: Spec, names: Iterable[str]) -> Spec:
+    """The spec with folded BatchNorms' γ and β moved to the writers (the reference's route)."""
+    spaces = []
+    chosen = set(names)
+    for space in spec.spaces:
+        norms = {bn.norm for bn in space.batchnorms}
+        if space.name not in chosen or not norms:
+            spaces.append(space)
+            continue
+        moved = [r for r in space.elementwise if r.tensor.rpartition(".")[0] in norms]
+        kept = [r for r in space.elementwise if r.tensor.rpartition(".")[0] not in norms]
+        affine = [r for r in moved if r.tensor.rpartition(".")[2] in ("weight", "bias")]
+        spaces.append(
+            replace(
+                space, writers=space.writers + tuple(affine), elementwise=tuple(kept), batchnorms=()
+            )
+        )
+    return Spec(spaces, spec.model, spec.observation, list(spec.notes))
+
+
+def align_states(
+    models: Sequence[nn.Module], spec: Spec, alignment: Alignment, batchnorm: str = "fold"
+) -> list[dict[str, torch.Tensor]]:
+    """Each model's state dict in the merged coordinates."""
+    dense = dense_spaces(spec, alignment)
+    if batchnorm == "transform":
+        spec = _bn_as_writers(spec, dense)
+        return [
+            apply_transforms(m.state_dict(), spec, t)
+            for m, t in zip(models, alignment.transforms, strict=True)
+        ]
+    folded = [spec[name] for name in dense]
+    return [
+        apply_transforms(fold_batchnorms(m, folded) if folded else m.state_dict(), spec, t)
+        for m, t in zip(models, alignment.transforms, strict=True)
+    ]
+
+
+def batchnorm_targets(
+    spec: Spec, alignment: Alignment, statistics: Statistics, merged: dict[str, torch.Tensor]
+) -> None:
+    """Give each folded BatchNorm the REPAIR-style target statistics, in place.
+
+    Target mean ``avg_i T_i μ_i`` and variance ``avg_i diag(T_i Σ_i T_iᵀ)`` of the models'
+    BatchNorm outputs; γ ← target std, β ← target mean. A BatchNorm reset afterwards makes
+    the BatchNorm normalise the merged features before giving them these statistics.
+    """
+    for name in dense_spaces(spec, alignment):
+        for bn in spec[name].batchnorms:
+            stats = statistics.norms.get(bn.norm)
+            if stats is None:
+                raise MergeError(f"no statistics for BatchNorm {bn.norm!r}: collect them again")
+            means, variances = [], []
+            for i, transforms in enumerate(alignment.transforms):
+                t = transforms[name].matrix
+                means.append(t @ stats.mean[i])
+                variances.append(torch.einsum("cd,de,ce->c", t, stats.covariance(i, i), t))
+            dtype = merged[f"{bn.norm}.weight"].dtype
+            merged[f"{bn.norm}.weight"] = (
+                torch.stack(variances).mean(0).clamp_min(0).sqrt().to(dtype)
+            )
+            merged[f"{bn.norm}.bias"] = torch.stack(means).mean(0).to(dtype)
+
+
+def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
+    if repair not in REPAIRS:
+        raise MergeError(f"repair={repair!r}: choose one of {', '.join(REPAIRS)}")
+    if repair == "auto":
+        if data is None:
+            return "none"
+        return "bn-reset" if has_batchnorm(model) else "repair"
+    if repair != "none" and data is None:
+        raise MergeError(f"repair={repair!r} needs data (a pass over training inputs)")
+    if repair == "bn-reset" and not has_batchnorm(model):
+        raise MergeError("repair='bn-reset' but the model has no BatchNorm; use 'repair'")
+    return repair
+
+
+def merge(
+    models: Sequence[nn.Module],
+    data: Any = None,
+    method: str = "cca",
+    spec: Spec | None = None,
+    reference: int | str = 0,
+    repair: str = "auto",
+    statistics: Statistics | None = None,
+    *,
+    batchnorm: str = "fold",
+    validation: Any = None,
+    max_samples: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    **options: Any,
+) -> MergeResult:
+    """Merge ``models`` with alignment ``method`` (see :data:`accord.match.MATCHERS`).
+
+    ``data``: batches ``(inputs, labels)`` of training data for the statistics pass and the
+    repair. ``options`` go to the method (e.g. ``ridge`` for CCA); ``options="auto"``
+    is handled by :func:`accord.tune.merge_tuned`. ``statistics`` from an earlier
+    :func:`accord.collect_statistics` call are reused rather than collected again.
+    """
+    timings: dict[str, float] = {}
+    models = list(models)
+    check_compatible(models)
+    if method not in MATCHERS:
+        match(method, Spec([]), None, [])  # raises the "did you mean" error
+    if batchnorm not in BATCHNORM_ROUTES:
+        raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
+    repair_kind = _resolve_repair(repair, models[0], data)
+    ref = choose_reference(models, reference, validation, device)
+    needs_data = MATCHERS[method].needs_data
+    if needs_data and data is None and statistics is None:
+        raise MergeError(f"method {method!r} needs data: pass data=... (training batches)")
+    clock = time.perf_counter()
+    if spec is None:
+        if data is None:
+            raise MergeError("tracing the models needs an example input: pass data or spec")
+        from accord.trace import trace
+
+        spec = trace(models[0], first_inputs(data)[:2])
+    timings["trace"] = time.perf_counter() - clock
+    if needs_data and statistics is None:
+        clock = time.perf_counter()
+        pairs = "all" if method == "zipit" and len(models) > 2 else "reference"
+        statistics = collect_statistics(
+            models,
+            batches(data),
+            spec,
+            max_samples=max_samples,
+            device=device,
+            reference=ref,
+            pairs=pairs,
+            progress=progress,
+        )
+        timings["statistics"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    states = [m.state_dict() for m in models]
+    alignment = match(
+        method, spec, statistics if needs_data else None, states, reference=ref, **options
+    )
+    timings["match"] = time.perf_counter() - clock
+    result = combine_aligned(
+        models, spec, alignment, statistics, ref, repair_kind, data, batchnorm, device, timings
+    )
+    result.report.update(
+        {
+            "method": method,
+            "options": {**MATCHERS[method].options, **options},
+            "reference": ref,
+            "num_models": len(models),
+        }
+    )
+    return result
+
+
+def combine_aligned(
+    models: Sequence[nn.Module],
+    spec: Spec,
+    alignment: Alignment,
+    statistics: Statistics | None,
+    reference: int,
+    repair: str,
+    data: Any,
+    batchnorm: str,
+    device: str,
+    timings: dict[str, float],
+) -> MergeResult:
+    """Apply the alignment, average, and repair: the stages after matching."""
+    clock = time.perf_counter()
+    aligned = align_states(models, spec, alignment, batchnorm)
+    timings["apply"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    merged_state = average_states(aligned, reference=reference)
+    dense = dense_spaces(spec, alignment)
+    folded = batchnorm == "fold" and any(spec[n].batchnorms for n in dense)
+    if folded:
+        if statistics is None or repair != "bn-reset":
+            raise MergeError(
+                "dense maps on BatchNorm spaces need statistics and repair='bn-reset' "
+                "to give the merged BatchNorms their statistics"
+            )
+        batchnorm_targets(spec, alignment, statistics, merged_state)
+    merged = copy.deepcopy(models[reference])
+    merged.load_state_dict(merged_state)
+    timings["combine"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if repair == "bn-reset":
+        reset_batchnorm(merged, data, device=device)
+    elif repair == "repair":
+        endpoints = []
+        for state in aligned:
+            endpoint = copy.deepcopy(models[reference])
+            endpoint.load_state_dict(state)
+            endpoints.append(endpoint)
+        repair_activations(merged, endpoints, spec, data, device=device)
+    timings["repair"] = time.perf_counter() - clock
+    report = {
+        "repair": repair,
+        "batchnorm": batchnorm if dense else None,
+        "dense_spaces": dense,
+        "spaces": alignment.report,
+        "timings": timings,
+    }
+    if repair == "none" and has_batchnorm(merged) and dense:
+        warnings.warn("dense maps without a BatchNorm reset leave stale statistics", stacklevel=3)
+    return MergeResult(merged.eval(), alignment.transforms, report, spec, statistics, aligned)
