@@ -8,11 +8,10 @@ and fixes every space it touches. Rules return None before changing any state.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from accord._trace_state import Call, Feat, Other, Seg, TensorMeta, Tup, seg_offsets
+from accord._trace_state import Call, Feat, Other, Seg, Tup, layouts_match
 
 Rule = Callable[[Call], Any]
 
@@ -41,8 +40,6 @@ def elementwise(kind: str | None, activation: bool = True) -> Rule:
             call.event("act_out")
             if call.input_node():
                 call.event("act_in", call.input_node())
-            if _inplace(call):
-                call.walk.inplace.append(call.node.name)
         return x
 
     return rule
@@ -50,15 +47,6 @@ def elementwise(kind: str | None, activation: bool = True) -> Rule:
 
 def _has_tensor(call: Call, args: Sequence[Any]) -> bool:
     return any(isinstance(call.resolve(a), Feat | Tup) for a in args)
-
-
-def _inplace(call: Call) -> bool:
-    module_inplace = getattr(call.module, "inplace", False)
-    return bool(
-        module_inplace
-        or call.node.kwargs.get("inplace")
-        or (call.node.op == "call_method" and str(call.node.target).endswith("_"))
-    )
 
 
 def softmax(call: Call) -> Any:
@@ -163,7 +151,9 @@ def _reshape_param(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     if [n for _, n in kept] != [n for n in shape if n != 1]:
         return None
     dims = iter(d for d, _ in kept)
-    return Feat(tuple(shape), param=x.param, dims=tuple(next(dims) if n != 1 else None for n in shape))
+    return Feat(
+        tuple(shape), param=x.param, dims=tuple(next(dims) if n != 1 else None for n in shape)
+    )
 
 
 def _reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
@@ -221,7 +211,8 @@ def expand(call: Call) -> Any:
     lead = len(shape) - x.ndim
     if x.param is not None:
         dims = [None] * lead + [
-            d if n == shape[lead + i] else None for i, (d, n) in enumerate(zip(x.dims, x.shape))
+            d if n == shape[lead + i] else None
+            for i, (d, n) in enumerate(zip(x.dims, x.shape, strict=True))
         ]
         return Feat(shape, param=x.param, dims=tuple(dims))
     if not x.featured:
@@ -261,3 +252,187 @@ def getattr_rule(call: Call) -> Any:
 def metadata(call: Call) -> Any:
     """``x.size()``, ``x.dim()``, ``x.numel()``: they read no feature values."""
     return Other(call.meta)
+
+
+def getitem(call: Call) -> Any:
+    """Indexing: tuples give their items; tensors keep their features if every one is kept."""
+    container, index = call.arg(0, "a"), call.arg(1, "b")
+    if isinstance(container, Tup):
+        items = container.items[index]
+        return Tup(items) if isinstance(index, slice) else items
+    if not isinstance(container, Feat):
+        return Other(call.meta)
+    mapping = _index_map(container.shape, index)
+    if mapping is None or call.out_shape is None:
+        return None
+    out_dims, partial = mapping
+    if container.param is not None:
+        dims = [None if d is None else -1 if d in partial else container.dims[d] for d in out_dims]
+        return Feat(call.out_shape, param=container.param, dims=tuple(dims))
+    if not container.featured:
+        return call.plain()
+    if container.axis not in out_dims or container.axis in partial:
+        reason = f"indexing at node {call.node.name!r} keeps only some of the features"
+        call.table.fix_value(container, reason)
+        return call.plain()
+    return container.moved(call.out_shape, out_dims.index(container.axis))
+
+
+def _index_map(shape: tuple[int, ...], index: Any) -> tuple[list[int | None], set[int]] | None:
+    """For basic indexing: the input axis behind each output axis, and the partly sliced axes."""
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(item is not None and item is not Ellipsis for item in items)
+    out_dims: list[int | None] = []
+    partial: set[int] = set()
+    d = 0
+    for item in items:
+        if item is Ellipsis:
+            out_dims += range(d, d + len(shape) - consumed)
+            d += len(shape) - consumed
+        elif item is None:
+            out_dims.append(None)
+        elif isinstance(item, int) and not isinstance(item, bool) and d < len(shape):
+            d += 1
+        elif isinstance(item, slice) and d < len(shape):
+            bounds = (item.start, item.stop, item.step)
+            if not all(b is None or isinstance(b, int) for b in bounds):
+                return None
+            if range(*item.indices(shape[d])) != range(shape[d]):
+                partial.add(d)
+            out_dims.append(d)
+            d += 1
+        else:
+            return None
+    return out_dims + list(range(d, len(shape))), partial
+
+
+def binary(op: str) -> Rule:
+    """add / sub / mul / div between tensors, parameters and scalars.
+
+    Two feature tensors: their spaces become one (a residual add); a product or quotient
+    allows permutations only. A parameter with a full feature axis is a writer of an added
+    space (a positional embedding) or a per-feature scale of a multiplied one. A scalar or a
+    tensor constant across the features shifts every feature alike: exact for permutations
+    only (an add) or harmless (a scale).
+    """
+
+    def rule(call: Call) -> Any:
+        a, b = call.arg(0, "input"), call.arg(1, "other")
+        if call.out_shape is None:
+            return Other(call.meta)
+        featured_a, featured_b = (isinstance(v, Feat) and v.featured for v in (a, b))
+        if not (featured_a or featured_b):
+            return call.plain()
+        if featured_a and featured_b:
+            return _both_featured(call, op, a, b)
+        x, other = (a, b) if featured_a else (b, a)
+        return _one_featured(call, op, x, other, x_first=featured_a)
+
+    return rule
+
+
+def _both_featured(call: Call, op: str, a: Feat, b: Feat) -> Any:
+    n = len(call.out_shape)
+    axis_a, axis_b = a.axis + n - a.ndim, b.axis + n - b.ndim
+    size_a, size_b = a.shape[a.axis], b.shape[b.axis]
+    table, where = call.table, f"node {call.node.name!r}"
+    if axis_a == axis_b and size_a == size_b:
+        if not table.union_layouts(a, b, residual=op in ("add", "sub")):
+            reason = f"combined at {where} with features laid out differently"
+            table.fix_value(a, reason)
+            table.fix_value(b, reason)
+        elif op in ("mul", "div"):
+            table.downgrade_value(a, "permutation")
+        return a.moved(call.out_shape, axis_a)
+    if axis_a == axis_b and min(size_a, size_b) == 1:
+        x, y = (a, b) if size_b == 1 else (b, a)
+        table.fix_value(y, f"broadcast across the features of {where}")
+        _scalar_effect(call, op, x, x_first=x is a)
+        return x.moved(call.out_shape, x.axis + n - x.ndim)
+    reason = f"combined at {where} with features on another axis"
+    table.fix_value(a, reason)
+    table.fix_value(b, reason)
+    return call.plain()
+
+
+def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> Any:
+    n = len(call.out_shape)
+    axis = x.axis + n - x.ndim
+    if isinstance(other, Feat):
+        d = axis - (n - other.ndim)
+        if d >= 0 and other.shape[d] != 1:
+            pd = other.dims[d] if other.param is not None else None
+            if pd is None or pd < 0:
+                reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
+                call.table.fix_value(x, reason)
+            elif op in ("add", "sub"):
+                call.use(other)
+                call.table.add_per_feature(x, "writers", other.param, pd)
+            else:
+                call.use(other)
+                call.table.add_per_feature(x, "elementwise", other.param, pd)
+                call.table.downgrade_value(x, "permutation")
+            return x.moved(call.out_shape, axis)
+    _scalar_effect(call, op, x, x_first)
+    return x.moved(call.out_shape, axis)
+
+
+def _scalar_effect(call: Call, op: str, x: Feat, x_first: bool) -> None:
+    """The same number for every feature: a shift or a reciprocal keeps only permutations."""
+    if op in ("add", "sub") or (op == "div" and not x_first):
+        call.table.downgrade_value(x, "dense")
+
+
+def cat(call: Call) -> Any:
+    """Concatenation along the features stacks layouts; along another axis it unites them."""
+    items, dim, shape = call.arg(0, "tensors"), call.arg(1, "dim", 0), call.out_shape
+    if not isinstance(items, list | tuple) or shape is None or not isinstance(dim, int):
+        return None
+    if not all(isinstance(item, Feat) for item in items):
+        return None
+    featured = [item for item in items if item.featured]
+    if not featured:
+        return call.plain()
+    axis = featured[0].axis
+    if any(item.axis != axis for item in featured):
+        return None
+    if dim % len(shape) == axis:
+        # Pieces without features (constants, parameters) are features no space owns.
+        segs = [s for item in items for s in (item.segs or (Seg(None, item.shape[axis]),))]
+        return Feat(shape, axis, tuple(segs))
+    first = featured[0]
+    if not all(layouts_match(first, item) for item in featured):
+        return None
+    for item in featured[1:]:
+        call.table.union_layouts(first, item, residual=False)
+    for item in items:
+        if item.featured:
+            continue
+        pd = item.dims[axis] if item.param is not None else None
+        if pd is None or pd < 0 or item.shape[axis] != first.shape[axis]:
+            reason = f"concatenated at node {call.node.name!r} with a tensor accord cannot map"
+            call.table.fix_value(first, reason)
+        else:
+            call.use(item)
+            call.table.add_per_feature(first, "writers", item.param, pd)
+    return first.moved(shape, axis)
+
+
+def stack(call: Call) -> Any:
+    """Stacking feature tensors on a new axis unites their spaces."""
+    items, dim, shape = call.arg(0, "tensors"), call.arg(1, "dim", 0), call.out_shape
+    if not isinstance(items, list | tuple) or shape is None or not isinstance(dim, int):
+        return None
+    if not all(isinstance(item, Feat) and item.param is None for item in items):
+        return None
+    if not any(item.featured for item in items):
+        return call.plain()
+    first = items[0]
+    if not all(item.featured and item.axis == first.axis for item in items):
+        return None
+    if not all(layouts_match(first, item) for item in items):
+        return None
+    for item in items[1:]:
+        call.table.union_layouts(first, item, residual=False)
+    dim %= len(shape)
+    return first.moved(shape, first.axis + (dim <= first.axis))

@@ -224,9 +224,7 @@ class SpaceTable:
 
     def union_layouts(self, a: Feat, b: Feat, residual: bool) -> bool:
         """Make two layouts one (same segments pairwise); False where they do not line up."""
-        if len(a.segs) != len(b.segs) or any(
-            (x.size, x.block) != (y.size, y.block) for x, y in zip(a.segs, b.segs, strict=True)
-        ):
+        if not layouts_match(a, b):
             return False
         for x, y in zip(a.segs, b.segs, strict=True):
             if x.space is None or y.space is None:
@@ -235,6 +233,13 @@ class SpaceTable:
             else:
                 self.union(x.space, y.space, residual)
         return True
+
+
+def layouts_match(a: Feat, b: Feat) -> bool:
+    """Whether two layouts have the same segment sizes and blocks, pair by pair."""
+    return len(a.segs) == len(b.segs) and all(
+        (x.size, x.block) == (y.size, y.block) for x, y in zip(a.segs, b.segs, strict=True)
+    )
 
 
 class Walk:
@@ -247,7 +252,8 @@ class Walk:
         # (kind, node name) in graph order; kinds: act_in, act_out, reader_in, writer_out.
         self.events: dict[tuple[str, str], None] = {}
         self.tainted: dict[str, str] = {}
-        self.inplace: list[str] = []
+        self.order: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts

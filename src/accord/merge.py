@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -197,15 +197,39 @@ def merge(
     max_samples: int | None = None,
     device: str = "cpu",
     progress: bool = False,
-    **options: Any,
+    options: Mapping[str, Any] | str | None = None,
+    **method_options: Any,
 ) -> MergeResult:
     """Merge ``models`` with alignment ``method`` (see :data:`accord.match.MATCHERS`).
 
     ``data``: batches ``(inputs, labels)`` of training data for the statistics pass and the
-    repair. ``options`` go to the method (e.g. ``ridge`` for CCA); ``options="auto"``
-    is handled by :func:`accord.tune.merge_tuned`. ``statistics`` from an earlier
+    repair. The method's options (e.g. ``ridge`` for CCA) come as keywords or as the
+    ``options`` mapping; ``options="auto"`` chooses them on ``validation``
+    (:func:`accord.tune.merge_tuned`). ``statistics`` from an earlier
     :func:`accord.collect_statistics` call are reused rather than collected again.
+    ``reference`` is a model index or ``"best"`` (by validation accuracy).
     """
+    if options == "auto":
+        from accord.tune import merge_tuned
+
+        return merge_tuned(
+            models,
+            data,
+            method,
+            validation,
+            spec=spec,
+            reference=reference,
+            repair=repair,
+            statistics=statistics,
+            batchnorm=batchnorm,
+            max_samples=max_samples,
+            device=device,
+            progress=progress,
+            **method_options,
+        )
+    if isinstance(options, str):
+        raise MergeError(f"options={options!r}: give a mapping of method options or 'auto'")
+    options = {**(options or {}), **method_options}
     timings: dict[str, float] = {}
     models = list(models)
     check_compatible(models)

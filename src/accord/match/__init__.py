@@ -1,24 +1,19 @@
 """Matching: one transform per (model, free space) into the merged coordinates.
 
-Each method lives in its own module and registers itself with one decorator line
-(:func:`register`); :func:`match` checks the request and runs the method.
-
-=================  ==========================================================  ==========
-method             paper                                                       needs data
-=================  ==========================================================  ==========
-identity           direct weight averaging                                     no
-permutation        activation matching (Ainsworth et al. 2023; Li et al. 2016) yes
-weight_matching    Git Re-Basin weight matching, MergeMany (Ainsworth 2023)    no
-zipit              ZipIt! (Stoica et al., ICLR 2024)                           yes
-ot                 OT fusion (Singh & Jaggi, NeurIPS 2020)                     yes
-cca                CCA Merge (Horoi et al., ICML 2024)                         yes
-=================  ==========================================================  ==========
+Each method lives in its own module (``accord/match/<name>.py``, whose docstring carries the
+math) and registers itself with one decorator line (:func:`register`): its name, paper,
+whether it needs activation statistics, and its options with their defaults. :func:`match`
+checks a request completely, then runs the method.
 
 >>> from accord.match import MATCHERS
->>> sorted(MATCHERS)
-['cca', 'identity', 'ot', 'permutation', 'weight_matching', 'zipit']
->>> MATCHERS["cca"].options
-{'ridge': 0.1, 'absolute_ridge': None}
+>>> for name, info in sorted(MATCHERS.items()):
+...     print(f"{name:16} needs data: {info.needs_data!s:5} options: {info.options}")
+cca              needs data: True  options: {'ridge': 0.1, 'absolute_ridge': None}
+identity         needs data: False options: {}
+ot               needs data: True  options: {}
+permutation      needs data: True  options: {}
+weight_matching  needs data: False options: {'seed': 0, 'max_iter': 100}
+zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
 """
 
 from __future__ import annotations
@@ -35,10 +30,20 @@ from accord.match._registry import MATCHERS, Alignment, MatcherInfo, register
 from accord.spec import Spec
 from accord.statistics import Statistics
 
-__all__ = ["MATCHERS", "Alignment", "MatcherInfo", "match", "register"]
-
-# The method modules register themselves when imported (above); keep the names referenced.
-_METHOD_MODULES = (cca, identity, ot, permutation, weight_matching, zipit)
+# The method modules register themselves when imported.
+__all__ = [
+    "MATCHERS",
+    "Alignment",
+    "MatcherInfo",
+    "cca",
+    "identity",
+    "match",
+    "ot",
+    "permutation",
+    "register",
+    "weight_matching",
+    "zipit",
+]
 
 
 def match(
@@ -122,7 +127,8 @@ def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, refer
             f"the statistics describe {statistics.num_models} models, {num_models} state dicts "
             "were given; collect statistics of exactly the models being merged"
         )
-    if statistics.pairs != "all" and statistics.reference != reference:
+    # Two models share their one cross block whichever is the reference.
+    if statistics.pairs != "all" and statistics.reference != reference and num_models > 2:
         raise MergeError(
             f"the statistics hold cross-covariances with model {statistics.reference} only; "
             f"match with reference={statistics.reference} or collect them with pairs='all'"

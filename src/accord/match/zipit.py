@@ -54,12 +54,15 @@ from accord.statistics import SpaceStatistics, Statistics
 
 @dataclass
 class Zip:
-    """The clusters of one zipped block and what the greedy merging did."""
+    """The clusters of one zipped block and what the greedy merging did.
+
+    ``within[r]`` counts the within-model merges of the model at layout position r.
+    """
 
     clusters: list[list[int]]
     within: list[int]
     merges: dict[str, int] = field(default_factory=dict)
-    merged_correlations: list[float] = field(default_factory=list)
+    merge_scores: list[float] = field(default_factory=list)
 
 
 def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> Zip:
@@ -87,7 +90,7 @@ def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> 
                 f"zipit: no allowed pair is left with {len(members)} clusters for {block} "
                 "features; raise alpha above 0 or beta"
             )
-        zipped.merged_correlations.append(float(scores[a, b]))
+        zipped.merge_scores.append(float(sims[a, b]))
         _count(zipped, origin, members, a, b)
         merged = torch.minimum(sims[a], sims[b])
         if alpha > 0:
@@ -137,15 +140,16 @@ def _layout(num_models: int, reference: int) -> list[int]:
     return [reference] + [m for m in range(num_models) if m != reference]
 
 
-def _correlations(
-    space: FeatureSpace, stats: SpaceStatistics, order: list[int], part: slice
-) -> Tensor:
-    """Correlations of the group ``part`` of every model's features, models in ``order``."""
-    rows = [
-        torch.cat([correlation(stats, m, n, space.name)[part, part] for n in order], dim=1)
-        for m in order
+def _group_correlations(
+    space: FeatureSpace, stats: SpaceStatistics, order: list[int]
+) -> list[Tensor]:
+    """Per group, the (N·B × N·B) correlations of its features in every model, laid out model
+    by model in ``order``."""
+    blocks = [[correlation(stats, m, n, space.name) for n in order] for m in order]
+    return [
+        torch.cat([torch.cat([b[part, part] for b in row], dim=1) for row in blocks], dim=0)
+        for part in group_slices(space.size, space.groups)
     ]
-    return torch.cat(rows, dim=0)
 
 
 def _one_to_one(zips: list[Zip], num_models: int, block: int) -> bool:
@@ -194,11 +198,11 @@ def _zip_space(
     order = _layout(num_models, reference)
     block = space.size // space.groups
     zips = [
-        zip_features(_correlations(space, stats, order, part), num_models, alpha, beta)
-        for part in group_slices(space.size, space.groups)
+        zip_features(scores, num_models, alpha, beta)
+        for scores in _group_correlations(space, stats, order)
     ]
     merges = {key: sum(z.merges[key] for z in zips) for key in zips[0].merges}
-    merged = [c for z in zips for c in z.merged_correlations]
+    merged = [c for z in zips for c in z.merge_scores]
     report: dict[str, Any] = {
         "method": "zipit",
         "notes": [],
@@ -207,7 +211,7 @@ def _zip_space(
             for r in range(num_models)
         },
         "merges": merges,
-        "mean_merge_correlation": sum(merged) / len(merged) if merged else 1.0,
+        "mean_merge_score": sum(merged) / len(merged) if merged else 1.0,
         "one_to_one": _one_to_one(zips, num_models, block),
     }
     if report["one_to_one"]:
@@ -259,6 +263,11 @@ def match_zipit(
     ``alpha`` ∈ [0, 1]: discount of a merged feature's correlations (0: no repeated matches).
     ``beta`` ∈ [0, 1]: fraction of merges that may be within a model. N > 2 models need the
     correlations of every pair of models (statistics collected with ``pairs="all"``).
+
+    Report per space: ``merges`` (counts of cross-model, within-model and repeated merges),
+    ``mean_merge_score`` (mean score of the merges made: the correlation, α-discounted for
+    repeated ones), ``one_to_one`` (returned as permutations) and, per model,
+    ``within_model_merges``.
     """
     check_option("alpha", alpha, low=0.0, high=1.0)
     check_option("beta", beta, low=0.0, high=1.0)

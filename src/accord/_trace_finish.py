@@ -1,0 +1,182 @@
+"""The last step of tracing: settle the spaces, choose observation points, build the Spec.
+
+Axes that two spaces claim identically (a module called twice, a parameter added twice)
+unite those spaces; axes that two spaces claim differently fix both. Parameters that an
+unknown operation also uses fix every space claiming them. The result is validated against
+the model: a mismatch is a bug in the tracer, never a user error.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from torch import nn
+
+from accord._trace_state import Feat, SpaceRecord, SpaceTable, Walk, weaker
+from accord.errors import SpecError, TraceError
+from accord.spec import FeatureSpace, Observation, Spec
+
+# Observation kinds, best first: activations (their outputs, or inputs for "pre"), then
+# where readers read the space, then the writers' outputs.
+_KINDS = {
+    "post": ("act_out", "reader_in", "writer_out"),
+    "pre": ("act_in", "reader_in", "writer_out"),
+}
+
+
+def finish(walk: Walk, model: nn.Module, observe: str) -> Spec:
+    table = walk.table
+    _union_shared(table)
+    for root in table.roots():
+        for ref in (r for refs in table.records[root].refs.values() for r in refs):
+            if ref.tensor in walk.tainted:
+                table.fix(root, walk.tainted[ref.tensor])
+    _strip_overlaps(table, walk.shapes)
+    roots = sorted(table.roots(), key=lambda r: table.records[r].order)
+    for root in roots:
+        _settle(table.records[root])
+    names = _names(table, roots)
+    observations = _observations(walk, observe)
+    spaces = [
+        _space(table.records[r], names[r], observations.get(r, []))
+        for r in roots
+        if table.records[r].is_input or any(table.records[r].refs.values())
+    ]
+    spec = Spec(spaces, type(model).__name__, observe, _notes(walk, spaces))  # type: ignore[arg-type]
+    try:
+        spec.validate(model)
+    except SpecError as exc:
+        raise TraceError(
+            f"accord.trace built an inconsistent spec (a bug; please report): {exc}"
+        ) from exc
+    return spec
+
+
+def _union_shared(table: SpaceTable) -> None:
+    """Spaces claiming the very same axis (shared module, parameter used twice) are one."""
+    first: dict[Any, int] = {}
+    pairs = []
+    for root in table.roots():
+        record = table.records[root]
+        for role, refs in record.refs.items():
+            for ref in refs:
+                other = first.setdefault((role, ref, record.size), root)
+                if other != root:
+                    pairs.append((other, root))
+    for a, b in pairs:
+        table.union(a, b)
+
+
+def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Two spaces claiming overlapping parts of one axis: fix both, drop the claims."""
+    claims = defaultdict(list)
+    for root in table.roots():
+        record = table.records[root]
+        for role, refs in record.refs.items():
+            for ref in refs:
+                axis = ref.axis % len(shapes.get(ref.tensor, (0,) * (abs(ref.axis) + 1)))
+                stop = ref.offset + record.size * ref.block
+                claims[(ref.tensor, axis)].append((ref.offset, stop, root, role, ref))
+    bad = set()
+    for entries in claims.values():
+        for i, (start, stop, root, role, ref) in enumerate(entries):
+            for start2, stop2, root2, role2, ref2 in entries[i + 1 :]:
+                if root != root2 and start < stop2 and start2 < stop:
+                    reason = f"{ref.describe()} is claimed by two spaces in different ways"
+                    table.fix(root, reason)
+                    table.fix(root2, reason)
+                    bad |= {(root, role, ref), (root2, role2, ref2)}
+    for root, role, ref in bad:
+        refs = table.records[root].refs[role]
+        refs[:] = [r for r in refs if r != ref]
+
+
+def _settle(record: SpaceRecord) -> None:
+    """Drop duplicates; per-feature parameters other than folded BatchNorms (which a dense
+    map skips) allow permutations only."""
+    for role, refs in record.refs.items():
+        record.refs[role] = list(dict.fromkeys(refs))
+    record.batchnorms = list(dict.fromkeys(record.batchnorms))
+    folded = {bn.norm for bn in record.batchnorms}
+    if any(ref.tensor.rpartition(".")[0] not in folded for ref in record.refs["elementwise"]):
+        record.maps = weaker(record.maps, "permutation")
+    if record.size > 1 and record.groups == record.size:
+        record.reasons.append("its groups leave every feature in place")
+
+
+def _names(table: SpaceTable, roots: list[int]) -> dict[int, str]:
+    inputs = sum(table.records[r].is_input for r in roots)
+    outputs = sum(table.records[r].is_output and not table.records[r].is_input for r in roots)
+    names: dict[int, str] = {}
+    for root in roots:
+        record = table.records[root]
+        if record.is_input:
+            name = "input" if inputs == 1 else record.base
+        elif record.is_output:
+            name = "output" if outputs == 1 else f"output:{record.base}"
+        elif record.residual:
+            name = f"stream:{record.base}"
+        else:
+            name = record.base
+        taken, count = set(names.values()), 1
+        unique = name
+        while unique in taken:
+            count += 1
+            unique = f"{name}#{count}"
+        names[root] = unique
+    return names
+
+
+def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
+    """Per root, the observation points of the best kind it has (see ``_KINDS``)."""
+    kinds = _KINDS[observe]
+    found: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
+    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+        value = walk.values.get(node)
+        if kind not in kinds or not _pure(value):
+            continue
+        root = walk.table.find(value.segs[0].space)
+        found[root].setdefault(kind, []).append(Observation(node, value.axis))
+    return {
+        root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
+    }
+
+
+def _pure(value: Any) -> bool:
+    """A tensor whose feature axis is exactly one space, one entry per feature."""
+    return (
+        isinstance(value, Feat)
+        and value.featured
+        and len(value.segs) == 1
+        and value.segs[0].space is not None
+        and value.segs[0].block == 1
+    )
+
+
+def _space(record: SpaceRecord, name: str, observe: list[Observation]) -> FeatureSpace:
+    free = not record.reasons
+    return FeatureSpace(
+        name=name,
+        size=record.size,
+        writers=tuple(record.refs["writers"]),
+        readers=tuple(record.refs["readers"]),
+        elementwise=tuple(record.refs["elementwise"]),
+        batchnorms=tuple(record.batchnorms),
+        observe=tuple(observe) if free else (),
+        maps=record.maps,  # type: ignore[arg-type]
+        groups=record.groups,
+        free=free,
+        reason="; ".join(record.reasons),
+    )
+
+
+def _notes(walk: Walk, spaces: list[FeatureSpace]) -> list[str]:
+    notes = []
+    blind = [s.name for s in spaces if s.free and not s.observe]
+    if blind:
+        notes.append(
+            f"free spaces without observation points (inside attention modules or never seen "
+            f"whole): {', '.join(blind)}; data-free methods (weight matching) align them"
+        )
+    return notes

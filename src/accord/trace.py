@@ -1,0 +1,255 @@
+"""Find a network's feature spaces with torch.fx: :func:`trace` turns a model into a Spec.
+
+The model is traced by :func:`accord.fx.symbolic_graph` (so node names match the statistics
+pass) and run once on ``example_input`` to learn every tensor's shape. Each tensor's feature
+axis is laid out in segments of spaces; walking the graph:
+
+* Linear / Conv / Embedding (and F.linear / F.conv with parameter weights) open a new space:
+  weight rows (Embedding: columns) and bias write it; their weight columns read the input's.
+* A residual add (``+``, ``-``, torch.add) unites its operands' spaces; a parameter added
+  along the features (a positional embedding) is a writer. ``torch.cat`` along the features
+  stacks layouts (readers get one axis per segment, with offsets); along another axis it
+  unites them, a parameter there (a class token) being a writer. A Flatten of (C, H, W) gives
+  each channel a block of H·W columns of the Linear that reads it.
+* Elementwise activations, max pools, shifts by a constant: permutations exactly, other maps
+  approximately (``dense``). LayerNorm / GroupNorm / InstanceNorm, a BatchNorm that does not
+  directly follow its writer, depthwise convolutions, gating products: permutations only.
+  A BatchNorm directly after a writer is folded (``FoldedNorm``) and keeps the space linear.
+* Attention (``accord.zoo.vit.Attention``, ``nn.MultiheadAttention``): a ``qk`` space
+  (orthogonal maps per head: q rows write it, k rows read it, so q·k is kept) and a ``v``
+  space (per head, read by the output projection's columns).
+* Anything else is unknown: every space it touches is fixed, with the reason, and parameters
+  it uses cannot be moved by any space. The input and the output spaces are fixed too.
+
+Observation points (``observe="post"``) are the outputs of a space's activations; with
+``observe="pre"`` their inputs (a writer's output after its BatchNorm, or a residual sum).
+A space without activations is observed where its readers read it, else at its writers'
+outputs. Feature axes in observations are non-negative (1 for NCHW, 2 for (N, L, C)).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from accord._trace_finish import finish
+from accord._trace_state import Call, Feat, Other, Seg, TensorMeta, Tup, Walk, plain
+from accord._trace_tables import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from accord.errors import ConfigError, TraceError
+from accord.fx import symbolic_graph
+from accord.spec import Spec
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    observe: Literal["post", "pre"] = "post",
+    leaf_modules: Iterable[str] = (),
+) -> Spec:
+    """The feature spaces of ``model``, found by tracing it on ``example_input``.
+
+    ``example_input`` is one tensor, a tuple of positional inputs, or a dict of keyword
+    inputs; use a batch of at least 2 so that the batch axis is never mistaken for another.
+    ``leaf_modules`` (qualified names) are kept opaque: their spaces become fixed. The model
+    is run once in eval mode without gradients; its training flags are restored.
+
+    >>> import torch
+    >>> from accord.zoo import build_model
+    >>> spec = trace(build_model("mlp", width=8, depth=2), torch.zeros(2, 3, 32, 32))
+    >>> for space in spec:
+    ...     print(space.name, space.size, space.maps, space.free)
+    input 3 linear False
+    layers.1 8 dense True
+    layers.3 8 dense True
+    output 10 linear False
+    >>> spec["input"].readers[0].block
+    1024
+
+    Raises TraceError when torch.fx cannot trace the model or the example input fails.
+    """
+    if observe not in ("post", "pre"):
+        raise ConfigError(f"observe={observe!r}: expected 'post' or 'pre'")
+    leaves = set(leaf_modules)
+    graph = symbolic_graph(model, leaves)
+    metas = _record_shapes(model, graph, example_input)
+    state = model.state_dict()
+    counts = Counter(n.target for n in graph.graph.nodes if n.op == "call_module")
+    walk = Walk(dict(model.named_modules()), set(state), counts)
+    walk.shapes = {key: tuple(value.shape) for key, value in state.items()}
+    for index, node in enumerate(graph.graph.nodes):
+        walk.order[node.name] = index
+        walk.metas[node.name] = metas.get(node.name)
+        walk.values[node.name] = _visit(walk, node, leaves)
+    return finish(walk, model, observe)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and keeps, per node, the shapes of its output (not the tensors)."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.metas: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.metas[n.name] = _meta(result)
+        return result
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(value.shape), value.is_floating_point())
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    if isinstance(value, tuple | list):
+        return tuple(_meta(v) for v in value)
+    if value is None or isinstance(value, int | float | bool | str | torch.dtype | torch.device):
+        return value
+    return None
+
+
+def _record_shapes(model: nn.Module, graph: fx.GraphModule, example_input: Any) -> dict:
+    args = _positional(graph, example_input)
+    training = [(module, module.training) for module in model.modules()]
+    recorder = _ShapeRecorder(graph)
+    try:
+        model.eval()
+        with torch.no_grad():
+            recorder.run(*args)
+    except Exception as exc:  # any failure of the user's model on the user's input
+        raise TraceError(
+            f"running the traced {type(model).__name__} on example_input failed: "
+            f"{type(exc).__name__}: {exc}. Pass an input the model accepts (a tensor, a tuple "
+            "of positional inputs or a dict of keyword inputs)."
+        ) from exc
+    finally:
+        for module, flag in training:
+            module.training = flag
+    return recorder.metas
+
+
+def _positional(graph: fx.GraphModule, example_input: Any) -> list[Any]:
+    if isinstance(example_input, tuple):
+        return list(example_input)
+    if not isinstance(example_input, dict):
+        return [example_input]
+    args = []
+    for node in graph.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.target in example_input:
+            args.append(example_input[node.target])
+        elif node.args:
+            args.append(node.args[0])
+        else:
+            raise TraceError(f"example_input has no entry for the model's input {node.target!r}")
+    return args
+
+
+def _visit(walk: Walk, node: fx.Node, leaves: set[str]) -> Any:
+    meta = walk.metas[node.name]
+    if node.op == "placeholder":
+        return _placeholder(walk, node, meta)
+    if node.op == "get_attr":
+        if isinstance(meta, TensorMeta) and node.target in walk.keys:
+            return Feat(meta.shape, param=node.target, dims=tuple(range(len(meta.shape))))
+        return plain(meta)
+    if node.op == "output":
+        _output(walk, node)
+        return Other()
+    call = _call(walk, node, meta, leaves)
+    rule = _rule(node, call, leaves)
+    result = rule(call) if rule is not None else None
+    if result is None:
+        result = _unknown(call)
+    _taint_unused(call, result)
+    return result
+
+
+def _placeholder(walk: Walk, node: fx.Node, meta: Any) -> Any:
+    """A floating input with a batch axis: its features (channels, or last axis of 3-D
+    token tensors) form a fixed space, so that its readers are reported."""
+    if not isinstance(meta, TensorMeta) or not meta.floating or len(meta.shape) < 2:
+        return plain(meta)
+    axis = 2 if len(meta.shape) == 3 else 1
+    size = meta.shape[axis]
+    space = walk.table.new(size, f"input:{node.target}")
+    walk.table.record(space).is_input = True
+    walk.table.fix(space, "input")
+    return Feat(meta.shape, axis, (Seg(space, size),))
+
+
+def _output(walk: Walk, node: fx.Node) -> None:
+    value = Call(walk, node, None, "output").resolve(node.args[0])
+    for space in walk.table.spaces(value):
+        walk.table.fix(space, "output")
+        walk.table.record(space).is_output = True
+    for feat in _feats(value):
+        if feat.param is not None:
+            walk.taint(feat.param, f"{feat.param} is returned by the model")
+
+
+def _call(walk: Walk, node: fx.Node, meta: Any, leaves: set[str]) -> Call:
+    if node.op == "call_module":
+        module = walk.modules[node.target]
+        return Call(walk, node, meta, f"{type(module).__name__} {node.target!r}", module)
+    if node.op == "call_method":
+        return Call(walk, node, meta, f"Tensor.{node.target}")
+    return Call(walk, node, meta, _function_name(node.target))
+
+
+def _rule(node: fx.Node, call: Call, leaves: set[str]) -> Any:
+    if node.op == "call_module":
+        return None if node.target in leaves else MODULE_RULES.get(type(call.module))
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return FUNCTION_RULES.get(node.target)
+
+
+def _function_name(function: Any) -> str:
+    module = getattr(function, "__module__", None) or "torch"
+    module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(module, module)
+    return f"{module}.{getattr(function, '__name__', repr(function))}"
+
+
+def _unknown(call: Call) -> Any:
+    """Fix every space touching the call; nothing may move the parameters inside a module."""
+    reason = f"consumed by {call.desc}, which accord cannot prove safe"
+    node = call.node
+    call.table.fix_value([call.resolve(a) for a in (*node.args, *node.kwargs.values())], reason)
+    if node.op == "call_module":
+        prefix = f"{node.target}."
+        for key in call.walk.keys:
+            if key.startswith(prefix):
+                call.walk.taint(key, f"{key} is used inside {call.desc}")
+    return call.plain()
+
+
+def _taint_unused(call: Call, result: Any) -> None:
+    """A parameter that reaches a call which neither claims nor passes it on is opaque."""
+    passed = {feat.param for feat in _feats(result)}
+    args = [call.resolve(a) for a in (*call.node.args, *call.node.kwargs.values())]
+    for feat in _feats(args):
+        param = feat.param
+        if param is not None and param not in call.used and param not in passed:
+            call.walk.taint(param, f"{param} is also used by {call.desc}")
+
+
+def _feats(value: Any) -> Iterator[Feat]:
+    if isinstance(value, Feat):
+        yield value
+    elif isinstance(value, Tup):
+        yield from _feats(value.items)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        for item in value:
+            yield from _feats(item)
+    elif isinstance(value, dict):
+        yield from _feats(list(value.values()))
+
+
+__all__ = ["trace"]

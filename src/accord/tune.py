@@ -1,0 +1,70 @@
+"""Hyper-parameters chosen on a validation split, reusing one statistics pass.
+
+Statistics do not depend on hyper-parameters, so they are collected once and every candidate
+is only matched, applied, repaired and evaluated. The test set is never looked at.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from accord.errors import MergeError
+from accord.evaluate import evaluate
+
+# The grids searched by options="auto"; methods without an entry have nothing to tune.
+TUNING_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "cca": {"ridge": (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0)},
+    "zipit": {"alpha": (0.0, 0.1, 0.3, 0.5, 1.0), "beta": (0.0, 0.125, 0.5)},
+}
+
+
+def candidates(method: str) -> list[dict[str, Any]]:
+    """Every option combination of ``method``'s grid ([{}] when it has none)."""
+    grid = TUNING_GRIDS.get(method, {})
+    names = sorted(grid)
+    return [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+
+
+def merge_tuned(
+    models: Sequence[nn.Module],
+    data: Any,
+    method: str,
+    validation: Any,
+    *,
+    device: str = "cpu",
+    **merge_arguments: Any,
+) -> Any:
+    """The merge whose options score best on ``validation`` among :data:`TUNING_GRIDS`.
+
+    ``merge_arguments`` go to :func:`accord.merge` (spec, reference, repair, statistics...).
+    The result's report gains ``"tuning"``: each candidate and its validation accuracy.
+    """
+    from accord.merge import merge
+
+    if validation is None:
+        raise MergeError(
+            "options='auto' chooses hyper-parameters on a validation split: pass validation=..."
+        )
+    best, trials = None, []
+    for options in candidates(method):
+        result = merge(
+            models, data, method, validation=validation, device=device, **merge_arguments, **options
+        )
+        if merge_arguments.get("statistics") is None and result.statistics is not None:
+            merge_arguments["statistics"] = result.statistics
+            merge_arguments.setdefault("spec", result.spec)
+        score = evaluate(result.model, validation, device).accuracy
+        trials.append({"options": options, "val_accuracy": score})
+        if best is None or score > best[0]:
+            best = (score, result)
+    assert best is not None
+    result = best[1]
+    result.report["tuning"] = trials
+    return result

@@ -1,0 +1,33 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from accord.check import randomly_permuted
+from accord.spec import Spec
+
+Preserved = Callable[[nn.Module, Any, Spec], None]
+
+
+@pytest.fixture
+def assert_preserved() -> Preserved:
+    """Check ``spec`` on ``model``: ``Spec.check`` passes and a randomly permuted copy gives
+    the same outputs with different weights (when a free space has two or more features)."""
+
+    def check(model: nn.Module, x: Any, spec: Spec) -> None:
+        spec.check(model, x)
+        model.eval()
+        permuted = randomly_permuted(model, spec, seed=1).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
+        if any(space.size > 1 and space.groups < space.size for space in spec.free_spaces):
+            before, after = model.state_dict(), permuted.state_dict()
+            assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    return check

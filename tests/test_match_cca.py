@@ -1,0 +1,161 @@
+"""Tests of CCA Merge (accord.match.cca) against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from accord.match import match
+from accord.match.cca import cca_map, spd_roots
+from accord.spec import FeatureSpace, Spec
+from accord.statistics import SpaceStatistics, Statistics
+from test_match import features, one_space, permuted_pair, space_statistics, states, statistics
+
+
+def random_pair(size: int = 7, seed: int = 0, samples: int = 400) -> Statistics:
+    """Two models with partly shared, randomly mixed features."""
+    x = features(samples, size, seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    mixing = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    y = torch.tanh(x @ mixing) + 0.3 * features(samples, size, seed + 1)
+    return statistics({"h": [x, y]})
+
+
+def blocks(stats: Statistics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    space = stats.spaces["h"]
+    return tuple(space.covariance(i, j).numpy() for i, j in [(0, 0), (1, 1), (0, 1)])
+
+
+def cca_transform(stats: Statistics, **options: float | None) -> tuple[torch.Tensor, ...]:
+    alignment = match("cca", one_space(stats.spaces["h"].size), stats, states(2), **options)
+    transform = alignment.transforms[1]["h"]
+    report = alignment.report["h"]["models"][1]
+    correlations = torch.tensor(report["canonical_correlations"], dtype=torch.float64)
+    return transform.matrix, transform.inverse, correlations
+
+
+def test_cca_matches_an_independent_scipy_computation() -> None:
+    stats = random_pair()
+    sxx, syy, sxy = blocks(stats)
+    size = sxx.shape[0]
+    g_x, g_y = 0.1 * np.trace(sxx) / size, 0.1 * np.trace(syy) / size
+    x_root = scipy.linalg.sqrtm(sxx + g_x * np.eye(size)).real
+    y_root = scipy.linalg.sqrtm(syy + g_y * np.eye(size)).real
+    k = np.linalg.solve(x_root, sxy) @ np.linalg.inv(y_root)
+    u, s, vh = np.linalg.svd(k)
+    expected = x_root @ u @ vh @ np.linalg.inv(y_root)
+    matrix, _, correlations = cca_transform(stats)
+    np.testing.assert_allclose(matrix.numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(correlations.numpy(), s, atol=1e-10)
+    assert torch.all(correlations[:-1] >= correlations[1:])
+    assert torch.all((correlations > 0) & (correlations < 1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_inverse_formula_inverts_the_map(seed: int) -> None:
+    matrix, inverse, _ = cca_transform(random_pair(seed=seed))
+    eye = torch.eye(matrix.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(matrix @ inverse, eye, atol=1e-8, rtol=0)
+    torch.testing.assert_close(inverse @ matrix, eye, atol=1e-8, rtol=0)
+
+
+def _procrustes(sxy: np.ndarray) -> np.ndarray:
+    u, _, vh = np.linalg.svd(sxy)
+    return u @ vh
+
+
+def test_huge_absolute_ridge_gives_orthogonal_procrustes() -> None:
+    stats = random_pair()
+    _, _, sxy = blocks(stats)
+    matrix, _, _ = cca_transform(stats, absolute_ridge=1e12)
+    np.testing.assert_allclose(matrix.numpy(), _procrustes(sxy), atol=1e-5)
+
+
+def test_huge_relative_ridge_gives_procrustes_scaled_by_the_feature_scales() -> None:
+    stats = random_pair()
+    sxx, syy, sxy = blocks(stats)
+    matrix, _, _ = cca_transform(stats, ridge=1e9)
+    scale = np.sqrt(np.trace(sxx) / np.trace(syy))  # sqrt(g_x / g_y)
+    np.testing.assert_allclose(matrix.numpy(), scale * _procrustes(sxy), atol=1e-5)
+
+
+def test_cca_recovers_a_linear_map_of_the_features() -> None:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2000, 6, generator=generator, dtype=torch.float64) * torch.arange(1, 7)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    a = q * torch.linspace(0.5, 2.0, 6, dtype=torch.float64)  # invertible, cond 4
+    stats = statistics({"h": [x, x @ a.T]})  # y = A x for every sample
+    for options in ({"absolute_ridge": 1e-12}, {"ridge": 1e-13}):
+        matrix, inverse, correlations = cca_transform(stats, **options)
+        torch.testing.assert_close(matrix, torch.linalg.inv(a), atol=1e-6, rtol=0)
+        torch.testing.assert_close(inverse, a, atol=1e-6, rtol=0)
+        torch.testing.assert_close(correlations, torch.ones(6, dtype=torch.float64))
+
+
+def test_exact_permutation_gives_exactly_that_permutation() -> None:
+    stats, perm = permuted_pair(9, 2)
+    matrix, inverse, _ = cca_transform(stats)
+    expected = torch.zeros(9, 9, dtype=torch.float64)
+    expected[torch.arange(9), torch.argsort(perm)] = 1.0
+    torch.testing.assert_close(matrix, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(inverse, expected.T, atol=1e-10, rtol=0)
+
+
+def test_relative_ridge_is_invariant_to_the_activation_scale() -> None:
+    x, y = features(300, 5, 3), features(300, 5, 4)
+    base, _, _ = cca_transform(statistics({"h": [x, y]}))
+    scaled, _, _ = cca_transform(statistics({"h": [10.0 * x, 10.0 * y]}))
+    torch.testing.assert_close(scaled, base, atol=1e-10, rtol=1e-10)
+    y_scaled, _, _ = cca_transform(statistics({"h": [x, 4.0 * y]}))
+    torch.testing.assert_close(y_scaled, base / 4.0, atol=1e-10, rtol=1e-10)
+
+
+def test_orthogonal_spaces_get_procrustes() -> None:
+    stats = random_pair()
+    spec = Spec([FeatureSpace("h", 7, maps="orthogonal")])
+    alignment = match("cca", spec, stats, states(2))
+    transform = alignment.transforms[1]["h"]
+    np.testing.assert_allclose(transform.matrix.numpy(), _procrustes(blocks(stats)[2]), atol=1e-12)
+    torch.testing.assert_close(transform.inverse, transform.matrix.T)
+    assert alignment.report["h"]["method"] == "procrustes"
+    assert "procrustes" in alignment.report["h"]["notes"][0]
+
+
+def test_grouped_cca_solves_each_block() -> None:
+    stats = random_pair(size=8)
+    spec = Spec([FeatureSpace("h", 8, groups=2, maps="linear")])
+    matrix = match("cca", spec, stats, states(2)).transforms[1]["h"].matrix
+    whole = stats.spaces["h"]
+    for part in (slice(0, 4), slice(4, 8)):
+        blocks_ = {pair: block[part, part] for pair, block in whole.blocks.items()}
+        sub = SpaceStatistics(whole.count, whole.mean[:, part], blocks_)
+        expected, _, _ = cca_transform(Statistics({"h": sub}, num_models=2))
+        torch.testing.assert_close(matrix[part, part], expected)
+    assert torch.all(matrix[:4, 4:] == 0) and torch.all(matrix[4:, :4] == 0)
+
+
+def test_spd_roots_of_a_singular_matrix_stay_finite() -> None:
+    vector = torch.tensor([[1.0], [2.0], [0.0]], dtype=torch.float64)
+    root, inverse_root = spd_roots(vector @ vector.T)
+    torch.testing.assert_close(root @ root, vector @ vector.T)
+    assert torch.isfinite(inverse_root).all()
+
+
+def test_cca_map_with_identical_blocks_is_the_identity() -> None:
+    x = features(200, 4, 9)
+    s = space_statistics([x]).covariance(0, 0)
+    transform, inverse, correlations = cca_map(s, s, s, 0.5, 0.5)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(transform, eye)
+    torch.testing.assert_close(inverse, eye)
+    assert torch.all(correlations < 1)  # the ridge shrinks them
+
+
+def test_negative_ridge_is_rejected() -> None:
+    stats = random_pair()
+    with pytest.raises(ValueError, match="ridge=-1"):
+        match("cca", one_space(7), stats, states(2), ridge=-1)
+    with pytest.raises(ValueError, match="absolute_ridge='x'"):
+        match("cca", one_space(7), stats, states(2), absolute_ridge="x")

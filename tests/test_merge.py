@@ -1,0 +1,155 @@
+"""The merge engine end to end: permuted copies are recovered, repairs, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import accord
+from accord.merge import check_compatible
+
+METHODS = ("permutation", "weight_matching", "zipit", "ot", "cca")
+
+ARCHITECTURES = {
+    "mlp": {"width": 24, "depth": 2, "in_channels": 1, "image_size": 8},
+    "vgg11": {"width": 0.0625, "in_channels": 1, "image_size": 8},
+    "vgg11-bn": {"width": 0.0625, "batch_norm": True, "in_channels": 1, "image_size": 8},
+    "resnet20": {"width": 0.5, "in_channels": 1, "image_size": 8},
+    "vit": {"dim": 16, "depth": 1, "heads": 2, "patch_size": 4, "in_channels": 1, "image_size": 8},
+}
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    config = dict(ARCHITECTURES[name])
+    model = accord.build_model(name.removesuffix("-bn"), **config)
+    # Non-trivial BatchNorm statistics, so that folding them matters.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _data(model: nn.Module, samples: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    config = accord.model_config(model)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(samples, config["in_channels"], config["image_size"],
+                         config["image_size"], generator=generator)
+    # One batch, so a BatchNorm reset sees exactly the statistics the matchers saw.
+    return [(inputs, torch.zeros(samples, dtype=torch.long))]
+
+
+def _relative_difference(a: nn.Module, b: nn.Module, inputs: torch.Tensor) -> float:
+    with torch.no_grad():
+        out_a, out_b = a.eval()(inputs), b.eval()(inputs)
+    return float((out_a - out_b).abs().max() / out_a.abs().max())
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("method", METHODS)
+def test_merging_a_permuted_copy_returns_the_model(arch: str, method: str) -> None:
+    model = _model(arch)
+    data = _data(model)
+    spec = accord.trace(model, data[0][0][:2])
+    twin = accord.randomly_permuted(model, spec, seed=3)
+    assert _relative_difference(model, twin, data[0][0]) < 1e-5
+    repair = "bn-reset" if arch == "vgg11-bn" or arch == "resnet20" else "none"
+    result = accord.merge([model, twin], data, method=method, spec=spec, repair=repair)
+    assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
+
+
+def test_merge_keeps_inputs_and_is_deterministic() -> None:
+    model = _model("vgg11-bn")
+    data = _data(model)
+    twin = accord.randomly_permuted(model, accord.trace(model, data[0][0][:2]), seed=1)
+    before = [copy.deepcopy(m.state_dict()) for m in (model, twin)]
+    first = accord.merge([model, twin], data, method="cca")
+    second = accord.merge([model, twin], data, method="cca")
+    for m, state in zip((model, twin), before, strict=True):
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+    assert all(
+        torch.equal(first.model.state_dict()[k], v) for k, v in second.model.state_dict().items()
+    )
+    assert first.model is not model and type(first.model) is type(model)
+
+
+def test_statistics_are_reused_across_methods_and_options() -> None:
+    model = _model("mlp")
+    data = _data(model)
+    spec = accord.trace(model, data[0][0][:2])
+    twin = accord.randomly_permuted(model, spec, seed=2)
+    stats = accord.collect_statistics([model, twin], data, spec, progress=False)
+    for ridge in (0.01, 1.0):
+        result = accord.merge([model, twin], None, method="cca", spec=spec, statistics=stats,
+                              repair="none", ridge=ridge)
+        assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
+        assert result.report["options"]["ridge"] == ridge
+
+
+def test_merging_three_models_star_around_reference() -> None:
+    model = _model("mlp")
+    data = _data(model)
+    spec = accord.trace(model, data[0][0][:2])
+    models = [accord.randomly_permuted(model, spec, seed=s) for s in (1, 2)] + [model]
+    result = accord.merge(models, data, method="permutation", spec=spec, reference=2,
+                          repair="none")
+    assert result.report["reference"] == 2
+    assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
+    identity = torch.eye(24, dtype=torch.float64)
+    assert all(torch.equal(t.matrix, identity[: t.size, : t.size]) for t in
+               result.transforms[2].values())
+
+
+def test_identity_merge_averages_weights() -> None:
+    torch.manual_seed(0)
+    models = [accord.build_model("mlp", width=8, depth=1, in_channels=1, image_size=4)
+              for _ in range(2)]
+    example = torch.randn(2, 1, 4, 4)
+    result = accord.merge(models, [(example, torch.zeros(2))], method="identity", repair="none")
+    for key, value in result.model.state_dict().items():
+        expected = (models[0].state_dict()[key] + models[1].state_dict()[key]) / 2
+        assert torch.allclose(value, expected)
+
+
+def test_repair_restores_channel_statistics() -> None:
+    torch.manual_seed(0)
+    models = [accord.build_model("mlp", width=32, depth=2, in_channels=1, image_size=8)
+              for _ in range(2)]
+    data = [(torch.randn(256, 1, 8, 8), torch.zeros(256, dtype=torch.long))]
+    result = accord.merge(models, data, method="permutation", repair="repair")
+    assert result.report["repair"] == "repair"
+    captured = {}
+    layer = result.model.layers[1]
+    layer.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    result.model(data[0][0])
+    aligned = [
+        m.layers[1](m.layers[0](data[0][0])) for m in
+        (copy.deepcopy(models[0]).eval(),)
+    ]
+    target_std = aligned[0].std(0)
+    # The merged first layer's channel std is now close to the endpoints' (not shrunk).
+    ratio = captured["out"].std(0).mean() / target_std.mean()
+    assert 0.7 < float(ratio) < 1.3
+
+
+def test_mismatched_architectures_name_the_parameter() -> None:
+    a = accord.build_model("mlp", width=8, depth=1)
+    b = accord.build_model("mlp", width=9, depth=1)
+    with pytest.raises(accord.MergeError, match=r"layers\.1\.weight"):
+        check_compatible([a, b])
+    with pytest.raises(accord.MergeError, match="at least 2"):
+        accord.merge([a], None)
+
+
+def test_data_methods_without_data_are_refused() -> None:
+    a = accord.build_model("mlp", width=8, depth=1)
+    with pytest.raises(accord.MergeError, match="needs data"):
+        accord.merge([a, copy.deepcopy(a)], None, method="cca")
+    with pytest.raises(accord.MergeError, match="did you mean 'cca'"):
+        accord.merge([a, copy.deepcopy(a)], None, method="cac")

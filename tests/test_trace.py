@@ -1,0 +1,591 @@
+"""Tests of accord.trace: every zoo model and a set of hand-written architectures.
+
+Each traced spec must pass ``Spec.check`` (random maps of every free space keep the outputs)
+and its structure is pinned: which spaces exist, which are fixed and why, which axes they
+move, the map kinds, head groups and observation points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from accord.errors import ConfigError, SpecError, TraceError
+from accord.spec import AxisRef, FoldedNorm, Observation, Spec
+from accord.trace import trace
+from accord.zoo import build_model
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _random_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that a wrong fold or permutation shows."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(module.weight, 0.5, 2)
+            nn.init.uniform_(module.bias, -1, 1)
+    return model
+
+
+def _names(spec: Spec) -> list[str]:
+    return [space.name for space in spec]
+
+
+# Zoo models ----------------------------------------------------------------------------------
+
+
+def test_mlp(assert_preserved) -> None:
+    model = build_model("mlp", image_size=8, width=12, depth=2)
+    x = torch.randn(4, 3, 8, 8)
+    spec = trace(model, x)
+    assert _names(spec) == ["input", "layers.1", "layers.3", "output"]
+    assert spec.model == "MLP" and spec.observation == "post"
+    assert spec["input"].readers == (AxisRef("layers.1.weight", 1, 64),)
+    assert (spec["input"].free, spec["input"].reason) == (False, "input")
+    hidden = spec["layers.1"]
+    assert hidden.free and hidden.maps == "dense"
+    assert hidden.writers == (AxisRef("layers.1.weight", 0), AxisRef("layers.1.bias", 0))
+    assert hidden.readers == (AxisRef("layers.3.weight", 1),)
+    assert hidden.observe == (Observation("layers_2", 1),)
+    assert (spec["output"].free, spec["output"].reason) == (False, "output")
+    assert_preserved(model, x, spec)
+
+
+def test_vgg11_classifier_reads_blocks_of_the_last_conv(assert_preserved) -> None:
+    # 96 px and five pools leave a 3x3 map: each channel owns 9 classifier columns.
+    model = build_model("vgg11", image_size=96, width=1 / 16)
+    x = torch.randn(2, 3, 96, 96)
+    spec = trace(model, x)
+    convs = [s for s in spec if s.name.startswith("features.")]
+    assert len(convs) == 8 and len(spec) == 10
+    assert all(s.free and s.maps == "dense" and not s.batchnorms for s in convs)
+    assert convs[-1].readers == (AxisRef("classifier.1.weight", 1, 9),)
+    assert convs[0].observe == (Observation("features_1", 1),)
+    assert_preserved(model, x, spec)
+
+
+@pytest.mark.parametrize("name, width", [("vgg11", 1 / 8), ("vgg16", 1 / 16)])
+def test_vgg_with_batchnorm_folds_every_norm(assert_preserved, name: str, width: float) -> None:
+    model = _random_norms(build_model(name, image_size=8, width=width, batch_norm=True))
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    convs = [s for s in spec if s.free]
+    assert len(convs) == (8 if name == "vgg11" else 13)
+    for space in convs:
+        index = int(space.name.split(".")[1])
+        assert space.batchnorms == (FoldedNorm(f"features.{index + 1}", space.name),)
+        assert {r.tensor for r in space.elementwise} == {
+            f"features.{index + 1}.{p}" for p in ("weight", "bias", "running_mean", "running_var")
+        }
+        assert space.maps == "dense"
+        assert space.observe == (Observation(f"features_{index + 2}", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_resnet20_has_three_streams(assert_preserved) -> None:
+    model = _random_norms(build_model("resnet20", image_size=8, width=1))
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    streams = [s for s in spec if s.name.startswith("stream:")]
+    assert [s.name for s in streams] == [
+        "stream:conv1",
+        "stream:layer2.0.conv2",
+        "stream:layer3.0.conv2",
+    ]
+    assert [s.size for s in streams] == [16, 32, 64]
+    assert {r.tensor for r in streams[1].writers} == {
+        "layer2.0.conv2.weight",
+        "layer2.0.shortcut.0.weight",
+        "layer2.1.conv2.weight",
+        "layer2.2.conv2.weight",
+    }
+    assert all(len(s.writers) == 4 and len(s.batchnorms) == 4 for s in streams)
+    assert AxisRef("fc.weight", 1) in streams[2].readers
+    inner = [s for s in spec if s.name.endswith(".conv1") and s.name.startswith("layer")]
+    assert len(inner) == 9 and all(len(s.writers) == 1 for s in inner)
+    assert len(spec) == 14 and [s.name for s in spec if not s.free] == ["input", "output"]
+    assert all(s.maps == "dense" for s in spec.free_spaces)
+    assert [o.node for o in streams[0].observe] == ["relu"] + [
+        f"layer1_{i}_relu2" for i in range(3)
+    ]
+    assert_preserved(model, x, spec)
+
+
+def test_vit_stream_heads_and_notes(assert_preserved) -> None:
+    model = build_model("vit", image_size=8, patch_size=4, dim=16, depth=2, heads=4)
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    assert _names(spec) == [
+        "input",
+        "stream:patch_embed",
+        *[f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qk", "attn.v", "mlp.0")],
+        "output",
+    ]
+    stream = spec["stream:patch_embed"]
+    assert stream.maps == "permutation" and stream.free
+    assert AxisRef("cls_token", 2) in stream.writers and AxisRef("pos_embed", 2) in stream.writers
+    assert AxisRef("blocks.1.attn.proj.weight", 0) in stream.writers
+    assert AxisRef("norm.weight", 0) in stream.elementwise
+    assert AxisRef("head.weight", 1) in stream.readers
+    assert stream.observe[0] == Observation("blocks_0_norm1", 2)
+    qk, v = spec["blocks.0.attn.qk"], spec["blocks.0.attn.v"]
+    assert (qk.maps, qk.groups, v.maps, v.groups) == ("orthogonal", 4, "linear", 4)
+    assert qk.writers == (AxisRef("blocks.0.attn.q.weight", 0), AxisRef("blocks.0.attn.q.bias", 0))
+    assert qk.readers == (AxisRef("blocks.0.attn.k.weight", 0), AxisRef("blocks.0.attn.k.bias", 0))
+    assert v.readers == (AxisRef("blocks.0.attn.proj.weight", 1),)
+    assert not qk.observe and not v.observe and "blocks.0.attn.qk" in spec.notes[0]
+    assert spec["blocks.0.mlp.0"].maps == "dense"
+    assert_preserved(model, x, spec)
+
+
+def test_pre_activation_observes_the_inputs_of_activations() -> None:
+    model = build_model("vgg11", image_size=8, width=1 / 8, batch_norm=True)
+    x = torch.randn(2, 3, 8, 8)
+    post, pre = trace(model, x), trace(model, x, observe="pre")
+    assert pre.observation == "pre"
+    assert post["features.0"].observe == (Observation("features_2", 1),)
+    assert pre["features.0"].observe == (Observation("features_1", 1),)
+    resnet = build_model("resnet20", image_size=8)
+    stream = trace(resnet, x, observe="pre")["stream:conv1"]
+    assert [o.node for o in stream.observe] == ["bn1", "add", "add_1", "add_2"]
+
+
+# Hand-written architectures ------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet18 block: in-place ReLU, downsample = conv1x1 + BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """ResNet50's block: 1x1 reduce, 3x3, 1x1 expand (x4)."""
+
+    def __init__(self, cin: int, mid: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * mid
+        self.reduce = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid))
+        self.conv = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        )
+        self.expand = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.reduce(x))
+        out = F.relu(self.conv(out))
+        return F.relu(self.expand(out) + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks: list[nn.Module], stem: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.avgpool(self.layers(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_resnet18_style(assert_preserved) -> None:
+    blocks = [BasicBlock(4, 4, 1), BasicBlock(4, 4, 1), BasicBlock(4, 6, 2), BasicBlock(6, 6, 1)]
+    model = _random_norms(ResNet(blocks, 4, 6))
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    streams = [s for s in spec if s.name.startswith("stream:")]
+    # The downsample runs first in forward, so it names the second stream.
+    assert [s.name for s in streams] == ["stream:conv1", "stream:layers.2.downsample.0"]
+    assert {r.tensor for r in streams[1].writers} == {
+        "layers.2.conv2.weight",
+        "layers.2.downsample.0.weight",
+        "layers.3.conv2.weight",
+    }
+    assert len(spec.free_spaces) == 2 + 4
+    assert_preserved(model, x, spec)
+
+
+def test_resnet50_style(assert_preserved) -> None:
+    model = _random_norms(ResNet([Bottleneck(4, 2, 1), Bottleneck(8, 3, 2)], 4, 12))
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    # Every block's output is a new stream (projection shortcuts); two inner spaces each.
+    assert [s.name for s in spec.free_spaces] == [
+        "conv1",
+        "layers.0.reduce.0",
+        "layers.0.conv.0",
+        "stream:layers.0.expand.0",
+        "layers.1.reduce.0",
+        "layers.1.conv.0",
+        "stream:layers.1.expand.0",
+    ]
+    assert len(spec["stream:layers.0.expand.0"].batchnorms) == 2
+    assert_preserved(model, x, spec)
+
+
+class DenseNet(nn.Module):
+    """Two BN-ReLU-conv dense layers, each concatenating its output to the stream."""
+
+    def __init__(self, stem: int = 4, growth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, padding=1)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(stem), nn.BatchNorm2d(stem + growth)])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(stem, growth, 3, padding=1), nn.Conv2d(stem + growth, growth, 3, padding=1)]
+        )
+        self.head = nn.Linear((stem + 2 * growth) * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for norm, conv in zip(self.norms, self.convs, strict=True):
+            x = torch.cat([x, conv(F.relu(norm(x)))], dim=1)
+        return self.head(F.avg_pool2d(x, 4).flatten(1))
+
+
+def test_densenet_concatenation_gives_offsets(assert_preserved) -> None:
+    model = _random_norms(DenseNet())
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    assert [s.name for s in spec.free_spaces] == ["stem", "convs.0", "convs.1"]
+    assert all(s.maps == "permutation" for s in spec.free_spaces)
+    assert spec["convs.0"].readers == (
+        AxisRef("convs.1.weight", 1, 1, 4),
+        AxisRef("head.weight", 1, 4, 16),
+    )
+    assert AxisRef("norms.1.running_mean", 0, 1, 4) in spec["convs.0"].elementwise
+    assert spec["convs.1"].readers == (AxisRef("head.weight", 1, 4, 28),)
+    assert spec["convs.1"].observe == (Observation("convs_1", 1),)
+    assert_preserved(model, x, spec)
+
+
+class MobileNet(nn.Module):
+    """Depthwise-separable blocks (depth multiplier 1 and 2), ReLU6, a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+        self.pw = nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU6())
+        self.dw2 = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.grouped = nn.Conv2d(12, 8, 1, groups=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(F.relu6(self.dw(self.stem(x))))
+        x = self.grouped(F.relu(self.dw2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_mobilenet_depthwise_ties_channels(assert_preserved) -> None:
+    model = _random_norms(MobileNet())
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    stem = spec["stem.0"]
+    assert stem.maps == "permutation" and stem.free
+    assert AxisRef("dw.0.weight", 0) in stem.elementwise and AxisRef("dw.1.bias", 0) in stem.elementwise
+    assert AxisRef("pw.0.weight", 1) in stem.readers
+    # Depth multiplier 2: each of pw's channels owns two dw2 channels, read as fixed.
+    pw = spec["pw.0"]
+    assert AxisRef("dw2.weight", 0, 2) in pw.elementwise
+    assert not pw.free and "grouped convolution 'grouped'" in pw.reason
+    grouped = spec["grouped"]
+    assert grouped.free and grouped.groups == 2 and grouped.maps == "linear"
+    assert_preserved(model, x, spec)
+
+
+class FunctionalMLP(nn.Module):
+    """F.relu, torch.add residual, F.linear with parameters, a shared layer used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.weight = nn.Parameter(torch.randn(5, 8))
+        self.bias = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        h = torch.add(h, F.relu(self.fc2(h)))
+        h = h + 0.5 * torch.tanh(self.fc2(h))
+        return F.linear(h, self.weight, self.bias)
+
+
+def test_functional_mlp_and_shared_layer(assert_preserved) -> None:
+    model = FunctionalMLP()
+    x = torch.randn(8, 6)
+    spec = trace(model, x)
+    # fc2 reads and writes the stream twice: all of it is one space.
+    assert _names(spec) == ["input", "stream:fc1", "output"]
+    stream = spec["stream:fc1"]
+    assert stream.readers == (AxisRef("fc2.weight", 1), AxisRef("weight", 1))
+    assert AxisRef("fc2.weight", 0) in stream.writers and stream.maps == "dense"
+    assert spec["output"].writers == (AxisRef("weight", 0), AxisRef("bias", 0))
+    assert_preserved(model, x, spec)
+
+
+class Transformer(nn.Module):
+    """Pre-norm blocks around nn.MultiheadAttention (packed or separate key/value dims)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, memory: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(
+            dim, heads, batch_first=True, kdim=memory, vdim=memory, add_bias_kv=memory is None
+        )
+        self.memory = nn.Linear(5, memory) if memory else None
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        q = self.norm(h)
+        kv = self.memory(x) if self.memory is not None else q
+        h = h + self.attn(q, kv, kv, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("memory", [None, 6])
+def test_multihead_attention(assert_preserved, memory: int | None) -> None:
+    model = Transformer(memory=memory)
+    x = torch.randn(2, 4, 5)
+    spec = trace(model, x)
+    qk, v = spec["attn.qk"], spec["attn.v"]
+    assert (qk.maps, qk.groups, v.maps, v.groups) == ("orthogonal", 2, "linear", 2)
+    if memory is None:
+        assert qk.writers == (AxisRef("attn.in_proj_weight", 0), AxisRef("attn.in_proj_bias", 0))
+        assert AxisRef("attn.in_proj_weight", 0, 1, 8) in qk.readers
+        assert AxisRef("attn.bias_k", 2) in qk.readers
+        assert AxisRef("attn.in_proj_weight", 0, 1, 16) in v.writers
+        assert AxisRef("attn.in_proj_weight", 1) in spec["stream:embed"].readers
+    else:
+        assert AxisRef("attn.k_proj_weight", 0) in qk.readers
+        assert spec["memory"].readers == (
+            AxisRef("attn.k_proj_weight", 1),
+            AxisRef("attn.v_proj_weight", 1),
+        )
+    assert v.readers == (AxisRef("attn.out_proj.weight", 1),)
+    assert spec["stream:embed"].maps == "permutation"
+    assert_preserved(model, x, spec)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channels-last LayerNorm and MLP, layer scale, residual."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.down(F.gelu(self.up(y)))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_channels_last_block_with_layer_scale(assert_preserved) -> None:
+    model = ConvNeXtBlock()
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    stream = spec["stream:stem"]
+    assert stream.maps == "permutation"
+    assert {AxisRef("gamma", 0), AxisRef("norm.weight", 0), AxisRef("dw.weight", 0)} <= set(
+        stream.elementwise
+    )
+    assert spec["up"].observe == (Observation("gelu", 3),)
+    assert_preserved(model, x, spec)
+
+
+class Gated(nn.Module):
+    """GroupNorm and a squeeze-and-excitation gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.squeeze = nn.Linear(8, 3)
+        self.excite = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.gn(self.conv(x)))
+        s = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3))))))
+        x = x * s[:, :, None, None]
+        return self.head(x.amax(dim=(2, 3)))
+
+
+def test_group_norm_and_gating(assert_preserved) -> None:
+    model = Gated()
+    x = torch.randn(2, 3, 6, 6)
+    spec = trace(model, x)
+    gated = spec["conv"]
+    assert gated.groups == 2 and gated.maps == "permutation" and gated.free
+    assert AxisRef("excite.weight", 0) in gated.writers
+    assert spec["squeeze"].maps == "dense"
+    assert_preserved(model, x, spec)
+
+
+class Sorted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.fc3 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sort(torch.relu(self.fc1(x)), dim=1).values
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_unknown_operation_fixes_its_spaces(assert_preserved) -> None:
+    model = Sorted()
+    x = torch.randn(4, 4)
+    spec = trace(model, x)
+    assert not spec["fc1"].free
+    assert spec["fc1"].reason == "consumed by torch.sort, which accord cannot prove safe"
+    assert spec["fc2"].free
+    assert_preserved(model, x, spec)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class WithBranchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.gate = Branchy()
+        self.out = nn.Linear(4, 2)
+        self.hidden = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hidden(F.relu(self.out(self.gate(F.relu(self.inp(x))))))
+
+
+def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
+    model = WithBranchy()
+    x = torch.randn(4, 3)
+    with pytest.raises(TraceError, match="leaf_modules"):
+        trace(model, x)
+    spec = trace(model, x, leaf_modules=["gate"])
+    assert not spec["inp"].free and "Branchy 'gate'" in spec["inp"].reason
+    # The leaf's parameters are claimed by nobody; its output starts a fresh chain.
+    assert all(ref.tensor.split(".")[0] != "gate" for s in spec for ref in s.refs)
+    assert spec["out"].free and spec["out"].readers == (AxisRef("hidden.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_opaque_use_of_a_parameter_fixes_its_space() -> None:
+    class Peek(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.relu(self.fc1(x))) + torch.sort(self.fc1.weight[:, 0]).values[:2]
+
+    spec = trace(Peek(), torch.randn(2, 3))
+    assert not spec["fc1"].free and "fc1.weight is also used by" in spec["fc1"].reason
+
+
+def test_tokens_reshaped_into_heads_are_fixed() -> None:
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).reshape(x.shape[0], 2, 3).sum(-1)
+
+    spec = trace(Split(), torch.randn(2, 4))
+    assert not spec["fc"].free and "splits or interleaves the features" in spec["fc"].reason
+
+
+# The spec itself --------------------------------------------------------------------------
+
+
+def test_dropping_a_reader_is_caught_by_check() -> None:
+    model = _random_norms(build_model("resnet20", image_size=8))
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    stream = spec["stream:layer2.0.conv2"]
+    broken = dataclasses.replace(stream, readers=stream.readers[1:])
+    spaces = [broken if s.name == stream.name else s for s in spec]
+    with pytest.raises(SpecError, match="stream:layer2.0.conv2"):
+        Spec(spaces, spec.model, spec.observation).check(model, x)
+
+
+def test_save_load_round_trip_and_validation(tmp_path) -> None:
+    model = build_model("mlp", image_size=8, width=8, depth=2)
+    spec = trace(model, torch.randn(2, 3, 8, 8))
+    path = tmp_path / "spec.json"
+    spec.save(path)
+    assert Spec.load(path, model) == spec
+    model.layers[3] = nn.Linear(8, 8, bias=False)
+    with pytest.raises(SpecError, match="layers.3.bias"):
+        Spec.load(path, model)
+
+
+def test_bad_observe_option_and_bad_input() -> None:
+    model = build_model("mlp", image_size=8, width=8, depth=1)
+    with pytest.raises(ConfigError, match="observe"):
+        trace(model, torch.randn(2, 3, 8, 8), observe="middle")
+    with pytest.raises(TraceError, match="example_input"):
+        trace(model, torch.randn(2, 3, 5, 5))
+
+
+def test_tracing_keeps_training_flags() -> None:
+    model = build_model("vgg11", image_size=8, width=1 / 8, batch_norm=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trace(model, torch.randn(2, 3, 8, 8))
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
