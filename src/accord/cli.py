@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import accord
 from accord._table import format_table
+from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError
 
 DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
@@ -173,6 +176,66 @@ def _cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge stored models (one method, or --method all for a comparison table)",
+        description="Options come from accord.config.MergeConfig; a YAML --config gives the "
+        "same keys, and command-line options override it.",
+    )
+    p.add_argument("models", nargs="*", help="checkpoint folders from `accord train`")
+    p.add_argument("--config", default=None, help="YAML merge config (keys as below)")
+    for name, info in MergeConfig.model_fields.items():
+        if name in ("models", "options"):
+            continue
+        flag = "--out" if name == "output" else "--" + name.replace("_", "-")
+        if info.annotation is bool:
+            p.add_argument(
+                flag, dest=name, action="store_true", default=None, help=info.description
+            )
+        else:
+            p.add_argument(
+                flag,
+                dest=name,
+                type=yaml.safe_load,
+                default=None,
+                help=f"{info.description or name} [{info.default}]",
+            )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. ridge=0.1 (repeatable)",
+    )
+    p.add_argument("--auto", action="store_true", help="choose the method's options on validation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    given = {
+        name: getattr(args, name)
+        for name in MergeConfig.model_fields
+        if getattr(args, name, None) is not None and name not in ("models", "options")
+    }
+    if args.models:
+        given["models"] = args.models
+    if args.auto:
+        given["options"] = "auto"
+    elif args.option:
+        given["options"] = _model_options(args.option)
+    if args.config:
+        config = load_merge_config(args.config, **given)
+    else:
+        config = validate_merge_config(given, where="accord merge")
+    outcome = accord.merge_checkpoints(config, progress=not args.quiet)
+    print(format_table(["model", "val acc", "test acc"], outcome.rows()))
+    if config.output:
+        print(f"written to {config.output}")
+    return 0
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="train 4 small models (or reuse them) and compare merges")
     p.add_argument(
@@ -205,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"accord {accord.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_spec, _add_demo):
+    for add in (_add_train, _add_eval, _add_spec, _add_merge, _add_demo):
         add(sub)
     return parser
 

@@ -51,10 +51,12 @@ def save_checkpoint(
     info: dict[str, Any],
     *,
     overwrite: bool = False,
+    documents: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` and ``{"model": model_config(model), **info}`` to ``directory``, atomically.
 
-    An existing directory is refused unless ``overwrite``; it is then replaced whole.
+    ``documents`` (file name → JSON data, e.g. a merge report) are written beside them. An
+    existing directory is refused unless ``overwrite``; it is then replaced whole.
     """
     target = Path(directory)
     if target.exists() and not overwrite:
@@ -66,6 +68,8 @@ def save_checkpoint(
         save_file(state, str(staging / WEIGHTS))
         config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
         write_json(staging / CONFIG, config)
+        for name, document in (documents or {}).items():
+            write_json(staging / name, document)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

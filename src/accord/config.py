@@ -1,0 +1,82 @@
+"""Merge configurations: one pydantic model for the YAML file and the command line.
+
+Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
+
+    models: [models/fashion-mnist-vgg11-iid0of2-s0-..., models/fashion-mnist-vgg11-iid1of2-s1-...]
+    method: cca          # or all, identity, permutation, weight_matching, zipit, ot
+    options: {ridge: 0.1}  # or auto: chosen on the validation split
+    reference: 0         # or best (validation accuracy)
+    repair: auto         # bn-reset, repair, none
+    samples: 10000       # training examples for the statistics pass and the repair
+    output: merged/cca
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from accord.errors import ConfigError
+
+
+class MergeConfig(BaseModel):
+    """What ``accord merge`` does; every field is also a command-line option."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=2, description="checkpoint folders (accord train)")
+    method: str = Field("cca", description="alignment method, or 'all' for a comparison table")
+    options: dict[str, Any] | Literal["auto"] = Field(
+        default_factory=dict, description="method options, or 'auto' (chosen on validation)"
+    )
+    reference: int | Literal["best"] = Field(0, description="model index, or 'best' on validation")
+    repair: Literal["auto", "bn-reset", "repair", "none"] = "auto"
+    batchnorm: Literal["fold", "transform"] = Field(
+        "fold", description="BatchNorm under dense maps: fold into writers, or transform γ/β"
+    )
+    samples: int | None = Field(
+        10000, gt=0, description="training examples for statistics and repair (None: all)"
+    )
+    batch_size: int = Field(256, gt=0)
+    output: str | None = Field(None, description="output folder (refused if it exists)")
+    overwrite: bool = False
+    device: str = "cpu"
+    data_dir: str | None = None
+
+
+def load_merge_config(path: str | os.PathLike[str], **overrides: Any) -> MergeConfig:
+    """Read and validate a YAML merge config; every invalid key is reported at once."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (models, method, ...)")
+    return validate_merge_config({**data, **overrides}, where=str(path))
+
+
+def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> MergeConfig:
+    """A :class:`MergeConfig` from plain data, or a ConfigError naming each bad key."""
+    try:
+        return MergeConfig(**data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            hint = _hint(key) if error["type"] == "extra_forbidden" else ""
+            problems.append(f"{key}: {error['msg']}{hint}")
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+
+
+def _hint(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(MergeConfig.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

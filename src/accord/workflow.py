@@ -1,0 +1,185 @@
+"""Merging stored checkpoints end to end: what ``accord merge`` and the demo run.
+
+Loads the checkpoints and the dataset they were trained on, merges them with one method or
+all of them (one statistics pass shared by every data-driven method), evaluates on the
+validation and test splits, and writes each merged model as a checkpoint with a report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from accord.config import MergeConfig
+from accord.data import DataSplits, make_loader
+from accord.errors import ConfigError
+from accord.evaluate import evaluate, evaluate_ensemble
+from accord.match import MATCHERS, matcher
+from accord.merge import MergeResult, choose_reference, merge
+from accord.statistics import collect_statistics
+from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, save_checkpoint
+from accord.trace import trace
+
+# The order of the comparison table: the baselines, then CCA Merge.
+ALL_METHODS = ("identity", "permutation", "weight_matching", "zipit", "ot", "cca")
+
+
+@dataclass
+class MethodOutcome:
+    """One merged model's accuracies and report."""
+
+    method: str
+    val_accuracy: float
+    test_accuracy: float
+    result: MergeResult
+    seconds: float
+
+
+@dataclass
+class MergeOutcome:
+    """Base models, ensemble and every merge of one ``accord merge`` run."""
+
+    checkpoints: list[Checkpoint]
+    base: list[tuple[float, float]]
+    ensemble: tuple[float, float]
+    methods: list[MethodOutcome] = field(default_factory=list)
+
+    def rows(self) -> list[list[Any]]:
+        """Table rows: name, validation accuracy, test accuracy."""
+        rows: list[list[Any]] = [
+            [f"base model {i}", val, test] for i, (val, test) in enumerate(self.base)
+        ]
+        rows.append([f"ensemble of {len(self.base)}", *self.ensemble])
+        rows += [[f"merge: {m.method}", m.val_accuracy, m.test_accuracy] for m in self.methods]
+        return rows
+
+
+def _methods(config: MergeConfig) -> tuple[str, ...]:
+    if config.method == "all":
+        if config.options not in ("auto", {}):
+            raise ConfigError(
+                "options: with method 'all' give 'auto' or none (they differ per method)"
+            )
+        return ALL_METHODS
+    matcher(config.method)  # an unknown name fails here, before any work
+    return (config.method,)
+
+
+def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
+    """The first ``config.samples`` training examples (fixed), in batches."""
+    train = data.train
+    if config.samples is not None and config.samples < len(train):
+        train = train.subset(torch.arange(config.samples))
+    return make_loader(train, batch_size=config.batch_size)
+
+
+def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcome:
+    """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
+    methods = _methods(config)
+    if config.output and Path(config.output).exists() and not config.overwrite:
+        raise ConfigError(f"output {config.output} exists; choose another or pass --overwrite")
+    checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
+    models: list[nn.Module] = [c.model for c in checkpoints]
+    data = checkpoint_dataset(checkpoints, config.data_dir)
+    loader = calibration_loader(data, config)
+    base = [
+        (
+            evaluate(m, data.val, config.device).accuracy,
+            evaluate(m, data.test, config.device).accuracy,
+        )
+        for m in models
+    ]
+    ensemble = (
+        evaluate_ensemble(models, data.val, config.device).accuracy,
+        evaluate_ensemble(models, data.test, config.device).accuracy,
+    )
+    outcome = MergeOutcome(checkpoints, base, ensemble)
+    reference = choose_reference(models, config.reference, data.val, config.device)
+    spec = trace(models[0], next(iter(loader))[0][:2])
+    shared = _shared_statistics(models, loader, spec, config, reference, methods, progress)
+    for method in methods:
+        start = time.perf_counter()
+        result = merge(
+            models,
+            loader,
+            method,
+            spec,
+            reference,
+            config.repair,
+            shared if MATCHERS[method].needs_data else None,
+            batchnorm=config.batchnorm,
+            validation=data.val,
+            device=config.device,
+            options=config.options,
+        )
+        val = evaluate(result.model, data.val, config.device).accuracy
+        test = evaluate(result.model, data.test, config.device).accuracy
+        outcome.methods.append(
+            MethodOutcome(method, val, test, result, time.perf_counter() - start)
+        )
+    if config.output:
+        write_outcome(outcome, config)
+    return outcome
+
+
+def _shared_statistics(
+    models: list[nn.Module],
+    loader: Any,
+    spec: Any,
+    config: MergeConfig,
+    reference: int,
+    methods: tuple[str, ...],
+    progress: bool,
+) -> Any:
+    """One statistics pass shared by every data-driven method (all pairs for ZipIt!, N > 2)."""
+    if not any(MATCHERS[m].needs_data for m in methods):
+        return None
+    pairs = "all" if len(models) > 2 and "zipit" in methods else "reference"
+    return collect_statistics(
+        models,
+        loader,
+        spec,
+        device=config.device,
+        reference=reference,
+        pairs=pairs,
+        progress=progress,
+    )
+
+
+def write_outcome(outcome: MergeOutcome, config: MergeConfig) -> None:
+    """Write each merged model (a checkpoint + report.json) under ``config.output``."""
+    root = Path(config.output or "")
+    several = len(outcome.methods) > 1
+    for method in outcome.methods:
+        target = root / method.method if several else root
+        report = _report(outcome, method, config)
+        info = {
+            "key": outcome.checkpoints[0].config.get("key", {}),
+            "merged_from": [str(c.path) for c in outcome.checkpoints],
+            "metrics": {"val_accuracy": method.val_accuracy, "test_accuracy": method.test_accuracy},
+        }
+        save_checkpoint(
+            method.result.model.cpu(),
+            target,
+            info,
+            overwrite=config.overwrite,
+            documents={"report.json": report},
+        )
+
+
+def _report(outcome: MergeOutcome, method: MethodOutcome, config: MergeConfig) -> dict[str, Any]:
+    report = dict(method.result.report)
+    report["accuracy"] = {
+        "merged": {"val": method.val_accuracy, "test": method.test_accuracy},
+        "base": [{"val": v, "test": t} for v, t in outcome.base],
+        "ensemble": {"val": outcome.ensemble[0], "test": outcome.ensemble[1]},
+    }
+    report["models"] = [str(c.path) for c in outcome.checkpoints]
+    report["config"] = config.model_dump()
+    report["seconds"] = method.seconds
+    return report
