@@ -24,9 +24,11 @@ from accord.evaluate import (
     evaluate_ensemble,
     interpolation_curve,
 )
+from accord.match import MATCHERS
+from accord.merge import MergeResult, merge
 from accord.repair import reset_batchnorm
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
-from accord.statistics import SpaceStatistics, Statistics
+from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.store import (
     Checkpoint,
     checkpoint_dataset,
@@ -34,13 +36,16 @@ from accord.store import (
     load_checkpoint,
     save_checkpoint,
 )
+from accord.trace import trace
 from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_set
+from accord.workflow import merge_checkpoints
 from accord.zoo import MODELS, build_model, example_input, model_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DATASETS",
+    "MATCHERS",
     "MODELS",
     "AccordError",
     "AxisRef",
@@ -52,6 +57,7 @@ __all__ = [
     "FeatureSpace",
     "InterpolationCurve",
     "MergeError",
+    "MergeResult",
     "ModelError",
     "ModelSetRequest",
     "Observation",
@@ -67,6 +73,7 @@ __all__ = [
     "apply_transforms",
     "build_model",
     "checkpoint_dataset",
+    "collect_statistics",
     "default_dataset",
     "evaluate",
     "evaluate_ensemble",
@@ -76,12 +83,15 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_dataset",
+    "merge",
+    "merge_checkpoints",
     "model_config",
     "randomly_permuted",
     "reset_batchnorm",
     "save_checkpoint",
     "spec_table",
     "split_indices",
+    "trace",
     "train_model",
     "train_model_set",
 ]

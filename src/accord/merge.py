@@ -24,7 +24,7 @@ from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.combine.average import average_states
 from accord.errors import MergeError
 from accord.evaluate import batches, evaluate
-from accord.match import MATCHERS, Alignment, match
+from accord.match import MATCHERS, Alignment, match, matcher
 from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
@@ -233,8 +233,7 @@ def merge(
     timings: dict[str, float] = {}
     models = list(models)
     check_compatible(models)
-    if method not in MATCHERS:
-        match(method, Spec([]), None, [])  # raises the "did you mean" error
+    matcher(method)  # an unknown name fails here, before any work
     if batchnorm not in BATCHNORM_ROUTES:
         raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
     repair_kind = _resolve_repair(repair, models[0], data)

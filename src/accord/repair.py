@@ -142,6 +142,7 @@ def _output_moments(
     return moments
 
 
+@torch.no_grad()
 def repair_activations(
     merged: nn.Module, endpoints: list[nn.Module], spec: Any, data: Any, device: Any = "cpu"
 ) -> nn.Module:

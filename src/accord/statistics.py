@@ -176,23 +176,6 @@ class _Target:
         return f"{self.kind} {self.name!r}"
 
 
-def _feature_rows(tensor: Any, axis: int, node: str) -> torch.Tensor:
-    """Node output → (samples, C) float64: every position off the feature axis is a sample."""
-    if not isinstance(tensor, torch.Tensor):
-        raise StatisticsError(
-            f"observation node {node!r} outputs {type(tensor).__name__}, not a tensor; "
-            "observe a tensor-valued node instead"
-        )
-    # One copy, taken before any later in-place op (ReLU(inplace=True), +=) can change it.
-    moved = tensor.detach().movedim(axis, -1)
-    rows = moved.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    return rows.reshape(-1, moved.shape[-1])
-
-
-def _key(point: Observation) -> str:
-    return f"{point.axis}:{point.node}"
-
-
 class _Accumulator:
     """Shifted sums of one target (module docstring): ``n``, ``t_i`` and ``P_ij``."""
 
@@ -203,49 +186,63 @@ class _Accumulator:
         self.shift = torch.zeros(num_models, target.size, **zeros)
         self.total = torch.zeros(num_models, target.size, **zeros)
         self.products = {p: torch.zeros(target.size, target.size, **zeros) for p in target.pairs}
+        self.has_shift = [False] * num_models
+        # (model, point index) -> this batch's shifted float64 rows, until add()
+        self.pending: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add(self, features: Sequence[Mapping[str, torch.Tensor]], batch: int) -> None:
-        """Add one batch; ``features[i]`` maps observation keys to model i's (rows, C) float64."""
-        xs = [self._rows(model_features, i) for i, model_features in enumerate(features)]
-        if len({x.shape[0] for x in xs}) > 1:
+    def observe(self, model: int, point: int, tensor: Any) -> None:
+        """Take ``x − s`` of one node output as (samples, C) float64 rows, in one pass.
+
+        Every position off the feature axis is a sample. The model's first observed tensor
+        sets its shift ``s`` (its mean).
+        """
+        where = f"{self.target.describe()}: node {self.target.points[point].node!r}"
+        if not isinstance(tensor, torch.Tensor):
             raise StatisticsError(
-                f"{self.target.describe()}: the models give {[x.shape[0] for x in xs]} samples "
-                f"in batch {batch}; statistics need models of one architecture"
+                f"{where} outputs {type(tensor).__name__}, not a tensor; observe a tensor"
             )
-        if self.count == 0:
-            self.shift = torch.stack([x.mean(0) for x in xs])
-        xs = [x - s for x, s in zip(xs, self.shift, strict=True)]
-        total = torch.stack([x.sum(0) for x in xs])
+        moved = tensor.detach().movedim(self.target.points[point].axis, -1)
+        if moved.shape[-1] != self.target.size:
+            raise StatisticsError(
+                f"{where} of model {model} has {moved.shape[-1]} features on axis "
+                f"{self.target.points[point].axis}, the spec says {self.target.size}; "
+                "the spec was made for another model: trace again"
+            )
+        if not self.has_shift[model]:
+            self.shift[model] = moved.reshape(-1, self.target.size).mean(0, dtype=torch.float64)
+            self.has_shift[model] = True
+        rows = torch.empty(moved.shape, dtype=torch.float64, device=self.shift.device)
+        torch.sub(moved, self.shift[model], out=rows)
+        self.pending[(model, point)] = rows.view(-1, self.target.size)
+
+    def add(self, batch: int) -> None:
+        """Add the observed batch (every model, every point) to the sums."""
+        num_models, points = len(self.has_shift), range(len(self.target.points))
+        rows, self.pending = self.pending, {}
+        for p in points:
+            counts = [rows[(i, p)].shape[0] for i in range(num_models)]
+            if len(set(counts)) > 1:
+                raise StatisticsError(
+                    f"{self.target.describe()}: the models give {counts} samples at node "
+                    f"{self.target.points[p].node!r}; statistics need one architecture"
+                )
+        total = torch.stack([sum(rows[(i, p)].sum(0) for p in points) for i in range(num_models)])
         if not bool(torch.isfinite(total).all()):
-            raise self._non_finite(features, batch)
+            raise self._non_finite(rows, batch)
         self.total += total
         for (i, j), product in self.products.items():
-            product.addmm_(xs[i].T, xs[j])
-        self.count += xs[0].shape[0]
-
-    def _rows(self, features: Mapping[str, torch.Tensor], model: int) -> torch.Tensor:
-        parts = [features[_key(point)] for point in self.target.points]
-        for point, part in zip(self.target.points, parts, strict=True):
-            if part.shape[1] != self.target.size:
-                raise StatisticsError(
-                    f"{self.target.describe()}: node {point.node!r} of model {model} has "
-                    f"{part.shape[1]} features on axis {point.axis}, the spec says "
-                    f"{self.target.size}; the spec was made for another model: trace again"
-                )
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            for p in points:
+                product.addmm_(rows[(i, p)].T, rows[(j, p)])
+        self.count += sum(rows[(0, p)].shape[0] for p in points)
 
     def _non_finite(
-        self, features: Sequence[Mapping[str, torch.Tensor]], batch: int
+        self, rows: Mapping[tuple[int, int], torch.Tensor], batch: int
     ) -> StatisticsError:
-        for model, point in itertools.product(range(len(features)), self.target.points):
-            if not bool(torch.isfinite(features[model][_key(point)]).all()):
-                where = f"node {point.node!r} of model {model}"
-                break
-        else:  # finite activations but a non-finite shift: the first batch overflowed
-            where = "the first batch's mean"
+        bad = next((key for key, part in rows.items() if not bool(torch.isfinite(part).all())))
         return StatisticsError(
-            f"{self.target.describe()}: non-finite activations (NaN or inf) at {where} in "
-            f"batch {batch}; check the models' weights and the inputs of that batch"
+            f"{self.target.describe()}: non-finite activations (NaN or inf) at node "
+            f"{self.target.points[bad[1]].node!r} of model {bad[0]} in batch {batch}; "
+            "check the models' weights and the inputs of that batch"
         )
 
     def reshift(self, shift: torch.Tensor) -> None:
@@ -318,19 +315,34 @@ def _targets(
     return spaces, norms
 
 
-def _statistics_graph(model: nn.Module, targets: Sequence[_Target]) -> fx.GraphModule:
-    """``observed_graph`` whose dict maps ``"axis:node"`` to that node's (rows, C) float64."""
-    points = list(dict.fromkeys(p for target in targets for p in target.points))
-    gm = observed_graph(model, [p.node for p in points])
-    by_name = {node.name: node for node in gm.graph.nodes}
-    rows = {}
-    for point in points:
-        with gm.graph.inserting_after(by_name[point.node]):
-            rows[_key(point)] = gm.graph.call_function(
-                _feature_rows, (by_name[point.node], point.axis, point.node)
-            )
+class _Observer(nn.Module):
+    """Called by the traced forward right after each observed node, so it copies the node's
+    output before any later in-place op (``ReLU(inplace=True)``, ``+=``) can change it."""
+
+    def __init__(self, model: int, accumulators: Sequence[_Accumulator]) -> None:
+        super().__init__()
+        self.model = model
+        self.uses: dict[Observation, list[tuple[_Accumulator, int]]] = {}
+        for accumulator in accumulators:
+            for index, point in enumerate(accumulator.target.points):
+                self.uses.setdefault(point, []).append((accumulator, index))
+
+    def forward(self, tensor: Any, node: str, axis: int) -> None:
+        for accumulator, index in self.uses[Observation(node, axis)]:
+            accumulator.observe(self.model, index, tensor)
+
+
+def _statistics_graph(model: nn.Module, observer: _Observer) -> fx.GraphModule:
+    """``model``'s traced forward, calling ``observer`` after every observed node."""
+    # observed_graph checks that the nodes exist; its extra outputs are dropped again
+    gm = observed_graph(model, [point.node for point in observer.uses])
     output = next(node for node in gm.graph.nodes if node.op == "output")
-    output.args = ((output.args[0][0], rows),)
+    output.args = (output.args[0][0],)
+    gm.add_submodule("accord_observer", observer)
+    by_name = {node.name: node for node in gm.graph.nodes}
+    for point in observer.uses:
+        with gm.graph.inserting_after(by_name[point.node]):
+            gm.graph.call_module("accord_observer", (by_name[point.node], point.node, point.axis))
     gm.graph.lint()
     gm.recompile()
     return gm.eval()
@@ -466,14 +478,18 @@ def _accumulate(
     device: torch.device,
 ) -> StatisticsError | None:
     """Forward every scheduled batch through every model once; return a failure, if any."""
-    targets = [a.target for a in accumulators]
     try:
         with closing(schedule), _evaluating(models, device), torch.no_grad():
-            graphs = [_statistics_graph(model, targets) for model in models]
+            graphs = [
+                _statistics_graph(model, _Observer(i, accumulators))
+                for i, model in enumerate(models)
+            ]
             for index, inputs in schedule:
-                features = [graph(inputs.to(device))[1] for graph in graphs]
+                inputs = inputs.to(device)
+                for graph in graphs:
+                    graph(inputs)
                 for accumulator in accumulators:
-                    accumulator.add(features, index)
+                    accumulator.add(index)
     except StatisticsError as exc:  # raised on every rank by _synchronise, not here
         return exc
     return None

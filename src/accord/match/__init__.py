@@ -62,13 +62,14 @@ def match(
     required by data-driven methods. ``options`` override the method's defaults
     (``MATCHERS[method].options``). Everything is checked before any matching starts.
     """
-    info = _matcher(method)
+    info = matcher(method)
     resolved = _resolve_options(info, options)
     _check_models(info, spec, statistics, states, reference)
     return info.function(spec, statistics, states, reference, **resolved)
 
 
-def _matcher(method: str) -> MatcherInfo:
+def matcher(method: str) -> MatcherInfo:
+    """The registered method ``method``; MergeError listing the methods (with a suggestion)."""
     if isinstance(method, str) and method in MATCHERS:
         return MATCHERS[method]
     close = difflib.get_close_matches(str(method), list(MATCHERS), n=1)
