@@ -120,23 +120,28 @@ def test_identity_merge_averages_weights() -> None:
 
 def test_repair_restores_channel_statistics() -> None:
     torch.manual_seed(0)
-    models = [accord.build_model("mlp", width=32, depth=2, in_channels=1, image_size=8)
-              for _ in range(2)]
-    data = [(torch.randn(256, 1, 8, 8), torch.zeros(256, dtype=torch.long))]
-    result = accord.merge(models, data, method="permutation", repair="repair")
-    assert result.report["repair"] == "repair"
-    captured = {}
-    layer = result.model.layers[1]
-    layer.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
-    result.model(data[0][0])
-    aligned = [
-        m.layers[1](m.layers[0](data[0][0])) for m in
-        (copy.deepcopy(models[0]).eval(),)
+    models = [
+        accord.build_model("mlp", width=32, depth=2, in_channels=1, image_size=8) for _ in range(2)
     ]
-    target_std = aligned[0].std(0)
-    # The merged first layer's channel std is now close to the endpoints' (not shrunk).
-    ratio = captured["out"].std(0).mean() / target_std.mean()
-    assert 0.7 < float(ratio) < 1.3
+    inputs = torch.randn(256, 1, 8, 8)
+    data = [(inputs, torch.zeros(256, dtype=torch.long))]
+    plain = accord.merge(models, data, method="permutation", repair="none")
+    repaired = accord.merge(models, data, method="permutation", repair="repair")
+    assert repaired.report["repair"] == "repair"
+    first_layer = []
+    for state in repaired.aligned:
+        endpoint = copy.deepcopy(models[0])
+        endpoint.load_state_dict(state)
+        first_layer.append(endpoint.layers[1](endpoint.layers[0](inputs)).detach())
+    target_mean = torch.stack([o.mean(0) for o in first_layer]).mean(0)
+    target_std = torch.stack([o.std(0, unbiased=False) for o in first_layer]).mean(0)
+    with torch.no_grad():
+        out = repaired.model.layers[1](repaired.model.layers[0](inputs))
+        collapsed = plain.model.layers[1](plain.model.layers[0](inputs))
+    assert torch.allclose(out.std(0, unbiased=False), target_std, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.mean(0), target_mean, rtol=1e-4, atol=1e-5)
+    # Averaging shrank the unrepaired channels' spread.
+    assert (collapsed.std(0) < target_std).float().mean() > 0.5
 
 
 def test_mismatched_architectures_name_the_parameter() -> None:

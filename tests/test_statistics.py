@@ -173,6 +173,20 @@ def test_matches_direct_float64(net: str, pairs: str) -> None:
             stats.spaces[first].covariance(0, 2)
 
 
+@pytest.mark.parametrize("layout", ["blocks", "chunked", "channels_last"])
+def test_conv_layouts(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(N, C, H·W) blocks of ≥ 64 positions, in memory-bounded chunks; channels-last rows."""
+    if layout == "chunked":
+        monkeypatch.setattr(accord.statistics, "_CHUNK_ELEMENTS", 3 * 8 * 8)
+    models, data = _convs(), _batches((3, 10, 10), [7, 4])
+    if layout == "channels_last":
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+        data = [(x.to(memory_format=torch.channels_last), y) for x, y in data]
+    stats = collect_statistics(models, data, _conv_spec(), pairs="all", progress=False)
+    for name, points in CONV_POINTS.items():
+        _assert_matches_direct(stats.spaces[name], models, data, points)
+
+
 def test_pooled_observation_points() -> None:
     """A space observed at two nodes (a residual stream): positions of both are samples."""
     models, data = _mlps(), _batches((6,), [40, 20])
@@ -248,7 +262,9 @@ def test_empty_data_and_bad_arguments_raise() -> None:
 
 def test_spec_of_another_model_raises() -> None:
     spec = Spec([FeatureSpace("h1", 7, observe=(Observation("_1", 1),))])
-    with pytest.raises(StatisticsError, match="space 'h1': node '_1' of model 0 has 10 features"):
+    with pytest.raises(
+        StatisticsError, match=r"space 'h1': node '_1' of model 0 gives shape \(20, 10\)"
+    ):
         collect_statistics(_mlps(), _batches((6,), [20]), spec, progress=False)
 
 

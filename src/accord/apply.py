@@ -49,6 +49,22 @@ class Transform:
         matrix[torch.arange(size), permutation] = 1.0
         return cls(matrix, matrix.T.clone(), permutation)
 
+    def snapped(self, tol: float = 1e-6) -> Transform:
+        """This map as an exact permutation when it is one to within ``tol``, else itself.
+
+        Applied as a permutation, it moves per-feature parameters (BatchNorm, LayerNorm)
+        exactly instead of needing them folded.
+        """
+        if self.permutation is not None:
+            return self
+        largest = self.matrix.abs().argmax(dim=1)
+        candidate = torch.zeros_like(self.matrix)
+        candidate[torch.arange(self.size), largest] = 1.0
+        is_permutation = torch.equal(largest.sort().values, torch.arange(self.size))
+        if is_permutation and (self.matrix - candidate).abs().max() <= tol:
+            return Transform.from_permutation(largest)
+        return self
+
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, inverse: torch.Tensor | None = None) -> Transform:
         matrix = matrix.to(torch.float64)

@@ -94,6 +94,16 @@ def first_inputs(data: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
+def snap_permutations(alignment: Alignment) -> Alignment:
+    """The alignment with every map that is a permutation to within 1e-6 made exactly one.
+
+    Dense methods return a permutation as a dense matrix when the features are permuted
+    copies; applied as a permutation it needs no BatchNorm folding and stays exact.
+    """
+    transforms = [{name: t.snapped() for name, t in ts.items()} for ts in alignment.transforms]
+    return Alignment(transforms, alignment.report)
+
+
 def dense_spaces(spec: Spec, alignment: Alignment) -> list[str]:
     """Spaces where some model's map is not a permutation."""
     names = {
@@ -144,13 +154,18 @@ def align_states(
 
 
 def batchnorm_targets(
-    spec: Spec, alignment: Alignment, statistics: Statistics, merged: dict[str, torch.Tensor]
+    spec: Spec,
+    alignment: Alignment,
+    statistics: Statistics,
+    merged: dict[str, torch.Tensor],
+    eps: Mapping[str, float],
 ) -> None:
     """Give each folded BatchNorm the REPAIR-style target statistics, in place.
 
     Target mean ``avg_i T_i μ_i`` and variance ``avg_i diag(T_i Σ_i T_iᵀ)`` of the models'
-    BatchNorm outputs; γ ← target std, β ← target mean. A BatchNorm reset afterwards makes
-    the BatchNorm normalise the merged features before giving them these statistics.
+    BatchNorm outputs; β ← target mean, γ ← sqrt(target variance + eps): a BatchNorm reset
+    afterwards makes the BatchNorm divide the merged features by sqrt(var + eps), so this γ
+    gives them exactly the target variance when their variance already matches it.
     """
     for name in dense_spaces(spec, alignment):
         for bn in spec[name].batchnorms:
@@ -163,9 +178,8 @@ def batchnorm_targets(
                 means.append(t @ stats.mean[i])
                 variances.append(torch.einsum("cd,de,ce->c", t, stats.covariance(i, i), t))
             dtype = merged[f"{bn.norm}.weight"].dtype
-            merged[f"{bn.norm}.weight"] = (
-                torch.stack(variances).mean(0).clamp_min(0).sqrt().to(dtype)
-            )
+            variance = torch.stack(variances).mean(0).clamp_min(0)
+            merged[f"{bn.norm}.weight"] = (variance + eps[bn.norm]).sqrt().to(dtype)
             merged[f"{bn.norm}.bias"] = torch.stack(means).mean(0).to(dtype)
 
 
@@ -265,8 +279,8 @@ def merge(
         timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
     states = [m.state_dict() for m in models]
-    alignment = match(
-        method, spec, statistics if needs_data else None, states, reference=ref, **options
+    alignment = snap_permutations(
+        match(method, spec, statistics if needs_data else None, states, reference=ref, **options)
     )
     timings["match"] = time.perf_counter() - clock
     result = combine_aligned(
@@ -309,7 +323,8 @@ def combine_aligned(
                 "dense maps on BatchNorm spaces need statistics and repair='bn-reset' "
                 "to give the merged BatchNorms their statistics"
             )
-        batchnorm_targets(spec, alignment, statistics, merged_state)
+        eps = {n: m.eps for n, m in models[reference].named_modules() if hasattr(m, "eps")}
+        batchnorm_targets(spec, alignment, statistics, merged_state, eps)
     merged = copy.deepcopy(models[reference])
     merged.load_state_dict(merged_state)
     timings["combine"] = time.perf_counter() - clock

@@ -176,6 +176,43 @@ class _Target:
         return f"{self.kind} {self.name!r}"
 
 
+# Each sample group of a (A, C, S) block costs one small matmul; below this length a
+# transposed copy into rows, multiplied as one long matmul, is faster.
+_MIN_GROUP = 64
+# Bound on the elements of the (chunk, C, C) products a batched matmul returns at once.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _shifted_blocks(tensor: torch.Tensor, axis: int, shift: torch.Tensor) -> torch.Tensor:
+    """``x − s`` in float64 as a (A, C, S) block: ``A·S`` samples of C features.
+
+    Features stay where the tensor's memory has them, so the conversion reads it in order:
+    a (N, C, H, W) conv output becomes (N, C, H·W), a features-last tensor (tokens,
+    channels-last) becomes (1, C, rows), a transposed view of contiguous rows.
+    """
+    size = tensor.shape[axis]
+    moved = tensor.movedim(axis, -1)
+    groups = tensor.shape[:axis].numel()
+    per_group = tensor.numel() // (groups * size) if groups * size else 0
+    if moved.is_contiguous() or per_group < _MIN_GROUP:
+        rows = torch.empty(moved.shape, dtype=torch.float64, device=shift.device)
+        rows.copy_(moved).sub_(shift)
+        return rows.view(-1, size).T.unsqueeze(0)
+    blocks = torch.empty((groups, size, per_group), dtype=torch.float64, device=shift.device)
+    blocks.copy_(tensor.reshape(groups, size, per_group)).sub_(shift[:, None])
+    return blocks
+
+
+def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``product += Σ_a x[a] y[a]ᵀ`` for (A, C, S) blocks, in chunks of bounded memory."""
+    if x.shape[0] == 1:
+        product.addmm_(x[0], y[0].T)
+        return
+    step = max(1, _CHUNK_ELEMENTS // (x.shape[1] * y.shape[1]))
+    for start in range(0, x.shape[0], step):
+        product += torch.bmm(x[start : start + step], y[start : start + step].mT).sum(0)
+
+
 class _Accumulator:
     """Shifted sums of one target (module docstring): ``n``, ``t_i`` and ``P_ij``."""
 
@@ -191,54 +228,54 @@ class _Accumulator:
         self.pending: dict[tuple[int, int], torch.Tensor] = {}
 
     def observe(self, model: int, point: int, tensor: Any) -> None:
-        """Take ``x − s`` of one node output as (samples, C) float64 rows, in one pass.
+        """Keep ``x − s`` of one node output (see :func:`_shifted_blocks`) until :meth:`add`.
 
-        Every position off the feature axis is a sample. The model's first observed tensor
-        sets its shift ``s`` (its mean).
+        The model's first observed tensor sets its shift ``s``: that tensor's mean.
         """
         where = f"{self.target.describe()}: node {self.target.points[point].node!r}"
         if not isinstance(tensor, torch.Tensor):
             raise StatisticsError(
                 f"{where} outputs {type(tensor).__name__}, not a tensor; observe a tensor"
             )
-        moved = tensor.detach().movedim(self.target.points[point].axis, -1)
-        if moved.shape[-1] != self.target.size:
+        axis = self.target.points[point].axis % max(tensor.dim(), 1)
+        if tensor.dim() == 0 or tensor.shape[axis] != self.target.size:
             raise StatisticsError(
-                f"{where} of model {model} has {moved.shape[-1]} features on axis "
-                f"{self.target.points[point].axis}, the spec says {self.target.size}; "
-                "the spec was made for another model: trace again"
+                f"{where} of model {model} gives shape {tuple(tensor.shape)}, the spec says "
+                f"{self.target.size} features on axis {axis}; the spec was made for another "
+                "model: trace again"
             )
         if not self.has_shift[model]:
-            self.shift[model] = moved.reshape(-1, self.target.size).mean(0, dtype=torch.float64)
+            others = [d for d in range(tensor.dim()) if d != axis]
+            self.shift[model] = tensor.detach().mean(others, dtype=torch.float64)
             self.has_shift[model] = True
-        rows = torch.empty(moved.shape, dtype=torch.float64, device=self.shift.device)
-        torch.sub(moved, self.shift[model], out=rows)
-        self.pending[(model, point)] = rows.view(-1, self.target.size)
+        self.pending[(model, point)] = _shifted_blocks(tensor.detach(), axis, self.shift[model])
 
     def add(self, batch: int) -> None:
         """Add the observed batch (every model, every point) to the sums."""
         num_models, points = len(self.has_shift), range(len(self.target.points))
-        rows, self.pending = self.pending, {}
+        blocks, self.pending = self.pending, {}
         for p in points:
-            counts = [rows[(i, p)].shape[0] for i in range(num_models)]
-            if len(set(counts)) > 1:
+            shapes = [tuple(blocks[(i, p)].shape) for i in range(num_models)]
+            if len(set(shapes)) > 1:
                 raise StatisticsError(
-                    f"{self.target.describe()}: the models give {counts} samples at node "
-                    f"{self.target.points[p].node!r}; statistics need one architecture"
+                    f"{self.target.describe()}: node {self.target.points[p].node!r} gives "
+                    f"shapes {shapes} in the models; statistics need one architecture"
                 )
-        total = torch.stack([sum(rows[(i, p)].sum(0) for p in points) for i in range(num_models)])
+        total = torch.stack(
+            [sum(blocks[(i, p)].sum((0, 2)) for p in points) for i in range(num_models)]
+        )
         if not bool(torch.isfinite(total).all()):
-            raise self._non_finite(rows, batch)
+            raise self._non_finite(blocks, batch)
         self.total += total
         for (i, j), product in self.products.items():
             for p in points:
-                product.addmm_(rows[(i, p)].T, rows[(j, p)])
-        self.count += sum(rows[(0, p)].shape[0] for p in points)
+                _add_products(product, blocks[(i, p)], blocks[(j, p)])
+        self.count += sum(blocks[(0, p)][:, 0].numel() for p in points)
 
     def _non_finite(
-        self, rows: Mapping[tuple[int, int], torch.Tensor], batch: int
+        self, blocks: Mapping[tuple[int, int], torch.Tensor], batch: int
     ) -> StatisticsError:
-        bad = next((key for key, part in rows.items() if not bool(torch.isfinite(part).all())))
+        bad = next(key for key, part in blocks.items() if not bool(torch.isfinite(part).all()))
         return StatisticsError(
             f"{self.target.describe()}: non-finite activations (NaN or inf) at node "
             f"{self.target.points[bad[1]].node!r} of model {bad[0]} in batch {batch}; "

@@ -86,6 +86,44 @@ def cca_map(
     return transform, inverse, s
 
 
+def dead_features(sxx: Tensor, syy: Tensor, tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """Index pairs ``(dead_x, dead_y)`` of features with (numerically) zero variance.
+
+    Such features (ReLU units that never fire) carry no information for CCA, and a dense map
+    would mix their pre-activation weights into live units, waking them. The ``k`` least
+    variable features of each side are paired in index order, ``k`` being the smaller count.
+    """
+    var_x, var_y = torch.diagonal(sxx), torch.diagonal(syy)
+    dead_x = torch.nonzero(var_x <= tol * var_x.max().clamp_min(1e-300)).flatten()
+    dead_y = torch.nonzero(var_y <= tol * var_y.max().clamp_min(1e-300)).flatten()
+    count = min(dead_x.numel(), dead_y.numel())
+    dead_x = dead_x[torch.argsort(var_x[dead_x], stable=True)[:count]].sort().values
+    dead_y = dead_y[torch.argsort(var_y[dead_y], stable=True)[:count]].sort().values
+    return dead_x, dead_y
+
+
+def cca_block(
+    sxx: Tensor, syy: Tensor, sxy: Tensor, ridge: float, absolute_ridge: float | None
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(T, T⁻¹, S, dead)``: CCA on the live features, dead features paired one to one."""
+    dead_x, dead_y = dead_features(sxx, syy)
+    size = sxx.shape[0]
+    keep = torch.ones(size, dtype=torch.bool)
+    live_x, live_y = keep.clone(), keep.clone()
+    live_x[dead_x], live_y[dead_y] = False, False
+    lx, ly = torch.nonzero(live_x).flatten(), torch.nonzero(live_y).flatten()
+    block_xx, block_yy = sxx[lx][:, lx], syy[ly][:, ly]
+    g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
+    live, live_inverse, s = cca_map(block_xx, block_yy, sxy[lx][:, ly], g_x, g_y)
+    transform = torch.zeros(size, size, dtype=torch.float64)
+    inverse = torch.zeros(size, size, dtype=torch.float64)
+    transform[lx[:, None], ly[None, :]] = live
+    inverse[ly[:, None], lx[None, :]] = live_inverse
+    transform[dead_x, dead_y] = 1.0
+    inverse[dead_y, dead_x] = 1.0
+    return transform, inverse, s, int(dead_x.numel())
+
+
 def procrustes(sxy: Tensor) -> Tensor:
     """The orthogonal ``R = U Vᵀ`` (``Sxy = U S Vᵀ``) maximising ``trace(Rᵀ Sxy)``, i.e.
     minimising ``E‖x − R y‖²`` over orthogonal R."""
@@ -112,11 +150,13 @@ def cca_match(
     sxx = covariance(stats, reference, reference, space.name)
     syy = covariance(stats, i, i, space.name)
     sxy = covariance(stats, reference, i, space.name)
-    maps, inverses, correlations = [], [], []
+    maps, inverses, correlations, dead = [], [], [], 0
     for part in group_slices(space.size, space.groups):
         block_xx, block_yy, block_xy = sxx[part, part], syy[part, part], sxy[part, part]
-        g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
-        transform, inverse, s = cca_map(block_xx, block_yy, block_xy, g_x, g_y)
+        transform, inverse, s, block_dead = cca_block(
+            block_xx, block_yy, block_xy, ridge, absolute_ridge
+        )
+        dead += block_dead
         if space.maps == "orthogonal":
             transform = procrustes(block_xy)
             inverse = transform.T
@@ -132,6 +172,9 @@ def cca_match(
     if space.maps == "orthogonal":
         note = "procrustes: the space admits orthogonal maps only (the g → ∞ limit of CCA)"
         return Matched("procrustes", result, scores, note)
+    if dead:
+        note = f"{dead} features with zero variance paired one to one, outside CCA"
+        return Matched("cca", result, scores, note)
     return Matched("cca", result, scores)
 
 

@@ -144,12 +144,30 @@ def _group_correlations(
     space: FeatureSpace, stats: SpaceStatistics, order: list[int]
 ) -> list[Tensor]:
     """Per group, the (N·B × N·B) correlations of its features in every model, laid out model
-    by model in ``order``."""
+    by model in ``order``, with zero-variance features made to zip only with each other."""
     blocks = [[correlation(stats, m, n, space.name) for n in order] for m in order]
-    return [
-        torch.cat([torch.cat([b[part, part] for b in row], dim=1) for row in blocks], dim=0)
-        for part in group_slices(space.size, space.groups)
-    ]
+    variances = [torch.diagonal(stats.covariance(m, m)) for m in order]
+    out = []
+    for part in group_slices(space.size, space.groups):
+        scores = torch.cat([torch.cat([b[part, part] for b in row], dim=1) for row in blocks])
+        out.append(_isolate_dead(scores, [v[part] for v in variances]))
+    return out
+
+
+def _isolate_dead(scores: Tensor, variances: list[Tensor], tol: float = 1e-10) -> Tensor:
+    """Scores where a zero-variance feature (a ReLU unit that never fires) pairs only with
+    zero-variance features of other models: their correlation is undefined, and zipping one
+    with a live feature would change the function."""
+    dead = torch.cat([v <= tol * v.max().clamp_min(1e-300) for v in variances])
+    if not dead.any():
+        return scores
+    model = torch.cat([torch.full((v.numel(),), m) for m, v in enumerate(variances)])
+    scores = scores.clone()
+    scores[dead, :] = -1.0
+    scores[:, dead] = -1.0
+    across = dead[:, None] & dead[None, :] & (model[:, None] != model[None, :])
+    scores[across] = 1.0
+    return scores
 
 
 def _one_to_one(zips: list[Zip], num_models: int, block: int) -> bool:
