@@ -1,8 +1,9 @@
 """Distributed statistics worker: ``torchrun --nproc-per-node 2 _dist_stats_worker.py OUT_DIR``.
 
 Every rank builds the same models and data; rank 0 saves the all-reduced statistics of each
-case to ``OUT_DIR/<case>.safetensors``. :func:`cases` is also what the single-process side of
-the test runs, so both sides see identical inputs.
+case to ``OUT_DIR/<case>.safetensors``; a rank that raises writes ``OUT_DIR/<case>-rank<r>.txt``.
+:func:`cases` is also what the single-process side of the test runs, so both sides see
+identical inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from accord.errors import StatisticsError
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import collect_statistics
 
@@ -53,23 +55,36 @@ def conv_bn_spec() -> Spec:
     )
 
 
-def cases() -> dict[str, dict[str, Any]]:
-    """Keyword arguments of collect_statistics per case (7 uneven batches; a single batch)."""
+def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of collect_statistics per case, for this rank.
+
+    ``many``: 7 uneven batches, cut by max_samples; ``one``: one batch, so rank 1 has none;
+    ``sharded``: each rank is given its own share of the batches; ``nan``: a NaN in batch 1.
+    """
     generator = torch.Generator().manual_seed(0)
     sizes = [9, 4, 7, 12, 5, 8, 3]
     batches = [(torch.randn(n, 3, 6, 6, generator=generator) + 2, torch.zeros(n)) for n in sizes]
+    poisoned = [(x.clone(), y) for x, y in batches]
+    poisoned[1][0][2, 0, 3, 3] = float("nan")
     common = {"models": conv_bn_models(), "spec": conv_bn_spec(), "progress": False}
     return {
         "many": {**common, "data": batches, "pairs": "all", "max_samples": 40, "reference": 1},
         "one": {**common, "data": batches[:1]},
+        "sharded": {**common, "data": batches[rank::world], "sharded": True},
+        "nan": {**common, "data": poisoned},
     }
 
 
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
-    for name, kwargs in cases().items():
-        stats = collect_statistics(**kwargs)
-        if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    for name, kwargs in cases(rank, dist.get_world_size()).items():
+        try:
+            stats = collect_statistics(**kwargs)
+        except StatisticsError as exc:  # every rank must raise, none may hang
+            (out / f"{name}-rank{rank}.txt").write_text(str(exc))
+            continue
+        if rank == 0:
             stats.save(out / f"{name}.safetensors")
     dist.barrier()
     dist.destroy_process_group()

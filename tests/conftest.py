@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +13,15 @@ from accord.check import randomly_permuted
 from accord.spec import Spec
 
 Preserved = Callable[[nn.Module, Any, Spec], None]
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: tiny models run many times faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

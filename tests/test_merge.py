@@ -41,8 +41,13 @@ def _model(name: str) -> nn.Module:
 def _data(model: nn.Module, samples: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
     config = accord.model_config(model)
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(samples, config["in_channels"], config["image_size"],
-                         config["image_size"], generator=generator)
+    inputs = torch.randn(
+        samples,
+        config["in_channels"],
+        config["image_size"],
+        config["image_size"],
+        generator=generator,
+    )
     # One batch, so a BatchNorm reset sees exactly the statistics the matchers saw.
     return [(inputs, torch.zeros(samples, dtype=torch.long))]
 
@@ -87,8 +92,15 @@ def test_statistics_are_reused_across_methods_and_options() -> None:
     twin = accord.randomly_permuted(model, spec, seed=2)
     stats = accord.collect_statistics([model, twin], data, spec, progress=False)
     for ridge in (0.01, 1.0):
-        result = accord.merge([model, twin], None, method="cca", spec=spec, statistics=stats,
-                              repair="none", ridge=ridge)
+        result = accord.merge(
+            [model, twin],
+            None,
+            method="cca",
+            spec=spec,
+            statistics=stats,
+            repair="none",
+            ridge=ridge,
+        )
         assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
         assert result.report["options"]["ridge"] == ridge
 
@@ -98,19 +110,20 @@ def test_merging_three_models_star_around_reference() -> None:
     data = _data(model)
     spec = accord.trace(model, data[0][0][:2])
     models = [accord.randomly_permuted(model, spec, seed=s) for s in (1, 2)] + [model]
-    result = accord.merge(models, data, method="permutation", spec=spec, reference=2,
-                          repair="none")
+    result = accord.merge(models, data, method="permutation", spec=spec, reference=2, repair="none")
     assert result.report["reference"] == 2
     assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
     identity = torch.eye(24, dtype=torch.float64)
-    assert all(torch.equal(t.matrix, identity[: t.size, : t.size]) for t in
-               result.transforms[2].values())
+    assert all(
+        torch.equal(t.matrix, identity[: t.size, : t.size]) for t in result.transforms[2].values()
+    )
 
 
 def test_identity_merge_averages_weights() -> None:
     torch.manual_seed(0)
-    models = [accord.build_model("mlp", width=8, depth=1, in_channels=1, image_size=4)
-              for _ in range(2)]
+    models = [
+        accord.build_model("mlp", width=8, depth=1, in_channels=1, image_size=4) for _ in range(2)
+    ]
     example = torch.randn(2, 1, 4, 4)
     result = accord.merge(models, [(example, torch.zeros(2))], method="identity", repair="none")
     for key, value in result.model.state_dict().items():
@@ -159,3 +172,26 @@ def test_data_methods_without_data_are_refused() -> None:
         accord.merge([a, copy.deepcopy(a)], None, method="cca")
     with pytest.raises(accord.MergeError, match="did you mean 'cca'"):
         accord.merge([a, copy.deepcopy(a)], None, method="cac")
+
+
+def test_npmerge_starts_from_its_alignment_and_learns() -> None:
+    torch.manual_seed(0)
+    models = [
+        accord.build_model("mlp", width=16, depth=1, in_channels=1, image_size=4) for _ in range(2)
+    ]
+    inputs = torch.randn(128, 1, 4, 4)
+    labels = models[0](inputs).argmax(1).detach()
+    data = [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, 128, 32)]
+    aligned = accord.merge(models, data, method="permutation", repair="none")
+    untrained = accord.merge(models, data, method="npmerge", align="permutation", epochs=0)
+    for key, value in aligned.model.state_dict().items():
+        assert torch.allclose(untrained.model.state_dict()[key], value, atol=1e-6)
+    learned = accord.merge(models, data, method="npmerge", align="permutation", epochs=5, lr=0.1)
+    report = learned.report["npmerge"]
+    assert (
+        learned.report["alignment"] == "permutation" and report["losses"][-1] < report["losses"][0]
+    )
+    assert (
+        accord.evaluate(learned.model, data).accuracy
+        >= accord.evaluate(aligned.model, data).accuracy
+    )

@@ -16,8 +16,11 @@ from torch import nn
 
 import accord.statistics
 from accord.errors import StatisticsError
-from accord.spec import FeatureSpace, Observation, Spec
+from accord.fx import observed_graph, symbolic_graph
+from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
+from accord.trace import trace
+from accord.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_stats_worker as worker
@@ -67,6 +70,7 @@ def _convs(num_models: int = 3) -> list[nn.Module]:
                 nn.ReLU(),
                 nn.Conv2d(8, 6, 3),
                 nn.ReLU(),
+                nn.AdaptiveAvgPool2d(3),
                 nn.Flatten(),
                 nn.Linear(6 * 3 * 3, 4),
             )
@@ -173,15 +177,18 @@ def test_matches_direct_float64(net: str, pairs: str) -> None:
             stats.spaces[first].covariance(0, 2)
 
 
-@pytest.mark.parametrize("layout", ["blocks", "chunked", "channels_last"])
+@pytest.mark.parametrize("layout", ["blocks", "chunked", "channels_last", "mixed"])
 def test_conv_layouts(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(N, C, H·W) blocks of ≥ 64 positions, in memory-bounded chunks; channels-last rows."""
+    """(N, C, H·W) blocks of ≥ 2·C positions, in memory-bounded chunks; channels-last rows;
+    models whose activations have different memory formats."""
     if layout == "chunked":
         monkeypatch.setattr(accord.statistics, "_CHUNK_ELEMENTS", 3 * 8 * 8)
     models, data = _convs(), _batches((3, 10, 10), [7, 4])
     if layout == "channels_last":
         models = [m.to(memory_format=torch.channels_last) for m in models]
         data = [(x.to(memory_format=torch.channels_last), y) for x, y in data]
+    if layout == "mixed":
+        models[0].to(memory_format=torch.channels_last)
     stats = collect_statistics(models, data, _conv_spec(), pairs="all", progress=False)
     for name, points in CONV_POINTS.items():
         _assert_matches_direct(stats.spaces[name], models, data, points)
@@ -194,6 +201,53 @@ def test_pooled_observation_points() -> None:
     stats = collect_statistics(models, data, spec, progress=False)
     assert stats.spaces["stream"].count == 120
     _assert_matches_direct(stats.spaces["stream"], models, data, [("1", "_1"), ("3", "_3")])
+
+
+def _graph_rows(
+    models: Sequence[nn.Module], batches: Sequence[tuple], points: Sequence[Observation]
+) -> list[np.ndarray]:
+    """Each model's samples × features at ``points``, read from accord.fx.observed_graph."""
+    xs = []
+    for model in models:
+        graph = observed_graph(model, [p.node for p in points]).eval()
+        with torch.no_grad():
+            outputs = [graph(inputs)[1] for inputs, _ in batches]
+        rows = [
+            out[p.node].movedim(p.axis, -1).reshape(-1, out[p.node].shape[p.axis]).double()
+            for p in points
+            for out in outputs
+        ]
+        xs.append(torch.cat(rows).numpy())
+    return xs
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit"])
+def test_traced_zoo_models_match_observed_graph(name: str) -> None:
+    """spec=None traces the model; residual streams pool several observation points."""
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(
+            build_model(name, image_size=8, **({"patch_size": 4} if name == "vit" else {}))
+        )
+    data = _batches((3, 8, 8), [6, 4])
+    stats = collect_statistics(models, data, pairs="all", progress=False)
+    spec = trace(models[0], data[0][0])
+    spaces = {s.name: s for s in spec.free_spaces if s.observe}
+    assert set(stats.spaces) == set(spaces) and any(len(s.observe) > 1 for s in spaces.values())
+    nodes = {
+        n.target: n.name for n in symbolic_graph(models[0]).graph.nodes if n.op == "call_module"
+    }
+    norms = {bn.norm for s in spaces.values() for bn in s.batchnorms}
+    assert set(stats.norms) == norms and (name == "vit" or norms)
+    groups = [(stats.spaces[k], spaces[k].observe) for k in spaces]
+    groups += [(stats.norms[k], [Observation(nodes[k], 1)]) for k in norms]
+    for got, points in groups:
+        xs = _graph_rows(models, data, points)
+        cov, c = np.cov(np.concatenate(xs, axis=1), rowvar=False), got.size
+        _assert_close(got.mean, np.stack([x.mean(0) for x in xs]), 1e-10)
+        for i, j in got.blocks:
+            _assert_close(got.blocks[(i, j)], cov[i * c : (i + 1) * c, j * c : (j + 1) * c], 1e-10)
 
 
 def test_batch_sizes_do_not_matter() -> None:
@@ -260,6 +314,14 @@ def test_empty_data_and_bad_arguments_raise() -> None:
         collect_statistics(_mlps(), [[1, 2]], _mlp_spec(), progress=False)
 
 
+def test_folding_a_missing_batchnorm_raises() -> None:
+    spec = Spec(
+        [FeatureSpace("c1", 6, batchnorms=(FoldedNorm("7", "0"),), observe=(Observation("_2", 1),))]
+    )
+    with pytest.raises(StatisticsError, match="the spec folds '7', which is not a BatchNorm"):
+        collect_statistics(worker.conv_bn_models(), _batches((3, 6, 6), [4]), spec, progress=False)
+
+
 def test_spec_of_another_model_raises() -> None:
     spec = Spec([FeatureSpace("h1", 7, observe=(Observation("_1", 1),))])
     with pytest.raises(
@@ -300,6 +362,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     _assert_equal(Statistics.load(path), stats)
     with pytest.raises(StatisticsError, match="does not exist"):
         Statistics.load(tmp_path / "missing.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(StatisticsError, match="not a statistics file"):
+        Statistics.load(tmp_path / "garbage.safetensors")
 
 
 def test_docstring_examples() -> None:
@@ -314,6 +379,12 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     for name, kwargs in worker.cases().items():
-        _assert_equal(
-            Statistics.load(tmp_path / f"{name}.safetensors"), collect_statistics(**kwargs), 1e-10
-        )
+        if name == "nan":
+            # rank 1 hit the NaN; rank 0 raised too, with rank 1's message
+            for rank in (0, 1):
+                message = (tmp_path / f"nan-rank{rank}.txt").read_text()
+                assert "node '_2' of model 0 in batch 1" in message
+            assert (tmp_path / "nan-rank0.txt").read_text().startswith("rank 1: space 'c1'")
+            continue
+        got = Statistics.load(tmp_path / f"{name}.safetensors")
+        _assert_equal(got, collect_statistics(**kwargs), 1e-10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,8 @@ from torch import nn
 from accord.errors import SpecError
 from accord.spec import AxisRef, Spec
 from accord.trace import trace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Identity)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d)
@@ -143,7 +146,7 @@ def test_a_missing_reader_is_caught(network: tuple[nn.Module, torch.Tensor], dat
             return True
         return False
 
-    assert any(caught(seed) for seed in range(6))
+    assert any(caught(seed) for seed in range(8))
 
 
 def _matters(model: nn.Module, x: torch.Tensor, size: int, ref: AxisRef) -> bool:
@@ -155,4 +158,7 @@ def _matters(model: nn.Module, x: torch.Tensor, size: int, ref: AxisRef) -> bool
     silenced = copy.deepcopy(model)
     silenced.load_state_dict({**state, ref.tensor: weight})
     with torch.no_grad():
-        return not torch.allclose(silenced.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-6)
+        want = model.eval()(x)
+        change = (silenced.eval()(x) - want).abs().max() / want.abs().max().clamp_min(1e-12)
+    # Far above check's tolerance, so that any non-identity permutation shows.
+    return bool(change > 1e-3)

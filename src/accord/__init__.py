@@ -5,6 +5,7 @@ The data path: trace → statistics → match → apply → combine → repair �
 
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.check import randomly_permuted
+from accord.config import MergeConfig
 from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
 from accord.errors import (
     AccordError,
@@ -56,6 +57,7 @@ __all__ = [
     "Evaluation",
     "FeatureSpace",
     "InterpolationCurve",
+    "MergeConfig",
     "MergeError",
     "MergeResult",
     "ModelError",

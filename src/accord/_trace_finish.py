@@ -25,7 +25,7 @@ _KINDS = {
 }
 
 
-def finish(walk: Walk, model: nn.Module, observe: str) -> Spec:
+def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec:
     table = walk.table
     _union_shared(table)
     for root in table.roots():
@@ -43,7 +43,7 @@ def finish(walk: Walk, model: nn.Module, observe: str) -> Spec:
         for r in roots
         if table.records[r].is_input or any(table.records[r].refs.values())
     ]
-    spec = Spec(spaces, type(model).__name__, observe, _notes(walk, spaces))  # type: ignore[arg-type]
+    spec = Spec(spaces, type(model).__name__, observe, _notes(spaces, leaves))  # type: ignore[arg-type]
     try:
         spec.validate(model)
     except SpecError as exc:
@@ -69,21 +69,23 @@ def _union_shared(table: SpaceTable) -> None:
 
 
 def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Two spaces claiming overlapping parts of one axis: fix both, drop the claims."""
+    """Overlapping claims on one axis other than the very same one (a tied weight read where
+    it is written, a layer read with two layouts): fix the spaces, drop the claims."""
     claims = defaultdict(list)
     for root in table.roots():
         record = table.records[root]
         for role, refs in record.refs.items():
             for ref in refs:
-                axis = ref.axis % len(shapes.get(ref.tensor, (0,) * (abs(ref.axis) + 1)))
+                axis = ref.axis % max(len(shapes.get(ref.tensor, ())), 1)
                 stop = ref.offset + record.size * ref.block
                 claims[(ref.tensor, axis)].append((ref.offset, stop, root, role, ref))
     bad = set()
     for entries in claims.values():
         for i, (start, stop, root, role, ref) in enumerate(entries):
             for start2, stop2, root2, role2, ref2 in entries[i + 1 :]:
-                if root != root2 and start < stop2 and start2 < stop:
-                    reason = f"{ref.describe()} is claimed by two spaces in different ways"
+                same = (root, role, ref) == (root2, role2, ref2)
+                if not same and start < stop2 and start2 < stop:
+                    reason = f"{ref.describe()} is claimed twice, in different ways"
                     table.fix(root, reason)
                     table.fix(root2, reason)
                     bad |= {(root, role, ref), (root2, role2, ref2)}
@@ -151,6 +153,7 @@ def _pure(value: Any) -> bool:
         and len(value.segs) == 1
         and value.segs[0].space is not None
         and value.segs[0].block == 1
+        and value.heads is None
     )
 
 
@@ -171,8 +174,14 @@ def _space(record: SpaceRecord, name: str, observe: list[Observation]) -> Featur
     )
 
 
-def _notes(walk: Walk, spaces: list[FeatureSpace]) -> list[str]:
+def _notes(spaces: list[FeatureSpace], leaves: set[str]) -> list[str]:
     notes = []
+    if leaves:
+        # Node names depend on the leaves: observation points exist only in such a graph.
+        notes.append(
+            f"traced with leaf_modules={sorted(leaves)}: trace with the same leaves wherever "
+            "observation points are looked up (statistics)"
+        )
     blind = [s.name for s in spaces if s.free and not s.observe]
     if blind:
         notes.append(

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from accord._trace_rules import mark_activation
 from accord._trace_state import Call, Feat, Seg, Tup, layouts_match, plain, seg_offsets
 from accord.spec import AxisRef, FoldedNorm
 
@@ -73,7 +74,7 @@ def conv(call: Call) -> Any:
     its input's spaces, each feature owning ``k`` output channels, and allows permutations
     only; other grouped convs fix their input and give their output ``groups`` blocks."""
     x, module, name, shape = call.x, call.module, call.node.target, call.out_shape
-    if not isinstance(x, Feat) or shape is None or module.transposed:
+    if not isinstance(x, Feat) or shape is None:
         return None
     weight, bias = f"{name}.weight", _param(call, f"{name}.bias")
     refs = (AxisRef(weight, 0), AxisRef(bias, 0) if bias else None)
@@ -120,7 +121,8 @@ def _whole(value: Any) -> bool:
 
 def embedding(call: Call) -> Any:
     x, name, shape = call.x, call.node.target, call.out_shape
-    if shape is None:
+    if shape is None or call.module.max_norm is not None:
+        # max_norm rescales rows by their norm, which only some maps keep.
         return None
     call.table.fix_value(x, f"used as indices by {call.desc}")
     ref = AxisRef(f"{name}.weight", 1)
@@ -241,8 +243,7 @@ def prelu(call: Call) -> Any:
         call.table.add_per_feature(x, "elementwise", f"{call.node.target}.weight", 0)
         call.table.downgrade_value(x, "permutation")
     call.table.downgrade_value(x, "dense")
-    call.event("act_out")
-    call.event("act_in", call.input_node())
+    mark_activation(call)
     return x
 
 

@@ -21,7 +21,15 @@ def passthrough(call: Call) -> Any:
     x = call.x
     if not isinstance(x, Feat) or call.out_shape != x.shape:
         return None
+    if x.featured and not call.meta.floating:
+        # A cast to integers rounds each entry: still a per-feature function.
+        call.table.downgrade_value(x, "dense")
     return x
+
+
+def constant(call: Call) -> Any:
+    """zeros_like, new_ones, ...: a tensor that depends on the input's shape only."""
+    return call.plain()
 
 
 def elementwise(kind: str | None, activation: bool = True) -> Rule:
@@ -29,7 +37,7 @@ def elementwise(kind: str | None, activation: bool = True) -> Rule:
 
     def rule(call: Call) -> Any:
         x = call.x
-        extra = [a for a in (*call.node.args[1:], *call.node.kwargs.values())]
+        extra = (*call.node.args[1:], *call.node.kwargs.values())
         if not isinstance(x, Feat) or call.out_shape != x.shape or _has_tensor(call, extra):
             return None
         if not x.featured:
@@ -37,12 +45,17 @@ def elementwise(kind: str | None, activation: bool = True) -> Rule:
         if kind:
             call.table.downgrade_value(x, kind)
         if activation:
-            call.event("act_out")
-            if call.input_node():
-                call.event("act_in", call.input_node())
+            mark_activation(call)
         return x
 
     return rule
+
+
+def mark_activation(call: Call) -> None:
+    """Its output (post) and input (pre) are the observation points of the spaces it acts on."""
+    call.event("act_out")
+    if call.input_node() is not None:
+        call.event("act_in", call.input_node())
 
 
 def _has_tensor(call: Call, args: Sequence[Any]) -> bool:
@@ -90,8 +103,10 @@ def pad(call: Call) -> Any:
     else:
         widths, value = call.arg(1, "pad"), call.arg(3, "value", None) or 0.0
     x = call.x
-    if not isinstance(x, Feat) or not isinstance(widths, Sequence) or not x.featured:
-        return None if not isinstance(x, Feat) else call.plain()
+    if not isinstance(x, Feat) or not isinstance(widths, Sequence):
+        return None
+    if not x.featured:
+        return call.plain()
     touched = [x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w]
     if x.axis in touched or not isinstance(value, int | float):
         return None
@@ -164,7 +179,8 @@ def _reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
         return Feat(call.out_shape, param=x.param, dims=tuple(x.dims[p] for p in perm))
     if not x.featured:
         return call.plain()
-    return x.moved(call.out_shape, list(perm).index(x.axis))
+    heads = None if x.heads is None else list(perm).index(x.heads)
+    return Feat(call.out_shape, list(perm).index(x.axis), x.segs, heads=heads)
 
 
 def transpose(call: Call) -> Any:
@@ -258,6 +274,8 @@ def getitem(call: Call) -> Any:
     """Indexing: tuples give their items; tensors keep their features if every one is kept."""
     container, index = call.arg(0, "a"), call.arg(1, "b")
     if isinstance(container, Tup):
+        if not isinstance(index, int | slice):
+            return None
         items = container.items[index]
         return Tup(items) if isinstance(index, slice) else items
     if not isinstance(container, Feat):

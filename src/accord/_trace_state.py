@@ -40,6 +40,8 @@ class Feat:
     ``axis`` is its feature axis (non-negative) and ``segs`` their layout, or ``axis`` is None
     when no space's features lie in it. ``param`` names the parameter or buffer it is a view
     of; ``dims[i]`` is then the parameter axis behind axis ``i`` (None: broadcast, -1: sliced).
+    ``heads`` is set when attention split one space into heads: feature ``h·D + j`` then lies
+    at index ``h`` of axis ``heads`` and ``j`` of axis ``axis`` (D entries).
     """
 
     shape: tuple[int, ...]
@@ -47,6 +49,7 @@ class Feat:
     segs: tuple[Seg, ...] = ()
     param: str | None = None
     dims: tuple[int | None, ...] = ()
+    heads: int | None = None
 
     @property
     def ndim(self) -> int:
@@ -56,9 +59,9 @@ class Feat:
     def featured(self) -> bool:
         return self.axis is not None
 
-    def moved(self, shape: tuple[int, ...], axis: int | None) -> Feat:
-        """The same features on another tensor (``axis`` None drops them)."""
-        return Feat(tuple(shape), axis, self.segs if axis is not None else ())
+    def moved(self, shape: tuple[int, ...], axis: int) -> Feat:
+        """The same features on axis ``axis`` of a tensor of ``shape``."""
+        return Feat(tuple(shape), axis, self.segs)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,15 @@ class SpaceTable:
     def constrain_groups(self, index: int, groups: int) -> None:
         record = self.record(index)
         record.groups = common_groups(record.size, record.groups, groups)
+
+    def absorb_as_readers(self, query: int, key: int) -> None:
+        """The key space's writers become readers of the query space (q·k is kept when
+        ``q ← T q`` and ``k ← T⁻ᵀ k``); the key space is left empty."""
+        into, other = self.record(query), self.record(key)
+        into.refs["readers"] += other.refs["writers"]
+        other.refs["writers"] = []
+        into.maps = weaker(into.maps, other.maps)
+        into.groups = common_groups(into.size, into.groups, other.groups)
 
     def add_ref(self, index: int, role: str, ref: AxisRef) -> None:
         self.record(index).refs[role].append(ref)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accord import _trace_heads as heads
 from accord import _trace_layers as layers
 from accord import _trace_rules as rules
 from accord._trace_rules import Rule
@@ -64,8 +65,8 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.PReLU: layers.prelu,
     nn.MultiheadAttention: layers.multihead_attention,
     Attention: layers.attention,
-    nn.Flatten: rules.reshape,
-    nn.Unflatten: rules.reshape,
+    nn.Flatten: heads.reshape,
+    nn.Unflatten: heads.reshape,
     nn.Softmax: rules.softmax,
     nn.LogSoftmax: rules.softmax,
     nn.Upsample: rules.spatial(None),
@@ -88,6 +89,10 @@ _MATH_FUNCTIONS = (
     operator.pow,
 )  # fmt: skip
 _PASS_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clone)
+_LIKE_FUNCTIONS = (
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+    torch.randn_like,
+)  # fmt: skip
 _RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 _POOL_FUNCTIONS = {
     1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d),
@@ -114,7 +119,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     **{fn: _activation for fn in _ACTIVATION_FUNCTIONS},
     **{fn: _math for fn in _MATH_FUNCTIONS},
     **{fn: rules.passthrough for fn in _PASS_FUNCTIONS},
-    **{fn: rules.reshape for fn in _RESHAPE_FUNCTIONS},
+    **{fn: heads.reshape for fn in _RESHAPE_FUNCTIONS},
     **{fn: rules.binary(op) for op, fns in _ARITHMETIC.items() for fn in fns},
     **_pool_functions(),
     F.interpolate: rules.spatial(None),
@@ -140,6 +145,8 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.neg: rules.passthrough,
     operator.getitem: rules.getitem,
     builtins.getattr: rules.getattr_rule,
+    **{fn: rules.constant for fn in _LIKE_FUNCTIONS},
+    F.scaled_dot_product_attention: heads.attention,
     F.linear: layers.functional_writer,
     F.conv1d: layers.functional_writer,
     F.conv2d: layers.functional_writer,
@@ -157,9 +164,9 @@ METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(("detach", "cpu", "cuda", "neg"), rules.passthrough),
     **dict.fromkeys(
         ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as"),
-        rules.reshape,
+        heads.reshape,
     ),
-    "reshape_as": rules.reshape,
+    "reshape_as": heads.reshape,
     "transpose": rules.transpose,
     "swapaxes": rules.transpose,
     "permute": rules.permute,
@@ -174,4 +181,20 @@ METHOD_RULES: dict[str, Rule] = {
     "softmax": rules.softmax,
     "log_softmax": rules.softmax,
     **dict.fromkeys(("size", "dim", "numel"), rules.metadata),
+    **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full"), rules.constant),
 }
+
+# The rules that understand a space split into attention heads; any other rule seeing one
+# treats its call as unknown.
+HEAD_RULES = frozenset(
+    {
+        _activation,
+        _math,
+        rules.passthrough,
+        rules.transpose,
+        rules.permute,
+        rules.movedim,
+        heads.reshape,
+        heads.attention,
+    }
+)

@@ -41,24 +41,19 @@ def run_demo(
     start = time.perf_counter()
     name = accord.default_dataset() if dataset == "auto" else dataset
     request = demo_request(name, data_dir)
-    data = accord.load_dataset(name, data_dir, limit=request.limit)
-    checkpoints = accord.train_model_set(
-        request, store, device=device, progress=progress, data=data
+    checkpoints = accord.train_model_set(request, store, device=device, progress=progress)
+    config = accord.MergeConfig(
+        models=[str(c.path) for c in checkpoints],
+        method="all",
+        options="auto",
+        samples=5000,
+        device=device,
+        data_dir=data_dir,
     )
-    models = [c.model for c in checkpoints]
-    rows = []
-    for index, model in enumerate(models):
-        val, test = (
-            accord.evaluate(model, data.val, device),
-            accord.evaluate(model, data.test, device),
-        )
-        rows.append([f"base model {index}", val.accuracy, test.accuracy])
-    val = accord.evaluate_ensemble(models, data.val, device)
-    test = accord.evaluate_ensemble(models, data.test, device)
-    rows.append([f"ensemble of {len(models)}", val.accuracy, test.accuracy])
+    outcome = accord.merge_checkpoints(config, progress=progress)
     title = (
-        f"accord demo: {DEMO_MODELS} x {request.arch} {request.model} on {name} "
-        f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test)"
+        f"accord demo: {DEMO_MODELS} x {request.arch} {request.model} on {name}, "
+        "merged with every method (options chosen on the validation split)"
     )
-    table = format_table(["model", "val acc", "test acc"], rows)
+    table = format_table(["model", "val acc", "test acc"], outcome.rows())
     return f"{title}\n{table}\n({time.perf_counter() - start:.0f} s)"

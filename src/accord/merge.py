@@ -22,6 +22,7 @@ from torch import nn
 
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.combine.average import average_states
+from accord.combine.npmerge import NPMergeResult, np_merge
 from accord.errors import MergeError
 from accord.evaluate import batches, evaluate
 from accord.match import MATCHERS, Alignment, match, matcher
@@ -247,9 +248,13 @@ def merge(
     timings: dict[str, float] = {}
     models = list(models)
     check_compatible(models)
+    requested = method
+    combiner, method, options = _combiner(method, options, models, data, device, progress)
     matcher(method)  # an unknown name fails here, before any work
     if batchnorm not in BATCHNORM_ROUTES:
         raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
+    if requested == "npmerge" and repair == "auto" and not has_batchnorm(models[0]):
+        repair = "none"  # NP Merge's learned weights already fit the data; REPAIR would undo it
     repair_kind = _resolve_repair(repair, models[0], data)
     ref = choose_reference(models, reference, validation, device)
     needs_data = MATCHERS[method].needs_data
@@ -284,17 +289,93 @@ def merge(
     )
     timings["match"] = time.perf_counter() - clock
     result = combine_aligned(
-        models, spec, alignment, statistics, ref, repair_kind, data, batchnorm, device, timings
+        models,
+        spec,
+        alignment,
+        statistics,
+        ref,
+        repair_kind,
+        data,
+        batchnorm,
+        device,
+        timings,
+        combiner,
     )
     result.report.update(
         {
-            "method": method,
+            "method": requested,
+            "alignment": method,
             "options": {**MATCHERS[method].options, **options},
             "reference": ref,
             "num_models": len(models),
         }
     )
+    if isinstance(combiner, NPMergeCombiner):
+        result.report["npmerge"] = combiner.report()
     return result
+
+
+@dataclass
+class NPMergeCombiner:
+    """NP Merge as the combine stage: learned per-parameter weights instead of the average."""
+
+    template: nn.Module
+    teachers: list[nn.Module]
+    data: Any
+    options: dict[str, Any]
+    device: str
+    progress: bool
+    outcome: NPMergeResult | None = None
+
+    def __call__(self, aligned: list[dict[str, torch.Tensor]], reference: int) -> dict:
+        if self.data is None:
+            raise MergeError("NP Merge needs a calibration set: pass data=... (training batches)")
+        self.outcome = np_merge(
+            self.template,
+            aligned,
+            batches(self.data),
+            teachers=self.teachers,
+            device=self.device,
+            progress=self.progress,
+            **self.options,
+        )
+        return self.outcome.state
+
+    def report(self) -> dict[str, Any]:
+        """Options, the loss curve, and each parameter's mean weight per model."""
+        outcome = self.outcome
+        assert outcome is not None  # called after merging
+        weights = {k: c.flatten(1).mean(1).tolist() for k, c in outcome.coefficients.items()}
+        return {
+            "options": self.options,
+            "losses": outcome.losses,
+            "stages": outcome.stages,
+            "mean_weights": weights,
+            "memory_bytes": outcome.memory_bytes,
+        }
+
+
+NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 1, "lr": 0.01, "max_samples": None}
+
+
+def _combiner(
+    method: str,
+    options: dict[str, Any],
+    models: list[nn.Module],
+    data: Any,
+    device: str,
+    progress: bool,
+) -> tuple[Any, str, dict[str, Any]]:
+    """``(combine stage, alignment method, its options)``; ``npmerge`` takes ``align``."""
+    if method != "npmerge":
+        return average_states, method, options
+    rest = dict(options)
+    align = rest.pop("align", "cca")
+    np_options = {k: rest.pop(k) for k in list(rest) if k in NP_MERGE_OPTIONS}
+    combiner = NPMergeCombiner(
+        models[0], models, data, {**NP_MERGE_OPTIONS, **np_options}, device, progress
+    )
+    return combiner, align, rest
 
 
 def combine_aligned(
@@ -308,13 +389,15 @@ def combine_aligned(
     batchnorm: str,
     device: str,
     timings: dict[str, float],
+    combiner: Any = average_states,
 ) -> MergeResult:
-    """Apply the alignment, average, and repair: the stages after matching."""
+    """Apply the alignment, combine (average or NP Merge), and repair: the stages after
+    matching."""
     clock = time.perf_counter()
     aligned = align_states(models, spec, alignment, batchnorm)
     timings["apply"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    merged_state = average_states(aligned, reference=reference)
+    merged_state = combiner(aligned, reference=reference)
     dense = dense_spaces(spec, alignment)
     folded = batchnorm == "fold" and any(spec[n].batchnorms for n in dense)
     if folded:

@@ -124,7 +124,7 @@ class Statistics:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Statistics:
         """Read statistics written by :meth:`save` (tensors on the CPU)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -133,10 +133,15 @@ class Statistics:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {})["accord"])
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, SafetensorError) as exc:
             raise StatisticsError(
                 f"{path} is not a statistics file written by Statistics.save ({exc!r})"
             ) from exc
+        if meta.get("format") != STATISTICS_FORMAT:
+            raise StatisticsError(
+                f"{path} has statistics format {meta.get('format')!r}; this accord reads "
+                f"format {STATISTICS_FORMAT}: collect the statistics again"
+            )
         groups = {kind: _load_group(meta[kind], tensors) for kind in ("spaces", "norms")}
         return cls(
             spaces=groups["spaces"],
@@ -176,9 +181,9 @@ class _Target:
         return f"{self.kind} {self.name!r}"
 
 
-# Each sample group of a (A, C, S) block costs one small matmul; below this length a
-# transposed copy into rows, multiplied as one long matmul, is faster.
-_MIN_GROUP = 64
+# Each sample group of a (A, C, S) block costs one small (C × S)(S × C) matmul; when S is
+# short of 2·C, a transposed copy into rows multiplied as one long matmul is faster.
+_MIN_GROUP_PER_FEATURE = 2
 # Bound on the elements of the (chunk, C, C) products a batched matmul returns at once.
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -194,7 +199,7 @@ def _shifted_blocks(tensor: torch.Tensor, axis: int, shift: torch.Tensor) -> tor
     moved = tensor.movedim(axis, -1)
     groups = tensor.shape[:axis].numel()
     per_group = tensor.numel() // (groups * size) if groups * size else 0
-    if moved.is_contiguous() or per_group < _MIN_GROUP:
+    if moved.is_contiguous() or per_group < _MIN_GROUP_PER_FEATURE * size:
         rows = torch.empty(moved.shape, dtype=torch.float64, device=shift.device)
         rows.copy_(moved).sub_(shift)
         return rows.view(-1, size).T.unsqueeze(0)
@@ -205,8 +210,9 @@ def _shifted_blocks(tensor: torch.Tensor, axis: int, shift: torch.Tensor) -> tor
 
 def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
     """``product += Σ_a x[a] y[a]ᵀ`` for (A, C, S) blocks, in chunks of bounded memory."""
-    if x.shape[0] == 1:
-        product.addmm_(x[0], y[0].T)
+    if x.shape[0] == 1 or x.shape[::2] != y.shape[::2]:
+        # (C, A·S) keeps the sample order of both layouts, so mixed layouts pair up too
+        product.addmm_(x.transpose(0, 1).flatten(1), y.transpose(0, 1).flatten(1).T)
         return
     step = max(1, _CHUNK_ELEMENTS // (x.shape[1] * y.shape[1]))
     for start in range(0, x.shape[0], step):
@@ -244,22 +250,24 @@ class _Accumulator:
                 f"{self.target.size} features on axis {axis}; the spec was made for another "
                 "model: trace again"
             )
-        if not self.has_shift[model]:
-            others = [d for d in range(tensor.dim()) if d != axis]
-            self.shift[model] = tensor.detach().mean(others, dtype=torch.float64)
+        blocks = _shifted_blocks(tensor.detach(), axis, self.shift[model])
+        if not self.has_shift[model]:  # the shift was 0: make it this tensor's mean
+            mean = blocks.mean((0, 2))
+            blocks -= mean[:, None]
+            self.shift[model] = mean
             self.has_shift[model] = True
-        self.pending[(model, point)] = _shifted_blocks(tensor.detach(), axis, self.shift[model])
+        self.pending[(model, point)] = blocks
 
     def add(self, batch: int) -> None:
         """Add the observed batch (every model, every point) to the sums."""
-        num_models, points = len(self.has_shift), range(len(self.target.points))
+        num_models, points = self.shift.shape[0], range(len(self.target.points))
         blocks, self.pending = self.pending, {}
         for p in points:
-            shapes = [tuple(blocks[(i, p)].shape) for i in range(num_models)]
-            if len(set(shapes)) > 1:
+            counts = [blocks[(i, p)][:, 0].numel() for i in range(num_models)]
+            if len(set(counts)) > 1:
                 raise StatisticsError(
                     f"{self.target.describe()}: node {self.target.points[p].node!r} gives "
-                    f"shapes {shapes} in the models; statistics need one architecture"
+                    f"{counts} samples in the models; statistics need one architecture"
                 )
         total = torch.stack(
             [sum(blocks[(i, p)].sum((0, 2)) for p in points) for i in range(num_models)]
@@ -310,9 +318,15 @@ class _Accumulator:
 
     def finish(self) -> SpaceStatistics:
         """Means and unbiased covariances, on the CPU."""
-        n, name = self.count, self.target.describe()
+        n, name, size = self.count, self.target.describe(), self.target.size
         if n < 2:
             raise StatisticsError(f"{name}: {n} sample(s); covariances need at least 2")
+        if n < size:
+            warnings.warn(
+                f"{name}: {n} samples for {size} features, so its covariances are singular; "
+                "collect more data (the ridge keeps later solves stable)",
+                stacklevel=3,  # the caller of collect_statistics
+            )
         blocks = {}
         for (i, j), product in self.products.items():
             block = (product - torch.outer(self.total[i], self.total[j]) / n) / (n - 1)
@@ -428,7 +442,8 @@ def _evaluating(models: Sequence[nn.Module], device: torch.device) -> Iterator[N
     saved = []
     for model in models:
         tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        saved.append((tensor.device if tensor is not None else None, _flags(model)))
+        flags = [module.training for module in model.modules()]
+        saved.append((tensor.device if tensor is not None else None, flags))
     try:
         for model in models:
             model.to(device).eval()
@@ -439,10 +454,6 @@ def _evaluating(models: Sequence[nn.Module], device: torch.device) -> Iterator[N
                 model.to(original)
             for module, flag in zip(model.modules(), flags, strict=True):
                 module.training = flag
-
-
-def _flags(model: nn.Module) -> list[bool]:
-    return [module.training for module in model.modules()]
 
 
 def _world() -> tuple[int, int]:
@@ -598,14 +609,9 @@ def collect_statistics(
         progress and rank == 0,
     )
     _synchronise(accumulators, _accumulate(models, accumulators, schedule, device), device)
-    for a in accumulators:
-        if a.count < a.target.size:
-            warnings.warn(
-                f"{a.target.describe()}: {a.count} samples for {a.target.size} features, so its "
-                "covariances are singular; collect more data (the ridge keeps later solves stable)",
-                stacklevel=2,
-            )
-    finished = [a.finish() for a in accumulators]
+    finished = []
+    for accumulator in accumulators:  # no comprehension: warnings' stacklevel counts frames
+        finished.append(accumulator.finish())
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
     stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}
     return stats

@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from accord._trace_finish import finish
 from accord._trace_state import Call, Feat, Other, Seg, TensorMeta, Tup, Walk, plain
-from accord._trace_tables import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from accord._trace_tables import FUNCTION_RULES, HEAD_RULES, METHOD_RULES, MODULE_RULES
 from accord.errors import ConfigError, TraceError
 from accord.fx import symbolic_graph
 from accord.spec import Spec
@@ -85,7 +85,7 @@ def trace(
         walk.order[node.name] = index
         walk.metas[node.name] = metas.get(node.name)
         walk.values[node.name] = _visit(walk, node, leaves)
-    return finish(walk, model, observe)
+    return finish(walk, model, observe, leaves)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -162,7 +162,7 @@ def _visit(walk: Walk, node: fx.Node, leaves: set[str]) -> Any:
     if node.op == "output":
         _output(walk, node)
         return Other()
-    call = _call(walk, node, meta, leaves)
+    call = _call(walk, node, meta)
     rule = _rule(node, call, leaves)
     result = rule(call) if rule is not None else None
     if result is None:
@@ -172,16 +172,24 @@ def _visit(walk: Walk, node: fx.Node, leaves: set[str]) -> Any:
 
 
 def _placeholder(walk: Walk, node: fx.Node, meta: Any) -> Any:
-    """A floating input with a batch axis: its features (channels, or last axis of 3-D
-    token tensors) form a fixed space, so that its readers are reported."""
+    """A floating input with a batch axis: its features (channels; the last axis of a 3-D
+    input unless a 1-d conv or norm reads it) form a fixed space, so its readers are listed."""
     if not isinstance(meta, TensorMeta) or not meta.floating or len(meta.shape) < 2:
         return plain(meta)
-    axis = 2 if len(meta.shape) == 3 else 1
+    axis = 2 if len(meta.shape) == 3 and not _channels_first(walk, node) else 1
     size = meta.shape[axis]
     space = walk.table.new(size, f"input:{node.target}")
     walk.table.record(space).is_input = True
     walk.table.fix(space, "input")
     return Feat(meta.shape, axis, (Seg(space, size),))
+
+
+def _channels_first(walk: Walk, node: fx.Node) -> bool:
+    """Whether a 3-D input is (N, C, L): it goes straight into a 1-d conv or norm."""
+    kinds = (nn.Conv1d, nn.BatchNorm1d, nn.InstanceNorm1d)
+    return any(
+        user.op == "call_module" and type(walk.modules[user.target]) in kinds for user in node.users
+    )
 
 
 def _output(walk: Walk, node: fx.Node) -> None:
@@ -194,7 +202,7 @@ def _output(walk: Walk, node: fx.Node) -> None:
             walk.taint(feat.param, f"{feat.param} is returned by the model")
 
 
-def _call(walk: Walk, node: fx.Node, meta: Any, leaves: set[str]) -> Call:
+def _call(walk: Walk, node: fx.Node, meta: Any) -> Call:
     if node.op == "call_module":
         module = walk.modules[node.target]
         return Call(walk, node, meta, f"{type(module).__name__} {node.target!r}", module)
@@ -204,6 +212,14 @@ def _call(walk: Walk, node: fx.Node, meta: Any, leaves: set[str]) -> Call:
 
 
 def _rule(node: fx.Node, call: Call, leaves: set[str]) -> Any:
+    rule = _listed_rule(node, call, leaves)
+    args = [call.resolve(a) for a in (*node.args, *node.kwargs.values())]
+    if rule not in HEAD_RULES and any(feat.heads is not None for feat in _feats(args)):
+        return None
+    return rule
+
+
+def _listed_rule(node: fx.Node, call: Call, leaves: set[str]) -> Any:
     if node.op == "call_module":
         return None if node.target in leaves else MODULE_RULES.get(type(call.module))
     if node.op == "call_method":

@@ -54,9 +54,19 @@ def merge_tuned(
         )
     best, trials = None, []
     for options in candidates(method):
-        result = merge(
-            models, data, method, validation=validation, device=device, **merge_arguments, **options
-        )
+        try:
+            result = merge(
+                models,
+                data,
+                method,
+                validation=validation,
+                device=device,
+                **merge_arguments,
+                **options,
+            )
+        except MergeError as exc:  # e.g. ZipIt! with α = 0 cannot zip more than two models
+            trials.append({"options": options, "error": str(exc)})
+            continue
         if merge_arguments.get("statistics") is None and result.statistics is not None:
             merge_arguments["statistics"] = result.statistics
             merge_arguments.setdefault("spec", result.spec)
@@ -64,7 +74,8 @@ def merge_tuned(
         trials.append({"options": options, "val_accuracy": score})
         if best is None or score > best[0]:
             best = (score, result)
-    assert best is not None
+    if best is None:
+        raise MergeError(f"no candidate options of {method!r} could merge: {trials}")
     result = best[1]
     result.report["tuning"] = trials
     return result

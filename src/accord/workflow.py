@@ -26,7 +26,12 @@ from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, save_c
 from accord.trace import trace
 
 # The order of the comparison table: the baselines, then CCA Merge.
-ALL_METHODS = ("identity", "permutation", "weight_matching", "zipit", "ot", "cca")
+ALL_METHODS = ("identity", "permutation", "weight_matching", "zipit", "ot", "cca", "npmerge")
+
+
+def needs_data(method: str) -> bool:
+    """Whether ``method`` (a matcher, or npmerge) needs activation statistics."""
+    return method == "npmerge" or MATCHERS[method].needs_data
 
 
 @dataclass
@@ -66,7 +71,8 @@ def _methods(config: MergeConfig) -> tuple[str, ...]:
                 "options: with method 'all' give 'auto' or none (they differ per method)"
             )
         return ALL_METHODS
-    matcher(config.method)  # an unknown name fails here, before any work
+    if config.method != "npmerge":
+        matcher(config.method)  # an unknown name fails here, before any work
     return (config.method,)
 
 
@@ -111,7 +117,7 @@ def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcom
             spec,
             reference,
             config.repair,
-            shared if MATCHERS[method].needs_data else None,
+            shared if needs_data(method) else None,
             batchnorm=config.batchnorm,
             validation=data.val,
             device=config.device,
@@ -137,7 +143,7 @@ def _shared_statistics(
     progress: bool,
 ) -> Any:
     """One statistics pass shared by every data-driven method (all pairs for ZipIt!, N > 2)."""
-    if not any(MATCHERS[m].needs_data for m in methods):
+    if not any(needs_data(m) for m in methods):
         return None
     pairs = "all" if len(models) > 2 and "zipit" in methods else "reference"
     return collect_statistics(

@@ -1,0 +1,108 @@
+"""Attention written out in the graph: a space split into heads, scaled dot-product attention.
+
+``q = self.q(x).reshape(B, L, H, D).transpose(1, 2)`` splits q's space into H heads of D
+features (the space then admits block-diagonal maps only, one block per head);
+``F.scaled_dot_product_attention(q, k, v)`` keeps ``q·k`` per head when ``q ← T q`` and
+``k ← T⁻ᵀ k``, so k's writers become readers of q's space (the "qk" space), and its output
+is in v's space; the reshape back to (B, L, H·D) joins the heads again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from accord import _trace_rules as rules
+from accord._trace_state import Call, Feat
+
+
+def reshape(call: Call) -> Any:
+    """The reshape rule, plus splitting a space into heads and joining them back."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or shape is None or not x.featured:
+        return rules.reshape(call)
+    if x.heads is not None:
+        joined = _join(x, shape)
+        if joined is None:
+            call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes heads")
+            return call.plain()
+        return joined
+    if rules.follow_reshape(x, shape) is None:
+        split = _split(x, shape)
+        if split is not None:
+            call.table.constrain_groups(x.segs[0].space, shape[split.heads])
+            return split
+    return rules.reshape(call)
+
+
+def _split(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, C, …) → (…, H, D, …) with C = H·D, for a tensor holding one whole space."""
+    if len(x.segs) != 1 or x.segs[0].block != 1 or x.segs[0].space is None:
+        return None
+    before = math.prod(x.shape[: x.axis])
+    for b in range(len(shape) - 1):
+        if math.prod(shape[:b]) != before or shape[b] * shape[b + 1] != x.shape[x.axis]:
+            continue
+        if shape[b] > 1 and shape[b + 1] > 1:
+            return Feat(tuple(shape), b + 1, x.segs, heads=b)
+    return None
+
+
+def _join(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, H, D, …) → (…, H·D, …): heads axis right before the per-head axis."""
+    if x.axis != x.heads + 1:
+        return None
+    before = math.prod(x.shape[: x.heads])
+    for b, size in enumerate(shape):
+        if math.prod(shape[:b]) == before and size == x.shape[x.heads] * x.shape[x.axis]:
+            return Feat(tuple(shape), b, x.segs)
+    return None
+
+
+def attention(call: Call) -> Any:
+    """F.scaled_dot_product_attention on (…, H, L, D) heads of q, k and v."""
+    q, k, v = (call.arg(i, name) for i, name in enumerate(("query", "key", "value")))
+    mask = call.arg(3, "attn_mask", None)
+    shape = call.out_shape
+    if shape is None or (isinstance(mask, Feat) and mask.featured):
+        return None
+    if not all(isinstance(t, Feat) and _per_head(t) for t in (q, k, v)):
+        return None
+    table = call.table
+    query, key = q.segs[0].space, k.segs[0].space
+    if table.find(query) == table.find(key) or not _only_used_here(call, key):
+        return None
+    table.absorb_as_readers(query, key)
+    table.downgrade(query, "orthogonal")
+    record, key_record = table.record(query), table.record(key)
+    parent, _, _ = record.base.rpartition(".")
+    if parent and key_record.base.rpartition(".")[0] == parent:
+        record.base = f"{parent}.qk"
+    return Feat(shape, len(shape) - 1, v.segs, heads=len(shape) - 3)
+
+
+def _per_head(t: Feat) -> bool:
+    return (
+        t.heads == t.ndim - 3
+        and t.axis == t.ndim - 1
+        and len(t.segs) == 1
+        and t.segs[0].space is not None
+    )
+
+
+def _only_used_here(call: Call, key: int) -> bool:
+    """The key space is only written, and its values reach nothing but this call."""
+    table, walk = call.table, call.walk
+    root = table.find(key)
+    record = table.records[root]
+    if record.refs["readers"] or record.refs["elementwise"] or record.reasons:
+        return False
+    holders = {
+        name
+        for name, value in walk.values.items()
+        if isinstance(value, Feat)
+        and any(s.space is not None and table.find(s.space) == root for s in value.segs)
+    }
+    nodes = {node.name: node for node in call.node.graph.nodes}
+    allowed = holders | {call.node.name}
+    return all(user.name in allowed for name in holders for user in nodes[name].users)

@@ -1,0 +1,490 @@
+"""NP Merge: learned, parameter-wise interpolation of aligned models.
+
+Orozco Camacho, Horoi, Wolf, Belilovsky, "Non-Uniform Parameter-Wise Model Merging"
+(arXiv:2412.15467, 2024). After alignment, every floating-point parameter tensor θ (shape S)
+gets a coefficient-logit tensor ``a`` of shape ``(N, *S)``; the merged parameter is
+
+    θ = Σ_i softmax_i(a) ⊙ θ_i            (N = 2: σ(a)·θ_0 + (1 − σ(a))·θ_1)
+
+with ``a = 0`` at the start, which is the plain average. Only the logits train (Adam); the
+aligned parameters are frozen constants. The loss is cross-entropy on labels, or
+KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels.
+
+``scheme="pairwise"`` (the paper's route for N > 2) trains one sigmoid logit tensor per stage
+between the running merge and the next model. Memory: the logits and Adam's two moments are 3
+tensors of each model's size per model (joint) or per stage (pairwise), next to the N (or 2)
+stacked copies of the aligned parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from accord._io import write_with
+from accord.combine.average import average_states
+from accord.errors import MergeError
+from accord.evaluate import batches
+
+LOSSES = ("ce", "kl")
+SCHEMES = ("joint", "pairwise")
+MAX_PANELS = 24
+
+Weigh = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class NPMergeResult:
+    """The merged state dict and how the coefficients were learned.
+
+    ``coefficients[name]`` has shape ``(N, *param.shape)``: the weight of each original model
+    in the merged parameter (summing to 1 over the first axis). ``losses`` holds one value per
+    step, all stages concatenated. ``memory_bytes`` is measured on the tensors allocated for
+    training (the largest stage for ``scheme="pairwise"``): ``parameters`` (the stacked frozen
+    copies), ``logits`` and ``optimizer`` (Adam's state after its first step; 0 if none ran).
+    """
+
+    state: dict[str, torch.Tensor]
+    losses: list[float]
+    coefficients: dict[str, torch.Tensor]
+    stages: list[dict[str, Any]]
+    memory_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    """What every stage shares: the functional model, the data and the training settings."""
+
+    probe: nn.Module
+    buffers: dict[str, torch.Tensor]
+    dtypes: dict[str, torch.dtype]
+    data: Any
+    loss: str
+    teachers: Sequence[nn.Module]
+    epochs: int
+    max_samples: int | None
+    lr: float
+    device: torch.device
+    progress: bool
+
+
+def _choice(name: str, value: str, valid: Sequence[str]) -> str | None:
+    if value in valid:
+        return None
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name}={value!r}: choose one of {', '.join(valid)}{hint}"
+
+
+def _check_arguments(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    data: Any,
+    loss: str,
+    teachers: Sequence[nn.Module] | None,
+    scheme: str,
+    settings: tuple[int, int | None, float],
+) -> None:
+    """Every problem with the arguments, raised at once before any work."""
+    epochs, max_samples, lr = settings
+    problems = [p for p in (_choice("loss", loss, LOSSES), _choice("scheme", scheme, SCHEMES)) if p]
+    if len(states) < 2:
+        problems.append(f"NP Merge needs at least 2 aligned state dicts, got {len(states)}")
+    if data is None or (hasattr(data, "__len__") and len(data) == 0):
+        problems.append("NP Merge needs a calibration set (data=...)")
+    if loss == "kl" and not teachers:
+        problems.append('loss="kl" needs the base models as teachers=[...]')
+    if epochs < 0:
+        problems.append(f"epochs={epochs} must be 0 or more")
+    if max_samples is not None and max_samples < 0:
+        problems.append(f"max_samples={max_samples} must be 0 or more")
+    if not lr > 0:
+        problems.append(f"lr={lr} must be positive")
+    if problems:
+        raise MergeError("; ".join(problems))
+
+
+def _parameters(
+    model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The floating parameters that get coefficients, and each tied alias's trained name."""
+    trained: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.is_floating_point():
+            continue
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+            continue
+        first[id(param)] = name
+        trained[name] = param
+        for index, state in enumerate(states):
+            if name not in state:
+                raise MergeError(f"state {index} has no parameter {name!r} (the model has)")
+            if state[name].shape != param.shape:
+                raise MergeError(
+                    f"parameter {name!r} has shape {tuple(state[name].shape)} in state {index} "
+                    f"but {tuple(param.shape)} in the model"
+                )
+    if not trained:
+        raise MergeError(f"{type(model).__name__} has no floating-point parameters to merge")
+    return trained, aliases
+
+
+def _weighted(
+    states: Sequence[Mapping[str, torch.Tensor]], name: str, weights: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_i w_i ⊙ θ_i`` in float64, summed in the order of ``average_states`` so that uniform
+    weights give its result bit for bit."""
+    total = torch.zeros_like(states[0][name], dtype=torch.float64)
+    for weight, state in zip(weights, states, strict=True):
+        total += weight * state[name].to(torch.float64)
+    return total.to(states[0][name].dtype)
+
+
+def _split(batch: Any, loss: str, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, labels)`` of a batch; labels are required by the cross-entropy loss."""
+    pair = isinstance(batch, tuple | list)
+    inputs = batch[0] if pair else batch
+    labels = batch[1] if pair and len(batch) > 1 else None
+    if loss == "ce" and labels is None:
+        raise MergeError(
+            f"NP Merge: batch {index} of the calibration data has no labels, which loss='ce' "
+            "needs; "
+            "use loss='kl' with teachers=[...] to distil the ensemble instead"
+        )
+    return inputs, labels
+
+
+def _stream(task: _Task) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``epochs`` passes over the data, cut at ``max_samples`` samples in total."""
+    seen = 0
+    if task.max_samples == 0:
+        return
+    for epoch in range(task.epochs):
+        count = 0
+        for batch in batches(task.data):
+            count += 1
+            inputs, labels = _split(batch, task.loss, count - 1)
+            if task.max_samples is not None:
+                inputs = inputs[: task.max_samples - seen]
+                labels = None if labels is None else labels[: task.max_samples - seen]
+            seen += len(inputs)
+            yield inputs, labels
+            if task.max_samples is not None and seen >= task.max_samples:
+                return
+        if count == 0:
+            raise MergeError(
+                f"NP Merge needs a calibration set (data=...): pass {epoch + 1} gave no batches "
+                "(a one-shot iterator cannot be read twice: give a list or a DataLoader)"
+            )
+
+
+def _class_rows(logits: Any) -> torch.Tensor:
+    """Model outputs as ``(rows, classes)``: the last axis holds the classes."""
+    logits = getattr(logits, "logits", logits)
+    return logits.reshape(-1, logits.shape[-1]).float()
+
+
+def _loss(task: _Task, outputs: Any, inputs: torch.Tensor, labels: Any) -> torch.Tensor:
+    """Cross-entropy on ``labels``, or KL(teachers' averaged logits ‖ merged)."""
+    logits = _class_rows(outputs)
+    if task.loss == "ce":
+        return F.cross_entropy(logits, labels.to(task.device).reshape(-1))
+    with torch.no_grad():
+        teacher = torch.stack([_class_rows(t(inputs)) for t in task.teachers]).mean(0)
+    return F.kl_div(
+        F.log_softmax(logits, -1),
+        F.log_softmax(teacher, -1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def _non_finite(
+    step: int,
+    loss: torch.Tensor,
+    logits: Mapping[str, torch.Tensor],
+    constants: Mapping[str, torch.Tensor],
+    inputs: torch.Tensor,
+) -> MergeError:
+    """The error for a non-finite loss, saying where non-finite values are."""
+    bad = [n for n in logits if not (logits[n].isfinite().all() and constants[n].isfinite().all())]
+    if bad:
+        where = f"parameters with non-finite logits or weights: {', '.join(bad)}"
+    elif inputs.is_floating_point() and not inputs.isfinite().all():
+        where = "the input batch has non-finite values"
+    else:
+        where = (
+            "the logits and weights of every parameter are finite, so it arose in the forward "
+            f"pass, from the first layer ({next(iter(logits))!r}) on"
+        )
+    return MergeError(
+        f"NP Merge step {step}: the loss is {loss.item()}; {where}. "
+        "Check the calibration data, or lower lr=..."
+    )
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _train_stage(
+    task: _Task,
+    constants: dict[str, torch.Tensor],
+    logits: dict[str, torch.Tensor],
+    weigh: Weigh,
+    desc: str,
+) -> dict[str, Any]:
+    """Train ``logits`` in place on θ = Σ_i weigh(a)_i ⊙ constants_i; the stage's record."""
+    optimizer = torch.optim.Adam(list(logits.values()), lr=task.lr)
+    buffers = {k: v.clone() for k, v in task.buffers.items()}  # BN train mode writes into them
+    record: dict[str, Any] = {"steps": 0, "samples": 0, "losses": []}
+    record["memory"] = {"parameters": _nbytes(constants.values()), "logits": 0, "optimizer": 0}
+    for inputs, labels in tqdm(_stream(task), desc=desc, disable=not task.progress):
+        step, inputs = record["steps"] + 1, inputs.to(task.device)
+        params = {n: (weigh(a) * constants[n]).sum(0).to(task.dtypes[n]) for n, a in logits.items()}
+        value = _loss(
+            task, functional_call(task.probe, {**params, **buffers}, (inputs,)), inputs, labels
+        )
+        if not value.isfinite():
+            raise _non_finite(step, value, logits, constants, inputs)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        grads = {n: a.grad for n, a in logits.items() if a.grad is not None}
+        if grads and not torch.stack([g.isfinite().all() for g in grads.values()]).all():
+            name = next(n for n, g in grads.items() if not g.isfinite().all())
+            raise MergeError(
+                f"NP Merge step {step}: the gradient of the coefficients of {name!r} is not "
+                "finite; check the calibration data, or lower lr=..."
+            )
+        optimizer.step()
+        record["steps"], record["samples"] = step, record["samples"] + len(inputs)
+        record["losses"].append(value.item())
+        if step == 1:
+            state = [t for s in optimizer.state.values() for t in s.values()]
+            record["memory"].update(logits=_nbytes(logits.values()), optimizer=_nbytes(state))
+    return record
+
+
+def _joint(
+    task: _Task, states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """One softmax over all N models; the weights ``softmax(a)`` in float64."""
+    constants = {
+        n: torch.stack([s[n] for s in states]).to(task.device, _compute(task.dtypes[n]))
+        for n in names
+    }
+    logits = {
+        n: torch.zeros_like(c, dtype=torch.float32).requires_grad_() for n, c in constants.items()
+    }
+    record = _train_stage(task, constants, logits, lambda a: torch.softmax(a, 0), "NP Merge")
+    record["models"] = list(range(len(states)))
+    weights = {n: torch.softmax(a.detach().cpu().double(), 0) for n, a in logits.items()}
+    return weights, [record]
+
+
+def _sigmoid_pair(a: torch.Tensor) -> torch.Tensor:
+    # σ(−a) rather than 1 − σ(a): exact in the tails where σ(a) rounds to 1.
+    return torch.stack([torch.sigmoid(a), torch.sigmoid(-a)])
+
+
+def _pairwise(
+    task: _Task, states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Successive pairs: stage k merges the running merge of models 0..k−1 with model k.
+
+    Stage k's logit starts at log(k), so σ = k/(k+1) and every stage starts at the plain
+    average of models 0..k (successive averaging with σ = 1/2 would give model k weight 1/2).
+    Effective weights: w_{0..k−1} ← σ ⊙ w_{0..k−1}, w_k = 1 − σ.
+    """
+    weights = {n: torch.ones(1, *states[0][n].shape, dtype=torch.float64) for n in names}
+    records = []
+    for k in range(1, len(states)):
+        constants = {
+            n: torch.stack([_weighted(states[:k], n, weights[n]), states[k][n]]).to(
+                task.device, _compute(task.dtypes[n])
+            )
+            for n in names
+        }
+        logits = {
+            n: torch.full(states[0][n].shape, math.log(k), device=task.device).requires_grad_()
+            for n in names
+        }
+        record = _train_stage(
+            task, constants, logits, _sigmoid_pair, f"NP Merge {k}/{len(states) - 1}"
+        )
+        record["models"] = list(range(k + 1))
+        records.append(record)
+        for n, a in logits.items():
+            pair = _sigmoid_pair(a.detach().cpu().double())
+            weights[n] = torch.cat([weights[n] * pair[0], pair[1:]])
+    return weights, records
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """Train in at least float32, whatever the parameters' precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@contextmanager
+def _teaching(teachers: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    """Teachers in eval mode on ``device``; their training flags restored afterwards."""
+    flags = [t.training for t in teachers]
+    for teacher in teachers:
+        teacher.to(device).eval()
+    try:
+        yield
+    finally:
+        for teacher, flag in zip(teachers, flags, strict=True):
+            teacher.train(flag)
+
+
+def np_merge(
+    model: nn.Module,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    data: Any,
+    *,
+    loss: str = "ce",
+    teachers: Sequence[nn.Module] | None = None,
+    scheme: str = "joint",
+    epochs: int = 1,
+    max_samples: int | None = None,
+    lr: float = 0.01,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> NPMergeResult:
+    """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
+
+    ``model`` is a template (weights unused, never modified); ``data`` yields ``(inputs,
+    labels)`` batches, or bare inputs with ``loss="kl"``. ``scheme="joint"``: one softmax over
+    all models; ``"pairwise"``: successive pairs as in the paper, stage k's logit starting at
+    log k so that every stage starts at the plain average of its models (σ = 1/2 would give the
+    last model weight 1/2). With ``epochs=0`` or ``max_samples=0`` the joint result is
+    :func:`average_states` bit for bit (pairwise: to rounding). Training runs ``epochs`` passes
+    over ``data``, at most ``max_samples`` samples per stage; ``seed`` fixes dropout.
+
+    The coefficients are trained with BatchNorm normalising by batch statistics (the model
+    runs in train mode); the returned buffers are the plain averages, untouched by training,
+    and the running statistics are then reset by the caller (merge's repair step).
+
+    >>> states = [nn.Linear(2, 2).state_dict() for _ in range(2)]
+    >>> data = [(torch.randn(8, 2), torch.randint(2, (8,)))]
+    >>> result = np_merge(nn.Linear(2, 2), states, data, progress=False)
+    >>> tuple(result.coefficients["weight"].shape), len(result.losses)
+    ((2, 2, 2), 1)
+    """
+    states = list(states)
+    _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr))
+    params, aliases = _parameters(model, states)
+    base = average_states(states)
+    device = torch.device(device)
+    task = _Task(
+        probe=copy.deepcopy(model).to(device).train(),
+        buffers={k: v.to(device) for k, v in base.items() if k not in params and k not in aliases},
+        dtypes={n: p.dtype for n, p in params.items()},
+        data=data,
+        loss=loss,
+        teachers=list(teachers or []),
+        epochs=epochs,
+        max_samples=max_samples,
+        lr=lr,
+        device=device,
+        progress=progress,
+    )
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with rng, _teaching(task.teachers, device):
+        torch.manual_seed(seed)
+        train = _joint if scheme == "joint" else _pairwise
+        weights, records = train(task, states, list(params))
+    return _result(states, base, aliases, weights, records)
+
+
+def _result(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str],
+    weights: Mapping[str, torch.Tensor],
+    records: Sequence[dict[str, Any]],
+) -> NPMergeResult:
+    """The merged state (learned weights on parameters, plain averages elsewhere), the
+    per-model weights and the stages' records."""
+    state = dict(base)
+    for name in [*weights, *aliases]:
+        key = aliases.get(name, name)
+        state[name] = _weighted(states, key, weights[key])
+    memory = {k: max(r["memory"][k] for r in records) for k in records[0]["memory"]}
+    stages = [
+        {
+            "models": r["models"],
+            "steps": r["steps"],
+            "samples": r["samples"],
+            "loss": r["losses"][-1] if r["losses"] else None,
+        }
+        for r in records
+    ]
+    losses = [v for r in records for v in r["losses"]]
+    coefficients = {n: w.float() for n, w in weights.items()}
+    return NPMergeResult(state, losses, coefficients, stages, memory)
+
+
+def coefficient_histograms(
+    coefficients: Mapping[str, torch.Tensor], path: str | Path, bins: int = 50
+) -> None:
+    """One histogram per parameter tensor of the learned weights, written as a PNG.
+
+    Two models: the weight of model 0 (model 1's is 1 minus it); more: each model's weight,
+    overlaid. After ``MAX_PANELS − 1`` tensors the rest share one panel.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(coefficients)
+    groups = [[n] for n in names[: MAX_PANELS - 1]]
+    if len(names) > MAX_PANELS - 1:
+        groups.append(names[MAX_PANELS - 1 :])
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    # no layout engine: with two dozen panels it costs more than all the drawing
+    figure = Figure(figsize=(3.2 * cols, 2.4 * rows))
+    grid = {"hspace": 0.6, "wspace": 0.3}
+    axes = figure.subplots(rows, cols, squeeze=False, sharex=True, gridspec_kw=grid).ravel()
+    for ax, group in zip(axes, groups, strict=False):
+        stacked = torch.cat([coefficients[n].flatten(1) for n in group], 1).double()
+        for index, weights in enumerate(stacked[:1] if len(stacked) == 2 else stacked):
+            counts, edges = torch.histogram(weights, bins=bins, range=(0.0, 1.0))
+            ax.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.5, label=f"model {index}")
+        title = group[0] if len(group) == 1 else f"{len(group)} other tensors"
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.locator_params(axis="y", nbins=3)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    figure.supxlabel("learned weight")
+    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+def loss_curve(losses: Sequence[float], path: str | Path) -> None:
+    """The training loss per step, written as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("NP Merge")
+    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

@@ -1,0 +1,239 @@
+"""NP Merge: learned parameter-wise coefficients (accord.combine.npmerge)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import matplotlib.image
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from accord.combine.average import average_states
+from accord.combine.npmerge import coefficient_histograms, loss_curve, np_merge
+from accord.errors import MergeError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread: None) -> Iterator[None]:
+    yield
+
+
+def mlp(seed: int, batchnorm: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    norm: nn.Module = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Linear(4, 16), norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def toy_data(batches: int = 8, size: int = 32, seed: int = 0) -> list[Batch]:
+    """Three classes decided by a fixed linear map of the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * size, 4, generator=g)
+    y = (x @ torch.randn(4, 3, generator=g)).argmax(1)
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def states_of(*models: nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def accuracy(state: dict[str, torch.Tensor], model: nn.Module, data: list[Batch]) -> float:
+    model.load_state_dict(state)
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("budget", [{"epochs": 0}, {"max_samples": 0}])
+def test_zero_steps_is_the_plain_average_exactly(budget: dict[str, int]) -> None:
+    states = states_of(mlp(0, batchnorm=True), mlp(1, batchnorm=True), mlp(2, batchnorm=True))
+    result = np_merge(mlp(9, batchnorm=True), states, toy_data(), progress=False, **budget)
+    average = average_states(states)
+    assert result.state.keys() == average.keys()
+    for key, value in average.items():
+        assert torch.equal(result.state[key], value), key
+        assert result.state[key].dtype == value.dtype
+    assert result.losses == [] and result.stages[0]["steps"] == 0
+
+
+def test_training_lowers_the_loss_and_changes_nothing_else() -> None:
+    template = mlp(9)
+    before_template = states_of(template)[0]
+    states = states_of(mlp(0), mlp(1))
+    before = [{k: v.clone() for k, v in s.items()} for s in states]
+    result = np_merge(template, states, toy_data(), epochs=3, lr=0.05, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert len(result.losses) == 24 and result.stages[0]["samples"] == 3 * 256
+    for key, value in template.state_dict().items():
+        assert torch.equal(value, before_template[key])
+    for state, saved in zip(states, before, strict=True):
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert template.training  # the template's mode is untouched too
+    assert not torch.equal(result.state["0.weight"], average_states(states)["0.weight"])
+
+
+def test_first_step_is_adams_sign_step() -> None:
+    """Adam's first step moves each logit by lr·sign(gradient): pin it from autograd on θ."""
+    states = states_of(nn.Linear(4, 3), nn.Linear(4, 3))
+    data = toy_data(batches=1)
+    lr = 0.1
+    average = average_states(states)
+    theta = {k: v.clone().requires_grad_() for k, v in average.items()}
+    x, y = data[0]
+    F.cross_entropy(F.linear(x, theta["weight"], theta["bias"]), y).backward()
+    for scheme, scale in (("joint", 2.0), ("pairwise", 1.0)):
+        result = np_merge(nn.Linear(4, 3), states, data, scheme=scheme, lr=lr, progress=False)
+        for key in theta:
+            # ∂L/∂a_0 ∝ g ⊙ (θ_0 − θ_1); joint logits move apart by 2·lr, a sigmoid's by lr
+            slope = theta[key].grad * (states[0][key] - states[1][key])
+            expected = torch.sigmoid(-scale * lr * slope.sign())
+            clear = slope.abs() > 1e-4
+            torch.testing.assert_close(
+                result.coefficients[key][0][clear], expected[clear], rtol=0, atol=1e-4
+            )
+
+
+def test_coefficients_move_toward_the_correct_model() -> None:
+    """Model 0 classifies perfectly, model 1 is random: NP Merge leans on model 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 2, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    data = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
+    w = torch.tensor([1.0, 0.5])
+    good = {"weight": torch.stack([-w, w]) * 4, "bias": torch.zeros(2)}
+    bad = {"weight": torch.randn(2, 2, generator=g) * 4, "bias": torch.randn(2, generator=g)}
+    probe = nn.Linear(2, 2)
+    plain = accuracy(average_states([good, bad]), probe, data)
+    for scheme in ("joint", "pairwise"):
+        result = np_merge(
+            nn.Linear(2, 2), [good, bad], data, epochs=5, lr=0.1, scheme=scheme, progress=False
+        )
+        assert result.coefficients["weight"][0].mean() > 0.6
+        assert accuracy(result.state, probe, data) > max(plain + 0.05, 0.97)
+
+
+def test_kl_to_the_ensemble_needs_no_labels() -> None:
+    models = [mlp(0), mlp(1)]
+    inputs = [x for x, _ in toy_data()]
+    result = np_merge(
+        mlp(9), states_of(*models), inputs, loss="kl", teachers=models, epochs=2, progress=False
+    )
+    assert result.losses[-1] < result.losses[0]
+    assert all(m.training for m in models)  # the teachers' modes are restored
+
+
+def test_cross_entropy_without_labels_suggests_kl() -> None:
+    inputs = [x for x, _ in toy_data()]
+    with pytest.raises(MergeError, match="loss='kl'"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), inputs, progress=False)
+    with pytest.raises(MergeError, match="kl"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), [(inputs[0], None)], progress=False)
+
+
+def test_arguments_are_checked_together() -> None:
+    with pytest.raises(MergeError) as error:
+        np_merge(mlp(9), states_of(mlp(0)), None, loss="cee", scheme="jiont", lr=0)
+    message = str(error.value)
+    for part in ("did you mean 'ce'", "did you mean 'joint'", "at least 2", "data=...", "lr=0"):
+        assert part in message
+    with pytest.raises(MergeError, match="teachers"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="kl")
+    with pytest.raises(MergeError, match="calibration set"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), [], progress=False)
+    with pytest.raises(MergeError, match="calibration set"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), iter(toy_data()), epochs=2, progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["joint", "pairwise"])
+def test_three_models_start_at_the_average(scheme: str) -> None:
+    states = states_of(mlp(0), mlp(1), mlp(2))
+    start = np_merge(mlp(9), states, toy_data(), scheme=scheme, epochs=0, progress=False)
+    for key, value in average_states(states).items():
+        torch.testing.assert_close(start.state[key], value, rtol=0, atol=1e-6)
+    result = np_merge(mlp(9), states, toy_data(), scheme=scheme, lr=0.05, progress=False)
+    assert len(result.stages) == (1 if scheme == "joint" else 2)
+    assert result.stages[-1]["models"] == [0, 1, 2]
+    for key, weights in result.coefficients.items():
+        assert weights.shape == (3, *states[0][key].shape)
+        torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]))
+        merged = sum(w.double() * s[key].double() for w, s in zip(weights, states, strict=True))
+        torch.testing.assert_close(result.state[key], merged.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_batch_names_the_step() -> None:
+    data = toy_data(batches=3)
+    data[2] = (torch.full_like(data[2][0], math.nan), data[2][1])
+    with pytest.raises(MergeError, match=r"step 3.*input batch has non-finite"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), data, progress=False)
+
+
+def test_batchnorm_buffers_are_plain_averages() -> None:
+    states = states_of(mlp(0, batchnorm=True), mlp(1, batchnorm=True))
+    for i, state in enumerate(states):  # distinct running statistics
+        state["1.running_mean"] += i + 1.0
+        state["1.running_var"] *= 2.0 + i
+        state["1.num_batches_tracked"] += 5 * (i + 1)
+    result = np_merge(mlp(9, batchnorm=True), states, toy_data(), epochs=2, progress=False)
+    average = average_states(states)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(result.state[key], average[key]), key
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_same_inputs_give_identical_outputs() -> None:
+    states = states_of(mlp(0, dropout=0.3), mlp(1, dropout=0.3))
+    runs = [
+        np_merge(mlp(9, dropout=0.3), states, toy_data(), seed=3, progress=False) for _ in range(2)
+    ]
+    assert runs[0].losses == runs[1].losses
+    assert all(torch.equal(runs[0].state[k], runs[1].state[k]) for k in runs[0].state)
+
+
+def test_memory_is_three_times_the_parameters_per_model() -> None:
+    template = mlp(9)
+    size = sum(p.numel() * p.element_size() for p in template.parameters())
+    states = states_of(mlp(0), mlp(1), mlp(2))
+    result = np_merge(template, states, toy_data(batches=1), progress=False)
+    assert result.memory_bytes["parameters"] == 3 * size
+    assert result.memory_bytes["logits"] == 3 * size
+    assert 2 * 3 * size <= result.memory_bytes["optimizer"] <= 2 * 3 * size + 64 * 4
+    pairwise = np_merge(template, states, toy_data(batches=1), scheme="pairwise", progress=False)
+    assert pairwise.memory_bytes["logits"] == size
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(3, 3, bias=False)
+        self.decode = nn.Linear(3, 3)
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(torch.relu(self.encode(x)))
+
+
+def test_tied_parameters_stay_tied() -> None:
+    torch.manual_seed(0)
+    states = states_of(Tied(), Tied())
+    x = torch.randn(64, 3)
+    data = [(x, x.argmax(1))]
+    result = np_merge(Tied(), states, data, epochs=3, progress=False)
+    assert set(result.coefficients) == {"encode.weight", "decode.bias"}
+    assert torch.equal(result.state["decode.weight"], result.state["encode.weight"])
+
+
+def test_figures_are_written(tmp_path) -> None:
+    pair = np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), progress=False)
+    result = np_merge(mlp(9), states_of(mlp(0), mlp(1), mlp(2)), toy_data(), progress=False)
+    many = {f"layer{i}.weight": result.coefficients["0.weight"] for i in range(30)}
+    for name, coefficients in (("few", pair.coefficients), ("many", many)):
+        coefficient_histograms(coefficients, tmp_path / f"{name}.png")
+        image = matplotlib.image.imread(tmp_path / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    loss_curve(result.losses, tmp_path / "loss.png")
+    assert matplotlib.image.imread(tmp_path / "loss.png").shape[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.png", "loss.png", "many.png"]
