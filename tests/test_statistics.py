@@ -25,8 +25,10 @@ from accord.zoo import build_model
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_stats_worker as worker
 
-# A space's observations as (module name whose output is observed, fx node name of that call).
-Points = Sequence[tuple[str, str]]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# A space's observations: the names of the modules whose outputs are observed.
+Points = Sequence[str]
 
 
 def _mlps(num_models: int = 3, width: int = 10) -> list[nn.Module]:
@@ -57,7 +59,7 @@ def _mlp_spec(width: int = 10) -> Spec:
     )
 
 
-MLP_POINTS = {"h1": [("1", "_1")], "h2": [("3", "_3")]}
+MLP_POINTS = {"h1": ["1"], "h2": ["3"]}
 
 
 def _convs(num_models: int = 3) -> list[nn.Module]:
@@ -87,7 +89,7 @@ def _conv_spec() -> Spec:
     )
 
 
-CONV_POINTS = {"c1": [("1", "_1")], "c2": [("3", "_3")]}
+CONV_POINTS = {"c1": ["1"], "c2": ["3"]}
 
 
 def _batches(shape: tuple[int, ...], sizes: Sequence[int], seed: int = 0) -> list[tuple]:
@@ -103,7 +105,7 @@ def _activations(model: nn.Module, batches: Sequence[tuple], points: Points) -> 
         model.get_submodule(name).register_forward_hook(
             lambda _m, _i, out: stored.append(out.detach().clone())
         )
-        for name, _node in points
+        for name in points
     ]
     model.eval()
     with torch.no_grad():
@@ -115,7 +117,9 @@ def _activations(model: nn.Module, batches: Sequence[tuple], points: Points) -> 
     return np.concatenate(rows)
 
 
-def _direct(models: Sequence[nn.Module], batches: Sequence[tuple], points: Points):
+def _direct(
+    models: Sequence[nn.Module], batches: Sequence[tuple], points: Points
+) -> tuple[np.ndarray, np.ndarray]:
     """Means (N, C) and the joint covariance (N·C × N·C) by numpy in float64."""
     xs = [_activations(model, batches, points) for model in models]
     return np.stack([x.mean(0) for x in xs]), np.cov(np.concatenate(xs, axis=1), rowvar=False)
@@ -200,50 +204,53 @@ def test_pooled_observation_points() -> None:
     spec = Spec([FeatureSpace("stream", 10, observe=(Observation("_1", 1), Observation("_3", 1)))])
     stats = collect_statistics(models, data, spec, progress=False)
     assert stats.spaces["stream"].count == 120
-    _assert_matches_direct(stats.spaces["stream"], models, data, [("1", "_1"), ("3", "_3")])
+    _assert_matches_direct(stats.spaces["stream"], models, data, ["1", "3"])
 
 
-def _graph_rows(
-    models: Sequence[nn.Module], batches: Sequence[tuple], points: Sequence[Observation]
-) -> list[np.ndarray]:
-    """Each model's samples × features at ``points``, read from accord.fx.observed_graph."""
-    xs = []
+def _graph_outputs(
+    models: Sequence[nn.Module], batches: Sequence[tuple], nodes: Sequence[str]
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Per model, per batch: the outputs of ``nodes``, from accord.fx.observed_graph."""
+    outputs = []
     for model in models:
-        graph = observed_graph(model, [p.node for p in points]).eval()
+        graph = observed_graph(model, nodes).eval()
         with torch.no_grad():
-            outputs = [graph(inputs)[1] for inputs, _ in batches]
-        rows = [
-            out[p.node].movedim(p.axis, -1).reshape(-1, out[p.node].shape[p.axis]).double()
-            for p in points
-            for out in outputs
-        ]
-        xs.append(torch.cat(rows).numpy())
-    return xs
+            outputs.append([graph(inputs)[1] for inputs, _ in batches])
+    return outputs
 
 
+def _rows(outputs: Sequence[dict[str, torch.Tensor]], points: Sequence[Observation]) -> np.ndarray:
+    """One model's samples × features at ``points``: all positions of every point pool."""
+    rows = [
+        out[p.node].movedim(p.axis, -1).reshape(-1, out[p.node].shape[p.axis]).double()
+        for p in points
+        for out in outputs
+    ]
+    return torch.cat(rows).numpy()
+
+
+@pytest.mark.filterwarnings("ignore:.*samples for .* features")  # deep 2×2 maps, 10 images
 @pytest.mark.parametrize("name", ["resnet20", "vit"])
 def test_traced_zoo_models_match_observed_graph(name: str) -> None:
     """spec=None traces the model; residual streams pool several observation points."""
     models = []
     for seed in range(2):
         torch.manual_seed(seed)
-        models.append(
-            build_model(name, image_size=8, **({"patch_size": 4} if name == "vit" else {}))
-        )
+        extra = {"patch_size": 4} if name == "vit" else {}
+        models.append(build_model(name, image_size=8, **extra))
     data = _batches((3, 8, 8), [6, 4])
     stats = collect_statistics(models, data, pairs="all", progress=False)
-    spec = trace(models[0], data[0][0])
-    spaces = {s.name: s for s in spec.free_spaces if s.observe}
+    spaces = {s.name: s for s in trace(models[0], data[0][0]).free_spaces if s.observe}
     assert set(stats.spaces) == set(spaces) and any(len(s.observe) > 1 for s in spaces.values())
-    nodes = {
-        n.target: n.name for n in symbolic_graph(models[0]).graph.nodes if n.op == "call_module"
-    }
+    graph = symbolic_graph(models[0]).graph
+    nodes = {n.target: n.name for n in graph.nodes if n.op == "call_module"}
     norms = {bn.norm for s in spaces.values() for bn in s.batchnorms}
     assert set(stats.norms) == norms and (name == "vit" or norms)
     groups = [(stats.spaces[k], spaces[k].observe) for k in spaces]
-    groups += [(stats.norms[k], [Observation(nodes[k], 1)]) for k in norms]
+    groups += [(stats.norms[k], (Observation(nodes[k], 1),)) for k in norms]
+    outputs = _graph_outputs(models, data, [p.node for _, points in groups for p in points])
     for got, points in groups:
-        xs = _graph_rows(models, data, points)
+        xs = [_rows(model_outputs, points) for model_outputs in outputs]
         cov, c = np.cov(np.concatenate(xs, axis=1), rowvar=False), got.size
         _assert_close(got.mean, np.stack([x.mean(0) for x in xs]), 1e-10)
         for i, j in got.blocks:
@@ -275,7 +282,7 @@ def test_large_offset_keeps_precision() -> None:
     data = _batches((4,), [64, 64, 64])
     spec = Spec([FeatureSpace("z", 5, observe=(Observation("_0", 1),))])
     stats = collect_statistics(models, data, spec, progress=False)
-    _assert_matches_direct(stats.spaces["z"], models, data, [("0", "_0")])
+    _assert_matches_direct(stats.spaces["z"], models, data, ["0"])
 
 
 def test_max_samples_truncates_exactly() -> None:
@@ -343,8 +350,8 @@ def test_batchnorm_outputs_and_model_state_restored() -> None:
     assert list(stats.norms) == ["1"]
     norm = stats.norms["1"]
     assert set(norm.blocks) == {(0, 0), (1, 1), (2, 2)} and norm.count == 12 * 36
-    _assert_matches_direct(norm, models, data, [("1", "_1")])
-    _assert_matches_direct(stats.spaces["c1"], models, data, [("2", "_2")])
+    _assert_matches_direct(norm, models, data, ["1"])
+    _assert_matches_direct(stats.spaces["c1"], models, data, ["2"])
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

@@ -699,6 +699,23 @@ def test_tied_embedding_fixes_the_stream() -> None:
     assert AxisRef("embed.weight", 1) not in spec["embed"].refs
 
 
+def test_scaled_positional_embedding_is_a_writer(assert_preserved) -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.pos = nn.Parameter(torch.randn(1, 5, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.embed(x) + 0.5 * self.pos))
+
+    model, x = Tokens(), torch.randn(2, 5, 3)
+    spec = trace(model, x)
+    assert AxisRef("pos", 2) in spec["embed"].writers and spec["embed"].free
+    assert spec["embed"].observe == (Observation("relu", 2),)
+    assert_preserved(model, x, spec)
+
+
 # The spec itself --------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ _KINDS = {
 
 
 def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec:
+    """The Spec of a walked graph, validated against ``model``."""
     table = walk.table
     _union_shared(table)
     for root in table.roots():
@@ -41,7 +42,11 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec
     spaces = [
         _space(table.records[r], names[r], observations.get(r, []))
         for r in roots
-        if table.records[r].is_input or any(table.records[r].refs.values())
+        # A space left without axes (a key space absorbed by attention) is gone, unless it
+        # is the input or was fixed: those are reported.
+        if table.records[r].is_input
+        or table.records[r].reasons
+        or any(table.records[r].refs.values())
     ]
     spec = Spec(spaces, type(model).__name__, observe, _notes(spaces, leaves))  # type: ignore[arg-type]
     try:

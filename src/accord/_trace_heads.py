@@ -68,6 +68,8 @@ def attention(call: Call) -> Any:
         return None
     if not all(isinstance(t, Feat) and _per_head(t) for t in (q, k, v)):
         return None
+    if not q.shape[-3] == k.shape[-3] == v.shape[-3] or q.shape[-1] != k.shape[-1]:
+        return None  # grouped-query attention shares k and v heads: not handled here
     table = call.table
     query, key = q.segs[0].space, k.segs[0].space
     if table.find(query) == table.find(key) or not _only_used_here(call, key):

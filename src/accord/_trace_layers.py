@@ -61,6 +61,7 @@ def _rows(call: Call, name: str, offset: int = 0) -> AxisRef | None:
 
 
 def linear(call: Call) -> Any:
+    """nn.Linear: reads the last axis, writes a new space on the last axis."""
     x, module, name, shape = call.x, call.module, call.node.target, call.out_shape
     if not isinstance(x, Feat) or shape is None:
         return None
@@ -120,6 +121,7 @@ def _whole(value: Any) -> bool:
 
 
 def embedding(call: Call) -> Any:
+    """nn.Embedding: its weight columns write a new space on the last axis."""
     x, name, shape = call.x, call.node.target, call.out_shape
     if shape is None or call.module.max_norm is not None:
         # max_norm rescales rows by their norm, which only some maps keep.
@@ -178,6 +180,7 @@ def _foldable_writer(call: Call) -> str | None:
 
 
 def instancenorm(call: Call) -> Any:
+    """InstanceNorm: per-channel statistics, so permutations only."""
     x = call.x
     if isinstance(x, Feat) and not x.featured:
         return call.plain()
@@ -245,24 +248,6 @@ def prelu(call: Call) -> Any:
     call.table.downgrade_value(x, "dense")
     mark_activation(call)
     return x
-
-
-def attention(call: Call) -> Any:
-    """accord.zoo.vit.Attention: q, k, v and proj Linear(dim, dim), ``heads`` heads."""
-    x, module, name, shape = call.x, call.module, call.node.target, call.out_shape
-    if not isinstance(x, Feat) or shape is None:
-        return None
-    for part in ("q", "k", "v"):
-        read(call, x, f"{name}.{part}.weight", x.ndim - 1)
-    dim, heads = module.q.out_features, module.heads
-    qk = call.table.new(dim, f"{name}.qk", maps="orthogonal", groups=heads)
-    _add(call, qk, "writers", _rows(call, f"{name}.q.weight"), _rows(call, f"{name}.q.bias"))
-    _add(call, qk, "readers", _rows(call, f"{name}.k.weight"), _rows(call, f"{name}.k.bias"))
-    v = call.table.new(dim, f"{name}.v", groups=heads)
-    _add(call, v, "writers", _rows(call, f"{name}.v.weight"), _rows(call, f"{name}.v.bias"))
-    _add(call, v, "readers", AxisRef(f"{name}.proj.weight", 1))
-    refs = (_rows(call, f"{name}.proj.weight"), _rows(call, f"{name}.proj.bias"))
-    return write(call, f"{name}.proj", dim, shape, len(shape) - 1, refs)
 
 
 def _add(call: Call, space: int, role: str, *refs: AxisRef | None) -> None:

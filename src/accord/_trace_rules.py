@@ -184,6 +184,7 @@ def _reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
 
 
 def transpose(call: Call) -> Any:
+    """transpose / swapaxes: the features follow their axis."""
     x = call.x
     d0, d1 = call.arg(1, "dim0"), call.arg(2, "dim1")
     if not isinstance(x, Feat) or not isinstance(d0, int) or not isinstance(d1, int):
@@ -194,6 +195,7 @@ def transpose(call: Call) -> Any:
 
 
 def permute(call: Call) -> Any:
+    """permute(*dims) or permute(dims): the features follow their axis."""
     x = call.x
     if not isinstance(x, Feat):
         return None
@@ -206,6 +208,7 @@ def permute(call: Call) -> Any:
 
 
 def movedim(call: Call) -> Any:
+    """movedim(source, destination), ints or sequences."""
     x = call.x
     source, destination = call.arg(1, "source"), call.arg(2, "destination")
     if not isinstance(x, Feat):
@@ -340,13 +343,28 @@ def binary(op: str) -> Rule:
             return Other(call.meta)
         featured_a, featured_b = (isinstance(v, Feat) and v.featured for v in (a, b))
         if not (featured_a or featured_b):
-            return call.plain()
+            return _scaled_param(call, op, a, b)
         if featured_a and featured_b:
             return _both_featured(call, op, a, b)
         x, other = (a, b) if featured_a else (b, a)
         return _one_featured(call, op, x, other, x_first=featured_a)
 
     return rule
+
+
+def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
+    """A parameter times a number moves like the parameter itself (``T (c p) = c T p``)."""
+    for param, number, ok in ((a, b, op in ("mul", "div")), (b, a, op == "mul")):
+        scalar = not isinstance(number, Feat | Tup)
+        if (
+            ok
+            and scalar
+            and isinstance(param, Feat)
+            and param.param
+            and param.shape == call.out_shape
+        ):
+            return param
+    return call.plain()
 
 
 def _both_featured(call: Call, op: str, a: Feat, b: Feat) -> Any:

@@ -17,7 +17,6 @@ from accord import _trace_heads as heads
 from accord import _trace_layers as layers
 from accord import _trace_rules as rules
 from accord._trace_rules import Rule
-from accord.zoo.vit import Attention
 
 _activation = rules.elementwise("dense")
 _math = rules.elementwise("dense", activation=False)
@@ -64,7 +63,6 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Embedding: layers.embedding,
     nn.PReLU: layers.prelu,
     nn.MultiheadAttention: layers.multihead_attention,
-    Attention: layers.attention,
     nn.Flatten: heads.reshape,
     nn.Unflatten: heads.reshape,
     nn.Softmax: rules.softmax,

@@ -12,17 +12,11 @@ from accord.errors import TraceError
 LEAF_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
-def _known_leaf_types() -> tuple[type[nn.Module], ...]:
-    from accord.zoo.vit import Attention
-
-    return (*LEAF_TYPES, Attention)
-
-
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
         self.leaf_names = set(leaf_modules)
-        self.leaf_types = _known_leaf_types()
+        self.leaf_types = LEAF_TYPES
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):

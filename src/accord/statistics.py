@@ -325,7 +325,7 @@ class _Accumulator:
             warnings.warn(
                 f"{name}: {n} samples for {size} features, so its covariances are singular; "
                 "collect more data (the ridge keeps later solves stable)",
-                stacklevel=3,  # the caller of collect_statistics
+                stacklevel=4,  # the caller of collect_statistics
             )
         blocks = {}
         for (i, j), product in self.products.items():
@@ -570,12 +570,12 @@ def collect_statistics(
     ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
 
     ``max_samples`` stops after that many input samples (the last batch is cut). Under
-    torch.distributed, rank r takes the batches with ``index % world_size == r`` of the
-    whole stream (``sharded=True``: ``data`` is already this rank's share and
-    ``max_samples`` counts per rank); every rank returns the same all-reduced statistics.
-    Results are on the CPU. Raises :class:`StatisticsError` on empty data or non-finite
-    activations (naming the space, node and batch); warns when a space has fewer samples
-    than features.
+    torch.distributed, every rank reads the whole stream and forwards the batches with
+    ``index % world_size == rank``; with ``sharded=True``, ``data`` is already this rank's
+    share (a DistributedSampler) and ``max_samples`` counts per rank. Every rank returns the
+    same all-reduced statistics, on the CPU. Raises :class:`StatisticsError` on empty data
+    or non-finite activations (naming the space, node and batch); warns when a space has
+    fewer samples than features.
 
     >>> from accord.spec import FeatureSpace, Spec
     >>> models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
@@ -601,20 +601,21 @@ def collect_statistics(
     if not accumulators:
         return stats
     rank, world = _world()
-    schedule = _schedule(
-        itertools.chain([first], stream),
-        _length(data),
-        max_samples,
-        (0, 1) if sharded else (rank, world),
-        progress and rank == 0,
-    )
+    stride = (0, 1) if sharded else (rank, world)
+    batches = itertools.chain([first], stream)
+    schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
     _synchronise(accumulators, _accumulate(models, accumulators, schedule, device), device)
-    finished = []
-    for accumulator in accumulators:  # no comprehension: warnings' stacklevel counts frames
-        finished.append(accumulator.finish())
+    finished = _finish(accumulators)
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
     stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}
     return stats
+
+
+def _finish(accumulators: Sequence[_Accumulator]) -> list[SpaceStatistics]:
+    finished = []
+    for accumulator in accumulators:  # no comprehension: warnings' stacklevel counts frames
+        finished.append(accumulator.finish())
+    return finished
 
 
 def _length(data: Iterable[Any]) -> int | None:

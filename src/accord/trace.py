@@ -15,9 +15,12 @@ axis is laid out in segments of spaces; walking the graph:
   approximately (``dense``). LayerNorm / GroupNorm / InstanceNorm, a BatchNorm that does not
   directly follow its writer, depthwise convolutions, gating products: permutations only.
   A BatchNorm directly after a writer is folded (``FoldedNorm``) and keeps the space linear.
-* Attention (``accord.zoo.vit.Attention``, ``nn.MultiheadAttention``): a ``qk`` space
-  (orthogonal maps per head: q rows write it, k rows read it, so q·k is kept) and a ``v``
-  space (per head, read by the output projection's columns).
+* Attention: ``nn.MultiheadAttention`` and ``accord.zoo.vit.Attention`` (opaque fx leaves)
+  give a ``qk`` space (orthogonal maps per head: q rows write it, k rows read it, so q·k is
+  kept) and a ``v`` space (per head, read by the output projection's columns); nothing inside
+  a leaf can be observed. Attention written out in the graph (q, k, v projections reshaped
+  into heads, ``F.scaled_dot_product_attention``, heads joined again) gives the same spaces,
+  observed at the q projection's output and at the joined heads.
 * Anything else is unknown: every space it touches is fixed, with the reason, and parameters
   it uses cannot be moved by any space. The input and the output spaces are fixed too.
 

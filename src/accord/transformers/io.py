@@ -1,0 +1,310 @@
+"""Lazy reading and streaming, atomic writing of Hugging Face checkpoints (safetensors shards).
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or several shards
+listed by ``model.safetensors.index.json`` (a directory of shards without an index works too).
+Nothing is read eagerly: :class:`LazyState` opens the shard holding a tensor with
+``safetensors.safe_open`` when the tensor is asked for, so a merge holds a few tensors at once.
+
+Writing streams too: the safetensors header (names, dtypes, shapes, byte offsets) is known
+before any tensor is computed, so each shard is written header first and then tensor by tensor.
+The whole output is built in a temporary directory beside the target and renamed onto it at the
+end; a failure removes the temporary directory, so no partial output is ever left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from accord.errors import ModelError
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's name, shape and dtype, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class LazyState(Mapping[str, Tensor]):
+    """A read-only state dict over safetensors shards; a tensor is read when it is asked for."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._files = files  # tensor name -> shard holding it
+
+    def __getitem__(self, name: str) -> Tensor:
+        path = self._files[name]
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype of ``name`` from the shard header."""
+        with safe_open(self._files[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            return TensorInfo(name, tuple(view.get_shape()), _DTYPES[view.get_dtype()])
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face causal LM on disk: its directory, ``config.json`` and lazy state."""
+
+    path: Path
+    config: dict[str, Any]
+    state: LazyState
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory; ModelError naming the file when unreadable."""
+    path = Path(directory) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} does not exist; a checkpoint needs its config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return config
+
+
+def open_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint without reading any tensor.
+
+    Every shard named by the index must exist and hold the tensors the index gives it
+    (ModelError naming the file); without an index, every ``*.safetensors`` file is read.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a directory; expected a Hugging Face checkpoint folder")
+    config = read_config(path)
+    index = path / INDEX
+    files = _indexed_files(path, index) if index.exists() else _scanned_files(path)
+    return Checkpoint(path, config, LazyState(files))
+
+
+def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{index} is not a safetensors index (no 'weight_map'): {exc}") from exc
+    files = {name: directory / shard for name, shard in weight_map.items()}
+    for shard in sorted(set(files.values())):
+        held = _shard_keys(shard)
+        listed = [name for name, where in files.items() if where == shard]
+        missing = [name for name in listed if name not in held]
+        if missing:
+            raise ModelError(f"{shard} lacks tensor {missing[0]!r} that {index.name} places there")
+    return files
+
+
+def _scanned_files(directory: Path) -> dict[str, Path]:
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise ModelError(f"{directory} holds no *.safetensors file (and no {INDEX})")
+    files: dict[str, Path] = {}
+    for shard in shards:
+        for name in _shard_keys(shard):
+            if name in files:
+                raise ModelError(f"tensor {name!r} is in both {files[name]} and {shard}")
+            files[name] = shard
+    return files
+
+
+def _shard_keys(shard: Path) -> set[str]:
+    if not shard.exists():
+        raise ModelError(f"shard {shard} is missing; the checkpoint is incomplete")
+    try:
+        with safe_open(shard, framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"shard {shard} cannot be read: {exc}") from exc
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every tensor of a checkpoint in memory, and its config: ``(state, config)``."""
+    checkpoint = open_checkpoint(directory)
+    return {name: checkpoint.state[name] for name in checkpoint.state}, checkpoint.config
+
+
+def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
+    """Tensors split in order into shards of at most ``shard_size`` bytes (a larger tensor gets
+    a shard of its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def write_checkpoint(
+    directory: str | os.PathLike[str],
+    config: dict[str, Any],
+    infos: Sequence[TensorInfo],
+    produce: Callable[[TensorInfo], Tensor],
+    *,
+    shard_size: int = 2**31,
+    overwrite: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a checkpoint whose tensors ``produce(info)`` computes one at a time, atomically.
+
+    Shards are named like Hugging Face's (``model-00001-of-00002.safetensors`` plus an index;
+    ``model.safetensors`` alone when one shard suffices). ``config.json`` is written with its
+    ``dtype`` entry set to the tensors' floating dtype. An existing ``directory`` is refused
+    unless ``overwrite``, and is then replaced whole only once the new one is complete.
+    """
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise ModelError(f"{target} already exists; choose another output or set overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_shards(staging, infos, produce, shard_size, on_tensor)
+        floating = [info.dtype for info in infos if info.dtype.is_floating_point]
+        config = dict(config)
+        if floating:  # both spellings where present: transformers 4 reads torch_dtype
+            name = str(floating[0]).removeprefix("torch.")
+            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+                config[key] = name
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_shards(
+    staging: Path,
+    infos: Sequence[TensorInfo],
+    produce: Callable[[TensorInfo], Tensor],
+    shard_size: int,
+    on_tensor: Callable[[str], None] | None,
+) -> None:
+    shards = plan_shards(infos, shard_size)
+    count = len(shards)
+    weight_map: dict[str, str] = {}
+    for number, shard in enumerate(shards, start=1):
+        name = SINGLE if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        with open(staging / name, "wb") as handle:
+            handle.write(_header(shard))
+            for info in shard:
+                tensor = produce(info)
+                _check_produced(info, tensor)
+                handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                weight_map[info.name] = name
+                if on_tensor is not None:
+                    on_tensor(info.name)
+    if count > 1:
+        total = sum(info.nbytes for info in infos)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _header(shard: Sequence[TensorInfo]) -> bytes:
+    """The safetensors header: u64 length, then JSON padded with spaces to 8-byte alignment."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in shard:
+        entries[info.name] = {
+            "dtype": _CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _check_produced(info: TensorInfo, tensor: Tensor) -> None:
+    if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+        raise ModelError(
+            f"tensor {info.name!r}: computed {tuple(tensor.shape)} {tensor.dtype}, the planned "
+            f"header says {info.shape} {info.dtype}"
+        )
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Rename ``staging`` onto ``target``; an old ``target`` is moved aside first and removed
+    only after the rename, so a crash between the two leaves one complete directory."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    state: Mapping[str, Tensor],
+    config: dict[str, Any],
+    *,
+    shard_size: int = 2**31,
+    overwrite: bool = False,
+) -> Path:
+    """Write an in-memory (or lazy) state dict and its config as a checkpoint, atomically.
+
+    A tied ``lm_head.weight`` is left out, as ``save_pretrained`` does.
+    """
+    tied = bool(config.get("tie_word_embeddings", False))
+    names = [name for name in state if not (tied and name == "lm_head.weight")]
+    if isinstance(state, LazyState):
+        infos = [state.info(name) for name in names]
+    else:
+        infos = [TensorInfo(n, tuple(state[n].shape), state[n].dtype) for n in names]
+    return write_checkpoint(
+        directory,
+        config,
+        infos,
+        lambda info: state[info.name],
+        shard_size=shard_size,
+        overwrite=overwrite,
+    )
