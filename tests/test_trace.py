@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from accord.errors import ConfigError, SpecError, TraceError
-from accord.fx import symbolic_graph
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
 from accord.zoo import build_model
@@ -146,11 +145,7 @@ def test_vit_stream_heads_and_notes(assert_preserved) -> None:
     assert qk.writers == (AxisRef("blocks.0.attn.q.weight", 0), AxisRef("blocks.0.attn.q.bias", 0))
     assert qk.readers == (AxisRef("blocks.0.attn.k.weight", 0), AxisRef("blocks.0.attn.k.bias", 0))
     assert v.readers == (AxisRef("blocks.0.attn.proj.weight", 1),)
-    opaque = any(n.target == "blocks.0.attn" for n in symbolic_graph(model).graph.nodes)
-    if opaque:  # accord.fx keeps the zoo's Attention a leaf: nothing inside can be observed
-        assert not qk.observe and not v.observe and "blocks.0.attn.qk" in spec.notes[0]
-    else:
-        assert qk.observe == (Observation("blocks_0_attn_q", 2),) and v.observe
+    assert qk.observe == (Observation("blocks_0_attn_q", 2),) and v.observe
     assert spec["blocks.0.mlp.0"].maps == "dense"
     assert_preserved(model, x, spec)
 
@@ -590,7 +585,8 @@ def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
         trace(model, x)
     spec = trace(model, x, leaf_modules=["gate"])
     assert not spec["inp"].free and "Branchy 'gate'" in spec["inp"].reason
-    assert "leaf_modules=['gate']" in spec.notes[0]
+    assert spec.leaf_modules == ("gate",)
+    assert Spec.from_dict(spec.to_dict()).leaf_modules == ("gate",)
     # The leaf's parameters are claimed by nobody; its output starts a fresh chain.
     assert all(ref.tensor.split(".")[0] != "gate" for s in spec for ref in s.refs)
     assert spec["out"].free and spec["out"].readers == (AxisRef("hidden.weight", 1),)

@@ -48,7 +48,13 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec
         or table.records[r].reasons
         or any(table.records[r].refs.values())
     ]
-    spec = Spec(spaces, type(model).__name__, observe, _notes(spaces, leaves))  # type: ignore[arg-type]
+    spec = Spec(
+        spaces,
+        type(model).__name__,
+        observe,
+        _notes(spaces),
+        tuple(sorted(leaves)),  # type: ignore[arg-type]
+    )
     try:
         spec.validate(model)
     except SpecError as exc:
@@ -179,14 +185,8 @@ def _space(record: SpaceRecord, name: str, observe: list[Observation]) -> Featur
     )
 
 
-def _notes(spaces: list[FeatureSpace], leaves: set[str]) -> list[str]:
+def _notes(spaces: list[FeatureSpace]) -> list[str]:
     notes = []
-    if leaves:
-        # Node names depend on the leaves: observation points exist only in such a graph.
-        notes.append(
-            f"traced with leaf_modules={sorted(leaves)}: trace with the same leaves wherever "
-            "observation points are looked up (statistics)"
-        )
     blind = [s.name for s in spaces if s.free and not s.observe]
     if blind:
         notes.append(

@@ -133,7 +133,7 @@ def _bn_as_writers(spec: Spec, names: Iterable[str]) -> Spec:
                 space, writers=space.writers + tuple(affine), elementwise=tuple(kept), batchnorms=()
             )
         )
-    return Spec(spaces, spec.model, spec.observation, list(spec.notes))
+    return Spec(spaces, spec.model, spec.observation, list(spec.notes), spec.leaf_modules)
 
 
 def align_states(

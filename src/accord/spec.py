@@ -164,6 +164,8 @@ class Spec:
     model: str = ""
     observation: Literal["post", "pre"] = "post"
     notes: list[str] = field(default_factory=list)
+    # Observation node names belong to the graph traced with these modules kept opaque.
+    leaf_modules: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[FeatureSpace]:
         return iter(self.spaces)
@@ -185,7 +187,7 @@ class Spec:
         """A copy of this spec with one space's fields changed (e.g. ``free=False``)."""
         spaces = [replace(s, **changes) if s.name == name else s for s in self.spaces]
         self[name]
-        return Spec(spaces, self.model, self.observation, list(self.notes))
+        return Spec(spaces, self.model, self.observation, list(self.notes), self.leaf_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -193,6 +195,7 @@ class Spec:
             "model": self.model,
             "observation": self.observation,
             "notes": list(self.notes),
+            "leaf_modules": list(self.leaf_modules),
             "spaces": [s.to_dict() for s in self.spaces],
         }
 
@@ -208,6 +211,7 @@ class Spec:
             model=str(data.get("model", "")),
             observation=data.get("observation", "post"),
             notes=list(data.get("notes", [])),
+            leaf_modules=tuple(data.get("leaf_modules", ())),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -181,42 +181,72 @@ class _Target:
         return f"{self.kind} {self.name!r}"
 
 
-# Each sample group of a (A, C, S) block costs one small (C × S)(S × C) matmul; when S is
-# short of 2·C, a transposed copy into rows multiplied as one long matmul is faster.
+# Samples are converted to float64 about this many values at a time, so that each converted
+# chunk is summed and multiplied while it is in cache; it also bounds the chunk's memory ...
+_CHUNK_ELEMENTS = 1 << 17
+# ... above this many samples per chunk, which keep the matmuls' inner dimension long.
+_MIN_CHUNK_SAMPLES = 256
+# A (k, C, S) block costs one (C × S)(S × C) matmul per group; when S is short of 2·C, rows
+# (k·S, C) multiplied as one long matmul are faster.
 _MIN_GROUP_PER_FEATURE = 2
-# Bound on the elements of the (chunk, C, C) products a batched matmul returns at once.
-_CHUNK_ELEMENTS = 1 << 20
 
 
-def _shifted_blocks(tensor: torch.Tensor, axis: int, shift: torch.Tensor) -> torch.Tensor:
-    """``x − s`` in float64 as a (A, C, S) block: ``A·S`` samples of C features.
+@dataclass(frozen=True)
+class _Source:
+    """One model's observed tensor as G groups of S positions: ``G·S`` samples of C features.
 
-    Features stay where the tensor's memory has them, so the conversion reads it in order:
-    a (N, C, H, W) conv output becomes (N, C, H·W), a features-last tensor (tokens,
-    channels-last) becomes (1, C, rows), a transposed view of contiguous rows.
+    ``tensor`` is (G, S, C) when the features are last in memory (tokens, channels-last),
+    else (G, C, S) (a (N, C, H, W) conv output is (N, C, H·W)), so reading it is in order.
     """
-    size = tensor.shape[axis]
-    moved = tensor.movedim(axis, -1)
-    groups = tensor.shape[:axis].numel()
-    per_group = tensor.numel() // (groups * size) if groups * size else 0
-    if moved.is_contiguous() or per_group < _MIN_GROUP_PER_FEATURE * size:
-        rows = torch.empty(moved.shape, dtype=torch.float64, device=shift.device)
-        rows.copy_(moved).sub_(shift)
-        return rows.view(-1, size).T.unsqueeze(0)
-    blocks = torch.empty((groups, size, per_group), dtype=torch.float64, device=shift.device)
-    blocks.copy_(tensor.reshape(groups, size, per_group)).sub_(shift[:, None])
-    return blocks
+
+    tensor: torch.Tensor
+    features_last: bool
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, axis: int) -> _Source:
+        # A private copy: a later in-place op (ReLU(inplace=True), +=) must not change it.
+        copy = tensor.detach().clone()
+        size, groups = copy.shape[axis], copy.shape[:axis].numel()
+        positions = copy.numel() // max(groups * size, 1)
+        moved = copy.movedim(axis, -1)
+        if moved.is_contiguous():
+            return cls(moved.reshape(groups, positions, size), True)
+        return cls(copy.contiguous().reshape(groups, size, positions), False)
+
+    @property
+    def samples(self) -> int:
+        return self.tensor.shape[0] * self.positions
+
+    @property
+    def positions(self) -> int:
+        return self.tensor.shape[1 if self.features_last else 2]
+
+    def chunking(self) -> tuple[bool, int]:
+        """Whether to convert to blocks (else rows), and how many groups make one chunk."""
+        size, positions = self.tensor.shape[2 if self.features_last else 1], self.positions
+        blocks = not self.features_last and positions >= _MIN_GROUP_PER_FEATURE * size
+        by_memory = _CHUNK_ELEMENTS // max(size * positions, 1)
+        return blocks, max(1, by_memory, -(-_MIN_CHUNK_SAMPLES // max(positions, 1)))
+
+    def chunk(self, start: int, stop: int, blocks: bool, shift: torch.Tensor) -> torch.Tensor:
+        """``x − s`` of groups ``start:stop`` in float64: (k, C, S) blocks or (k·S, C) rows."""
+        part = self.tensor[start:stop]
+        if blocks:
+            view = part.transpose(1, 2) if self.features_last else part
+        else:
+            view = part if self.features_last else part.transpose(1, 2)
+        out = torch.empty(view.shape, dtype=torch.float64, device=shift.device).copy_(view)
+        if blocks:
+            return out.sub_(shift[:, None])
+        return out.view(-1, view.shape[-1]).sub_(shift)
 
 
 def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-    """``product += Σ_a x[a] y[a]ᵀ`` for (A, C, S) blocks, in chunks of bounded memory."""
-    if x.shape[0] == 1 or x.shape[::2] != y.shape[::2]:
-        # (C, A·S) keeps the sample order of both layouts, so mixed layouts pair up too
-        product.addmm_(x.transpose(0, 1).flatten(1), y.transpose(0, 1).flatten(1).T)
-        return
-    step = max(1, _CHUNK_ELEMENTS // (x.shape[1] * y.shape[1]))
-    for start in range(0, x.shape[0], step):
-        product += torch.bmm(x[start : start + step], y[start : start + step].mT).sum(0)
+    """``product += Σ_a x[a] y[a]ᵀ`` for (k, C, S) blocks, ``product += xᵀ y`` for rows."""
+    if x.dim() == 2:
+        product.addmm_(x.T, y)
+    else:
+        product += torch.bmm(x, y.mT).sum(0)
 
 
 class _Accumulator:
@@ -230,14 +260,11 @@ class _Accumulator:
         self.total = torch.zeros(num_models, target.size, **zeros)
         self.products = {p: torch.zeros(target.size, target.size, **zeros) for p in target.pairs}
         self.has_shift = [False] * num_models
-        # (model, point index) -> this batch's shifted float64 rows, until add()
-        self.pending: dict[tuple[int, int], torch.Tensor] = {}
+        # (model, point index) -> that node's output in this batch, until add()
+        self.pending: dict[tuple[int, int], _Source] = {}
 
     def observe(self, model: int, point: int, tensor: Any) -> None:
-        """Keep ``x − s`` of one node output (see :func:`_shifted_blocks`) until :meth:`add`.
-
-        The model's first observed tensor sets its shift ``s``: that tensor's mean.
-        """
+        """Keep a copy of one node output of one model until :meth:`add`."""
         where = f"{self.target.describe()}: node {self.target.points[point].node!r}"
         if not isinstance(tensor, torch.Tensor):
             raise StatisticsError(
@@ -250,40 +277,47 @@ class _Accumulator:
                 f"{self.target.size} features on axis {axis}; the spec was made for another "
                 "model: trace again"
             )
-        blocks = _shifted_blocks(tensor.detach(), axis, self.shift[model])
-        if not self.has_shift[model]:  # the shift was 0: make it this tensor's mean
-            mean = blocks.mean((0, 2))
-            blocks -= mean[:, None]
-            self.shift[model] = mean
-            self.has_shift[model] = True
-        self.pending[(model, point)] = blocks
+        self.pending[(model, point)] = _Source.of(tensor, axis)
 
     def add(self, batch: int) -> None:
-        """Add the observed batch (every model, every point) to the sums."""
-        num_models, points = self.shift.shape[0], range(len(self.target.points))
-        blocks, self.pending = self.pending, {}
-        for p in points:
-            counts = [blocks[(i, p)][:, 0].numel() for i in range(num_models)]
+        """Add the observed batch (every model, every point) to the sums, chunk by chunk."""
+        sources, self.pending = self.pending, {}
+        total = torch.zeros_like(self.total)
+        for p, point in enumerate(self.target.points):
+            group = [sources[(i, p)] for i in range(self.shift.shape[0])]
+            counts = [source.samples for source in group]
             if len(set(counts)) > 1:
                 raise StatisticsError(
-                    f"{self.target.describe()}: node {self.target.points[p].node!r} gives "
-                    f"{counts} samples in the models; statistics need one architecture"
+                    f"{self.target.describe()}: node {point.node!r} gives {counts} samples in "
+                    "the models; statistics need models of one architecture"
                 )
-        total = torch.stack(
-            [sum(blocks[(i, p)].sum((0, 2)) for p in points) for i in range(num_models)]
-        )
+            blocks, step = group[0].chunking()
+            for start in range(0, group[0].tensor.shape[0], step):
+                xs = [self._chunk(i, s, start, start + step, blocks) for i, s in enumerate(group)]
+                total += torch.stack([x.sum((0, 2) if blocks else 0) for x in xs])
+                for (i, j), product in self.products.items():
+                    _add_products(product, xs[i], xs[j])
+            self.count += counts[0]
         if not bool(torch.isfinite(total).all()):
-            raise self._non_finite(blocks, batch)
+            raise self._non_finite(sources, batch)
         self.total += total
-        for (i, j), product in self.products.items():
-            for p in points:
-                _add_products(product, blocks[(i, p)], blocks[(j, p)])
-        self.count += sum(blocks[(0, p)][:, 0].numel() for p in points)
+
+    def _chunk(
+        self, model: int, source: _Source, start: int, stop: int, blocks: bool
+    ) -> torch.Tensor:
+        """A chunk of ``x − s``; the model's first chunk sets its shift ``s`` (its mean)."""
+        x = source.chunk(start, stop, blocks, self.shift[model])
+        if not self.has_shift[model]:
+            mean = x.mean((0, 2) if blocks else 0)
+            x -= mean[:, None] if blocks else mean
+            self.shift[model] = mean
+            self.has_shift[model] = True
+        return x
 
     def _non_finite(
-        self, blocks: Mapping[tuple[int, int], torch.Tensor], batch: int
+        self, sources: Mapping[tuple[int, int], _Source], batch: int
     ) -> StatisticsError:
-        bad = next(key for key, part in blocks.items() if not bool(torch.isfinite(part).all()))
+        bad = next(k for k, s in sources.items() if not bool(torch.isfinite(s.tensor).all()))
         return StatisticsError(
             f"{self.target.describe()}: non-finite activations (NaN or inf) at node "
             f"{self.target.points[bad[1]].node!r} of model {bad[0]} in batch {batch}; "

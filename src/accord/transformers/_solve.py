@@ -61,7 +61,7 @@ class LayerStats:
 
 
 def hungarian(score: Tensor) -> Tensor:
-    """The permutation ``π`` maximising ``Σ_i score[i, π(i)]`` (gather form: B index per A index)."""
+    """The permutation ``π`` maximising ``Σ_i score[i, π(i)]`` (gather form: B index per A)."""
     _, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
     return torch.from_numpy(np.asarray(cols, dtype=np.int64))
 

@@ -38,10 +38,14 @@ def _f64(t: Tensor) -> Tensor:
 def _norm_name(layer: int | None, which: str) -> str:
     if which == "final":
         return "model.norm.weight"
-    return f"model.layers.{layer}.{'input' if which == 'input' else 'post_attention'}_layernorm.weight"
+    return (
+        f"model.layers.{layer}.{'input' if which == 'input' else 'post_attention'}_layernorm.weight"
+    )
 
 
-def _rows(state: State, arch: Architecture, layer: int, proj: str, residual: Tensor | None) -> Tensor:
+def _rows(
+    state: State, arch: Architecture, layer: int, proj: str, residual: Tensor | None
+) -> Tensor:
     """A reader's rows with its norm's gain folded in, its bias (if any) as a last column and
     the columns gathered by ``residual``."""
     prefix = f"model.layers.{layer}.{'mlp' if proj in ('gate', 'up') else 'self_attn'}.{proj}_proj"
@@ -70,26 +74,40 @@ def _planes(x: Tensor, groups: int, planes: int) -> Tensor:
     return x.reshape(groups, -1, 2, planes, x.shape[-1])
 
 
-def attention_stats(
+def attention_cross(
     a: dict[str, Tensor], b: dict[str, Tensor], arch: Architecture
-) -> tuple[Tensor, ...]:
-    """q, k, v, o cross products and the q/k factors from feature matrices (features × samples)
-    ``a[kind]``/``b[kind]`` for kind in q, k, v, o; shared by weight and activation matching."""
+) -> dict[str, Tensor]:
+    """Raw q, k, v, o cross products and squared q/k plane norms from feature matrices
+    (features × samples) ``a[kind]``/``b[kind]``; sums over samples, so batches add up.
+    Shared by weight matching (samples: weight columns) and activation matching (tokens)."""
     n_q, n_kv, p, dh = arch.heads, arch.kv_heads, arch.planes, arch.head_dim
-    factors = []
-    for side in (a, b):
-        q = _planes(side["q"], n_kv, p)
-        k = _planes(side["k"], n_kv, p)
-        factors.append(qk_factors(q.pow(2).sum((1, 2, 4)), k.pow(2).sum((1, 2, 4))))
-    qa = (_planes(a["q"], n_kv, p) * factors[0][:, None, None, :, None]).reshape(n_q, 2, p, -1)
-    qb = (_planes(b["q"], n_kv, p) * factors[1][:, None, None, :, None]).reshape(n_q, 2, p, -1)
-    ka = _planes(a["k"], n_kv, p)[:, 0] / factors[0][:, None, :, None]
-    kb = _planes(b["k"], n_kv, p)[:, 0] / factors[1][:, None, :, None]
-    q = torch.einsum("hapx,kbpx->hkpab", qa, qb)
-    k = torch.einsum("gapx,fbpx->gfpab", ka, kb)
-    v = torch.einsum("gix,fjx->gfij", a["v"].reshape(n_kv, dh, -1), b["v"].reshape(n_kv, dh, -1))
-    o = torch.einsum("hix,kjx->hkij", a["o"].reshape(n_q, dh, -1), b["o"].reshape(n_q, dh, -1))
-    return q, k, v, o, factors[0], factors[1]
+    qa, qb = (_planes(side["q"], n_kv, p) for side in (a, b))
+    ka, kb = (_planes(side["k"], n_kv, p)[:, 0] for side in (a, b))
+    return {
+        "q": torch.einsum("hapx,kbpx->hkpab", qa.reshape(n_q, 2, p, -1), qb.reshape(n_q, 2, p, -1)),
+        "k": torch.einsum("gapx,fbpx->gfpab", ka, kb),
+        "v": torch.einsum(
+            "gix,fjx->gfij", a["v"].reshape(n_kv, dh, -1), b["v"].reshape(n_kv, dh, -1)
+        ),
+        "o": torch.einsum(
+            "hix,kjx->hkij", a["o"].reshape(n_q, dh, -1), b["o"].reshape(n_q, dh, -1)
+        ),
+        "q_norm_a": qa.pow(2).sum((1, 2, 4)),
+        "q_norm_b": qb.pow(2).sum((1, 2, 4)),
+        "k_norm_a": ka.pow(2).sum((1, 3)),
+        "k_norm_b": kb.pow(2).sum((1, 3)),
+    }
+
+
+def attention_finish(raw: dict[str, Tensor], arch: Architecture) -> tuple[Tensor, ...]:
+    """``(q, k, v, o, qk_a, qk_b)`` for :class:`LayerStats`: the raw products of
+    :func:`attention_cross` in each model's canonical q/k scale."""
+    fa = qk_factors(raw["q_norm_a"], raw["k_norm_a"])
+    fb = qk_factors(raw["q_norm_b"], raw["k_norm_b"])
+    ha, hb = (f.repeat_interleave(arch.group_size, dim=0) for f in (fa, fb))
+    q = raw["q"] * ha[:, None, :, None, None] * hb[None, :, :, None, None]
+    k = raw["k"] / (fa[:, None, :, None, None] * fb[None, :, :, None, None])
+    return q, k, raw["v"], raw["o"], fa, fb
 
 
 def weight_layer_stats(
@@ -100,12 +118,14 @@ def weight_layer_stats(
     sides = []
     for state, perm in ((state_a, None), (state_b, residual)):
         features = {proj: _rows(state, arch, layer, proj, perm) for proj in ("q", "k", "v")}
-        features["o"] = _writer_columns(state, f"model.layers.{layer}.self_attn.o_proj.weight", perm)
+        features["o"] = _writer_columns(
+            state, f"model.layers.{layer}.self_attn.o_proj.weight", perm
+        )
         gate, up = (_rows(state, arch, layer, proj, perm) for proj in ("gate", "up"))
         down = _writer_columns(state, f"model.layers.{layer}.mlp.down_proj.weight", perm)
         factor = balance(up.norm(dim=1), down.norm(dim=1))
         sides.append((features, gate, up * factor[:, None], down / factor[:, None], factor))
-    q, k, v, o, qk_a, qk_b = attention_stats(sides[0][0], sides[1][0], arch)
+    q, k, v, o, qk_a, qk_b = attention_finish(attention_cross(sides[0][0], sides[1][0], arch), arch)
     mlp = sum(sides[0][i] @ sides[1][i].T for i in (1, 2, 3))
     return LayerStats(q, k, v, o, qk_a, qk_b, mlp, sides[0][4], sides[1][4])
 
@@ -143,7 +163,9 @@ def residual_score(
         if role.kind in _READER_NORM or role.kind == "lm_head":
             gain = _norm_name(role.layer, _READER_NORM.get(role.kind, "final"))
             moved[gain] = state_b[gain]
-        score += _folded(state_a, name, role.kind, role.layer).T @ _folded(moved, name, role.kind, role.layer)
+        score += _folded(state_a, name, role.kind, role.layer).T @ _folded(
+            moved, name, role.kind, role.layer
+        )
     return score
 
 
@@ -157,20 +179,28 @@ def weight_alignment(
     state_b: State, state_a: State, arch: Architecture, max_iter: int = 5
 ) -> Symmetry:
     """The symmetry moving B onto A, from the weights (see the module docs)."""
-    residual = hungarian(residual_score(state_a, state_b, arch, None))
-    for _ in range(max_iter):
-        layers = [
+
+    def layer_maps(residual: Tensor) -> list[LayerSymmetry]:
+        return [
             match_layer(weight_layer_stats(state_a, state_b, arch, i, residual), arch)
             for i in range(arch.layers)
         ]
+
+    residual = hungarian(residual_score(state_a, state_b, arch, None))
+    for _ in range(max_iter):
+        layers = layer_maps(residual)
         update = hungarian(residual_score(state_a, state_b, arch, layers))
         if torch.equal(update, residual):
             break
         residual = update
+    else:  # out of sweeps: the layer maps must still belong to the final π
+        layers = layer_maps(residual)
     return with_gain_scales(Symmetry(residual=residual, layers=layers), state_a, state_b, arch)
 
 
-def with_gain_scales(symmetry: Symmetry, state_a: State, state_b: State, arch: Architecture) -> Symmetry:
+def with_gain_scales(
+    symmetry: Symmetry, state_a: State, state_b: State, arch: Architecture
+) -> Symmetry:
     """``symmetry`` completed with the norm-gain scales that give B exactly A's gains."""
     perm = symmetry.residual if symmetry.residual is not None else torch.arange(arch.hidden)
     for i, layer in enumerate(symmetry.layers):

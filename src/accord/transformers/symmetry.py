@@ -107,7 +107,10 @@ def check_symmetry(symmetry: Symmetry, arch: Architecture) -> None:
     }
     if symmetry.layers and len(symmetry.layers) != arch.layers:
         raise ModelError(f"symmetry has {len(symmetry.layers)} layers, the model {arch.layers}")
-    items = [("residual", symmetry.residual, (d,)), ("final_norm_scale", symmetry.final_norm_scale, (d,))]
+    items = [
+        ("residual", symmetry.residual, (d,)),
+        ("final_norm_scale", symmetry.final_norm_scale, (d,)),
+    ]
     for i, layer in enumerate(symmetry.layers):
         items += [(f"layers[{i}].{k}", getattr(layer, k), shape) for k, shape in expected.items()]
     for key, value, shape in items:
@@ -206,54 +209,74 @@ def _output_columns(t: Tensor, layer: LayerSymmetry, arch: Architecture) -> Tens
 Move = Callable[[Tensor, Role, Symmetry, LayerSymmetry, Architecture], Tensor]
 
 
-def _move_q(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_q(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = _query_rows(t, layer, arch)
     return t if role.bias else _reader(t, sym, layer.input_norm_scale)
 
 
-def _move_k(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_k(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = _key_rows(t, layer, arch)
     return t if role.bias else _reader(t, sym, layer.input_norm_scale)
 
 
-def _move_v(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_v(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = _value_rows(t, layer, arch)
     return t if role.bias else _reader(t, sym, layer.input_norm_scale)
 
 
-def _move_o(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_o(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = t if role.bias else _output_columns(t, layer, arch)
     return _gather(t, 0, sym.residual)
 
 
-def _move_gate(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_gate(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = _gather(t, 0, layer.mlp_perm)
     return t if role.bias else _reader(t, sym, layer.post_norm_scale)
 
 
-def _move_up(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_up(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     t = _scaled(_gather(t, 0, layer.mlp_perm), layer.mlp_scale, 0)
     return t if role.bias else _reader(t, sym, layer.post_norm_scale)
 
 
-def _move_down(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_down(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     if not role.bias:
         t = _scaled(_gather(t, 1, layer.mlp_perm), layer.mlp_scale, 1, divide=True)
     return _gather(t, 0, sym.residual)
 
 
 def _norm(scale_of: Callable[[Symmetry, LayerSymmetry], Tensor | None]) -> Move:
-    def move(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+    def move(
+        t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+    ) -> Tensor:
         return _scaled(_gather(t, 0, sym.residual), scale_of(sym, layer), 0)
 
     return move
 
 
-def _move_embed(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_embed(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     return _gather(t, 1, sym.residual)
 
 
-def _move_lm_head(t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _move_lm_head(
+    t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
+) -> Tensor:
     return _reader(t, sym, sym.final_norm_scale)
 
 
@@ -294,7 +317,9 @@ def sample_symmetry(
     d, n_kv, p = arch.hidden, arch.kv_heads, arch.planes
 
     def scale(*shape: int) -> Tensor:
-        return torch.exp((torch.rand(*shape, generator=gen, dtype=torch.float64) - 0.5) * 2 * math.log(2))
+        return torch.exp(
+            (torch.rand(*shape, generator=gen, dtype=torch.float64) - 0.5) * 2 * math.log(2)
+        )
 
     def orthogonal(n: int, size: int) -> Tensor:
         q, r = torch.linalg.qr(torch.randn(n, size, size, generator=gen, dtype=torch.float64))
@@ -314,9 +339,14 @@ def sample_symmetry(
             kv_perm=pick("kv_groups", lambda: torch.randperm(n_kv, generator=gen)),
             head_perm=pick(
                 "query_heads",
-                lambda: torch.stack([torch.randperm(arch.group_size, generator=gen) for _ in range(n_kv)]),
+                lambda: torch.stack(
+                    [torch.randperm(arch.group_size, generator=gen) for _ in range(n_kv)]
+                ),
             ),
-            qk_angle=pick("qk_rotation", lambda: torch.rand(n_kv, p, generator=gen, dtype=torch.float64) * 2 * math.pi),
+            qk_angle=pick(
+                "qk_rotation",
+                lambda: torch.rand(n_kv, p, generator=gen, dtype=torch.float64) * 2 * math.pi,
+            ),
             qk_scale=pick("qk_scale", lambda: scale(n_kv, p)),
             vo_map=pick("vo", vo_map),
             mlp_perm=pick("mlp_perm", lambda: torch.randperm(arch.intermediate, generator=gen)),

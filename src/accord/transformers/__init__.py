@@ -1,0 +1,83 @@
+"""Llama-family causal LMs: lazy safetensors I/O, exact symmetries, alignment and merges.
+
+Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``.
+Everything works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor,
+so a merge of checkpoints on disk holds a few tensors in memory at a time. ``transformers`` is
+needed only to run a model (activation alignment, tests), not to read, align or merge weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from accord.transformers._models import ModelLike, repack, unpack
+from accord.transformers.align import align, find_alignment
+from accord.transformers.arch import SUPPORTED_ARCHITECTURES, Architecture
+from accord.transformers.cli import llm_merge_main
+from accord.transformers.io import (
+    Checkpoint,
+    LazyState,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)
+from accord.transformers.merge import METHODS, merge_checkpoints
+from accord.transformers.methods import dare, linear, slerp, task_arithmetic, ties
+from accord.transformers.symmetry import (
+    SYMMETRY_KINDS,
+    LayerSymmetry,
+    Symmetry,
+    apply_symmetry,
+    sample_symmetry,
+    transform_tensor,
+)
+
+
+def random_symmetry(
+    model: ModelLike,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+    *,
+    kinds: Collection[str] = SYMMETRY_KINDS,
+    vo: str = "orthogonal",
+) -> Any:
+    """A copy of ``model`` moved by a random exact symmetry of every kind in ``kinds``.
+
+    ``random_symmetry(state, config, seed)`` takes a state dict and its config dict and returns
+    a new state dict; ``random_symmetry(hf_model, seed=...)`` returns a new module. The logits
+    are unchanged up to rounding. See :mod:`accord.transformers.symmetry` for the maps and
+    :func:`accord.transformers.symmetry.sample_symmetry` for ``kinds`` and ``vo``.
+    """
+    unpacked = unpack(model if config is None else (model, config), "model")
+    symmetry = sample_symmetry(unpacked.arch, seed, kinds, vo)
+    moved = apply_symmetry(unpacked.state, symmetry, unpacked.arch)
+    return moved if config is not None else repack(unpacked, moved)
+
+
+__all__ = [
+    "METHODS",
+    "SUPPORTED_ARCHITECTURES",
+    "SYMMETRY_KINDS",
+    "Architecture",
+    "Checkpoint",
+    "LayerSymmetry",
+    "LazyState",
+    "Symmetry",
+    "align",
+    "apply_symmetry",
+    "dare",
+    "find_alignment",
+    "linear",
+    "llm_merge_main",
+    "load_checkpoint",
+    "merge_checkpoints",
+    "open_checkpoint",
+    "random_symmetry",
+    "sample_symmetry",
+    "save_checkpoint",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "transform_tensor",
+]

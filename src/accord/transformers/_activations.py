@@ -1,0 +1,150 @@
+"""Activation matching for Llama-family models: the maps from calibration tokens.
+
+Both models run on the same token batches with hooks on their Hugging Face modules:
+
+- the residual stream at the input of every RMSNorm (two per layer, plus the final norm) gives
+  one residual permutation: Hungarian on the correlation pooled over those ``2L + 1`` points
+  (covariances summed after centring each point, divided by the pooled standard deviations);
+- the SwiGLU hidden units (``down_proj`` inputs) give the unit permutation (Hungarian on the
+  correlation) and scales (ratio of RMS values);
+- q/k/v projection outputs (before the rotary embedding, which the symmetries commute with) and
+  the per-head ``o_proj`` inputs give the groups, heads, plane rotations and value/output maps,
+  through the same solver as weight matching with tokens as samples.
+
+Statistics accumulate in float64 over valid tokens (``attention_mask`` 1), from sums shifted by
+the first batch's means. Memory: per layer ``d_ff²`` and ``n_q² d_h²`` floats, plus ``d²``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from accord.errors import StatisticsError
+from accord.transformers._solve import LayerStats, hungarian, match_layer
+from accord.transformers._weights import attention_cross, attention_finish, with_gain_scales
+from accord.transformers.arch import Architecture
+from accord.transformers.symmetry import Symmetry
+
+
+class _Moments:
+    """Shifted sums for the correlation of A's and B's features, pooled over points."""
+
+    def __init__(self) -> None:
+        self.shift: dict[Any, tuple[Tensor, Tensor]] = {}
+        self.cross: Tensor | None = None
+        self.sums: dict[Any, list[Tensor]] = {}
+        self.squares: list[Tensor] = []
+        self.count = 0
+
+    def add(self, point: Any, a: Tensor, b: Tensor) -> None:
+        """``a``, ``b``: (tokens, features) at observation point ``point``."""
+        if point not in self.shift:
+            self.shift[point] = (a.mean(0), b.mean(0))
+        a, b = a - self.shift[point][0], b - self.shift[point][1]
+        cross, sq = a.T @ b, [a.pow(2).sum(0), b.pow(2).sum(0)]
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.squares = (
+            sq if not self.squares else [x + y for x, y in zip(self.squares, sq, strict=True)]
+        )
+        sums = self.sums.setdefault(point, [torch.zeros_like(a[0]), torch.zeros_like(b[0]), 0])
+        sums[0], sums[1], sums[2] = sums[0] + a.sum(0), sums[1] + b.sum(0), sums[2] + len(a)
+
+    def correlation(self) -> Tensor:
+        cov, var_a, var_b = self.cross.clone(), self.squares[0].clone(), self.squares[1].clone()
+        for sa, sb, n in self.sums.values():
+            cov -= torch.outer(sa, sb) / n
+            var_a -= sa.pow(2) / n
+            var_b -= sb.pow(2) / n
+        std = torch.outer(var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt())
+        return cov / std.clamp_min(1e-300)
+
+
+def _hook(module: nn.Module, store: dict[Any, Tensor], key: Any, output: bool) -> Any:
+    def keep(_module: nn.Module, args: tuple[Any, ...], result: Any = None) -> None:
+        value = result if output else args[0]
+        store[key] = value.detach().to(torch.float64)
+
+    if output:
+        return module.register_forward_hook(keep)
+    return module.register_forward_pre_hook(keep)
+
+
+def _record(module: nn.Module, ids: Tensor, mask: Tensor) -> dict[Any, Tensor]:
+    """Run ``module`` on one batch; every observed tensor as (valid tokens, features)."""
+    store: dict[Any, Tensor] = {}
+    body = module.model
+    handles = [_hook(body.norm, store, ("residual", 2 * len(body.layers)), False)]
+    for i, layer in enumerate(body.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        handles += [
+            _hook(layer.input_layernorm, store, ("residual", 2 * i), False),
+            _hook(layer.post_attention_layernorm, store, ("residual", 2 * i + 1), False),
+            _hook(attn.q_proj, store, ("q", i), True),
+            _hook(attn.k_proj, store, ("k", i), True),
+            _hook(attn.v_proj, store, ("v", i), True),
+            _hook(attn.o_proj, store, ("o", i), False),
+            _hook(mlp.down_proj, store, ("h", i), False),
+        ]
+    try:
+        module(input_ids=ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    keep = mask.reshape(-1).bool()
+    return {key: value.reshape(keep.numel(), -1)[keep] for key, value in store.items()}
+
+
+def _batches(data: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor]]:
+    for batch in data:
+        ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
+        ids = torch.as_tensor(ids)
+        ids = ids[None] if ids.dim() == 1 else ids
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        yield ids, torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+
+
+def activation_alignment(
+    module_b: nn.Module,
+    module_a: nn.Module,
+    state_b: Mapping[str, Tensor],
+    state_a: Mapping[str, Tensor],
+    arch: Architecture,
+    data: Iterable[Any],
+) -> Symmetry:
+    """The symmetry moving B onto A, from activations on ``data`` (see the module docs)."""
+    residual = _Moments()
+    attention: list[dict[str, Tensor]] = [{} for _ in range(arch.layers)]
+    units = [_Moments() for _ in range(arch.layers)]
+    tokens = 0
+    for ids, mask in _batches(data):
+        a, b = _record(module_a.eval(), ids, mask), _record(module_b.eval(), ids, mask)
+        tokens += int(mask.sum())
+        for point in range(2 * arch.layers + 1):
+            residual.add(point, a["residual", point], b["residual", point])
+        for i in range(arch.layers):
+            feats = [{k: side[k, i].T for k in ("q", "k", "v", "o")} for side in (a, b)]
+            raw = attention_cross(feats[0], feats[1], arch)
+            attention[i] = {k: v + attention[i].get(k, 0) for k, v in raw.items()}
+            units[i].add(0, a["h", i], b["h", i])
+    if tokens < 2:
+        raise StatisticsError(f"activation alignment needs calibration tokens; got {tokens}")
+    layers = [
+        match_layer(_layer_stats(attention[i], units[i], arch), arch) for i in range(arch.layers)
+    ]
+    symmetry = Symmetry(residual=hungarian(residual.correlation()), layers=layers)
+    return with_gain_scales(symmetry, state_a, state_b, arch)
+
+
+def _layer_stats(attention: dict[str, Tensor], units: _Moments, arch: Architecture) -> LayerStats:
+    q, k, v, o, qk_a, qk_b = attention_finish(attention, arch)
+    shift_a, shift_b = units.shift[0]
+    sum_a, sum_b, n = units.sums[0]
+    # raw RMS from the shifted sums: Σ (x − k + k)² = Σ (x − k)² + 2 k Σ (x − k) + n k²
+    rms_a = (units.squares[0] + 2 * shift_a * sum_a + n * shift_a.pow(2)) / n
+    rms_b = (units.squares[1] + 2 * shift_b * sum_b + n * shift_b.pow(2)) / n
+    factor_a, factor_b = rms_a.clamp_min(1e-300).rsqrt(), rms_b.clamp_min(1e-300).rsqrt()
+    return LayerStats(q, k, v, o, qk_a, qk_b, units.correlation(), factor_a, factor_b)

@@ -1,0 +1,168 @@
+"""The YAML file of ``accord llm-merge``: one pydantic model, validated whole before any weight
+is read, every problem reported at once with the key it concerns.
+
+Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
+
+    method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties
+    base: models/llama-base   # the task vectors' base (task-vector methods)
+    models:                   # fine-tuned models (a path, or {path, weight})
+      - models/llama-math
+      - {path: models/llama-code, weight: 0.5}
+    parameters: {density: 0.2, scale: 1.0}
+    receiver: models/llama-other   # optional: add the task vectors to this model instead
+    align: true                    # move the receiver into the base's coordinates first
+    dtype: bfloat16                # optional; default: the receiver's
+    output: merged/ties
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from accord.errors import ConfigError
+from accord.transformers.merge import METHODS, check_merge
+
+
+class ModelEntry(BaseModel):
+    """A model directory and its weight in the merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    weight: float = 1.0
+
+
+class Parameters(BaseModel):
+    """Method parameters; each method reads only its own (others are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    t: float | None = Field(None, description="slerp: interpolation position, 0 (first) to 1")
+    scale: float | None = Field(None, description="λ multiplying the merged task vector")
+    density: float | None = Field(None, description="TIES: fraction of entries kept per tensor")
+    drop_rate: float | None = Field(None, description="DARE: probability of dropping an entry")
+
+
+class LLMMergeConfig(BaseModel):
+    """What ``accord llm-merge`` does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description=f"one of {', '.join(METHODS)}")
+    models: list[ModelEntry] = Field(min_length=1, description="models to merge")
+    base: str | None = Field(None, description="task vectors' base (task-vector methods)")
+    receiver: str | None = Field(None, description="model the task vectors are added to")
+    parameters: Parameters = Field(default_factory=Parameters)
+    align: bool = Field(False, description="align the receiver to the base (weight matching)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int | str = Field("2GB", description="bytes per output shard, e.g. 500MB, 2GB")
+    seed: int = Field(0, description="seed of DARE's random drops")
+    output: str = Field(description="output directory (refused if it exists)")
+    overwrite: bool = False
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths_as_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _bytes(cls, value: int | str) -> int:
+        return parse_size(value)
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an integer or a string like ``500MB`` or ``2GiB``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a size; expected e.g. 2000000000, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def load_llm_merge_config(path: str | os.PathLike[str]) -> LLMMergeConfig:
+    """Read and validate a YAML merge config; ConfigError listing every problem by key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (method, models, output, ...)")
+    return validate_llm_merge_config(data, where=str(path))
+
+
+def validate_llm_merge_config(
+    data: dict[str, Any], where: str = "llm-merge config"
+) -> LLMMergeConfig:
+    """An :class:`LLMMergeConfig` from plain data; ConfigError naming each bad key."""
+    try:
+        config = LLMMergeConfig(**data)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+    problems = _semantic_problems(config)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return config
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    hint = ""
+    if error["type"] == "extra_forbidden":
+        model = (
+            Parameters
+            if loc[0] == "parameters"
+            else ModelEntry
+            if loc[0] == "models"
+            else LLMMergeConfig
+        )
+        close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: {error['msg']}{hint}"
+
+
+def _semantic_problems(config: LLMMergeConfig) -> list[str]:
+    problems = check_merge(
+        config.method,
+        config.parameters.model_dump(exclude_none=True),
+        len(config.models),
+        has_base=config.base is not None,
+        has_receiver=config.receiver is not None,
+        align=config.align,
+    )
+    paths = [(f"models[{i}].path", m.path) for i, m in enumerate(config.models)]
+    paths += [(key, getattr(config, key)) for key in ("base", "receiver") if getattr(config, key)]
+    problems += [
+        f"{key}: {value} is not a directory" for key, value in paths if not Path(value).is_dir()
+    ]
+    if Path(config.output).exists() and not config.overwrite:
+        problems.append(
+            f"output: {config.output} already exists (set overwrite: true to replace it)"
+        )
+    return problems

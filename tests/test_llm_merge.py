@@ -1,0 +1,261 @@
+"""Reading, writing and merging Llama-family checkpoints on disk, and ``accord llm-merge``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from accord.errors import ConfigError, ModelError  # noqa: E402
+from accord.transformers import (  # noqa: E402
+    load_checkpoint,
+    methods,
+    open_checkpoint,
+    random_symmetry,
+    save_checkpoint,
+)
+from accord.transformers.cli import llm_merge_main  # noqa: E402
+from accord.transformers.merge import merge_checkpoints  # noqa: E402
+from accord.transformers.testing import tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(model: torch.nn.Module, path: Path, **options: int) -> Path:
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}
+    return save_checkpoint(path, dict(model.state_dict()), config, **options)
+
+
+def _finetuned(base: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``base`` plus a small random task vector."""
+    model = type(base)(base.config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        k: v + 0.01 * torch.randn(v.shape, generator=generator)
+        for k, v in base.state_dict().items()
+    }
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base, two fine-tuned models and a receiver that is a random-symmetry copy of the base,
+    saved as checkpoints (the second fine-tuned model in several shards)."""
+    root = tmp_path_factory.mktemp("family")
+    base = tiny_model("qwen2", seed=0)
+    return {
+        "base": _save(base, root / "base"),
+        "ft1": _save(_finetuned(base, 1), root / "ft1"),
+        "ft2": _save(_finetuned(base, 2), root / "ft2", shard_size=20_000),
+        "receiver": _save(random_symmetry(base, seed=3), root / "receiver"),
+    }
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def test_sharded_round_trip_with_and_without_index(tmp_path: Path) -> None:
+    model = tiny_model("llama", seed=1, tie_word_embeddings=True)
+    path = _save(model, tmp_path / "m", shard_size=10_000)
+    files = sorted(p.name for p in path.iterdir())
+    assert "model.safetensors.index.json" in files and len(files) > 4
+    state, _ = load_checkpoint(path)
+    assert "lm_head.weight" not in state  # tied: left out, as save_pretrained does
+    for key, tensor in state.items():
+        assert torch.equal(tensor, model.state_dict()[key])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert torch.equal(loaded.lm_head.weight, model.model.embed_tokens.weight)
+    (path / "model.safetensors.index.json").unlink()  # shards alone are found by their headers
+    assert set(open_checkpoint(path).state) == set(state)
+
+
+def test_reads_what_save_pretrained_writes(tmp_path: Path) -> None:
+    model = tiny_model("mistral", seed=2)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    checkpoint = open_checkpoint(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(checkpoint.state[name], model.state_dict()[name])
+
+
+def test_missing_shard_names_the_file(tmp_path: Path) -> None:
+    path = _save(tiny_model("llama", seed=3), tmp_path / "m", shard_size=10_000)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelError, match=shard.name):
+        open_checkpoint(path)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    path = _save(tiny_model("llama", seed=4), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        random_symmetry(path)
+
+
+def test_ties_merge_loads_with_transformers(family: dict[str, Path], tmp_path: Path) -> None:
+    out = merge_checkpoints(
+        [family["ft1"], family["ft2"]],
+        tmp_path / "ties",
+        method="ties",
+        base=family["base"],
+        parameters={"density": 0.5, "scale": 0.8},
+        shard_size=30_000,
+    )
+    assert (out / "model.safetensors.index.json").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    base, ft1, ft2 = (_load(family[k]) for k in ("base", "ft1", "ft2"))
+    for name, tensor in loaded.state_dict().items():
+        deltas = [ft1[name] - base[name], ft2[name] - base[name]]
+        expected = base[name] + methods.ties(deltas, density=0.5, scale=0.8)
+        torch.testing.assert_close(tensor, expected)
+
+
+def test_dare_ties_merge_is_reproducible_and_loads(family: dict[str, Path], tmp_path: Path) -> None:
+    outs = [
+        merge_checkpoints(
+            [family["ft1"], family["ft2"]],
+            tmp_path / f"dare{i}",
+            method="dare_ties",
+            base=family["base"],
+            parameters={"drop_rate": 0.5},
+            seed=7,
+            dtype=torch.bfloat16,
+        )
+        for i in range(2)
+    ]
+    first, second = _load(outs[0]), _load(outs[1])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first["model.norm.weight"].dtype == torch.bfloat16
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(outs[0])
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_merging_one_model_linearly_returns_it(family: dict[str, Path], tmp_path: Path) -> None:
+    out = merge_checkpoints([family["ft1"]], tmp_path / "one", method="linear")
+    original = _load(family["ft1"])
+    assert all(torch.equal(t, original[k]) for k, t in _load(out).items())
+
+
+def test_aligned_task_arithmetic_transfers_to_a_permuted_receiver(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """The receiver is the base in other coordinates: aligned, it takes the task vector as the
+    base would; unaligned, the task vector lands on the wrong features."""
+    common = {"method": "task_arithmetic", "base": family["base"], "receiver": family["receiver"]}
+    aligned = _load(merge_checkpoints([family["ft1"]], tmp_path / "a", align=True, **common))
+    plain = _load(merge_checkpoints([family["ft1"]], tmp_path / "p", **common))
+    target = _load(family["ft1"])
+    assert max(float((aligned[k] - t).abs().max()) for k, t in target.items()) < 1e-5
+    assert max(float((plain[k] - t).abs().max()) for k, t in target.items()) > 0.1
+
+
+def test_failure_mid_write_leaves_no_output(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def failing(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return methods.task_arithmetic(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "task_arithmetic", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_checkpoints(
+            [family["ft1"]],
+            tmp_path / "out",
+            method="task_arithmetic",
+            base=family["base"],
+            shard_size=10_000,
+        )
+    assert len(calls) == 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ModelError, match="already exists"):
+        merge_checkpoints([family["ft1"]], tmp_path / "out")
+
+
+def test_mismatched_configs_name_the_key(family: dict[str, Path], tmp_path: Path) -> None:
+    other = _save(tiny_model("qwen2", seed=5, vocab_size=120), tmp_path / "wide")
+    with pytest.raises(ConfigError, match="vocab_size"):
+        merge_checkpoints([family["ft1"], other], tmp_path / "out")
+
+
+def test_method_problems_are_reported_together(family: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        merge_checkpoints(
+            [family["ft1"]], tmp_path / "out", method="slerp", parameters={"density": 2.0}
+        )
+    message = str(error.value)
+    assert "parameters.density" in message and "exactly 2" in message
+
+
+def _write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_cli_merges_from_yaml(family: dict[str, Path], tmp_path: Path) -> None:
+    config = _write_yaml(
+        tmp_path / "ties.yaml",
+        f"""
+method: ties
+base: {family["base"]}
+models:
+  - {family["ft1"]}
+  - {{path: {family["ft2"]}, weight: 0.5}}
+parameters: {{density: 0.3}}
+shard_size: 40KB
+output: {tmp_path / "merged"}
+""",
+    )
+    assert llm_merge_main(config, progress=False) == 0
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+
+
+def test_cli_reports_every_bad_key(
+    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write_yaml(
+        tmp_path / "bad.yaml",
+        f"""
+method: tie
+models: [{family["ft1"]}, {tmp_path / "nowhere"}]
+paramters: {{density: 0.3}}
+output: {tmp_path / "merged"}
+""",
+    )
+    assert llm_merge_main(config, progress=False) == 2
+    err = capsys.readouterr().err
+    assert "paramters" in err and "did you mean 'parameters'" in err
+    config = _write_yaml(
+        tmp_path / "bad2.yaml",
+        f"""
+method: tie
+models: [{family["ft1"]}, {tmp_path / "nowhere"}]
+output: {tmp_path / "merged"}
+""",
+    )
+    assert llm_merge_main(config, progress=False) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'ties'" in err and "models[1].path" in err
+    assert not (tmp_path / "merged").exists()

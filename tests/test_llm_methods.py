@@ -1,0 +1,112 @@
+"""Merge methods on small tensors, against answers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accord.transformers import methods
+
+
+def test_linear_weighted_mean() -> None:
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    torch.testing.assert_close(methods.linear([a, b]), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(methods.linear([a, b], [3, 1]), torch.tensor([1.5, 3.0]))
+    with pytest.raises(ValueError, match="sum to 0"):
+        methods.linear([a, b], [1, -1])
+
+
+def test_slerp_known_values() -> None:
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    # Ω = 90°, t = 1/3: sin(60°)/1 · a + sin(30°)/1 · b
+    expected = torch.tensor([math.sin(math.pi / 3), 2 * math.sin(math.pi / 6)])
+    torch.testing.assert_close(methods.slerp(a, b, 1 / 3), expected)
+    torch.testing.assert_close(methods.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(methods.slerp(a, b, 1.0), b)
+    # parallel tensors: plain linear interpolation
+    torch.testing.assert_close(methods.slerp(a, 3 * a, 0.5), 2 * a)
+
+
+def test_task_arithmetic() -> None:
+    deltas = [torch.tensor([1.0, -1.0]), torch.tensor([0.5, 2.0])]
+    result = methods.task_arithmetic(deltas, [1.0, 2.0], scale=0.5)
+    torch.testing.assert_close(result, torch.tensor([1.0, 1.5]))
+
+
+def test_magnitude_prune_keeps_top_k() -> None:
+    delta = torch.tensor([[0.1, -3.0], [2.0, -0.5]])
+    torch.testing.assert_close(
+        methods.magnitude_prune(delta, 0.5), torch.tensor([[0.0, -3.0], [2.0, 0.0]])
+    )
+    torch.testing.assert_close(methods.magnitude_prune(delta, 1.0), delta)
+    assert int((methods.magnitude_prune(delta, 0.25) != 0).sum()) == 1
+
+
+def test_sign_election_and_disjoint_mean_by_hand() -> None:
+    stacked = torch.tensor([[2.0, -1.0, 0.0, 1.0], [-1.0, -3.0, 0.0, -1.0], [0.5, 2.0, 0.0, 0.0]])
+    # column sums 1.5, -2.0, 0.0, 0.0 -> signs +, -, + (zero), + (zero)
+    sign = methods.elect_sign(stacked)
+    torch.testing.assert_close(sign, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    # agreeing nonzero entries: {2, .5}, {-1, -3}, {}, {1}
+    merged = methods.disjoint_mean(stacked, sign)
+    torch.testing.assert_close(merged, torch.tensor([1.25, -2.0, 0.0, 1.0]))
+
+
+def test_ties_by_hand() -> None:
+    deltas = [torch.tensor([4.0, -0.1, 1.0, -2.0]), torch.tensor([-1.0, 3.0, 0.2, -0.5])]
+    # density 0.5 keeps 2 of 4: [4, 0, 0, -2] and [-1, 3, 0, 0]
+    # signs of the sums [3, 3, 0, -2]: +, +, +, -
+    # disjoint means: 4 (only +), 3, 0 (none), -2
+    result = methods.ties(deltas, density=0.5, scale=2.0)
+    torch.testing.assert_close(result, torch.tensor([8.0, 6.0, 0.0, -4.0]))
+    # weights scale each trimmed delta before the election: 0.5 · [4, 0, 0, -2] vs 3 · [-1, 3, 0, 0]
+    # sums [-1, 9, 0, -1]: -, +, +, -  -> [-3, 9, 0, -1]
+    weighted = methods.ties(deltas, [0.5, 3.0], density=0.5)
+    torch.testing.assert_close(weighted, torch.tensor([-3.0, 9.0, 0.0, -1.0]))
+
+
+def test_dare_drops_and_rescales() -> None:
+    delta = torch.arange(1.0, 1001.0)
+    generator = torch.Generator().manual_seed(0)
+    result = methods.random_prune(delta, 0.75, generator)
+    expected_keep = torch.rand(1000, generator=torch.Generator().manual_seed(0)) >= 0.75
+    torch.testing.assert_close(result, delta * expected_keep * 4.0)
+    assert 150 < int(expected_keep.sum()) < 350
+    torch.testing.assert_close(methods.random_prune(delta, 0.0, generator), delta)
+
+
+def test_dare_merge_by_hand() -> None:
+    deltas = [torch.tensor([1.0, 2.0, -4.0]), torch.tensor([-3.0, 1.0, 2.0])]
+    masks = torch.rand(2, 3, generator=torch.Generator().manual_seed(5)) >= 0.5
+    dropped = [d * m * 2.0 for d, m in zip(deltas, masks, strict=True)]
+    plain = methods.dare(deltas, drop_rate=0.5, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(plain, dropped[0] + dropped[1])
+    tied = methods.dare(
+        deltas, drop_rate=0.5, generator=torch.Generator().manual_seed(5), sign_election=True
+    )
+    stacked = torch.stack(dropped)
+    torch.testing.assert_close(tied, methods.disjoint_mean(stacked, methods.elect_sign(stacked)))
+
+
+def test_dare_without_drops_is_task_arithmetic_and_dare_ties_is_ties_at_full_density() -> None:
+    deltas = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-1.0, -1.0, 1.0])]
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(
+        methods.dare(deltas, drop_rate=0.0, generator=generator),
+        methods.task_arithmetic(deltas),
+    )
+    torch.testing.assert_close(
+        methods.dare(deltas, drop_rate=0.0, generator=generator, sign_election=True),
+        methods.ties(deltas, density=1.0),
+    )
+    # by hand: signs [0 -> +, -, +]; means [1, -1.5, 2]
+    torch.testing.assert_close(methods.ties(deltas, density=1.0), torch.tensor([1.0, -1.5, 2.0]))
+
+
+def test_bad_prune_option() -> None:
+    with pytest.raises(ValueError, match="prune"):
+        methods.sparse_task_arithmetic([torch.ones(2)], prune="top")
+    with pytest.raises(ValueError, match="Generator"):
+        methods.sparse_task_arithmetic([torch.ones(2)], prune="random", drop_rate=0.5)
