@@ -44,6 +44,33 @@ def test_magnitude_prune_keeps_top_k() -> None:
     assert int((methods.magnitude_prune(delta, 0.25) != 0).sum()) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_magnitude_prune_matches_topk(dtype: torch.dtype) -> None:
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for density in (0.001, 0.2, 0.77):
+        indices = delta.abs().topk(round(density * 1000)).indices
+        expected = torch.zeros_like(delta)
+        expected[indices] = delta[indices]
+        assert torch.equal(methods.magnitude_prune(delta, density), expected)
+
+
+def test_magnitude_prune_bfloat16_keeps_exactly_the_largest() -> None:
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(1)).bfloat16()  # many ties
+    kept = methods.magnitude_prune(delta, 0.3) != 0
+    assert int(kept.sum()) == 300
+    assert delta[kept].abs().min() >= delta[~kept].abs().max()
+
+
+def test_magnitude_prune_breaks_ties_by_position_and_ignores_zeros() -> None:
+    tied = torch.tensor([0.5, 1.0, -1.0, 1.0, -1.0])
+    torch.testing.assert_close(
+        methods.magnitude_prune(tied, 0.4), torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0])
+    )
+    sparse = torch.tensor([0.0, 0.0, 3.0, 0.0])
+    torch.testing.assert_close(methods.magnitude_prune(sparse, 0.5), sparse)
+    assert not methods.magnitude_prune(sparse, 0.1).any()
+
+
 def test_sign_election_and_disjoint_mean_by_hand() -> None:
     stacked = torch.tensor([[2.0, -1.0, 0.0, 1.0], [-1.0, -3.0, 0.0, -1.0], [0.5, 2.0, 0.0, 0.0]])
     # column sums 1.5, -2.0, 0.0, 0.0 -> signs +, -, + (zero), + (zero)

@@ -395,3 +395,24 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
             continue
         got = Statistics.load(tmp_path / f"{name}.safetensors")
         _assert_equal(got, collect_statistics(**kwargs), 1e-10)
+
+
+def test_spec_traced_with_leaf_modules_is_observed_in_the_same_graph() -> None:
+    from accord.trace import trace
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+            self.hidden = nn.Linear(6, 5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.hidden(self.inner(x))))
+
+    models = [Gated() for _ in range(2)]
+    spec = trace(models[0], torch.randn(3, 4), leaf_modules=["inner"])
+    assert spec.leaf_modules == ("inner",)
+    stats = collect_statistics(models, [torch.randn(32, 4)], spec, progress=False)
+    assert set(stats.spaces) == {"hidden"}
+    assert stats.spaces["hidden"].count == 32

@@ -384,7 +384,7 @@ def _targets(
     norm_names = list(dict.fromkeys(bn.norm for space in used for bn in space.batchnorms))
     if not norm_names:
         return spaces, []
-    graph = symbolic_graph(model).graph
+    graph = symbolic_graph(model, spec.leaf_modules).graph
     diagonal = tuple(p for p in pairs if p[0] == p[1])
     norms = []
     for name in norm_names:
@@ -417,10 +417,12 @@ class _Observer(nn.Module):
             accumulator.observe(self.model, index, tensor)
 
 
-def _statistics_graph(model: nn.Module, observer: _Observer) -> fx.GraphModule:
+def _statistics_graph(
+    model: nn.Module, observer: _Observer, leaf_modules: tuple[str, ...]
+) -> fx.GraphModule:
     """``model``'s traced forward, calling ``observer`` after every observed node."""
     # observed_graph checks that the nodes exist; its extra outputs are dropped again
-    gm = observed_graph(model, [point.node for point in observer.uses])
+    gm = observed_graph(model, [point.node for point in observer.uses], leaf_modules)
     output = next(node for node in gm.graph.nodes if node.op == "output")
     output.args = (output.args[0][0],)
     gm.add_submodule("accord_observer", observer)
@@ -558,12 +560,13 @@ def _accumulate(
     accumulators: Sequence[_Accumulator],
     schedule: Iterator[tuple[int, torch.Tensor]],
     device: torch.device,
+    leaf_modules: tuple[str, ...] = (),
 ) -> StatisticsError | None:
     """Forward every scheduled batch through every model once; return a failure, if any."""
     try:
         with closing(schedule), _evaluating(models, device), torch.no_grad():
             graphs = [
-                _statistics_graph(model, _Observer(i, accumulators))
+                _statistics_graph(model, _Observer(i, accumulators), leaf_modules)
                 for i, model in enumerate(models)
             ]
             for index, inputs in schedule:
@@ -638,7 +641,9 @@ def collect_statistics(
     stride = (0, 1) if sharded else (rank, world)
     batches = itertools.chain([first], stream)
     schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
-    _synchronise(accumulators, _accumulate(models, accumulators, schedule, device), device)
+    _synchronise(
+        accumulators, _accumulate(models, accumulators, schedule, device, spec.leaf_modules), device
+    )
     finished = _finish(accumulators)
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
     stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}

@@ -24,7 +24,7 @@ import difflib
 import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +223,7 @@ def _read(ck: Checkpoint, name: str, symmetries: dict[int, Symmetry], arch: Arch
     return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 
-Combine = Callable[[str, list[Tensor]], Tensor]
+Combine = Callable[[str, Iterable[Tensor]], Tensor]
 
 
 def _merged(
@@ -241,7 +241,8 @@ def _merged(
     receiver = (
         base if inputs.receiver is inputs.base else _read(inputs.receiver, name, symmetries, arch)
     )
-    return receiver + combine(name, [t - base for t in tensors])
+    # a generator: each task vector is pruned as soon as it exists (see sparse_task_arithmetic)
+    return receiver + combine(name, (t - base for t in tensors))
 
 
 def _combiner(

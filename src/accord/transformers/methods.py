@@ -22,7 +22,7 @@ TIES and DARE are two settings of :func:`sparse_task_arithmetic`, as in mergekit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -62,26 +62,48 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-7) -> Tensor:
 
 
 def task_arithmetic(
-    deltas: Sequence[Tensor], weights: Sequence[float] | None = None, scale: float = 1.0
+    deltas: Iterable[Tensor], weights: Sequence[float] | None = None, scale: float = 1.0
 ) -> Tensor:
     """``λ Σ w_i τ_i``."""
-    w = _weights(weights, len(deltas))
-    return scale * sum(wi * d for wi, d in zip(w, deltas, strict=True))
+    return sparse_task_arithmetic(deltas, weights, scale=scale)
+
+
+def _kth_largest_bits(bits: Tensor, k: int) -> int:
+    """The bit pattern of the ``k``-th largest of non-negative floats given as their integer
+    bit patterns, which order like the floats: the largest ``t`` with ``#{bits ≥ t} ≥ k``,
+    found by bisection (one comparison pass per bit, no sort: memory stays O(numel) bits)."""
+    low, high = 0, int(bits.max())
+    while low < high:
+        middle = (low + high + 1) // 2
+        if int((bits >= middle).sum()) >= k:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     """``delta`` with all but its ``round(density · numel)`` largest-magnitude entries zeroed
-    (ties at the threshold broken by position).
+    (ties at the threshold broken by position). The threshold is found by bisection rather than
+    ``topk``, whose index and value copies cost several times the tensor on large embeddings.
 
     >>> magnitude_prune(torch.tensor([0.1, -3.0, 2.0, -0.5]), 0.5)
     tensor([ 0., -3.,  2., -0.])
     """
-    keep = round(density * delta.numel())
-    if keep >= delta.numel():
+    k = round(density * delta.numel())
+    if k >= delta.numel():
         return delta.clone()
-    mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    mask[delta.abs().flatten().topk(keep, sorted=False).indices] = True
-    return delta * mask.reshape(delta.shape)
+    if k == 0:
+        return torch.zeros_like(delta)
+    wide = delta.dtype == torch.float64
+    magnitude = delta.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
+    bits = magnitude.view(torch.int64 if wide else torch.int32)
+    threshold = _kth_largest_bits(bits, k)
+    keep = bits > threshold if threshold > 0 else bits > 0  # kept zeros would change nothing
+    if threshold > 0:
+        missing = k - int(keep.sum())
+        keep[(bits == threshold).nonzero().reshape(-1)[:missing]] = True
+    return delta * keep.reshape(delta.shape)
 
 
 def random_prune(delta: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
@@ -93,22 +115,28 @@ def random_prune(delta: Tensor, drop_rate: float, generator: torch.Generator) ->
     return delta * keep / (1 - drop_rate)
 
 
-def elect_sign(deltas: Tensor) -> Tensor:
-    """TIES sign election on stacked deltas (n, …): the sign of the entry-wise sum (the sign
-    with the larger total magnitude), +1 where the sum is 0."""
-    sign = torch.sign(deltas.sum(0))
-    return torch.where(sign == 0, torch.ones_like(sign), sign)
+def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
+    """TIES sign election over deltas (a sequence, or a stacked tensor's first axis): the sign
+    of the entry-wise sum (the sign with the larger total magnitude), +1 where the sum is 0."""
+    total = sum(deltas)
+    return torch.where(total < 0, -1.0, 1.0).to(total.dtype)
 
 
-def disjoint_mean(deltas: Tensor, sign: Tensor) -> Tensor:
-    """Mean, per entry, of the nonzero stacked deltas whose sign is ``sign`` (0 where none)."""
-    agree = (torch.sign(deltas) == sign) & (deltas != 0)
-    count = agree.sum(0)
-    return (deltas * agree).sum(0) / count.clamp_min(1)
+def disjoint_mean(deltas: Iterable[Tensor], sign: Tensor) -> Tensor:
+    """Mean, per entry, of the nonzero deltas whose sign is ``sign`` (0 where none agree);
+    accumulated one delta at a time, with boolean masks (a quarter of a float tensor each)."""
+    positive = sign > 0
+    total = torch.zeros_like(sign)
+    count = torch.zeros(sign.shape, dtype=torch.int32)
+    for delta in deltas:
+        agree = ((delta > 0) == positive) & (delta != 0)
+        total += delta * agree
+        count += agree
+    return total / count.clamp_min(1)
 
 
 def sparse_task_arithmetic(
-    deltas: Sequence[Tensor],
+    deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
     scale: float = 1.0,
@@ -120,24 +148,30 @@ def sparse_task_arithmetic(
 ) -> Tensor:
     """The merged task vector: each ``τ_i`` pruned (``prune`` = ``"magnitude"`` with
     ``density``, ``"random"`` with ``drop_rate``, or None), weighted by ``w_i``, then summed, or
-    sign-elected and disjointly averaged when ``sign_election``; times ``scale``."""
-    w = _weights(weights, len(deltas))
-    if prune == "magnitude":
-        deltas = [magnitude_prune(d, density) for d in deltas]
-    elif prune == "random":
-        if generator is None:
-            raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")
-        deltas = [random_prune(d, drop_rate, generator) for d in deltas]
-    elif prune is not None:
+    sign-elected and disjointly averaged when ``sign_election``; times ``scale``.
+
+    ``deltas`` may be a generator: each task vector is then pruned as soon as it is made, so
+    only the pruned ones are held together."""
+    if prune not in ("magnitude", "random", None):
         raise ValueError(f"prune={prune!r}; expected 'magnitude', 'random' or None")
-    stacked = torch.stack([wi * d for wi, d in zip(w, deltas, strict=True)])
-    if not sign_election:
-        return scale * stacked.sum(0)
-    return scale * disjoint_mean(stacked, elect_sign(stacked))
+    if prune == "random" and generator is None:
+        raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")
+    pruned = []
+    for i, delta in enumerate(deltas):
+        if prune == "magnitude":
+            delta = magnitude_prune(delta, density)
+        elif prune == "random":
+            delta = random_prune(delta, drop_rate, generator)
+        weight = float(weights[i]) if weights is not None and i < len(weights) else 1.0
+        pruned.append(delta * weight if weight != 1.0 else delta)
+    if weights is not None and len(weights) != len(pruned):
+        raise ValueError(f"{len(weights)} weights for {len(pruned)} tensors")
+    merged = disjoint_mean(pruned, elect_sign(pruned)) if sign_election else sum(pruned)
+    return merged * scale
 
 
 def ties(
-    deltas: Sequence[Tensor],
+    deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
     density: float = 0.2,
@@ -154,7 +188,7 @@ def ties(
 
 
 def dare(
-    deltas: Sequence[Tensor],
+    deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
     drop_rate: float = 0.9,

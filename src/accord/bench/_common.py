@@ -1,0 +1,64 @@
+"""What every benchmark records: the machine, the date, and summaries of repeated values."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Platform, processor, CPU count, torch version and threads: what a timing depends on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def today() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "values"}``; std is the sample standard deviation (0 for one value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": None, "std": None, "values": []}
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": spread, "values": values}
+
+
+def by_panel(
+    results: Sequence[dict[str, Any]],
+) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    """Quality results grouped by (architecture, setting) in first-seen order, sorted by N."""
+    panels = dict.fromkeys((r["arch"], r["setting"]) for r in results)
+    return [
+        (
+            panel,
+            sorted(
+                (r for r in results if (r["arch"], r["setting"]) == panel),
+                key=lambda r: r["num_models"],
+            ),
+        )
+        for panel in panels
+    ]
+
+
+def cell(result: dict[str, Any], name: str, split: str = "test") -> dict[str, Any]:
+    """The summary of row ``name`` of one configuration's result on ``split``."""
+    return next(row for row in result["rows"] if row["name"] == name)[split]

@@ -1,0 +1,71 @@
+"""``accord bench``: the quality and speed benchmarks, and BENCHMARKS.md from their results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from accord._io import write_text
+from accord.bench.markdown import render_benchmarks_md
+from accord.bench.quality import quality_plan, run_quality
+from accord.bench.speed import run_speed, speed_plan
+
+RESULTS = "benchmarks/results"
+
+
+def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``accord bench quality | speed | markdown`` to the ``accord`` subparsers ``sub``."""
+    p = sub.add_parser("bench", help="quality and speed benchmarks (JSON + figures)")
+    kinds = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    q = kinds.add_parser(
+        "quality",
+        help="accuracy of every merge method against N models (trains models into --store)",
+    )
+    q.add_argument("--quick", action="store_true", help="the small plan: minutes on 2 cores")
+    q.add_argument("--sets", type=int, default=None, help="independent model sets (seed ranges)")
+    q.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
+    q.add_argument(
+        "--store",
+        default=os.environ.get("ACCORD_STORE", "models"),
+        help="model store folder [%(default)s]",
+    )
+    q.set_defaults(func=_cmd_quality)
+    s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
+    s.add_argument("--samples", type=int, default=1024, help="images per pass [%(default)s]")
+    s.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
+    s.set_defaults(func=_cmd_speed)
+    for command in (q, s):
+        command.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--device", default="cpu", help="torch device for training and merging")
+    q.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    m = kinds.add_parser("markdown", help="write BENCHMARKS.md from the results JSON")
+    m.add_argument("--results", default=RESULTS, help="results folder [%(default)s]")
+    m.add_argument("--out", default="BENCHMARKS.md", help="Markdown file [%(default)s]")
+    m.set_defaults(func=_cmd_markdown)
+    return p
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    plan = quality_plan(args.quick, args.dataset, args.sets)
+    plan = replace(plan, data_dir=args.data_dir)
+    document = run_quality(plan, args.store, args.out, device=args.device, progress=not args.quiet)
+    print(f"quality: {document['seconds']['total']:.0f} s; written to {args.out}/{plan.name}.json")
+    return 0
+
+
+def _cmd_speed(args: argparse.Namespace) -> int:
+    document = run_speed(speed_plan(args.dataset, args.samples), args.out, progress=not args.quiet)
+    print(f"speed: {document['seconds']:.0f} s; written to {args.out}/speed.json")
+    return 0
+
+
+def _cmd_markdown(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    link = Path(os.path.relpath(Path(args.results), out.parent or Path("."))).as_posix()
+    write_text(out, render_benchmarks_md(args.results, link=link))
+    print(f"written to {out}")
+    return 0

@@ -1,0 +1,239 @@
+"""BENCHMARKS.md, generated from the results JSON so that its numbers always match them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from accord._table import format_table
+from accord.bench._common import by_panel, cell
+from accord.bench.quality import ROW_LABELS
+
+HEADER = """# Benchmarks
+
+Every number on this page is generated from the JSON files in `{results}` by
+`accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
+reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
+cores; trained models are cached in the model store), `accord bench speed`, then
+`accord bench markdown`. Accuracies are on the test split, which chooses nothing: every
+hyper-parameter (CCA's ridge, ZipIt!'s α and β) is chosen on the validation split.
+"""
+
+INTERPOLATION_NOTE = (
+    "Interpolation figures: test accuracy and loss on the straight line from model 0 (α = 0) "
+    "to model 1 (α = 1), unaligned (*direct*) and with model 1 aligned to model 0 by "
+    "permutation or by CCA, BatchNorm statistics reset at every point; a star marks the "
+    "method's merged model. A dense CCA map does not commute with ReLU or with per-channel "
+    "BatchNorm, so CCA's α = 1 end is the *aligned* model 1, not model 1's function (its only "
+    "use is to be averaged); permutations are exact, so that path ends at model 1 itself."
+)
+
+
+def _percent(cell: Mapping[str, Any]) -> str:
+    if cell.get("mean") is None:
+        return "-"
+    if len(cell.get("values", [])) > 1:
+        return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+    return f"{100 * cell['mean']:.1f}"
+
+
+def _machine(document: Mapping[str, Any]) -> str:
+    m = document["machine"]
+    extra = f", {m['accelerator']}" if m.get("accelerator") else ""
+    return (
+        f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, Python {m['python']}, device {m['device']}{extra}"
+    )
+
+
+def _run_facts(document: Mapping[str, Any], seconds: str) -> list[str]:
+    return [
+        f"- command: `{document['command']}`",
+        f"- date: {document['date']}",
+        f"- machine: {_machine(document)}",
+        f"- wall time: {seconds}",
+    ]
+
+
+def _figure(link: str, name: str, caption: str) -> list[str]:
+    return ["", f"![{caption}]({link}/{name})", "", f"*{caption}*"]
+
+
+def _quality_setup(config: Mapping[str, Any]) -> list[str]:
+    archs = "; ".join(
+        f"{a['arch']} {json.dumps(a['model'], sort_keys=True)}, {a['train']['epochs']} epochs "
+        f"(lr {a['train']['lr']}, batch {a['train']['batch_size']}), "
+        f"{'all' if a['limit'] is None else a['limit']} training+test examples"
+        for a in config["architectures"]
+    )
+    settings = ", ".join(
+        s["split"] + (f" (α = {s['alpha']})" if s["split"] == "dirichlet" else "")
+        for s in config["settings"]
+    )
+    pools = ", ".join(f"seeds {p[0]}–{p[-1]}" for p in config["pool_seeds"])
+    return [
+        f"- dataset: {config['dataset']}; architectures: {archs}",
+        f"- data settings: {settings}; N = {', '.join(map(str, config['sizes']))}",
+        f"- model sets: {pools} (N models = the first N of a set's pool)",
+        f"- statistics, repair and NP Merge calibration: the first {config['samples']} "
+        "training examples",
+    ]
+
+
+def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for panel, chosen in by_panel(results):
+        headers = ["row", *(f"N = {r['num_models']}" for r in chosen)]
+        rows = []
+        for name in (row["name"] for row in chosen[0]["rows"]):
+            rows.append([ROW_LABELS.get(name, name), *(_percent(cell(r, name)) for r in chosen)])
+        ridges = ["/".join(f"{o['ridge']:g}" for o in r["options"].get("cca", [])) for r in chosen]
+        rows.append(["CCA ridge chosen (per set)", *ridges])
+        lines += ["", f"### {panel[0]}, {panel[1]}", "", format_table(headers, rows, True)]
+    return lines
+
+
+def _barriers(figures: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for tag, entry in figures.items():
+        if isinstance(entry, Mapping):
+            for curve, values in entry["curves"].items():
+                rows.append(
+                    [tag, curve, f"{100 * values['accuracy_barrier']:.1f}", values["loss_barrier"]]
+                )
+    if not rows:
+        return []
+    headers = ["models", "path", "accuracy barrier (points)", "loss barrier"]
+    caption = "Barriers of the interpolation paths (largest drop below the straight line):"
+    return ["", caption, "", format_table(headers, rows, True)]
+
+
+def render_quality(document: Mapping[str, Any], link: str) -> str:
+    """The section of one quality run."""
+    seconds = document["seconds"]
+    spent = (
+        f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, merging "
+        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s)"
+    )
+    lines = [f"## Quality: `{document['config']['name']}`", "", *_run_facts(document, spent)]
+    lines += _quality_setup(document["config"])
+    lines += [
+        "",
+        "Test accuracy in %: mean ± sample standard deviation over the model sets (each set's "
+        "value is in the JSON). *base models* is the mean of the N merged models' own accuracies; "
+        "the *ensemble* averages their logits (N times the cost). Every method aligns the models "
+        "to model 0, averages, then resets BatchNorm statistics.",
+    ]
+    lines += _quality_tables(document["results"])
+    figures = document["figures"]
+    lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
+    lines += ["", INTERPOLATION_NOTE]
+    for tag, entry in figures.items():
+        if not isinstance(entry, Mapping):
+            continue
+        files = entry["files"]
+        lines += _figure(link, files["interpolation"], f"{tag}: linear paths, models 0 and 1")
+        if "spectra" in files:
+            lines += _figure(link, files["spectra"], f"{tag}: canonical correlations per space")
+        lines += _figure(link, files["npmerge"], f"{tag}: NP Merge's learned coefficients")
+    lines += _barriers(figures)
+    return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def render_speed(document: Mapping[str, Any]) -> str:
+    """The section of one speed run."""
+    stage_names = ["statistics", "match", "apply", "average", "repair", "npmerge_training"]
+    time_rows, memory_rows = [], []
+    for case in document["cases"]:
+        label = f"{case['arch']} w{case['width']:g} N={case['models']}"
+        stages = case["stages"]
+        time_rows.append(
+            [label, f"{case['parameters_per_model']:,}", f"{case['forward_seconds']:.2f}"]
+            + [f"{stages[s]['seconds']:.2f}" if s in stages else "-" for s in stage_names]
+            + [f"{case['statistics_over_forward']:.2f}"]
+        )
+        memory_rows.append(
+            [label]
+            + [_mib(stages[s]["peak_rss_mib"]) if s in stages else "-" for s in stage_names]
+            + [_mib(case["process_peak_rss_mib"])]
+        )
+    config = document["config"]
+    lines = [
+        "## Speed",
+        "",
+        *_run_facts(document, f"{document['seconds']:.0f} s"),
+        f"- data: the first {config['samples']} training images of {config['dataset']} in "
+        f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
+        f"{config['ridge']}; NP Merge: 1 epoch over the same images",
+        "",
+        "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
+        "images; *statistics*: `accord.collect_statistics` over the same images (ratio = "
+        "statistics / forward); *match*, *apply*, *average*, *repair* (BatchNorm reset): the "
+        "stages of a CCA merge; *npmerge_training*: NP Merge's coefficient training.",
+        "",
+        format_table(
+            ["case", "params/model", "forward", *stage_names, "stats/forward"], time_rows, True
+        ),
+        "",
+        "Peak resident memory above the stage's start (MiB; sampled every 2 ms; each case in a "
+        "fresh process, whose overall peak is the last column):",
+        "",
+        format_table(["case", *stage_names, "process peak"], memory_rows, True),
+    ]
+    lines += _precision(document["precision"])
+    return "\n".join(lines)
+
+
+def _precision(precision: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [
+            s["space"],
+            s["features"],
+            f"{s['samples']:,}",
+            f"{s['accord_float64']['normwise']:.1e}",
+            f"{s['naive_float32']['normwise']:.1e}",
+            f"{s['accord_float64']['variance']:.1e}",
+            f"{s['naive_float32']['variance']:.1e}",
+        ]
+        for s in precision["spaces"]
+    ]
+    headers = ["space", "C", "samples", "f64 ‖ΔC‖/‖C‖", "f32 ‖ΔC‖/‖C‖", "f64 max Δvar/var", "f32"]
+    worst = precision["max"]
+    return [
+        "",
+        f"### Covariance precision ({precision['arch']} w{precision['width']:g}, "
+        f"{precision['inputs']} inputs)",
+        "",
+        "Relative error against an exact two-pass float64 covariance: accord's float64 shifted "
+        "one-pass sums (f64) and a naive float32 E[xxᵀ] − μμᵀ over the same batches (f32). "
+        f"Worst space: f64 {worst['accord_float64']['normwise']:.1e} normwise, "
+        f"{worst['accord_float64']['variance']:.1e} on a variance; f32 "
+        f"{worst['naive_float32']['normwise']:.1e} normwise, "
+        f"{worst['naive_float32']['variance']:.1e} on a variance.",
+        "",
+        format_table(headers, rows, True),
+    ]
+
+
+def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
+    """BENCHMARKS.md from ``results_dir``'s ``quality*.json`` and ``speed.json``.
+
+    Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
+    BENCHMARKS.md in the directory that ``results_dir`` is relative to).
+    """
+    root = Path(results_dir)
+    link = link if link is not None else root.as_posix()
+    sections = [HEADER.format(results=root.as_posix())]
+    for path in sorted(root.glob("quality*.json")):
+        sections.append(render_quality(json.loads(path.read_text(encoding="utf-8")), link))
+    speed = root / "speed.json"
+    if speed.is_file():
+        sections.append(render_speed(json.loads(speed.read_text(encoding="utf-8"))))
+    return "\n\n".join(sections) + "\n"

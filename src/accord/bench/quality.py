@@ -1,0 +1,361 @@
+"""Quality benchmark: test accuracy of every merge method against N, setting and model set.
+
+For each architecture and data setting, a pool of ``max(N)`` models is trained per model set
+(seeds ``start … start + max(N) − 1``, cached in the model store); merging N models takes the
+pool's first N. Under ``iid`` every model sees all training data; under ``dirichlet`` the
+pool's models are trained on the parts of one Dirichlet(α) split of the training set among
+``max(N)`` models, so any N of them saw differently distributed data. Every configuration
+runs :func:`accord.merge_checkpoints` with ``method="all"`` and ``options="auto"``: one
+statistics pass shared by all methods, hyper-parameters chosen on the validation split.
+Accuracies are on the test split, which chooses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import accord
+from accord._io import write_json
+from accord.bench._common import machine_info, summary, today
+from accord.bench.figures import accuracy_versus_models, interpolation_figure
+from accord.combine import coefficient_histograms, np_merge
+from accord.report import canonical_correlation_spectra
+from accord.workflow import MergeOutcome, calibration_loader
+
+# Display names of the result rows; the JSON uses the keys.
+ROW_LABELS = {
+    "base": "base models (mean)",
+    "ensemble": "ensemble (logit average)",
+    "identity": "direct average (identity)",
+    "permutation": "permutation (activations)",
+    "weight_matching": "weight matching",
+    "zipit": "ZipIt!",
+    "ot": "optimal transport",
+    "cca": "CCA Merge",
+    "npmerge": "NP Merge (aligned by CCA)",
+}
+# Curves of the interpolation figure: the method whose alignment is used (None: unaligned).
+CURVES = {"direct": None, "permutation": "permutation", "cca": "cca"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture to train: zoo name, its config, optimisation and data size."""
+
+    arch: str
+    model: dict[str, Any]
+    train: accord.TrainConfig
+    limit: int | None = None
+
+    @property
+    def label(self) -> str:
+        width = self.model.get("width", 1)
+        return f"{self.arch}-w{width:g}" + ("-bn" if self.model.get("batch_norm") else "")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the training data is divided among a pool's models (``accord.split_indices``)."""
+
+    split: str
+    alpha: float = 0.5
+
+    @property
+    def label(self) -> str:
+        return f"dirichlet{self.alpha:g}" if self.split == "dirichlet" else self.split
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """Everything one quality run does; written into its JSON."""
+
+    name: str
+    dataset: str
+    architectures: tuple[Architecture, ...]
+    sizes: tuple[int, ...]
+    settings: tuple[Setting, ...]
+    seed_starts: tuple[int, ...]
+    samples: int
+    curve_steps: int
+    command: str
+    data_dir: str | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        config = asdict(self)
+        config.pop("data_dir")
+        config["pool_seeds"] = [list(self.seeds(start)) for start in self.seed_starts]
+        return config
+
+    def seeds(self, start: int) -> tuple[int, ...]:
+        return tuple(range(start, start + max(self.sizes)))
+
+
+def quality_plan(
+    quick: bool = False, dataset: str | None = None, sets: int | None = None
+) -> QualityPlan:
+    """The ``--quick`` plan (minutes on 2 cores) or the full one (hours there).
+
+    ``dataset`` defaults to :func:`accord.default_dataset` (Fashion-MNIST, else digits);
+    ``sets`` overrides the number of independent model sets.
+    """
+    name = dataset or accord.default_dataset()
+    small = name == "digits"  # 1,797 8×8 images: more epochs, no limit
+    settings = (Setting("iid"), Setting("dirichlet", alpha=0.5))
+    if quick:
+        vgg = Architecture(
+            "vgg11",
+            {"width": 0.25 if small else 0.125, "batch_norm": True},
+            accord.TrainConfig(epochs=20 if small else 2, lr=0.05),
+            limit=None if small else 4000,
+        )
+        plan = QualityPlan(
+            name="quality-quick",
+            dataset=name,
+            architectures=(vgg,),
+            sizes=(2, 3),
+            settings=settings,
+            seed_starts=(0,),
+            samples=1000,
+            curve_steps=6,
+            command="accord bench quality --quick",
+        )
+    else:
+        train = accord.TrainConfig(epochs=40 if small else 6, lr=0.05)
+        limit = None if small else 20000
+        plan = QualityPlan(
+            name="quality",
+            dataset=name,
+            architectures=(
+                Architecture("resnet20", {"width": 1}, train, limit),
+                Architecture("vgg11", {"width": 0.25, "batch_norm": True}, train, limit),
+            ),
+            sizes=(2, 3, 4),
+            settings=settings,
+            seed_starts=(0, 10),
+            samples=5000,
+            curve_steps=11,
+            command="accord bench quality",
+        )
+    if sets is not None:
+        plan = replace(plan, seed_starts=tuple(10 * k for k in range(sets)))
+    return plan
+
+
+def train_pool(
+    plan: QualityPlan,
+    architecture: Architecture,
+    setting: Setting,
+    start: int,
+    store: str | os.PathLike[str],
+    *,
+    device: str,
+    progress: bool,
+) -> list[accord.Checkpoint]:
+    """The pool of ``max(N)`` models of one model set (trained, or loaded from ``store``)."""
+    request = accord.ModelSetRequest(
+        arch=architecture.arch,
+        dataset=plan.dataset,
+        seeds=plan.seeds(start),
+        split=setting.split,
+        alpha=setting.alpha,
+        model=architecture.model,
+        train=architecture.train,
+        limit=architecture.limit,
+        data_dir=plan.data_dir,
+    )
+    return accord.train_model_set(request, store, device=device, progress=progress)
+
+
+def merge_config(
+    plan: QualityPlan, checkpoints: Sequence[accord.Checkpoint], device: str
+) -> accord.MergeConfig:
+    """Every method on these checkpoints, options chosen on the validation split."""
+    return accord.MergeConfig(
+        models=[str(c.path) for c in checkpoints],
+        method="all",
+        options="auto",
+        samples=plan.samples,
+        device=device,
+        data_dir=plan.data_dir,
+    )
+
+
+def calibration(plan: QualityPlan, outcome: MergeOutcome, device: str) -> tuple[Any, Any]:
+    """``(dataset splits, calibration batches)`` exactly as the merge of ``outcome`` used."""
+    data = accord.checkpoint_dataset(list(outcome.checkpoints), plan.data_dir)
+    return data, calibration_loader(data, merge_config(plan, outcome.checkpoints, device))
+
+
+def _row(name: str, val: Sequence[float], test: Sequence[float]) -> dict[str, Any]:
+    return {"name": name, "val": summary(val), "test": summary(test)}
+
+
+def summarise(outcomes: Sequence[MergeOutcome]) -> list[dict[str, Any]]:
+    """Rows (base mean, ensemble, each method): val and test accuracy over the model sets."""
+    rows = [
+        _row(
+            "base",
+            [sum(v for v, _ in o.base) / len(o.base) for o in outcomes],
+            [sum(t for _, t in o.base) / len(o.base) for o in outcomes],
+        ),
+        _row("ensemble", [o.ensemble[0] for o in outcomes], [o.ensemble[1] for o in outcomes]),
+    ]
+    for index, method in enumerate(outcomes[0].methods):
+        results = [o.methods[index] for o in outcomes]
+        rows.append(
+            _row(
+                method.method,
+                [r.val_accuracy for r in results],
+                [r.test_accuracy for r in results],
+            )
+        )
+    return rows
+
+
+def interpolation_curves(
+    plan: QualityPlan, outcome: MergeOutcome, device: str
+) -> dict[str, dict[str, Any]]:
+    """Paths from model 0 to model 1: unaligned, and aligned by permutation and by CCA.
+
+    Each point's BatchNorm statistics are reset on the calibration data first. A dense CCA
+    map does not commute with ReLU or with per-channel BatchNorm, so CCA's α = 1 end is not
+    model 1's function: it is the aligned model 1, whose only use is to be averaged.
+    """
+    checkpoints = outcome.checkpoints
+    data, repair = calibration(plan, outcome, device)
+    results = {m.method: m.result for m in outcome.methods}
+    curves = {}
+    for name, method in CURVES.items():
+        ends = [c.model for c in checkpoints[:2]]
+        if method is not None:
+            ends = [copy.deepcopy(checkpoints[0].model) for _ in range(2)]
+            for end, state in zip(ends, results[method].aligned[:2], strict=True):
+                end.load_state_dict(state)
+        curve = accord.interpolation_curve(
+            *ends, data.test, steps=plan.curve_steps, repair_data=repair, device=device
+        )
+        curves[name] = {
+            "alphas": curve.alphas,
+            "accuracy": curve.accuracies,
+            "loss": curve.losses,
+            "accuracy_barrier": curve.accuracy_barrier,
+            "loss_barrier": curve.loss_barrier,
+        }
+    return curves
+
+
+def npmerge_coefficients(plan: QualityPlan, outcome: MergeOutcome, device: str) -> dict[str, Any]:
+    """NP Merge's learned coefficients, trained again (same seed, data and options) on the
+    aligned states of the run's NP Merge result: the report keeps only their means."""
+    result = next(m.result for m in outcome.methods if m.method == "npmerge")
+    models = [c.model for c in outcome.checkpoints]
+    _, loader = calibration(plan, outcome, device)
+    options = result.report["npmerge"]["options"]
+    learned = np_merge(
+        models[0], result.aligned, loader, teachers=models, device=device, progress=False, **options
+    )
+    return learned.coefficients
+
+
+def figures_for(
+    plan: QualityPlan, outcome: MergeOutcome, tag: str, out: Path, device: str
+) -> dict[str, Any]:
+    """Interpolation curves, CCA spectra and NP Merge histograms of one N = 2 merge."""
+    curves = interpolation_curves(plan, outcome, device)
+    merged = {m.method: m.test_accuracy for m in outcome.methods if m.method in CURVES}
+    paths = {
+        "interpolation": out / f"{plan.name}-interpolation-{tag}.png",
+        "spectra": out / f"{plan.name}-spectra-{tag}.png",
+        "npmerge": out / f"{plan.name}-npmerge-{tag}.png",
+    }
+    title = f"{tag}: models 0 and 1 of model set 0"
+    interpolation_figure(curves, merged, paths["interpolation"], title)
+    cca = next(m.result for m in outcome.methods if m.method == "cca")
+    if not canonical_correlation_spectra(cca.report["spaces"], paths["spectra"], title):
+        del paths["spectra"]
+    coefficient_histograms(npmerge_coefficients(plan, outcome, device), paths["npmerge"])
+    return {
+        "curves": curves,
+        "files": {k: p.name for k, p in paths.items()},
+    }
+
+
+def _configuration(
+    pools: Sequence[Sequence[accord.Checkpoint]],
+    size: int,
+    names: tuple[str, str],
+    outcomes: Sequence[MergeOutcome],
+    seconds: float,
+) -> dict[str, Any]:
+    options = {
+        m.method: [o.methods[k].result.report.get("options", {}) for o in outcomes]
+        for k, m in enumerate(outcomes[0].methods)
+    }
+    return {
+        "arch": names[0],
+        "setting": names[1],
+        "num_models": size,
+        "models": [[str(c.path) for c in pool[:size]] for pool in pools],
+        "rows": summarise(outcomes),
+        "options": options,
+        "seconds": seconds,
+    }
+
+
+def run_quality(
+    plan: QualityPlan,
+    store: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``plan``: train or load the pools, merge, draw; write ``out/<plan.name>.json``."""
+    start, root = time.perf_counter(), Path(out)
+    seconds = {"training": 0.0, "merging": 0.0, "figures": 0.0}
+    results, figures = [], {}
+    for architecture in plan.architectures:
+        for setting in plan.settings:
+            names = (architecture.label, setting.label)
+            clock = time.perf_counter()
+            pools = [
+                train_pool(plan, architecture, setting, s, store, device=device, progress=progress)
+                for s in plan.seed_starts
+            ]
+            seconds["training"] += time.perf_counter() - clock
+            for size in plan.sizes:
+                clock = time.perf_counter()
+                outcomes = [
+                    accord.merge_checkpoints(merge_config(plan, pool[:size], device), progress)
+                    for pool in pools
+                ]
+                spent = time.perf_counter() - clock
+                seconds["merging"] += spent
+                results.append(_configuration(pools, size, names, outcomes, spent))
+                if size == 2:
+                    clock = time.perf_counter()
+                    tag = f"{names[0]}-{names[1]}"
+                    figures[tag] = figures_for(plan, outcomes[0], tag, root, device)
+                    seconds["figures"] += time.perf_counter() - clock
+    accuracy = root / f"{plan.name}-accuracy.png"
+    title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
+    accuracy_versus_models(results, ROW_LABELS, accuracy, title)
+    seconds["total"] = time.perf_counter() - start
+    document = {
+        "benchmark": "quality",
+        "command": plan.command,
+        "date": today(),
+        "machine": machine_info(device),
+        "config": plan.to_json(),
+        "seconds": seconds,
+        "results": results,
+        "figures": {"accuracy": accuracy.name, **figures},
+    }
+    write_json(root / f"{plan.name}.json", document)
+    return document

@@ -1,0 +1,269 @@
+"""Speed benchmark: wall time and peak memory of each merge stage, scaling in N and width.
+
+Each case (ResNet20 of one width, N randomly initialised models: speed does not depend on
+training) runs in a fresh process, so its memory peaks start from a clean slate:
+
+* the statistics pass (:func:`accord.collect_statistics`) against plain ``torch.no_grad``
+  forward passes of the same models over the same batches (their ratio is the pass's overhead);
+* one CCA merge reusing those statistics (stage times from ``MergeResult.report["timings"]``:
+  ``match``, ``apply``, ``combine`` = averaging, ``repair`` = BatchNorm reset) and one NP Merge
+  (its ``combine`` is the coefficient training);
+* memory: resident set size (RSS) sampled every 2 ms in a thread; a stage's peak is the most
+  RSS seen during it above the RSS when it started (stage boundaries inside a merge are
+  reconstructed from the reported durations, so they are exact to the gaps between stages).
+
+The precision check compares, on the same activations, accord's float64 shifted one-pass
+covariances with a naive float32 ``E[xxᵀ] − μμᵀ`` accumulated over the same batches, both
+against an exact two-pass float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import accord
+from accord._io import write_json
+from accord.bench._common import machine_info, today
+from accord.bench.precision import precision_check
+from accord.errors import AccordError
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class SpeedCase:
+    """N models of one architecture and width."""
+
+    arch: str
+    width: float
+    models: int
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The cases and the data of one speed run; written into its JSON."""
+
+    dataset: str
+    samples: int
+    batch_size: int
+    cases: tuple[SpeedCase, ...]
+    ridge: float
+    command: str
+    isolate: bool = True
+
+
+def speed_plan(dataset: str | None = None, samples: int = 1024) -> SpeedPlan:
+    """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2."""
+    by_models = [SpeedCase("resnet20", 1, n) for n in (2, 4, 8)]
+    by_width = [SpeedCase("resnet20", w, 2) for w in (2, 4)]
+    return SpeedPlan(
+        dataset=dataset or accord.default_dataset(),
+        samples=samples,
+        batch_size=256,
+        cases=(*by_models, *by_width),
+        ridge=0.1,
+        command="accord bench speed",
+    )
+
+
+def _page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss() -> int | None:
+    """This process's resident set size in bytes (None where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * _page_size()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class MemorySampler:
+    """Samples RSS every ``interval`` seconds in a daemon thread while it runs."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = current_rss()
+            if rss is not None:
+                self.samples.append((time.perf_counter(), rss))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        rss = current_rss()
+        if rss is not None:  # a first sample before anything is measured
+            self.samples.append((time.perf_counter(), rss))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_above(self, start: float, stop: float) -> float | None:
+        """MiB of the highest RSS in [start, stop] above the last RSS seen at ``start``."""
+        before = [rss for t, rss in self.samples if t <= start]
+        during = [rss for t, rss in self.samples if start <= t <= stop]
+        if not before or not during:
+            return None
+        return max(0, max(during) - before[-1]) / MIB
+
+
+def _models(case: SpeedCase, data: accord.DataSplits) -> list[nn.Module]:
+    models = []
+    for seed in range(case.models):
+        torch.manual_seed(seed)
+        models.append(
+            accord.build_model(
+                case.arch,
+                width=case.width,
+                in_channels=data.in_channels,
+                image_size=data.image_size,
+                num_classes=data.num_classes,
+            ).eval()
+        )
+    return models
+
+
+def _batches(plan: SpeedPlan, data: accord.DataSplits) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = data.train[torch.arange(plan.samples)]
+    return list(zip(images.split(plan.batch_size), labels.split(plan.batch_size), strict=True))
+
+
+@torch.no_grad()
+def forward_seconds(models: Sequence[nn.Module], batches: Sequence[Any], progress: bool) -> float:
+    """Seconds of plain forward passes of every model over every batch (after a warm-up)."""
+    for model in models:
+        model(batches[0][0])
+    start = time.perf_counter()
+    for inputs, _ in tqdm(batches, desc="forward", leave=False, disable=not progress):
+        for model in models:
+            model(inputs)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def _stopwatch(into: dict[str, float]) -> Iterator[None]:
+    into["start"] = time.perf_counter()
+    yield
+    into["stop"] = time.perf_counter()
+
+
+def _merge_stages(
+    sampler: MemorySampler, start: float, timings: dict[str, float], names: dict[str, str]
+) -> dict[str, dict[str, float | None]]:
+    """Per reported stage (renamed by ``names``; others skipped): seconds and peak RSS."""
+    stages, clock = {}, start
+    for stage, seconds in timings.items():
+        if stage in names:
+            peak = sampler.peak_above(clock, clock + seconds)
+            stages[names[stage]] = {"seconds": seconds, "peak_rss_mib": peak}
+        clock += seconds
+    return stages
+
+
+def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[str, Any]:
+    """Time and measure every stage of one case (see the module docstring)."""
+    data = accord.load_dataset(plan.dataset)
+    models, batches = _models(case, data), _batches(plan, data)
+    spec = accord.trace(models[0], batches[0][0][:2])
+    forward = forward_seconds(models, batches, progress)
+    stages: dict[str, dict[str, float | None]] = {}
+    with MemorySampler() as sampler:
+        window: dict[str, float] = {}
+        with _stopwatch(window):
+            stats = accord.collect_statistics(models, batches, spec, progress=progress)
+        stages["statistics"] = {
+            "seconds": window["stop"] - window["start"],
+            "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
+        }
+        common = {"spec": spec, "statistics": stats, "repair": "bn-reset"}
+        start = time.perf_counter()
+        cca = accord.merge(models, batches, "cca", **common, ridge=plan.ridge)
+        names = {"match": "match", "apply": "apply", "combine": "average", "repair": "repair"}
+        stages.update(_merge_stages(sampler, start, cca.report["timings"], names))
+        start = time.perf_counter()
+        npm = accord.merge(models, batches, "npmerge", **common, ridge=plan.ridge)
+        names = {"combine": "npmerge_training"}
+        stages.update(_merge_stages(sampler, start, npm.report["timings"], names))
+    return {
+        **asdict(case),
+        "parameters_per_model": sum(p.numel() for p in models[0].parameters()),
+        "samples": plan.samples,
+        "forward_seconds": forward,
+        "statistics_over_forward": stages["statistics"]["seconds"] / forward,
+        "stages": stages,
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _isolated(plan: SpeedPlan, case: SpeedCase, progress: bool) -> dict[str, Any]:
+    """:func:`run_case` in a fresh Python process (clean memory peaks), or here.
+
+    A plain interpreter rather than multiprocessing: it needs no ``__main__`` guard in the
+    caller's script. The request goes in on stdin, the result comes back on stdout.
+    """
+    if not plan.isolate:
+        return run_case(plan, case, progress)
+    request = json.dumps({"plan": asdict(plan), "case": asdict(case), "progress": progress})
+    code = "import accord.bench.speed as s; s.case_from_stdin()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=request, stdout=subprocess.PIPE, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise AccordError(f"speed case {case} failed in its process (exit {done.returncode})")
+    return json.loads(done.stdout)
+
+
+def case_from_stdin() -> None:
+    """The child side of :func:`_isolated`: run the case read from stdin, print its JSON."""
+    request = json.loads(sys.stdin.read())
+    plan = request["plan"]
+    plan = SpeedPlan(**{**plan, "cases": tuple(SpeedCase(**c) for c in plan["cases"])})
+    result = run_case(plan, SpeedCase(**request["case"]), request["progress"])
+    print(json.dumps(result))
+
+
+def run_speed(
+    plan: SpeedPlan, out: str | os.PathLike[str], *, progress: bool = True
+) -> dict[str, Any]:
+    """Run every case and the precision check; write ``out/speed.json``."""
+    start = time.perf_counter()
+    cases = []
+    for case in tqdm(plan.cases, desc="speed cases", disable=not progress):
+        cases.append(_isolated(plan, case, progress))
+    first = plan.cases[0]
+    precision = precision_check(plan.dataset, first.arch, first.width, plan.samples, progress)
+    document = {
+        "benchmark": "speed",
+        "command": plan.command,
+        "date": today(),
+        "machine": machine_info("cpu"),
+        "config": asdict(plan),
+        "seconds": time.perf_counter() - start,
+        "cases": cases,
+        "precision": precision,
+    }
+    write_json(Path(out) / "speed.json", document)
+    return document

@@ -1,0 +1,133 @@
+"""Micro runs of the benchmarks (digits, tiny models, 1 epoch) and BENCHMARKS.md from them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import accord
+from accord.bench import (
+    Architecture,
+    QualityPlan,
+    Setting,
+    SpeedCase,
+    add_bench_parser,
+    quality_plan,
+    render_benchmarks_md,
+    run_quality,
+    run_speed,
+    speed_plan,
+)
+from accord.bench.quality import ROW_LABELS, train_pool
+
+MICRO = QualityPlan(
+    name="quality-micro",
+    dataset="digits",
+    architectures=(
+        Architecture("mlp", {"width": 16, "depth": 1}, accord.TrainConfig(epochs=1, batch_size=64)),
+    ),
+    sizes=(2,),
+    settings=(Setting("iid"),),
+    seed_starts=(0,),
+    samples=200,
+    curve_steps=3,
+    command="pytest",
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One micro quality run and one micro speed run into the same results folder."""
+    root = tmp_path_factory.mktemp("bench")
+    run_quality(MICRO, root / "store", root / "results", progress=False)
+    speed = replace(
+        speed_plan("digits", samples=64),
+        batch_size=32,
+        cases=(SpeedCase("resnet20", 0.25, 2),),
+        isolate=False,
+    )
+    run_speed(speed, root / "results", progress=False)
+    return root
+
+
+def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
+    document = json.loads((results / "results" / "quality-micro.json").read_text())
+    assert document["machine"]["cpu_count"] >= 1 and document["machine"]["torch"]
+    [configuration] = document["results"]
+    assert (configuration["arch"], configuration["setting"]) == ("mlp-w16", "iid")
+    assert [row["name"] for row in configuration["rows"]] == list(ROW_LABELS)
+    for row in configuration["rows"]:
+        test = row["test"]
+        assert len(test["values"]) == 1 and test["mean"] == test["values"][0]
+        assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
+    assert configuration["options"]["cca"][0]["ridge"] > 0
+    files = document["figures"]["mlp-w16-iid"]["files"]
+    for name in [document["figures"]["accuracy"], *files.values()]:
+        assert (results / "results" / name).read_bytes()[:4] == b"\x89PNG"
+    curves = document["figures"]["mlp-w16-iid"]["curves"]
+    assert set(curves) == {"direct", "permutation", "cca"}
+    # A permutation is exact: its path ends at model 1's own accuracy, like the direct path.
+    assert curves["permutation"]["accuracy"][-1] == curves["direct"]["accuracy"][-1]
+
+
+def test_trained_pools_are_reused_from_the_store(results: Path) -> None:
+    before = sorted(p.name for p in (results / "store").iterdir())
+    pool = train_pool(
+        MICRO,
+        MICRO.architectures[0],
+        Setting("iid"),
+        0,
+        results / "store",
+        device="cpu",
+        progress=False,
+    )
+    assert sorted(p.name for p in (results / "store").iterdir()) == before
+    assert [c.path.name for c in pool] == before
+
+
+def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
+    document = json.loads((results / "results" / "speed.json").read_text())
+    [case] = document["cases"]
+    assert set(case["stages"]) == {
+        "statistics",
+        "match",
+        "apply",
+        "average",
+        "repair",
+        "npmerge_training",
+    }
+    assert case["statistics_over_forward"] > 0 and case["forward_seconds"] > 0
+    worst = document["precision"]["max"]
+    assert worst["accord_float64"]["normwise"] < 1e-10
+    assert worst["naive_float32"]["normwise"] > worst["accord_float64"]["normwise"]
+
+
+def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
+    text = render_benchmarks_md(results / "results", link="results")
+    quality = json.loads((results / "results" / "quality-micro.json").read_text())
+    cca = next(r for r in quality["results"][0]["rows"] if r["name"] == "cca")
+    row = next(line for line in text.splitlines() if line.startswith("| CCA Merge"))
+    assert f"{100 * cca['test']['mean']:.1f}" in row
+    assert "](results/quality-micro-accuracy.png)" in text
+    speed = json.loads((results / "results" / "speed.json").read_text())
+    ratio = speed["cases"][0]["statistics_over_forward"]
+    assert f"{ratio:.2f} |" in text and "Covariance precision" in text
+
+
+def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "quality", "--quick", "--sets", "2", "--dataset", "digits"])
+    assert args.quick and args.sets == 2 and callable(args.func)
+    plan = quality_plan(args.quick, args.dataset, args.sets)
+    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 3)
+    out = tmp_path / "BENCHMARKS.md"
+    args = parser.parse_args(
+        ["bench", "markdown", "--results", str(results / "results"), "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    assert "## Quality: `quality-micro`" in out.read_text()
