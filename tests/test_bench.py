@@ -115,7 +115,7 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     assert "](results/quality-micro-accuracy.png)" in text
     speed = json.loads((results / "results" / "speed.json").read_text())
     ratio = speed["cases"][0]["statistics_over_forward"]
-    assert f"{ratio:.2f} |" in text and "Covariance precision" in text
+    assert f"| {ratio:.2f} " in text and "Covariance precision" in text
 
 
 def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_path) -> None:

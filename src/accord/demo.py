@@ -46,7 +46,7 @@ def run_demo(
         models=[str(c.path) for c in checkpoints],
         method="all",
         options="auto",
-        samples=5000,
+        samples=2000,
         device=device,
         data_dir=data_dir,
     )

@@ -68,24 +68,37 @@ def task_arithmetic(
     return sparse_task_arithmetic(deltas, weights, scale=scale)
 
 
-def _kth_largest_bits(bits: Tensor, k: int) -> int:
-    """The bit pattern of the ``k``-th largest of non-negative floats given as their integer
-    bit patterns, which order like the floats: the largest ``t`` with ``#{bits ≥ t} ≥ k``,
-    found by bisection (one comparison pass per bit, no sort: memory stays O(numel) bits)."""
-    low, high = 0, int(bits.max())
-    while low < high:
-        middle = (low + high + 1) // 2
-        if int((bits >= middle).sum()) >= k:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+_CHUNK = 2**24  # entries per pass of the histogram, bounding its temporaries
+
+
+def _kth_largest(magnitude: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest of the non-negative float32/float64 values ``magnitude`` (flat).
+
+    A two-level radix select: the integer bit patterns of non-negative floats order like the
+    floats, so a histogram of their top 16 bits finds the bucket holding the ``k``-th largest,
+    and only that bucket's few values are then ranked. Memory stays a small fraction of the
+    tensor, where ``topk`` or ``kthvalue`` copy it with 64-bit indices, several times over.
+    """
+    bits = magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
+    shift = bits.element_size() * 8 - 16
+    hist = torch.zeros(2**15, dtype=torch.int64)
+    for chunk in bits.split(_CHUNK):
+        hist += torch.bincount((chunk >> shift).to(torch.int64), minlength=2**15)
+    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and above
+    bucket = int((at_least >= k).nonzero().max())
+    rank = k - int(at_least[bucket] - hist[bucket])  # rank of the k-th largest in its bucket
+    inside = torch.cat(
+        [
+            m[(c >> shift) == bucket]
+            for m, c in zip(magnitude.split(_CHUNK), bits.split(_CHUNK), strict=True)
+        ]
+    )
+    return inside.topk(rank).values[-1]
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     """``delta`` with all but its ``round(density · numel)`` largest-magnitude entries zeroed
-    (ties at the threshold broken by position). The threshold is found by bisection rather than
-    ``topk``, whose index and value copies cost several times the tensor on large embeddings.
+    (ties at the threshold broken by position).
 
     >>> magnitude_prune(torch.tensor([0.1, -3.0, 2.0, -0.5]), 0.5)
     tensor([ 0., -3.,  2., -0.])
@@ -97,12 +110,11 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
         return torch.zeros_like(delta)
     wide = delta.dtype == torch.float64
     magnitude = delta.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
-    bits = magnitude.view(torch.int64 if wide else torch.int32)
-    threshold = _kth_largest_bits(bits, k)
-    keep = bits > threshold if threshold > 0 else bits > 0  # kept zeros would change nothing
-    if threshold > 0:
+    threshold = _kth_largest(magnitude, k)
+    keep = magnitude > threshold
+    if threshold > 0:  # kept zeros would change nothing
         missing = k - int(keep.sum())
-        keep[(bits == threshold).nonzero().reshape(-1)[:missing]] = True
+        keep[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
     return delta * keep.reshape(delta.shape)
 
 
