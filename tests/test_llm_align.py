@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ VARIANTS = {
     "llama-gqa": ("llama", {}),
     "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen2-bias": ("qwen2", {}),
+    "llama-all-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "mistral": ("mistral", {"hidden_size": 64, "head_dim": 16}),
     "llama-mqa": ("llama", {"num_key_value_heads": 1}),
 }
@@ -117,3 +120,9 @@ def test_mismatched_hidden_size_names_the_key() -> None:
     c = tiny_model("llama", seed=0, num_key_value_heads=4)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         align(c, to=a)
+
+
+@pytest.mark.parametrize("module", ["accord.transformers.align", "accord.transformers.methods"])
+def test_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -26,6 +26,7 @@ VARIANTS = {
     "llama-gqa": ("llama", {}),
     "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen2-bias": ("qwen2", {}),
+    "llama-all-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "mistral": ("mistral", {"hidden_size": 64, "head_dim": 16}),
     "llama-mqa": ("llama", {"num_key_value_heads": 1, "hidden_size": 48, "head_dim": 12}),
 }

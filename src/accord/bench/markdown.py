@@ -25,10 +25,12 @@ hyper-parameter (CCA's ridge, ZipIt!'s α and β) is chosen on the validation sp
 INTERPOLATION_NOTE = (
     "Interpolation figures: test accuracy and loss on the straight line from model 0 (α = 0) "
     "to model 1 (α = 1), unaligned (*direct*) and with model 1 aligned to model 0 by "
-    "permutation or by CCA, BatchNorm statistics reset at every point; a star marks the "
+    "permutation or by CCA, BatchNorm statistics reset on the calibration examples at every "
+    "point, the ends included (so under differing data an end can score above or below that "
+    "base model with its own statistics); a star marks the "
     "method's merged model. A dense CCA map does not commute with ReLU or with per-channel "
     "BatchNorm, so CCA's α = 1 end is the *aligned* model 1, not model 1's function (its only "
-    "use is to be averaged); permutations are exact, so that path ends at model 1 itself."
+    "use is to be averaged); a permutation is exact, so that path ends where the direct one does."
 )
 
 
@@ -66,7 +68,12 @@ def _quality_setup(config: Mapping[str, Any]) -> list[str]:
     archs = "; ".join(
         f"{a['arch']} {json.dumps(a['model'], sort_keys=True)}, {a['train']['epochs']} epochs "
         f"(lr {a['train']['lr']}, batch {a['train']['batch_size']}), "
-        f"{'all' if a['limit'] is None else a['limit']} training+test examples"
+        + (
+            "all examples"
+            if a["limit"] is None
+            else f"limit {a['limit']} (that many training+"
+            f"validation examples, and as many test examples)"
+        )
         for a in config["architectures"]
     )
     settings = ", ".join(
@@ -93,7 +100,18 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
         ridges = ["/".join(f"{o['ridge']:g}" for o in r["options"].get("cca", [])) for r in chosen]
         rows.append(["CCA ridge chosen (per set)", *ridges])
         lines += ["", f"### {panel[0]}, {panel[1]}", "", format_table(headers, rows, True)]
+        lines += ["", "Best merge by mean test accuracy: " + "; ".join(map(_best, chosen)) + "."]
     return lines
+
+
+def _best(result: Mapping[str, Any]) -> str:
+    merges = [row for row in result["rows"] if row["name"] not in ("base", "ensemble")]
+    best = max(merges, key=lambda row: row["test"]["mean"])
+    ensemble = cell(result, "ensemble")["mean"]
+    return (
+        f"N = {result['num_models']}: {ROW_LABELS.get(best['name'], best['name'])} "
+        f"{100 * best['test']['mean']:.1f} (ensemble {100 * ensemble:.1f})"
+    )
 
 
 def _barriers(figures: Mapping[str, Any]) -> list[str]:

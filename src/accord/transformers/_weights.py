@@ -157,8 +157,8 @@ def residual_score(
             continue  # gains are folded into their readers
         if role.bias and role.kind not in ("o", "down"):
             continue  # reader biases have no residual axis
-        if layers is None and role.layer is not None:
-            continue
+        if (layers is None and role.layer is not None) or (arch.tied and role.kind == "lm_head"):
+            continue  # a tied lm_head is the embedding, which may be stored only once
         moved = {name: transform_tensor(name, state_b[name], moves, arch)}
         if role.kind in _READER_NORM or role.kind == "lm_head":
             gain = _norm_name(role.layer, _READER_NORM.get(role.kind, "final"))

@@ -13,6 +13,8 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
     align: true                    # move the receiver into the base's coordinates first
     dtype: bfloat16                # optional; default: the receiver's
     output: merged/ties
+
+Paths are relative to the current directory.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class LLMMergeConfig(BaseModel):
     align: bool = Field(False, description="align the receiver to the base (weight matching)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = Field("2GB", description="bytes per output shard, e.g. 500MB, 2GB")
-    seed: int = Field(0, description="seed of DARE's random drops")
+    seed: int = Field(0, ge=0, description="seed of DARE's random drops")
     output: str = Field(description="output directory (refused if it exists)")
     overwrite: bool = False
 
@@ -135,13 +137,7 @@ def _describe(error: Any) -> str:
     key = ".".join(loc) or "(top level)"
     hint = ""
     if error["type"] == "extra_forbidden":
-        model = (
-            Parameters
-            if loc[0] == "parameters"
-            else ModelEntry
-            if loc[0] == "models"
-            else LLMMergeConfig
-        )
+        model = {"parameters": Parameters, "models": ModelEntry}.get(loc[0], LLMMergeConfig)
         close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{key}: {error['msg']}{hint}"

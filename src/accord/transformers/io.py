@@ -182,6 +182,14 @@ def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[Tenso
     return shards
 
 
+def check_output(directory: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``directory`` as a path; ModelError if it exists and ``overwrite`` is not set."""
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise ModelError(f"{target} already exists; choose another output or set overwrite")
+    return target
+
+
 def write_checkpoint(
     directory: str | os.PathLike[str],
     config: dict[str, Any],
@@ -199,9 +207,7 @@ def write_checkpoint(
     ``dtype`` entry set to the tensors' floating dtype. An existing ``directory`` is refused
     unless ``overwrite``, and is then replaced whole only once the new one is complete.
     """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise ModelError(f"{target} already exists; choose another output or set overwrite")
+    target = check_output(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -36,7 +36,13 @@ from accord.errors import ConfigError, ModelError
 from accord.transformers import methods
 from accord.transformers.align import find_alignment
 from accord.transformers.arch import Architecture, check_compatible
-from accord.transformers.io import Checkpoint, TensorInfo, open_checkpoint, write_checkpoint
+from accord.transformers.io import (
+    Checkpoint,
+    TensorInfo,
+    check_output,
+    open_checkpoint,
+    write_checkpoint,
+)
 from accord.transformers.symmetry import Symmetry, transform_tensor
 
 
@@ -111,6 +117,8 @@ def check_merge(
         problems.append(f"receiver: method {method!r} has no task vectors to add to it")
     if info.task_vectors and align and not has_receiver:
         problems.append("align: aligning needs a receiver that differs from the base")
+    if n_models == 0:
+        problems.append("models: at least one model is needed")
     if method == "slerp" and n_models != 2:
         problems.append(f"models: slerp merges exactly 2 models, got {n_models}")
     return problems
@@ -181,6 +189,7 @@ def merge_checkpoints(
         problems.append(f"weights: {len(weights)} given for {len(models)} models")
     if problems:
         raise ConfigError("; ".join(problems))
+    check_output(output, overwrite)  # before the alignment, which can take minutes
     inputs = _open(models, base, receiver)
     symmetries = _alignments(inputs, method) if align else {}
     combine = _combiner(method, weights, parameters, seed)
@@ -242,7 +251,7 @@ def _merged(
         base if inputs.receiver is inputs.base else _read(inputs.receiver, name, symmetries, arch)
     )
     # a generator: each task vector is pruned as soon as it exists (see sparse_task_arithmetic)
-    return receiver + combine(name, (t - base for t in tensors))
+    return combine(name, (t - base for t in tensors)).add_(receiver)
 
 
 def _combiner(

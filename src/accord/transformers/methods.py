@@ -130,8 +130,8 @@ def random_prune(delta: Tensor, drop_rate: float, generator: torch.Generator) ->
 def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
     """TIES sign election over deltas (a sequence, or a stacked tensor's first axis): the sign
     of the entry-wise sum (the sign with the larger total magnitude), +1 where the sum is 0."""
-    total = sum(deltas)
-    return torch.where(total < 0, -1.0, 1.0).to(total.dtype)
+    sign = sum(deltas).sign_()  # a new tensor: in place keeps one tensor of memory
+    return sign.masked_fill_(sign == 0, 1.0)
 
 
 def disjoint_mean(deltas: Iterable[Tensor], sign: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def disjoint_mean(deltas: Iterable[Tensor], sign: Tensor) -> Tensor:
         agree = ((delta > 0) == positive) & (delta != 0)
         total += delta * agree
         count += agree
-    return total / count.clamp_min(1)
+    return total.div_(count.clamp_min_(1))
 
 
 def sparse_task_arithmetic(
@@ -178,8 +178,11 @@ def sparse_task_arithmetic(
         pruned.append(delta * weight if weight != 1.0 else delta)
     if weights is not None and len(weights) != len(pruned):
         raise ValueError(f"{len(weights)} weights for {len(pruned)} tensors")
+    if not pruned:
+        raise ValueError("no task vectors to merge")
+    # both branches build a new tensor (sum starts from 0), so scaling in place is safe
     merged = disjoint_mean(pruned, elect_sign(pruned)) if sign_election else sum(pruned)
-    return merged * scale
+    return merged.mul_(scale)
 
 
 def ties(

@@ -296,6 +296,57 @@ _MOVES: dict[str, Move] = {
 }
 
 
+class _Sampler:
+    """Random maps from one generator: scales log-uniform in [1/2, 2], uniform angles,
+    Haar-random orthogonal matrices."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def perm(self, n: int) -> Tensor:
+        return torch.randperm(n, generator=self.gen)
+
+    def scale(self, *shape: int) -> Tensor:
+        u = torch.rand(*shape, generator=self.gen, dtype=torch.float64)
+        return torch.exp((u - 0.5) * 2 * math.log(2))
+
+    def angle(self, *shape: int) -> Tensor:
+        return torch.rand(*shape, generator=self.gen, dtype=torch.float64) * 2 * math.pi
+
+    def orthogonal(self, n: int, size: int) -> Tensor:
+        x = torch.randn(n, size, size, generator=self.gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(x)
+        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+    def invertible(self, n: int, size: int) -> Tensor:
+        """Orthogonal × positive diagonal × orthogonal: well conditioned, far from orthogonal."""
+        return self.orthogonal(n, size) * self.scale(n, 1, size) @ self.orthogonal(n, size)
+
+
+def _sample_layer(
+    sampler: _Sampler, arch: Architecture, kinds: Collection[str], vo: str
+) -> LayerSymmetry:
+    n_kv, p, d = arch.kv_heads, arch.planes, arch.hidden
+
+    def pick(kind: str, make: Callable[[], Tensor]) -> Tensor | None:
+        return make() if kind in kinds else None
+
+    vo_map = sampler.orthogonal if vo == "orthogonal" else sampler.invertible
+    return LayerSymmetry(
+        kv_perm=pick("kv_groups", lambda: sampler.perm(n_kv)),
+        head_perm=pick(
+            "query_heads", lambda: torch.stack([sampler.perm(arch.group_size) for _ in range(n_kv)])
+        ),
+        qk_angle=pick("qk_rotation", lambda: sampler.angle(n_kv, p)),
+        qk_scale=pick("qk_scale", lambda: sampler.scale(n_kv, p)),
+        vo_map=pick("vo", lambda: vo_map(n_kv, arch.head_dim)),
+        mlp_perm=pick("mlp_perm", lambda: sampler.perm(arch.intermediate)),
+        mlp_scale=pick("mlp_scale", lambda: sampler.scale(arch.intermediate)),
+        input_norm_scale=pick("norm_scale", lambda: sampler.scale(d)),
+        post_norm_scale=pick("norm_scale", lambda: sampler.scale(d)),
+    )
+
+
 def sample_symmetry(
     arch: Architecture,
     seed: int = 0,
@@ -304,58 +355,17 @@ def sample_symmetry(
 ) -> Symmetry:
     """A random symmetry of the given ``kinds`` (see :data:`SYMMETRY_KINDS`).
 
-    Scales are log-uniform in [1/2, 2], angles uniform, ``vo="orthogonal"`` maps Haar-random
-    orthogonal, ``vo="invertible"`` an orthogonal × positive diagonal (in [1/2, 2]) × orthogonal
-    product (well conditioned, far from orthogonal).
+    Scales are log-uniform in [1/2, 2], angles uniform; ``vo="orthogonal"`` maps are
+    Haar-random orthogonal, ``vo="invertible"`` ones orthogonal × positive diagonal (in
+    [1/2, 2]) × orthogonal. The final norm's scale is skipped for a tied ``lm_head``.
     """
     unknown = set(kinds) - set(SYMMETRY_KINDS)
     if unknown:
         raise ValueError(f"unknown symmetry kinds {sorted(unknown)}; known: {SYMMETRY_KINDS}")
     if vo not in ("orthogonal", "invertible"):
         raise ValueError(f"vo={vo!r}; expected 'orthogonal' or 'invertible'")
-    gen = torch.Generator().manual_seed(seed)
-    d, n_kv, p = arch.hidden, arch.kv_heads, arch.planes
-
-    def scale(*shape: int) -> Tensor:
-        return torch.exp(
-            (torch.rand(*shape, generator=gen, dtype=torch.float64) - 0.5) * 2 * math.log(2)
-        )
-
-    def orthogonal(n: int, size: int) -> Tensor:
-        q, r = torch.linalg.qr(torch.randn(n, size, size, generator=gen, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
-
-    def pick(kind: str, make: Callable[[], Tensor]) -> Tensor | None:
-        return make() if kind in kinds else None
-
-    def vo_map() -> Tensor:
-        m = orthogonal(n_kv, arch.head_dim)
-        if vo == "invertible":
-            m = m * scale(n_kv, 1, arch.head_dim) @ orthogonal(n_kv, arch.head_dim)
-        return m
-
-    layers = [
-        LayerSymmetry(
-            kv_perm=pick("kv_groups", lambda: torch.randperm(n_kv, generator=gen)),
-            head_perm=pick(
-                "query_heads",
-                lambda: torch.stack(
-                    [torch.randperm(arch.group_size, generator=gen) for _ in range(n_kv)]
-                ),
-            ),
-            qk_angle=pick(
-                "qk_rotation",
-                lambda: torch.rand(n_kv, p, generator=gen, dtype=torch.float64) * 2 * math.pi,
-            ),
-            qk_scale=pick("qk_scale", lambda: scale(n_kv, p)),
-            vo_map=pick("vo", vo_map),
-            mlp_perm=pick("mlp_perm", lambda: torch.randperm(arch.intermediate, generator=gen)),
-            mlp_scale=pick("mlp_scale", lambda: scale(arch.intermediate)),
-            input_norm_scale=pick("norm_scale", lambda: scale(d)),
-            post_norm_scale=pick("norm_scale", lambda: scale(d)),
-        )
-        for _ in range(arch.layers)
-    ]
-    final = None if arch.tied else pick("norm_scale", lambda: scale(d))
-    residual = pick("residual", lambda: torch.randperm(d, generator=gen))
+    sampler = _Sampler(seed)
+    layers = [_sample_layer(sampler, arch, kinds, vo) for _ in range(arch.layers)]
+    final = sampler.scale(arch.hidden) if "norm_scale" in kinds and not arch.tied else None
+    residual = sampler.perm(arch.hidden) if "residual" in kinds else None
     return Symmetry(residual=residual, final_norm_scale=final, layers=layers)
