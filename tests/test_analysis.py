@@ -42,9 +42,10 @@ def test_cka_is_one_under_an_orthogonal_map_and_isotropic_scaling(features) -> N
 
 def test_general_invertible_map_lowers_cka_but_not_cca(features) -> None:
     # A badly conditioned invertible map: same information, other linear coordinates.
-    a = torch.diag(torch.logspace(0, 2, 8, dtype=torch.float64)) @ torch.linalg.qr(
-        torch.randn(8, 8, dtype=torch.float64)
-    )[0]
+    a = (
+        torch.diag(torch.logspace(0, 2, 8, dtype=torch.float64))
+        @ torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
+    )
     mapped = features @ a
     assert linear_cka(features, mapped) < 0.9
     assert mean_cca(features, mapped, ridge=0.0) == pytest.approx(1.0, abs=1e-10)

@@ -125,7 +125,7 @@ def test_cli_help_lists_commands(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "eval", "spec", "demo"):
+    for command in ("train", "eval", "spec", "merge", "demo", "analyze", "bench", "llm-merge"):
         assert command in out
 
 

@@ -261,6 +261,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_llm_merge(sub: Any) -> None:
+    p = sub.add_parser(
+        "llm-merge",
+        help="merge Hugging Face Llama-family models from a YAML config (optional alignment)",
+    )
+    p.add_argument("config", help="YAML: models, method, parameters, align, output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_llm_merge)
+
+
+def _cmd_llm_merge(args: argparse.Namespace) -> int:
+    from accord.transformers.cli import llm_merge_main
+
+    return llm_merge_main(args.config, progress=not args.quiet)
+
+
+def _add_bench(sub: Any) -> None:
+    from accord.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+
+def _add_analyze(sub: Any) -> None:
+    from accord.analysis import add_analyze_parser
+
+    add_analyze_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accord",
@@ -268,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"accord {accord.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_spec, _add_merge, _add_demo):
+    commands = (_add_train, _add_eval, _add_spec, _add_merge, _add_demo, _add_analyze, _add_bench)
+    for add in (*commands, _add_llm_merge):
         add(sub)
     return parser
 

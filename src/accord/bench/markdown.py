@@ -116,12 +116,11 @@ def _best(result: Mapping[str, Any]) -> str:
 
 def _barriers(figures: Mapping[str, Any]) -> list[str]:
     rows = []
-    for tag, entry in figures.items():
-        if isinstance(entry, Mapping):
-            for curve, values in entry["curves"].items():
-                rows.append(
-                    [tag, curve, f"{100 * values['accuracy_barrier']:.1f}", values["loss_barrier"]]
-                )
+    for tag, entry in figures["pairs"].items():
+        for curve, values in entry["curves"].items():
+            rows.append(
+                [tag, curve, f"{100 * values['accuracy_barrier']:.1f}", values["loss_barrier"]]
+            )
     if not rows:
         return []
     headers = ["models", "path", "accuracy barrier (points)", "loss barrier"]
@@ -149,9 +148,7 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     figures = document["figures"]
     lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
     lines += ["", INTERPOLATION_NOTE]
-    for tag, entry in figures.items():
-        if not isinstance(entry, Mapping):
-            continue
+    for tag, entry in figures["pairs"].items():
         files = entry["files"]
         lines += _figure(link, files["interpolation"], f"{tag}: linear paths, models 0 and 1")
         if "spectra" in files:
@@ -172,10 +169,11 @@ def render_speed(document: Mapping[str, Any]) -> str:
     for case in document["cases"]:
         label = f"{case['arch']} w{case['width']:g} N={case['models']}"
         stages = case["stages"]
+        ratio = case["statistics_over_forward"]
         time_rows.append(
-            [label, f"{case['parameters_per_model']:,}", f"{case['forward_seconds']:.2f}"]
+            [label, f"{case['parameters_per_model']:,}", f"{case['forward']['seconds']:.2f}"]
             + [f"{stages[s]['seconds']:.2f}" if s in stages else "-" for s in stage_names]
-            + [f"{case['statistics_over_forward']:.2f}"]
+            + [f"{ratio['wall']:.2f}", f"{ratio['cpu']:.2f}"]
         )
         memory_rows.append(
             [label]
@@ -192,12 +190,16 @@ def render_speed(document: Mapping[str, Any]) -> str:
         f"{config['ridge']}; NP Merge: 1 epoch over the same images",
         "",
         "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
-        "images; *statistics*: `accord.collect_statistics` over the same images (ratio = "
-        "statistics / forward); *match*, *apply*, *average*, *repair* (BatchNorm reset): the "
-        "stages of a CCA merge; *npmerge_training*: NP Merge's coefficient training.",
+        "images; *statistics*: `accord.collect_statistics` over the same images; *match*, "
+        "*apply*, *average*, *repair* (BatchNorm reset): the stages of a CCA merge; "
+        "*npmerge_training*: NP Merge's coefficient training. The last two columns are "
+        "statistics / forward in wall time and in the process's CPU time; the CPU-time ratio "
+        "is the one to trust when other processes share the cores.",
         "",
         format_table(
-            ["case", "params/model", "forward", *stage_names, "stats/forward"], time_rows, True
+            ["case", "params/model", "forward", *stage_names, "ratio (wall)", "ratio (CPU)"],
+            time_rows,
+            True,
         ),
         "",
         "Peak resident memory above the stage's start (MiB; sampled every 2 ms; each case in a "

@@ -355,7 +355,7 @@ def run_quality(
         "config": plan.to_json(),
         "seconds": seconds,
         "results": results,
-        "figures": {"accuracy": accuracy.name, **figures},
+        "figures": {"accuracy": accuracy.name, "pairs": figures},
     }
     write_json(root / f"{plan.name}.json", document)
     return document

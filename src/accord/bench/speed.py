@@ -4,7 +4,8 @@ Each case (ResNet20 of one width, N randomly initialised models: speed does not 
 training) runs in a fresh process, so its memory peaks start from a clean slate:
 
 * the statistics pass (:func:`accord.collect_statistics`) against plain ``torch.no_grad``
-  forward passes of the same models over the same batches (their ratio is the pass's overhead);
+  forward passes of the same models over the same batches (their ratio is the pass's overhead),
+  in wall time and in CPU time of the process (which other processes on the cores hardly move);
 * one CCA merge reusing those statistics (stage times from ``MergeResult.report["timings"]``:
   ``match``, ``apply``, ``combine`` = averaging, ``repair`` = BatchNorm reset) and one NP Merge
   (its ``combine`` is the coefficient training);
@@ -67,7 +68,7 @@ class SpeedPlan:
     isolate: bool = True
 
 
-def speed_plan(dataset: str | None = None, samples: int = 1024) -> SpeedPlan:
+def speed_plan(dataset: str | None = None, samples: int = 512) -> SpeedPlan:
     """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2."""
     by_models = [SpeedCase("resnet20", 1, n) for n in (2, 4, 8)]
     by_width = [SpeedCase("resnet20", w, 2) for w in (2, 4)]
@@ -151,23 +152,30 @@ def _batches(plan: SpeedPlan, data: accord.DataSplits) -> list[tuple[torch.Tenso
     return list(zip(images.split(plan.batch_size), labels.split(plan.batch_size), strict=True))
 
 
-@torch.no_grad()
-def forward_seconds(models: Sequence[nn.Module], batches: Sequence[Any], progress: bool) -> float:
-    """Seconds of plain forward passes of every model over every batch (after a warm-up)."""
-    for model in models:
-        model(batches[0][0])
-    start = time.perf_counter()
-    for inputs, _ in tqdm(batches, desc="forward", leave=False, disable=not progress):
-        for model in models:
-            model(inputs)
-    return time.perf_counter() - start
-
-
 @contextmanager
 def _stopwatch(into: dict[str, float]) -> Iterator[None]:
-    into["start"] = time.perf_counter()
+    """Wall-clock ``start``/``stop`` and ``cpu`` seconds of this process (all its threads):
+    CPU time hardly moves when other processes share the cores, wall time does."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    into["start"] = wall
     yield
     into["stop"] = time.perf_counter()
+    into["cpu"] = time.process_time() - cpu
+
+
+@torch.no_grad()
+def forward_pass(
+    models: Sequence[nn.Module], batches: Sequence[Any], progress: bool
+) -> dict[str, float]:
+    """Wall and CPU seconds of plain forward passes of every model over every batch."""
+    for model in models:  # warm-up: the first call allocates and picks kernels
+        model(batches[0][0])
+    clock: dict[str, float] = {}
+    with _stopwatch(clock):
+        for inputs, _ in tqdm(batches, desc="forward", leave=False, disable=not progress):
+            for model in models:
+                model(inputs)
+    return {"seconds": clock["stop"] - clock["start"], "cpu_seconds": clock["cpu"]}
 
 
 def _merge_stages(
@@ -188,7 +196,7 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
     data = accord.load_dataset(plan.dataset)
     models, batches = _models(case, data), _batches(plan, data)
     spec = accord.trace(models[0], batches[0][0][:2])
-    forward = forward_seconds(models, batches, progress)
+    forward = forward_pass(models, batches, progress)
     stages: dict[str, dict[str, float | None]] = {}
     with MemorySampler() as sampler:
         window: dict[str, float] = {}
@@ -196,6 +204,7 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
             stats = accord.collect_statistics(models, batches, spec, progress=progress)
         stages["statistics"] = {
             "seconds": window["stop"] - window["start"],
+            "cpu_seconds": window["cpu"],
             "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
         }
         common = {"spec": spec, "statistics": stats, "repair": "bn-reset"}
@@ -211,8 +220,11 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         **asdict(case),
         "parameters_per_model": sum(p.numel() for p in models[0].parameters()),
         "samples": plan.samples,
-        "forward_seconds": forward,
-        "statistics_over_forward": stages["statistics"]["seconds"] / forward,
+        "forward": forward,
+        "statistics_over_forward": {
+            "wall": stages["statistics"]["seconds"] / forward["seconds"],
+            "cpu": stages["statistics"]["cpu_seconds"] / forward["cpu_seconds"],
+        },
         "stages": stages,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -243,15 +243,16 @@ def _merged(
     method: str,
 ) -> Tensor:
     arch, name = inputs.arch, info.name
-    tensors = [_read(ck, name, symmetries, arch) for ck in inputs.models]
     if not METHODS[method].task_vectors:
-        return combine(name, tensors)
+        return combine(name, [_read(ck, name, symmetries, arch) for ck in inputs.models])
     base = _read(inputs.base, name, symmetries, arch)
-    receiver = (
-        base if inputs.receiver is inputs.base else _read(inputs.receiver, name, symmetries, arch)
-    )
-    # a generator: each task vector is pruned as soon as it exists (see sparse_task_arithmetic)
-    return combine(name, (t - base for t in tensors)).add_(receiver)
+    # A generator: each model is read, turned into its task vector and pruned before the next
+    # is read, so only the pruned task vectors are held together.
+    deltas = (_read(ck, name, symmetries, arch) - base for ck in inputs.models)
+    merged = combine(name, deltas)
+    if inputs.receiver is inputs.base:
+        return merged.add_(base)
+    return merged.add_(_read(inputs.receiver, name, symmetries, arch))
 
 
 def _combiner(
