@@ -37,6 +37,8 @@ def test_merge_writes_a_loadable_checkpoint_and_report(
     assert set(report["timings"]) >= {"match", "apply", "repair"}
     assert 0.0 <= report["accuracy"]["merged"]["test"] <= 1.0
     assert report["spaces"]["layers.1"]["models"]["1"]["mean_canonical_correlation"] > 0
+    assert "## Accuracy" in (out / "report.md").read_text()
+    assert (out / "spectra.png").stat().st_size > 0
     merged = accord.load_checkpoint(out)
     assert merged.config["metrics"]["test_accuracy"] == report["accuracy"]["merged"]["test"]
     assert main(["eval", str(out), "--quiet"]) == 0
@@ -46,8 +48,10 @@ def test_merge_writes_a_loadable_checkpoint_and_report(
     assert main([*args, "--quiet", "--overwrite"]) == 0
 
 
-def test_merge_all_methods_prints_one_table(stored: list[str], capsys) -> None:
-    assert main(["merge", *stored, "--method", "all", "--samples", "500", "--quiet"]) == 0
+def test_merge_all_methods_prints_one_table(stored: list[str], tmp_path: Path, capsys) -> None:
+    args = ["merge", *stored, "--method", "all", "--samples", "500", "--out", str(tmp_path / "o")]
+    assert main([*args, "--quiet"]) == 0
+    assert (tmp_path / "o" / "npmerge" / "npmerge-coefficients.png").stat().st_size > 0
     out = capsys.readouterr().out
     for row in ("base model 0", "ensemble of 2", "merge: identity", "merge: cca", "merge: npmerge"):
         assert row in out

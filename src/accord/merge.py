@@ -44,6 +44,8 @@ class MergeResult:
     spec: Spec
     statistics: Statistics | None = None
     aligned: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+    # NP Merge's learned weights per parameter, (N, *shape); None for averaging methods.
+    coefficients: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def check_compatible(models: Sequence[nn.Module]) -> None:
@@ -312,6 +314,7 @@ def merge(
     )
     if isinstance(combiner, NPMergeCombiner):
         result.report["npmerge"] = combiner.report()
+        result.coefficients = combiner.outcome.coefficients if combiner.outcome else None
     return result
 
 

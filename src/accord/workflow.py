@@ -21,6 +21,7 @@ from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_ensemble
 from accord.match import MATCHERS, matcher
 from accord.merge import MergeResult, choose_reference, merge
+from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, save_checkpoint
 from accord.trace import trace
@@ -176,6 +177,8 @@ def write_outcome(outcome: MergeOutcome, config: MergeConfig) -> None:
             overwrite=config.overwrite,
             documents={"report.json": report},
         )
+        figures = merge_figures(target, report, method.result.coefficients)
+        write_merge_report(target, report, figures)
 
 
 def _report(outcome: MergeOutcome, method: MethodOutcome, config: MergeConfig) -> dict[str, Any]:
