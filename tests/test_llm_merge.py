@@ -107,6 +107,14 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         random_symmetry(path)
 
 
+def test_tensor_that_disagrees_with_its_config_is_named(tmp_path: Path) -> None:
+    path = _save(tiny_model("llama", seed=4), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"intermediate_size": 64}))
+    with pytest.raises(ModelError, match=r"mlp\.\w+_proj\.weight.*\(48, 32\)|\(32, 48\)"):
+        random_symmetry(path)
+
+
 def test_ties_merge_loads_with_transformers(family: dict[str, Path], tmp_path: Path) -> None:
     out = merge_checkpoints(
         [family["ft1"], family["ft2"]],

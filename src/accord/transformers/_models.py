@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from accord.errors import ModelError
 from accord.transformers.arch import Architecture
-from accord.transformers.io import open_checkpoint
+from accord.transformers.io import LazyState, open_checkpoint
 
 ModelLike = Any  # nn.Module | tuple[Mapping[str, Tensor], dict] | str | os.PathLike
 
@@ -41,7 +41,21 @@ class Model:
 
 
 def unpack(model: ModelLike, label: str = "model") -> Model:
-    """Take ``model`` apart; ModelError (naming ``label``) for anything else."""
+    """Take ``model`` apart, checking every tensor's shape against its config; ModelError
+    (naming ``label``) for anything else."""
+    unpacked = _unpack(model, label)
+    unpacked.arch.check_shapes(shapes(unpacked.state), unpacked.label)
+    return unpacked
+
+
+def shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the shard headers for a lazy state."""
+    if isinstance(state, LazyState):
+        return {name: state.info(name).shape for name in state}
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _unpack(model: ModelLike, label: str) -> Model:
     if isinstance(model, nn.Module):
         if not hasattr(model, "config"):
             raise ModelError(f"{label}: a {type(model).__name__} has no Hugging Face config")

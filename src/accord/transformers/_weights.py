@@ -126,7 +126,8 @@ def weight_layer_stats(
         factor = balance(up.norm(dim=1), down.norm(dim=1))
         sides.append((features, gate, up * factor[:, None], down / factor[:, None], factor))
     q, k, v, o, qk_a, qk_b = attention_finish(attention_cross(sides[0][0], sides[1][0], arch), arch)
-    mlp = sum(sides[0][i] @ sides[1][i].T for i in (1, 2, 3))
+    # only Hungarian reads the unit similarity: float32 halves the costliest product's time
+    mlp = sum(sides[0][i].float() @ sides[1][i].float().T for i in (1, 2, 3)).double()
     return LayerStats(q, k, v, o, qk_a, qk_b, mlp, sides[0][4], sides[1][4])
 
 
@@ -163,9 +164,10 @@ def residual_score(
         if role.kind in _READER_NORM or role.kind == "lm_head":
             gain = _norm_name(role.layer, _READER_NORM.get(role.kind, "final"))
             moved[gain] = state_b[gain]
-        score += _folded(state_a, name, role.kind, role.layer).T @ _folded(
-            moved, name, role.kind, role.layer
-        )
+        # float32 products (summed in float64): the score only feeds Hungarian
+        mine = _folded(state_a, name, role.kind, role.layer).float()
+        theirs = _folded(moved, name, role.kind, role.layer).float()
+        score += mine.T @ theirs
     return score
 
 

@@ -12,6 +12,7 @@ are refused rather than transformed wrongly.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,32 @@ class Architecture:
                 f"({', '.join(SUPPORTED_ARCHITECTURES)}); refusing to guess how it moves"
             )
         return Role(kind, int(match.group(1)), match.group(3) == "bias")
+
+    def shape(self, role: Role) -> tuple[int, ...] | None:
+        """The shape the config implies for a tensor of this role (None for a buffer)."""
+        d, q, kv, ff = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
+        rows = {"q": q, "k": kv, "v": kv, "o": d, "gate": ff, "up": ff, "down": d}
+        columns = {"q": d, "k": d, "v": d, "o": q, "gate": d, "up": d, "down": ff}
+        if role.kind in rows:
+            return (rows[role.kind],) if role.bias else (rows[role.kind], columns[role.kind])
+        if role.kind in ("embed", "lm_head"):
+            return (self.vocab, d)
+        return None if role.kind == "buffer" else (d,)
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+        """ModelError naming the first tensor whose shape the config does not imply."""
+        for name, shape in shapes.items():
+            expected = self.shape(self.role(name))
+            if expected is not None and tuple(shape) != expected:
+                raise ModelError(
+                    f"{where}: tensor {name!r} has shape {tuple(shape)}, but config.json implies "
+                    f"{expected} (hidden_size, heads, head_dim, intermediate_size, vocab_size)"
+                )
 
 
 _REQUIRED = (

@@ -142,6 +142,7 @@ def _open(
             raise ModelError(
                 f"{ck.path} lacks tensor {missing[0]!r} (present in {receiver_ck.path})"
             )
+        arch.check_shapes({name: ck.state.info(name).shape for name in names}, str(ck.path))
     return _Inputs(opened, base_ck, receiver_ck, arch)
 
 
