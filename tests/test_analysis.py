@@ -109,8 +109,15 @@ def test_analyze_command_prints_the_diagonal_and_writes_files(
     add_analyze_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "analysis"
     args = parser.parse_args(
-        ["analyze", *(str(c.path) for c in checkpoints), "--samples", "120", "--quiet"]
-        + ["--out", str(out)]
+        [
+            "analyze",
+            *(str(c.path) for c in checkpoints),
+            "--samples",
+            "120",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out

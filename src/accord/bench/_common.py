@@ -13,7 +13,8 @@ import torch
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """Platform, processor, CPU count, torch version and threads: what a timing depends on."""
+    """Platform, processor, CPU count, torch version and threads, and the load average of
+    the machine when called: what a timing depends on."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -23,6 +24,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "device": device,
     }
+    if hasattr(os, "getloadavg"):  # other processes on the cores inflate every timing
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
     if device.startswith("cuda") and torch.cuda.is_available():
         info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
     return info

@@ -11,7 +11,7 @@ from typing import Any
 from accord._io import write_text
 from accord.bench.markdown import render_benchmarks_md
 from accord.bench.quality import quality_plan, run_quality
-from accord.bench.speed import run_speed, speed_plan
+from accord.bench.speed import DEFAULT_SAMPLES, run_speed, speed_plan
 
 RESULTS = "benchmarks/results"
 
@@ -34,7 +34,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     )
     q.set_defaults(func=_cmd_quality)
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
-    s.add_argument("--samples", type=int, default=1024, help="images per pass [%(default)s]")
+    s.add_argument("--samples", type=int, default=None, help=f"images per pass [{DEFAULT_SAMPLES}]")
     s.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
     s.set_defaults(func=_cmd_speed)
     for command in (q, s):

@@ -45,6 +45,8 @@ def _percent(cell: Mapping[str, Any]) -> str:
 def _machine(document: Mapping[str, Any]) -> str:
     m = document["machine"]
     extra = f", {m['accelerator']}" if m.get("accelerator") else ""
+    if "load_average_1min" in m:
+        extra += f"; 1-minute load average {m['load_average_1min']} when the run ended"
     return (
         f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}, Python {m['python']}, device {m['device']}{extra}"
@@ -187,7 +189,8 @@ def render_speed(document: Mapping[str, Any]) -> str:
         *_run_facts(document, f"{document['seconds']:.0f} s"),
         f"- data: the first {config['samples']} training images of {config['dataset']} in "
         f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
-        f"{config['ridge']}; NP Merge: 1 epoch over the same images",
+        f"{config['ridge']}; NP Merge: 1 epoch over the same images; forward and statistics: "
+        f"the fastest of {config['repeats']} alternated repeats (all are in the JSON)",
         "",
         "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
         "images; *statistics*: `accord.collect_statistics` over the same images; *match*, "
