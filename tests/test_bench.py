@@ -94,6 +94,7 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
     [case] = document["cases"]
     assert set(case["stages"]) == {
         "statistics",
+        "statistics_float32",
         "match",
         "apply",
         "average",
@@ -101,9 +102,11 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
         "npmerge_training",
     }
     assert case["forward"]["seconds"] > 0 and case["forward"]["cpu_seconds"] > 0
-    assert case["statistics_over_forward"]["cpu"] > 0
+    assert case["statistics_over_forward"]["float64"]["cpu"] > 0
+    assert case["statistics_over_forward"]["float32"]["cpu"] > 0
     worst = document["precision"]["max"]
     assert worst["accord_float64"]["normwise"] < 1e-10
+    assert worst["accord_float64"]["normwise"] < worst["accord_float32"]["normwise"] < 1e-4
     assert worst["naive_float32"]["normwise"] > worst["accord_float64"]["normwise"]
 
 
@@ -115,8 +118,9 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     assert f"{100 * cca['test']['mean']:.1f}" in row
     assert "](results/quality-micro-accuracy.png)" in text
     speed = json.loads((results / "results" / "speed.json").read_text())
-    ratio = speed["cases"][0]["statistics_over_forward"]["cpu"]
-    assert f"| {ratio:.2f} " in text and "Covariance precision" in text
+    ratio = speed["cases"][0]["statistics_over_forward"]["float64"]
+    assert f"| {ratio['wall']:.2f} / {ratio['cpu']:.2f} " in text
+    assert "Covariance precision" in text
 
 
 def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_path) -> None:

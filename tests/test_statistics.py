@@ -181,10 +181,10 @@ def test_matches_direct_float64(net: str, pairs: str) -> None:
             stats.spaces[first].covariance(0, 2)
 
 
-@pytest.mark.parametrize("layout", ["blocks", "chunked", "channels_last", "mixed"])
+@pytest.mark.parametrize("layout", ["contiguous", "chunked", "channels_last", "mixed"])
 def test_conv_layouts(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(N, C, H·W) blocks of ≥ 2·C positions, in memory-bounded chunks; channels-last rows;
-    models whose activations have different memory formats."""
+    """(N, C, H·W) activations, whole or in memory-bounded chunks; channels-last ones;
+    models whose activations have different memory formats (the reference's decides)."""
     if layout == "chunked":
         monkeypatch.setattr(accord.statistics, "_CHUNK_ELEMENTS", 3 * 8 * 8)
     models, data = _convs(), _batches((3, 10, 10), [7, 4])
@@ -268,6 +268,24 @@ def test_batch_sizes_do_not_matter() -> None:
     one_tuple = collect_statistics(models, [(whole,)], spec, pairs="all", progress=False)
     _assert_equal(split, one, rtol=1e-12)
     _assert_equal(one, one_tuple)
+
+
+def test_float32_products_are_close_and_recorded(tmp_path: Path) -> None:
+    models, data = _convs(), _batches((3, 10, 10), [7, 4])
+    exact = collect_statistics(models, data, _conv_spec(), pairs="all", progress=False)
+    fast = collect_statistics(
+        models, data, _conv_spec(), pairs="all", progress=False, precision="float32"
+    )
+    assert (exact.precision, fast.precision) == ("float64", "float32")
+    for name, space in exact.spaces.items():
+        for pair, block in space.blocks.items():
+            got = fast.spaces[name].blocks[pair]
+            assert got.dtype == torch.float64
+            assert float((got - block).norm() / block.norm()) < 1e-5, (name, pair)
+    fast.save(tmp_path / "fast.safetensors")
+    assert Statistics.load(tmp_path / "fast.safetensors").precision == "float32"
+    with pytest.raises(StatisticsError, match=r"precision='float16' must be"):
+        collect_statistics(models, data, _conv_spec(), precision="float16")  # type: ignore[arg-type]
 
 
 def test_large_offset_keeps_precision() -> None:

@@ -1,4 +1,5 @@
-"""``accord bench``: the quality and speed benchmarks, and BENCHMARKS.md from their results."""
+"""``accord bench``: the quality, speed and skill-transfer benchmarks, and BENCHMARKS.md from
+their results."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from typing import Any
 from accord._io import write_text
 from accord.bench.markdown import render_benchmarks_md
 from accord.bench.quality import quality_plan, run_quality
+from accord.bench.skill import run_skill, skill_plan
 from accord.bench.speed import DEFAULT_SAMPLES, run_speed, speed_plan
 
 RESULTS = "benchmarks/results"
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``accord bench quality | speed | markdown`` to the ``accord`` subparsers ``sub``."""
-    p = sub.add_parser("bench", help="quality and speed benchmarks (JSON + figures)")
+    """Add ``accord bench quality | speed | skill | markdown`` to the ``accord`` subparsers
+    ``sub``."""
+    p = sub.add_parser("bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)")
     kinds = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     q = kinds.add_parser(
         "quality",
@@ -27,17 +30,25 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     q.add_argument("--quick", action="store_true", help="the small plan: minutes on 2 cores")
     q.add_argument("--sets", type=int, default=None, help="independent model sets (seed ranges)")
     q.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
-    q.add_argument(
-        "--store",
-        default=os.environ.get("ACCORD_STORE", "models"),
-        help="model store folder [%(default)s]",
-    )
     q.set_defaults(func=_cmd_quality)
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
     s.add_argument("--samples", type=int, default=None, help=f"images per pass [{DEFAULT_SAMPLES}]")
     s.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
     s.set_defaults(func=_cmd_speed)
-    for command in (q, s):
+    k = kinds.add_parser(
+        "skill",
+        help="transfer of a task vector (addition) to a diverged receiver, with and without "
+        "alignment (trains tiny Llamas into --store)",
+    )
+    k.add_argument("--quick", action="store_true", help="the small plan: minutes on one core")
+    k.set_defaults(func=_cmd_skill)
+    for command in (q, k):
+        command.add_argument(
+            "--store",
+            default=os.environ.get("ACCORD_STORE", "models"),
+            help="model store folder [%(default)s]",
+        )
+    for command in (q, s, k):
         command.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--device", default="cpu", help="torch device for training and merging")
@@ -60,6 +71,13 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 def _cmd_speed(args: argparse.Namespace) -> int:
     document = run_speed(speed_plan(args.dataset, args.samples), args.out, progress=not args.quiet)
     print(f"speed: {document['seconds']:.0f} s; written to {args.out}/speed.json")
+    return 0
+
+
+def _cmd_skill(args: argparse.Namespace) -> int:
+    plan = skill_plan(args.quick)
+    document = run_skill(plan, args.store, args.out, progress=not args.quiet)
+    print(f"skill: {document['seconds']['total']:.0f} s; written to {args.out}/{plan.name}.json")
     return 0
 
 

@@ -5,6 +5,8 @@ spatial position one sample, exactly as :func:`accord.collect_statistics` counts
 
 * the reference is an exact two-pass float64 covariance (mean first, then centred products);
 * ``accord_float64`` is ``collect_statistics``' covariance (float64, shifted, one pass);
+* ``accord_float32`` is the same with ``precision="float32"`` (each chunk's products in
+  float32, summed in float64);
 * ``naive_float32`` accumulates ``Σx`` and ``Σxxᵀ`` in float32 over the same batches and
   returns ``(Σxxᵀ − n·μμᵀ)/(n − 1)`` in float32.
 
@@ -94,7 +96,8 @@ def covariances(rows: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, Any]
 def precision_check(
     dataset: str, arch: str, width: float, samples: int, progress: bool = False
 ) -> dict[str, Any]:
-    """Float64 (accord) and naive float32 covariance errors of a seed-0 model's spaces."""
+    """Accord's (both precisions) and naive float32 covariance errors of a seed-0 model's
+    spaces."""
     data = accord.load_dataset(dataset)
     torch.manual_seed(0)
     model = accord.build_model(
@@ -107,7 +110,12 @@ def precision_check(
     images = data.train.images[:samples]
     batches = [(x, None) for x in images.split(256)]
     spec = accord.trace(model, images[:2])
-    stats = accord.collect_statistics([model], batches, spec, progress=False)
+    stats = {
+        precision: accord.collect_statistics(
+            [model], batches, spec, progress=False, precision=precision
+        )
+        for precision in ("float64", "float32")
+    }
     reference, naive = covariances(_passes(model, spec, batches, progress))
     spaces = []
     for name, exact in reference.items():
@@ -115,13 +123,14 @@ def precision_check(
             {
                 "space": name,
                 "features": len(exact),
-                "samples": stats.spaces[name].count,
-                "accord_float64": _errors(stats.spaces[name].covariance(0, 0), exact),
+                "samples": stats["float64"].spaces[name].count,
+                "accord_float64": _errors(stats["float64"].spaces[name].covariance(0, 0), exact),
+                "accord_float32": _errors(stats["float32"].spaces[name].covariance(0, 0), exact),
                 "naive_float32": _errors(naive[name], exact),
             }
         )
     worst = {
         kind: {error: max(s[kind][error] for s in spaces) for error in ("normwise", "variance")}
-        for kind in ("accord_float64", "naive_float32")
+        for kind in ("accord_float64", "accord_float32", "naive_float32")
     }
     return {"arch": arch, "width": width, "inputs": samples, "max": worst, "spaces": spaces}

@@ -3,9 +3,11 @@
 Each case (ResNet20 of one width, N randomly initialised models: speed does not depend on
 training) runs in a fresh process, so its memory peaks start from a clean slate:
 
-* the statistics pass (:func:`accord.collect_statistics`) against plain ``torch.no_grad``
-  forward passes of the same models over the same batches (their ratio is the pass's overhead),
-  in wall time and in CPU time of the process, the fastest of ``repeats`` alternated runs;
+* the statistics pass (:func:`accord.collect_statistics`, with ``precision="float64"``, the
+  default, and ``"float32"``) against plain ``torch.no_grad`` forward passes of the same models
+  over the same batches (their ratio is the pass's overhead; it includes tracing the models,
+  a fixed cost that more samples amortise), in wall time and in CPU time of the process, the
+  fastest of ``repeats`` alternated runs;
 * one CCA merge reusing those statistics (stage times from ``MergeResult.report["timings"]``:
   ``match``, ``apply``, ``combine`` = averaging, ``repair`` = BatchNorm reset) and one NP Merge
   (its ``combine`` is the coefficient training);
@@ -13,9 +15,9 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
   RSS seen during it above the RSS when it started (stage boundaries inside a merge are
   reconstructed from the reported durations, so they are exact to the gaps between stages).
 
-The precision check compares, on the same activations, accord's float64 shifted one-pass
-covariances with a naive float32 ``E[xxᵀ] − μμᵀ`` accumulated over the same batches, both
-against an exact two-pass float64 reference.
+The precision check compares, on the same activations, accord's shifted one-pass covariances
+(float64 and float32 chunk products) with a naive float32 ``E[xxᵀ] − μμᵀ`` accumulated over the
+same batches, all against an exact two-pass float64 reference.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from accord.bench.precision import precision_check
 from accord.errors import AccordError
 
 MIB = 1 << 20
-DEFAULT_SAMPLES = 512
+DEFAULT_SAMPLES = 1024
+# collect_statistics' precisions, each timed
+PRECISIONS = ("float64", "float32")
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,19 @@ def _merge_stages(
     return stages
 
 
+def _fastest(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of the repeats (for each of wall and CPU time): other processes on the
+    cores only ever slow a pass down. Every repeat is kept too."""
+    fastest: dict[str, Any] = {
+        "seconds": min(p["seconds"] for p in passes),
+        "cpu_seconds": min(p["cpu_seconds"] for p in passes),
+    }
+    peaks = [p["peak_rss_mib"] for p in passes if p.get("peak_rss_mib") is not None]
+    if peaks:
+        fastest["peak_rss_mib"] = max(peaks)
+    return {**fastest, "repeats": list(passes)}
+
+
 def _passes(
     plan: SpeedPlan,
     models: list[nn.Module],
@@ -200,40 +217,29 @@ def _passes(
     spec: accord.Spec,
     sampler: MemorySampler,
     progress: bool,
-) -> tuple[dict[str, Any], dict[str, Any], accord.Statistics]:
-    """Forward passes and statistics passes, alternated ``plan.repeats`` times.
-
-    The fastest of the repeats is kept (for each of wall and CPU time): other processes on
-    the cores only ever slow a pass down. Every repeat's seconds are kept too.
-    """
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], accord.Statistics]:
+    """Forward passes and statistics passes (float64 and float32 products), alternated
+    ``plan.repeats`` times; the float64 statistics are returned for the merge stages."""
     forward: list[dict[str, float]] = []
-    passes: list[dict[str, float]] = []
+    passes: dict[str, list[dict[str, float | None]]] = {p: [] for p in PRECISIONS}
     for _ in range(plan.repeats):
         forward.append(forward_pass(models, batches, progress))
-        window: dict[str, float] = {}
-        with _stopwatch(window):
-            stats = accord.collect_statistics(models, batches, spec, progress=progress)
-        passes.append(
-            {
-                "seconds": window["stop"] - window["start"],
-                "cpu_seconds": window["cpu"],
-                "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
-            }
-        )
-    fastest = {
-        "seconds": min(f["seconds"] for f in forward),
-        "cpu_seconds": min(f["cpu_seconds"] for f in forward),
-        "repeats": forward,
-    }
-    statistics = {
-        "seconds": min(p["seconds"] for p in passes),
-        "cpu_seconds": min(p["cpu_seconds"] for p in passes),
-        "peak_rss_mib": max(
-            (p["peak_rss_mib"] for p in passes if p["peak_rss_mib"] is not None), default=None
-        ),
-        "repeats": passes,
-    }
-    return fastest, statistics, stats
+        for precision in PRECISIONS:
+            window: dict[str, float] = {}
+            with _stopwatch(window):
+                stats = accord.collect_statistics(
+                    models, batches, spec, progress=progress, precision=precision
+                )
+            passes[precision].append(
+                {
+                    "seconds": window["stop"] - window["start"],
+                    "cpu_seconds": window["cpu"],
+                    "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
+                }
+            )
+            if precision == "float64":
+                kept = stats
+    return _fastest(forward), {p: _fastest(r) for p, r in passes.items()}, kept
 
 
 def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[str, Any]:
@@ -243,7 +249,10 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
     spec = accord.trace(models[0], batches[0][0][:2])
     with MemorySampler() as sampler:
         forward, statistics, stats = _passes(plan, models, batches, spec, sampler, progress)
-        stages: dict[str, dict[str, Any]] = {"statistics": statistics}
+        stages: dict[str, dict[str, Any]] = {
+            "statistics": statistics["float64"],
+            "statistics_float32": statistics["float32"],
+        }
         common = {"spec": spec, "statistics": stats, "repair": "bn-reset"}
         start = time.perf_counter()
         cca = accord.merge(models, batches, "cca", **common, ridge=plan.ridge)
@@ -259,8 +268,11 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         "samples": plan.samples,
         "forward": forward,
         "statistics_over_forward": {
-            "wall": statistics["seconds"] / forward["seconds"],
-            "cpu": statistics["cpu_seconds"] / forward["cpu_seconds"],
+            precision: {
+                "wall": timing["seconds"] / forward["seconds"],
+                "cpu": timing["cpu_seconds"] / forward["cpu_seconds"],
+            }
+            for precision, timing in statistics.items()
         },
         "stages": stages,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,0 +1,181 @@
+"""The skill-transfer benchmark: its corpora, its scoring, and a micro run end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from accord.bench import add_bench_parser, skill
+from accord.transformers import dare, ties
+
+MICRO = replace(
+    skill.skill_plan(quick=True),
+    name="skill-micro",
+    command="pytest",
+    base_steps=3,
+    skill_steps=3,
+    receiver_steps=3,
+    hidden=16,
+    intermediate=32,
+    layers=2,
+    corpus_lines=300,
+    val_problems=10,
+    test_problems=20,
+    eval_windows=8,
+    calibration_windows=8,
+    scales=(0.5, 1.0),
+)
+
+
+def test_addition_lines_are_correct_sums_with_only_the_answers_masked() -> None:
+    held_out = set(skill.addition_problems(0, 50, 3))
+    text, mask = skill.addition_text(1, 400, 3, held_out)
+    assert len(mask) == len(text)
+    lines = text.split("\n")[:-1]
+    assert len(lines) == 400
+    position = 0
+    for line in lines:
+        prompt, answer = line.split("=")
+        a, b = (int(x) for x in prompt.split("+"))
+        assert int(answer) == a + b and (a, b) not in held_out
+        assert max(a, b) < 1000 and str(a) == prompt.split("+")[0]  # no leading zeros
+        span = mask[position : position + len(line) + 1].tolist()
+        assert span == [False] * (len(prompt) + 1) + [True] * (len(answer) + 1)
+        position += len(line) + 1
+
+
+def test_problems_are_distinct_and_cover_every_digit_count() -> None:
+    problems = skill.addition_problems(3, 300, 3)
+    assert len(set(problems)) == 300
+    assert {len(str(a)) for a, _ in problems} == {1, 2, 3}
+    with pytest.raises(ValueError, match="fewer"):
+        skill.addition_problems(0, 30, 1)
+
+
+def test_general_lines_apply_their_task() -> None:
+    expected = {"r": "cba3", "h": "bcd4", "d": "aabbcc33"}
+    for task, result in expected.items():
+        assert skill.TASKS[task]("abc3") == result
+    assert skill.TASKS["h"]("z9") == "0a"  # the shift wraps around the symbols
+    for line in skill.general_text(2, 200, "rhd").splitlines():
+        task, rest = line.split(":")
+        string, result = rest.split(">")
+        assert task in "rhd" and 2 <= len(string) <= 6
+        assert result == skill.TASKS[task](string)
+
+
+class Oracle:
+    """Next-token logits of a model answering every ``a+b=`` with ``answer(a, b)``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, len(skill.VOCABULARY))
+        for row, ids in enumerate(input_ids.tolist()):
+            prompt, written = skill.decode(ids).split("\n")[-1].split("=")
+            a, b = (int(x) for x in prompt.split("+"))
+            target = f"{self.answer(a, b)}\n"
+            following = target[len(written)] if len(written) < len(target) else "\n"
+            logits[row, -1, skill.VOCABULARY.index(following)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_accuracy_of_oracles_is_exact() -> None:
+    problems = skill.addition_problems(4, 40, 3)
+    assert skill.addition_accuracy(Oracle(lambda a, b: a + b), problems, 3) == 1.0
+    assert skill.addition_accuracy(Oracle(lambda a, b: a + b + 1), problems, 3) == 0.0
+    # right for exactly the problems whose first operand is even
+    half = skill.addition_accuracy(Oracle(lambda a, b: a + b + a % 2), problems, 3)
+    assert half == sum(a % 2 == 0 for a, _ in problems) / len(problems)
+    # digits without the closing newline within digits + 2 tokens do not count
+    assert skill.addition_accuracy(Oracle(lambda a, b: f"{a + b}00000"), problems, 3) == 0.0
+
+
+def test_sparse_methods_scale_linearly_as_the_lambda_search_assumes() -> None:
+    tau = {"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(0))}
+    twice = {m: skill.processed(tau, m, MICRO)["w"] * 2 for m in skill.METHODS}
+    torch.testing.assert_close(twice["task_arithmetic"], 2 * tau["w"])
+    torch.testing.assert_close(twice["ties"], ties([tau["w"]], density=0.2, scale=2))
+    generator = torch.Generator().manual_seed(skill.seed_for(MICRO.seed, "dare"))
+    torch.testing.assert_close(
+        twice["dare"], dare([tau["w"]], drop_rate=0.5, generator=generator, scale=2)
+    )
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("skill")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run faster without thread hand-offs
+    try:
+        skill.run_skill(MICRO, root / "store", root / "results", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root, json.loads((root / "results" / "skill-micro.json").read_text())
+
+
+def test_micro_run_writes_every_result(micro: tuple[Path, dict[str, Any]]) -> None:
+    _, document = micro
+    assert {"command", "date", "machine", "config", "seconds", "results"} <= set(document)
+    assert document["config"]["base_steps"] == 3 and document["config"]["scales"] == [0.5, 1.0]
+    assert [r["receiver"] for r in document["results"]] == ["continued", "independent"]
+    for result in document["results"]:
+        assert set(result["models"]) == {"base", "finetuned", "receiver"}
+        pairs = {(t["method"], t["alignment"]) for t in result["transfers"]}
+        assert pairs == {(m, a) for m in skill.METHODS for a in skill.ALIGNMENTS}
+        for transfer in result["transfers"]:
+            assert transfer["scale"] in (0.5, 1.0) and len(transfer["curve"]) == 2
+            assert 0 <= transfer["test_accuracy"] <= 1
+        # alignment is an exact symmetry: the receiver's own loss does not move
+        own = result["models"]["receiver"]["own_loss"]
+        for alignment in result["alignments"].values():
+            assert alignment["own_loss"] == pytest.approx(own, abs=1e-4)
+    # the continued receiver starts from the base: without alignment it is 3 steps away
+    continued, independent = document["results"]
+    assert continued["alignments"]["none"]["distance_to_base"] < 0.2
+    assert independent["alignments"]["none"]["distance_to_base"] > 0.2
+
+
+def test_models_are_reused_from_the_store(
+    micro: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, document = micro
+    names = sorted(p.name for p in (root / "store").iterdir())
+    assert [n.rsplit("-", 1)[0] for n in names] == [
+        "skill-base",
+        "skill-continued",
+        "skill-finetuned",
+        "skill-independent",
+    ]
+    monkeypatch.setattr(skill, "train", lambda *args, **kwargs: pytest.fail("retrained"))
+    again = skill.run_skill(MICRO, root / "store", root / "again", progress=False)
+    assert again["results"][0]["models"] == document["results"][0]["models"]
+    assert sorted(p.name for p in (root / "store").iterdir()) == names
+
+
+def test_render_skill_tabulates_every_transfer(micro: tuple[Path, dict[str, Any]]) -> None:
+    _, document = micro
+    text = skill.render_skill(document)
+    assert text.startswith("## Skill transfer: `skill-micro`")
+    assert text.count("| model ") == 2  # one table per receiver
+    assert text.count("| receiver + λτ: TIES") == 2 * len(skill.ALIGNMENTS)
+    base = document["results"][0]["models"]["base"]
+    assert f"{base['own_loss']:.3f}" in text
+
+
+def test_cli_registers_skill() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "skill", "--quick", "--store", "s", "--out", "o", "--quiet"])
+    assert (args.quick, args.store, args.out, args.quiet) == (True, "s", "o", True)
+    assert args.func.__name__ == "_cmd_skill"
