@@ -86,7 +86,9 @@ def test_first_step_is_adams_sign_step() -> None:
     x, y = data[0]
     F.cross_entropy(F.linear(x, theta["weight"], theta["bias"]), y).backward()
     for scheme, scale in (("joint", 2.0), ("pairwise", 1.0)):
-        result = np_merge(nn.Linear(4, 3), states, data, scheme=scheme, lr=lr, progress=False)
+        result = np_merge(
+            nn.Linear(4, 3), states, data, scheme=scheme, lr=lr, epochs=1, progress=False
+        )
         for key in theta:
             # ∂L/∂a_0 ∝ g ⊙ (θ_0 − θ_1); joint logits move apart by 2·lr, a sigmoid's by lr
             slope = theta[key].grad * (states[0][key] - states[1][key])

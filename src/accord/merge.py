@@ -358,7 +358,10 @@ class NPMergeCombiner:
         }
 
 
-NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 1, "lr": 0.01, "max_samples": None}
+# Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
+# only perturbs the average; 3 epochs at 0.05 beat the CCA start on held-out data for 2 and
+# 3 VGG11 models (Fashion-MNIST, 2,000 calibration images), where 1 epoch at 0.01 did not.
+NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 3, "lr": 0.05, "max_samples": None}
 
 
 def _combiner(
