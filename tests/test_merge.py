@@ -195,3 +195,22 @@ def test_npmerge_starts_from_its_alignment_and_learns() -> None:
         accord.evaluate(learned.model, data).accuracy
         >= accord.evaluate(aligned.model, data).accuracy
     )
+
+
+def test_npmerge_auto_starts_from_the_tuned_alignment() -> None:
+    torch.manual_seed(0)
+    models = [
+        accord.build_model("mlp", width=16, depth=1, in_channels=1, image_size=4) for _ in range(2)
+    ]
+    inputs = torch.randn(96, 1, 4, 4)
+    labels = models[0](inputs).argmax(1).detach()
+    data = [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, 64, 32)]
+    validation = [(inputs[64:], labels[64:])]
+    # no BatchNorm: NP Merge's repair="auto" would skip the REPAIR that CCA's applies
+    tuned = {"options": "auto", "validation": validation, "repair": "none"}
+    cca = accord.merge(models, data, "cca", **tuned)
+    learned = accord.merge(models, data, "npmerge", epochs=0, **tuned)
+    assert learned.report["options"]["ridge"] == cca.report["options"]["ridge"]
+    assert learned.report["tuning"] == cca.report["tuning"]
+    for key, value in cca.model.state_dict().items():
+        assert torch.allclose(learned.model.state_dict()[key], value, atol=1e-6)

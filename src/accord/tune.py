@@ -52,6 +52,8 @@ def merge_tuned(
         raise MergeError(
             "options='auto' chooses hyper-parameters on a validation split: pass validation=..."
         )
+    if method == "npmerge":
+        return _npmerge_tuned(models, data, validation, device, merge_arguments)
     best, trials = None, []
     for options in candidates(method):
         try:
@@ -78,4 +80,39 @@ def merge_tuned(
         raise MergeError(f"no candidate options of {method!r} could merge: {trials}")
     result = best[1]
     result.report["tuning"] = trials
+    return result
+
+
+def _npmerge_tuned(
+    models: Sequence[nn.Module],
+    data: Any,
+    validation: Any,
+    device: str,
+    merge_arguments: dict[str, Any],
+) -> Any:
+    """NP Merge from the alignment whose plain average scores best on ``validation``.
+
+    Its own options (epochs, lr, ...) are not searched: each candidate would cost a training.
+    """
+    from accord.merge import NP_MERGE_OPTIONS, merge
+
+    np_options = {k: v for k, v in merge_arguments.items() if k in NP_MERGE_OPTIONS}
+    rest = {k: v for k, v in merge_arguments.items() if k not in NP_MERGE_OPTIONS}
+    align = rest.pop("align", "cca")
+    aligned = merge_tuned(models, data, align, validation, device=device, **rest)
+    chosen = {name: aligned.report["options"][name] for name in TUNING_GRIDS.get(align, {})}
+    rest.setdefault("statistics", aligned.statistics)
+    rest.setdefault("spec", aligned.spec)
+    result = merge(
+        models,
+        data,
+        "npmerge",
+        validation=validation,
+        device=device,
+        align=align,
+        **rest,
+        **np_options,
+        **chosen,
+    )
+    result.report["tuning"] = aligned.report["tuning"]
     return result
