@@ -30,7 +30,7 @@ MICRO = QualityPlan(
     architectures=(
         Architecture("mlp", {"width": 16, "depth": 1}, accord.TrainConfig(epochs=1, batch_size=64)),
     ),
-    sizes=(2,),
+    sizes=(2, 3),
     settings=(Setting("iid"),),
     seed_starts=(0,),
     samples=200,
@@ -57,10 +57,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
     document = json.loads((results / "results" / "quality-micro.json").read_text())
     assert document["machine"]["cpu_count"] >= 1 and document["machine"]["torch"]
-    [configuration] = document["results"]
+    configuration, three = document["results"]
     assert (configuration["arch"], configuration["setting"]) == ("mlp-w16", "iid")
-    assert [row["name"] for row in configuration["rows"]] == list(ROW_LABELS)
-    for row in configuration["rows"]:
+    assert [c["num_models"] for c in (configuration, three)] == [2, 3]
+    # NP Merge's pairwise scheme is its own row for N > 2 only
+    assert [row["name"] for row in configuration["rows"]] == list(ROW_LABELS)[:-1]
+    assert [row["name"] for row in three["rows"]] == list(ROW_LABELS)
+    for row in configuration["rows"] + three["rows"]:
         test = row["test"]
         assert len(test["values"]) == 1 and test["mean"] == test["values"][0]
         assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
@@ -129,7 +132,7 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     args = parser.parse_args(["bench", "quality", "--quick", "--sets", "2", "--dataset", "digits"])
     assert args.quick and args.sets == 2 and callable(args.func)
     plan = quality_plan(args.quick, args.dataset, args.sets)
-    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 3)
+    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4)
     out = tmp_path / "BENCHMARKS.md"
     args = parser.parse_args(
         ["bench", "markdown", "--results", str(results / "results"), "--out", str(out)]

@@ -62,6 +62,14 @@ def by_panel(
     ]
 
 
+def row_names(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The row names of some configurations' results, in first-seen order (a row such as
+    NP Merge's pairwise scheme exists only for some N)."""
+    return list(dict.fromkeys(row["name"] for result in results for row in result["rows"]))
+
+
 def cell(result: dict[str, Any], name: str, split: str = "test") -> dict[str, Any]:
-    """The summary of row ``name`` of one configuration's result on ``split``."""
-    return next(row for row in result["rows"] if row["name"] == name)[split]
+    """The summary of row ``name`` of one configuration's result on ``split`` (an empty
+    summary when that configuration has no such row)."""
+    row = next((row for row in result["rows"] if row["name"] == name), None)
+    return summary([]) if row is None else row[split]

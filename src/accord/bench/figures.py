@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from accord._io import write_with
-from accord.bench._common import by_panel, cell
+from accord.bench._common import by_panel, cell, row_names
 
 # Line styles of the reference rows, so that they stand apart from the merge methods.
 _REFERENCE_STYLE = {
@@ -40,9 +40,9 @@ def accuracy_versus_models(
     figure = Figure(figsize=(4.6 * cols + 1.8, 3.4 * rows), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for ax, ((arch, setting), chosen) in zip(axes, panels, strict=False):
-        sizes = [r["num_models"] for r in chosen]
-        for name in (row["name"] for row in chosen[0]["rows"]):
-            cells = [cell(r, name) for r in chosen]
+        for name in row_names(chosen):
+            present = [(r["num_models"], cell(r, name)) for r in chosen]
+            sizes, cells = zip(*((n, c) for n, c in present if c["mean"] is not None), strict=True)
             ax.errorbar(
                 sizes,
                 [c["mean"] for c in cells],
@@ -53,7 +53,7 @@ def accuracy_versus_models(
                 capsize=2,
                 **_REFERENCE_STYLE.get(name, {}),
             )
-        ax.set_xticks(sizes)
+        ax.set_xticks([r["num_models"] for r in chosen])
         ax.set_xlabel("models merged (N)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{arch}, {setting}", fontsize=10)

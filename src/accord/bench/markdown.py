@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accord._table import format_table
-from accord.bench._common import by_panel, cell
+from accord.bench._common import by_panel, cell, row_names
 from accord.bench.quality import ROW_LABELS
 
 HEADER = """# Benchmarks
@@ -97,7 +97,7 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
     for panel, chosen in by_panel(results):
         headers = ["row", *(f"N = {r['num_models']}" for r in chosen)]
         rows = []
-        for name in (row["name"] for row in chosen[0]["rows"]):
+        for name in row_names(chosen):
             rows.append([ROW_LABELS.get(name, name), *(_percent(cell(r, name)) for r in chosen)])
         ridges = ["/".join(f"{o['ridge']:g}" for o in r["options"].get("cca", [])) for r in chosen]
         rows.append(["CCA ridge chosen (per set)", *ridges])

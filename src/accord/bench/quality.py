@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ ROW_LABELS = {
     "zipit": "ZipIt!",
     "ot": "optimal transport",
     "cca": "CCA Merge",
-    "npmerge": "NP Merge (aligned by CCA)",
+    "npmerge": "NP Merge, joint softmax (aligned by CCA)",
+    "npmerge_pairwise": "NP Merge, pairwise (aligned by CCA)",
 }
 # Curves of the interpolation figure: the method whose alignment is used (None: unaligned).
 CURVES = {"direct": None, "permutation": "permutation", "cca": "cca"}
@@ -111,17 +112,17 @@ def quality_plan(
         vgg = Architecture(
             "vgg11",
             {"width": 0.25 if small else 0.125, "batch_norm": True},
-            accord.TrainConfig(epochs=20 if small else 2, lr=0.05),
-            limit=None if small else 4000,
+            accord.TrainConfig(epochs=20 if small else 4, lr=0.05),
+            limit=None if small else 6000,
         )
         plan = QualityPlan(
             name="quality-quick",
             dataset=name,
             architectures=(vgg,),
-            sizes=(2, 3),
+            sizes=(2, 4),
             settings=settings,
-            seed_starts=(0,),
-            samples=1000,
+            seed_starts=(0, 10),
+            samples=2000,
             curve_steps=6,
             command="accord bench quality --quick",
         )
@@ -196,8 +197,12 @@ def _row(name: str, val: Sequence[float], test: Sequence[float]) -> dict[str, An
     return {"name": name, "val": summary(val), "test": summary(test)}
 
 
-def summarise(outcomes: Sequence[MergeOutcome]) -> list[dict[str, Any]]:
-    """Rows (base mean, ensemble, each method): val and test accuracy over the model sets."""
+def summarise(
+    outcomes: Sequence[MergeOutcome],
+    extra: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows (base mean, ensemble, each method, then ``extra``'s rows of ``(val, test)`` per
+    model set): val and test accuracy over the model sets."""
     rows = [
         _row(
             "base",
@@ -215,7 +220,32 @@ def summarise(outcomes: Sequence[MergeOutcome]) -> list[dict[str, Any]]:
                 [r.test_accuracy for r in results],
             )
         )
+    for name, accuracies in (extra or {}).items():
+        rows.append(_row(name, [v for v, _ in accuracies], [t for _, t in accuracies]))
     return rows
+
+
+def npmerge_pairwise(plan: QualityPlan, outcome: MergeOutcome, device: str) -> tuple[float, float]:
+    """Validation and test accuracy of NP Merge's successive pairwise scheme on the run's
+    models: its statistics and reference, alignment options chosen on validation again."""
+    joint = next(m.result for m in outcome.methods if m.method == "npmerge")
+    data, loader = calibration(plan, outcome, device)
+    result = accord.merge(
+        [c.model for c in outcome.checkpoints],
+        loader,
+        "npmerge",
+        joint.spec,
+        joint.report["reference"],
+        statistics=joint.statistics,
+        validation=data.val,
+        device=device,
+        options="auto",
+        scheme="pairwise",
+    )
+    return (
+        accord.evaluate(result.model, data.val, device).accuracy,
+        accord.evaluate(result.model, data.test, device).accuracy,
+    )
 
 
 def interpolation_curves(
@@ -292,6 +322,7 @@ def _configuration(
     names: tuple[str, str],
     outcomes: Sequence[MergeOutcome],
     seconds: float,
+    extra: Mapping[str, Sequence[tuple[float, float]]],
 ) -> dict[str, Any]:
     options = {
         m.method: [o.methods[k].result.report.get("options", {}) for o in outcomes]
@@ -302,7 +333,7 @@ def _configuration(
         "setting": names[1],
         "num_models": size,
         "models": [[str(c.path) for c in pool[:size]] for pool in pools],
-        "rows": summarise(outcomes),
+        "rows": summarise(outcomes, extra),
         "options": options,
         "seconds": seconds,
     }
@@ -335,9 +366,14 @@ def run_quality(
                     accord.merge_checkpoints(merge_config(plan, pool[:size], device), progress)
                     for pool in pools
                 ]
+                extra = {}
+                if size > 2:  # two models: pairwise is the joint scheme
+                    extra["npmerge_pairwise"] = [
+                        npmerge_pairwise(plan, o, device) for o in outcomes
+                    ]
                 spent = time.perf_counter() - clock
                 seconds["merging"] += spent
-                results.append(_configuration(pools, size, names, outcomes, spent))
+                results.append(_configuration(pools, size, names, outcomes, spent, extra))
                 if size == 2:
                     clock = time.perf_counter()
                     tag = f"{names[0]}-{names[1]}"
