@@ -38,7 +38,7 @@ MICRO = replace(
 
 def test_addition_lines_are_correct_sums_with_only_the_answers_masked() -> None:
     held_out = set(skill.addition_problems(0, 50, 3))
-    text, mask = skill.addition_text(1, 400, 3, held_out)
+    text, mask = skill.skill_text(1, 400, 3, held_out)
     assert len(mask) == len(text)
     lines = text.split("\n")[:-1]
     assert len(lines) == 400
@@ -53,6 +53,16 @@ def test_addition_lines_are_correct_sums_with_only_the_answers_masked() -> None:
         position += len(line) + 1
 
 
+def test_replayed_general_lines_are_learned_whole() -> None:
+    text, mask = skill.skill_text(1, 400, 2, set(), replay=0.5)
+    lines = text.split("\n")[:-1]
+    general = [line for line in lines if ":" in line]
+    assert 150 < len(general) < 250 and all(line[0] in "crs" for line in general)
+    assert int(mask.sum()) == sum(
+        len(line) + 1 if ":" in line else len(line.split("=")[1]) + 1 for line in lines
+    )
+
+
 def test_problems_are_distinct_and_cover_every_digit_count() -> None:
     problems = skill.addition_problems(3, 300, 3)
     assert len(set(problems)) == 300
@@ -62,7 +72,7 @@ def test_problems_are_distinct_and_cover_every_digit_count() -> None:
 
 
 def test_general_lines_apply_their_task() -> None:
-    expected = {"r": "cba3", "h": "bcd4", "d": "aabbcc33"}
+    expected = {"r": "3cba", "s": "3abc", "h": "bcd4", "d": "aabbcc33"}
     for task, result in expected.items():
         assert skill.TASKS[task]("abc3") == result
     assert skill.TASKS["h"]("z9") == "0a"  # the shift wraps around the symbols
@@ -82,7 +92,7 @@ class Oracle:
     def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
         logits = torch.zeros(*input_ids.shape, len(skill.VOCABULARY))
         for row, ids in enumerate(input_ids.tolist()):
-            prompt, written = skill.decode(ids).split("\n")[-1].split("=")
+            prompt, written = skill.decode(ids).split("\n")[1].split("=")
             a, b = (int(x) for x in prompt.split("+"))
             target = f"{self.answer(a, b)}\n"
             following = target[len(written)] if len(written) < len(target) else "\n"
@@ -147,7 +157,7 @@ def test_micro_run_writes_every_result(micro: tuple[Path, dict[str, Any]]) -> No
 
 
 def test_models_are_reused_from_the_store(
-    micro: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    micro: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, single_thread: None
 ) -> None:
     root, document = micro
     names = sorted(p.name for p in (root / "store").iterdir())

@@ -21,7 +21,9 @@ RESULTS = "benchmarks/results"
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``accord bench quality | speed | skill | markdown`` to the ``accord`` subparsers
     ``sub``."""
-    p = sub.add_parser("bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)")
+    p = sub.add_parser(
+        "bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)"
+    )
     kinds = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     q = kinds.add_parser(
         "quality",

@@ -7,6 +7,9 @@ pool's models are trained on the parts of one Dirichlet(α) split of the trainin
 ``max(N)`` models, so any N of them saw differently distributed data. Every configuration
 runs :func:`accord.merge_checkpoints` with ``method="all"`` and ``options="auto"``: one
 statistics pass shared by all methods, hyper-parameters chosen on the validation split.
+Two variants reuse that pass: NP Merge's successive pairwise scheme (for N > 2; the default
+is one joint softmax) and, for networks with BatchNorm, CCA Merge with the BatchNorms'
+γ/β transformed by the dense maps instead of folded into the convolutions (DESIGN.md §4).
 Accuracies are on the test split, which chooses nothing.
 """
 
@@ -40,6 +43,7 @@ ROW_LABELS = {
     "cca": "CCA Merge",
     "npmerge": "NP Merge, joint softmax (aligned by CCA)",
     "npmerge_pairwise": "NP Merge, pairwise (aligned by CCA)",
+    "cca_transform": "CCA Merge, BatchNorm transformed, not folded",
 }
 # Curves of the interpolation figure: the method whose alignment is used (None: unaligned).
 CURVES = {"direct": None, "permutation": "permutation", "cca": "cca"}
@@ -225,22 +229,24 @@ def summarise(
     return rows
 
 
-def npmerge_pairwise(plan: QualityPlan, outcome: MergeOutcome, device: str) -> tuple[float, float]:
-    """Validation and test accuracy of NP Merge's successive pairwise scheme on the run's
-    models: its statistics and reference, alignment options chosen on validation again."""
-    joint = next(m.result for m in outcome.methods if m.method == "npmerge")
+def variant(
+    plan: QualityPlan, outcome: MergeOutcome, method: str, device: str, **options: Any
+) -> tuple[float, float]:
+    """Validation and test accuracy of another variant of one of the run's methods (same
+    statistics and reference; options chosen on validation again, ``options`` fixed)."""
+    run = next(m.result for m in outcome.methods if m.method == method)
     data, loader = calibration(plan, outcome, device)
     result = accord.merge(
         [c.model for c in outcome.checkpoints],
         loader,
-        "npmerge",
-        joint.spec,
-        joint.report["reference"],
-        statistics=joint.statistics,
+        method,
+        run.spec,
+        run.report["reference"],
+        statistics=run.statistics,
         validation=data.val,
         device=device,
         options="auto",
-        scheme="pairwise",
+        **options,
     )
     return (
         accord.evaluate(result.model, data.val, device).accuracy,
@@ -369,7 +375,11 @@ def run_quality(
                 extra = {}
                 if size > 2:  # two models: pairwise is the joint scheme
                     extra["npmerge_pairwise"] = [
-                        npmerge_pairwise(plan, o, device) for o in outcomes
+                        variant(plan, o, "npmerge", device, scheme="pairwise") for o in outcomes
+                    ]
+                if any(s.batchnorms for s in outcomes[0].methods[0].result.spec.spaces):
+                    extra["cca_transform"] = [
+                        variant(plan, o, "cca", device, batchnorm="transform") for o in outcomes
                     ]
                 spent = time.perf_counter() - clock
                 seconds["merging"] += spent

@@ -85,7 +85,9 @@ class SkillPlan:
     intermediate: int = 256
     block: int = 32  # tokens per training window
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 3e-3  # base and independent receiver, trained from scratch
+    finetune_lr: float = 1e-3  # fine-tune and continued receiver, trained from the base
+    replay: float = 0.5  # fraction of general lines in the fine-tune's corpus
     corpus_lines: int = 50_000
     val_problems: int = 200
     test_problems: int = 500
@@ -113,9 +115,9 @@ def skill_plan(quick: bool = False) -> SkillPlan:
     return SkillPlan(
         name="skill-transfer",
         command="accord bench skill",
-        base_steps=1500,
-        skill_steps=2500,
-        receiver_steps=1500,
+        base_steps=2500,
+        skill_steps=2000,
+        receiver_steps=1000,
     )
 
 
@@ -132,16 +134,17 @@ def decode(ids: Sequence[int]) -> str:
     return "".join(VOCABULARY[i] for i in ids)
 
 
+def general_line(rng: random.Random, tasks: str) -> str:
+    """``<task>:<string>><result>``, the task drawn from ``tasks``, the string of 2 to 6
+    symbols."""
+    task = rng.choice(tasks)
+    string = "".join(rng.choices(SYMBOLS, k=rng.randint(2, 6)))
+    return f"{task}:{string}>{TASKS[task](string)}\n"
+
+
 def general_text(seed: int, lines: int, tasks: str) -> str:
-    """``lines`` lines ``<task>:<string>><result>``, the task drawn from ``tasks``, the string
-    of 2 to 6 symbols."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        task = rng.choice(tasks)
-        string = "".join(rng.choices(SYMBOLS, k=rng.randint(2, 6)))
-        out.append(f"{task}:{string}>{TASKS[task](string)}\n")
-    return "".join(out)
+    return "".join(general_line(rng, tasks) for _ in range(lines))
 
 
 def operand(rng: random.Random, digits: int) -> int:
@@ -161,15 +164,21 @@ def addition_problems(seed: int, count: int, digits: int) -> list[tuple[int, int
     return list(pairs)
 
 
-def addition_text(
-    seed: int, lines: int, digits: int, held_out: set[tuple[int, int]]
+def skill_text(
+    seed: int, lines: int, digits: int, held_out: set[tuple[int, int]], replay: float = 0.0
 ) -> tuple[str, Tensor]:
-    """Lines ``a+b=c`` (no pair of ``held_out``) and the mask of the answer characters, each
-    answer's newline included: the loss is taken there only."""
+    """Lines ``a+b=c`` (no pair of ``held_out``), a fraction ``replay`` of them general-corpus
+    lines instead (a fine-tune on a data mix keeps the base's general skills, so τ holds the
+    skill rather than the forgetting), and the mask of the characters the loss is taken on:
+    each answer with its newline (the operands are random), and the whole of a general line."""
     rng = random.Random(seed)
     parts: list[str] = []
     mask: list[bool] = []
     while len(parts) < lines:
+        if rng.random() < replay:
+            parts.append(general_line(rng, CORPORA["general"]))
+            mask += [True] * len(parts[-1])
+            continue
         a, b = operand(rng, digits), operand(rng, digits)
         if (a, b) in held_out:
             continue
@@ -200,8 +209,8 @@ def make_data(plan: SkillPlan) -> SkillData:
     problems = addition_problems(
         seed_for(plan.seed, "problems"), plan.val_problems + plan.test_problems, plan.digits
     )
-    skill, answers = addition_text(
-        seed_for(plan.seed, "skill"), plan.corpus_lines, plan.digits, set(problems)
+    skill, answers = skill_text(
+        seed_for(plan.seed, "skill"), plan.corpus_lines, plan.digits, set(problems), plan.replay
     )
     streams = {
         name: encode(general_text(seed_for(plan.seed, name), plan.corpus_lines, tasks))
@@ -250,6 +259,7 @@ def train(
     model: nn.Module,
     stream: Tensor,
     steps: int,
+    lr: float,
     plan: SkillPlan,
     seed: int,
     *,
@@ -257,11 +267,11 @@ def train(
     desc: str = "train",
     progress: bool = True,
 ) -> nn.Module:
-    """``model`` trained in place on random windows of ``stream`` (AdamW, learning rate warmed
-    up linearly over the first 5 % of steps, then decayed linearly to 0); with ``answers``,
+    """``model`` trained in place on random windows of ``stream`` (AdamW, learning rate ``lr``
+    warmed up linearly over the first 5 % of steps, then decayed linearly to 0); with ``answers``,
     the loss is taken only on the tokens it marks. Returns ``model`` in eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps)
@@ -289,17 +299,28 @@ def _keys(plan: SkillPlan) -> dict[str, dict[str, Any]]:
     common = {
         "sizes": [plan.hidden, plan.layers, plan.heads, plan.kv_heads, plan.intermediate],
         "vocabulary": VOCABULARY,
-        "optimiser": [plan.block, plan.batch_size, plan.lr],
+        "batches": [plan.block, plan.batch_size],
         "corpus_lines": plan.corpus_lines,
         "seed": plan.seed,
     }
-    base = {**common, "role": "base", "steps": plan.base_steps}
-    skill = [plan.skill_steps, plan.digits, plan.val_problems, plan.test_problems]
+    base = {**common, "role": "base", "steps": plan.base_steps, "lr": plan.lr}
+    skill = [plan.digits, plan.replay, plan.val_problems, plan.test_problems]
     return {
         "base": base,
-        "finetuned": {"parent": base, "role": "finetuned", "skill": skill},
-        "continued": {"parent": base, "role": "continued", "steps": plan.receiver_steps},
-        "independent": {**common, "role": "independent", "steps": plan.base_steps},
+        "finetuned": {
+            "parent": base,
+            "role": "finetuned",
+            "steps": plan.skill_steps,
+            "lr": plan.finetune_lr,
+            "skill": skill,
+        },
+        "continued": {
+            "parent": base,
+            "role": "continued",
+            "steps": plan.receiver_steps,
+            "lr": plan.finetune_lr,
+        },
+        "independent": {**base, "role": "independent"},
     }
 
 
@@ -331,11 +352,12 @@ def trained_models(
     def fit(role: str, start: Callable[[], nn.Module], stream: str, steps: int) -> nn.Module:
         def make() -> nn.Module:
             answers = data.answers if stream == "skill" else None
-            seed = seed_for(plan.seed, f"{role}-batches")
+            key, seed = keys[role], seed_for(plan.seed, f"{role}-batches")
             return train(
                 start(),
                 data.streams[stream],
                 steps,
+                key["lr"],
                 plan,
                 seed,
                 answers=answers,
