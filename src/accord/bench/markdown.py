@@ -11,15 +11,21 @@ from typing import Any
 from accord._table import format_table
 from accord.bench._common import by_panel, cell, row_names
 from accord.bench.quality import ROW_LABELS
+from accord.bench.skill import render_skill
 
 HEADER = """# Benchmarks
 
 Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
-cores; trained models are cached in the model store), `accord bench speed`, then
-`accord bench markdown`. Accuracies are on the test split, which chooses nothing: every
-hyper-parameter (CCA's ridge, ZipIt!'s α and β) is chosen on the validation split.
+cores; trained models are cached in the model store), `accord bench speed`,
+`accord bench skill [--quick]`, then `accord bench markdown`. Accuracies are on the test
+split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
+alignment NP Merge starts from) is chosen on the validation split.
+
+Timings depend on what else runs on the cores: each section gives the machine and its load
+average, and the CPU time of the process next to the wall time where it matters. On a 2-core
+machine a second busy process slows torch's two-thread kernels far more than twofold.
 """
 
 INTERPOLATION_NOTE = (
@@ -276,7 +282,8 @@ def _precision(precision: Mapping[str, Any]) -> list[str]:
 
 
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
-    """BENCHMARKS.md from ``results_dir``'s ``quality*.json`` and ``speed.json``.
+    """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json`` and
+    ``skill-transfer*.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
     BENCHMARKS.md in the directory that ``results_dir`` is relative to).
@@ -289,4 +296,6 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
     speed = root / "speed.json"
     if speed.is_file():
         sections.append(render_speed(json.loads(speed.read_text(encoding="utf-8"))))
+    for path in sorted(root.glob("skill-transfer*.json")):
+        sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
     return "\n\n".join(sections) + "\n"
