@@ -43,6 +43,9 @@ class MergeResult:
     report: dict[str, Any]
     spec: Spec
     statistics: Statistics | None = None
+    # Each model's state in the reference's coordinates. Under batchnorm="fold" the BatchNorms
+    # of dense spaces are folded into their writers and given that model's own transformed
+    # output statistics as γ/β: reset their running statistics before using such a state.
     aligned: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
     # NP Merge's learned weights per parameter, (N, *shape); None for averaging methods.
     coefficients: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -162,14 +165,18 @@ def batchnorm_targets(
     statistics: Statistics,
     merged: dict[str, torch.Tensor],
     eps: Mapping[str, float],
+    weights: Sequence[float] | None = None,
 ) -> None:
     """Give each folded BatchNorm the REPAIR-style target statistics, in place.
 
-    Target mean ``avg_i T_i μ_i`` and variance ``avg_i diag(T_i Σ_i T_iᵀ)`` of the models'
-    BatchNorm outputs; β ← target mean, γ ← sqrt(target variance + eps): a BatchNorm reset
-    afterwards makes the BatchNorm divide the merged features by sqrt(var + eps), so this γ
-    gives them exactly the target variance when their variance already matches it.
+    Target mean ``Σ_i w_i T_i μ_i`` and variance ``Σ_i w_i diag(T_i Σ_i T_iᵀ)`` of the
+    models' BatchNorm outputs (``weights`` w, default equal); β ← target mean, γ ←
+    sqrt(target variance + eps): a BatchNorm reset afterwards makes the BatchNorm divide the
+    merged features by sqrt(var + eps), so this γ gives them exactly the target variance when
+    their variance already matches it.
     """
+    count = len(alignment.transforms)
+    w = torch.tensor(weights if weights is not None else [1 / count] * count, dtype=torch.float64)
     for name in dense_spaces(spec, alignment):
         for bn in spec[name].batchnorms:
             stats = statistics.norms.get(bn.norm)
@@ -181,9 +188,9 @@ def batchnorm_targets(
                 means.append(t @ stats.mean[i])
                 variances.append(torch.einsum("cd,de,ce->c", t, stats.covariance(i, i), t))
             dtype = merged[f"{bn.norm}.weight"].dtype
-            variance = torch.stack(variances).mean(0).clamp_min(0)
+            variance = torch.einsum("i,ic->c", w, torch.stack(variances)).clamp_min(0)
             merged[f"{bn.norm}.weight"] = (variance + eps[bn.norm]).sqrt().to(dtype)
-            merged[f"{bn.norm}.bias"] = torch.stack(means).mean(0).to(dtype)
+            merged[f"{bn.norm}.bias"] = torch.einsum("i,ic->c", w, torch.stack(means)).to(dtype)
 
 
 def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
@@ -414,6 +421,10 @@ def combine_aligned(
             )
         eps = {n: m.eps for n, m in models[reference].named_modules() if hasattr(m, "eps")}
         batchnorm_targets(spec, alignment, statistics, merged_state, eps)
+        # each aligned model gets its own targets, so that it works after a BatchNorm reset
+        for i, state in enumerate(aligned):
+            one_hot = [float(i == j) for j in range(len(aligned))]
+            batchnorm_targets(spec, alignment, statistics, state, eps, one_hot)
     merged = copy.deepcopy(models[reference])
     merged.load_state_dict(merged_state)
     timings["combine"] = time.perf_counter() - clock
