@@ -132,7 +132,11 @@ def _barriers(figures: Mapping[str, Any]) -> list[str]:
     if not rows:
         return []
     headers = ["models", "path", "accuracy barrier (points)", "loss barrier"]
-    caption = "Barriers of the interpolation paths (largest drop below the straight line):"
+    caption = (
+        "Barriers of the interpolation paths (largest drop below the straight line between the "
+        "path's ends). The CCA path ends at the aligned model 1, which is weaker than model 1 "
+        "(see above), so its barrier is measured against a lower line and is not comparable:"
+    )
     return ["", caption, "", format_table(headers, rows, True)]
 
 
@@ -150,7 +154,12 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
         "Test accuracy in %: mean ± sample standard deviation over the model sets (each set's "
         "value is in the JSON). *base models* is the mean of the N merged models' own accuracies; "
         "the *ensemble* averages their logits (N times the cost). Every method aligns the models "
-        "to model 0, averages, then resets BatchNorm statistics.",
+        "to model 0 and averages them (NP Merge: with weights learned per parameter on the "
+        "calibration examples, starting from the plain average), then resets BatchNorm "
+        "statistics (REPAIR for networks without BatchNorm). By default the BatchNorms of "
+        "spaces with dense maps (CCA, ZipIt!) are folded into their convolutions and given the "
+        "models' transformed statistics; the *BatchNorm transformed* row applies CCA's maps to "
+        "γ and β instead, as the reference code does.",
     ]
     lines += _quality_tables(document["results"])
     figures = document["figures"]
