@@ -212,8 +212,9 @@ def render_speed(document: Mapping[str, Any]) -> str:
         *_run_facts(document, f"{document['seconds']:.0f} s"),
         f"- data: the first {config['samples']} training images of {config['dataset']} in "
         f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
-        f"{config['ridge']}; NP Merge: 1 epoch over the same images; forward and statistics: "
-        f"the fastest of {config['repeats']} alternated repeats (all are in the JSON)",
+        f"{config['ridge']}; NP Merge: its default options (`accord.merge`) over the same "
+        f"images; forward and statistics: the fastest of {config['repeats']} alternated repeats "
+        "(all are in the JSON)",
         "",
         "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
         "images; *statistics*: `accord.collect_statistics` over the same images (default "
