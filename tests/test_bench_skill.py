@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from accord.bench import add_bench_parser, skill
+from accord.errors import StoreError
 from accord.transformers import dare, ties
 
 MICRO = replace(
@@ -24,6 +26,7 @@ MICRO = replace(
     base_steps=3,
     skill_steps=3,
     receiver_steps=3,
+    snapshots=(1,),
     hidden=16,
     intermediate=32,
     layers=2,
@@ -136,24 +139,32 @@ def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 
 def test_micro_run_writes_every_result(micro: tuple[Path, dict[str, Any]]) -> None:
     _, document = micro
-    assert {"command", "date", "machine", "config", "seconds", "results"} <= set(document)
+    assert {"command", "date", "machine", "config", "seconds", "references", "results"} <= set(
+        document
+    )
     assert document["config"]["base_steps"] == 3 and document["config"]["scales"] == [0.5, 1.0]
-    assert [r["receiver"] for r in document["results"]] == ["continued", "independent"]
+    assert set(document["references"]) == {"base", "finetuned"}
+    assert document["references"]["base"]["distance_to_base"] == 0.0
+    receivers = [r["receiver"] for r in document["results"]]
+    assert receivers == ["continued@1", "continued@3", "continued@1 permuted", "independent"]
     for result in document["results"]:
-        assert set(result["models"]) == {"base", "finetuned", "receiver"}
         pairs = {(t["method"], t["alignment"]) for t in result["transfers"]}
         assert pairs == {(m, a) for m in skill.METHODS for a in skill.ALIGNMENTS}
         for transfer in result["transfers"]:
             assert transfer["scale"] in (0.5, 1.0) and len(transfer["curve"]) == 2
             assert 0 <= transfer["test_accuracy"] <= 1
         # alignment is an exact symmetry: the receiver's own loss does not move
-        own = result["models"]["receiver"]["own_loss"]
+        own = result["alignments"]["none"]["own_loss"]
         for alignment in result["alignments"].values():
             assert alignment["own_loss"] == pytest.approx(own, abs=1e-4)
-    # the continued receiver starts from the base: without alignment it is 3 steps away
-    continued, independent = document["results"]
-    assert continued["alignments"]["none"]["distance_to_base"] < 0.2
-    assert independent["alignments"]["none"]["distance_to_base"] > 0.2
+    first, last, permuted, independent = (
+        {k: a["distance_to_base"] for k, a in r["alignments"].items()} for r in document["results"]
+    )
+    # one step from the base, then three: the continued receivers drift away
+    assert 0 < first["none"] < last["none"] < independent["none"]
+    # the permuted copy is far until weight matching moves it back onto the unpermuted one
+    assert permuted["none"] > 5 * first["none"]
+    assert permuted["weights"] == pytest.approx(first["weights"], abs=1e-3)
 
 
 def test_models_are_reused_from_the_store(
@@ -164,23 +175,44 @@ def test_models_are_reused_from_the_store(
     assert [n.rsplit("-", 1)[0] for n in names] == [
         "skill-base",
         "skill-continued",
+        "skill-continued",
         "skill-finetuned",
         "skill-independent",
     ]
     monkeypatch.setattr(skill, "train", lambda *args, **kwargs: pytest.fail("retrained"))
     again = skill.run_skill(MICRO, root / "store", root / "again", progress=False)
-    assert again["results"][0]["models"] == document["results"][0]["models"]
+    assert again["references"] == document["references"]
     assert sorted(p.name for p in (root / "store").iterdir()) == names
+
+
+def test_a_store_entry_trained_otherwise_is_refused(
+    micro: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, _ = micro
+    store = shutil.copytree(root / "store", tmp_path / "store")
+    [base] = store.glob("skill-base-*")
+    config = json.loads((base / "config.json").read_text())
+    config["accord_training"]["steps"] += 1
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StoreError, match="another configuration"):
+        skill.trained_models(MICRO, skill.make_data(MICRO), store, progress=False)
 
 
 def test_render_skill_tabulates_every_transfer(micro: tuple[Path, dict[str, Any]]) -> None:
     _, document = micro
     text = skill.render_skill(document)
     assert text.startswith("## Skill transfer: `skill-micro`")
-    assert text.count("| model ") == 2  # one table per receiver
-    assert text.count("| receiver + λτ: TIES") == 2 * len(skill.ALIGNMENTS)
-    base = document["results"][0]["models"]["base"]
-    assert f"{base['own_loss']:.3f}" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(document["results"]) * len(skill.METHODS)
+    transfer = document["results"][-1]["transfers"][-1]  # DARE on the activation-aligned
+    assert (
+        table[-1]
+        .rstrip("| ")
+        .endswith(
+            f"{100 * transfer['test_accuracy']:.1f} (λ {transfer['scale']:g}; "
+            f"{transfer['own_loss']:.2f})"
+        )
+    )
 
 
 def test_cli_registers_skill() -> None:

@@ -4,21 +4,24 @@ Horoi et al. (2025) find that a task vector ``τ = θ_finetuned − θ_base`` tr
 poorly to a *receiver* that trained away from ``θ_base``, and that moving the receiver into the
 base's coordinates first (the exact permutation, rotation and scale symmetries of the
 transformer, :func:`accord.transformers.align`) recovers much of it. This benchmark builds that
-setting at a size that trains on two CPU cores in minutes:
+setting at a size that trains on one CPU core in minutes:
 
-- character-level corpora: *general* string tasks (``c:ab3>ab3`` copy, ``r:`` reverse,
-  ``s:`` sort), the *receiver* corpus (``r:``, ``h:`` shift each symbol by one, ``d:`` double
-  each symbol) and the *skill*, additions (``123+45=168``, operands of 1 to ``digits`` digits);
+- character-level corpora: *general* string tasks (``c:ab3>ab3`` copy, ``r:`` reverse, ``s:``
+  sort), the *receiver* corpus (``r:``, ``h:`` shift each symbol by one, ``d:`` double each
+  symbol) and the *skill*, additions (``123+45=168``, operands of 1 to ``digits`` digits);
 - the *base*: a tiny Llama with grouped-query attention trained from scratch on the general
-  corpus; the *fine-tune*: the base trained on additions (the loss on the answers only, as the
-  operands are random); ``τ`` is their difference;
-- two receivers: *continued*, the base trained further on the receiver corpus (same
-  initialisation, other data), and *independent*, another random initialisation trained on the
-  general corpus (same data, other initialisation: the strongly diverged case);
-- for each receiver, alignment (none, weight matching, activation matching on general-corpus
-  windows) and method (task arithmetic, TIES, DARE on τ alone): ``receiver + λ τ'`` with ``λ``
-  chosen on validation additions by exact-match accuracy of greedy decoding; reported at that
-  ``λ``: accuracy on test additions and the loss on held-out text of the receiver's own corpus.
+  corpus; the *fine-tune*: the base trained on additions mixed with general lines; ``τ`` is
+  their difference;
+- receivers: ``continued@k``, the base after ``k`` steps of training on the receiver corpus
+  (same initialisation, other data; ``k`` sweeps the divergence); the first of them moved by a
+  random exact symmetry (the same function in other coordinates: what alignment must undo);
+  and ``independent``, another random initialisation trained like the base (same data, other
+  initialisation: the strongly diverged case);
+- for each receiver, alignment to the base (none, from weights, from activations on
+  general-corpus windows) and method (task arithmetic, TIES, DARE on τ alone): ``receiver +
+  λ τ'``, ``λ`` chosen on validation additions by exact-match accuracy of greedy answers; at
+  that ``λ``, the accuracy on test additions and the loss on held-out text of the receiver's
+  own corpus.
 
 Trained models are cached in the model store (``skill-<role>-<digest>``): reruns only evaluate.
 """
@@ -30,7 +33,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +47,15 @@ from accord._table import format_table
 from accord.bench._common import machine_info, today
 from accord.errors import StoreError
 from accord.store import store_entry
-from accord.transformers import align, dare, load_checkpoint, save_checkpoint, task_arithmetic, ties
-
-State = dict[str, Tensor]
+from accord.transformers import (
+    align,
+    dare,
+    load_checkpoint,
+    random_symmetry,
+    save_checkpoint,
+    task_arithmetic,
+    ties,
+)
 
 VOCABULARY = "\n0123456789abcdefghijklmnopqrstuvwxyz:>+="
 SYMBOLS = VOCABULARY[1:37]  # the digits and letters the string tasks are made of
@@ -59,12 +68,7 @@ TASKS: dict[str, Callable[[str], str]] = {
     "d": lambda s: "".join(c + c for c in s),
 }
 CORPORA = {"general": "crs", "receiver": "rhd"}  # corpus → its tasks
-RECEIVERS = {"continued": "receiver", "independent": "general"}  # receiver → its own corpus
-ALIGNMENTS = {
-    "none": "unaligned",
-    "weights": "aligned by weights",
-    "activations": "aligned by activations",
-}
+ALIGNMENTS = {"none": "unaligned", "weights": "weights", "activations": "activations"}
 METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE"}
 
 
@@ -74,9 +78,10 @@ class SkillPlan:
 
     name: str
     command: str
-    base_steps: int
+    base_steps: int  # the base's and the independent receiver's
     skill_steps: int
-    receiver_steps: int
+    receiver_steps: int  # continued training of the base on the receiver corpus
+    snapshots: tuple[int, ...]  # earlier steps of it also evaluated as receivers
     digits: int = 3
     hidden: int = 64
     layers: int = 4
@@ -86,22 +91,29 @@ class SkillPlan:
     block: int = 32  # tokens per training window
     batch_size: int = 64
     lr: float = 3e-3  # base and independent receiver, trained from scratch
-    finetune_lr: float = 1e-3  # fine-tune and continued receiver, trained from the base
-    replay: float = 0.5  # fraction of general lines in the fine-tune's corpus
+    finetune_lr: float = 2e-3  # high enough to learn additions in minutes
+    receiver_lr: float = 3e-4  # a gentle drift (2e-3 moved 8 % of ‖θ‖ in 10 steps)
+    replay: float = 0.25  # fraction of general lines in the fine-tune's corpus
     corpus_lines: int = 50_000
     val_problems: int = 200
     test_problems: int = 500
     eval_windows: int = 128  # held-out windows of each corpus for the losses
     calibration_windows: int = 128  # general-corpus windows for activation alignment
-    scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
     ties_density: float = 0.2
     dare_drop_rate: float = 0.5
     seed: int = 0
 
+    def receivers(self) -> dict[str, str]:
+        """Receiver name → its own corpus, in the order of the results."""
+        steps = (*self.snapshots, self.receiver_steps)
+        names = {f"continued@{k}": "receiver" for k in steps}
+        return {**names, f"continued@{steps[0]} permuted": "receiver", "independent": "general"}
+
 
 def skill_plan(quick: bool = False) -> SkillPlan:
-    """The ``--quick`` plan (2-digit additions, a few minutes on one core) or the default one
-    (3-digit additions, about a quarter of an hour)."""
+    """The ``--quick`` plan (2-digit additions, minutes on one core) or the default one (3-digit
+    additions, about a quarter of an hour)."""
     if quick:
         return SkillPlan(
             name="skill-transfer-quick",
@@ -109,15 +121,19 @@ def skill_plan(quick: bool = False) -> SkillPlan:
             base_steps=600,
             skill_steps=750,
             receiver_steps=400,
+            snapshots=(25, 100),
             digits=2,
             corpus_lines=20_000,
+            val_problems=100,
+            test_problems=300,
         )
     return SkillPlan(
         name="skill-transfer",
         command="accord bench skill",
-        base_steps=2500,
+        base_steps=2000,
         skill_steps=2000,
-        receiver_steps=1000,
+        receiver_steps=600,
+        snapshots=(25, 100),
     )
 
 
@@ -135,8 +151,7 @@ def decode(ids: Sequence[int]) -> str:
 
 
 def general_line(rng: random.Random, tasks: str) -> str:
-    """``<task>:<string>><result>``, the task drawn from ``tasks``, the string of 2 to 6
-    symbols."""
+    """``<task>:<string>><result>``, the task drawn from ``tasks``, the string of 2 to 6."""
     task = rng.choice(tasks)
     string = "".join(rng.choices(SYMBOLS, k=rng.randint(2, 6)))
     return f"{task}:{string}>{TASKS[task](string)}\n"
@@ -167,10 +182,10 @@ def addition_problems(seed: int, count: int, digits: int) -> list[tuple[int, int
 def skill_text(
     seed: int, lines: int, digits: int, held_out: set[tuple[int, int]], replay: float = 0.0
 ) -> tuple[str, Tensor]:
-    """Lines ``a+b=c`` (no pair of ``held_out``), a fraction ``replay`` of them general-corpus
-    lines instead (a fine-tune on a data mix keeps the base's general skills, so τ holds the
-    skill rather than the forgetting), and the mask of the characters the loss is taken on:
-    each answer with its newline (the operands are random), and the whole of a general line."""
+    """Lines ``a+b=c`` (no pair of ``held_out``), a fraction ``replay`` of them general lines
+    instead (a fine-tune on a data mix keeps the base's skills, so τ holds the new skill rather
+    than forgetting), and the mask of the characters the loss is taken on: each answer with its
+    newline (the operands are random), and the whole of a general line."""
     rng = random.Random(seed)
     parts: list[str] = []
     mask: list[bool] = []
@@ -180,11 +195,10 @@ def skill_text(
             mask += [True] * len(parts[-1])
             continue
         a, b = operand(rng, digits), operand(rng, digits)
-        if (a, b) in held_out:
-            continue
-        prompt, answer = f"{a}+{b}=", f"{a + b}\n"
-        parts.append(prompt + answer)
-        mask += [False] * len(prompt) + [True] * len(answer)
+        if (a, b) not in held_out:
+            prompt, answer = f"{a}+{b}=", f"{a + b}\n"
+            parts.append(prompt + answer)
+            mask += [False] * len(prompt) + [True] * len(answer)
     return "".join(parts), torch.tensor(mask)
 
 
@@ -193,22 +207,17 @@ class SkillData:
     """Token streams to train on, held-out windows and additions to evaluate on."""
 
     streams: dict[str, Tensor]  # general, receiver, skill
-    answers: Tensor  # the skill stream's answer mask
+    answers: Tensor  # where the skill stream's loss is taken
     held_out: dict[str, Tensor]  # corpus → (windows, block) for the losses
     calibration: list[Tensor]  # general-corpus batches for activation alignment
     val: list[tuple[int, int]]
     test: list[tuple[int, int]]
 
 
-def _windows(stream: Tensor, block: int, count: int) -> Tensor:
-    return stream[: block * count].reshape(count, block)
-
-
 def make_data(plan: SkillPlan) -> SkillData:
     """Every corpus and problem set of ``plan``, each from its own seed."""
-    problems = addition_problems(
-        seed_for(plan.seed, "problems"), plan.val_problems + plan.test_problems, plan.digits
-    )
+    count = plan.val_problems + plan.test_problems
+    problems = addition_problems(seed_for(plan.seed, "problems"), count, plan.digits)
     skill, answers = skill_text(
         seed_for(plan.seed, "skill"), plan.corpus_lines, plan.digits, set(problems), plan.replay
     )
@@ -217,15 +226,12 @@ def make_data(plan: SkillPlan) -> SkillData:
         for name, tasks in CORPORA.items()
     }
     windows = plan.eval_windows + plan.calibration_windows
-    lines = windows * plan.block // 8  # lines are 8 or more characters
+    lines = windows * plan.block // 8  # lines have 8 characters or more
     held_out = {
-        name: _windows(
-            encode(general_text(seed_for(plan.seed, f"{name}-held-out"), lines, tasks)),
-            plan.block,
-            windows,
-        )
+        name: encode(general_text(seed_for(plan.seed, f"{name}-held-out"), lines, tasks))
         for name, tasks in CORPORA.items()
     }
+    held_out = {k: v[: windows * plan.block].reshape(windows, -1) for k, v in held_out.items()}
     return SkillData(
         streams={**streams, "skill": encode(skill)},
         answers=answers,
@@ -237,8 +243,7 @@ def make_data(plan: SkillPlan) -> SkillData:
 
 
 def llama(plan: SkillPlan, seed: int) -> nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` of ``plan``'s sizes (``seed`` for the
-    initialisation)."""
+    """A ``LlamaForCausalLM`` of ``plan``'s sizes, randomly initialised from ``seed``."""
     import transformers
 
     config = transformers.LlamaConfig(
@@ -264,122 +269,133 @@ def train(
     seed: int,
     *,
     answers: Tensor | None = None,
+    snapshots: Collection[int] = (),
     desc: str = "train",
     progress: bool = True,
-) -> nn.Module:
+) -> dict[int, nn.Module]:
     """``model`` trained in place on random windows of ``stream`` (AdamW, learning rate ``lr``
-    warmed up linearly over the first 5 % of steps, then decayed linearly to 0); with ``answers``,
-    the loss is taken only on the tokens it marks. Returns ``model`` in eval mode."""
+    warmed up linearly over the first 5 % of steps, then decayed linearly to 0), the loss on
+    the tokens ``answers`` marks (all by default): ``{steps: model}`` in eval mode, with a
+    copy taken after each step count in ``snapshots``."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps)
     )
-    offsets = torch.arange(plan.block)
+    offsets, taken = torch.arange(plan.block), {}
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        starts = torch.randint(
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        index = torch.randint(
             0, len(stream) - plan.block, (plan.batch_size, 1), generator=generator
         )
-        ids = stream[starts + offsets]
-        labels = ids if answers is None else ids.masked_fill(~answers[starts + offsets], -100)
+        ids = stream[index + offsets]
+        labels = ids if answers is None else ids.masked_fill(~answers[index + offsets], -100)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+        if step in snapshots:
+            taken[step] = copy.deepcopy(model).eval()
+    return {**taken, steps: model.eval()}
 
 
 def _keys(plan: SkillPlan) -> dict[str, dict[str, Any]]:
     """The store key of each trained model: everything its weights depend on."""
-    common = {
+    base = {
+        "role": "base",
         "sizes": [plan.hidden, plan.layers, plan.heads, plan.kv_heads, plan.intermediate],
         "vocabulary": VOCABULARY,
-        "batches": [plan.block, plan.batch_size],
-        "corpus_lines": plan.corpus_lines,
+        "batches": [plan.block, plan.batch_size, plan.corpus_lines],
+        "steps": plan.base_steps,
+        "lr": plan.lr,
         "seed": plan.seed,
     }
-    base = {**common, "role": "base", "steps": plan.base_steps, "lr": plan.lr}
-    skill = [plan.digits, plan.replay, plan.val_problems, plan.test_problems]
-    return {
+    skill = [plan.digits, plan.replay, plan.val_problems, plan.test_problems, plan.finetune_lr]
+    keys = {
         "base": base,
         "finetuned": {
             "parent": base,
             "role": "finetuned",
             "steps": plan.skill_steps,
-            "lr": plan.finetune_lr,
             "skill": skill,
-        },
-        "continued": {
-            "parent": base,
-            "role": "continued",
-            "steps": plan.receiver_steps,
-            "lr": plan.finetune_lr,
         },
         "independent": {**base, "role": "independent"},
     }
+    for k in (*plan.snapshots, plan.receiver_steps):
+        schedule = [plan.receiver_steps, plan.receiver_lr]
+        keys[f"continued@{k}"] = {"parent": base, "role": "continued", "steps": k, "of": schedule}
+    return keys
 
 
-def _cached(
-    plan: SkillPlan, store: str | os.PathLike[str], key: dict[str, Any], make: Callable[[], Any]
-) -> nn.Module:
-    """The model stored under ``key``, or ``make()`` saved there (a checkpoint directory that
-    ``accord llm-merge`` reads too)."""
-    path = store_entry(store, key, f"skill-{key['role']}")
-    if path.exists():
+def _load_or_train(
+    plan: SkillPlan,
+    store: str | os.PathLike[str],
+    keys: Mapping[str, dict[str, Any]],
+    make: Callable[[], Mapping[str, nn.Module]],
+) -> dict[str, nn.Module]:
+    """The models ``keys`` names, from the store when all are there, else ``make()``'s, saved
+    as checkpoint directories (which ``accord llm-merge`` reads too)."""
+    paths = {name: store_entry(store, key, f"skill-{key['role']}") for name, key in keys.items()}
+    if not all(path.exists() for path in paths.values()):
+        made = make()
+        for name, path in paths.items():
+            config = {**made[name].config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+            state = made[name].state_dict()
+            save_checkpoint(path, state, {**config, "accord_training": keys[name]}, overwrite=True)
+    models = {}
+    for name, path in paths.items():
         state, config = load_checkpoint(path)
-        if config.get("accord_training") != key:
+        if config.get("accord_training") != keys[name]:
             raise StoreError(f"{path} was trained with another configuration; delete it to retrain")
-        model = llama(plan, 0)
-        model.load_state_dict(state)
-        return model
-    model = make()
-    config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
-    save_checkpoint(path, model.state_dict(), {**config, "accord_training": key})
-    return model
+        models[name] = llama(plan, 0)
+        models[name].load_state_dict(state)
+    return models
 
 
 def trained_models(
     plan: SkillPlan, data: SkillData, store: str | os.PathLike[str], progress: bool = True
 ) -> dict[str, nn.Module]:
-    """Base, fine-tune and both receivers, trained or loaded from ``store``."""
+    """Base, fine-tune and every receiver of ``plan``, trained or loaded from ``store``."""
     keys = _keys(plan)
 
-    def fit(role: str, start: Callable[[], nn.Module], stream: str, steps: int) -> nn.Module:
-        def make() -> nn.Module:
-            answers = data.answers if stream == "skill" else None
-            key, seed = keys[role], seed_for(plan.seed, f"{role}-batches")
-            return train(
+    def fit(names: list[str], start: Callable[[], nn.Module], stream: str, lr: float) -> Any:
+        role, steps = keys[names[0]]["role"], {keys[name]["steps"]: name for name in names}
+        answers = data.answers if stream == "skill" else None
+
+        def make() -> dict[str, nn.Module]:
+            seed = seed_for(plan.seed, f"{role}-batches")
+            trained = train(
                 start(),
                 data.streams[stream],
-                steps,
-                key["lr"],
+                max(steps),
+                lr,
                 plan,
                 seed,
                 answers=answers,
+                snapshots=steps,
                 desc=role,
                 progress=progress,
             )
+            return {name: trained[k] for k, name in steps.items()}
 
-        return _cached(plan, store, keys[role], make)
-
-    def from_base() -> nn.Module:
-        return copy.deepcopy(base)
+        return _load_or_train(plan, store, {name: keys[name] for name in names}, make)
 
     def fresh(role: str) -> Callable[[], nn.Module]:
         return lambda: llama(plan, seed_for(plan.seed, role))
 
-    base = fit("base", fresh("base"), "general", plan.base_steps)
-    return {
-        "base": base,
-        "finetuned": fit("finetuned", from_base, "skill", plan.skill_steps),
-        "continued": fit("continued", from_base, "receiver", plan.receiver_steps),
-        "independent": fit("independent", fresh("independent"), "general", plan.base_steps),
-    }
+    models = fit(["base"], fresh("base"), "general", plan.lr)
+    base = models["base"]
+    continued = [name for name in keys if name.startswith("continued@")]
+    models |= fit(["finetuned"], lambda: copy.deepcopy(base), "skill", plan.finetune_lr)
+    models |= fit(continued, lambda: copy.deepcopy(base), "receiver", plan.receiver_lr)
+    models |= fit(["independent"], fresh("independent"), "general", plan.lr)
+    first = continued[0]
+    models[f"{first} permuted"] = random_symmetry(models[first], seed=plan.seed)
+    return models
 
 
 @torch.no_grad()
@@ -402,8 +418,8 @@ def greedy_answers(model: Any, prompts: Sequence[str], max_new: int) -> list[str
 
 
 def addition_accuracy(model: Any, problems: Sequence[tuple[int, int]], digits: int) -> float:
-    """Exact-match accuracy of the greedy answers to ``\\na+b=`` (the newline starts a line as
-    in training); an answer must end with a newline within ``digits + 2`` tokens."""
+    """Exact-match accuracy of the greedy answers to ``\\na+b=`` (a newline starts a line, as in
+    training); an answer must end with a newline within ``digits + 2`` tokens."""
     answers = greedy_answers(model, [f"\n{a}+{b}=" for a, b in problems], digits + 2)
     hits = sum(answer == str(a + b) for answer, (a, b) in zip(answers, problems, strict=True))
     return hits / len(problems)
@@ -415,13 +431,13 @@ def corpus_loss(model: nn.Module, windows: Tensor) -> float:
     return float(model(input_ids=windows, labels=windows).loss)
 
 
-def _relative_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
+def relative_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
     """``‖θ − θ_ref‖ / ‖θ_ref‖`` over all tensors."""
     squares = sum(float((state[n] - t).pow(2).sum()) for n, t in reference.items())
     return (squares / sum(float(t.pow(2).sum()) for t in reference.values())) ** 0.5
 
 
-def processed(tau: State, method: str, plan: SkillPlan) -> State:
+def processed(tau: Mapping[str, Tensor], method: str, plan: SkillPlan) -> dict[str, Tensor]:
     """τ as ``method`` uses it, at scale 1: all three scale linearly in ``λ`` (DARE with a
     fixed generator), so ``receiver + λ · processed`` is the method's merge at scale ``λ``."""
     generator = torch.Generator().manual_seed(seed_for(plan.seed, "dare"))
@@ -433,20 +449,16 @@ def processed(tau: State, method: str, plan: SkillPlan) -> State:
     return {name: combine[method](t) for name, t in tau.items()}
 
 
-def _scores(model: nn.Module, data: SkillData, plan: SkillPlan, corpus: str) -> dict[str, float]:
-    return {
-        "val_accuracy": addition_accuracy(model, data.val, plan.digits),
-        "test_accuracy": addition_accuracy(model, data.test, plan.digits),
-        "own_loss": corpus_loss(model, data.held_out[corpus]),
-    }
-
-
 def _transfer(
-    module: nn.Module, receiver: State, delta: State, data: SkillData, plan: SkillPlan, corpus: str
+    module: nn.Module,
+    receiver: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    data: SkillData,
+    plan: SkillPlan,
+    corpus: str,
 ) -> dict[str, Any]:
-    """``receiver + λ delta`` for every ``λ`` of the plan, scored on the validation additions
-    and the own corpus; the ``λ`` of the best validation accuracy (then of the lower loss) is
-    scored on the test additions."""
+    """``receiver + λ delta`` for every ``λ`` of the plan on the validation additions and the
+    own corpus; the ``λ`` of the best validation accuracy (then lower loss) on the test."""
 
     def load(scale: float) -> nn.Module:
         module.load_state_dict({n: t + scale * delta[n] for n, t in receiver.items()})
@@ -466,15 +478,10 @@ def _transfer(
 
 
 def evaluate_receiver(
-    name: str,
-    models: Mapping[str, nn.Module],
-    data: SkillData,
-    plan: SkillPlan,
-    progress: bool = True,
+    name: str, models: Mapping[str, nn.Module], data: SkillData, plan: SkillPlan
 ) -> dict[str, Any]:
-    """Reference scores, the alignments of receiver ``name`` to the base, and every transfer
-    of τ to it (method × alignment)."""
-    corpus = RECEIVERS[name]
+    """Receiver ``name`` aligned to the base in each way, and every transfer of τ to it."""
+    corpus = plan.receivers()[name]
     base, receiver = models["base"], models[name]
     clock = time.perf_counter()
     aligned = {
@@ -485,9 +492,8 @@ def evaluate_receiver(
     seconds = time.perf_counter() - clock
     base_state = base.state_dict()
     tau = {n: t - base_state[n] for n, t in models["finetuned"].state_dict().items()}
-    module = copy.deepcopy(receiver)
-    transfers = []
-    for method in tqdm(METHODS, desc=f"transfer to {name}", disable=not progress, leave=False):
+    module, transfers = copy.deepcopy(receiver), []
+    for method in METHODS:
         delta = processed(tau, method, plan)
         for kind, model in aligned.items():
             result = _transfer(module, model.state_dict(), delta, data, plan, corpus)
@@ -495,15 +501,11 @@ def evaluate_receiver(
     return {
         "receiver": name,
         "corpus": corpus,
-        "models": {
-            role: _scores(models[key], data, plan, corpus)
-            for role, key in (("base", "base"), ("finetuned", "finetuned"), ("receiver", name))
-        },
-        "task_vector_norm": _relative_distance(models["finetuned"].state_dict(), base_state),
+        "val_accuracy": addition_accuracy(receiver, data.val, plan.digits),
         "alignments": {
             kind: {
-                "distance_to_base": _relative_distance(model.state_dict(), base_state),
-                # a symmetry keeps the function: this loss must equal the receiver's own
+                "distance_to_base": relative_distance(model.state_dict(), base_state),
+                # a symmetry keeps the function: this is the receiver's own loss every time
                 "own_loss": corpus_loss(model, data.held_out[corpus]),
             }
             for kind, model in aligned.items()
@@ -525,7 +527,18 @@ def run_skill(
     data = make_data(plan)
     models = trained_models(plan, data, store, progress)
     training = time.perf_counter() - start
-    results = [evaluate_receiver(name, models, data, plan, progress) for name in RECEIVERS]
+    base_state = models["base"].state_dict()
+    references = {
+        role: {
+            "val_accuracy": addition_accuracy(models[role], data.val, plan.digits),
+            "test_accuracy": addition_accuracy(models[role], data.test, plan.digits),
+            **{f"{c}_loss": corpus_loss(models[role], w) for c, w in data.held_out.items()},
+            "distance_to_base": relative_distance(models[role].state_dict(), base_state),
+        }
+        for role in ("base", "finetuned")
+    }
+    names = tqdm(plan.receivers(), desc="transfers", disable=not progress, leave=False)
+    results = [evaluate_receiver(name, models, data, plan) for name in names]
     total = time.perf_counter() - start
     alignment = sum(r["alignment_seconds"] for r in results)
     document = {
@@ -540,76 +553,46 @@ def run_skill(
             "evaluation": total - training - alignment,
             "total": total,
         },
+        "references": references,
         "results": results,
     }
     write_json(Path(out) / f"{plan.name}.json", document)
     return document
 
 
-RECEIVER_NOTES = {
-    "continued": "the base trained further on the receiver corpus (same initialisation, other "
-    "data); its own corpus is the receiver corpus",
-    "independent": "another random initialisation trained on the general corpus (same data, "
-    "other initialisation); its own corpus is the general corpus",
-}
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-def _receiver_table(result: Mapping[str, Any]) -> list[str]:
-    models = result["models"]
-    rows = [
-        [
-            label,
-            "-",
-            _percent(m["val_accuracy"]),
-            _percent(m["test_accuracy"]),
-            f"{m['own_loss']:.3f}",
-        ]
-        for label, m in (
-            ("base", models["base"]),
-            ("fine-tune (base + τ)", models["finetuned"]),
-            ("receiver", models["receiver"]),
-        )
-    ]
-    for t in result["transfers"]:
-        rows.append(
-            [
-                f"receiver + λτ: {METHODS[t['method']]}, {ALIGNMENTS[t['alignment']]}",
-                f"{t['scale']:g}",
-                _percent(t["val_accuracy"]),
-                _percent(t["test_accuracy"]),
-                f"{t['own_loss']:.3f}",
-            ]
-        )
-    headers = ["model", "λ", "val acc. %", "test acc. %", "own-corpus loss"]
-    distances = ", ".join(
-        f"{ALIGNMENTS[kind]} {a['distance_to_base']:.3f} (own loss {a['own_loss']:.3f})"
-        for kind, a in result["alignments"].items()
+def _cell(transfer: Mapping[str, Any]) -> str:
+    return (
+        f"{100 * transfer['test_accuracy']:.1f} "
+        f"(λ {transfer['scale']:g}; {transfer['own_loss']:.2f})"
     )
-    return [
-        "",
-        f"### Receiver: {result['receiver']}",
-        "",
-        f"The {result['receiver']} receiver is {RECEIVER_NOTES[result['receiver']]}.",
-        "",
-        format_table(headers, rows, True),
-        "",
-        f"Relative distance ‖θ − θ_base‖ / ‖θ_base‖ of the receiver: {distances}; of the "
-        f"fine-tune (‖τ‖ / ‖θ_base‖): {result['task_vector_norm']:.3f}. Alignment took "
-        f"{result['alignment_seconds']:.1f} s.",
-    ]
+
+
+def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for result in results:
+        cells = {(t["method"], t["alignment"]): _cell(t) for t in result["transfers"]}
+        distances = "/".join(f"{a['distance_to_base']:.2f}" for a in result["alignments"].values())
+        for i, (method, label) in enumerate(METHODS.items()):
+            first = [
+                result["receiver"],
+                distances,
+                f"{result['alignments']['none']['own_loss']:.3f}",
+            ]
+            rows.append(
+                (first if i == 0 else ["", "", ""])
+                + [label, *(cells[method, kind] for kind in ALIGNMENTS)]
+            )
+    headers = ["receiver", "distance to base", "own loss", "method"]
+    headers += [f"{label}: test % (λ; own loss)" for label in ALIGNMENTS.values()]
+    return format_table(headers, rows, True)
 
 
 def render_skill(document: Mapping[str, Any]) -> str:
-    """The Markdown section of one skill-transfer run: setup, one table per receiver, and what
-    each number means."""
-    # imported here: markdown.py, which renders every benchmark, imports this module
+    """The Markdown section of one skill-transfer run: setup, results, what each number means."""
+    # imported here, not at the top: markdown.py, which renders every benchmark, imports us
     from accord.bench.markdown import _run_facts
 
-    c, seconds = document["config"], document["seconds"]
+    c, seconds, refs = document["config"], document["seconds"], document["references"]
     spent = (
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, alignment "
         f"{seconds['alignment']:.0f} s, evaluation {seconds['evaluation']:.0f} s)"
@@ -618,23 +601,38 @@ def render_skill(document: Mapping[str, Any]) -> str:
     lines += [
         f"- model: `LlamaForCausalLM`, hidden {c['hidden']}, {c['layers']} layers, "
         f"{c['heads']} query heads in {c['kv_heads']} key/value groups, SwiGLU width "
-        f"{c['intermediate']}, {len(VOCABULARY)} characters; AdamW, learning rate {c['lr']}, "
-        f"batches of {c['batch_size']} windows of {c['block']} tokens",
-        f"- steps: base {c['base_steps']} (general corpus), fine-tune {c['skill_steps']} "
-        f"(additions of 1 to {c['digits']} digits), continued receiver {c['receiver_steps']} "
-        f"(receiver corpus), independent receiver {c['base_steps']} (general corpus)",
+        f"{c['intermediate']}, {len(VOCABULARY)} characters; AdamW, batches of "
+        f"{c['batch_size']} windows of {c['block']} tokens",
+        f"- base and independent receiver: {c['base_steps']} steps on the general corpus, "
+        f"learning rate {c['lr']:g}; fine-tune: {c['skill_steps']} steps on additions of 1 to "
+        f"{c['digits']} digits ({100 * c['replay']:g} % general lines mixed in), learning rate "
+        f"{c['finetune_lr']:g}; continued receivers: {c['receiver_steps']} steps on the receiver "
+        f"corpus at learning rate {c['receiver_lr']:g}, also taken after "
+        f"{', '.join(map(str, c['snapshots']))} steps",
         f"- λ chosen from {', '.join(f'{s:g}' for s in c['scales'])} on {c['val_problems']} "
         f"validation additions; test: {c['test_problems']} other additions, none seen in "
-        f"training; TIES density {c['ties_density']}, DARE drop rate {c['dare_drop_rate']}",
+        f"training; TIES density {c['ties_density']:g}, DARE drop rate {c['dare_drop_rate']:g}",
         "",
-        "τ = θ_fine-tune − θ_base. *acc.*: exact-match accuracy of greedy answers to `a+b=`. "
-        "*own-corpus loss*: the mean next-token cross-entropy (nats) of the model on "
-        f"{c['eval_windows']} held-out windows of the receiver's own training corpus: what the "
-        "receiver must keep while it gains the skill. *aligned*: the receiver moved into the "
-        "base's coordinates by the exact transformer symmetries (`accord.transformers.align`, "
-        "from the weights or from activations on general-corpus windows) before τ is added; "
-        "the aligned receiver alone computes the receiver's function (same own-corpus loss).",
+        f"The base answers {100 * refs['base']['test_accuracy']:.1f} % of the test additions, "
+        f"the fine-tune {100 * refs['finetuned']['test_accuracy']:.1f} % (general-corpus loss "
+        f"{refs['base']['general_loss']:.3f} and {refs['finetuned']['general_loss']:.3f}, "
+        f"receiver-corpus loss {refs['base']['receiver_loss']:.3f} and "
+        f"{refs['finetuned']['receiver_loss']:.3f}; ‖τ‖ / ‖θ_base‖ = "
+        f"{refs['finetuned']['distance_to_base']:.3f}).",
+        "",
+        "Each cell: exact-match accuracy (%) of greedy answers to the test additions `a+b=` "
+        "of the receiver plus λ times τ = θ_fine-tune − θ_base (as the method processes it), "
+        "λ chosen on the validation additions, and the mean next-token cross-entropy (nats) "
+        f"of that model on {c['eval_windows']} held-out windows of the receiver's own corpus "
+        "(the receiver corpus for `continued@k`, the general corpus for `independent`): what "
+        "the receiver must keep while it gains the skill. *own loss*: the receiver's own, "
+        "before τ. *distance to base*: ‖θ − θ_base‖ / ‖θ_base‖ of the receiver unaligned / "
+        "aligned by weights / by activations. Alignment moves the receiver into the base's "
+        "coordinates by exact symmetries (`accord.transformers.align`; activations: "
+        f"{c['calibration_windows']} general-corpus windows), so its own loss does not change. "
+        "`continued@k`: the base after k steps on the receiver corpus; *permuted*: that "
+        "receiver moved by a random exact symmetry.",
+        "",
+        _results_table(document["results"]),
     ]
-    for result in document["results"]:
-        lines += _receiver_table(result)
     return "\n".join(lines)
