@@ -6,7 +6,9 @@ Both models run on the same token batches with hooks on their Hugging Face modul
   one residual permutation: Hungarian on the correlation pooled over those ``2L + 1`` points
   (covariances summed after centring each point, divided by the pooled standard deviations);
 - the SwiGLU hidden units (``down_proj`` inputs) give the unit permutation (Hungarian on the
-  correlation) and scales (ratio of RMS values);
+  correlation); the unit scales, a free gauge of the function, come from the weights as in
+  weight matching (each unit's up row and down column balanced), not from activation RMS
+  ratios, which near-dead units make extreme and which move B's weights far from A's;
 - q/k/v projection outputs (before the rotary embedding, which the symmetries commute with) and
   the per-head ``o_proj`` inputs give the groups, heads, plane rotations and value/output maps,
   through the same solver as weight matching with tokens as samples.
@@ -25,7 +27,12 @@ from torch import Tensor, nn
 
 from accord.errors import StatisticsError
 from accord.transformers._solve import LayerStats, hungarian, match_layer
-from accord.transformers._weights import attention_cross, attention_finish, with_gain_scales
+from accord.transformers._weights import (
+    attention_cross,
+    attention_finish,
+    unit_factors,
+    with_gain_scales,
+)
 from accord.transformers.arch import Architecture
 from accord.transformers.symmetry import Symmetry
 
@@ -133,18 +140,21 @@ def activation_alignment(
     if tokens < 2:
         raise StatisticsError(f"activation alignment needs calibration tokens; got {tokens}")
     layers = [
-        match_layer(_layer_stats(attention[i], units[i], arch), arch) for i in range(arch.layers)
+        match_layer(_layer_stats(attention[i], units[i], arch, state_a, state_b, i), arch)
+        for i in range(arch.layers)
     ]
     symmetry = Symmetry(residual=hungarian(residual.correlation()), layers=layers)
     return with_gain_scales(symmetry, state_a, state_b, arch)
 
 
-def _layer_stats(attention: dict[str, Tensor], units: _Moments, arch: Architecture) -> LayerStats:
+def _layer_stats(
+    attention: dict[str, Tensor],
+    units: _Moments,
+    arch: Architecture,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    layer: int,
+) -> LayerStats:
     q, k, v, o, qk_a, qk_b = attention_finish(attention, arch)
-    shift_a, shift_b = units.shift[0]
-    sum_a, sum_b, n = units.sums[0]
-    # raw RMS from the shifted sums: Σ (x − k + k)² = Σ (x − k)² + 2 k Σ (x − k) + n k²
-    rms_a = (units.squares[0] + 2 * shift_a * sum_a + n * shift_a.pow(2)) / n
-    rms_b = (units.squares[1] + 2 * shift_b * sum_b + n * shift_b.pow(2)) / n
-    factor_a, factor_b = rms_a.clamp_min(1e-300).rsqrt(), rms_b.clamp_min(1e-300).rsqrt()
+    factor_a, factor_b = (unit_factors(state, arch, layer) for state in (state_a, state_b))
     return LayerStats(q, k, v, o, qk_a, qk_b, units.correlation(), factor_a, factor_b)

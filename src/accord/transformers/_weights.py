@@ -110,6 +110,14 @@ def attention_finish(raw: dict[str, Tensor], arch: Architecture) -> tuple[Tensor
     return q, k, raw["v"], raw["o"], fa, fb
 
 
+def unit_factors(state: State, arch: Architecture, layer: int) -> Tensor:
+    """Per SwiGLU unit of ``layer``, the scale that balances its up row (norm gain folded in)
+    with its down column: the canonical gauge in which two models' units are compared."""
+    up = _rows(state, arch, layer, "up", None)
+    down = _writer_columns(state, f"model.layers.{layer}.mlp.down_proj.weight", None)
+    return balance(up.norm(dim=1), down.norm(dim=1))
+
+
 def weight_layer_stats(
     state_a: State, state_b: State, arch: Architecture, layer: int, residual: Tensor | None
 ) -> LayerStats:
@@ -123,7 +131,7 @@ def weight_layer_stats(
         )
         gate, up = (_rows(state, arch, layer, proj, perm) for proj in ("gate", "up"))
         down = _writer_columns(state, f"model.layers.{layer}.mlp.down_proj.weight", perm)
-        factor = balance(up.norm(dim=1), down.norm(dim=1))
+        factor = unit_factors(state, arch, layer)
         sides.append((features, gate, up * factor[:, None], down / factor[:, None], factor))
     q, k, v, o, qk_a, qk_b = attention_finish(attention_cross(sides[0][0], sides[1][0], arch), arch)
     # only Hungarian reads the unit similarity: float32 halves the costliest product's time
