@@ -253,8 +253,11 @@ class _Source:
 def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool) -> None:
     """``product += Σ_samples x yᵀ`` of two chunks: in the chunks' dtype, summed into the
     product's (float64)."""
-    chunk_product = x.T @ y if rows else x @ y.T
-    product += chunk_product.to(product.dtype)
+    left, right = (x.T, y) if rows else (x, y.T)
+    if x.dtype == product.dtype:
+        product.addmm_(left, right)
+    else:
+        product += (left @ right).to(product.dtype)
 
 
 class _Accumulator:
