@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from accord.bench import add_bench_parser, skill
+from accord.bench import skill_corpus as corpus
 from accord.errors import StoreError
 from accord.transformers import dare, ties
 
@@ -40,8 +41,8 @@ MICRO = replace(
 
 
 def test_addition_lines_are_correct_sums_with_only_the_answers_masked() -> None:
-    held_out = set(skill.addition_problems(0, 50, 3))
-    text, mask = skill.skill_text(1, 400, 3, held_out)
+    held_out = set(corpus.addition_problems(0, 50, 3))
+    text, mask = corpus.skill_text(1, 400, 3, held_out)
     assert len(mask) == len(text)
     lines = text.split("\n")[:-1]
     assert len(lines) == 400
@@ -57,7 +58,7 @@ def test_addition_lines_are_correct_sums_with_only_the_answers_masked() -> None:
 
 
 def test_replayed_general_lines_are_learned_whole() -> None:
-    text, mask = skill.skill_text(1, 400, 2, set(), replay=0.5)
+    text, mask = corpus.skill_text(1, 400, 2, set(), replay=0.5)
     lines = text.split("\n")[:-1]
     general = [line for line in lines if ":" in line]
     assert 150 < len(general) < 250 and all(line[0] in "crs" for line in general)
@@ -67,23 +68,23 @@ def test_replayed_general_lines_are_learned_whole() -> None:
 
 
 def test_problems_are_distinct_and_cover_every_digit_count() -> None:
-    problems = skill.addition_problems(3, 300, 3)
+    problems = corpus.addition_problems(3, 300, 3)
     assert len(set(problems)) == 300
     assert {len(str(a)) for a, _ in problems} == {1, 2, 3}
     with pytest.raises(ValueError, match="fewer"):
-        skill.addition_problems(0, 30, 1)
+        corpus.addition_problems(0, 30, 1)
 
 
 def test_general_lines_apply_their_task() -> None:
     expected = {"r": "3cba", "s": "3abc", "h": "bcd4", "d": "aabbcc33"}
     for task, result in expected.items():
-        assert skill.TASKS[task]("abc3") == result
-    assert skill.TASKS["h"]("z9") == "0a"  # the shift wraps around the symbols
-    for line in skill.general_text(2, 200, "rhd").splitlines():
+        assert corpus.TASKS[task]("abc3") == result
+    assert corpus.TASKS["h"]("z9") == "0a"  # the shift wraps around the symbols
+    for line in corpus.general_text(2, 200, "rhd").splitlines():
         task, rest = line.split(":")
         string, result = rest.split(">")
         assert task in "rhd" and 2 <= len(string) <= 6
-        assert result == skill.TASKS[task](string)
+        assert result == corpus.TASKS[task](string)
 
 
 class Oracle:
@@ -93,18 +94,18 @@ class Oracle:
         self.answer = answer
 
     def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
-        logits = torch.zeros(*input_ids.shape, len(skill.VOCABULARY))
+        logits = torch.zeros(*input_ids.shape, len(corpus.VOCABULARY))
         for row, ids in enumerate(input_ids.tolist()):
-            prompt, written = skill.decode(ids).split("\n")[1].split("=")
+            prompt, written = corpus.decode(ids).split("\n")[1].split("=")
             a, b = (int(x) for x in prompt.split("+"))
             target = f"{self.answer(a, b)}\n"
             following = target[len(written)] if len(written) < len(target) else "\n"
-            logits[row, -1, skill.VOCABULARY.index(following)] = 1.0
+            logits[row, -1, corpus.VOCABULARY.index(following)] = 1.0
         return SimpleNamespace(logits=logits)
 
 
 def test_accuracy_of_oracles_is_exact() -> None:
-    problems = skill.addition_problems(4, 40, 3)
+    problems = corpus.addition_problems(4, 40, 3)
     assert skill.addition_accuracy(Oracle(lambda a, b: a + b), problems, 3) == 1.0
     assert skill.addition_accuracy(Oracle(lambda a, b: a + b + 1), problems, 3) == 0.0
     # right for exactly the problems whose first operand is even
