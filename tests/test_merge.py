@@ -174,14 +174,21 @@ def test_data_methods_without_data_are_refused() -> None:
         accord.merge([a, copy.deepcopy(a)], None, method="cac")
 
 
-def test_npmerge_starts_from_its_alignment_and_learns() -> None:
+def _labelled_mlps(
+    samples: int,
+) -> tuple[list[nn.Module], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Two small MLPs and batches of 32 inputs labelled by the first one's predictions."""
     torch.manual_seed(0)
     models = [
         accord.build_model("mlp", width=16, depth=1, in_channels=1, image_size=4) for _ in range(2)
     ]
-    inputs = torch.randn(128, 1, 4, 4)
+    inputs = torch.randn(samples, 1, 4, 4)
     labels = models[0](inputs).argmax(1).detach()
-    data = [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, 128, 32)]
+    return models, [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, samples, 32)]
+
+
+def test_npmerge_starts_from_its_alignment_and_learns() -> None:
+    models, data = _labelled_mlps(128)
     aligned = accord.merge(models, data, method="permutation", repair="none")
     untrained = accord.merge(models, data, method="npmerge", align="permutation", epochs=0)
     for key, value in aligned.model.state_dict().items():
@@ -198,14 +205,8 @@ def test_npmerge_starts_from_its_alignment_and_learns() -> None:
 
 
 def test_npmerge_auto_starts_from_the_tuned_alignment() -> None:
-    torch.manual_seed(0)
-    models = [
-        accord.build_model("mlp", width=16, depth=1, in_channels=1, image_size=4) for _ in range(2)
-    ]
-    inputs = torch.randn(96, 1, 4, 4)
-    labels = models[0](inputs).argmax(1).detach()
-    data = [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, 64, 32)]
-    validation = [(inputs[64:], labels[64:])]
+    models, batches = _labelled_mlps(96)
+    data, validation = batches[:2], batches[2:]
     # no BatchNorm: NP Merge's repair="auto" would skip the REPAIR that CCA's applies
     tuned = {"options": "auto", "validation": validation, "repair": "none"}
     cca = accord.merge(models, data, "cca", **tuned)

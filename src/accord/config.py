@@ -48,8 +48,9 @@ class MergeConfig(BaseModel):
     data_dir: str | None = None
 
 
-def load_merge_config(path: str | os.PathLike[str], **overrides: Any) -> MergeConfig:
-    """Read and validate a YAML merge config; every invalid key is reported at once."""
+def read_yaml_mapping(path: str | os.PathLike[str], keys: str) -> dict[str, Any]:
+    """The mapping at the top of YAML file ``path``; a ConfigError names the file when it is
+    missing, not YAML, or not a mapping (``keys`` lists the expected ones in that message)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -58,7 +59,13 @@ def load_merge_config(path: str | os.PathLike[str], **overrides: Any) -> MergeCo
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys (models, method, ...)")
+        raise ConfigError(f"{path}: expected a mapping of keys ({keys}, ...)")
+    return data
+
+
+def load_merge_config(path: str | os.PathLike[str], **overrides: Any) -> MergeConfig:
+    """Read and validate a YAML merge config; every invalid key is reported at once."""
+    data = read_yaml_mapping(path, "models, method")
     return validate_merge_config({**data, **overrides}, where=str(path))
 
 

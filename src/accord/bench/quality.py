@@ -27,7 +27,7 @@ import accord
 from accord._io import write_json
 from accord.bench._common import machine_info, summary, today
 from accord.bench.figures import accuracy_versus_models, interpolation_figure
-from accord.combine import coefficient_histograms, np_merge
+from accord.combine import coefficient_histograms
 from accord.report import canonical_correlation_spectra
 from accord.workflow import MergeOutcome, calibration_loader
 
@@ -191,7 +191,10 @@ def merge_config(
     )
 
 
-def calibration(plan: QualityPlan, outcome: MergeOutcome, device: str) -> tuple[Any, Any]:
+Calibrated = tuple[accord.DataSplits, Any]
+
+
+def calibration(plan: QualityPlan, outcome: MergeOutcome, device: str) -> Calibrated:
     """``(dataset splits, calibration batches)`` exactly as the merge of ``outcome`` used."""
     data = accord.checkpoint_dataset(list(outcome.checkpoints), plan.data_dir)
     return data, calibration_loader(data, merge_config(plan, outcome.checkpoints, device))
@@ -230,12 +233,13 @@ def summarise(
 
 
 def variant(
-    plan: QualityPlan, outcome: MergeOutcome, method: str, device: str, **options: Any
+    outcome: MergeOutcome, calibrated: Calibrated, method: str, device: str, **options: Any
 ) -> tuple[float, float]:
     """Validation and test accuracy of another variant of one of the run's methods (same
-    statistics and reference; options chosen on validation again, ``options`` fixed)."""
+    statistics, reference and calibration batches; options chosen on validation again,
+    ``options`` fixed)."""
     run = next(m.result for m in outcome.methods if m.method == method)
-    data, loader = calibration(plan, outcome, device)
+    data, loader = calibrated
     result = accord.merge(
         [c.model for c in outcome.checkpoints],
         loader,
@@ -255,7 +259,7 @@ def variant(
 
 
 def interpolation_curves(
-    plan: QualityPlan, outcome: MergeOutcome, device: str
+    plan: QualityPlan, outcome: MergeOutcome, calibrated: Calibrated, device: str
 ) -> dict[str, dict[str, Any]]:
     """Paths from model 0 to model 1: unaligned, and aligned by permutation and by CCA.
 
@@ -264,7 +268,7 @@ def interpolation_curves(
     model 1's function: it is the aligned model 1, whose only use is to be averaged.
     """
     checkpoints = outcome.checkpoints
-    data, repair = calibration(plan, outcome, device)
+    data, repair = calibrated
     results = {m.method: m.result for m in outcome.methods}
     curves = {}
     for name, method in CURVES.items():
@@ -286,24 +290,16 @@ def interpolation_curves(
     return curves
 
 
-def npmerge_coefficients(plan: QualityPlan, outcome: MergeOutcome, device: str) -> dict[str, Any]:
-    """NP Merge's learned coefficients, trained again (same seed, data and options) on the
-    aligned states of the run's NP Merge result: the report keeps only their means."""
-    result = next(m.result for m in outcome.methods if m.method == "npmerge")
-    models = [c.model for c in outcome.checkpoints]
-    _, loader = calibration(plan, outcome, device)
-    options = result.report["npmerge"]["options"]
-    learned = np_merge(
-        models[0], result.aligned, loader, teachers=models, device=device, progress=False, **options
-    )
-    return learned.coefficients
-
-
 def figures_for(
-    plan: QualityPlan, outcome: MergeOutcome, tag: str, out: Path, device: str
+    plan: QualityPlan,
+    outcome: MergeOutcome,
+    calibrated: Calibrated,
+    tag: str,
+    out: Path,
+    device: str,
 ) -> dict[str, Any]:
     """Interpolation curves, CCA spectra and NP Merge histograms of one N = 2 merge."""
-    curves = interpolation_curves(plan, outcome, device)
+    curves = interpolation_curves(plan, outcome, calibrated, device)
     merged = {m.method: m.test_accuracy for m in outcome.methods if m.method in CURVES}
     paths = {
         "interpolation": out / f"{plan.name}-interpolation-{tag}.png",
@@ -315,7 +311,8 @@ def figures_for(
     cca = next(m.result for m in outcome.methods if m.method == "cca")
     if not canonical_correlation_spectra(cca.report["spaces"], paths["spectra"], title):
         del paths["spectra"]
-    coefficient_histograms(npmerge_coefficients(plan, outcome, device), paths["npmerge"])
+    npmerge = next(m.result for m in outcome.methods if m.method == "npmerge")
+    coefficient_histograms(npmerge.coefficients, paths["npmerge"])
     return {
         "curves": curves,
         "files": {k: p.name for k, p in paths.items()},
@@ -372,14 +369,16 @@ def run_quality(
                     accord.merge_checkpoints(merge_config(plan, pool[:size], device), progress)
                     for pool in pools
                 ]
+                calibrated = [calibration(plan, o, device) for o in outcomes]
+                runs = list(zip(outcomes, calibrated, strict=True))
                 extra = {}
                 if size > 2:  # two models: pairwise is the joint scheme
                     extra["npmerge_pairwise"] = [
-                        variant(plan, o, "npmerge", device, scheme="pairwise") for o in outcomes
+                        variant(o, c, "npmerge", device, scheme="pairwise") for o, c in runs
                     ]
                 if any(s.batchnorms for s in outcomes[0].methods[0].result.spec.spaces):
                     extra["cca_transform"] = [
-                        variant(plan, o, "cca", device, batchnorm="transform") for o in outcomes
+                        variant(o, c, "cca", device, batchnorm="transform") for o, c in runs
                     ]
                 spent = time.perf_counter() - clock
                 seconds["merging"] += spent
@@ -387,7 +386,7 @@ def run_quality(
                 if size == 2:
                     clock = time.perf_counter()
                     tag = f"{names[0]}-{names[1]}"
-                    figures[tag] = figures_for(plan, outcomes[0], tag, root, device)
+                    figures[tag] = figures_for(plan, *runs[0], tag, root, device)
                     seconds["figures"] += time.perf_counter() - clock
     accuracy = root / f"{plan.name}-accuracy.png"
     title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"

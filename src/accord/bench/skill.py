@@ -6,9 +6,10 @@ base's coordinates first (the exact permutation, rotation and scale symmetries o
 transformer, :func:`accord.transformers.align`) recovers much of it. This benchmark builds that
 setting at a size that trains on one CPU core in minutes:
 
-- character-level corpora (:mod:`accord.bench.skill_corpus`): *general* string tasks (``c:ab3>ab3`` copy, ``r:`` reverse, ``s:``
-  sort), the *receiver* corpus (``r:``, ``h:`` shift each symbol by one, ``d:`` double each
-  symbol) and the *skill*, additions (``123+45=168``, operands of 1 to ``digits`` digits);
+- character-level corpora (:mod:`accord.bench.skill_corpus`): *general* string tasks
+  (``c:ab3>ab3`` copy, ``r:`` reverse, ``s:`` sort), the *receiver* corpus (``r:``, ``h:``
+  shift each symbol by one, ``d:`` double each symbol) and the *skill*, additions
+  (``123+45=168``, operands of 1 to ``digits`` digits);
 - the *base*: a tiny Llama with grouped-query attention trained from scratch on the general
   corpus; the *fine-tune*: the base trained on additions mixed with general lines; ``τ`` is
   their difference;

@@ -25,9 +25,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from accord.config import read_yaml_mapping
 from accord.errors import ConfigError
 from accord.transformers.merge import METHODS, check_merge
 
@@ -105,15 +105,7 @@ def parse_size(value: int | str) -> int:
 
 def load_llm_merge_config(path: str | os.PathLike[str]) -> LLMMergeConfig:
     """Read and validate a YAML merge config; ConfigError listing every problem by key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys (method, models, output, ...)")
+    data = read_yaml_mapping(path, "method, models, output")
     return validate_llm_merge_config(data, where=str(path))
 
 
