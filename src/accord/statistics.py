@@ -18,7 +18,8 @@ accumulation dtype, and only the outputs a later model pairs with (the reference
 copied and kept until the batch ends: memory holds one model's activations, not N. The
 products cost about as much as the models' own forward passes (float64 matmuls of C × C
 blocks); ``precision="float32"`` multiplies each chunk in float32 and sums the chunks in
-float64, roughly halving the overhead for about 1e-7–1e-6 relative error.
+float64, cutting the overhead by about a third for 1e-7–1e-6 relative error (both measured
+by ``accord bench speed``; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -655,9 +656,9 @@ def collect_statistics(
     with the ``reference`` r (``pairs="reference"``, O(N·C²) memory) or every ``Cov(x_i, x_j)``
     (``pairs="all"``). ``norms`` gets each model's output statistics of every BatchNorm that
     the observed spaces fold. Fixed spaces and spaces without observations get no entry.
-    ``precision="float32"`` multiplies each chunk of shifted samples (about 10⁵ values) in
-    float32 and sums the chunks' products in float64: 2–4× faster products on a CPU, relative
-    covariance errors near 1e-6 instead of 1e-15 (``accord bench speed`` measures both).
+    ``precision="float32"`` multiplies each chunk of shifted samples (about 2.6·10⁵ values)
+    in float32 and sums the chunks' products in float64: a cheaper pass on a CPU, relative
+    covariance errors near 1e-7–1e-6 instead of 1e-12 (``accord bench speed`` measures both).
     ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
 
     ``max_samples`` stops after that many input samples (the last batch is cut). Under
