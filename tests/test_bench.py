@@ -29,6 +29,12 @@ MICRO = QualityPlan(
     dataset="digits",
     architectures=(
         Architecture("mlp", {"width": 16, "depth": 1}, accord.TrainConfig(epochs=1, batch_size=64)),
+        # BatchNorm: the folded and the transformed BatchNorm routes are both merged
+        Architecture(
+            "vgg11",
+            {"width": 0.0625, "batch_norm": True},
+            accord.TrainConfig(epochs=1, batch_size=64),
+        ),
     ),
     sizes=(2, 3),
     settings=(Setting("iid"),),
@@ -57,15 +63,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
     document = json.loads((results / "results" / "quality-micro.json").read_text())
     assert document["machine"]["cpu_count"] >= 1 and document["machine"]["torch"]
-    configuration, three = document["results"]
+    configuration, three, vgg, vgg_three = document["results"]
     assert (configuration["arch"], configuration["setting"]) == ("mlp-w16", "iid")
-    assert [c["num_models"] for c in (configuration, three)] == [2, 3]
-    # NP Merge's pairwise scheme is its own row for N > 2 only; without BatchNorm there is
-    # no BatchNorm route to compare
+    assert (vgg["arch"], vgg_three["arch"]) == ("vgg11-w0.0625-bn", "vgg11-w0.0625-bn")
+    assert [c["num_models"] for c in (configuration, three, vgg, vgg_three)] == [2, 3, 2, 3]
+    # NP Merge's pairwise scheme is its own row for N > 2 only; the BatchNorm routes are
+    # compared for N = 2 on networks with BatchNorm
     names = [name for name in ROW_LABELS if name not in ("npmerge_pairwise", "cca_transform")]
     assert [row["name"] for row in configuration["rows"]] == names
     assert [row["name"] for row in three["rows"]] == [*names, "npmerge_pairwise"]
-    for row in configuration["rows"] + three["rows"]:
+    assert [row["name"] for row in vgg["rows"]] == [*names, "cca_transform"]
+    assert [row["name"] for row in vgg_three["rows"]] == [*names, "npmerge_pairwise"]
+    for row in configuration["rows"] + three["rows"] + vgg["rows"] + vgg_three["rows"]:
         test = row["test"]
         assert len(test["values"]) == 1 and test["mean"] == test["values"][0]
         assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
@@ -91,7 +100,7 @@ def test_trained_pools_are_reused_from_the_store(results: Path) -> None:
         progress=False,
     )
     assert sorted(p.name for p in (results / "store").iterdir()) == before
-    assert [c.path.name for c in pool] == before
+    assert [c.path.name for c in pool] == [name for name in before if "-mlp-" in name]
 
 
 def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:

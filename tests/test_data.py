@@ -188,6 +188,10 @@ def test_load_mnist_matches_independent_normalisation(tmp_path: Path, gz: bool) 
     np.testing.assert_allclose(splits.train.images, standardised(train, train, 255), atol=1e-5)
     np.testing.assert_allclose(splits.test.images, standardised(train, test, 255), atol=1e-5)
     assert splits.test.labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    # row-major (N, C, H, W) strides, not the channel stride 1 that torch reads as
+    # channels-last (see accord.data.datasets._to_unit)
+    for images in (splits.train.images, splits.test.images):
+        assert images.stride() == torch.empty(images.shape).stride()
 
 
 def test_fashion_mnist_reads_any_folder_with_the_idx_files(tmp_path: Path) -> None:

@@ -109,6 +109,13 @@ def test_ensemble_and_interpolation(digits) -> None:
     logits = (models[0](digits.test.images) + models[1](digits.test.images)) / 2
     expected = (logits.argmax(1) == digits.test.labels).float().mean().item()
     assert ensemble.accuracy == pytest.approx(expected)
+    each, joint = accord.evaluate_with_ensemble(models, digits.test)
+    assert joint.accuracy == pytest.approx(ensemble.accuracy)
+    assert joint.loss == pytest.approx(ensemble.loss, rel=1e-5)
+    for model, evaluation in zip(models, each, strict=True):
+        alone = accord.evaluate(model, digits.test)
+        assert evaluation.accuracy == pytest.approx(alone.accuracy)
+        assert evaluation.loss == pytest.approx(alone.loss, rel=1e-5)
     curve = accord.interpolation_curve(models[0], models[1], digits.test, steps=3)
     assert curve.alphas == [0.0, 0.5, 1.0]
     assert curve.evaluations[0] == accord.evaluate(models[0], digits.test)

@@ -23,6 +23,7 @@ from accord.evaluate import (
     InterpolationCurve,
     evaluate,
     evaluate_ensemble,
+    evaluate_with_ensemble,
     interpolation_curve,
 )
 from accord.match import MATCHERS
@@ -79,6 +80,7 @@ __all__ = [
     "default_dataset",
     "evaluate",
     "evaluate_ensemble",
+    "evaluate_with_ensemble",
     "example_input",
     "fold_batchnorms",
     "interpolation_curve",

@@ -91,6 +91,40 @@ def evaluate_ensemble(
             model.train(flag)
 
 
+@torch.no_grad()
+def evaluate_with_ensemble(
+    models: Sequence[nn.Module],
+    data: Dataset | Batches,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[list[Evaluation], Evaluation]:
+    """Each model's evaluation and their logit-averaging ensemble's, from one forward pass
+    of each model per batch (what :func:`evaluate` and :func:`evaluate_ensemble` give)."""
+    flags = [m.training for m in models]
+    for model in models:
+        model.to(device).eval()
+    tallies = [[0, 0.0] for _ in range(len(models) + 1)]  # correct, summed loss
+    count = 0
+    try:
+        for inputs, labels in tqdm(
+            batches(data), desc="evaluate", leave=False, disable=not progress
+        ):
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = [m(inputs).float() for m in models]
+            logits.append(torch.stack(logits).mean(dim=0))
+            for tally, output in zip(tallies, logits, strict=True):
+                tally[0] += int((output.argmax(dim=1) == labels).sum())
+                tally[1] += float(F.cross_entropy(output, labels, reduction="sum"))
+            count += int(labels.numel())
+    finally:
+        for model, flag in zip(models, flags, strict=True):
+            model.train(flag)
+    if count == 0:
+        raise ValueError("evaluation data is empty")
+    evaluations = [Evaluation(correct / count, loss / count, count) for correct, loss in tallies]
+    return evaluations[:-1], evaluations[-1]
+
+
 def interpolate_states(
     state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:

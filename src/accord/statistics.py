@@ -13,13 +13,14 @@ The shift keeps the subtraction well conditioned when features have a large offs
 across processes: each rank re-expresses its sums around one common shift and all-reduces them.
 
 Cost. The models run one after another on each batch, the reference first; each observed
-output is summed as soon as it is produced, in chunks of about 2¹⁸ values converted to the
-accumulation dtype, and only the outputs a later model pairs with (the reference's) are
-copied and kept until the batch ends: memory holds one model's activations, not N. The
-products cost about as much as the models' own forward passes (float64 matmuls of C × C
-blocks); ``precision="float32"`` multiplies each chunk in float32 and sums the chunks in
-float64, cutting the overhead by about a third for 1e-7–1e-6 relative error (both measured
-by ``accord bench speed``; see BENCHMARKS.md).
+output is summed as soon as it is produced, in chunks of about 2¹⁸ values shifted and
+converted to the accumulation dtype in one pass, and only the chunks a later model pairs
+with (the reference's) are kept, converted, until the batch ends: memory holds one model's
+activations (in the accumulation dtype), not N. The products cost about as much as the
+models' own forward passes (float64 matmuls of C × C blocks); ``precision="float32"``
+multiplies each chunk in float32 and sums the chunks in float64, cutting the overhead by
+about a third for 1e-7–1e-6 relative error (both measured by ``accord bench speed``; see
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -210,10 +211,8 @@ class _Source:
     features_last: bool
 
     @classmethod
-    def of(cls, tensor: torch.Tensor, axis: int, keep: bool) -> _Source:
-        # Kept past the observing call: a private copy, since a later in-place op
-        # (ReLU(inplace=True), +=) must not change it.
-        source = tensor.detach().clone() if keep else tensor.detach()
+    def of(cls, tensor: torch.Tensor, axis: int) -> _Source:
+        source = tensor.detach()
         size, groups = source.shape[axis], source.shape[:axis].numel()
         positions = source.numel() // max(groups * size, 1)
         moved = source.movedim(axis, -1)
@@ -234,21 +233,30 @@ class _Source:
         """Groups per chunk."""
         return max(1, _CHUNK_ELEMENTS // max(self.tensor[0].numel(), 1))
 
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each chunk's groups."""
+        for start in range(0, self.tensor.shape[0], self.step):
+            yield start, min(start + self.step, self.tensor.shape[0])
+
     def chunk(
-        self, start: int, stop: int, shift: torch.Tensor, dtype: torch.dtype, rows: bool
+        self, start: int, stop: int, shift: torch.Tensor, rows: bool, out: torch.Tensor
     ) -> torch.Tensor:
-        """``x − s`` of groups ``start:stop`` in ``dtype``, as (k·S, C) rows or (C, k·S)
-        columns: either way one long matmul. Reading is in order when rows are taken from
-        features-last tensors and columns from the others."""
+        """``x − s`` of groups ``start:stop`` written into ``out`` (in its dtype, one pass),
+        as (k·S, C) rows or (C, k·S) columns: either way one long matmul. Reading is in
+        order when rows are taken from features-last tensors and columns from the others."""
         part = self.tensor[start:stop]
         if self.features_last:  # (k, S, C)
             view = part if rows else part.permute(2, 0, 1)
         else:  # (k, C, S)
             view = part.transpose(1, 2) if rows else part.transpose(0, 1)
-        out = torch.empty(view.shape, dtype=dtype, device=shift.device).copy_(view)
-        if rows:
-            return out.view(-1, view.shape[-1]).sub_(shift.to(dtype))
-        return out.view(view.shape[0], -1).sub_(shift.to(dtype)[:, None])
+        centre = shift.to(out.dtype) if rows else shift.to(out.dtype)[:, None, None]
+        torch.sub(view, centre, out=out.view(view.shape))
+        return out
+
+    def chunk_shape(self, start: int, stop: int, rows: bool) -> tuple[int, int]:
+        samples = (stop - start) * self.positions
+        size = self.tensor.shape[2 if self.features_last else 1]
+        return (samples, size) if rows else (size, samples)
 
 
 def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool) -> None:
@@ -291,8 +299,11 @@ class _Accumulator:
                 early, late = sorted((i, j), key=position.__getitem__)
                 self.partners[late].append(early)
         self.kept_models = {j for partners in self.partners.values() for j in partners}
-        # (model, point index) -> that node's output in this batch, until add()
-        self.kept: dict[tuple[int, int], _Source] = {}
+        # (model, point index) -> that node's shifted chunks in this batch, until add(): a
+        # private copy already (a later in-place op such as ReLU(inplace=True) cannot touch
+        # it), converted once however many models pair with it
+        self.kept: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.scratch: torch.Tensor | None = None
         self.batch_totals: dict[tuple[int, int], torch.Tensor] = {}
         self.samples: dict[int, int] = {}
         self.rows: dict[int, bool] = {}
@@ -312,7 +323,7 @@ class _Accumulator:
                 f"{self.target.size} features on axis {axis}; the spec was made for another "
                 "model: trace again"
             )
-        source = _Source.of(tensor, axis, keep=model in self.kept_models)
+        source = _Source.of(tensor, axis)
         if model == self.first:
             self.samples[point] = source.samples
             self.count += source.samples
@@ -323,24 +334,37 @@ class _Accumulator:
                 "architecture"
             )
         partners = [(j, self.kept[(j, point)]) for j in self.partners[model]]
+        keep = model in self.kept_models
+        kept: list[torch.Tensor] = []
         total = torch.zeros_like(self.total[model])
         # one layout for all models (the first model's), so their chunks multiply
         rows = self.rows.setdefault(point, source.features_last)
-        axis = 0 if rows else 1
-        for start in range(0, source.tensor.shape[0], source.step):
-            stop = start + source.step
-            x = self._chunk(model, source, start, stop, rows)
+        for index, (start, stop) in enumerate(source.chunks()):
+            shape = source.chunk_shape(start, stop, rows)
+            out = self._buffer(shape, keep, source.tensor.device)
+            x = self._chunk(model, source, start, stop, rows, out)
             total += x.sum(0 if rows else 1).to(torch.float64)
             _add_products(self.products[(model, model)], x, x, rows)
-            for j, kept in partners:
-                y = self._chunk(j, kept, start, stop, rows)
+            for j, chunks in partners:
                 if j < model:
-                    _add_products(self.products[(j, model)], y, x, rows)
+                    _add_products(self.products[(j, model)], chunks[index], x, rows)
                 else:
-                    _add_products(self.products[(model, j)], x, y, rows)
+                    _add_products(self.products[(model, j)], x, chunks[index], rows)
+            if keep:
+                kept.append(x)
         self.batch_totals[(model, point)] = total
-        if model in self.kept_models:
-            self.kept[(model, point)] = source
+        if keep:
+            self.kept[(model, point)] = kept
+
+    def _buffer(self, shape: tuple[int, int], keep: bool, device: torch.device) -> torch.Tensor:
+        """Where a chunk is written: a new tensor when it is kept, else one reused scratch
+        tensor (no fresh pages to fault in for every chunk)."""
+        numel = shape[0] * shape[1]
+        if keep:
+            return torch.empty(shape, dtype=self.dtype, device=device)
+        if self.scratch is None or self.scratch.numel() < numel:
+            self.scratch = torch.empty(numel, dtype=self.dtype, device=device)
+        return self.scratch[:numel].view(shape)
 
     def add(self, batch: int) -> None:
         """Close the batch: check its sums are finite and add them to ``t``."""
@@ -355,11 +379,11 @@ class _Accumulator:
             self.total[model] += total
 
     def _chunk(
-        self, model: int, source: _Source, start: int, stop: int, rows: bool
+        self, model: int, source: _Source, start: int, stop: int, rows: bool, out: torch.Tensor
     ) -> torch.Tensor:
-        """A chunk of ``x − s`` (rows or columns); the model's first chunk sets its shift
-        ``s`` (its mean)."""
-        x = source.chunk(start, stop, self.shift[model], self.dtype, rows)
+        """A chunk of ``x − s`` (rows or columns) in ``out``; the model's first chunk sets its
+        shift ``s`` (its mean)."""
+        x = source.chunk(start, stop, self.shift[model], rows, out)
         if not self.has_shift[model]:
             mean = x.mean(0 if rows else 1, keepdim=True)
             x -= mean

@@ -18,7 +18,7 @@ from torch import nn
 from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
-from accord.evaluate import evaluate, evaluate_ensemble
+from accord.evaluate import evaluate, evaluate_with_ensemble
 from accord.match import MATCHERS, matcher
 from accord.merge import MergeResult, choose_reference, merge
 from accord.report import merge_figures, write_merge_report
@@ -94,18 +94,10 @@ def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcom
     models: list[nn.Module] = [c.model for c in checkpoints]
     data = checkpoint_dataset(checkpoints, config.data_dir)
     loader = calibration_loader(data, config)
-    base = [
-        (
-            evaluate(m, data.val, config.device).accuracy,
-            evaluate(m, data.test, config.device).accuracy,
-        )
-        for m in models
-    ]
-    ensemble = (
-        evaluate_ensemble(models, data.val, config.device).accuracy,
-        evaluate_ensemble(models, data.test, config.device).accuracy,
-    )
-    outcome = MergeOutcome(checkpoints, base, ensemble)
+    val, val_ensemble = evaluate_with_ensemble(models, data.val, config.device)
+    test, test_ensemble = evaluate_with_ensemble(models, data.test, config.device)
+    base = [(v.accuracy, t.accuracy) for v, t in zip(val, test, strict=True)]
+    outcome = MergeOutcome(checkpoints, base, (val_ensemble.accuracy, test_ensemble.accuracy))
     reference = choose_reference(models, config.reference, data.val, config.device)
     spec = trace(models[0], next(iter(loader))[0][:2])
     shared = _shared_statistics(models, loader, spec, config, reference, methods, progress)

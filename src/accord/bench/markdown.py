@@ -158,8 +158,8 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
         "calibration examples, starting from the plain average), then resets BatchNorm "
         "statistics (REPAIR for networks without BatchNorm). By default the BatchNorms of "
         "spaces with dense maps (CCA, ZipIt!) are folded into their convolutions and given the "
-        "models' transformed statistics; the *BatchNorm transformed* row applies CCA's maps to "
-        "γ and β instead, as the reference code does.",
+        "models' transformed statistics; the *BatchNorm transformed* row (N = 2) applies CCA's "
+        "maps to γ and β instead, as the reference code does.",
     ]
     lines += _quality_tables(document["results"])
     figures = document["figures"]

@@ -131,8 +131,8 @@ def quality_plan(
             command="accord bench quality --quick",
         )
     else:
-        train = accord.TrainConfig(epochs=40 if small else 6, lr=0.05)
-        limit = None if small else 20000
+        train = accord.TrainConfig(epochs=40 if small else 4, lr=0.05)
+        limit = None if small else 12000
         plan = QualityPlan(
             name="quality",
             dataset=name,
@@ -143,8 +143,8 @@ def quality_plan(
             sizes=(2, 3, 4),
             settings=settings,
             seed_starts=(0, 10),
-            samples=5000,
-            curve_steps=11,
+            samples=2000,
+            curve_steps=6,
             command="accord bench quality",
         )
     if sets is not None:
@@ -376,7 +376,8 @@ def run_quality(
                     extra["npmerge_pairwise"] = [
                         variant(o, c, "npmerge", device, scheme="pairwise") for o, c in runs
                     ]
-                if any(s.batchnorms for s in outcomes[0].methods[0].result.spec.spaces):
+                spaces = outcomes[0].methods[0].result.spec.spaces
+                if size == 2 and any(s.batchnorms for s in spaces):
                     extra["cca_transform"] = [
                         variant(o, c, "cca", device, batchnorm="transform") for o, c in runs
                     ]

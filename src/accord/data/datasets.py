@@ -207,8 +207,12 @@ def _source(name: str) -> _Source:
 
 def _to_unit(images: np.ndarray, max_value: float) -> torch.Tensor:
     # torch converts uint8 to float32 several times faster than numpy; the copy keeps the
-    # in-place normalisation off the arrays the reader returned.
-    return torch.from_numpy(images).to(torch.float32, copy=True).div_(max_value)
+    # in-place normalisation off the arrays the reader returned. Row-major strides: a
+    # one-channel array made by ``[:, None]`` has channel stride 1, which torch reads as
+    # channels-last, and torch 2.13's CPU backward of a strided 1×1 convolution on
+    # channels-last inputs corrupts the heap when it runs on one thread.
+    unit = torch.from_numpy(images).to(torch.float32, memory_format=torch.contiguous_format)
+    return unit.div_(max_value)
 
 
 def _first(
