@@ -19,16 +19,7 @@ from accord.transformers import (
     random_symmetry,
     save_checkpoint,
 )
-from accord.transformers.testing import tiny_model
-
-VARIANTS = {
-    "llama-gqa": ("llama", {}),
-    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
-    "qwen2-bias": ("qwen2", {}),
-    "llama-all-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
-    "mistral": ("mistral", {"hidden_size": 64, "head_dim": 16}),
-    "llama-mqa": ("llama", {"num_key_value_heads": 1}),
-}
+from accord.transformers.testing import VARIANTS, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -18,18 +18,10 @@ from accord.transformers import (
     random_symmetry,
     sample_symmetry,
 )
-from accord.transformers.testing import tiny_model
+from accord.transformers.testing import VARIANTS, tiny_model
 
 # (family, overrides): grouped-query attention, multi-head with tied embeddings, Qwen2 biases,
 # Mistral, and a single key/value head.
-VARIANTS = {
-    "llama-gqa": ("llama", {}),
-    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
-    "qwen2-bias": ("qwen2", {}),
-    "llama-all-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
-    "mistral": ("mistral", {"hidden_size": 64, "head_dim": 16}),
-    "llama-mqa": ("llama", {"num_key_value_heads": 1, "hidden_size": 48, "head_dim": 12}),
-}
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,17 @@ _CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
 
+# Named tiny configurations covering the attention layouts and options alignment must handle:
+# (family, tiny_config overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-gqa": ("llama", {}),
+    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen2-bias": ("qwen2", {}),
+    "llama-all-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "mistral": ("mistral", {"hidden_size": 64, "head_dim": 16}),
+    "llama-mqa": ("llama", {"num_key_value_heads": 1, "hidden_size": 48, "head_dim": 12}),
+}
+
 
 def tiny_config(family: str = "llama", **overrides: Any) -> Any:
     """A small config of ``family`` (llama, mistral, qwen2): hidden 32, 2 layers, 4 query heads
