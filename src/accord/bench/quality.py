@@ -104,7 +104,7 @@ class QualityPlan:
 def quality_plan(
     quick: bool = False, dataset: str | None = None, sets: int | None = None
 ) -> QualityPlan:
-    """The ``--quick`` plan (minutes on 2 cores) or the full one (hours there).
+    """The ``--quick`` plan (minutes on 2 cores) or the full one (about 2 hours there).
 
     ``dataset`` defaults to :func:`accord.default_dataset` (Fashion-MNIST, else digits);
     ``sets`` overrides the number of independent model sets.
