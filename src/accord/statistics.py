@@ -19,7 +19,7 @@ with (the reference's) are kept, converted, until the batch ends: memory holds o
 activations (in the accumulation dtype), not N. The products cost about as much as the
 models' own forward passes (float64 matmuls of C × C blocks); ``precision="float32"``
 multiplies each chunk in float32 and sums the chunks in float64, cutting the overhead by
-about a third for 1e-7–1e-6 relative error (both measured by ``accord bench speed``; see
+about half for 1e-7–1e-6 relative error (both measured by ``accord bench speed``; see
 BENCHMARKS.md).
 """
 
