@@ -69,7 +69,6 @@ def evaluate(
         model.train(was_training)
 
 
-@torch.no_grad()
 def evaluate_ensemble(
     models: Sequence[nn.Module],
     data: Dataset | Batches,
@@ -77,18 +76,7 @@ def evaluate_ensemble(
     progress: bool = False,
 ) -> Evaluation:
     """Accuracy and loss of the ensemble that averages the models' logits."""
-    flags = [m.training for m in models]
-    for model in models:
-        model.to(device).eval()
-
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(inputs) for m in models]).mean(dim=0)
-
-    try:
-        return _evaluate_logits(forward, data, device, "ensemble", progress)
-    finally:
-        for model, flag in zip(models, flags, strict=True):
-            model.train(flag)
+    return evaluate_with_ensemble(models, data, device, progress)[1]
 
 
 @torch.no_grad()
