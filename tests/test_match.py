@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import accord
 import accord.match
 import accord.match.ot
 from accord.apply import Transform, apply_transforms
@@ -416,6 +417,34 @@ def test_weight_matching_names_missing_tensors() -> None:
     del models[1]["2.bias"]
     with pytest.raises(MergeError, match=r"model 1's state dict lacks \['2.bias'\]"):
         match("weight_matching", spec, None, models)
+
+
+def test_weight_matching_leaves_batchnorm_tensors_out_of_the_score() -> None:
+    """Running statistics describe data, not weights: they must not steer the matching."""
+    config = {"width": 0.0625, "batch_norm": True, "in_channels": 1, "image_size": 8}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(accord.build_model("vgg11", **config))
+    spec = accord.trace(models[0], torch.randn(2, 1, 8, 8))
+    norms = {bn.norm for space in spec.free_spaces for bn in space.batchnorms}
+    assert norms
+    generator = torch.Generator().manual_seed(2)
+
+    def noisy_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            name: 100 * torch.rand(value.shape, generator=generator, dtype=value.dtype)
+            if name.rpartition(".")[0] in norms and value.is_floating_point()
+            else value
+            for name, value in state.items()
+        }
+
+    reference = noisy_norms(models[0].state_dict())
+    plain = match("weight_matching", spec, None, [reference, models[1].state_dict()])
+    noisy = match("weight_matching", spec, None, [reference, noisy_norms(models[1].state_dict())])
+    for space in spec.free_spaces:
+        first = plain.transforms[1][space.name].permutation
+        assert torch.equal(first, noisy.transforms[1][space.name].permutation), space.name
 
 
 def test_weight_matching_slices_blocks_and_offsets() -> None:

@@ -180,9 +180,15 @@ def checkpoint_dataset(
         for c in checkpoints
     }
     if len(sources) != 1 or None in next(iter(sources))[:1]:
-        names = {str(c.path): c.config.get("key", {}).get("dataset") for c in checkpoints}
+        found = {
+            str(c.path): "dataset {}, limit {}".format(
+                c.config.get("key", {}).get("dataset"), c.config.get("key", {}).get("limit")
+            )
+            for c in checkpoints
+        }
         raise StoreError(
-            f"the checkpoints must come from `accord train` on one dataset; found {names}"
+            "the checkpoints must come from `accord train` on one dataset with one size limit; "
+            f"found {found}"
         )
     name, limit = sources.pop()
     return load_dataset(name, data_dir, limit=limit)

@@ -10,10 +10,16 @@ model i's feature ``d`` is, summed over every writer, reader and elementwise axi
 
 where a slice is the feature's entries along the axis (a block of ``block`` entries from
 ``offset``; all other axes included; readers' slices are columns) and θ̃_i is model i with the
-current permutations of every other axis of the tensor applied. The permutation maximising
-``Σ_c L_s[c, π(c)]`` is found by the Hungarian algorithm (within each group for grouped
-spaces); spaces are visited in a random order (``seed``) until a full sweep changes nothing,
-or ``max_iter`` sweeps.
+current permutations of every other axis of the tensor applied. BatchNorm tensors are left out
+of the score (they are still permuted with their space): their running statistics describe
+the data, not what was learned, and their scale (pre-BatchNorm variances reach 10²) swamped
+the weights' inner products, while γ ≈ 1 and β ≈ 0 favour no pairing. Measured on pairs of
+trained Fashion-MNIST models, merged test accuracy with the BatchNorms left out against in:
+ResNet20 48.9 % against 26.4 % (4 pairs), VGG11-BN 78.3 % against 74.6 % (3 pairs).
+
+The permutation maximising ``Σ_c L_s[c, π(c)]`` is found by the Hungarian algorithm (within
+each group for grouped spaces); spaces are visited in a random order (``seed``) until a full
+sweep changes nothing, or ``max_iter`` sweeps.
 
 N > 2 models (MergeMany): each model in turn, in a random order, is weight-matched to the mean
 of the others (already permuted), until a round changes no permutation (at most ``max_iter``
@@ -24,6 +30,7 @@ rounds). The consensus coordinates are then re-expressed in the reference's:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +47,32 @@ from accord.statistics import Statistics
 State = dict[str, Tensor]
 Perms = dict[str, Tensor]
 Axes = dict[str, list[tuple[FeatureSpace, AxisRef]]]
+
+
+NORM_STATISTICS = ("running_mean", "running_var")
+
+
+def _scored_spaces(spec: Spec) -> list[FeatureSpace]:
+    """The free spaces with only the refs that enter the score: no BatchNorm tensors."""
+    norms = {bn.norm for space in spec.free_spaces for bn in space.batchnorms}
+
+    def scored(refs: tuple[AxisRef, ...]) -> tuple[AxisRef, ...]:
+        return tuple(
+            ref
+            for ref in refs
+            if ref.tensor.rpartition(".")[0] not in norms
+            and ref.tensor.rpartition(".")[2] not in NORM_STATISTICS
+        )
+
+    return [
+        replace(
+            s,
+            writers=scored(s.writers),
+            readers=scored(s.readers),
+            elementwise=scored(s.elementwise),
+        )
+        for s in spec.free_spaces
+    ]
 
 
 def _slices(tensor: Tensor, ref: AxisRef, size: int) -> Tensor:
@@ -168,7 +201,7 @@ def match_weights(
     """
     check_integer("seed", seed, low=0)
     check_integer("max_iter", max_iter, low=1)
-    spaces = spec.free_spaces
+    spaces = _scored_spaces(spec)
     axes: Axes = {}
     for space in spaces:
         for ref in space.refs:
