@@ -234,3 +234,16 @@ def test_folded_aligned_states_work_after_a_batchnorm_reset() -> None:
     # ones, a factor n/(n-1) per layer with n = 512 samples at the deepest ones (a stale
     # neutral BatchNorm instead gives a difference above 1)
     assert _relative_difference(model, aligned, data[0][0]) < 2e-2
+
+
+def test_batchnorm_statistics_are_collected_only_for_dense_maps() -> None:
+    model = _model("vgg11-bn")
+    data = _data(model)
+    torch.manual_seed(1)
+    other = accord.reset_batchnorm(accord.build_model("vgg11", **ARCHITECTURES["vgg11-bn"]), data)
+    permuted = accord.merge([model, other], data, "permutation")
+    assert permuted.statistics is not None and permuted.statistics.norms == {}
+    cca = accord.merge([model, other], data, "cca")
+    assert cca.statistics is not None and cca.statistics.norms and cca.report["dense_spaces"]
+    with pytest.raises(accord.MergeError, match="batchnorms=True"):
+        accord.merge([model, other], data, "cca", statistics=permuted.statistics)

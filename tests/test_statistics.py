@@ -372,6 +372,16 @@ def test_batchnorm_outputs_and_model_state_restored() -> None:
     _assert_matches_direct(stats.spaces["c1"], models, data, ["2"])
 
 
+def test_batchnorm_outputs_can_be_skipped() -> None:
+    models, spec = worker.conv_bn_models(), worker.conv_bn_spec()
+    data = _batches((3, 6, 6), [5, 7])
+    full = collect_statistics(models, data, spec, progress=False)
+    spaces_only = collect_statistics(models, data, spec, progress=False, batchnorms=False)
+    assert spaces_only.norms == {} and list(full.norms) == ["1"]
+    for key, block in full.spaces["c1"].blocks.items():
+        assert torch.equal(spaces_only.spaces["c1"].blocks[key], block)
+
+
 def test_save_load_round_trip(tmp_path: Path) -> None:
     stats = collect_statistics(
         worker.conv_bn_models(),

@@ -181,7 +181,10 @@ def batchnorm_targets(
         for bn in spec[name].batchnorms:
             stats = statistics.norms.get(bn.norm)
             if stats is None:
-                raise MergeError(f"no statistics for BatchNorm {bn.norm!r}: collect them again")
+                raise MergeError(
+                    f"no statistics for BatchNorm {bn.norm!r}, which a dense map on space "
+                    f"{name!r} needs: collect statistics with batchnorms=True"
+                )
             means, variances = [], []
             for i, transforms in enumerate(alignment.transforms):
                 t = transforms[name].matrix
@@ -289,6 +292,7 @@ def merge(
             reference=ref,
             pairs=pairs,
             progress=progress,
+            batchnorms=batchnorm == "fold" and not MATCHERS[method].permutations,
         )
         timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()

@@ -139,6 +139,9 @@ def _shared_statistics(
     if not any(needs_data(m) for m in methods):
         return None
     pairs = "all" if len(models) > 2 and "zipit" in methods else "reference"
+    dense = [
+        m for m in methods if needs_data(m) and not (m in MATCHERS and MATCHERS[m].permutations)
+    ]
     return collect_statistics(
         models,
         loader,
@@ -147,6 +150,7 @@ def _shared_statistics(
         reference=reference,
         pairs=pairs,
         progress=progress,
+        batchnorms=config.batchnorm == "fold" and bool(dense),
     )
 
 

@@ -1,4 +1,5 @@
-"""The table of matching methods: a name, the paper, whether it needs data, its options.
+"""The table of matching methods: a name, the paper, whether it needs data, whether its maps
+are always permutations, its options.
 
 Registering a method is one decorator line in the method's own file. The options and their
 defaults are written once, there; the function takes them as keyword-only arguments without
@@ -33,7 +34,9 @@ class Alignment:
 class MatcherInfo:
     """A registered method, called as ``function(spec, statistics, states, reference, **options)``.
 
-    ``options`` are the defaults of its keyword-only options.
+    ``options`` are the defaults of its keyword-only options. ``permutations``: every map it
+    returns is a permutation, so BatchNorms move with their channels exactly and the merge needs
+    no BatchNorm-output statistics.
     """
 
     name: str
@@ -41,13 +44,14 @@ class MatcherInfo:
     paper: str
     needs_data: bool
     options: dict[str, Any]
+    permutations: bool = False
 
 
 MATCHERS: dict[str, MatcherInfo] = {}
 
 
 def register(
-    name: str, *, paper: str, needs_data: bool, **defaults: Any
+    name: str, *, paper: str, needs_data: bool, permutations: bool = False, **defaults: Any
 ) -> Callable[[Callable[..., Alignment]], Callable[..., Alignment]]:
     """Register a matcher as ``name`` with option defaults ``defaults``.
 
@@ -65,7 +69,9 @@ def register(
             )
         if name in MATCHERS:
             raise TypeError(f"matcher {name!r} is registered twice")
-        MATCHERS[name] = MatcherInfo(name, function, paper, needs_data, dict(defaults))
+        MATCHERS[name] = MatcherInfo(
+            name, function, paper, needs_data, dict(defaults), permutations
+        )
         return function
 
     return attach

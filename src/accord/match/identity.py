@@ -12,7 +12,12 @@ from accord.spec import Spec
 from accord.statistics import Statistics
 
 
-@register("identity", paper="direct weight averaging (no alignment)", needs_data=False)
+@register(
+    "identity",
+    paper="direct weight averaging (no alignment)",
+    needs_data=False,
+    permutations=True,
+)
 def match_identity(
     spec: Spec,
     statistics: Statistics | None,

@@ -45,6 +45,7 @@ def permutation_match(
     "permutation",
     paper="Ainsworth et al., Git Re-Basin, ICLR 2023 (activation matching)",
     needs_data=True,
+    permutations=True,
 )
 def match_permutation(
     spec: Spec,

@@ -182,6 +182,7 @@ def _cosine(space: FeatureSpace, target: State, model: State, perms: Perms, axes
     "weight_matching",
     paper="Ainsworth et al., Git Re-Basin, ICLR 2023 (weight matching; MergeMany for N > 2)",
     needs_data=False,
+    permutations=True,
     seed=0,
     max_iter=100,
 )
