@@ -109,6 +109,7 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
     assert set(case["stages"]) == {
         "statistics",
         "statistics_float32",
+        "statistics_spaces_only",
         "match",
         "apply",
         "average",
@@ -118,6 +119,7 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
     assert case["forward"]["seconds"] > 0 and case["forward"]["cpu_seconds"] > 0
     assert case["statistics_over_forward"]["float64"]["cpu"] > 0
     assert case["statistics_over_forward"]["float32"]["cpu"] > 0
+    assert case["statistics_over_forward"]["spaces_only"]["cpu"] > 0
     worst = document["precision"]["max"]
     assert worst["accord_float64"]["normwise"] < 1e-10
     assert worst["accord_float64"]["normwise"] < worst["accord_float32"]["normwise"] < 1e-4

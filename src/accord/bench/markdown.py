@@ -184,6 +184,7 @@ def render_speed(document: Mapping[str, Any]) -> str:
     stage_names = [
         "statistics",
         "statistics_float32",
+        "statistics_spaces_only",
         "match",
         "apply",
         "average",
@@ -198,7 +199,10 @@ def render_speed(document: Mapping[str, Any]) -> str:
         time_rows.append(
             [label, f"{case['parameters_per_model']:,}", f"{case['forward']['seconds']:.2f}"]
             + [f"{stages[s]['seconds']:.2f}" if s in stages else "-" for s in stage_names]
-            + [f"{ratio[p]['wall']:.2f} / {ratio[p]['cpu']:.2f}" for p in ("float64", "float32")]
+            + [
+                f"{ratio[p]['wall']:.2f} / {ratio[p]['cpu']:.2f}" if p in ratio else "-"
+                for p in ("float64", "float32", "spaces_only")
+            ]
         )
         memory_rows.append(
             [label]
@@ -219,10 +223,13 @@ def render_speed(document: Mapping[str, Any]) -> str:
         "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
         "images; *statistics*: `accord.collect_statistics` over the same images (default "
         '`precision="float64"`), *statistics_float32* the same with `precision="float32"` '
-        "(each chunk's products in float32, summed in float64); *match*, "
+        "(each chunk's products in float32, summed in float64), *statistics_spaces_only* "
+        "float64 without the BatchNorm-output blocks (what `permutation` collects: only dense "
+        "maps need them); *match*, "
         "*apply*, *average*, *repair* (BatchNorm reset): the stages of a CCA merge; "
-        "*npmerge_training*: NP Merge's coefficient training. The last two columns are "
-        "statistics / forward for each precision, in wall time / in the process's CPU time; "
+        "*npmerge_training*: NP Merge's coefficient training. The last three columns are "
+        "statistics / forward for each of the three passes, in wall time / in the process's "
+        "CPU time; "
         "the CPU-time ratio is the one to trust when other processes share the cores. The "
         "statistics pass includes tracing the models, a fixed cost that more samples amortise.",
         "",
@@ -234,6 +241,7 @@ def render_speed(document: Mapping[str, Any]) -> str:
                 *stage_names,
                 "f64 ratio (wall / CPU)",
                 "f32 ratio (wall / CPU)",
+                "spaces-only ratio (wall / CPU)",
             ],
             time_rows,
             True,

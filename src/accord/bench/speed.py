@@ -4,10 +4,11 @@ Each case (ResNet20 of one width, N randomly initialised models: speed does not 
 training) runs in a fresh process, so its memory peaks start from a clean slate:
 
 * the statistics pass (:func:`accord.collect_statistics`, with ``precision="float64"``, the
-  default, and ``"float32"``) against plain ``torch.no_grad`` forward passes of the same models
-  over the same batches (their ratio is the pass's overhead; it includes tracing the models,
-  a fixed cost that more samples amortise), in wall time and in CPU time of the process, the
-  fastest of ``repeats`` alternated runs;
+  default, with ``"float32"``, and in float64 without the BatchNorm-output blocks, as methods
+  whose maps are permutations collect it) against plain ``torch.no_grad`` forward passes of
+  the same models over the same batches (their ratio is the pass's overhead; it includes
+  tracing the models, a fixed cost that more samples amortise), in wall time and in CPU time
+  of the process, the fastest of ``repeats`` alternated runs;
 * one CCA merge reusing those statistics (stage times from ``MergeResult.report["timings"]``:
   ``match``, ``apply``, ``combine`` = averaging, ``repair`` = BatchNorm reset) and one NP Merge
   (its ``combine`` is the coefficient training);
@@ -47,8 +48,12 @@ from accord.errors import AccordError
 
 MIB = 1 << 20
 DEFAULT_SAMPLES = 1024
-# collect_statistics' precisions, each timed
-PRECISIONS = ("float64", "float32")
+# the collect_statistics variants timed, by name
+STATISTICS_PASSES: dict[str, dict[str, Any]] = {
+    "float64": {"precision": "float64"},
+    "float32": {"precision": "float32"},
+    "spaces_only": {"precision": "float64", "batchnorms": False},
+}
 
 
 @dataclass(frozen=True)
@@ -218,26 +223,26 @@ def _passes(
     sampler: MemorySampler,
     progress: bool,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], accord.Statistics]:
-    """Forward passes and statistics passes (float64 and float32 products), alternated
+    """Forward passes and the statistics passes of :data:`STATISTICS_PASSES`, alternated
     ``plan.repeats`` times; the float64 statistics are returned for the merge stages."""
     forward: list[dict[str, float]] = []
-    passes: dict[str, list[dict[str, float | None]]] = {p: [] for p in PRECISIONS}
+    passes: dict[str, list[dict[str, float | None]]] = {p: [] for p in STATISTICS_PASSES}
     for _ in range(plan.repeats):
         forward.append(forward_pass(models, batches, progress))
-        for precision in PRECISIONS:
+        for name, arguments in STATISTICS_PASSES.items():
             window: dict[str, float] = {}
             with _stopwatch(window):
                 stats = accord.collect_statistics(
-                    models, batches, spec, progress=progress, precision=precision
+                    models, batches, spec, progress=progress, **arguments
                 )
-            passes[precision].append(
+            passes[name].append(
                 {
                     "seconds": window["stop"] - window["start"],
                     "cpu_seconds": window["cpu"],
                     "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
                 }
             )
-            if precision == "float64":
+            if name == "float64":
                 kept = stats
     return _fastest(forward), {p: _fastest(r) for p, r in passes.items()}, kept
 
@@ -252,6 +257,7 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         stages: dict[str, dict[str, Any]] = {
             "statistics": statistics["float64"],
             "statistics_float32": statistics["float32"],
+            "statistics_spaces_only": statistics["spaces_only"],
         }
         common = {"spec": spec, "statistics": stats, "repair": "bn-reset"}
         start = time.perf_counter()
@@ -268,11 +274,11 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         "samples": plan.samples,
         "forward": forward,
         "statistics_over_forward": {
-            precision: {
+            name: {
                 "wall": timing["seconds"] / forward["seconds"],
                 "cpu": timing["cpu_seconds"] / forward["cpu_seconds"],
             }
-            for precision, timing in statistics.items()
+            for name, timing in statistics.items()
         },
         "stages": stages,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
