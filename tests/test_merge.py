@@ -247,3 +247,14 @@ def test_batchnorm_statistics_are_collected_only_for_dense_maps() -> None:
     assert cca.statistics is not None and cca.statistics.norms and cca.report["dense_spaces"]
     with pytest.raises(accord.MergeError, match="batchnorms=True"):
         accord.merge([model, other], data, "cca", statistics=permuted.statistics)
+
+
+def test_which_merges_need_batchnorm_statistics() -> None:
+    from accord.merge import needs_batchnorm_statistics
+
+    assert not needs_batchnorm_statistics("permutation", "fold")
+    assert not needs_batchnorm_statistics("weight_matching", "fold")
+    assert needs_batchnorm_statistics("cca", "fold")
+    assert needs_batchnorm_statistics("zipit", "fold")
+    assert needs_batchnorm_statistics("npmerge", "fold")  # its alignment is not known here
+    assert not needs_batchnorm_statistics("cca", "transform")

@@ -102,6 +102,16 @@ def test_save_checkpoint_refuses_existing_and_leaves_no_partial(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_checkpoints_of_different_data_are_refused_by_name(tmp_path: Path) -> None:
+    model = accord.build_model("mlp", width=4, depth=1, in_channels=1, image_size=4)
+    checkpoints = [
+        accord.Checkpoint(tmp_path / name, model, {"key": {"dataset": "digits", "limit": limit}})
+        for name, limit in (("small", 100), ("large", 200))
+    ]
+    with pytest.raises(accord.StoreError, match=r"one size limit.*small.*limit 100.*limit 200"):
+        accord.checkpoint_dataset(checkpoints)
+
+
 def test_ensemble_and_interpolation(digits) -> None:
     torch.manual_seed(0)
     models = [accord.build_model("mlp", in_channels=1, image_size=8, **TINY) for _ in range(2)]

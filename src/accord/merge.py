@@ -196,6 +196,14 @@ def batchnorm_targets(
             merged[f"{bn.norm}.bias"] = torch.einsum("i,ic->c", w, torch.stack(means)).to(dtype)
 
 
+def needs_batchnorm_statistics(method: str, batchnorm: str) -> bool:
+    """Whether a merge with alignment ``method`` under ``batchnorm`` may use the BatchNorm-output
+    statistics: only dense maps on the fold route do (NP Merge and unregistered names count as
+    possibly dense)."""
+    info = MATCHERS.get(method)
+    return batchnorm == "fold" and not (info is not None and info.permutations)
+
+
 def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
     if repair not in REPAIRS:
         raise MergeError(f"repair={repair!r}: choose one of {', '.join(REPAIRS)}")
@@ -292,7 +300,7 @@ def merge(
             reference=ref,
             pairs=pairs,
             progress=progress,
-            batchnorms=batchnorm == "fold" and not MATCHERS[method].permutations,
+            batchnorms=needs_batchnorm_statistics(method, batchnorm),
         )
         timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()

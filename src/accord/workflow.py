@@ -20,7 +20,7 @@ from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
 from accord.match import MATCHERS, matcher
-from accord.merge import MergeResult, choose_reference, merge
+from accord.merge import MergeResult, choose_reference, merge, needs_batchnorm_statistics
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, save_checkpoint
@@ -139,9 +139,6 @@ def _shared_statistics(
     if not any(needs_data(m) for m in methods):
         return None
     pairs = "all" if len(models) > 2 and "zipit" in methods else "reference"
-    dense = [
-        m for m in methods if needs_data(m) and not (m in MATCHERS and MATCHERS[m].permutations)
-    ]
     return collect_statistics(
         models,
         loader,
@@ -150,7 +147,9 @@ def _shared_statistics(
         reference=reference,
         pairs=pairs,
         progress=progress,
-        batchnorms=config.batchnorm == "fold" and bool(dense),
+        batchnorms=any(
+            needs_batchnorm_statistics(m, config.batchnorm) for m in methods if needs_data(m)
+        ),
     )
 
 
