@@ -117,6 +117,8 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
         "npmerge_training",
     }
     assert case["forward"]["seconds"] > 0 and case["forward"]["cpu_seconds"] > 0
+    assert document["config"]["device"] == document["machine"]["device"] == "cpu"
+    assert "peak_device_mib" not in case["forward"]  # measured on CUDA devices only
     assert case["statistics_over_forward"]["float64"]["cpu"] > 0
     assert case["statistics_over_forward"]["float32"]["cpu"] > 0
     assert case["statistics_over_forward"]["spaces_only"]["cpu"] > 0
@@ -137,6 +139,7 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     ratio = speed["cases"][0]["statistics_over_forward"]["float64"]
     assert f"| {ratio['wall']:.2f} / {ratio['cpu']:.2f} " in text
     assert "Covariance precision" in text
+    assert "device memory" not in text
 
 
 def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_path) -> None:

@@ -54,6 +54,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         command.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--device", default="cpu", help="torch device for training and merging")
+    s.add_argument("--device", default="cpu", help="torch device for the models and passes")
     q.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     m = kinds.add_parser("markdown", help="write BENCHMARKS.md from the results JSON")
     m.add_argument("--results", default=RESULTS, help="results folder [%(default)s]")
@@ -71,7 +72,8 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
-    document = run_speed(speed_plan(args.dataset, args.samples), args.out, progress=not args.quiet)
+    plan = speed_plan(args.dataset, args.samples, args.device)
+    document = run_speed(plan, args.out, progress=not args.quiet)
     print(f"speed: {document['seconds']:.0f} s; written to {args.out}/speed.json")
     return 0
 

@@ -191,7 +191,7 @@ def render_speed(document: Mapping[str, Any]) -> str:
         "repair",
         "npmerge_training",
     ]
-    time_rows, memory_rows = [], []
+    time_rows, memory_rows, device_rows = [], [], []
     for case in document["cases"]:
         label = f"{case['arch']} w{case['width']:g} N={case['models']}"
         stages = case["stages"]
@@ -208,6 +208,11 @@ def render_speed(document: Mapping[str, Any]) -> str:
             [label]
             + [_mib(stages[s]["peak_rss_mib"]) if s in stages else "-" for s in stage_names]
             + [_mib(case["process_peak_rss_mib"])]
+        )
+        device_rows.append(
+            [label]
+            + [_mib(case["forward"].get("peak_device_mib"))]
+            + [_mib(stages[s].get("peak_device_mib")) for s in stage_names[:3]]
         )
     config = document["config"]
     lines = [
@@ -252,6 +257,13 @@ def render_speed(document: Mapping[str, Any]) -> str:
         "",
         format_table(["case", *stage_names, "process peak"], memory_rows, True),
     ]
+    if any(row[1] != "-" for row in device_rows):
+        lines += [
+            "",
+            "Peak allocated device memory above the pass's start (MiB):",
+            "",
+            format_table(["case", "forward", *stage_names[:3]], device_rows, True),
+        ]
     lines += _precision(document["precision"])
     return "\n".join(lines)
 

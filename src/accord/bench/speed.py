@@ -15,6 +15,9 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
 * memory: resident set size (RSS) sampled every 2 ms in a thread; a stage's peak is the most
   RSS seen during it above the RSS when it started (stage boundaries inside a merge are
   reconstructed from the reported durations, so they are exact to the gaps between stages).
+  On a CUDA device (``--device cuda``) the models and batches live on it, every clock read
+  waits for its queued kernels, and each pass also reports its peak of allocated device
+  memory above what was allocated when it started (``peak_device_mib``).
 
 The precision check compares, on the same activations, accord's shifted one-pass covariances
 (float64 and float32 chunk products) with a naive float32 ``E[xxᵀ] − μμᵀ`` accumulated over the
@@ -77,10 +80,13 @@ class SpeedPlan:
     command: str
     repeats: int = 2
     isolate: bool = True
+    device: str = "cpu"
 
 
-def speed_plan(dataset: str | None = None, samples: int | None = None) -> SpeedPlan:
-    """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2."""
+def speed_plan(
+    dataset: str | None = None, samples: int | None = None, device: str = "cpu"
+) -> SpeedPlan:
+    """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2, on ``device``."""
     by_models = [SpeedCase("resnet20", 1, n) for n in (2, 4, 8)]
     by_width = [SpeedCase("resnet20", w, 2) for w in (2, 4)]
     return SpeedPlan(
@@ -89,7 +95,8 @@ def speed_plan(dataset: str | None = None, samples: int | None = None) -> SpeedP
         batch_size=256,
         cases=(*by_models, *by_width),
         ridge=0.1,
-        command="accord bench speed",
+        command="accord bench speed" + ("" if device == "cpu" else f" --device {device}"),
+        device=device,
     )
 
 
@@ -142,7 +149,7 @@ class MemorySampler:
         return max(0, max(during) - before[-1]) / MIB
 
 
-def _models(case: SpeedCase, data: accord.DataSplits) -> list[nn.Module]:
+def _models(case: SpeedCase, data: accord.DataSplits, device: str) -> list[nn.Module]:
     models = []
     for seed in range(case.models):
         torch.manual_seed(seed)
@@ -153,25 +160,43 @@ def _models(case: SpeedCase, data: accord.DataSplits) -> list[nn.Module]:
                 in_channels=data.in_channels,
                 image_size=data.image_size,
                 num_classes=data.num_classes,
-            ).eval()
+            )
+            .to(device)
+            .eval()
         )
     return models
 
 
 def _batches(plan: SpeedPlan, data: accord.DataSplits) -> list[tuple[torch.Tensor, torch.Tensor]]:
     images, labels = data.train[torch.arange(plan.samples)]
+    images, labels = images.to(plan.device), labels.to(plan.device)
     return list(zip(images.split(plan.batch_size), labels.split(plan.batch_size), strict=True))
 
 
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 @contextmanager
-def _stopwatch(into: dict[str, float]) -> Iterator[None]:
+def _stopwatch(into: dict[str, float], device: torch.device) -> Iterator[None]:
     """Wall-clock ``start``/``stop`` and ``cpu`` seconds of this process (all its threads):
-    CPU time hardly moves when other processes share the cores, wall time does."""
+    CPU time hardly moves when other processes share the cores, wall time does. On CUDA the
+    clocks are read once the device has run what was queued, and ``device_mib`` is the peak
+    of allocated device memory above the allocation at the start."""
+    cuda = _on_cuda(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated = torch.cuda.memory_allocated(device)
     wall, cpu = time.perf_counter(), time.process_time()
     into["start"] = wall
     yield
+    if cuda:
+        torch.cuda.synchronize(device)
     into["stop"] = time.perf_counter()
     into["cpu"] = time.process_time() - cpu
+    if cuda:
+        into["device_mib"] = (torch.cuda.max_memory_allocated(device) - allocated) / MIB
 
 
 @torch.no_grad()
@@ -182,11 +207,18 @@ def forward_pass(
     for model in models:  # warm-up: the first call allocates and picks kernels
         model(batches[0][0])
     clock: dict[str, float] = {}
-    with _stopwatch(clock):
+    with _stopwatch(clock, batches[0][0].device):
         for inputs, _ in tqdm(batches, desc="forward", leave=False, disable=not progress):
             for model in models:
                 model(inputs)
-    return {"seconds": clock["stop"] - clock["start"], "cpu_seconds": clock["cpu"]}
+    return _timing(clock)
+
+
+def _timing(clock: dict[str, float]) -> dict[str, float]:
+    timing = {"seconds": clock["stop"] - clock["start"], "cpu_seconds": clock["cpu"]}
+    if "device_mib" in clock:
+        timing["peak_device_mib"] = clock["device_mib"]
+    return timing
 
 
 def _merge_stages(
@@ -209,9 +241,10 @@ def _fastest(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "seconds": min(p["seconds"] for p in passes),
         "cpu_seconds": min(p["cpu_seconds"] for p in passes),
     }
-    peaks = [p["peak_rss_mib"] for p in passes if p.get("peak_rss_mib") is not None]
-    if peaks:
-        fastest["peak_rss_mib"] = max(peaks)
+    for peak in ("peak_rss_mib", "peak_device_mib"):
+        peaks = [p[peak] for p in passes if p.get(peak) is not None]
+        if peaks:
+            fastest[peak] = max(peaks)
     return {**fastest, "repeats": list(passes)}
 
 
@@ -231,17 +264,12 @@ def _passes(
         forward.append(forward_pass(models, batches, progress))
         for name, arguments in STATISTICS_PASSES.items():
             window: dict[str, float] = {}
-            with _stopwatch(window):
+            with _stopwatch(window, torch.device(plan.device)):
                 stats = accord.collect_statistics(
-                    models, batches, spec, progress=progress, **arguments
+                    models, batches, spec, device=plan.device, progress=progress, **arguments
                 )
-            passes[name].append(
-                {
-                    "seconds": window["stop"] - window["start"],
-                    "cpu_seconds": window["cpu"],
-                    "peak_rss_mib": sampler.peak_above(window["start"], window["stop"]),
-                }
-            )
+            peak = sampler.peak_above(window["start"], window["stop"])
+            passes[name].append({**_timing(window), "peak_rss_mib": peak})
             if name == "float64":
                 kept = stats
     return _fastest(forward), {p: _fastest(r) for p, r in passes.items()}, kept
@@ -250,7 +278,7 @@ def _passes(
 def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[str, Any]:
     """Time and measure every stage of one case (see the module docstring)."""
     data = accord.load_dataset(plan.dataset)
-    models, batches = _models(case, data), _batches(plan, data)
+    models, batches = _models(case, data, plan.device), _batches(plan, data)
     spec = accord.trace(models[0], batches[0][0][:2])
     with MemorySampler() as sampler:
         forward, statistics, stats = _passes(plan, models, batches, spec, sampler, progress)
@@ -259,7 +287,7 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
             "statistics_float32": statistics["float32"],
             "statistics_spaces_only": statistics["spaces_only"],
         }
-        common = {"spec": spec, "statistics": stats, "repair": "bn-reset"}
+        common = {"spec": spec, "statistics": stats, "repair": "bn-reset", "device": plan.device}
         start = time.perf_counter()
         cca = accord.merge(models, batches, "cca", **common, ridge=plan.ridge)
         names = {"match": "match", "apply": "apply", "combine": "average", "repair": "repair"}
@@ -326,7 +354,7 @@ def run_speed(
         "benchmark": "speed",
         "command": plan.command,
         "date": today(),
-        "machine": machine_info("cpu"),
+        "machine": machine_info(plan.device),
         "config": asdict(plan),
         "seconds": time.perf_counter() - start,
         "cases": cases,
