@@ -212,9 +212,25 @@ def test_npmerge_auto_starts_from_the_tuned_alignment() -> None:
     cca = accord.merge(models, data, "cca", **tuned)
     learned = accord.merge(models, data, "npmerge", epochs=0, **tuned)
     assert learned.report["options"]["ridge"] == cca.report["options"]["ridge"]
-    assert learned.report["tuning"] == cca.report["tuning"]
+    *alignment, own = learned.report["tuning"]
+    assert alignment == cca.report["tuning"] and own["options"] == {"epochs": 0}
     for key, value in cca.model.state_dict().items():
         assert torch.allclose(learned.model.state_dict()[key], value, atol=1e-6)
+
+
+def test_npmerge_auto_keeps_the_plain_average_when_training_hurts_validation() -> None:
+    """Calibration labels that contradict the validation split: the trained coefficients score
+    below their start there, so options="auto" returns the aligned average (epochs=0)."""
+    models, batches = _labelled_mlps(160)
+    validation = batches[3:]
+    wrong = [(inputs, (labels + 1) % 10) for inputs, labels in batches[:3]]
+    tuned = {"options": "auto", "validation": validation, "repair": "none"}
+    result = accord.merge(models, wrong, "npmerge", epochs=20, lr=0.5, **tuned)
+    trained, untrained = result.report["tuning"][-2:]
+    assert trained["options"] == {"epochs": 20} and untrained["options"] == {"epochs": 0}
+    assert trained["val_accuracy"] < untrained["val_accuracy"]
+    assert result.report["npmerge"]["options"]["epochs"] == 0
+    assert accord.evaluate(result.model, validation).accuracy == untrained["val_accuracy"]
 
 
 def test_folded_aligned_states_work_after_a_batchnorm_reset() -> None:

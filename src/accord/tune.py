@@ -90,9 +90,13 @@ def _npmerge_tuned(
     device: str,
     merge_arguments: dict[str, Any],
 ) -> Any:
-    """NP Merge from the alignment whose plain average scores best on ``validation``.
+    """NP Merge from the alignment whose plain average scores best on ``validation``, or that
+    plain average itself (``epochs=0``) when the trained coefficients score below it there.
 
-    Its own options (epochs, lr, ...) are not searched: each candidate would cost a training.
+    The training can end below its start (it fits the calibration examples, which may not be
+    the distribution the validation split comes from); ``epochs=0`` is the one cheap candidate
+    of NP Merge's own options, the others (lr, more epochs) would cost a training each. The
+    report's ``"tuning"`` lists the alignment's candidates, then both NP Merge candidates.
     """
     from accord.merge import NP_MERGE_OPTIONS, merge
 
@@ -103,16 +107,26 @@ def _npmerge_tuned(
     chosen = {name: aligned.report["options"][name] for name in TUNING_GRIDS.get(align, {})}
     rest.setdefault("statistics", aligned.statistics)
     rest.setdefault("spec", aligned.spec)
-    result = merge(
-        models,
-        data,
-        "npmerge",
-        validation=validation,
-        device=device,
-        align=align,
-        **rest,
-        **np_options,
-        **chosen,
-    )
-    result.report["tuning"] = aligned.report["tuning"]
+    epochs = np_options.pop("epochs", NP_MERGE_OPTIONS["epochs"])
+    best, trials = None, list(aligned.report["tuning"])
+    for candidate in dict.fromkeys((epochs, 0)):
+        result = merge(
+            models,
+            data,
+            "npmerge",
+            validation=validation,
+            device=device,
+            align=align,
+            **rest,
+            **np_options,
+            **chosen,
+            epochs=candidate,
+        )
+        score = evaluate(result.model, validation, device).accuracy
+        trials.append({"options": {"epochs": candidate}, "val_accuracy": score})
+        if best is None or score > best[0]:
+            best = (score, result)
+    assert best is not None  # the loop ran at least once
+    result = best[1]
+    result.report["tuning"] = trials
     return result
