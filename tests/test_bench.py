@@ -23,6 +23,7 @@ from accord.bench import (
     speed_plan,
 )
 from accord.bench.quality import ROW_LABELS, train_pool
+from accord.merge import NP_MERGE_OPTIONS
 
 MICRO = QualityPlan(
     name="quality-micro",
@@ -79,6 +80,8 @@ def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
         assert len(test["values"]) == 1 and test["mean"] == test["values"][0]
         assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
     assert configuration["options"]["cca"][0]["ridge"] > 0
+    [npmerge] = configuration["options"]["npmerge"]
+    assert npmerge["ridge"] > 0 and npmerge["epochs"] in (0, NP_MERGE_OPTIONS["epochs"])
     files = document["figures"]["pairs"]["mlp-w16-iid"]["files"]
     for name in [document["figures"]["accuracy"], *files.values()]:
         assert (results / "results" / name).read_bytes()[:4] == b"\x89PNG"
@@ -139,6 +142,7 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     ratio = speed["cases"][0]["statistics_over_forward"]["float64"]
     assert f"| {ratio['wall']:.2f} / {ratio['cpu']:.2f} " in text
     assert "Covariance precision" in text
+    assert "| NP Merge epochs kept (per set) " in text
     assert "device memory" not in text
 
 

@@ -21,7 +21,8 @@ reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (abo
 cores; trained models are cached in the model store), `accord bench speed`,
 `accord bench skill [--quick]`, then `accord bench markdown`. Accuracies are on the test
 split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
-alignment NP Merge starts from) is chosen on the validation split.
+alignment NP Merge starts from, whether NP Merge keeps its trained weights) is chosen on the
+validation split.
 
 Timings depend on what else runs on the cores: each section gives the machine and its load
 average, and the CPU time of the process next to the wall time where it matters. On a 2-core
@@ -107,6 +108,12 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
             rows.append([ROW_LABELS.get(name, name), *(_percent(cell(r, name)) for r in chosen)])
         ridges = ["/".join(f"{o['ridge']:g}" for o in r["options"].get("cca", [])) for r in chosen]
         rows.append(["CCA ridge chosen (per set)", *ridges])
+        epochs = [
+            "/".join(str(o["epochs"]) for o in r["options"].get("npmerge", []) if "epochs" in o)
+            for r in chosen
+        ]
+        if any(epochs):
+            rows.append(["NP Merge epochs kept (per set)", *epochs])
         lines += ["", f"### {panel[0]}, {panel[1]}", "", format_table(headers, rows, True)]
         lines += ["", "Best merge by mean test accuracy: " + "; ".join(map(_best, chosen)) + "."]
     return lines
@@ -155,11 +162,12 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
         "value is in the JSON). *base models* is the mean of the N merged models' own accuracies; "
         "the *ensemble* averages their logits (N times the cost). Every method aligns the models "
         "to model 0 and averages them (NP Merge: with weights learned per parameter on the "
-        "calibration examples, starting from the plain average), then resets BatchNorm "
-        "statistics (REPAIR for networks without BatchNorm). By default the BatchNorms of "
-        "spaces with dense maps (CCA, ZipIt!) are folded into their convolutions and given the "
-        "models' transformed statistics; the *BatchNorm transformed* row (N = 2) applies CCA's "
-        "maps to γ and β instead, as the reference code does.",
+        "calibration examples, starting from the plain average, which it keeps instead when the "
+        "learned weights score lower on the validation split: *epochs kept* 0), then resets "
+        "BatchNorm statistics (REPAIR for networks without BatchNorm). By default the "
+        "BatchNorms of spaces with dense maps (CCA, ZipIt!) are folded into their convolutions "
+        "and given the models' transformed statistics; the *BatchNorm transformed* row (N = 2) "
+        "applies CCA's maps to γ and β instead, as the reference code does.",
     ]
     lines += _quality_tables(document["results"])
     figures = document["figures"]

@@ -319,6 +319,14 @@ def figures_for(
     }
 
 
+def _chosen_options(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge's options; for NP Merge, its alignment's and the epochs it kept."""
+    options = dict(report.get("options", {}))
+    if "npmerge" in report:
+        options["epochs"] = report["npmerge"]["options"]["epochs"]
+    return options
+
+
 def _configuration(
     pools: Sequence[Sequence[accord.Checkpoint]],
     size: int,
@@ -328,7 +336,7 @@ def _configuration(
     extra: Mapping[str, Sequence[tuple[float, float]]],
 ) -> dict[str, Any]:
     options = {
-        m.method: [o.methods[k].result.report.get("options", {}) for o in outcomes]
+        m.method: [_chosen_options(o.methods[k].result.report) for o in outcomes]
         for k, m in enumerate(outcomes[0].methods)
     }
     return {
