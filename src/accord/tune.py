@@ -1,7 +1,8 @@
 """Hyper-parameters chosen on a validation split, reusing one statistics pass.
 
 Statistics do not depend on hyper-parameters, so they are collected once and every candidate
-is only matched, applied, repaired and evaluated. The test set is never looked at.
+is only matched, applied, repaired and evaluated (NP Merge's trained candidate also trains).
+The test set is never looked at.
 """
 
 from __future__ import annotations
