@@ -22,6 +22,7 @@ from accord.bench import (
     run_speed,
     speed_plan,
 )
+from accord.bench.markdown import render_speed
 from accord.bench.quality import ROW_LABELS, train_pool
 from accord.merge import NP_MERGE_OPTIONS
 
@@ -144,6 +145,19 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     assert "Covariance precision" in text
     assert "| NP Merge epochs kept (per set) " in text
     assert "device memory" not in text
+
+
+def test_speed_markdown_shows_device_memory_when_measured(results: Path) -> None:
+    """A run on a CUDA device (peak_device_mib per pass) gets its device-memory table."""
+    speed = json.loads((results / "results" / "speed.json").read_text())
+    [case] = speed["cases"]
+    case["forward"]["peak_device_mib"] = 12.0
+    passes = {"statistics": 34.0, "statistics_float32": 23.0, "statistics_spaces_only": 29.0}
+    for stage, mib in passes.items():
+        case["stages"][stage]["peak_device_mib"] = mib
+    table = render_speed(speed).split("Peak allocated device memory")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| resnet20 w0.25 N=2 "))
+    assert [cell.strip() for cell in row.strip("|").split("|")][1:] == ["12", "34", "23", "29"]
 
 
 def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_path) -> None:

@@ -109,7 +109,7 @@ def _npmerge_tuned(
     rest.setdefault("statistics", aligned.statistics)
     rest.setdefault("spec", aligned.spec)
     epochs = np_options.pop("epochs", NP_MERGE_OPTIONS["epochs"])
-    best, trials = None, list(aligned.report["tuning"])
+    runs = []
     for candidate in dict.fromkeys((epochs, 0)):
         result = merge(
             models,
@@ -123,11 +123,8 @@ def _npmerge_tuned(
             **chosen,
             epochs=candidate,
         )
-        score = evaluate(result.model, validation, device).accuracy
-        trials.append({"options": {"epochs": candidate}, "val_accuracy": score})
-        if best is None or score > best[0]:
-            best = (score, result)
-    assert best is not None  # the loop ran at least once
-    result = best[1]
-    result.report["tuning"] = trials
+        runs.append((evaluate(result.model, validation, device).accuracy, candidate, result))
+    own = [{"options": {"epochs": c}, "val_accuracy": score} for score, c, _ in runs]
+    result = max(runs, key=lambda run: run[0])[2]  # on a tie, the first: the trained one
+    result.report["tuning"] = [*aligned.report["tuning"], *own]
     return result

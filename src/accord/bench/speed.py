@@ -173,17 +173,13 @@ def _batches(plan: SpeedPlan, data: accord.DataSplits) -> list[tuple[torch.Tenso
     return list(zip(images.split(plan.batch_size), labels.split(plan.batch_size), strict=True))
 
 
-def _on_cuda(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available()
-
-
 @contextmanager
 def _stopwatch(into: dict[str, float], device: torch.device) -> Iterator[None]:
     """Wall-clock ``start``/``stop`` and ``cpu`` seconds of this process (all its threads):
     CPU time hardly moves when other processes share the cores, wall time does. On CUDA the
     clocks are read once the device has run what was queued, and ``device_mib`` is the peak
     of allocated device memory above the allocation at the start."""
-    cuda = _on_cuda(device)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
