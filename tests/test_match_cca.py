@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from accord.errors import MergeError
 from accord.match import match
-from accord.match.cca import cca_map, spd_roots
+from accord.match.cca import cca_map, spd_roots, tied_polar
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 from test_match import features, one_space, permuted_pair, space_statistics, states, statistics
@@ -159,3 +162,82 @@ def test_negative_ridge_is_rejected() -> None:
         match("cca", one_space(7), stats, states(2), ridge=-1)
     with pytest.raises(ValueError, match="absolute_ridge='x'"):
         match("cca", one_space(7), stats, states(2), absolute_ridge="x")
+
+
+@pytest.mark.parametrize("options", [{"ridge": 0}, {"absolute_ridge": 0.0}])
+def test_a_zero_ridge_is_rejected_with_the_remedy(options: dict) -> None:
+    name = next(iter(options))
+    with pytest.raises(MergeError, match=rf"{name}=0.*give {name} > 0"):
+        match("cca", one_space(7), random_pair(), states(2), **options)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_ridge_is_rejected(value: float) -> None:
+    with pytest.raises(MergeError, match="must be a finite number"):
+        match("cca", one_space(7), random_pair(), states(2), ridge=value)
+
+
+def test_a_blown_up_solve_names_the_space_and_the_remedy() -> None:
+    # Model 0 has two nearly duplicated features: with a negligible ridge its covariance is
+    # almost singular and the map's inverse explodes.
+    x = features(400, 5, 1)
+    x = torch.cat([x, x[:, :2] + 1e-9 * features(400, 2, 2)], dim=1)
+    stats = statistics({"h": [x, features(400, 7, 3)]})
+    with pytest.raises(MergeError, match=r"space 'h'.*ill-conditioned.*raise the ridge"):
+        match("cca", one_space(7), stats, states(2), absolute_ridge=1e-30)
+    match("cca", one_space(7), stats, states(2))  # the default ridge copes
+
+
+def test_tied_polar_resolves_only_the_undetermined_directions() -> None:
+    generator = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    singular = torch.tensor([1.0, 0.7, 0.2, 0.0, 0.0], dtype=torch.float64)
+    matrix = u @ torch.diag(singular) @ v.T
+    target, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    rotation, s = tied_polar(matrix, target)
+    torch.testing.assert_close(s, singular, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rotation.T @ rotation, torch.eye(5, dtype=torch.float64))
+    # the determined part is the polar factor's, untouched by the target
+    torch.testing.assert_close(rotation @ v[:, :3], u[:, :3])
+    # the undetermined part is the rotation between the null spaces closest to the target
+    u0, v0 = u[:, 3:], v[:, 3:]
+    a, _, bh = torch.linalg.svd(u0.T @ target @ v0)
+    torch.testing.assert_close(u0.T @ rotation @ v0, a @ bh)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    live=st.integers(2, 10),
+    dead=st.integers(0, 3),
+    duplicated=st.integers(0, 3),
+    weak=st.integers(0, 2),
+)
+def test_permuted_twins_with_degenerate_features_give_the_permutation(
+    seed: int, live: int, dead: int, duplicated: int, weak: int
+) -> None:
+    """Dead, duplicated and nearly constant features leave CCA's pairing undetermined; the
+    twin's permutation must still come back, within float32 rounding of the statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    x = features(6 * live + 60, live, seed)
+    rows = x.shape[0]
+    columns = [x]
+    columns.append(torch.zeros(rows, dead, dtype=torch.float64))
+    picks = torch.randint(0, live, (duplicated,), generator=generator)
+    columns.append(x[:, picks] * torch.rand(duplicated, generator=generator, dtype=torch.float64))
+    sparse = torch.zeros(rows, weak, dtype=torch.float64)
+    sparse[:3] = 1e-7 * torch.rand(3, weak, generator=generator, dtype=torch.float64)
+    columns.append(sparse)
+    x = torch.cat(columns, dim=1)
+    size = x.shape[1]
+    perm = torch.randperm(size, generator=generator)
+    # the twin's activations carry float32 rounding, as a model's forward pass does
+    y = x[:, perm].float().double()
+    transform = match("cca", one_space(size), statistics({"h": [x, y]}), states(2))
+    matrix = transform.transforms[1]["h"].matrix
+    expected = torch.zeros(size, size, dtype=torch.float64)
+    expected[torch.arange(size), torch.argsort(perm)] = 1.0
+    varying = torch.diagonal(statistics({"h": [x]}).spaces["h"].covariance(0, 0)) > 0
+    # constant features are paired one to one in some order; every other one is recovered
+    torch.testing.assert_close(matrix[varying], expected[varying], atol=1e-5, rtol=0)

@@ -20,6 +20,11 @@ from accord.spec import AxisRef, FeatureSpace, Spec
 StateDict = dict[str, torch.Tensor]
 
 
+# Maps solved from statistics of float32 activations carry their rounding (about sqrt(eps)
+# relative after a solve): a map this close to a permutation is that permutation.
+SNAP_TOLERANCE = torch.finfo(torch.float32).eps ** 0.5
+
+
 @dataclass(frozen=True)
 class Transform:
     """A change of coordinates of one space: ``matrix`` for writers, ``inverse`` for readers.
@@ -49,7 +54,7 @@ class Transform:
         matrix[torch.arange(size), permutation] = 1.0
         return cls(matrix, matrix.T.clone(), permutation)
 
-    def snapped(self, tol: float = 1e-6) -> Transform:
+    def snapped(self, tol: float = SNAP_TOLERANCE) -> Transform:
         """This map as an exact permutation when it is one to within ``tol``, else itself.
 
         Applied as a permutation, it moves per-feature parameters (BatchNorm, LayerNorm)

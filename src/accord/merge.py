@@ -101,7 +101,8 @@ def first_inputs(data: Any) -> torch.Tensor:
 
 
 def snap_permutations(alignment: Alignment) -> Alignment:
-    """The alignment with every map that is a permutation to within 1e-6 made exactly one.
+    """The alignment with every map that is a permutation to within float32 rounding made
+    exactly one (:meth:`Transform.snapped`).
 
     Dense methods return a permutation as a dense matrix when the features are permuted
     copies; applied as a permutation it needs no BatchNorm folding and stays exact.

@@ -78,11 +78,19 @@ def covariance(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tens
 
 def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
     """Pearson correlation of model i's features (rows) with model j's (columns), float64."""
-    cross = covariance(stats, i, j, space)
-    std_i = torch.diagonal(covariance(stats, i, i, space)).clamp_min(0).sqrt()
-    std_j = torch.diagonal(covariance(stats, j, j, space)).clamp_min(0).sqrt()
+    return correlation_of(
+        covariance(stats, i, i, space),
+        covariance(stats, j, j, space),
+        covariance(stats, i, j, space),
+    )
+
+
+def correlation_of(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
+    """The correlation matrix of x (rows) and y (columns) from their covariance blocks."""
+    std_x = torch.diagonal(sxx).clamp_min(0).sqrt()
+    std_y = torch.diagonal(syy).clamp_min(0).sqrt()
     # Dead features (zero variance) correlate with nothing rather than dividing by zero.
-    return cross / (std_i[:, None] * std_j[None, :]).clamp_min(1e-12)
+    return sxy / (std_x[:, None] * std_y[None, :]).clamp_min(1e-12)
 
 
 def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform]]:
@@ -128,9 +136,9 @@ def star_alignment(
 
 
 def check_option(name: str, value: Any, *, low: float, high: float = math.inf) -> None:
-    """MergeError unless ``value`` is a real number in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise MergeError(f"option {name}={value!r} must be a number")
+    """MergeError unless ``value`` is a finite real number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise MergeError(f"option {name}={value!r} must be a finite number")
     if not low <= value <= high:
         raise MergeError(f"option {name}={value!r} must lie in [{low}, {high}]")
 

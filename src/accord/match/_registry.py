@@ -36,7 +36,8 @@ class MatcherInfo:
 
     ``options`` are the defaults of its keyword-only options. ``permutations``: every map it
     returns is a permutation, so BatchNorms move with their channels exactly and the merge needs
-    no BatchNorm-output statistics.
+    no BatchNorm-output statistics. ``aligns``: it finds the maps between models (a permuted
+    copy of a model is brought back onto it); False for direct averaging.
     """
 
     name: str
@@ -45,13 +46,20 @@ class MatcherInfo:
     needs_data: bool
     options: dict[str, Any]
     permutations: bool = False
+    aligns: bool = True
 
 
 MATCHERS: dict[str, MatcherInfo] = {}
 
 
 def register(
-    name: str, *, paper: str, needs_data: bool, permutations: bool = False, **defaults: Any
+    name: str,
+    *,
+    paper: str,
+    needs_data: bool,
+    permutations: bool = False,
+    aligns: bool = True,
+    **defaults: Any,
 ) -> Callable[[Callable[..., Alignment]], Callable[..., Alignment]]:
     """Register a matcher as ``name`` with option defaults ``defaults``.
 
@@ -70,7 +78,7 @@ def register(
         if name in MATCHERS:
             raise TypeError(f"matcher {name!r} is registered twice")
         MATCHERS[name] = MatcherInfo(
-            name, function, paper, needs_data, dict(defaults), permutations
+            name, function, paper, needs_data, dict(defaults), permutations, aligns
         )
         return function
 

@@ -26,15 +26,18 @@ to activation matching, and the report says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from accord.apply import Transform
+from accord.apply import SNAP_TOLERANCE, Transform
+from accord.errors import MergeError
 from accord.match._common import (
     Matched,
+    assign,
     check_option,
     covariance,
     group_slices,
@@ -70,28 +73,84 @@ def ridges(
     return ridge * float(torch.trace(sxx)) / size, ridge * float(torch.trace(syy)) / size
 
 
+# Canonical correlations below this fraction of the largest cannot be told apart from the
+# rounding of float32 activations (about sqrt(eps) relative): the statistics do not determine
+# how such directions pair, so the pairing is resolved by another criterion (tied_polar).
+UNDETERMINED = SNAP_TOLERANCE
+
+
+def tied_polar(matrix: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(Q, S)``: the orthogonal polar factor ``Q = U Vᵀ`` of ``matrix = U S Vᵀ``, and S.
+
+    Q maximises ``trace(Qᵀ matrix)``; it is unique only where the singular values are clearly
+    above zero. In the undetermined part (singular values ≤ ``UNDETERMINED · s_max``: dead,
+    duplicated or linearly dependent features, whose pairing the SVD picks at random) every
+    ``U₁V₁ᵀ + U₀ R V₀ᵀ`` with R orthogonal is an equally good solution; R is chosen closest to
+    ``target`` (``R = polar(U₀ᵀ target V₀)``, minimising ``‖Q − target‖_F``).
+    """
+    u, s, vh = torch.linalg.svd(matrix)
+    undetermined = s <= UNDETERMINED * s[0] if s.numel() else s.bool()
+    if target is None or not bool(undetermined.any()):
+        return u @ vh, s
+    kept = ~undetermined
+    u0, v0 = u[:, undetermined], vh[undetermined].T
+    u_r, _, vh_r = torch.linalg.svd(u0.T @ target @ v0)
+    return u[:, kept] @ vh[kept] + u0 @ (u_r @ vh_r) @ v0.T, s
+
+
 def cca_map(
-    sxx: Tensor, syy: Tensor, sxy: Tensor, g_x: float, g_y: float
+    sxx: Tensor,
+    syy: Tensor,
+    sxy: Tensor,
+    g_x: float,
+    g_y: float,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(T, T⁻¹, S)`` of CCA Merge for one block; see the module docstring for the formulas.
 
-    The inverse is assembled from its own formula, never by inverting T.
+    ``target`` (a map of y's features into x's, e.g. the activation-matching permutation)
+    resolves the canonical pairs the statistics leave undetermined (:func:`tied_polar`): T is
+    then the CCA solution closest to it. The inverse is assembled from its own formula, never
+    by inverting T.
     """
     eye = torch.eye(sxx.shape[0], dtype=torch.float64)
     x_root, x_inverse_root = spd_roots(sxx + g_x * eye)
     y_root, y_inverse_root = spd_roots(syy + g_y * eye)
-    u, s, vh = torch.linalg.svd(x_inverse_root @ sxy @ y_inverse_root)
-    transform = x_root @ u @ vh @ y_inverse_root
-    inverse = y_root @ vh.T @ u.T @ x_inverse_root
+    # T = target ⇔ the rotation is x⁻½ · target · y½: the target in whitened coordinates.
+    whitened = None if target is None else x_inverse_root @ target @ y_root
+    rotation, s = tied_polar(x_inverse_root @ sxy @ y_inverse_root, whitened)
+    transform = x_root @ rotation @ y_inverse_root
+    inverse = y_root @ rotation.T @ x_inverse_root
     return transform, inverse, s
 
 
-def dead_features(sxx: Tensor, syy: Tensor, tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+def nearest_pairing(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
+    """``perm`` minimising ``Σ_c E[(x_c − y_perm[c])²]`` over centred features (Hungarian).
+
+    Unlike correlation it sees scale, so that features the data leaves ambiguous to CCA
+    (scaled duplicates, nearly constant features) still pair with their counterparts.
+    """
+    distance = torch.diagonal(sxx)[:, None] + torch.diagonal(syy)[None, :] - 2 * sxy
+    return assign(-distance)
+
+
+def matching_target(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
+    """:func:`nearest_pairing` as a (C, C) map of y's features into x's: the tie-break for
+    what CCA leaves undetermined."""
+    target = torch.zeros_like(sxy)
+    target[torch.arange(sxy.shape[0]), nearest_pairing(sxx, syy, sxy)] = 1.0
+    return target
+
+
+def dead_features(
+    sxx: Tensor, syy: Tensor, sxy: Tensor, tol: float = 1e-10
+) -> tuple[Tensor, Tensor]:
     """Index pairs ``(dead_x, dead_y)`` of features with (numerically) zero variance.
 
     Such features (ReLU units that never fire) carry no information for CCA, and a dense map
     would mix their pre-activation weights into live units, waking them. The ``k`` least
-    variable features of each side are paired in index order, ``k`` being the smaller count.
+    variable features of each side are paired by :func:`nearest_pairing`, ``k`` being the
+    smaller count.
     """
     var_x, var_y = torch.diagonal(sxx), torch.diagonal(syy)
     dead_x = torch.nonzero(var_x <= tol * var_x.max().clamp_min(1e-300)).flatten()
@@ -99,36 +158,71 @@ def dead_features(sxx: Tensor, syy: Tensor, tol: float = 1e-10) -> tuple[Tensor,
     count = min(dead_x.numel(), dead_y.numel())
     dead_x = dead_x[torch.argsort(var_x[dead_x], stable=True)[:count]].sort().values
     dead_y = dead_y[torch.argsort(var_y[dead_y], stable=True)[:count]].sort().values
-    return dead_x, dead_y
+    pairing = nearest_pairing(
+        sxx[dead_x][:, dead_x], syy[dead_y][:, dead_y], sxy[dead_x][:, dead_y]
+    )
+    return dead_x, dead_y[pairing]
 
 
 def cca_block(
     sxx: Tensor, syy: Tensor, sxy: Tensor, ridge: float, absolute_ridge: float | None
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """``(T, T⁻¹, S, dead)``: CCA on the live features, dead features paired one to one."""
-    dead_x, dead_y = dead_features(sxx, syy)
+    dead_x, dead_y = dead_features(sxx, syy, sxy)
     size = sxx.shape[0]
     keep = torch.ones(size, dtype=torch.bool)
     live_x, live_y = keep.clone(), keep.clone()
     live_x[dead_x], live_y[dead_y] = False, False
     lx, ly = torch.nonzero(live_x).flatten(), torch.nonzero(live_y).flatten()
-    block_xx, block_yy = sxx[lx][:, lx], syy[ly][:, ly]
-    g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
-    live, live_inverse, s = cca_map(block_xx, block_yy, sxy[lx][:, ly], g_x, g_y)
     transform = torch.zeros(size, size, dtype=torch.float64)
     inverse = torch.zeros(size, size, dtype=torch.float64)
-    transform[lx[:, None], ly[None, :]] = live
-    inverse[ly[:, None], lx[None, :]] = live_inverse
+    s = torch.zeros(0, dtype=torch.float64)
+    if lx.numel():
+        block_xx, block_yy, block_xy = sxx[lx][:, lx], syy[ly][:, ly], sxy[lx][:, ly]
+        g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
+        target = matching_target(block_xx, block_yy, block_xy)
+        live, live_inverse, s = cca_map(block_xx, block_yy, block_xy, g_x, g_y, target)
+        transform[lx[:, None], ly[None, :]] = live
+        inverse[ly[:, None], lx[None, :]] = live_inverse
     transform[dead_x, dead_y] = 1.0
     inverse[dead_y, dead_x] = 1.0
     return transform, inverse, s, int(dead_x.numel())
 
 
-def procrustes(sxy: Tensor) -> Tensor:
+def check_ridge(name: str, value: float) -> None:
+    """MergeError unless the ridge is a finite number above 0."""
+    check_option(name, value, low=0.0)
+    if value == 0:
+        raise MergeError(
+            f"option {name}=0 leaves singular covariances (dead or duplicated features) "
+            f"uninverted, which blows the map up; give {name} > 0, e.g. {name}=1e-3"
+        )
+
+
+# Beyond this condition number the float32 weights W·T⁻¹ lose every significant digit.
+LARGEST_CONDITION = 1 / torch.finfo(torch.float32).eps
+
+
+def check_conditioning(
+    space: str, transform: Tensor, ridge: float, absolute_ridge: float | None
+) -> None:
+    """MergeError when a block's map is non-finite or too ill-conditioned to apply in float32."""
+    singular = torch.linalg.svdvals(transform)
+    condition = float(singular[0] / singular[-1]) if bool(singular[-1] > 0) else math.inf
+    if not math.isfinite(condition) or condition > LARGEST_CONDITION:
+        given = f"ridge={ridge}" if absolute_ridge is None else f"absolute_ridge={absolute_ridge}"
+        raise MergeError(
+            f"space {space!r}: the CCA map is ill-conditioned (condition number {condition:.3g} "
+            f"with {given}), so applying it would blow the weights up; raise the ridge or use "
+            "options='auto' to choose it on validation"
+        )
+
+
+def procrustes(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
     """The orthogonal ``R = U Vᵀ`` (``Sxy = U S Vᵀ``) maximising ``trace(Rᵀ Sxy)``, i.e.
-    minimising ``E‖x − R y‖²`` over orthogonal R."""
-    u, _, vh = torch.linalg.svd(sxy)
-    return u @ vh
+    minimising ``E‖x − R y‖²`` over orthogonal R; what Sxy leaves undetermined goes to the
+    activation-matching permutation."""
+    return tied_polar(sxy, matching_target(sxx, syy, sxy))[0]
 
 
 def cca_match(
@@ -158,15 +252,16 @@ def cca_match(
         )
         dead += block_dead
         if space.maps == "orthogonal":
-            transform = procrustes(block_xy)
+            transform = procrustes(block_xx, block_yy, block_xy)
             inverse = transform.T
+        check_conditioning(space.name, transform, ridge, absolute_ridge)
         maps.append(transform)
         inverses.append(inverse)
         correlations.append(s)
     canonical = torch.cat(correlations).sort(descending=True).values
     scores = {
         "canonical_correlations": canonical.tolist(),
-        "mean_canonical_correlation": float(canonical.mean()),
+        "mean_canonical_correlation": float(canonical.mean()) if canonical.numel() else None,
     }
     result = Transform(torch.block_diag(*maps), torch.block_diag(*inverses))
     if space.maps == "orthogonal":
@@ -196,11 +291,11 @@ def match_cca(
 ) -> Alignment:
     """Align every model to the reference with CCA Merge (star).
 
-    ``ridge`` (r ≥ 0): scale-relative regulariser ``g = r·trace(S)/C`` per side; choose it on
-    a validation split. ``absolute_ridge`` (g ≥ 0): overrides it with one absolute g.
+    ``ridge`` (r > 0): scale-relative regulariser ``g = r·trace(S)/C`` per side; choose it on
+    a validation split. ``absolute_ridge`` (g > 0): overrides it with one absolute g.
     """
-    check_option("ridge", ridge, low=0.0)
+    check_ridge("ridge", ridge)
     if absolute_ridge is not None:
-        check_option("absolute_ridge", absolute_ridge, low=0.0)
+        check_ridge("absolute_ridge", absolute_ridge)
     align = partial(cca_match, ridge=ridge, absolute_ridge=absolute_ridge)
     return star_alignment(spec, statistics, len(states), reference, "cca", align)

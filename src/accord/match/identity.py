@@ -17,6 +17,7 @@ from accord.statistics import Statistics
     paper="direct weight averaging (no alignment)",
     needs_data=False,
     permutations=True,
+    aligns=False,
 )
 def match_identity(
     spec: Spec,
