@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
 from accord.transformers import (  # noqa: E402
     load_checkpoint,
@@ -20,6 +22,7 @@ from accord.transformers import (  # noqa: E402
     save_checkpoint,
 )
 from accord.transformers.cli import llm_merge_main  # noqa: E402
+from accord.transformers.config import validate_llm_merge_config  # noqa: E402
 from accord.transformers.merge import merge_checkpoints  # noqa: E402
 from accord.transformers.testing import tiny_model  # noqa: E402
 
@@ -267,3 +270,74 @@ output: {tmp_path / "merged"}
     err = capsys.readouterr().err
     assert "did you mean 'ties'" in err and "models[1].path" in err
     assert not (tmp_path / "merged").exists()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_llm_config() -> str:
+    """The YAML example of README.md's section "Transformers and LLMs"."""
+    section = README.read_text(encoding="utf-8").split("## Transformers and LLMs", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert block is not None, "README's Transformers section lost its YAML example"
+    return block.group(1)
+
+
+def test_readme_example_config_runs_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's config (no shard_size: the default is used) merges tiny models placed at
+    its paths; the aligned receiver is the base in other coordinates, so the result is the
+    TIES merge onto the base itself."""
+    base = tiny_model("llama", seed=0)
+    models = tmp_path / "models"
+    _save(base, models / "llama-base")
+    _save(_finetuned(base, 1), models / "llama-math")
+    _save(_finetuned(base, 2), models / "llama-code")
+    _save(random_symmetry(base, seed=3), models / "llama-other")
+    (tmp_path / "ties.yaml").write_text(_readme_llm_config(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert accord_main(["llm-merge", "ties.yaml", "--quiet"]) == 0
+    merged = _load(tmp_path / "merged" / "ties")
+    expected = _load(
+        merge_checkpoints(
+            [models / "llama-math", models / "llama-code"],
+            tmp_path / "expected",
+            method="ties",
+            base=models / "llama-base",
+            weights=[1.0, 0.5],
+            parameters={"density": 0.2, "scale": 1.0},
+        )
+    )
+    assert merged.keys() == expected.keys()
+    assert max(float((merged[k] - t).abs().max()) for k, t in expected.items()) < 1e-5
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "ties")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, 2_000_000_000),  # the default, "2GB"
+        ("2GB", 2_000_000_000),
+        ("500MB", 500_000_000),
+        ("1.5GiB", 1_610_612_736),
+        ("40KB", 40_000),
+        (123456, 123456),
+    ],
+)
+def test_shard_size_is_parsed_from_the_default_and_the_config(
+    family: dict[str, Path], tmp_path: Path, text: str | int | None, expected: int
+) -> None:
+    data = {"method": "linear", "models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    if text is not None:
+        data["shard_size"] = text
+    assert validate_llm_merge_config(data).shard_size == expected
+
+
+@pytest.mark.parametrize("text", ["2XB", "lots", "0", "-5", "1e9"])
+def test_bad_shard_size_names_the_key(family: dict[str, Path], tmp_path: Path, text: str) -> None:
+    data = {"method": "linear", "models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"shard_size: .*500MB"):
+        validate_llm_merge_config(data | {"shard_size": text})
+    with pytest.raises(ConfigError, match=r"shard_size: .*500MB"):
+        merge_checkpoints([family["ft1"]], tmp_path / "o", shard_size=text)

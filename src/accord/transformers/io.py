@@ -22,9 +22,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -166,6 +167,21 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     """Every tensor of a checkpoint in memory, and its config: ``(state, config)``."""
     checkpoint = open_checkpoint(directory)
     return {name: checkpoint.state[name] for name in checkpoint.state}, checkpoint.config
+
+
+_SIZE = TypeAdapter(Annotated[ByteSize, Field(gt=0)])
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from a positive integer or a size such as ``500MB``, ``2GB`` or ``1.5GiB`` (decimal
+    and binary units, read by pydantic's ByteSize); ValueError saying what is expected."""
+    expected = "expected a positive number of bytes or a size such as 500MB, 2GB or 1.5GiB"
+    if isinstance(value, bool):  # YAML's true/false, which ByteSize would read as 1 and 0 bytes
+        raise ValueError(f"{value!r} is not a size; {expected}")
+    try:
+        return int(_SIZE.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size; {expected}") from None
 
 
 def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:

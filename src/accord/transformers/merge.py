@@ -41,6 +41,7 @@ from accord.transformers.io import (
     TensorInfo,
     check_output,
     open_checkpoint,
+    parse_size,
     write_checkpoint,
 )
 from accord.transformers.symmetry import Symmetry, transform_tensor
@@ -164,7 +165,7 @@ def merge_checkpoints(
     parameters: dict[str, float] | None = None,
     align: bool = False,
     dtype: torch.dtype | None = None,
-    shard_size: int = 2**31,
+    shard_size: int | str = "2GB",
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
@@ -173,7 +174,8 @@ def merge_checkpoints(
 
     ``weights``: one per model (default 1); ``parameters``: ``t`` (slerp, default 0.5),
     ``scale`` (λ, default 1), ``density`` (TIES, default 0.2), ``drop_rate`` (DARE, default 0.9);
-    ``dtype``: of the output tensors (default: the receiver's); ``seed``: DARE's drops (each
+    ``dtype``: of the output tensors (default: the receiver's); ``shard_size``: bytes per
+    output shard, or a size such as ``500MB`` or ``1.5GiB``; ``seed``: DARE's drops (each
     tensor draws from a generator seeded by ``seed`` and its name, so results do not depend on
     the order of work); ``progress``: a tqdm bar over the tensors written.
     """
@@ -188,6 +190,10 @@ def merge_checkpoints(
     )
     if weights is not None and len(weights) != len(models):
         problems.append(f"weights: {len(weights)} given for {len(models)} models")
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        problems.append(f"shard_size: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
     check_output(output, overwrite)  # before the alignment, which can take minutes
@@ -209,7 +215,7 @@ def merge_checkpoints(
             inputs.receiver.config,
             infos,
             produce,
-            shard_size=shard_size,
+            shard_size=shard_bytes,
             overwrite=overwrite,
             on_tensor=lambda name: bar.update(1),
         )
