@@ -341,3 +341,37 @@ def test_bad_shard_size_names_the_key(family: dict[str, Path], tmp_path: Path, t
         validate_llm_merge_config(data | {"shard_size": text})
     with pytest.raises(ConfigError, match=r"shard_size: .*500MB"):
         merge_checkpoints([family["ft1"]], tmp_path / "o", shard_size=text)
+
+
+def test_dare_seed_changes_the_drops_and_not_the_shard_layout(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    def dare(seed: int, shard_size: int = 10**9) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"dare{len(list(tmp_path.iterdir()))}"
+        return _load(
+            merge_checkpoints(
+                [family["ft1"], family["ft2"]],
+                out,
+                method="dare",
+                base=family["base"],
+                parameters={"drop_rate": 0.5},
+                seed=seed,
+                shard_size=shard_size,
+            )
+        )
+
+    runs = {seed: dare(seed) for seed in (0, 1, 2)}
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        for name in runs[a]:
+            assert not torch.equal(runs[a][name], runs[b][name]), (a, b, name)
+    for repeat in (dare(1), dare(1, shard_size=10_000)):
+        assert all(torch.equal(t, runs[1][name]) for name, t in repeat.items())
+
+
+def test_seed_beyond_the_generator_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+    common = {"method": "dare", "base": family["base"], "seed": 2**32}
+    with pytest.raises(ConfigError, match="seed"):
+        merge_checkpoints([family["ft1"]], tmp_path / "o", **common)
+    data = {"models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match="seed"):
+        validate_llm_merge_config(data | common | {"base": str(family["base"])})

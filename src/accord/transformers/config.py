@@ -13,6 +13,7 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
     align: true                    # move the receiver into the base's coordinates first
     dtype: bfloat16                # optional; default: the receiver's
     shard_size: 2GB                # optional: bytes per shard (or 500MB, 1.5GiB, 1000000)
+    seed: 0                        # optional: DARE's random drops, 0 <= seed < 2**32
     output: merged/ties
 
 Paths are relative to the current directory.
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from accord.config import read_yaml_mapping
 from accord.errors import ConfigError
 from accord.transformers.io import parse_size
-from accord.transformers.merge import METHODS, check_merge
+from accord.transformers.merge import METHODS, SEED_LIMIT, check_merge
 
 
 class ModelEntry(BaseModel):
@@ -68,7 +69,7 @@ class LLMMergeConfig(BaseModel):
     shard_size: int = Field(
         "2GB", validate_default=True, description="bytes per shard: 500MB, 1.5GiB or a number"
     )
-    seed: int = Field(0, ge=0, description="seed of DARE's random drops")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random drops")
     output: str = Field(description="output directory (refused if it exists)")
     overwrite: bool = False
 

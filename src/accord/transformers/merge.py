@@ -78,6 +78,10 @@ _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+# torch's CPU generator (mt19937) keeps the low 32 bits of its seed.
+SEED_LIMIT = 2**32
+
+
 @dataclass(frozen=True)
 class _Inputs:
     models: list[Checkpoint]
@@ -175,9 +179,10 @@ def merge_checkpoints(
     ``weights``: one per model (default 1); ``parameters``: ``t`` (slerp, default 0.5),
     ``scale`` (λ, default 1), ``density`` (TIES, default 0.2), ``drop_rate`` (DARE, default 0.9);
     ``dtype``: of the output tensors (default: the receiver's); ``shard_size``: bytes per
-    output shard, or a size such as ``500MB`` or ``1.5GiB``; ``seed``: DARE's drops (each
-    tensor draws from a generator seeded by ``seed`` and its name, so results do not depend on
-    the order of work); ``progress``: a tqdm bar over the tensors written.
+    output shard, or a size such as ``500MB`` or ``1.5GiB``; ``seed``: DARE's drops,
+    ``0 <= seed < 2**32`` (each tensor draws from a generator seeded by ``seed`` and its name,
+    so results do not depend on the order of work or the shards); ``progress``: a tqdm bar over
+    the tensors written.
     """
     parameters = dict(parameters or {})
     problems = check_merge(
@@ -188,6 +193,8 @@ def merge_checkpoints(
         has_receiver=receiver is not None,
         align=align,
     )
+    if not 0 <= seed < SEED_LIMIT:
+        problems.append(f"seed: {seed} is out of range; expected 0 <= seed < 2**32")
     if weights is not None and len(weights) != len(models):
         problems.append(f"weights: {len(weights)} given for {len(models)} models")
     try:
@@ -268,7 +275,9 @@ def _combiner(
     scale = float(p.get("scale", 1.0))
 
     def generator(name: str) -> torch.Generator:
-        return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode("utf-8")))
+        # XOR keeps within the generator's 32 bits and, for one tensor, maps distinct seeds to
+        # distinct streams; the name's CRC makes each tensor's stream its own.
+        return torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode("utf-8")))
 
     table: dict[str, Combine] = {
         "linear": lambda name, ts: methods.linear(ts, weights),
