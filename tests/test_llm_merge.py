@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -375,3 +378,34 @@ def test_seed_beyond_the_generator_is_refused(family: dict[str, Path], tmp_path:
     data = {"models": [str(family["ft1"])], "output": str(tmp_path / "o")}
     with pytest.raises(ConfigError, match="seed"):
         validate_llm_merge_config(data | common | {"base": str(family["base"])})
+
+
+def test_outputs_are_byte_identical_across_processes(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two processes with different string hashing write the same bytes (the inputs have no
+    index, so tensor order comes from the shard headers)."""
+    assert not (family["base"] / "model.safetensors.index.json").exists()
+    config = _write_yaml(
+        tmp_path / "ta.yaml",
+        f"""
+method: task_arithmetic
+base: {family["base"]}
+models: [{family["ft1"]}]
+shard_size: 30KB
+output: merged
+""",
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        run = tmp_path / f"run{hash_seed}"
+        run.mkdir()
+        env = os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        command = [sys.executable, "-m", "accord.cli", "llm-merge", str(config), "--quiet"]
+        result = subprocess.run(
+            command, cwd=run, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append({p.name: p.read_bytes() for p in sorted((run / "merged").iterdir())})
+    assert "model.safetensors.index.json" in outputs[0]
+    assert outputs[0] == outputs[1]

@@ -132,7 +132,7 @@ def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
         raise ModelError(f"{index} is not a safetensors index (no 'weight_map'): {exc}") from exc
     files = {name: directory / shard for name, shard in weight_map.items()}
     for shard in sorted(set(files.values())):
-        held = _shard_keys(shard)
+        held = set(_shard_keys(shard))
         listed = [name for name, where in files.items() if where == shard]
         missing = [name for name in listed if name not in held]
         if missing:
@@ -153,12 +153,14 @@ def _scanned_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def _shard_keys(shard: Path) -> set[str]:
+def _shard_keys(shard: Path) -> list[str]:
+    """The tensor names of ``shard`` in name order: without an index they set the order of the
+    output tensors, which must not vary between runs."""
     if not shard.exists():
         raise ModelError(f"shard {shard} is missing; the checkpoint is incomplete")
     try:
         with safe_open(shard, framework="pt") as handle:
-            return set(handle.keys())
+            return sorted(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"shard {shard} cannot be read: {exc}") from exc
 

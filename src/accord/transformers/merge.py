@@ -182,7 +182,8 @@ def merge_checkpoints(
     output shard, or a size such as ``500MB`` or ``1.5GiB``; ``seed``: DARE's drops,
     ``0 <= seed < 2**32`` (each tensor draws from a generator seeded by ``seed`` and its name,
     so results do not depend on the order of work or the shards); ``progress``: a tqdm bar over
-    the tensors written.
+    the tensors written. The output's tensors are in the receiver's order (its index, or its
+    shards' names in order), so reruns write the same bytes.
     """
     parameters = dict(parameters or {})
     problems = check_merge(
