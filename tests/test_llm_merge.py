@@ -409,3 +409,15 @@ output: merged
         outputs.append({p.name: p.read_bytes() for p in sorted((run / "merged").iterdir())})
     assert "model.safetensors.index.json" in outputs[0]
     assert outputs[0] == outputs[1]
+
+
+def test_output_folder_follows_the_umask(family: dict[str, Path], tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        out = merge_checkpoints([family["ft1"]], tmp_path / "out", shard_size=30_000)
+        again = merge_checkpoints([family["ft1"]], out, overwrite=True)
+    finally:
+        os.umask(previous)
+    assert again == out
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +227,7 @@ def write_checkpoint(
     """
     target = check_output(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = _hidden_dir_beside(target, ".tmp")
     try:
         _write_shards(staging, infos, produce, shard_size, on_tensor)
         floating = [info.dtype for info in infos if info.dtype.is_floating_point]
@@ -294,13 +294,21 @@ def _check_produced(info: TensorInfo, tensor: Tensor) -> None:
         )
 
 
+def _hidden_dir_beside(target: Path, suffix: str) -> Path:
+    """A new empty directory ``.<target name>.<random><suffix>`` beside ``target``, made with the
+    umask's mode: tempfile.mkdtemp makes it 0700, which the output would keep once renamed."""
+    directory = target.parent / f".{target.name}.{secrets.token_hex(8)}{suffix}"
+    directory.mkdir()
+    return directory
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
     """Rename ``staging`` onto ``target``; an old ``target`` is moved aside first and removed
     only after the rename, so a crash between the two leaves one complete directory."""
     if not target.exists():
         os.replace(staging, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old = _hidden_dir_beside(target, ".old")
     os.replace(target, old / target.name)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
