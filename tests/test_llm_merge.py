@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
 from accord.transformers import (  # noqa: E402
     load_checkpoint,
@@ -20,6 +25,7 @@ from accord.transformers import (  # noqa: E402
     save_checkpoint,
 )
 from accord.transformers.cli import llm_merge_main  # noqa: E402
+from accord.transformers.config import validate_llm_merge_config  # noqa: E402
 from accord.transformers.merge import merge_checkpoints  # noqa: E402
 from accord.transformers.testing import tiny_model  # noqa: E402
 
@@ -267,3 +273,151 @@ output: {tmp_path / "merged"}
     err = capsys.readouterr().err
     assert "did you mean 'ties'" in err and "models[1].path" in err
     assert not (tmp_path / "merged").exists()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_llm_config() -> str:
+    """The YAML example of README.md's section "Transformers and LLMs"."""
+    section = README.read_text(encoding="utf-8").split("## Transformers and LLMs", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert block is not None, "README's Transformers section lost its YAML example"
+    return block.group(1)
+
+
+def test_readme_example_config_runs_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's config (no shard_size: the default is used) merges tiny models placed at
+    its paths; the aligned receiver is the base in other coordinates, so the result is the
+    TIES merge onto the base itself."""
+    base = tiny_model("llama", seed=0)
+    models = tmp_path / "models"
+    _save(base, models / "llama-base")
+    _save(_finetuned(base, 1), models / "llama-math")
+    _save(_finetuned(base, 2), models / "llama-code")
+    _save(random_symmetry(base, seed=3), models / "llama-other")
+    (tmp_path / "ties.yaml").write_text(_readme_llm_config(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert accord_main(["llm-merge", "ties.yaml", "--quiet"]) == 0
+    merged = _load(tmp_path / "merged" / "ties")
+    expected = _load(
+        merge_checkpoints(
+            [models / "llama-math", models / "llama-code"],
+            tmp_path / "expected",
+            method="ties",
+            base=models / "llama-base",
+            weights=[1.0, 0.5],
+            parameters={"density": 0.2, "scale": 1.0},
+        )
+    )
+    assert merged.keys() == expected.keys()
+    assert max(float((merged[k] - t).abs().max()) for k, t in expected.items()) < 1e-5
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "ties")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, 2_000_000_000),  # the default, "2GB"
+        ("2GB", 2_000_000_000),
+        ("500MB", 500_000_000),
+        ("1.5GiB", 1_610_612_736),
+        ("40KB", 40_000),
+        (123456, 123456),
+    ],
+)
+def test_shard_size_is_parsed_from_the_default_and_the_config(
+    family: dict[str, Path], tmp_path: Path, text: str | int | None, expected: int
+) -> None:
+    data = {"method": "linear", "models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    if text is not None:
+        data["shard_size"] = text
+    assert validate_llm_merge_config(data).shard_size == expected
+
+
+@pytest.mark.parametrize("text", ["2XB", "lots", "0", "-5", "1e9"])
+def test_bad_shard_size_names_the_key(family: dict[str, Path], tmp_path: Path, text: str) -> None:
+    data = {"method": "linear", "models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"shard_size: .*500MB"):
+        validate_llm_merge_config(data | {"shard_size": text})
+    with pytest.raises(ConfigError, match=r"shard_size: .*500MB"):
+        merge_checkpoints([family["ft1"]], tmp_path / "o", shard_size=text)
+
+
+def test_dare_seed_changes_the_drops_and_not_the_shard_layout(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    def dare(seed: int, shard_size: int = 10**9) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"dare{len(list(tmp_path.iterdir()))}"
+        return _load(
+            merge_checkpoints(
+                [family["ft1"], family["ft2"]],
+                out,
+                method="dare",
+                base=family["base"],
+                parameters={"drop_rate": 0.5},
+                seed=seed,
+                shard_size=shard_size,
+            )
+        )
+
+    runs = {seed: dare(seed) for seed in (0, 1, 2)}
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        for name in runs[a]:
+            assert not torch.equal(runs[a][name], runs[b][name]), (a, b, name)
+    for repeat in (dare(1), dare(1, shard_size=10_000)):
+        assert all(torch.equal(t, runs[1][name]) for name, t in repeat.items())
+
+
+def test_seed_beyond_the_generator_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+    common = {"method": "dare", "base": family["base"], "seed": 2**32}
+    with pytest.raises(ConfigError, match="seed"):
+        merge_checkpoints([family["ft1"]], tmp_path / "o", **common)
+    data = {"models": [str(family["ft1"])], "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match="seed"):
+        validate_llm_merge_config(data | common | {"base": str(family["base"])})
+
+
+def test_outputs_are_byte_identical_across_processes(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two processes with different string hashing write the same bytes (the inputs have no
+    index, so tensor order comes from the shard headers)."""
+    assert not (family["base"] / "model.safetensors.index.json").exists()
+    config = _write_yaml(
+        tmp_path / "ta.yaml",
+        f"""
+method: task_arithmetic
+base: {family["base"]}
+models: [{family["ft1"]}]
+shard_size: 30KB
+output: merged
+""",
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        run = tmp_path / f"run{hash_seed}"
+        run.mkdir()
+        env = os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        command = [sys.executable, "-m", "accord.cli", "llm-merge", str(config), "--quiet"]
+        result = subprocess.run(
+            command, cwd=run, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append({p.name: p.read_bytes() for p in sorted((run / "merged").iterdir())})
+    assert "model.safetensors.index.json" in outputs[0]
+    assert outputs[0] == outputs[1]
+
+
+def test_output_folder_follows_the_umask(family: dict[str, Path], tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        out = merge_checkpoints([family["ft1"]], tmp_path / "out", shard_size=30_000)
+        again = merge_checkpoints([family["ft1"]], out, overwrite=True)
+    finally:
+        os.umask(previous)
+    assert again == out
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}

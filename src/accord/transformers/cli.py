@@ -28,7 +28,7 @@ def run_llm_merge(config: LLMMergeConfig, progress: bool = True) -> str:
         parameters=config.parameters.model_dump(exclude_none=True),
         align=config.align,
         dtype=getattr(torch, config.dtype) if config.dtype else None,
-        shard_size=int(config.shard_size),
+        shard_size=config.shard_size,
         seed=config.seed,
         overwrite=config.overwrite,
         progress=progress,

@@ -12,6 +12,8 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
     receiver: models/llama-other   # optional: add the task vectors to this model instead
     align: true                    # move the receiver into the base's coordinates first
     dtype: bfloat16                # optional; default: the receiver's
+    shard_size: 2GB                # optional: bytes per shard (or 500MB, 1.5GiB, 1000000)
+    seed: 0                        # optional: DARE's random drops, 0 <= seed < 2**32
     output: merged/ties
 
 Paths are relative to the current directory.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from accord.config import read_yaml_mapping
 from accord.errors import ConfigError
-from accord.transformers.merge import METHODS, check_merge
+from accord.transformers.io import parse_size
+from accord.transformers.merge import METHODS, SEED_LIMIT, check_merge
 
 
 class ModelEntry(BaseModel):
@@ -64,8 +66,10 @@ class LLMMergeConfig(BaseModel):
     parameters: Parameters = Field(default_factory=Parameters)
     align: bool = Field(False, description="align the receiver to the base (weight matching)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    shard_size: int | str = Field("2GB", description="bytes per output shard, e.g. 500MB, 2GB")
-    seed: int = Field(0, ge=0, description="seed of DARE's random drops")
+    shard_size: int = Field(
+        "2GB", validate_default=True, description="bytes per shard: 500MB, 1.5GiB or a number"
+    )
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random drops")
     output: str = Field(description="output directory (refused if it exists)")
     overwrite: bool = False
 
@@ -76,31 +80,10 @@ class LLMMergeConfig(BaseModel):
             return [{"path": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("shard_size")
+    @field_validator("shard_size", mode="before")
     @classmethod
-    def _bytes(cls, value: int | str) -> int:
+    def _bytes(cls, value: Any) -> int:
         return parse_size(value)
-
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an integer or a string like ``500MB`` or ``2GiB``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"{value!r} is not a size; expected e.g. 2000000000, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def load_llm_merge_config(path: str | os.PathLike[str]) -> LLMMergeConfig:
@@ -132,7 +115,9 @@ def _describe(error: Any) -> str:
         model = {"parameters": Parameters, "models": ModelEntry}.get(loc[0], LLMMergeConfig)
         close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{key}: {error['msg']}{hint}"
+    # a validator's ValueError already says what is wrong; pydantic prefixes "Value error, "
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    return f"{key}: {message}{hint}"
 
 
 def _semantic_problems(config: LLMMergeConfig) -> list[str]:

@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -131,7 +132,7 @@ def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
         raise ModelError(f"{index} is not a safetensors index (no 'weight_map'): {exc}") from exc
     files = {name: directory / shard for name, shard in weight_map.items()}
     for shard in sorted(set(files.values())):
-        held = _shard_keys(shard)
+        held = set(_shard_keys(shard))
         listed = [name for name, where in files.items() if where == shard]
         missing = [name for name in listed if name not in held]
         if missing:
@@ -152,12 +153,14 @@ def _scanned_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def _shard_keys(shard: Path) -> set[str]:
+def _shard_keys(shard: Path) -> list[str]:
+    """The tensor names of ``shard`` in name order: without an index they set the order of the
+    output tensors, which must not vary between runs."""
     if not shard.exists():
         raise ModelError(f"shard {shard} is missing; the checkpoint is incomplete")
     try:
         with safe_open(shard, framework="pt") as handle:
-            return set(handle.keys())
+            return sorted(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"shard {shard} cannot be read: {exc}") from exc
 
@@ -166,6 +169,21 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     """Every tensor of a checkpoint in memory, and its config: ``(state, config)``."""
     checkpoint = open_checkpoint(directory)
     return {name: checkpoint.state[name] for name in checkpoint.state}, checkpoint.config
+
+
+_SIZE = TypeAdapter(Annotated[ByteSize, Field(gt=0)])
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from a positive integer or a size such as ``500MB``, ``2GB`` or ``1.5GiB`` (decimal
+    and binary units, read by pydantic's ByteSize); ValueError saying what is expected."""
+    expected = "expected a positive number of bytes or a size such as 500MB, 2GB or 1.5GiB"
+    if isinstance(value, bool):  # YAML's true/false, which ByteSize would read as 1 and 0 bytes
+        raise ValueError(f"{value!r} is not a size; {expected}")
+    try:
+        return int(_SIZE.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size; {expected}") from None
 
 
 def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
@@ -209,7 +227,7 @@ def write_checkpoint(
     """
     target = check_output(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = _hidden_dir_beside(target, ".tmp")
     try:
         _write_shards(staging, infos, produce, shard_size, on_tensor)
         floating = [info.dtype for info in infos if info.dtype.is_floating_point]
@@ -276,13 +294,21 @@ def _check_produced(info: TensorInfo, tensor: Tensor) -> None:
         )
 
 
+def _hidden_dir_beside(target: Path, suffix: str) -> Path:
+    """A new empty directory ``.<target name>.<random><suffix>`` beside ``target``, made with the
+    umask's mode: tempfile.mkdtemp makes it 0700, which the output would keep once renamed."""
+    directory = target.parent / f".{target.name}.{secrets.token_hex(8)}{suffix}"
+    directory.mkdir()
+    return directory
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
     """Rename ``staging`` onto ``target``; an old ``target`` is moved aside first and removed
     only after the rename, so a crash between the two leaves one complete directory."""
     if not target.exists():
         os.replace(staging, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old = _hidden_dir_beside(target, ".old")
     os.replace(target, old / target.name)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -41,6 +41,7 @@ from accord.transformers.io import (
     TensorInfo,
     check_output,
     open_checkpoint,
+    parse_size,
     write_checkpoint,
 )
 from accord.transformers.symmetry import Symmetry, transform_tensor
@@ -75,6 +76,10 @@ _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "t": (lambda v: 0 <= v <= 1, "0 <= t <= 1"),
     "scale": (lambda v: math.isfinite(v), "a finite number"),
 }
+
+
+# torch's CPU generator (mt19937) keeps the low 32 bits of its seed.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ def merge_checkpoints(
     parameters: dict[str, float] | None = None,
     align: bool = False,
     dtype: torch.dtype | None = None,
-    shard_size: int = 2**31,
+    shard_size: int | str = "2GB",
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
@@ -173,9 +178,12 @@ def merge_checkpoints(
 
     ``weights``: one per model (default 1); ``parameters``: ``t`` (slerp, default 0.5),
     ``scale`` (λ, default 1), ``density`` (TIES, default 0.2), ``drop_rate`` (DARE, default 0.9);
-    ``dtype``: of the output tensors (default: the receiver's); ``seed``: DARE's drops (each
-    tensor draws from a generator seeded by ``seed`` and its name, so results do not depend on
-    the order of work); ``progress``: a tqdm bar over the tensors written.
+    ``dtype``: of the output tensors (default: the receiver's); ``shard_size``: bytes per
+    output shard, or a size such as ``500MB`` or ``1.5GiB``; ``seed``: DARE's drops,
+    ``0 <= seed < 2**32`` (each tensor draws from a generator seeded by ``seed`` and its name,
+    so results do not depend on the order of work or the shards); ``progress``: a tqdm bar over
+    the tensors written. The output's tensors are in the receiver's order (its index, or its
+    shards' names in order), so reruns write the same bytes.
     """
     parameters = dict(parameters or {})
     problems = check_merge(
@@ -186,8 +194,14 @@ def merge_checkpoints(
         has_receiver=receiver is not None,
         align=align,
     )
+    if not 0 <= seed < SEED_LIMIT:
+        problems.append(f"seed: {seed} is out of range; expected 0 <= seed < 2**32")
     if weights is not None and len(weights) != len(models):
         problems.append(f"weights: {len(weights)} given for {len(models)} models")
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        problems.append(f"shard_size: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
     check_output(output, overwrite)  # before the alignment, which can take minutes
@@ -209,7 +223,7 @@ def merge_checkpoints(
             inputs.receiver.config,
             infos,
             produce,
-            shard_size=shard_size,
+            shard_size=shard_bytes,
             overwrite=overwrite,
             on_tensor=lambda name: bar.update(1),
         )
@@ -262,7 +276,9 @@ def _combiner(
     scale = float(p.get("scale", 1.0))
 
     def generator(name: str) -> torch.Generator:
-        return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode("utf-8")))
+        # XOR keeps within the generator's 32 bits and, for one tensor, maps distinct seeds to
+        # distinct streams; the name's CRC makes each tensor's stream its own.
+        return torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode("utf-8")))
 
     table: dict[str, Combine] = {
         "linear": lambda name, ts: methods.linear(ts, weights),
