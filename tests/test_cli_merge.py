@@ -70,3 +70,16 @@ def test_yaml_config_and_errors_name_the_key(stored: list[str], tmp_path: Path, 
     assert "repair" in capsys.readouterr().err
     assert main(["merge", *stored, "--method", "cac"]) == 2
     assert "did you mean 'cca'" in capsys.readouterr().err
+
+
+def test_an_output_of_null_is_refused_naming_the_key(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    for given in ("null", ""):
+        assert main(["merge", *stored, "--out", given, "--quiet"]) == 2
+        assert "output (--out)" in capsys.readouterr().err
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"models": stored, "method": "identity", "output": None}))
+    assert main(["merge", "--config", str(config), "--quiet"]) == 2
+    assert "names no folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [config]
