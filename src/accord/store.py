@@ -2,9 +2,10 @@
 
 A checkpoint is a directory holding ``model.safetensors`` and ``config.json``; the config's
 ``"model"`` entry is a zoo config (``build_model(**config["model"])``). Directories are
-written under a temporary name and renamed, so a reader never sees half a checkpoint. The
-store is a folder of checkpoints named by a digest of their training configuration, so the
-same configuration is never trained twice.
+written under a hidden staging name and renamed (:mod:`accord._outputs`), so a reader never
+sees half a checkpoint. The store is a folder of checkpoints named by a digest of their
+training configuration, so the same configuration is never trained twice; hidden folders in it
+are never models.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from accord._io import write_json
+from accord._outputs import write_folder
 from accord.errors import StoreError
 from accord.zoo import build_model, model_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_KIND = "checkpoint"  # the kind of output folder save_checkpoint writes
 
 
 @dataclass(frozen=True)
@@ -51,31 +52,27 @@ def save_checkpoint(
     info: dict[str, Any],
     *,
     overwrite: bool = False,
-    documents: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` and ``{"model": model_config(model), **info}`` to ``directory``, atomically.
 
-    ``documents`` (file name → JSON data, e.g. a merge report) are written beside them. An
-    existing directory is refused unless ``overwrite``; it is then replaced whole.
+    An existing directory is refused unless ``overwrite``; it is then replaced whole, and only
+    if accord wrote it as a checkpoint (see :func:`accord._outputs.check_output`).
     """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise StoreError(f"{target} already exists; choose another path or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS))
-        config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
-        write_json(staging / CONFIG, config)
-        for name, document in (documents or {}).items():
-            write_json(staging / name, document)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_folder(
+        directory,
+        CHECKPOINT_KIND,
+        lambda staging: write_checkpoint(model, staging, info),
+        overwrite=overwrite,
+    )
+
+
+def write_checkpoint(model: nn.Module, directory: Path, info: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into the existing folder ``directory``;
+    :func:`save_checkpoint` makes that folder appear at once."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
+    write_json(directory / CONFIG, config)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -159,11 +156,17 @@ def find_entry(path: Path, key: dict[str, Any]) -> Checkpoint | None:
 
 
 def list_checkpoints(store: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoint directories directly inside ``store``, sorted by name."""
+    """Checkpoint directories directly inside ``store``, sorted by name.
+
+    Hidden folders (a name starting with ``.``: staging folders of writers, running or killed)
+    are never models.
+    """
     root = Path(store)
     if not root.is_dir():
         raise StoreError(f"model store {root} does not exist; train models with `accord train`")
-    return sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+    return sorted(
+        p for p in root.iterdir() if not p.name.startswith(".") and (p / CONFIG).is_file()
+    )
 
 
 def checkpoint_dataset(
