@@ -1,7 +1,8 @@
 """Checkpoints (safetensors weights + a JSON config that rebuilds the model) and the model store.
 
 A checkpoint is a directory holding ``model.safetensors`` and ``config.json``; the config's
-``"model"`` entry is a zoo config (``build_model(**config["model"])``). Directories are
+``"model"`` entry is a zoo config (``build_model(**config["model"])``) and its
+``"weights_sha256"`` entry the digest of the weights file, checked on load. Directories are
 written under a hidden staging name and renamed (:mod:`accord._outputs`), so a reader never
 sees half a checkpoint. The store is a folder of checkpoints named by a digest of their
 training configuration, so the same configuration is never trained twice; hidden folders in it
@@ -31,6 +32,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "checkpoint"  # the kind of output folder save_checkpoint writes
+WEIGHTS_SHA256 = "weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,21 @@ def save_checkpoint(
 
 
 def write_checkpoint(model: nn.Module, directory: Path, info: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into the existing folder ``directory``;
-    :func:`save_checkpoint` makes that folder appear at once."""
+    """Write ``model.safetensors`` and ``config.json`` (with the weights' digest) into the
+    existing folder ``directory``; :func:`save_checkpoint` makes that folder appear at once."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS))
+    digest = _sha256(directory / WEIGHTS)
     config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
-    write_json(directory / CONFIG, config)
+    write_json(directory / CONFIG, {**config, WEIGHTS_SHA256: digest})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -93,21 +104,36 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> C
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it.
 
     Weights that do not match the config (missing, unexpected or misshapen tensors, a corrupt
-    file) raise StoreError naming the file and the first offending key.
+    file, bytes changed since they were written) raise StoreError naming the file and the first
+    offending key. Checkpoints written before accord recorded the weights' digest load
+    without that check.
     """
     path = Path(directory)
     config = read_config(path)
     model = build_model(**config["model"])
     weights = path / WEIGHTS
+    if not weights.is_file():
+        raise StoreError(f"{weights} does not exist; the checkpoint is incomplete")
     try:
         state = load_file(str(weights), device=str(device))
-    except FileNotFoundError as exc:
-        raise StoreError(f"{weights} does not exist; the checkpoint is incomplete") from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise StoreError(f"{weights} cannot be read ({exc}); the file is corrupt") from exc
-    _check_state(model, state, weights)
+    _check_state(model, state, weights)  # names the tensor at fault, so before the digest
+    _check_digest(weights, config.get(WEIGHTS_SHA256))
     model.load_state_dict(state)
     return Checkpoint(path, model.to(device).eval(), config)
+
+
+def _check_digest(weights: Path, recorded: str | None) -> None:
+    if recorded is None:
+        return
+    actual = _sha256(weights)
+    if actual != recorded:
+        raise StoreError(
+            f"{weights} has sha256 {actual[:16]}..., its config.json records {recorded[:16]}...: "
+            "the weights changed after accord wrote them (a damaged disk or copy, or an edit); "
+            f"restore the file from a backup, or delete {weights.parent} and train or merge again"
+        )
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
