@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_merge_all_methods_prints_one_table(stored: list[str], tmp_path: Path, c
     out = capsys.readouterr().out
     for row in ("base model 0", "ensemble of 2", "merge: identity", "merge: cca", "merge: npmerge"):
         assert row in out
+    # The folder of all methods is accord's output as a whole: a rerun may replace it.
+    assert main([*args, "--quiet", "--overwrite"]) == 0
 
 
 def test_yaml_config_and_errors_name_the_key(stored: list[str], tmp_path: Path, capsys) -> None:
@@ -70,3 +73,92 @@ def test_yaml_config_and_errors_name_the_key(stored: list[str], tmp_path: Path, 
     assert "repair" in capsys.readouterr().err
     assert main(["merge", *stored, "--method", "cac"]) == 2
     assert "did you mean 'cca'" in capsys.readouterr().err
+
+
+def test_overwrite_refuses_the_store_an_input_and_folders_accord_did_not_write(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    store = Path(stored[0]).parent
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    trained = tmp_path / "trained"
+    accord.save_checkpoint(accord.load_checkpoint(stored[0]).model, trained, {})
+    refused = {
+        store: "holds input model",
+        Path(stored[0]): "is input model",
+        Path(stored[0]) / "sub": "lies inside input model",
+        mine: "accord-output.json",
+        trained: "'checkpoint' folder, not a 'merge-output'",
+    }
+    before = {p: (p / "model.safetensors").read_bytes() for p in map(Path, stored)}
+    for out, reason in refused.items():
+        args = ["merge", *stored, "--method", "identity", "--out", str(out), "--overwrite"]
+        assert main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err and reason in err
+    assert {p: (p / "model.safetensors").read_bytes() for p in map(Path, stored)} == before
+    assert sorted(accord.list_checkpoints(store)) == sorted(map(Path, stored))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    accord.load_checkpoint(trained)
+    # An output accord wrote, once a file of the user's is in it, is refused too.
+    out = tmp_path / "merged"
+    args = ["merge", *stored, "--method", "identity", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    (out / "notes.txt").write_text("keep me")
+    assert main([*args, "--overwrite"]) == 2
+    assert "notes.txt was not written by accord" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_merge_keeps_the_old_output_whole(
+    stored: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "merged"
+    args = ["merge", *stored, "--method", "identity", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    # report.md is the last file written: everything before it must not be visible yet.
+    monkeypatch.setattr(accord.workflow, "write_merge_report", fail)
+    with pytest.raises(OSError, match="disk full"):
+        main([*args, "--method", "cca", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    with pytest.raises(OSError, match="disk full"):
+        main([*args, "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unwritable_output_fails_before_any_work(
+    stored: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the merge started before its output was checked")
+
+    monkeypatch.setattr(accord.workflow, "load_checkpoint", no_work)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "merged"
+    assert main(["merge", *stored, "--out", str(out), "--quiet"]) == 2
+    assert f"cannot write {out}" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["merge", *stored, "--out", str(locked / "merged"), "--quiet"]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_an_output_of_null_is_refused_naming_the_key(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    for given in ("null", ""):
+        assert main(["merge", *stored, "--out", given, "--quiet"]) == 2
+        assert "output (--out)" in capsys.readouterr().err
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"models": stored, "method": "identity", "output": None}))
+    assert main(["merge", "--config", str(config), "--quiet"]) == 2
+    assert "names no folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [config]

@@ -102,6 +102,25 @@ def test_save_checkpoint_refuses_existing_and_leaves_no_partial(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_altered_weights_are_refused_and_checkpoints_without_a_digest_still_load(
+    tmp_path: Path,
+) -> None:
+    accord.save_checkpoint(accord.build_model("mlp", **TINY), tmp_path / "m", {})
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # after the header: tensor bytes
+    assert len(data) - start > 3000
+    data[start + 1000 : start + 2000] = bytes(1000)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(accord.StoreError, match=r"model\.safetensors has sha256.*delete"):
+        accord.load_checkpoint(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["weights_sha256"]  # as written before accord recorded it
+    config_path.write_text(json.dumps(config))
+    accord.load_checkpoint(tmp_path / "m")
+
+
 def test_checkpoints_of_different_data_are_refused_by_name(tmp_path: Path) -> None:
     model = accord.build_model("mlp", width=4, depth=1, in_channels=1, image_size=4)
     checkpoints = [

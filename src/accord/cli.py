@@ -189,16 +189,22 @@ def _add_merge(sub: Any) -> None:
         if name in ("models", "options"):
             continue
         flag = "--out" if name == "output" else "--" + name.replace("_", "-")
+        # SUPPRESS: a flag not given leaves no attribute, so a given `null` (--out null,
+        # --samples null) still reaches the config, which decides what it means.
         if info.annotation is bool:
             p.add_argument(
-                flag, dest=name, action="store_true", default=None, help=info.description
+                flag,
+                dest=name,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=info.description,
             )
         else:
             p.add_argument(
                 flag,
                 dest=name,
                 type=yaml.safe_load,
-                default=None,
+                default=argparse.SUPPRESS,
                 help=f"{info.description or name} [{info.default}]",
             )
     p.add_argument(
@@ -217,7 +223,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     given = {
         name: getattr(args, name)
         for name in MergeConfig.model_fields
-        if getattr(args, name, None) is not None and name not in ("models", "options")
+        if hasattr(args, name) and name not in ("models", "options")
     }
     if args.models:
         given["models"] = args.models

@@ -42,8 +42,14 @@ class MergeConfig(BaseModel):
         10000, gt=0, description="training examples for statistics and repair (None: all)"
     )
     batch_size: int = Field(256, gt=0)
-    output: str | None = Field(None, description="output folder (refused if it exists)")
-    overwrite: bool = False
+    output: str | None = Field(
+        None,
+        description="output folder; an existing one is replaced with overwrite, and only when "
+        "accord wrote it (leave out to write nothing)",
+    )
+    overwrite: bool = Field(
+        False, description="replace an existing output that accord wrote (never anything else)"
+    )
     device: str = "cpu"
     data_dir: str | None = None
 
@@ -70,7 +76,16 @@ def load_merge_config(path: str | os.PathLike[str], **overrides: Any) -> MergeCo
 
 
 def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> MergeConfig:
-    """A :class:`MergeConfig` from plain data, or a ConfigError naming each bad key."""
+    """A :class:`MergeConfig` from plain data, or a ConfigError naming each bad key.
+
+    An ``output`` given but null or empty is an error: whoever wrote it expected a folder.
+    """
+    if "output" in data and (data["output"] is None or not str(data["output"]).strip()):
+        given = "null" if data["output"] is None else repr(data["output"])
+        raise ConfigError(
+            f"{where}: output (--out) is {given}, which names no folder, so nothing would be "
+            "written; give a folder, or leave output out to merge without writing"
+        )
     try:
         return MergeConfig(**data)
     except ValidationError as exc:

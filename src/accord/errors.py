@@ -24,6 +24,11 @@ class StoreError(AccordError, ValueError):
     """A model store entry is inconsistent (weights do not match its JSON, missing files)."""
 
 
+class OutputError(StoreError):
+    """An output folder cannot be written: it is accord's input, holds what accord did not
+    write, already exists without overwrite, or lies where nothing can be written."""
+
+
 class SpecError(AccordError, ValueError):
     """A feature-space spec does not describe the model, or breaks its function."""
 

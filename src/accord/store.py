@@ -1,10 +1,12 @@
 """Checkpoints (safetensors weights + a JSON config that rebuilds the model) and the model store.
 
 A checkpoint is a directory holding ``model.safetensors`` and ``config.json``; the config's
-``"model"`` entry is a zoo config (``build_model(**config["model"])``). Directories are
-written under a temporary name and renamed, so a reader never sees half a checkpoint. The
-store is a folder of checkpoints named by a digest of their training configuration, so the
-same configuration is never trained twice.
+``"model"`` entry is a zoo config (``build_model(**config["model"])``) and its
+``"weights_sha256"`` entry the digest of the weights file, checked on load. Directories are
+written under a hidden staging name and renamed (:mod:`accord._outputs`), so a reader never
+sees half a checkpoint. The store is a folder of checkpoints named by a digest of their
+training configuration, so the same configuration is never trained twice; hidden folders in it
+are never models.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from accord._io import write_json
+from accord._outputs import write_folder
 from accord.errors import StoreError
 from accord.zoo import build_model, model_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_KIND = "checkpoint"  # the kind of output folder save_checkpoint writes
+WEIGHTS_SHA256 = "weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -51,31 +54,36 @@ def save_checkpoint(
     info: dict[str, Any],
     *,
     overwrite: bool = False,
-    documents: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` and ``{"model": model_config(model), **info}`` to ``directory``, atomically.
 
-    ``documents`` (file name → JSON data, e.g. a merge report) are written beside them. An
-    existing directory is refused unless ``overwrite``; it is then replaced whole.
+    An existing directory is refused unless ``overwrite``; it is then replaced whole, and only
+    if accord wrote it as a checkpoint (see :func:`accord._outputs.check_output`).
     """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise StoreError(f"{target} already exists; choose another path or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS))
-        config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
-        write_json(staging / CONFIG, config)
-        for name, document in (documents or {}).items():
-            write_json(staging / name, document)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_folder(
+        directory,
+        CHECKPOINT_KIND,
+        lambda staging: write_checkpoint(model, staging, info),
+        overwrite=overwrite,
+    )
+
+
+def write_checkpoint(model: nn.Module, directory: Path, info: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (with the weights' digest) into the
+    existing folder ``directory``; :func:`save_checkpoint` makes that folder appear at once."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    digest = _sha256(directory / WEIGHTS)
+    config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
+    write_json(directory / CONFIG, {**config, WEIGHTS_SHA256: digest})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -96,21 +104,36 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> C
     """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it.
 
     Weights that do not match the config (missing, unexpected or misshapen tensors, a corrupt
-    file) raise StoreError naming the file and the first offending key.
+    file, bytes changed since they were written) raise StoreError naming the file and the first
+    offending key. Checkpoints written before accord recorded the weights' digest load
+    without that check.
     """
     path = Path(directory)
     config = read_config(path)
     model = build_model(**config["model"])
     weights = path / WEIGHTS
+    if not weights.is_file():
+        raise StoreError(f"{weights} does not exist; the checkpoint is incomplete")
     try:
         state = load_file(str(weights), device=str(device))
-    except FileNotFoundError as exc:
-        raise StoreError(f"{weights} does not exist; the checkpoint is incomplete") from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise StoreError(f"{weights} cannot be read ({exc}); the file is corrupt") from exc
-    _check_state(model, state, weights)
+    _check_state(model, state, weights)  # names the tensor at fault, so before the digest
+    _check_digest(weights, config.get(WEIGHTS_SHA256))
     model.load_state_dict(state)
     return Checkpoint(path, model.to(device).eval(), config)
+
+
+def _check_digest(weights: Path, recorded: str | None) -> None:
+    if recorded is None:
+        return
+    actual = _sha256(weights)
+    if actual != recorded:
+        raise StoreError(
+            f"{weights} has sha256 {actual[:16]}..., its config.json records {recorded[:16]}...: "
+            "the weights changed after accord wrote them (a damaged disk or copy, or an edit); "
+            f"restore the file from a backup, or delete {weights.parent} and train or merge again"
+        )
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
@@ -159,11 +182,17 @@ def find_entry(path: Path, key: dict[str, Any]) -> Checkpoint | None:
 
 
 def list_checkpoints(store: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoint directories directly inside ``store``, sorted by name."""
+    """Checkpoint directories directly inside ``store``, sorted by name.
+
+    Hidden folders (a name starting with ``.``: staging folders of writers, running or killed)
+    are never models.
+    """
     root = Path(store)
     if not root.is_dir():
         raise StoreError(f"model store {root} does not exist; train models with `accord train`")
-    return sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+    return sorted(
+        p for p in root.iterdir() if not p.name.startswith(".") and (p / CONFIG).is_file()
+    )
 
 
 def checkpoint_dataset(

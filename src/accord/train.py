@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord._outputs import check_output
 from accord.data import DataSplits, load_dataset, make_loader, split_indices
 from accord.evaluate import evaluate
-from accord.store import Checkpoint, find_entry, save_checkpoint, store_entry
+from accord.store import CHECKPOINT_KIND, Checkpoint, find_entry, save_checkpoint, store_entry
 from accord.zoo import build_model
 
 
@@ -120,7 +121,8 @@ def train_model_set(
     """Train (or reuse from ``store``) one model per seed; return their checkpoints in order.
 
     A model whose full configuration (architecture, data, split, part, seed, optimisation) is
-    already in the store is loaded, not trained again.
+    already in the store is loaded, not trained again. Each new model is staged and renamed into
+    the store whole; staging folders of killed runs are removed.
     """
     data = data or _data_for(request)
     parts = split_indices(
@@ -145,6 +147,7 @@ def train_model_set(
         path = store_entry(store, key, label)
         checkpoint = find_entry(path, key)
         if checkpoint is None:
+            check_output(path, CHECKPOINT_KIND, overwrite=False)  # an unwritable store fails now
             torch.manual_seed(seed)
             model = build_model(request.arch, **model_config)
             train_model(

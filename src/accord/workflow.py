@@ -2,7 +2,8 @@
 
 Loads the checkpoints and the dataset they were trained on, merges them with one method or
 all of them (one statistics pass shared by every data-driven method), evaluates on the
-validation and test splits, and writes each merged model as a checkpoint with a report.
+validation and test splits, and writes each merged model as a checkpoint with a report, the
+whole output folder at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from accord._io import write_json
+from accord._outputs import check_output, write_folder
 from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
@@ -23,11 +26,12 @@ from accord.match import MATCHERS, matcher
 from accord.merge import MergeResult, choose_reference, merge, needs_batchnorm_statistics
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
-from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, save_checkpoint
+from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
 from accord.trace import trace
 
 # The order of the comparison table: the baselines, then CCA Merge.
 ALL_METHODS = ("identity", "permutation", "weight_matching", "zipit", "ot", "cca", "npmerge")
+MERGE_OUTPUT = "merge-output"  # the kind of output folder accord merge writes and overwrites
 
 
 def needs_data(method: str) -> bool:
@@ -88,8 +92,8 @@ def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
 def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
     methods = _methods(config)
-    if config.output and Path(config.output).exists() and not config.overwrite:
-        raise ConfigError(f"output {config.output} exists; choose another or pass --overwrite")
+    if config.output:  # a bad output folder fails now, not after the merge
+        check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
     checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
     models: list[nn.Module] = [c.model for c in checkpoints]
     data = checkpoint_dataset(checkpoints, config.data_dir)
@@ -154,26 +158,38 @@ def _shared_statistics(
 
 
 def write_outcome(outcome: MergeOutcome, config: MergeConfig) -> None:
-    """Write each merged model (a checkpoint + report.json) under ``config.output``."""
-    root = Path(config.output or "")
-    several = len(outcome.methods) > 1
-    for method in outcome.methods:
-        target = root / method.method if several else root
-        report = _report(outcome, method, config)
-        info = {
-            "key": outcome.checkpoints[0].config.get("key", {}),
-            "merged_from": [str(c.path) for c in outcome.checkpoints],
-            "metrics": {"val_accuracy": method.val_accuracy, "test_accuracy": method.test_accuracy},
-        }
-        save_checkpoint(
-            method.result.model.cpu(),
-            target,
-            info,
-            overwrite=config.overwrite,
-            documents={"report.json": report},
-        )
-        figures = merge_figures(target, report, method.result.coefficients)
-        write_merge_report(target, report, figures)
+    """Write each merged model (a checkpoint, report.json, report.md and figures) under
+    ``config.output``, one subfolder per method when there are several; the folder appears
+    complete, in one rename."""
+
+    if not config.output:
+        raise ConfigError("output: no folder given, so there is nowhere to write the merge")
+
+    def fill(root: Path) -> None:
+        several = len(outcome.methods) > 1
+        for method in outcome.methods:
+            folder = root / method.method if several else root
+            folder.mkdir(exist_ok=True)
+            _write_method(folder, outcome, method, config)
+
+    write_folder(
+        config.output, MERGE_OUTPUT, fill, overwrite=config.overwrite, inputs=config.models
+    )
+
+
+def _write_method(
+    folder: Path, outcome: MergeOutcome, method: MethodOutcome, config: MergeConfig
+) -> None:
+    report = _report(outcome, method, config)
+    info = {
+        "key": outcome.checkpoints[0].config.get("key", {}),
+        "merged_from": [str(c.path) for c in outcome.checkpoints],
+        "metrics": {"val_accuracy": method.val_accuracy, "test_accuracy": method.test_accuracy},
+    }
+    write_checkpoint(method.result.model.cpu(), folder, info)
+    write_json(folder / "report.json", report)
+    figures = merge_figures(folder, report, method.result.coefficients)
+    write_merge_report(folder, report, figures)
 
 
 def _report(outcome: MergeOutcome, method: MethodOutcome, config: MergeConfig) -> dict[str, Any]:
