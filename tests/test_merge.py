@@ -274,3 +274,42 @@ def test_which_merges_need_batchnorm_statistics() -> None:
     assert needs_batchnorm_statistics("zipit", "fold")
     assert needs_batchnorm_statistics("npmerge", "fold")  # its alignment is not known here
     assert not needs_batchnorm_statistics("cca", "transform")
+
+
+def _resnets(count: int, width: float, data: list) -> list[nn.Module]:
+    models = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = accord.build_model("resnet20", width=width, in_channels=1, image_size=8)
+        models.append(accord.reset_batchnorm(model, data))
+    return models
+
+
+# 4 ResNet20s at width 1 are the merge that failed; the others cost a minute together
+@pytest.mark.parametrize(
+    ("count", "width"),
+    [(4, 1), (3, 0.5)]
+    + [
+        pytest.param(n, w, marks=pytest.mark.slow)
+        for n in (2, 3, 4, 5)
+        for w in (0.5, 1)
+        if (n, w) not in ((4, 1), (3, 0.5))
+    ],
+)
+def test_zipit_defaults_merge_any_number_of_resnets(count: int, width: float) -> None:
+    """Random-init ResNet20s: ZipIt!'s defaults (α = 0.3, β = 0.125) zip every space."""
+    data = _data(_model("resnet20"), samples=32)
+    models = _resnets(count, width, data)
+    result = accord.merge(models, data, method="zipit")
+    zipped = {n: r for n, r in result.report["spaces"].items() if r["method"] == "zipit"}
+    assert zipped
+    for name, report in zipped.items():
+        size = result.spec[name].size
+        merges = report["merges"]
+        assert merges["cross_model"] + merges["within_model"] == (count - 1) * size
+        for transforms in result.transforms:
+            # every feature of every model lies in exactly one of the `size` clusters
+            unmerge = transforms[name].inverse
+            assert torch.equal(unmerge.sum(1), torch.ones(size, dtype=torch.float64))
+    with torch.no_grad():
+        assert torch.isfinite(result.model(data[0][0])).all()
