@@ -162,3 +162,46 @@ def test_an_output_of_null_is_refused_naming_the_key(
     assert main(["merge", "--config", str(config), "--quiet"]) == 2
     assert "names no folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [config]
+
+
+def test_options_are_parsed_by_the_types_of_the_method_options(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "np"
+    options = ["align=permutation", "loss=kl", "epochs=0", "max_samples=null", "lr=1"]
+    args = ["merge", *stored, "--method", "npmerge", "--samples", "200", "--out", str(out)]
+    assert main([*args, *(f"--option={o}" for o in options), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["alignment"] == "permutation"
+    assert report["npmerge"]["options"] == {
+        "loss": "kl",
+        "scheme": "joint",
+        "epochs": 0,
+        "lr": 1.0,
+        "max_samples": None,
+    }
+    for option, message in (
+        ("ridge", "--option 'ridge': expected KEY=VALUE"),
+        ("rige=0.1", "has no option 'rige' (did you mean 'ridge'?)"),
+        ("ridge=abc", "--option ridge=abc: ridge takes a number (default 0.1)"),
+    ):
+        assert main(["merge", *stored, "--method", "cca", "--option", option]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--model-option" not in err
+
+
+def test_merging_two_architectures_names_their_classes(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    request = accord.ModelSetRequest(
+        arch="vgg11",
+        dataset="digits",
+        seeds=(0,),
+        model={"width": 0.0625},
+        train=accord.TrainConfig(epochs=1, batch_size=64),
+        limit=200,
+    )
+    (vgg,) = accord.train_model_set(request, tmp_path / "store", progress=False)
+    assert main(["merge", stored[0], str(vgg.path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"model 1 ({vgg.path}) is a VGG11, model 0 ({stored[0]}) a MLP" in err

@@ -202,6 +202,27 @@ def test_failure_mid_write_leaves_no_output(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_non_finite_inputs_and_outputs_name_the_file_and_tensor(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    state, config = load_checkpoint(family["ft1"])
+    state["model.norm.weight"][3] = float("nan")
+    broken = save_checkpoint(tmp_path / "broken", state, config)
+    with pytest.raises(ModelError, match=r"broken: tensor 'model\.norm\.weight' has 1 NaN among"):
+        merge_checkpoints([family["ft2"], broken], tmp_path / "out")
+    # finite task vectors scaled past float16's range
+    with pytest.raises(ModelError, match=r"merged tensor '.*' has \d+ inf among .* torch\.float16"):
+        merge_checkpoints(
+            [family["ft1"]],
+            tmp_path / "out",
+            method="task_arithmetic",
+            base=family["base"],
+            parameters={"scale": 1e8},
+            dtype=torch.float16,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
 def test_existing_output_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(ModelError, match="already exists"):

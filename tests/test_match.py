@@ -341,6 +341,49 @@ def test_zipit_three_models_need_all_pairs() -> None:
         assert torch.equal(alignment.transforms[i]["h"].permutation, torch.argsort(p))
 
 
+def test_zipit_relaxes_its_limits_when_no_allowed_pair_is_left() -> None:
+    """α = β = 0, three models of two features (0 1 | 2 3 | 4 5): the three best pairs leave
+    {0, 2}, {1, 4} and {3, 5}, every two of which share a model; one merge past the limits,
+    the best by the unlimited scores, reaches two clusters."""
+    from accord.match.zipit import zip_features
+
+    scores = torch.full((6, 6), 0.1, dtype=torch.float64)
+    pairs = {(0, 2): 0.9, (1, 4): 0.8, (3, 5): 0.7, (1, 3): 0.6, (1, 5): 0.6, (3, 4): 0.6}
+    for (a, b), score in {**pairs, (4, 5): 0.6}.items():
+        scores[a, b] = scores[b, a] = score
+    zipped = zip_features(scores, num_models=3, alpha=0.0, beta=0.0)
+    assert zipped.merges == {"cross_model": 4, "within_model": 0, "repeated": 1, "relaxed": 1}
+    assert zipped.clusters == [[0, 2], [1, 3, 4, 5]]
+    assert zipped.merge_scores == [0.9, 0.8, 0.7, 0.6]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_models=st.integers(2, 5),
+    size=st.integers(2, 24),
+    alpha=st.sampled_from([0.0, 0.1, 0.3, 1.0]),
+    beta=st.sampled_from([0.0, 0.125, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_zipit_always_zips_to_the_models_width(
+    num_models: int, size: int, alpha: float, beta: float, seed: int
+) -> None:
+    """Correlations of N models whose features are noisy mixtures of shared latents."""
+    from accord.match.zipit import zip_features
+
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(200, size, generator=generator, dtype=torch.float64)
+    blocks = [
+        torch.relu(latent @ torch.randn(size, size, generator=generator, dtype=torch.float64))
+        + torch.randn(200, size, generator=generator, dtype=torch.float64)
+        for _ in range(num_models)
+    ]
+    scores = torch.corrcoef(torch.cat(blocks, dim=1).T)
+    zipped = zip_features(scores, num_models, alpha, beta)
+    assert len(zipped.clusters) == size
+    assert sorted(f for c in zipped.clusters for f in c) == list(range(num_models * size))
+
+
 # ---- weight matching -----------------------------------------------------------------------
 
 

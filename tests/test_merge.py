@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import accord
+from accord.combine.average import average_states
 from accord.merge import check_compatible
 
 METHODS = ("permutation", "weight_matching", "zipit", "ot", "cca")
@@ -274,3 +276,184 @@ def test_which_merges_need_batchnorm_statistics() -> None:
     assert needs_batchnorm_statistics("zipit", "fold")
     assert needs_batchnorm_statistics("npmerge", "fold")  # its alignment is not known here
     assert not needs_batchnorm_statistics("cca", "transform")
+
+
+def _with_value(model: nn.Module, key: str, value: float) -> nn.Module:
+    broken = copy.deepcopy(model)
+    broken.state_dict()[key].view(-1)[0] = value
+    return broken
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["identity", "weight_matching", "cca", "npmerge"])
+def test_non_finite_weights_are_refused_naming_model_and_tensor(method: str, value: float) -> None:
+    model = _model("mlp")
+    data = _data(model)
+    broken = _with_value(model, "layers.3.weight", value)
+    kind = "NaN" if math.isnan(value) else "inf"
+    with pytest.raises(
+        accord.MergeError, match=rf"model 1: tensor 'layers\.3\.weight' has 1 {kind}"
+    ):
+        accord.merge([model, broken], data, method=method)
+
+
+def _register_maps(monkeypatch: pytest.MonkeyPatch, entry: float) -> None:
+    """A matcher "broken_maps" whose map of space ``layers.1`` for model 1 has one ``entry``."""
+    from accord.match import MATCHERS, Alignment, MatcherInfo
+    from accord.match._common import identity_transforms
+
+    def broken(spec, statistics, states, reference):  # type: ignore[no-untyped-def]
+        transforms = identity_transforms(spec, len(states))
+        matrix = torch.eye(spec["layers.1"].size, dtype=torch.float64)
+        matrix[0, 1] = entry
+        transforms[1]["layers.1"] = accord.Transform(matrix, matrix.clone())
+        report = {"layers.1": {"method": "broken_maps", "notes": [], "models": {}}}
+        return Alignment(transforms, report)
+
+    monkeypatch.setitem(
+        MATCHERS,
+        "broken_maps",
+        MatcherInfo("broken_maps", broken, "-", needs_data=False, options={}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (float("nan"), r"broken_maps map of space 'layers\.1' for model 1 has 1 NaN among 576"),
+        (1e300, r"model 1 aligned to the reference: tensor 'layers\.\d\.weight' has \d+ inf"),
+    ],
+    ids=["nan-map", "huge-map"],
+)
+def test_a_merge_that_turns_non_finite_names_the_tensor_and_the_stage(
+    monkeypatch: pytest.MonkeyPatch, entry: float, message: str
+) -> None:
+    _register_maps(monkeypatch, entry)
+    model = _model("mlp")
+    data = _data(model)
+    torch.manual_seed(1)
+    other = accord.build_model("mlp", **ARCHITECTURES["mlp"])
+    with pytest.raises(accord.MergeError, match=message):
+        accord.merge([model, other], data, method="broken_maps", repair="none")
+
+
+def test_a_repair_that_overflows_is_an_error_naming_the_tensor() -> None:
+    model = _model("vgg11-bn")
+    # finite inputs whose squares overflow float32: the BatchNorm reset's running variances
+    huge = [(inputs * 1e30, labels) for inputs, labels in _data(model)]
+    with pytest.raises(
+        accord.MergeError, match=r"after the repair \('bn-reset'\): tensor '.*running_var' has"
+    ):
+        accord.merge([model, copy.deepcopy(model)], huge, method="identity", repair="bn-reset")
+
+
+def test_non_finite_statistics_are_refused_naming_the_space() -> None:
+    model = _model("mlp")
+    data = _data(model)
+    spec = accord.trace(model, data[0][0][:2])
+    twin = accord.randomly_permuted(model, spec, seed=2)
+    # activations near 1e19 are finite, their float32 products are not
+    huge = [(inputs * 1e19, labels) for inputs, labels in data]
+    with pytest.raises(accord.StatisticsError, match=r"space 'layers\.1': Cov\(model 0, model 0\)"):
+        accord.collect_statistics([model, twin], huge, spec, progress=False, precision="float32")
+    stats = accord.collect_statistics([model, twin], data, spec, progress=False)
+    stats.spaces["layers.3"].blocks[(0, 1)][2, 2] = float("nan")
+    with pytest.raises(accord.MergeError, match=r"statistics of space 'layers\.3' are not finite"):
+        accord.merge([model, twin], data, "cca", spec=spec, statistics=stats)
+
+
+@pytest.mark.parametrize("method", ["identity", "cca"])
+def test_models_of_two_dtypes_are_refused_naming_both(method: str) -> None:
+    model = _model("mlp")
+    double = copy.deepcopy(model).double()
+    with pytest.raises(
+        accord.MergeError,
+        match=r"'layers\.1\.weight' is torch\.float64 in model 1 but torch\.float32",
+    ):
+        accord.merge([model, double], _data(model), method=method)
+
+
+def test_data_of_another_dtype_than_the_models_is_refused() -> None:
+    models = [copy.deepcopy(_model("mlp")).double() for _ in range(2)]
+    data = _data(models[0])
+    with pytest.raises(
+        accord.MergeError,
+        match=r"data gives torch\.float32 inputs but the models' parameters are torch\.float64",
+    ):
+        accord.merge(models, data, method="cca")
+    double = [(inputs.double(), labels) for inputs, labels in data]
+    result = accord.merge(models, double, method="cca")
+    assert _relative_difference(models[0], result.model, double[0][0]) <= 1e-6
+
+
+def test_dense_maps_on_batchnorm_spaces_without_repair_keep_identity_batchnorms() -> None:
+    """repair="none": each folded BatchNorm is the identity plus the merged shift, the merged
+    weights are the average of the aligned ones, and no BatchNorm statistics are collected."""
+    model = _model("vgg11-bn")
+    data = _data(model)
+    torch.manual_seed(1)
+    other = accord.reset_batchnorm(accord.build_model("vgg11", **ARCHITECTURES["vgg11-bn"]), data)
+    result = accord.merge([model, other], data, "cca", repair="none")
+    assert result.report["dense_spaces"] and result.statistics is not None
+    assert result.statistics.norms == {}
+    merged = result.model.state_dict()
+    average = average_states(result.aligned)
+    assert all(torch.equal(merged[k], v) for k, v in average.items())
+    norms = [
+        bn.norm for name in result.report["dense_spaces"] for bn in result.spec[name].batchnorms
+    ]
+    assert norms
+    for norm in norms:
+        eps = dict(result.model.named_modules())[norm].eps
+        assert torch.equal(merged[f"{norm}.weight"], torch.ones_like(merged[f"{norm}.weight"]))
+        assert torch.equal(merged[f"{norm}.running_mean"], torch.zeros_like(merged[f"{norm}.bias"]))
+        assert torch.equal(
+            merged[f"{norm}.running_var"], torch.full_like(merged[f"{norm}.bias"], 1 - eps)
+        )
+    # the reference, aligned by identity maps with its BatchNorms folded, is itself
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(result.aligned[0])
+    assert _relative_difference(model, reference, data[0][0]) < 1e-5
+    spec = accord.trace(model, data[0][0][:2])
+    twin = accord.randomly_permuted(model, spec, seed=3)
+    recovered = accord.merge([model, twin], data, "cca", spec=spec, repair="none")
+    assert _relative_difference(model, recovered.model, data[0][0]) <= 1e-4
+
+
+def _resnets(count: int, width: float, data: list) -> list[nn.Module]:
+    models = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = accord.build_model("resnet20", width=width, in_channels=1, image_size=8)
+        models.append(accord.reset_batchnorm(model, data))
+    return models
+
+
+# 4 ResNet20s at width 1 are the merge that failed; the others cost a minute together
+@pytest.mark.parametrize(
+    ("count", "width"),
+    [(4, 1), (3, 0.5)]
+    + [
+        pytest.param(n, w, marks=pytest.mark.slow)
+        for n in (2, 3, 4, 5)
+        for w in (0.5, 1)
+        if (n, w) not in ((4, 1), (3, 0.5))
+    ],
+)
+def test_zipit_defaults_merge_any_number_of_resnets(count: int, width: float) -> None:
+    """Random-init ResNet20s: ZipIt!'s defaults (α = 0.3, β = 0.125) zip every space."""
+    data = _data(_model("resnet20"), samples=32)
+    models = _resnets(count, width, data)
+    result = accord.merge(models, data, method="zipit")
+    zipped = {n: r for n, r in result.report["spaces"].items() if r["method"] == "zipit"}
+    assert zipped
+    for name, report in zipped.items():
+        size = result.spec[name].size
+        merges = report["merges"]
+        assert merges["cross_model"] + merges["within_model"] == (count - 1) * size
+        for transforms in result.transforms:
+            # every feature of every model lies in exactly one of the `size` clusters
+            unmerge = transforms[name].inverse
+            assert torch.equal(unmerge.sum(1), torch.ones(size, dtype=torch.float64))
+    with torch.no_grad():
+        assert torch.isfinite(result.model(data[0][0])).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import matplotlib.image
@@ -148,6 +149,16 @@ def test_arguments_are_checked_together() -> None:
         np_merge(mlp(9), states_of(mlp(0), mlp(1)), [], progress=False)
     with pytest.raises(MergeError, match="calibration set"):
         np_merge(mlp(9), states_of(mlp(0), mlp(1)), iter(toy_data()), epochs=2, progress=False)
+
+
+def test_non_finite_states_are_refused_naming_the_tensor() -> None:
+    states = states_of(mlp(0), mlp(1))
+    states[1][next(iter(states[1]))].view(-1)[0] = float("inf")
+    name = next(iter(states[1]))
+    with pytest.raises(
+        MergeError, match=rf"state 1: tensor {re.escape(repr(name))} has 1 inf among"
+    ):
+        np_merge(mlp(9), states, toy_data(), epochs=0, progress=False)
 
 
 @pytest.mark.parametrize("scheme", ["joint", "pairwise"])

@@ -14,7 +14,9 @@ import yaml
 import accord
 from accord._table import format_table
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
-from accord.errors import AccordError
+from accord.errors import AccordError, ConfigError
+from accord.match import check_option_names
+from accord.merge import NP_MERGE_ALIGN, declared_options
 
 DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
 
@@ -36,15 +38,60 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
+def _key_value(pair: str, flag: str, example: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} {example}")
+    return key, value
+
+
 def _model_options(pairs: Sequence[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise AccordError(f"--model-option {pair!r}: expected KEY=VALUE, e.g. depth=2")
+        key, value = _key_value(pair, "--model-option", "depth=2")
         lowered = value.lower()
         options[key] = lowered == "true" if lowered in ("true", "false") else _number(value)
     return options
+
+
+_NULL = ("none", "null", "~")
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _typed(key: str, text: str, default: Any) -> Any:
+    """``text`` as a value of ``default``'s type: text options stay text, and an option whose
+    default is None takes null (or none) or a number."""
+    lowered = text.strip().lower()
+    try:
+        if default is None:
+            return None if lowered in _NULL else _number(text)
+        if isinstance(default, bool):
+            return _BOOLEANS[lowered]
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except (KeyError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}
+        kind = expected.get(type(default), "null or a number")
+        raise ConfigError(
+            f"--option {key}={text}: {key} takes {kind} (default {default!r})"
+        ) from None
+    return text
+
+
+def _method_options(pairs: Sequence[str], method: str) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs, each parsed by the type of its default for ``method``
+    (for npmerge: its own options, ``align`` and those of the alignment it names)."""
+    texts = dict(_key_value(pair, "--option", "ridge=0.1") for pair in pairs)
+    if method == "all":  # the options differ per method: the config refuses any
+        return texts
+    declared = declared_options(method, texts.get("align", NP_MERGE_ALIGN))
+    try:
+        check_option_names(method, texts, declared)
+    except AccordError as exc:
+        raise ConfigError(f"--option: {exc}") from None
+    return {key: _typed(key, text, declared[key]) for key, text in texts.items()}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -230,11 +277,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.auto:
         given["options"] = "auto"
     elif args.option:
-        given["options"] = _model_options(args.option)
+        given["options"] = {}  # parsed below, by the types of the method's options
     if args.config:
         config = load_merge_config(args.config, **given)
     else:
         config = validate_merge_config(given, where="accord merge")
+    if args.option and not args.auto:
+        options = _method_options(args.option, config.method)
+        config = config.model_copy(update={"options": options})
     outcome = accord.merge_checkpoints(config, progress=not args.quiet)
     print(format_table(["model", "val acc", "test acc"], outcome.rows()))
     if config.output:

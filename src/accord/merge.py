@@ -4,8 +4,9 @@ Every model is aligned to the reference (a star) and the aligned models are aver
 Dense maps (CCA, ZipIt!, OT plans) cannot move BatchNorm's per-channel normalisation, so by
 default (``batchnorm="fold"``) the BatchNorms of such spaces are folded into their writers
 before the map, and the merged BatchNorm is then given the statistics the merged features
-should have (DESIGN.md §4); ``batchnorm="transform"`` applies the map to γ and β instead, as
-the CCA Merge reference code does.
+should have (DESIGN.md §4), or under ``repair="none"`` stays the identity folding left;
+``batchnorm="transform"`` applies the map to γ and β instead, as the CCA Merge reference code
+does.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from accord._finite import describe_non_finite, first_non_finite
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.combine.average import average_states
 from accord.combine.npmerge import NPMergeResult, np_merge
 from accord.errors import MergeError
 from accord.evaluate import batches, evaluate
-from accord.match import MATCHERS, Alignment, match, matcher
+from accord.match import MATCHERS, Alignment, check_option_names, match, matcher
 from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
@@ -45,35 +47,84 @@ class MergeResult:
     statistics: Statistics | None = None
     # Each model's state in the reference's coordinates. Under batchnorm="fold" the BatchNorms
     # of dense spaces are folded into their writers and given that model's own transformed
-    # output statistics as γ/β: reset their running statistics before using such a state.
+    # output statistics as γ/β: reset their running statistics before using such a state
+    # (with repair="none" they stay the identities folding left, and the state works as is).
     aligned: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
     # NP Merge's learned weights per parameter, (N, *shape); None for averaging methods.
     coefficients: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-def check_compatible(models: Sequence[nn.Module]) -> None:
-    """MergeError naming the first parameter whose name or shape differs between models."""
+def _model_name(index: int, names: Sequence[str] | None) -> str:
+    return f"model {index} ({names[index]})" if names else f"model {index}"
+
+
+def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
+    """MergeError naming the first model whose class differs from model 0's, or the first
+    tensor whose name, shape or dtype differs; ``names`` (e.g. checkpoint paths) label the
+    models in the message."""
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
     reference = models[0].state_dict()
+    first = _model_name(0, names)
     for index, model in enumerate(models[1:], start=1):
+        this = _model_name(index, names)
         if type(model) is not type(models[0]):
             raise MergeError(
-                f"model {index} is a {type(model).__name__}, model 0 a "
+                f"{this} is a {type(model).__name__}, {first} a "
                 f"{type(models[0]).__name__}: only models of one architecture can be merged"
             )
         state = model.state_dict()
         for key, tensor in reference.items():
             if key not in state:
-                raise MergeError(f"model {index} has no parameter {key!r} (model 0 has)")
+                raise MergeError(f"{this} has no parameter {key!r} ({first} has)")
             if state[key].shape != tensor.shape:
                 raise MergeError(
-                    f"parameter {key!r} has shape {tuple(state[key].shape)} in model {index} "
-                    f"but {tuple(tensor.shape)} in model 0"
+                    f"parameter {key!r} has shape {tuple(state[key].shape)} in {this} "
+                    f"but {tuple(tensor.shape)} in {first}"
+                )
+            if state[key].dtype != tensor.dtype:
+                raise MergeError(
+                    f"parameter {key!r} is {state[key].dtype} in {this} but {tensor.dtype} in "
+                    f"{first}: models of one dtype are merged; convert them all first, e.g. "
+                    f"model.to({tensor.dtype})"
                 )
         extra = [key for key in state if key not in reference]
         if extra:
-            raise MergeError(f"model {index} has parameter {extra[0]!r} that model 0 lacks")
+            raise MergeError(f"{this} has parameter {extra[0]!r} that {first} lacks")
+
+
+def check_models(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
+    """Before any work: the models are compatible (:func:`check_compatible`) and every tensor
+    of every model is finite, since one NaN or inf weight makes the whole merge non-finite."""
+    check_compatible(models, names)
+    for index, model in enumerate(models):
+        found = first_non_finite(model.state_dict())
+        if found is not None:
+            tensor, problem = found
+            raise MergeError(
+                f"{_model_name(index, names)}: tensor {tensor!r} has {problem}, which would "
+                "make the merged model non-finite; the checkpoint is corrupt or its training "
+                "diverged: retrain it, or merge without it"
+            )
+
+
+def _check_input_dtype(model: nn.Module, data: Any, what: str) -> None:
+    """MergeError when ``data``'s first floating inputs differ in dtype from the model's
+    parameters: torch layers do not mix them, and accord casts neither. A one-shot iterator
+    is not looked at, so that none of its batches is lost."""
+    if data is None or iter(batches(data)) is batches(data):
+        return
+    batch = next(iter(batches(data)), None)
+    inputs = batch[0] if isinstance(batch, tuple | list) else batch
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None or not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        return
+    if inputs.dtype != dtype:
+        raise MergeError(
+            f"{what} gives {inputs.dtype} inputs but the models' parameters are {dtype}: give "
+            f"{dtype} inputs (e.g. inputs.to({dtype}) in the loader), or convert every model "
+            f"to the data's dtype (model.to({inputs.dtype}))"
+        )
 
 
 def choose_reference(
@@ -244,7 +295,16 @@ def merge(
     (:func:`accord.tune.merge_tuned`). ``statistics`` from an earlier
     :func:`accord.collect_statistics` call are reused rather than collected again.
     ``reference`` is a model index or ``"best"`` (by validation accuracy).
+
+    Checked before any work: the models (:func:`check_models`: one architecture and dtype,
+    every tensor finite), the option names, and that ``data`` and ``validation`` give inputs
+    of the models' dtype (nothing is cast). A merged model with a NaN or inf tensor is never
+    returned: a MergeError names the tensor and the stage that produced it.
     """
+    models = list(models)
+    check_models(models)
+    _check_input_dtype(models[0], data, "data")
+    _check_input_dtype(models[0], validation, "validation")
     if options == "auto":
         from accord.tune import merge_tuned
 
@@ -266,9 +326,9 @@ def merge(
     if isinstance(options, str):
         raise MergeError(f"options={options!r}: give a mapping of method options or 'auto'")
     options = {**(options or {}), **method_options}
+    align = options.get("align", NP_MERGE_ALIGN)
+    check_option_names(method, options, declared_options(method, align))
     timings: dict[str, float] = {}
-    models = list(models)
-    check_compatible(models)
     requested = method
     combiner, method, options = _combiner(method, options, models, data, device, progress)
     matcher(method)  # an unknown name fails here, before any work
@@ -301,7 +361,8 @@ def merge(
             reference=ref,
             pairs=pairs,
             progress=progress,
-            batchnorms=needs_batchnorm_statistics(method, batchnorm),
+            # with repair="none" the folded BatchNorms stay identities and need no targets
+            batchnorms=needs_batchnorm_statistics(method, batchnorm) and repair_kind != "none",
         )
         timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -382,6 +443,16 @@ class NPMergeCombiner:
 # only perturbs the average; 3 epochs at 0.05 beat the CCA start on held-out data for 2 and
 # 3 VGG11 models (Fashion-MNIST, 2,000 calibration images), where 1 epoch at 0.01 did not.
 NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 3, "lr": 0.05, "max_samples": None}
+# NP Merge's alignment method, its option ``align``
+NP_MERGE_ALIGN = "cca"
+
+
+def declared_options(method: str, align: str = NP_MERGE_ALIGN) -> dict[str, Any]:
+    """The options ``merge(method=...)`` accepts, with their defaults: the matcher's, or for
+    ``npmerge`` its ``align``, its own (:data:`NP_MERGE_OPTIONS`) and those of ``align``."""
+    if method != "npmerge":
+        return dict(matcher(method).options)
+    return {"align": NP_MERGE_ALIGN, **NP_MERGE_OPTIONS, **matcher(align).options}
 
 
 def _combiner(
@@ -396,7 +467,7 @@ def _combiner(
     if method != "npmerge":
         return average_states, method, options
     rest = dict(options)
-    align = rest.pop("align", "cca")
+    align = rest.pop("align", NP_MERGE_ALIGN)
     np_options = {k: rest.pop(k) for k in list(rest) if k in NP_MERGE_OPTIONS}
     combiner = NPMergeCombiner(
         models[0], models, data, {**NP_MERGE_OPTIONS, **np_options}, device, progress
@@ -418,19 +489,24 @@ def combine_aligned(
     combiner: Any = average_states,
 ) -> MergeResult:
     """Apply the alignment, combine (average or NP Merge), and repair: the stages after
-    matching."""
+    matching. Every stage's output is checked to be finite (from finite models)."""
+    _check_maps(alignment)
     clock = time.perf_counter()
     aligned = align_states(models, spec, alignment, batchnorm)
     timings["apply"] = time.perf_counter() - clock
     clock = time.perf_counter()
     merged_state = combiner(aligned, reference=reference)
     dense = dense_spaces(spec, alignment)
-    folded = batchnorm == "fold" and any(spec[n].batchnorms for n in dense)
-    if folded:
+    folded = [n for n in dense if spec[n].batchnorms] if batchnorm == "fold" else []
+    # With repair="none" the folded BatchNorms keep what folding left them: the identity
+    # (γ = 1, mean 0, variance 1 − eps) plus the merged shift, so the merged weights compute
+    # as they are; targets are only meant for a statistics reset.
+    if folded and repair != "none":
         if statistics is None or repair != "bn-reset":
             raise MergeError(
-                "dense maps on BatchNorm spaces need statistics and repair='bn-reset' "
-                "to give the merged BatchNorms their statistics"
+                f"dense maps on BatchNorm spaces ({', '.join(folded)}) need statistics and "
+                "repair='bn-reset' to give the merged BatchNorms their statistics, or "
+                "repair='none' to keep the folded BatchNorms as identities"
             )
         eps = {n: m.eps for n, m in models[reference].named_modules() if hasattr(m, "eps")}
         batchnorm_targets(spec, alignment, statistics, merged_state, eps)
@@ -438,6 +514,7 @@ def combine_aligned(
         for i, state in enumerate(aligned):
             one_hot = [float(i == j) for j in range(len(aligned))]
             batchnorm_targets(spec, alignment, statistics, state, eps, one_hot)
+    _check_combined(merged_state, aligned)
     merged = copy.deepcopy(models[reference])
     merged.load_state_dict(merged_state)
     timings["combine"] = time.perf_counter() - clock
@@ -451,6 +528,12 @@ def combine_aligned(
             endpoint.load_state_dict(state)
             endpoints.append(endpoint)
         repair_activations(merged, endpoints, spec, data, device=device)
+    _require_finite(
+        merged.state_dict(),
+        f"the merged model after the repair ({repair!r})",
+        "its activations on the training data overflow; check the data, or merge with "
+        "repair='none'",
+    )
     timings["repair"] = time.perf_counter() - clock
     report = {
         "repair": repair,
@@ -459,6 +542,46 @@ def combine_aligned(
         "spaces": alignment.report,
         "timings": timings,
     }
-    if repair == "none" and has_batchnorm(merged) and dense:
+    if repair == "none" and batchnorm == "transform" and has_batchnorm(merged) and dense:
         warnings.warn("dense maps without a BatchNorm reset leave stale statistics", stacklevel=3)
     return MergeResult(merged.eval(), alignment.transforms, report, spec, statistics, aligned)
+
+
+def _require_finite(state: Mapping[str, torch.Tensor], where: str, cause: str) -> None:
+    found = first_non_finite(state)
+    if found is not None:
+        tensor, problem = found
+        raise MergeError(f"{where}: tensor {tensor!r} has {problem}; {cause}")
+
+
+def _check_maps(alignment: Alignment) -> None:
+    """MergeError naming the space, model and method of the first non-finite map."""
+    for index, transforms in enumerate(alignment.transforms):
+        for space, transform in transforms.items():
+            problem = describe_non_finite(transform.matrix) or describe_non_finite(
+                transform.inverse
+            )
+            if problem is not None:
+                method = alignment.report.get(space, {}).get("method", "the matcher")
+                raise MergeError(
+                    f"the {method} map of space {space!r} for model {index} has {problem}, "
+                    "from finite models and statistics: its solve broke down on degenerate "
+                    "statistics; collect more samples, or regularise more (cca: a larger "
+                    "ridge)"
+                )
+
+
+def _check_combined(merged: Mapping[str, torch.Tensor], aligned: Sequence[dict]) -> None:
+    """MergeError naming the first non-finite aligned or merged tensor and its likely cause."""
+    for index, state in enumerate(aligned):
+        _require_finite(
+            state,
+            f"model {index} aligned to the reference",
+            "its maps are finite but so large that its weights overflow their dtype (a "
+            "near-singular solve); regularise more (cca: a larger ridge)",
+        )
+    _require_finite(
+        merged,
+        "the merged model",
+        "every aligned model is finite, so combining them overflowed the parameters' dtype",
+    )

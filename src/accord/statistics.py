@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from accord._finite import first_non_finite
 from accord._io import write_with
 from accord.errors import StatisticsError
 from accord.fx import observed_graph, symbolic_graph
@@ -81,6 +82,12 @@ class SpaceStatistics:
         raise KeyError(
             f"the covariance of models {i} and {j} was not collected; collect with pairs='all'"
         )
+
+    def non_finite(self) -> tuple[str, str] | None:
+        """``(which tensor, what is wrong)`` for the first mean or covariance block holding
+        NaN or inf, else None."""
+        blocks = {f"Cov(model {i}, model {j})": b for (i, j), b in self.blocks.items()}
+        return first_non_finite({"the means": self.mean, **blocks})
 
     def correlation(self, i: int, j: int, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation of model i's features (rows) with model j's (columns)."""
@@ -432,7 +439,15 @@ class _Accumulator:
         for (i, j), product in self.products.items():
             block = (product - torch.outer(self.total[i], self.total[j]) / n) / (n - 1)
             blocks[(i, j)] = ((block + block.T) / 2 if i == j else block).cpu()
-        return SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks)
+        stats = SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks)
+        found = stats.non_finite()
+        if found is not None:
+            raise StatisticsError(
+                f"{name}: {found[0]} has {found[1]}: the activations are finite but too large "
+                "to multiply (their products overflow; with precision='float32' from about "
+                "1e19 on); check the models' weights and inputs, or collect in float64"
+            )
+        return stats
 
 
 def _pairs(num_models: int, reference: int, pairs: str) -> tuple[Pair, ...]:

@@ -67,7 +67,7 @@ def merge_tuned(
                 **merge_arguments,
                 **options,
             )
-        except MergeError as exc:  # e.g. ZipIt! with α = 0 cannot zip more than two models
+        except MergeError as exc:  # e.g. a ridge so small that CCA's solve breaks down
             trials.append({"options": options, "error": str(exc)})
             continue
         if merge_arguments.get("statistics") is None and result.statistics is not None:

@@ -23,7 +23,13 @@ from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
 from accord.match import MATCHERS, matcher
-from accord.merge import MergeResult, choose_reference, merge, needs_batchnorm_statistics
+from accord.merge import (
+    MergeResult,
+    check_models,
+    choose_reference,
+    merge,
+    needs_batchnorm_statistics,
+)
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
@@ -96,6 +102,7 @@ def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcom
         check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
     checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
     models: list[nn.Module] = [c.model for c in checkpoints]
+    check_models(models, [str(c.path) for c in checkpoints])  # before the evaluation passes
     data = checkpoint_dataset(checkpoints, config.data_dir)
     loader = calibration_loader(data, config)
     val, val_ensemble = evaluate_with_ensemble(models, data.val, config.device)

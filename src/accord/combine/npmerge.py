@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from accord._finite import first_non_finite
 from accord._io import write_with
 from accord.combine.average import average_states
 from accord.errors import MergeError
@@ -101,6 +102,10 @@ def _check_arguments(
     problems = [p for p in (_choice("loss", loss, LOSSES), _choice("scheme", scheme, SCHEMES)) if p]
     if len(states) < 2:
         problems.append(f"NP Merge needs at least 2 aligned state dicts, got {len(states)}")
+    for index, state in enumerate(states):
+        found = first_non_finite(state)
+        if found is not None:
+            problems.append(f"state {index}: tensor {found[0]!r} has {found[1]}")
     if data is None or (hasattr(data, "__len__") and len(data) == 0):
         problems.append("NP Merge needs a calibration set (data=...)")
     if loss == "kl" and not teachers:

@@ -19,11 +19,12 @@ zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
+from accord._finite import first_non_finite
 from accord.errors import MergeError
 from accord.match import cca, identity, ot, permutation, weight_matching, zipit
 from accord.match._registry import MATCHERS, Alignment, MatcherInfo, register
@@ -36,6 +37,7 @@ __all__ = [
     "Alignment",
     "MatcherInfo",
     "cca",
+    "check_option_names",
     "identity",
     "match",
     "ot",
@@ -79,17 +81,23 @@ def matcher(method: str) -> MatcherInfo:
     )
 
 
-def _resolve_options(info: MatcherInfo, options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = [name for name in options if name not in info.options]
+def check_option_names(method: str, names: Iterable[str], accepted: Mapping[str, Any]) -> None:
+    """MergeError naming each of ``names`` that is not an option of ``method`` (with the
+    closest accepted one) and listing the ``accepted`` ones."""
+    unknown = [name for name in names if name not in accepted]
     if unknown:
-        accepted = ", ".join(sorted(info.options)) or "none"
+        listed = ", ".join(sorted(accepted)) or "none"
         hints = [
-            f"{name!r}" + "".join(f" (did you mean {c!r}?)" for c in _close(name, info.options))
+            f"{name!r}" + "".join(f" (did you mean {c!r}?)" for c in _close(name, accepted))
             for name in unknown
         ]
         raise MergeError(
-            f"method {info.name!r} has no option {', '.join(hints)}; accepted options: {accepted}"
+            f"method {method!r} has no option {', '.join(hints)}; accepted options: {listed}"
         )
+
+
+def _resolve_options(info: MatcherInfo, options: Mapping[str, Any]) -> dict[str, Any]:
+    check_option_names(info.name, options, info.options)
     return {**info.options, **options}
 
 
@@ -111,6 +119,13 @@ def _check_models(
         raise MergeError(f"reference={reference!r} must be a model index")
     if not 0 <= reference < num_models:
         raise MergeError(f"reference={reference} is not a model index (0..{num_models - 1})")
+    for index, state in enumerate(states):
+        found = first_non_finite(state)
+        if found is not None:
+            raise MergeError(
+                f"state dict {index}: tensor {found[0]!r} has {found[1]}; models with NaN or "
+                "inf weights cannot be matched"
+            )
     if statistics is None:
         if info.needs_data:
             raise MergeError(
@@ -141,3 +156,11 @@ def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, refer
                 f"space {space.name!r} has {space.size} features but its statistics have "
                 f"{stats.size}; collect statistics with this spec"
             )
+    for kind, group in (("space", statistics.spaces), ("BatchNorm", statistics.norms)):
+        for name, stats in group.items():
+            found = stats.non_finite()
+            if found is not None:
+                raise MergeError(
+                    f"the statistics of {kind} {name!r} are not finite ({found[0]} has "
+                    f"{found[1]}); collect them again from finite models and inputs"
+                )

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from accord._finite import describe_non_finite
 from accord.errors import ConfigError, ModelError
 from accord.transformers import methods
 from accord.transformers.align import find_alignment
@@ -215,7 +216,15 @@ def merge_checkpoints(
     ]
 
     def produce(info: TensorInfo) -> Tensor:
-        return _merged(info, inputs, symmetries, combine, method).to(info.dtype)
+        merged = _merged(info, inputs, symmetries, combine, method).to(info.dtype)
+        problem = describe_non_finite(merged)
+        if problem is not None:
+            raise ModelError(
+                f"merged tensor {info.name!r} has {problem} in {info.dtype}, from finite "
+                f"inputs: method {method!r} overflowed; check its parameters and weights, or "
+                "write a wider dtype"
+            )
+        return merged
 
     with tqdm(total=len(infos), desc=method, unit="tensor", disable=not progress) as bar:
         return write_checkpoint(
@@ -242,6 +251,12 @@ def _alignments(inputs: _Inputs, method: str) -> dict[int, Symmetry]:
 
 def _read(ck: Checkpoint, name: str, symmetries: dict[int, Symmetry], arch: Architecture) -> Tensor:
     tensor = ck.state[name]
+    problem = describe_non_finite(tensor)
+    if problem is not None:
+        raise ModelError(
+            f"{ck.path}: tensor {name!r} has {problem}, which would make the merge "
+            "non-finite; the checkpoint is corrupt or its training diverged: merge without it"
+        )
     if id(ck) in symmetries:
         tensor = transform_tensor(name, tensor, symmetries[id(ck)], arch)
     return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
