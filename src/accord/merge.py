@@ -62,8 +62,8 @@ def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = 
     """MergeError naming the first model whose class differs from model 0's, or the first
     tensor whose name, shape or dtype differs; ``names`` (e.g. checkpoint paths) label the
     models in the message."""
-    if len(models) < 2:
-        raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    if not models:
+        raise MergeError("merging needs at least one model, got none")
     reference = models[0].state_dict()
     first = _model_name(0, names)
     for index, model in enumerate(models[1:], start=1):
@@ -349,6 +349,8 @@ def merge(
 
         spec = trace(models[0], first_inputs(data)[:2])
     timings["trace"] = time.perf_counter() - clock
+    if len(models) == 1:
+        return _only_model(models[0], spec, requested, method, options, timings)
     if needs_data and statistics is None:
         clock = time.perf_counter()
         pairs = "all" if method == "zipit" and len(models) > 2 else "reference"
@@ -397,6 +399,29 @@ def merge(
         result.report["npmerge"] = combiner.report()
         result.coefficients = combiner.outcome.coefficients if combiner.outcome else None
     return result
+
+
+def _only_model(
+    model: nn.Module,
+    spec: Spec,
+    requested: str,
+    method: str,
+    options: Mapping[str, Any],
+    timings: dict[str, float],
+) -> MergeResult:
+    """The merge of one model: a copy of it, since every method returns a model merged with
+    itself unchanged."""
+    report = {
+        "method": requested,
+        "alignment": method,
+        "options": {**MATCHERS[method].options, **options},
+        "reference": 0,
+        "num_models": 1,
+        "notes": ["one model: nothing to merge, the result is a copy of it"],
+        "timings": timings,
+    }
+    transforms = [{s.name: Transform.identity(s.size) for s in spec.free_spaces}]
+    return MergeResult(copy.deepcopy(model).eval(), transforms, report, spec)
 
 
 @dataclass

@@ -8,10 +8,14 @@ The N·C features of all models (reference block first) form clusters, initially
 scored by the correlation matrix R (N·C × N·C, self-pairs excluded). Until C clusters remain,
 the two clusters with the highest score merge:
 
-* **α, repeated matching.** The merged cluster's score with any other cluster k is
-  ``α · min(score(a, k), score(b, k))``: it may be matched again, at a discount (α ∈ (0, 1]).
-  With α = 0 it is never matched again with a cluster that shares a model with it, so every
-  cluster holds at most one feature per model (for N = 2: a one-to-one matching).
+* **α, repeated matching.** The merged cluster's score with a cluster k that shares a model
+  with it is ``α · min(score(a, k), score(b, k))``: it may be matched again, at a discount
+  (α ∈ (0, 1]). With α = 0 it is never matched again with such a cluster, so every cluster
+  holds at most one feature per model (for N = 2: a one-to-one matching). With a cluster of
+  other models only, the score is ``min(score(a, k), score(b, k))`` undiscounted: for N > 2
+  that completes a cluster with the models it lacks rather than repeating a match, so N
+  identical or permuted copies zip back into the model. (The authors' code discounts every
+  score; for N = 2 the two rules agree, since every cluster shares a model with a merged one.)
 * **β, same-model budget.** A merge is within-model when both clusters have the same origin
   (the model of their first feature, reference first, as in the authors' code). Each model may
   make ``⌊β · (N−1)·C / N⌋`` such merges, an equal share of a fraction β of all merges; then its
@@ -105,10 +109,10 @@ def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> 
         _count(zipped, origin, members, a, b)
         merged = torch.minimum(sims[a], sims[b])
         loose = torch.minimum(relaxed[a], relaxed[b])
+        shared = [k for k in members if models[k] & (models[a] | models[b])]
         if alpha > 0:
-            merged, loose = merged * alpha, loose * alpha
+            merged[shared], loose[shared] = merged[shared] * alpha, loose[shared] * alpha
         else:
-            shared = [k for k in members if models[k] & (models[a] | models[b])]
             merged[shared] = -math.inf
         for matrix, row in ((sims, merged), (relaxed, loose)):
             matrix[a], matrix[:, a] = row, row
