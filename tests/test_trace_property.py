@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -150,15 +151,30 @@ def test_a_missing_reader_is_caught(network: tuple[nn.Module, torch.Tensor], dat
 
 
 def _matters(model: nn.Module, x: torch.Tensor, size: int, ref: AxisRef) -> bool:
-    """Whether zeroing the reader's slice changes the output: behind a dead ReLU it does not,
-    and then no map of the space can reveal that the reader is missing."""
+    """Whether every non-identity permutation of the reader's features changes the output.
+
+    Only then must any random map of the space reveal the missing reader: behind a dead ReLU,
+    or where a later ReLU is dead on these inputs whatever the order, no map can.
+    """
     state = model.state_dict()
-    weight = state[ref.tensor].clone()
-    weight.narrow(ref.axis, ref.offset, size * ref.block).zero_()
-    silenced = copy.deepcopy(model)
-    silenced.load_state_dict({**state, ref.tensor: weight})
+    weight = state[ref.tensor]
+    span = weight.narrow(ref.axis, ref.offset, size * ref.block)
+    blocks = span.unflatten(ref.axis, (size, ref.block))
     with torch.no_grad():
         want = model.eval()(x)
-        change = (silenced.eval()(x) - want).abs().max() / want.abs().max().clamp_min(1e-12)
-    # Far above check's tolerance, so that any non-identity permutation shows.
-    return bool(change > 1e-3)
+    for order in itertools.permutations(range(size)):
+        if list(order) == list(range(size)):
+            continue
+        moved = weight.clone()
+        permuted = blocks.index_select(ref.axis, torch.tensor(order)).flatten(
+            ref.axis, ref.axis + 1
+        )
+        moved.narrow(ref.axis, ref.offset, size * ref.block).copy_(permuted)
+        changed = copy.deepcopy(model)
+        changed.load_state_dict({**state, ref.tensor: moved})
+        with torch.no_grad():
+            change = (changed.eval()(x) - want).abs().max() / want.abs().max().clamp_min(1e-12)
+        # Far above check's tolerance, so that the change shows whatever the rounding.
+        if change <= 1e-3:
+            return False
+    return True
