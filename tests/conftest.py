@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from accord.check import randomly_permuted
 from accord.spec import Spec
 
 Preserved = Callable[[nn.Module, Any, Spec], None]
+
+# `make test` draws the same examples on every machine, so a run is reproducible;
+# HYPOTHESIS_PROFILE=explore draws new ones on each run, to search for bugs.
+settings.register_profile("default", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

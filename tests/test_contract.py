@@ -121,7 +121,7 @@ def test_permuted_copies_of_zoo_models_are_brought_back(method: str, arch: str) 
 
 
 @pytest.mark.parametrize("method", ALIGNING)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(network=networks, seed=st.integers(0, 2**16), count=st.integers(1, 2))
 def test_permuted_copies_of_random_architectures_are_brought_back(
     method: str, network: tuple[nn.Module, torch.Tensor], seed: int, count: int

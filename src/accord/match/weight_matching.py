@@ -22,12 +22,15 @@ to 37.0 %, ResNet20 iid N = 2 from 21.4 % to 53.9 %, while VGG11-BN iid N = 2 fe
 
 The permutation maximising ``Σ_c L_s[c, π(c)]`` is found by the Hungarian algorithm (within
 each group for grouped spaces); spaces are visited in a random order (``seed``) until a full
-sweep changes nothing, or ``max_iter`` sweeps.
+sweep changes nothing, or ``max_iter`` sweeps. The ascent starts twice, from the identity and
+from pairing features by their sorted parameter values (which a permuted copy shares exactly),
+and the start reaching the higher total ``Σ ⟨θ_ref, π(θ_i)⟩`` is kept.
 
-N > 2 models (MergeMany): each model in turn, in a random order, is weight-matched to the mean
-of the others (already permuted), until a round changes no permutation (at most ``max_iter``
-rounds). The consensus coordinates are then re-expressed in the reference's:
-``π_i ← π_i ∘ π_ref⁻¹``, so the reference's maps are identities.
+N > 2 models (MergeMany): starting from every model weight-matched to the first, each model in
+turn, in a random order, is weight-matched to the mean of the others (already permuted),
+until a round changes no permutation (at most ``max_iter`` rounds). The consensus coordinates
+are then re-expressed in the reference's: ``π_i ← π_i ∘ π_ref⁻¹``, so the reference's maps are
+identities.
 """
 
 from __future__ import annotations
@@ -125,6 +128,46 @@ def _match_pair(
     return perms
 
 
+def _signature_start(target: State, model: State, spaces: list[FeatureSpace]) -> Perms:
+    """Per space, the pairing of features whose sorted parameter values are nearest.
+
+    Sorting a feature's entries along each of its axes forgets the order of every other
+    space, so a model's permuted copy is paired exactly before any other space is solved:
+    coordinate ascent from the identity can stall short of that (a local optimum)."""
+    perms = {}
+    for space in spaces:
+        mine, theirs = [], []
+        for ref in space.refs:
+            mine.append(_slices(target[ref.tensor], ref, space.size).sort(dim=1).values)
+            theirs.append(_slices(model[ref.tensor], ref, space.size).sort(dim=1).values)
+        distance = torch.cdist(torch.cat(mine, dim=1), torch.cat(theirs, dim=1))
+        perms[space.name] = assign(-distance, space.groups)
+    return perms
+
+
+def _agreement(target: State, model: State, spaces: list[FeatureSpace], perms: Perms) -> float:
+    """``Σ_tensors ⟨θ_target, π(θ_model)⟩``: the objective weight matching maximises."""
+    aligned = _permuted(model, spaces, perms)
+    return sum(
+        float((target[k] * aligned[k]).sum()) for k in {r.tensor for s in spaces for r in s.refs}
+    )
+
+
+def _match_from_both_starts(
+    target: State,
+    model: State,
+    spaces: list[FeatureSpace],
+    axes: Axes,
+    rng: np.random.Generator,
+    max_iter: int,
+) -> Perms:
+    """:func:`_match_pair` from the identity and from :func:`_signature_start`; the better."""
+    identity = {s.name: torch.arange(s.size) for s in spaces}
+    starts = (identity, _signature_start(target, model, spaces))
+    found = [_match_pair(target, model, spaces, axes, start, rng, max_iter) for start in starts]
+    return max(found, key=lambda perms: _agreement(target, model, spaces, perms))
+
+
 def _permuted(state: State, spaces: list[FeatureSpace], perms: Perms) -> State:
     out = dict(state)
     for space in spaces:
@@ -140,9 +183,13 @@ def _merge_many(
     rng: np.random.Generator,
     max_iter: int,
 ) -> tuple[list[Perms], int]:
-    """MergeMany: each model matched to the mean of the others until nothing changes."""
-    identity = {s.name: torch.arange(s.size) for s in spaces}
-    perms = [dict(identity) for _ in states]
+    """MergeMany: each model matched to the mean of the others until nothing changes, from
+    every model weight-matched to the first."""
+    perms = [{s.name: torch.arange(s.size) for s in spaces}]
+    perms += [
+        _match_from_both_starts(states[0], state, spaces, axes, rng, max_iter)
+        for state in states[1:]
+    ]
     for round_ in range(1, max_iter + 1):
         changed = False
         for i in rng.permutation(len(states)):
@@ -219,7 +266,7 @@ def match_weights(
         for i in range(len(models)):
             if i != reference:
                 target = models[reference]
-                perms[i] = _match_pair(target, models[i], spaces, axes, identity, rng, max_iter)
+                perms[i] = _match_from_both_starts(target, models[i], spaces, axes, rng, max_iter)
     else:
         consensus, rounds = _merge_many(models, spaces, axes, rng, max_iter)
         perms = _relative_to(consensus, reference)
