@@ -20,7 +20,8 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 Numeric parameters (``t``, ``lerp_cosine``, ``scale``, ``weight``, ``density``,
 ``drop_rate``) are settings: a number, a gradient across the layers or name filters
 (:mod:`accord.transformers.settings`).
-Paths are relative to the current directory.
+A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.transformers.mergekit` and
+validated here once translated. Paths are relative to the current directory.
 """
 
 from __future__ import annotations
@@ -134,9 +135,14 @@ class LLMMergeConfig(BaseModel):
 def load_llm_merge_config(
     path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None
 ) -> LLMMergeConfig:
-    """Read and validate a YAML merge config; ``output`` (the command line's OUT) replaces the
-    config's. ConfigError listing every problem by key."""
+    """Read and validate a YAML merge config, accord's or mergekit's (``merge_method``);
+    ``output`` (the command line's OUT) replaces the config's. ConfigError listing every
+    problem by key."""
+    from accord.transformers.mergekit import is_mergekit_config, translate_mergekit_config
+
     data = read_yaml_mapping(path, "method, models, output")
+    if is_mergekit_config(data):
+        data = translate_mergekit_config(data, where=str(path))
     if output is not None:
         data = {**data, "output": str(output)}
     return validate_llm_merge_config(data, where=str(path))
