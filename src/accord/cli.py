@@ -320,9 +320,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_llm_merge(sub: Any) -> None:
     p = sub.add_parser(
         "llm-merge",
-        help="merge Hugging Face Llama-family models from a YAML config (optional alignment)",
+        help="merge Hugging Face checkpoints from a YAML config, accord's or mergekit's",
     )
-    p.add_argument("config", help="YAML: models, method, parameters, align, output")
+    p.add_argument("config", help="YAML: accord's (method, models, ...) or mergekit's")
+    p.add_argument(
+        "output", nargs="?", default=None, help="output folder (replaces the config's output)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_llm_merge)
 
@@ -330,7 +333,7 @@ def _add_llm_merge(sub: Any) -> None:
 def _cmd_llm_merge(args: argparse.Namespace) -> int:
     from accord.transformers.cli import llm_merge_main
 
-    return llm_merge_main(args.config, progress=not args.quiet)
+    return llm_merge_main(args.config, args.output, progress=not args.quiet)
 
 
 def _add_bench(sub: Any) -> None:

@@ -7,6 +7,9 @@ Messages name the thing at fault (layer, file, key) and say what to do about it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class AccordError(Exception):
     """Base class of every error accord raises on purpose."""
@@ -47,3 +50,9 @@ class MergeError(AccordError, ValueError):
 
 class StatisticsError(AccordError, ValueError):
     """Activation statistics could not be computed (non-finite activations, too few samples)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A " (did you mean 'x'?)" suffix for the closest choice, or "" if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

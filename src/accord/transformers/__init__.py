@@ -1,9 +1,12 @@
-"""Llama-family causal LMs: lazy safetensors I/O, exact symmetries, alignment and merges.
+"""Hugging Face checkpoints: lazy safetensors I/O, exact symmetries, alignment and merges.
 
-Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``.
-Everything works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor,
-so a merge of checkpoints on disk holds a few tensors in memory at a time. ``transformers`` is
-needed only to run a model (activation alignment, tests), not to read, align or merge weights.
+Tensor-wise merges (linear, slerp, task arithmetic, TIES, DARE, DARE-TIES) take checkpoints of
+any family whose tensors agree by name and shape; mergekit's YAML configs run through
+:mod:`accord.transformers.mergekit`. Symmetries and alignment know ``LlamaForCausalLM``,
+``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (:data:`SUPPORTED_ARCHITECTURES`). Everything
+works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor, so a merge
+of checkpoints on disk holds a few tensors in memory at a time. ``transformers`` is needed only
+to run a model (activation alignment, tests), not to read, align or merge weights.
 """
 
 from __future__ import annotations

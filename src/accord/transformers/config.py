@@ -5,42 +5,69 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 
     method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties
     base: models/llama-base   # the task vectors' base (task-vector methods)
-    models:                   # fine-tuned models (a path, or {path, weight})
+    models:                   # fine-tuned models (a path, or {path, weight, density, drop_rate})
       - models/llama-math
       - {path: models/llama-code, weight: 0.5}
-    parameters: {density: 0.2, scale: 1.0}
+    parameters: {density: 0.2, scale: 1.0}   # also normalize, rescale, and per-model defaults
     receiver: models/llama-other   # optional: add the task vectors to this model instead
     align: true                    # move the receiver into the base's coordinates first
     dtype: bfloat16                # optional; default: the receiver's
+    tokenizer_source: base         # optional: copy tokenizer files from base (or a folder)
     shard_size: 2GB                # optional: bytes per shard (or 500MB, 1.5GiB, 1000000)
     seed: 0                        # optional: DARE's random drops, 0 <= seed < 2**32
-    output: merged/ties
+    output: merged/ties            # or OUT on the command line, which wins
 
-Paths are relative to the current directory.
+Numeric parameters (``t``, ``lerp_cosine``, ``scale``, ``weight``, ``density``,
+``drop_rate``) are settings: a number, a gradient across the layers or name filters
+(:mod:`accord.transformers.settings`).
+A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.transformers.mergekit` and
+validated here once translated. Paths are relative to the current directory.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+)
 
 from accord.config import read_yaml_mapping
-from accord.errors import ConfigError
+from accord.errors import ConfigError, did_you_mean
 from accord.transformers.io import parse_size
-from accord.transformers.merge import METHODS, SEED_LIMIT, check_merge
+from accord.transformers.merge import (
+    METHODS,
+    SEED_LIMIT,
+    alignment_problems,
+    check_merge,
+    tokenizer_problems,
+)
+from accord.transformers.settings import Setting, parse_setting
+
+SettingValue = Annotated[Setting, PlainValidator(parse_setting)]
 
 
 class ModelEntry(BaseModel):
-    """A model directory and its weight in the merge."""
+    """A model directory, its weight in the merge, and its own density (TIES) or drop rate
+    (DARE) where it differs from ``parameters``."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    weight: float = 1.0
+    weight: SettingValue | None = Field(None, description="default: parameters.weight, else 1")
+    density: SettingValue | None = None
+    drop_rate: SettingValue | None = None
+
+    def own_parameters(self) -> dict[str, Setting]:
+        """The parameters set for this model alone."""
+        return {key: value for key, value in self if key != "path" and value is not None}
 
 
 class Parameters(BaseModel):
@@ -48,10 +75,20 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    t: float | None = Field(None, description="slerp: interpolation position, 0 (first) to 1")
-    scale: float | None = Field(None, description="λ multiplying the merged task vector")
-    density: float | None = Field(None, description="TIES: fraction of entries kept per tensor")
-    drop_rate: float | None = Field(None, description="DARE: probability of dropping an entry")
+    t: SettingValue | None = Field(None, description="slerp: position, 0 (first) to 1")
+    lerp_cosine: SettingValue | None = Field(
+        None, description="slerp: linear above this |cos Ω| (default 1 - 1e-7)"
+    )
+    scale: SettingValue | None = Field(None, description="λ multiplying the merged task vector")
+    weight: SettingValue | None = Field(None, description="every model's weight by default")
+    density: SettingValue | None = Field(None, description="TIES: fraction of entries kept")
+    drop_rate: SettingValue | None = Field(None, description="DARE: probability of a drop")
+    normalize: bool | None = Field(None, description="divide by the (agreeing) weights' sum")
+    rescale: str | None = Field(None, description="pruned entries: expectation | l1 | none")
+
+    def given(self) -> dict[str, Any]:
+        """The parameters the config sets."""
+        return {key: value for key, value in self if value is not None}
 
 
 class LLMMergeConfig(BaseModel):
@@ -66,11 +103,14 @@ class LLMMergeConfig(BaseModel):
     parameters: Parameters = Field(default_factory=Parameters)
     align: bool = Field(False, description="align the receiver to the base (weight matching)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer_source: str | None = Field(
+        None, description="copy tokenizer files from: base (or the first model) or a folder"
+    )
     shard_size: int = Field(
         "2GB", validate_default=True, description="bytes per shard: 500MB, 1.5GiB or a number"
     )
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random drops")
-    output: str = Field(description="output directory (refused if it exists)")
+    output: str | None = Field(None, description="output directory (refused if it exists)")
     overwrite: bool = False
 
     @field_validator("models", mode="before")
@@ -85,10 +125,26 @@ class LLMMergeConfig(BaseModel):
     def _bytes(cls, value: Any) -> int:
         return parse_size(value)
 
+    def tokenizer_folder(self) -> str | None:
+        """The folder ``tokenizer_source`` names: ``base`` is the base, else the first model."""
+        if self.tokenizer_source != "base":
+            return self.tokenizer_source
+        return self.base or self.models[0].path
 
-def load_llm_merge_config(path: str | os.PathLike[str]) -> LLMMergeConfig:
-    """Read and validate a YAML merge config; ConfigError listing every problem by key."""
+
+def load_llm_merge_config(
+    path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None
+) -> LLMMergeConfig:
+    """Read and validate a YAML merge config, accord's or mergekit's (``merge_method``);
+    ``output`` (the command line's OUT) replaces the config's. ConfigError listing every
+    problem by key."""
+    from accord.transformers.mergekit import is_mergekit_config, translate_mergekit_config
+
     data = read_yaml_mapping(path, "method, models, output")
+    if is_mergekit_config(data):
+        data = translate_mergekit_config(data, where=str(path))
+    if output is not None:
+        data = {**data, "output": str(output)}
     return validate_llm_merge_config(data, where=str(path))
 
 
@@ -113,8 +169,7 @@ def _describe(error: Any) -> str:
     hint = ""
     if error["type"] == "extra_forbidden":
         model = {"parameters": Parameters, "models": ModelEntry}.get(loc[0], LLMMergeConfig)
-        close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(loc[-1], model.model_fields)
     # a validator's ValueError already says what is wrong; pydantic prefixes "Value error, "
     message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
     return f"{key}: {message}{hint}"
@@ -123,18 +178,28 @@ def _describe(error: Any) -> str:
 def _semantic_problems(config: LLMMergeConfig) -> list[str]:
     problems = check_merge(
         config.method,
-        config.parameters.model_dump(exclude_none=True),
+        config.parameters.given(),
         len(config.models),
         has_base=config.base is not None,
         has_receiver=config.receiver is not None,
         align=config.align,
+        model_parameters=[m.own_parameters() for m in config.models],
     )
     paths = [(f"models[{i}].path", m.path) for i, m in enumerate(config.models)]
     paths += [(key, getattr(config, key)) for key in ("base", "receiver") if getattr(config, key)]
-    problems += [
-        f"{key}: {value} is not a directory" for key, value in paths if not Path(value).is_dir()
-    ]
-    if Path(config.output).exists() and not config.overwrite:
+    missing = [(key, value) for key, value in paths if not Path(value).is_dir()]
+    problems += [f"{key}: {value} is not a directory" for key, value in missing]
+    if config.align and not missing:
+        problems += alignment_problems(value for _, value in paths)
+    tokenizer = config.tokenizer_folder()
+    if tokenizer is not None and (config.tokenizer_source != "base" or not missing):
+        problems += tokenizer_problems(tokenizer, "tokenizer_source")
+    if config.output is None:
+        problems.append(
+            "output: no output folder; set output: in the config or give it on the command "
+            "line (accord llm-merge CONFIG OUT)"
+        )
+    elif Path(config.output).exists() and not config.overwrite:
         problems.append(
             f"output: {config.output} already exists (set overwrite: true to replace it)"
         )

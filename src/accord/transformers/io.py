@@ -35,6 +35,23 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
+# What a merge copies from its tokenizer source: mergekit's list (generation_config.json and the
+# chat templates included), with the vocabularies of GPT-2's and BERT's tokenizers.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "video_preprocessor_config.json",
+)
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -79,6 +96,10 @@ class LazyState(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def file(self, name: str) -> Path:
+        """The shard holding ``name``."""
+        return self._files[name]
 
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype of ``name`` from the shard header."""
@@ -200,6 +221,12 @@ def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[Tenso
     return shards
 
 
+def tokenizer_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The :data:`TOKENIZER_FILES` present in ``directory``."""
+    paths = [Path(directory) / name for name in TOKENIZER_FILES]
+    return [path for path in paths if path.is_file()]
+
+
 def check_output(directory: str | os.PathLike[str], overwrite: bool) -> Path:
     """``directory`` as a path; ModelError if it exists and ``overwrite`` is not set."""
     target = Path(directory)
@@ -217,13 +244,15 @@ def write_checkpoint(
     shard_size: int = 2**31,
     overwrite: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
     """Write a checkpoint whose tensors ``produce(info)`` computes one at a time, atomically.
 
     Shards are named like Hugging Face's (``model-00001-of-00002.safetensors`` plus an index;
     ``model.safetensors`` alone when one shard suffices). ``config.json`` is written with its
-    ``dtype`` entry set to the tensors' floating dtype. An existing ``directory`` is refused
-    unless ``overwrite``, and is then replaced whole only once the new one is complete.
+    ``dtype`` entry set to the tensors' floating dtype; ``extra_files`` (a tokenizer's) are
+    copied beside it. An existing ``directory`` is refused unless ``overwrite``, and is then
+    replaced whole only once the new one is complete.
     """
     target = check_output(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +266,8 @@ def write_checkpoint(
             for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
                 config[key] = name
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for path in extra_files:
+            shutil.copyfile(path, staging / path.name)
         _replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

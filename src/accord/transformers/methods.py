@@ -3,17 +3,23 @@
 Notation: models ``θ_1 … θ_n`` (one tensor each), base ``θ_0``, task vectors
 ``τ_i = θ_i − θ_0``, per-model weights ``w_i``, scale ``λ``.
 
-- :func:`linear`: ``Σ w_i θ_i / Σ w_i`` (model soup; Wortsman et al. 2022).
+- :func:`linear`: ``Σ w_i θ_i / Σ w_i`` (model soup; Wortsman et al. 2022); ``Σ w_i θ_i``
+  without ``normalize``.
 - :func:`slerp`: spherical interpolation of two tensors (Shoemake 1985), linear when they are
   (anti)parallel.
-- :func:`task_arithmetic`: ``λ Σ w_i τ_i`` (Ilharco et al., ICLR 2023).
+- :func:`task_arithmetic`: ``λ Σ w_i τ_i`` (Ilharco et al., ICLR 2023); divided by ``Σ w_i``
+  with ``normalize``.
 - :func:`ties`: TIES-Merging (Yadav et al., NeurIPS 2023): trim each ``τ_i`` to its top
-  ``density`` fraction by magnitude, elect the sign of ``Σ_i w_i τ̂_i`` per entry, and take the
-  disjoint mean ``Σ_{i∈A_p} w_i τ̂_{i,p} / |A_p|`` over the models ``A_p`` whose (nonzero) entry
-  agrees with the elected sign; ``λ`` times that.
+  ``density`` fraction by magnitude, elect the sign of ``Σ_i w_i τ̂_i`` per entry, and keep, per
+  entry ``p``, the models ``A_p`` whose (nonzero) weighted entry has the elected sign:
+  ``Σ_{i∈A_p} w_i τ̂_{i,p} / Σ_{i∈A_p} w_i`` with ``normalize`` (the default; the paper's
+  disjoint mean when the weights are 1), the sum ``Σ_{i∈A_p} w_i τ̂_{i,p}`` without; ``λ``
+  times that. These are mergekit's formulas.
 - :func:`dare`: DARE (Yu et al., ICML 2024): drop each entry of ``τ_i`` with probability ``p``
-  and rescale the rest by ``1/(1 − p)``, then combine by task arithmetic, or with TIES' sign
-  election and disjoint mean (``sign_election=True``, "DARE-TIES").
+  and rescale the rest by ``1/(1 − p)`` (``rescale="expectation"``, the paper's; ``"l1"``
+  scales the kept entries to ``τ_i``'s L1 norm instead, as mergekit's ``rescale: true``), then
+  combine by task arithmetic, or with TIES' sign election (``sign_election=True``,
+  "DARE-TIES").
 
 The task-vector methods return the merged task vector; the merge adds it to the receiver.
 TIES and DARE are two settings of :func:`sparse_task_arithmetic`, as in mergekit.
@@ -36,18 +42,30 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def linear(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
-    """``Σ w_i θ_i / Σ w_i`` (the plain mean by default)."""
+def linear(
+    tensors: Sequence[Tensor], weights: Sequence[float] | None = None, *, normalize: bool = True
+) -> Tensor:
+    """``Σ w_i θ_i / Σ w_i`` (the plain mean by default); ``Σ w_i θ_i`` without ``normalize``.
+
+    Accumulated as mergekit does (weights in the tensors' dtype, one fused multiply-add per
+    model, their sum as the divisor), so that both round alike."""
     w = _weights(weights, len(tensors))
+    coefficients = torch.tensor(w, dtype=tensors[0].dtype)
+    total = torch.zeros_like(tensors[0])
+    for tensor, coefficient in zip(tensors, coefficients, strict=True):
+        total.addcmul_(tensor, coefficient)
+    if not normalize:
+        return total
     if sum(w) == 0:
         raise ValueError("linear merge weights sum to 0")
-    return sum(wi * t for wi, t in zip(w, tensors, strict=True)) / sum(w)
+    return total.div_(coefficients.sum())
 
 
-def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-7) -> Tensor:
+def slerp(a: Tensor, b: Tensor, t: float, lerp_cosine: float = 1 - 1e-7) -> Tensor:
     """``sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`` with ``cos Ω`` the cosine of ``a`` and ``b``
-    (flattened, in float64); ``(1−t) a + t b`` where ``|cos Ω| > 1 − eps`` (nearly parallel,
-    where the formula is ill-conditioned) or either tensor is zero.
+    (flattened, in float64); ``(1−t) a + t b`` where ``|cos Ω| > lerp_cosine`` (nearly parallel,
+    where the formula is ill-conditioned; mergekit's threshold is 0.9995) or either tensor is
+    zero.
 
     >>> slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
     tensor([0.7071, 0.7071])
@@ -55,17 +73,22 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-7) -> Tensor:
     x, y = a.flatten().double(), b.flatten().double()
     norms = float(x.norm() * y.norm())
     cos = float(x @ y) / norms if norms > 0 else 1.0
-    if abs(cos) > 1 - eps:
+    if norms == 0 or abs(cos) > lerp_cosine:
         return (1 - t) * a + t * b
     omega = math.acos(max(-1.0, min(1.0, cos)))
     return (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
 
 
 def task_arithmetic(
-    deltas: Iterable[Tensor], weights: Sequence[float] | None = None, scale: float = 1.0
+    deltas: Iterable[Tensor],
+    weights: Sequence[float] | None = None,
+    scale: float = 1.0,
+    *,
+    normalize: bool = False,
 ) -> Tensor:
-    """``λ Σ w_i τ_i``."""
-    return sparse_task_arithmetic(deltas, weights, scale=scale)
+    """``λ Σ w_i τ_i``; ``λ Σ w_i τ_i / Σ w_i`` with ``normalize`` (a weight sum within 1e-8 of
+    0 is not divided by, as in mergekit)."""
+    return sparse_task_arithmetic(deltas, weights, scale=scale, normalize=normalize)
 
 
 _CHUNK = 2**24  # entries per pass of the histogram, bounding its temporaries
@@ -97,13 +120,14 @@ def _kth_largest(magnitude: Tensor, k: int) -> Tensor:
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """``delta`` with all but its ``round(density · numel)`` largest-magnitude entries zeroed
-    (ties at the threshold broken by position).
+    """``delta`` with all but its ``⌊density · numel⌋`` largest-magnitude entries zeroed (ties
+    at the threshold broken by position). The count is truncated as mergekit truncates it;
+    where it is 0, nothing is kept (mergekit keeps one entry).
 
     >>> magnitude_prune(torch.tensor([0.1, -3.0, 2.0, -0.5]), 0.5)
     tensor([ 0., -3.,  2., -0.])
     """
-    k = round(density * delta.numel())
+    k = int(density * delta.numel())
     if k >= delta.numel():
         return delta.clone()
     if k == 0:
@@ -118,13 +142,42 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     return delta * keep.reshape(delta.shape)
 
 
-def random_prune(delta: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
-    """DARE: each entry kept with probability ``1 − p`` and rescaled by ``1/(1 − p)``, so the
-    expectation is ``delta``."""
+def random_prune(
+    delta: Tensor, drop_rate: float, generator: torch.Generator, rescale: str = "expectation"
+) -> Tensor:
+    """DARE: each entry kept with probability ``1 − p``; the kept ones rescaled by ``1/(1 − p)``
+    (``rescale="expectation"``: the expectation is ``delta``), to ``delta``'s L1 norm
+    (``"l1"``, see :func:`l1_rescaled`) or not at all (``"none"``)."""
     if drop_rate == 0:
         return delta.clone()
     keep = torch.rand(delta.shape, generator=generator) >= drop_rate
-    return delta * keep / (1 - drop_rate)
+    if rescale == "expectation":
+        return delta * keep / (1 - drop_rate)
+    return rescaled(delta, delta * keep, rescale)
+
+
+_L1_EPS = 1e-7  # mergekit's: below it, a norm is taken for zero and nothing is rescaled
+
+
+def l1_rescaled(original: Tensor, kept: Tensor) -> Tensor:
+    """``kept · ‖original‖₁ / ‖kept‖₁``, so pruning keeps the L1 norm (mergekit's ``rescale``);
+    ``kept`` itself where either norm is below 1e-7. Computed in the tensors' dtype, as
+    mergekit computes it."""
+    before = original.abs().sum()
+    after = kept.abs().sum()
+    if before < _L1_EPS or after < _L1_EPS:
+        return kept
+    return kept.mul_(before / after)
+
+
+def rescaled(original: Tensor, kept: Tensor, rescale: str) -> Tensor:
+    """``kept`` (a new tensor, changed in place) rescaled as ``rescale`` says: ``"l1"`` or
+    ``"none"``."""
+    if rescale == "l1":
+        return l1_rescaled(original, kept)
+    if rescale == "none":
+        return kept
+    raise ValueError(f"rescale={rescale!r}; expected 'l1' or 'none' here")
 
 
 def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
@@ -134,17 +187,32 @@ def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
     return sign.masked_fill_(sign == 0, 1.0)
 
 
-def disjoint_mean(deltas: Iterable[Tensor], sign: Tensor) -> Tensor:
-    """Mean, per entry, of the nonzero deltas whose sign is ``sign`` (0 where none agree);
-    accumulated one delta at a time, with boolean masks (a quarter of a float tensor each)."""
+def disjoint_merge(
+    deltas: Iterable[Tensor],
+    sign: Tensor,
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
+) -> Tensor:
+    """Per entry, the sum of the (weighted) deltas whose nonzero entry has the sign ``sign``,
+    divided, with ``normalize``, by the sum of those deltas' ``weights`` (their count when
+    ``weights`` is None: the disjoint mean); a sum of 0 is not divided by, and entries no delta
+    agrees with are 0. Accumulated one delta at a time with boolean masks."""
     positive = sign > 0
     total = torch.zeros_like(sign)
-    count = torch.zeros(sign.shape, dtype=torch.int32)
-    for delta in deltas:
+    divisor = torch.zeros_like(sign)
+    for i, delta in enumerate(deltas):
         agree = ((delta > 0) == positive) & (delta != 0)
         total += delta * agree
-        count += agree
-    return total.div_(count.clamp_min_(1))
+        if normalize:
+            divisor += agree * (1.0 if weights is None else float(weights[i]))
+    if not normalize:
+        return total
+    return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
+
+
+def _per_model(value: float | Sequence[float], i: int) -> float:
+    return float(value if isinstance(value, (int, float)) else value[i])
 
 
 def sparse_task_arithmetic(
@@ -153,14 +221,21 @@ def sparse_task_arithmetic(
     *,
     scale: float = 1.0,
     prune: str | None = None,
-    density: float = 1.0,
-    drop_rate: float = 0.0,
+    density: float | Sequence[float] = 1.0,
+    drop_rate: float | Sequence[float] = 0.0,
+    rescale: str | None = None,
     sign_election: bool = False,
+    normalize: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The merged task vector: each ``τ_i`` pruned (``prune`` = ``"magnitude"`` with
-    ``density``, ``"random"`` with ``drop_rate``, or None), weighted by ``w_i``, then summed, or
-    sign-elected and disjointly averaged when ``sign_election``; times ``scale``.
+    ``density``, ``"random"`` with ``drop_rate``, each a number or one per model, or None),
+    weighted by ``w_i``, then summed, or sign-elected and disjointly merged when
+    ``sign_election``; divided by the (agreeing) weights' sum when ``normalize`` (default: with
+    sign election only, as in the papers); times ``scale``.
+
+    ``rescale`` of the pruned entries: ``"expectation"`` (random pruning's default, ``1/(1−p)``),
+    ``"l1"`` (to the task vector's L1 norm) or ``"none"`` (magnitude pruning's default).
 
     ``deltas`` may be a generator: each task vector is then pruned as soon as it is made, so
     only the pruned ones are held together."""
@@ -168,20 +243,32 @@ def sparse_task_arithmetic(
         raise ValueError(f"prune={prune!r}; expected 'magnitude', 'random' or None")
     if prune == "random" and generator is None:
         raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")
+    if prune == "magnitude" and rescale == "expectation":
+        raise ValueError("rescale='expectation' is for random pruning; use 'l1' or 'none'")
     pruned = []
     for i, delta in enumerate(deltas):
         if prune == "magnitude":
-            delta = magnitude_prune(delta, density)
+            kept = magnitude_prune(delta, _per_model(density, i))
+            delta = rescaled(delta, kept, rescale or "none")
         elif prune == "random":
-            delta = random_prune(delta, drop_rate, generator)
+            delta = random_prune(
+                delta, _per_model(drop_rate, i), generator, rescale or "expectation"
+            )
         weight = float(weights[i]) if weights is not None and i < len(weights) else 1.0
         pruned.append(delta * weight if weight != 1.0 else delta)
     if weights is not None and len(weights) != len(pruned):
         raise ValueError(f"{len(weights)} weights for {len(pruned)} tensors")
     if not pruned:
         raise ValueError("no task vectors to merge")
-    # both branches build a new tensor (sum starts from 0), so scaling in place is safe
-    merged = disjoint_mean(pruned, elect_sign(pruned)) if sign_election else sum(pruned)
+    if normalize is None:
+        normalize = sign_election
+    if sign_election:
+        merged = disjoint_merge(pruned, elect_sign(pruned), weights, normalize=normalize)
+    else:
+        merged = sum(pruned)  # a new tensor (the sum starts from 0): in place below is safe
+        total = sum(_weights(weights, len(pruned)))
+        if normalize and abs(total) >= 1e-8:
+            merged = merged.div_(total)
     return merged.mul_(scale)
 
 
@@ -189,16 +276,26 @@ def ties(
     deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     scale: float = 1.0,
+    normalize: bool = True,
+    rescale: str = "none",
 ) -> Tensor:
-    """TIES-Merging: trim to ``density``, elect signs, disjoint mean (see the module docs).
+    """TIES-Merging: trim to ``density`` (one for all, or one per model), elect signs, disjoint
+    merge (see the module docs).
 
     >>> ties([torch.tensor([3.0, -1.0, 0.5]), torch.tensor([-2.0, -4.0, 0.1])], density=2 / 3)
     tensor([ 3.0000, -2.5000,  0.0000])
     """
     return sparse_task_arithmetic(
-        deltas, weights, scale=scale, prune="magnitude", density=density, sign_election=True
+        deltas,
+        weights,
+        scale=scale,
+        prune="magnitude",
+        density=density,
+        rescale=rescale,
+        sign_election=True,
+        normalize=normalize,
     )
 
 
@@ -206,19 +303,24 @@ def dare(
     deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
-    drop_rate: float = 0.9,
+    drop_rate: float | Sequence[float] = 0.9,
     generator: torch.Generator,
     scale: float = 1.0,
     sign_election: bool = False,
+    normalize: bool | None = None,
+    rescale: str = "expectation",
 ) -> Tensor:
-    """DARE: random drop and rescale, then task arithmetic (or TIES' sign election and disjoint
-    mean with ``sign_election``, DARE-TIES)."""
+    """DARE: random drop (``drop_rate``: one for all, or one per model) and rescale, then task
+    arithmetic (or TIES' sign election and disjoint merge with ``sign_election``, DARE-TIES);
+    ``normalize`` defaults to ``sign_election``."""
     return sparse_task_arithmetic(
         deltas,
         weights,
         scale=scale,
         prune="random",
         drop_rate=drop_rate,
+        rescale=rescale,
         sign_election=sign_election,
+        normalize=normalize,
         generator=generator,
     )

@@ -6,7 +6,6 @@ arguments, so they are written once, in the model's own file.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import numbers
@@ -15,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from accord.errors import ModelError
+from accord.errors import ModelError, did_you_mean
 from accord.zoo.mlp import MLP
 from accord.zoo.resnet import ResNet20
 from accord.zoo.vgg import VGG11, VGG16
@@ -36,7 +35,7 @@ def model_class(name: str) -> type[nn.Module]:
     """The class registered as ``name``; ModelError with the valid names if there is none."""
     if isinstance(name, str) and name in _CLASSES:
         return _CLASSES[name]
-    hint = _did_you_mean(str(name), MODELS)
+    hint = did_you_mean(str(name), MODELS)
     raise ModelError(f"unknown model {name!r}{hint}; valid models: {', '.join(MODELS)}")
 
 
@@ -55,7 +54,7 @@ def resolve_config(name: str, config: dict[str, Any]) -> dict[str, Any]:
     problems = []
     for key, value in config.items():
         if key not in defaults:
-            hint = _did_you_mean(key, defaults)
+            hint = did_you_mean(key, defaults)
             problems.append(f"unknown key {key!r}{hint} (accepted keys: {accepted})")
             continue
         problem = _check_value(key, value, types[key])
@@ -86,9 +85,3 @@ def _plain(value: Any) -> bool | int | float:
     if isinstance(value, bool):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    """A " (did you mean 'x'?)" suffix for the closest choice, or "" if none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
