@@ -24,7 +24,7 @@ from accord.bench import (
 )
 from accord.bench.markdown import render_speed
 from accord.bench.quality import ROW_LABELS, train_pool
-from accord.merge import NP_MERGE_OPTIONS
+from accord.combine.npmerge import NP_MERGE_OPTIONS
 
 MICRO = QualityPlan(
     name="quality-micro",

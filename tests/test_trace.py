@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accord.check import check_spec
 from accord.errors import ConfigError, SpecError, TraceError
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
@@ -677,7 +678,7 @@ def test_sequence_model_with_dict_input_and_outputs() -> None:
     assert AxisRef("embed.weight", 1) in stream.writers
     assert stream.batchnorms == (FoldedNorm("bn", "conv"),)
     assert spec["glu"].reason == "consumed by Tensor.chunk, which accord cannot prove safe"
-    spec.check(model, x)
+    check_spec(spec, model, x)
 
 
 def test_tied_embedding_fixes_the_stream() -> None:
@@ -723,7 +724,7 @@ def test_dropping_a_reader_is_caught_by_check() -> None:
     broken = dataclasses.replace(stream, readers=stream.readers[1:])
     spaces = [broken if s.name == stream.name else s for s in spec]
     with pytest.raises(SpecError, match=re.escape("stream:layer2.0.conv2")):
-        Spec(spaces, spec.model, spec.observation).check(model, x)
+        check_spec(Spec(spaces, spec.model, spec.observation), model, x)
 
 
 def test_save_load_round_trip_and_validation(tmp_path) -> None:

@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from accord.check import check_spec
 from accord.errors import SpecError
 from accord.spec import AxisRef, Spec
 from accord.trace import trace
@@ -122,7 +123,7 @@ def test_traced_specs_keep_the_function(network: tuple[nn.Module, torch.Tensor])
     model, x = network
     spec = trace(model, x)
     assert [s.name for s in spec if not s.free] == ["input", "output"]
-    spec.check(model, x)
+    check_spec(spec, model, x)
 
 
 @settings(max_examples=25, deadline=None)
@@ -141,7 +142,7 @@ def test_a_missing_reader_is_caught(network: tuple[nn.Module, torch.Tensor], dat
 
     def caught(seed: int) -> bool:
         try:
-            broken.check(model, x, seed=seed)
+            check_spec(broken, model, x, seed=seed)
         except SpecError as exc:
             assert repr(space.name) in str(exc)
             return True

@@ -3,8 +3,9 @@
 The data path: trace → statistics → match → apply → combine → repair → evaluate → save.
 """
 
+from accord._version import __version__ as __version__
 from accord.apply import Transform, apply_transforms, fold_batchnorms
-from accord.check import randomly_permuted
+from accord.check import check_spec, randomly_permuted
 from accord.config import MergeConfig
 from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
 from accord.errors import (
@@ -44,8 +45,6 @@ from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_
 from accord.workflow import merge_checkpoints
 from accord.zoo import MODELS, build_model, example_input, model_config
 
-__version__ = "0.1.0"
-
 __all__ = [
     "DATASETS",
     "MATCHERS",
@@ -77,6 +76,7 @@ __all__ = [
     "Transform",
     "apply_transforms",
     "build_model",
+    "check_spec",
     "checkpoint_dataset",
     "collect_statistics",
     "default_dataset",

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from accord._io import write_json
+from accord._version import __version__
 from accord.errors import OutputError
 
 MANIFEST = "accord-output.json"
@@ -203,7 +204,6 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _write_manifests(root: Path, kind: str) -> None:
     """One manifest in every folder of ``root``'s tree, listing what accord wrote there."""
-    from accord import __version__
 
     for folder, subfolders, files in os.walk(root):
         entries = sorted(name for name in (*subfolders, *files) if name != MANIFEST)

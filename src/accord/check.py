@@ -82,8 +82,11 @@ def check_spec(
 ) -> None:
     """Raise :class:`SpecError` naming the first free space whose random map changes the output.
 
-    Runs in float64 and eval mode so that only a wrong spec, not rounding, can fail it. Each
-    space is tested on its own, then all of them together.
+    Permutation spaces get a random permutation, ``linear`` ones a random well-conditioned
+    invertible map, ``orthogonal`` ones a random orthogonal map; ``dense`` spaces get a
+    permutation, since any other map is only an approximation there. Runs in float64 and eval
+    mode so that only a wrong spec, not rounding, can fail it. Each space is tested on its own,
+    so that the error names the space that broke the function, then all of them together.
     """
     spec.validate(model)
     reference_model = copy.deepcopy(model).double().eval()

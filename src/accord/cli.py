@@ -13,10 +13,11 @@ import yaml
 
 import accord
 from accord._table import format_table
+from accord.combine.npmerge import NP_MERGE_ALIGN
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError, ConfigError
 from accord.match import check_option_names
-from accord.merge import NP_MERGE_ALIGN, declared_options
+from accord.merge import declared_options
 
 DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from accord.data import Dataset, make_loader
+from accord.data import Dataset, batches
+from accord.repair import reset_batchnorm
 
 Batches = Iterable[Any]
 
@@ -28,13 +29,6 @@ class Evaluation:
     accuracy: float
     loss: float
     count: int
-
-
-def batches(data: Dataset | Batches, batch_size: int = 512) -> Batches:
-    """``data`` as an iterable of ``(inputs, labels)`` batches."""
-    if isinstance(data, Dataset):
-        return make_loader(data, batch_size=batch_size)
-    return data
 
 
 def _evaluate_logits(
@@ -169,8 +163,6 @@ def interpolation_curve(
     With ``repair_data``, each interpolated model's BatchNorm statistics are recomputed on it
     first (without it, interior points of BatchNorm networks are badly calibrated).
     """
-    from accord.repair import reset_batchnorm
-
     alphas = [i / (steps - 1) for i in range(steps)]
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     probe = copy.deepcopy(model_a)

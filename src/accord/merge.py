@@ -24,13 +24,15 @@ from torch import nn
 from accord._finite import describe_non_finite, first_non_finite
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.combine.average import average_states
-from accord.combine.npmerge import NPMergeResult, np_merge
+from accord.combine.npmerge import NP_MERGE_ALIGN, NP_MERGE_OPTIONS, NPMergeResult, np_merge
+from accord.data import batches
 from accord.errors import MergeError
-from accord.evaluate import batches, evaluate
+from accord.evaluate import evaluate
 from accord.match import MATCHERS, Alignment, check_option_names, match, matcher
 from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
+from accord.tune import merge_tuned
 
 REPAIRS = ("auto", "bn-reset", "repair", "none")
 BATCHNORM_ROUTES = ("fold", "transform")
@@ -306,9 +308,8 @@ def merge(
     _check_input_dtype(models[0], data, "data")
     _check_input_dtype(models[0], validation, "validation")
     if options == "auto":
-        from accord.tune import merge_tuned
-
         return merge_tuned(
+            merge,
             models,
             data,
             method,
@@ -462,14 +463,6 @@ class NPMergeCombiner:
             "mean_weights": weights,
             "memory_bytes": outcome.memory_bytes,
         }
-
-
-# Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
-# only perturbs the average; 3 epochs at 0.05 beat the CCA start on held-out data for 2 and
-# 3 VGG11 models (Fashion-MNIST, 2,000 calibration images), where 1 epoch at 0.01 did not.
-NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 3, "lr": 0.05, "max_samples": None}
-# NP Merge's alignment method, its option ``align``
-NP_MERGE_ALIGN = "cca"
 
 
 def declared_options(method: str, align: str = NP_MERGE_ALIGN) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord.data import batches
 from accord.errors import MergeError
 
 
@@ -35,8 +36,6 @@ def reset_batchnorm(
     Momentum is set to None (cumulative average over the pass) and restored afterwards;
     the model is returned in eval mode.
     """
-    from accord.evaluate import batches
-
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model.eval()
@@ -109,8 +108,6 @@ def _output_moments(
     With ``correct`` (name → (target mean, target std)), each output is also re-standardised
     on the fly with its batch statistics, so later layers see repaired inputs.
     """
-    from accord.evaluate import batches
-
     modules = dict(model.named_modules())
     moments = {name: _ChannelMoments() for name in names}
 

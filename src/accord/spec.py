@@ -241,25 +241,6 @@ class Spec:
         if problems:
             raise SpecError("spec does not fit the model:\n  " + "\n  ".join(problems))
 
-    def check(
-        self,
-        model: nn.Module,
-        example_input: Any,
-        *,
-        seed: int = 0,
-        rtol: float = 1e-5,
-    ) -> None:
-        """Transform every free space at random and check the outputs do not change.
-
-        Permutation spaces get a random permutation, ``linear`` ones a random well-conditioned
-        invertible map, ``orthogonal`` ones a random orthogonal map; ``dense`` spaces get a
-        permutation, since any other map is only an approximation there. The spaces are
-        tested one at a time so that the error names the space that broke the function.
-        """
-        from accord.check import check_spec
-
-        check_spec(self, model, example_input, seed=seed, rtol=rtol)
-
 
 def _space_problems(space: FeatureSpace, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     where = f"space {space.name!r}"

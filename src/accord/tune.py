@@ -8,11 +8,12 @@ The test set is never looked at.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
+from accord.combine.npmerge import NP_MERGE_OPTIONS
 from accord.errors import MergeError
 from accord.evaluate import evaluate
 
@@ -34,6 +35,7 @@ def candidates(method: str) -> list[dict[str, Any]]:
 
 
 def merge_tuned(
+    merge: Callable[..., Any],
     models: Sequence[nn.Module],
     data: Any,
     method: str,
@@ -44,17 +46,16 @@ def merge_tuned(
 ) -> Any:
     """The merge whose options score best on ``validation`` among :data:`TUNING_GRIDS`.
 
-    ``merge_arguments`` go to :func:`accord.merge` (spec, reference, repair, statistics...).
+    ``merge`` is :func:`accord.merge`, called once per candidate with ``merge_arguments``
+    (spec, reference, repair, statistics...) and the candidate's options.
     The result's report gains ``"tuning"``: each candidate and its validation accuracy.
     """
-    from accord.merge import merge
-
     if validation is None:
         raise MergeError(
             "options='auto' chooses hyper-parameters on a validation split: pass validation=..."
         )
     if method == "npmerge":
-        return _npmerge_tuned(models, data, validation, device, merge_arguments)
+        return _npmerge_tuned(merge, models, data, validation, device, merge_arguments)
     best, trials = None, []
     for options in candidates(method):
         try:
@@ -85,6 +86,7 @@ def merge_tuned(
 
 
 def _npmerge_tuned(
+    merge: Callable[..., Any],
     models: Sequence[nn.Module],
     data: Any,
     validation: Any,
@@ -99,12 +101,10 @@ def _npmerge_tuned(
     of NP Merge's own options, the others (lr, more epochs) would cost a training each. The
     report's ``"tuning"`` lists the alignment's candidates, then both NP Merge candidates.
     """
-    from accord.merge import NP_MERGE_OPTIONS, merge
-
     np_options = {k: v for k, v in merge_arguments.items() if k in NP_MERGE_OPTIONS}
     rest = {k: v for k, v in merge_arguments.items() if k not in NP_MERGE_OPTIONS}
     align = rest.pop("align", "cca")
-    aligned = merge_tuned(models, data, align, validation, device=device, **rest)
+    aligned = merge_tuned(merge, models, data, align, validation, device=device, **rest)
     chosen = {name: aligned.report["options"][name] for name in TUNING_GRIDS.get(align, {})}
     rest.setdefault("statistics", aligned.statistics)
     rest.setdefault("spec", aligned.spec)

@@ -6,7 +6,7 @@ import datetime
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,3 +73,24 @@ def cell(result: dict[str, Any], name: str, split: str = "test") -> dict[str, An
     summary when that configuration has no such row)."""
     row = next((row for row in result["rows"] if row["name"] == name), None)
     return summary([]) if row is None else row[split]
+
+
+def _machine(document: Mapping[str, Any]) -> str:
+    m = document["machine"]
+    extra = f", {m['accelerator']}" if m.get("accelerator") else ""
+    if "load_average_1min" in m:
+        extra += f"; 1-minute load average {m['load_average_1min']} when the run ended"
+    return (
+        f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, Python {m['python']}, device {m['device']}{extra}"
+    )
+
+
+def run_facts(document: Mapping[str, Any], seconds: str) -> list[str]:
+    """The lines every benchmark section opens with: command, date, machine, wall time."""
+    return [
+        f"- command: `{document['command']}`",
+        f"- date: {document['date']}",
+        f"- machine: {_machine(document)}",
+        f"- wall time: {seconds}",
+    ]

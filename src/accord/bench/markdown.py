@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accord._table import format_table
-from accord.bench._common import by_panel, cell, row_names
+from accord.bench._common import by_panel, cell, row_names, run_facts
 from accord.bench.quality import ROW_LABELS
 from accord.bench.skill import render_skill
 
@@ -47,26 +47,6 @@ def _percent(cell: Mapping[str, Any]) -> str:
     if len(cell.get("values", [])) > 1:
         return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
     return f"{100 * cell['mean']:.1f}"
-
-
-def _machine(document: Mapping[str, Any]) -> str:
-    m = document["machine"]
-    extra = f", {m['accelerator']}" if m.get("accelerator") else ""
-    if "load_average_1min" in m:
-        extra += f"; 1-minute load average {m['load_average_1min']} when the run ended"
-    return (
-        f"{m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
-        f"torch {m['torch']}, Python {m['python']}, device {m['device']}{extra}"
-    )
-
-
-def _run_facts(document: Mapping[str, Any], seconds: str) -> list[str]:
-    return [
-        f"- command: `{document['command']}`",
-        f"- date: {document['date']}",
-        f"- machine: {_machine(document)}",
-        f"- wall time: {seconds}",
-    ]
 
 
 def _figure(link: str, name: str, caption: str) -> list[str]:
@@ -154,7 +134,7 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, merging "
         f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s)"
     )
-    lines = [f"## Quality: `{document['config']['name']}`", "", *_run_facts(document, spent)]
+    lines = [f"## Quality: `{document['config']['name']}`", "", *run_facts(document, spent)]
     lines += _quality_setup(document["config"])
     lines += [
         "",
@@ -226,7 +206,7 @@ def render_speed(document: Mapping[str, Any]) -> str:
     lines = [
         "## Speed",
         "",
-        *_run_facts(document, f"{document['seconds']:.0f} s"),
+        *run_facts(document, f"{document['seconds']:.0f} s"),
         f"- data: the first {config['samples']} training images of {config['dataset']} in "
         f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
         f"{config['ridge']}; NP Merge: its default options (`accord.merge`) over the same "

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from accord._io import write_json
 from accord._table import format_table
-from accord.bench._common import machine_info, today
+from accord.bench._common import machine_info, run_facts, today
 from accord.bench.skill_corpus import (
     CORPORA,
     VOCABULARY,
@@ -528,14 +528,12 @@ def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
 def render_skill(document: Mapping[str, Any]) -> str:
     """The Markdown section of one skill-transfer run: setup, results, what each number means."""
     # imported here, not at the top: markdown.py, which renders every benchmark, imports us
-    from accord.bench.markdown import _run_facts
-
     c, seconds, refs = document["config"], document["seconds"], document["references"]
     spent = (
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, alignment "
         f"{seconds['alignment']:.0f} s, evaluation {seconds['evaluation']:.0f} s)"
     )
-    lines = [f"## Skill transfer: `{c['name']}`", "", *_run_facts(document, spent)]
+    lines = [f"## Skill transfer: `{c['name']}`", "", *run_facts(document, spent)]
     lines += [
         f"- model: `LlamaForCausalLM`, hidden {c['hidden']}, {c['layers']} layers, "
         f"{c['heads']} query heads in {c['kv_heads']} key/value groups, SwiGLU width "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,6 +198,14 @@ def make_loader(
     order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     batches = BatchSampler(order, batch_size=batch_size, drop_last=False)
     return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=0)
+
+
+def batches(data: Dataset | Iterable[Any], batch_size: int = 512) -> Iterable[Any]:
+    """``data`` as an iterable of ``(inputs, labels)`` batches: a :class:`Dataset` is batched
+    (in order), anything else (a DataLoader, a list of batches) is returned as it is."""
+    if isinstance(data, Dataset):
+        return make_loader(data, batch_size=batch_size)
+    return data
 
 
 def _source(name: str) -> _Source:
