@@ -61,23 +61,31 @@ def reset_batchnorm(
 
 
 class _ChannelMoments:
-    """Running per-channel sums of a module's output (float64), channel axis 1 or last."""
+    """Running per-channel sums of a module's output (float64), channel axis 1 or last.
+
+    Sums are of ``x − s`` with the shift ``s`` the first batch's mean, so the variance is not
+    the difference of two large numbers when channels sit far from zero (DESIGN.md §5).
+    """
 
     def __init__(self) -> None:
         self.count = 0
+        self.shift: torch.Tensor | None = None
         self.total: torch.Tensor | float = 0.0
         self.squares: torch.Tensor | float = 0.0
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.to(torch.float64)
+        if self.shift is None:
+            self.shift = rows.mean(0)
+        centred = rows - self.shift
         self.count += rows.shape[0]
-        self.total = self.total + rows.sum(0)
-        self.squares = self.squares + (rows * rows).sum(0)
+        self.total = self.total + centred.sum(0)
+        self.squares = self.squares + (centred * centred).sum(0)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.as_tensor(self.total) / self.count
-        var = torch.as_tensor(self.squares) / self.count - mean * mean
-        return mean, var.clamp_min(0).sqrt()
+        offset = torch.as_tensor(self.total) / self.count
+        var = torch.as_tensor(self.squares) / self.count - offset * offset
+        return self.shift + offset, var.clamp_min(0).sqrt()
 
 
 def _channel_rows(output: torch.Tensor, module: nn.Module) -> torch.Tensor:
