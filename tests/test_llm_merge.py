@@ -223,12 +223,6 @@ def test_non_finite_inputs_and_outputs_name_the_file_and_tensor(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
-def test_existing_output_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
-    (tmp_path / "out").mkdir()
-    with pytest.raises(ModelError, match="already exists"):
-        merge_checkpoints([family["ft1"]], tmp_path / "out")
-
-
 def test_mismatched_configs_name_the_key(family: dict[str, Path], tmp_path: Path) -> None:
     other = _save(tiny_model("qwen2", seed=5, vocab_size=120), tmp_path / "wide")
     with pytest.raises(ConfigError, match="vocab_size"):

@@ -261,6 +261,7 @@ def test_no_tokenizer_files_no_copy(toys: dict[str, Path], tmp_path: Path) -> No
     models = _models(toys, "{weight: 1.0}", "{weight: 1.0}")
     _run(tmp_path, models + f"merge_method: ties\nbase_model: {toys['base']}\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "accord-output.json",
         "config.json",
         "model.safetensors",
     ]

@@ -39,10 +39,12 @@ from pydantic import (
     field_validator,
 )
 
+from accord._outputs import check_output
 from accord.config import read_yaml_mapping
-from accord.errors import ConfigError, did_you_mean
-from accord.transformers.io import parse_size
+from accord.errors import ConfigError, OutputError, did_you_mean
+from accord.transformers.io import DEFAULT_SHARD_SIZE, parse_size
 from accord.transformers.merge import (
+    MERGE_OUTPUT,
     METHODS,
     SEED_LIMIT,
     alignment_problems,
@@ -107,10 +109,14 @@ class LLMMergeConfig(BaseModel):
         None, description="copy tokenizer files from: base (or the first model) or a folder"
     )
     shard_size: int = Field(
-        "2GB", validate_default=True, description="bytes per shard: 500MB, 1.5GiB or a number"
+        DEFAULT_SHARD_SIZE,
+        validate_default=True,
+        description="bytes per shard: 500MB, 1.5GiB or a number",
     )
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random drops")
-    output: str | None = Field(None, description="output directory (refused if it exists)")
+    output: str | None = Field(
+        None, description="output directory (an existing one: refused unless overwrite)"
+    )
     overwrite: bool = False
 
     @field_validator("models", mode="before")
@@ -199,8 +205,10 @@ def _semantic_problems(config: LLMMergeConfig) -> list[str]:
             "output: no output folder; set output: in the config or give it on the command "
             "line (accord llm-merge CONFIG OUT)"
         )
-    elif Path(config.output).exists() and not config.overwrite:
-        problems.append(
-            f"output: {config.output} already exists (set overwrite: true to replace it)"
-        )
+    else:
+        inputs = [value for _, value in paths] + ([tokenizer] if tokenizer is not None else [])
+        try:
+            check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=inputs)
+        except OutputError as exc:
+            problems.append(f"output: {exc}")
     return problems

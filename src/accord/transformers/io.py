@@ -7,8 +7,10 @@ Nothing is read eagerly: :class:`LazyState` opens the shard holding a tensor wit
 
 Writing streams too: the safetensors header (names, dtypes, shapes, byte offsets) is known
 before any tensor is computed, so each shard is written header first and then tensor by tensor.
-The whole output is built in a temporary directory beside the target and renamed onto it at the
-end; a failure removes the temporary directory, so no partial output is ever left.
+The whole output (shards, index, config, tokenizer files) is filled in a staging folder beside
+the target and renamed onto it at the end by :func:`accord._outputs.write_folder`, whose rules
+decide what may be overwritten; a failure removes the staging folder, so no partial output is
+ever left.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,11 +30,14 @@ from pydantic import ByteSize, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from accord.errors import ModelError
+from accord._outputs import write_folder
+from accord.errors import ConfigError, ModelError
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+CHECKPOINT_KIND = "hf-checkpoint"  # the kind of output folder save_checkpoint writes
+DEFAULT_SHARD_SIZE = "2GB"
 
 # What a merge copies from its tokenizer source: mergekit's list (generation_config.json and the
 # chat templates included), with the vocabularies of GPT-2's and BERT's tokenizers.
@@ -227,51 +231,57 @@ def tokenizer_files(directory: str | os.PathLike[str]) -> list[Path]:
     return [path for path in paths if path.is_file()]
 
 
-def check_output(directory: str | os.PathLike[str], overwrite: bool) -> Path:
-    """``directory`` as a path; ModelError if it exists and ``overwrite`` is not set."""
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise ModelError(f"{target} already exists; choose another output or set overwrite")
-    return target
-
-
 def write_checkpoint(
     directory: str | os.PathLike[str],
     config: dict[str, Any],
     infos: Sequence[TensorInfo],
     produce: Callable[[TensorInfo], Tensor],
     *,
-    shard_size: int = 2**31,
+    kind: str = CHECKPOINT_KIND,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
     on_tensor: Callable[[str], None] | None = None,
     extra_files: Sequence[Path] = (),
 ) -> Path:
     """Write a checkpoint whose tensors ``produce(info)`` computes one at a time, atomically.
 
-    Shards are named like Hugging Face's (``model-00001-of-00002.safetensors`` plus an index;
+    Shards of at most ``shard_size`` (bytes, or a size such as ``500MB`` or ``1.5GiB``) are
+    named like Hugging Face's (``model-00001-of-00002.safetensors`` plus an index;
     ``model.safetensors`` alone when one shard suffices). ``config.json`` is written with its
     ``dtype`` entry set to the tensors' floating dtype; ``extra_files`` (a tokenizer's) are
-    copied beside it. An existing ``directory`` is refused unless ``overwrite``, and is then
-    replaced whole only once the new one is complete.
+    copied beside it. The folder is a ``kind`` output of :func:`accord._outputs.write_folder`:
+    checked before any tensor is computed (OutputError naming the folder when it is, holds or
+    lies in one of ``inputs``, cannot be written, or exists and is not a ``kind`` folder accord
+    wrote, or exists without ``overwrite``), and replaced whole once the new one is complete.
     """
-    target = check_output(directory, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _hidden_dir_beside(target, ".tmp")
     try:
-        _write_shards(staging, infos, produce, shard_size, on_tensor)
-        floating = [info.dtype for info in infos if info.dtype.is_floating_point]
-        config = dict(config)
-        if floating:  # both spellings where present: transformers 4 reads torch_dtype
-            name = str(floating[0]).removeprefix("torch.")
-            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
-                config[key] = name
-        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        raise ConfigError(f"shard_size: {exc}") from None
+
+    def fill(staging: Path) -> None:
+        _write_shards(staging, infos, produce, shard_bytes, on_tensor)
+        (staging / CONFIG).write_text(_json(_with_dtype(config, infos)), encoding="utf-8")
         for path in extra_files:
             shutil.copyfile(path, staging / path.name)
-        _replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_folder(directory, kind, fill, overwrite=overwrite, inputs=inputs)
+
+
+def _with_dtype(config: dict[str, Any], infos: Sequence[TensorInfo]) -> dict[str, Any]:
+    """``config`` with its dtype entries set to the tensors' floating dtype."""
+    floating = [info.dtype for info in infos if info.dtype.is_floating_point]
+    config = dict(config)
+    if floating:  # both spellings where present: transformers 4 reads torch_dtype
+        name = str(floating[0]).removeprefix("torch.")
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = name
+    return config
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _write_shards(
@@ -298,7 +308,7 @@ def _write_shards(
     if count > 1:
         total = sum(info.nbytes for info in infos)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (staging / INDEX).write_text(_json(index), encoding="utf-8")
 
 
 def _header(shard: Sequence[TensorInfo]) -> bytes:
@@ -325,35 +335,17 @@ def _check_produced(info: TensorInfo, tensor: Tensor) -> None:
         )
 
 
-def _hidden_dir_beside(target: Path, suffix: str) -> Path:
-    """A new empty directory ``.<target name>.<random><suffix>`` beside ``target``, made with the
-    umask's mode: tempfile.mkdtemp makes it 0700, which the output would keep once renamed."""
-    directory = target.parent / f".{target.name}.{secrets.token_hex(8)}{suffix}"
-    directory.mkdir()
-    return directory
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename ``staging`` onto ``target``; an old ``target`` is moved aside first and removed
-    only after the rename, so a crash between the two leaves one complete directory."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = _hidden_dir_beside(target, ".old")
-    os.replace(target, old / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str],
     state: Mapping[str, Tensor],
     config: dict[str, Any],
     *,
-    shard_size: int = 2**31,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
 ) -> Path:
-    """Write an in-memory (or lazy) state dict and its config as a checkpoint, atomically.
+    """Write an in-memory (or lazy) state dict and its config as a checkpoint, atomically, by
+    :func:`write_checkpoint`'s rules (``overwrite`` replaces only a checkpoint this function
+    wrote).
 
     A tied ``lm_head.weight`` is left out, as ``save_pretrained`` does.
     """

@@ -30,7 +30,9 @@ Only a few tensors are in memory at once: the inputs are read lazily, the header
 output shard is planned from the input headers, and each merged tensor is written as soon as it
 is computed. The output (sharded safetensors, index, ``config.json`` of the receiver or first
 model, and the tokenizer files of ``tokenizer`` when given) appears atomically; nothing is left
-behind on failure.
+behind on failure. The output folder is checked before any weight is read: it may not be, hold
+or lie inside an input folder, and an existing one is replaced (``overwrite``) only when accord
+wrote it as a merge output (:mod:`accord._outputs`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from accord._finite import describe_non_finite
+from accord._outputs import check_output
 from accord.errors import ConfigError, ModelError, did_you_mean
 from accord.transformers import methods
 from accord.transformers.align import find_alignment
@@ -58,10 +61,10 @@ from accord.transformers.arch import (
     check_compatible,
 )
 from accord.transformers.io import (
+    DEFAULT_SHARD_SIZE,
     TOKENIZER_FILES,
     Checkpoint,
     TensorInfo,
-    check_output,
     open_checkpoint,
     parse_size,
     read_config,
@@ -168,6 +171,7 @@ _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 # torch's CPU generator (mt19937) keeps the low 32 bits of its seed.
 SEED_LIMIT = 2**32
+MERGE_OUTPUT = "llm-merge-output"  # the kind of output folder a merge writes and overwrites
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,7 @@ def merge_checkpoints(
     align: bool = False,
     dtype: torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
-    shard_size: int | str = "2GB",
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
@@ -363,7 +367,9 @@ def merge_checkpoints(
         problems += tokenizer_problems(tokenizer)
     if problems:
         raise ConfigError("; ".join(problems))
-    check_output(output, overwrite)  # before the alignment, which can take minutes
+    folders = [*models, *(path for path in (base, receiver, tokenizer) if path is not None)]
+    # before any weight is read and the alignment, which can take minutes
+    check_output(output, MERGE_OUTPUT, overwrite=overwrite, inputs=folders)
     inputs = _open(models, base, receiver, align)
     info = METHODS[method]
     resolved = _resolve(info, parameters, per_model, inputs.names)
@@ -392,8 +398,10 @@ def merge_checkpoints(
             inputs.receiver.config,
             infos,
             produce,
+            kind=MERGE_OUTPUT,
             shard_size=shard_bytes,
             overwrite=overwrite,
+            inputs=folders,
             on_tensor=lambda name: bar.update(1),
             extra_files=tokenizer_files(tokenizer) if tokenizer is not None else (),
         )
