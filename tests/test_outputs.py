@@ -210,3 +210,15 @@ def test_an_unwritable_store_fails_before_training(tmp_path: Path) -> None:
     )
     with pytest.raises(accord.OutputError, match=r"file is a file, not a folder"):
         accord.train_model_set(request, tmp_path / "file" / "store", progress=False)
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    from accord._io import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "report.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from accord._io import write_json
 from accord._version import __version__
 from accord.errors import OutputError
 
@@ -203,14 +204,10 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _write_manifests(root: Path, kind: str) -> None:
     """One manifest in every folder of ``root``'s tree, listing what accord wrote there."""
-
     for folder, subfolders, files in os.walk(root):
         entries = sorted(name for name in (*subfolders, *files) if name != MANIFEST)
         manifest = {"kind": kind, "written_by": f"accord {__version__}", "entries": entries}
-        # A plain write: nobody sees the staging folder yet, and write_json's temporary file
-        # would give the manifest mode 0600 instead of the umask's.
-        text = json.dumps(manifest, indent=2) + "\n"
-        (Path(folder) / MANIFEST).write_text(text, encoding="utf-8")
+        write_json(Path(folder) / MANIFEST, manifest)
 
 
 def _swap_in(staging: Path, target: Path) -> None:
