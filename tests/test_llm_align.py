@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import importlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,7 @@ from accord.transformers import (
 )
 from accord.transformers.testing import VARIANTS, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:

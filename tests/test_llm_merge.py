@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,7 @@ from accord.transformers.config import validate_llm_merge_config  # noqa: E402
 from accord.transformers.merge import merge_checkpoints  # noqa: E402
 from accord.transformers.testing import tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _save(model: torch.nn.Module, path: Path, **options: int) -> Path:

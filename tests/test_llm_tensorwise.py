@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,7 @@ ARCHITECTURES = [name for name in TENSORWISE_VARIANTS if hasattr(transformers, n
 Saved = dict[str, Path]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _finetune(model: torch.nn.Module, seed: int) -> torch.nn.Module:
