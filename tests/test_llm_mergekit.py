@@ -131,6 +131,129 @@ def test_dare_drops_and_rescales_to_the_l1_norm(tmp_path: Path, rescale: bool) -
         torch.testing.assert_close(merged.abs().sum(), torch.tensor(sum(values)))
 
 
+# The toys' task vectors ft1 = [2, -2, 1, 0.5] and ft2 = [4, 2, -3, -0.1]:
+# ft1 · ft2 = 8 - 4 - 3 - 0.05 = 0.95, ‖ft1‖² = 9.25, ‖ft2‖² = 29.01.
+_COS = 0.95 / math.sqrt(9.25 * 29.01)
+
+
+def test_model_stock(toys: dict[str, Path], tmp_path: Path) -> None:
+    text = (
+        f"models:\n  - model: {toys['ft1']}\n  - model: {toys['ft2']}\n"
+        f"merge_method: model_stock\nbase_model: {toys['base']}\n"
+    )
+    t = 2 * _COS / (1 + _COS)  # k = 2
+    _close(_run(tmp_path, text), [t * 3.0, 0.0, -t, t * 0.2])  # t · mean of the task vectors
+
+
+def test_nuslerp_with_and_without_a_base(toys: dict[str, Path], tmp_path: Path) -> None:
+    omega = math.acos(_COS)
+    # weights 1 and 3: t = 3/4
+    a, b = math.sin(omega / 4) / math.sin(omega), math.sin(3 * omega / 4) / math.sin(omega)
+    expected = [a * x + b * y for x, y in zip([2, -2, 1, 0.5], [4, 2, -3, -0.1], strict=True)]
+    models = (
+        f"models:\n  - model: {toys['ft1']}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {toys['ft2']}\n    parameters: {{weight: 3}}\nmerge_method: nuslerp\n"
+    )
+    _close(_run(tmp_path, models), expected)
+    # the task vectors from a base of 1s: the same slerp, added to the base
+    shifted = {
+        key: _toy(tmp_path / f"{key}+1", [v + 1 for v in values])
+        for key, values in (("ft1", [2, -2, 1, 0.5]), ("ft2", [4, 2, -3, -0.1]))
+    }
+    base = _toy(tmp_path / "ones", [1.0] * 4)
+    text = models.replace(str(toys["ft1"]), str(shifted["ft1"]))
+    text = text.replace(str(toys["ft2"]), str(shifted["ft2"])) + f"base_model: {base}\n"
+    _close(_run(tmp_path, text, "based"), [v + 1 for v in expected])
+
+
+def test_della_defaults_drop_nothing_and_elect_signs(toys: dict[str, Path], tmp_path: Path) -> None:
+    # mergekit's density 1 drops nothing: TIES at full density, normalized (della's default)
+    models = _models(toys, "{weight: 0.5}", "{weight: 0.5}")
+    text = models + f"merge_method: della\nbase_model: {toys['base']}\n"
+    _close(_run(tmp_path, text), [3.0, 2.0, -3.0, 0.5])
+    linear = text.replace("merge_method: della", "merge_method: della_linear")
+    _close(_run(tmp_path, linear, "linear"), [3.0, 0.0, -1.0, 0.2])  # the weighted sum
+    translated = translate_mergekit_config(
+        {
+            "merge_method": "della",
+            "base_model": str(toys["base"]),
+            "models": [{"model": str(toys["ft1"]), "parameters": {"weight": 1, "epsilon": 0.1}}],
+        }
+    )
+    assert translated["models"][0] == {"path": str(toys["ft1"]), "weight": 1.0, "epsilon": 0.1}
+    params = translated["parameters"]
+    assert params["density"] == 1.0 and params["epsilon"] == 0.15 and params["scale"] == 1.0
+    assert params["normalize"] is True and params["rescale"] == "l1"
+
+
+def test_della_drops_by_rank_and_rescales_to_the_l1_norm(tmp_path: Path) -> None:
+    values = [float(v) for v in range(1, 201)]
+    base = save_checkpoint(tmp_path / "base", {"w": torch.zeros(200)}, TOY)
+    ft = save_checkpoint(tmp_path / "ft", {"w": torch.tensor(values)}, TOY)
+    text = (
+        f"models:\n  - model: {ft}\n    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.4}}\n"
+        f"merge_method: della_linear\nbase_model: {base}\n"
+    )
+    merged = _run(tmp_path, text)["w"]
+    kept = merged != 0
+    # keep probabilities 0.1 (smallest) to 0.9 (largest): the top half is kept far more often
+    assert int(kept[100:].sum()) > 2 * int(kept[:100].sum())
+    torch.testing.assert_close(merged.abs().sum(), torch.tensor(sum(values)))  # rescale: l1
+
+
+def test_breadcrumbs_and_breadcrumbs_ties(toys: dict[str, Path], tmp_path: Path) -> None:
+    # density 0.5, gamma 0.25 on 4 entries: 1 outlier and 1 small entry dropped
+    # ft1 [2, -2, 1, .5] -> [0, -2, 1, 0] (the first of the tied 2s is the outlier)
+    # ft2 [4, 2, -3, -.1] -> [0, 2, -3, 0]
+    models = _models(toys, "{weight: 1.0}", "{weight: 1.0}")
+    text = (
+        models + f"merge_method: breadcrumbs\nbase_model: {toys['base']}\n"
+        "parameters: {density: 0.5, gamma: 0.25}\n"
+    )
+    _close(_run(tmp_path, text), [0.0, 0.0, -2.0, 0.0])
+    # sign election: sums [0, 0, -2, 0]: +, +, -, +; summed (mergekit's normalize: false)
+    ties = text.replace("merge_method: breadcrumbs", "merge_method: breadcrumbs_ties")
+    _close(_run(tmp_path, ties, "ties"), [0.0, 2.0, -3.0, 0.0])
+
+
+def test_sce(toys: dict[str, Path], tmp_path: Path) -> None:
+    text = (
+        f"models:\n  - model: {toys['ft1']}\n  - model: {toys['ft2']}\n"
+        f"merge_method: sce\nbase_model: {toys['base']}\nparameters: {{int8_mask: true}}\n"
+    )
+    # weights ‖ft_i‖² / 38.26; sums [6, 0, -2, 0.4]: +, +, -, +; entries 1-3 have one agreeing
+    _close(_run(tmp_path, text), [(9.25 * 2 + 29.01 * 4) / 38.26, 2.0, -3.0, 0.5])
+
+
+def test_new_methods_refuse_what_mergekit_would_not_read(
+    toys: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sce = (
+        f"models:\n  - model: {toys['ft1']}\n    parameters: {{weight: 1}}\n"
+        f"merge_method: sce\nbase_model: {toys['base']}\n"
+    )
+    assert "models[0].parameters.weight has no effect on mergekit's sce" in _problems(
+        tmp_path, sce, capsys
+    )
+    nuslerp = (
+        f"models: [{{model: {toys['ft1']}}}, {{model: {toys['ft2']}}}]\nmerge_method: nuslerp\n"
+    )
+    assert "models[0].parameters.weight: mergekit's nuslerp needs a weight" in _problems(
+        tmp_path, nuslerp, capsys
+    )
+    stock = f"models: [{{model: {toys['ft1']}}}]\nmerge_method: model_stock\n"
+    err = _problems(tmp_path, stock + "parameters: {filter_wise: 2}\n", capsys)
+    assert "base_model: mergekit's model_stock needs a base_model" in err
+    assert "parameters.filter_wise=2: expected true or false" in err
+    one = stock + f"base_model: {toys['base']}\n"
+    assert "model_stock needs at least 2 fine-tuned models" in _problems(tmp_path, one, capsys)
+    # density 0.1 with mergekit's default epsilon 0.15: keep probabilities below 0
+    della = _models(toys, "{weight: 1, density: 0.1}", "{weight: 1}")
+    della += f"merge_method: della\nbase_model: {toys['base']}\n"
+    err = _problems(tmp_path, della, capsys)
+    assert "models[0], tensor 'model.embed.weight': density=0.1 ± epsilon=0.15" in err
+
+
 def _slerp_toys(tmp_path: Path) -> tuple[Path, Path]:
     return _toy(tmp_path / "a", [1.0, 0.0]), _toy(tmp_path / "b", [0.0, 1.0])
 
@@ -286,8 +409,10 @@ def test_unknown_keys_and_methods_are_named_with_a_suggestion(
     assert "base_modle" in err and "did you mean 'base_model'" in err
     err = _problems(tmp_path, f"models: [{{model: {toys['ft1']}}}]\nmerge_method: tie\n", capsys)
     assert "merge_method: 'tie' is unknown (did you mean 'ties'?)" in err
-    err = _problems(tmp_path, f"models: [{{model: {toys['ft1']}}}]\nmerge_method: della\n", capsys)
-    assert "mergekit's 'della' is not implemented in accord" in err
+    err = _problems(
+        tmp_path, f"models: [{{model: {toys['ft1']}}}]\nmerge_method: karcher\n", capsys
+    )
+    assert "mergekit's 'karcher' is not implemented in accord" in err
     text = (
         f"models:\n  - model: {toys['ft1']}\n    parameters: {{weight: 1, densty: 0.5}}\n"
         f"merge_method: ties\nbase_model: {toys['base']}\nparameters: {{t: 0.5, lamda: 2}}\n"

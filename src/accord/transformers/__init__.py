@@ -1,7 +1,8 @@
 """Hugging Face checkpoints: lazy safetensors I/O, exact symmetries, alignment and merges.
 
-Tensor-wise merges (linear, slerp, task arithmetic, TIES, DARE, DARE-TIES) take checkpoints of
-any family whose tensors agree by name and shape; mergekit's YAML configs run through
+Tensor-wise merges (linear, slerp, task arithmetic, TIES, DARE, DARE-TIES, DELLA, Model
+Breadcrumbs, SCE, Model Stock, NuSLERP; :data:`METHODS`) take checkpoints of any family whose
+tensors agree by name and shape; mergekit's YAML configs run through
 :mod:`accord.transformers.mergekit`. Symmetries and alignment know ``LlamaForCausalLM``,
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (:data:`SUPPORTED_ARCHITECTURES`). Everything
 works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor, so a merge

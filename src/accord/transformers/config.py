@@ -3,9 +3,11 @@ is read, every problem reported at once with the key it concerns.
 
 Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 
-    method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties
+    method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties |
+                              # della | della_linear | breadcrumbs | breadcrumbs_ties | sce |
+                              # model_stock | nuslerp (see accord.transformers.merge.METHODS)
     base: models/llama-base   # the task vectors' base (task-vector methods)
-    models:                   # fine-tuned models (a path, or {path, weight, density, drop_rate})
+    models:                   # fine-tuned models (a path, or {path, weight, density, ...})
       - models/llama-math
       - {path: models/llama-code, weight: 0.5}
     parameters: {density: 0.2, scale: 1.0}   # also normalize, rescale, and per-model defaults
@@ -14,12 +16,13 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
     dtype: bfloat16                # optional; default: the receiver's
     tokenizer_source: base         # optional: copy tokenizer files from base (or a folder)
     shard_size: 2GB                # optional: bytes per shard (or 500MB, 1.5GiB, 1000000)
-    seed: 0                        # optional: DARE's random drops, 0 <= seed < 2**32
+    seed: 0                        # optional: DARE's and DELLA's drops, 0 <= seed < 2**32
     output: merged/ties            # or OUT on the command line, which wins
 
 Numeric parameters (``t``, ``lerp_cosine``, ``scale``, ``weight``, ``density``,
-``drop_rate``) are settings: a number, a gradient across the layers or name filters
-(:mod:`accord.transformers.settings`).
+``drop_rate``, ``epsilon``, ``gamma``, ``select_topk``) are settings: a number, a gradient
+across the layers or name filters (:mod:`accord.transformers.settings`); ``normalize``,
+``filter_wise``, ``nuslerp_flatten`` and ``nuslerp_row_wise`` are true or false.
 A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.transformers.mergekit` and
 validated here once translated. Paths are relative to the current directory.
 """
@@ -57,8 +60,9 @@ SettingValue = Annotated[Setting, PlainValidator(parse_setting)]
 
 
 class ModelEntry(BaseModel):
-    """A model directory, its weight in the merge, and its own density (TIES) or drop rate
-    (DARE) where it differs from ``parameters``."""
+    """A model directory, its weight in the merge, and its own density (TIES, DELLA,
+    Breadcrumbs), drop rate (DARE), epsilon (DELLA) or gamma (Breadcrumbs) where it differs
+    from ``parameters``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +70,8 @@ class ModelEntry(BaseModel):
     weight: SettingValue | None = Field(None, description="default: parameters.weight, else 1")
     density: SettingValue | None = None
     drop_rate: SettingValue | None = None
+    epsilon: SettingValue | None = None
+    gamma: SettingValue | None = None
 
     def own_parameters(self) -> dict[str, Setting]:
         """The parameters set for this model alone."""
@@ -83,10 +89,28 @@ class Parameters(BaseModel):
     )
     scale: SettingValue | None = Field(None, description="λ multiplying the merged task vector")
     weight: SettingValue | None = Field(None, description="every model's weight by default")
-    density: SettingValue | None = Field(None, description="TIES: fraction of entries kept")
+    density: SettingValue | None = Field(
+        None, description="TIES, DELLA, Breadcrumbs: fraction of entries kept"
+    )
     drop_rate: SettingValue | None = Field(None, description="DARE: probability of a drop")
+    epsilon: SettingValue | None = Field(
+        None, description="DELLA: keep probabilities spread over density ± epsilon"
+    )
+    gamma: SettingValue | None = Field(
+        None, description="Breadcrumbs: fraction of largest entries dropped"
+    )
+    select_topk: SettingValue | None = Field(
+        None, description="SCE: fraction of highest-variance entries kept"
+    )
     normalize: bool | None = Field(None, description="divide by the (agreeing) weights' sum")
     rescale: str | None = Field(None, description="pruned entries: expectation | l1 | none")
+    filter_wise: bool | None = Field(None, description="Model Stock: one ratio per row")
+    nuslerp_flatten: bool | None = Field(
+        None, description="NuSLERP: one angle per tensor (default true)"
+    )
+    nuslerp_row_wise: bool | None = Field(
+        None, description="NuSLERP unflattened: vectors along the first axis, not the last"
+    )
 
     def given(self) -> dict[str, Any]:
         """The parameters the config sets."""
@@ -113,7 +137,7 @@ class LLMMergeConfig(BaseModel):
         validate_default=True,
         description="bytes per shard: 500MB, 1.5GiB or a number",
     )
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's random drops")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of DARE's and DELLA's drops")
     output: str | None = Field(
         None, description="output directory (an existing one: refused unless overwrite)"
     )

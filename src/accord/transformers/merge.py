@@ -1,14 +1,18 @@
 """Merging Hugging Face checkpoints on disk, one tensor at a time.
 
-Methods (:data:`METHODS`; the formulas are in :mod:`accord.transformers.methods`):
+Methods (:data:`METHODS`; the formulas are in :mod:`accord.transformers.methods` and, one
+module each, :mod:`accord.transformers.merge_methods`):
 
 - ``linear`` and ``slerp`` combine the ``models`` themselves (slerp: exactly two);
-- ``task_arithmetic``, ``ties``, ``dare`` and ``dare_ties`` combine the task vectors
-  ``τ_i = θ_i − θ_base`` of the ``models`` and add the result to the receiver: the ``base``
-  itself by default, or another model of the same architecture (``receiver``), which
-  ``align=True`` first moves into the base's coordinates by weight matching
-  (:func:`accord.transformers.find_alignment`), so that the task vectors land on the features
-  they were learned for (Horoi et al. 2025).
+- ``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``, ``della``, ``della_linear``,
+  ``breadcrumbs``, ``breadcrumbs_ties``, ``sce`` and ``model_stock`` (at least two models)
+  combine the task vectors ``τ_i = θ_i − θ_base`` of the ``models`` and add the result to the
+  receiver: the ``base`` itself by default, or another model of the same architecture
+  (``receiver``), which ``align=True`` first moves into the base's coordinates by weight
+  matching (:func:`accord.transformers.find_alignment`), so that the task vectors land on the
+  features they were learned for (Horoi et al. 2025);
+- ``nuslerp`` (exactly two models) combines the task vectors when a ``base`` is given, the
+  models themselves otherwise.
 
 With ``align=True``, linear and slerp align every model to the first one.
 
@@ -52,7 +56,7 @@ from tqdm import tqdm
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
 from accord.errors import ConfigError, ModelError, did_you_mean
-from accord.transformers import methods
+from accord.transformers import merge_methods, methods
 from accord.transformers.align import find_alignment
 from accord.transformers.arch import (
     SHAPE_KEYS,
@@ -71,6 +75,7 @@ from accord.transformers.io import (
     tokenizer_files,
     write_checkpoint,
 )
+from accord.transformers.merge_methods.della import check_della
 from accord.transformers.settings import (
     Setting,
     layer_positions,
@@ -84,8 +89,9 @@ from accord.transformers.symmetry import Symmetry, transform_tensor
 @dataclass(frozen=True)
 class MethodInfo:
     """A merge method's name, paper, the parameters it reads (``model_parameters``: those that
-    may differ per model), whether it merges task vectors, its default for ``normalize`` and the
-    ``rescale`` choices of its pruned entries (the first is the default)."""
+    may differ per model), whether it merges task vectors (with ``optional_base``: when a base
+    is given, else the models), its default for ``normalize`` and the ``rescale`` choices of its
+    pruned entries (the first is the default)."""
 
     name: str
     paper: str
@@ -94,10 +100,13 @@ class MethodInfo:
     model_parameters: tuple[str, ...] = ()
     normalize: bool | None = None
     rescales: tuple[str, ...] = ()
+    optional_base: bool = False
 
 
 _DARE_PARAMETERS = ("weight", "drop_rate", "scale", "normalize", "rescale")
 _DARE_RESCALES = ("expectation", "l1", "none")
+_DELLA_PARAMETERS = ("weight", "density", "epsilon", "scale", "normalize", "rescale")
+_BREADCRUMBS_PARAMETERS = ("weight", "density", "gamma", "scale", "normalize", "rescale")
 
 METHODS = {
     info.name: info
@@ -146,6 +155,57 @@ METHODS = {
             normalize=True,
             rescales=_DARE_RESCALES,
         ),
+        MethodInfo(
+            "della",
+            "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)",
+            _DELLA_PARAMETERS,
+            True,
+            ("weight", "density", "epsilon"),
+            normalize=True,
+            rescales=_DARE_RESCALES,
+        ),
+        MethodInfo(
+            "della_linear",
+            "Deep et al., 2024, without sign election (mergekit's della_linear)",
+            _DELLA_PARAMETERS,
+            True,
+            ("weight", "density", "epsilon"),
+            normalize=False,
+            rescales=_DARE_RESCALES,
+        ),
+        MethodInfo(
+            "breadcrumbs",
+            "Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs, arXiv:2312.06795)",
+            _BREADCRUMBS_PARAMETERS,
+            True,
+            ("weight", "density", "gamma"),
+            normalize=False,
+            rescales=("none", "l1"),
+        ),
+        MethodInfo(
+            "breadcrumbs_ties",
+            "Davari & Belilovsky, ECCV 2024 + TIES (mergekit's breadcrumbs_ties)",
+            _BREADCRUMBS_PARAMETERS,
+            True,
+            ("weight", "density", "gamma"),
+            normalize=True,
+            rescales=("none", "l1"),
+        ),
+        MethodInfo("sce", "Wan et al., 2024 (FuseChat, arXiv:2408.07990)", ("select_topk",), True),
+        MethodInfo(
+            "model_stock",
+            "Jang et al., ECCV 2024 (Model Stock, arXiv:2403.19522)",
+            ("filter_wise",),
+            True,
+        ),
+        MethodInfo(
+            "nuslerp",
+            "mergekit's NuSLERP (Shoemake 1985 per tensor or vector)",
+            ("weight", "nuslerp_flatten", "nuslerp_row_wise"),
+            True,
+            ("weight",),
+            optional_base=True,
+        ),
     )
 }
 
@@ -157,7 +217,13 @@ DEFAULTS = {
     "weight": 1.0,
     "density": 0.2,
     "drop_rate": 0.9,
+    "epsilon": 0.15,
+    "gamma": 0.01,
+    "select_topk": 1.0,
 }
+
+# Defaults of the switches other than normalize (whose default is the method's).
+SWITCHES = {"filter_wise": False, "nuslerp_flatten": True, "nuslerp_row_wise": False}
 
 _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "density": (lambda v: 0 < v <= 1, "0 < density <= 1"),
@@ -166,6 +232,9 @@ _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "lerp_cosine": (lambda v: 0 <= v < 1, "0 <= lerp_cosine < 1"),
     "scale": (lambda v: math.isfinite(v), "a finite number"),
     "weight": (lambda v: math.isfinite(v), "a finite number"),
+    "epsilon": (lambda v: 0 <= v < 1, "0 <= epsilon < 1"),
+    "gamma": (lambda v: 0 <= v < 1, "0 <= gamma < 1"),
+    "select_topk": (lambda v: 0 < v <= 1, "0 < select_topk <= 1"),
 }
 
 
@@ -185,16 +254,20 @@ class _Inputs:
 
 @dataclass(frozen=True)
 class TensorParameters:
-    """One tensor's merge parameters, its settings resolved: per model ``weights`` and
-    ``densities`` (TIES) or ``drop_rates`` (DARE); slerp's ``t`` and ``lerp_cosine``; the
-    scale ``λ``."""
+    """One tensor's merge parameters, its settings resolved: per model ``weights``,
+    ``densities`` (TIES, DELLA, Breadcrumbs), ``drop_rates`` (DARE), ``epsilons`` (DELLA) and
+    ``gammas`` (Breadcrumbs); slerp's ``t`` and ``lerp_cosine``; the scale ``λ``; SCE's
+    ``select_topk``."""
 
     weights: list[float]
     densities: list[float]
     drop_rates: list[float]
+    epsilons: list[float]
+    gammas: list[float]
     t: float
     lerp_cosine: float
     scale: float
+    select_topk: float
 
 
 def check_merge(
@@ -233,23 +306,30 @@ def check_merge(
                 )
             else:
                 problems += _value_problems(info, f"models[{i}].{key}", key, value)
-    if info.task_vectors and not has_base:
+    task_vectors = info.task_vectors and (has_base or not info.optional_base)
+    if task_vectors and not has_base:
         problems.append(f"base: method {method!r} needs the task vectors' base model")
     if not info.task_vectors and has_base:
         problems.append(f"base: method {method!r} has no task vectors; remove the base")
-    if not info.task_vectors and has_receiver:
-        problems.append(f"receiver: method {method!r} has no task vectors to add to it")
-    if info.task_vectors and align and not has_receiver:
+    if not task_vectors and has_receiver:
+        without = " without a base" if info.optional_base else ""
+        problems.append(f"receiver: method {method!r} has no task vectors to add to it{without}")
+    if task_vectors and align and not has_receiver:
         problems.append("align: aligning needs a receiver that differs from the base")
     if n_models == 0:
         problems.append("models: at least one model is needed")
-    if method == "slerp" and n_models != 2:
-        problems.append(f"models: slerp merges exactly 2 models, got {n_models}")
+    if method in ("slerp", "nuslerp") and n_models != 2:
+        problems.append(f"models: {method} merges exactly 2 models, got {n_models}")
+    if method == "model_stock" and n_models < 2:
+        problems.append(
+            f"models: model_stock needs at least 2 fine-tuned models besides the base, got "
+            f"{n_models} (its ratio comes from the angle between their task vectors)"
+        )
     return problems
 
 
 def _value_problems(info: MethodInfo, where: str, key: str, value: Any) -> list[str]:
-    if key == "normalize":
+    if key == "normalize" or key in SWITCHES:
         return [] if isinstance(value, bool) else [f"{where}={value!r}: expected true or false"]
     if key == "rescale":
         if value in info.rescales:
@@ -319,21 +399,24 @@ def merge_checkpoints(
     """Merge checkpoint directories into ``output`` (see the module docs); returns its path.
 
     ``weights``: one per model (None: ``parameters["weight"]``, else 1); ``model_parameters``:
-    per model, ``density`` (TIES) or ``drop_rate`` (DARE) overriding ``parameters``;
-    ``parameters``: ``t`` (slerp, default 0.5), ``lerp_cosine`` (slerp interpolates linearly
-    above this ``|cos Ω|``; default 1 − 1e-7, mergekit's 0.9995), ``scale`` (λ, default 1),
-    ``weight``, ``density`` (TIES, default 0.2), ``drop_rate`` (DARE, default 0.9),
-    ``normalize`` (divide by the (agreeing) weights' sum; default true for linear, TIES and
-    DARE-TIES), ``rescale`` of the
-    pruned entries (``expectation``: DARE's ``1/(1−p)``, its default; ``l1``; ``none``); numbers
-    or settings (:mod:`accord.transformers.settings`). ``dtype``: of the output's floating
-    tensors (default: the receiver's); ``tokenizer``: a folder whose tokenizer files are copied
-    into the output; ``shard_size``: bytes per output shard, or a size such as ``500MB`` or
-    ``1.5GiB``; ``seed``: DARE's drops, ``0 <= seed < 2**32`` (each tensor draws from a
-    generator seeded by ``seed`` and its name, so results do not depend on the order of work or
-    the shards); ``progress``: a tqdm bar over the tensors written. The output's tensors are in
-    the receiver's order (its index, or its shards' names in order), so reruns write the same
-    bytes.
+    per model, ``density`` (TIES, DELLA, Breadcrumbs), ``drop_rate`` (DARE), ``epsilon``
+    (DELLA) or ``gamma`` (Breadcrumbs) overriding ``parameters``; ``parameters``: ``t`` (slerp,
+    default 0.5), ``lerp_cosine`` (slerp interpolates linearly above this ``|cos Ω|``; default
+    1 − 1e-7, mergekit's 0.9995), ``scale`` (λ, default 1), ``weight``, ``density`` (default
+    0.2), ``drop_rate`` (DARE, default 0.9), ``epsilon`` (DELLA, default 0.15), ``gamma``
+    (Breadcrumbs, default 0.01), ``select_topk`` (SCE, default 1), ``normalize`` (divide by the
+    (agreeing) weights' sum; default true for linear and the sign-electing methods),
+    ``rescale`` of the pruned entries (``expectation``: DARE's ``1/(1−p)`` and DELLA's
+    ``1/q``, their default; ``l1``; ``none``), the switches ``filter_wise`` (Model Stock,
+    default false), ``nuslerp_flatten`` (default true) and ``nuslerp_row_wise`` (default
+    false); numbers or settings (:mod:`accord.transformers.settings`). ``dtype``: of the
+    output's floating tensors (default: the receiver's); ``tokenizer``: a folder whose tokenizer
+    files are copied into the output; ``shard_size``: bytes per output shard, or a size such
+    as ``500MB`` or ``1.5GiB``; ``seed``: DARE's and DELLA's drops, ``0 <= seed < 2**32`` (each
+    tensor draws from a generator seeded by ``seed`` and its name, so results do not depend on
+    the order of work or the shards); ``progress``: a tqdm bar over the tensors written. The
+    output's tensors are in the receiver's order (its index, or its shards' names in order), so
+    reruns write the same bytes.
     """
     parameters = dict(parameters or {})
     per_model = [dict(entry) for entry in model_parameters or [{} for _ in models]]
@@ -373,15 +456,18 @@ def merge_checkpoints(
     inputs = _open(models, base, receiver, align)
     info = METHODS[method]
     resolved = _resolve(info, parameters, per_model, inputs.names)
-    symmetries = _alignments(inputs, method) if align else {}
-    combine = _combiner(method, _normalize(info, parameters), _rescale(info, parameters), seed)
+    symmetries = _alignments(inputs) if align else {}
+    switches = {key: bool(parameters.get(key, SWITCHES[key])) for key in SWITCHES}
+    combine = _combiner(
+        method, _normalize(info, parameters), _rescale(info, parameters), seed, switches
+    )
     infos = [_planned(inputs.receiver.state.info(name), dtype) for name in inputs.names]
 
     def produce(planned: TensorInfo) -> Tensor:
         name = planned.name
         if not planned.dtype.is_floating_point:  # an integer buffer: copied, never averaged
             return inputs.receiver.state[name]
-        merged = _merged(name, inputs, symmetries, combine, resolved[name], method)
+        merged = _merged(name, inputs, symmetries, combine, resolved[name])
         merged = merged.to(planned.dtype)
         problem = describe_non_finite(merged)
         if problem is not None:
@@ -528,26 +614,38 @@ def _resolve(
     reads = set(info.parameters)
     n = len(per_model)
 
+    def each(key: str, name: str) -> list[float]:
+        return [value(key, name, i) for i in range(n)] if key in reads else []
+
+    def one(key: str, name: str) -> float:
+        return value(key, name) if key in reads else DEFAULTS[key]
+
     def per_tensor(name: str) -> TensorParameters:
-        return TensorParameters(
-            weights=[value("weight", name, i) for i in range(n)] if "weight" in reads else [],
-            densities=[value("density", name, i) for i in range(n)] if "density" in reads else [],
-            drop_rates=(
-                [value("drop_rate", name, i) for i in range(n)] if "drop_rate" in reads else []
-            ),
-            t=value("t", name) if "t" in reads else DEFAULTS["t"],
-            lerp_cosine=(
-                value("lerp_cosine", name) if "lerp_cosine" in reads else DEFAULTS["lerp_cosine"]
-            ),
-            scale=value("scale", name) if "scale" in reads else DEFAULTS["scale"],
+        resolved = TensorParameters(
+            weights=each("weight", name),
+            densities=each("density", name),
+            drop_rates=each("drop_rate", name),
+            epsilons=each("epsilon", name),
+            gammas=each("gamma", name),
+            t=one("t", name),
+            lerp_cosine=one("lerp_cosine", name),
+            scale=one("scale", name),
+            select_topk=one("select_topk", name),
         )
+        # DELLA's keep probabilities depend on two settings at once, so only a tensor's own
+        # values tell whether they lie in (0, 1)
+        for i, epsilon in enumerate(resolved.epsilons):
+            problem = check_della(resolved.densities[i], epsilon)
+            if problem is not None:
+                raise ConfigError(f"models[{i}], tensor {name!r}: {problem}")
+        return resolved
 
     return {name: per_tensor(name) for name in names}
 
 
-def _alignments(inputs: _Inputs, method: str) -> dict[int, Symmetry]:
+def _alignments(inputs: _Inputs) -> dict[int, Symmetry]:
     """Symmetries keyed by ``id`` of the checkpoint they move."""
-    if METHODS[method].task_vectors:
+    if inputs.base is not None:  # check_merge gives a base to the task-vector merges only
         pairs = [(inputs.receiver, inputs.base)]
     else:
         pairs = [(model, inputs.models[0]) for model in inputs.models[1:]]
@@ -580,13 +678,11 @@ def _merged(
     symmetries: dict[int, Symmetry],
     combine: Combine,
     parameters: TensorParameters,
-    method: str,
 ) -> Tensor:
     arch = inputs.arch
-    if not METHODS[method].task_vectors:
+    if inputs.base is None:  # check_merge gives a base to the task-vector merges only
         tensors = [_read(ck, name, symmetries, arch) for ck in inputs.models]
         return combine(name, tensors, parameters)
-    assert inputs.base is not None  # check_merge asks task-vector methods for one
     base = _read(inputs.base, name, symmetries, arch)
     # A generator: each model is read, turned into its task vector and pruned before the next
     # is read, so only the pruned task vectors are held together.
@@ -597,7 +693,9 @@ def _merged(
     return merged.add_(_read(inputs.receiver, name, symmetries, arch))
 
 
-def _combiner(method: str, normalize: bool, rescale: str, seed: int) -> Combine:
+def _combiner(
+    method: str, normalize: bool, rescale: str, seed: int, switches: Mapping[str, bool]
+) -> Combine:
     def generator(name: str) -> torch.Generator:
         # XOR keeps within the generator's 32 bits and, for one tensor, maps distinct seeds to
         # distinct streams; the name's CRC makes each tensor's stream its own.
@@ -615,6 +713,31 @@ def _combiner(method: str, normalize: bool, rescale: str, seed: int) -> Combine:
             rescale=rescale,
         )
 
+    def della(name: str, ds: Iterable[Tensor], p: TensorParameters, ties: bool) -> Tensor:
+        return merge_methods.della(
+            ds,
+            p.weights,
+            density=p.densities,
+            epsilon=p.epsilons,
+            generator=generator(name),
+            scale=p.scale,
+            sign_election=ties,
+            normalize=normalize,
+            rescale=rescale,
+        )
+
+    def breadcrumbs(ds: Iterable[Tensor], p: TensorParameters, ties: bool) -> Tensor:
+        return merge_methods.breadcrumbs(
+            ds,
+            p.weights,
+            density=p.densities,
+            gamma=p.gammas,
+            scale=p.scale,
+            sign_election=ties,
+            normalize=normalize,
+            rescale=rescale,
+        )
+
     table: dict[str, Combine] = {
         "linear": lambda name, ts, p: methods.linear(ts, p.weights, normalize=normalize),
         "slerp": lambda name, ts, p: methods.slerp(*ts, p.t, p.lerp_cosine),
@@ -626,5 +749,19 @@ def _combiner(method: str, normalize: bool, rescale: str, seed: int) -> Combine:
         ),
         "dare": lambda name, ds, p: dare(name, ds, p, ties=False),
         "dare_ties": lambda name, ds, p: dare(name, ds, p, ties=True),
+        "della": lambda name, ds, p: della(name, ds, p, ties=True),
+        "della_linear": lambda name, ds, p: della(name, ds, p, ties=False),
+        "breadcrumbs": lambda name, ds, p: breadcrumbs(ds, p, ties=False),
+        "breadcrumbs_ties": lambda name, ds, p: breadcrumbs(ds, p, ties=True),
+        "sce": lambda name, ds, p: merge_methods.sce(ds, select_topk=p.select_topk),
+        "model_stock": lambda name, ds, p: merge_methods.model_stock(
+            ds, filter_wise=switches["filter_wise"]
+        ),
+        "nuslerp": lambda name, ts, p: merge_methods.nuslerp(
+            *ts,
+            merge_methods.nuslerp_t(p.weights),
+            flatten=switches["nuslerp_flatten"],
+            row_wise=switches["nuslerp_row_wise"],
+        ),
     }
     return table[method]

@@ -13,13 +13,18 @@
     dtype: float16
 
 Methods: ``linear``, ``slerp``, ``task_arithmetic``, ``ties``, ``dare_linear`` (accord's
-``dare``) and ``dare_ties``. Parameters as mergekit reads them: per model ``weight`` (required)
-and ``density`` (the fraction kept, default 1), found in the model's ``parameters``, then in
-the global ones; globally ``normalize``, ``lambda`` (accord's ``scale``), ``rescale`` (mergekit
-rescales pruned task vectors to their L1 norm: accord's ``rescale: l1``), ``int8_mask`` (a
-memory switch of mergekit's with no effect on the result) and slerp's ``t``; each with
-mergekit's defaults (``normalize``: true for linear and TIES, false otherwise; ``rescale``: true
-for DARE). Values are numbers, gradients or filters (:mod:`accord.transformers.settings`).
+``dare``), ``dare_ties``, ``della``, ``della_linear``, ``breadcrumbs``, ``breadcrumbs_ties``,
+``sce``, ``model_stock`` and ``nuslerp`` (its ``base_model`` optional). Parameters as mergekit
+reads them: per model ``weight`` (required where the method weighs models), ``density`` (the
+fraction kept, default 1), ``epsilon`` (DELLA, default 0.15) and ``gamma`` (Breadcrumbs,
+default 0.01), found in the model's ``parameters``, then in the global ones; globally
+``normalize``, ``lambda`` (accord's ``scale``), ``rescale`` (mergekit rescales pruned task
+vectors to their L1 norm: accord's ``rescale: l1``), ``int8_mask`` (a memory switch of
+mergekit's with no effect on the result), slerp's ``t``, SCE's ``select_topk`` (default 1),
+Model Stock's ``filter_wise`` (default false) and NuSLERP's ``nuslerp_flatten`` (default true)
+and ``nuslerp_row_wise`` (default false); each with mergekit's defaults (``normalize``: true
+for linear, TIES and DELLA, false otherwise; ``rescale``: true for DARE and DELLA). Values
+are numbers, gradients or filters (:mod:`accord.transformers.settings`).
 ``base_model`` is the task vectors' base (listed among ``models`` or not) and slerp's ``t = 0``
 end. ``dtype`` and ``out_dtype`` set the output dtype (accord computes in float32 whatever
 they say); ``tokenizer_source`` (``base`` or a model folder) names the folder whose tokenizer
@@ -49,17 +54,20 @@ from accord.transformers.settings import Filtered, Setting, map_setting, parse_s
 @dataclass(frozen=True)
 class MergekitMethod:
     """A mergekit method accord runs: accord's name for it, the global and per-model parameters
-    mergekit reads for it, and mergekit's defaults (``normalize``, ``rescale``; None where the
-    method has no such switch)."""
+    mergekit reads for it, mergekit's defaults (``normalize``, ``rescale``; None where the
+    method has no such switch) and whether its ``base_model`` may be left out."""
 
     accord: str
     parameters: tuple[str, ...]
     model_parameters: tuple[str, ...]
     normalize: bool | None = None
     rescale: bool | None = None
+    base_optional: bool = False
 
 
 _GTA = ("normalize", "lambda", "int8_mask")
+_DELLA = ("weight", "density", "epsilon")
+_BREADCRUMBS = ("weight", "density", "gamma")
 
 MERGEKIT_METHODS = {
     "linear": MergekitMethod("linear", ("normalize",), ("weight",), normalize=True),
@@ -74,31 +82,56 @@ MERGEKIT_METHODS = {
     "dare_linear": MergekitMethod(
         "dare", (*_GTA, "rescale"), ("weight", "density"), normalize=False, rescale=True
     ),
+    "della": MergekitMethod("della", (*_GTA, "rescale"), _DELLA, normalize=True, rescale=True),
+    "della_linear": MergekitMethod(
+        "della_linear", (*_GTA, "rescale"), _DELLA, normalize=False, rescale=True
+    ),
+    "breadcrumbs": MergekitMethod(
+        "breadcrumbs", (*_GTA, "rescale"), _BREADCRUMBS, normalize=False, rescale=False
+    ),
+    "breadcrumbs_ties": MergekitMethod(
+        "breadcrumbs_ties", (*_GTA, "rescale"), _BREADCRUMBS, normalize=False, rescale=False
+    ),
+    "sce": MergekitMethod("sce", ("select_topk", "int8_mask"), ()),
+    "model_stock": MergekitMethod("model_stock", ("filter_wise",), ()),
+    "nuslerp": MergekitMethod(
+        "nuslerp", ("nuslerp_flatten", "nuslerp_row_wise"), ("weight",), base_optional=True
+    ),
+}
+
+# mergekit's defaults of the parameters that accord passes on under the same name.
+MERGEKIT_DEFAULTS = {
+    "epsilon": 0.15,
+    "gamma": 0.01,
+    "select_topk": 1.0,
+    "filter_wise": False,
+    "nuslerp_flatten": True,
+    "nuslerp_row_wise": False,
 }
 
 # mergekit's methods that accord does not run.
 UNSUPPORTED_METHODS = (
     "arcee_fusion",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
     "karcher",
-    "model_stock",
     "multislerp",
     "nearswap",
-    "nuslerp",
     "passthrough",
     "ram",
     "ramplus_tl",
-    "sce",
 )
 
 # mergekit's slerp interpolates linearly above this |cos Ω| (its DOT_THRESHOLD).
 MERGEKIT_LERP_COSINE = 0.9995
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-_SWITCHES = ("normalize", "int8_mask", "rescale")
+_SWITCHES = (
+    "normalize",
+    "int8_mask",
+    "rescale",
+    "filter_wise",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+)
 
 
 class MergekitModel(BaseModel):
@@ -231,7 +264,7 @@ def _translate(config: MergekitConfig, method: MergekitMethod) -> tuple[dict[str
                 "under models (with a weight) or remove base_model"
             )
         listed = list(enumerate(entries))
-    elif base is None:
+    elif base is None and not method.base_optional:
         problems.append(f"base_model: mergekit's {name} needs a base_model")
     for i, entry in listed:
         own = dict(entry.parameters or {})
@@ -264,7 +297,7 @@ def _parameter_problems(
     problems = []
     for key, value in given.items():
         if key not in accepted:
-            known = key in {"weight", "density", "t", "lambda", *_SWITCHES}
+            known = key in {"weight", "density", "t", "lambda", *MERGEKIT_DEFAULTS, *_SWITCHES}
             reason = f"has no effect on mergekit's {method}" if known else "is not a parameter"
             hint = "" if known else did_you_mean(key, accepted)
             problems.append(
@@ -302,6 +335,9 @@ def _accord_data(
             model["weight"] = parse_setting(own["weight"])
         if "density" in own:
             model[density_key] = density(parse_setting(own["density"]))
+        for key in ("epsilon", "gamma"):
+            if key in own:
+                model[key] = parse_setting(own[key])
         models.append(model)
     parameters: dict[str, Any] = {}
     if "weight" in shared:
@@ -313,6 +349,10 @@ def _accord_data(
     if "t" in method.parameters:
         parameters["t"] = parse_setting(shared["t"])
         parameters["lerp_cosine"] = MERGEKIT_LERP_COSINE
+    for key, default in MERGEKIT_DEFAULTS.items():
+        if key in method.parameters or key in method.model_parameters:
+            given = shared.get(key, default)
+            parameters[key] = bool(given) if key in _SWITCHES else _with_default(given, default)
     if method.normalize is not None:
         parameters["normalize"] = bool(shared.get("normalize", method.normalize))
     if method.rescale is not None:

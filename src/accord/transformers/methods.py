@@ -132,14 +132,25 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
         return delta.clone()
     if k == 0:
         return torch.zeros_like(delta)
-    wide = delta.dtype == torch.float64
-    magnitude = delta.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
+    return delta * largest_mask(delta, k)
+
+
+def largest_mask(values: Tensor, k: int) -> Tensor:
+    """A boolean mask, shaped like ``values``, of its ``k`` largest-magnitude entries (ties at
+    the threshold broken by position; zeros are left out, as keeping them changes nothing). The
+    masks of two counts nest: the smaller one's entries are all in the larger one's."""
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    if k >= values.numel():
+        return values != 0
+    wide = values.dtype == torch.float64
+    magnitude = values.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
     threshold = _kth_largest(magnitude, k)
     keep = magnitude > threshold
-    if threshold > 0:  # kept zeros would change nothing
+    if threshold > 0:
         missing = k - int(keep.sum())
         keep[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
-    return delta * keep.reshape(delta.shape)
+    return keep.reshape(values.shape)
 
 
 def random_prune(

@@ -1,0 +1,107 @@
+"""DELLA-Merging (Deep, Bhardwaj & Fortuna, "DELLA-Merging: Reducing Interference in Model
+Merging through Magnitude-Based Sampling", 2024, arXiv:2406.11617).
+
+MagPrune drops each entry of a task vector ``τ`` at random, the small ones more often than the
+large ones: within a row of ``n`` entries (the entries sharing a first index; a 1-D tensor is
+one row), the entry of magnitude rank ``r`` (0 for the smallest, ties by position) is kept with
+probability::
+
+    q_r = (density − ε) + 2ε · r / (n − 1)        (density for a row of one entry)
+
+so that the keep probabilities are spread evenly over ``[density − ε, density + ε]`` and average
+``density``. A kept entry is rescaled by ``1 / q_r`` (``rescale="expectation"``, the paper's
+``1/(1 − p_i)`` with ``p_i`` its drop probability), so that the pruned task vector's
+expectation is ``τ``; ``"l1"`` scales the kept entries back to ``τ``'s L1 norm instead
+(mergekit's ``rescale: true``, its default) and ``"none"`` leaves them. The pruned task vectors
+are then weighted, sign-elected and disjointly merged as in TIES (``della``), or summed
+(``della_linear``, ``sign_election=False``), and scaled by ``λ``.
+
+mergekit's names: ``della`` / ``della_linear``, per model ``weight``, ``density`` (default 1:
+nothing dropped) and ``epsilon`` (default 0.15), globally ``lambda``, ``normalize`` (default
+true for ``della``, false for ``della_linear``) and ``rescale``. As mergekit requires,
+``density − ε > 0`` and ``density + ε < 1`` unless ``density`` is 1. The draws come from the
+caller's generator; the merge seeds one per tensor from ``seed`` and the tensor's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from accord.transformers.methods import rescaled, sparse_task_arithmetic
+
+RESCALES = ("expectation", "l1", "none")
+
+
+def check_della(density: float, epsilon: float) -> str | None:
+    """Why ``density`` and ``epsilon`` make no keep probabilities in (0, 1), or None."""
+    if not 0 < density <= 1:
+        return f"density={density}: expected 0 < density <= 1"
+    if not 0 <= epsilon < 1:
+        return f"epsilon={epsilon}: expected 0 <= epsilon < 1"
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        return (
+            f"density={density} ± epsilon={epsilon} leaves the keep probabilities outside "
+            f"(0, 1); choose epsilon < {min(density, 1 - density):g}"
+        )
+    return None
+
+
+def della_prune(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: str = "expectation",
+) -> Tensor:
+    """MagPrune (see the module docs): ``delta`` with entries dropped, each kept with its
+    rank's probability ``q_r``, and the kept ones rescaled as ``rescale`` says."""
+    problem = check_della(density, epsilon)
+    if problem is not None:
+        raise ValueError(problem)
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale={rescale!r}; expected one of {', '.join(RESCALES)}")
+    if density == 1:
+        return delta.clone()
+    rows = delta.reshape(delta.shape[0] if delta.dim() > 1 else 1, -1)
+    n = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)  # stable: ties ranked by position
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    spread = ranks.to(rows.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    keep_probability = (density - epsilon) + 2 * epsilon * spread
+    keep = torch.rand(rows.shape, generator=generator) < keep_probability
+    if rescale == "expectation":
+        return (rows * keep / keep_probability).reshape(delta.shape)
+    return rescaled(delta, (rows * keep).reshape(delta.shape), rescale)
+
+
+def della(
+    deltas: Iterable[Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    density: float | Sequence[float] = 0.2,
+    epsilon: float | Sequence[float] = 0.15,
+    generator: torch.Generator,
+    scale: float = 1.0,
+    sign_election: bool = True,
+    normalize: bool | None = None,
+    rescale: str = "expectation",
+) -> Tensor:
+    """DELLA: MagPrune each ``τ_i`` (``density`` and ``epsilon``: one for all, or one per
+    model), then TIES' sign election and disjoint merge (``sign_election``, ``della``) or the
+    sum (``della_linear``); ``normalize`` defaults to ``sign_election``."""
+
+    def pruned() -> Iterator[Tensor]:
+        # pruned one at a time, so that only the pruned task vectors are held together
+        for i, delta in enumerate(deltas):
+            yield della_prune(delta, _at(density, i), _at(epsilon, i), generator, rescale)
+
+    return sparse_task_arithmetic(
+        pruned(), weights, scale=scale, sign_election=sign_election, normalize=normalize
+    )
+
+
+def _at(value: float | Sequence[float], i: int) -> float:
+    return float(value if isinstance(value, (int, float)) else value[i])
