@@ -290,7 +290,7 @@ def test_default_dataset_falls_back_to_digits(
 
 @pytest.mark.parametrize("call", [load_dataset, resolve_root])
 def test_unknown_dataset_lists_valid_names(call) -> None:
-    with pytest.raises(DataError, match=r"'fashon-mnist'.*Did you mean 'fashion-mnist'") as info:
+    with pytest.raises(DataError, match=r"'fashon-mnist'.*did you mean 'fashion-mnist'") as info:
         call("fashon-mnist")
     assert all(name in str(info.value) for name in DATASETS)
 
@@ -471,7 +471,7 @@ def test_eighty_twenty_mode_needs_two_models(num_models: int) -> None:
 
 
 def test_unknown_split_mode_lists_valid_modes() -> None:
-    with pytest.raises(DataError, match=r"'dirichlett'.*Did you mean 'dirichlet'") as info:
+    with pytest.raises(DataError, match=r"'dirichlett'.*did you mean 'dirichlet'") as info:
         split_indices(_labels(), 2, "dirichlett")
     assert all(mode in str(info.value) for mode in SPLIT_MODES)
 

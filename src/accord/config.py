@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from accord.errors import ConfigError
+from accord.errors import ConfigError, did_you_mean
 
 
 class MergeConfig(BaseModel):
@@ -98,7 +98,4 @@ def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> 
 
 
 def _hint(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(MergeConfig.model_fields), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(key, MergeConfig.model_fields)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from accord._io import write_json
-from accord.errors import SpecError
+from accord.errors import SpecError, did_you_mean
 
 if TYPE_CHECKING:
     from torch import nn
@@ -283,10 +283,7 @@ def _overlap_problems(spaces: Iterable[FeatureSpace]) -> list[str]:
 
 
 def _close(name: str, names: Iterable[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(name, list(names), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    return did_you_mean(name, names)
 
 
 def spec_table(spec: Spec) -> str:

@@ -19,7 +19,6 @@ stacked copies of the aligned parameters.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from accord._finite import first_non_finite
 from accord._io import write_with
 from accord.combine.average import average_states
 from accord.data import batches
-from accord.errors import MergeError
+from accord.errors import MergeError, did_you_mean
 
 LOSSES = ("ce", "kl")
 SCHEMES = ("joint", "pairwise")
@@ -92,9 +91,7 @@ class _Task:
 def _choice(name: str, value: str, valid: Sequence[str]) -> str | None:
     if value in valid:
         return None
-    close = difflib.get_close_matches(str(value), valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{name}={value!r}: choose one of {', '.join(valid)}{hint}"
+    return f"{name}={value!r}: choose one of {', '.join(valid)}{did_you_mean(str(value), valid)}"
 
 
 def _check_arguments(

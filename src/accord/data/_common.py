@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from accord.errors import DataError
+from accord.errors import DataError, did_you_mean
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +44,5 @@ def check_labels(labels: np.ndarray, num_images: int, num_classes: int, source: 
 
 def unknown_choice(kind: str, name: str, valid: Sequence[str]) -> DataError:
     """Return the error for an unknown ``kind`` named ``name``, suggesting the closest valid one."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return DataError(f"unknown {kind} {name!r}.{hint} Valid choices: {', '.join(valid)}.")
+    hint = did_you_mean(name, valid)
+    return DataError(f"unknown {kind} {name!r}{hint}. Valid choices: {', '.join(valid)}.")

@@ -18,14 +18,13 @@ zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from accord._finite import first_non_finite
-from accord.errors import MergeError
+from accord.errors import MergeError, did_you_mean
 from accord.match import cca, identity, ot, permutation, weight_matching, zipit
 from accord.match._registry import MATCHERS, Alignment, MatcherInfo, register
 from accord.spec import Spec
@@ -74,8 +73,7 @@ def matcher(method: str) -> MatcherInfo:
     """The registered method ``method``; MergeError listing the methods (with a suggestion)."""
     if isinstance(method, str) and method in MATCHERS:
         return MATCHERS[method]
-    close = difflib.get_close_matches(str(method), list(MATCHERS), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(str(method), MATCHERS)
     raise MergeError(
         f"unknown matching method {method!r}{hint}; methods: {', '.join(sorted(MATCHERS))}"
     )
@@ -87,10 +85,7 @@ def check_option_names(method: str, names: Iterable[str], accepted: Mapping[str,
     unknown = [name for name in names if name not in accepted]
     if unknown:
         listed = ", ".join(sorted(accepted)) or "none"
-        hints = [
-            f"{name!r}" + "".join(f" (did you mean {c!r}?)" for c in _close(name, accepted))
-            for name in unknown
-        ]
+        hints = [f"{name!r}{did_you_mean(name, accepted)}" for name in unknown]
         raise MergeError(
             f"method {method!r} has no option {', '.join(hints)}; accepted options: {listed}"
         )
@@ -99,10 +94,6 @@ def check_option_names(method: str, names: Iterable[str], accepted: Mapping[str,
 def _resolve_options(info: MatcherInfo, options: Mapping[str, Any]) -> dict[str, Any]:
     check_option_names(info.name, options, info.options)
     return {**info.options, **options}
-
-
-def _close(name: str, choices: Mapping[str, Any]) -> list[str]:
-    return difflib.get_close_matches(name, list(choices), n=1)
 
 
 def _check_models(
