@@ -25,6 +25,18 @@ StateDict = dict[str, torch.Tensor]
 SNAP_TOLERANCE = torch.finfo(torch.float32).eps ** 0.5
 
 
+def permutation_of(matrix: torch.Tensor, tol: float = SNAP_TOLERANCE) -> torch.Tensor | None:
+    """``perm`` with ``matrix[c, perm[c]] ≈ 1`` when ``matrix`` is a permutation matrix to within
+    ``tol`` (entrywise), else None."""
+    largest = matrix.abs().argmax(dim=1)
+    candidate = torch.zeros_like(matrix)
+    candidate[torch.arange(matrix.shape[0]), largest] = 1.0
+    is_permutation = torch.equal(largest.sort().values, torch.arange(matrix.shape[0]))
+    if is_permutation and (matrix - candidate).abs().max() <= tol:
+        return largest
+    return None
+
+
 @dataclass(frozen=True)
 class Transform:
     """A change of coordinates of one space: ``matrix`` for writers, ``inverse`` for readers.
@@ -62,13 +74,8 @@ class Transform:
         """
         if self.permutation is not None:
             return self
-        largest = self.matrix.abs().argmax(dim=1)
-        candidate = torch.zeros_like(self.matrix)
-        candidate[torch.arange(self.size), largest] = 1.0
-        is_permutation = torch.equal(largest.sort().values, torch.arange(self.size))
-        if is_permutation and (self.matrix - candidate).abs().max() <= tol:
-            return Transform.from_permutation(largest)
-        return self
+        perm = permutation_of(self.matrix, tol)
+        return self if perm is None else Transform.from_permutation(perm)
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, inverse: torch.Tensor | None = None) -> Transform:

@@ -32,20 +32,22 @@ def random_transform(space: FeatureSpace, generator: torch.Generator) -> Transfo
     block = space.size // space.groups
     blocks = []
     for _ in range(space.groups):
-        q1 = _random_orthogonal(block, generator)
+        q1 = random_orthogonal(generator, block, block)
         if space.maps == "orthogonal":
             blocks.append(q1)
             continue
-        q2 = _random_orthogonal(block, generator)
+        q2 = random_orthogonal(generator, block, block)
         scales = 0.5 * 4.0 ** torch.rand(block, generator=generator, dtype=torch.float64)
         blocks.append(q1 @ torch.diag(scales) @ q2)
     return Transform.from_matrix(torch.block_diag(*blocks))
 
 
-def _random_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
-    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+def random_orthogonal(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """Haar-random orthogonal matrices of ``shape`` (…, C, C), float64: QR of a Gaussian with
+    the signs of R's diagonal moved into Q, so that Q is uniformly distributed."""
+    gaussian = torch.randn(*shape, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    return q * torch.sign(torch.diagonal(r))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
 def randomly_permuted(model: nn.Module, spec: Spec, seed: int = 0) -> nn.Module:

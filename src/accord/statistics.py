@@ -89,11 +89,12 @@ class SpaceStatistics:
         blocks = {f"Cov(model {i}, model {j})": b for (i, j), b in self.blocks.items()}
         return first_non_finite({"the means": self.mean, **blocks})
 
-    def correlation(self, i: int, j: int, eps: float = 1e-12) -> torch.Tensor:
-        """Pearson correlation of model i's features (rows) with model j's (columns)."""
+    def correlation(self, i: int, j: int) -> torch.Tensor:
+        """Pearson correlation of model i's features (rows) with model j's (columns); a feature
+        without variance (a ReLU unit that never fires) correlates with nothing."""
         std_i = torch.diagonal(self.covariance(i, i)).clamp_min(0).sqrt()
         std_j = torch.diagonal(self.covariance(j, j)).clamp_min(0).sqrt()
-        return self.covariance(i, j) / (std_i[:, None] * std_j[None, :]).clamp_min(eps)
+        return self.covariance(i, j) / (std_i[:, None] * std_j[None, :]).clamp_min(1e-12)
 
 
 @dataclass

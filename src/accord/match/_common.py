@@ -55,16 +55,6 @@ def assign(score: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return perm
 
 
-def as_permutation(matrix: torch.Tensor, atol: float = 1e-9) -> torch.Tensor | None:
-    """``perm`` with ``matrix[c, perm[c]] = 1`` if ``matrix`` is a permutation matrix, else None."""
-    perm = matrix.argmax(dim=1)
-    exact = torch.zeros_like(matrix)
-    exact[torch.arange(matrix.shape[0]), perm] = 1.0
-    if len(set(perm.tolist())) != matrix.shape[0] or (matrix - exact).abs().max() > atol:
-        return None
-    return perm
-
-
 def covariance(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
     """``Cov(x_i, x_j)`` in float64, or a MergeError that says how to collect it."""
     try:
@@ -77,20 +67,10 @@ def covariance(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tens
 
 
 def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
-    """Pearson correlation of model i's features (rows) with model j's (columns), float64."""
-    return correlation_of(
-        covariance(stats, i, i, space),
-        covariance(stats, j, j, space),
-        covariance(stats, i, j, space),
-    )
-
-
-def correlation_of(sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor) -> torch.Tensor:
-    """The correlation matrix of x (rows) and y (columns) from their covariance blocks."""
-    std_x = torch.diagonal(sxx).clamp_min(0).sqrt()
-    std_y = torch.diagonal(syy).clamp_min(0).sqrt()
-    # Dead features (zero variance) correlate with nothing rather than dividing by zero.
-    return sxy / (std_x[:, None] * std_y[None, :]).clamp_min(1e-12)
+    """Pearson correlation of model i's features (rows) with model j's (columns), float64, or a
+    MergeError that says how to collect the block."""
+    covariance(stats, i, j, space)  # a missing block fails here with its remedy
+    return stats.correlation(i, j).to(torch.float64)
 
 
 def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform]]:

@@ -22,10 +22,9 @@ import ot as pot
 import torch
 from torch import Tensor
 
-from accord.apply import Transform
+from accord.apply import Transform, permutation_of
 from accord.match._common import (
     Matched,
-    as_permutation,
     assign,
     covariance,
     group_slices,
@@ -72,7 +71,7 @@ def ot_match(space: FeatureSpace, stats: SpaceStatistics, reference: int, i: int
     distances = squared_distances(stats, reference, i, space.name)
     plan = transport_map(distances, space.groups)
     scores = {"mean_squared_distance": float((plan * distances).sum() / space.size)}
-    perm = as_permutation(plan)
+    perm = permutation_of(plan, tol=1e-9)
     if perm is not None:
         return Matched("ot", Transform.from_permutation(perm), {**scores, "permutation": True})
     if space.maps in ("permutation", "orthogonal"):

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from accord.errors import StatisticsError
-from accord.transformers._solve import LayerStats, hungarian, match_layer
+from accord.match._common import assign
+from accord.transformers._solve import LayerStats, match_layer
 from accord.transformers._weights import (
     attention_cross,
     attention_finish,
@@ -143,7 +144,7 @@ def activation_alignment(
         match_layer(_layer_stats(attention[i], units[i], arch, state_a, state_b, i), arch)
         for i in range(arch.layers)
     ]
-    symmetry = Symmetry(residual=hungarian(residual.correlation()), layers=layers)
+    symmetry = Symmetry(residual=assign(residual.correlation()), layers=layers)
     return with_gain_scales(symmetry, state_a, state_b, arch)
 
 

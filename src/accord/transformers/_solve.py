@@ -29,11 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from accord.match._common import assign
 from accord.transformers.arch import Architecture
 from accord.transformers.symmetry import LayerSymmetry
 
@@ -58,12 +57,6 @@ class LayerStats:
     mlp: Tensor
     mlp_a: Tensor
     mlp_b: Tensor
-
-
-def hungarian(score: Tensor) -> Tensor:
-    """The permutation ``π`` maximising ``Σ_i score[i, π(i)]`` (gather form: B index per A)."""
-    _, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
-    return torch.from_numpy(np.asarray(cols, dtype=np.int64))
 
 
 def balance(norm_up: Tensor, norm_down: Tensor) -> Tensor:
@@ -110,10 +103,10 @@ def _initial_heads(stats: LayerStats, arch: Architecture) -> tuple[Tensor, Tenso
     group_value = torch.zeros(n_kv, n_kv, dtype=torch.float64)
     for ga in range(n_kv):
         for gb in range(n_kv):
-            within[ga, gb] = hungarian(head_value[_heads(arch, ga), _heads(arch, gb)])
+            within[ga, gb] = assign(head_value[_heads(arch, ga), _heads(arch, gb)])
             qk, vo = _pair_sums(stats, arch, ga, gb, within[ga, gb])
             group_value[ga, gb] = _best_rotation_value(qk) + torch.linalg.matrix_norm(vo, ord="nuc")
-    kv_perm = hungarian(group_value)
+    kv_perm = assign(group_value)
     return kv_perm, within[torch.arange(n_kv), kv_perm]
 
 
@@ -139,7 +132,7 @@ def _reassigned_heads(
         re, im = _plane_value(q)
         value = (re * angle[g].cos() + im * angle[g].sin()).sum(-1)
         value = value + torch.einsum("ij,abij->ab", vo[g], o)
-        perms.append(hungarian(value))
+        perms.append(assign(value))
     return torch.stack(perms)
 
 
@@ -153,7 +146,7 @@ def match_layer(stats: LayerStats, arch: Architecture, max_iter: int = 10) -> La
             break
         head_perm = heads
         angle, vo = _shared_maps(stats, arch, kv_perm, head_perm)
-    mlp_perm = hungarian(stats.mlp)
+    mlp_perm = assign(stats.mlp)
     return LayerSymmetry(
         kv_perm=kv_perm,
         head_perm=head_perm,

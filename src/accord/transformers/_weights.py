@@ -22,7 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from accord.transformers._solve import LayerStats, balance, hungarian, match_layer
+from accord.match._common import assign
+from accord.transformers._solve import LayerStats, balance, match_layer
 from accord.transformers.arch import Architecture
 from accord.transformers.symmetry import LayerSymmetry, Symmetry, transform_tensor
 
@@ -196,10 +197,10 @@ def weight_alignment(
             for i in range(arch.layers)
         ]
 
-    residual = hungarian(residual_score(state_a, state_b, arch, None))
+    residual = assign(residual_score(state_a, state_b, arch, None))
     for _ in range(max_iter):
         layers = layer_maps(residual)
-        update = hungarian(residual_score(state_a, state_b, arch, layers))
+        update = assign(residual_score(state_a, state_b, arch, layers))
         if torch.equal(update, residual):
             break
         residual = update

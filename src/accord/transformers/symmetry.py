@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from accord.check import random_orthogonal
 from accord.errors import ModelError
 from accord.transformers.arch import Architecture, Role
 
@@ -314,9 +315,7 @@ class _Sampler:
         return torch.rand(*shape, generator=self.gen, dtype=torch.float64) * 2 * math.pi
 
     def orthogonal(self, n: int, size: int) -> Tensor:
-        x = torch.randn(n, size, size, generator=self.gen, dtype=torch.float64)
-        q, r = torch.linalg.qr(x)
-        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+        return random_orthogonal(self.gen, n, size, size)
 
     def invertible(self, n: int, size: int) -> Tensor:
         """Orthogonal × positive diagonal × orthogonal: well conditioned, far from orthogonal."""
