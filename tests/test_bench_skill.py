@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from accord.bench import add_bench_parser, skill
 from accord.bench import skill_corpus as corpus
 from accord.errors import StoreError
-from accord.transformers import dare, ties
+from accord.llm import dare, ties
 
 MICRO = replace(
     skill.skill_plan(quick=True),

@@ -12,13 +12,13 @@ import torch
 pytest.importorskip("transformers")
 
 from accord.errors import ConfigError
-from accord.transformers import (
+from accord.llm import (
     align,
     find_alignment,
     random_symmetry,
     save_checkpoint,
 )
-from accord.transformers.testing import VARIANTS, tiny_model
+from accord.llm.testing import VARIANTS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -106,7 +106,7 @@ def test_mismatched_hidden_size_names_the_key() -> None:
         align(c, to=a)
 
 
-@pytest.mark.parametrize("module", ["accord.transformers.align", "accord.transformers.methods"])
+@pytest.mark.parametrize("module", ["accord.llm.align", "accord.llm.methods"])
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

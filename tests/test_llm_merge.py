@@ -16,17 +16,17 @@ transformers = pytest.importorskip("transformers")
 
 from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
-from accord.transformers import (  # noqa: E402
+from accord.llm import (  # noqa: E402
     load_checkpoint,
     methods,
     open_checkpoint,
     random_symmetry,
     save_checkpoint,
 )
-from accord.transformers.cli import llm_merge_main  # noqa: E402
-from accord.transformers.config import validate_llm_merge_config  # noqa: E402
-from accord.transformers.merge import merge_checkpoints  # noqa: E402
-from accord.transformers.testing import tiny_model  # noqa: E402
+from accord.llm.cli import llm_merge_main  # noqa: E402
+from accord.llm.config import validate_llm_merge_config  # noqa: E402
+from accord.llm.merge import merge_checkpoints  # noqa: E402
+from accord.llm.testing import tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

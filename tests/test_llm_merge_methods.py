@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from accord.errors import ConfigError
-from accord.transformers import load_checkpoint
-from accord.transformers.config import validate_llm_merge_config
-from accord.transformers.merge import merge_checkpoints
-from accord.transformers.merge_methods import (
+from accord.llm import load_checkpoint
+from accord.llm.config import validate_llm_merge_config
+from accord.llm.merge import merge_checkpoints
+from accord.llm.merge_methods import (
     breadcrumbs,
     breadcrumbs_prune,
     della,
@@ -288,7 +288,7 @@ def one_thread() -> Iterator[None]:
 def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama base and three fine-tunes of it (base plus small noise)."""
     pytest.importorskip("transformers")
-    from accord.transformers.testing import tiny_model
+    from accord.llm.testing import tiny_model
 
     root = tmp_path_factory.mktemp("llamas")
     base = tiny_model("llama", seed=0)

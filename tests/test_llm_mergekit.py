@@ -12,9 +12,9 @@ import torch
 
 from accord.cli import main as accord_main
 from accord.errors import ConfigError
-from accord.transformers import load_checkpoint, save_checkpoint
-from accord.transformers.config import load_llm_merge_config
-from accord.transformers.mergekit import translate_mergekit_config
+from accord.llm import load_checkpoint, save_checkpoint
+from accord.llm.config import load_llm_merge_config
+from accord.llm.mergekit import translate_mergekit_config
 
 TOY = {"architectures": ["ToyForTests"], "model_type": "toy"}
 # Three layers (positions 0, 1/2, 1) of two tensors each, and two tensors outside the layers.
@@ -321,7 +321,7 @@ def test_a_filter_that_misses_a_tensor_names_it(toys: dict[str, Path], tmp_path:
         encoding="utf-8",
     )
     with pytest.raises(ConfigError, match=r"models\[0\]\.weight: no filter matches tensor"):
-        from accord.transformers.cli import run_llm_merge
+        from accord.llm.cli import run_llm_merge
 
         run_llm_merge(load_llm_merge_config(config, tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
@@ -497,7 +497,7 @@ def test_mergekit_example_config_on_a_real_model(tmp_path: Path) -> None:
     """mergekit's examples/ties.yml (gradients, filters, int8_mask, float16), its models
     replaced by tiny Llama checkpoints: the output loads in transformers."""
     transformers = pytest.importorskip("transformers")
-    from accord.transformers.testing import tiny_model
+    from accord.llm.testing import tiny_model
 
     base = tiny_model("llama", seed=0)
     base.save_pretrained(tmp_path / "base")

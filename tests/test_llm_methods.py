@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from accord.transformers import methods
+from accord.llm import methods
 
 
 def test_linear_weighted_mean() -> None:

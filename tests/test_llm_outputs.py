@@ -14,13 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import accord.transformers.io  # noqa: E402
+import accord.llm.io  # noqa: E402
 from accord import _outputs  # noqa: E402
 from accord.errors import ConfigError, OutputError  # noqa: E402
-from accord.transformers import save_checkpoint  # noqa: E402
-from accord.transformers.cli import llm_merge_main  # noqa: E402
-from accord.transformers.merge import merge_checkpoints  # noqa: E402
-from accord.transformers.testing import tiny_model  # noqa: E402
+from accord.llm import save_checkpoint  # noqa: E402
+from accord.llm.cli import llm_merge_main  # noqa: E402
+from accord.llm.merge import merge_checkpoints  # noqa: E402
+from accord.llm.testing import tiny_model  # noqa: E402
 from test_outputs import _hidden, _in_child, _kill_after_first_call, needs_fork  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,7 +69,7 @@ def _refuse_weight_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a weight file was opened before the output folder was checked")
 
-    monkeypatch.setattr(accord.transformers.io, "safe_open", refuse)
+    monkeypatch.setattr(accord.llm.io, "safe_open", refuse)
 
 
 # A bad output: (what makes it, overwrite, what the error must say); ``make(tmp_path, inputs)``
@@ -173,7 +173,7 @@ def test_overwrite_replaces_only_a_merge_output_accord_wrote_whole(
 @pytest.mark.parametrize(
     ("owner", "name", "exchange"),
     [
-        (accord.transformers.io.shutil, "copyfile", True),  # while copying the tokenizer
+        (accord.llm.io.shutil, "copyfile", True),  # while copying the tokenizer
         (_outputs, "_write_manifests", True),  # the new folder complete, not swapped in
         (_outputs, "_exchange", True),  # just after the swap: the old folder is the leftover
         (os, "rename", False),  # without an exchange: the old folder moved aside

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from accord.transformers.settings import (
+from accord.llm.settings import (
     Filtered,
     layer_positions,
     map_setting,

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from accord.errors import ModelError
-from accord.transformers import (
+from accord.llm import (
     SYMMETRY_KINDS,
     Architecture,
     Symmetry,
@@ -16,7 +16,7 @@ from accord.transformers import (
     random_symmetry,
     sample_symmetry,
 )
-from accord.transformers.testing import VARIANTS, tiny_model
+from accord.llm.testing import VARIANTS, tiny_model
 
 # (family, overrides): grouped-query attention, multi-head with tied embeddings, Qwen2 biases,
 # Mistral, and a single key/value head.

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
-from accord.transformers import load_checkpoint  # noqa: E402
-from accord.transformers.config import validate_llm_merge_config  # noqa: E402
-from accord.transformers.merge import merge_checkpoints  # noqa: E402
-from accord.transformers.testing import (  # noqa: E402
+from accord.llm import load_checkpoint  # noqa: E402
+from accord.llm.config import validate_llm_merge_config  # noqa: E402
+from accord.llm.merge import merge_checkpoints  # noqa: E402
+from accord.llm.testing import (  # noqa: E402
     TENSORWISE_VARIANTS,
     tiny_any_model,
     tiny_inputs,

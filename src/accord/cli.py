@@ -332,7 +332,7 @@ def _add_llm_merge(sub: Any) -> None:
 
 
 def _cmd_llm_merge(args: argparse.Namespace) -> int:
-    from accord.transformers.cli import llm_merge_main
+    from accord.llm.cli import llm_merge_main
 
     return llm_merge_main(args.config, args.output, progress=not args.quiet)
 

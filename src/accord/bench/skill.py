@@ -3,7 +3,7 @@
 Horoi et al. (2025) find that a task vector ``τ = θ_finetuned − θ_base`` transfers a skill
 poorly to a *receiver* that trained away from ``θ_base``, and that moving the receiver into the
 base's coordinates first (the exact permutation, rotation and scale symmetries of the
-transformer, :func:`accord.transformers.align`) recovers much of it. This benchmark builds that
+transformer, :func:`accord.llm.align`) recovers much of it. This benchmark builds that
 setting at a size that trains on one CPU core in minutes:
 
 - character-level corpora (:mod:`accord.bench.skill_corpus`): *general* string tasks
@@ -55,8 +55,7 @@ from accord.bench.skill_corpus import (
     skill_text,
 )
 from accord.errors import StoreError
-from accord.store import store_entry
-from accord.transformers import (
+from accord.llm import (
     align,
     dare,
     load_checkpoint,
@@ -65,6 +64,7 @@ from accord.transformers import (
     task_arithmetic,
     ties,
 )
+from accord.store import store_entry
 
 ALIGNMENTS = {"none": "unaligned", "weights": "weights", "activations": "activations"}
 METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE"}
@@ -564,7 +564,7 @@ def render_skill(document: Mapping[str, Any]) -> str:
         "the receiver must keep while it gains the skill. *own loss*: the receiver's own, "
         "before τ. *distance to base*: ‖θ − θ_base‖ / ‖θ_base‖ of the receiver unaligned / "
         "aligned by weights / by activations. Alignment moves the receiver into the base's "
-        "coordinates by exact symmetries (`accord.transformers.align`; activations: "
+        "coordinates by exact symmetries (`accord.llm.align`; activations: "
         f"{c['calibration_windows']} general-corpus windows), so its own loss does not change. "
         "`continued@k`: the base after k steps on the receiver corpus; *permuted*: that "
         "receiver moved by a random exact symmetry.",

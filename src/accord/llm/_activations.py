@@ -26,16 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from accord.errors import StatisticsError
-from accord.match._common import assign
-from accord.transformers._solve import LayerStats, match_layer
-from accord.transformers._weights import (
+from accord.llm._solve import LayerStats, match_layer
+from accord.llm._weights import (
     attention_cross,
     attention_finish,
     unit_factors,
     with_gain_scales,
 )
-from accord.transformers.arch import Architecture
-from accord.transformers.symmetry import Symmetry
+from accord.llm.arch import Architecture
+from accord.llm.symmetry import Symmetry
+from accord.match._common import assign
 
 
 class _Moments:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from accord.check import random_orthogonal
 from accord.errors import ModelError
-from accord.transformers.arch import Architecture, Role
+from accord.llm.arch import Architecture, Role
 
 SYMMETRY_KINDS = (
     "residual",

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from accord.transformers.methods import rescaled, sparse_task_arithmetic
+from accord.llm.methods import rescaled, sparse_task_arithmetic
 
 RESCALES = ("expectation", "l1", "none")
 

@@ -24,7 +24,7 @@ mergekit's with no effect on the result), slerp's ``t``, SCE's ``select_topk`` (
 Model Stock's ``filter_wise`` (default false) and NuSLERP's ``nuslerp_flatten`` (default true)
 and ``nuslerp_row_wise`` (default false); each with mergekit's defaults (``normalize``: true
 for linear, TIES and DELLA, false otherwise; ``rescale``: true for DARE and DELLA). Values
-are numbers, gradients or filters (:mod:`accord.transformers.settings`).
+are numbers, gradients or filters (:mod:`accord.llm.settings`).
 ``base_model`` is the task vectors' base (listed among ``models`` or not) and slerp's ``t = 0``
 end. ``dtype`` and ``out_dtype`` set the output dtype (accord computes in float32 whatever
 they say); ``tokenizer_source`` (``base`` or a model folder) names the folder whose tokenizer
@@ -46,9 +46,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from accord.errors import ConfigError, did_you_mean
-from accord.transformers.io import tokenizer_files
-from accord.transformers.merge import setting_problems
-from accord.transformers.settings import Filtered, Setting, map_setting, parse_setting
+from accord.llm.io import tokenizer_files
+from accord.llm.merge import setting_problems
+from accord.llm.settings import Filtered, Setting, map_setting, parse_setting
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def is_mergekit_config(data: dict[str, Any]) -> bool:
 def translate_mergekit_config(
     data: dict[str, Any], where: str = "mergekit config"
 ) -> dict[str, Any]:
-    """accord's config data (for :func:`accord.transformers.config.validate_llm_merge_config`,
+    """accord's config data (for :func:`accord.llm.config.validate_llm_merge_config`,
     without ``output``) doing what mergekit does with ``data``; ConfigError naming every problem
     by its mergekit key."""
     if "method" in data:

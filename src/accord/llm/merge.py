@@ -1,7 +1,7 @@
 """Merging Hugging Face checkpoints on disk, one tensor at a time.
 
-Methods (:data:`METHODS`; the formulas are in :mod:`accord.transformers.methods` and, one
-module each, :mod:`accord.transformers.merge_methods`):
+Methods (:data:`METHODS`; the formulas are in :mod:`accord.llm.methods` and, one
+module each, :mod:`accord.llm.merge_methods`):
 
 - ``linear`` and ``slerp`` combine the ``models`` themselves (slerp: exactly two);
 - ``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``, ``della``, ``della_linear``,
@@ -9,7 +9,7 @@ module each, :mod:`accord.transformers.merge_methods`):
   combine the task vectors ``τ_i = θ_i − θ_base`` of the ``models`` and add the result to the
   receiver: the ``base`` itself by default, or another model of the same architecture
   (``receiver``), which ``align=True`` first moves into the base's coordinates by weight
-  matching (:func:`accord.transformers.find_alignment`), so that the task vectors land on the
+  matching (:func:`accord.llm.find_alignment`), so that the task vectors land on the
   features they were learned for (Horoi et al. 2025);
 - ``nuslerp`` (exactly two models) combines the task vectors when a ``base`` is given, the
   models themselves otherwise.
@@ -22,10 +22,10 @@ tensor that disagrees is named with its two files. Tensors that are not floating
 buffers such as position ids) are copied from the receiver, never averaged; each tensor keeps
 its dtype unless ``dtype`` asks for another floating one. A tied output head
 (``tie_word_embeddings``) is not stored, as ``save_pretrained`` does. Alignment needs a family's
-symmetries, known for :data:`accord.transformers.arch.SUPPORTED_ARCHITECTURES` only; other
+symmetries, known for :data:`accord.llm.arch.SUPPORTED_ARCHITECTURES` only; other
 families are refused by name.
 
-Parameters are settings (:mod:`accord.transformers.settings`): a number, a gradient across the
+Parameters are settings (:mod:`accord.llm.settings`): a number, a gradient across the
 layers, or name filters, as in mergekit. The per-model ones (``weight``, ``density``,
 ``drop_rate``) are looked up in the model's own settings, then in ``parameters``, then take their
 default.
@@ -56,15 +56,15 @@ from tqdm import tqdm
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
 from accord.errors import ConfigError, ModelError, did_you_mean
-from accord.transformers import merge_methods, methods
-from accord.transformers.align import find_alignment
-from accord.transformers.arch import (
+from accord.llm import merge_methods, methods
+from accord.llm.align import find_alignment
+from accord.llm.arch import (
     SHAPE_KEYS,
     SUPPORTED_ARCHITECTURES,
     Architecture,
     check_compatible,
 )
-from accord.transformers.io import (
+from accord.llm.io import (
     DEFAULT_SHARD_SIZE,
     TOKENIZER_FILES,
     Checkpoint,
@@ -75,15 +75,15 @@ from accord.transformers.io import (
     tokenizer_files,
     write_checkpoint,
 )
-from accord.transformers.merge_methods.della import check_della
-from accord.transformers.settings import (
+from accord.llm.merge_methods.della import check_della
+from accord.llm.settings import (
     Setting,
     layer_positions,
     parse_setting,
     setting_at,
     setting_numbers,
 )
-from accord.transformers.symmetry import Symmetry, transform_tensor
+from accord.llm.symmetry import Symmetry, transform_tensor
 
 
 @dataclass(frozen=True)
@@ -409,7 +409,7 @@ def merge_checkpoints(
     ``rescale`` of the pruned entries (``expectation``: DARE's ``1/(1−p)`` and DELLA's
     ``1/q``, their default; ``l1``; ``none``), the switches ``filter_wise`` (Model Stock,
     default false), ``nuslerp_flatten`` (default true) and ``nuslerp_row_wise`` (default
-    false); numbers or settings (:mod:`accord.transformers.settings`). ``dtype``: of the
+    false); numbers or settings (:mod:`accord.llm.settings`). ``dtype``: of the
     output's floating tensors (default: the receiver's); ``tokenizer``: a folder whose tokenizer
     files are copied into the output; ``shard_size``: bytes per output shard, or a size such
     as ``500MB`` or ``1.5GiB``; ``seed``: DARE's and DELLA's drops, ``0 <= seed < 2**32`` (each

@@ -8,7 +8,7 @@ matching (Ainsworth et al., ICLR 2023), coordinate descent between
    tensor with a residual axis (embedding and readers' columns, writers' rows), ``B̃`` being B
    with the current per-layer maps applied; the first ``π`` comes from the embedding and
    ``lm_head`` columns alone, which no per-layer map touches;
-2. each layer's maps given ``π`` (:func:`accord.transformers._solve.match_layer`), from the
+2. each layer's maps given ``π`` (:func:`accord.llm._solve.match_layer`), from the
    cross products of the layer's weights (rows of q/k/v with their bias as one more column,
    o_proj column blocks, gate/up rows and down columns),
 
@@ -22,10 +22,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from accord.llm._solve import LayerStats, balance, match_layer
+from accord.llm.arch import Architecture
+from accord.llm.symmetry import LayerSymmetry, Symmetry, transform_tensor
 from accord.match._common import assign
-from accord.transformers._solve import LayerStats, balance, match_layer
-from accord.transformers.arch import Architecture
-from accord.transformers.symmetry import LayerSymmetry, Symmetry, transform_tensor
 
 State = Mapping[str, Tensor]
 

@@ -3,7 +3,7 @@
 Tensor-wise merges (linear, slerp, task arithmetic, TIES, DARE, DARE-TIES, DELLA, Model
 Breadcrumbs, SCE, Model Stock, NuSLERP; :data:`METHODS`) take checkpoints of any family whose
 tensors agree by name and shape; mergekit's YAML configs run through
-:mod:`accord.transformers.mergekit`. Symmetries and alignment know ``LlamaForCausalLM``,
+:mod:`accord.llm.mergekit`. Symmetries and alignment know ``LlamaForCausalLM``,
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (:data:`SUPPORTED_ARCHITECTURES`). Everything
 works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor, so a merge
 of checkpoints on disk holds a few tensors in memory at a time. ``transformers`` is needed only
@@ -15,20 +15,20 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from accord.transformers._models import ModelLike, repack, unpack
-from accord.transformers.align import align, find_alignment
-from accord.transformers.arch import SUPPORTED_ARCHITECTURES, Architecture
-from accord.transformers.cli import llm_merge_main
-from accord.transformers.io import (
+from accord.llm._models import ModelLike, repack, unpack
+from accord.llm.align import align, find_alignment
+from accord.llm.arch import SUPPORTED_ARCHITECTURES, Architecture
+from accord.llm.cli import llm_merge_main
+from accord.llm.io import (
     Checkpoint,
     LazyState,
     load_checkpoint,
     open_checkpoint,
     save_checkpoint,
 )
-from accord.transformers.merge import METHODS, merge_checkpoints
-from accord.transformers.methods import dare, linear, slerp, task_arithmetic, ties
-from accord.transformers.symmetry import (
+from accord.llm.merge import METHODS, merge_checkpoints
+from accord.llm.methods import dare, linear, slerp, task_arithmetic, ties
+from accord.llm.symmetry import (
     SYMMETRY_KINDS,
     LayerSymmetry,
     Symmetry,
@@ -50,8 +50,8 @@ def random_symmetry(
 
     ``random_symmetry(state, config, seed)`` takes a state dict and its config dict and returns
     a new state dict; ``random_symmetry(hf_model, seed=...)`` returns a new module. The logits
-    are unchanged up to rounding. See :mod:`accord.transformers.symmetry` for the maps and
-    :func:`accord.transformers.symmetry.sample_symmetry` for ``kinds`` and ``vo``.
+    are unchanged up to rounding. See :mod:`accord.llm.symmetry` for the maps and
+    :func:`accord.llm.symmetry.sample_symmetry` for ``kinds`` and ``vo``.
     """
     unpacked = unpack(model if config is None else (model, config), "model")
     symmetry = sample_symmetry(unpacked.arch, seed, kinds, vo)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from accord.transformers.methods import disjoint_merge, elect_sign, largest_mask
+from accord.llm.methods import disjoint_merge, elect_sign, largest_mask
 
 
 def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:

@@ -5,7 +5,7 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 
     method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties |
                               # della | della_linear | breadcrumbs | breadcrumbs_ties | sce |
-                              # model_stock | nuslerp (see accord.transformers.merge.METHODS)
+                              # model_stock | nuslerp (see accord.llm.merge.METHODS)
     base: models/llama-base   # the task vectors' base (task-vector methods)
     models:                   # fine-tuned models (a path, or {path, weight, density, ...})
       - models/llama-math
@@ -21,9 +21,9 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 
 Numeric parameters (``t``, ``lerp_cosine``, ``scale``, ``weight``, ``density``,
 ``drop_rate``, ``epsilon``, ``gamma``, ``select_topk``) are settings: a number, a gradient
-across the layers or name filters (:mod:`accord.transformers.settings`); ``normalize``,
+across the layers or name filters (:mod:`accord.llm.settings`); ``normalize``,
 ``filter_wise``, ``nuslerp_flatten`` and ``nuslerp_row_wise`` are true or false.
-A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.transformers.mergekit` and
+A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.llm.mergekit` and
 validated here once translated. Paths are relative to the current directory.
 """
 
@@ -45,8 +45,8 @@ from pydantic import (
 from accord._outputs import check_output
 from accord.config import read_yaml_mapping
 from accord.errors import ConfigError, OutputError, did_you_mean
-from accord.transformers.io import DEFAULT_SHARD_SIZE, parse_size
-from accord.transformers.merge import (
+from accord.llm.io import DEFAULT_SHARD_SIZE, parse_size
+from accord.llm.merge import (
     MERGE_OUTPUT,
     METHODS,
     SEED_LIMIT,
@@ -54,7 +54,7 @@ from accord.transformers.merge import (
     check_merge,
     tokenizer_problems,
 )
-from accord.transformers.settings import Setting, parse_setting
+from accord.llm.settings import Setting, parse_setting
 
 SettingValue = Annotated[Setting, PlainValidator(parse_setting)]
 
@@ -168,7 +168,7 @@ def load_llm_merge_config(
     """Read and validate a YAML merge config, accord's or mergekit's (``merge_method``);
     ``output`` (the command line's OUT) replaces the config's. ConfigError listing every
     problem by key."""
-    from accord.transformers.mergekit import is_mergekit_config, translate_mergekit_config
+    from accord.llm.mergekit import is_mergekit_config, translate_mergekit_config
 
     data = read_yaml_mapping(path, "method, models, output")
     if is_mergekit_config(data):

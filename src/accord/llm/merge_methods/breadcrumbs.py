@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor
 
-from accord.transformers.methods import largest_mask, rescaled, sparse_task_arithmetic
+from accord.llm.methods import largest_mask, rescaled, sparse_task_arithmetic
 
 
 def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: str = "none") -> Tensor:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from accord.llm.arch import Architecture
+from accord.llm.symmetry import LayerSymmetry
 from accord.match._common import assign
-from accord.transformers.arch import Architecture
-from accord.transformers.symmetry import LayerSymmetry
 
 
 @dataclass

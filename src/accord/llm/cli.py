@@ -1,7 +1,7 @@
 """``accord llm-merge CONFIG.yaml [OUT]``: merge Hugging Face checkpoints as a YAML file says.
 
-The file is accord's (:mod:`accord.transformers.config`) or mergekit's (``merge_method``, read
-by :mod:`accord.transformers.mergekit`), called as ``mergekit-yaml CONFIG OUT`` is; ``OUT``
+The file is accord's (:mod:`accord.llm.config`) or mergekit's (``merge_method``, read
+by :mod:`accord.llm.mergekit`), called as ``mergekit-yaml CONFIG OUT`` is; ``OUT``
 replaces the config's ``output``. The config is validated whole (every bad key reported at
 once) before any weight is read.
 """
@@ -14,8 +14,8 @@ import sys
 import torch
 
 from accord.errors import AccordError
-from accord.transformers.config import LLMMergeConfig, load_llm_merge_config
-from accord.transformers.merge import merge_checkpoints
+from accord.llm.config import LLMMergeConfig, load_llm_merge_config
+from accord.llm.merge import merge_checkpoints
 
 
 def run_llm_merge(config: LLMMergeConfig, progress: bool = True) -> str:

@@ -6,18 +6,18 @@ family can then be added to it (Horoi et al. 2025, symmetry-aware task-vector tr
 
 Without data, the maps come from the weights (Git Re-Basin weight matching over the residual
 permutation, SwiGLU units, key/value groups and query heads, with orthogonal Procrustes for the
-value/output maps and per-plane rotary rotations; see :mod:`accord.transformers._weights`).
-With calibration tokens, from activations (:mod:`accord.transformers._activations`). Both end
+value/output maps and per-plane rotary rotations; see :mod:`accord.llm._weights`).
+With calibration tokens, from activations (:mod:`accord.llm._activations`). Both end
 by giving B exactly A's RMSNorm gains (the gain-scale symmetry) and A's balance of q/k and
 up/down norms (the scale symmetries).
 
 The value/output maps found are orthogonal: a general invertible map is a symmetry too (see
-:func:`accord.transformers.random_symmetry`), but is not recovered from the weights.
+:func:`accord.llm.random_symmetry`), but is not recovered from the weights.
 
 Example::
 
     >>> import torch, transformers
-    >>> from accord.transformers import align, random_symmetry
+    >>> from accord.llm import align, random_symmetry
     >>> config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64,
     ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     >>> a = transformers.LlamaForCausalLM(config)
@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from accord.transformers._models import ModelLike, repack, to_module, unpack
-from accord.transformers._weights import weight_alignment
-from accord.transformers.arch import check_compatible
-from accord.transformers.symmetry import Symmetry, apply_symmetry
+from accord.llm._models import ModelLike, repack, to_module, unpack
+from accord.llm._weights import weight_alignment
+from accord.llm.arch import check_compatible
+from accord.llm.symmetry import Symmetry, apply_symmetry
 
 Batch = Any  # a LongTensor of token ids (batch, length), or a dict with input_ids/attention_mask
 
@@ -62,7 +62,7 @@ def find_alignment(
     with torch.no_grad():
         if data is None:
             return weight_alignment(b.state, a.state, a.arch, max_iter=max_iter)
-        from accord.transformers._activations import activation_alignment
+        from accord.llm._activations import activation_alignment
 
         return activation_alignment(to_module(b), to_module(a), b.state, a.state, a.arch, data)
 
