@@ -27,7 +27,7 @@ to activation matching, and the report says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -79,14 +79,15 @@ def ridges(
 UNDETERMINED = SNAP_TOLERANCE
 
 
-def tied_polar(matrix: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+def tied_polar(matrix: Tensor, target: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor]:
     """``(Q, S)``: the orthogonal polar factor ``Q = U Vᵀ`` of ``matrix = U S Vᵀ``, and S.
 
     Q maximises ``trace(Qᵀ matrix)``; it is unique only where the singular values are clearly
     above zero. In the undetermined part (singular values ≤ ``UNDETERMINED · s_max``: dead,
     duplicated or linearly dependent features, whose pairing the SVD picks at random) every
     ``U₁V₁ᵀ + U₀ R V₀ᵀ`` with R orthogonal is an equally good solution; R is chosen closest to
-    ``target`` (``R = polar(U₀ᵀ target V₀)``, minimising ``‖Q − target‖_F``).
+    the matrix ``target()`` (``R = polar(U₀ᵀ target V₀)``, minimising ``‖Q − target‖_F``),
+    computed only when some direction is undetermined.
     """
     u, s, vh = torch.linalg.svd(matrix)
     undetermined = s <= UNDETERMINED * s[0] if s.numel() else s.bool()
@@ -94,7 +95,7 @@ def tied_polar(matrix: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
         return u @ vh, s
     kept = ~undetermined
     u0, v0 = u[:, undetermined], vh[undetermined].T
-    u_r, _, vh_r = torch.linalg.svd(u0.T @ target @ v0)
+    u_r, _, vh_r = torch.linalg.svd(u0.T @ target() @ v0)
     return u[:, kept] @ vh[kept] + u0 @ (u_r @ vh_r) @ v0.T, s
 
 
@@ -104,20 +105,20 @@ def cca_map(
     sxy: Tensor,
     g_x: float,
     g_y: float,
-    target: Tensor | None = None,
+    target: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(T, T⁻¹, S)`` of CCA Merge for one block; see the module docstring for the formulas.
 
-    ``target`` (a map of y's features into x's, e.g. the activation-matching permutation)
-    resolves the canonical pairs the statistics leave undetermined (:func:`tied_polar`): T is
-    then the CCA solution closest to it. The inverse is assembled from its own formula, never
-    by inverting T.
+    ``target()`` (a map of y's features into x's, e.g. :func:`matching_target`) resolves the
+    canonical pairs the statistics leave undetermined (:func:`tied_polar`): T is then the CCA
+    solution closest to it. The inverse is assembled from its own formula, never by inverting
+    T.
     """
     eye = torch.eye(sxx.shape[0], dtype=torch.float64)
     x_root, x_inverse_root = spd_roots(sxx + g_x * eye)
     y_root, y_inverse_root = spd_roots(syy + g_y * eye)
     # T = target ⇔ the rotation is x⁻½ · target · y½: the target in whitened coordinates.
-    whitened = None if target is None else x_inverse_root @ target @ y_root
+    whitened = None if target is None else lambda: x_inverse_root @ target() @ y_root
     rotation, s = tied_polar(x_inverse_root @ sxy @ y_inverse_root, whitened)
     transform = x_root @ rotation @ y_inverse_root
     inverse = y_root @ rotation.T @ x_inverse_root
@@ -180,7 +181,7 @@ def cca_block(
     if lx.numel():
         block_xx, block_yy, block_xy = sxx[lx][:, lx], syy[ly][:, ly], sxy[lx][:, ly]
         g_x, g_y = ridges(block_xx, block_yy, ridge, absolute_ridge)
-        target = matching_target(block_xx, block_yy, block_xy)
+        target = partial(matching_target, block_xx, block_yy, block_xy)
         live, live_inverse, s = cca_map(block_xx, block_yy, block_xy, g_x, g_y, target)
         transform[lx[:, None], ly[None, :]] = live
         inverse[ly[:, None], lx[None, :]] = live_inverse
@@ -222,7 +223,7 @@ def procrustes(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
     """The orthogonal ``R = U Vᵀ`` (``Sxy = U S Vᵀ``) maximising ``trace(Rᵀ Sxy)``, i.e.
     minimising ``E‖x − R y‖²`` over orthogonal R; what Sxy leaves undetermined goes to the
     activation-matching permutation."""
-    return tied_polar(sxy, matching_target(sxx, syy, sxy))[0]
+    return tied_polar(sxy, partial(matching_target, sxx, syy, sxy))[0]
 
 
 def cca_match(
