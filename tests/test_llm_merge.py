@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
 from accord.llm import (  # noqa: E402
-    load_checkpoint,
+    load_state_and_config,
     methods,
     open_checkpoint,
     random_symmetry,
@@ -63,7 +63,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[0]
+    return load_state_and_config(path)[0]
 
 
 def test_sharded_round_trip_with_and_without_index(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_sharded_round_trip_with_and_without_index(tmp_path: Path) -> None:
     path = _save(model, tmp_path / "m", shard_size=10_000)
     files = sorted(p.name for p in path.iterdir())
     assert "model.safetensors.index.json" in files and len(files) > 4
-    state, _ = load_checkpoint(path)
+    state, _ = load_state_and_config(path)
     assert "lm_head.weight" not in state  # tied: left out, as save_pretrained does
     for key, tensor in state.items():
         assert torch.equal(tensor, model.state_dict()[key])
@@ -198,7 +198,7 @@ def test_failure_mid_write_leaves_no_output(
 def test_non_finite_inputs_and_outputs_name_the_file_and_tensor(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
-    state, config = load_checkpoint(family["ft1"])
+    state, config = load_state_and_config(family["ft1"])
     state["model.norm.weight"][3] = float("nan")
     broken = save_checkpoint(tmp_path / "broken", state, config)
     with pytest.raises(ModelError, match=r"broken: tensor 'model\.norm\.weight' has 1 NaN among"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from accord.errors import ConfigError
-from accord.llm import load_checkpoint
+from accord.llm import load_state_and_config
 from accord.llm.config import validate_llm_merge_config
 from accord.llm.merge import merge_checkpoints
 from accord.llm.merge_methods import (
@@ -334,12 +334,12 @@ def test_each_method_merges_llamas_that_transformers_loads(
     with torch.no_grad():
         logits = model(torch.arange(8).reshape(1, 8)).logits
     assert torch.isfinite(logits).all()
-    merged = load_checkpoint(out)[0]
-    base_state = load_checkpoint(llamas["base"])[0]
+    merged = load_state_and_config(out)[0]
+    base_state = load_state_and_config(llamas["base"])[0]
     changed = [name for name in merged if not torch.equal(merged[name], base_state[name])]
     assert changed, f"{case}: the merge returned the base"
     if method in ("della", "della_linear"):  # seeded per tensor: a rerun draws the same
-        again = load_checkpoint(
+        again = load_state_and_config(
             merge_checkpoints(
                 models, tmp_path / "again", method=method, base=base, parameters=parameters, seed=7
             )
@@ -352,13 +352,13 @@ def test_model_stock_on_llamas_matches_its_formula(llamas: dict[str, Path], tmp_
         [llamas["ft1"], llamas["ft2"]], tmp_path / "out", method="model_stock", base=llamas["base"]
     )
     name = "model.layers.0.mlp.up_proj.weight"
-    base = load_checkpoint(llamas["base"])[0][name]
-    a, b = (load_checkpoint(llamas[f"ft{i}"])[0][name] - base for i in (1, 2))
+    base = load_state_and_config(llamas["base"])[0][name]
+    a, b = (load_state_and_config(llamas[f"ft{i}"])[0][name] - base for i in (1, 2))
     cos = float((a * b).sum() / (a.norm() * b.norm()))
     t = 2 * cos / (1 + cos)
     fine_tuned = [base + a, base + b]
     expected = t * (fine_tuned[0] + fine_tuned[1]) / 2 + (1 - t) * base
-    torch.testing.assert_close(load_checkpoint(out)[0][name], expected)
+    torch.testing.assert_close(load_state_and_config(out)[0][name], expected)
 
 
 # --- config errors ---------------------------------------------------------------------------

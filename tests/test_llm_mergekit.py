@@ -12,7 +12,7 @@ import torch
 
 from accord.cli import main as accord_main
 from accord.errors import ConfigError
-from accord.llm import load_checkpoint, save_checkpoint
+from accord.llm import load_state_and_config, save_checkpoint
 from accord.llm.config import load_llm_merge_config
 from accord.llm.mergekit import translate_mergekit_config
 
@@ -42,7 +42,7 @@ def _run(tmp_path: Path, text: str, out: str = "out") -> dict[str, torch.Tensor]
     config = tmp_path / "mergekit.yml"
     config.write_text(text, encoding="utf-8")
     assert accord_main(["llm-merge", str(config), str(tmp_path / out), "--quiet"]) == 0
-    return load_checkpoint(tmp_path / out)[0]
+    return load_state_and_config(tmp_path / out)[0]
 
 
 def _models(toys: dict[str, Path], ft1: str, ft2: str) -> str:

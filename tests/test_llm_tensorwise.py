@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from accord.cli import main as accord_main  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
-from accord.llm import load_checkpoint  # noqa: E402
+from accord.llm import load_state_and_config  # noqa: E402
 from accord.llm.config import validate_llm_merge_config  # noqa: E402
 from accord.llm.merge import merge_checkpoints  # noqa: E402
 from accord.llm.testing import (  # noqa: E402
@@ -65,7 +65,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Saved]:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[0]
+    return load_state_and_config(path)[0]
 
 
 def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

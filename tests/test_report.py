@@ -33,7 +33,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
             samples=300,
             output=str(root / method),
         )
-        accord.merge_checkpoints(config, progress=False)
+        accord.run_merge(config, progress=False)
     return root
 
 

@@ -42,7 +42,7 @@ from accord.store import (
 )
 from accord.trace import trace
 from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_set
-from accord.workflow import merge_checkpoints
+from accord.workflow import run_merge
 from accord.zoo import MODELS, build_model, example_input, model_config
 
 __all__ = [
@@ -90,10 +90,10 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "merge",
-    "merge_checkpoints",
     "model_config",
     "randomly_permuted",
     "reset_batchnorm",
+    "run_merge",
     "save_checkpoint",
     "spec_table",
     "split_indices",

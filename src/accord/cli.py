@@ -286,7 +286,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.option and not args.auto:
         options = _method_options(args.option, config.method)
         config = config.model_copy(update={"options": options})
-    outcome = accord.merge_checkpoints(config, progress=not args.quiet)
+    outcome = accord.run_merge(config, progress=not args.quiet)
     print(format_table(["model", "val acc", "test acc"], outcome.rows()))
     if config.output:
         print(f"written to {config.output}")

@@ -50,7 +50,7 @@ def run_demo(
         device=device,
         data_dir=data_dir,
     )
-    outcome = accord.merge_checkpoints(config, progress=progress)
+    outcome = accord.run_merge(config, progress=progress)
     title = (
         f"accord demo: {DEMO_MODELS} x {request.arch} {request.model} on {name}, "
         "merged with every method (options chosen on the validation split)"

@@ -95,7 +95,7 @@ def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
     return make_loader(train, batch_size=config.batch_size)
 
 
-def merge_checkpoints(config: MergeConfig, progress: bool = True) -> MergeOutcome:
+def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
     methods = _methods(config)
     if config.output:  # a bad output folder fails now, not after the merge

@@ -5,7 +5,7 @@ For each architecture and data setting, a pool of ``max(N)`` models is trained p
 pool's first N. Under ``iid`` every model sees all training data; under ``dirichlet`` the
 pool's models are trained on the parts of one Dirichlet(α) split of the training set among
 ``max(N)`` models, so any N of them saw differently distributed data. Every configuration
-runs :func:`accord.merge_checkpoints` with ``method="all"`` and ``options="auto"``: one
+runs :func:`accord.run_merge` with ``method="all"`` and ``options="auto"``: one
 statistics pass shared by all methods, hyper-parameters chosen on the validation split.
 Two variants reuse that pass: NP Merge's successive pairwise scheme (for N > 2; the default
 is one joint softmax) and, for networks with BatchNorm, CCA Merge with the BatchNorms'
@@ -374,7 +374,7 @@ def run_quality(
             for size in plan.sizes:
                 clock = time.perf_counter()
                 outcomes = [
-                    accord.merge_checkpoints(merge_config(plan, pool[:size], device), progress)
+                    accord.run_merge(merge_config(plan, pool[:size], device), progress)
                     for pool in pools
                 ]
                 calibrated = [calibration(plan, o, device) for o in outcomes]

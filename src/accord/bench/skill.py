@@ -58,7 +58,7 @@ from accord.errors import StoreError
 from accord.llm import (
     align,
     dare,
-    load_checkpoint,
+    load_state_and_config,
     random_symmetry,
     save_checkpoint,
     task_arithmetic,
@@ -286,7 +286,7 @@ def _load_or_train(
             save_checkpoint(path, state, {**config, "accord_training": keys[name]}, overwrite=True)
     models = {}
     for name, path in paths.items():
-        state, config = load_checkpoint(path)
+        state, config = load_state_and_config(path)
         if config.get("accord_training") != keys[name]:
             raise StoreError(f"{path} was trained with another configuration; delete it to retrain")
         models[name] = llama(plan, 0)

@@ -22,7 +22,7 @@ from accord.llm.cli import llm_merge_main
 from accord.llm.io import (
     Checkpoint,
     LazyState,
-    load_checkpoint,
+    load_state_and_config,
     open_checkpoint,
     save_checkpoint,
 )
@@ -74,7 +74,7 @@ __all__ = [
     "find_alignment",
     "linear",
     "llm_merge_main",
-    "load_checkpoint",
+    "load_state_and_config",
     "merge_checkpoints",
     "open_checkpoint",
     "random_symmetry",

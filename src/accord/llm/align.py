@@ -36,7 +36,7 @@ import torch
 
 from accord.llm._models import ModelLike, repack, to_module, unpack
 from accord.llm._weights import weight_alignment
-from accord.llm.arch import check_compatible
+from accord.llm.arch import check_same_family
 from accord.llm.symmetry import Symmetry, apply_symmetry
 
 Batch = Any  # a LongTensor of token ids (batch, length), or a dict with input_ids/attention_mask
@@ -56,7 +56,7 @@ def find_alignment(
     configs must agree on every size (ConfigError naming the key).
     """
     b, a = unpack(model_b, "model_b"), unpack(to, "to")
-    check_compatible({a.label: a.config, b.label: b.config})
+    check_same_family({a.label: a.config, b.label: b.config})
     if max_iter < 1:
         raise ValueError(f"max_iter={max_iter}; expected at least 1 sweep")
     with torch.no_grad():

@@ -200,7 +200,7 @@ def _check_full_rotary(config: dict[str, Any], where: str) -> None:
         )
 
 
-def check_compatible(configs: dict[str, dict[str, Any]]) -> None:
+def check_same_family(configs: dict[str, dict[str, Any]]) -> None:
     """ConfigError naming the first key on which the configs (label → config) disagree."""
     labels = list(configs)
     first = configs[labels[0]]

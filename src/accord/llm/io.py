@@ -190,7 +190,9 @@ def _shard_keys(shard: Path) -> list[str]:
         raise ModelError(f"shard {shard} cannot be read: {exc}") from exc
 
 
-def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_state_and_config(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Every tensor of a checkpoint in memory, and its config: ``(state, config)``."""
     checkpoint = open_checkpoint(directory)
     return {name: checkpoint.state[name] for name in checkpoint.state}, checkpoint.config

@@ -62,7 +62,7 @@ from accord.llm.arch import (
     SHAPE_KEYS,
     SUPPORTED_ARCHITECTURES,
     Architecture,
-    check_compatible,
+    check_same_family,
 )
 from accord.llm.io import (
     DEFAULT_SHARD_SIZE,
@@ -520,7 +520,7 @@ def _open(
     _check_architectures(receiver_ck, every)
     arch = None
     if align:
-        check_compatible({str(ck.path): ck.config for ck in every})
+        check_same_family({str(ck.path): ck.config for ck in every})
         arch = Architecture.from_config(receiver_ck.config, str(receiver_ck.path))
         for name in receiver_ck.state:
             arch.role(name)  # refuses tensors this layout does not know before any work is done
