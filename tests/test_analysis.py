@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ from accord.analysis import (
     CAVEATS,
     add_analyze_parser,
     canonical_correlations,
+    cka_attack,
     compare_layers,
     linear_cka,
     mean_cca,
+    plot_cka_attack,
     write_similarity,
 )
 
@@ -128,3 +131,36 @@ def test_analyze_command_prints_the_diagonal_and_writes_files(
         "similarity.md",
         "similarity.json",
     }
+
+
+@pytest.mark.parametrize("target", [0.3, 0.75])
+def test_cka_attack_reaches_the_target_with_the_same_function(
+    checkpoints, target, tmp_path
+) -> None:
+    data = accord.load_dataset("digits")
+    report, attacked = cka_attack(checkpoints[0].model, data.val, "layers.3", target, samples=200)
+    assert report.cka_before == pytest.approx(1.0, abs=1e-12)
+    assert report.cka_after == pytest.approx(target, abs=1e-3)
+    assert report.max_relative_logit_change < 1e-5
+    assert report.accuracy_after == report.accuracy_before
+    assert report.mean_cca_after == pytest.approx(1.0, abs=1e-6)
+    assert report.condition_number > 1.0
+    # the returned model is the re-coordinated one: same logits, other layer coordinates
+    inputs = data.val.images[:8].double()
+    logits, observed = attacked(inputs)
+    expected = copy.deepcopy(checkpoints[0].model).double()(inputs)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    assert observed[report.node].shape == (8, 16)
+    path = tmp_path / "attack.png"
+    plot_cka_attack(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cka_attack_names_an_unreachable_target_and_a_wrong_space(checkpoints) -> None:
+    data = accord.load_dataset("digits")
+    with pytest.raises(ValueError, match=r"target CKA 1e-06 is out of reach for space 'layers.1'"):
+        cka_attack(checkpoints[0].model, data.val, "layers.1", 1e-6, samples=100)
+    with pytest.raises(
+        ValueError, match=r"space 'output'.*choose one of \['layers.1', 'layers.3'\]"
+    ):
+        cka_attack(checkpoints[0].model, data.val, "output", 0.5, samples=100)
