@@ -16,10 +16,10 @@ from torch import nn
 
 import accord.statistics
 from accord.errors import StatisticsError
-from accord.fx import observed_graph, symbolic_graph
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.trace import trace
+from accord.trace.fx import observed_graph, symbolic_graph
 from accord.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -210,7 +210,7 @@ def test_pooled_observation_points() -> None:
 def _graph_outputs(
     models: Sequence[nn.Module], batches: Sequence[tuple], nodes: Sequence[str]
 ) -> list[list[dict[str, torch.Tensor]]]:
-    """Per model, per batch: the outputs of ``nodes``, from accord.fx.observed_graph."""
+    """Per model, per batch: the outputs of ``nodes``, from accord.trace.fx.observed_graph."""
     outputs = []
     for model in models:
         graph = observed_graph(model, nodes).eval()

@@ -367,7 +367,7 @@ def test_functional_mlp_and_shared_layer(assert_preserved) -> None:
 
 
 class SelfAttention(nn.Module):
-    """accord.zoo.vit.Attention's code in a class that accord.fx traces through."""
+    """accord.zoo.vit.Attention's code in a class that accord.trace.fx traces through."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from accord._finite import first_non_finite
 from accord._io import write_with
 from accord.errors import StatisticsError
-from accord.fx import observed_graph, symbolic_graph
 from accord.spec import Observation
+from accord.trace.fx import observed_graph, symbolic_graph
 
 if TYPE_CHECKING:
     from accord.spec import Spec

@@ -19,9 +19,9 @@ from accord._io import write_with
 from accord.analysis.similarity import centre, linear_cka, mean_cca
 from accord.apply import Transform, apply_transforms
 from accord.data import Dataset, make_loader
-from accord.fx import observed_graph
 from accord.spec import FeatureSpace, Spec
 from accord.trace import trace
+from accord.trace.fx import observed_graph
 
 
 def _mix(features: Tensor, matrix: Tensor, axis: int) -> Tensor:

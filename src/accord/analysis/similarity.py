@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from accord._io import write_json, write_text, write_with
 from accord._table import format_table
 from accord.data import Dataset, load_dataset, make_loader
-from accord.fx import observed_graph
 from accord.match.cca import spd_roots
 from accord.store import checkpoint_dataset, load_checkpoint
 from accord.trace import trace
+from accord.trace.fx import observed_graph
 
 CAVEATS = (
     "Linear CKA is invariant to orthogonal maps and isotropic scaling only, not to general "

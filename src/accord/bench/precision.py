@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import accord
-from accord.fx import observed_graph
+from accord.trace.fx import observed_graph
 
 Rows = dict[str, torch.Tensor]
 

@@ -1,6 +1,6 @@
 """Tracing rules for parameter-free tensor operations (elementwise, shape, arithmetic, concat).
 
-A rule takes a :class:`~accord._trace_state.Call` and returns the output's value, or None
+A rule takes a :class:`~accord.trace.state.Call` and returns the output's value, or None
 when the call is outside what it can prove safe: the tracer then treats the call as unknown
 and fixes every space it touches. Rules return None before changing any state.
 """
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from accord._trace_state import Call, Feat, Other, Seg, Tup, layouts_match
+from accord.trace.state import Call, Feat, Other, Seg, Tup, layouts_match
 
 Rule = Callable[[Call], Any]
 

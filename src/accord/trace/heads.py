@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from accord import _trace_rules as rules
-from accord._trace_state import Call, Feat
+from accord.trace import rules as rules
+from accord.trace.state import Call, Feat
 
 
 def reshape(call: Call) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from accord._trace_state import Feat, SpaceRecord, SpaceTable, Walk, weaker
 from accord.errors import SpecError, TraceError
 from accord.spec import FeatureSpace, Observation, Spec
+from accord.trace.state import Feat, SpaceRecord, SpaceTable, Walk, weaker
 
 # Observation kinds, best first: activations (their outputs, or inputs for "pre"), then
 # where readers read the space, then the writers' outputs.

@@ -1,6 +1,6 @@
 """Find a network's feature spaces with torch.fx: :func:`trace` turns a model into a Spec.
 
-The model is traced by :func:`accord.fx.symbolic_graph` (so node names match the statistics
+The model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names match the statistics
 pass) and run once on ``example_input`` to learn every tensor's shape. Each tensor's feature
 axis is laid out in segments of spaces; walking the graph:
 
@@ -39,12 +39,12 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from accord._trace_finish import finish
-from accord._trace_state import Call, Feat, Other, Seg, TensorMeta, Tup, Walk, plain
-from accord._trace_tables import FUNCTION_RULES, HEAD_RULES, METHOD_RULES, MODULE_RULES
 from accord.errors import ConfigError, TraceError
-from accord.fx import symbolic_graph
 from accord.spec import Spec
+from accord.trace.finish import finish
+from accord.trace.fx import symbolic_graph
+from accord.trace.state import Call, Feat, Other, Seg, TensorMeta, Tup, Walk, plain
+from accord.trace.tables import FUNCTION_RULES, HEAD_RULES, METHOD_RULES, MODULE_RULES
 
 
 def trace(

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from accord import _trace_heads as heads
-from accord import _trace_layers as layers
-from accord import _trace_rules as rules
-from accord._trace_rules import Rule
+from accord.trace import heads as heads
+from accord.trace import layers as layers
+from accord.trace import rules as rules
+from accord.trace.rules import Rule
 
 _activation = rules.elementwise("dense")
 _math = rules.elementwise("dense", activation=False)

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from accord._trace_rules import mark_activation
-from accord._trace_state import Call, Feat, Seg, Tup, layouts_match, plain, seg_offsets
 from accord.spec import AxisRef, FoldedNorm
+from accord.trace.rules import mark_activation
+from accord.trace.state import Call, Feat, Seg, Tup, layouts_match, plain, seg_offsets
 
 WRITER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
