@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import accord.statistics
+import accord.statistics.accumulator
 from accord.errors import StatisticsError
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
@@ -186,7 +186,7 @@ def test_conv_layouts(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """(N, C, H·W) activations, whole or in memory-bounded chunks; channels-last ones;
     models whose activations have different memory formats (the reference's decides)."""
     if layout == "chunked":
-        monkeypatch.setattr(accord.statistics, "_CHUNK_ELEMENTS", 3 * 8 * 8)
+        monkeypatch.setattr(accord.statistics.accumulator, "CHUNK_ELEMENTS", 3 * 8 * 8)
     models, data = _convs(), _batches((3, 10, 10), [7, 4])
     if layout == "channels_last":
         models = [m.to(memory_format=torch.channels_last) for m in models]

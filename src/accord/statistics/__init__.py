@@ -1,0 +1,29 @@
+"""Activation statistics of N models: means and covariances per feature space, in float64.
+
+Statistics do not depend on any merge hyper-parameter: collect them once and reuse them for
+every method and every ridge value.
+
+Accumulation (one pass, float64). For model i with features ``x_i`` (C,) and a shift ``s_i``
+(the first batch's mean), :func:`collect_statistics` keeps ``n``, ``t_i = Σ (x_i − s_i)`` and
+``P_ij = Σ (x_i − s_i)(x_j − s_j)ᵀ``. Then ``mean_i = s_i + t_i / n`` and
+
+    Cov(x_i, x_j) = (P_ij − t_i t_jᵀ / n) / (n − 1).
+
+The shift keeps the subtraction well conditioned when features have a large offset. Sums add
+across processes: each rank re-expresses its sums around one common shift and all-reduces them.
+
+Cost. The models run one after another on each batch, the reference first; each observed
+output is summed as soon as it is produced, in chunks of about 2¹⁸ values shifted and
+converted to the accumulation dtype in one pass, and only the chunks a later model pairs
+with (the reference's) are kept, converted, until the batch ends: memory holds one model's
+activations (in the accumulation dtype), not N. The products cost about as much as the
+models' own forward passes (float64 matmuls of C × C blocks); ``precision="float32"``
+multiplies each chunk in float32 and sums the chunks in float64, cutting the overhead by
+about half for 1e-7–1e-6 relative error (both measured by ``accord bench speed``; see
+BENCHMARKS.md).
+"""
+
+from accord.statistics.collect import collect_statistics
+from accord.statistics.types import SpaceStatistics, Statistics
+
+__all__ = ["SpaceStatistics", "Statistics", "collect_statistics"]

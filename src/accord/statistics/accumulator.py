@@ -1,0 +1,282 @@
+"""Streaming float64 moments of observed activations: shifted sums, chunked products, and their
+reduction across ranks (see :mod:`accord.statistics` for the formulas)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from accord.errors import StatisticsError
+from accord.spec import Observation
+
+if TYPE_CHECKING:
+    pass
+
+from accord.statistics.types import Pair, SpaceStatistics
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one accumulator observes: a space or a BatchNorm output, and the blocks it keeps."""
+
+    name: str
+    size: int
+    points: tuple[Observation, ...]
+    pairs: tuple[Pair, ...]
+    kind: Literal["space", "BatchNorm"] = "space"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+# Samples are converted about this many values at a time, so that each converted chunk is
+# summed and multiplied while it is in cache; it also bounds the chunk's memory.
+CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model's observed tensor as G groups of S positions: ``G·S`` samples of C features.
+
+    ``tensor`` is (G, S, C) when the features are last in memory (tokens, channels-last),
+    else (G, C, S) (a (N, C, H, W) conv output is (N, C, H·W)), so reading it is in order.
+    """
+
+    tensor: torch.Tensor
+    features_last: bool
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, axis: int) -> Source:
+        source = tensor.detach()
+        size, groups = source.shape[axis], source.shape[:axis].numel()
+        positions = source.numel() // max(groups * size, 1)
+        moved = source.movedim(axis, -1)
+        if moved.is_contiguous():
+            return cls(moved.reshape(groups, positions, size), True)
+        return cls(source.contiguous().reshape(groups, size, positions), False)
+
+    @property
+    def samples(self) -> int:
+        return self.tensor.shape[0] * self.positions
+
+    @property
+    def positions(self) -> int:
+        return self.tensor.shape[1 if self.features_last else 2]
+
+    @property
+    def step(self) -> int:
+        """Groups per chunk."""
+        return max(1, CHUNK_ELEMENTS // max(self.tensor[0].numel(), 1))
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each chunk's groups."""
+        for start in range(0, self.tensor.shape[0], self.step):
+            yield start, min(start + self.step, self.tensor.shape[0])
+
+    def chunk(
+        self, start: int, stop: int, shift: torch.Tensor, rows: bool, out: torch.Tensor
+    ) -> torch.Tensor:
+        """``x − s`` of groups ``start:stop`` written into ``out`` (in its dtype, one pass),
+        as (k·S, C) rows or (C, k·S) columns: either way one long matmul. Reading is in
+        order when rows are taken from features-last tensors and columns from the others."""
+        part = self.tensor[start:stop]
+        if self.features_last:  # (k, S, C)
+            view = part if rows else part.permute(2, 0, 1)
+        else:  # (k, C, S)
+            view = part.transpose(1, 2) if rows else part.transpose(0, 1)
+        centre = shift.to(out.dtype) if rows else shift.to(out.dtype)[:, None, None]
+        torch.sub(view, centre, out=out.view(view.shape))
+        return out
+
+    def chunk_shape(self, start: int, stop: int, rows: bool) -> tuple[int, int]:
+        samples = (stop - start) * self.positions
+        size = self.tensor.shape[2 if self.features_last else 1]
+        return (samples, size) if rows else (size, samples)
+
+
+def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool) -> None:
+    """``product += Σ_samples x yᵀ`` of two chunks: in the chunks' dtype, summed into the
+    product's (float64)."""
+    left, right = (x.T, y) if rows else (x, y.T)
+    if x.dtype == product.dtype:
+        product.addmm_(left, right)
+    else:
+        product += (left @ right).to(product.dtype)
+
+
+class Accumulator:
+    """Shifted sums of one target (module docstring): ``n``, ``t_i`` and ``P_ij``.
+
+    The models are observed one after another in ``order`` (the reference first). A model's
+    output is summed into its own block and its blocks with the models observed before it as
+    soon as it is observed; only the outputs a later model pairs with (under
+    ``pairs="reference"``, the reference's) are copied and kept until :meth:`add`.
+    """
+
+    def __init__(
+        self, target: Target, order: Sequence[int], device: torch.device, precision: str
+    ) -> None:
+        zeros = {"dtype": torch.float64, "device": device}
+        self.dtype = torch.float64 if precision == "float64" else torch.float32
+        num_models = len(order)
+        self.target = target
+        self.count = 0
+        self.first = order[0]
+        self.shift = torch.zeros(num_models, target.size, **zeros)
+        self.total = torch.zeros(num_models, target.size, **zeros)
+        self.products = {p: torch.zeros(target.size, target.size, **zeros) for p in target.pairs}
+        self.has_shift = [False] * num_models
+        position = {model: k for k, model in enumerate(order)}
+        # model -> the models observed before it with which it has a block
+        self.partners: dict[int, list[int]] = {model: [] for model in order}
+        for i, j in target.pairs:
+            if i != j:
+                early, late = sorted((i, j), key=position.__getitem__)
+                self.partners[late].append(early)
+        self.kept_models = {j for partners in self.partners.values() for j in partners}
+        # (model, point index) -> that node's shifted chunks in this batch, until add(): a
+        # private copy already (a later in-place op such as ReLU(inplace=True) cannot touch
+        # it), converted once however many models pair with it
+        self.kept: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.scratch: torch.Tensor | None = None
+        self.batch_totals: dict[tuple[int, int], torch.Tensor] = {}
+        self.samples: dict[int, int] = {}
+        self.rows: dict[int, bool] = {}
+
+    def observe(self, model: int, point: int, tensor: Any) -> None:
+        """Add one node output of one model to the sums (module docstring)."""
+        node = self.target.points[point].node
+        where = f"{self.target.describe()}: node {node!r}"
+        if not isinstance(tensor, torch.Tensor):
+            raise StatisticsError(
+                f"{where} outputs {type(tensor).__name__}, not a tensor; observe a tensor"
+            )
+        axis = self.target.points[point].axis % max(tensor.dim(), 1)
+        if tensor.dim() == 0 or tensor.shape[axis] != self.target.size:
+            raise StatisticsError(
+                f"{where} of model {model} gives shape {tuple(tensor.shape)}, the spec says "
+                f"{self.target.size} features on axis {axis}; the spec was made for another "
+                "model: trace again"
+            )
+        source = Source.of(tensor, axis)
+        if model == self.first:
+            self.samples[point] = source.samples
+            self.count += source.samples
+        elif source.samples != self.samples[point]:
+            raise StatisticsError(
+                f"{where} gives {source.samples} samples in model {model} and "
+                f"{self.samples[point]} in model {self.first}; statistics need models of one "
+                "architecture"
+            )
+        partners = [(j, self.kept[(j, point)]) for j in self.partners[model]]
+        keep = model in self.kept_models
+        kept: list[torch.Tensor] = []
+        total = torch.zeros_like(self.total[model])
+        # one layout for all models (the first model's), so their chunks multiply
+        rows = self.rows.setdefault(point, source.features_last)
+        for index, (start, stop) in enumerate(source.chunks()):
+            shape = source.chunk_shape(start, stop, rows)
+            out = self._buffer(shape, keep, source.tensor.device)
+            x = self._chunk(model, source, start, stop, rows, out)
+            total += x.sum(0 if rows else 1).to(torch.float64)
+            _add_products(self.products[(model, model)], x, x, rows)
+            for j, chunks in partners:
+                if j < model:
+                    _add_products(self.products[(j, model)], chunks[index], x, rows)
+                else:
+                    _add_products(self.products[(model, j)], x, chunks[index], rows)
+            if keep:
+                kept.append(x)
+        self.batch_totals[(model, point)] = total
+        if keep:
+            self.kept[(model, point)] = kept
+
+    def _buffer(self, shape: tuple[int, int], keep: bool, device: torch.device) -> torch.Tensor:
+        """Where a chunk is written: a new tensor when it is kept, else one reused scratch
+        tensor (no fresh pages to fault in for every chunk)."""
+        numel = shape[0] * shape[1]
+        if keep:
+            return torch.empty(shape, dtype=self.dtype, device=device)
+        if self.scratch is None or self.scratch.numel() < numel:
+            self.scratch = torch.empty(numel, dtype=self.dtype, device=device)
+        return self.scratch[:numel].view(shape)
+
+    def add(self, batch: int) -> None:
+        """Close the batch: check its sums are finite and add them to ``t``."""
+        totals, self.batch_totals, self.kept = self.batch_totals, {}, {}
+        for (model, point), total in totals.items():
+            if not bool(torch.isfinite(total).all()):
+                raise StatisticsError(
+                    f"{self.target.describe()}: non-finite activations (NaN or inf) at node "
+                    f"{self.target.points[point].node!r} of model {model} in batch {batch}; "
+                    "check the models' weights and the inputs of that batch"
+                )
+            self.total[model] += total
+
+    def _chunk(
+        self, model: int, source: Source, start: int, stop: int, rows: bool, out: torch.Tensor
+    ) -> torch.Tensor:
+        """A chunk of ``x − s`` (rows or columns) in ``out``; the model's first chunk sets its
+        shift ``s`` (its mean)."""
+        x = source.chunk(start, stop, self.shift[model], rows, out)
+        if not self.has_shift[model]:
+            mean = x.mean(0 if rows else 1, keepdim=True)
+            x -= mean
+            self.shift[model] = mean.flatten().to(self.shift.dtype)
+            self.has_shift[model] = True
+        return x
+
+    def reshift(self, shift: torch.Tensor) -> None:
+        """Re-express the sums around ``shift``: with ``d = s − shift``, ``t ← t + n·d`` and
+        ``P_ij ← P_ij + t_i d_jᵀ + d_i t_jᵀ + n d_i d_jᵀ``."""
+        d = self.shift - shift
+        for (i, j), product in self.products.items():
+            product += torch.outer(self.total[i], d[j]) + torch.outer(d[i], self.total[j])
+            product += self.count * torch.outer(d[i], d[j])
+        self.total += self.count * d
+        self.shift = shift.clone()
+
+    def flat(self) -> torch.Tensor:
+        """``[n, t, P…]`` as one float64 vector, for one all-reduce."""
+        count = self.total.new_tensor([self.count])
+        return torch.cat(
+            [count, self.total.flatten(), *(p.flatten() for p in self.products.values())]
+        )
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        """Inverse of :meth:`flat`."""
+        self.count = round(float(flat[0]))
+        sizes = [self.total.numel()] + [p.numel() for p in self.products.values()]
+        total, *products = flat[1:].split(sizes)
+        self.total = total.view_as(self.total).clone()
+        for key, product in zip(self.products, products, strict=True):
+            self.products[key] = product.view_as(self.products[key]).clone()
+
+    def finish(self) -> SpaceStatistics:
+        """Means and unbiased covariances, on the CPU."""
+        n, name, size = self.count, self.target.describe(), self.target.size
+        if n < 2:
+            raise StatisticsError(f"{name}: {n} sample(s); covariances need at least 2")
+        if n < size:
+            warnings.warn(
+                f"{name}: {n} samples for {size} features, so its covariances are singular; "
+                "collect more data (the ridge keeps later solves stable)",
+                stacklevel=4,  # the caller of collect_statistics
+            )
+        blocks = {}
+        for (i, j), product in self.products.items():
+            block = (product - torch.outer(self.total[i], self.total[j]) / n) / (n - 1)
+            blocks[(i, j)] = ((block + block.T) / 2 if i == j else block).cpu()
+        stats = SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks)
+        found = stats.non_finite()
+        if found is not None:
+            raise StatisticsError(
+                f"{name}: {found[0]} has {found[1]}: the activations are finite but too large "
+                "to multiply (their products overflow; with precision='float32' from about "
+                "1e19 on); check the models' weights and inputs, or collect in float64"
+            )
+        return stats

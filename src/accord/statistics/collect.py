@@ -1,0 +1,339 @@
+"""One pass over the data: the observed graph of each model, the schedule of the models, the
+reduction across torch.distributed ranks, and :func:`collect_statistics`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from accord.errors import StatisticsError
+from accord.spec import Observation
+from accord.trace.fx import observed_graph, symbolic_graph
+
+if TYPE_CHECKING:
+    from accord.spec import Spec
+
+from accord.statistics.accumulator import Accumulator, Target
+from accord.statistics.types import Pair, SpaceStatistics, Statistics
+
+
+def _pairs(num_models: int, reference: int, pairs: str) -> tuple[Pair, ...]:
+    if pairs == "all":
+        return tuple(itertools.combinations_with_replacement(range(num_models), 2))
+    cross = [(min(i, reference), max(i, reference)) for i in range(num_models) if i != reference]
+    return tuple((i, i) for i in range(num_models)) + tuple(cross)
+
+
+def _targets(
+    spec: Spec, model: nn.Module, pairs: tuple[Pair, ...], batchnorms: bool
+) -> tuple[list[Target], list[Target]]:
+    """The free observed spaces, and the BatchNorms folded into them (within-model blocks)
+    when ``batchnorms``."""
+    used = [space for space in spec.spaces if space.free and space.observe]
+    spaces = [Target(s.name, s.size, s.observe, pairs) for s in used]
+    folded = (bn.norm for space in used for bn in space.batchnorms) if batchnorms else ()
+    norm_names = list(dict.fromkeys(folded))
+    if not norm_names:
+        return spaces, []
+    graph = symbolic_graph(model, spec.leaf_modules).graph
+    diagonal = tuple(p for p in pairs if p[0] == p[1])
+    norms = []
+    for name in norm_names:
+        nodes = [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
+        module = next((m for n, m in model.named_modules() if n == name), None)
+        if not nodes or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise StatisticsError(
+                f"the spec folds {name!r}, which is not a BatchNorm called in the traced "
+                f"graph of {type(model).__name__}; the spec was made for another model"
+            )
+        points = tuple(Observation(node, 1) for node in nodes)
+        norms.append(Target(name, module.num_features, points, diagonal, "BatchNorm"))
+    return spaces, norms
+
+
+class _Observer(nn.Module):
+    """Called by the traced forward right after each observed node, so it copies the node's
+    output before any later in-place op (``ReLU(inplace=True)``, ``+=``) can change it."""
+
+    def __init__(self, model: int, accumulators: Sequence[Accumulator]) -> None:
+        super().__init__()
+        self.model = model
+        self.uses: dict[Observation, list[tuple[Accumulator, int]]] = {}
+        for accumulator in accumulators:
+            for index, point in enumerate(accumulator.target.points):
+                self.uses.setdefault(point, []).append((accumulator, index))
+
+    def forward(self, tensor: Any, node: str, axis: int) -> None:
+        for accumulator, index in self.uses[Observation(node, axis)]:
+            accumulator.observe(self.model, index, tensor)
+
+
+def _statistics_graph(
+    model: nn.Module, observer: _Observer, leaf_modules: tuple[str, ...]
+) -> fx.GraphModule:
+    """``model``'s traced forward, calling ``observer`` after every observed node."""
+    # observed_graph checks that the nodes exist; its extra outputs are dropped again
+    gm = observed_graph(model, [point.node for point in observer.uses], leaf_modules)
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    output.args = (output.args[0][0],)
+    gm.add_submodule("accord_observer", observer)
+    by_name = {node.name: node for node in gm.graph.nodes}
+    for point in observer.uses:
+        with gm.graph.inserting_after(by_name[point.node]):
+            gm.graph.call_module("accord_observer", (by_name[point.node], point.node, point.axis))
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+def _inputs(batch: Any, index: int) -> torch.Tensor:
+    """The model inputs of a batch: a tensor, ``(inputs,)`` or ``(inputs, labels, ...)``."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise StatisticsError(
+            f"batch {index}: expected a tensor or a tuple (inputs, labels) whose first item is "
+            f"a tensor, got {type(batch).__name__}"
+        )
+    return inputs
+
+
+def _schedule(
+    batches: Iterable[Any],
+    total: int | None,
+    max_samples: int | None,
+    stride: tuple[int, int],
+    show: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(index, inputs)`` of the batches with ``index % world == rank`` (``stride``).
+
+    Every rank walks the whole stream, so ``max_samples`` counts the same samples on all.
+    """
+    rank, world = stride
+    seen = 0
+    with tqdm(total=total, disable=not show, desc="statistics", unit="batch") as bar:
+        for index, batch in enumerate(batches):
+            inputs = _inputs(batch, index)
+            if max_samples is not None:
+                inputs = inputs[: max_samples - seen]
+            seen += len(inputs)
+            bar.update()
+            if index % world == rank and len(inputs):
+                yield index, inputs
+            if max_samples is not None and seen >= max_samples:
+                return
+
+
+@contextmanager
+def _evaluating(models: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    """Models in eval mode on ``device``; each one's device and training flags restored after."""
+    saved = []
+    for model in models:
+        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        flags = [module.training for module in model.modules()]
+        saved.append((tensor.device if tensor is not None else None, flags))
+    try:
+        for model in models:
+            model.to(device).eval()
+        yield
+    finally:
+        for model, (original, flags) in zip(models, saved, strict=True):
+            if original is not None:
+                model.to(original)
+            for module, flag in zip(model.modules(), flags, strict=True):
+                module.training = flag
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_arguments(
+    models: Sequence[nn.Module],
+    reference: int,
+    pairs: str,
+    max_samples: int | None,
+    precision: str,
+) -> None:
+    problems = []
+    if precision not in ("float64", "float32"):
+        problems.append(f"precision={precision!r} must be 'float64' or 'float32'")
+    if not models:
+        problems.append("no models given")
+    elif not 0 <= reference < len(models):
+        problems.append(f"reference={reference} is not a model index (0 … {len(models) - 1})")
+    if pairs not in ("reference", "all"):
+        problems.append(f"pairs={pairs!r} must be 'reference' or 'all'")
+    if max_samples is not None and max_samples < 1:
+        problems.append(f"max_samples={max_samples} must be a positive number of samples")
+    if problems:
+        raise StatisticsError("collect_statistics: " + "; ".join(problems))
+
+
+def _synchronise(
+    accumulators: Sequence[Accumulator], failure: StatisticsError | None, device: torch.device
+) -> None:
+    """Sum the accumulators over all ranks; every rank raises if any rank failed."""
+    rank, world = _world()
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return
+    dist = torch.distributed
+    flag = torch.tensor([float(failure is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        messages: list[str | None] = [None] * world
+        dist.all_gather_object(messages, None if failure is None else str(failure))
+        raise failure or StatisticsError(
+            "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+        )
+    # One common shift (that of the lowest rank with data) makes the sums add exactly, so
+    # the result equals one process's up to rounding.
+    owners = torch.tensor([rank if a.count else world for a in accumulators], device=device)
+    dist.all_reduce(owners, op=dist.ReduceOp.MIN)
+    shifts = torch.cat(
+        [
+            a.shift.flatten() * float(owner == rank)
+            for a, owner in zip(accumulators, owners, strict=True)
+        ]
+    )
+    dist.all_reduce(shifts)
+    sizes = [a.shift.numel() for a in accumulators]
+    for a, shift in zip(accumulators, shifts.split(sizes), strict=True):
+        a.reshift(shift.view_as(a.shift))
+    flat = [a.flat() for a in accumulators]
+    summed = torch.cat(flat)
+    dist.all_reduce(summed)
+    for a, part in zip(accumulators, summed.split([f.numel() for f in flat]), strict=True):
+        a.set_flat(part)
+
+
+def _accumulate(
+    models: Sequence[nn.Module],
+    accumulators: Sequence[Accumulator],
+    schedule: Iterator[tuple[int, torch.Tensor]],
+    device: torch.device,
+    order: Sequence[int],
+    leaf_modules: tuple[str, ...] = (),
+) -> StatisticsError | None:
+    """Forward every scheduled batch through every model once, in ``order``; return a
+    failure, if any."""
+    try:
+        with closing(schedule), _evaluating(models, device), torch.no_grad():
+            graphs = [
+                _statistics_graph(models[i], _Observer(i, accumulators), leaf_modules)
+                for i in order
+            ]
+            for index, inputs in schedule:
+                inputs = inputs.to(device)
+                for graph in graphs:
+                    graph(inputs)
+                for accumulator in accumulators:
+                    accumulator.add(index)
+    except StatisticsError as exc:  # raised on every rank by _synchronise, not here
+        return exc
+    return None
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    spec: Spec | None = None,
+    *,
+    max_samples: int | None = None,
+    device: str | torch.device = "cpu",
+    reference: int = 0,
+    pairs: Literal["reference", "all"] = "reference",
+    progress: bool = True,
+    sharded: bool = False,
+    precision: Literal["float64", "float32"] = "float64",
+    batchnorms: bool = True,
+) -> Statistics:
+    """Means and covariances of every free observed space of N same-architecture models.
+
+    One pass over ``data`` (batches ``(inputs, labels)``, ``(inputs,)`` or bare tensors), each
+    model run once per batch in eval mode under ``torch.no_grad`` on ``device``; the models'
+    devices and training flags are restored afterwards. At an observation with feature axis
+    ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every spatial position or
+    token is one, and the positions of all of a space's observations pool.
+
+    Kept, in float64 (module docstring): ``mean[i]``, ``Cov(x_i, x_i)``, and ``Cov(x_r, x_i)``
+    with the ``reference`` r (``pairs="reference"``, O(N·C²) memory) or every ``Cov(x_i, x_j)``
+    (``pairs="all"``). ``norms`` gets each model's output statistics of every BatchNorm that
+    the observed spaces fold, which dense maps need (``batchnorms=False`` skips them, 25–40 %
+    of the pass on ResNet20 as measured by ``accord bench speed``: methods whose maps are
+    permutations never use them). Fixed spaces and spaces without observations get no entry.
+    ``precision="float32"`` multiplies each chunk of shifted samples (about 2.6·10⁵ values)
+    in float32 and sums the chunks' products in float64: a cheaper pass on a CPU, relative
+    covariance errors near 1e-7–1e-6 instead of 1e-12 (``accord bench speed`` measures both).
+    ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
+
+    ``max_samples`` stops after that many input samples (the last batch is cut). Under
+    torch.distributed, every rank reads the whole stream and forwards the batches with
+    ``index % world_size == rank``; with ``sharded=True``, ``data`` is already this rank's
+    share (a DistributedSampler) and ``max_samples`` counts per rank. Every rank returns the
+    same all-reduced statistics, on the CPU. Raises :class:`StatisticsError` on empty data
+    or non-finite activations (naming the space, node and batch); warns when a space has
+    fewer samples than features.
+
+    >>> from accord.spec import FeatureSpace, Spec
+    >>> models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+    >>> spec = Spec([FeatureSpace("hidden", 8, observe=(Observation("_1", 1),))])
+    >>> stats = collect_statistics(models, [torch.randn(64, 4)], spec, progress=False)
+    >>> stats.spaces["hidden"].covariance(1, 0).shape
+    torch.Size([8, 8])
+    """
+    models = list(models)
+    _check_arguments(models, reference, pairs, max_samples, precision)
+    stream = iter(data)
+    first = next(stream, None)
+    if first is None:
+        raise StatisticsError("data is empty: pass at least one batch of inputs")
+    if spec is None:
+        from accord.trace import trace
+
+        spec = trace(models[0], _inputs(first, 0))
+    spaces, norms = _targets(spec, models[0], _pairs(len(models), reference, pairs), batchnorms)
+    device = torch.device(device)
+    order = [reference, *(i for i in range(len(models)) if i != reference)]
+    accumulators = [Accumulator(t, order, device, precision) for t in spaces + norms]
+    stats = Statistics({}, len(models), reference, pairs, precision=precision)
+    if not accumulators:
+        return stats
+    rank, world = _world()
+    stride = (0, 1) if sharded else (rank, world)
+    batches = itertools.chain([first], stream)
+    schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
+    failure = _accumulate(models, accumulators, schedule, device, order, spec.leaf_modules)
+    _synchronise(accumulators, failure, device)
+    finished = _finish(accumulators)
+    stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
+    stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}
+    return stats
+
+
+def _finish(accumulators: Sequence[Accumulator]) -> list[SpaceStatistics]:
+    finished = []
+    for accumulator in accumulators:  # no comprehension: warnings' stacklevel counts frames
+        finished.append(accumulator.finish())
+    return finished
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:  # generators, iterable datasets
+        return None
+
+
+__all__ = ["SpaceStatistics", "Statistics", "collect_statistics"]
