@@ -100,14 +100,12 @@ def check_models(models: Sequence[nn.Module], names: Sequence[str] | None = None
     of every model is finite, since one NaN or inf weight makes the whole merge non-finite."""
     check_compatible(models, names)
     for index, model in enumerate(models):
-        found = first_non_finite(model.state_dict())
-        if found is not None:
-            tensor, problem = found
-            raise MergeError(
-                f"{_model_name(index, names)}: tensor {tensor!r} has {problem}, which would "
-                "make the merged model non-finite; the checkpoint is corrupt or its training "
-                "diverged: retrain it, or merge without it"
-            )
+        _require_finite(
+            model.state_dict(),
+            _model_name(index, names),
+            "it would make the merged model non-finite; the checkpoint is corrupt or its "
+            "training diverged: retrain it, or merge without it",
+        )
 
 
 def _check_input_dtype(model: nn.Module, data: Any, what: str) -> None:

@@ -92,7 +92,9 @@ def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> 
     relaxed = sims.clone()
     origin = [f // block for f in range(total)]
     members = {f: [f] for f in range(total)}
-    models = {f: {f // block} for f in range(total)}
+    # owners[k, m]: cluster k holds a feature of model m (rows of merged-away clusters clear)
+    owners = torch.zeros(total, num_models, dtype=torch.bool)
+    owners[torch.arange(total), torch.arange(total) // block] = True
     budget = math.floor(beta * (total - block) / num_models + 1e-9)
     zipped = Zip(
         [], [0] * num_models, {"cross_model": 0, "within_model": 0, "repeated": 0, "relaxed": 0}
@@ -109,7 +111,7 @@ def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> 
         _count(zipped, origin, members, a, b)
         merged = torch.minimum(sims[a], sims[b])
         loose = torch.minimum(relaxed[a], relaxed[b])
-        shared = [k for k in members if models[k] & (models[a] | models[b])]
+        shared = (owners & (owners[a] | owners[b])).any(dim=1)
         if alpha > 0:
             merged[shared], loose[shared] = merged[shared] * alpha, loose[shared] * alpha
         else:
@@ -119,7 +121,8 @@ def zip_features(scores: Tensor, num_models: int, alpha: float, beta: float) -> 
             matrix[b], matrix[:, b] = -math.inf, -math.inf
             matrix[a, a] = -math.inf
         members[a] += members.pop(b)
-        models[a] |= models.pop(b)
+        owners[a] |= owners[b]
+        owners[b] = False
         if origin[a] == origin[b]:
             _close_budget(sims, origin, members, origin[a], budget, zipped)
     zipped.clusters = [sorted(members[k]) for k in sorted(members)]
