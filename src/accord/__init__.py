@@ -39,9 +39,10 @@ from accord.store import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    training_steps,
 )
 from accord.trace import trace
-from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_set
+from accord.train import Keep, ModelSetRequest, TrainConfig, train_model, train_model_set
 from accord.workflow import run_merge
 from accord.zoo import MODELS, build_model, example_input, model_config
 
@@ -58,6 +59,7 @@ __all__ = [
     "Evaluation",
     "FeatureSpace",
     "InterpolationCurve",
+    "Keep",
     "MergeConfig",
     "MergeError",
     "MergeResult",
@@ -100,4 +102,5 @@ __all__ = [
     "trace",
     "train_model",
     "train_model_set",
+    "training_steps",
 ]
