@@ -4,6 +4,7 @@ The data path: trace → statistics → match → apply → combine → repair �
 """
 
 from accord._version import __version__ as __version__
+from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.check import check_spec, randomly_permuted
 from accord.config import MergeConfig
@@ -67,6 +68,7 @@ __all__ = [
     "ModelSetRequest",
     "Observation",
     "OutputError",
+    "Selection",
     "SpaceStatistics",
     "Spec",
     "SpecError",
@@ -97,6 +99,7 @@ __all__ = [
     "reset_batchnorm",
     "run_merge",
     "save_checkpoint",
+    "select_checkpoints",
     "spec_table",
     "split_indices",
     "trace",
