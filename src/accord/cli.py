@@ -383,6 +383,12 @@ def _add_select(sub: Any) -> None:
     add_select_parser(sub)
 
 
+def _add_visualize(sub: Any) -> None:
+    from accord.analysis.visualize import add_visualize_parser
+
+    add_visualize_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accord",
@@ -391,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"accord {accord.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_train, _add_eval, _add_spec, _add_merge, _add_demo, _add_analyze, _add_bench)
-    for add in (*commands, _add_select, _add_llm_merge):
+    for add in (*commands, _add_select, _add_visualize, _add_llm_merge):
         add(sub)
     return parser
 
