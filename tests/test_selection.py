@@ -125,6 +125,10 @@ def test_grids_and_errors(trained) -> None:
         select_checkpoints([loaded[0], loaded[1][:2]], data, method="ties", base=base)
     with pytest.raises(accord.ConfigError, match="base"):
         select_checkpoints(experts, data, method="ties")
+    # experts trained apart: an alignment method, no base, so no task-vector diagnostics
+    aligned = select_checkpoints(as_experts, data, method="permutation")
+    assert len(aligned.rows) == 3 and "sign_conflict" not in aligned.rows[0]
+    assert aligned.rows[0]["scale"] is None
     # each expert's own classes are the split's: disjoint, together all ten
     classes = [set(e.classes.tolist()) for e in as_experts]
     assert not classes[0] & classes[1] and classes[0] | classes[1] == set(range(10))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ class ImagePrior:
 def _blur(image: Tensor, sigma: float = 0.5) -> Tensor:
     """A 3 × 3 Gaussian blur of each channel of ``image`` (C × H × W), edges reflected."""
     taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma**2))
-    kernel = torch.outer(taps, taps) / taps.sum() ** 2
+    kernel = (torch.outer(taps, taps) / taps.sum() ** 2).to(image.device)
     channels = image.shape[0]
     padded = F.pad(image[None], (1, 1, 1, 1), mode="reflect")
     return F.conv2d(padded, kernel.expand(channels, 1, 3, 3), groups=channels)[0]
@@ -165,6 +166,7 @@ def activation_maximisation(
     lr: float = 0.05,
     jitter: int = 1,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Tensor:
     """An input (C × H × W) that maximises ``unit`` (row ``unit`` of the probe's map), by
     gradient ascent in the decorrelated parametrisation of the module docstring."""
@@ -173,15 +175,16 @@ def activation_maximisation(
     fy = torch.fft.fftfreq(height)[:, None]
     fx = torch.fft.rfftfreq(width)[None, :]
     scale = 1.0 / torch.sqrt(fy**2 + fx**2).clamp_min(1.0 / max(height, width))
-    scale = scale / scale.square().mean().sqrt()  # pixels of unit variance for unit coefficients
-    graph = observed_graph(model, [probe.node]).eval()
-    weights = probe.matrix[unit].float()
+    scale = (scale / scale.square().mean().sqrt()).to(device)  # unit-variance pixels
+    graph = observed_graph(model, [probe.node]).to(device).eval()
+    weights = probe.matrix[unit].float().to(device)
+    colour, low, high = (t.to(device) for t in (prior.colour, prior.low, prior.high))
 
     def image(spectrum: Tensor) -> Tensor:
         coefficients = torch.view_as_complex(spectrum) * scale
         x = torch.fft.irfft2(coefficients, s=(height, width), norm="ortho")
-        x = torch.einsum("cd,dhw->chw", prior.colour, x)
-        return prior.low + (prior.high - prior.low) * torch.sigmoid(x)
+        x = torch.einsum("cd,dhw->chw", colour, x)
+        return low + (high - low) * torch.sigmoid(x)
 
     def gradient(spectrum: Tensor) -> Tensor:
         shift = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
@@ -193,14 +196,14 @@ def activation_maximisation(
     # A unit behind a ReLU that is off for the first draw has no gradient there: draw again.
     for _ in range(RESTARTS):
         spectrum = torch.randn(channels, height, width // 2 + 1, 2, generator=generator)
-        spectrum.mul_(0.5).requires_grad_(True)
+        spectrum = spectrum.mul_(0.5).to(device).requires_grad_(True)
         if gradient(spectrum).abs().max() > 0:
             break
     optimizer = torch.optim.Adam([spectrum], lr=lr)
     for _ in range(steps):
         spectrum.grad = gradient(spectrum)
         optimizer.step()
-    return image(spectrum).detach()
+    return image(spectrum).detach().cpu()
 
 
 @dataclass
@@ -375,11 +378,12 @@ def plot_space(visual: SpaceVisual, examples: Dataset, path: str | os.PathLike[s
 def write_visuals(
     visuals: Sequence[SpaceVisual], examples: Dataset, out: str | os.PathLike[str]
 ) -> list[Path]:
-    """One PNG per space (``<space>.png``) and ``visualize.json`` under ``out``."""
+    """One PNG per space (``<space>.png``, characters other than letters, digits, ``.``, ``_``
+    and ``-`` replaced by ``_``) and ``visualize.json`` under ``out``."""
     root = Path(out)
     paths = []
     for visual in visuals:
-        path = root / f"{visual.space.replace('/', '_')}.png"
+        path = root / f"{re.sub(r'[^A-Za-z0-9._-]', '_', visual.space)}.png"
         plot_space(visual, examples, path)
         paths.append(path)
     write_json(root / "visualize.json", {v.space: v.summary() for v in visuals})
