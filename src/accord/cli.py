@@ -378,7 +378,7 @@ def _add_analyze(sub: Any) -> None:
 
 
 def _add_select(sub: Any) -> None:
-    from accord.analysis.selection import add_select_parser
+    from accord.analysis.selection_report import add_select_parser
 
     add_select_parser(sub)
 

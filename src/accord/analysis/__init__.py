@@ -3,13 +3,8 @@ failure mode demonstrated (:func:`cka_attack`), which checkpoints to merge
 (:func:`select_checkpoints`) and what matched units encode (:func:`visualize_models`)."""
 
 from accord.analysis.cka_attack import CkaAttack, cka_attack, plot_cka_attack
-from accord.analysis.selection import (
-    Selection,
-    add_select_parser,
-    plot_selection,
-    select_checkpoints,
-    write_selection,
-)
+from accord.analysis.selection import Selection, select_checkpoints
+from accord.analysis.selection_report import add_select_parser, plot_selection, write_selection
 from accord.analysis.similarity import (
     CAVEATS,
     Similarity,

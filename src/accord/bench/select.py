@@ -25,7 +25,8 @@ import torch
 import accord
 from accord._io import write_json, write_with
 from accord._table import format_table
-from accord.analysis.selection import select_checkpoints, selection_document
+from accord.analysis.selection import select_checkpoints
+from accord.analysis.selection_report import selection_document
 from accord.bench._common import machine_info, run_facts, summary, today
 
 METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES"}
