@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import accord
 from accord.analysis.visualize import (
@@ -155,3 +158,21 @@ def test_cli_visualize_writes_one_png_per_space(tmp_path: Path, capsys) -> None:
     summary = json.loads((out / "visualize.json").read_text())
     assert set(summary) == {"layers.1", "layers.3"}
     assert 0 <= summary["layers.1"]["agreement"] <= 1
+
+
+@given(
+    arrays(
+        np.float64, st.tuples(st.integers(1, 12), st.integers(1, 5)), elements=st.integers(-3, 3)
+    ),
+    st.integers(1, 12),
+)
+def test_top_examples_are_sorted_and_agree_with_themselves(values: np.ndarray, count: int) -> None:
+    activations = torch.from_numpy(values)
+    count = min(count, len(activations))
+    top = top_examples(activations, count)
+    for unit in range(activations.shape[1]):
+        chosen = activations[top[unit], unit]
+        assert bool((chosen[:-1] >= chosen[1:]).all())  # largest first
+        rest = np.setdiff1d(np.arange(len(activations)), top[unit].numpy())
+        assert len(rest) == 0 or float(activations[rest, unit].max()) <= float(chosen[-1])
+    assert agreement(top, [top]) == 1.0
