@@ -125,6 +125,8 @@ def test_grids_and_errors(trained) -> None:
         select_checkpoints([loaded[0], loaded[1][:2]], data, method="ties", base=base)
     with pytest.raises(accord.ConfigError, match="base"):
         select_checkpoints(experts, data, method="ties")
+    with pytest.raises(accord.ConfigError, match="task_arithmetic"):
+        select_checkpoints(experts, data, method="task-arithmetic", base=base)
     # experts trained apart: an alignment method, no base, so no task-vector diagnostics
     aligned = select_checkpoints(as_experts, data, method="permutation")
     assert len(aligned.rows) == 3 and "sign_conflict" not in aligned.rows[0]

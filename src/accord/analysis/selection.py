@@ -43,6 +43,7 @@ from accord.errors import ConfigError
 
 # The task-vector combiners, named in this one place: accord.merge_state_dicts replaces them.
 from accord.llm.methods import magnitude_prune, task_arithmetic, ties
+from accord.match import MATCHERS
 from accord.merge import merge
 from accord.store import Checkpoint, load_checkpoint, training_steps
 
@@ -313,6 +314,17 @@ def _evaluate_candidate(
     return row
 
 
+def _check_method(method: str, base: Any) -> None:
+    """Refuse, before any work, a method that is neither merge, and a task-vector merge
+    without a base."""
+    if method in TASK_VECTOR_METHODS:
+        if base is None:
+            raise ConfigError(f"method {method!r} merges task vectors: give the base checkpoint")
+    elif method not in MATCHERS and method != "npmerge":
+        choices = ", ".join([*TASK_VECTOR_METHODS, *MATCHERS, "npmerge"])
+        raise ConfigError(f"unknown merge method {method!r}; choose one of {choices}")
+
+
 def _base_state(base: str | os.PathLike[str] | Checkpoint | nn.Module | None) -> StateDict | None:
     if base is None:
         return None
@@ -345,6 +357,7 @@ def select_checkpoints(
     for TIES), or an alignment method with ``options`` (see the module docstring, which also
     defines the diagnostics of every row).
     """
+    _check_method(method, base)
     experts = [e if isinstance(e, Expert) else expert_from_store(e, data, device) for e in experts]
     base_state = _base_state(base)
     candidates = _candidates(experts, grid)
