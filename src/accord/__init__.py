@@ -4,6 +4,7 @@ The data path: trace → statistics → match → apply → combine → repair �
 """
 
 from accord._version import __version__ as __version__
+from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.check import check_spec, randomly_permuted
 from accord.config import MergeConfig
@@ -39,9 +40,10 @@ from accord.store import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    training_steps,
 )
 from accord.trace import trace
-from accord.train import ModelSetRequest, TrainConfig, train_model, train_model_set
+from accord.train import Keep, ModelSetRequest, TrainConfig, train_model, train_model_set
 from accord.workflow import run_merge
 from accord.zoo import MODELS, build_model, example_input, model_config
 
@@ -58,6 +60,7 @@ __all__ = [
     "Evaluation",
     "FeatureSpace",
     "InterpolationCurve",
+    "Keep",
     "MergeConfig",
     "MergeError",
     "MergeResult",
@@ -65,6 +68,7 @@ __all__ = [
     "ModelSetRequest",
     "Observation",
     "OutputError",
+    "Selection",
     "SpaceStatistics",
     "Spec",
     "SpecError",
@@ -95,9 +99,11 @@ __all__ = [
     "reset_batchnorm",
     "run_merge",
     "save_checkpoint",
+    "select_checkpoints",
     "spec_table",
     "split_indices",
     "trace",
     "train_model",
     "train_model_set",
+    "training_steps",
 ]

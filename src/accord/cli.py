@@ -18,6 +18,7 @@ from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError, ConfigError
 from accord.match import check_option_names
 from accord.merge import declared_options
+from accord.store import SNAPSHOTS
 
 DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
 
@@ -128,6 +129,19 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--limit", type=int, default=None, help="use this many train/test examples")
     p.add_argument("--store", default=DEFAULT_STORE, help="model store folder [%(default)s]")
+    p.add_argument(
+        "--keep-every",
+        type=accord.Keep.parse,
+        default=None,
+        metavar="K[s|e]",
+        help="also store a checkpoint every K steps (50, 50s) or epochs (2e), in <model>/steps/",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start every model from this stored checkpoint (fine-tuning experts from a base)",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_train)
 
@@ -150,6 +164,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train=accord.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
         limit=args.limit,
         data_dir=args.data_dir,
+        keep=args.keep_every,
+        init=args.init,
     )
     checkpoints = accord.train_model_set(
         request, args.store, device=args.device, progress=not args.quiet
@@ -172,6 +188,11 @@ def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate stored models and their logit-averaging ensemble")
     p.add_argument("models", nargs="*", help="checkpoint folders (default: every model in --store)")
     p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument(
+        "--steps",
+        action="store_true",
+        help="also each model's intermediate checkpoints (accord train --keep-every), in order",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -181,10 +202,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     checkpoints = [accord.load_checkpoint(p, device=args.device) for p in paths]
     data = accord.checkpoint_dataset(checkpoints, data_dir=args.data_dir)
     rows = []
-    for checkpoint in checkpoints:
-        val = accord.evaluate(checkpoint.model, data.val, device=args.device)
-        test = accord.evaluate(checkpoint.model, data.test, device=args.device)
-        rows.append([checkpoint.name, val.accuracy, test.accuracy, test.loss])
+    for path, checkpoint in zip(paths, checkpoints, strict=True):
+        kept = accord.training_steps(path)[:-1] if args.steps else []
+        for step in [*(accord.load_checkpoint(p, device=args.device) for p in kept), checkpoint]:
+            val = accord.evaluate(step.model, data.val, device=args.device)
+            test = accord.evaluate(step.model, data.test, device=args.device)
+            name = (
+                f"{checkpoint.name}/{SNAPSHOTS}/{step.name}"
+                if step is not checkpoint
+                else step.name
+            )
+            rows.append([name, val.accuracy, test.accuracy, test.loss])
     if len(checkpoints) > 1:
         models = [c.model for c in checkpoints]
         val = accord.evaluate_ensemble(models, data.val, device=args.device)
@@ -349,6 +377,18 @@ def _add_analyze(sub: Any) -> None:
     add_analyze_parser(sub)
 
 
+def _add_select(sub: Any) -> None:
+    from accord.analysis.selection_report import add_select_parser
+
+    add_select_parser(sub)
+
+
+def _add_visualize(sub: Any) -> None:
+    from accord.analysis.visualize import add_visualize_parser
+
+    add_visualize_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accord",
@@ -357,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"accord {accord.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = (_add_train, _add_eval, _add_spec, _add_merge, _add_demo, _add_analyze, _add_bench)
-    for add in (*commands, _add_llm_merge):
+    for add in (*commands, _add_select, _add_visualize, _add_llm_merge):
         add(sub)
     return parser
 

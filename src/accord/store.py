@@ -33,6 +33,7 @@ CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "checkpoint"  # the kind of output folder save_checkpoint writes
 WEIGHTS_SHA256 = "weights_sha256"
+SNAPSHOTS = "steps"  # the folder of a store entry that holds its intermediate checkpoints
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,13 @@ def write_checkpoint(model: nn.Module, directory: Path, info: dict[str, Any]) ->
     existing folder ``directory``; :func:`save_checkpoint` makes that folder appear at once."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS))
-    digest = _sha256(directory / WEIGHTS)
+    digest = weights_digest(directory / WEIGHTS)
     config = {"format": CHECKPOINT_FORMAT, "model": model_config(model), **info}
     write_json(directory / CONFIG, {**config, WEIGHTS_SHA256: digest})
 
 
-def _sha256(path: Path) -> str:
+def weights_digest(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -127,7 +129,7 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> C
 def _check_digest(weights: Path, recorded: str | None) -> None:
     if recorded is None:
         return
-    actual = _sha256(weights)
+    actual = weights_digest(weights)
     if actual != recorded:
         raise StoreError(
             f"{weights} has sha256 {actual[:16]}..., its config.json records {recorded[:16]}...: "
@@ -193,6 +195,25 @@ def list_checkpoints(store: str | os.PathLike[str]) -> list[Path]:
     return sorted(
         p for p in root.iterdir() if not p.name.startswith(".") and (p / CONFIG).is_file()
     )
+
+
+def snapshot_name(step: int) -> str:
+    """The folder name of the intermediate checkpoint after ``step`` optimiser steps."""
+    return f"step-{step:07d}"
+
+
+def training_steps(directory: str | os.PathLike[str]) -> list[Path]:
+    """A stored model's checkpoints in training order: the intermediate ones kept by
+    ``accord train --keep-every`` (``<entry>/steps/step-…``), then the entry itself.
+
+    Each is a checkpoint folder; its ``config.json`` records ``progress`` (``step``,
+    ``epochs``) when it was written by a training run that kept steps.
+    """
+    entry = Path(directory)
+    read_config(entry)  # not a checkpoint: StoreError naming the file
+    kept = entry / SNAPSHOTS
+    steps = sorted(kept.iterdir()) if kept.is_dir() else []
+    return [*(p for p in steps if not p.name.startswith(".") and (p / CONFIG).is_file()), entry]
 
 
 def checkpoint_dataset(

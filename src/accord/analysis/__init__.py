@@ -1,7 +1,10 @@
-"""Analysis of trained networks: layer-by-layer similarity (mean CCA, linear CKA) and CKA's
-failure mode demonstrated (:func:`cka_attack`)."""
+"""Analysis of trained networks: layer-by-layer similarity (mean CCA, linear CKA), CKA's
+failure mode demonstrated (:func:`cka_attack`), which checkpoints to merge
+(:func:`select_checkpoints`) and what matched units encode (:func:`visualize_models`)."""
 
 from accord.analysis.cka_attack import CkaAttack, cka_attack, plot_cka_attack
+from accord.analysis.selection import Selection, select_checkpoints
+from accord.analysis.selection_report import add_select_parser, plot_selection, write_selection
 from accord.analysis.similarity import (
     CAVEATS,
     Similarity,
@@ -16,12 +19,22 @@ from accord.analysis.similarity import (
     prepare,
     write_similarity,
 )
+from accord.analysis.visualize import (
+    SpaceVisual,
+    add_visualize_parser,
+    visualize_models,
+    write_visuals,
+)
 
 __all__ = [
     "CAVEATS",
     "CkaAttack",
+    "Selection",
     "Similarity",
+    "SpaceVisual",
     "add_analyze_parser",
+    "add_select_parser",
+    "add_visualize_parser",
     "analyze_checkpoints",
     "canonical_correlations",
     "cka_attack",
@@ -31,6 +44,11 @@ __all__ = [
     "mean_cca",
     "pair_similarity",
     "plot_cka_attack",
+    "plot_selection",
     "prepare",
+    "select_checkpoints",
+    "visualize_models",
+    "write_selection",
     "write_similarity",
+    "write_visuals",
 ]

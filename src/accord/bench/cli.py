@@ -12,6 +12,7 @@ from typing import Any
 from accord._io import write_text
 from accord.bench.markdown import render_benchmarks_md
 from accord.bench.quality import quality_plan, run_quality
+from accord.bench.select import run_select, select_plan
 from accord.bench.skill import run_skill, skill_plan
 from accord.bench.speed import DEFAULT_SAMPLES, run_speed, speed_plan
 
@@ -19,7 +20,7 @@ RESULTS = "benchmarks/results"
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``accord bench quality | speed | skill | markdown`` to the ``accord`` subparsers
+    """Add ``accord bench quality | speed | skill | select | markdown`` to the ``accord`` subparsers
     ``sub``."""
     p = sub.add_parser(
         "bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)"
@@ -56,11 +57,36 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="torch device for training and merging")
     s.add_argument("--device", default="cpu", help="torch device for the models and passes")
     q.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    _add_select(kinds)
     m = kinds.add_parser("markdown", help="write BENCHMARKS.md from the results JSON")
     m.add_argument("--results", default=RESULTS, help="results folder [%(default)s]")
     m.add_argument("--out", default="BENCHMARKS.md", help="Markdown file [%(default)s]")
     m.set_defaults(func=_cmd_markdown)
     return p
+
+
+def _add_select(kinds: Any) -> None:
+    e = kinds.add_parser(
+        "select",
+        help="do experts' early checkpoints merge better? (task arithmetic, TIES; one thread)",
+    )
+    e.add_argument("--quick", action="store_true", help="the small plan: about a minute")
+    e.add_argument("--dataset", default="digits", help="[%(default)s]")
+    e.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    e.add_argument(
+        "--store",
+        default=os.environ.get("ACCORD_STORE", "models"),
+        help="model store folder [%(default)s]",
+    )
+    e.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
+    e.set_defaults(func=_cmd_select)
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    plan = select_plan(args.quick, args.dataset)
+    document = run_select(plan, args.store, args.out, data_dir=args.data_dir)
+    print(f"select: {document['seconds']:.0f} s; written to {args.out}/{plan.name}.json")
+    return 0
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:

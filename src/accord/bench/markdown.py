@@ -11,6 +11,7 @@ from typing import Any
 from accord._table import format_table
 from accord.bench._common import by_panel, cell, row_names, run_facts
 from accord.bench.quality import ROW_LABELS
+from accord.bench.select import render_select
 from accord.bench.skill import render_skill
 
 HEADER = """# Benchmarks
@@ -19,7 +20,8 @@ Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (about 2 h on 2 CPU
 cores; trained models are cached in the model store), `accord bench speed`,
-`accord bench skill [--quick]`, then `accord bench markdown`. Accuracies are on the test
+`accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread), then
+`accord bench markdown`. Accuracies are on the test
 split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
 alignment NP Merge starts from, whether NP Merge keeps its trained weights) is chosen on the
 validation split.
@@ -300,8 +302,8 @@ def _precision(precision: Mapping[str, Any]) -> list[str]:
 
 
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
-    """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json`` and
-    ``skill-transfer*.json``.
+    """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json``,
+    ``skill-transfer*.json`` and ``select*.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
     BENCHMARKS.md in the directory that ``results_dir`` is relative to).
@@ -316,4 +318,6 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
         sections.append(render_speed(json.loads(speed.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("skill-transfer*.json")):
         sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
+    for path in sorted(root.glob("select*.json")):
+        sections.append(render_select(json.loads(path.read_text(encoding="utf-8")), link))
     return "\n\n".join(sections) + "\n"
