@@ -24,7 +24,7 @@ from accord.bench import (
 )
 from accord.bench.markdown import render_speed
 from accord.bench.quality import ROW_LABELS, train_pool
-from accord.combine.npmerge import NP_MERGE_OPTIONS
+from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
     name="quality-micro",
@@ -82,7 +82,10 @@ def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
         assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
     assert configuration["options"]["cca"][0]["ridge"] > 0
     [npmerge] = configuration["options"]["npmerge"]
-    assert npmerge["ridge"] > 0 and npmerge["epochs"] in (0, NP_MERGE_OPTIONS["epochs"])
+    assert npmerge["ridge"] > 0 and npmerge["epochs"] in (
+        0,
+        COMBINERS["npmerge"].defaults["epochs"],
+    )
     files = document["figures"]["pairs"]["mlp-w16-iid"]["files"]
     for name in [document["figures"]["accuracy"], *files.values()]:
         assert (results / "results" / name).read_bytes()[:4] == b"\x89PNG"

@@ -64,10 +64,11 @@ from accord.llm import (
     task_arithmetic,
     ties,
 )
+from accord.registry import COMBINERS
 from accord.store import store_entry
 
 ALIGNMENTS = {"none": "unaligned", "weights": "weights", "activations": "activations"}
-METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE"}
+METHODS = {name: COMBINERS[name].label for name in ("task_arithmetic", "ties", "dare")}
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ from torch import Tensor
 
 from accord.apply import Transform, permute_axis
 from accord.errors import MergeError
+from accord.match._alignment import Alignment
 from accord.match._common import assign, check_integer
-from accord.match._registry import Alignment, register
+from accord.registry import Limits, Option, alignment
 from accord.spec import AxisRef, FeatureSpace, Spec
 from accord.statistics import Statistics
 
@@ -228,13 +229,16 @@ def _cosine(space: FeatureSpace, target: State, model: State, perms: Perms, axes
     return matched / max((norm_t * norm_m) ** 0.5, 1e-300)
 
 
-@register(
+@alignment(
     "weight_matching",
     paper="Ainsworth et al., Git Re-Basin, ICLR 2023 (weight matching; MergeMany for N > 2)",
-    needs_data=False,
+    label="weight matching",
+    options=(
+        Option("seed", int, 0, "seed of the random order of the coordinate ascent", Limits(0)),
+        Option("max_iter", int, 100, "coordinate-ascent sweeps at most", Limits(1)),
+    ),
     permutations=True,
-    seed=0,
-    max_iter=100,
+    compare=2,
 )
 def match_weights(
     spec: Spec,
