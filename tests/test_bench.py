@@ -22,7 +22,7 @@ from accord.bench import (
     run_speed,
     speed_plan,
 )
-from accord.bench.markdown import render_speed
+from accord.bench.markdown import render_design, render_speed
 from accord.bench.quality import ROW_LABELS, train_pool
 from accord.registry import COMBINERS
 
@@ -176,3 +176,15 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     )
     assert args.func(args) == 0
     assert "## Quality: `quality-micro`" in out.read_text()
+
+
+def test_design_measurements_carry_their_command_and_reach_benchmarks_md() -> None:
+    root = Path(__file__).parent.parent
+    document = json.loads(
+        (root / "benchmarks" / "results" / "design-measurements.json").read_text("utf-8")
+    )
+    section = render_design(document)
+    for entry in document["measurements"]:
+        assert entry["command"] and entry["findings"] and entry["commit"]
+        assert f"### {entry['choice']}" in section
+    assert section in (root / "BENCHMARKS.md").read_text("utf-8")

@@ -299,9 +299,19 @@ def _precision(precision: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def render_design(document: Mapping[str, Any]) -> str:
+    """The section of measurements behind design choices (``design-measurements.json``)."""
+    lines = ["## Measurements behind design choices", "", document["about"]]
+    for entry in document["measurements"]:
+        lines += ["", f"### {entry['choice']}", "", f"- commit: `{entry['commit']}`"]
+        lines += [f"- command: {entry['command']}"]
+        lines += [f"- {finding}" for finding in entry["findings"]]
+    return "\n".join(lines)
+
+
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
-    """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json`` and
-    ``skill-transfer*.json``.
+    """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json``,
+    ``skill-transfer*.json`` and ``design-measurements.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
     BENCHMARKS.md in the directory that ``results_dir`` is relative to).
@@ -316,4 +326,7 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
         sections.append(render_speed(json.loads(speed.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("skill-transfer*.json")):
         sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
+    design = root / "design-measurements.json"
+    if design.is_file():
+        sections.append(render_design(json.loads(design.read_text(encoding="utf-8"))))
     return "\n\n".join(sections) + "\n"
