@@ -18,6 +18,8 @@ zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +27,6 @@ from torch import Tensor
 
 from accord._finite import first_non_finite
 from accord.errors import MergeError
-from accord.match import cca, identity, ot, permutation, weight_matching, zipit
 from accord.match._alignment import Alignment
 from accord.registry import ALIGNMENTS, AlignMethod, check_option_names, lookup
 from accord.spec import Spec
@@ -34,19 +35,12 @@ from accord.statistics import Statistics
 # The alignments' records (:data:`accord.registry.ALIGNMENTS`), by the name accord has exported
 MATCHERS = ALIGNMENTS
 
-# The method modules register themselves when imported.
-__all__ = [
-    "MATCHERS",
-    "Alignment",
-    "cca",
-    "identity",
-    "match",
-    "matcher",
-    "ot",
-    "permutation",
-    "weight_matching",
-    "zipit",
-]
+__all__ = ["MATCHERS", "Alignment", "match", "matcher"]
+
+# Every method module registers its record when imported: adding one is adding its file.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def match(
