@@ -16,8 +16,14 @@ from typing import Any
 
 import torch
 
-from accord._io import write_text, write_with
+from accord._io import write_text
 from accord._table import format_table
+from accord.figures import (
+    SPECTRA_TITLE,
+    canonical_correlation_spectra,
+    coefficient_histograms,
+    loss_curve,
+)
 
 # Score names of the matchers' reports, most telling first; the first one present is shown.
 SCORE_KEYS = (
@@ -28,7 +34,7 @@ SCORE_KEYS = (
     "mean_squared_distance",
 )
 FIGURE_TITLES = {
-    "spectra": "Canonical correlations per feature space (descending)",
+    "spectra": SPECTRA_TITLE,
     "npmerge_loss": "NP Merge training loss",
     "npmerge_histogram": "NP Merge learned coefficients",
 }
@@ -49,46 +55,6 @@ def space_score(entry: Mapping[str, Any]) -> tuple[str, float] | None:
     return None
 
 
-def canonical_correlation_spectra(
-    spaces: Mapping[str, Any], path: str | os.PathLike[str], title: str = ""
-) -> bool:
-    """One line per (space, aligned model): its canonical correlations in descending order.
-
-    The x axis is the index divided by the space's width, so narrow and wide layers share it;
-    colour runs from the first space (dark) to the last (light). Returns False, writing
-    nothing, when no space has canonical correlations (e.g. the method was not CCA).
-    """
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    curves = [
-        (name, model, scores["canonical_correlations"])
-        for name, entry in spaces.items()
-        for model, scores in entry.get("models", {}).items()
-        if scores.get("canonical_correlations")
-    ]
-    if not curves:
-        return False
-    names = list(dict.fromkeys(name for name, _, _ in curves))
-    colours = colormaps["viridis"]
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = figure.subplots()
-    labelled: set[str] = set()
-    for name, _model, values in curves:
-        shade = names.index(name) / max(1, len(names) - 1)
-        xs = [(k + 0.5) / len(values) for k in range(len(values))]
-        label = None if name in labelled else name  # one legend entry per space
-        labelled.add(name)
-        ax.plot(xs, values, color=colours(0.9 * shade), linewidth=1.2, label=label)
-    ax.set_xlabel("canonical direction (fraction of the space's width)")
-    ax.set_ylabel("canonical correlation")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or FIGURE_TITLES["spectra"], fontsize=10)
-    ax.legend(fontsize=6, ncol=2 if len(names) > 8 else 1, loc="lower left")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    return True
-
-
 def merge_figures(
     directory: str | os.PathLike[str],
     report: Mapping[str, Any],
@@ -100,8 +66,6 @@ def merge_figures(
     CCA); ``npmerge-loss.png`` for NP Merge; ``npmerge-coefficients.png`` when the learned
     ``coefficients`` (:attr:`accord.combine.NPMergeResult.coefficients`) are given.
     """
-    from accord.combine import coefficient_histograms, loss_curve
-
     root = Path(directory)
     figures: dict[str, Path] = {}
     spectra = root / "spectra.png"
@@ -196,4 +160,4 @@ def write_merge_report(
     return target
 
 
-__all__ = ["canonical_correlation_spectra", "merge_figures", "space_score", "write_merge_report"]
+__all__ = ["merge_figures", "space_score", "write_merge_report"]

@@ -27,8 +27,7 @@ import accord
 from accord._io import write_json
 from accord.bench._common import machine_info, summary, today
 from accord.bench.figures import accuracy_versus_models, interpolation_figure
-from accord.combine import coefficient_histograms
-from accord.report import canonical_correlation_spectra
+from accord.figures import canonical_correlation_spectra, coefficient_histograms
 from accord.workflow import MergeOutcome, calibration_loader, compared_methods
 
 

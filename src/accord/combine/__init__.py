@@ -22,18 +22,16 @@ from accord.combine._sparse import (
 )
 from accord.combine._state_dicts import combine_tensor, merge_state_dicts
 from accord.combine.average import average_states
-from accord.combine.npmerge import NPMergeResult, coefficient_histograms, loss_curve, np_merge
+from accord.combine.npmerge import NPMergeResult, np_merge
 
 __all__ = [
     "NPMergeResult",
     "average_states",
-    "coefficient_histograms",
     "combine_tensor",
     "disjoint_merge",
     "elect_sign",
     "l1_rescaled",
     "largest_mask",
-    "loss_curve",
     "magnitude_prune",
     "merge_state_dicts",
     "np_merge",

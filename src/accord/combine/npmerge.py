@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from accord._finite import first_non_finite
-from accord._io import write_with
 from accord.combine.average import average_states, weighted_mean
 from accord.data import batches
 from accord.errors import MergeError, did_you_mean
@@ -41,7 +39,6 @@ from accord.registry import POSITIVE, CombineContext, Combined, Limits, Needs, O
 
 LOSSES = ("ce", "kl")
 SCHEMES = ("joint", "pairwise")
-MAX_PANELS = 24
 
 Weigh = Callable[[torch.Tensor], torch.Tensor]
 
@@ -439,55 +436,6 @@ def _result(
     losses = [v for r in records for v in r["losses"]]
     coefficients = {n: w.float() for n, w in weights.items()}
     return NPMergeResult(state, losses, coefficients, stages, memory)
-
-
-def coefficient_histograms(
-    coefficients: Mapping[str, torch.Tensor], path: str | Path, bins: int = 50
-) -> None:
-    """One histogram per parameter tensor of the learned weights, written as a PNG.
-
-    Two models: the weight of model 0 (model 1's is 1 minus it); more: each model's weight,
-    overlaid. After ``MAX_PANELS − 1`` tensors the rest share one panel.
-    """
-    from matplotlib.figure import Figure
-
-    names = list(coefficients)
-    groups = [[n] for n in names[: MAX_PANELS - 1]]
-    if len(names) > MAX_PANELS - 1:
-        groups.append(names[MAX_PANELS - 1 :])
-    cols = min(4, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    # no layout engine: with two dozen panels it costs more than all the drawing
-    figure = Figure(figsize=(3.2 * cols, 2.4 * rows))
-    grid = {"hspace": 0.6, "wspace": 0.3}
-    axes = figure.subplots(rows, cols, squeeze=False, sharex=True, gridspec_kw=grid).ravel()
-    for ax, group in zip(axes, groups, strict=False):
-        stacked = torch.cat([coefficients[n].flatten(1) for n in group], 1).double()
-        for index, weights in enumerate(stacked[:1] if len(stacked) == 2 else stacked):
-            counts, edges = torch.histogram(weights, bins=bins, range=(0.0, 1.0))
-            ax.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.5, label=f"model {index}")
-        title = group[0] if len(group) == 1 else f"{len(group)} other tensors"
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.locator_params(axis="y", nbins=3)
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
-    figure.supxlabel("learned weight")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-
-
-def loss_curve(losses: Sequence[float], path: str | Path) -> None:
-    """The training loss per step, written as a PNG."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.2), layout="constrained")
-    ax = figure.subplots()
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("NP Merge")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 # Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
