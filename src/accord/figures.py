@@ -98,7 +98,7 @@ def coefficient_histograms(
     write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
 
 
-def loss_curve(losses: Sequence[float], path: str | Path) -> None:
+def loss_curve(losses: Sequence[float], path: str | Path, title: str = "NP Merge") -> None:
     """The training loss per step, written as a PNG."""
     from matplotlib.figure import Figure
 
@@ -107,5 +107,5 @@ def loss_curve(losses: Sequence[float], path: str | Path) -> None:
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("NP Merge")
+    ax.set_title(title)
     write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

@@ -24,6 +24,7 @@ from accord.figures import (
     coefficient_histograms,
     loss_curve,
 )
+from accord.registry import COMBINERS
 
 # Score names of the matchers' reports, most telling first; the first one present is shown.
 SCORE_KEYS = (
@@ -33,11 +34,8 @@ SCORE_KEYS = (
     "mean_merge_score",
     "mean_squared_distance",
 )
-FIGURE_TITLES = {
-    "spectra": SPECTRA_TITLE,
-    "npmerge_loss": "NP Merge training loss",
-    "npmerge_histogram": "NP Merge learned coefficients",
-}
+# Titles of the figures a combiner's report gives (its name, "_", the kind).
+COMBINER_FIGURES = {"loss": "training loss", "histogram": "learned coefficients"}
 REPORT_FILE = "report.md"
 
 
@@ -63,22 +61,36 @@ def merge_figures(
     """Draw the figures of one merge report into ``directory``; name → path of those drawn.
 
     ``spectra.png`` when the report has canonical correlations (CCA, and NP Merge aligned by
-    CCA); ``npmerge-loss.png`` for NP Merge; ``npmerge-coefficients.png`` when the learned
-    ``coefficients`` (:attr:`accord.combine.NPMergeResult.coefficients`) are given.
+    CCA); ``<combiner>-loss.png`` when the combiner's own report has a loss curve (NP Merge);
+    ``<combiner>-coefficients.png`` when learned ``coefficients``
+    (:attr:`accord.combine.NPMergeResult.coefficients`) are given.
     """
     root = Path(directory)
     figures: dict[str, Path] = {}
     spectra = root / "spectra.png"
     if canonical_correlation_spectra(report.get("spaces", {}), spectra):
         figures["spectra"] = spectra
-    losses = report.get("npmerge", {}).get("losses")
+    combiner = str(report.get("combine", ""))
+    losses = report.get(combiner, {}).get("losses")
     if losses:
-        loss_curve(losses, root / "npmerge-loss.png")
-        figures["npmerge_loss"] = root / "npmerge-loss.png"
+        loss_curve(losses, root / f"{combiner}-loss.png", _label(combiner))
+        figures[f"{combiner}_loss"] = root / f"{combiner}-loss.png"
     if coefficients:
-        coefficient_histograms(coefficients, root / "npmerge-coefficients.png")
-        figures["npmerge_histogram"] = root / "npmerge-coefficients.png"
+        coefficient_histograms(coefficients, root / f"{combiner}-coefficients.png")
+        figures[f"{combiner}_histogram"] = root / f"{combiner}-coefficients.png"
     return figures
+
+
+def _label(combiner: str) -> str:
+    return COMBINERS[combiner].label if combiner in COMBINERS else combiner
+
+
+def figure_title(name: str) -> str:
+    """The caption of figure ``name`` of :func:`merge_figures`."""
+    if name == "spectra":
+        return SPECTRA_TITLE
+    combiner, _, kind = name.rpartition("_")
+    return f"{_label(combiner)}: {COMBINER_FIGURES[kind]}" if kind in COMBINER_FIGURES else name
 
 
 def _accuracy_rows(accuracy: Mapping[str, Any]) -> list[list[Any]]:
@@ -133,7 +145,7 @@ def write_merge_report(
 
     ``report`` is the merge's ``report.json`` content (a :class:`accord.MergeResult` report
     with ``accuracy``, ``models`` and ``seconds`` added by ``accord merge``); ``figures`` maps a
-    name (see :data:`FIGURE_TITLES`) to a PNG, linked relative to ``directory``.
+    name (see :func:`figure_title`) to a PNG, linked relative to ``directory``.
     """
     root = Path(directory)
     lines = _header(report)
@@ -152,7 +164,7 @@ def write_merge_report(
     if figures:
         lines += ["", "## Figures"]
         for name, path in figures.items():
-            title = FIGURE_TITLES.get(name, name)
+            title = figure_title(name)
             link = Path(os.path.relpath(Path(path), root)).as_posix()
             lines += ["", f"**{title}**", "", f"![{title}]({link})"]
     target = root / REPORT_FILE
