@@ -13,7 +13,7 @@ import accord
 from accord.combine.average import average_states
 from accord.merge import check_compatible
 
-METHODS = ("permutation", "weight_matching", "zipit", "ot", "cca")
+METHODS = tuple(name for name, info in sorted(accord.ALIGNMENTS.items()) if info.aligns)
 
 ARCHITECTURES = {
     "mlp": {"width": 24, "depth": 2, "in_channels": 1, "image_size": 8},
