@@ -83,11 +83,13 @@ def _parsed(option: Option, text: str) -> Any:
 
 
 def _choices(field: str) -> str:
-    """The registered names a merge config field takes, for its help."""
+    """The registered names a merge config field takes, for its help: the alignments, and the
+    combiners that need no base (the others are for accord llm-merge)."""
+    combiners = sorted(name for name, r in COMBINERS.items() if r.needs.base != "yes")
     tables = {
-        "method": ["all", *ALIGNMENTS, *COMBINERS],
-        "align": list(ALIGNMENTS),
-        "combine": list(COMBINERS),
+        "method": ["all", *sorted(ALIGNMENTS), *combiners],
+        "align": sorted(ALIGNMENTS),
+        "combine": combiners,
     }
     return f"; one of {', '.join(tables[field])}" if field in tables else ""
 
