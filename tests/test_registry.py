@@ -59,6 +59,13 @@ def test_each_record_agrees_with_its_function(record: AlignMethod | CombineMetho
         assert option.problem(option.default) is None, (record.name, option.name)
         assert all(option.problem(value) is None for value in option.grid), option.name
     assert len({o.name for o in record.options}) == len(record.options)
+    if isinstance(record, CombineMethod):
+        assert record.default_align in ALIGNMENTS
+
+
+def test_the_comparison_has_one_place_per_method() -> None:
+    places = [r.compare for r in RECORDS if r.compare is not None]
+    assert len(places) == len(set(places)) >= 2
 
 
 def test_registering_a_function_that_disagrees_with_its_record_fails() -> None:

@@ -180,11 +180,8 @@ class Method:
 
     def option(self, name: str) -> Option:
         """The option ``name``; MergeError naming the accepted ones (with a suggestion)."""
-        for option in self.options:
-            if option.name == name:
-                return option
         check_option_names(self, [name])
-        raise AssertionError  # check_option_names raised
+        return next(option for option in self.options if option.name == name)
 
     def grid(self) -> dict[str, tuple[Any, ...]]:
         """The values ``options="auto"`` tries, per option that has some."""
@@ -208,15 +205,16 @@ class AlignMethod(Method):
 
 @dataclass(frozen=True)
 class CombineMethod(Method):
-    """A combiner. ``tensorwise``: ``function(tensors, **options)`` merges one tensor of every
-        model (their task vectors when a base is given; a list, or an iterator read once), per-model
-        options as one value per model, and ``generator=`` a seeded torch.Generator when ``random``.
-        Otherwise ``function(states, context, **options)`` merges whole state dicts and returns a
-        :class:`Combined`. ``default_align``: the alignment ``method=<combiner>`` uses.
-        ``repair_after``: ``repair="auto"`` repairs activation statistics after it on models
-        without BatchNorm (False when the combiner fits the data itself). ``check``: given one
-    tensor's resolved options, the first model whose values are valid one by one but not together,
-    and why (None when all are)."""
+    """A combiner. ``tensorwise``: ``function(tensors, **options)`` merges one tensor of
+    every model (their task vectors when a base is given; a list, or an iterator read once),
+    per-model options as one value per model, and ``generator=`` a seeded torch.Generator
+    when ``random``. Otherwise ``function(states, context, **options)`` merges whole state
+    dicts and returns a :class:`Combined`. ``default_align``: the alignment
+    ``method=<combiner>`` uses. ``repair_after``: ``repair="auto"`` repairs activation
+    statistics after it on models without BatchNorm (False when the combiner fits the data
+    itself). ``check``: given one tensor's resolved options, the first model whose values are
+    valid one by one but not together, and why (None when all are).
+    """
 
     tensorwise: bool = True
     random: bool = False
