@@ -22,9 +22,9 @@ from accord.bench import (
     run_speed,
     speed_plan,
 )
-from accord.bench.markdown import render_speed
+from accord.bench.markdown import render_design, render_speed
 from accord.bench.quality import ROW_LABELS, train_pool
-from accord.combine.npmerge import NP_MERGE_OPTIONS
+from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
     name="quality-micro",
@@ -82,7 +82,10 @@ def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
         assert test["std"] == 0.0 and 0.0 <= test["mean"] <= 1.0
     assert configuration["options"]["cca"][0]["ridge"] > 0
     [npmerge] = configuration["options"]["npmerge"]
-    assert npmerge["ridge"] > 0 and npmerge["epochs"] in (0, NP_MERGE_OPTIONS["epochs"])
+    assert npmerge["ridge"] > 0 and npmerge["epochs"] in (
+        0,
+        COMBINERS["npmerge"].defaults["epochs"],
+    )
     files = document["figures"]["pairs"]["mlp-w16-iid"]["files"]
     for name in [document["figures"]["accuracy"], *files.values()]:
         assert (results / "results" / name).read_bytes()[:4] == b"\x89PNG"
@@ -173,3 +176,15 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     )
     assert args.func(args) == 0
     assert "## Quality: `quality-micro`" in out.read_text()
+
+
+def test_design_measurements_carry_their_command_and_reach_benchmarks_md() -> None:
+    root = Path(__file__).parent.parent
+    document = json.loads(
+        (root / "benchmarks" / "results" / "design-measurements.json").read_text("utf-8")
+    )
+    section = render_design(document)
+    for entry in document["measurements"]:
+        assert entry["command"] and entry["findings"] and entry["commit"]
+        assert f"### {entry['choice']}" in section
+    assert section in (root / "BENCHMARKS.md").read_text("utf-8")

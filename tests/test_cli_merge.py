@@ -205,3 +205,19 @@ def test_merging_two_architectures_names_their_classes(
     assert main(["merge", stored[0], str(vgg.path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"model 1 ({vgg.path}) is a VGG11, model 0 ({stored[0]}) a MLP" in err
+
+
+def test_align_and_combine_flags_name_the_two_methods(
+    stored: list[str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "soup"
+    args = ["merge", *stored, "--align", "permutation", "--combine", "linear", "--out", str(out)]
+    assert main([*args, "--option", "weight=2", "--samples", "200", "--quiet"]) == 0
+    assert "merge: permutation+linear" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert (report["alignment"], report["combine"]) == ("permutation", "linear")
+    assert report["combine_options"] == {"weight": 2.0, "normalize": True}
+    assert main(["merge", *stored, "--combine", "ties", "--quiet"]) == 2
+    assert "accord.merge_state_dicts" in capsys.readouterr().err
+    assert main(["merge", *stored, "--method", "all", "--align", "cca"]) == 2
+    assert "give neither" in capsys.readouterr().err

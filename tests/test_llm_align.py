@@ -106,7 +106,7 @@ def test_mismatched_hidden_size_names_the_key() -> None:
         align(c, to=a)
 
 
-@pytest.mark.parametrize("module", ["accord.llm.align", "accord.llm.methods"])
+@pytest.mark.parametrize("module", ["accord.llm.align", "accord.combine._sparse"])
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

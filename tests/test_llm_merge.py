@@ -15,10 +15,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from accord.cli import main as accord_main  # noqa: E402
+from accord.combine import task_arithmetic as task_arithmetic_module  # noqa: E402
+from accord.combine.ties import ties  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
 from accord.llm import (  # noqa: E402
     load_state_and_config,
-    methods,
     open_checkpoint,
     random_symmetry,
     save_checkpoint,
@@ -128,7 +129,7 @@ def test_ties_merge_loads_with_transformers(family: dict[str, Path], tmp_path: P
     base, ft1, ft2 = (_load(family[k]) for k in ("base", "ft1", "ft2"))
     for name, tensor in loaded.state_dict().items():
         deltas = [ft1[name] - base[name], ft2[name] - base[name]]
-        expected = base[name] + methods.ties(deltas, density=0.5, scale=0.8)
+        expected = base[name] + ties(deltas, density=0.5, scale=0.8)
         torch.testing.assert_close(tensor, expected)
 
 
@@ -175,14 +176,15 @@ def test_failure_mid_write_leaves_no_output(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
+    original = task_arithmetic_module.task_arithmetic
 
     def failing(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk full")
-        return methods.task_arithmetic(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(methods, "task_arithmetic", failing)
+    monkeypatch.setattr(task_arithmetic_module, "task_arithmetic", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_checkpoints(
             [family["ft1"]],

@@ -12,20 +12,15 @@ from typing import Any
 import pytest
 import torch
 
+from accord.combine.breadcrumbs import breadcrumbs, breadcrumbs_prune
+from accord.combine.della import della, della_prune
+from accord.combine.model_stock import model_stock
+from accord.combine.nuslerp import nuslerp, nuslerp_t
+from accord.combine.sce import sce
 from accord.errors import ConfigError
 from accord.llm import load_state_and_config
 from accord.llm.config import validate_llm_merge_config
 from accord.llm.merge import merge_checkpoints
-from accord.llm.merge_methods import (
-    breadcrumbs,
-    breadcrumbs_prune,
-    della,
-    della_prune,
-    model_stock,
-    nuslerp,
-    nuslerp_t,
-    sce,
-)
 
 
 def _t(*values: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import accord
 from accord.combine.average import average_states
 from accord.merge import check_compatible
 
-METHODS = ("permutation", "weight_matching", "zipit", "ot", "cca")
+METHODS = tuple(name for name, info in sorted(accord.ALIGNMENTS.items()) if info.aligns)
 
 ARCHITECTURES = {
     "mlp": {"width": 24, "depth": 2, "in_channels": 1, "image_size": 8},
@@ -299,8 +299,9 @@ def test_non_finite_weights_are_refused_naming_model_and_tensor(method: str, val
 
 def _register_maps(monkeypatch: pytest.MonkeyPatch, entry: float) -> None:
     """A matcher "broken_maps" whose map of space ``layers.1`` for model 1 has one ``entry``."""
-    from accord.match import MATCHERS, Alignment, MatcherInfo
+    from accord.match import MATCHERS, Alignment
     from accord.match._common import identity_transforms
+    from accord.registry import AlignMethod
 
     def broken(spec, statistics, states, reference):  # type: ignore[no-untyped-def]
         transforms = identity_transforms(spec, len(states))
@@ -313,7 +314,7 @@ def _register_maps(monkeypatch: pytest.MonkeyPatch, entry: float) -> None:
     monkeypatch.setitem(
         MATCHERS,
         "broken_maps",
-        MatcherInfo("broken_maps", broken, "-", needs_data=False, options={}),
+        AlignMethod("broken_maps", broken, paper="-", label="broken maps"),
     )
 
 

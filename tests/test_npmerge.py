@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from accord.combine.average import average_states
-from accord.combine.npmerge import coefficient_histograms, loss_curve, np_merge
+from accord.combine.npmerge import np_merge
 from accord.errors import MergeError
+from accord.figures import coefficient_histograms, loss_curve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,12 +1,15 @@
 """accord: align and merge neural networks.
 
 The data path: trace → statistics → match → apply → combine → repair → evaluate → save.
+Every alignment and combiner is one record (:mod:`accord.registry`: :data:`ALIGNMENTS`,
+:data:`COMBINERS`).
 """
 
 from accord._version import __version__ as __version__
 from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms, fold_batchnorms
 from accord.check import check_spec, randomly_permuted
+from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
 from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
 from accord.errors import (
@@ -31,6 +34,7 @@ from accord.evaluate import (
 )
 from accord.match import MATCHERS
 from accord.merge import MergeResult, merge
+from accord.registry import ALIGNMENTS, COMBINERS
 from accord.repair import reset_batchnorm
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
@@ -48,6 +52,8 @@ from accord.workflow import run_merge
 from accord.zoo import MODELS, build_model, example_input, model_config
 
 __all__ = [
+    "ALIGNMENTS",
+    "COMBINERS",
     "DATASETS",
     "MATCHERS",
     "MODELS",
@@ -94,6 +100,7 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "merge",
+    "merge_state_dicts",
     "model_config",
     "randomly_permuted",
     "reset_batchnorm",

@@ -13,11 +13,10 @@ import yaml
 
 import accord
 from accord._table import format_table
-from accord.combine.npmerge import NP_MERGE_ALIGN
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError, ConfigError
-from accord.match import check_option_names
-from accord.merge import declared_options
+from accord.merge import split_options
+from accord.registry import ALIGNMENTS, COMBINERS, Option, plan_methods
 from accord.store import SNAPSHOTS
 
 DEFAULT_STORE = os.environ.get("ACCORD_STORE", "models")
@@ -56,44 +55,44 @@ def _model_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-_NULL = ("none", "null", "~")
-_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
-def _typed(key: str, text: str, default: Any) -> Any:
-    """``text`` as a value of ``default``'s type: text options stay text, and an option whose
-    default is None takes null (or none) or a number."""
-    lowered = text.strip().lower()
-    try:
-        if default is None:
-            return None if lowered in _NULL else _number(text)
-        if isinstance(default, bool):
-            return _BOOLEANS[lowered]
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except (KeyError, ValueError):
-        expected = {bool: "true or false", int: "an integer", float: "a number"}
-        kind = expected.get(type(default), "null or a number")
-        raise ConfigError(
-            f"--option {key}={text}: {key} takes {kind} (default {default!r})"
-        ) from None
-    return text
-
-
-def _method_options(pairs: Sequence[str], method: str) -> dict[str, Any]:
-    """``--option KEY=VALUE`` pairs, each parsed by the type of its default for ``method``
-    (for npmerge: its own options, ``align`` and those of the alignment it names)."""
+def _method_options(pairs: Sequence[str], config: MergeConfig) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs, each parsed by the type its record gives the option of
+    the alignment or combiner ``config`` asks for (``align=`` and ``combine=`` name them too)."""
     texts = dict(_key_value(pair, "--option", "ridge=0.1") for pair in pairs)
-    if method == "all":  # the options differ per method: the config refuses any
+    if config.method == "all":  # the options differ per method: the config refuses any
         return texts
-    declared = declared_options(method, texts.get("align", NP_MERGE_ALIGN))
+    methods = {key: texts.pop(key) for key in ("align", "combine") if key in texts}
+    request = {"align": config.align, "combine": config.combine, **methods}
     try:
-        check_option_names(method, texts, declared)
+        plan = plan_methods(config.method, **request)
+        split_options(plan, texts)
     except AccordError as exc:
         raise ConfigError(f"--option: {exc}") from None
-    return {key: _typed(key, text, declared[key]) for key, text in texts.items()}
+    options: dict[str, Any] = dict(methods)
+    for record in (plan.align, plan.combine):
+        for option in record.options:
+            if option.name in texts:
+                options[option.name] = _parsed(option, texts[option.name])
+    return options
+
+
+def _parsed(option: Option, text: str) -> Any:
+    try:
+        return option.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"--option {option.name}={text}: {exc}") from None
+
+
+def _choices(field: str) -> str:
+    """The registered names a merge config field takes, for its help: the alignments, and the
+    combiners that need no base (the others are for accord llm-merge)."""
+    combiners = sorted(name for name, r in COMBINERS.items() if r.needs.base != "yes")
+    tables = {
+        "method": ["all", *sorted(ALIGNMENTS), *combiners],
+        "align": sorted(ALIGNMENTS),
+        "combine": combiners,
+    }
+    return f"; one of {', '.join(tables[field])}" if field in tables else ""
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -281,7 +280,7 @@ def _add_merge(sub: Any) -> None:
                 dest=name,
                 type=yaml.safe_load,
                 default=argparse.SUPPRESS,
-                help=f"{info.description or name} [{info.default}]",
+                help=f"{info.description or name} [{info.default}]{_choices(name)}",
             )
     p.add_argument(
         "--option",
@@ -312,7 +311,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     else:
         config = validate_merge_config(given, where="accord merge")
     if args.option and not args.auto:
-        options = _method_options(args.option, config.method)
+        options = _method_options(args.option, config)
         config = config.model_copy(update={"options": options})
     outcome = accord.run_merge(config, progress=not args.quiet)
     print(format_table(["model", "val acc", "test acc"], outcome.rows()))

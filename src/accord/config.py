@@ -3,7 +3,7 @@
 Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
 
     models: [models/fashion-mnist-vgg11-iid0of2-s0-..., models/fashion-mnist-vgg11-iid1of2-s1-...]
-    method: cca          # or all, identity, permutation, weight_matching, zipit, ot
+    method: cca          # or all, or any alignment or combiner (accord.registry)
     options: {ridge: 0.1}  # or auto: chosen on the validation split
     reference: 0         # or best (validation accuracy)
     repair: auto         # bn-reset, repair, none
@@ -29,7 +29,13 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[str] = Field(min_length=2, description="checkpoint folders (accord train)")
-    method: str = Field("cca", description="alignment method, or 'all' for a comparison table")
+    method: str | None = Field(
+        None,
+        description="an alignment or a combiner (see align, combine), or 'all' for a comparison "
+        "table; default cca",
+    )
+    align: str | None = Field(None, description="alignment (default: the method's, else cca)")
+    combine: str | None = Field(None, description="combiner (default: the method's, else average)")
     options: dict[str, Any] | Literal["auto"] = Field(
         default_factory=dict, description="method options, or 'auto' (chosen on validation)"
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,12 +23,21 @@ from torch import nn
 
 from accord._finite import describe_non_finite, first_non_finite
 from accord.apply import Transform, apply_transforms, fold_batchnorms
-from accord.combine.average import average_states
-from accord.combine.npmerge import NP_MERGE_ALIGN, NP_MERGE_OPTIONS, NPMergeResult, np_merge
+from accord.combine._state_dicts import check_inputs, merge_state_dicts
 from accord.data import batches
-from accord.errors import MergeError
+from accord.errors import MergeError, did_you_mean
 from accord.evaluate import evaluate
-from accord.match import MATCHERS, Alignment, check_option_names, match, matcher
+from accord.match import Alignment, match
+from accord.registry import (
+    DEFAULT_COMBINE,
+    AlignMethod,
+    CombineContext,
+    Combined,
+    CombineMethod,
+    MethodPlan,
+    plan_methods,
+    resolve_options,
+)
 from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
@@ -36,6 +45,33 @@ from accord.tune import merge_tuned
 
 REPAIRS = ("auto", "bn-reset", "repair", "none")
 BATCHNORM_ROUTES = ("fold", "transform")
+
+
+def split_options(
+    plan: MethodPlan, options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into the alignment's and the combiner's; MergeError naming an option
+    neither has (with the closest one) and listing theirs."""
+    aligned = {k: v for k, v in options.items() if k in plan.align.defaults}
+    combined = {k: v for k, v in options.items() if k in plan.combine.defaults}
+    unknown = [k for k in options if k not in aligned and k not in combined]
+    if unknown:
+        accepted = {**plan.align.defaults, **plan.combine.defaults}
+        listed = ", ".join(sorted(accepted)) or "none"
+        hints = [f"{name!r}{did_you_mean(name, accepted)}" for name in unknown]
+        raise MergeError(
+            f"method {plan.name!r} has no option {', '.join(hints)}; accepted options: {listed}"
+        )
+    return aligned, combined
+
+
+def declared_options(
+    method: str | None = None, align: str | None = None, combine: str | None = None
+) -> dict[str, Any]:
+    """The options a merge with these methods accepts, with their defaults: the alignment's
+    and the combiner's."""
+    plan = plan_methods(method, align, combine)
+    return {**plan.align.defaults, **plan.combine.defaults}
 
 
 @dataclass
@@ -248,12 +284,12 @@ def batchnorm_targets(
             merged[f"{bn.norm}.bias"] = torch.einsum("i,ic->c", w, torch.stack(means)).to(dtype)
 
 
-def needs_batchnorm_statistics(method: str, batchnorm: str) -> bool:
-    """Whether a merge with alignment ``method`` under ``batchnorm`` may use the BatchNorm-output
-    statistics: only dense maps on the fold route do (NP Merge and unregistered names count as
-    possibly dense)."""
-    info = MATCHERS.get(method)
-    return batchnorm == "fold" and not (info is not None and info.permutations)
+def needs_batchnorm_statistics(method: str | AlignMethod, batchnorm: str) -> bool:
+    """Whether a merge aligned by ``method`` (an alignment, or a name :func:`plan_methods`
+    reads) under ``batchnorm`` may use the BatchNorm-output statistics: only possibly dense
+    maps on the fold route do."""
+    align = method if isinstance(method, AlignMethod) else plan_methods(method).align
+    return batchnorm == "fold" and not align.permutations
 
 
 def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
@@ -273,12 +309,14 @@ def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
 def merge(
     models: Sequence[nn.Module],
     data: Any = None,
-    method: str = "cca",
+    method: str | None = None,
     spec: Spec | None = None,
     reference: int | str = 0,
     repair: str = "auto",
     statistics: Statistics | None = None,
     *,
+    align: str | None = None,
+    combine: str | None = None,
     batchnorm: str = "fold",
     validation: Any = None,
     max_samples: int | None = None,
@@ -287,30 +325,43 @@ def merge(
     options: Mapping[str, Any] | str | None = None,
     **method_options: Any,
 ) -> MergeResult:
-    """Merge ``models`` with alignment ``method`` (see :data:`accord.match.MATCHERS`).
+    """Merge ``models``: align them with ``align`` (:data:`accord.registry.ALIGNMENTS`, default
+    ``"cca"``), then combine the aligned states with ``combine``
+    (:data:`accord.registry.COMBINERS`, default ``"average"``).
 
-    ``data``: batches ``(inputs, labels)`` of training data for the statistics pass and the
-    repair. The method's options (e.g. ``ridge`` for CCA) come as keywords or as the
-    ``options`` mapping; ``options="auto"`` chooses them on ``validation``
-    (:func:`accord.tune.merge_tuned`). ``statistics`` from an earlier
-    :func:`accord.collect_statistics` call are reused rather than collected again.
-    ``reference`` is a model index or ``"best"`` (by validation accuracy).
+    ``method`` is a shorthand for either (:func:`plan_methods`): ``method="cca"`` is
+    ``align="cca"`` averaged, ``method="npmerge"`` is ``combine="npmerge"`` after its default
+    alignment (CCA). ``data``: batches ``(inputs, labels)`` of training data for the statistics
+    pass, the repair and combiners that learn. Both methods' options (e.g. ``ridge`` for CCA,
+    ``epochs`` for NP Merge) come as keywords or as the ``options`` mapping; ``options="auto"``
+    chooses them on ``validation`` (:func:`accord.tune.merge_tuned`). ``statistics`` from an
+    earlier :func:`accord.collect_statistics` call are reused rather than collected again.
+    ``reference`` is a model index or ``"best"`` (by validation accuracy). Combiners that merge
+    task vectors against a base are for :func:`accord.merge_state_dicts`.
 
     Checked before any work: the models (:func:`check_models`: one architecture and dtype,
-    every tensor finite), the option names, and that ``data`` and ``validation`` give inputs
-    of the models' dtype (nothing is cast). A merged model with a NaN or inf tensor is never
-    returned: a MergeError names the tensor and the stage that produced it.
+    every tensor finite), the methods and their option names, and that ``data`` and
+    ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a
+    NaN or inf tensor is never returned: a MergeError names the tensor and the stage that
+    produced it.
     """
     models = list(models)
     check_models(models)
     _check_input_dtype(models[0], data, "data")
     _check_input_dtype(models[0], validation, "validation")
+    if isinstance(options, str) and options != "auto":
+        raise MergeError(f"options={options!r}: give a mapping of method options or 'auto'")
+    given = {**(options if isinstance(options, Mapping) else {}), **method_options}
+    # ``align``/``combine`` in the options mapping: how a YAML config or --option names them
+    align = given.pop("align", align)
+    combine = given.pop("combine", combine)
+    plan = plan_methods(method, align, combine)
     if options == "auto":
         return merge_tuned(
             merge,
             models,
             data,
-            method,
+            plan,
             validation,
             spec=spec,
             reference=reference,
@@ -320,26 +371,21 @@ def merge(
             max_samples=max_samples,
             device=device,
             progress=progress,
-            **method_options,
+            **given,
         )
-    if isinstance(options, str):
-        raise MergeError(f"options={options!r}: give a mapping of method options or 'auto'")
-    options = {**(options or {}), **method_options}
-    align = options.get("align", NP_MERGE_ALIGN)
-    check_option_names(method, options, declared_options(method, align))
-    timings: dict[str, float] = {}
-    requested = method
-    combiner, method, options = _combiner(method, options, models, data, device, progress)
-    matcher(method)  # an unknown name fails here, before any work
+    align_options, combine_options = split_options(plan, given)
+    combine_options = resolve_options(plan.combine, combine_options)
+    _check_combiner(plan.combine, len(models))
     if batchnorm not in BATCHNORM_ROUTES:
         raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
-    if requested == "npmerge" and repair == "auto" and not has_batchnorm(models[0]):
-        repair = "none"  # NP Merge's learned weights already fit the data; REPAIR would undo it
+    if not plan.combine.repair_after and repair == "auto" and not has_batchnorm(models[0]):
+        repair = "none"  # the combiner already fitted the data; REPAIR would undo it
     repair_kind = _resolve_repair(repair, models[0], data)
     ref = choose_reference(models, reference, validation, device)
-    needs_data = MATCHERS[method].needs_data
+    needs_data = plan.align.needs.data
     if needs_data and data is None and statistics is None:
-        raise MergeError(f"method {method!r} needs data: pass data=... (training batches)")
+        raise MergeError(f"method {plan.align.name!r} needs data: pass data=... (training batches)")
+    timings: dict[str, float] = {}
     clock = time.perf_counter()
     if spec is None:
         if data is None:
@@ -348,11 +394,17 @@ def merge(
 
         spec = trace(models[0], first_inputs(data)[:2])
     timings["trace"] = time.perf_counter() - clock
+    report = {
+        "method": plan.name,
+        "alignment": plan.align.name,
+        "combine": plan.combine.name,
+        "options": {**plan.align.defaults, **align_options},
+        "combine_options": combine_options,
+    }
     if len(models) == 1:
-        return _only_model(models[0], spec, requested, method, options, timings)
+        return _only_model(models[0], spec, report, timings)
     if needs_data and statistics is None:
         clock = time.perf_counter()
-        pairs = "all" if method == "zipit" and len(models) > 2 else "reference"
         statistics = collect_statistics(
             models,
             batches(data),
@@ -360,18 +412,20 @@ def merge(
             max_samples=max_samples,
             device=device,
             reference=ref,
-            pairs=pairs,
+            pairs="all" if plan.align.needs.all_pairs and len(models) > 2 else "reference",
             progress=progress,
             # with repair="none" the folded BatchNorms stay identities and need no targets
-            batchnorms=needs_batchnorm_statistics(method, batchnorm) and repair_kind != "none",
+            batchnorms=needs_batchnorm_statistics(plan.align, batchnorm) and repair_kind != "none",
         )
         timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
     states = [m.state_dict() for m in models]
+    used = statistics if needs_data else None
     alignment = snap_permutations(
-        match(method, spec, statistics if needs_data else None, states, reference=ref, **options)
+        match(plan.align.name, spec, used, states, reference=ref, **align_options)
     )
     timings["match"] = time.perf_counter() - clock
+    combiner = _combine_stage(plan.combine, combine_options, models, data, device, progress)
     result = combine_aligned(
         models,
         spec,
@@ -385,35 +439,31 @@ def merge(
         timings,
         combiner,
     )
-    result.report.update(
-        {
-            "method": requested,
-            "alignment": method,
-            "options": {**MATCHERS[method].options, **options},
-            "reference": ref,
-            "num_models": len(models),
-        }
-    )
-    if isinstance(combiner, NPMergeCombiner):
-        result.report["npmerge"] = combiner.report()
-        result.coefficients = combiner.outcome.coefficients if combiner.outcome else None
+    result.report.update({**report, "reference": ref, "num_models": len(models)})
+    if "combination" in result.report:  # what the combiner reports, under its name
+        result.report[plan.combine.name] = result.report.pop("combination")
     return result
 
 
+def _check_combiner(record: CombineMethod, count: int) -> None:
+    """MergeError when ``record`` cannot combine ``count`` aligned vision models."""
+    if record.needs.base == "yes":
+        raise MergeError(
+            f"combine={record.name!r} merges task vectors against a base model, which "
+            "accord.merge does not take: combine aligned state dicts with "
+            f"accord.merge_state_dicts(states, {record.name!r}, base=...)"
+        )
+    if count > 1:
+        check_inputs(record, count, has_base=False)
+
+
 def _only_model(
-    model: nn.Module,
-    spec: Spec,
-    requested: str,
-    method: str,
-    options: Mapping[str, Any],
-    timings: dict[str, float],
+    model: nn.Module, spec: Spec, report: dict[str, Any], timings: dict[str, float]
 ) -> MergeResult:
     """The merge of one model: a copy of it, since every method returns a model merged with
     itself unchanged."""
     report = {
-        "method": requested,
-        "alignment": method,
-        "options": {**MATCHERS[method].options, **options},
+        **report,
         "reference": 0,
         "num_models": 1,
         "notes": ["one model: nothing to merge, the result is a copy of it"],
@@ -423,72 +473,31 @@ def _only_model(
     return MergeResult(copy.deepcopy(model).eval(), transforms, report, spec)
 
 
-@dataclass
-class NPMergeCombiner:
-    """NP Merge as the combine stage: learned per-parameter weights instead of the average."""
-
-    template: nn.Module
-    teachers: list[nn.Module]
-    data: Any
-    options: dict[str, Any]
-    device: str
-    progress: bool
-    outcome: NPMergeResult | None = None
-
-    def __call__(self, aligned: list[dict[str, torch.Tensor]], reference: int) -> dict:
-        if self.data is None:
-            raise MergeError("NP Merge needs a calibration set: pass data=... (training batches)")
-        self.outcome = np_merge(
-            self.template,
-            aligned,
-            batches(self.data),
-            teachers=self.teachers,
-            device=self.device,
-            progress=self.progress,
-            **self.options,
-        )
-        return self.outcome.state
-
-    def report(self) -> dict[str, Any]:
-        """Options, the loss curve, and each parameter's mean weight per model."""
-        outcome = self.outcome
-        assert outcome is not None  # called after merging
-        weights = {k: c.flatten(1).mean(1).tolist() for k, c in outcome.coefficients.items()}
-        return {
-            "options": self.options,
-            "losses": outcome.losses,
-            "stages": outcome.stages,
-            "mean_weights": weights,
-            "memory_bytes": outcome.memory_bytes,
-        }
+Combine = Callable[[list[dict[str, torch.Tensor]], int], Combined]
 
 
-def declared_options(method: str, align: str = NP_MERGE_ALIGN) -> dict[str, Any]:
-    """The options ``merge(method=...)`` accepts, with their defaults: the matcher's, or for
-    ``npmerge`` its ``align``, its own (:data:`NP_MERGE_OPTIONS`) and those of ``align``."""
-    if method != "npmerge":
-        return dict(matcher(method).options)
-    return {"align": NP_MERGE_ALIGN, **NP_MERGE_OPTIONS, **matcher(align).options}
-
-
-def _combiner(
-    method: str,
+def _combine_stage(
+    record: CombineMethod,
     options: dict[str, Any],
     models: list[nn.Module],
     data: Any,
     device: str,
     progress: bool,
-) -> tuple[Any, str, dict[str, Any]]:
-    """``(combine stage, alignment method, its options)``; ``npmerge`` takes ``align``."""
-    if method != "npmerge":
-        return average_states, method, options
-    rest = dict(options)
-    align = rest.pop("align", NP_MERGE_ALIGN)
-    np_options = {k: rest.pop(k) for k in list(rest) if k in NP_MERGE_OPTIONS}
-    combiner = NPMergeCombiner(
-        models[0], models, data, {**NP_MERGE_OPTIONS, **np_options}, device, progress
-    )
-    return combiner, align, rest
+) -> Combine:
+    """The combine stage: ``(aligned states, reference) -> Combined`` by ``record``."""
+
+    def tensorwise(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
+        return Combined(merge_state_dicts(aligned, record.name, reference=reference, **options))
+
+    def whole(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
+        context = CombineContext(models, reference, data, device, progress)
+        return record.function(aligned, context, **options)
+
+    return tensorwise if record.tensorwise else whole
+
+
+def _average(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
+    return Combined(merge_state_dicts(aligned, DEFAULT_COMBINE, reference=reference))
 
 
 def combine_aligned(
@@ -502,16 +511,18 @@ def combine_aligned(
     batchnorm: str,
     device: str,
     timings: dict[str, float],
-    combiner: Any = average_states,
+    combiner: Combine = _average,
 ) -> MergeResult:
-    """Apply the alignment, combine (average or NP Merge), and repair: the stages after
-    matching. Every stage's output is checked to be finite (from finite models)."""
+    """Apply the alignment, combine (``combiner``: averaging by default), and repair: the
+    stages after matching. Every stage's output is checked to be finite (from finite models)."""
     _check_maps(alignment)
     clock = time.perf_counter()
     aligned = align_states(models, spec, alignment, batchnorm)
     timings["apply"] = time.perf_counter() - clock
+    _check_aligned(aligned)
     clock = time.perf_counter()
-    merged_state = combiner(aligned, reference=reference)
+    combined = combiner(aligned, reference)
+    merged_state = combined.state
     dense = dense_spaces(spec, alignment)
     folded = [n for n in dense if spec[n].batchnorms] if batchnorm == "fold" else []
     # With repair="none" the folded BatchNorms keep what folding left them: the identity
@@ -530,7 +541,11 @@ def combine_aligned(
         for i, state in enumerate(aligned):
             one_hot = [float(i == j) for j in range(len(aligned))]
             batchnorm_targets(spec, alignment, statistics, state, eps, one_hot)
-    _check_combined(merged_state, aligned)
+    _require_finite(
+        merged_state,
+        "the merged model",
+        "every aligned model is finite, so combining them overflowed the parameters' dtype",
+    )
     merged = copy.deepcopy(models[reference])
     merged.load_state_dict(merged_state)
     timings["combine"] = time.perf_counter() - clock
@@ -558,9 +573,19 @@ def combine_aligned(
         "spaces": alignment.report,
         "timings": timings,
     }
+    if combined.report is not None:
+        report["combination"] = combined.report
     if repair == "none" and batchnorm == "transform" and has_batchnorm(merged) and dense:
         warnings.warn("dense maps without a BatchNorm reset leave stale statistics", stacklevel=3)
-    return MergeResult(merged.eval(), alignment.transforms, report, spec, statistics, aligned)
+    return MergeResult(
+        merged.eval(),
+        alignment.transforms,
+        report,
+        spec,
+        statistics,
+        aligned,
+        combined.coefficients,
+    )
 
 
 def _require_finite(state: Mapping[str, torch.Tensor], where: str, cause: str) -> None:
@@ -587,8 +612,8 @@ def _check_maps(alignment: Alignment) -> None:
                 )
 
 
-def _check_combined(merged: Mapping[str, torch.Tensor], aligned: Sequence[dict]) -> None:
-    """MergeError naming the first non-finite aligned or merged tensor and its likely cause."""
+def _check_aligned(aligned: Sequence[dict]) -> None:
+    """MergeError naming the first non-finite aligned tensor and its likely cause."""
     for index, state in enumerate(aligned):
         _require_finite(
             state,
@@ -596,8 +621,3 @@ def _check_combined(merged: Mapping[str, torch.Tensor], aligned: Sequence[dict])
             "its maps are finite but so large that its weights overflow their dtype (a "
             "near-singular solve); regularise more (cca: a larger ridge)",
         )
-    _require_finite(
-        merged,
-        "the merged model",
-        "every aligned model is finite, so combining them overflowed the parameters' dtype",
-    )

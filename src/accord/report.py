@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from accord._io import write_text, write_with
+from accord._io import write_text
 from accord._table import format_table
+from accord.figures import (
+    SPECTRA_TITLE,
+    canonical_correlation_spectra,
+    coefficient_histograms,
+    loss_curve,
+)
+from accord.registry import COMBINERS
 
 # Score names of the matchers' reports, most telling first; the first one present is shown.
 SCORE_KEYS = (
@@ -27,11 +34,8 @@ SCORE_KEYS = (
     "mean_merge_score",
     "mean_squared_distance",
 )
-FIGURE_TITLES = {
-    "spectra": "Canonical correlations per feature space (descending)",
-    "npmerge_loss": "NP Merge training loss",
-    "npmerge_histogram": "NP Merge learned coefficients",
-}
+# Titles of the figures a combiner's report gives (its name, "_", the kind).
+COMBINER_FIGURES = {"loss": "training loss", "histogram": "learned coefficients"}
 REPORT_FILE = "report.md"
 
 
@@ -49,46 +53,6 @@ def space_score(entry: Mapping[str, Any]) -> tuple[str, float] | None:
     return None
 
 
-def canonical_correlation_spectra(
-    spaces: Mapping[str, Any], path: str | os.PathLike[str], title: str = ""
-) -> bool:
-    """One line per (space, aligned model): its canonical correlations in descending order.
-
-    The x axis is the index divided by the space's width, so narrow and wide layers share it;
-    colour runs from the first space (dark) to the last (light). Returns False, writing
-    nothing, when no space has canonical correlations (e.g. the method was not CCA).
-    """
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    curves = [
-        (name, model, scores["canonical_correlations"])
-        for name, entry in spaces.items()
-        for model, scores in entry.get("models", {}).items()
-        if scores.get("canonical_correlations")
-    ]
-    if not curves:
-        return False
-    names = list(dict.fromkeys(name for name, _, _ in curves))
-    colours = colormaps["viridis"]
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = figure.subplots()
-    labelled: set[str] = set()
-    for name, _model, values in curves:
-        shade = names.index(name) / max(1, len(names) - 1)
-        xs = [(k + 0.5) / len(values) for k in range(len(values))]
-        label = None if name in labelled else name  # one legend entry per space
-        labelled.add(name)
-        ax.plot(xs, values, color=colours(0.9 * shade), linewidth=1.2, label=label)
-    ax.set_xlabel("canonical direction (fraction of the space's width)")
-    ax.set_ylabel("canonical correlation")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or FIGURE_TITLES["spectra"], fontsize=10)
-    ax.legend(fontsize=6, ncol=2 if len(names) > 8 else 1, loc="lower left")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    return True
-
-
 def merge_figures(
     directory: str | os.PathLike[str],
     report: Mapping[str, Any],
@@ -97,24 +61,36 @@ def merge_figures(
     """Draw the figures of one merge report into ``directory``; name → path of those drawn.
 
     ``spectra.png`` when the report has canonical correlations (CCA, and NP Merge aligned by
-    CCA); ``npmerge-loss.png`` for NP Merge; ``npmerge-coefficients.png`` when the learned
-    ``coefficients`` (:attr:`accord.combine.NPMergeResult.coefficients`) are given.
+    CCA); ``<combiner>-loss.png`` when the combiner's own report has a loss curve (NP Merge);
+    ``<combiner>-coefficients.png`` when learned ``coefficients``
+    (:attr:`accord.combine.NPMergeResult.coefficients`) are given.
     """
-    from accord.combine import coefficient_histograms, loss_curve
-
     root = Path(directory)
     figures: dict[str, Path] = {}
     spectra = root / "spectra.png"
     if canonical_correlation_spectra(report.get("spaces", {}), spectra):
         figures["spectra"] = spectra
-    losses = report.get("npmerge", {}).get("losses")
+    combiner = str(report.get("combine", ""))
+    losses = report.get(combiner, {}).get("losses")
     if losses:
-        loss_curve(losses, root / "npmerge-loss.png")
-        figures["npmerge_loss"] = root / "npmerge-loss.png"
+        loss_curve(losses, root / f"{combiner}-loss.png", _label(combiner))
+        figures[f"{combiner}_loss"] = root / f"{combiner}-loss.png"
     if coefficients:
-        coefficient_histograms(coefficients, root / "npmerge-coefficients.png")
-        figures["npmerge_histogram"] = root / "npmerge-coefficients.png"
+        coefficient_histograms(coefficients, root / f"{combiner}-coefficients.png")
+        figures[f"{combiner}_histogram"] = root / f"{combiner}-coefficients.png"
     return figures
+
+
+def _label(combiner: str) -> str:
+    return COMBINERS[combiner].label if combiner in COMBINERS else combiner
+
+
+def figure_title(name: str) -> str:
+    """The caption of figure ``name`` of :func:`merge_figures`."""
+    if name == "spectra":
+        return SPECTRA_TITLE
+    combiner, _, kind = name.rpartition("_")
+    return f"{_label(combiner)}: {COMBINER_FIGURES[kind]}" if kind in COMBINER_FIGURES else name
 
 
 def _accuracy_rows(accuracy: Mapping[str, Any]) -> list[list[Any]]:
@@ -169,7 +145,7 @@ def write_merge_report(
 
     ``report`` is the merge's ``report.json`` content (a :class:`accord.MergeResult` report
     with ``accuracy``, ``models`` and ``seconds`` added by ``accord merge``); ``figures`` maps a
-    name (see :data:`FIGURE_TITLES`) to a PNG, linked relative to ``directory``.
+    name (see :func:`figure_title`) to a PNG, linked relative to ``directory``.
     """
     root = Path(directory)
     lines = _header(report)
@@ -188,7 +164,7 @@ def write_merge_report(
     if figures:
         lines += ["", "## Figures"]
         for name, path in figures.items():
-            title = FIGURE_TITLES.get(name, name)
+            title = figure_title(name)
             link = Path(os.path.relpath(Path(path), root)).as_posix()
             lines += ["", f"**{title}**", "", f"![{title}]({link})"]
     target = root / REPORT_FILE
@@ -196,4 +172,4 @@ def write_merge_report(
     return target
 
 
-__all__ = ["canonical_correlation_spectra", "merge_figures", "space_score", "write_merge_report"]
+__all__ = ["merge_figures", "space_score", "write_merge_report"]

@@ -1,32 +1,28 @@
 """Hyper-parameters chosen on a validation split, reusing one statistics pass.
 
 Statistics do not depend on hyper-parameters, so they are collected once and every candidate
-is only matched, applied, repaired and evaluated (NP Merge's trained candidate also trains).
-The test set is never looked at.
+is only matched, applied, repaired and evaluated. The grids are the records' (each option's
+``grid``): the alignment's options are chosen first, its maps averaged (cheap); then the
+combiner's, each candidate combining the chosen alignment. A combiner's grid lists the values
+tried besides the one given (or its default), which is tried first and wins ties. The test set
+is never looked at.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from accord.combine.npmerge import NP_MERGE_OPTIONS
 from accord.errors import MergeError
 from accord.evaluate import evaluate
-
-# The grids searched by options="auto"; methods without an entry have nothing to tune.
-TUNING_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
-    "cca": {"ridge": (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0)},
-    "zipit": {"alpha": (0.0, 0.1, 0.3, 0.5, 1.0), "beta": (0.0, 0.125, 0.5)},
-}
+from accord.registry import DEFAULT_COMBINE, MethodPlan, lookup
 
 
-def candidates(method: str) -> list[dict[str, Any]]:
-    """Every option combination of ``method``'s grid ([{}] when it has none)."""
-    grid = TUNING_GRIDS.get(method, {})
+def candidates(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every option combination of ``grid`` ([{}] when it is empty)."""
     names = sorted(grid)
     return [
         dict(zip(names, values, strict=True))
@@ -38,35 +34,76 @@ def merge_tuned(
     merge: Callable[..., Any],
     models: Sequence[nn.Module],
     data: Any,
-    method: str,
+    plan: MethodPlan,
     validation: Any,
     *,
     device: str = "cpu",
     **merge_arguments: Any,
 ) -> Any:
-    """The merge whose options score best on ``validation`` among :data:`TUNING_GRIDS`.
+    """The merge whose options score best on ``validation`` among the records' grids.
 
     ``merge`` is :func:`accord.merge`, called once per candidate with ``merge_arguments``
-    (spec, reference, repair, statistics...) and the candidate's options.
+    (spec, reference, repair, statistics, options given...) and the candidate's options.
     The result's report gains ``"tuning"``: each candidate and its validation accuracy.
     """
     if validation is None:
         raise MergeError(
             "options='auto' chooses hyper-parameters on a validation split: pass validation=..."
         )
-    if method == "npmerge":
-        return _npmerge_tuned(merge, models, data, validation, device, merge_arguments)
+    own = {k: v for k, v in merge_arguments.items() if k in plan.combine.defaults}
+    rest = {k: v for k, v in merge_arguments.items() if k not in own}
+    aligned = _tune_alignment(merge, models, data, plan, validation, device, rest)
+    if plan.combine is lookup("combine", DEFAULT_COMBINE):
+        return aligned
+    chosen = {name: aligned.report["options"][name] for name in plan.align.grid()}
+    rest = {**rest, **chosen}
+    rest.setdefault("statistics", aligned.statistics)
+    rest.setdefault("spec", aligned.spec)
+    grid = {
+        name: tuple(dict.fromkeys((own.get(name, plan.combine.defaults[name]), *values)))
+        for name, values in plan.combine.grid().items()
+    }
+    runs = []
+    for options in candidates(grid):
+        result = merge(
+            models,
+            data,
+            align=plan.align.name,
+            combine=plan.combine.name,
+            validation=validation,
+            device=device,
+            **rest,
+            **{**own, **options},
+        )
+        runs.append((evaluate(result.model, validation, device).accuracy, options, result))
+    trials = [{"options": options, "val_accuracy": score} for score, options, _ in runs]
+    result = max(runs, key=lambda run: run[0])[2]  # on a tie, the first: the given options
+    result.report["tuning"] = [*aligned.report["tuning"], *trials]
+    result.report["method"] = plan.name
+    return result
+
+
+def _tune_alignment(
+    merge: Callable[..., Any],
+    models: Sequence[nn.Module],
+    data: Any,
+    plan: MethodPlan,
+    validation: Any,
+    device: str,
+    merge_arguments: dict[str, Any],
+) -> Any:
+    """The averaged merge whose alignment options score best on ``validation``."""
+    merge_arguments = dict(merge_arguments)
     best, trials = None, []
-    for options in candidates(method):
+    for options in candidates(plan.align.grid()):
         try:
             result = merge(
                 models,
                 data,
-                method,
+                align=plan.align.name,
                 validation=validation,
                 device=device,
-                **merge_arguments,
-                **options,
+                **{**merge_arguments, **options},
             )
         except MergeError as exc:  # e.g. a ridge so small that CCA's solve breaks down
             trials.append({"options": options, "error": str(exc)})
@@ -79,52 +116,8 @@ def merge_tuned(
         if best is None or score > best[0]:
             best = (score, result)
     if best is None:
-        raise MergeError(f"no candidate options of {method!r} could merge: {trials}")
+        raise MergeError(f"no candidate options of {plan.align.name!r} could merge: {trials}")
     result = best[1]
     result.report["tuning"] = trials
-    return result
-
-
-def _npmerge_tuned(
-    merge: Callable[..., Any],
-    models: Sequence[nn.Module],
-    data: Any,
-    validation: Any,
-    device: str,
-    merge_arguments: dict[str, Any],
-) -> Any:
-    """NP Merge from the alignment whose plain average scores best on ``validation``, or that
-    plain average itself (``epochs=0``) when the trained coefficients score below it there.
-
-    The training can end below its start (it fits the calibration examples, which may not be
-    the distribution the validation split comes from); ``epochs=0`` is the one cheap candidate
-    of NP Merge's own options, the others (lr, more epochs) would cost a training each. The
-    report's ``"tuning"`` lists the alignment's candidates, then both NP Merge candidates.
-    """
-    np_options = {k: v for k, v in merge_arguments.items() if k in NP_MERGE_OPTIONS}
-    rest = {k: v for k, v in merge_arguments.items() if k not in NP_MERGE_OPTIONS}
-    align = rest.pop("align", "cca")
-    aligned = merge_tuned(merge, models, data, align, validation, device=device, **rest)
-    chosen = {name: aligned.report["options"][name] for name in TUNING_GRIDS.get(align, {})}
-    rest.setdefault("statistics", aligned.statistics)
-    rest.setdefault("spec", aligned.spec)
-    epochs = np_options.pop("epochs", NP_MERGE_OPTIONS["epochs"])
-    runs = []
-    for candidate in dict.fromkeys((epochs, 0)):
-        result = merge(
-            models,
-            data,
-            "npmerge",
-            validation=validation,
-            device=device,
-            align=align,
-            **rest,
-            **np_options,
-            **chosen,
-            epochs=candidate,
-        )
-        runs.append((evaluate(result.model, validation, device).accuracy, candidate, result))
-    own = [{"options": {"epochs": c}, "val_accuracy": score} for score, c, _ in runs]
-    result = max(runs, key=lambda run: run[0])[2]  # on a tie, the first: the trained one
-    result.report["tuning"] = [*aligned.report["tuning"], *own]
+    result.report["method"] = plan.name
     return result

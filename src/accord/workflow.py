@@ -22,7 +22,6 @@ from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
-from accord.match import MATCHERS, matcher
 from accord.merge import (
     MergeResult,
     check_models,
@@ -30,19 +29,26 @@ from accord.merge import (
     merge,
     needs_batchnorm_statistics,
 )
+from accord.registry import ALIGNMENTS, COMBINERS, MethodPlan, plan_methods
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
 from accord.trace import trace
 
-# The order of the comparison table: the baselines, then CCA Merge.
-ALL_METHODS = ("identity", "permutation", "weight_matching", "zipit", "ot", "cca", "npmerge")
 MERGE_OUTPUT = "merge-output"  # the kind of output folder accord merge writes and overwrites
 
 
-def needs_data(method: str) -> bool:
-    """Whether ``method`` (a matcher, or npmerge) needs activation statistics."""
-    return method == "npmerge" or MATCHERS[method].needs_data
+def compared_methods() -> tuple[str, ...]:
+    """The methods of ``--method all``, in the order of the comparison table: every record with
+    a ``compare`` place (the baselines, then CCA Merge and NP Merge)."""
+    records = [r for r in (*ALIGNMENTS.values(), *COMBINERS.values()) if r.compare is not None]
+    return tuple(r.name for r in sorted(records, key=lambda r: r.compare))
+
+
+def needs_data(plan: MethodPlan) -> bool:
+    """Whether a merge by ``plan`` needs data (its alignment's statistics, or its combiner's
+    calibration batches)."""
+    return plan.align.needs.data or plan.combine.needs.data
 
 
 @dataclass
@@ -75,16 +81,21 @@ class MergeOutcome:
         return rows
 
 
-def _methods(config: MergeConfig) -> tuple[str, ...]:
+Request = tuple[str | None, str | None, str | None]  # merge's method, align and combine
+
+
+def _requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
+    """The merges to run: the comparison's methods, or the one ``config`` asks for."""
     if config.method == "all":
         if config.options not in ("auto", {}):
             raise ConfigError(
                 "options: with method 'all' give 'auto' or none (they differ per method)"
             )
-        return ALL_METHODS
-    if config.method != "npmerge":
-        matcher(config.method)  # an unknown name fails here, before any work
-    return (config.method,)
+        if config.align is not None or config.combine is not None:
+            raise ConfigError("align, combine: with method 'all' give neither (it runs each)")
+        return [((name, None, None), plan_methods(name)) for name in compared_methods()]
+    request = (config.method, config.align, config.combine)
+    return [(request, plan_methods(*request))]  # an unknown name fails here, before any work
 
 
 def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
@@ -97,7 +108,7 @@ def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
 
 def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
-    methods = _methods(config)
+    requests = _requests(config)
     if config.output:  # a bad output folder fails now, not after the merge
         check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
     checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
@@ -111,8 +122,9 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     outcome = MergeOutcome(checkpoints, base, (val_ensemble.accuracy, test_ensemble.accuracy))
     reference = choose_reference(models, config.reference, data.val, config.device)
     spec = trace(models[0], next(iter(loader))[0][:2])
-    shared = _shared_statistics(models, loader, spec, config, reference, methods, progress)
-    for method in methods:
+    plans = [plan for _, plan in requests]
+    shared = _shared_statistics(models, loader, spec, config, reference, plans, progress)
+    for (method, align, combine), plan in requests:
         start = time.perf_counter()
         result = merge(
             models,
@@ -121,7 +133,9 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
             spec,
             reference,
             config.repair,
-            shared if needs_data(method) else None,
+            shared if needs_data(plan) else None,
+            align=align,
+            combine=combine,
             batchnorm=config.batchnorm,
             validation=data.val,
             device=config.device,
@@ -130,7 +144,7 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
         val = evaluate(result.model, data.val, config.device).accuracy
         test = evaluate(result.model, data.test, config.device).accuracy
         outcome.methods.append(
-            MethodOutcome(method, val, test, result, time.perf_counter() - start)
+            MethodOutcome(plan.name, val, test, result, time.perf_counter() - start)
         )
     if config.output:
         write_outcome(outcome, config)
@@ -143,13 +157,14 @@ def _shared_statistics(
     spec: Any,
     config: MergeConfig,
     reference: int,
-    methods: tuple[str, ...],
+    plans: list[MethodPlan],
     progress: bool,
 ) -> Any:
     """One statistics pass shared by every data-driven method (all pairs for ZipIt!, N > 2)."""
-    if not any(needs_data(m) for m in methods):
+    if not any(needs_data(plan) for plan in plans):
         return None
-    pairs = "all" if len(models) > 2 and "zipit" in methods else "reference"
+    all_pairs = any(plan.align.needs.all_pairs for plan in plans)
+    pairs = "all" if len(models) > 2 and all_pairs else "reference"
     return collect_statistics(
         models,
         loader,
@@ -159,7 +174,9 @@ def _shared_statistics(
         pairs=pairs,
         progress=progress,
         batchnorms=any(
-            needs_batchnorm_statistics(m, config.batchnorm) for m in methods if needs_data(m)
+            needs_batchnorm_statistics(plan.align, config.batchnorm)
+            for plan in plans
+            if needs_data(plan)
         ),
     )
 

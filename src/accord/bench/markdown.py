@@ -301,9 +301,19 @@ def _precision(precision: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def render_design(document: Mapping[str, Any]) -> str:
+    """The section of measurements behind design choices (``design-measurements.json``)."""
+    lines = ["## Measurements behind design choices", "", document["about"]]
+    for entry in document["measurements"]:
+        lines += ["", f"### {entry['choice']}", "", f"- commit: `{entry['commit']}`"]
+        lines += [f"- command: {entry['command']}"]
+        lines += [f"- {finding}" for finding in entry["findings"]]
+    return "\n".join(lines)
+
+
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
     """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json``,
-    ``skill-transfer*.json`` and ``select*.json``.
+    ``skill-transfer*.json``, ``select*.json`` and ``design-measurements.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
     BENCHMARKS.md in the directory that ``results_dir`` is relative to).
@@ -320,4 +330,7 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
         sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("select*.json")):
         sections.append(render_select(json.loads(path.read_text(encoding="utf-8")), link))
+    design = root / "design-measurements.json"
+    if design.is_file():
+        sections.append(render_design(json.loads(design.read_text(encoding="utf-8"))))
     return "\n\n".join(sections) + "\n"

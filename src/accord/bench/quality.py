@@ -27,24 +27,25 @@ import accord
 from accord._io import write_json
 from accord.bench._common import machine_info, summary, today
 from accord.bench.figures import accuracy_versus_models, interpolation_figure
-from accord.combine import coefficient_histograms
-from accord.report import canonical_correlation_spectra
-from accord.workflow import MergeOutcome, calibration_loader
+from accord.figures import canonical_correlation_spectra, coefficient_histograms
+from accord.workflow import MergeOutcome, calibration_loader, compared_methods
 
-# Display names of the result rows; the JSON uses the keys.
-ROW_LABELS = {
-    "base": "base models (mean)",
-    "ensemble": "ensemble (logit average)",
-    "identity": "direct average (identity)",
-    "permutation": "permutation (activations)",
-    "weight_matching": "weight matching",
-    "zipit": "ZipIt!",
-    "ot": "optimal transport",
-    "cca": "CCA Merge",
-    "npmerge": "NP Merge, joint softmax (aligned by CCA)",
-    "npmerge_pairwise": "NP Merge, pairwise (aligned by CCA)",
-    "cca_transform": "CCA Merge, BatchNorm transformed, not folded",
-}
+
+def _row_labels() -> dict[str, str]:
+    """Display names of the result rows (the JSON uses the keys): the records' labels of the
+    compared methods, with the variants this benchmark adds."""
+    npmerge = accord.COMBINERS["npmerge"]
+    aligned = f"aligned by {npmerge.default_align.upper()}"  # as the tables name it: CCA
+    labels = {"base": "base models (mean)", "ensemble": "ensemble (logit average)"}
+    for name in compared_methods():
+        record = accord.ALIGNMENTS.get(name) or accord.COMBINERS[name]
+        labels[name] = record.label if name in accord.ALIGNMENTS else f"{record.label} ({aligned})"
+    labels["npmerge_pairwise"] = f"NP Merge, pairwise ({aligned})"
+    labels["cca_transform"] = f"{accord.ALIGNMENTS['cca'].label}, BatchNorm transformed, not folded"
+    return labels
+
+
+ROW_LABELS = _row_labels()
 # Curves of the interpolation figure: the method whose alignment is used (None: unaligned).
 CURVES = {"direct": None, "permutation": "permutation", "cca": "cca"}
 

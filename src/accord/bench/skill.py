@@ -64,10 +64,11 @@ from accord.llm import (
     task_arithmetic,
     ties,
 )
+from accord.registry import COMBINERS
 from accord.store import store_entry
 
 ALIGNMENTS = {"none": "unaligned", "weights": "weights", "activations": "activations"}
-METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE"}
+METHODS = {name: COMBINERS[name].label for name in ("task_arithmetic", "ties", "dare")}
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class SkillPlan:
     batch_size: int = 64
     lr: float = 3e-3  # base and independent receiver, trained from scratch
     finetune_lr: float = 2e-3  # high enough to learn additions in minutes
-    receiver_lr: float = 3e-4  # a gentle drift (2e-3 moved 8 % of ‖θ‖ in 10 steps)
+    receiver_lr: float = 3e-4  # a gentle drift (why: BENCHMARKS.md, design choices)
     replay: float = 0.25  # fraction of general lines in the fine-tune's corpus
     corpus_lines: int = 50_000
     val_problems: int = 200

@@ -1,10 +1,21 @@
-"""Weighted averaging of aligned state dicts."""
+"""Weighted averaging of aligned state dicts: the combiner of alignment methods."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torch import Tensor
+
+from accord.registry import combiner
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ_i w_i θ_i``, summed in float64 in the models' order (the result is float64)."""
+    total = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for weight, tensor in zip(weights, tensors, strict=True):
+        total += weight * tensor.to(torch.float64)
+    return total
 
 
 def average_states(
@@ -25,8 +36,16 @@ def average_states(
         if not value.is_floating_point():
             merged[key] = value.clone()
             continue
-        total = torch.zeros_like(value, dtype=torch.float64)
-        for weight, state in zip(weights, states, strict=True):
-            total += weight * state[key].to(torch.float64)
-        merged[key] = total.to(value.dtype)
+        merged[key] = weighted_mean([state[key] for state in states], weights).to(value.dtype)
     return merged
+
+
+@combiner(
+    "average",
+    paper="the plain mean of the aligned models (Wortsman et al., ICML 2022, for one basin)",
+    label="average",
+)
+def combine_average(tensors: Iterable[Tensor]) -> Tensor:
+    """The record's function: the plain mean, in float64."""
+    tensors = list(tensors)
+    return weighted_mean(tensors, [1.0 / len(tensors)] * len(tensors))

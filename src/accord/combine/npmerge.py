@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,24 +32,15 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from accord._finite import first_non_finite
-from accord._io import write_with
-from accord.combine.average import average_states
+from accord.combine.average import average_states, weighted_mean
 from accord.data import batches
 from accord.errors import MergeError, did_you_mean
+from accord.registry import POSITIVE, CombineContext, Combined, Limits, Needs, Option, combiner
 
 LOSSES = ("ce", "kl")
 SCHEMES = ("joint", "pairwise")
-MAX_PANELS = 24
 
 Weigh = Callable[[torch.Tensor], torch.Tensor]
-
-
-# Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
-# only perturbs the average; 3 epochs at 0.05 beat the CCA start on held-out data for 2 and
-# 3 VGG11 models (Fashion-MNIST, 2,000 calibration images), where 1 epoch at 0.01 did not.
-NP_MERGE_OPTIONS = {"loss": "ce", "scheme": "joint", "epochs": 3, "lr": 0.05, "max_samples": None}
-# NP Merge's alignment method, its option ``align``
-NP_MERGE_ALIGN = "cca"
 
 
 @dataclass
@@ -156,12 +146,9 @@ def _parameters(
 def _weighted(
     states: Sequence[Mapping[str, torch.Tensor]], name: str, weights: torch.Tensor
 ) -> torch.Tensor:
-    """``Σ_i w_i ⊙ θ_i`` in float64, summed in the order of ``average_states`` so that uniform
+    """``Σ_i w_i ⊙ θ_i`` in float64, summed as :func:`average_states` sums, so that uniform
     weights give its result bit for bit."""
-    total = torch.zeros_like(states[0][name], dtype=torch.float64)
-    for weight, state in zip(weights, states, strict=True):
-        total += weight * state[name].to(torch.float64)
-    return total.to(states[0][name].dtype)
+    return weighted_mean([state[name] for state in states], weights).to(states[0][name].dtype)
 
 
 def _split(batch: Any, loss: str, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -451,50 +438,57 @@ def _result(
     return NPMergeResult(state, losses, coefficients, stages, memory)
 
 
-def coefficient_histograms(
-    coefficients: Mapping[str, torch.Tensor], path: str | Path, bins: int = 50
-) -> None:
-    """One histogram per parameter tensor of the learned weights, written as a PNG.
-
-    Two models: the weight of model 0 (model 1's is 1 minus it); more: each model's weight,
-    overlaid. After ``MAX_PANELS − 1`` tensors the rest share one panel.
-    """
-    from matplotlib.figure import Figure
-
-    names = list(coefficients)
-    groups = [[n] for n in names[: MAX_PANELS - 1]]
-    if len(names) > MAX_PANELS - 1:
-        groups.append(names[MAX_PANELS - 1 :])
-    cols = min(4, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    # no layout engine: with two dozen panels it costs more than all the drawing
-    figure = Figure(figsize=(3.2 * cols, 2.4 * rows))
-    grid = {"hspace": 0.6, "wspace": 0.3}
-    axes = figure.subplots(rows, cols, squeeze=False, sharex=True, gridspec_kw=grid).ravel()
-    for ax, group in zip(axes, groups, strict=False):
-        stacked = torch.cat([coefficients[n].flatten(1) for n in group], 1).double()
-        for index, weights in enumerate(stacked[:1] if len(stacked) == 2 else stacked):
-            counts, edges = torch.histogram(weights, bins=bins, range=(0.0, 1.0))
-            ax.stairs(counts.numpy(), edges.numpy(), fill=True, alpha=0.5, label=f"model {index}")
-        title = group[0] if len(group) == 1 else f"{len(group)} other tensors"
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.locator_params(axis="y", nbins=3)
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
-    figure.supxlabel("learned weight")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-
-
-def loss_curve(losses: Sequence[float], path: str | Path) -> None:
-    """The training loss per step, written as a PNG."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.2), layout="constrained")
-    ax = figure.subplots()
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("NP Merge")
-    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+# Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
+# only perturbs the average: hence 3 epochs at 0.05 (measured: BENCHMARKS.md, "Measurements
+# behind design choices").
+@combiner(
+    "npmerge",
+    paper="Orozco Camacho et al., Non-Uniform Parameter-Wise Model Merging, arXiv:2412.15467",
+    label="NP Merge, joint softmax",
+    options=(
+        Option("loss", str, "ce", "ce on the labels, or kl to the ensemble", choices=LOSSES),
+        Option("scheme", str, "joint", "one softmax, or pairwise stages", choices=SCHEMES),
+        Option("epochs", int, 3, "passes over the calibration data", Limits(0), grid=(0,)),
+        Option("lr", float, 0.05, "Adam's learning rate", POSITIVE),
+        Option("max_samples", int, None, "samples per stage at most", Limits(0), nullable=True),
+    ),
+    needs=Needs(data=True, labels=True),
+    tensorwise=False,
+    repair_after=False,
+    compare=6,
+)
+def combine_npmerge(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    context: CombineContext,
+    *,
+    loss: str,
+    scheme: str,
+    epochs: int,
+    lr: float,
+    max_samples: int | None,
+) -> Combined:
+    """The record's function: :func:`np_merge` of the aligned states, the models as teachers;
+    the report holds its options, loss curve, stages, memory and each parameter's mean weight
+    per model. (An untrained start, ``epochs=0``, is ``options="auto"``'s other candidate.)"""
+    if context.data is None:
+        raise MergeError("NP Merge needs a calibration set: pass data=... (training batches)")
+    options = {"loss": loss, "scheme": scheme, "epochs": epochs, "lr": lr}
+    outcome = np_merge(
+        context.models[0],
+        states,
+        batches(context.data),
+        teachers=context.models,
+        device=context.device,
+        progress=context.progress,
+        max_samples=max_samples,
+        **options,
+    )
+    weights = {k: c.flatten(1).mean(1).tolist() for k, c in outcome.coefficients.items()}
+    report = {
+        "options": {**options, "max_samples": max_samples},
+        "losses": outcome.losses,
+        "stages": outcome.stages,
+        "mean_weights": weights,
+        "memory_bytes": outcome.memory_bytes,
+    }
+    return Combined(outcome.state, report, outcome.coefficients)

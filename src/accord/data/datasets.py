@@ -215,7 +215,7 @@ def _source(name: str) -> _Source:
 
 
 def _to_unit(images: np.ndarray, max_value: float) -> torch.Tensor:
-    # torch converts uint8 to float32 several times faster than numpy; the copy keeps the
+    # torch converts uint8 to float32 faster than numpy does; the copy keeps the
     # in-place normalisation off the arrays the reader returned. Row-major strides: a
     # one-channel array made by ``[:, None]`` has channel stride 1, which torch reads as
     # channels-last, and torch 2.13's CPU backward of a strided 1×1 convolution on

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints: lazy safetensors I/O, exact symmetries, alignment and merges.
 
-Tensor-wise merges (linear, slerp, task arithmetic, TIES, DARE, DARE-TIES, DELLA, Model
-Breadcrumbs, SCE, Model Stock, NuSLERP; :data:`METHODS`) take checkpoints of any family whose
+Tensor-wise merges (the tensor-wise combiners of :data:`accord.registry.COMBINERS`: linear,
+slerp, task arithmetic, TIES, DARE, DARE-TIES, DELLA, Model Breadcrumbs, SCE, Model Stock,
+NuSLERP; :data:`METHODS`) take checkpoints of any family whose
 tensors agree by name and shape; mergekit's YAML configs run through
 :mod:`accord.llm.mergekit`. Symmetries and alignment know ``LlamaForCausalLM``,
 ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (:data:`SUPPORTED_ARCHITECTURES`). Everything
@@ -15,6 +16,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from accord.combine.dare import dare
+from accord.combine.linear import linear
+from accord.combine.slerp import slerp
+from accord.combine.task_arithmetic import task_arithmetic
+from accord.combine.ties import ties
 from accord.llm._models import ModelLike, repack, unpack
 from accord.llm.align import align, find_alignment
 from accord.llm.arch import SUPPORTED_ARCHITECTURES, Architecture
@@ -27,7 +33,6 @@ from accord.llm.io import (
     save_checkpoint,
 )
 from accord.llm.merge import METHODS, merge_checkpoints
-from accord.llm.methods import dare, linear, slerp, task_arithmetic, ties
 from accord.llm.symmetry import (
     SYMMETRY_KINDS,
     LayerSymmetry,

@@ -3,9 +3,7 @@ is read, every problem reported at once with the key it concerns.
 
 Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
 
-    method: ties              # linear | slerp | task_arithmetic | ties | dare | dare_ties |
-                              # della | della_linear | breadcrumbs | breadcrumbs_ties | sce |
-                              # model_stock | nuslerp (see accord.llm.merge.METHODS)
+    method: ties              # any tensor-wise combiner (accord.llm.merge.METHODS)
     base: models/llama-base   # the task vectors' base (task-vector methods)
     models:                   # fine-tuned models (a path, or {path, weight, density, ...})
       - models/llama-math
@@ -19,10 +17,9 @@ Example ``ties.yaml`` (run with ``accord llm-merge ties.yaml``)::
     seed: 0                        # optional: DARE's and DELLA's drops, 0 <= seed < 2**32
     output: merged/ties            # or OUT on the command line, which wins
 
-Numeric parameters (``t``, ``lerp_cosine``, ``scale``, ``weight``, ``density``,
-``drop_rate``, ``epsilon``, ``gamma``, ``select_topk``) are settings: a number, a gradient
-across the layers or name filters (:mod:`accord.llm.settings`); ``normalize``,
-``filter_wise``, ``nuslerp_flatten`` and ``nuslerp_row_wise`` are true or false.
+The parameters are the options of the methods' records (``accord.registry.COMBINERS``);
+numeric ones are settings: a number, a gradient across the layers or name filters
+(:mod:`accord.llm.settings`); switches are true or false.
 A mergekit YAML (``merge_method: ...``) is read by :mod:`accord.llm.mergekit` and
 validated here once translated. Paths are relative to the current directory.
 """
@@ -39,6 +36,7 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationError,
+    create_model,
     field_validator,
 )
 
@@ -55,66 +53,51 @@ from accord.llm.merge import (
     tokenizer_problems,
 )
 from accord.llm.settings import Setting, parse_setting
+from accord.registry import Option
 
 SettingValue = Annotated[Setting, PlainValidator(parse_setting)]
 
 
-class ModelEntry(BaseModel):
-    """A model directory, its weight in the merge, and its own density (TIES, DELLA,
-    Breadcrumbs), drop rate (DARE), epsilon (DELLA) or gamma (Breadcrumbs) where it differs
-    from ``parameters``."""
+def _field(option: Option) -> tuple[Any, Any]:
+    """A pydantic field for ``option``: a setting (numbers), or its plain type."""
+    kind = SettingValue if option.type is float else option.type
+    return (kind | None, Field(None, description=option.help))
 
+
+def _options(per_model: bool) -> dict[str, tuple[Any, Any]]:
+    """Fields for every option of the methods (only the per-model ones with ``per_model``)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for record in METHODS.values():
+        for option in record.options:
+            if option.per_model or not per_model:
+                fields.setdefault(option.name, _field(option))
+    return fields
+
+
+class _ModelPath(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    weight: SettingValue | None = Field(None, description="default: parameters.weight, else 1")
-    density: SettingValue | None = None
-    drop_rate: SettingValue | None = None
-    epsilon: SettingValue | None = None
-    gamma: SettingValue | None = None
 
     def own_parameters(self) -> dict[str, Setting]:
         """The parameters set for this model alone."""
         return {key: value for key, value in self if key != "path" and value is not None}
 
 
-class Parameters(BaseModel):
-    """Method parameters; each method reads only its own (others are refused)."""
-
+class _GivenParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-    t: SettingValue | None = Field(None, description="slerp: position, 0 (first) to 1")
-    lerp_cosine: SettingValue | None = Field(
-        None, description="slerp: linear above this |cos Ω| (default 1 - 1e-7)"
-    )
-    scale: SettingValue | None = Field(None, description="λ multiplying the merged task vector")
-    weight: SettingValue | None = Field(None, description="every model's weight by default")
-    density: SettingValue | None = Field(
-        None, description="TIES, DELLA, Breadcrumbs: fraction of entries kept"
-    )
-    drop_rate: SettingValue | None = Field(None, description="DARE: probability of a drop")
-    epsilon: SettingValue | None = Field(
-        None, description="DELLA: keep probabilities spread over density ± epsilon"
-    )
-    gamma: SettingValue | None = Field(
-        None, description="Breadcrumbs: fraction of largest entries dropped"
-    )
-    select_topk: SettingValue | None = Field(
-        None, description="SCE: fraction of highest-variance entries kept"
-    )
-    normalize: bool | None = Field(None, description="divide by the (agreeing) weights' sum")
-    rescale: str | None = Field(None, description="pruned entries: expectation | l1 | none")
-    filter_wise: bool | None = Field(None, description="Model Stock: one ratio per row")
-    nuslerp_flatten: bool | None = Field(
-        None, description="NuSLERP: one angle per tensor (default true)"
-    )
-    nuslerp_row_wise: bool | None = Field(
-        None, description="NuSLERP unflattened: vectors along the first axis, not the last"
-    )
 
     def given(self) -> dict[str, Any]:
         """The parameters the config sets."""
         return {key: value for key, value in self if value is not None}
+
+
+# A model directory and its own values of the per-model parameters (weight, density, ...),
+# where they differ from ``parameters``; the fields come from the methods' records.
+ModelEntry = create_model("ModelEntry", __base__=_ModelPath, **_options(per_model=True))
+# Method parameters, the options of every method's record; each method reads only its own
+# (others are refused).
+Parameters = create_model("Parameters", __base__=_GivenParameters, **_options(per_model=False))
 
 
 class LLMMergeConfig(BaseModel):

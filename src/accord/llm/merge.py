@@ -1,9 +1,10 @@
 """Merging Hugging Face checkpoints on disk, one tensor at a time.
 
-Methods (:data:`METHODS`; the formulas are in :mod:`accord.llm.methods` and, one
-module each, :mod:`accord.llm.merge_methods`):
+Methods (:data:`METHODS`): the tensor-wise combiners of the registry
+(:data:`accord.registry.COMBINERS`, one module each in :mod:`accord.combine`, with the
+formulas; their records give each parameter's type, default and range):
 
-- ``linear`` and ``slerp`` combine the ``models`` themselves (slerp: exactly two);
+- ``linear``, ``slerp`` (exactly two) and ``average`` combine the ``models`` themselves;
 - ``task_arithmetic``, ``ties``, ``dare``, ``dare_ties``, ``della``, ``della_linear``,
   ``breadcrumbs``, ``breadcrumbs_ties``, ``sce`` and ``model_stock`` (at least two models)
   combine the task vectors ``τ_i = θ_i − θ_base`` of the ``models`` and add the result to the
@@ -41,10 +42,8 @@ wrote it as a merge output (:mod:`accord._outputs`).
 
 from __future__ import annotations
 
-import math
 import os
-import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ from tqdm import tqdm
 
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
+from accord.combine._state_dicts import combine_tensor
 from accord.errors import ConfigError, ModelError, did_you_mean
-from accord.llm import merge_methods, methods
 from accord.llm.align import find_alignment
 from accord.llm.arch import (
     SHAPE_KEYS,
@@ -75,7 +74,6 @@ from accord.llm.io import (
     tokenizer_files,
     write_checkpoint,
 )
-from accord.llm.merge_methods.della import check_della
 from accord.llm.settings import (
     Setting,
     layer_positions,
@@ -84,158 +82,20 @@ from accord.llm.settings import (
     setting_numbers,
 )
 from accord.llm.symmetry import Symmetry, transform_tensor
+from accord.registry import COMBINERS, FINITE, CombineMethod, Option
+
+# The tensor-wise combiners of the registry: every method an LLM merge runs.
+METHODS: dict[str, CombineMethod] = {n: r for n, r in COMBINERS.items() if r.tensorwise}
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """A merge method's name, paper, the parameters it reads (``model_parameters``: those that
-    may differ per model), whether it merges task vectors (with ``optional_base``: when a base
-    is given, else the models), its default for ``normalize`` and the ``rescale`` choices of its
-    pruned entries (the first is the default)."""
-
-    name: str
-    paper: str
-    parameters: tuple[str, ...]
-    task_vectors: bool
-    model_parameters: tuple[str, ...] = ()
-    normalize: bool | None = None
-    rescales: tuple[str, ...] = ()
-    optional_base: bool = False
-
-
-_DARE_PARAMETERS = ("weight", "drop_rate", "scale", "normalize", "rescale")
-_DARE_RESCALES = ("expectation", "l1", "none")
-_DELLA_PARAMETERS = ("weight", "density", "epsilon", "scale", "normalize", "rescale")
-_BREADCRUMBS_PARAMETERS = ("weight", "density", "gamma", "scale", "normalize", "rescale")
-
-METHODS = {
-    info.name: info
-    for info in (
-        MethodInfo(
-            "linear",
-            "Wortsman et al., ICML 2022 (model soups)",
-            ("weight", "normalize"),
-            False,
-            ("weight",),
-            normalize=True,
-        ),
-        MethodInfo("slerp", "Shoemake 1985; as in mergekit", ("t", "lerp_cosine"), False),
-        MethodInfo(
-            "task_arithmetic",
-            "Ilharco et al., ICLR 2023",
-            ("weight", "scale", "normalize"),
-            True,
-            ("weight",),
-            normalize=False,
-        ),
-        MethodInfo(
-            "ties",
-            "Yadav et al., NeurIPS 2023",
-            ("weight", "density", "scale", "normalize", "rescale"),
-            True,
-            ("weight", "density"),
-            normalize=True,
-            rescales=("none", "l1"),
-        ),
-        MethodInfo(
-            "dare",
-            "Yu et al., ICML 2024",
-            _DARE_PARAMETERS,
-            True,
-            ("weight", "drop_rate"),
-            normalize=False,
-            rescales=_DARE_RESCALES,
-        ),
-        MethodInfo(
-            "dare_ties",
-            "Yu et al., ICML 2024 + TIES",
-            _DARE_PARAMETERS,
-            True,
-            ("weight", "drop_rate"),
-            normalize=True,
-            rescales=_DARE_RESCALES,
-        ),
-        MethodInfo(
-            "della",
-            "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)",
-            _DELLA_PARAMETERS,
-            True,
-            ("weight", "density", "epsilon"),
-            normalize=True,
-            rescales=_DARE_RESCALES,
-        ),
-        MethodInfo(
-            "della_linear",
-            "Deep et al., 2024, without sign election (mergekit's della_linear)",
-            _DELLA_PARAMETERS,
-            True,
-            ("weight", "density", "epsilon"),
-            normalize=False,
-            rescales=_DARE_RESCALES,
-        ),
-        MethodInfo(
-            "breadcrumbs",
-            "Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs, arXiv:2312.06795)",
-            _BREADCRUMBS_PARAMETERS,
-            True,
-            ("weight", "density", "gamma"),
-            normalize=False,
-            rescales=("none", "l1"),
-        ),
-        MethodInfo(
-            "breadcrumbs_ties",
-            "Davari & Belilovsky, ECCV 2024 + TIES (mergekit's breadcrumbs_ties)",
-            _BREADCRUMBS_PARAMETERS,
-            True,
-            ("weight", "density", "gamma"),
-            normalize=True,
-            rescales=("none", "l1"),
-        ),
-        MethodInfo("sce", "Wan et al., 2024 (FuseChat, arXiv:2408.07990)", ("select_topk",), True),
-        MethodInfo(
-            "model_stock",
-            "Jang et al., ECCV 2024 (Model Stock, arXiv:2403.19522)",
-            ("filter_wise",),
-            True,
-        ),
-        MethodInfo(
-            "nuslerp",
-            "mergekit's NuSLERP (Shoemake 1985 per tensor or vector)",
-            ("weight", "nuslerp_flatten", "nuslerp_row_wise"),
-            True,
-            ("weight",),
-            optional_base=True,
-        ),
-    )
-}
-
-# Defaults of the numeric parameters, for a tensor that no setting names.
-DEFAULTS = {
-    "t": 0.5,
-    "lerp_cosine": 1 - 1e-7,
-    "scale": 1.0,
-    "weight": 1.0,
-    "density": 0.2,
-    "drop_rate": 0.9,
-    "epsilon": 0.15,
-    "gamma": 0.01,
-    "select_topk": 1.0,
-}
-
-# Defaults of the switches other than normalize (whose default is the method's).
-SWITCHES = {"filter_wise": False, "nuslerp_flatten": True, "nuslerp_row_wise": False}
-
-_LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "density": (lambda v: 0 < v <= 1, "0 < density <= 1"),
-    "drop_rate": (lambda v: 0 <= v < 1, "0 <= drop_rate < 1"),
-    "t": (lambda v: 0 <= v <= 1, "0 <= t <= 1"),
-    "lerp_cosine": (lambda v: 0 <= v < 1, "0 <= lerp_cosine < 1"),
-    "scale": (lambda v: math.isfinite(v), "a finite number"),
-    "weight": (lambda v: math.isfinite(v), "a finite number"),
-    "epsilon": (lambda v: 0 <= v < 1, "0 <= epsilon < 1"),
-    "gamma": (lambda v: 0 <= v < 1, "0 <= gamma < 1"),
-    "select_topk": (lambda v: 0 < v <= 1, "0 < select_topk <= 1"),
-}
+def _numeric_options() -> dict[str, Option]:
+    """Every numeric parameter of the methods, by name (a name means one thing everywhere)."""
+    return {
+        option.name: option
+        for record in METHODS.values()
+        for option in record.options
+        if option.type is float
+    }
 
 
 # torch's CPU generator (mt19937) keeps the low 32 bits of its seed.
@@ -250,24 +110,6 @@ class _Inputs:
     receiver: Checkpoint
     arch: Architecture | None  # the symmetry layout, when aligning
     names: list[str]  # the output tensors, in the receiver's order
-
-
-@dataclass(frozen=True)
-class TensorParameters:
-    """One tensor's merge parameters, its settings resolved: per model ``weights``,
-    ``densities`` (TIES, DELLA, Breadcrumbs), ``drop_rates`` (DARE), ``epsilons`` (DELLA) and
-    ``gammas`` (Breadcrumbs); slerp's ``t`` and ``lerp_cosine``; the scale ``λ``; SCE's
-    ``select_topk``."""
-
-    weights: list[float]
-    densities: list[float]
-    drop_rates: list[float]
-    epsilons: list[float]
-    gammas: list[float]
-    t: float
-    lerp_cosine: float
-    scale: float
-    select_topk: float
 
 
 def check_merge(
@@ -286,69 +128,63 @@ def check_merge(
     if method not in METHODS:
         hint = did_you_mean(method, METHODS)
         return [f"method: {method!r} is unknown{hint}; choose one of {', '.join(METHODS)}"]
-    info = METHODS[method]
+    record = METHODS[method]
+    reads = [option.name for option in record.options]
+    per_model = [option.name for option in record.options if option.per_model]
     problems = []
     for key, value in parameters.items():
-        if key not in info.parameters:
-            hint = did_you_mean(key, info.parameters)
+        if key not in reads:
+            hint = did_you_mean(key, reads)
             problems.append(
-                f"parameters.{key}: not used by method {method!r}{hint} "
-                f"(it reads {list(info.parameters)})"
+                f"parameters.{key}: not used by method {method!r}{hint} (it reads {reads})"
             )
         else:
-            problems += _value_problems(info, f"parameters.{key}", key, value)
+            problems += _value_problems(record.option(key), f"parameters.{key}", value)
     for i, entry in enumerate(model_parameters):
         for key, value in entry.items():
-            if key not in info.model_parameters:
+            if key not in per_model:
                 problems.append(
                     f"models[{i}].{key}: not a per-model parameter of method {method!r} "
-                    f"(per model it reads {list(info.model_parameters)})"
+                    f"(per model it reads {per_model})"
                 )
             else:
-                problems += _value_problems(info, f"models[{i}].{key}", key, value)
-    task_vectors = info.task_vectors and (has_base or not info.optional_base)
-    if task_vectors and not has_base:
+                problems += _value_problems(record.option(key), f"models[{i}].{key}", value)
+    base = record.needs.base
+    task_vectors = base == "yes" or (base == "optional" and has_base)
+    if base == "yes" and not has_base:
         problems.append(f"base: method {method!r} needs the task vectors' base model")
-    if not info.task_vectors and has_base:
+    if base == "no" and has_base:
         problems.append(f"base: method {method!r} has no task vectors; remove the base")
     if not task_vectors and has_receiver:
-        without = " without a base" if info.optional_base else ""
+        without = " without a base" if base == "optional" else ""
         problems.append(f"receiver: method {method!r} has no task vectors to add to it{without}")
     if task_vectors and align and not has_receiver:
         problems.append("align: aligning needs a receiver that differs from the base")
     if n_models == 0:
         problems.append("models: at least one model is needed")
-    if method in ("slerp", "nuslerp") and n_models != 2:
-        problems.append(f"models: {method} merges exactly 2 models, got {n_models}")
-    if method == "model_stock" and n_models < 2:
-        problems.append(
-            f"models: model_stock needs at least 2 fine-tuned models besides the base, got "
-            f"{n_models} (its ratio comes from the angle between their task vectors)"
-        )
+    else:
+        count = record.needs.model_count_problem(method, n_models)
+        problems += [f"models: {count}"] if count is not None else []
     return problems
 
 
-def _value_problems(info: MethodInfo, where: str, key: str, value: Any) -> list[str]:
-    if key == "normalize" or key in SWITCHES:
-        return [] if isinstance(value, bool) else [f"{where}={value!r}: expected true or false"]
-    if key == "rescale":
-        if value in info.rescales:
-            return []
-        return [f"{where}={value!r}: expected one of {', '.join(info.rescales)}"]
-    return setting_problems(where, key, value)
+def _value_problems(option: Option, where: str, value: Any) -> list[str]:
+    if option.type is not float:  # switches and choices: one value for every tensor
+        problem = option.problem(value)
+        return [] if problem is None else [f"{where}={value!r}: {problem}"]
+    return setting_problems(where, option.name, value)
 
 
 def setting_problems(where: str, key: str, value: Any) -> list[str]:
-    """Problems with ``value`` as a setting of numeric parameter ``key`` (a key of
-    :data:`DEFAULTS`): not a setting, or a number out of ``key``'s range; each names
-    ``where``."""
+    """Problems with ``value`` as a setting of numeric parameter ``key``: not a setting, or a
+    number out of ``key``'s range (its record's limits); each names ``where``."""
     try:
         setting = parse_setting(value)
     except ValueError as exc:
         return [f"{where}: {exc}"]
-    check, expected = _LIMITS[key]
-    bad = [v for v in setting_numbers(setting) if not check(v)]
-    return [f"{where}={bad[0]}: expected {expected}"] if bad else []
+    limits = _numeric_options()[key].limits or FINITE
+    bad = [v for v in setting_numbers(setting) if not limits.holds(v)]
+    return [f"{where}={bad[0]}: expected {limits.describe(key)}"] if bad else []
 
 
 def alignment_problems(directories: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -399,17 +235,10 @@ def merge_checkpoints(
     """Merge checkpoint directories into ``output`` (see the module docs); returns its path.
 
     ``weights``: one per model (None: ``parameters["weight"]``, else 1); ``model_parameters``:
-    per model, ``density`` (TIES, DELLA, Breadcrumbs), ``drop_rate`` (DARE), ``epsilon``
-    (DELLA) or ``gamma`` (Breadcrumbs) overriding ``parameters``; ``parameters``: ``t`` (slerp,
-    default 0.5), ``lerp_cosine`` (slerp interpolates linearly above this ``|cos Ω|``; default
-    1 − 1e-7, mergekit's 0.9995), ``scale`` (λ, default 1), ``weight``, ``density`` (default
-    0.2), ``drop_rate`` (DARE, default 0.9), ``epsilon`` (DELLA, default 0.15), ``gamma``
-    (Breadcrumbs, default 0.01), ``select_topk`` (SCE, default 1), ``normalize`` (divide by the
-    (agreeing) weights' sum; default true for linear and the sign-electing methods),
-    ``rescale`` of the pruned entries (``expectation``: DARE's ``1/(1−p)`` and DELLA's
-    ``1/q``, their default; ``l1``; ``none``), the switches ``filter_wise`` (Model Stock,
-    default false), ``nuslerp_flatten`` (default true) and ``nuslerp_row_wise`` (default
-    false); numbers or settings (:mod:`accord.llm.settings`). ``dtype``: of the
+    per model, the method's per-model parameters (``density``, ``drop_rate``, ``epsilon``,
+    ``gamma``) overriding ``parameters``; ``parameters``: the method's options (its record,
+    ``accord.registry.COMBINERS[method].options``, gives their defaults and ranges), numbers
+    or settings (:mod:`accord.llm.settings`) where numeric. ``dtype``: of the
     output's floating tensors (default: the receiver's); ``tokenizer``: a folder whose tokenizer
     files are copied into the output; ``shard_size``: bytes per output shard, or a size such
     as ``500MB`` or ``1.5GiB``; ``seed``: DARE's and DELLA's drops, ``0 <= seed < 2**32`` (each
@@ -454,20 +283,16 @@ def merge_checkpoints(
     # before any weight is read and the alignment, which can take minutes
     check_output(output, MERGE_OUTPUT, overwrite=overwrite, inputs=folders)
     inputs = _open(models, base, receiver, align)
-    info = METHODS[method]
-    resolved = _resolve(info, parameters, per_model, inputs.names)
+    record = METHODS[method]
+    resolved = _resolve(record, parameters, per_model, inputs.names)
     symmetries = _alignments(inputs) if align else {}
-    switches = {key: bool(parameters.get(key, SWITCHES[key])) for key in SWITCHES}
-    combine = _combiner(
-        method, _normalize(info, parameters), _rescale(info, parameters), seed, switches
-    )
     infos = [_planned(inputs.receiver.state.info(name), dtype) for name in inputs.names]
 
     def produce(planned: TensorInfo) -> Tensor:
         name = planned.name
         if not planned.dtype.is_floating_point:  # an integer buffer: copied, never averaged
             return inputs.receiver.state[name]
-        merged = _merged(name, inputs, symmetries, combine, resolved[name])
+        merged = _merged(name, inputs, symmetries, record, resolved[name], seed)
         merged = merged.to(planned.dtype)
         problem = describe_non_finite(merged)
         if problem is not None:
@@ -497,14 +322,6 @@ def _planned(stored: TensorInfo, dtype: torch.dtype | None) -> TensorInfo:
     """The output tensor: ``dtype`` for a floating one when given, else the stored dtype."""
     floating = stored.dtype.is_floating_point
     return TensorInfo(stored.name, stored.shape, dtype if dtype and floating else stored.dtype)
-
-
-def _normalize(info: MethodInfo, parameters: Mapping[str, Any]) -> bool:
-    return bool(parameters.get("normalize", info.normalize))
-
-
-def _rescale(info: MethodInfo, parameters: Mapping[str, Any]) -> str:
-    return str(parameters.get("rescale", info.rescales[0] if info.rescales else "none"))
 
 
 def _open(
@@ -584,18 +401,26 @@ def _check_same_tensors(reference: Checkpoint, ck: Checkpoint, names: list[str])
 
 
 def _resolve(
-    info: MethodInfo,
+    record: CombineMethod,
     parameters: Mapping[str, Any],
     per_model: Sequence[Mapping[str, Any]],
     names: Sequence[str],
-) -> dict[str, TensorParameters]:
-    """Every tensor's parameters, resolved before any weight is read, so that a filter that
-    leaves a tensor without a value is an error before any work is done."""
+) -> dict[str, dict[str, Any]]:
+    """Every tensor's options for ``record``'s function (per-model ones as lists), its
+    settings resolved before any weight is read, so that a filter that leaves a tensor without
+    a value is an error before any work is done."""
     positions = layer_positions(names)
-    shared = {k: parse_setting(v) for k, v in parameters.items() if k in DEFAULTS}
+    numeric = [option for option in record.options if option.type is float]
+    shared = {o.name: parse_setting(parameters[o.name]) for o in numeric if o.name in parameters}
     own = [{k: parse_setting(v) for k, v in entry.items()} for entry in per_model]
+    fixed = {
+        option.name: parameters.get(option.name, option.default)
+        for option in record.options
+        if option.type is not float
+    }
 
-    def value(key: str, name: str, i: int | None = None) -> float:
+    def value(option: Option, name: str, i: int | None = None) -> float:
+        key = option.name
         where = f"models[{i}].{key}" if i is not None else f"parameters.{key}"
         chain = [own[i].get(key)] if i is not None else []
         chain.append(shared.get(key))
@@ -605,39 +430,24 @@ def _resolve(
             if found is not None:
                 return found
         if not given:
-            return DEFAULTS[key]
+            return option.default
         raise ConfigError(
             f"{where}: no filter matches tensor {name!r}; add an entry without a filter "
             "(e.g. {value: 1.0}) for the other tensors"
         )
 
-    reads = set(info.parameters)
-    n = len(per_model)
-
-    def each(key: str, name: str) -> list[float]:
-        return [value(key, name, i) for i in range(n)] if key in reads else []
-
-    def one(key: str, name: str) -> float:
-        return value(key, name) if key in reads else DEFAULTS[key]
-
-    def per_tensor(name: str) -> TensorParameters:
-        resolved = TensorParameters(
-            weights=each("weight", name),
-            densities=each("density", name),
-            drop_rates=each("drop_rate", name),
-            epsilons=each("epsilon", name),
-            gammas=each("gamma", name),
-            t=one("t", name),
-            lerp_cosine=one("lerp_cosine", name),
-            scale=one("scale", name),
-            select_topk=one("select_topk", name),
-        )
-        # DELLA's keep probabilities depend on two settings at once, so only a tensor's own
-        # values tell whether they lie in (0, 1)
-        for i, epsilon in enumerate(resolved.epsilons):
-            problem = check_della(resolved.densities[i], epsilon)
-            if problem is not None:
-                raise ConfigError(f"models[{i}], tensor {name!r}: {problem}")
+    def per_tensor(name: str) -> dict[str, Any]:
+        resolved = dict(fixed)
+        for option in numeric:
+            if option.per_model:
+                resolved[option.name] = [value(option, name, i) for i in range(len(per_model))]
+            else:
+                resolved[option.name] = value(option, name)
+        # values valid one by one may not be together (DELLA's keep probabilities depend on
+        # density and epsilon at once): only a tensor's own values tell
+        found = record.check(resolved) if record.check is not None else None
+        if found is not None:
+            raise ConfigError(f"models[{found[0]}], tensor {name!r}: {found[1]}")
         return resolved
 
     return {name: per_tensor(name) for name in names}
@@ -669,99 +479,23 @@ def _read(
     return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 
-Combine = Callable[[str, Iterable[Tensor], TensorParameters], Tensor]
-
-
 def _merged(
     name: str,
     inputs: _Inputs,
     symmetries: dict[int, Symmetry],
-    combine: Combine,
-    parameters: TensorParameters,
+    record: CombineMethod,
+    options: dict[str, Any],
+    seed: int,
 ) -> Tensor:
     arch = inputs.arch
     if inputs.base is None:  # check_merge gives a base to the task-vector merges only
         tensors = [_read(ck, name, symmetries, arch) for ck in inputs.models]
-        return combine(name, tensors, parameters)
+        return combine_tensor(record, name, tensors, options, seed)
     base = _read(inputs.base, name, symmetries, arch)
     # A generator: each model is read, turned into its task vector and pruned before the next
     # is read, so only the pruned task vectors are held together.
     deltas = (_read(ck, name, symmetries, arch) - base for ck in inputs.models)
-    merged = combine(name, deltas, parameters)
+    merged = combine_tensor(record, name, deltas, options, seed)
     if inputs.receiver is inputs.base:
         return merged.add_(base)
     return merged.add_(_read(inputs.receiver, name, symmetries, arch))
-
-
-def _combiner(
-    method: str, normalize: bool, rescale: str, seed: int, switches: Mapping[str, bool]
-) -> Combine:
-    def generator(name: str) -> torch.Generator:
-        # XOR keeps within the generator's 32 bits and, for one tensor, maps distinct seeds to
-        # distinct streams; the name's CRC makes each tensor's stream its own.
-        return torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode("utf-8")))
-
-    def dare(name: str, ds: Iterable[Tensor], p: TensorParameters, ties: bool) -> Tensor:
-        return methods.dare(
-            ds,
-            p.weights,
-            drop_rate=p.drop_rates,
-            generator=generator(name),
-            scale=p.scale,
-            sign_election=ties,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    def della(name: str, ds: Iterable[Tensor], p: TensorParameters, ties: bool) -> Tensor:
-        return merge_methods.della(
-            ds,
-            p.weights,
-            density=p.densities,
-            epsilon=p.epsilons,
-            generator=generator(name),
-            scale=p.scale,
-            sign_election=ties,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    def breadcrumbs(ds: Iterable[Tensor], p: TensorParameters, ties: bool) -> Tensor:
-        return merge_methods.breadcrumbs(
-            ds,
-            p.weights,
-            density=p.densities,
-            gamma=p.gammas,
-            scale=p.scale,
-            sign_election=ties,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    table: dict[str, Combine] = {
-        "linear": lambda name, ts, p: methods.linear(ts, p.weights, normalize=normalize),
-        "slerp": lambda name, ts, p: methods.slerp(*ts, p.t, p.lerp_cosine),
-        "task_arithmetic": lambda name, ds, p: methods.task_arithmetic(
-            ds, p.weights, p.scale, normalize=normalize
-        ),
-        "ties": lambda name, ds, p: methods.ties(
-            ds, p.weights, density=p.densities, scale=p.scale, normalize=normalize, rescale=rescale
-        ),
-        "dare": lambda name, ds, p: dare(name, ds, p, ties=False),
-        "dare_ties": lambda name, ds, p: dare(name, ds, p, ties=True),
-        "della": lambda name, ds, p: della(name, ds, p, ties=True),
-        "della_linear": lambda name, ds, p: della(name, ds, p, ties=False),
-        "breadcrumbs": lambda name, ds, p: breadcrumbs(ds, p, ties=False),
-        "breadcrumbs_ties": lambda name, ds, p: breadcrumbs(ds, p, ties=True),
-        "sce": lambda name, ds, p: merge_methods.sce(ds, select_topk=p.select_topk),
-        "model_stock": lambda name, ds, p: merge_methods.model_stock(
-            ds, filter_wise=switches["filter_wise"]
-        ),
-        "nuslerp": lambda name, ts, p: merge_methods.nuslerp(
-            *ts,
-            merge_methods.nuslerp_t(p.weights),
-            flatten=switches["nuslerp_flatten"],
-            row_wise=switches["nuslerp_row_wise"],
-        ),
-    }
-    return table[method]

@@ -1,13 +1,13 @@
 """Matching: one transform per (model, free space) into the merged coordinates.
 
 Each method lives in its own module (``accord/match/<name>.py``, whose docstring carries the
-math) and registers itself with one decorator line (:func:`register`): its name, paper,
-whether it needs activation statistics, and its options with their defaults. :func:`match`
-checks a request completely, then runs the method.
+math) and registers its record there with one decorator (:func:`accord.registry.alignment`):
+its name, paper, label, what it needs and its options. :func:`match` checks a request
+completely, then runs the method.
 
 >>> from accord.match import MATCHERS
 >>> for name, info in sorted(MATCHERS.items()):
-...     print(f"{name:16} needs data: {info.needs_data!s:5} options: {info.options}")
+...     print(f"{name:16} needs data: {info.needs.data!s:5} options: {info.defaults}")
 cca              needs data: True  options: {'ridge': 0.1, 'absolute_ridge': None}
 identity         needs data: False options: {}
 ot               needs data: True  options: {}
@@ -18,33 +18,29 @@ zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import importlib
+import pkgutil
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from accord._finite import first_non_finite
-from accord.errors import MergeError, did_you_mean
-from accord.match import cca, identity, ot, permutation, weight_matching, zipit
-from accord.match._registry import MATCHERS, Alignment, MatcherInfo, register
+from accord.errors import MergeError
+from accord.match._alignment import Alignment
+from accord.registry import ALIGNMENTS, AlignMethod, check_option_names, lookup
 from accord.spec import Spec
 from accord.statistics import Statistics
 
-# The method modules register themselves when imported.
-__all__ = [
-    "MATCHERS",
-    "Alignment",
-    "MatcherInfo",
-    "cca",
-    "check_option_names",
-    "identity",
-    "match",
-    "ot",
-    "permutation",
-    "register",
-    "weight_matching",
-    "zipit",
-]
+# The alignments' records (:data:`accord.registry.ALIGNMENTS`), by the name accord has exported
+MATCHERS = ALIGNMENTS
+
+__all__ = ["MATCHERS", "Alignment", "match", "matcher"]
+
+# Every method module registers its record when imported: adding one is adding its file.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def match(
@@ -61,43 +57,22 @@ def match(
     ``states`` are the models' state dicts (model ``reference`` is the target of star
     methods); ``statistics`` are their activation statistics (:func:`accord.collect_statistics`),
     required by data-driven methods. ``options`` override the method's defaults
-    (``MATCHERS[method].options``). Everything is checked before any matching starts.
+    (``MATCHERS[method].defaults``). Everything is checked before any matching starts.
     """
     info = matcher(method)
-    resolved = _resolve_options(info, options)
+    check_option_names(info, options)
+    resolved = {**info.defaults, **options}
     _check_models(info, spec, statistics, states, reference)
     return info.function(spec, statistics, states, reference, **resolved)
 
 
-def matcher(method: str) -> MatcherInfo:
-    """The registered method ``method``; MergeError listing the methods (with a suggestion)."""
-    if isinstance(method, str) and method in MATCHERS:
-        return MATCHERS[method]
-    hint = did_you_mean(str(method), MATCHERS)
-    raise MergeError(
-        f"unknown matching method {method!r}{hint}; methods: {', '.join(sorted(MATCHERS))}"
-    )
-
-
-def check_option_names(method: str, names: Iterable[str], accepted: Mapping[str, Any]) -> None:
-    """MergeError naming each of ``names`` that is not an option of ``method`` (with the
-    closest accepted one) and listing the ``accepted`` ones."""
-    unknown = [name for name in names if name not in accepted]
-    if unknown:
-        listed = ", ".join(sorted(accepted)) or "none"
-        hints = [f"{name!r}{did_you_mean(name, accepted)}" for name in unknown]
-        raise MergeError(
-            f"method {method!r} has no option {', '.join(hints)}; accepted options: {listed}"
-        )
-
-
-def _resolve_options(info: MatcherInfo, options: Mapping[str, Any]) -> dict[str, Any]:
-    check_option_names(info.name, options, info.options)
-    return {**info.options, **options}
+def matcher(method: str) -> AlignMethod:
+    """The record of alignment ``method``; MergeError listing the methods (with a suggestion)."""
+    return lookup("align", method)
 
 
 def _check_models(
-    info: MatcherInfo,
+    info: AlignMethod,
     spec: Spec,
     statistics: Statistics | None,
     states: Sequence[Mapping[str, Tensor]],
@@ -118,7 +93,7 @@ def _check_models(
                 "inf weights cannot be matched"
             )
     if statistics is None:
-        if info.needs_data:
+        if info.needs.data:
             raise MergeError(
                 f"method {info.name!r} aligns features by their activations and needs data: "
                 "collect statistics with accord.collect_statistics(models, spec, data) and pass "

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 from accord.apply import Transform
 from accord.errors import MergeError
-from accord.match._registry import Alignment
+from accord.match._alignment import Alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from accord.apply import SNAP_TOLERANCE, Transform
 from accord.errors import MergeError
+from accord.match._alignment import Alignment
 from accord.match._common import (
     Matched,
     assign,
@@ -43,8 +44,8 @@ from accord.match._common import (
     group_slices,
     star_alignment,
 )
-from accord.match._registry import Alignment, register
 from accord.match.permutation import permutation_match
+from accord.registry import POSITIVE, Needs, Option, alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -274,12 +275,30 @@ def cca_match(
     return Matched("cca", result, scores)
 
 
-@register(
+@alignment(
     "cca",
     paper="Horoi et al., Harmony in Diversity: Merging Neural Networks with CCA, ICML 2024",
-    needs_data=True,
-    ridge=0.1,
-    absolute_ridge=None,
+    label="CCA Merge",
+    options=(
+        Option(
+            "ridge",
+            float,
+            0.1,
+            "scale-relative regulariser",
+            POSITIVE,
+            grid=(1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0),
+        ),
+        Option(
+            "absolute_ridge",
+            float,
+            None,
+            "one absolute regulariser instead",
+            POSITIVE,
+            nullable=True,
+        ),
+    ),
+    needs=Needs(data=True),
+    compare=5,
 )
 def match_cca(
     spec: Spec,

@@ -6,18 +6,20 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
+from accord.match._alignment import Alignment
 from accord.match._common import identity_transforms
-from accord.match._registry import Alignment, register
+from accord.registry import alignment
 from accord.spec import Spec
 from accord.statistics import Statistics
 
 
-@register(
+@alignment(
     "identity",
     paper="direct weight averaging (no alignment)",
-    needs_data=False,
+    label="direct average (identity)",
     permutations=True,
     aligns=False,
+    compare=0,
 )
 def match_identity(
     spec: Spec,

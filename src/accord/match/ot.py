@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from accord.apply import Transform, permutation_of
+from accord.match._alignment import Alignment
 from accord.match._common import (
     Matched,
     assign,
@@ -30,7 +31,7 @@ from accord.match._common import (
     group_slices,
     star_alignment,
 )
-from accord.match._registry import Alignment, register
+from accord.registry import Needs, alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -87,10 +88,12 @@ def ot_match(space: FeatureSpace, stats: SpaceStatistics, reference: int, i: int
     return Matched("ot", dense, {**scores, "permutation": False})
 
 
-@register(
+@alignment(
     "ot",
     paper="Singh & Jaggi, Model Fusion via Optimal Transport, NeurIPS 2020",
-    needs_data=True,
+    label="optimal transport",
+    needs=Needs(data=True),
+    compare=4,
 )
 def match_ot(
     spec: Spec,

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from accord.apply import Transform
+from accord.match._alignment import Alignment
 from accord.match._common import Matched, assign, correlation, star_alignment
-from accord.match._registry import Alignment, register
+from accord.registry import Needs, alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -41,11 +42,13 @@ def permutation_match(
     return Matched("permutation", Transform.from_permutation(perm), scores, note)
 
 
-@register(
+@alignment(
     "permutation",
     paper="Ainsworth et al., Git Re-Basin, ICLR 2023 (activation matching)",
-    needs_data=True,
+    label="permutation (activations)",
+    needs=Needs(data=True),
     permutations=True,
+    compare=1,
 )
 def match_permutation(
     spec: Spec,

@@ -13,12 +13,8 @@ where a slice is the feature's entries along the axis (a block of ``block`` entr
 current permutations of every other axis of the tensor applied. BatchNorm tensors are left out
 of the score (they are still permuted with their space): their running statistics describe
 the data, not what was learned, and their scale (pre-BatchNorm variances reach 10²) swamped
-the weights' inner products, while γ ≈ 1 and β ≈ 0 favour no pairing. Measured on pairs of
-trained Fashion-MNIST models, merged test accuracy with the BatchNorms left out against in:
-ResNet20 48.9 % against 26.4 % (4 pairs), VGG11-BN 78.3 % against 74.6 % (3 pairs); in
-``accord bench quality`` (2 model sets per cell) the mean over its 12 cells rose from 31.0 %
-to 37.0 %, ResNet20 iid N = 2 from 21.4 % to 53.9 %, while VGG11-BN iid N = 2 fell from
-78.6 % to 74.4 %: weight matching varies widely from one model set to the next.
+the weights' inner products, while γ ≈ 1 and β ≈ 0 favour no pairing (the merged accuracies
+that decided it are in BENCHMARKS.md, "Measurements behind design choices").
 
 The permutation maximising ``Σ_c L_s[c, π(c)]`` is found by the Hungarian algorithm (within
 each group for grouped spaces); spaces are visited in a random order (``seed``) until a full
@@ -45,8 +41,9 @@ from torch import Tensor
 
 from accord.apply import Transform, permute_axis
 from accord.errors import MergeError
+from accord.match._alignment import Alignment
 from accord.match._common import assign, check_integer
-from accord.match._registry import Alignment, register
+from accord.registry import Limits, Option, alignment
 from accord.spec import AxisRef, FeatureSpace, Spec
 from accord.statistics import Statistics
 
@@ -228,13 +225,16 @@ def _cosine(space: FeatureSpace, target: State, model: State, perms: Perms, axes
     return matched / max((norm_t * norm_m) ** 0.5, 1e-300)
 
 
-@register(
+@alignment(
     "weight_matching",
     paper="Ainsworth et al., Git Re-Basin, ICLR 2023 (weight matching; MergeMany for N > 2)",
-    needs_data=False,
+    label="weight matching",
+    options=(
+        Option("seed", int, 0, "seed of the random order of the coordinate ascent", Limits(0)),
+        Option("max_iter", int, 100, "coordinate-ascent sweeps at most", Limits(1)),
+    ),
     permutations=True,
-    seed=0,
-    max_iter=100,
+    compare=2,
 )
 def match_weights(
     spec: Spec,

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from accord.apply import Transform
 from accord.errors import MergeError
+from accord.match._alignment import Alignment
 from accord.match._common import (
     NO_STATISTICS,
     check_option,
@@ -56,8 +57,8 @@ from accord.match._common import (
     group_slices,
     identity_transforms,
 )
-from accord.match._registry import Alignment, register
 from accord.match.permutation import permutation_match
+from accord.registry import Limits, Needs, Option, alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -286,12 +287,30 @@ def _fallback(
     return transforms, {**report, "method": "permutation", "notes": [note], "models": models}
 
 
-@register(
+@alignment(
     "zipit",
     paper="Stoica et al., ZipIt! Merging Models from Different Tasks without Training, ICLR 2024",
-    needs_data=True,
-    alpha=0.3,
-    beta=0.125,
+    label="ZipIt!",
+    options=(
+        Option(
+            "alpha",
+            float,
+            0.3,
+            "discount of a merged feature's correlations",
+            Limits(0, 1),
+            grid=(0.0, 0.1, 0.3, 0.5, 1.0),
+        ),
+        Option(
+            "beta",
+            float,
+            0.125,
+            "fraction of merges within a model",
+            Limits(0, 1),
+            grid=(0.0, 0.125, 0.5),
+        ),
+    ),
+    needs=Needs(data=True, all_pairs=True),
+    compare=3,
 )
 def match_zipit(
     spec: Spec,

@@ -18,9 +18,8 @@ converted to the accumulation dtype in one pass, and only the chunks a later mod
 with (the reference's) are kept, converted, until the batch ends: memory holds one model's
 activations (in the accumulation dtype), not N. The products cost about as much as the
 models' own forward passes (float64 matmuls of C × C blocks); ``precision="float32"``
-multiplies each chunk in float32 and sums the chunks in float64, cutting the overhead by
-about half for 1e-7–1e-6 relative error (both measured by ``accord bench speed``; see
-BENCHMARKS.md).
+multiplies each chunk in float32 and sums the chunks in float64, which costs less for a
+larger relative error (``accord bench speed`` measures both; see BENCHMARKS.md).
 """
 
 from accord.statistics.collect import collect_statistics

@@ -25,7 +25,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from accord.llm.methods import disjoint_merge, elect_sign, largest_mask
+from accord.combine._options import TASK_VECTORS
+from accord.combine._sparse import disjoint_merge, elect_sign, largest_mask
+from accord.registry import FRACTION, Option, combiner
 
 
 def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:
@@ -50,3 +52,17 @@ def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:
     sign = elect_sign(deltas)
     weighted = [delta * weight for delta, weight in zip(deltas, weights, strict=True)]
     return disjoint_merge(weighted, sign, weights)
+
+
+@combiner(
+    "sce",
+    paper="Wan et al., 2024 (FuseChat, arXiv:2408.07990)",
+    label="SCE",
+    options=(
+        Option("select_topk", float, 1.0, "fraction of highest-variance entries kept", FRACTION),
+    ),
+    needs=TASK_VECTORS,
+)
+def combine_sce(deltas: Iterable[Tensor], *, select_topk: float) -> Tensor:
+    """The record's function: :func:`sce` of the task vectors."""
+    return sce(deltas, select_topk=select_topk)

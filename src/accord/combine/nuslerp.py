@@ -21,10 +21,13 @@ change), where accord interpolates linearly, the angle being undefined.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from accord.combine._options import WEIGHT
+from accord.registry import Needs, Option, combiner
 
 _WEIGHT_SUM_FLOOR = 1e-6  # mergekit's: weights summing to less give t = 0.5
 _NORM_FLOOR = 1e-7
@@ -69,3 +72,32 @@ def nuslerp(
     weight_a = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / safe)
     weight_b = torch.where(linear, t, torch.sin(t * omega) / safe)
     return weight_a.to(a.dtype) * a + weight_b.to(b.dtype) * b
+
+
+@combiner(
+    "nuslerp",
+    paper="mergekit's NuSLERP (Shoemake 1985 per tensor or vector)",
+    label="NuSLERP",
+    options=(
+        WEIGHT,
+        Option("nuslerp_flatten", bool, True, "one angle per tensor"),
+        Option(
+            "nuslerp_row_wise",
+            bool,
+            False,
+            "unflattened: vectors along the first axis, not the last",
+        ),
+    ),
+    needs=Needs(base="optional", min_models=2, max_models=2),
+)
+def combine_nuslerp(
+    tensors: Iterable[Tensor],
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool,
+    nuslerp_row_wise: bool,
+) -> Tensor:
+    """The record's function: :func:`nuslerp` of the two models (or task vectors) at the
+    position their weights give."""
+    a, b = tensors
+    return nuslerp(a, b, nuslerp_t(weight), flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)

@@ -1,94 +1,27 @@
-"""Weight-space merge methods as plain functions on one tensor at a time.
+"""What the task-vector combiners share: pruning (by magnitude, at random), L1 rescaling, TIES'
+sign election and disjoint merge, and :func:`sparse_task_arithmetic`, of which TIES, DARE and
+their variants are settings, as in mergekit.
 
 Notation: models ``θ_1 … θ_n`` (one tensor each), base ``θ_0``, task vectors
-``τ_i = θ_i − θ_0``, per-model weights ``w_i``, scale ``λ``.
-
-- :func:`linear`: ``Σ w_i θ_i / Σ w_i`` (model soup; Wortsman et al. 2022); ``Σ w_i θ_i``
-  without ``normalize``.
-- :func:`slerp`: spherical interpolation of two tensors (Shoemake 1985), linear when they are
-  (anti)parallel.
-- :func:`task_arithmetic`: ``λ Σ w_i τ_i`` (Ilharco et al., ICLR 2023); divided by ``Σ w_i``
-  with ``normalize``.
-- :func:`ties`: TIES-Merging (Yadav et al., NeurIPS 2023): trim each ``τ_i`` to its top
-  ``density`` fraction by magnitude, elect the sign of ``Σ_i w_i τ̂_i`` per entry, and keep, per
-  entry ``p``, the models ``A_p`` whose (nonzero) weighted entry has the elected sign:
-  ``Σ_{i∈A_p} w_i τ̂_{i,p} / Σ_{i∈A_p} w_i`` with ``normalize`` (the default; the paper's
-  disjoint mean when the weights are 1), the sum ``Σ_{i∈A_p} w_i τ̂_{i,p}`` without; ``λ``
-  times that. These are mergekit's formulas.
-- :func:`dare`: DARE (Yu et al., ICML 2024): drop each entry of ``τ_i`` with probability ``p``
-  and rescale the rest by ``1/(1 − p)`` (``rescale="expectation"``, the paper's; ``"l1"``
-  scales the kept entries to ``τ_i``'s L1 norm instead, as mergekit's ``rescale: true``), then
-  combine by task arithmetic, or with TIES' sign election (``sign_election=True``,
-  "DARE-TIES").
-
-The task-vector methods return the merged task vector; the merge adds it to the receiver.
-TIES and DARE are two settings of :func:`sparse_task_arithmetic`, as in mergekit.
+``τ_i = θ_i − θ_0``, per-model weights ``w_i``, scale ``λ``. The task-vector methods return
+the merged task vector; the merge adds it to the receiver.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 
-def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+def model_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """``weights`` as floats, one per tensor (ones when None)."""
     if weights is None:
         return [1.0] * n
     if len(weights) != n:
         raise ValueError(f"{len(weights)} weights for {n} tensors")
     return [float(w) for w in weights]
-
-
-def linear(
-    tensors: Sequence[Tensor], weights: Sequence[float] | None = None, *, normalize: bool = True
-) -> Tensor:
-    """``Σ w_i θ_i / Σ w_i`` (the plain mean by default); ``Σ w_i θ_i`` without ``normalize``.
-
-    Accumulated as mergekit does (weights in the tensors' dtype, one fused multiply-add per
-    model, their sum as the divisor), so that both round alike."""
-    w = _weights(weights, len(tensors))
-    coefficients = torch.tensor(w, dtype=tensors[0].dtype)
-    total = torch.zeros_like(tensors[0])
-    for tensor, coefficient in zip(tensors, coefficients, strict=True):
-        total.addcmul_(tensor, coefficient)
-    if not normalize:
-        return total
-    if sum(w) == 0:
-        raise ValueError("linear merge weights sum to 0")
-    return total.div_(coefficients.sum())
-
-
-def slerp(a: Tensor, b: Tensor, t: float, lerp_cosine: float = 1 - 1e-7) -> Tensor:
-    """``sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`` with ``cos Ω`` the cosine of ``a`` and ``b``
-    (flattened, in float64); ``(1−t) a + t b`` where ``|cos Ω| > lerp_cosine`` (nearly parallel,
-    where the formula is ill-conditioned; mergekit's threshold is 0.9995) or either tensor is
-    zero.
-
-    >>> slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
-    tensor([0.7071, 0.7071])
-    """
-    x, y = a.flatten().double(), b.flatten().double()
-    norms = float(x.norm() * y.norm())
-    cos = float(x @ y) / norms if norms > 0 else 1.0
-    if norms == 0 or abs(cos) > lerp_cosine:
-        return (1 - t) * a + t * b
-    omega = math.acos(max(-1.0, min(1.0, cos)))
-    return (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
-
-
-def task_arithmetic(
-    deltas: Iterable[Tensor],
-    weights: Sequence[float] | None = None,
-    scale: float = 1.0,
-    *,
-    normalize: bool = False,
-) -> Tensor:
-    """``λ Σ w_i τ_i``; ``λ Σ w_i τ_i / Σ w_i`` with ``normalize`` (a weight sum within 1e-8 of
-    0 is not divided by, as in mergekit)."""
-    return sparse_task_arithmetic(deltas, weights, scale=scale, normalize=normalize)
 
 
 _CHUNK = 2**24  # entries per pass of the histogram, bounding its temporaries
@@ -277,61 +210,7 @@ def sparse_task_arithmetic(
         merged = disjoint_merge(pruned, elect_sign(pruned), weights, normalize=normalize)
     else:
         merged = sum(pruned)  # a new tensor (the sum starts from 0): in place below is safe
-        total = sum(_weights(weights, len(pruned)))
+        total = sum(model_weights(weights, len(pruned)))
         if normalize and abs(total) >= 1e-8:
             merged = merged.div_(total)
     return merged.mul_(scale)
-
-
-def ties(
-    deltas: Iterable[Tensor],
-    weights: Sequence[float] | None = None,
-    *,
-    density: float | Sequence[float] = 0.2,
-    scale: float = 1.0,
-    normalize: bool = True,
-    rescale: str = "none",
-) -> Tensor:
-    """TIES-Merging: trim to ``density`` (one for all, or one per model), elect signs, disjoint
-    merge (see the module docs).
-
-    >>> ties([torch.tensor([3.0, -1.0, 0.5]), torch.tensor([-2.0, -4.0, 0.1])], density=2 / 3)
-    tensor([ 3.0000, -2.5000,  0.0000])
-    """
-    return sparse_task_arithmetic(
-        deltas,
-        weights,
-        scale=scale,
-        prune="magnitude",
-        density=density,
-        rescale=rescale,
-        sign_election=True,
-        normalize=normalize,
-    )
-
-
-def dare(
-    deltas: Iterable[Tensor],
-    weights: Sequence[float] | None = None,
-    *,
-    drop_rate: float | Sequence[float] = 0.9,
-    generator: torch.Generator,
-    scale: float = 1.0,
-    sign_election: bool = False,
-    normalize: bool | None = None,
-    rescale: str = "expectation",
-) -> Tensor:
-    """DARE: random drop (``drop_rate``: one for all, or one per model) and rescale, then task
-    arithmetic (or TIES' sign election and disjoint merge with ``sign_election``, DARE-TIES);
-    ``normalize`` defaults to ``sign_election``."""
-    return sparse_task_arithmetic(
-        deltas,
-        weights,
-        scale=scale,
-        prune="random",
-        drop_rate=drop_rate,
-        rescale=rescale,
-        sign_election=sign_election,
-        normalize=normalize,
-        generator=generator,
-    )

@@ -27,7 +27,20 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor
 
-from accord.llm.methods import largest_mask, rescaled, sparse_task_arithmetic
+from accord.combine._options import (
+    DENSITY,
+    GAMMA,
+    MAGNITUDE_RESCALES,
+    SCALE,
+    TASK_VECTORS,
+    WEIGHT,
+    normalize,
+    rescale,
+)
+from accord.combine._sparse import largest_mask, rescaled, sparse_task_arithmetic
+from accord.registry import combiner
+
+_PAPER = "Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs, arXiv:2312.06795)"
 
 
 def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: str = "none") -> Tensor:
@@ -52,8 +65,8 @@ def breadcrumbs(
     deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.2,
-    gamma: float | Sequence[float] = 0.01,
+    density: float | Sequence[float],
+    gamma: float | Sequence[float],
     scale: float = 1.0,
     sign_election: bool = False,
     normalize: bool | None = None,
@@ -74,3 +87,62 @@ def breadcrumbs(
 
 def _at(value: float | Sequence[float], i: int) -> float:
     return float(value if isinstance(value, (int, float)) else value[i])
+
+
+@combiner(
+    "breadcrumbs",
+    paper=_PAPER,
+    label="Model Breadcrumbs",
+    options=(WEIGHT, DENSITY, GAMMA, SCALE, normalize(False), rescale(MAGNITUDE_RESCALES)),
+    needs=TASK_VECTORS,
+)
+def combine_breadcrumbs(
+    deltas: Iterable[Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+) -> Tensor:
+    """The record's function: :func:`breadcrumbs`, summed."""
+    return breadcrumbs(
+        deltas,
+        weight,
+        density=density,
+        gamma=gamma,
+        scale=scale,
+        normalize=normalize,
+        rescale=rescale,
+    )
+
+
+@combiner(
+    "breadcrumbs_ties",
+    paper=f"{_PAPER} + TIES (mergekit's breadcrumbs_ties)",
+    label="Model Breadcrumbs with sign election",
+    options=(WEIGHT, DENSITY, GAMMA, SCALE, normalize(True), rescale(MAGNITUDE_RESCALES)),
+    needs=TASK_VECTORS,
+)
+def combine_breadcrumbs_ties(
+    deltas: Iterable[Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+) -> Tensor:
+    """The record's function: :func:`breadcrumbs` with TIES' sign election."""
+    return breadcrumbs(
+        deltas,
+        weight,
+        density=density,
+        gamma=gamma,
+        scale=scale,
+        sign_election=True,
+        normalize=normalize,
+        rescale=rescale,
+    )

@@ -26,13 +26,25 @@ caller's generator; the merge seeds one per tensor from ``seed`` and the tensor'
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from accord.llm.methods import rescaled, sparse_task_arithmetic
+from accord.combine._options import (
+    DENSITY,
+    EPSILON,
+    RANDOM_RESCALES,
+    SCALE,
+    TASK_VECTORS,
+    WEIGHT,
+    normalize,
+    rescale,
+)
+from accord.combine._sparse import rescaled, sparse_task_arithmetic
+from accord.registry import combiner
 
-RESCALES = ("expectation", "l1", "none")
+_PAPER = "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)"
 
 
 def check_della(density: float, epsilon: float) -> str | None:
@@ -61,8 +73,8 @@ def della_prune(
     problem = check_della(density, epsilon)
     if problem is not None:
         raise ValueError(problem)
-    if rescale not in RESCALES:
-        raise ValueError(f"rescale={rescale!r}; expected one of {', '.join(RESCALES)}")
+    if rescale not in RANDOM_RESCALES:
+        raise ValueError(f"rescale={rescale!r}; expected one of {', '.join(RANDOM_RESCALES)}")
     if density == 1:
         return delta.clone()
     rows = delta.reshape(delta.shape[0] if delta.dim() > 1 else 1, -1)
@@ -81,8 +93,8 @@ def della(
     deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.2,
-    epsilon: float | Sequence[float] = 0.15,
+    density: float | Sequence[float],
+    epsilon: float | Sequence[float],
     generator: torch.Generator,
     scale: float = 1.0,
     sign_election: bool = True,
@@ -105,3 +117,87 @@ def della(
 
 def _at(value: float | Sequence[float], i: int) -> float:
     return float(value if isinstance(value, (int, float)) else value[i])
+
+
+def check_della_options(options: dict[str, Any]) -> tuple[int, str] | None:
+    """The first model whose ``density`` and ``epsilon`` (resolved for one tensor) make no keep
+    probabilities in (0, 1), and why; None when every model's do."""
+    for i, (density, epsilon) in enumerate(
+        zip(options["density"], options["epsilon"], strict=True)
+    ):
+        problem = check_della(density, epsilon)
+        if problem is not None:
+            return i, problem
+    return None
+
+
+def _della_options(sign_election: bool) -> dict[str, Any]:
+    return {
+        "options": (
+            WEIGHT,
+            DENSITY,
+            EPSILON,
+            SCALE,
+            normalize(sign_election),
+            rescale(RANDOM_RESCALES),
+        ),
+        "needs": TASK_VECTORS,
+        "random": True,
+        "check": check_della_options,
+    }
+
+
+@combiner("della", paper=_PAPER, label="DELLA", **_della_options(True))
+def combine_della(
+    deltas: Iterable[Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The record's function: :func:`della` with sign election."""
+    return della(
+        deltas,
+        weight,
+        density=density,
+        epsilon=epsilon,
+        generator=generator,
+        scale=scale,
+        normalize=normalize,
+        rescale=rescale,
+    )
+
+
+@combiner(
+    "della_linear",
+    paper=f"{_PAPER}, without sign election (mergekit's della_linear)",
+    label="DELLA, summed",
+    **_della_options(False),
+)
+def combine_della_linear(
+    deltas: Iterable[Tensor],
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The record's function: :func:`della` summed, without sign election."""
+    return della(
+        deltas,
+        weight,
+        density=density,
+        epsilon=epsilon,
+        generator=generator,
+        scale=scale,
+        sign_election=False,
+        normalize=normalize,
+        rescale=rescale,
+    )

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from accord.registry import Needs, Option, combiner
+
 _NORM_FLOOR = 1e-6  # mergekit's floor of ‖τ_i‖ ‖τ_j‖: unchanged tensors give cos 0, not 0/0
 
 
@@ -54,3 +56,15 @@ def model_stock(deltas: Iterable[Tensor], *, filter_wise: bool = False) -> Tenso
     t = (k * cos / (1 + (k - 1) * cos)).unsqueeze(1)
     mean = sum(rows) / k
     return (t.to(mean.dtype) * mean).reshape(shape)
+
+
+@combiner(
+    "model_stock",
+    paper="Jang et al., ECCV 2024 (Model Stock, arXiv:2403.19522)",
+    label="Model Stock",
+    options=(Option("filter_wise", bool, False, "one ratio per row"),),
+    needs=Needs(base="yes", min_models=2),
+)
+def combine_model_stock(deltas: Iterable[Tensor], *, filter_wise: bool) -> Tensor:
+    """The record's function: :func:`model_stock` of the task vectors."""
+    return model_stock(deltas, filter_wise=filter_wise)

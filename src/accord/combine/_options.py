@@ -1,0 +1,48 @@
+"""Options that several combiners share, each written once: the per-model ``weight``,
+``density``, ``drop_rate``, ``epsilon`` and ``gamma``, the scale ``λ``, ``normalize`` and the
+``rescale`` of pruned entries (whose default and choices differ per combiner)."""
+
+from __future__ import annotations
+
+from accord.registry import FINITE, FRACTION, PROBABILITY, Needs, Option
+
+WEIGHT = Option("weight", float, 1.0, "each model's weight", FINITE, per_model=True)
+SCALE = Option("scale", float, 1.0, "λ multiplying the merged task vector", FINITE)
+DENSITY = Option(
+    "density",
+    float,
+    0.2,
+    "fraction of entries kept",
+    FRACTION,
+    grid=(0.1, 0.2, 0.5),
+    per_model=True,
+)
+DROP_RATE = Option(
+    "drop_rate", float, 0.9, "probability of a drop", PROBABILITY, grid=(0.5, 0.9), per_model=True
+)
+EPSILON = Option(
+    "epsilon",
+    float,
+    0.15,
+    "keep probabilities spread over density ± epsilon",
+    PROBABILITY,
+    per_model=True,
+)
+GAMMA = Option(
+    "gamma", float, 0.01, "fraction of largest entries dropped", PROBABILITY, per_model=True
+)
+# The rescalings of randomly pruned entries; the first is the default.
+RANDOM_RESCALES = ("expectation", "l1", "none")
+MAGNITUDE_RESCALES = ("none", "l1")
+
+TASK_VECTORS = Needs(base="yes")
+
+
+def normalize(default: bool) -> Option:
+    """``normalize``: divide by the (agreeing) weights' sum."""
+    return Option("normalize", bool, default, "divide by the (agreeing) weights' sum")
+
+
+def rescale(choices: tuple[str, ...]) -> Option:
+    """``rescale`` of the pruned entries, ``choices[0]`` by default."""
+    return Option("rescale", str, choices[0], "rescaling of the kept entries", choices=choices)
