@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The task-vector combiners, named in this one place: accord.merge_state_dicts replaces them.
+from accord.combine._sparse import magnitude_prune
+from accord.combine.task_arithmetic import task_arithmetic
+from accord.combine.ties import ties
 from accord.data import Dataset, DataSplits, make_loader, split_indices
 from accord.errors import ConfigError
-
-# The task-vector combiners, named in this one place: accord.merge_state_dicts replaces them.
-from accord.llm.methods import magnitude_prune, task_arithmetic, ties
 from accord.match import MATCHERS
 from accord.merge import merge
 from accord.store import Checkpoint, load_checkpoint, training_steps
