@@ -5,7 +5,8 @@ Breadcrumbs, SCE, Model Stock, NuSLERP; :data:`METHODS`) take checkpoints of any
 tensors agree by name and shape; mergekit's YAML configs run through
 :mod:`accord.llm.mergekit`. Symmetries and alignment know the families of
 :data:`SUPPORTED_ARCHITECTURES` (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3, OLMo 2,
-GPT-2; tables in :mod:`accord.llm.families`). Everything
+GPT-2; tables in :mod:`accord.llm.families`). peft LoRA adapters of a base merge as task
+vectors (:mod:`accord.llm.adapters`; task arithmetic also into one adapter). Everything
 works on state dicts (name → tensor) and the ``config.json`` dict, tensor by tensor, so a merge
 of checkpoints on disk holds a few tensors in memory at a time. ``transformers`` is needed only
 to run a model (activation alignment, tests), not to read, align or merge weights.
@@ -17,6 +18,7 @@ from collections.abc import Collection
 from typing import Any
 
 from accord.llm._models import ModelLike, repack, unpack
+from accord.llm.adapters import merge_adapters, open_adapter
 from accord.llm.align import align, find_alignment
 from accord.llm.arch import SUPPORTED_ARCHITECTURES, Architecture
 from accord.llm.cli import llm_merge_main
@@ -77,7 +79,9 @@ __all__ = [
     "linear",
     "llm_merge_main",
     "load_state_and_config",
+    "merge_adapters",
     "merge_checkpoints",
+    "open_adapter",
     "open_checkpoint",
     "random_symmetry",
     "sample_symmetry",
