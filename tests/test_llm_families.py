@@ -99,11 +99,6 @@ def _force(model: torch.nn.Module, symmetry: Symmetry) -> torch.nn.Module:
     ("variant_name", "kind", "layer"),
     [
         ("qwen3", "qk_rotation", LayerSymmetry(qk_angle=torch.full((2, 4), 0.7))),
-        (
-            "gemma3-untied",
-            "qk_scale",
-            LayerSymmetry(qk_scale=torch.linspace(0.5, 2.0, 8).reshape(2, 4)),
-        ),
         ("olmo2", "qk_rotation", LayerSymmetry(qk_angle=torch.full((2, 4), 0.7))),
         ("gpt2", "mlp_scale", LayerSymmetry(mlp_scale=torch.linspace(0.5, 2.0, 128))),
     ],
@@ -121,6 +116,27 @@ def test_excluded_kinds_are_refused_and_would_change_the_logits(
         apply_symmetry(model.state_dict(), symmetry, arch)
     forced = _force(model, symmetry)
     assert float((_logits(forced) - _logits(model)).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("variant_name", ["qwen3", "gemma3-untied"])
+def test_shared_qk_norm_takes_one_scale_per_plane_for_every_group(variant_name: str) -> None:
+    """Under a q/k norm whose gain every head shares, the q/k scale lives on that gain: the same
+    per-plane scale for every group is exact; different ones per group cannot be put on one
+    gain and are refused."""
+    model = _model(variant_name)
+    arch = unpack(model).arch
+    shared = LayerSymmetry(qk_scale=torch.linspace(0.5, 2.0, 4).expand(2, 4).clone())
+    moved = apply_symmetry(model.state_dict(), Symmetry(layers=[shared, LayerSymmetry()]), arch)
+    assert not torch.allclose(
+        moved["model.layers.0.self_attn.q_norm.weight"],
+        model.state_dict()["model.layers.0.self_attn.q_norm.weight"],
+    )
+    _assert_same_function(model, _force(model, Symmetry(layers=[shared, LayerSymmetry()])))
+    per_group = Symmetry(
+        layers=[LayerSymmetry(qk_scale=torch.tensor([[0.5] * 4, [2.0] * 4])), LayerSymmetry()]
+    )
+    with pytest.raises(ModelError, match="differs between key/value groups"):
+        apply_symmetry(model.state_dict(), per_group, arch)
 
 
 def test_weight_matching_recovers_a_random_symmetry(variant: str) -> None:

@@ -33,6 +33,7 @@ from accord.llm._solve import LayerStats, match_layer
 from accord.llm._weights import (
     attention_cross,
     attention_finish,
+    qk_gains,
     unit_factors,
     with_gain_scales,
 )
@@ -169,6 +170,7 @@ def _layer_stats(
     state_b: Mapping[str, Tensor],
     layer: int,
 ) -> LayerStats:
-    q, k, v, o, qk_a, qk_b = attention_finish(attention, arch)
+    gains = qk_gains(state_a, state_b, arch, layer)
+    q, k, v, o, qk_a, qk_b = attention_finish(attention, arch, gains)
     factor_a, factor_b = (unit_factors(state, arch, layer) for state in (state_a, state_b))
     return LayerStats(q, k, v, o, qk_a, qk_b, units.correlation(), factor_a, factor_b)

@@ -144,19 +144,48 @@ def attention_cross(
     }
 
 
-def attention_finish(raw: dict[str, Tensor], arch: Architecture) -> tuple[Tensor, ...]:
+def attention_finish(
+    raw: dict[str, Tensor], arch: Architecture, gains: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, ...]:
     """``(q, k, v, o, qk_a, qk_b)`` for :class:`LayerStats`: the raw products of
     :func:`attention_cross` in each model's canonical q/k scale (factors of 1 where the family
-    has no q/k scale symmetry)."""
-    if "qk_scale" in arch.kinds:
-        fa = qk_factors(raw["q_norm_a"], raw["k_norm_a"])
-        fb = qk_factors(raw["q_norm_b"], raw["k_norm_b"])
-    else:
-        fa = fb = torch.ones_like(raw["k_norm_a"])
+    has no q/k scale symmetry). Under a q/k norm the scale sits on the norm gains, not the
+    rows: ``gains`` are then A's and B's canonical factors (:func:`qk_gain_factors`)."""
+    if "qk_scale" not in arch.kinds:
+        ones = torch.ones_like(raw["k_norm_a"])
+        return raw["q"], raw["k"], raw["v"], raw["o"], ones, ones
+    if gains is not None:
+        return raw["q"], raw["k"], raw["v"], raw["o"], *gains
+    fa = qk_factors(raw["q_norm_a"], raw["k_norm_a"])
+    fb = qk_factors(raw["q_norm_b"], raw["k_norm_b"])
     ha, hb = (f.repeat_interleave(arch.group_size, dim=0) for f in (fa, fb))
     q = raw["q"] * ha[:, None, :, None, None] * hb[None, :, :, None, None]
     k = raw["k"] / (fa[:, None, :, None, None] * fb[None, :, :, None, None])
     return q, k, raw["v"], raw["o"], fa, fb
+
+
+def qk_gain_factors(state: State, arch: Architecture, layer: int) -> Tensor | None:
+    """Canonical q factors (n_kv, P) from the q/k norm gains (squared norms per group and
+    plane, summed over the group's heads); None for a family without q/k norms."""
+    if arch.family.qk_norm is None:
+        return None
+    n_kv, p = arch.kv_heads, arch.planes
+    q, k = (_gain(state, arch, layer, kind) for kind in ("q_norm", "k_norm"))
+    if arch.family.qk_norm == "full":
+        q_norm = q.reshape(n_kv, -1, 2, p).pow(2).sum((1, 2))
+        k_norm = k.reshape(n_kv, 2, p).pow(2).sum(1)
+    else:  # one gain shared by every head
+        q_norm = q.reshape(2, p).pow(2).sum(0).expand(n_kv, p) * arch.group_size
+        k_norm = k.reshape(2, p).pow(2).sum(0).expand(n_kv, p)
+    return qk_factors(q_norm, k_norm)
+
+
+def qk_gains(
+    state_a: State, state_b: State, arch: Architecture, layer: int
+) -> tuple[Tensor, Tensor] | None:
+    """A's and B's :func:`qk_gain_factors`, or None for a family without q/k norms."""
+    fa, fb = (qk_gain_factors(state, arch, layer) for state in (state_a, state_b))
+    return None if fa is None or fb is None else (fa, fb)
 
 
 def unit_factors(state: State, arch: Architecture, layer: int) -> Tensor:
@@ -185,7 +214,8 @@ def weight_layer_stats(
         if arch.has("gate"):
             units.append(_rows(state, arch, layer, "gate", perm))
         sides.append((features, units, factor))
-    q, k, v, o, qk_a, qk_b = attention_finish(attention_cross(sides[0][0], sides[1][0], arch), arch)
+    raw = attention_cross(sides[0][0], sides[1][0], arch)
+    q, k, v, o, qk_a, qk_b = attention_finish(raw, arch, qk_gains(state_a, state_b, arch, layer))
     # only Hungarian reads the unit similarity: float32 halves the costliest product's time
     pairs = zip(sides[0][1], sides[1][1], strict=True)
     mlp = sum(a.float() @ b.float().T for a, b in pairs).double()

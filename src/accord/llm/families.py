@@ -88,13 +88,13 @@ _GEMMA_ROLES = {
 }
 _HEAD_QK_NORM = (
     "q and k pass through an RMSNorm over each head's d_h dimensions with one gain for every "
-    "head: it commutes with neither a rotation of a rotary plane nor a per-plane scale of the "
-    "projection rows (the gains would have to move, and they are shared by all heads)"
+    "head: a rotation of a rotary plane does not commute with the gain unless the plane's two "
+    "gains are equal (the per-plane q/k scale survives, moved onto the two gains)"
 )
 _FULL_QK_NORM = (
     "q and k pass through an RMSNorm over all heads' outputs with one gain per output: a "
-    "per-plane rotation or scale of the rows changes the normalised vector unless the gains of "
-    "the plane's two dimensions are equal"
+    "rotation of a rotary plane changes the normalised vector unless the plane's two gains are "
+    "equal (the per-plane q/k scale survives, moved onto the gains)"
 )
 _GELU = "the MLP is gelu(W x): gelu is not positively homogeneous, so no unit scale passes it"
 
@@ -104,7 +104,7 @@ _QWEN3 = Family(
     roles={**_LLAMA_ROLES, **_QK_NORMS},
     globals=_LLAMA_GLOBALS,
     qk_norm="head",
-    excluded={"qk_rotation": _HEAD_QK_NORM, "qk_scale": _HEAD_QK_NORM},
+    excluded={"qk_rotation": _HEAD_QK_NORM},
 )
 _GEMMA2 = Family(
     layers="model.layers", roles=_GEMMA_ROLES, globals=_LLAMA_GLOBALS, norm="rms_offset"
@@ -115,7 +115,7 @@ _GEMMA3 = Family(
     globals=_LLAMA_GLOBALS,
     norm="rms_offset",
     qk_norm="head",
-    excluded={"qk_rotation": _HEAD_QK_NORM, "qk_scale": _HEAD_QK_NORM},
+    excluded={"qk_rotation": _HEAD_QK_NORM},
 )
 _PHI3 = Family(
     layers="model.layers",
@@ -139,7 +139,7 @@ _OLMO2 = Family(
     },
     globals=_LLAMA_GLOBALS,
     qk_norm="full",
-    excluded={"qk_rotation": _FULL_QK_NORM, "qk_scale": _FULL_QK_NORM},
+    excluded={"qk_rotation": _FULL_QK_NORM},
 )
 _GPT2 = Family(
     layers="transformer.h",

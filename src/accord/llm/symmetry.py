@@ -127,6 +127,12 @@ def check_symmetry(symmetry: Symmetry, arch: Architecture) -> None:
     if arch.tied and symmetry.final_norm_scale is not None:
         raise ModelError("final_norm_scale needs an untied lm_head (its readers are the embedding)")
     for i, layer in enumerate(symmetry.layers):
+        scale = layer.qk_scale
+        if arch.family.qk_norm == "head" and scale is not None and not (scale == scale[:1]).all():
+            raise ModelError(
+                f"symmetry layers[{i}].qk_scale differs between key/value groups, but "
+                f"{arch.name}'s q/k norm gain is shared by every head: one scale per plane"
+            )
         for key, norm in (("input_norm_scale", "attn_norm"), ("post_norm_scale", "mlp_norm")):
             if getattr(layer, key) is not None and not arch.has(norm):
                 raise ModelError(f"symmetry layers[{i}].{key}: {arch.name} has no such pre-norm")
@@ -206,16 +212,16 @@ def _planes(x: Tensor, angle: Tensor | None, scale: Tensor | None) -> Tensor:
     return x.reshape(n_kv, heads, dh, rest)
 
 
-def _query_rows(t: Tensor, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _query_rows(t: Tensor, layer: LayerSymmetry, arch: Architecture, scaled: bool) -> Tensor:
     x = _gather(t.reshape(arch.kv_heads, arch.group_size, arch.head_dim, -1), 0, layer.kv_perm)
     if layer.head_perm is not None:
         x = x[torch.arange(arch.kv_heads)[:, None], layer.head_perm]
-    return _planes(x, layer.qk_angle, layer.qk_scale).reshape(t.shape)
+    return _planes(x, layer.qk_angle, layer.qk_scale if scaled else None).reshape(t.shape)
 
 
-def _key_rows(t: Tensor, layer: LayerSymmetry, arch: Architecture) -> Tensor:
+def _key_rows(t: Tensor, layer: LayerSymmetry, arch: Architecture, scaled: bool) -> Tensor:
     x = _gather(t.reshape(arch.kv_heads, 1, arch.head_dim, -1), 0, layer.kv_perm)
-    inverse = None if layer.qk_scale is None else 1.0 / layer.qk_scale
+    inverse = None if layer.qk_scale is None or not scaled else 1.0 / layer.qk_scale
     return _planes(x, layer.qk_angle, inverse).reshape(t.shape)
 
 
@@ -242,14 +248,14 @@ Move = Callable[[Tensor, Role, Symmetry, LayerSymmetry, Architecture], Tensor]
 def _move_q(
     t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
 ) -> Tensor:
-    t = _query_rows(t, layer, arch)
+    t = _query_rows(t, layer, arch, scaled=arch.family.qk_norm is None)
     return t if role.bias else _reader(t, sym, layer.input_norm_scale)
 
 
 def _move_k(
     t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
 ) -> Tensor:
-    t = _key_rows(t, layer, arch)
+    t = _key_rows(t, layer, arch, scaled=arch.family.qk_norm is None)
     return t if role.bias else _reader(t, sym, layer.input_norm_scale)
 
 
@@ -314,12 +320,18 @@ def _fused(
 def _move_qk_norm(
     t: Tensor, role: Role, sym: Symmetry, layer: LayerSymmetry, arch: Architecture
 ) -> Tensor:
-    """A q/k norm over all heads' outputs moves with its heads; one shared by every head
-    (over ``d_h``) does not move (its family admits no map inside a head)."""
-    if arch.family.qk_norm != "full":
+    """A q/k norm's gain takes the q/k scale in place of the rows (q ``× s``, k ``÷ s``; the
+    norm would undo a scale of the rows). One over all heads' outputs also moves with its
+    heads; one over ``d_h`` shared by every head takes the scale every group shares."""
+    offset = 1.0 if arch.family.norm == "rms_offset" else 0.0
+    gain = t + offset
+    if arch.family.qk_norm == "full":
+        rows = _query_rows if role.kind == "q_norm" else _key_rows
+        return rows(gain, layer, arch, scaled=True) - offset
+    if layer.qk_scale is None:
         return t
-    rows = _query_rows if role.kind == "q_norm" else _key_rows
-    return rows(t, layer, arch)
+    scale = layer.qk_scale[:1] if role.kind == "q_norm" else 1.0 / layer.qk_scale[:1]
+    return _planes(gain.reshape(1, 1, -1, 1), None, scale).reshape(t.shape) - offset
 
 
 # A post-norm's gain (on o/down's output, added to the residual stream) is only permuted: a
@@ -396,13 +408,18 @@ def _sample_layer(
         return make() if kind in kinds else None
 
     vo_map = sampler.orthogonal if vo == "orthogonal" else sampler.invertible
+
+    def qk_scale() -> Tensor:
+        shared = arch.family.qk_norm == "head"  # one gain for all heads: one scale per plane
+        return sampler.scale(1, p).expand(n_kv, p).clone() if shared else sampler.scale(n_kv, p)
+
     return LayerSymmetry(
         kv_perm=pick("kv_groups", lambda: sampler.perm(n_kv)),
         head_perm=pick(
             "query_heads", lambda: torch.stack([sampler.perm(arch.group_size) for _ in range(n_kv)])
         ),
         qk_angle=pick("qk_rotation", lambda: sampler.angle(n_kv, p)),
-        qk_scale=pick("qk_scale", lambda: sampler.scale(n_kv, p)),
+        qk_scale=pick("qk_scale", lambda: qk_scale()),
         vo_map=pick("vo", lambda: vo_map(n_kv, arch.head_dim)),
         mlp_perm=pick("mlp_perm", lambda: sampler.perm(arch.intermediate)),
         mlp_scale=pick("mlp_scale", lambda: sampler.scale(arch.intermediate)),
