@@ -37,7 +37,7 @@ FUSED = MappingProxyType({"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")})
 LINEAR_ROLES = frozenset({"q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a table is compared by identity: one per family
 class Family:
     """One family's table.
 
