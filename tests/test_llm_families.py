@@ -191,3 +191,17 @@ def test_aligned_merge_transfers_a_task_vector_to_a_moved_receiver(
     assert max(float((unaligned[k] - t).abs().max()) for k, t in target.items()) > 0.1
     merged = transformers.AutoModelForCausalLM.from_pretrained(aligned).eval()
     torch.testing.assert_close(_logits(merged), _logits(paths["ft"]), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_causal_mask_buffers_are_kept_and_unknown_tensors_refused() -> None:
+    model = _model("gpt2")
+    state = dict(model.state_dict())
+    mask = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    state["transformer.h.0.attn.bias"] = mask
+    config = model.config.to_dict() | {"architectures": ["GPT2LMHeadModel"]}
+    moved = random_symmetry(state, config, seed=1)
+    assert torch.equal(moved["transformer.h.0.attn.bias"], mask)
+    assert not torch.allclose(moved["transformer.wte.weight"], state["transformer.wte.weight"])
+    state["transformer.h.0.attn.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ModelError, match=r"attn\.extra\.weight.*refusing to guess"):
+        random_symmetry(state, config, seed=1)

@@ -153,6 +153,8 @@ class Architecture:
         prefix = self.family.layers + "."
         index, _, path = module.removeprefix(prefix).partition(".")
         inside = module.startswith(prefix) and index.isdigit()
+        if inside and f"{path}.{param}" in self.family.buffers and int(index) < self.layers:
+            return Role("buffer", int(index))
         kind = self.family.roles.get(path) if inside else None
         if kind is None or param not in ("weight", "bias") or int(index) >= self.layers:
             raise ModelError(

@@ -48,7 +48,8 @@ class Family:
     ``"full"`` (a gain over all ``n · d_h`` outputs); ``conv1d``: weights stored ``(in, out)``
     (GPT-2's Conv1D); ``rotary``: rotary embeddings pair dimension ``j`` with ``j + d_h/2``;
     ``config_keys``: accord's size name → the config entry naming it; ``excluded``: symmetry
-    kind → why it is not exact in this family.
+    kind → why it is not exact in this family; ``buffers``: tensor names inside a layer that
+    no map moves (GPT-2's causal masks, which older checkpoints store).
     """
 
     layers: str
@@ -60,6 +61,7 @@ class Family:
     rotary: bool = True
     config_keys: Mapping[str, str] = field(default_factory=dict)
     excluded: Mapping[str, str] = field(default_factory=dict)
+    buffers: tuple[str, ...] = ()
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -167,6 +169,7 @@ _GPT2 = Family(
         "intermediate_size": "n_inner",
     },
     excluded={"mlp_scale": _GELU},
+    buffers=("attn.bias", "attn.masked_bias"),
 )
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
