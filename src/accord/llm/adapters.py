@@ -4,11 +4,13 @@ A LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, 
 ``save_pretrained`` writes it) changes a base weight ``W`` (``out × in``) by the low-rank delta
 ``ΔW = s · B A`` with ``A`` (``r × in``), ``B`` (``out × r``) and ``s = lora_alpha / r``
 (``lora_alpha / √r`` with ``use_rslora``; ``r`` and ``lora_alpha`` per module from
-``rank_pattern`` / ``alpha_pattern``, matched as peft matches them). ``fan_in_fan_out``
-(GPT-2's Conv1D, weights stored ``in × out``) and embeddings (``lora_embedding_A`` /
-``lora_embedding_B``) store the delta transposed, as peft does. Tensors the adapter saves whole
-(``modules_to_save``, trained biases, an embedding's ``base_layer``) replace the base's, so
-their task vector is ``saved − W``.
+``rank_pattern`` / ``alpha_pattern``, matched as peft matches them). Embeddings
+(``lora_embedding_A`` / ``lora_embedding_B``) and Conv1D weights (GPT-2's, stored ``in × out``:
+peft's ``fan_in_fan_out``) take the delta transposed; peft decides by the module's class, which
+a checkpoint does not record, so accord decides by the base weight's shape, and for a square one
+by the family's table (:mod:`accord.llm.families`), else the adapter's ``fan_in_fan_out``.
+Tensors the adapter saves whole (``modules_to_save``, trained biases, an embedding's
+``base_layer``) replace the base's, so their task vector is ``saved − W``.
 
 :func:`open_adapter` gives an adapter the form of a checkpoint of its base (every base tensor,
 each ``W + ΔW``) that also hands out ``ΔW`` itself, so every task-vector merge (task arithmetic,
@@ -40,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from accord._finite import describe_non_finite
+from accord._outputs import write_folder
 from accord.errors import ConfigError, ModelError
 from accord.llm.families import FAMILIES
 from accord.llm.io import Checkpoint, LazyState, open_checkpoint
@@ -264,8 +267,6 @@ def merge_adapters(
     (see the module docs): ``λ Σ wᵢ ΔWᵢ`` with ``weights`` wᵢ (default 1 each), ``scale`` λ,
     divided by ``Σ wᵢ`` when ``normalize``. Tensors an adapter saves whole are merged as task
     vectors of the base (``W + λ Σ wᵢ (savedᵢ − W)``). Returns the output folder."""
-    from accord._outputs import write_folder
-
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if not adapters or len(weights) != len(adapters):
         raise ConfigError(f"weights: {len(weights)} given for {len(adapters)} adapters")
@@ -280,6 +281,13 @@ def merge_adapters(
     tensors = dict(_stacked_factors(states, coefficients, ranks))
     tensors |= dict(_whole_tensors(states, coefficients))
     config = _merged_config(states, max(sum(ranks), 1))
+    for key, tensor in tensors.items():
+        problem = describe_non_finite(tensor)
+        if problem is not None:
+            raise ModelError(
+                f"merged adapter tensor {key!r} has {problem} in {tensor.dtype}: the weights or "
+                "scale overflow it"
+            )
 
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
