@@ -119,7 +119,10 @@ class Architecture:
         """The module holding role ``kind`` (``model.layers.3.self_attn.q_proj``) and the rows
         (output features) it occupies there when fused, else None; KeyError if absent."""
         if layer is None:
-            return next(path for path, role in self.family.globals.items() if role == kind), None
+            for path, role in self.family.globals.items():
+                if role == kind:
+                    return path, None
+            raise KeyError(kind)
         prefix = f"{self.family.layers}.{layer}"
         for path, role in self.family.roles.items():
             if role == kind:
