@@ -1,15 +1,18 @@
-"""Activation matching for Llama-family models: the maps from calibration tokens.
+"""Activation matching: the maps from calibration tokens (modules found through the family's
+table).
 
 Both models run on the same token batches with hooks on their Hugging Face modules:
 
-- the residual stream at the input of every RMSNorm (two per layer, plus the final norm) gives
+- the residual stream at the input of every pre-norm (two per layer, plus the final norm; where
+  a family has no pre-norm, OLMo 2, the input of the block's readers) gives
   one residual permutation: Hungarian on the correlation pooled over those ``2L + 1`` points
   (covariances summed after centring each point, divided by the pooled standard deviations);
-- the SwiGLU hidden units (``down_proj`` inputs) give the unit permutation (Hungarian on the
+- the MLP hidden units (``down_proj`` inputs) give the unit permutation (Hungarian on the
   correlation); the unit scales, a free gauge of the function, come from the weights as in
   weight matching (each unit's up row and down column balanced), not from activation RMS
   ratios, which near-dead units make extreme and which move B's weights far from A's;
-- q/k/v projection outputs (before the rotary embedding, which the symmetries commute with) and
+- q/k/v projection outputs (cut out of a fused output; before any q/k norm and the rotary
+  embedding, which the symmetries commute with) and
   the per-head ``o_proj`` inputs give the groups, heads, plane rotations and value/output maps,
   through the same solver as weight matching with tokens as samples.
 
@@ -30,6 +33,7 @@ from accord.llm._solve import LayerStats, match_layer
 from accord.llm._weights import (
     attention_cross,
     attention_finish,
+    qk_gains,
     unit_factors,
     with_gain_scales,
 )
@@ -81,29 +85,39 @@ def _hook(module: nn.Module, store: dict[Any, Tensor], key: Any, output: bool) -
     return module.register_forward_pre_hook(keep)
 
 
-def _record(module: nn.Module, ids: Tensor, mask: Tensor) -> dict[Any, Tensor]:
+def _record(module: nn.Module, arch: Architecture, ids: Tensor, mask: Tensor) -> dict[Any, Tensor]:
     """Run ``module`` on one batch; every observed tensor as (valid tokens, features)."""
     store: dict[Any, Tensor] = {}
-    body = module.model
-    handles = [_hook(body.norm, store, ("residual", 2 * len(body.layers)), False)]
-    for i, layer in enumerate(body.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        handles += [
-            _hook(layer.input_layernorm, store, ("residual", 2 * i), False),
-            _hook(layer.post_attention_layernorm, store, ("residual", 2 * i + 1), False),
-            _hook(attn.q_proj, store, ("q", i), True),
-            _hook(attn.k_proj, store, ("k", i), True),
-            _hook(attn.v_proj, store, ("v", i), True),
-            _hook(attn.o_proj, store, ("o", i), False),
-            _hook(mlp.down_proj, store, ("h", i), False),
-        ]
+
+    def hook(kind: str, layer: int | None, key: Any, output: bool) -> Any:
+        path = arch.locate(kind, layer)[0]
+        return _hook(module.get_submodule(path), store, key, output)
+
+    handles = [hook("final_norm", None, ("residual", 2 * arch.layers), False)]
+    for i in range(arch.layers):
+        for point, (norm, reader) in enumerate((("attn_norm", "q"), ("mlp_norm", "up"))):
+            # the residual stream enters a pre-norm, or the readers where there is none
+            handles.append(
+                hook(norm if arch.has(norm) else reader, i, ("residual", 2 * i + point), False)
+            )
+        handles += [hook(kind, i, (kind, i), True) for kind in ("q", "k", "v")]
+        handles += [hook("o", i, ("o", i), False), hook("down", i, ("h", i), False)]
     try:
         module(input_ids=ids, attention_mask=mask)
     finally:
         for handle in handles:
             handle.remove()
     keep = mask.reshape(-1).bool()
-    return {key: value.reshape(keep.numel(), -1)[keep] for key, value in store.items()}
+    return {
+        key: _part(key, value, arch).reshape(keep.numel(), -1)[keep] for key, value in store.items()
+    }
+
+
+def _part(key: Any, value: Tensor, arch: Architecture) -> Tensor:
+    """q, k or v cut out of a fused projection's output (the hook saw the whole output)."""
+    if key[0] in ("q", "k", "v") and arch.has("qkv"):
+        return value[..., arch.fused_rows("qkv")[key[0]]]
+    return value
 
 
 def _batches(data: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor]]:
@@ -129,7 +143,7 @@ def activation_alignment(
     units = [_Moments() for _ in range(arch.layers)]
     tokens = 0
     for ids, mask in _batches(data):
-        a, b = _record(module_a.eval(), ids, mask), _record(module_b.eval(), ids, mask)
+        a, b = _record(module_a.eval(), arch, ids, mask), _record(module_b.eval(), arch, ids, mask)
         tokens += int(mask.sum())
         for point in range(2 * arch.layers + 1):
             residual.add(point, a["residual", point], b["residual", point])
@@ -156,6 +170,7 @@ def _layer_stats(
     state_b: Mapping[str, Tensor],
     layer: int,
 ) -> LayerStats:
-    q, k, v, o, qk_a, qk_b = attention_finish(attention, arch)
+    gains = qk_gains(state_a, state_b, arch, layer)
+    q, k, v, o, qk_a, qk_b = attention_finish(attention, arch, gains)
     factor_a, factor_b = (unit_factors(state, arch, layer) for state in (state_a, state_b))
     return LayerStats(q, k, v, o, qk_a, qk_b, units.correlation(), factor_a, factor_b)

@@ -71,9 +71,11 @@ def _plane_value(c: Tensor) -> tuple[Tensor, Tensor]:
     return c[..., 0, 0] + c[..., 1, 1], c[..., 1, 0] - c[..., 0, 1]
 
 
-def _best_rotation_value(c: Tensor) -> Tensor:
+def _best_rotation_value(c: Tensor, rotate: bool) -> Tensor:
+    """The summed plane values under each plane's best rotation (the identity if the family
+    admits none)."""
     re, im = _plane_value(c)
-    return torch.hypot(re, im).sum(-1)
+    return (torch.hypot(re, im) if rotate else re).sum(-1)
 
 
 def _procrustes(c: Tensor) -> Tensor:
@@ -97,15 +99,19 @@ def _pair_sums(stats: LayerStats, arch: Architecture, ga: int, gb: int, heads: T
 def _initial_heads(stats: LayerStats, arch: Architecture) -> tuple[Tensor, Tensor]:
     """Group assignment from each group pair's best value, after an optimistic head assignment
     (each head pair scored with its own best maps)."""
-    n_kv = arch.kv_heads
-    head_value = _best_rotation_value(stats.q) + torch.linalg.matrix_norm(stats.o, ord="nuc")
+    n_kv, rotate = arch.kv_heads, "qk_rotation" in arch.kinds
+    head_value = _best_rotation_value(stats.q, rotate) + torch.linalg.matrix_norm(
+        stats.o, ord="nuc"
+    )
     within = torch.zeros(n_kv, n_kv, arch.group_size, dtype=torch.long)
     group_value = torch.zeros(n_kv, n_kv, dtype=torch.float64)
     for ga in range(n_kv):
         for gb in range(n_kv):
             within[ga, gb] = assign(head_value[_heads(arch, ga), _heads(arch, gb)])
             qk, vo = _pair_sums(stats, arch, ga, gb, within[ga, gb])
-            group_value[ga, gb] = _best_rotation_value(qk) + torch.linalg.matrix_norm(vo, ord="nuc")
+            group_value[ga, gb] = _best_rotation_value(qk, rotate) + torch.linalg.matrix_norm(
+                vo, ord="nuc"
+            )
     kv_perm = assign(group_value)
     return kv_perm, within[torch.arange(n_kv), kv_perm]
 
@@ -116,7 +122,7 @@ def _shared_maps(stats: LayerStats, arch: Architecture, kv_perm: Tensor, head_pe
     for g in range(arch.kv_heads):
         qk, vo = _pair_sums(stats, arch, g, int(kv_perm[g]), head_perm[g])
         re, im = _plane_value(qk)
-        angles.append(torch.atan2(im, re))
+        angles.append(torch.atan2(im, re) if "qk_rotation" in arch.kinds else torch.zeros_like(re))
         maps.append(_procrustes(vo))
     return torch.stack(angles), torch.stack(maps)
 
@@ -147,12 +153,13 @@ def match_layer(stats: LayerStats, arch: Architecture, max_iter: int = 10) -> La
         head_perm = heads
         angle, vo = _shared_maps(stats, arch, kv_perm, head_perm)
     mlp_perm = assign(stats.mlp)
+    kinds = arch.kinds
     return LayerSymmetry(
         kv_perm=kv_perm,
         head_perm=head_perm,
-        qk_angle=angle,
-        qk_scale=stats.qk_b[kv_perm] / stats.qk_a,
+        qk_angle=angle if "qk_rotation" in kinds else None,
+        qk_scale=stats.qk_b[kv_perm] / stats.qk_a if "qk_scale" in kinds else None,
         vo_map=vo,
         mlp_perm=mlp_perm,
-        mlp_scale=stats.mlp_b[mlp_perm] / stats.mlp_a,
+        mlp_scale=stats.mlp_b[mlp_perm] / stats.mlp_a if "mlp_scale" in kinds else None,
     )

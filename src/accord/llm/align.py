@@ -1,15 +1,16 @@
-"""Align one Llama-family model to another through the exact transformer symmetries.
+"""Align one model to another of its family through the family's exact symmetries.
 
 ``align(model_b, to=model_a)`` returns B moved into A's coordinates: the same function as B
 (logits unchanged), with weights as close to A's as the symmetries allow. Task vectors of A's
-family can then be added to it (Horoi et al. 2025, symmetry-aware task-vector transfer).
+fine-tunes can then be added to it (Horoi et al. 2025, symmetry-aware task-vector transfer).
 
 Without data, the maps come from the weights (Git Re-Basin weight matching over the residual
 permutation, SwiGLU units, key/value groups and query heads, with orthogonal Procrustes for the
 value/output maps and per-plane rotary rotations; see :mod:`accord.llm._weights`).
 With calibration tokens, from activations (:mod:`accord.llm._activations`). Both end
-by giving B exactly A's RMSNorm gains (the gain-scale symmetry) and A's balance of q/k and
-up/down norms (the scale symmetries).
+by giving B exactly A's pre-norm gains (the gain-scale symmetry) and A's balance of q/k and
+up/down norms (the scale symmetries, where the family has them). Only the maps of the family's
+exact kinds are searched (:data:`accord.llm.families.FAMILIES`).
 
 The value/output maps found are orthogonal: a general invertible map is a symmetry too (see
 :func:`accord.llm.random_symmetry`), but is not recovered from the weights.

@@ -1,24 +1,22 @@
-"""The Llama-family layout: the sizes a symmetry needs, read from a Hugging Face ``config.json``,
-and the role of every tensor name.
+"""A model's layout for the symmetries: its sizes, read from a Hugging Face ``config.json``, and
+the role of every tensor name, from its family's table (:mod:`accord.llm.families`).
 
-Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (q/k/v
-biases). They share one layout: pre-norm decoder layers of grouped-query attention with rotary
-embeddings (Hugging Face pairs head dimension ``j`` with ``j + d_h/2``) and a SwiGLU MLP, RMSNorm
-everywhere, and an optional tied embedding/``lm_head``. Architectures with anything else between
-the projections (Qwen3's per-head q/k norms, partial rotary embeddings) break the q/k maps and
-are refused rather than transformed wrongly.
+Supported: the architectures of :data:`SUPPORTED_ARCHITECTURES` (Llama, Mistral, Qwen2, Qwen3,
+Gemma 2/3, Phi-3, OLMo 2, GPT-2). Anything else, and anything a table does not describe (a
+tensor it does not know, partial rotary embeddings), is refused by name rather than transformed
+wrongly.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from accord.errors import ConfigError, ModelError
+from accord.llm.families import FAMILIES, FUSED, Family
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 # The config entries two models must agree on before their tensors can be compared or merged.
 SHAPE_KEYS = (
@@ -32,30 +30,12 @@ SHAPE_KEYS = (
     "tie_word_embeddings",
 )
 
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_LAYER_ROLES = {
-    "input_layernorm": "input_norm",
-    "post_attention_layernorm": "post_norm",
-    "self_attn.q_proj": "q",
-    "self_attn.k_proj": "k",
-    "self_attn.v_proj": "v",
-    "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate",
-    "mlp.up_proj": "up",
-    "mlp.down_proj": "down",
-}
-_GLOBAL_ROLES = {
-    "model.embed_tokens.weight": "embed",
-    "model.norm.weight": "final_norm",
-    "lm_head.weight": "lm_head",
-}
-
 
 @dataclass(frozen=True)
 class Role:
-    """What a tensor is: ``kind`` (q, k, v, o, gate, up, down, input_norm, post_norm, embed,
-    final_norm, lm_head, or ``buffer`` for a tensor no symmetry touches), its decoder ``layer``
-    (None outside the layers) and whether it is a ``bias``."""
+    """What a tensor is: ``kind`` (a role of :mod:`accord.llm.families`, or ``buffer`` for a
+    tensor no symmetry touches), its decoder ``layer`` (None outside the layers) and whether it
+    is a ``bias``."""
 
     kind: str
     layer: int | None = None
@@ -64,10 +44,10 @@ class Role:
 
 @dataclass(frozen=True)
 class Architecture:
-    """The sizes of a Llama-family model: hidden size ``d``, ``layers``, query heads ``n_q``,
-    key/value heads ``n_kv`` (``n_q / n_kv`` query heads share each key/value head), head
-    dimension ``d_h`` (``d_h / 2`` rotary planes), SwiGLU width ``d_ff``, ``vocab``, and whether
-    ``lm_head`` is tied to the embedding."""
+    """The sizes of a model: hidden size ``d``, ``layers``, query heads ``n_q``, key/value heads
+    ``n_kv`` (``n_q / n_kv`` query heads share each key/value head), head dimension ``d_h``
+    (``d_h / 2`` rotary planes), MLP width ``d_ff``, ``vocab``, whether ``lm_head`` is tied to
+    the embedding, and the ``family`` table naming its tensors."""
 
     name: str
     hidden: int
@@ -78,6 +58,7 @@ class Architecture:
     intermediate: int
     vocab: int
     tied: bool
+    family: Family
 
     @property
     def group_size(self) -> int:
@@ -89,11 +70,20 @@ class Architecture:
         """Rotary frequency planes per head: dimension ``j`` pairs with ``j + d_h/2``."""
         return self.head_dim // 2
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The exact symmetry kinds of this model's family."""
+        return self.family.kinds
+
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "config.json") -> Architecture:
         """Read and check the sizes; ModelError naming the entry at fault."""
         name = architecture_name(config, where)
-        sizes = {key: _integer(config, key, where) for key in _REQUIRED}
+        family = FAMILIES[name]
+        keys = {key: family.config_keys.get(key, key) for key in _REQUIRED}
+        if config.get(keys["intermediate_size"]) is None and family.conv1d:
+            config = {**config, keys["intermediate_size"]: 4 * config.get(keys["hidden_size"], 0)}
+        sizes = {key: _integer(config, keys[key], where) for key in _REQUIRED}
         heads = sizes["num_attention_heads"]
         kv_heads = heads  # configs without the entry predate grouped-query attention
         if config.get("num_key_value_heads") is not None:
@@ -117,38 +107,89 @@ class Architecture:
             intermediate=sizes["intermediate_size"],
             vocab=sizes["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
+            family=family,
         )
+
+    def has(self, kind: str) -> bool:
+        """Whether the family has a tensor of role ``kind`` (q counts when fused into qkv)."""
+        roles = {*self.family.roles.values(), *self.family.globals.values()}
+        return kind in roles or any(kind in FUSED[r] for r in roles if r in FUSED)
+
+    def locate(self, kind: str, layer: int | None) -> tuple[str, slice | None]:
+        """The module holding role ``kind`` (``model.layers.3.self_attn.q_proj``) and the rows
+        (output features) it occupies there when fused, else None; KeyError if absent."""
+        if layer is None:
+            for path, role in self.family.globals.items():
+                if role == kind:
+                    return path, None
+            raise KeyError(kind)
+        prefix = f"{self.family.layers}.{layer}"
+        for path, role in self.family.roles.items():
+            if role == kind:
+                return f"{prefix}.{path}", None
+            if kind in FUSED.get(role, ()):
+                return f"{prefix}.{path}", self.fused_rows(role)[kind]
+        raise KeyError(kind)
+
+    def fused_rows(self, fused: str) -> dict[str, slice]:
+        """The rows of each part of a fused projection (``qkv``: q, k, v; ``gate_up``)."""
+        sizes = {
+            "q": self.heads * self.head_dim,
+            "k": self.kv_heads * self.head_dim,
+            "v": self.kv_heads * self.head_dim,
+            "gate": self.intermediate,
+            "up": self.intermediate,
+        }
+        rows, start = {}, 0
+        for part in FUSED[fused]:
+            rows[part] = slice(start, start + sizes[part])
+            start += sizes[part]
+        return rows
 
     def role(self, name: str) -> Role:
         """The role of tensor ``name``; ModelError for a tensor this layout does not know."""
-        if name in _GLOBAL_ROLES:
-            return Role(_GLOBAL_ROLES[name])
+        module, _, param = name.rpartition(".")
+        if module in self.family.globals and param in ("weight", "bias"):
+            return Role(self.family.globals[module], None, param == "bias")
         if name.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints store; no map moves it
             return Role("buffer")
-        match = _LAYER_NAME.match(name)
-        kind = _LAYER_ROLES.get(match.group(2)) if match else None
-        if match is None or kind is None or int(match.group(1)) >= self.layers:
+        prefix = self.family.layers + "."
+        index, _, path = module.removeprefix(prefix).partition(".")
+        inside = module.startswith(prefix) and index.isdigit()
+        if inside and f"{path}.{param}" in self.family.buffers and int(index) < self.layers:
+            return Role("buffer", int(index))
+        kind = self.family.roles.get(path) if inside else None
+        if kind is None or param not in ("weight", "bias") or int(index) >= self.layers:
             raise ModelError(
                 f"tensor {name!r} is not part of the {self.name} layout this module transforms "
-                f"({', '.join(SUPPORTED_ARCHITECTURES)}); refusing to guess how it moves"
+                f"(families: {', '.join(SUPPORTED_ARCHITECTURES)}); refusing to guess how it moves"
             )
-        return Role(kind, int(match.group(1)), match.group(3) == "bias")
+        return Role(kind, int(index), param == "bias")
 
     def shape(self, role: Role) -> tuple[int, ...] | None:
-        """The shape the config implies for a tensor of this role (None for a buffer)."""
+        """The shape the config implies for a tensor of this role (None where the config does
+        not say: buffers, position embeddings)."""
         d, q, kv, ff = (
             self.hidden,
             self.heads * self.head_dim,
             self.kv_heads * self.head_dim,
             self.intermediate,
         )
-        rows = {"q": q, "k": kv, "v": kv, "o": d, "gate": ff, "up": ff, "down": d}
-        columns = {"q": d, "k": d, "v": d, "o": q, "gate": d, "up": d, "down": ff}
+        rows = {"q": q, "k": kv, "v": kv, "qkv": q + 2 * kv, "o": d}
+        rows |= {"gate": ff, "up": ff, "gate_up": 2 * ff, "down": d}
+        columns = {"q": d, "k": d, "v": d, "qkv": d, "o": q, "gate": d, "up": d, "gate_up": d}
+        columns["down"] = ff
         if role.kind in rows:
-            return (rows[role.kind],) if role.bias else (rows[role.kind], columns[role.kind])
+            if role.bias:
+                return (rows[role.kind],)
+            shape = (rows[role.kind], columns[role.kind])
+            return shape[::-1] if self.family.conv1d else shape
+        if role.kind in ("q_norm", "k_norm"):
+            width = q if role.kind == "q_norm" else kv
+            return (width if self.family.qk_norm == "full" else self.head_dim,)
         if role.kind in ("embed", "lm_head"):
             return (self.vocab, d)
-        return None if role.kind == "buffer" else (d,)
+        return None if role.kind in ("buffer", "pos_embed") else (d,)
 
     def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
         """ModelError naming the first tensor whose shape the config does not imply."""

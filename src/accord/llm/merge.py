@@ -17,6 +17,9 @@ formulas; their records give each parameter's type, default and range):
 
 With ``align=True``, linear and slerp align every model to the first one.
 
+A model may be a peft LoRA adapter folder of the ``base`` (:mod:`accord.llm.adapters`): its
+task vector is its low-rank delta.
+
 The tensor-wise methods need no symmetry: any checkpoints (GPT-2, Gemma, Phi-3, Mixtral, BERT,
 ViT, ...) merge when their tensors agree by name, shape and kind (floating or not), and the first
 tensor that disagrees is named with its two files. Tensors that are not floating point (integer
@@ -56,6 +59,7 @@ from accord._finite import describe_non_finite
 from accord._outputs import check_output
 from accord.combine._state_dicts import combine_tensor
 from accord.errors import ConfigError, ModelError, did_you_mean
+from accord.llm.adapters import AdapterState, open_model
 from accord.llm.align import find_alignment
 from accord.llm.arch import (
     SHAPE_KEYS,
@@ -330,8 +334,8 @@ def _open(
     receiver: str | os.PathLike[str] | None,
     align: bool,
 ) -> _Inputs:
-    opened = [open_checkpoint(path) for path in models]
     base_ck = open_checkpoint(base) if base is not None else None
+    opened = [open_model(path, base_ck) for path in models]
     receiver_ck = open_checkpoint(receiver) if receiver is not None else base_ck or opened[0]
     every = [*opened, *([base_ck] if base_ck else []), receiver_ck]
     _check_architectures(receiver_ck, every)
@@ -494,7 +498,12 @@ def _merged(
     base = _read(inputs.base, name, symmetries, arch)
     # A generator: each model is read, turned into its task vector and pruned before the next
     # is read, so only the pruned task vectors are held together.
-    deltas = (_read(ck, name, symmetries, arch) - base for ck in inputs.models)
+    deltas = (
+        ck.state.delta(name)  # a LoRA adapter's own ΔW, exact
+        if isinstance(ck.state, AdapterState)
+        else _read(ck, name, symmetries, arch) - base
+        for ck in inputs.models
+    )
     merged = combine_tensor(record, name, deltas, options, seed)
     if inputs.receiver is inputs.base:
         return merged.add_(base)
