@@ -1,6 +1,6 @@
 """The bookkeeping of :func:`accord.trace.trace`: traced values, feature spaces, union-find.
 
-Every fx node gets a *value*: :class:`Feat` for a tensor, :class:`Tup` for a tuple, or
+Every graph node (torch.fx or torch.export) gets a *value*: :class:`Feat` for a tensor, :class:`Tup` for a tuple, or
 :class:`Other` for anything else (shapes, ints, None). A tensor's features lie along one axis,
 laid out as *segments*: ``size`` features of one space, each owning ``block`` consecutive
 entries (a Flatten of (C, H, W) gives block H·W; a concat gives several segments). A segment

@@ -1,8 +1,19 @@
-"""Find a network's feature spaces with torch.fx: :func:`trace` turns a model into a Spec.
+"""Find a network's feature spaces: :func:`trace` turns a model into a Spec.
 
-The model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names match the statistics
-pass) and run once on ``example_input`` to learn every tensor's shape. Each tensor's feature
-axis is laid out in segments of spaces; walking the graph:
+torch.fx first: the model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names
+match the statistics pass), with the rules below per module, function and method. A model
+torch.fx cannot trace (shape-dependent Python, as in every Hugging Face class) is exported
+with torch.export instead and walked with rules per ATen operator
+(:mod:`accord.trace.export`, :mod:`accord.trace.aten`); ``Spec.graph`` says which graph the
+observation nodes name. The ATen rules prove the same structure from the operators that
+modules and functions decompose into; where the two differ, torch.export's is the one with
+more operators (``nn.MultiheadAttention``, opaque to torch.fx with known spaces, is written
+out there with weights averaged over heads, which fixes its spaces; a chunked Linear output
+is a fused projection there, an unknown call in torch.fx).
+
+On torch.fx the model is run once on ``example_input`` to learn every tensor's shape
+(torch.export records them). Each tensor's feature axis is laid out in segments of spaces;
+walking the graph:
 
 * Linear / Conv / Embedding (and F.linear / F.conv with parameter weights) open a new space:
   weight rows (Embedding: columns) and bias write it; their weight columns read the input's.
@@ -75,7 +86,9 @@ def trace(
     >>> spec["input"].readers[0].block
     1024
 
-    Raises TraceError when torch.fx cannot trace the model or the example input fails.
+    A model torch.fx cannot trace is exported with torch.export (``leaf_modules`` are a
+    torch.fx notion: with them, a torch.fx failure is final). Raises TraceError when neither
+    can trace the model, with both reasons, or when the example input fails.
     """
     if observe not in ("post", "pre"):
         raise ConfigError(f"observe={observe!r}: expected 'post' or 'pre'")
