@@ -1,10 +1,11 @@
 """The bookkeeping of :func:`accord.trace.trace`: traced values, feature spaces, union-find.
 
-Every graph node (torch.fx or torch.export) gets a *value*: :class:`Feat` for a tensor, :class:`Tup` for a tuple, or
-:class:`Other` for anything else (shapes, ints, None). A tensor's features lie along one axis,
-laid out as *segments*: ``size`` features of one space, each owning ``block`` consecutive
-entries (a Flatten of (C, H, W) gives block H·W; a concat gives several segments). A segment
-whose ``space`` is None holds features no space owns (they are never transformed).
+Every graph node (torch.fx or torch.export) gets a *value*: :class:`Feat` for a tensor,
+:class:`Tup` for a tuple, or :class:`Other` for anything else (shapes, ints, None). A
+tensor's features lie along one axis, laid out as *segments*: ``size`` features of one space,
+each owning ``block`` consecutive entries (a Flatten of (C, H, W) gives block H·W; a concat
+gives several segments). A segment whose ``space`` is None holds features no space owns (they
+are never transformed).
 
 Spaces are merged with union-find; a space's map kind only weakens as evidence arrives
 (linear → dense → orthogonal → permutation), and a fixed space stays fixed.
