@@ -37,7 +37,7 @@ class SpecError(AccordError, ValueError):
 
 
 class TraceError(AccordError, RuntimeError):
-    """torch.fx could not trace a model."""
+    """Neither torch.fx nor torch.export could trace a model."""
 
 
 class ConfigError(AccordError, ValueError):

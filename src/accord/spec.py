@@ -23,8 +23,10 @@ A :class:`FeatureSpace` of ``size`` C lists
   depthwise convolution ties channels).
 
 ``groups`` > 1 restricts maps to block-diagonal ones with ``groups`` equal blocks (attention
-heads). Statistics of a space are recorded at its ``observe`` points: torch.fx node names with
-the feature axis; every position along the other axes is one sample.
+heads). Statistics of a space are recorded at its ``observe`` points: node names of the traced
+graph (``Spec.graph``: torch.fx, or torch.export for models torch.fx cannot trace) with the
+feature axis, and where the space is one part of that axis the offset of its first feature;
+every position along the other axes is one sample.
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ class AxisRef:
 
 @dataclass(frozen=True)
 class Observation:
-    """Where a space's activations are recorded: an fx node and the feature axis of its output."""
+    """Where a space's activations are recorded: a graph node and the feature axis of its
+    output, which holds the space's features alone, or from ``offset`` on when the space is
+    one part of that axis (a piece of a fused projection)."""
 
     node: str
     axis: int
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,10 @@ class FeatureSpace:
         data = asdict(self)
         for key in ("writers", "readers", "elementwise"):
             data[key] = [_ref_to_list(ref) for ref in getattr(self, key)]
-        data["observe"] = [[obs.node, obs.axis] for obs in self.observe]
+        data["observe"] = [
+            [obs.node, obs.axis, *([] if obs.offset is None else [obs.offset])]
+            for obs in self.observe
+        ]
         data["batchnorms"] = [[bn.norm, bn.writer] for bn in self.batchnorms]
         return data
 
@@ -128,7 +136,10 @@ class FeatureSpace:
                 readers=tuple(_ref_from_list(r) for r in data.get("readers", ())),
                 elementwise=tuple(_ref_from_list(r) for r in data.get("elementwise", ())),
                 batchnorms=tuple(FoldedNorm(*bn) for bn in data.get("batchnorms", ())),
-                observe=tuple(Observation(str(n), int(a)) for n, a in data.get("observe", ())),
+                observe=tuple(
+                    Observation(str(n), int(a), *map(int, rest))
+                    for n, a, *rest in data.get("observe", ())
+                ),
                 maps=data.get("maps", "permutation"),
                 groups=int(data.get("groups", 1)),
                 free=bool(data.get("free", True)),
@@ -166,6 +177,8 @@ class Spec:
     notes: list[str] = field(default_factory=list)
     # Observation node names belong to the graph traced with these modules kept opaque.
     leaf_modules: tuple[str, ...] = ()
+    # Which graph the observation nodes belong to: torch.fx's or torch.export's.
+    graph: Literal["fx", "export"] = "fx"
 
     def __iter__(self) -> Iterator[FeatureSpace]:
         return iter(self.spaces)
@@ -187,7 +200,7 @@ class Spec:
         """A copy of this spec with one space's fields changed (e.g. ``free=False``)."""
         spaces = [replace(s, **changes) if s.name == name else s for s in self.spaces]
         self[name]
-        return Spec(spaces, self.model, self.observation, list(self.notes), self.leaf_modules)
+        return replace(self, spaces=spaces, notes=list(self.notes))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,6 +209,7 @@ class Spec:
             "observation": self.observation,
             "notes": list(self.notes),
             "leaf_modules": list(self.leaf_modules),
+            "graph": self.graph,
             "spaces": [s.to_dict() for s in self.spaces],
         }
 
@@ -212,6 +226,7 @@ class Spec:
             observation=data.get("observation", "post"),
             notes=list(data.get("notes", [])),
             leaf_modules=tuple(data.get("leaf_modules", ())),
+            graph=data.get("graph", "fx"),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -9,11 +9,12 @@ from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from accord.errors import StatisticsError
 from accord.spec import Observation
+from accord.trace.export import batchnorm_nodes, statistics_module
 from accord.trace.fx import observed_graph, symbolic_graph
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _pairs(num_models: int, reference: int, pairs: str) -> tuple[Pair, ...]:
 
 
 def _targets(
-    spec: Spec, model: nn.Module, pairs: tuple[Pair, ...], batchnorms: bool
+    spec: Spec, model: nn.Module, example: torch.Tensor, pairs: tuple[Pair, ...], batchnorms: bool
 ) -> tuple[list[Target], list[Target]]:
     """The free observed spaces, and the BatchNorms folded into them (within-model blocks)
     when ``batchnorms``."""
@@ -41,11 +42,10 @@ def _targets(
     norm_names = list(dict.fromkeys(folded))
     if not norm_names:
         return spaces, []
-    graph = symbolic_graph(model, spec.leaf_modules).graph
     diagonal = tuple(p for p in pairs if p[0] == p[1])
     norms = []
     for name in norm_names:
-        nodes = [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
+        nodes = _batchnorm_nodes(spec, model, example, name)
         module = next((m for n, m in model.named_modules() if n == name), None)
         if not nodes or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise StatisticsError(
@@ -55,6 +55,14 @@ def _targets(
         points = tuple(Observation(node, 1) for node in nodes)
         norms.append(Target(name, module.num_features, points, diagonal, "BatchNorm"))
     return spaces, norms
+
+
+def _batchnorm_nodes(spec: Spec, model: nn.Module, example: torch.Tensor, name: str) -> list[str]:
+    """The nodes of the spec's graph that apply the BatchNorm module ``name``."""
+    if spec.graph == "export":
+        return batchnorm_nodes(model, example, name)
+    graph = symbolic_graph(model, spec.leaf_modules).graph
+    return [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
 
 
 class _Observer(nn.Module):
@@ -69,24 +77,31 @@ class _Observer(nn.Module):
             for index, point in enumerate(accumulator.target.points):
                 self.uses.setdefault(point, []).append((accumulator, index))
 
-    def forward(self, tensor: Any, node: str, axis: int) -> None:
-        for accumulator, index in self.uses[Observation(node, axis)]:
-            accumulator.observe(self.model, index, tensor)
+    def forward(self, tensor: Any, node: str, axis: int, offset: int | None = None) -> None:
+        for accumulator, index in self.uses[Observation(node, axis, offset)]:
+            size, seen = accumulator.target.size, tensor
+            part = offset is not None and isinstance(tensor, torch.Tensor)
+            if part and tensor.shape[axis] >= offset + size:
+                seen = tensor.narrow(axis, offset, size)
+            accumulator.observe(self.model, index, seen)
 
 
 def _statistics_graph(
-    model: nn.Module, observer: _Observer, leaf_modules: tuple[str, ...]
-) -> fx.GraphModule:
+    model: nn.Module, observer: _Observer, spec: Spec, example: torch.Tensor
+) -> nn.Module:
     """``model``'s traced forward, calling ``observer`` after every observed node."""
+    if spec.graph == "export":
+        return statistics_module(model, example, observer)  # exported in eval mode
     # observed_graph checks that the nodes exist; its extra outputs are dropped again
-    gm = observed_graph(model, [point.node for point in observer.uses], leaf_modules)
+    gm = observed_graph(model, [point.node for point in observer.uses], spec.leaf_modules)
     output = next(node for node in gm.graph.nodes if node.op == "output")
     output.args = (output.args[0][0],)
     gm.add_submodule("accord_observer", observer)
     by_name = {node.name: node for node in gm.graph.nodes}
     for point in observer.uses:
         with gm.graph.inserting_after(by_name[point.node]):
-            gm.graph.call_module("accord_observer", (by_name[point.node], point.node, point.axis))
+            args = (by_name[point.node], point.node, point.axis, point.offset)
+            gm.graph.call_module("accord_observer", args)
     gm.graph.lint()
     gm.recompile()
     return gm.eval()
@@ -224,14 +239,16 @@ def _accumulate(
     schedule: Iterator[tuple[int, torch.Tensor]],
     device: torch.device,
     order: Sequence[int],
-    leaf_modules: tuple[str, ...] = (),
+    spec: Spec,
+    example: torch.Tensor,
 ) -> StatisticsError | None:
     """Forward every scheduled batch through every model once, in ``order``; return a
     failure, if any."""
     try:
         with closing(schedule), _evaluating(models, device), torch.no_grad():
+            example = example.to(device)
             graphs = [
-                _statistics_graph(models[i], _Observer(i, accumulators), leaf_modules)
+                _statistics_graph(models[i], _Observer(i, accumulators), spec, example)
                 for i in order
             ]
             for index, inputs in schedule:
@@ -303,7 +320,10 @@ def collect_statistics(
         from accord.trace import trace
 
         spec = trace(models[0], _inputs(first, 0))
-    spaces, norms = _targets(spec, models[0], _pairs(len(models), reference, pairs), batchnorms)
+    example = _inputs(first, 0)
+    spaces, norms = _targets(
+        spec, models[0], example, _pairs(len(models), reference, pairs), batchnorms
+    )
     device = torch.device(device)
     order = [reference, *(i for i in range(len(models)) if i != reference)]
     accumulators = [Accumulator(t, order, device, precision) for t in spaces + norms]
@@ -314,7 +334,7 @@ def collect_statistics(
     stride = (0, 1) if sharded else (rank, world)
     batches = itertools.chain([first], stream)
     schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
-    failure = _accumulate(models, accumulators, schedule, device, order, spec.leaf_modules)
+    failure = _accumulate(models, accumulators, schedule, device, order, spec, example)
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}

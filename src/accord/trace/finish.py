@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from accord.errors import SpecError, TraceError
-from accord.spec import FeatureSpace, Observation, Spec
+from accord.spec import AxisRef, FeatureSpace, Observation, Spec
 from accord.trace.state import Feat, SpaceRecord, SpaceTable, Walk, weaker
 
 # Observation kinds, best first: activations (their outputs, or inputs for "pre"), then
@@ -25,8 +25,8 @@ _KINDS = {
 }
 
 
-def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec:
-    """The Spec of a walked graph, validated against ``model``."""
+def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: str = "fx") -> Spec:
+    """The Spec of a walked graph (``graph``: "fx" or "export"), validated against ``model``."""
     table = walk.table
     _union_shared(table)
     for root in table.roots():
@@ -37,6 +37,7 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec
     roots = sorted(table.roots(), key=lambda r: table.records[r].order)
     for root in roots:
         _settle(table.records[root])
+        _add_aliases(table.records[root], walk.aliases)
     names = _names(table, roots)
     observations = _observations(walk, observe)
     spaces = [
@@ -54,6 +55,7 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str]) -> Spec
         observe,
         _notes(spaces),
         tuple(sorted(leaves)),  # type: ignore[arg-type]
+        graph,  # type: ignore[arg-type]
     )
     try:
         spec.validate(model)
@@ -90,12 +92,14 @@ def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> No
                 axis = ref.axis % max(len(shapes.get(ref.tensor, ())), 1)
                 stop = ref.offset + record.size * ref.block
                 claims[(ref.tensor, axis)].append((ref.offset, stop, root, role, ref))
-    bad = set()
+    bad, tied = set(), set()
     for entries in claims.values():
         for i, (start, stop, root, role, ref) in enumerate(entries):
             for start2, stop2, root2, role2, ref2 in entries[i + 1 :]:
                 same = (root, role, ref) == (root2, role2, ref2)
-                if not same and start < stop2 and start2 < stop:
+                if (root, ref) == (root2, ref2) and {role, role2} == {"writers", "readers"}:
+                    tied.add((root, ref))
+                elif not same and start < stop2 and start2 < stop:
                     reason = f"{ref.describe()} is claimed twice, in different ways"
                     table.fix(root, reason)
                     table.fix(root2, reason)
@@ -103,6 +107,28 @@ def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> No
     for root, role, ref in bad:
         refs = table.records[root].refs[role]
         refs[:] = [r for r in refs if r != ref]
+    for root, ref in tied:
+        _tie(table.records[root], ref)
+
+
+def _tie(record: SpaceRecord, ref: AxisRef) -> None:
+    """One axis both writes and reads the space (an embedding tied to the output layer): a
+    writer gets ``T``, a reader ``T⁻ᵀ``, which agree for orthogonal maps, so it is listed once
+    as a writer and the space keeps orthogonal maps (permutations if it had fewer)."""
+    record.refs["readers"] = [r for r in record.refs["readers"] if r != ref]
+    record.maps = "orthogonal" if record.maps == "linear" else weaker(record.maps, "permutation")
+
+
+def _add_aliases(record: SpaceRecord, aliases: dict[str, list[str]]) -> None:
+    """Every state-dict key of a tied tensor moves with it (loading a state dict writes the
+    shared tensor once per key)."""
+    for refs in record.refs.values():
+        refs += [
+            AxisRef(alias, ref.axis, ref.block, ref.offset)
+            for ref in list(refs)
+            for alias in aliases.get(ref.tensor, ())
+            if all(r.tensor != alias for r in refs)
+        ]
 
 
 def _settle(record: SpaceRecord) -> None:
@@ -151,9 +177,29 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
             continue
         root = walk.table.find(value.segs[0].space)
         found[root].setdefault(kind, []).append(Observation(node, value.axis))
+    sliced: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
+    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+        value = walk.values.get(node)
+        if kind in kinds and not _pure(value):
+            for space, observation in _parts(walk, node, value):
+                sliced[space].setdefault(kind, []).append(observation)
+    for root, lists in sliced.items():
+        found.setdefault(root, lists)  # parts of a tensor only where nothing sees it whole
     return {
         root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
     }
+
+
+def _parts(walk: Walk, node: str, value: Any) -> list[tuple[int, Observation]]:
+    """Each segment of one space, one entry per feature, in a tensor without heads."""
+    if not isinstance(value, Feat) or not value.featured or value.heads is not None:
+        return []
+    found, offset = [], 0
+    for seg in value.segs:
+        if seg.space is not None and seg.block == 1:
+            found.append((walk.table.find(seg.space), Observation(node, value.axis, offset)))
+        offset += seg.size * seg.block
+    return found
 
 
 def _pure(value: Any) -> bool:

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from accord.trace import rules as rules
-from accord.trace.state import Call, Feat
+from accord.trace.state import Call, Feat, Seg
 
 
 def reshape(call: Call) -> Any:
@@ -22,6 +22,11 @@ def reshape(call: Call) -> Any:
     if not isinstance(x, Feat) or shape is None or not x.featured:
         return rules.reshape(call)
     if x.heads is not None:
+        squeezed = _squeezed(x, shape)
+        if squeezed is not None:
+            return squeezed
+        if x.repeat is not None:
+            return _join_repeated(call, x, shape)
         joined = _join(x, shape)
         if joined is None:
             call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes heads")
@@ -48,6 +53,62 @@ def _split(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     return None
 
 
+def _squeezed(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """Heads kept when a reshape only adds or removes axes of size 1."""
+    kept = [d for d, n in enumerate(x.shape) if n != 1]
+    out = [b for b, n in enumerate(shape) if n != 1]
+    if [x.shape[d] for d in kept] != [shape[b] for b in out]:
+        return None
+    where = dict(zip(kept, out, strict=True))
+    if x.axis not in where or x.heads not in where:
+        return None
+    repeat = None if x.repeat is None else where.get(x.repeat)
+    if x.repeat is not None and repeat is None:
+        return None
+    return Feat(tuple(shape), where[x.axis], x.segs, heads=where[x.heads], repeat=repeat)
+
+
+def _join_repeated(call: Call, x: Feat, shape: tuple[int, ...]) -> Any:
+    """(…, H, n, L, D) repeated heads → (…, H·n, L, D): each head's space n times in a row.
+
+    Heads then share spaces, so the space splits into one space per head first (it must be
+    freshly written: a value projection)."""
+    heads, times = x.shape[x.heads], x.shape[x.repeat]
+    before = math.prod(x.shape[: x.heads])
+    rest = x.shape[x.repeat + 1 :]
+    b = next(
+        (
+            b
+            for b in range(len(shape))
+            if math.prod(shape[:b]) == before and shape[b] == heads * times
+        ),
+        None,
+    )
+    if b is None or tuple(shape[b + 1 :]) != tuple(rest):
+        call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes repeated heads")
+        return call.plain()
+    per_head = _per_head_segs(call, x, heads)
+    if per_head is None:
+        call.table.fix_value(x, f"heads repeated at node {call.node.name!r} share a space")
+        return call.plain()
+    segs = tuple(seg for seg in per_head for _ in range(times))
+    return Feat(tuple(shape), b + 1 + x.axis - x.repeat - 1, segs, heads=b)
+
+
+def _per_head_segs(call: Call, x: Feat, heads: int) -> list[Seg] | None:
+    """``x``'s layout as one segment of one space per head, splitting a fresh space."""
+    width = x.shape[x.axis]
+    if len(x.segs) == heads and all(s.size == width and s.block == 1 for s in x.segs):
+        return list(x.segs)
+    if len(x.segs) != 1 or x.segs[0].space is None or x.segs[0].block != 1:
+        return None
+    space = x.segs[0].space
+    if not call.only_used_here(space):
+        return None
+    parts = call.table.split_written(space, [width] * heads)
+    return None if parts is None else [Seg(part, width) for part in parts]
+
+
 def _join(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     """(…, H, D, …) → (…, H·D, …): heads axis right before the per-head axis."""
     if x.axis != x.heads + 1:
@@ -72,7 +133,7 @@ def attention(call: Call) -> Any:
         return None  # grouped-query attention shares k and v heads: not handled here
     table = call.table
     query, key = q.segs[0].space, k.segs[0].space
-    if table.find(query) == table.find(key) or not _only_used_here(call, key):
+    if table.find(query) == table.find(key) or not _only_written(call, key):
         return None
     table.absorb_as_readers(query, key)
     table.downgrade(query, "orthogonal")
@@ -92,19 +153,9 @@ def _per_head(t: Feat) -> bool:
     )
 
 
-def _only_used_here(call: Call, key: int) -> bool:
+def _only_written(call: Call, key: int) -> bool:
     """The key space is only written, and its values reach nothing but this call."""
-    table, walk = call.table, call.walk
-    root = table.find(key)
-    record = table.records[root]
+    record = call.table.record(key)
     if record.refs["readers"] or record.refs["elementwise"] or record.reasons:
         return False
-    holders = {
-        name
-        for name, value in walk.values.items()
-        if isinstance(value, Feat)
-        and any(s.space is not None and table.find(s.space) == root for s in value.segs)
-    }
-    nodes = {node.name: node for node in call.node.graph.nodes}
-    allowed = holders | {call.node.name}
-    return all(user.name in allowed for name in holders for user in nodes[name].users)
+    return call.only_used_here(key)

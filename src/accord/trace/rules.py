@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from accord.trace.state import Call, Feat, Other, Seg, Tup, layouts_match
@@ -40,6 +41,8 @@ def elementwise(kind: str | None, activation: bool = True) -> Rule:
         extra = (*call.node.args[1:], *call.node.kwargs.values())
         if not isinstance(x, Feat) or call.out_shape != x.shape or _has_tensor(call, extra):
             return None
+        if x.param is not None:
+            return replace(x, applied=True)
         if not x.featured:
             return call.plain()
         if kind:
@@ -167,16 +170,21 @@ def _reshape_param(x: Feat, shape: tuple[int, ...]) -> Feat | None:
         return None
     dims = iter(d for d, _ in kept)
     return Feat(
-        tuple(shape), param=x.param, dims=tuple(next(dims) if n != 1 else None for n in shape)
+        tuple(shape),
+        param=x.param,
+        dims=tuple(next(dims) if n != 1 else None for n in shape),
+        applied=x.applied,
     )
 
 
-def _reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
+def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
     """``x`` with output axis ``i`` taken from input axis ``perm[i]``."""
     if sorted(perm) != list(range(x.ndim)):
         return None
     if x.param is not None:
-        return Feat(call.out_shape, param=x.param, dims=tuple(x.dims[p] for p in perm))
+        return Feat(
+            call.out_shape, param=x.param, dims=tuple(x.dims[p] for p in perm), applied=x.applied
+        )
     if not x.featured:
         return call.plain()
     heads = None if x.heads is None else list(perm).index(x.heads)
@@ -191,7 +199,7 @@ def transpose(call: Call) -> Any:
         return None
     perm = list(range(x.ndim))
     perm[d0 % x.ndim], perm[d1 % x.ndim] = d1 % x.ndim, d0 % x.ndim
-    return _reorder(call, x, perm)
+    return reorder(call, x, perm)
 
 
 def permute(call: Call) -> Any:
@@ -204,7 +212,7 @@ def permute(call: Call) -> Any:
         dims = list(dims[0])
     if not all(isinstance(d, int) for d in dims):
         return None
-    return _reorder(call, x, [d % x.ndim for d in dims])
+    return reorder(call, x, [d % x.ndim for d in dims])
 
 
 def movedim(call: Call) -> Any:
@@ -219,7 +227,7 @@ def movedim(call: Call) -> Any:
     for s, d in zip(source, destination, strict=True):
         perm[d % x.ndim] = s % x.ndim
     rest = iter(i for i in range(x.ndim) if i not in {s % x.ndim for s in source})
-    return _reorder(call, x, [p if p is not None else next(rest) for p in perm])
+    return reorder(call, x, [p if p is not None else next(rest) for p in perm])
 
 
 def expand(call: Call) -> Any:
@@ -233,7 +241,7 @@ def expand(call: Call) -> Any:
             d if n == shape[lead + i] else None
             for i, (d, n) in enumerate(zip(x.dims, x.shape, strict=True))
         ]
-        return Feat(shape, param=x.param, dims=tuple(dims))
+        return Feat(shape, param=x.param, dims=tuple(dims), applied=x.applied)
     if not x.featured:
         return call.plain()
     if shape[lead + x.axis] != x.shape[x.axis]:
@@ -269,7 +277,11 @@ def getattr_rule(call: Call) -> Any:
 
 
 def metadata(call: Call) -> Any:
-    """``x.size()``, ``x.dim()``, ``x.numel()``: they read no feature values."""
+    """``x.size()``, ``x.dim()``, ``x.numel()``: they read no values, of features or of
+    parameters."""
+    x = call.x
+    if isinstance(x, Feat):
+        call.use(x)
     return Other(call.meta)
 
 
@@ -289,7 +301,9 @@ def getitem(call: Call) -> Any:
     out_dims, partial = mapping
     if container.param is not None:
         dims = [None if d is None else -1 if d in partial else container.dims[d] for d in out_dims]
-        return Feat(call.out_shape, param=container.param, dims=tuple(dims))
+        return Feat(
+            call.out_shape, param=container.param, dims=tuple(dims), applied=container.applied
+        )
     if not container.featured:
         return call.plain()
     if container.axis not in out_dims or container.axis in partial:
@@ -353,17 +367,18 @@ def binary(op: str) -> Rule:
 
 
 def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
-    """A parameter times a number moves like the parameter itself (``T (c p) = c T p``)."""
-    for param, number, ok in ((a, b, op in ("mul", "div")), (b, a, op == "mul")):
+    """A parameter times a number moves like the parameter itself (``T (c p) = c T p``); a
+    parameter plus a number (Gemma's ``1 + w`` gain), or a number divided by it, follows
+    permutations only."""
+    for param, number in ((a, b), (b, a)):
         scalar = not isinstance(number, Feat | Tup)
-        if (
-            ok
-            and scalar
-            and isinstance(param, Feat)
-            and param.param
-            and param.shape == call.out_shape
-        ):
+        if not (scalar and isinstance(param, Feat) and param.param):
+            continue
+        if param.shape != call.out_shape:
+            break
+        if op == "mul" or (op == "div" and param is a):
             return param
+        return replace(param, applied=True)
     return call.plain()
 
 
@@ -401,7 +416,7 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             if pd is None or pd < 0:
                 reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
                 call.table.fix_value(x, reason)
-            elif op in ("add", "sub"):
+            elif op in ("add", "sub") and not other.applied:
                 call.use(other)
                 call.table.add_per_feature(x, "writers", other.param, pd)
             else:
@@ -445,7 +460,7 @@ def cat(call: Call) -> Any:
         if item.featured:
             continue
         pd = item.dims[axis] if item.param is not None else None
-        if pd is None or pd < 0 or item.shape[axis] != first.shape[axis]:
+        if pd is None or pd < 0 or item.applied or item.shape[axis] != first.shape[axis]:
             reason = f"concatenated at node {call.node.name!r} with a tensor accord cannot map"
             call.table.fix_value(first, reason)
         else:

@@ -1,10 +1,11 @@
 """The bookkeeping of :func:`accord.trace.trace`: traced values, feature spaces, union-find.
 
-Every fx node gets a *value*: :class:`Feat` for a tensor, :class:`Tup` for a tuple, or
-:class:`Other` for anything else (shapes, ints, None). A tensor's features lie along one axis,
-laid out as *segments*: ``size`` features of one space, each owning ``block`` consecutive
-entries (a Flatten of (C, H, W) gives block H·W; a concat gives several segments). A segment
-whose ``space`` is None holds features no space owns (they are never transformed).
+Every graph node (torch.fx or torch.export) gets a *value*: :class:`Feat` for a tensor,
+:class:`Tup` for a tuple, or :class:`Other` for anything else (shapes, ints, None). A
+tensor's features lie along one axis, laid out as *segments*: ``size`` features of one space,
+each owning ``block`` consecutive entries (a Flatten of (C, H, W) gives block H·W; a concat
+gives several segments). A segment whose ``space`` is None holds features no space owns (they
+are never transformed).
 
 Spaces are merged with union-find; a space's map kind only weakens as evidence arrives
 (linear → dense → orthogonal → permutation), and a fixed space stays fixed.
@@ -41,7 +42,9 @@ class Feat:
     when no space's features lie in it. ``param`` names the parameter or buffer it is a view
     of; ``dims[i]`` is then the parameter axis behind axis ``i`` (None: broadcast, -1: sliced).
     ``heads`` is set when attention split one space into heads: feature ``h·D + j`` then lies
-    at index ``h`` of axis ``heads`` and ``j`` of axis ``axis`` (D entries).
+    at index ``h`` of axis ``heads`` and ``j`` of axis ``axis`` (D entries). ``repeat`` is the
+    axis right after ``heads`` when an expand repeats every head along it (repeat_kv of
+    grouped-query attention); only a reshape joining it with the heads axis keeps the features.
     """
 
     shape: tuple[int, ...]
@@ -50,6 +53,10 @@ class Feat:
     param: str | None = None
     dims: tuple[int | None, ...] = ()
     heads: int | None = None
+    repeat: int | None = None
+    # an entrywise function of the parameter (``1 + w``, ``exp(w)``): it follows permutations
+    # only, so it can scale features but never write them
+    applied: bool = False
 
     @property
     def ndim(self) -> int:
@@ -173,7 +180,7 @@ class SpaceTable:
             ra, rb = min(ra, rb), max(ra, rb)
             self.parent[rb] = ra
             self.records[ra].absorb(self.records[rb])
-        self.records[ra].residual |= residual
+            self.records[ra].residual |= residual  # x + f(x) in one space is no stream
         return ra
 
     def roots(self) -> list[int]:
@@ -200,6 +207,30 @@ class SpaceTable:
         other.refs["writers"] = []
         into.maps = weaker(into.maps, other.maps)
         into.groups = common_groups(into.size, into.groups, other.groups)
+
+    def split_written(self, index: int, sizes: list[int]) -> list[int] | None:
+        """A space that only has writers so far, split into consecutive parts of ``sizes``
+        (a fused q/k/v or gate/up projection, or one space per key/value head); None when the
+        space is used already or its head blocks do not fit the parts. The old space is left
+        empty."""
+        record = self.record(index)
+        used = record.refs["readers"] or record.refs["elementwise"] or record.batchnorms
+        if used or record.reasons or record.residual or record.is_input or record.is_output:
+            return None
+        block = record.size // record.groups
+        if sum(sizes) != record.size or (record.groups > 1 and any(n % block for n in sizes)):
+            return None
+        parts, start = [], 0
+        for number, size in enumerate(sizes):
+            groups = size // block if record.groups > 1 else 1
+            part = self.new(size, f"{record.base}:{number}", record.maps, groups)
+            for ref in record.refs["writers"]:
+                moved = AxisRef(ref.tensor, ref.axis, ref.block, ref.offset + start * ref.block)
+                self.add_ref(part, "writers", moved)
+            parts.append(part)
+            start += size
+        record.refs["writers"] = []
+        return parts
 
     def add_ref(self, index: int, role: str, ref: AxisRef) -> None:
         self.record(index).refs[role].append(ref)
@@ -266,6 +297,8 @@ class Walk:
         self.tainted: dict[str, str] = {}
         self.order: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        # parameter or buffer -> the other state-dict keys of the very same tensor (tied)
+        self.aliases: dict[str, list[str]] = {}
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts
@@ -339,3 +372,24 @@ class Call:
 
     def plain(self) -> Any:
         return plain(self.meta)
+
+    def only_used_here(self, space: int, also: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+        """Every tensor holding ``space`` is used by tensors holding it, by this call or by the
+        nodes named in ``also`` alone, so this call may re-describe the space."""
+        table, walk = self.table, self.walk
+        root = table.find(space)
+        holders = {
+            name
+            for name, value in walk.values.items()
+            if isinstance(value, Feat | Tup) and root in map(table.find, table.spaces(value))
+        }
+        nodes = {node.name: node for node in self.node.graph.nodes}
+        allowed = holders | {self.node.name} | set(also)
+        # A user already traced whose output lacks the space took other features (a piece of
+        # a fused projection, an item of a split); any use of the space itself left a mark
+        # on its record (readers, a reason) or its output holds it.
+        return all(
+            user.name in allowed or user.name in walk.values
+            for name in holders
+            for user in nodes[name].users
+        )

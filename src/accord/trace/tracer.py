@@ -1,8 +1,19 @@
-"""Find a network's feature spaces with torch.fx: :func:`trace` turns a model into a Spec.
+"""Find a network's feature spaces: :func:`trace` turns a model into a Spec.
 
-The model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names match the statistics
-pass) and run once on ``example_input`` to learn every tensor's shape. Each tensor's feature
-axis is laid out in segments of spaces; walking the graph:
+torch.fx first: the model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names
+match the statistics pass), with the rules below per module, function and method. A model
+torch.fx cannot trace (shape-dependent Python, as in every Hugging Face class) is exported
+with torch.export instead and walked with rules per ATen operator
+(:mod:`accord.trace.export`, :mod:`accord.trace.aten`); ``Spec.graph`` says which graph the
+observation nodes name. The ATen rules prove the same structure from the operators that
+modules and functions decompose into; where the two differ, torch.export's is the one with
+more operators (``nn.MultiheadAttention``, opaque to torch.fx with known spaces, is written
+out there with weights averaged over heads, which fixes its spaces; a chunked Linear output
+is a fused projection there, an unknown call in torch.fx).
+
+On torch.fx the model is run once on ``example_input`` to learn every tensor's shape
+(torch.export records them). Each tensor's feature axis is laid out in segments of spaces;
+walking the graph:
 
 * Linear / Conv / Embedding (and F.linear / F.conv with parameter weights) open a new space:
   weight rows (Embedding: columns) and bias write it; their weight columns read the input's.
@@ -33,7 +44,7 @@ outputs. Feature axes in observations are non-negative (1 for NCHW, 2 for (N, L,
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -41,10 +52,12 @@ from torch import fx, nn
 
 from accord.errors import ConfigError, TraceError
 from accord.spec import Spec
+from accord.trace.export import exported_walk, trace_exported
 from accord.trace.finish import finish
 from accord.trace.fx import symbolic_graph
-from accord.trace.state import Call, Feat, Other, Seg, TensorMeta, Tup, Walk, plain
+from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
 from accord.trace.tables import FUNCTION_RULES, HEAD_RULES, METHOD_RULES, MODULE_RULES
+from accord.trace.walk import admits, output, taint_unused, unknown
 
 
 def trace(
@@ -73,12 +86,24 @@ def trace(
     >>> spec["input"].readers[0].block
     1024
 
-    Raises TraceError when torch.fx cannot trace the model or the example input fails.
+    A model torch.fx cannot trace is exported with torch.export (``leaf_modules`` are a
+    torch.fx notion: with them, a torch.fx failure is final). Raises TraceError when neither
+    can trace the model, with both reasons, or when the example input fails.
     """
     if observe not in ("post", "pre"):
         raise ConfigError(f"observe={observe!r}: expected 'post' or 'pre'")
     leaves = set(leaf_modules)
-    graph = symbolic_graph(model, leaves)
+    try:
+        graph = symbolic_graph(model, leaves)
+    except TraceError as fx_error:
+        if leaves:
+            raise
+        walk = exported_walk(model)
+        try:
+            trace_exported(model, example_input, walk)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\n{export_error}") from export_error
+        return finish(walk, model, observe, leaves, "export")
     metas = _record_shapes(model, graph, example_input)
     state = model.state_dict()
     counts = Counter(n.target for n in graph.graph.nodes if n.op == "call_module")
@@ -163,14 +188,13 @@ def _visit(walk: Walk, node: fx.Node, leaves: set[str]) -> Any:
             return Feat(meta.shape, param=node.target, dims=tuple(range(len(meta.shape))))
         return plain(meta)
     if node.op == "output":
-        _output(walk, node)
-        return Other()
+        return output(walk, node)
     call = _call(walk, node, meta)
     rule = _rule(node, call, leaves)
     result = rule(call) if rule is not None else None
     if result is None:
-        result = _unknown(call)
-    _taint_unused(call, result)
+        result = unknown(call)
+    taint_unused(call, result)
     return result
 
 
@@ -195,16 +219,6 @@ def _channels_first(walk: Walk, node: fx.Node) -> bool:
     )
 
 
-def _output(walk: Walk, node: fx.Node) -> None:
-    value = Call(walk, node, None, "output").resolve(node.args[0])
-    for space in walk.table.spaces(value):
-        walk.table.fix(space, "output")
-        walk.table.record(space).is_output = True
-    for feat in _feats(value):
-        if feat.param is not None:
-            walk.taint(feat.param, f"{feat.param} is returned by the model")
-
-
 def _call(walk: Walk, node: fx.Node, meta: Any) -> Call:
     if node.op == "call_module":
         module = walk.modules[node.target]
@@ -216,10 +230,7 @@ def _call(walk: Walk, node: fx.Node, meta: Any) -> Call:
 
 def _rule(node: fx.Node, call: Call, leaves: set[str]) -> Any:
     rule = _listed_rule(node, call, leaves)
-    args = [call.resolve(a) for a in (*node.args, *node.kwargs.values())]
-    if rule not in HEAD_RULES and any(feat.heads is not None for feat in _feats(args)):
-        return None
-    return rule
+    return rule if admits(rule, HEAD_RULES, call) else None
 
 
 def _listed_rule(node: fx.Node, call: Call, leaves: set[str]) -> Any:
@@ -234,41 +245,6 @@ def _function_name(function: Any) -> str:
     module = getattr(function, "__module__", None) or "torch"
     module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(module, module)
     return f"{module}.{getattr(function, '__name__', repr(function))}"
-
-
-def _unknown(call: Call) -> Any:
-    """Fix every space touching the call; nothing may move the parameters inside a module."""
-    reason = f"consumed by {call.desc}, which accord cannot prove safe"
-    node = call.node
-    call.table.fix_value([call.resolve(a) for a in (*node.args, *node.kwargs.values())], reason)
-    if node.op == "call_module":
-        prefix = f"{node.target}."
-        for key in call.walk.keys:
-            if key.startswith(prefix):
-                call.walk.taint(key, f"{key} is used inside {call.desc}")
-    return call.plain()
-
-
-def _taint_unused(call: Call, result: Any) -> None:
-    """A parameter that reaches a call which neither claims nor passes it on is opaque."""
-    passed = {feat.param for feat in _feats(result)}
-    args = [call.resolve(a) for a in (*call.node.args, *call.node.kwargs.values())]
-    for feat in _feats(args):
-        param = feat.param
-        if param is not None and param not in call.used and param not in passed:
-            call.walk.taint(param, f"{param} is also used by {call.desc}")
-
-
-def _feats(value: Any) -> Iterator[Feat]:
-    if isinstance(value, Feat):
-        yield value
-    elif isinstance(value, Tup):
-        yield from _feats(value.items)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        for item in value:
-            yield from _feats(item)
-    elif isinstance(value, dict):
-        yield from _feats(list(value.values()))
 
 
 __all__ = ["trace"]

@@ -1,0 +1,431 @@
+"""Which tracing rule handles which ATen operator of an exported graph, and the rules that
+need ATen's argument conventions (slices, splits, selects, reductions, repeated heads).
+
+The set is closed: an operator not listed here is unknown, and the spaces it touches are
+fixed with its name as the reason. Operators on tensors without features (masks, position
+ids, shapes) are harmless whatever they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from accord.trace import aten_attention, aten_layers, heads, rules
+from accord.trace.rules import Rule
+from accord.trace.state import Call, Feat, Seg, Tup, plain
+
+aten = torch.ops.aten
+
+
+def _cuts(x: Feat, pieces: list[tuple[int, int]]) -> list[Feat] | None:
+    """``x`` cut along its feature axis into ``pieces`` (entry ranges) that follow its
+    segments (a piece is whole segments), or None."""
+    bounds, offset = {0}, 0
+    for seg in x.segs:
+        offset += seg.size * seg.block
+        bounds.add(offset)
+    if not all(start in bounds and stop in bounds for start, stop in pieces):
+        return None
+    out, offset = [], 0
+    starts = []
+    for seg in x.segs:
+        starts.append(offset)
+        offset += seg.size * seg.block
+    for start, stop in pieces:
+        segs = tuple(s for s, at in zip(x.segs, starts, strict=True) if start <= at < stop)
+        shape = list(x.shape)
+        shape[x.axis] = stop - start
+        out.append(Feat(tuple(shape), x.axis, segs))
+    return out
+
+
+def _split_features(call: Call, x: Feat, pieces: list[tuple[int, int]], also: set[str]) -> Any:
+    """The pieces of ``x`` cut along its features; a freshly written space (a fused q/k/v or
+    gate/up projection) is split into one space per piece. None when they cannot be."""
+    found = _cuts(x, pieces)
+    if found is not None:
+        return found
+    if len(x.segs) != 1 or x.segs[0].space is None or x.segs[0].block != 1:
+        return None
+    space = x.segs[0].space
+    if not call.only_used_here(space, also):
+        return None
+    parts = call.table.split_written(space, [stop - start for start, stop in pieces])
+    if parts is None:
+        return None
+    whole = Feat(
+        x.shape,
+        x.axis,
+        tuple(Seg(p, stop - start) for p, (start, stop) in zip(parts, pieces, strict=True)),
+    )
+    source = call.input_node()
+    if source is not None:
+        call.walk.values[source] = whole
+    return _cuts(whole, pieces)
+
+
+def slice_rule(call: Call) -> Any:
+    """aten.slice(x, dim, start, end, step): the whole axis keeps everything; a part of the
+    feature axis is a piece of a fused projection when the input's other users are the other
+    pieces; a part of another axis keeps the features."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or shape is None:
+        return None
+    dim = call.arg(1, "dim", 0) % x.ndim
+    start, stop, step = _bounds(call, x.shape[dim])
+    whole = (start, stop, step) == (0, x.shape[dim], 1)
+    if x.param is not None:
+        dims = tuple(
+            -1 if i == dim and not whole and d is not None else d for i, d in enumerate(x.dims)
+        )
+        return Feat(shape, param=x.param, dims=dims, applied=x.applied)
+    if not x.featured:
+        return call.plain()
+    if whole:
+        return replace(x, shape=tuple(shape))
+    if dim != x.axis and dim != x.heads and dim != x.repeat:
+        return replace(x, shape=tuple(shape))
+    if dim == x.axis and x.heads is None and step == 1:
+        siblings = _sibling_slices(call, dim)
+        if siblings is not None:
+            pieces = sorted(siblings.values())
+            found = _split_features(call, x, pieces, set(siblings))
+            if found is not None:
+                call.event("writer_out")
+                return found[pieces.index((start, stop))]
+    reason = f"slicing at node {call.node.name!r} keeps only some of the features"
+    call.table.fix_value(x, reason)
+    return call.plain()
+
+
+def _bounds(call: Call, size: int) -> tuple[int, int, int]:
+    """A slice's ``(start, stop, step)`` within an axis of ``size`` entries."""
+    start, stop, step = call.arg(2, "start", None), call.arg(3, "end", None), call.arg(4, "step", 1)
+    start, stop, step = slice(start, stop, step).indices(size)
+    return start, max(start, stop), step
+
+
+def _sibling_slices(call: Call, dim: int) -> dict[str, tuple[int, int]] | None:
+    """The entry ranges of every slice of this call's input, when all its users are slices
+    of ``dim`` with step 1 that do not overlap."""
+    source = call.node.args[0]
+    size = call.resolve(source).shape[dim]
+    found = {}
+    for user in source.users:
+        if getattr(user.target, "overloadpacket", None) is not aten.slice:
+            return None
+        other = Call(call.walk, user, None, "")
+        if other.arg(1, "dim", 0) % len(call.resolve(source).shape) != dim:
+            return None
+        start, stop, step = _bounds(other, size)
+        if step != 1:
+            return None
+        found[user.name] = (start, stop)
+    ranges = sorted(found.values())
+    if any(a[1] > b[0] for a, b in itertools.pairwise(ranges)):
+        return None
+    return found
+
+
+def split(call: Call) -> Any:
+    """aten.split / split_with_sizes / chunk / unbind: pieces along one axis."""
+    x, meta = call.x, call.meta
+    if not isinstance(x, Feat) or not isinstance(meta, tuple):
+        return None
+    name = call.node.target.__name__
+    dim = call.arg(1 if name.startswith("unbind") else 2, "dim", 0) % x.ndim
+    if x.param is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    if dim != x.axis and dim != x.heads and dim != x.repeat:
+        items = []
+        for item in meta:
+            axis = x.axis - (name.startswith("unbind") and dim < x.axis)
+            heads_axis = (
+                None if x.heads is None else x.heads - (name.startswith("unbind") and dim < x.heads)
+            )
+            items.append(Feat(item.shape, axis, x.segs, heads=heads_axis))
+        return Tup(tuple(items))
+    if dim != x.axis or x.heads is not None or name.startswith("unbind"):
+        return None
+    pieces, start = [], 0
+    for item in meta:
+        pieces.append((start, start + item.shape[dim]))
+        start += item.shape[dim]
+    found = _split_features(call, x, pieces, set())
+    if found is None:
+        return None
+    for user in call.node.users:
+        if user.target is operator.getitem:
+            call.event("writer_out", user.name)
+    return Tup(tuple(found))
+
+
+def select(call: Call) -> Any:
+    """aten.select(x, dim, index): one entry of an axis other than the features."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or shape is None or x.param is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    dim = call.arg(1, "dim") % x.ndim
+    if dim in (x.axis, x.heads, x.repeat):
+        call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
+        return call.plain()
+    heads_axis = None if x.heads is None else x.heads - (dim < x.heads)
+    return Feat(shape, x.axis - (dim < x.axis), x.segs, heads=heads_axis)
+
+
+def expand(call: Call) -> Any:
+    """aten.expand: heads repeated along a size-1 axis right after them (repeat_kv)."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or x.heads is None or shape is None:
+        return rules.expand(call)
+    if tuple(shape) == x.shape:
+        return x
+    grown = [d for d, (a, b) in enumerate(zip(x.shape, shape, strict=False)) if a != b]
+    if len(shape) != x.ndim or grown != [x.heads + 1] or x.repeat is not None:
+        return None
+    return Feat(tuple(shape), x.axis, x.segs, heads=x.heads, repeat=x.heads + 1)
+
+
+def reduce(kind: str | None) -> Rule:
+    """mean / sum / amax / amin / var: over other axes as :func:`rules.reduce`; over the
+    features the result has none left and only permutations keep it (an RMSNorm's mean of
+    squares, a LayerNorm written out)."""
+    along = rules.reduce(kind)
+
+    def rule(call: Call) -> Any:
+        x, dims = call.x, call.arg(1, "dim", None)
+        if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+            return None
+        if not x.featured:
+            return call.plain()
+        dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+        if x.axis in {d % x.ndim for d in dims}:
+            call.table.downgrade_value(x, "permutation")
+            return call.plain()
+        return along(call)
+
+    return rule
+
+
+def cat(call: Call) -> Any:
+    """aten.cat, leaving out empty pieces (an empty key/value cache)."""
+    items = call.arg(0, "tensors")
+    if not isinstance(items, list | tuple):
+        return None
+    kept = [item for item in items if not (isinstance(item, Feat) and 0 in item.shape)]
+    if len(kept) == 1 and isinstance(kept[0], Feat) and call.out_shape == kept[0].shape:
+        return kept[0]
+    if any(isinstance(item, Feat) and item.heads is not None for item in kept):
+        return None
+    return rules.cat(call)
+
+
+def tupled(rule: Rule) -> Rule:
+    """A rule for operators returning (output, indices), applied to the output."""
+
+    def wrapped(call: Call) -> Any:
+        if not isinstance(call.meta, tuple):
+            return None
+        out = rule(replace(call, meta=call.meta[0]))
+        return None if out is None else Tup((out, *(plain(m) for m in call.meta[1:])))
+
+    return wrapped
+
+
+def head_scalar(op: str) -> Rule:
+    """add / sub / mul / div: :func:`rules.binary`, and heads scaled or shifted by a number."""
+    plain_rule = rules.binary(op)
+
+    def rule(call: Call) -> Any:
+        a, b = call.arg(0, "self"), call.arg(1, "other")
+        if not any(isinstance(v, Feat) and v.heads is not None for v in (a, b)):
+            return plain_rule(call)
+        x, other = (a, b) if isinstance(a, Feat) and a.heads is not None else (b, a)
+        if _varies_along(other, x, call.out_shape):
+            reason = (
+                f"multiplied or shifted at node {call.node.name!r} by a tensor that varies "
+                "along the features per position (as rotary embeddings do): no map of these "
+                "features is proven to keep it"
+            )
+            call.table.fix_value(x, reason)
+            return call.plain()
+        constant = isinstance(other, Feat) and other.param is None and not other.featured
+        if (isinstance(other, Feat | Tup) and not constant) or call.out_shape != x.shape:
+            return None
+        if x.repeat is not None:
+            return None
+        if op in ("add", "sub") or (op == "div" and x is b):
+            call.table.downgrade_value(x, "dense")
+        return x
+
+    return rule
+
+
+def _varies_along(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
+    """A tensor without features that broadcasts against ``x`` with more than one value
+    along ``x``'s feature axis."""
+    if not isinstance(other, Feat) or other.param is not None or other.featured or not shape:
+        return False
+    d = x.axis + len(shape) - x.ndim - (len(shape) - other.ndim)
+    return d >= 0 and other.shape[d] != 1
+
+
+def t(call: Call) -> Any:
+    """aten.t: a 2-d transpose."""
+    x = call.x
+    return rules.reorder(call, x, [1, 0]) if isinstance(x, Feat) and x.ndim == 2 else None
+
+
+def pad(call: Call) -> Any:
+    """aten.constant_pad_nd(x, pad, value)."""
+    x, widths, value = call.x, call.arg(1, "pad"), call.arg(2, "value", 0)
+    if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    touched = [x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w]
+    if x.axis in touched or not isinstance(value, int | float):
+        return None
+    if value:
+        call.table.downgrade_value(x, "dense")
+    return x.moved(call.out_shape, x.axis)
+
+
+_activation = rules.elementwise("dense")
+_math = rules.elementwise("dense", activation=False)
+
+
+def _packets(names: str) -> list[Any]:
+    return [getattr(aten, name) for name in names.split() if hasattr(aten, name)]
+
+
+_ACTIVATIONS = _packets(
+    "relu relu_ gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ leaky_relu leaky_relu_ elu "
+    "elu_ celu celu_ selu selu_ softplus hardswish hardswish_ hardsigmoid hardsigmoid_ hardtanh "
+    "hardtanh_ mish mish_ log_sigmoid softshrink hardshrink relu6 logit"
+)
+_MATH = _packets(
+    "abs exp sqrt rsqrt square pow clamp clamp_ clamp_min clamp_max cos sin log erf "
+    "reciprocal sign log1p expm1"
+)
+_PASS = _packets(
+    "dropout dropout_ feature_dropout feature_dropout_ alpha_dropout alpha_dropout_ clone "
+    "contiguous alias detach detach_ lift_fresh_copy _to_copy to type_as neg"
+)
+_META = _packets("sym_size sym_numel sym_stride _assert_tensor_metadata dim size")
+_CONSTANT = _packets(
+    "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
+    "new_empty arange zeros ones full empty scalar_tensor"
+)
+_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as")
+_ARITHMETIC = {"add": "add add_", "sub": "sub sub_ rsub", "mul": "mul mul_", "div": "div div_"}
+_POOLS = {
+    1: ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"),
+    2: ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"),
+    3: ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"),
+}
+
+
+def _pool_rules() -> dict[Any, Rule]:
+    table: dict[Any, Rule] = {}
+    for dims, (max_pool, avg_pool, adaptive_avg, adaptive_max) in _POOLS.items():
+        table[getattr(aten, max_pool)] = rules.spatial(dims, "dense")
+        table[getattr(aten, f"{max_pool}_with_indices")] = tupled(rules.spatial(dims, "dense"))
+        table[getattr(aten, adaptive_max)] = tupled(rules.spatial(dims, "dense"))
+        table[getattr(aten, avg_pool)] = table[getattr(aten, adaptive_avg)] = rules.spatial(dims)
+    return table
+
+
+ATEN_RULES: dict[Any, Rule] = {
+    **{op: _activation for op in _ACTIVATIONS},
+    **{op: _math for op in _MATH},
+    **{op: rules.passthrough for op in _PASS},
+    **{op: rules.metadata for op in _META},
+    **{op: rules.constant for op in _CONSTANT},
+    **{op: heads.reshape for op in _RESHAPE},
+    **{op: head_scalar(kind) for kind, names in _ARITHMETIC.items() for op in _packets(names)},
+    **_pool_rules(),
+    aten.upsample_nearest2d: rules.spatial(None),
+    aten.upsample_bilinear2d: rules.spatial(None),
+    aten.constant_pad_nd: pad,
+    aten.pad: rules.pad,
+    aten.softmax: rules.softmax,
+    aten._softmax: rules.softmax,
+    aten.log_softmax: rules.softmax,
+    aten._log_softmax: rules.softmax,
+    aten.transpose: rules.transpose,
+    aten.swapaxes: rules.transpose,
+    aten.permute: rules.permute,
+    aten.movedim: rules.movedim,
+    aten.t: t,
+    aten.expand: expand,
+    aten.cat: cat,
+    aten.concat: cat,
+    aten.stack: rules.stack,
+    aten.slice: slice_rule,
+    aten.select: select,
+    aten.split: split,
+    aten.split_with_sizes: split,
+    aten.chunk: split,
+    aten.unbind: split,
+    aten.mean: reduce(None),
+    aten.sum: reduce(None),
+    aten.amax: reduce("dense"),
+    aten.amin: reduce("dense"),
+    aten.var: reduce("dense"),
+    aten.linear: aten_layers.linear,
+    aten.addmm: aten_layers.addmm,
+    aten.mm: aten_layers.matmul,
+    aten.matmul: aten_layers.matmul,
+    aten.bmm: aten_layers.matmul,
+    aten.conv1d: aten_layers.convolution,
+    aten.conv2d: aten_layers.convolution,
+    aten.conv3d: aten_layers.convolution,
+    aten.convolution: aten_layers.convolution,
+    aten.embedding: aten_layers.embedding,
+    aten.layer_norm: aten_layers.layer_norm,
+    aten.rms_norm: aten_layers.layer_norm,
+    aten.group_norm: aten_layers.group_norm,
+    aten.batch_norm: aten_layers.batch_norm,
+    aten._native_batch_norm_legit_no_training: aten_layers.batch_norm,
+    aten.instance_norm: aten_layers.batch_norm,
+    aten.prelu: aten_layers.prelu,
+    aten.scaled_dot_product_attention: aten_attention.sdpa,
+}
+
+# The rules that understand a space split into attention heads.
+ATEN_HEAD_RULES = frozenset(
+    {
+        _activation,
+        _math,
+        rules.passthrough,
+        rules.transpose,
+        rules.permute,
+        rules.movedim,
+        heads.reshape,
+        aten_attention.sdpa,
+        aten_layers.matmul,
+        slice_rule,
+        select,
+        split,
+        expand,
+        cat,
+        *(ATEN_RULES[op] for names in _ARITHMETIC.values() for op in _packets(names)),
+    }
+)
+
+
+def rule_for(target: Any) -> Rule | None:
+    """The rule of an exported graph's call target (an ATen overload or getitem)."""
+    if target is operator.getitem:
+        return rules.getitem
+    return ATEN_RULES.get(getattr(target, "overloadpacket", None))

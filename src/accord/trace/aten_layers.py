@@ -1,0 +1,283 @@
+"""Tracing rules for ATen operators with parameters: writers, norms, embeddings, attention.
+
+In an exported graph parameters are inputs of the operators (a weight is a view of a
+parameter, :class:`~accord.trace.state.Feat` with ``param``), so a writer is recognised by its
+weight, whatever module or function called it. A space is named after its writer's weight
+(``layers.0.fc`` for ``layers.0.fc.weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from accord.spec import AxisRef, FoldedNorm
+from accord.trace.layers import write
+from accord.trace.rules import mark_activation
+from accord.trace.state import Call, Feat, Seg, Tup, seg_offsets
+
+
+def _param_axes(value: Any) -> tuple[int, ...] | None:
+    """The parameter axis behind each axis of a parameter view, or None if it is not one."""
+    if not isinstance(value, Feat) or value.param is None:
+        return None
+    if any(d is None or d < 0 for d in value.dims) or len(set(value.dims)) != value.ndim:
+        return None
+    return tuple(d for d in value.dims if d is not None)
+
+
+def _optional_param(value: Any) -> tuple[Feat | None, bool]:
+    """``(bias, ok)``: no bias, or a bias that is a whole 1-d parameter."""
+    if value is None:
+        return None, True
+    axes = _param_axes(value)
+    return value, axes == (0,)
+
+
+def _space_name(param: str) -> str:
+    return param.removesuffix(".weight")
+
+
+def _matrix_writer(call: Call, x: Any, weight: Any, bias: Any, transposed: bool) -> Any:
+    """``x @ Wᵀ + b`` (``transposed``: ``x @ W + b``) with W a 2-d parameter view."""
+    axes, shape = _param_axes(weight), call.out_shape
+    bias, bias_ok = _optional_param(bias)
+    if axes is None or len(axes) != 2 or not bias_ok or shape is None:
+        return None
+    if not isinstance(x, Feat) or x.param is not None:
+        return None
+    reads, writes = (axes[0], axes[1]) if transposed else (axes[1], axes[0])
+    call.use(weight)
+    refs = [AxisRef(weight.param, writes)]
+    if bias is not None:
+        call.use(bias)
+        refs.append(AxisRef(bias.param, 0))
+    if x.featured:
+        _read_axis(call, x, weight.param, reads, x.ndim - 1)
+    size = shape[-1]
+    return write(call, _space_name(weight.param), size, shape, len(shape) - 1, tuple(refs))
+
+
+def _read_axis(call: Call, x: Feat, tensor: str, tensor_axis: int, axis: int) -> None:
+    """Axis ``tensor_axis`` of ``tensor`` reads ``x``'s features, which must lie on ``axis``."""
+    if x.axis != axis:
+        reason = f"{call.desc} reads axis {axis}, but the features lie on axis {x.axis}"
+        call.table.fix_value(x, reason)
+        return
+    call.table.add_per_feature(x, "readers", tensor, tensor_axis)
+    if call.input_node(_x_index(call)) is not None:
+        call.event("reader_in", call.input_node(_x_index(call)))
+
+
+def _x_index(call: Call) -> int:
+    return 1 if call.node.target.__name__.startswith("addmm") else 0
+
+
+def linear(call: Call) -> Any:
+    """aten.linear(x, W, b): W rows and b write, W columns read."""
+    return _matrix_writer(call, call.x, call.arg(1, "weight"), call.arg(2, "bias", None), False)
+
+
+def addmm(call: Call) -> Any:
+    """aten.addmm(b, x, W) = b + x @ W (GPT-2's Conv1D: W is (in, out))."""
+    if call.arg(3, "beta", 1) != 1 or call.arg(4, "alpha", 1) != 1:
+        return None
+    return _matrix_writer(call, call.arg(1, "mat1"), call.arg(2, "mat2"), call.arg(0, "self"), True)
+
+
+def matmul(call: Call) -> Any:
+    """aten.mm / matmul / bmm: with a parameter on the right a writer, between activations
+    the products of written-out attention (see :mod:`accord.trace.aten_attention`)."""
+    a, b = call.arg(0, "self"), call.arg(1, "other")
+    if isinstance(b, Feat) and b.param is not None and b.ndim == 2:
+        return _matrix_writer(call, a, b, None, True)
+    from accord.trace.aten_attention import product
+
+    return product(call, a, b)
+
+
+def convolution(call: Call) -> Any:
+    """aten.conv1d/2d/3d and aten.convolution (not transposed).
+
+    A depthwise convolution (groups = input channels, ``k`` outputs each) keeps its input's
+    spaces, each feature owning ``k`` output channels, and allows permutations only; other
+    grouped convolutions fix their input and give their output ``groups`` blocks.
+    """
+    x, weight, shape = call.x, call.arg(1, "weight"), call.out_shape
+    bias, bias_ok = _optional_param(call.arg(2, "bias", None))
+    if call.node.target.__name__.startswith("convolution"):
+        if call.arg(6, "transposed"):
+            return None
+        groups = call.arg(8, "groups", 1)
+    else:
+        groups = call.arg(6, "groups", 1)
+    axes = _param_axes(weight)
+    if axes is None or axes[:2] != (0, 1) or not bias_ok or shape is None:
+        return None
+    if not isinstance(x, Feat) or x.param is not None:
+        return None
+    call.use(weight)
+    refs = (AxisRef(weight.param, 0), AxisRef(bias.param, 0) if bias is not None else None)
+    if bias is not None:
+        call.use(bias)
+    name, channels = _space_name(weight.param), x.shape[1]
+    if groups == 1:
+        if x.featured:
+            _read_axis(call, x, weight.param, 1, 1)
+        return write(call, name, shape[1], shape, 1, refs)
+    if groups == channels and x.featured and x.axis == 1:
+        k = shape[1] // channels
+        for ref in refs:
+            if ref is not None:
+                call.table.add_per_feature(x, "elementwise", ref.tensor, 0, scale=k)
+        call.table.downgrade_value(x, "permutation")
+        return Feat(shape, 1, tuple(Seg(s.space, s.size, s.block * k) for s in x.segs))
+    reason = f"grouped convolution {name!r} (groups={groups}) reads its input by group"
+    call.table.fix_value(x, reason)
+    return write(call, name, shape[1], shape, 1, refs, groups=groups)
+
+
+def embedding(call: Call) -> Any:
+    """aten.embedding(W, indices): W's columns write a new space on the last axis."""
+    weight, indices, shape = call.arg(0, "weight"), call.arg(1, "indices"), call.out_shape
+    if _param_axes(weight) != (0, 1) or shape is None:
+        return None
+    call.use(weight)
+    call.table.fix_value(indices, f"used as indices by {call.desc}")
+    ref = AxisRef(weight.param, 1)
+    return write(call, _space_name(weight.param), shape[-1], shape, len(shape) - 1, (ref,))
+
+
+def _elementwise(call: Call, x: Feat, params: list[Any], offset: int = 0) -> bool:
+    """Per-feature parameters (1-d, whole, or None); False if one is anything else."""
+    found = [p for p in params if p is not None]
+    if not all(_param_axes(p) == (0,) for p in found):
+        return False
+    for p in found:
+        call.use(p)
+        call.table.add_per_feature(x, "elementwise", p.param, 0)
+    return True
+
+
+def layer_norm(call: Call) -> Any:
+    """aten.layer_norm(x, shape, w, b) / rms_norm(x, shape, w): permutations only, the
+    gain and shift move with them. The features must be the last, normalised axis."""
+    x, normalized = call.x, call.arg(1, "normalized_shape")
+    is_rms = call.node.target.__name__.startswith("rms_norm")
+    params = [call.arg(2, "weight", None)] + ([] if is_rms else [call.arg(3, "bias", None)])
+    if not isinstance(x, Feat) or call.out_shape != x.shape:
+        return None
+    if not x.featured:
+        return call.plain()
+    if x.param is not None or len(normalized) != 1 or x.axis != x.ndim - 1:
+        reason = f"{call.desc} normalises axes that do not hold the features"
+        call.table.fix_value(x, reason)
+        return call.plain()
+    if not _elementwise(call, x, params):
+        return None
+    call.table.downgrade_value(x, "permutation")
+    return x
+
+
+def group_norm(call: Call) -> Any:
+    """aten.group_norm(x, groups, w, b): permutations keeping every channel in its group."""
+    x, groups = call.x, call.arg(1, "num_groups")
+    if not isinstance(x, Feat) or call.out_shape != x.shape or x.param is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    if x.axis != 1 or not _elementwise(call, x, [call.arg(2, "weight"), call.arg(3, "bias")]):
+        return None
+    call.table.downgrade_value(x, "permutation")
+    channels = x.shape[1]
+    width = channels // groups
+    if 1 < groups < channels:
+        for seg, offset in seg_offsets(x):
+            entries = seg.size * seg.block
+            if seg.space is None:
+                continue
+            if offset % width or entries % width or width % seg.block:
+                call.table.fix(seg.space, f"{call.desc} groups do not align with its features")
+            else:
+                call.table.constrain_groups(seg.space, entries // width)
+    return x
+
+
+_BATCHNORM_STATS = (1, 2, 3, 4)  # weight, bias, running_mean, running_var
+
+
+def batch_norm(call: Call) -> Any:
+    """aten.batch_norm / _native_batch_norm_legit_no_training / instance_norm.
+
+    Right after a writer's only use (and with the only use of its own parameters) it is
+    folded into the writer and keeps the space linear; otherwise permutations only."""
+    x = call.x
+    if not isinstance(x, Feat) or x.param is not None:
+        return None
+    name = call.node.target.__name__
+    tupled = name.startswith("_native_batch_norm")
+    shape = call.meta[0].shape if tupled else call.out_shape
+    if shape != x.shape:
+        return None
+    stats = [call.arg(i, "") for i in _BATCHNORM_STATS]
+    if name.startswith("batch_norm") and call.arg(5, "training"):
+        return None
+    result = x if not tupled else Tup((x, *(call.plain().items[1:])))
+    if not x.featured:
+        return call.plain()
+    if x.axis != 1 or not _elementwise(call, x, stats):
+        return None
+    writer = None if name.startswith("instance_norm") else _foldable_writer(call, stats)
+    if writer is None:
+        call.table.downgrade_value(x, "permutation")
+        return result
+    norm = _space_name(stats[0].param)
+    call.table.record(x.segs[0].space).batchnorms.append(FoldedNorm(norm, writer))
+    call.walk.events.pop(("writer_out", call.input_node()), None)
+    call.event("writer_out")
+    return result
+
+
+def _foldable_writer(call: Call, stats: list[Any]) -> str | None:
+    """The writer module before a BatchNorm that can absorb it, or None."""
+    source = call.node.args[0]
+    if not isinstance(source, fx.Node) or len(source.users) != 1 or source.op != "call_function":
+        return None
+    if not source.target.__name__.startswith(("conv", "linear")):
+        return None
+    if source.target.__name__.startswith("convolution") and source.args[8:9] not in ((), (1,)):
+        return None
+    if source.target.__name__.startswith("conv") and source.args[6:7] not in ((), (1,)):
+        return None
+    weight = source.args[1]
+    params = [weight, *(call.node.args[i] for i in _BATCHNORM_STATS)]
+    if not all(isinstance(p, fx.Node) and len(p.users) == 1 for p in params):
+        return None  # folding edits these tensors: they must serve this call alone
+    writer = call.walk.values.get(weight.name)
+    if any(s is None for s in stats) or not isinstance(writer, Feat) or writer.param is None:
+        return None
+    writer_name, norm_name = _space_name(writer.param), _space_name(stats[0].param)
+    expected = [f"{norm_name}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
+    if [s.param for s in stats] != expected or not writer.param.endswith(".weight"):
+        return None  # apply.fold_batchnorms finds the tensors by module name
+    return writer_name
+
+
+def prelu(call: Call) -> Any:
+    """aten.prelu(x, w): one slope is an activation; one per channel (axis 1) ties
+    permutations."""
+    x, weight = call.x, call.arg(1, "weight")
+    if not isinstance(x, Feat) or call.out_shape != x.shape or _param_axes(weight) != (0,):
+        return None
+    if not x.featured:
+        return call.plain()
+    call.use(weight)
+    if weight.shape[0] > 1:
+        if x.axis != 1:
+            return None
+        call.table.add_per_feature(x, "elementwise", weight.param, 0)
+        call.table.downgrade_value(x, "permutation")
+    call.table.downgrade_value(x, "dense")
+    mark_activation(call)
+    return x

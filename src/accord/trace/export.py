@@ -1,0 +1,209 @@
+"""Tracing on torch.export: the ATen graph of a model, walked with :mod:`accord.trace.aten`.
+
+``torch.export.export`` runs the model's Python (shape-dependent control flow included, which
+stops torch.fx) and records ATen operators with each output's shape (``node.meta['val']``), so
+no separate shape-recording run is needed. Parameters and buffers are inputs of the graph,
+named by the export signature; tied tensors (an lm_head sharing the embedding) appear once
+and every state-dict key of the tensor moves with it. The batch axis is exported as dynamic
+where the model allows it, so the same graph runs the statistics pass on any batch size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+
+from accord.errors import TraceError
+from accord.trace.aten import ATEN_HEAD_RULES, rule_for
+from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
+from accord.trace.walk import admits, output, taint_unused, unknown
+
+
+def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
+    """``model`` exported on ``example_input`` in eval mode (training flags restored), with a
+    dynamic batch axis where the model allows it. Raises TraceError with the exporter's reason."""
+    args, kwargs = _arguments(example_input)
+    training = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic(args, kwargs))
+        except Exception:  # a batch axis the model fixes: export it as it is
+            return torch.export.export(model, args, kwargs)
+    except Exception as exc:  # any failure of the user's model under the exporter
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TraceError(
+            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: "
+            f"{reason}. Make the code it names exportable (torch.export's guide lists the "
+            "rewrites: torch.cond for data-dependent branches, no Python side effects), or "
+            "write a spec file (accord.Spec.load) instead of tracing"
+        ) from exc
+    finally:
+        for module, flag in training:
+            module.training = flag
+
+
+def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, tuple):
+        return example_input, {}
+    return (example_input,), {}
+
+
+def _dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def batch(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
+            return {0: Dim.AUTO}
+        return None
+
+    if kwargs:
+        return {key: batch(value) for key, value in kwargs.items()}
+    return tuple(batch(value) for value in args)
+
+
+def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> ExportedProgram:
+    """Walk the exported graph of ``model``, filling ``walk`` (values, events, spaces)."""
+    program = export_program(model, example_input)
+    signature = program.graph_signature
+    tensors = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    walk.aliases = _aliases(model)
+    order = {key: index for index, key in enumerate(model.state_dict())}
+    # a tied tensor goes by its first state-dict key (the embedding, not the output layer)
+    tensors = {
+        name: min([key, *walk.aliases.get(key, ())], key=lambda k: order.get(k, len(order)))
+        for name, key in tensors.items()
+    }
+    for index, node in enumerate(program.graph.nodes):
+        walk.order[node.name] = index
+        walk.metas[node.name] = _meta(node.meta.get("val"))
+        walk.values[node.name] = _visit(walk, node, tensors)
+    return program
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Per state-dict key, the other keys holding the very same tensor (tied weights)."""
+    by_tensor: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        identity = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))
+        by_tensor.setdefault(identity, []).append(key)
+    return {
+        key: [k for k in keys if k != key]
+        for keys in by_tensor.values()
+        for key in keys
+        if len(keys) > 1
+    }
+
+
+def _meta(value: Any) -> Any:
+    """A node's output as the tracer sees it; symbolic sizes become the example's sizes."""
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(_size(n) for n in value.shape), value.is_floating_point())
+    if isinstance(value, tuple | list):
+        return tuple(_meta(v) for v in value)
+    if isinstance(value, torch.SymInt | int):
+        return _size(value)
+    return value if value is None or isinstance(value, float | bool) else None
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return int(hint) if hint is not None else -1
+    return int(value)
+
+
+def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
+    meta = walk.metas[node.name]
+    if node.op == "placeholder":
+        return _placeholder(walk, node, meta, tensors)
+    if node.op == "output":
+        return output(walk, node)
+    if node.op != "call_function":
+        return plain(meta)
+    call = Call(walk, node, meta, _describe(node.target))
+    rule = rule_for(node.target)
+    if rule is not None and not admits(rule, ATEN_HEAD_RULES, call):
+        rule = None
+    result = rule(call) if rule is not None else None
+    if result is None:
+        result = unknown(call)
+    taint_unused(call, result)
+    return result
+
+
+def _describe(target: Any) -> str:
+    name = getattr(target, "__name__", repr(target))
+    return f"aten.{name}" if hasattr(target, "overloadpacket") else name
+
+
+def _placeholder(walk: Walk, node: fx.Node, meta: Any, tensors: dict[str, str]) -> Any:
+    """A parameter or buffer is a view of itself; a floating user input with a batch axis has a
+    fixed space (channels; the last axis of a 3-D input unless a 1-d conv reads it)."""
+    key = tensors.get(node.name)
+    if key is not None:
+        if key in walk.keys and isinstance(meta, TensorMeta):
+            return Feat(meta.shape, param=key, dims=tuple(range(len(meta.shape))))
+        return plain(meta)
+    if not isinstance(meta, TensorMeta) or not meta.floating or len(meta.shape) < 2:
+        return plain(meta)
+    axis = 2 if len(meta.shape) == 3 and not _channels_first(node) else 1
+    size = meta.shape[axis]
+    space = walk.table.new(size, f"input:{node.target}")
+    walk.table.record(space).is_input = True
+    walk.table.fix(space, "input")
+    return Feat(meta.shape, axis, (Seg(space, size),))
+
+
+def _channels_first(node: fx.Node) -> bool:
+    """Whether a 3-D input is (N, C, L): it goes straight into a 1-d conv or norm."""
+    names = ("conv1d", "convolution", "batch_norm", "instance_norm", "group_norm")
+    return any(getattr(user.target, "__name__", "").startswith(names) for user in node.users)
+
+
+def exported_walk(model: nn.Module) -> Walk:
+    """An empty walk over ``model``'s state dict, for :func:`trace_exported`."""
+    state = model.state_dict()
+    walk = Walk({}, set(state), Counter())
+    walk.shapes = {key: tuple(value.shape) for key, value in state.items()}
+    return walk
+
+
+def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module) -> nn.Module:
+    """The exported module of ``model``, calling ``observer(tensor, node, axis, offset)`` after
+    every node ``observer.uses`` names (before any later in-place operator changes it)."""
+    module = export_program(model, example_input).module()
+    by_name = {node.name: node for node in module.graph.nodes}
+    missing = sorted({point.node for point in observer.uses} - set(by_name))
+    if missing:
+        raise TraceError(
+            f"observation node(s) {missing} are not in the exported graph of "
+            f"{type(model).__name__}; the spec was made for another model or version: trace again"
+        )
+    module.add_submodule("accord_observer", observer)
+    for point in observer.uses:
+        with module.graph.inserting_after(by_name[point.node]):
+            args = (by_name[point.node], point.node, point.axis, point.offset)
+            module.graph.call_module("accord_observer", args)
+    module.graph.lint()
+    module.recompile()
+    return module
+
+
+def batchnorm_nodes(model: nn.Module, example_input: Any, norm: str) -> list[str]:
+    """The exported graph's nodes that apply the BatchNorm module ``norm``."""
+    program = export_program(model, example_input)
+    inputs = program.graph_signature.inputs_to_parameters
+    found = []
+    for node in program.graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and name.startswith(("batch_norm", "_native_batch_norm")):
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and inputs.get(weight.name) == f"{norm}.weight":
+                firsts = [u.name for u in node.users if u.args[1:] == (0,)]
+                found += firsts if isinstance(node.meta.get("val"), tuple | list) else [node.name]
+    return found

@@ -1,0 +1,406 @@
+"""Hugging Face model classes, as users bring them: tiny random configs wrapped as
+``x -> model(x).logits``. torch.fx cannot trace any of them; accord traces them on
+torch.export. Each must pass check_spec, expose the spaces a careful person would mark, survive
+randomly_permuted exactly and come back from a merge with its permuted twin (permutation and
+CCA)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import accord
+from accord import AxisRef, FeatureSpace, Spec
+from accord.errors import TraceError
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+class Logits(nn.Module):
+    """``x -> model(x).logits``, the way a user hands a Hugging Face model to accord."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def _tokens(batch: int = 2) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, 7))
+
+
+def _images(batch: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size)
+
+
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+_ENCODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=20,
+)
+_VIT = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=48,
+    num_labels=3,
+)
+_RESNET = dict(embedding_size=8, depths=[1, 1], num_labels=3)
+
+BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
+    "llama": lambda: (transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)), _tokens),
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER)), _tokens),
+    "mistral": lambda: (
+        transformers.MistralForCausalLM(transformers.MistralConfig(**_DECODER)),
+        _tokens,
+    ),
+    "gemma": lambda: (
+        transformers.GemmaForCausalLM(transformers.GemmaConfig(**_DECODER, head_dim=8)),
+        _tokens,
+    ),
+    "phi3": lambda: (
+        transformers.Phi3ForCausalLM(transformers.Phi3Config(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "gpt2": lambda: (
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=16
+            )
+        ),
+        _tokens,
+    ),
+    "bert": lambda: (
+        transformers.BertForSequenceClassification(transformers.BertConfig(**_ENCODER)),
+        _tokens,
+    ),
+    "roberta": lambda: (
+        transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**_ENCODER)),
+        _tokens,
+    ),
+    "distilbert": lambda: (
+        transformers.DistilBertForSequenceClassification(
+            transformers.DistilBertConfig(
+                vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=48
+            )
+        ),
+        _tokens,
+    ),
+    "vit": lambda: (
+        transformers.ViTForImageClassification(transformers.ViTConfig(**_VIT)),
+        lambda b: _images(b, 16),
+    ),
+    "deit": lambda: (
+        transformers.DeiTForImageClassification(transformers.DeiTConfig(**_VIT)),
+        lambda b: _images(b, 16),
+    ),
+    "swin": lambda: (
+        transformers.SwinForImageClassification(
+            transformers.SwinConfig(
+                image_size=32,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[2, 2],
+                window_size=4,
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    "resnet-basic": lambda: (
+        transformers.ResNetForImageClassification(
+            transformers.ResNetConfig(**_RESNET, hidden_sizes=[8, 16], layer_type="basic")
+        ),
+        _images,
+    ),
+    "resnet-bottleneck": lambda: (
+        transformers.ResNetForImageClassification(
+            transformers.ResNetConfig(**_RESNET, hidden_sizes=[16, 32], layer_type="bottleneck")
+        ),
+        _images,
+    ),
+    "convnext": lambda: (
+        transformers.ConvNextForImageClassification(
+            transformers.ConvNextConfig(
+                hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3
+            )
+        ),
+        _images,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def traced() -> Callable[[str], tuple[nn.Module, torch.Tensor, Spec]]:
+    """Per family, once: the wrapped model (eval), an example input and its spec."""
+    cache: dict[str, tuple[nn.Module, torch.Tensor, Spec]] = {}
+
+    def get(name: str) -> tuple[nn.Module, torch.Tensor, Spec]:
+        if name not in cache:
+            torch.manual_seed(0)
+            model, inputs = BUILDERS[name]()
+            wrapped = Logits(model).eval()
+            x = inputs(2)
+            cache[name] = (wrapped, x, accord.trace(wrapped, x))
+        return cache[name]
+
+    return get
+
+
+def _with(spec: Spec, tensor: str, axis: int, offset: int = 0) -> FeatureSpace:
+    """The space that moves ``tensor``'s ``axis`` from ``offset`` (any role)."""
+    for space in spec:
+        if any((r.tensor, r.axis, r.offset) == (tensor, axis, offset) for r in space.refs):
+            return space
+    raise AssertionError(f"no space moves {tensor}[{axis}] from {offset}")
+
+
+def _free(spec: Spec, tensor: str, axis: int, offset: int = 0, maps: str | None = None) -> None:
+    space = _with(spec, tensor, axis, offset)
+    assert space.free, f"{space.name}: {space.reason}"
+    assert space.observe, f"{space.name} has no observation points"
+    assert maps is None or space.maps == maps, (space.name, space.maps)
+
+
+def _has(space: FeatureSpace, role: str, *refs: tuple[str, int]) -> None:
+    found = {(r.tensor, r.axis) for r in getattr(space, role)}
+    assert set(refs) <= found, (space.name, role, set(refs) - found)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_hf_model_traces_and_merges_back(name: str, traced: Any) -> None:
+    model, x, spec = traced(name)
+    assert spec.graph == "export"
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+    before, after = model.state_dict(), twin.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    inputs = BUILDERS[name]()[1]
+    data = [(inputs(16),) for _ in range(3)]
+    with torch.no_grad():
+        expected = model(data[0][0])
+    for method in ("permutation", "cca"):
+        # repair="none": REPAIR and BatchNorm resets fit statistics of the data, which these
+        # random models were never trained on
+        result = accord.merge([model, twin], data, method=method, repair="none", progress=False)
+        with torch.no_grad():
+            got = result.model.eval()(data[0][0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_spaces(traced: Any) -> None:
+    _, _, spec = traced("llama")
+    layer = "model.model.layers.0"
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
+    _has(
+        stream,
+        "elementwise",
+        (f"{layer}.input_layernorm.weight", 0),
+        ("model.model.norm.weight", 0),
+    )
+    _has(stream, "readers", ("model.lm_head.weight", 1), (f"{layer}.mlp.gate_proj.weight", 1))
+    _has(
+        stream,
+        "writers",
+        (f"{layer}.self_attn.o_proj.weight", 0),
+        (f"{layer}.mlp.down_proj.weight", 0),
+    )
+    # SwiGLU: gate and up rows are one permutable space, read by down's columns
+    mlp = _with(spec, f"{layer}.mlp.gate_proj.weight", 0)
+    _free(spec, f"{layer}.mlp.gate_proj.weight", 0, maps="permutation")
+    _has(mlp, "writers", (f"{layer}.mlp.up_proj.weight", 0))
+    # grouped-query attention: one value space per key/value head (2 heads of 8), each read
+    # by the output columns of the two query heads that share it
+    for head in range(2):
+        value = _with(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
+        _free(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
+        offsets = sorted(r.offset for r in value.readers if r.tensor.endswith("o_proj.weight"))
+        assert value.size == 8 and offsets == [16 * head, 16 * head + 8]
+    # rotary embeddings: q and k are fixed, with the reason
+    for part in ("q_proj", "k_proj"):
+        space = _with(spec, f"{layer}.self_attn.{part}.weight", 0)
+        assert not space.free and "rotary" in space.reason
+
+
+def test_gpt2_spaces(traced: Any) -> None:
+    _, _, spec = traced("gpt2")
+    attn = "model.transformer.h.0.attn"
+    stream = _with(spec, "model.transformer.wte.weight", 1)
+    _free(spec, "model.transformer.wte.weight", 1, maps="permutation")
+    # tied: the output layer is the embedding, listed under both state-dict keys
+    _has(stream, "writers", ("model.lm_head.weight", 1), ("model.transformer.wpe.weight", 1))
+    _has(
+        stream,
+        "elementwise",
+        ("model.transformer.h.0.ln_1.weight", 0),
+        ("model.transformer.ln_f.bias", 0),
+    )
+    # Conv1D's transposed weight, q, k and v fused in c_attn and split along the features
+    _has(stream, "readers", (f"{attn}.c_attn.weight", 0))
+    qk = _with(spec, f"{attn}.c_attn.weight", 1, 0)
+    _free(spec, f"{attn}.c_attn.weight", 1, 0, maps="orthogonal")
+    assert qk.groups == 4 and AxisRef(f"{attn}.c_attn.weight", 1, 1, 32) in qk.readers
+    value = _with(spec, f"{attn}.c_attn.weight", 1, 64)
+    _free(spec, f"{attn}.c_attn.weight", 1, 64)
+    assert value.groups == 4 and AxisRef(f"{attn}.c_attn.bias", 0, 1, 64) in value.writers
+    _has(value, "readers", (f"{attn}.c_proj.weight", 0))
+    _free(spec, "model.transformer.h.0.mlp.c_fc.weight", 1)
+
+
+def test_bert_spaces(traced: Any) -> None:
+    _, _, spec = traced("bert")
+    emb, layer = "model.bert.embeddings", "model.bert.encoder.layer.0"
+    stream = _with(spec, f"{emb}.word_embeddings.weight", 1)
+    _free(spec, f"{emb}.word_embeddings.weight", 1, maps="permutation")
+    _has(
+        stream,
+        "writers",
+        (f"{emb}.position_embeddings.weight", 1),
+        (f"{emb}.token_type_embeddings.weight", 1),
+    )
+    _has(
+        stream, "elementwise", (f"{emb}.LayerNorm.weight", 0), (f"{layer}.output.LayerNorm.bias", 0)
+    )
+    qk = _with(spec, f"{layer}.attention.self.query.weight", 0)
+    _free(spec, f"{layer}.attention.self.query.weight", 0, maps="orthogonal")
+    _has(
+        qk,
+        "readers",
+        (f"{layer}.attention.self.key.weight", 0),
+        (f"{layer}.attention.self.key.bias", 0),
+    )
+    assert _with(spec, f"{layer}.attention.self.value.weight", 0).groups == 4
+    _free(spec, f"{layer}.attention.self.value.weight", 0, maps="linear")
+    _free(spec, f"{layer}.intermediate.dense.weight", 0, maps="dense")
+    _free(spec, "model.bert.pooler.dense.weight", 0, maps="dense")
+
+
+def test_vit_spaces(traced: Any) -> None:
+    _, _, spec = traced("vit")
+    emb = "model.vit.embeddings"
+    stream = _with(spec, f"{emb}.patch_embeddings.projection.weight", 0)
+    _free(spec, f"{emb}.patch_embeddings.projection.weight", 0, maps="permutation")
+    # the class token and the position embeddings write the stream along their last axis
+    _has(stream, "writers", (f"{emb}.cls_token", 2), (f"{emb}.position_embeddings", 2))
+    _has(stream, "readers", ("model.classifier.weight", 1))
+    layer = "model.vit.layers.0"
+    _free(spec, f"{layer}.attention.q_proj.weight", 0, maps="orthogonal")
+    _free(spec, f"{layer}.attention.v_proj.weight", 0, maps="linear")
+    _free(spec, f"{layer}.mlp.fc1.weight", 0, maps="dense")
+
+
+def test_convnext_spaces(traced: Any) -> None:
+    _, _, spec = traced("convnext")
+    layer = "model.convnext.encoder.stages.0.layers.0"
+    stream = _with(spec, "model.convnext.embeddings.patch_embeddings.weight", 0)
+    _free(spec, "model.convnext.embeddings.patch_embeddings.weight", 0, maps="permutation")
+    # the depthwise convolution and the layer scale move with the stream's permutation
+    _has(
+        stream, "elementwise", (f"{layer}.dwconv.weight", 0), (f"{layer}.layer_scale_parameter", 0)
+    )
+    _has(stream, "writers", (f"{layer}.pwconv2.weight", 0))
+    _free(spec, f"{layer}.pwconv1.weight", 0, maps="dense")
+
+
+@pytest.mark.parametrize("name", ["resnet-basic", "resnet-bottleneck"])
+def test_resnet_spaces(name: str, traced: Any) -> None:
+    _, _, spec = traced(name)
+    inner = [s for s in spec.free_spaces if not s.name.startswith("stream:")]
+    streams = [s for s in spec.free_spaces if s.name.startswith("stream:")]
+    assert len(streams) == 2 and len(inner) == (2 if name == "resnet-basic" else 5)
+    # BatchNorms right after their convolutions fold: the spaces stay dense
+    assert all(s.maps == "dense" and s.batchnorms for s in spec.free_spaces)
+    shortcut = "model.resnet.encoder.stages.1.layers.0.shortcut"
+    _has(streams[1], "writers", (f"{shortcut}.convolution.weight", 0))
+
+
+def test_phi3_fused_projections(traced: Any) -> None:
+    _, _, spec = traced("phi3")
+    layer = "model.model.layers.0"
+    # gate and up fused in one Linear, chunked along the features: one permutable space
+    gate_up = _with(spec, f"{layer}.mlp.gate_up_proj.weight", 0, 0)
+    _free(spec, f"{layer}.mlp.gate_up_proj.weight", 0, 0, maps="permutation")
+    assert (
+        gate_up.size == 48
+        and AxisRef(f"{layer}.mlp.gate_up_proj.weight", 0, 1, 48) in gate_up.writers
+    )
+    # q, k and v fused and sliced: v (from 32 + 16) is free per key/value head
+    for head in range(2):
+        _free(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 48 + 8 * head)
+    assert not _with(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 0).free
+
+
+def test_gemma_gain_of_one_plus_w_moves_with_the_stream(traced: Any) -> None:
+    _, _, spec = traced("gemma")
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
+    _has(stream, "elementwise", ("model.model.layers.0.input_layernorm.weight", 0))
+
+
+def test_spec_of_an_exported_model_round_trips(traced: Any, tmp_path: Any) -> None:
+    model, _, spec = traced("llama")
+    spec.save(tmp_path / "spec.json")
+    loaded = Spec.load(tmp_path / "spec.json", model)
+    assert loaded == spec and loaded.graph == "export"
+    assert any(o.offset is not None for s in loaded for o in s.observe)
+
+
+def test_model_neither_tracer_handles_gets_both_reasons() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fc(x).sum() > 0:  # a branch on a value: neither torch.fx nor export
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(TraceError, match=r"torch\.export could not export DataDependent") as info:
+        accord.trace(DataDependent(), torch.randn(2, 4))
+    message = str(info.value)
+    assert "torch.fx could not trace" in message and "accord.Spec.load" in message
+
+
+def test_operator_without_a_rule_fixes_only_its_spaces() -> None:
+    class Sorted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            if h.shape[0] > 1:  # shape-dependent Python: torch.fx stops here
+                h = self.b(h)
+            return self.c(torch.sort(h, dim=-1).values)
+
+    model, x = Sorted().eval(), torch.randn(2, 4)
+    spec = accord.trace(model, x)
+    assert spec.graph == "export" and spec["a"].free
+    assert not spec["b"].free and "aten.sort" in spec["b"].reason
+    accord.check_spec(spec, model, x)
