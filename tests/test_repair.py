@@ -44,9 +44,7 @@ def test_repair_targets_under_a_dense_map_are_the_mapped_statistics_of_each_mode
         target_std = torch.stack([z.std(0, unbiased=False) for z in mapped]).mean(0)
         merged = _outputs(result.model, space, inputs).double()
         torch.testing.assert_close(merged.mean(0), target_mean, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(
-            merged.std(0, unbiased=False), target_std, rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(merged.std(0, unbiased=False), target_std, rtol=1e-4, atol=1e-4)
         endpoint = copy.deepcopy(models[0])
         endpoint.load_state_dict(result.aligned[1])
         measured = _outputs(endpoint, space, inputs).double().std(0, unbiased=False)
