@@ -553,12 +553,7 @@ def combine_aligned(
     if repair == "bn-reset":
         reset_batchnorm(merged, data, device=device)
     elif repair == "repair":
-        endpoints = []
-        for state in aligned:
-            endpoint = copy.deepcopy(models[reference])
-            endpoint.load_state_dict(state)
-            endpoints.append(endpoint)
-        repair_activations(merged, endpoints, spec, data, device=device)
+        repair_activations(merged, models, alignment.transforms, spec, data, device=device)
     _require_finite(
         merged.state_dict(),
         f"the merged model after the repair ({repair!r})",

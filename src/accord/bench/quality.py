@@ -140,6 +140,13 @@ def quality_plan(
             architectures=(
                 Architecture("resnet20", {"width": 1}, train, limit),
                 Architecture("vgg11", {"width": 0.25, "batch_norm": True}, train, limit),
+                # without BatchNorm: REPAIR, not a reset, and a lower peak rate to train
+                Architecture(
+                    "vgg11",
+                    {"width": 0.25, "batch_norm": False},
+                    replace(train, lr=0.02),
+                    limit,
+                ),
             ),
             sizes=(2, 3, 4),
             settings=settings,
