@@ -290,14 +290,7 @@ def pad(call: Call) -> Any:
     x, widths, value = call.x, call.arg(1, "pad"), call.arg(2, "value", 0)
     if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
         return None
-    if not x.featured:
-        return call.plain()
-    touched = [x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w]
-    if x.axis in touched or not isinstance(value, int | float):
-        return None
-    if value:
-        call.table.downgrade_value(x, "dense")
-    return x.moved(call.out_shape, x.axis)
+    return rules.pad_features(call, x, widths, value)
 
 
 _activation = rules.elementwise("dense")

@@ -13,9 +13,9 @@ from typing import Any
 from torch import fx
 
 from accord.spec import AxisRef, FoldedNorm
-from accord.trace.layers import write
+from accord.trace.layers import tie_channel_groups, write
 from accord.trace.rules import mark_activation
-from accord.trace.state import Call, Feat, Seg, Tup, seg_offsets
+from accord.trace.state import Call, Feat, Seg, Tup
 
 
 def _param_axes(value: Any) -> tuple[int, ...] | None:
@@ -189,19 +189,7 @@ def group_norm(call: Call) -> Any:
         return call.plain()
     if x.axis != 1 or not _elementwise(call, x, [call.arg(2, "weight"), call.arg(3, "bias")]):
         return None
-    call.table.downgrade_value(x, "permutation")
-    channels = x.shape[1]
-    width = channels // groups
-    if 1 < groups < channels:
-        for seg, offset in seg_offsets(x):
-            entries = seg.size * seg.block
-            if seg.space is None:
-                continue
-            if offset % width or entries % width or width % seg.block:
-                call.table.fix(seg.space, f"{call.desc} groups do not align with its features")
-            else:
-                call.table.constrain_groups(seg.space, entries // width)
-    return x
+    return tie_channel_groups(call, x, groups, x.shape[1])
 
 
 _BATCHNORM_STATS = (1, 2, 3, 4)  # weight, bias, running_mean, running_var

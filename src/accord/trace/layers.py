@@ -218,10 +218,15 @@ def groupnorm(call: Call) -> Any:
         return call.plain()
     if _per_feature_norm(call, 1, ("weight", "bias")) is None:
         return None
+    return tie_channel_groups(call, x, call.module.num_groups, call.module.num_channels)
+
+
+def tie_channel_groups(call: Call, x: Feat, groups: int, channels: int) -> Feat:
+    """Permutations only, each channel kept in its group of ``channels // groups``: a segment
+    whose features do not split into whole groups is fixed."""
     call.table.downgrade_value(x, "permutation")
-    groups = call.module.num_groups
-    width = call.module.num_channels // groups
-    if 1 < groups < call.module.num_channels:
+    width = channels // groups
+    if 1 < groups < channels:
         for seg, offset in seg_offsets(x):
             entries = seg.size * seg.block
             if seg.space is None:

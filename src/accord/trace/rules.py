@@ -108,6 +108,12 @@ def pad(call: Call) -> Any:
     x = call.x
     if not isinstance(x, Feat) or not isinstance(widths, Sequence):
         return None
+    return pad_features(call, x, widths, value)
+
+
+def pad_features(call: Call, x: Feat, widths: Sequence[int], value: Any) -> Any:
+    """Padding along other axes keeps the features; a nonzero constant makes maps approximate.
+    Padding the feature axis itself (or a non-numeric value) is unknown (None)."""
     if not x.featured:
         return call.plain()
     touched = [x.ndim - 1 - i // 2 for i, w in enumerate(widths) if w]
