@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from accord.registry import FINITE, FRACTION, PROBABILITY, Needs, Option
 
 WEIGHT = Option("weight", float, 1.0, "each model's weight", FINITE, per_model=True)
@@ -36,6 +38,11 @@ RANDOM_RESCALES = ("expectation", "l1", "none")
 MAGNITUDE_RESCALES = ("none", "l1")
 
 TASK_VECTORS = Needs(base="yes")
+
+
+def model_value(value: float | Sequence[float], i: int) -> float:
+    """Model ``i``'s value of a per-model option given as one value for all or one per model."""
+    return float(value if isinstance(value, (int, float)) else value[i])
 
 
 def normalize(default: bool) -> Option:

@@ -23,7 +23,7 @@ task vectors; accord keeps the ``n_keep`` largest there, as the formula says.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import Tensor
 
@@ -34,11 +34,11 @@ from accord.combine._options import (
     SCALE,
     TASK_VECTORS,
     WEIGHT,
-    normalize,
+    model_value,
     rescale,
 )
 from accord.combine._sparse import largest_mask, rescaled, sparse_task_arithmetic
-from accord.registry import combiner
+from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs, arXiv:2312.06795)"
 
@@ -78,71 +78,51 @@ def breadcrumbs(
 
     def pruned() -> Iterator[Tensor]:
         for i, delta in enumerate(deltas):
-            yield breadcrumbs_prune(delta, _at(density, i), _at(gamma, i), rescale)
+            yield breadcrumbs_prune(delta, model_value(density, i), model_value(gamma, i), rescale)
 
     return sparse_task_arithmetic(
         pruned(), weights, scale=scale, sign_election=sign_election, normalize=normalize
     )
 
 
-def _at(value: float | Sequence[float], i: int) -> float:
-    return float(value if isinstance(value, (int, float)) else value[i])
+def _record_function(sign_election: bool) -> Callable[..., Tensor]:
+    def combine_breadcrumbs(
+        deltas: Iterable[Tensor],
+        *,
+        weight: list[float],
+        density: list[float],
+        gamma: list[float],
+        scale: float,
+        normalize: bool,
+        rescale: str,
+    ) -> Tensor:
+        """The record's function: :func:`breadcrumbs`, summed (``breadcrumbs``) or with TIES'
+        sign election (``breadcrumbs_ties``)."""
+        return breadcrumbs(
+            deltas,
+            weight,
+            density=density,
+            gamma=gamma,
+            scale=scale,
+            sign_election=sign_election,
+            normalize=normalize,
+            rescale=rescale,
+        )
+
+    return combine_breadcrumbs
 
 
-@combiner(
-    "breadcrumbs",
-    paper=_PAPER,
-    label="Model Breadcrumbs",
-    options=(WEIGHT, DENSITY, GAMMA, SCALE, normalize(False), rescale(MAGNITUDE_RESCALES)),
+register_variants(
+    (
+        Variant("breadcrumbs", _PAPER, "Model Breadcrumbs", sign_election=False),
+        Variant(
+            "breadcrumbs_ties",
+            f"{_PAPER} + TIES (mergekit's breadcrumbs_ties)",
+            "Model Breadcrumbs with sign election",
+            sign_election=True,
+        ),
+    ),
+    _record_function,
+    lambda normalize: (WEIGHT, DENSITY, GAMMA, SCALE, normalize, rescale(MAGNITUDE_RESCALES)),
     needs=TASK_VECTORS,
 )
-def combine_breadcrumbs(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-) -> Tensor:
-    """The record's function: :func:`breadcrumbs`, summed."""
-    return breadcrumbs(
-        deltas,
-        weight,
-        density=density,
-        gamma=gamma,
-        scale=scale,
-        normalize=normalize,
-        rescale=rescale,
-    )
-
-
-@combiner(
-    "breadcrumbs_ties",
-    paper=f"{_PAPER} + TIES (mergekit's breadcrumbs_ties)",
-    label="Model Breadcrumbs with sign election",
-    options=(WEIGHT, DENSITY, GAMMA, SCALE, normalize(True), rescale(MAGNITUDE_RESCALES)),
-    needs=TASK_VECTORS,
-)
-def combine_breadcrumbs_ties(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-) -> Tensor:
-    """The record's function: :func:`breadcrumbs` with TIES' sign election."""
-    return breadcrumbs(
-        deltas,
-        weight,
-        density=density,
-        gamma=gamma,
-        scale=scale,
-        sign_election=True,
-        normalize=normalize,
-        rescale=rescale,
-    )

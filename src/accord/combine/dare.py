@@ -5,7 +5,7 @@ arithmetic (``dare``), or with TIES' sign election (``dare_ties``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,11 +16,10 @@ from accord.combine._options import (
     SCALE,
     TASK_VECTORS,
     WEIGHT,
-    normalize,
     rescale,
 )
 from accord.combine._sparse import sparse_task_arithmetic
-from accord.registry import combiner
+from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Yu et al., ICML 2024"
 
@@ -52,62 +51,40 @@ def dare(
     )
 
 
-@combiner(
-    "dare",
-    paper=_PAPER,
-    label="DARE",
-    options=(WEIGHT, DROP_RATE, SCALE, normalize(False), rescale(RANDOM_RESCALES)),
+def _record_function(sign_election: bool) -> Callable[..., Tensor]:
+    def combine_dare(
+        deltas: Iterable[Tensor],
+        *,
+        weight: list[float],
+        drop_rate: list[float],
+        scale: float,
+        normalize: bool,
+        rescale: str,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """The record's function: :func:`dare` of the task vectors (DARE-TIES: with TIES' sign
+        election)."""
+        return dare(
+            deltas,
+            weight,
+            drop_rate=drop_rate,
+            generator=generator,
+            scale=scale,
+            sign_election=sign_election,
+            normalize=normalize,
+            rescale=rescale,
+        )
+
+    return combine_dare
+
+
+register_variants(
+    (
+        Variant("dare", _PAPER, "DARE", sign_election=False),
+        Variant("dare_ties", f"{_PAPER} + TIES", "DARE-TIES", sign_election=True),
+    ),
+    _record_function,
+    lambda normalize: (WEIGHT, DROP_RATE, SCALE, normalize, rescale(RANDOM_RESCALES)),
     needs=TASK_VECTORS,
     random=True,
 )
-def combine_dare(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    drop_rate: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator,
-) -> Tensor:
-    """The record's function: :func:`dare` of the task vectors, summed."""
-    return dare(
-        deltas,
-        weight,
-        drop_rate=drop_rate,
-        generator=generator,
-        scale=scale,
-        normalize=normalize,
-        rescale=rescale,
-    )
-
-
-@combiner(
-    "dare_ties",
-    paper=f"{_PAPER} + TIES",
-    label="DARE-TIES",
-    options=(WEIGHT, DROP_RATE, SCALE, normalize(True), rescale(RANDOM_RESCALES)),
-    needs=TASK_VECTORS,
-    random=True,
-)
-def combine_dare_ties(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    drop_rate: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator,
-) -> Tensor:
-    """The record's function: :func:`dare` of the task vectors with TIES' sign election."""
-    return dare(
-        deltas,
-        weight,
-        drop_rate=drop_rate,
-        generator=generator,
-        scale=scale,
-        sign_election=True,
-        normalize=normalize,
-        rescale=rescale,
-    )

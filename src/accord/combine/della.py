@@ -25,7 +25,7 @@ caller's generator; the merge seeds one per tensor from ``seed`` and the tensor'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,11 +38,11 @@ from accord.combine._options import (
     SCALE,
     TASK_VECTORS,
     WEIGHT,
-    normalize,
+    model_value,
     rescale,
 )
 from accord.combine._sparse import rescaled, sparse_task_arithmetic
-from accord.registry import combiner
+from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)"
 
@@ -108,15 +108,13 @@ def della(
     def pruned() -> Iterator[Tensor]:
         # pruned one at a time, so that only the pruned task vectors are held together
         for i, delta in enumerate(deltas):
-            yield della_prune(delta, _at(density, i), _at(epsilon, i), generator, rescale)
+            yield della_prune(
+                delta, model_value(density, i), model_value(epsilon, i), generator, rescale
+            )
 
     return sparse_task_arithmetic(
         pruned(), weights, scale=scale, sign_election=sign_election, normalize=normalize
     )
-
-
-def _at(value: float | Sequence[float], i: int) -> float:
-    return float(value if isinstance(value, (int, float)) else value[i])
 
 
 def check_della_options(options: dict[str, Any]) -> tuple[int, str] | None:
@@ -131,73 +129,48 @@ def check_della_options(options: dict[str, Any]) -> tuple[int, str] | None:
     return None
 
 
-def _della_options(sign_election: bool) -> dict[str, Any]:
-    return {
-        "options": (
-            WEIGHT,
-            DENSITY,
-            EPSILON,
-            SCALE,
-            normalize(sign_election),
-            rescale(RANDOM_RESCALES),
+def _record_function(sign_election: bool) -> Callable[..., Tensor]:
+    def combine_della(
+        deltas: Iterable[Tensor],
+        *,
+        weight: list[float],
+        density: list[float],
+        epsilon: list[float],
+        scale: float,
+        normalize: bool,
+        rescale: str,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """The record's function: :func:`della`, with sign election (``della``) or summed
+        (``della_linear``)."""
+        return della(
+            deltas,
+            weight,
+            density=density,
+            epsilon=epsilon,
+            generator=generator,
+            scale=scale,
+            sign_election=sign_election,
+            normalize=normalize,
+            rescale=rescale,
+        )
+
+    return combine_della
+
+
+register_variants(
+    (
+        Variant("della", _PAPER, "DELLA", sign_election=True),
+        Variant(
+            "della_linear",
+            f"{_PAPER}, without sign election (mergekit's della_linear)",
+            "DELLA, summed",
+            sign_election=False,
         ),
-        "needs": TASK_VECTORS,
-        "random": True,
-        "check": check_della_options,
-    }
-
-
-@combiner("della", paper=_PAPER, label="DELLA", **_della_options(True))
-def combine_della(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator,
-) -> Tensor:
-    """The record's function: :func:`della` with sign election."""
-    return della(
-        deltas,
-        weight,
-        density=density,
-        epsilon=epsilon,
-        generator=generator,
-        scale=scale,
-        normalize=normalize,
-        rescale=rescale,
-    )
-
-
-@combiner(
-    "della_linear",
-    paper=f"{_PAPER}, without sign election (mergekit's della_linear)",
-    label="DELLA, summed",
-    **_della_options(False),
+    ),
+    _record_function,
+    lambda normalize: (WEIGHT, DENSITY, EPSILON, SCALE, normalize, rescale(RANDOM_RESCALES)),
+    needs=TASK_VECTORS,
+    random=True,
+    check=check_della_options,
 )
-def combine_della_linear(
-    deltas: Iterable[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    scale: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator,
-) -> Tensor:
-    """The record's function: :func:`della` summed, without sign election."""
-    return della(
-        deltas,
-        weight,
-        density=density,
-        epsilon=epsilon,
-        generator=generator,
-        scale=scale,
-        sign_election=False,
-        normalize=normalize,
-        rescale=rescale,
-    )
