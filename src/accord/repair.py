@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from accord.apply import Transform
 from accord.data import batches
 from accord.errors import MergeError
+from accord.statistics.moments import Moments
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -64,45 +65,6 @@ def reset_batchnorm(
     return model.eval()
 
 
-class _ChannelMoments:
-    """Running per-channel sums of a module's output (float64), channel axis 1 or last; with
-    ``full``, also the channels' cross products, for the covariance a dense map needs.
-
-    Sums are of ``x − s`` with the shift ``s`` the first batch's mean, so the variance is not
-    the difference of two large numbers when channels sit far from zero (DESIGN.md §5).
-    """
-
-    def __init__(self, full: bool = False) -> None:
-        self.full = full
-        self.count = 0
-        self.shift: torch.Tensor | None = None
-        self.total: torch.Tensor | float = 0.0
-        self.squares: torch.Tensor | float = 0.0
-        self.products: torch.Tensor | float = 0.0
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.to(torch.float64)
-        if self.shift is None:
-            self.shift = rows.mean(0)
-        centred = rows - self.shift
-        self.count += rows.shape[0]
-        self.total = self.total + centred.sum(0)
-        self.squares = self.squares + (centred * centred).sum(0)
-        if self.full:
-            self.products = self.products + centred.T @ centred
-
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        offset = torch.as_tensor(self.total) / self.count
-        var = torch.as_tensor(self.squares) / self.count - offset * offset
-        return self.shift + offset, var.clamp_min(0).sqrt()
-
-    def mean_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and covariance; only with ``full``."""
-        offset = torch.as_tensor(self.total) / self.count
-        covariance = torch.as_tensor(self.products) / self.count - torch.outer(offset, offset)
-        return self.shift + offset, covariance
-
-
 def _channel_rows(output: torch.Tensor, module: nn.Module) -> torch.Tensor:
     axis = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
     return output.movedim(axis, -1).reshape(-1, output.shape[axis])
@@ -135,7 +97,7 @@ def _output_moments(
     device: Any,
     correct: dict | None = None,
     full: frozenset[str] = frozenset(),
-) -> dict[str, _ChannelMoments]:
+) -> dict[str, Moments]:
     """Per-channel moments of the named modules' outputs over one pass (with their
     covariance for the modules in ``full``).
 
@@ -143,7 +105,7 @@ def _output_moments(
     on the fly with its batch statistics, so later layers see repaired inputs.
     """
     modules = dict(model.named_modules())
-    moments = {name: _ChannelMoments(name in full) for name in names}
+    moments = {name: Moments(full=[(0, 0)] if name in full else ()) for name in names}
 
     def hook(name: str):
         def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -174,16 +136,16 @@ def _output_moments(
 
 
 def _target_moments(
-    moment: _ChannelMoments, transform: Transform | None
+    moment: Moments, transform: Transform | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of one model's channels in the merged coordinates: ``T μ`` and
     ``sqrt(diag(T Σ Tᵀ))`` (a permutation gathers, no map keeps them)."""
+    mean = moment.mean()
     if transform is not None and transform.permutation is None:
-        mean, covariance = moment.mean_covariance()
         matrix = transform.matrix.to(mean.device)
-        variance = torch.einsum("cd,de,ce->c", matrix, covariance, matrix)
+        variance = torch.einsum("cd,de,ce->c", matrix, moment.covariance(), matrix)
         return matrix @ mean, variance.clamp_min(0).sqrt()
-    mean, std = moment.mean_std()
+    std = moment.std()
     if transform is None:
         return mean, std
     order = transform.permutation.to(mean.device)
@@ -233,7 +195,7 @@ def repair_activations(
     modules = dict(merged.named_modules())
     for name in names:
         module = modules[name]
-        mean, std = measured[name].mean_std()
+        mean, std = measured[name].mean(), measured[name].std()
         scale = goal[name][1] / std.clamp_min(1e-8)
         shape = (-1,) + (1,) * (module.weight.dim() - 1)
         module.weight.mul_(scale.reshape(shape).to(module.weight.dtype))

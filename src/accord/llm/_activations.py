@@ -40,39 +40,14 @@ from accord.llm._weights import (
 from accord.llm.arch import Architecture
 from accord.llm.symmetry import Symmetry
 from accord.match._common import assign
+from accord.statistics.moments import Moments
 
 
-class _Moments:
-    """Shifted sums for the correlation of A's and B's features, pooled over points."""
-
-    def __init__(self) -> None:
-        self.shift: dict[Any, tuple[Tensor, Tensor]] = {}
-        self.cross: Tensor | None = None
-        self.sums: dict[Any, list[Tensor]] = {}
-        self.squares: list[Tensor] = []
-        self.count = 0
-
-    def add(self, point: Any, a: Tensor, b: Tensor) -> None:
-        """``a``, ``b``: (tokens, features) at observation point ``point``."""
-        if point not in self.shift:
-            self.shift[point] = (a.mean(0), b.mean(0))
-        a, b = a - self.shift[point][0], b - self.shift[point][1]
-        cross, sq = a.T @ b, [a.pow(2).sum(0), b.pow(2).sum(0)]
-        self.cross = cross if self.cross is None else self.cross + cross
-        self.squares = (
-            sq if not self.squares else [x + y for x, y in zip(self.squares, sq, strict=True)]
-        )
-        sums = self.sums.setdefault(point, [torch.zeros_like(a[0]), torch.zeros_like(b[0]), 0])
-        sums[0], sums[1], sums[2] = sums[0] + a.sum(0), sums[1] + b.sum(0), sums[2] + len(a)
-
-    def correlation(self) -> Tensor:
-        cov, var_a, var_b = self.cross.clone(), self.squares[0].clone(), self.squares[1].clone()
-        for sa, sb, n in self.sums.values():
-            cov -= torch.outer(sa, sb) / n
-            var_a -= sa.pow(2) / n
-            var_b -= sb.pow(2) / n
-        std = torch.outer(var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt())
-        return cov / std.clamp_min(1e-300)
+def _correlation(moments: Moments) -> Tensor:
+    """The correlation of A's features (rows) with B's (columns), pooled over the points: the
+    comoments summed after centring each point, divided by the pooled standard deviations."""
+    std_a, std_b = (moments.squared_deviations(side).sqrt() for side in (0, 1))
+    return moments.comoment(0, 1) / torch.outer(std_a, std_b).clamp_min(1e-300)
 
 
 def _hook(module: nn.Module, store: dict[Any, Tensor], key: Any, output: bool) -> Any:
@@ -138,33 +113,34 @@ def activation_alignment(
     data: Iterable[Any],
 ) -> Symmetry:
     """The symmetry moving B onto A, from activations on ``data`` (see the module docs)."""
-    residual = _Moments()
+    # A's features are stream 0 and B's stream 1
+    residual = Moments(streams=2, full=[(0, 1)])
     attention: list[dict[str, Tensor]] = [{} for _ in range(arch.layers)]
-    units = [_Moments() for _ in range(arch.layers)]
+    units = [Moments(streams=2, full=[(0, 1)]) for _ in range(arch.layers)]
     tokens = 0
     for ids, mask in _batches(data):
         a, b = _record(module_a.eval(), arch, ids, mask), _record(module_b.eval(), arch, ids, mask)
         tokens += int(mask.sum())
         for point in range(2 * arch.layers + 1):
-            residual.add(point, a["residual", point], b["residual", point])
+            residual.add(a["residual", point], b["residual", point], point=point)
         for i in range(arch.layers):
             feats = [{k: side[k, i].T for k in ("q", "k", "v", "o")} for side in (a, b)]
             raw = attention_cross(feats[0], feats[1], arch)
             attention[i] = {k: v + attention[i].get(k, 0) for k, v in raw.items()}
-            units[i].add(0, a["h", i], b["h", i])
+            units[i].add(a["h", i], b["h", i])
     if tokens < 2:
         raise StatisticsError(f"activation alignment needs calibration tokens; got {tokens}")
     layers = [
         match_layer(_layer_stats(attention[i], units[i], arch, state_a, state_b, i), arch)
         for i in range(arch.layers)
     ]
-    symmetry = Symmetry(residual=assign(residual.correlation()), layers=layers)
+    symmetry = Symmetry(residual=assign(_correlation(residual)), layers=layers)
     return with_gain_scales(symmetry, state_a, state_b, arch)
 
 
 def _layer_stats(
     attention: dict[str, Tensor],
-    units: _Moments,
+    units: Moments,
     arch: Architecture,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
@@ -173,4 +149,4 @@ def _layer_stats(
     gains = qk_gains(state_a, state_b, arch, layer)
     q, k, v, o, qk_a, qk_b = attention_finish(attention, arch, gains)
     factor_a, factor_b = (unit_factors(state, arch, layer) for state in (state_a, state_b))
-    return LayerStats(q, k, v, o, qk_a, qk_b, units.correlation(), factor_a, factor_b)
+    return LayerStats(q, k, v, o, qk_a, qk_b, _correlation(units), factor_a, factor_b)
