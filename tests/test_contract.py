@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import accord
-from accord.repair import has_batchnorm
+from accord.batchnorm import has_batchnorm
 from test_trace_property import networks
 
 pytestmark = pytest.mark.usefixtures("single_thread")

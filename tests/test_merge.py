@@ -268,7 +268,7 @@ def test_batchnorm_statistics_are_collected_only_for_dense_maps() -> None:
 
 
 def test_which_merges_need_batchnorm_statistics() -> None:
-    from accord.merge import needs_batchnorm_statistics
+    from accord.batchnorm import needs_batchnorm_statistics
 
     assert not needs_batchnorm_statistics("permutation", "fold")
     assert not needs_batchnorm_statistics("weight_matching", "fold")

@@ -7,7 +7,8 @@ Every alignment and combiner is one record (:mod:`accord.registry`: :data:`ALIGN
 
 from accord._version import __version__ as __version__
 from accord.analysis.selection import Selection, select_checkpoints
-from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.apply import Transform, apply_transforms
+from accord.batchnorm import fold_batchnorms, reset_batchnorm
 from accord.check import check_spec, randomly_permuted
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
@@ -35,7 +36,6 @@ from accord.evaluate import (
 from accord.match import MATCHERS
 from accord.merge import MergeResult, merge
 from accord.registry import ALIGNMENTS, COMBINERS
-from accord.repair import reset_batchnorm
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.store import (

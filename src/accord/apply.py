@@ -3,7 +3,8 @@
 Writers get ``T`` on their feature axis, readers get ``T⁻¹`` on theirs
 (``W ← T_out · W · T_in⁻¹``, ``b ← T_out · b``), elementwise parameters follow permutations.
 Dense maps need the space's BatchNorms folded into their writers first
-(:func:`fold_batchnorms`); a folded BatchNorm keeps only its shift, which moves like a bias.
+(:func:`accord.batchnorm.fold_batchnorms`); a folded BatchNorm keeps only its shift, which
+moves like a bias.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from accord.batchnorm import require_folded
 from accord.errors import SpecError
 from accord.spec import AxisRef, FeatureSpace, Spec
 
@@ -148,66 +149,10 @@ def _map_space(out: StateDict, space: FeatureSpace, transform: Transform) -> Non
                 "admits permutations only; use a permutation matcher or mark the space fixed"
             )
         if leaf == "bias":
-            _require_folded(out, module, space.name)
+            require_folded(out, module, space.name)
             out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, transform.matrix)
     for ref in space.writers:
         out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, transform.matrix)
     inverse_t = transform.inverse.T
     for ref in space.readers:
         out[ref.tensor] = transform_axis(out[ref.tensor], ref, space.size, inverse_t)
-
-
-def _require_folded(state: StateDict, norm: str, space: str) -> None:
-    weight, mean = state.get(f"{norm}.weight"), state.get(f"{norm}.running_mean")
-    unfolded = (weight is not None and not torch.all(weight == 1)) or (
-        mean is not None and not torch.all(mean == 0)
-    )
-    if unfolded:
-        raise SpecError(
-            f"space {space!r}: BatchNorm {norm!r} must be folded into its writer before a "
-            "dense map is applied; call accord.apply.fold_batchnorms first"
-        )
-
-
-def fold_batchnorms(model: nn.Module, spaces: list[FeatureSpace] | Spec) -> StateDict:
-    """The model's state dict with each listed BatchNorm folded into the writer before it.
-
-    In eval mode BN is the per-channel affine ``y = γ (x − μ)/σ + β`` with
-    ``σ = sqrt(var + eps)``: it becomes ``W ← diag(γ/σ) W`` in the writer, the writer's bias is
-    zeroed, and the BN keeps ``weight = 1``, ``running_mean = 0``, ``running_var = 1 − eps``
-    (so that it divides by exactly 1) and the whole shift ``β − γμ/σ + γ b/σ`` as its bias.
-    """
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    modules = dict(model.named_modules())
-    for space in spaces:
-        for bn in space.batchnorms:
-            norm = modules.get(bn.norm)
-            if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None:
-                raise SpecError(
-                    f"space {space.name!r}: {bn.norm!r} is not a BatchNorm with running statistics"
-                )
-            _fold_one(state, bn.norm, bn.writer, norm.eps)
-    return state
-
-
-def _fold_one(state: StateDict, norm: str, writer: str, eps: float) -> None:
-    var = state[f"{norm}.running_var"].to(torch.float64)
-    mean = state[f"{norm}.running_mean"].to(torch.float64)
-    gamma = state.get(f"{norm}.weight", torch.ones_like(var)).to(torch.float64)
-    beta = state.get(f"{norm}.bias", torch.zeros_like(var)).to(torch.float64)
-    scale = gamma / torch.sqrt(var + eps)
-    weight = state[f"{writer}.weight"]
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    state[f"{writer}.weight"] = (weight.to(torch.float64) * scale.reshape(shape)).to(weight.dtype)
-    shift = beta - scale * mean
-    if f"{writer}.bias" in state:
-        shift = shift + scale * state[f"{writer}.bias"].to(torch.float64)
-        state[f"{writer}.bias"] = torch.zeros_like(state[f"{writer}.bias"])
-    dtype = state[f"{norm}.running_mean"].dtype
-    state[f"{norm}.running_mean"] = torch.zeros_like(mean).to(dtype)
-    state[f"{norm}.running_var"] = torch.full_like(var, 1.0 - eps).to(dtype)
-    if f"{norm}.weight" in state:
-        state[f"{norm}.weight"] = torch.ones_like(gamma).to(dtype)
-    if f"{norm}.bias" not in state:
-        raise SpecError(f"BatchNorm {norm!r} has no affine shift to hold the folded bias")
-    state[f"{norm}.bias"] = shift.to(dtype)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.apply import Transform, apply_transforms
+from accord.batchnorm import fold_batchnorms
 from accord.errors import SpecError
 from accord.spec import FeatureSpace, Spec
 

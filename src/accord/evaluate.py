@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord.batchnorm import reset_batchnorm
 from accord.data import Dataset, batches
-from accord.repair import reset_batchnorm
 
 Batches = Iterable[Any]
 

@@ -14,15 +14,24 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from accord._finite import describe_non_finite, first_non_finite
-from accord.apply import Transform, apply_transforms, fold_batchnorms
+from accord.apply import Transform, apply_transforms
+from accord.batchnorm import (
+    BATCHNORM_ROUTES,
+    batchnorm_as_writers,
+    batchnorm_targets,
+    fold_batchnorms,
+    has_batchnorm,
+    needs_batchnorm_statistics,
+    reset_batchnorm,
+)
 from accord.combine._state_dicts import check_inputs, merge_state_dicts
 from accord.data import batches
 from accord.errors import MergeError, did_you_mean
@@ -30,7 +39,6 @@ from accord.evaluate import evaluate
 from accord.match import Alignment, match
 from accord.registry import (
     DEFAULT_COMBINE,
-    AlignMethod,
     CombineContext,
     Combined,
     CombineMethod,
@@ -38,13 +46,12 @@ from accord.registry import (
     plan_methods,
     resolve_options,
 )
-from accord.repair import has_batchnorm, repair_activations, reset_batchnorm
+from accord.repair import repair_activations
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
 from accord.tune import merge_tuned
 
 REPAIRS = ("auto", "bn-reset", "repair", "none")
-BATCHNORM_ROUTES = ("fold", "transform")
 
 
 def split_options(
@@ -209,33 +216,13 @@ def dense_spaces(spec: Spec, alignment: Alignment) -> list[str]:
     return [s.name for s in spec.spaces if s.name in names]
 
 
-def _bn_as_writers(spec: Spec, names: Iterable[str]) -> Spec:
-    """The spec with folded BatchNorms' γ and β moved to the writers (the reference's route)."""
-    spaces = []
-    chosen = set(names)
-    for space in spec.spaces:
-        norms = {bn.norm for bn in space.batchnorms}
-        if space.name not in chosen or not norms:
-            spaces.append(space)
-            continue
-        moved = [r for r in space.elementwise if r.tensor.rpartition(".")[0] in norms]
-        kept = [r for r in space.elementwise if r.tensor.rpartition(".")[0] not in norms]
-        affine = [r for r in moved if r.tensor.rpartition(".")[2] in ("weight", "bias")]
-        spaces.append(
-            replace(
-                space, writers=space.writers + tuple(affine), elementwise=tuple(kept), batchnorms=()
-            )
-        )
-    return Spec(spaces, spec.model, spec.observation, list(spec.notes), spec.leaf_modules)
-
-
 def align_states(
     models: Sequence[nn.Module], spec: Spec, alignment: Alignment, batchnorm: str = "fold"
 ) -> list[dict[str, torch.Tensor]]:
     """Each model's state dict in the merged coordinates."""
     dense = dense_spaces(spec, alignment)
     if batchnorm == "transform":
-        spec = _bn_as_writers(spec, dense)
+        spec = batchnorm_as_writers(spec, dense)
         return [
             apply_transforms(m.state_dict(), spec, t)
             for m, t in zip(models, alignment.transforms, strict=True)
@@ -245,51 +232,6 @@ def align_states(
         apply_transforms(fold_batchnorms(m, folded) if folded else m.state_dict(), spec, t)
         for m, t in zip(models, alignment.transforms, strict=True)
     ]
-
-
-def batchnorm_targets(
-    spec: Spec,
-    alignment: Alignment,
-    statistics: Statistics,
-    merged: dict[str, torch.Tensor],
-    eps: Mapping[str, float],
-    weights: Sequence[float] | None = None,
-) -> None:
-    """Give each folded BatchNorm the REPAIR-style target statistics, in place.
-
-    Target mean ``Σ_i w_i T_i μ_i`` and variance ``Σ_i w_i diag(T_i Σ_i T_iᵀ)`` of the
-    models' BatchNorm outputs (``weights`` w, default equal); β ← target mean, γ ←
-    sqrt(target variance + eps): a BatchNorm reset afterwards makes the BatchNorm divide the
-    merged features by sqrt(var + eps), so this γ gives them exactly the target variance when
-    their variance already matches it.
-    """
-    count = len(alignment.transforms)
-    w = torch.tensor(weights if weights is not None else [1 / count] * count, dtype=torch.float64)
-    for name in dense_spaces(spec, alignment):
-        for bn in spec[name].batchnorms:
-            stats = statistics.norms.get(bn.norm)
-            if stats is None:
-                raise MergeError(
-                    f"no statistics for BatchNorm {bn.norm!r}, which a dense map on space "
-                    f"{name!r} needs: collect statistics with batchnorms=True"
-                )
-            means, variances = [], []
-            for i, transforms in enumerate(alignment.transforms):
-                t = transforms[name].matrix
-                means.append(t @ stats.mean[i])
-                variances.append(torch.einsum("cd,de,ce->c", t, stats.covariance(i, i), t))
-            dtype = merged[f"{bn.norm}.weight"].dtype
-            variance = torch.einsum("i,ic->c", w, torch.stack(variances)).clamp_min(0)
-            merged[f"{bn.norm}.weight"] = (variance + eps[bn.norm]).sqrt().to(dtype)
-            merged[f"{bn.norm}.bias"] = torch.einsum("i,ic->c", w, torch.stack(means)).to(dtype)
-
-
-def needs_batchnorm_statistics(method: str | AlignMethod, batchnorm: str) -> bool:
-    """Whether a merge aligned by ``method`` (an alignment, or a name :func:`plan_methods`
-    reads) under ``batchnorm`` may use the BatchNorm-output statistics: only possibly dense
-    maps on the fold route do."""
-    align = method if isinstance(method, AlignMethod) else plan_methods(method).align
-    return batchnorm == "fold" and not align.permutations
 
 
 def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
@@ -536,11 +478,12 @@ def combine_aligned(
                 "repair='none' to keep the folded BatchNorms as identities"
             )
         eps = {n: m.eps for n, m in models[reference].named_modules() if hasattr(m, "eps")}
-        batchnorm_targets(spec, alignment, statistics, merged_state, eps)
+        maps = {n: [t[n].matrix for t in alignment.transforms] for n in dense}
+        batchnorm_targets(spec, maps, statistics, merged_state, eps)
         # each aligned model gets its own targets, so that it works after a BatchNorm reset
         for i, state in enumerate(aligned):
             one_hot = [float(i == j) for j in range(len(aligned))]
-            batchnorm_targets(spec, alignment, statistics, state, eps, one_hot)
+            batchnorm_targets(spec, maps, statistics, state, eps, one_hot)
     _require_finite(
         merged_state,
         "the merged model",

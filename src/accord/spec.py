@@ -9,7 +9,7 @@ A :class:`FeatureSpace` of ``size`` C lists
   attention also sit here: ``q·k`` is unchanged when ``q ← T q`` and ``k ← T⁻ᵀ k``;
 * ``elementwise``: per-feature parameters and buffers that can only follow a permutation (norm
   gains and shifts, running statistics, depthwise kernels);
-* ``batchnorms``: BatchNorms directly after a writer, which :func:`accord.apply.fold_batchnorms`
+* ``batchnorms``: BatchNorms directly after a writer, which :func:`accord.batchnorm.fold_batchnorms`
   folds into that writer so that a dense map becomes exact in eval mode.
 
 ``maps`` says which transforms keep the network's function:

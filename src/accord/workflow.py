@@ -18,17 +18,12 @@ from torch import nn
 
 from accord._io import write_json
 from accord._outputs import check_output, write_folder
+from accord.batchnorm import needs_batchnorm_statistics
 from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
-from accord.merge import (
-    MergeResult,
-    check_models,
-    choose_reference,
-    merge,
-    needs_batchnorm_statistics,
-)
+from accord.merge import MergeResult, check_models, choose_reference, merge
 from accord.registry import ALIGNMENTS, COMBINERS, MethodPlan, plan_methods
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
