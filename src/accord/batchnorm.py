@@ -37,9 +37,7 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(is_batchnorm(m) for m in model.modules())
 
 
-def fold_batchnorms(
-    model: nn.Module, spaces: list[FeatureSpace] | Spec
-) -> dict[str, torch.Tensor]:
+def fold_batchnorms(model: nn.Module, spaces: list[FeatureSpace] | Spec) -> dict[str, torch.Tensor]:
     """The model's state dict with each listed BatchNorm folded into the writer before it.
 
     In eval mode BN is the per-channel affine ``y = γ (x − μ)/σ + β`` with

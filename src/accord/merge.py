@@ -33,6 +33,7 @@ from accord.batchnorm import (
     reset_batchnorm,
 )
 from accord.combine._state_dicts import check_inputs, merge_state_dicts
+from accord.compatible import TensorShapes, check_same_tensors
 from accord.data import batches
 from accord.errors import MergeError, did_you_mean
 from accord.evaluate import evaluate
@@ -105,37 +106,33 @@ def _model_name(index: int, names: Sequence[str] | None) -> str:
 
 def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
     """MergeError naming the first model whose class differs from model 0's, or the first
-    tensor whose name, shape or dtype differs; ``names`` (e.g. checkpoint paths) label the
-    models in the message."""
+    tensor whose name or shape (:func:`accord.compatible.check_same_tensors`), then dtype,
+    differs; ``names`` (e.g. checkpoint paths) label the models in the message."""
     if not models:
         raise MergeError("merging needs at least one model, got none")
-    reference = models[0].state_dict()
     first = _model_name(0, names)
     for index, model in enumerate(models[1:], start=1):
-        this = _model_name(index, names)
         if type(model) is not type(models[0]):
             raise MergeError(
-                f"{this} is a {type(model).__name__}, {first} a "
+                f"{_model_name(index, names)} is a {type(model).__name__}, {first} a "
                 f"{type(models[0]).__name__}: only models of one architecture can be merged"
             )
-        state = model.state_dict()
-        for key, tensor in reference.items():
-            if key not in state:
-                raise MergeError(f"{this} has no parameter {key!r} ({first} has)")
-            if state[key].shape != tensor.shape:
-                raise MergeError(
-                    f"parameter {key!r} has shape {tuple(state[key].shape)} in {this} "
-                    f"but {tuple(tensor.shape)} in {first}"
-                )
+    states = [model.state_dict() for model in models]
+    check_same_tensors(
+        [
+            TensorShapes(_model_name(i, names), {k: tuple(t.shape) for k, t in state.items()})
+            for i, state in enumerate(states)
+        ],
+        what="parameter",
+    )
+    for index, state in enumerate(states[1:], start=1):
+        for key, tensor in states[0].items():
             if state[key].dtype != tensor.dtype:
                 raise MergeError(
-                    f"parameter {key!r} is {state[key].dtype} in {this} but {tensor.dtype} in "
-                    f"{first}: models of one dtype are merged; convert them all first, e.g. "
-                    f"model.to({tensor.dtype})"
+                    f"parameter {key!r} is {state[key].dtype} in {_model_name(index, names)} "
+                    f"but {tensor.dtype} in {first}: models of one dtype are merged; convert "
+                    f"them all first, e.g. model.to({tensor.dtype})"
                 )
-        extra = [key for key in state if key not in reference]
-        if extra:
-            raise MergeError(f"{this} has parameter {extra[0]!r} that {first} lacks")
 
 
 def check_models(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:

@@ -58,6 +58,7 @@ from tqdm import tqdm
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
 from accord.combine._state_dicts import combine_tensor
+from accord.compatible import TensorShapes, check_same_tensors
 from accord.errors import ConfigError, ModelError, did_you_mean
 from accord.llm.adapters import AdapterState, open_model
 from accord.llm.align import find_alignment
@@ -346,10 +347,10 @@ def _open(
         for name in receiver_ck.state:
             arch.role(name)  # refuses tensors this layout does not know before any work is done
     names = _stored_names(receiver_ck)
-    for ck in every:
-        _check_same_tensors(receiver_ck, ck, names)
-        if arch is not None:
-            arch.check_shapes({name: ck.state.info(name).shape for name in names}, str(ck.path))
+    shapes = _check_same_tensors([receiver_ck, *every], names)
+    if arch is not None:
+        for ck, table in zip(every, shapes[1:], strict=True):
+            arch.check_shapes({name: table[name] for name in names}, str(ck.path))
     return _Inputs(opened, base_ck, receiver_ck, arch, names)
 
 
@@ -374,34 +375,41 @@ def _stored_names(ck: Checkpoint) -> list[str]:
     return [name for name in ck.state if not (tied and name == "lm_head.weight")]
 
 
-def _check_same_tensors(reference: Checkpoint, ck: Checkpoint, names: list[str]) -> None:
-    """ModelError naming the first tensor of ``reference`` (in its order) that ``ck`` lacks or
-    holds with another shape or kind, then the first one ``ck`` holds that ``reference`` lacks."""
-    fix = "tensor-wise merges need the same tensors (names and shapes) in every model"
-    for name in names:
-        here = reference.state.info(name)
-        if name not in ck.state:
-            raise ModelError(
-                f"tensor {name!r} is in {reference.state.file(name)} but not in {ck.path}; {fix}"
-            )
-        there = ck.state.info(name)
-        if there.shape != here.shape:
-            raise ModelError(
-                f"tensor {name!r} has shape {here.shape} in {reference.state.file(name)} but "
-                f"{there.shape} in {ck.state.file(name)}; {fix}"
-            )
-        if there.dtype.is_floating_point != here.dtype.is_floating_point:
-            raise ModelError(
-                f"tensor {name!r} is {here.dtype} in {reference.state.file(name)} but "
-                f"{there.dtype} in {ck.state.file(name)}; a floating tensor cannot be merged "
-                "with an integer one"
-            )
-    extra = [name for name in _stored_names(ck) if name not in set(names)]
-    if extra:
-        raise ModelError(
-            f"tensor {extra[0]!r} is in {ck.state.file(extra[0])} but not in {reference.path}; "
-            f"{fix}"
+def _check_same_tensors(
+    every: Sequence[Checkpoint], names: list[str]
+) -> list[dict[str, tuple[int, ...]]]:
+    """ModelError naming the first tensor that a checkpoint of ``every`` lacks, holds with
+    another shape (:func:`accord.compatible.check_same_tensors`, against ``every[0]``'s
+    ``names``) or holds as a float where ``every[0]`` holds an integer, or the reverse; each
+    checkpoint's shapes of ``names``."""
+    wanted = set(names)
+
+    def compared(ck: Checkpoint) -> list[str]:
+        # the reference's tensors, and every other one the checkpoint would write
+        stored = set(_stored_names(ck))
+        return [name for name in ck.state if name in wanted or name in stored]
+
+    shapes = [
+        TensorShapes(
+            str(ck.path),
+            {name: ck.state.info(name).shape for name in (names if i == 0 else compared(ck))},
+            ck.state.file,
         )
+        for i, ck in enumerate(every)
+    ]
+    fix = "tensor-wise merges need the same tensors (names and shapes) in every model"
+    check_same_tensors(shapes, what="tensor", remedy=fix, error=ModelError)
+    reference = every[0].state
+    for ck in every[1:]:
+        for name in names:
+            here, there = reference.info(name), ck.state.info(name)
+            if there.dtype.is_floating_point != here.dtype.is_floating_point:
+                raise ModelError(
+                    f"tensor {name!r} is {here.dtype} in {reference.file(name)} but "
+                    f"{there.dtype} in {ck.state.file(name)}; a floating tensor cannot be merged "
+                    "with an integer one"
+                )
+    return [dict(table.shapes) for table in shapes]
 
 
 def _resolve(
