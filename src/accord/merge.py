@@ -110,28 +110,33 @@ def check_compatible(models: Sequence[nn.Module], names: Sequence[str] | None = 
     differs; ``names`` (e.g. checkpoint paths) label the models in the message."""
     if not models:
         raise MergeError("merging needs at least one model, got none")
-    first = _model_name(0, names)
-    for index, model in enumerate(models[1:], start=1):
+    labels = [_model_name(i, names) for i in range(len(models))]
+    for label, model in zip(labels[1:], models[1:], strict=True):
         if type(model) is not type(models[0]):
             raise MergeError(
-                f"{_model_name(index, names)} is a {type(model).__name__}, {first} a "
+                f"{label} is a {type(model).__name__}, {labels[0]} a "
                 f"{type(models[0]).__name__}: only models of one architecture can be merged"
             )
-    states = [model.state_dict() for model in models]
+    _check_same_states([model.state_dict() for model in models], labels)
+
+
+def _check_same_states(states: Sequence[Mapping[str, torch.Tensor]], labels: list[str]) -> None:
+    """MergeError naming the first tensor whose name or shape, then dtype, differs from
+    ``states[0]``'s."""
     check_same_tensors(
         [
-            TensorShapes(_model_name(i, names), {k: tuple(t.shape) for k, t in state.items()})
-            for i, state in enumerate(states)
+            TensorShapes(label, {k: tuple(t.shape) for k, t in state.items()})
+            for label, state in zip(labels, states, strict=True)
         ],
         what="parameter",
     )
-    for index, state in enumerate(states[1:], start=1):
+    for label, state in zip(labels[1:], states[1:], strict=True):
         for key, tensor in states[0].items():
             if state[key].dtype != tensor.dtype:
                 raise MergeError(
-                    f"parameter {key!r} is {state[key].dtype} in {_model_name(index, names)} "
-                    f"but {tensor.dtype} in {first}: models of one dtype are merged; convert "
-                    f"them all first, e.g. model.to({tensor.dtype})"
+                    f"parameter {key!r} is {state[key].dtype} in {label} but {tensor.dtype} in "
+                    f"{labels[0]}: models of one dtype are merged; convert them all first, "
+                    f"e.g. model.to({tensor.dtype})"
                 )
 
 
@@ -146,6 +151,32 @@ def check_models(models: Sequence[nn.Module], names: Sequence[str] | None = None
             "it would make the merged model non-finite; the checkpoint is corrupt or its "
             "training diverged: retrain it, or merge without it",
         )
+
+
+def _check_base(
+    base: nn.Module | Mapping[str, torch.Tensor], models: Sequence[nn.Module]
+) -> Mapping[str, torch.Tensor]:
+    """The base's state, checked as a model would be: of model 0's class (given as a
+    module), with its tensors, shapes and dtypes, every tensor finite."""
+    if isinstance(base, nn.Module):
+        if type(base) is not type(models[0]):
+            raise MergeError(
+                f"the base is a {type(base).__name__}, model 0 a {type(models[0]).__name__}: "
+                "give the model the merged ones were fine-tuned from"
+            )
+        state: Mapping[str, torch.Tensor] = base.state_dict()
+    elif isinstance(base, Mapping):
+        state = base
+    else:
+        raise MergeError(
+            f"base is a {type(base).__name__}: give the model the merged ones were fine-tuned "
+            "from, or its state dict"
+        )
+    _check_same_states([models[0].state_dict(), state], [_model_name(0, None), "the base"])
+    _require_finite(
+        state, "the base", "task vectors against it would make the merged model non-finite"
+    )
+    return state
 
 
 def _check_input_dtype(model: nn.Module, data: Any, what: str) -> None:
@@ -218,17 +249,27 @@ def align_states(
 ) -> list[dict[str, torch.Tensor]]:
     """Each model's state dict in the merged coordinates."""
     dense = dense_spaces(spec, alignment)
-    if batchnorm == "transform":
-        spec = batchnorm_as_writers(spec, dense)
-        return [
-            apply_transforms(m.state_dict(), spec, t)
-            for m, t in zip(models, alignment.transforms, strict=True)
-        ]
-    folded = [spec[name] for name in dense]
     return [
-        apply_transforms(fold_batchnorms(m, folded) if folded else m.state_dict(), spec, t)
+        align_state(m, spec, t, dense, batchnorm)
         for m, t in zip(models, alignment.transforms, strict=True)
     ]
+
+
+def align_state(
+    model: nn.Module,
+    spec: Spec,
+    transforms: Mapping[str, Transform],
+    dense: list[str],
+    batchnorm: str = "fold",
+) -> dict[str, torch.Tensor]:
+    """One model's state dict in the merged coordinates by its ``transforms``; the BatchNorms
+    of the ``dense`` spaces are folded into their writers, or, under
+    ``batchnorm="transform"``, transformed as writers."""
+    if batchnorm == "transform":
+        return apply_transforms(model.state_dict(), batchnorm_as_writers(spec, dense), transforms)
+    folded = [spec[name] for name in dense]
+    state = fold_batchnorms(model, folded) if folded else model.state_dict()
+    return apply_transforms(state, spec, transforms)
 
 
 def _resolve_repair(repair: str, model: nn.Module, data: Any) -> str:
@@ -257,6 +298,7 @@ def merge(
     align: str | None = None,
     combine: str | None = None,
     batchnorm: str = "fold",
+    base: nn.Module | Mapping[str, torch.Tensor] | None = None,
     validation: Any = None,
     max_samples: int | None = None,
     device: str = "cpu",
@@ -275,11 +317,15 @@ def merge(
     ``epochs`` for NP Merge) come as keywords or as the ``options`` mapping; ``options="auto"``
     chooses them on ``validation`` (:func:`accord.tune.merge_tuned`). ``statistics`` from an
     earlier :func:`accord.collect_statistics` call are reused rather than collected again.
-    ``reference`` is a model index or ``"best"`` (by validation accuracy). Combiners that merge
-    task vectors against a base are for :func:`accord.merge_state_dicts`.
+    ``reference`` is a model index or ``"best"`` (by validation accuracy). ``base``: the model
+    (or its state dict) that ``models`` were fine-tuned from, for the combiners that merge
+    task vectors against a base (their record's ``needs.base``: task arithmetic, TIES,
+    DARE...); it moves into the merged coordinates as the reference does, and the aligned
+    models' task vectors against it are combined (:func:`accord.merge_state_dicts`).
 
-    Checked before any work: the models (:func:`check_models`: one architecture and dtype,
-    every tensor finite), the methods and their option names, and that ``data`` and
+    Checked before any work: the models and the base (:func:`check_models`: one architecture
+    and dtype, every tensor finite), the methods, whether the combiner needs a base, their
+    option names, and that ``data`` and
     ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a
     NaN or inf tensor is never returned: a MergeError names the tensor and the stage that
     produced it.
@@ -295,6 +341,9 @@ def merge(
     align = given.pop("align", align)
     combine = given.pop("combine", combine)
     plan = plan_methods(method, align, combine)
+    if len(models) > 1:
+        check_inputs(plan.combine, len(models), has_base=base is not None)
+    base_state = _check_base(base, models) if base is not None else None
     if options == "auto":
         return merge_tuned(
             merge,
@@ -307,6 +356,7 @@ def merge(
             repair=repair,
             statistics=statistics,
             batchnorm=batchnorm,
+            base=base,
             max_samples=max_samples,
             device=device,
             progress=progress,
@@ -314,7 +364,6 @@ def merge(
         )
     align_options, combine_options = split_options(plan, given)
     combine_options = resolve_options(plan.combine, combine_options)
-    _check_combiner(plan.combine, len(models))
     if batchnorm not in BATCHNORM_ROUTES:
         raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
     if not plan.combine.repair_after and repair == "auto" and not has_batchnorm(models[0]):
@@ -364,7 +413,15 @@ def merge(
         match(plan.align.name, spec, used, states, reference=ref, **align_options)
     )
     timings["match"] = time.perf_counter() - clock
-    combiner = _combine_stage(plan.combine, combine_options, models, data, device, progress)
+    if base_state is not None:
+        # the base moves as the reference does (the fine-tunes share its coordinates)
+        holder = copy.deepcopy(models[ref])
+        holder.load_state_dict(base_state)
+        dense = dense_spaces(spec, alignment)
+        base_state = align_state(holder, spec, alignment.transforms[ref], dense, batchnorm)
+    combiner = _combine_stage(
+        plan.combine, combine_options, models, data, device, progress, base_state
+    )
     result = combine_aligned(
         models,
         spec,
@@ -382,18 +439,6 @@ def merge(
     if "combination" in result.report:  # what the combiner reports, under its name
         result.report[plan.combine.name] = result.report.pop("combination")
     return result
-
-
-def _check_combiner(record: CombineMethod, count: int) -> None:
-    """MergeError when ``record`` cannot combine ``count`` aligned vision models."""
-    if record.needs.base == "yes":
-        raise MergeError(
-            f"combine={record.name!r} merges task vectors against a base model, which "
-            "accord.merge does not take: combine aligned state dicts with "
-            f"accord.merge_state_dicts(states, {record.name!r}, base=...)"
-        )
-    if count > 1:
-        check_inputs(record, count, has_base=False)
 
 
 def _only_model(
@@ -422,11 +467,14 @@ def _combine_stage(
     data: Any,
     device: str,
     progress: bool,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> Combine:
-    """The combine stage: ``(aligned states, reference) -> Combined`` by ``record``."""
+    """The combine stage: ``(aligned states, reference) -> Combined`` by ``record`` (with the
+    aligned ``base`` for task vectors)."""
 
     def tensorwise(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
-        return Combined(merge_state_dicts(aligned, record.name, reference=reference, **options))
+        merged = merge_state_dicts(aligned, record.name, base=base, reference=reference, **options)
+        return Combined(merged)
 
     def whole(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
         context = CombineContext(models, reference, data, device, progress)

@@ -38,13 +38,16 @@ def merge_tuned(
     validation: Any,
     *,
     device: str = "cpu",
+    base: Any = None,
     **merge_arguments: Any,
 ) -> Any:
     """The merge whose options score best on ``validation`` among the records' grids.
 
     ``merge`` is :func:`accord.merge`, called once per candidate with ``merge_arguments``
     (spec, reference, repair, statistics, options given...) and the candidate's options.
-    The result's report gains ``"tuning"``: each candidate and its validation accuracy.
+    The alignment's options are tuned first, on averaged merges (without ``base``), then the
+    combiner's (with it). The result's report gains ``"tuning"``: each candidate and its
+    validation accuracy.
     """
     if validation is None:
         raise MergeError(
@@ -72,6 +75,7 @@ def merge_tuned(
             combine=plan.combine.name,
             validation=validation,
             device=device,
+            base=base,
             **rest,
             **{**own, **options},
         )
