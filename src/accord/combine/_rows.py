@@ -47,7 +47,7 @@ class RowForm:
     rescale: str = "none"
 
 
-def row_spans(shape: Sequence[int], block_entries: int = BLOCK_ENTRIES) -> list[tuple[int, int]]:
+def row_spans(shape: Sequence[int], block_entries: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of each row block of a tensor of ``shape`` (at least one row a block,
     at most ``block_entries`` entries otherwise)."""
     rows = shape[0]
@@ -63,14 +63,15 @@ def merge_rows(
     base: Rows | None = None,
     receiver: Rows | None = None,
     generator: torch.Generator | None = None,
-    block_entries: int = BLOCK_ENTRIES,
+    block_entries: int | None = None,
 ) -> Iterator[Tensor]:
     """The merged tensor of ``shape``, row block after row block, as ``form`` merges it.
 
     With ``base``, the task vectors ``model − base`` are merged and ``receiver`` (default: the
     base) is added; ``generator``: the tensor's, for random pruning. Each model's pruning is
-    settled before the first block is yielded."""
-    spans = row_spans(shape, block_entries)
+    settled before the first block is yielded. ``block_entries``: entries per block (default
+    :data:`BLOCK_ENTRIES`)."""
+    spans = row_spans(shape, block_entries or BLOCK_ENTRIES)
     numel = shape[0] * _width(shape)
 
     def task_vector(i: int, start: int, stop: int, origin: Tensor | None) -> Tensor:

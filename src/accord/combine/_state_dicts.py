@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from accord._finite import describe_non_finite
-from accord.combine._rows import BLOCK_ENTRIES, Rows, merge_rows
+from accord.combine._rows import Rows, merge_rows
 from accord.errors import MergeError
 from accord.registry import CombineMethod, lookup, resolve_options
 
@@ -54,7 +54,7 @@ def combine_rows(
     base: Rows | None = None,
     receiver: Rows | None = None,
     seed: int = 0,
-    block_entries: int = BLOCK_ENTRIES,
+    block_entries: int | None = None,
 ) -> Iterator[Tensor] | None:
     """Tensor ``name`` (of ``shape``, at least one axis) merged as :func:`combine_tensor`
     merges it, row block after row block (:mod:`accord.combine._rows`): the models' rows (and
