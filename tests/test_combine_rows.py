@@ -164,11 +164,9 @@ def test_llm_merge_by_row_blocks_writes_the_whole_tensor_merge(
     record = lookup("combine", method)
     options = per_model(record, resolve_options(record, given), 2 if task_vectors else 3)
     for j, (name, shape) in enumerate(shapes.items()):
-        tensors = _models(shape, torch.bfloat16, seed=j)
-        if not task_vectors:
-            tensors = [tensors[0], *tensors[:3]]  # linear: the three models, no base
-        else:
-            tensors = tensors[:3]
+        tensors = _models(shape, torch.bfloat16, seed=j)[:3]
+        if not task_vectors:  # linear merges the three checkpoints; _whole drops tensors[0]
+            tensors = [tensors[0], *tensors]
         expected = _whole(name, record, options, tensors, seed=5).to(torch.bfloat16)
         assert torch.equal(merged[name].view(torch.int16), expected.view(torch.int16)), name
     assert torch.equal(merged["position_ids"], torch.arange(5))

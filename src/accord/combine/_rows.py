@@ -107,7 +107,9 @@ def _pruners(
     if form.prune is None:
         return [_unchanged] * count
     if form.prune == "magnitude":
-        return [_magnitude(i, form.amounts[i], spans, numel, base, task_vector) for i in range(count)]
+        return [
+            _magnitude(i, form.amounts[i], spans, numel, base, task_vector) for i in range(count)
+        ]
     if form.prune == "random":
         if generator is None:
             raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")

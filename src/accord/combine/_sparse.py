@@ -48,7 +48,7 @@ def select_largest(passes: Callable[[], Iterable[Tensor]], k: int) -> tuple[Tens
     for block in passes():
         bits, shift = _bits(block)
         for chunk in bits.split(_CHUNK):
-            hist += torch.bincount((chunk >> shift).to(torch.int64), minlength=2**15)
+            hist += torch.bincount(chunk >> shift, minlength=2**15)
     at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and above
     bucket = int((at_least >= k).nonzero().max())
     above = int(at_least[bucket] - hist[bucket])  # entries in the buckets above
@@ -180,11 +180,10 @@ def disjoint_merge(
     divided, with ``normalize``, by the sum of those deltas' ``weights`` (their count when
     ``weights`` is None: the disjoint mean); a sum of 0 is not divided by, and entries no delta
     agrees with are 0. Accumulated one delta at a time with boolean masks."""
-    positive = sign > 0
     total = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign)
     for i, delta in enumerate(deltas):
-        agree = ((delta > 0) == positive) & (delta != 0)
+        agree = delta * sign > 0  # sign is ±1: a nonzero entry of the elected sign
         total += delta * agree
         if normalize:
             divisor += agree * (1.0 if weights is None else float(weights[i]))
