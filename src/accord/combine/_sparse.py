@@ -165,8 +165,8 @@ def rescaled(original: Tensor, kept: Tensor, rescale: str) -> Tensor:
 def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
     """TIES sign election over deltas (a sequence, or a stacked tensor's first axis): the sign
     of the entry-wise sum (the sign with the larger total magnitude), +1 where the sum is 0."""
-    sign = sum(deltas).sign_()  # a new tensor: in place keeps one tensor of memory
-    return sign.masked_fill_(sign == 0, 1.0)
+    total = sum(deltas)  # from 0 + ...: never -0.0, so copysign gives +1 where it is 0
+    return torch.ones_like(total).copysign_(total)
 
 
 def disjoint_merge(
@@ -186,7 +186,7 @@ def disjoint_merge(
         agree = delta * sign > 0  # sign is ±1: a nonzero entry of the elected sign
         total += delta * agree
         if normalize:
-            divisor += agree * (1.0 if weights is None else float(weights[i]))
+            divisor.add_(agree, alpha=1.0 if weights is None else float(weights[i]))
     if not normalize:
         return total
     return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
