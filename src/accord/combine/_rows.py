@@ -107,9 +107,7 @@ def _pruners(
     if form.prune is None:
         return [_unchanged] * count
     if form.prune == "magnitude":
-        return [
-            _magnitude(i, form.amounts[i], spans, numel, base, task_vector) for i in range(count)
-        ]
+        return _magnitude(form.amounts, spans, numel, base, task_vector, count)
     if form.prune == "random":
         if generator is None:
             raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")
@@ -123,28 +121,38 @@ def _unchanged(delta: Tensor) -> Tensor:
 
 
 def _magnitude(
-    i: int,
-    density: float,
+    densities: Sequence[float],
     spans: list[tuple[int, int]],
     numel: int,
     base: Rows | None,
     task_vector: Callable[[int, int, int, Tensor | None], Tensor],
-) -> Callable[[Tensor], Tensor]:
-    """Model ``i``'s magnitude pruning (as :func:`accord.combine.magnitude_prune`): its
-    threshold from two passes over its task vector, then a mask a block at a time."""
-    k = int(density * numel)
-    if k >= numel:
-        return _unchanged
-    if k == 0:
-        return torch.zeros_like
+    count: int,
+) -> list[Callable[[Tensor], Tensor]]:
+    """Each model's magnitude pruning (as :func:`accord.combine.magnitude_prune`): the
+    thresholds of all models from two passes over the row blocks (each block of the base read
+    once for all), then a mask a block at a time."""
+    ks = [int(densities[i] * numel) for i in range(count)]
+    ranked = [i for i in range(count) if 0 < ks[i] < numel]  # the others keep all or none
 
-    def passes() -> Iterator[Tensor]:
+    def passes() -> Iterator[list[Tensor]]:
         for start, stop in spans:
             origin = base(start, stop) if base is not None else None
-            yield magnitudes(task_vector(i, start, stop, origin))
+            yield [magnitudes(task_vector(i, start, stop, origin)) for i in ranked]
 
-    threshold, above = select_largest(passes, k)
-    mask = LargestMask(threshold, above, k)
+    selected = select_largest(passes, [ks[i] for i in ranked]) if ranked else []
+    masks = {
+        i: LargestMask(t, above, ks[i]) for i, (t, above) in zip(ranked, selected, strict=True)
+    }
+    pruners: list[Callable[[Tensor], Tensor]] = []
+    for i in range(count):
+        if i in masks:
+            pruners.append(_masked(masks[i]))
+        else:
+            pruners.append(_unchanged if ks[i] >= numel else torch.zeros_like)
+    return pruners
+
+
+def _masked(mask: LargestMask) -> Callable[[Tensor], Tensor]:
     return lambda delta: delta * mask.block(magnitudes(delta)).reshape(delta.shape)
 
 

@@ -34,32 +34,42 @@ def _bits(magnitude: Tensor) -> tuple[Tensor, int]:
     return bits, bits.element_size() * 8 - 16
 
 
-def select_largest(passes: Callable[[], Iterable[Tensor]], k: int) -> tuple[Tensor, int]:
-    """The ``k``-th largest of non-negative float32/float64 values, and how many values are
-    strictly larger; ``passes()`` yields the values as flat blocks, the same ones each time,
-    and is called twice.
+def select_largest(
+    passes: Callable[[], Iterable[Sequence[Tensor]]], ks: Sequence[int]
+) -> list[tuple[Tensor, int]]:
+    """For each of several sets of non-negative float32/float64 values, its ``ks[j]``-th
+    largest value and how many values are strictly larger. ``passes()`` yields blocks, each
+    holding one flat block of every set, the same ones each time; it is called twice.
 
     A two-level radix select: a histogram of the values' top 16 bits finds the bucket holding
     the ``k``-th largest, and only that bucket's few values are then ranked. Memory stays a
     small fraction of the values (a block at a time), where ``topk`` or ``kthvalue`` copy them
     with 64-bit indices, several times over; blocks of any size give the same answer.
     """
-    hist = torch.zeros(2**15, dtype=torch.int64)
-    for block in passes():
-        bits, shift = _bits(block)
-        for chunk in bits.split(_CHUNK):
-            hist += torch.bincount(chunk >> shift, minlength=2**15)
-    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and above
-    bucket = int((at_least >= k).nonzero().max())
-    above = int(at_least[bucket] - hist[bucket])  # entries in the buckets above
-    inside = []
-    for block in passes():
-        bits, shift = _bits(block)
-        for m, c in zip(block.split(_CHUNK), bits.split(_CHUNK), strict=True):
-            inside.append(m[(c >> shift) == bucket])
-    values = torch.cat(inside)
-    threshold = values.topk(k - above).values[-1]  # rank k - above within its bucket
-    return threshold, above + int((values > threshold).sum())
+    hists = [torch.zeros(2**15, dtype=torch.int64) for _ in ks]
+    for blocks in passes():
+        for hist, block in zip(hists, blocks, strict=True):
+            bits, shift = _bits(block)
+            for chunk in bits.split(_CHUNK):
+                hist += torch.bincount(chunk >> shift, minlength=2**15)
+    buckets, above = [], []
+    for hist, k in zip(hists, ks, strict=True):
+        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and up
+        bucket = int((at_least >= k).nonzero().max())
+        buckets.append(bucket)
+        above.append(int(at_least[bucket] - hist[bucket]))  # entries in the buckets above
+    inside: list[list[Tensor]] = [[] for _ in ks]
+    for blocks in passes():
+        for found, bucket, block in zip(inside, buckets, blocks, strict=True):
+            bits, shift = _bits(block)
+            for m, c in zip(block.split(_CHUNK), bits.split(_CHUNK), strict=True):
+                found.append(m[(c >> shift) == bucket])
+    selected = []
+    for found, k, larger in zip(inside, ks, above, strict=True):
+        values = torch.cat(found)
+        threshold = values.topk(k - larger).values[-1]  # rank k - larger within its bucket
+        selected.append((threshold, larger + int((values > threshold).sum())))
+    return selected
 
 
 class LargestMask:
@@ -114,7 +124,7 @@ def largest_mask(values: Tensor, k: int) -> Tensor:
     if k >= values.numel():
         return values != 0
     magnitude = magnitudes(values)
-    threshold, above = select_largest(lambda: [magnitude], k)
+    [(threshold, above)] = select_largest(lambda: [[magnitude]], [k])
     return LargestMask(threshold, above, k).block(magnitude).reshape(values.shape)
 
 
