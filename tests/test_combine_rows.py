@@ -16,7 +16,7 @@ from accord.combine._state_dicts import (
     compute_dtype,
     per_model,
 )
-from accord.registry import lookup, resolve_options
+from accord.registry import COMBINERS, lookup, resolve_options
 
 CASES = [
     ("linear", {"weight": [0.3, 0.5, 0.2], "normalize": True}),
@@ -170,3 +170,19 @@ def test_llm_merge_by_row_blocks_writes_the_whole_tensor_merge(
         expected = _whole(name, record, options, tensors, seed=5).to(torch.bfloat16)
         assert torch.equal(merged[name].view(torch.int16), expected.view(torch.int16)), name
     assert torch.equal(merged["position_ids"], torch.arange(5))
+
+
+ROWWISE = sorted(name for name, record in COMBINERS.items() if record.rowwise is not None)
+
+
+def test_the_row_forms_are_those_of_the_elementwise_combiners() -> None:
+    assert ROWWISE == ["dare", "dare_ties", "linear", "task_arithmetic", "ties"]
+
+
+@pytest.mark.parametrize("method", ROWWISE)
+def test_every_row_form_equals_its_combiner_with_default_options(method: str) -> None:
+    record = COMBINERS[method]
+    options = per_model(record, resolve_options(record, {}), 3)
+    tensors = _models((23, 6), torch.bfloat16, seed=4)
+    whole = _whole("w", record, options, tensors)
+    assert torch.equal(_blocked("w", record, options, tensors, 17), whole)
