@@ -213,7 +213,10 @@ class CombineMethod(Method):
     ``method=<combiner>`` uses. ``repair_after``: ``repair="auto"`` repairs activation
     statistics after it on models without BatchNorm (False when the combiner fits the data
     itself). ``check``: given one tensor's resolved options, the first model whose values are
-    valid one by one but not together, and why (None when all are).
+    valid one by one but not together, and why (None when all are). ``rowwise``: given one
+    tensor's resolved options, how the combiner merges the tensor a block of rows at a time
+    with the same result (an :class:`accord.combine._rows.RowForm`), or None where those
+    options need the whole tensor at once.
     """
 
     tensorwise: bool = True
@@ -221,6 +224,7 @@ class CombineMethod(Method):
     default_align: str = "cca"
     repair_after: bool = True
     check: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None
+    rowwise: Callable[[dict[str, Any]], Any] | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from accord._io import write_text
+from accord.bench.llm_memory import LLMMemoryPlan, quick_plan, run_llm_memory
 from accord.bench.markdown import render_benchmarks_md
 from accord.bench.quality import quality_plan, run_quality
 from accord.bench.select import run_select, select_plan
@@ -20,8 +21,8 @@ RESULTS = "benchmarks/results"
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``accord bench quality | speed | skill | select | markdown`` to the ``accord`` subparsers
-    ``sub``."""
+    """Add ``accord bench quality | speed | skill | select | llm-memory | markdown`` to the
+    ``accord`` subparsers ``sub``."""
     p = sub.add_parser(
         "bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)"
     )
@@ -58,6 +59,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device for the models and passes")
     q.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     _add_select(kinds)
+    _add_llm_memory(kinds)
     m = kinds.add_parser("markdown", help="write BENCHMARKS.md from the results JSON")
     m.add_argument("--results", default=RESULTS, help="results folder [%(default)s]")
     m.add_argument("--out", default="BENCHMARKS.md", help="Markdown file [%(default)s]")
@@ -80,6 +82,33 @@ def _add_select(kinds: Any) -> None:
     )
     e.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
     e.set_defaults(func=_cmd_select)
+
+
+def _add_llm_memory(kinds: Any) -> None:
+    e = kinds.add_parser(
+        "llm-memory",
+        help="peak memory and CPU time of accord llm-merge next to mergekit-yaml (3 x 0.97 GB "
+        "Llamas; minutes)",
+    )
+    e.add_argument("--quick", action="store_true", help="tiny checkpoints: seconds")
+    e.add_argument(
+        "--mergekit", default=None, help="mergekit-yaml to compare with [the one on the PATH]"
+    )
+    e.add_argument("--repeats", type=int, default=1, help="runs of each merge (best kept)")
+    e.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
+    e.set_defaults(func=_cmd_llm_memory)
+
+
+def _cmd_llm_memory(args: argparse.Namespace) -> int:
+    plan = replace(quick_plan() if args.quick else LLMMemoryPlan(), repeats=args.repeats)
+    command = "accord bench llm-memory" + (" --quick" if args.quick else "")
+    if args.repeats != 1:
+        command += f" --repeats {args.repeats}"
+    if args.mergekit:
+        command += f" --mergekit {args.mergekit}"
+    document = run_llm_memory(plan, args.out, mergekit=args.mergekit, command=command)
+    print(f"llm-memory: {document['seconds']:.0f} s; written to {args.out}/{plan.name}.json")
+    return 0
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

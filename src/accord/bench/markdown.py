@@ -10,6 +10,7 @@ from typing import Any
 
 from accord._table import format_table
 from accord.bench._common import by_panel, cell, row_names, run_facts
+from accord.bench.llm_memory import render_llm_memory
 from accord.bench.quality import ROW_LABELS
 from accord.bench.select import render_select
 from accord.bench.skill import render_skill
@@ -20,7 +21,8 @@ Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (about 2 h on 2 CPU
 cores; trained models are cached in the model store), `accord bench speed`,
-`accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread), then
+`accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
+`accord bench llm-memory` (minutes; next to mergekit when installed), then
 `accord bench markdown`. Accuracies are on the test
 split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
 alignment NP Merge starts from, whether NP Merge keeps its trained weights) is chosen on the
@@ -313,7 +315,8 @@ def render_design(document: Mapping[str, Any]) -> str:
 
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
     """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json``,
-    ``skill-transfer*.json``, ``select*.json`` and ``design-measurements.json``.
+    ``skill-transfer*.json``, ``select*.json``, ``llm-memory*.json`` and
+    ``design-measurements.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
     BENCHMARKS.md in the directory that ``results_dir`` is relative to).
@@ -330,6 +333,8 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
         sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("select*.json")):
         sections.append(render_select(json.loads(path.read_text(encoding="utf-8")), link))
+    for path in sorted(root.glob("llm-memory*.json")):
+        sections.append(render_llm_memory(json.loads(path.read_text(encoding="utf-8"))))
     design = root / "design-measurements.json"
     if design.is_file():
         sections.append(render_design(json.loads(design.read_text(encoding="utf-8"))))

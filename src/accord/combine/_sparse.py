@@ -9,7 +9,7 @@ the merged task vector; the merge adds it to the receiver.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,29 +27,76 @@ def model_weights(weights: Sequence[float] | None, n: int) -> list[float]:
 _CHUNK = 2**24  # entries per pass of the histogram, bounding its temporaries
 
 
-def _kth_largest(magnitude: Tensor, k: int) -> Tensor:
-    """The ``k``-th largest of the non-negative float32/float64 values ``magnitude`` (flat).
-
-    A two-level radix select: the integer bit patterns of non-negative floats order like the
-    floats, so a histogram of their top 16 bits finds the bucket holding the ``k``-th largest,
-    and only that bucket's few values are then ranked. Memory stays a small fraction of the
-    tensor, where ``topk`` or ``kthvalue`` copy it with 64-bit indices, several times over.
-    """
+def _bits(magnitude: Tensor) -> tuple[Tensor, int]:
+    """The integer bit patterns of non-negative floats (they order like the floats) and the
+    shift that keeps their top 16 bits."""
     bits = magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
-    shift = bits.element_size() * 8 - 16
-    hist = torch.zeros(2**15, dtype=torch.int64)
-    for chunk in bits.split(_CHUNK):
-        hist += torch.bincount((chunk >> shift).to(torch.int64), minlength=2**15)
-    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and above
-    bucket = int((at_least >= k).nonzero().max())
-    rank = k - int(at_least[bucket] - hist[bucket])  # rank of the k-th largest in its bucket
-    inside = torch.cat(
-        [
-            m[(c >> shift) == bucket]
-            for m, c in zip(magnitude.split(_CHUNK), bits.split(_CHUNK), strict=True)
-        ]
-    )
-    return inside.topk(rank).values[-1]
+    return bits, bits.element_size() * 8 - 16
+
+
+def select_largest(
+    passes: Callable[[], Iterable[Sequence[Tensor]]], ks: Sequence[int]
+) -> list[tuple[Tensor, int]]:
+    """For each of several sets of non-negative float32/float64 values, its ``ks[j]``-th
+    largest value and how many values are strictly larger. ``passes()`` yields blocks, each
+    holding one flat block of every set, the same ones each time; it is called twice.
+
+    A two-level radix select: a histogram of the values' top 16 bits finds the bucket holding
+    the ``k``-th largest, and only that bucket's few values are then ranked. Memory stays a
+    small fraction of the values (a block at a time), where ``topk`` or ``kthvalue`` copy them
+    with 64-bit indices, several times over; blocks of any size give the same answer.
+    """
+    hists = [torch.zeros(2**15, dtype=torch.int64) for _ in ks]
+    for blocks in passes():
+        for hist, block in zip(hists, blocks, strict=True):
+            bits, shift = _bits(block)
+            for chunk in bits.split(_CHUNK):
+                hist += torch.bincount(chunk >> shift, minlength=2**15)
+    buckets, above = [], []
+    for hist, k in zip(hists, ks, strict=True):
+        at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: entries in buckets b and up
+        bucket = int((at_least >= k).nonzero().max())
+        buckets.append(bucket)
+        above.append(int(at_least[bucket] - hist[bucket]))  # entries in the buckets above
+    inside: list[list[Tensor]] = [[] for _ in ks]
+    for blocks in passes():
+        for found, bucket, block in zip(inside, buckets, blocks, strict=True):
+            bits, shift = _bits(block)
+            for m, c in zip(block.split(_CHUNK), bits.split(_CHUNK), strict=True):
+                found.append(m[(c >> shift) == bucket])
+    selected = []
+    for found, k, larger in zip(inside, ks, above, strict=True):
+        values = torch.cat(found)
+        threshold = values.topk(k - larger).values[-1]  # rank k - larger within its bucket
+        selected.append((threshold, larger + int((values > threshold).sum())))
+    return selected
+
+
+class LargestMask:
+    """The mask of the ``k`` largest-magnitude entries of a tensor, made a row block at a time
+    in order once its threshold is known (:func:`select_largest`): entries above the
+    threshold, and the first ``missing`` entries equal to it (ties broken by position; zeros
+    left out)."""
+
+    def __init__(self, threshold: Tensor, above: int, k: int) -> None:
+        self.threshold = threshold
+        self.missing = k - above if threshold > 0 else 0
+
+    def block(self, magnitude: Tensor) -> Tensor:
+        """The mask of the next block (``magnitude``: its entries' magnitudes, any shape)."""
+        keep = magnitude > self.threshold
+        if self.missing > 0:
+            tied = (magnitude.reshape(-1) == self.threshold).nonzero().reshape(-1)
+            tied = tied[: self.missing]
+            keep.view(-1)[tied] = True
+            self.missing -= tied.numel()
+        return keep
+
+
+def magnitudes(values: Tensor) -> Tensor:
+    """``|values|`` flat in float32 (float64 for float64 values): what pruning ranks."""
+    wide = values.dtype == torch.float64
+    return values.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
 
 
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
@@ -76,14 +123,9 @@ def largest_mask(values: Tensor, k: int) -> Tensor:
         return torch.zeros(values.shape, dtype=torch.bool)
     if k >= values.numel():
         return values != 0
-    wide = values.dtype == torch.float64
-    magnitude = values.abs().to(torch.float64 if wide else torch.float32).reshape(-1)
-    threshold = _kth_largest(magnitude, k)
-    keep = magnitude > threshold
-    if threshold > 0:
-        missing = k - int(keep.sum())
-        keep[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
-    return keep.reshape(values.shape)
+    magnitude = magnitudes(values)
+    [(threshold, above)] = select_largest(lambda: [[magnitude]], [k])
+    return LargestMask(threshold, above, k).block(magnitude).reshape(values.shape)
 
 
 def random_prune(
@@ -94,7 +136,13 @@ def random_prune(
     (``"l1"``, see :func:`l1_rescaled`) or not at all (``"none"``)."""
     if drop_rate == 0:
         return delta.clone()
-    keep = torch.rand(delta.shape, generator=generator) >= drop_rate
+    return dropped(delta, torch.rand(delta.shape, generator=generator), drop_rate, rescale)
+
+
+def dropped(delta: Tensor, draws: Tensor, drop_rate: float, rescale: str) -> Tensor:
+    """:func:`random_prune` of ``delta`` given its uniform ``draws`` (one per entry): entries
+    whose draw is below ``drop_rate`` dropped, the rest rescaled."""
+    keep = draws >= drop_rate
     if rescale == "expectation":
         return delta * keep / (1 - drop_rate)
     return rescaled(delta, delta * keep, rescale)
@@ -127,8 +175,8 @@ def rescaled(original: Tensor, kept: Tensor, rescale: str) -> Tensor:
 def elect_sign(deltas: Iterable[Tensor]) -> Tensor:
     """TIES sign election over deltas (a sequence, or a stacked tensor's first axis): the sign
     of the entry-wise sum (the sign with the larger total magnitude), +1 where the sum is 0."""
-    sign = sum(deltas).sign_()  # a new tensor: in place keeps one tensor of memory
-    return sign.masked_fill_(sign == 0, 1.0)
+    total = sum(deltas)  # from 0 + ...: never -0.0, so copysign gives +1 where it is 0
+    return torch.ones_like(total).copysign_(total)
 
 
 def disjoint_merge(
@@ -142,14 +190,13 @@ def disjoint_merge(
     divided, with ``normalize``, by the sum of those deltas' ``weights`` (their count when
     ``weights`` is None: the disjoint mean); a sum of 0 is not divided by, and entries no delta
     agrees with are 0. Accumulated one delta at a time with boolean masks."""
-    positive = sign > 0
     total = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign)
     for i, delta in enumerate(deltas):
-        agree = ((delta > 0) == positive) & (delta != 0)
+        agree = delta * sign > 0  # sign is ±1: a nonzero entry of the elected sign
         total += delta * agree
         if normalize:
-            divisor += agree * (1.0 if weights is None else float(weights[i]))
+            divisor.add_(agree, alpha=1.0 if weights is None else float(weights[i]))
     if not normalize:
         return total
     return total.div_(divisor.masked_fill_(divisor == 0, 1.0))

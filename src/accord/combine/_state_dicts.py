@@ -11,13 +11,14 @@ on how the tensors are split into files.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from accord._finite import describe_non_finite
+from accord.combine._rows import Rows, merge_rows
 from accord.errors import MergeError
 from accord.registry import CombineMethod, lookup, resolve_options
 
@@ -41,6 +42,38 @@ def combine_tensor(
     if record.random:
         return record.function(tensors, generator=tensor_generator(seed, name), **options)
     return record.function(tensors, **options)
+
+
+def combine_rows(
+    record: CombineMethod,
+    name: str,
+    shape: Sequence[int],
+    models: Sequence[Rows],
+    options: Mapping[str, Any],
+    *,
+    base: Rows | None = None,
+    receiver: Rows | None = None,
+    seed: int = 0,
+    block_entries: int | None = None,
+) -> Iterator[Tensor] | None:
+    """Tensor ``name`` (of ``shape``, at least one axis) merged as :func:`combine_tensor`
+    merges it, row block after row block (:mod:`accord.combine._rows`): the models' rows (and
+    the ``base``'s, whose task vectors are merged and to which ``receiver``'s rows, default
+    the base's, are added) read as needed; None when ``record`` with these ``options`` needs
+    the whole tensor at once."""
+    form = record.rowwise(dict(options)) if record.rowwise is not None else None
+    if form is None or len(shape) == 0:
+        return None
+    generator = tensor_generator(seed, name) if record.random else None
+    return merge_rows(
+        form,
+        shape,
+        models,
+        base=base,
+        receiver=receiver,
+        generator=generator,
+        block_entries=block_entries,
+    )
 
 
 def compute_dtype(tensor: Tensor) -> Tensor:
@@ -130,14 +163,7 @@ def merge_state_dicts(
         if not stored.is_floating_point():
             merged[name] = stored.clone()
             continue
-        tensors = [compute_dtype(state[name]) for state in states]
-        if base is None:
-            result = combine_tensor(record, name, tensors, resolved, seed)
-        else:
-            origin = compute_dtype(base[name])
-            deltas = (tensor - origin for tensor in tensors)
-            result = combine_tensor(record, name, deltas, resolved, seed).add_(origin)
-        result = result.to(stored.dtype)
+        result = _merged_tensor(record, name, states, base, resolved, seed, stored.dtype)
         problem = describe_non_finite(result)
         if problem is not None:
             raise MergeError(
@@ -146,6 +172,35 @@ def merge_state_dicts(
             )
         merged[name] = result
     return merged
+
+
+def _merged_tensor(
+    record: CombineMethod,
+    name: str,
+    states: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None,
+    options: Mapping[str, Any],
+    seed: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Tensor ``name`` merged, in ``dtype``: by row blocks where the combiner allows (a few
+    blocks in float32 at once, not a copy of every model's tensor), else whole."""
+    shape = tuple(states[0][name].shape)
+    models = [_rows_of(state[name]) for state in states]
+    origin = _rows_of(base[name]) if base is not None else None
+    blocks = combine_rows(record, name, shape, models, options, base=origin, seed=seed)
+    if blocks is not None:
+        return torch.cat([block.to(dtype) for block in blocks])
+    tensors = [compute_dtype(state[name]) for state in states]
+    if base is None:
+        return combine_tensor(record, name, tensors, options, seed).to(dtype)
+    whole = compute_dtype(base[name])
+    deltas = (tensor - whole for tensor in tensors)
+    return combine_tensor(record, name, deltas, options, seed).add_(whole).to(dtype)
+
+
+def _rows_of(tensor: Tensor) -> Rows:
+    return lambda start, stop: compute_dtype(tensor[start:stop])
 
 
 def _check_same_tensors(

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from accord.combine._options import WEIGHT, normalize
+from accord.combine._rows import RowForm
 from accord.combine._sparse import model_weights
 from accord.registry import combiner
 
@@ -37,6 +38,7 @@ def linear(
     paper="Wortsman et al., ICML 2022 (model soups)",
     label="linear (model soup)",
     options=(WEIGHT, normalize(True)),
+    rowwise=lambda o: RowForm(lambda rows: linear(rows, o["weight"], normalize=o["normalize"])),
 )
 def combine_linear(tensors: Iterable[Tensor], *, weight: list[float], normalize: bool) -> Tensor:
     """The record's function: :func:`linear` of the models' tensors."""

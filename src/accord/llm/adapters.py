@@ -185,6 +185,10 @@ class AdapterState(LazyState):
         delta = self.delta(name)
         return (base.to(delta.dtype) + delta).to(base.dtype)
 
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``W + ΔW`` (computed whole: ``ΔW`` is not stored by rows)."""
+        return self[name][start:stop]
+
     def delta(self, name: str) -> Tensor:
         """``ΔW`` of tensor ``name`` (zeros where the adapter leaves it), in float32 (float64
         for a float64 base); ModelError if it is not finite."""

@@ -20,10 +20,10 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import torch
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError
@@ -100,6 +100,12 @@ class LazyState(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (along its first axis), read alone: the file
+        is mapped only while they are copied, so what was read leaves no resident pages."""
+        with safe_open(self._files[name], framework="pt") as handle:
+            return handle.get_slice(name)[start:stop]
 
     def file(self, name: str) -> Path:
         """The shard holding ``name``."""
@@ -237,7 +243,7 @@ def write_checkpoint(
     directory: str | os.PathLike[str],
     config: dict[str, Any],
     infos: Sequence[TensorInfo],
-    produce: Callable[[TensorInfo], Tensor],
+    produce: Callable[[TensorInfo], Tensor | Iterable[Tensor]],
     *,
     kind: str = CHECKPOINT_KIND,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -246,7 +252,8 @@ def write_checkpoint(
     on_tensor: Callable[[str], None] | None = None,
     extra_files: Sequence[Path] = (),
 ) -> Path:
-    """Write a checkpoint whose tensors ``produce(info)`` computes one at a time, atomically.
+    """Write a checkpoint whose tensors ``produce(info)`` computes one at a time, atomically:
+    a tensor, or its row blocks in order (each written as soon as it comes).
 
     Shards of at most ``shard_size`` (bytes, or a size such as ``500MB`` or ``1.5GiB``) are
     named like Hugging Face's (``model-00001-of-00002.safetensors`` plus an index;
@@ -289,7 +296,7 @@ def _json(data: Any) -> str:
 def _write_shards(
     staging: Path,
     infos: Sequence[TensorInfo],
-    produce: Callable[[TensorInfo], Tensor],
+    produce: Callable[[TensorInfo], Tensor | Iterable[Tensor]],
     shard_size: int,
     on_tensor: Callable[[str], None] | None,
 ) -> None:
@@ -301,9 +308,7 @@ def _write_shards(
         with open(staging / name, "wb") as handle:
             handle.write(_header(shard))
             for info in shard:
-                tensor = produce(info)
-                _check_produced(info, tensor)
-                handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                _write_tensor(handle, info, produce(info))
                 weight_map[info.name] = name
                 if on_tensor is not None:
                     on_tensor(info.name)
@@ -329,11 +334,33 @@ def _header(shard: Sequence[TensorInfo]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _check_produced(info: TensorInfo, tensor: Tensor) -> None:
-    if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+def _write_tensor(handle: BinaryIO, info: TensorInfo, produced: Tensor | Iterable[Tensor]) -> None:
+    """Write a tensor, or its row blocks one by one, after checking each against the header."""
+    if isinstance(produced, Tensor):
+        _check_produced(info, produced, tuple(produced.shape))
+        _write_bytes(handle, produced)
+        return
+    rows = 0
+    for block in produced:
+        if block.dim() == 0:
+            raise ModelError(f"tensor {info.name!r}: a row block has no rows (0-dimensional)")
+        rows += block.shape[0]
+        _check_produced(info, block, (max(rows, info.shape[0]), *block.shape[1:]))
+        _write_bytes(handle, block)
+    _check_produced(info, None, (rows, *info.shape[1:]))
+
+
+def _write_bytes(handle: BinaryIO, tensor: Tensor) -> None:
+    handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_produced(info: TensorInfo, tensor: Tensor | None, shape: tuple[int, ...]) -> None:
+    """ModelError unless ``shape`` and ``tensor``'s dtype (when given) are the header's."""
+    if shape != info.shape or (tensor is not None and tensor.dtype != info.dtype):
+        dtype = tensor.dtype if tensor is not None else info.dtype
         raise ModelError(
-            f"tensor {info.name!r}: computed {tuple(tensor.shape)} {tensor.dtype}, the planned "
-            f"header says {info.shape} {info.dtype}"
+            f"tensor {info.name!r}: computed {shape} {dtype}, the planned header says "
+            f"{info.shape} {info.dtype}"
         )
 
 

@@ -46,7 +46,7 @@ wrote it as a merge output (:mod:`accord._outputs`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
-from accord.combine._state_dicts import combine_tensor
+from accord.combine._rows import Rows
+from accord.combine._state_dicts import combine_rows, combine_tensor, compute_dtype
 from accord.compatible import TensorShapes, check_same_tensors
 from accord.errors import ConfigError, ModelError, did_you_mean
 from accord.llm.adapters import AdapterState, open_model
@@ -293,20 +294,15 @@ def merge_checkpoints(
     symmetries = _alignments(inputs) if align else {}
     infos = [_planned(inputs.receiver.state.info(name), dtype) for name in inputs.names]
 
-    def produce(planned: TensorInfo) -> Tensor:
+    def produce(planned: TensorInfo) -> Tensor | Iterator[Tensor]:
         name = planned.name
         if not planned.dtype.is_floating_point:  # an integer buffer: copied, never averaged
             return inputs.receiver.state[name]
+        blocks = None if symmetries else _merged_rows(planned, inputs, record, resolved[name], seed)
+        if blocks is not None:
+            return (_checked(planned, block.to(planned.dtype), method) for block in blocks)
         merged = _merged(name, inputs, symmetries, record, resolved[name], seed)
-        merged = merged.to(planned.dtype)
-        problem = describe_non_finite(merged)
-        if problem is not None:
-            raise ModelError(
-                f"merged tensor {name!r} has {problem} in {planned.dtype}, from finite "
-                f"inputs: method {method!r} overflowed; check its parameters and weights, or "
-                "write a wider dtype"
-            )
-        return merged
+        return _checked(planned, merged.to(planned.dtype), method)
 
     with tqdm(total=len(infos), desc=method, unit="tensor", disable=not progress) as bar:
         return write_checkpoint(
@@ -321,6 +317,18 @@ def merge_checkpoints(
             on_tensor=lambda name: bar.update(1),
             extra_files=tokenizer_files(tokenizer) if tokenizer is not None else (),
         )
+
+
+def _checked(planned: TensorInfo, merged: Tensor, method: str) -> Tensor:
+    """``merged`` (the tensor or a block of it), or ModelError if it is not finite."""
+    problem = describe_non_finite(merged)
+    if problem is not None:
+        raise ModelError(
+            f"merged tensor {planned.name!r} has {problem} in {planned.dtype}, from finite "
+            f"inputs: method {method!r} overflowed; check its parameters and weights, or "
+            "write a wider dtype"
+        )
+    return merged
 
 
 def _planned(stored: TensorInfo, dtype: torch.dtype | None) -> TensorInfo:
@@ -479,16 +487,60 @@ def _alignments(inputs: _Inputs) -> dict[int, Symmetry]:
 def _read(
     ck: Checkpoint, name: str, symmetries: dict[int, Symmetry], arch: Architecture | None
 ) -> Tensor:
-    tensor = ck.state[name]
+    tensor = _finite(ck, name, ck.state[name])
+    if id(ck) in symmetries and arch is not None:
+        tensor = transform_tensor(name, tensor, symmetries[id(ck)], arch)
+    return compute_dtype(tensor)
+
+
+def _finite(ck: Checkpoint, name: str, tensor: Tensor, rows: str = "") -> Tensor:
+    """``tensor`` (read from ``ck``), or ModelError if it holds NaN or inf."""
     problem = describe_non_finite(tensor)
     if problem is not None:
         raise ModelError(
-            f"{ck.path}: tensor {name!r} has {problem}, which would make the merge "
+            f"{ck.path}: tensor {name!r} has {problem}{rows}, which would make the merge "
             "non-finite; the checkpoint is corrupt or its training diverged: merge without it"
         )
-    if id(ck) in symmetries and arch is not None:
-        tensor = transform_tensor(name, tensor, symmetries[id(ck)], arch)
-    return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return tensor
+
+
+def _rows(ck: Checkpoint, name: str) -> Rows:
+    """A reader of ``ck``'s tensor ``name`` by rows, each block checked and in the compute
+    dtype."""
+
+    def read(start: int, stop: int) -> Tensor:
+        block = compute_dtype(ck.state.rows(name, start, stop))  # float32 sums fastest
+        return _finite(ck, name, block, f" (in rows {start}:{stop})")
+
+    return read
+
+
+def _merged_rows(
+    planned: TensorInfo,
+    inputs: _Inputs,
+    record: CombineMethod,
+    options: dict[str, Any],
+    seed: int,
+) -> Iterator[Tensor] | None:
+    """Tensor ``planned.name`` merged by row blocks read as needed (None where the method or
+    the inputs need the whole tensor: a LoRA adapter's delta is not stored by rows)."""
+    if any(isinstance(ck.state, AdapterState) for ck in inputs.models):
+        return None
+    name = planned.name
+    base = _rows(inputs.base, name) if inputs.base is not None else None
+    receiver = None
+    if inputs.base is not None and inputs.receiver is not inputs.base:
+        receiver = _rows(inputs.receiver, name)
+    return combine_rows(
+        record,
+        name,
+        planned.shape,
+        [_rows(ck, name) for ck in inputs.models],
+        options,
+        base=base,
+        receiver=receiver,
+        seed=seed,
+    )
 
 
 def _merged(

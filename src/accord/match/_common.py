@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from accord.apply import Transform
 from accord.errors import MergeError
@@ -46,6 +45,8 @@ def assign(score: torch.Tensor, groups: int = 1) -> torch.Tensor:
     so ``Transform.from_permutation(perm)`` maps the model into the target. Grouped spaces are
     solved per diagonal block (Hungarian algorithm, scipy ``linear_sum_assignment``).
     """
+    from scipy.optimize import linear_sum_assignment  # here: scipy costs every command a second
+
     size = score.shape[0]
     perm = torch.empty(size, dtype=torch.long)
     for part in group_slices(size, groups):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import ot as pot
 import torch
 from torch import Tensor
 
@@ -51,6 +50,8 @@ def transport_map(distances: Tensor, groups: int = 1) -> Tensor:
 
     Block-diagonal for grouped spaces: features only move within their group.
     """
+    import ot as pot  # here: POT (and the sklearn it loads) costs every accord command seconds
+
     size = distances.shape[0]
     plan = torch.zeros(size, size, dtype=torch.float64)
     for part in group_slices(size, groups):
