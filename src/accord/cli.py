@@ -238,7 +238,10 @@ def _add_spec(sub: Any) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
-        "--model", default=None, metavar="MODULE:CLASS", help="your nn.Module class (mypkg.nets:Net)"
+        "--model",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="your nn.Module class (mypkg.nets:Net)",
     )
     p.add_argument(
         "--model-args",

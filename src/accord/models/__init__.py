@@ -28,10 +28,10 @@ __all__ = ["UserModel", "is_hf_folder", "load_user_model", "uses_user_models"]
 
 @dataclass(frozen=True, eq=False)
 class UserModel:
-    """A loaded model: ``module`` (eval mode; float32 for a folder) maps ``inputs`` ("image", "tokens", or
-    "tensor" for a user's class) to one tensor. ``kind`` is "hf" (a folder, ``config`` its
-    config.json, ``dtype`` that of its stored weights) or "module" (``model`` and
-    ``model_args`` rebuild it). ``example`` is an input batch for tracing, None for a class
+    """A loaded model: ``module`` (eval mode; float32 for a folder) maps ``inputs`` ("image",
+    "tokens", or "tensor" for a user's class) to one tensor. ``kind`` is "hf" (a folder,
+    ``config`` its config.json, ``dtype`` that of its stored weights) or "module" (``model``
+    and ``model_args`` rebuild it). ``example`` is an input batch for tracing, None for a class
     given no input shape (the data's first batch then serves)."""
 
     source: Path

@@ -74,7 +74,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         raise ModelError(
             f"{path} names no architecture (its 'architectures' list is missing or empty); "
             "save the model with save_pretrained from its task class, e.g. "
-            "ViTForImageClassification, or add \"architectures\": [\"<class name>\"]"
+            'ViTForImageClassification, or add "architectures": ["<class name>"]'
         )
     if not any(folder.glob("*.safetensors")):
         raise ModelError(

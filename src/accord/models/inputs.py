@@ -42,12 +42,25 @@ def calibration_batches(
     data_dir: str | None = None,
 ) -> list[Batch]:
     """``samples`` examples (all when None) for ``model`` from ``data`` (see the module), in
-    batches of ``batch_size``: ``(images, labels)`` or ``(token_ids,)``."""
+    batches of ``batch_size``: ``(images, labels)`` when the labels are the model's classes
+    (:func:`has_labels`), else ``(images,)``; ``(token_ids,)`` for text."""
     if model.inputs == "tokens":
         inputs = _tokens(data, model, samples, sequence_length)
         return [(part,) for part in inputs.split(batch_size)]
     images, labels = _images(data, model, samples, data_dir)
+    if not has_labels(model, images, labels):
+        return [(part,) for part in images.split(batch_size)]
     return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))
+
+
+def has_labels(model: UserModel, images: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the dataset's labels are ``model``'s classes: it maps a batch of images to
+    (N, classes) with as many classes as the labels have (a model with another head, e.g.
+    3 classes on digits, gets the images alone)."""
+    with torch.no_grad():
+        outputs = model.module(images[:2])
+    classes = int(labels.max()) + 1 if labels.numel() else 0
+    return outputs.ndim == 2 and outputs.shape[1] >= classes
 
 
 def _images(

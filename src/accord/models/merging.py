@@ -26,9 +26,10 @@ from accord._outputs import check_output, write_folder
 from accord.config import MergeConfig
 from accord.errors import ConfigError, ModelError
 from accord.merge import MergeResult, check_models, merge
-from accord.models import UserModel, load_user_model
+from accord.models import UserModel, is_hf_folder, load_user_model
 from accord.models.hf import write_hf_folder
 from accord.models.inputs import Batch, calibration_batches
+from accord.registry import MethodPlan
 from accord.trace import trace
 from accord.workflow import MERGE_OUTPUT, merge_requests, needs_data, shared_statistics
 
@@ -43,13 +44,15 @@ class UserMergeOutcome:
     models: list[UserModel]
     agreement: list[float]
     methods: list[tuple[str, MergeResult, float, float]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # comparison methods that need labels
 
     def rows(self) -> list[list[Any]]:
         """Table rows: name, top-1 agreement with the ensemble."""
-        rows: list[list[Any]] = [
-            [f"base model {i}", a] for i, a in enumerate(self.agreement)
-        ]
+        rows: list[list[Any]] = [[f"base model {i}", a] for i, a in enumerate(self.agreement)]
         rows += [[f"merge: {name}", a] for name, _, a, _ in self.methods]
+        rows += [
+            [f"merge: {name}", "skipped: needs labels, the data has none"] for name in self.skipped
+        ]
         return rows
 
 
@@ -82,11 +85,16 @@ def run_user_merge(
         config.data_dir,
     )
     example = users[0].example if users[0].example is not None else data[0][0][:2]
+    skipped: list[str] = []
+    if config.method == "all" and len(data[0]) == 1:
+        skipped = [plan.name for _, plan in requests if _needs_labels(plan)]
+        requests = [(request, plan) for request, plan in requests if not _needs_labels(plan)]
     spec = trace(modules[0], example)
     plans = [plan for _, plan in requests]
     shared = shared_statistics(modules, data, spec, config, config.reference, plans, progress)
     ensemble = _ensemble_predictions(modules, data)
-    outcome = UserMergeOutcome(users, [_agreement(m, data, ensemble) for m in modules])
+    agreement = [_agreement(m, data, ensemble) for m in modules]
+    outcome = UserMergeOutcome(users, agreement, skipped=skipped)
     for (method, align, combine), plan in requests:
         start = time.perf_counter()
         result = merge(
@@ -111,6 +119,10 @@ def run_user_merge(
     return outcome
 
 
+def _needs_labels(plan: MethodPlan) -> bool:
+    return plan.align.needs.labels or plan.combine.needs.labels
+
+
 def _check_config(config: MergeConfig) -> None:
     if config.reference == "best" or config.options == "auto":
         raise ConfigError(
@@ -120,14 +132,20 @@ def _check_config(config: MergeConfig) -> None:
         )
     if config.model is None and config.model_args:
         raise ConfigError("model_args (--model-args) is given without model (--model CLASS)")
+    if config.model is None:
+        others = [p for p in config.models if not is_hf_folder(p)]
+        if others:
+            raise ConfigError(
+                f"{others[0]} is not a Hugging Face model folder, unlike the other models: "
+                "merge folders of one kind (accord checkpoints apart, with their own run)"
+            )
 
 
 def _ensemble_predictions(models: list[nn.Module], data: list[Batch]) -> list[torch.Tensor]:
     """Per batch, the top-1 class of the models' averaged outputs (over the last axis)."""
     with torch.no_grad():
         return [
-            torch.stack([m(batch[0]) for m in models]).mean(dim=0).argmax(dim=-1)
-            for batch in data
+            torch.stack([m(batch[0]) for m in models]).mean(dim=0).argmax(dim=-1) for batch in data
         ]
 
 
