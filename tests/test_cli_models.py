@@ -248,3 +248,25 @@ def test_text_model_without_data_is_told_its_options(
     assert "--data" in err and "random-tokens" in err
     assert main(["merge", str(first), str(tmp_path), "--method", "permutation"]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_text_file_is_tokenized_with_the_folders_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from accord.models.inputs import calibration_batches
+
+    first, _, _, _ = _twins("llama", tmp_path)
+    words = ["the", "cat", "sat", "on", "mat", "[UNK]"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    fast.save_pretrained(first)
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat " * 3 + "dog")
+    model = accord.load_user_model(first)
+    batches = calibration_batches(str(text), model, None, 2, sequence_length=4)
+    ids = torch.cat([b[0] for b in batches])
+    expected = torch.tensor([0, 1, 2, 3, 0, 4] * 3 + [5])[:16].view(4, 4)
+    torch.testing.assert_close(ids, expected)
+    with pytest.raises(accord.DataError, match="fewer than one sequence"):
+        calibration_batches(str(text), model, None, 2, sequence_length=20)

@@ -344,7 +344,8 @@ def _add_merge(sub: Any) -> None:
                 dest=name,
                 type=yaml.safe_load,
                 default=argparse.SUPPRESS,
-                help=f"{info.description or name} [{info.default}]{_choices(name)}",
+                help=f"{info.description or name} "
+                f"[{info.get_default(call_default_factory=True)}]{_choices(name)}",
             )
     p.add_argument(
         "--option",
