@@ -192,7 +192,7 @@ def write_hf_folder(
     from accord.llm.io import TOKENIZER_FILES  # here: accord.llm is not needed to import accord
 
     model = wrapped.model if isinstance(wrapped, HFOutput) else wrapped
-    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    model.to(device="cpu", dtype=dtype).save_pretrained(folder, safe_serialization=True)
     for name in (CONFIG, *TOKENIZER_FILES, *PROCESSOR_FILES):
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)

@@ -112,7 +112,7 @@ def run_user_merge(
             options=config.options,
         )
         seconds = time.perf_counter() - start
-        agreement = _agreement(result.model.cpu().eval(), data, ensemble)
+        agreement = _agreement(result.model.eval(), data, ensemble)
         outcome.methods.append((plan.name, result, agreement, seconds))
     if config.output:
         _write(outcome, config)
@@ -145,8 +145,15 @@ def _ensemble_predictions(models: list[nn.Module], data: list[Batch]) -> list[to
     """Per batch, the top-1 class of the models' averaged outputs (over the last axis)."""
     with torch.no_grad():
         return [
-            torch.stack([m(batch[0]) for m in models]).mean(dim=0).argmax(dim=-1) for batch in data
+            torch.stack([_outputs(m, batch).cpu() for m in models]).mean(dim=0).argmax(dim=-1)
+            for batch in data
         ]
+
+
+def _outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """``model``'s outputs on ``batch``, computed on the model's device."""
+    device = next(model.parameters()).device
+    return model(batch[0].to(device))
 
 
 def _agreement(model: nn.Module, data: list[Batch], ensemble: list[torch.Tensor]) -> float:
@@ -154,7 +161,7 @@ def _agreement(model: nn.Module, data: list[Batch], ensemble: list[torch.Tensor]
     same = total = 0
     with torch.no_grad():
         for batch, expected in zip(data, ensemble, strict=True):
-            got = model(batch[0]).argmax(dim=-1)
+            got = _outputs(model, batch).argmax(dim=-1).cpu()
             same += int((got == expected).sum())
             total += expected.numel()
     return same / total
