@@ -237,6 +237,21 @@ def test_errors_name_the_file_and_the_fix(
     )
     assert "does not import" in capsys.readouterr().err
     assert main(["spec", "--model", "tests_pkg.module:Net", "--input-shape", "1,8,8"]) == 0
+    torch.save({"state_dict": state, "epoch": 3}, weights)  # a training loop's checkpoint
+    assert main(["spec", str(weights), *given]) == 0
+
+
+def test_folder_whose_weights_miss_a_tensor_names_it(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    BUILDERS["bert"]().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    dropped = "bert.encoder.layer.0.output.dense.weight"
+    del state[dropped]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(accord.ModelError, match=f"missing tensor '{dropped}'"):
+        accord.load_user_model(tmp_path)
 
 
 def test_text_model_without_data_is_told_its_options(
