@@ -38,18 +38,28 @@ MODEL_JSON = "model.json"  # the class and arguments that rebuild a merged --mod
 
 
 @dataclass
+class UserMethodOutcome:
+    """One merged model, its top-1 agreement with the base models' ensemble and its time."""
+
+    method: str
+    result: MergeResult
+    agreement: float
+    seconds: float
+
+
+@dataclass
 class UserMergeOutcome:
     """The loaded models, their agreement with their ensemble, and every merge's."""
 
     models: list[UserModel]
     agreement: list[float]
-    methods: list[tuple[str, MergeResult, float, float]] = field(default_factory=list)
+    methods: list[UserMethodOutcome] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # comparison methods that need labels
 
     def rows(self) -> list[list[Any]]:
         """Table rows: name, top-1 agreement with the ensemble."""
         rows: list[list[Any]] = [[f"base model {i}", a] for i, a in enumerate(self.agreement)]
-        rows += [[f"merge: {name}", a] for name, _, a, _ in self.methods]
+        rows += [[f"merge: {m.method}", m.agreement] for m in self.methods]
         rows += [
             [f"merge: {name}", "skipped: needs labels, the data has none"] for name in self.skipped
         ]
@@ -113,7 +123,7 @@ def run_user_merge(
         )
         seconds = time.perf_counter() - start
         agreement = _agreement(result.model.eval(), data, ensemble)
-        outcome.methods.append((plan.name, result, agreement, seconds))
+        outcome.methods.append(UserMethodOutcome(plan.name, result, agreement, seconds))
     if config.output:
         _write(outcome, config)
     return outcome
@@ -174,15 +184,18 @@ def _write(outcome: UserMergeOutcome, config: MergeConfig) -> None:
 
     def fill(root: Path) -> None:
         several = len(outcome.methods) > 1
-        for name, result, agreement, seconds in outcome.methods:
-            folder = root / name if several else root
+        for method in outcome.methods:
+            folder = root / method.method if several else root
             folder.mkdir(exist_ok=True)
-            _write_model(result.model, first, folder)
-            report = dict(result.report)
-            report["agreement_with_ensemble"] = {"merged": agreement, "base": outcome.agreement}
+            _write_model(method.result.model, first, folder)
+            report = dict(method.result.report)
+            report["agreement_with_ensemble"] = {
+                "merged": method.agreement,
+                "base": outcome.agreement,
+            }
             report["models"] = list(config.models)
             report["config"] = config.model_dump()
-            report["seconds"] = seconds
+            report["seconds"] = method.seconds
             write_json(folder / "report.json", report)
 
     write_folder(
