@@ -35,6 +35,8 @@ from accord.evaluate import (
 )
 from accord.match import MATCHERS
 from accord.merge import MergeResult, merge
+from accord.models import UserModel, load_user_model
+from accord.models.merging import run_user_merge
 from accord.registry import ALIGNMENTS, COMBINERS
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
@@ -84,6 +86,7 @@ __all__ = [
     "TraceError",
     "TrainConfig",
     "Transform",
+    "UserModel",
     "apply_transforms",
     "build_model",
     "check_spec",
@@ -99,12 +102,14 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_dataset",
+    "load_user_model",
     "merge",
     "merge_state_dicts",
     "model_config",
     "randomly_permuted",
     "reset_batchnorm",
     "run_merge",
+    "run_user_merge",
     "save_checkpoint",
     "select_checkpoints",
     "spec_table",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import accord
@@ -16,6 +17,9 @@ from accord._table import format_table
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError, ConfigError
 from accord.merge import split_options
+from accord.models import is_hf_folder, load_user_model, uses_user_models
+from accord.models.imported import build_imported
+from accord.models.merging import run_user_merge
 from accord.registry import ALIGNMENTS, COMBINERS, Option, plan_methods
 from accord.store import SNAPSHOTS
 
@@ -223,26 +227,81 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_spec(sub: Any) -> None:
     p = sub.add_parser("spec", help="trace a model and print its feature spaces")
-    p.add_argument("model", help=f"a checkpoint folder or a zoo name ({', '.join(accord.MODELS)})")
+    p.add_argument(
+        "source",
+        nargs="?",
+        metavar="MODEL",
+        help=f"a checkpoint folder, a Hugging Face model folder, a zoo name "
+        f"({', '.join(accord.MODELS)}), or the weights file of --model",
+    )
     p.add_argument("--in-channels", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="your nn.Module class (mypkg.nets:Net)",
+    )
+    p.add_argument(
+        "--model-args",
+        type=yaml.safe_load,
+        default=None,
+        metavar="JSON",
+        help="its constructor arguments, e.g. '{\"width\": 2}'",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        metavar="C,H,W",
+        help="the shape of one input of --model, without the batch axis",
+    )
     p.add_argument("--pre-activation", action="store_true", help="observe before nonlinearities")
     p.add_argument("--save", default=None, help="also write the spec as JSON here")
     p.set_defaults(func=_cmd_spec)
 
 
-def _cmd_spec(args: argparse.Namespace) -> int:
-    if Path(args.model).is_dir():
-        model = accord.load_checkpoint(args.model).model
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected e.g. 3,32,32")
+    return shape
+
+
+def _spec_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model ``accord spec`` traces and its example input."""
+    if args.model is not None:
+        if args.input_shape is None:
+            raise ConfigError("--model needs --input-shape (one input, e.g. 3,32,32)")
+        if args.model_args is not None and not isinstance(args.model_args, dict):
+            raise ConfigError(f"--model-args {args.model_args!r}: expected a JSON object")
+        if args.source is None:  # the structure, without weights
+            model = build_imported(args.model, args.model_args)
+            return model.eval(), torch.randn(2, *args.input_shape)
+        user = load_user_model(args.source, args.model, args.model_args, args.input_shape)
+        return user.module, user.example
+    if args.source is None:
+        raise ConfigError("give a model: a folder, a zoo name, or --model MODULE:CLASS")
+    if is_hf_folder(args.source):
+        user = load_user_model(args.source)
+        return user.module, user.example
+    if Path(args.source).is_dir():
+        model = accord.load_checkpoint(args.source).model
     else:
         options = _model_options(args.model_option)
         for key in ("in_channels", "image_size"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
-        model = accord.build_model(args.model, **options)
-    config = accord.model_config(model)
-    example = accord.example_input(config)
+        model = accord.build_model(args.source, **options)
+    return model, accord.example_input(accord.model_config(model))
+
+
+def _cmd_spec(args: argparse.Namespace) -> int:
+    model, example = _spec_model(args)
     spec = accord.trace(model, example, observe="pre" if args.pre_activation else "post")
     print(accord.spec_table(spec))
     if args.save:
@@ -258,7 +317,12 @@ def _add_merge(sub: Any) -> None:
         description="Options come from accord.config.MergeConfig; a YAML --config gives the "
         "same keys, and command-line options override it.",
     )
-    p.add_argument("models", nargs="*", help="checkpoint folders from `accord train`")
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="checkpoint folders from `accord train`, Hugging Face model folders, or weights "
+        "files of --model",
+    )
     p.add_argument("--config", default=None, help="YAML merge config (keys as below)")
     for name, info in MergeConfig.model_fields.items():
         if name in ("models", "options"):
@@ -280,7 +344,8 @@ def _add_merge(sub: Any) -> None:
                 dest=name,
                 type=yaml.safe_load,
                 default=argparse.SUPPRESS,
-                help=f"{info.description or name} [{info.default}]{_choices(name)}",
+                help=f"{info.description or name} "
+                f"[{info.get_default(call_default_factory=True)}]{_choices(name)}",
             )
     p.add_argument(
         "--option",
@@ -313,8 +378,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.option and not args.auto:
         options = _method_options(args.option, config)
         config = config.model_copy(update={"options": options})
-    outcome = accord.run_merge(config, progress=not args.quiet)
-    print(format_table(["model", "val acc", "test acc"], outcome.rows()))
+    if uses_user_models(config.models, config.model):
+        user = run_user_merge(config, progress=not args.quiet)
+        print(format_table(["model", "top-1 agreement with the ensemble"], user.rows()))
+    else:
+        outcome = accord.run_merge(config, progress=not args.quiet)
+        print(format_table(["model", "val acc", "test acc"], outcome.rows()))
     if config.output:
         print(f"written to {config.output}")
     return 0

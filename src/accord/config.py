@@ -28,7 +28,11 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[str] = Field(min_length=2, description="checkpoint folders (accord train)")
+    models: list[str] = Field(
+        min_length=2,
+        description="checkpoint folders (accord train), Hugging Face model folders, or weights "
+        "files (.safetensors, .pt) of the --model class",
+    )
     method: str | None = Field(
         None,
         description="an alignment or a combiner (see align, combine), or 'all' for a comparison "
@@ -58,6 +62,27 @@ class MergeConfig(BaseModel):
     )
     device: str = "cpu"
     data_dir: str | None = None
+    model: str | None = Field(
+        None,
+        description="your nn.Module class as MODULE:CLASS (mypkg.nets:Net); the models are then "
+        "its weights files",
+    )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the --model class's constructor arguments, JSON: '{\"width\": 2}'",
+    )
+    data: str | None = Field(
+        None,
+        description="statistics data for Hugging Face folders and --model: a dataset name "
+        "(images), a .txt file or a .json of token ids (text), or random-tokens (a smoke test "
+        "only)",
+    )
+    sequence_length: int | None = Field(
+        None,
+        gt=0,
+        description="tokens per sequence of text --data (default 32, or the model's positions "
+        "when fewer)",
+    )
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], keys: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
 from accord.merge import MergeResult, check_models, choose_reference, merge
+from accord.models import uses_user_models
 from accord.registry import ALIGNMENTS, COMBINERS, MethodPlan, plan_methods
 from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
@@ -79,7 +80,7 @@ class MergeOutcome:
 Request = tuple[str | None, str | None, str | None]  # merge's method, align and combine
 
 
-def _requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
+def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
     """The merges to run: the comparison's methods, or the one ``config`` asks for."""
     if config.method == "all":
         if config.options not in ("auto", {}):
@@ -103,7 +104,13 @@ def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
 
 def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
-    requests = _requests(config)
+    requests = merge_requests(config)
+    if uses_user_models(config.models, config.model) or config.data is not None:
+        raise ConfigError(
+            "Hugging Face folders, --model and --data are merged by "
+            "accord.models.merging.run_user_merge (accord merge chooses it); run_merge merges "
+            "checkpoints of accord train on the dataset they were trained on"
+        )
     if config.output:  # a bad output folder fails now, not after the merge
         check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
     checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
@@ -118,7 +125,7 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     reference = choose_reference(models, config.reference, data.val, config.device)
     spec = trace(models[0], next(iter(loader))[0][:2])
     plans = [plan for _, plan in requests]
-    shared = _shared_statistics(models, loader, spec, config, reference, plans, progress)
+    shared = shared_statistics(models, loader, spec, config, reference, plans, progress)
     for (method, align, combine), plan in requests:
         start = time.perf_counter()
         result = merge(
@@ -146,7 +153,7 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     return outcome
 
 
-def _shared_statistics(
+def shared_statistics(
     models: list[nn.Module],
     loader: Any,
     spec: Any,
