@@ -303,7 +303,11 @@ def render_llm_memory(document: Mapping[str, Any]) -> str:
         "",
         "Peak resident memory (MiB, `ru_maxrss` of the process, Python and torch included) and "
         "CPU time (user + system) of the whole command; *CPU ratio*: accord's over mergekit's; "
-        "*outputs*: entries of accord's output that differ from mergekit's.",
+        "*outputs*: entries of accord's output that differ from mergekit's. TIES: mergekit's "
+        "argsort orders the entries that tie at a density threshold arbitrarily, accord by "
+        "position, and bfloat16 task vectors tie often, so the two may keep different entries "
+        "there. mergekit with `dtype: float32` holds the models' tensors in float32; accord "
+        "merges a block of rows at a time.",
         "",
         format_table(headers, rows, True),
     ]
