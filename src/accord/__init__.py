@@ -34,6 +34,7 @@ from accord.evaluate import (
 )
 from accord.match import MATCHERS
 from accord.merge import MergeResult, merge
+from accord.partial import PartialMerge, parameters_kept
 from accord.registry import ALIGNMENTS, COMBINERS
 from accord.repair import reset_batchnorm
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
@@ -74,6 +75,7 @@ __all__ = [
     "ModelSetRequest",
     "Observation",
     "OutputError",
+    "PartialMerge",
     "Selection",
     "SpaceStatistics",
     "Spec",
@@ -102,6 +104,7 @@ __all__ = [
     "merge",
     "merge_state_dicts",
     "model_config",
+    "parameters_kept",
     "randomly_permuted",
     "reset_batchnorm",
     "run_merge",
