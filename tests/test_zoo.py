@@ -312,7 +312,7 @@ def test_vgg_starts_from_xavier_uniform_with_the_relu_gain() -> None:
     model = build_model("vgg11", width=0.5)
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
-            weight = module.weight
+            weight = module.weight.detach()
             fan_in = weight[0].numel()
             fan_out = weight.shape[0] * weight[0, 0].numel()
             bound = math.sqrt(2.0) * math.sqrt(6.0 / (fan_in + fan_out))
