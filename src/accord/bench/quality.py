@@ -127,7 +127,8 @@ def quality_plan(
         # without BatchNorm: CCA with REPAIR, which must not regress unseen (#17 item 1)
         plain = replace(vgg, model={**vgg.model, "batch_norm": False})
         plan = QualityPlan(
-            name="quality-quick",
+            # another dataset's figures go to their own file beside the default's
+            name="quality-quick" if name == "fashion-mnist" else f"quality-quick-{name}",
             dataset=name,
             architectures=(vgg, plain),
             sizes=(2, 4),
@@ -142,7 +143,7 @@ def quality_plan(
         train = accord.TrainConfig(epochs=40 if small else 4, lr=0.05)
         limit = None if small else 12000
         plan = QualityPlan(
-            name="quality",
+            name="quality" if name == "fashion-mnist" else f"quality-{name}",
             dataset=name,
             architectures=(
                 Architecture("resnet20", {"width": 1}, train, limit),
