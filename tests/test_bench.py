@@ -198,7 +198,9 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     args = parser.parse_args(["bench", "quality", "--quick", "--sets", "2", "--dataset", "digits"])
     assert args.quick and args.sets == 2 and callable(args.func)
     plan = quality_plan(args.quick, args.dataset, args.sets)
-    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4)
+    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4) and plan.joint_sizes == (3, 4)
+    assert plan.name == "quality-quick-digits"  # beside, not over, the Fashion-MNIST figures
+    assert plan.command == "accord bench quality --quick --sets 2"
     out = tmp_path / "BENCHMARKS.md"
     args = parser.parse_args(
         ["bench", "markdown", "--results", str(results / "results"), "--out", str(out)]
