@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_quality_json_has_the_joint_and_partial_studies(results: Path) -> None:
         points = entry["points"]
         assert [p["stop_at"] for p in points] == list(range(entry["spaces"] + 1))
         kept = [p["parameters"] for p in points]
-        assert kept[0] == 2 * kept[-1] and all(a >= b for a, b in zip(kept, kept[1:]))
+        assert kept[0] == 2 * kept[-1] and all(a >= b for a, b in itertools.pairwise(kept))
         # the ends are the ensemble and the full CCA merge of the comparison
         rows = {row["name"]: row["test"]["mean"] for row in by_arch[(entry["arch"], 2)]["rows"]}
         assert points[0]["test"]["mean"] == pytest.approx(rows["ensemble"], abs=0.005)

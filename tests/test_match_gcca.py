@@ -8,7 +8,7 @@ import torch
 
 from accord.errors import MergeError
 from accord.match import match
-from test_match import features, one_space, statistics, states
+from test_match import features, one_space, states, statistics
 
 
 def _mixed(samples: int, size: int, seed: int) -> torch.Tensor:
