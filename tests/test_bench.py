@@ -24,7 +24,7 @@ from accord.bench import (
     speed_plan,
 )
 from accord.bench.markdown import render_design, render_speed
-from accord.bench.quality import ROW_LABELS, train_pool
+from accord.bench.quality import ROW_LABELS, only_settings, train_pool
 from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
@@ -202,6 +202,10 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4) and plan.joint_sizes == (3, 4)
     assert plan.name == "quality-quick-digits"  # beside, not over, the Fashion-MNIST figures
     assert plan.command == "accord bench quality --quick --sets 2"
+    one = only_settings(plan, ["iid"])
+    assert [s.label for s in one.settings] == ["iid"] and one.command.endswith("--settings iid")
+    with pytest.raises(ValueError, match="dirichlet0.5"):
+        only_settings(plan, ["iid2"])
     out = tmp_path / "BENCHMARKS.md"
     args = parser.parse_args(
         ["bench", "markdown", "--results", str(results / "results"), "--out", str(out)]

@@ -168,6 +168,17 @@ def quality_plan(
     return plan
 
 
+def only_settings(plan: QualityPlan, labels: Sequence[str]) -> QualityPlan:
+    """``plan`` with only the data settings named by their labels (``iid``, ``dirichlet0.5``);
+    its command says so. ValueError naming an unknown label and the plan's."""
+    known = {s.label: s for s in plan.settings}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; this plan has {', '.join(known)}")
+    command = f"{plan.command} --settings {','.join(labels)}"
+    return replace(plan, settings=tuple(known[label] for label in labels), command=command)
+
+
 def train_pool(
     plan: QualityPlan,
     architecture: Architecture,
