@@ -35,29 +35,32 @@ def _accuracies(model: Any, data: accord.DataSplits, device: str) -> tuple[float
 
 def _joint_once(
     checkpoints: Sequence[accord.Checkpoint], config: accord.MergeConfig, device: str
-) -> dict[str, tuple[float, float, float]]:
-    """``{method: (val, test, ridge chosen)}`` of the star and the joint CCA merge."""
+) -> dict[str, dict[str, Any]]:
+    """``{method: {"val", "test", "ridge"} or {"error"}}`` of the star and the joint CCA
+    merge (a merge that fails is recorded with its message, as the comparison's are)."""
     data = accord.checkpoint_dataset(list(checkpoints), config.data_dir)
     loader = calibration_loader(data, config)
     models = [c.model for c in checkpoints]
-    found: dict[str, tuple[float, float, float]] = {}
+    found: dict[str, dict[str, Any]] = {}
     shared: dict[str, Any] = {}
     for method in ("gcca", "cca"):  # gcca first: its pass holds every pair, which cca reuses
-        result = accord.merge(
-            models,
-            loader,
-            method,
-            validation=data.val,
-            max_samples=config.samples,
-            device=device,
-            options="auto",
-            **shared,
-        )
+        try:
+            result = accord.merge(
+                models,
+                loader,
+                method,
+                validation=data.val,
+                max_samples=config.samples,
+                device=device,
+                options="auto",
+                **shared,
+            )
+        except accord.MergeError as error:
+            found[method] = {"error": str(error)}
+            continue
         shared = {"spec": result.spec, "statistics": result.statistics}
-        found[method] = (
-            *_accuracies(result.model, data, device),
-            result.report["options"]["ridge"],
-        )
+        val, test = _accuracies(result.model, data, device)
+        found[method] = {"val": val, "test": test, "ridge": result.report["options"]["ridge"]}
     return found
 
 
@@ -75,15 +78,18 @@ def joint_study(
             _joint_once(pool[:size], merge_config(plan, pool[:size], device), device)
             for pool in pools
         ]
-        rows = [
-            {
-                "name": method,
-                "val": summary([run[method][0] for run in runs]),
-                "test": summary([run[method][1] for run in runs]),
-                "ridge": [run[method][2] for run in runs],
-            }
-            for method in JOINT_METHODS
-        ]
+        rows = []
+        for method in JOINT_METHODS:
+            done = [run[method] for run in runs if "error" not in run[method]]
+            rows.append(
+                {
+                    "name": method,
+                    "val": summary([one["val"] for one in done]),
+                    "test": summary([one["test"] for one in done]),
+                    "ridge": [one["ridge"] for one in done],
+                    "errors": [run[method]["error"] for run in runs if "error" in run[method]],
+                }
+            )
         entries.append({"arch": names[0], "setting": names[1], "num_models": size, "rows": rows})
     return entries
 
