@@ -204,7 +204,7 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     assert plan.command == "accord bench quality --quick --sets 2"
     one = only_settings(plan, ["iid"])
     assert [s.label for s in one.settings] == ["iid"] and one.command.endswith("--settings iid")
-    with pytest.raises(ValueError, match="dirichlet0.5"):
+    with pytest.raises(ValueError, match=r"dirichlet0\.5"):
         only_settings(plan, ["iid2"])
     out = tmp_path / "BENCHMARKS.md"
     args = parser.parse_args(
