@@ -220,7 +220,7 @@ def gcca_match(
 @alignment(
     "gcca",
     paper="Kettenring, Canonical analysis of several sets of variables, Biometrika 1971 "
-    "(MAXVAR), for CCA Merge of N models without a reference",
+    "(MAXVAR), for CCA Merge of N models in one joint solve",
     label="joint CCA (GCCA)",
     options=(
         Option(
@@ -242,11 +242,12 @@ def match_gcca(
     *,
     ridge: float,
 ) -> Alignment:
-    """Map every model into one shared space by generalised CCA (no model held fixed).
+    """Map every model into the shared canonical space of one generalised-CCA solve,
+    expressed in model 0's neurons (model 0's maps are identities).
 
     ``ridge`` (r > 0): scale-relative regulariser ``g_i = r·trace(Σ_i)/C`` per model.
-    ``reference`` only labels the shared coordinates and anchors the fall-backs of spaces
-    that admit permutations or orthogonal maps only.
+    ``reference`` anchors only the fall-backs of spaces that admit permutations or
+    orthogonal maps only.
     """
     check_ridge("ridge", ridge)
     count = len(states)
