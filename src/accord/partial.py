@@ -12,8 +12,8 @@ combines and repairs: the merged model's trunk is the merged trunk (its statisti
 The trunk is the longest prefix, in execution order, of the modules with parameters or
 buffers that touch merged spaces only; the branches are each model in the merged
 coordinates of the spaces it reads from the trunk (readers ``W_i T_i⁻¹``), its own weights
-elsewhere. Branch BatchNorms of a folded space (a ResNet stream merged in the trunk and
-written again in a branch) get their running statistics reset on the data.
+elsewhere. When k > 0 the branches' BatchNorms get their running statistics reset on the
+data, as the merged model's are: the branches read the merged trunk, not their own model.
 
 The returned :class:`PartialMerge` holds the N branches as full copies of the network that
 share the trunk's modules (the same objects), so it computes the trunk N times but counts
@@ -23,7 +23,7 @@ its parameters once: :func:`parameters_kept` is the cost of the partially merged
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from accord.apply import Transform
 from accord.data import batches
 from accord.errors import MergeError
 from accord.match import Alignment
+from accord.repair import reset_batchnorm
 from accord.spec import Spec
 
 
@@ -135,39 +136,21 @@ def _share(branch: nn.Module, name: str, module: nn.Module) -> None:
     setattr(branch.get_submodule(parent) if parent else branch, child, module)
 
 
-@torch.no_grad()
-def _reset_norms(model: nn.Module, norms: Iterable[nn.Module], data: Any, device: str) -> None:
-    """Running statistics of ``norms`` only, recomputed on ``data`` (cumulative average)."""
-    norms = list(norms)
-    if not norms:
-        return
-    model.to(device).eval()
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-        norm.train()
-    for batch in batches(data):
-        model((batch[0] if isinstance(batch, tuple | list) else batch).to(device))
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-    model.eval()
-
-
 def partial_model(
     merged: nn.Module,
     aligned: Sequence[dict[str, torch.Tensor]],
     spec: Spec,
     stop_at: int,
     inputs: torch.Tensor,
-    reset: Sequence[str] = (),
+    reset: bool = False,
     data: Any = None,
     device: str = "cpu",
 ) -> PartialMerge:
     """The partially merged model: ``merged``'s trunk shared by N branches, branch i with
     the weights of ``aligned[i]`` (model i in the merged coordinates of the trunk's spaces).
 
-    ``reset``: BatchNorms (by name) whose branch copies get their statistics from ``data``.
+    ``reset``: recompute every BatchNorm's statistics on ``data`` (the trunk's come out as
+    the merged model's: the same data passes through it once per branch).
     """
     trunk = trunk_modules(merged, spec, stop_at, inputs)
     branches = []
@@ -178,10 +161,10 @@ def partial_model(
             _share(branch, name, merged.get_submodule(name))
         branches.append(branch)
     model = PartialMerge(branches, trunk, stop_at)
-    norms = [b.get_submodule(n) for b in branches for n in reset if n not in trunk]
-    if norms and data is None:
-        raise MergeError("stop_at with BatchNorm spaces merged by a dense map needs data")
-    _reset_norms(model, norms, data, device)
+    if reset:
+        if data is None:
+            raise MergeError("stop_at on a network with BatchNorm needs data to reset it")
+        reset_batchnorm(model, data, device=device)
     return model.eval()
 
 
@@ -189,12 +172,9 @@ def partial_result_model(result: Any, stop_at: int, data: Any, device: str) -> P
     """:func:`partial_model` from a merge whose alignment :func:`restrict` cut at ``stop_at``
     (an :class:`accord.MergeResult`); its report gains ``"partial"``."""
     spec = result.spec
-    merged = {space.name for space in spec.free_spaces[:stop_at]}
-    reset = []
-    if result.report["repair"] == "bn-reset":
-        for name in result.report["dense_spaces"]:
-            if name in merged:
-                reset += [bn.norm for bn in spec[name].batchnorms]
+    # every branch now reads the merged trunk, not its own model's features: its BatchNorms'
+    # running statistics are stale (a trunk of nothing leaves the models as they are)
+    reset = result.report["repair"] == "bn-reset" and stop_at > 0
     inputs = next(iter(batches(data)))
     inputs = inputs[0] if isinstance(inputs, tuple | list) else inputs
     model = partial_model(
