@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from accord.bench import (
     speed_plan,
 )
 from accord.bench.markdown import render_design, render_speed
-from accord.bench.quality import ROW_LABELS, train_pool
+from accord.bench.quality import ROW_LABELS, only_settings, train_pool
 from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
@@ -44,6 +45,7 @@ MICRO = QualityPlan(
     samples=200,
     curve_steps=3,
     command="pytest",
+    joint_sizes=(3,),
 )
 
 
@@ -93,6 +95,34 @@ def test_quality_json_has_every_row_with_mean_std_values(results: Path) -> None:
     assert set(curves) == {"direct", "permutation", "cca"}
     # A permutation is exact: its path ends at model 1's own accuracy, like the direct path.
     assert curves["permutation"]["accuracy"][-1] == curves["direct"]["accuracy"][-1]
+
+
+def test_quality_json_has_the_joint_and_partial_studies(results: Path) -> None:
+    document = json.loads((results / "results" / "quality-micro.json").read_text())
+    joint = document["joint"]
+    assert [(e["arch"], e["num_models"]) for e in joint] == [
+        ("mlp-w16", 3),
+        ("vgg11-w0.0625-bn", 3),
+    ]
+    for entry in joint:
+        assert [row["name"] for row in entry["rows"]] == ["cca", "gcca"]
+        assert all(
+            0.0 <= row["test"]["mean"] <= 1.0 and row["ridge"][0] > 0 for row in entry["rows"]
+        )
+    by_arch = {(r["arch"], r["num_models"]): r for r in document["results"]}
+    for entry in document["partial"]:
+        points = entry["points"]
+        assert [p["stop_at"] for p in points] == list(range(entry["spaces"] + 1))
+        kept = [p["parameters"] for p in points]
+        assert kept[0] == 2 * kept[-1] and all(a >= b for a, b in itertools.pairwise(kept))
+        # the ends are the ensemble and the full CCA merge of the comparison
+        rows = {row["name"]: row["test"]["mean"] for row in by_arch[(entry["arch"], 2)]["rows"]}
+        assert points[0]["test"]["mean"] == pytest.approx(rows["ensemble"], abs=0.005)
+        assert points[-1]["test"]["mean"] == pytest.approx(rows["cca"], abs=0.005)
+        assert (results / "results" / entry["figure"]).read_bytes()[:4] == b"\x89PNG"
+    text = render_benchmarks_md(results / "results", link="results")
+    assert "### Joint CCA against the star" in text
+    assert "### Partial merging: vgg11-w0.0625-bn, iid" in text
 
 
 def test_trained_pools_are_reused_from_the_store(results: Path) -> None:
@@ -169,7 +199,13 @@ def test_bench_parser_builds_the_plans_and_writes_markdown(results: Path, tmp_pa
     args = parser.parse_args(["bench", "quality", "--quick", "--sets", "2", "--dataset", "digits"])
     assert args.quick and args.sets == 2 and callable(args.func)
     plan = quality_plan(args.quick, args.dataset, args.sets)
-    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4)
+    assert plan.seed_starts == (0, 10) and plan.sizes == (2, 4) and plan.joint_sizes == (3, 4)
+    assert plan.name == "quality-quick-digits"  # beside, not over, the Fashion-MNIST figures
+    assert plan.command == "accord bench quality --quick --sets 2"
+    one = only_settings(plan, ["iid"])
+    assert [s.label for s in one.settings] == ["iid"] and one.command.endswith("--settings iid")
+    with pytest.raises(ValueError, match=r"dirichlet0\.5"):
+        only_settings(plan, ["iid2"])
     out = tmp_path / "BENCHMARKS.md"
     args = parser.parse_args(
         ["bench", "markdown", "--results", str(results / "results"), "--out", str(out)]

@@ -82,7 +82,7 @@ def recovers(transform: Transform, perm: torch.Tensor) -> bool:
 
 
 def test_registry_metadata() -> None:
-    assert set(DATA_METHODS) == {"permutation", "zipit", "ot", "cca"}
+    assert set(DATA_METHODS) == {"permutation", "zipit", "ot", "cca", "gcca"}
     assert MATCHERS["zipit"].defaults == {"alpha": 0.3, "beta": 0.125}
     assert MATCHERS["weight_matching"].defaults == {"seed": 0, "max_iter": 100}
     assert all(info.paper for info in MATCHERS.values())

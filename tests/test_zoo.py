@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import math
 import operator
 
 import numpy as np
@@ -304,3 +305,19 @@ def test_traced_resnet_shows_the_residual_adds_and_vit_the_attention() -> None:
     vit = fx.symbolic_trace(build_model("vit"))
     sdpa = [n for n in vit.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert len(sdpa) == 2
+
+
+def test_vgg_starts_from_xavier_uniform_with_the_relu_gain() -> None:
+    torch.manual_seed(0)
+    model = build_model("vgg11", width=0.5)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            weight = module.weight.detach()
+            fan_in = weight[0].numel()
+            fan_out = weight.shape[0] * weight[0, 0].numel()
+            bound = math.sqrt(2.0) * math.sqrt(6.0 / (fan_in + fan_out))
+            assert float(weight.abs().max()) <= bound * (1 + 1e-6)  # float32 rounding
+            assert float(weight.abs().max()) > 0.9 * bound  # uniform: it reaches the bound
+            assert torch.count_nonzero(module.bias) == 0
+    plain = build_model("vgg11", width=0.5, xavier_init=False)
+    assert torch.count_nonzero(plain.features[0].bias) > 0

@@ -37,6 +37,7 @@ from accord.match import MATCHERS
 from accord.merge import MergeResult, merge
 from accord.models import UserModel, load_user_model
 from accord.models.merging import run_user_merge
+from accord.partial import PartialMerge, parameters_kept
 from accord.registry import ALIGNMENTS, COMBINERS
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
@@ -76,6 +77,7 @@ __all__ = [
     "ModelSetRequest",
     "Observation",
     "OutputError",
+    "PartialMerge",
     "Selection",
     "SpaceStatistics",
     "Spec",
@@ -106,6 +108,7 @@ __all__ = [
     "merge",
     "merge_state_dicts",
     "model_config",
+    "parameters_kept",
     "randomly_permuted",
     "reset_batchnorm",
     "run_merge",

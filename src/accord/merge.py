@@ -38,6 +38,7 @@ from accord.data import batches
 from accord.errors import MergeError, did_you_mean
 from accord.evaluate import evaluate
 from accord.match import Alignment, match
+from accord.partial import check_stop_at, partial_result_model, restrict
 from accord.registry import (
     DEFAULT_COMBINE,
     CombineContext,
@@ -304,6 +305,7 @@ def merge(
     device: str = "cpu",
     progress: bool = False,
     options: Mapping[str, Any] | str | None = None,
+    stop_at: int | None = None,
     **method_options: Any,
 ) -> MergeResult:
     """Merge ``models``: align them with ``align`` (:data:`accord.registry.ALIGNMENTS`, default
@@ -322,6 +324,11 @@ def merge(
     task vectors against a base (their record's ``needs.base``: task arithmetic, TIES,
     DARE...); it moves into the merged coordinates as the reference does, and the aligned
     models' task vectors against it are combined (:func:`accord.merge_state_dicts`).
+
+    ``stop_at=k`` merges the first k free feature spaces only (graph order) and keeps the rest
+    per model: ``model`` is then an :class:`accord.PartialMerge`, a merged trunk with one
+    branch per model whose logits are averaged (k = 0: the ensemble; :mod:`accord.partial`).
+    It needs ``data``, fixed options and a tensorwise combiner (averaging).
 
     Checked before any work: the models and the base (:func:`check_models`: one architecture
     and dtype, every tensor finite), the methods, whether the combiner needs a base, their
@@ -343,6 +350,11 @@ def merge(
     if len(models) > 1:
         check_inputs(plan.combine, len(models), has_base=base is not None)
     base_state = _check_base(base, models) if base is not None else None
+    if stop_at is not None and (options == "auto" or not plan.combine.tensorwise or data is None):
+        raise MergeError(
+            f"stop_at={stop_at!r} needs data, fixed options (choose them with a full merge "
+            "under options='auto' first) and a tensorwise combiner such as 'average'"
+        )
     if options == "auto":
         return merge_tuned(
             merge,
@@ -380,6 +392,8 @@ def merge(
         from accord.trace import trace
 
         spec = trace(models[0], first_inputs(data)[:2])
+    if stop_at is not None:
+        check_stop_at(stop_at, spec)
     timings["trace"] = time.perf_counter() - clock
     report = {
         "method": plan.name,
@@ -411,6 +425,8 @@ def merge(
     alignment = snap_permutations(
         match(plan.align.name, spec, used, states, reference=ref, **align_options)
     )
+    if stop_at is not None:
+        alignment = restrict(spec, alignment, stop_at)
     timings["match"] = time.perf_counter() - clock
     if base_state is not None:
         # the base moves as the reference does (the fine-tunes share its coordinates)
@@ -435,6 +451,8 @@ def merge(
         combiner,
     )
     result.report.update({**report, "reference": ref, "num_models": len(models)})
+    if stop_at is not None:
+        result.model = partial_result_model(result, stop_at, data, device)
     if "combination" in result.report:  # what the combiner reports, under its name
         result.report[plan.combine.name] = result.report.pop("combination")
     return result

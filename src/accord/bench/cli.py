@@ -12,7 +12,7 @@ from typing import Any
 from accord._io import write_text
 from accord.bench.llm_memory import LLMMemoryPlan, quick_plan, run_llm_memory
 from accord.bench.markdown import render_benchmarks_md
-from accord.bench.quality import quality_plan, run_quality
+from accord.bench.quality import only_settings, quality_plan, run_quality
 from accord.bench.select import run_select, select_plan
 from accord.bench.skill import run_skill, skill_plan
 from accord.bench.speed import DEFAULT_SAMPLES, run_speed, speed_plan
@@ -34,6 +34,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     q.add_argument("--quick", action="store_true", help="the small plan: minutes on 2 cores")
     q.add_argument("--sets", type=int, default=None, help="independent model sets (seed ranges)")
     q.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
+    q.add_argument(
+        "--settings", default=None, help="comma-separated data settings, e.g. iid [all the plan's]"
+    )
     q.set_defaults(func=_cmd_quality)
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
     s.add_argument("--samples", type=int, default=None, help=f"images per pass [{DEFAULT_SAMPLES}]")
@@ -120,6 +123,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def _cmd_quality(args: argparse.Namespace) -> int:
     plan = quality_plan(args.quick, args.dataset, args.sets)
+    if args.settings:
+        plan = only_settings(plan, args.settings.split(","))
     plan = replace(plan, data_dir=args.data_dir)
     document = run_quality(plan, args.store, args.out, device=args.device, progress=not args.quiet)
     print(f"quality: {document['seconds']['total']:.0f} s; written to {args.out}/{plan.name}.json")

@@ -96,3 +96,27 @@ def interpolation_figure(
     accuracy_ax.set_title("★: the merged model of that method", fontsize=8)
     figure.suptitle(title, fontsize=10)
     _save(figure, path)
+
+
+def partial_figure(
+    points: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str
+) -> None:
+    """Mean test accuracy (± std over model sets) of partial merges against the parameters
+    they keep, each point labelled with k, the number of feature spaces merged."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 3.8), layout="constrained")
+    ax = figure.subplots()
+    kept = [p["parameters"] for p in points]
+    means = [p["test"]["mean"] for p in points]
+    spread = [p["test"]["std"] or 0.0 for p in points]
+    ax.errorbar(kept, means, yerr=spread, marker="o", ms=4, capsize=2)
+    for point, x, y in zip(points, kept, means, strict=True):
+        ax.annotate(
+            f"k={point['stop_at']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xlabel("parameters kept (k = 0: the ensemble; k = all: one merged model)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

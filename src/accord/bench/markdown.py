@@ -164,7 +164,74 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
             lines += _figure(link, files["spectra"], f"{tag}: canonical correlations per space")
         lines += _figure(link, files["npmerge"], f"{tag}: NP Merge's learned coefficients")
     lines += _barriers(figures)
+    lines += _joint(document.get("joint", []))
+    lines += _partial(document.get("partial", []), link)
     return "\n".join(lines)
+
+
+def _joint(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Star CCA against joint CCA (GCCA), per architecture, setting and N."""
+    if not entries:
+        return []
+    rows = []
+    for entry in entries:
+        cells = {row["name"]: row for row in entry["rows"]}
+        rows.append(
+            [
+                f"{entry['arch']}, {entry['setting']}",
+                str(entry["num_models"]),
+                *(_percent(cells[name]["test"]) for name in ("cca", "gcca")),
+                *("/".join(f"{r:g}" for r in cells[name]["ridge"]) for name in ("cca", "gcca")),
+            ]
+        )
+    headers = [
+        "models",
+        "N",
+        "CCA, star (model 0)",
+        "joint CCA (GCCA)",
+        "ridge star",
+        "ridge joint",
+    ]
+    caption = (
+        "Joint CCA against the star: the first N models of each set merged by CCA Merge onto "
+        'model 0 and by generalised CCA into one shared space (`align="gcca"`, no reference), '
+        "each with its ridge chosen on validation, on one statistics pass. Test accuracy in %:"
+    )
+    return [
+        "",
+        "### Joint CCA against the star",
+        "",
+        caption,
+        "",
+        format_table(headers, rows, True),
+    ]
+
+
+def _partial(entries: Sequence[Mapping[str, Any]], link: str) -> list[str]:
+    """Partial merging: accuracy against parameters kept, for k = 0 … K spaces merged."""
+    lines: list[str] = []
+    for entry in entries:
+        tag = f"{entry['arch']}, {entry['setting']}"
+        rows = [
+            [
+                str(point["stop_at"]),
+                f"{point['parameters']:,}",
+                f"{point['parameters'] / entry['points'][-1]['parameters']:.2f}",
+                _percent(point["test"]),
+            ]
+            for point in entry["points"]
+        ]
+        caption = (
+            f"Partial merging, {tag}: the CCA merge of {entry['num_models']} models with only "
+            f"the first k of its {entry['spaces']} feature spaces merged (`accord.merge(..., "
+            "stop_at=k)`), the rest kept per model and the logits averaged; k = 0 is the "
+            "ensemble, k = all one merged model. Test accuracy in %:"
+        )
+        headers = ["k", "parameters kept", "× one model", "test accuracy"]
+        lines += ["", f"### Partial merging: {tag}", "", caption, ""]
+        lines += [format_table(headers, rows, True)]
+        lines += _figure(link, entry["figure"], f"{tag}: accuracy against parameters kept")
+    return lines
 
 
 def _mib(value: float | None) -> str:

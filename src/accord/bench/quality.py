@@ -10,7 +10,9 @@ statistics pass shared by all methods, hyper-parameters chosen on the validation
 Two variants reuse that pass: NP Merge's successive pairwise scheme (for N > 2; the default
 is one joint softmax) and, for networks with BatchNorm, CCA Merge with the BatchNorms'
 γ/β transformed by the dense maps instead of folded into the convolutions (DESIGN.md §4).
-Accuracies are on the test split, which chooses nothing.
+Two studies follow (:mod:`accord.bench.studies`): joint CCA against the star for
+``joint_sizes``, and partial merging (accuracy against parameters kept) for N = 2 in each
+architecture's first setting. Accuracies are on the test split, which chooses nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import accord
 from accord._io import write_json
 from accord.bench._common import machine_info, summary, today
 from accord.bench.figures import accuracy_versus_models, interpolation_figure
+from accord.bench.studies import joint_study, partial_study
 from accord.figures import canonical_correlation_spectra, coefficient_histograms
 from accord.workflow import MergeOutcome, calibration_loader, compared_methods
 
@@ -90,6 +93,7 @@ class QualityPlan:
     samples: int
     curve_steps: int
     command: str
+    joint_sizes: tuple[int, ...] = ()
     data_dir: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -99,7 +103,7 @@ class QualityPlan:
         return config
 
     def seeds(self, start: int) -> tuple[int, ...]:
-        return tuple(range(start, start + max(self.sizes)))
+        return tuple(range(start, start + max(self.sizes + self.joint_sizes)))
 
 
 def quality_plan(
@@ -121,7 +125,8 @@ def quality_plan(
             limit=None if small else 6000,
         )
         plan = QualityPlan(
-            name="quality-quick",
+            # another dataset's figures go to their own file beside the default's
+            name="quality-quick" if name == "fashion-mnist" else f"quality-quick-{name}",
             dataset=name,
             architectures=(vgg,),
             sizes=(2, 4),
@@ -130,12 +135,13 @@ def quality_plan(
             samples=2000,
             curve_steps=6,
             command="accord bench quality --quick",
+            joint_sizes=(3, 4),
         )
     else:
         train = accord.TrainConfig(epochs=40 if small else 4, lr=0.05)
         limit = None if small else 12000
         plan = QualityPlan(
-            name="quality",
+            name="quality" if name == "fashion-mnist" else f"quality-{name}",
             dataset=name,
             architectures=(
                 Architecture("resnet20", {"width": 1}, train, limit),
@@ -154,10 +160,23 @@ def quality_plan(
             samples=2000,
             curve_steps=6,
             command="accord bench quality",
+            joint_sizes=(3, 4),
         )
     if sets is not None:
-        plan = replace(plan, seed_starts=tuple(10 * k for k in range(sets)))
+        command = f"{plan.command} --sets {sets}"
+        plan = replace(plan, seed_starts=tuple(10 * k for k in range(sets)), command=command)
     return plan
+
+
+def only_settings(plan: QualityPlan, labels: Sequence[str]) -> QualityPlan:
+    """``plan`` with only the data settings named by their labels (``iid``, ``dirichlet0.5``);
+    its command says so. ValueError naming an unknown label and the plan's."""
+    known = {s.label: s for s in plan.settings}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; this plan has {', '.join(known)}")
+    command = f"{plan.command} --settings {','.join(labels)}"
+    return replace(plan, settings=tuple(known[label] for label in labels), command=command)
 
 
 def train_pool(
@@ -368,8 +387,8 @@ def run_quality(
 ) -> dict[str, Any]:
     """Run ``plan``: train or load the pools, merge, draw; write ``out/<plan.name>.json``."""
     start, root = time.perf_counter(), Path(out)
-    seconds = {"training": 0.0, "merging": 0.0, "figures": 0.0}
-    results, figures = [], {}
+    seconds = {"training": 0.0, "merging": 0.0, "figures": 0.0, "studies": 0.0}
+    results, figures, joint, partial = [], {}, [], []
     for architecture in plan.architectures:
         for setting in plan.settings:
             names = (architecture.label, setting.label)
@@ -405,6 +424,15 @@ def run_quality(
                     tag = f"{names[0]}-{names[1]}"
                     figures[tag] = figures_for(plan, *runs[0], tag, root, device)
                     seconds["figures"] += time.perf_counter() - clock
+                    if setting == plan.settings[0]:
+                        clock = time.perf_counter()
+                        partial.append(
+                            partial_study(plan, outcomes, names, merge_config, root, device)
+                        )
+                        seconds["studies"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            joint += joint_study(plan, pools, names, merge_config, device)
+            seconds["studies"] += time.perf_counter() - clock
     accuracy = root / f"{plan.name}-accuracy.png"
     title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
     accuracy_versus_models(results, ROW_LABELS, accuracy, title)
@@ -417,6 +445,8 @@ def run_quality(
         "config": plan.to_json(),
         "seconds": seconds,
         "results": results,
+        "joint": joint,
+        "partial": partial,
         "figures": {"accuracy": accuracy.name, "pairs": figures},
     }
     write_json(root / f"{plan.name}.json", document)

@@ -9,6 +9,7 @@ completely, then runs the method.
 >>> for name, info in sorted(MATCHERS.items()):
 ...     print(f"{name:16} needs data: {info.needs.data!s:5} options: {info.defaults}")
 cca              needs data: True  options: {'ridge': 0.1, 'absolute_ridge': None}
+gcca             needs data: True  options: {'ridge': 0.1}
 identity         needs data: False options: {}
 ot               needs data: True  options: {}
 permutation      needs data: True  options: {}

@@ -36,6 +36,11 @@ class VGG(nn.Module):
     least 1). A pool is skipped once the map is 1x1, so 28x28 and 8x8 inputs work: the
     classifier reads C·h·w features, e.g. 512·1·1 for a 32x32 input at width 1.
     Subclasses set ``layers``.
+
+    ``xavier_init``: convolutions and the classifier start from xavier-uniform weights with
+    the ReLU gain (√2) and zero biases, as the CCA Merge reference code's VGG (Horoi et al.,
+    ``models/vgg.py``); without BatchNorm, PyTorch's default (kaiming-uniform with a = √5,
+    weights 1/√3 as large) starts the deep activations near zero. False keeps PyTorch's.
     """
 
     layers: ClassVar[tuple[int | str, ...]]
@@ -48,6 +53,7 @@ class VGG(nn.Module):
         num_classes: int = 10,
         width: float = 1.0,
         batch_norm: bool = False,
+        xavier_init: bool = True,
     ) -> None:
         super().__init__()
         modules: list[nn.Module] = []
@@ -68,6 +74,12 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * size * size, num_classes)
         )
+        if xavier_init:
+            gain = nn.init.calculate_gain("relu")
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d | nn.Linear):
+                    nn.init.xavier_uniform_(module.weight, gain=gain)
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes) from images (B, in_channels, H, W)."""
