@@ -278,7 +278,14 @@ def render_speed(document: Mapping[str, Any]) -> str:
         + "*npmerge_training*: NP Merge's coefficient training.",
         "",
         format_table(
-            ["case", "forward", *MERGE_STAGES, "whole merge", "merge / forward", "npmerge_training"],
+            [
+                "case",
+                "forward",
+                *MERGE_STAGES,
+                "whole merge",
+                "merge / forward",
+                "npmerge_training",
+            ],
             merge_rows,
             True,
         ),

@@ -12,7 +12,6 @@ import torch
 
 from accord.errors import StatisticsError
 from accord.spec import Observation
-
 from accord.statistics.types import Pair, SpaceStatistics
 
 
