@@ -58,8 +58,10 @@ def conv_bn_spec() -> Spec:
 def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
     """Keyword arguments of collect_statistics per case, for this rank.
 
-    ``many``: 7 uneven batches, cut by max_samples; ``one``: one batch, so rank 1 has none;
-    ``sharded``: each rank is given its own share of the batches; ``nan``: a NaN in batch 1.
+    ``many``: 7 uneven batches, cut by max_samples; ``many-float64``: the same with float64
+    products of the models as given (exact to rounding); ``one``: one batch, so rank 1 has
+    none; ``sharded``: each rank is given its own share of the batches; ``nan``: a NaN in
+    batch 1. All but ``many-float64`` use the default float32 products.
     """
     generator = torch.Generator().manual_seed(0)
     sizes = [9, 4, 7, 12, 5, 8, 3]
@@ -69,6 +71,15 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
     common = {"models": conv_bn_models(), "spec": conv_bn_spec(), "progress": False}
     return {
         "many": {**common, "data": batches, "pairs": "all", "max_samples": 40, "reference": 1},
+        "many-float64": {
+            **common,
+            "data": batches,
+            "pairs": "all",
+            "max_samples": 40,
+            "reference": 1,
+            "precision": "float64",
+            "channels_last": False,
+        },
         "one": {**common, "data": batches[:1]},
         "sharded": {**common, "data": batches[rank::world], "sharded": True},
         "nan": {**common, "data": poisoned},

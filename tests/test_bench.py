@@ -145,20 +145,28 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
     [case] = document["cases"]
     assert set(case["stages"]) == {
         "statistics",
-        "statistics_float32",
+        "statistics_float64",
         "statistics_spaces_only",
+        "trace",
+        "statistics_in_merge",
         "match",
         "apply",
         "average",
         "repair",
         "npmerge_training",
     }
-    assert case["forward"]["seconds"] > 0 and case["forward"]["cpu_seconds"] > 0
+    for timing in ("forward", "forward_fast", "merge"):
+        assert case[timing]["seconds"] > 0 and case[timing]["cpu_seconds"] > 0
+        assert len(case[timing]["repeats"]) == document["config"]["repeats"]
     assert document["config"]["device"] == document["machine"]["device"] == "cpu"
     assert "peak_device_mib" not in case["forward"]  # measured on CUDA devices only
-    assert case["statistics_over_forward"]["float64"]["cpu"] > 0
-    assert case["statistics_over_forward"]["float32"]["cpu"] > 0
-    assert case["statistics_over_forward"]["spaces_only"]["cpu"] > 0
+    for ratios in (case["statistics_over_forward"], case["statistics_over_forward_fast"]):
+        assert set(ratios) == {"default", "float64", "spaces_only"}
+        assert all(r["cpu"] > 0 and r["wall"] > 0 for r in ratios.values())
+    # the whole merge runs a statistics pass and more
+    merge = case["merge_over_forward"]
+    assert merge["cpu"] == case["merge"]["cpu_seconds"] / case["forward"]["cpu_seconds"]
+    assert document["reference"]["merge_seconds"] > document["reference"]["forward_seconds"]
     worst = document["precision"]["max"]
     assert worst["accord_float64"]["normwise"] < 1e-10
     assert worst["accord_float64"]["normwise"] < worst["accord_float32"]["normwise"] < 1e-4
@@ -173,8 +181,10 @@ def test_benchmarks_md_numbers_come_from_the_json(results: Path) -> None:
     assert f"{100 * cca['test']['mean']:.1f}" in row
     assert "](results/quality-micro-accuracy.png)" in text
     speed = json.loads((results / "results" / "speed.json").read_text())
-    ratio = speed["cases"][0]["statistics_over_forward"]["float64"]
-    assert f"| {ratio['wall']:.2f} / {ratio['cpu']:.2f} " in text
+    case = speed["cases"][0]
+    for ratio in (case["statistics_over_forward"]["default"], case["merge_over_forward"]):
+        assert f"| {ratio['wall']:.2f} / {ratio['cpu']:.2f} " in text
+    assert "1.75× (issue #19)" in text
     assert "Covariance precision" in text
     assert "| NP Merge epochs kept (per set) " in text
     assert "device memory" not in text
@@ -185,7 +195,7 @@ def test_speed_markdown_shows_device_memory_when_measured(results: Path) -> None
     speed = json.loads((results / "results" / "speed.json").read_text())
     [case] = speed["cases"]
     case["forward"]["peak_device_mib"] = 12.0
-    passes = {"statistics": 34.0, "statistics_float32": 23.0, "statistics_spaces_only": 29.0}
+    passes = {"statistics": 34.0, "statistics_float64": 23.0, "statistics_spaces_only": 29.0}
     for stage, mib in passes.items():
         case["stages"][stage]["peak_device_mib"] = mib
     table = render_speed(speed).split("Peak allocated device memory")[1]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord._layout import channels_last, wants_channels_last
 from accord.data import batches
 from accord.errors import MergeError, SpecError
 from accord.registry import AlignMethod, plan_methods
@@ -175,7 +176,8 @@ def reset_batchnorm(
     """Recompute every BatchNorm's running statistics on ``data`` in one pass, in place.
 
     Momentum is set to None (cumulative average over the pass) and restored afterwards;
-    the model is returned in eval mode.
+    the model is returned in eval mode. On a CPU the pass runs 2-d convolutions channels-last
+    (:mod:`accord._layout`); the weights are given back as they were.
     """
     norms = [m for m in model.modules() if is_batchnorm(m)]
     if not norms:
@@ -186,14 +188,15 @@ def reset_batchnorm(
         norm.momentum = None
     model.to(device).train()
     seen = 0
-    for index, batch in enumerate(
-        tqdm(batches(data), desc="BN reset", leave=False, disable=not progress)
-    ):
-        if max_batches is not None and index >= max_batches:
-            break
-        inputs = batch[0] if isinstance(batch, tuple | list) else batch
-        model(inputs.to(device))
-        seen += 1
+    with channels_last([model], wants_channels_last(device)):  # a cheaper pass on the CPU
+        for index, batch in enumerate(
+            tqdm(batches(data), desc="BN reset", leave=False, disable=not progress)
+        ):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs = batch[0] if isinstance(batch, tuple | list) else batch
+            model(inputs.to(device))
+            seen += 1
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     if seen == 0:

@@ -238,40 +238,69 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+# The statistics passes (:data:`accord.bench.speed.STATISTICS_PASSES`) by stage name and
+# ratio key, and the stages of the whole merge.
+SPEED_PASSES = {
+    "statistics": "default",
+    "statistics_float64": "float64",
+    "statistics_spaces_only": "spaces_only",
+}
+MERGE_STAGES = ["trace", "statistics_in_merge", "match", "apply", "average", "repair"]
+
+
+def _seconds(stages: Mapping[str, Any], name: str) -> str:
+    return f"{stages[name]['seconds']:.2f}" if name in stages else "-"
+
+
+def _ratio(ratios: Mapping[str, Any], key: str) -> str:
+    return f"{ratios[key]['wall']:.2f} / {ratios[key]['cpu']:.2f}" if key in ratios else "-"
+
+
+def _reference_note(reference: Mapping[str, Any] | None) -> str:
+    """The reference code's whole merge over its forward, which the merge ratio compares with."""
+    if not reference:
+        return ""
+    ratio = reference["merge_seconds"] / reference["forward_seconds"]
+    return (
+        f"{reference['what']}: {reference['merge_seconds']:g} s end to end for a "
+        f"{reference['forward_seconds']:g} s forward of both models, {ratio:.2f}× "
+        f"({reference['source']}); {reference['target']:g}× of it, the target, is "
+        f"{reference['target'] * ratio:.2f}× the forward. The reference code is not available "
+        "to rerun here, so that ratio is the comparison. "
+    )
+
+
 def render_speed(document: Mapping[str, Any]) -> str:
     """The section of one speed run."""
-    stage_names = [
-        "statistics",
-        "statistics_float32",
-        "statistics_spaces_only",
-        "match",
-        "apply",
-        "average",
-        "repair",
-        "npmerge_training",
-    ]
-    time_rows, memory_rows, device_rows = [], [], []
+    pass_rows, merge_rows, memory_rows, device_rows = [], [], [], []
+    memory_names = [*SPEED_PASSES, *MERGE_STAGES[:1], *MERGE_STAGES[2:], "npmerge_training"]
     for case in document["cases"]:
         label = f"{case['arch']} w{case['width']:g} N={case['models']}"
-        stages = case["stages"]
-        ratio = case["statistics_over_forward"]
-        time_rows.append(
+        stages, ratio = case["stages"], case["statistics_over_forward"]
+        fast = case.get("statistics_over_forward_fast", {})
+        pass_rows.append(
             [label, f"{case['parameters_per_model']:,}", f"{case['forward']['seconds']:.2f}"]
-            + [f"{stages[s]['seconds']:.2f}" if s in stages else "-" for s in stage_names]
-            + [
-                f"{ratio[p]['wall']:.2f} / {ratio[p]['cpu']:.2f}" if p in ratio else "-"
-                for p in ("float64", "float32", "spaces_only")
-            ]
+            + [f"{case['forward_fast']['seconds']:.2f}" if "forward_fast" in case else "-"]
+            + [_seconds(stages, s) for s in SPEED_PASSES]
+            + [_ratio(ratio, "default"), _ratio(fast, "default")]
+            + [_ratio(ratio, p) for p in ("float64", "spaces_only")]
+        )
+        merge_rows.append(
+            [label, f"{case['forward']['seconds']:.2f}"]
+            + [_seconds(stages, s) for s in MERGE_STAGES]
+            + [f"{case['merge']['seconds']:.2f}" if "merge" in case else "-"]
+            + [_ratio(case, "merge_over_forward") if "merge_over_forward" in case else "-"]
+            + [_seconds(stages, "npmerge_training")]
         )
         memory_rows.append(
             [label]
-            + [_mib(stages[s]["peak_rss_mib"]) if s in stages else "-" for s in stage_names]
+            + [_mib(stages[s]["peak_rss_mib"]) if s in stages else "-" for s in memory_names]
             + [_mib(case["process_peak_rss_mib"])]
         )
         device_rows.append(
             [label]
             + [_mib(case["forward"].get("peak_device_mib"))]
-            + [_mib(stages[s].get("peak_device_mib")) for s in stage_names[:3]]
+            + [_mib(stages[s].get("peak_device_mib")) if s in stages else "-" for s in SPEED_PASSES]
         )
     config = document["config"]
     lines = [
@@ -281,47 +310,66 @@ def render_speed(document: Mapping[str, Any]) -> str:
         f"- data: the first {config['samples']} training images of {config['dataset']} in "
         f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
         f"{config['ridge']}; NP Merge: its default options (`accord.merge`) over the same "
-        f"images; forward and statistics: the fastest of {config['repeats']} alternated repeats "
-        "(all are in the JSON)",
+        f"images; forward, statistics and whole merges: the fastest of {config['repeats']} "
+        "alternated repeats (all are in the JSON)",
         "",
-        "Seconds per stage. *forward*: plain `torch.no_grad` passes of the N models over the "
-        "images; *statistics*: `accord.collect_statistics` over the same images (default "
-        '`precision="float64"`), *statistics_float32* the same with `precision="float32"` '
-        "(each chunk's products in float32, summed in float64), *statistics_spaces_only* "
-        "float64 without the BatchNorm-output blocks (what `permutation` collects: only dense "
-        "maps need them); *match*, "
-        "*apply*, *average*, *repair* (BatchNorm reset): the stages of a CCA merge; "
-        "*npmerge_training*: NP Merge's coefficient training. The last three columns are "
-        "statistics / forward for each of the three passes, in wall time / in the process's "
-        "CPU time; "
-        "the CPU-time ratio is the one to trust when other processes share the cores. The "
-        "statistics pass includes tracing the models, a fixed cost that more samples amortise.",
+        "The statistics pass, in seconds. *forward*: plain `torch.no_grad` passes of the N "
+        "models as given over the images; *forward (accord)*: the same under "
+        "`torch.inference_mode` with channels-last convolutions (how accord runs its passes on "
+        "a CPU); *statistics*: `accord.collect_statistics` as merges run it (the default: each "
+        "shifted chunk's products in float32, summed in float64); *statistics_float64*: with "
+        '`precision="float64"`; *statistics_spaces_only*: the default without the '
+        "BatchNorm-output blocks (what `permutation` collects: only dense maps need them). "
+        "Ratios are statistics / forward, in wall time / in the process's CPU time; the "
+        "CPU-time ratio is the one to trust when other processes share the cores. Every pass "
+        "includes tracing the models, a fixed cost that more samples amortise.",
         "",
         format_table(
             [
                 "case",
                 "params/model",
                 "forward",
-                *stage_names,
-                "f64 ratio (wall / CPU)",
-                "f32 ratio (wall / CPU)",
-                "spaces-only ratio (wall / CPU)",
+                "forward (accord)",
+                *SPEED_PASSES,
+                "ratio (wall / CPU)",
+                "ratio to accord's forward",
+                "f64 ratio",
+                "spaces-only ratio",
             ],
-            time_rows,
+            pass_rows,
+            True,
+        ),
+        "",
+        "A whole CCA merge (`accord.merge(models, batches, 'cca', repair='bn-reset')`: no spec, "
+        "no statistics given), in seconds per stage (*average*: combining, *repair*: the "
+        "BatchNorm reset), end to end, and over the plain forward (wall / CPU). "
+        + _reference_note(document.get("reference"))
+        + "*npmerge_training*: NP Merge's coefficient training.",
+        "",
+        format_table(
+            [
+                "case",
+                "forward",
+                *MERGE_STAGES,
+                "whole merge",
+                "merge / forward",
+                "npmerge_training",
+            ],
+            merge_rows,
             True,
         ),
         "",
         "Peak resident memory above the stage's start (MiB; sampled every 2 ms; each case in a "
         "fresh process, whose overall peak is the last column):",
         "",
-        format_table(["case", *stage_names, "process peak"], memory_rows, True),
+        format_table(["case", *memory_names, "process peak"], memory_rows, True),
     ]
     if any(row[1] != "-" for row in device_rows):
         lines += [
             "",
             "Peak allocated device memory above the pass's start (MiB):",
             "",
-            format_table(["case", "forward", *stage_names[:3]], device_rows, True),
+            format_table(["case", "forward", *SPEED_PASSES], device_rows, True),
         ]
     lines += _precision(document["precision"])
     return "\n".join(lines)

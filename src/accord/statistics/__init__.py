@@ -12,14 +12,16 @@ Accumulation (one pass, float64). For model i with features ``x_i`` (C,) and a s
 The shift keeps the subtraction well conditioned when features have a large offset. Sums add
 across processes: each rank re-expresses its sums around one common shift and all-reduces them.
 
-Cost. The models run one after another on each batch, the reference first; each observed
-output is summed as soon as it is produced, in chunks of about 2¹⁸ values shifted and
-converted to the accumulation dtype in one pass, and only the chunks a later model pairs
-with (the reference's) are kept, converted, until the batch ends: memory holds one model's
-activations (in the accumulation dtype), not N. The products cost about as much as the
-models' own forward passes (float64 matmuls of C × C blocks); ``precision="float32"``
-multiplies each chunk in float32 and sums the chunks in float64, which costs less for a
-larger relative error (``accord bench speed`` measures both; see BENCHMARKS.md).
+Cost. The models run one after another on each batch, the reference first, under
+``torch.inference_mode`` (channels-last convolutions on a CPU); each observed output is summed
+as soon as it is produced, in chunks of about 2¹⁸ values shifted and converted to the product
+dtype in one pass into one buffer shared by every observation (it stays in cache), and only
+the chunks a later model pairs with (the reference's) are kept, in memory reused batch after
+batch, until the batch ends: memory holds one model's activations, not N. The default
+``precision="float32"`` multiplies each chunk in float32 and sums the chunks' products in
+float64 around the shift; ``"float64"`` multiplies in float64 too, for about twice the cost of
+the products (``accord bench speed`` measures both; see BENCHMARKS.md). The graph of each
+model is traced once per pass.
 """
 
 from accord.statistics.collect import collect_statistics

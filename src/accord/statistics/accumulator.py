@@ -6,16 +6,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
 from accord.errors import StatisticsError
 from accord.spec import Observation
-
-if TYPE_CHECKING:
-    pass
-
 from accord.statistics.types import Pair, SpaceStatistics
 
 
@@ -36,6 +32,31 @@ class Target:
 # Samples are converted about this many values at a time, so that each converted chunk is
 # summed and multiplied while it is in cache; it also bounds the chunk's memory.
 CHUNK_ELEMENTS = 1 << 18
+
+
+class Scratch:
+    """The one buffer every accumulator of a pass writes the chunk it is summing into: the
+    same memory for every chunk of every observation, so it stays in cache and no fresh pages
+    are faulted in per chunk."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buffer = self.buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def product_dtype(precision: str, activations: torch.dtype) -> torch.dtype:
+    """The dtype chunks are shifted and multiplied in: float64 under ``"float64"``; under
+    ``"float32"`` the activations' own dtype, at least float32 (float64 activations keep
+    float64 products, half-precision ones get float32)."""
+    if precision == "float64":
+        return torch.float64
+    return torch.promote_types(activations, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,24 @@ class Source:
         return (samples, size) if rows else (size, samples)
 
 
+def _reused(
+    memory: list[torch.Tensor],
+    index: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The ``index``-th kept chunk's memory: last batch's, grown when this chunk is larger.
+    A kept chunk is read until the batch ends (:meth:`Accumulator.add`), so the next batch
+    may overwrite it."""
+    numel = shape[0] * shape[1]
+    if index == len(memory):
+        memory.append(torch.empty(numel, dtype=dtype, device=device))
+    elif memory[index].numel() < numel:
+        memory[index] = torch.empty(numel, dtype=dtype, device=device)
+    return memory[index][:numel].view(shape)
+
+
 def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool) -> None:
     """``product += Σ_samples x yᵀ`` of two chunks: in the chunks' dtype, summed into the
     product's (float64)."""
@@ -118,10 +157,15 @@ class Accumulator:
     """
 
     def __init__(
-        self, target: Target, order: Sequence[int], device: torch.device, precision: str
+        self,
+        target: Target,
+        order: Sequence[int],
+        device: torch.device,
+        precision: str,
+        scratch: Scratch | None = None,
     ) -> None:
         zeros = {"dtype": torch.float64, "device": device}
-        self.dtype = torch.float64 if precision == "float64" else torch.float32
+        self.precision = precision
         num_models = len(order)
         self.target = target
         self.count = 0
@@ -142,10 +186,13 @@ class Accumulator:
         # private copy already (a later in-place op such as ReLU(inplace=True) cannot touch
         # it), converted once however many models pair with it
         self.kept: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.scratch: torch.Tensor | None = None
+        # the memory of the kept chunks, reused batch after batch (same key as ``kept``)
+        self.kept_memory: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.scratch = scratch or Scratch()
         self.batch_totals: dict[tuple[int, int], torch.Tensor] = {}
         self.samples: dict[int, int] = {}
         self.rows: dict[int, bool] = {}
+        self.dtypes: dict[int, torch.dtype] = {}
 
     def observe(self, model: int, point: int, tensor: Any) -> None:
         """Add one node output of one model to the sums (module docstring)."""
@@ -176,11 +223,16 @@ class Accumulator:
         keep = model in self.kept_models
         kept: list[torch.Tensor] = []
         total = torch.zeros_like(self.total[model])
-        # one layout for all models (the first model's), so their chunks multiply
+        # one layout and dtype for all models (the first model's), so their chunks multiply
         rows = self.rows.setdefault(point, source.features_last)
+        dtype = self.dtypes.setdefault(point, product_dtype(self.precision, tensor.dtype))
+        memory = self.kept_memory.setdefault((model, point), []) if keep else []
         for index, (start, stop) in enumerate(source.chunks()):
             shape = source.chunk_shape(start, stop, rows)
-            out = self._buffer(shape, keep, source.tensor.device)
+            if keep:
+                out = _reused(memory, index, shape, dtype, source.tensor.device)
+            else:
+                out = self.scratch.get(shape, dtype, source.tensor.device)
             x = self._chunk(model, source, start, stop, rows, out)
             total += x.sum(0 if rows else 1).to(torch.float64)
             _add_products(self.products[(model, model)], x, x, rows)
@@ -194,16 +246,6 @@ class Accumulator:
         self.batch_totals[(model, point)] = total
         if keep:
             self.kept[(model, point)] = kept
-
-    def _buffer(self, shape: tuple[int, int], keep: bool, device: torch.device) -> torch.Tensor:
-        """Where a chunk is written: a new tensor when it is kept, else one reused scratch
-        tensor (no fresh pages to fault in for every chunk)."""
-        numel = shape[0] * shape[1]
-        if keep:
-            return torch.empty(shape, dtype=self.dtype, device=device)
-        if self.scratch is None or self.scratch.numel() < numel:
-            self.scratch = torch.empty(numel, dtype=self.dtype, device=device)
-        return self.scratch[:numel].view(shape)
 
     def add(self, batch: int) -> None:
         """Close the batch: check its sums are finite and add them to ``t``."""

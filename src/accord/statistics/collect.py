@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord._layout import channels_last as channels_last_weights
+from accord._layout import wants_channels_last
 from accord.errors import StatisticsError
 from accord.spec import Observation
 from accord.trace.export import batchnorm_nodes, statistics_module
@@ -20,7 +22,7 @@ from accord.trace.fx import observed_graph, symbolic_graph
 if TYPE_CHECKING:
     from accord.spec import Spec
 
-from accord.statistics.accumulator import Accumulator, Target
+from accord.statistics.accumulator import Accumulator, Scratch, Target
 from accord.statistics.types import Pair, SpaceStatistics, Statistics
 
 
@@ -44,8 +46,9 @@ def _targets(
         return spaces, []
     diagonal = tuple(p for p in pairs if p[0] == p[1])
     norms = []
+    found = _batchnorm_nodes(spec, model, example, norm_names)
     for name in norm_names:
-        nodes = _batchnorm_nodes(spec, model, example, name)
+        nodes = found[name]
         module = next((m for n, m in model.named_modules() if n == name), None)
         if not nodes or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise StatisticsError(
@@ -57,12 +60,19 @@ def _targets(
     return spaces, norms
 
 
-def _batchnorm_nodes(spec: Spec, model: nn.Module, example: torch.Tensor, name: str) -> list[str]:
-    """The nodes of the spec's graph that apply the BatchNorm module ``name``."""
+def _batchnorm_nodes(
+    spec: Spec, model: nn.Module, example: torch.Tensor, names: Sequence[str]
+) -> dict[str, list[str]]:
+    """The nodes of the spec's graph that apply each BatchNorm module of ``names`` (one
+    torch.fx trace for all of them)."""
     if spec.graph == "export":
-        return batchnorm_nodes(model, example, name)
+        return {name: batchnorm_nodes(model, example, name) for name in names}
     graph = symbolic_graph(model, spec.leaf_modules).graph
-    return [n.name for n in graph.nodes if n.op == "call_module" and n.target == name]
+    found: dict[str, list[str]] = {name: [] for name in names}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in found:
+            found[str(node.target)].append(node.name)
+    return found
 
 
 class _Observer(nn.Module):
@@ -241,11 +251,18 @@ def _accumulate(
     order: Sequence[int],
     spec: Spec,
     example: torch.Tensor,
+    channels_last: bool,
 ) -> StatisticsError | None:
-    """Forward every scheduled batch through every model once, in ``order``; return a
-    failure, if any."""
+    """Forward every scheduled batch through every model once, in ``order`` (under
+    ``torch.inference_mode``, channels-last convolutions where :mod:`accord._layout` says);
+    return a failure, if any."""
     try:
-        with closing(schedule), _evaluating(models, device), torch.no_grad():
+        with (
+            closing(schedule),
+            _evaluating(models, device),
+            channels_last_weights(models, channels_last and wants_channels_last(device)),
+            torch.inference_mode(),
+        ):
             example = example.to(device)
             graphs = [
                 _statistics_graph(models[i], _Observer(i, accumulators), spec, example)
@@ -273,27 +290,33 @@ def collect_statistics(
     pairs: Literal["reference", "all"] = "reference",
     progress: bool = True,
     sharded: bool = False,
-    precision: Literal["float64", "float32"] = "float64",
+    precision: Literal["float64", "float32"] = "float32",
     batchnorms: bool = True,
+    channels_last: bool = True,
 ) -> Statistics:
     """Means and covariances of every free observed space of N same-architecture models.
 
     One pass over ``data`` (batches ``(inputs, labels)``, ``(inputs,)`` or bare tensors), each
-    model run once per batch in eval mode under ``torch.no_grad`` on ``device``; the models'
-    devices and training flags are restored afterwards. At an observation with feature axis
-    ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every spatial position or
-    token is one, and the positions of all of a space's observations pool.
+    model run once per batch in eval mode under ``torch.inference_mode`` on ``device``; the
+    models' devices, training flags and weights are restored afterwards. At an observation
+    with feature axis ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every
+    spatial position or token is one, and the positions of all of a space's observations pool.
 
     Kept, in float64 (module docstring): ``mean[i]``, ``Cov(x_i, x_i)``, and ``Cov(x_r, x_i)``
     with the ``reference`` r (``pairs="reference"``, O(N·C²) memory) or every ``Cov(x_i, x_j)``
     (``pairs="all"``). ``norms`` gets each model's output statistics of every BatchNorm that
-    the observed spaces fold, which dense maps need (``batchnorms=False`` skips them, 25–40 %
-    of the pass on ResNet20 as measured by ``accord bench speed``: methods whose maps are
-    permutations never use them). Fixed spaces and spaces without observations get no entry.
-    ``precision="float32"`` multiplies each chunk of shifted samples (about 2.6·10⁵ values)
-    in float32 and sums the chunks' products in float64: a cheaper pass on a CPU, relative
-    covariance errors near 1e-7–1e-6 instead of 1e-12 (``accord bench speed`` measures both).
-    ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
+    the observed spaces fold, which dense maps need (``batchnorms=False`` skips them: methods
+    whose maps are permutations never use them). Fixed spaces and spaces without observations
+    get no entry. ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
+
+    ``precision`` is the dtype each chunk of shifted samples (about 2.6·10⁵ values, so its
+    own rounding stays small) is multiplied in; the chunks' products are summed in float64
+    either way. ``"float32"`` (the default) keeps the activations' dtype, at least float32:
+    relative covariance errors near 1e-7–1e-6, which no merge notices, at about half the
+    cost of ``"float64"`` (errors near 1e-12). ``accord bench speed`` measures both.
+    ``channels_last`` runs 2-d convolutions in channels-last memory format on a CPU device
+    (:mod:`accord._layout`: a cheaper forward, the same values up to rounding); False runs
+    the models exactly as given.
 
     ``max_samples`` stops after that many input samples (the last batch is cut). Under
     torch.distributed, every rank reads the whole stream and forwards the batches with
@@ -326,7 +349,8 @@ def collect_statistics(
     )
     device = torch.device(device)
     order = [reference, *(i for i in range(len(models)) if i != reference)]
-    accumulators = [Accumulator(t, order, device, precision) for t in spaces + norms]
+    scratch = Scratch()  # one chunk buffer for every accumulator: it stays in cache
+    accumulators = [Accumulator(t, order, device, precision, scratch) for t in spaces + norms]
     stats = Statistics({}, len(models), reference, pairs, precision=precision)
     if not accumulators:
         return stats
@@ -334,7 +358,9 @@ def collect_statistics(
     stride = (0, 1) if sharded else (rank, world)
     batches = itertools.chain([first], stream)
     schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
-    failure = _accumulate(models, accumulators, schedule, device, order, spec, example)
+    failure = _accumulate(
+        models, accumulators, schedule, device, order, spec, example, channels_last
+    )
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
