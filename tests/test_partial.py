@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import accord
+from accord.batchnorm import has_batchnorm
 from accord.errors import MergeError
-from accord.repair import has_batchnorm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
