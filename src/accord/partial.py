@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from accord.apply import Transform
+from accord.batchnorm import reset_batchnorm
 from accord.data import batches
 from accord.errors import MergeError
 from accord.match import Alignment
-from accord.batchnorm import reset_batchnorm
 from accord.spec import Spec
 
 

@@ -114,7 +114,12 @@ def precision_check(
         precision: accord.collect_statistics(
             # the model as given: the same activations as the references, so only the
             # accumulation differs
-            [model], batches, spec, progress=False, precision=precision, channels_last=False
+            [model],
+            batches,
+            spec,
+            progress=False,
+            precision=precision,
+            channels_last=False,
         )
         for precision in ("float64", "float32")
     }
