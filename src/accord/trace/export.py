@@ -10,17 +10,28 @@ where the model allows it, so the same graph runs the statistics pass on any bat
 
 from __future__ import annotations
 
+import builtins
+import keyword
+import operator
+import re
 from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from accord.errors import TraceError
+from accord.errors import ConfigError, TraceError, did_you_mean
 from accord.trace.aten import ATEN_HEAD_RULES, rule_for
+from accord.trace.layers import multihead_attention
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
-from accord.trace.walk import admits, output, taint_unused, unknown
+from accord.trace.walk import admits, call_args, output, taint_unused, unknown
+
+
+class ExportError(TraceError):
+    """torch.export could not export the model (the tracer then tries torch.fx)."""
 
 
 def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
@@ -35,16 +46,29 @@ def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
         except Exception:  # a batch axis the model fixes: export it as it is
             return torch.export.export(model, args, kwargs)
     except Exception as exc:  # any failure of the user's model under the exporter
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TraceError(
-            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: "
-            f"{reason}. Make the code it names exportable (torch.export's guide lists the "
-            "rewrites: torch.cond for data-dependent branches, no Python side effects), or "
-            "write a spec file (accord.Spec.load) instead of tracing"
+        reason = _reason(exc)
+        raise ExportError(
+            f"torch.export could not export {type(model).__name__} on example_input: "
+            f"{type(exc).__name__}: {reason}. Pass an input the model accepts; make the code "
+            "it names exportable (torch.export's guide lists the rewrites: torch.cond for "
+            "data-dependent branches, no Python side effects); keep the submodule it names "
+            "opaque (leaf_modules=['name', ...]: torch.fx then traces around it and fixes "
+            "its spaces); or write a spec file (accord.Spec.load) instead of tracing"
         ) from exc
     finally:
         for module, flag in training:
             module.training = flag
+
+
+def _reason(exc: Exception) -> str:
+    """The exporter's first line, and the user's line of code it names (if it does)."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else ""
+    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
+    if found:
+        path, line, function, code = found[-1]
+        reason += f" (raised by {code.strip()!r} in {function}, {path}:{line})"
+    return reason
 
 
 def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -66,9 +90,103 @@ def _dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return tuple(batch(value) for value in args)
 
 
+# Operators that only describe shapes: named apart, so that a dynamic or a static export of
+# the same model gives every other node the same name.
+_SHAPE_OPS = ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor")
+
+
+def name_nodes(graph: fx.Graph, model: nn.Module) -> None:
+    """Rename ``graph``'s operator nodes after the modules that run them, as torch.fx names
+    its module calls: the one operator of a module without submodules is named by the
+    module's path (``layers_2``, ``attn_q``, ``fc_1`` for the second call of ``fc``), other
+    operators of a module by its path and the operator (``attn_view``, ``attn_view_1``,
+    ``layer1_0_add``), operators of the model's own forward by the operator (``add``,
+    ``add_1``).
+
+    The names depend only on the operators and their module stack, so the tracer, the
+    statistics pass and the BatchNorm lookup, each exporting anew (as an ExportedProgram or
+    as its unlifted module), name every node the same way."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    groups: dict[str, list[fx.Node]] = {}
+    for node in calls:
+        groups.setdefault(_scope(node), []).append(node)
+    parents = {path for path, module in model.named_modules() if next(module.children(), None)}
+    names: dict[fx.Node, str] = {}
+    taken = _reserved(model) | {n.name for n in graph.nodes if n.op != "call_function"}
+    for scope, nodes in groups.items():
+        path, _, index = scope.partition("@")
+        prefix = path.replace(".", "_") + (f"_{index}" if index else "")
+        substantive = [n for n in nodes if not _shape_only(n)]
+        counts: Counter[str] = Counter()
+        for node in nodes:
+            if len(substantive) == 1 and node is substantive[0] and path and path not in parents:
+                candidate = prefix
+            else:
+                op = _op_name(node.target)
+                candidate = f"{prefix}_{op}" if prefix else op
+                counts[candidate] += 1
+                if counts[candidate] > 1:
+                    candidate = f"{candidate}_{counts[candidate] - 1}"
+            names[node] = _unique(_identifier(candidate), taken)
+    # torch.fx's namespace never forgets a name, so renaming through it would number the new
+    # names after the old ones: the names are set, and the namespace rebuilt from them
+    namespace = type(graph._graph_namespace)()
+    for node in graph.nodes:
+        node.name = names.get(node, node.name)
+        namespace._used_names.add(node.name)
+        namespace._obj_to_name[node] = node.name
+    graph._graph_namespace = namespace
+
+
+def _scope(node: fx.Node) -> str:
+    """The innermost module call running ``node``: its path, with ``@k`` for the k-th call
+    of a module called again; "" for the model's own forward."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    key, (path, _) = list(stack.items())[-1]
+    _, at, index = key.rpartition("@")
+    return f"{path}@{index}" if at and index.isdigit() and path else path
+
+
+def _shape_only(node: fx.Node) -> bool:
+    return node.target is operator.getitem or _op_name(node.target).startswith(_SHAPE_OPS)
+
+
+def _op_name(target: Any) -> str:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet if packet is not None else target, "__name__", "op").strip("_")
+
+
+def _identifier(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    name = f"_{name}" if not name or name[0].isdigit() else name
+    return f"{name}_" if keyword.iskeyword(name) or name in dir(builtins) else name
+
+
+def _reserved(model: nn.Module) -> set[str]:
+    """Names other nodes may have in either form of the graph (parameters and buffers as
+    placeholders or attributes, the inputs, the output)."""
+    taken = {"output", "_guards_fn"}
+    for key in model.state_dict(keep_vars=True):
+        flat = _identifier(key.replace(".", "_"))
+        taken |= {flat, f"p_{flat}", f"b_{flat}", f"c_{flat}", f"_{flat}"}
+    return taken
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    unique, count = name, 0
+    while unique in taken:
+        count += 1
+        unique = f"{name}_op{count}"
+    taken.add(unique)
+    return unique
+
+
 def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> ExportedProgram:
     """Walk the exported graph of ``model``, filling ``walk`` (values, events, spaces)."""
     program = export_program(model, example_input)
+    name_nodes(program.graph, model)
     signature = program.graph_signature
     tensors = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     walk.aliases = _aliases(model)
@@ -81,8 +199,89 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
     for index, node in enumerate(program.graph.nodes):
         walk.order[node.name] = index
         walk.metas[node.name] = _meta(node.meta.get("val"))
-        walk.values[node.name] = _visit(walk, node, tensors)
+    units = _units(program.graph, walk.modules)
+    for node in program.graph.nodes:
+        if node.name not in walk.values:
+            unit = units.get(node)
+            walk.values[node.name] = _visit(walk, node, tensors) if unit is None else None
+            if unit is not None:
+                walk.values.update(_unit(walk, unit, tensors))
     return program
+
+
+# Modules walked as one call with the torch.fx module rule: torch.export writes
+# nn.MultiheadAttention out with its batch and heads on one axis (and, with need_weights, the
+# weights averaged over heads), which the per-operator rules cannot follow; the module's
+# spaces are known exactly.
+UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+@dataclass
+class _Unit:
+    """One call of a module in ``UNIT_TYPES``: its path, module and operator nodes."""
+
+    path: str
+    module: nn.Module
+    nodes: list[fx.Node]
+
+
+def _units(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, _Unit]:
+    """Per first operator of each call of a unit module, that call."""
+    calls: dict[str, _Unit] = {}
+    for node in graph.nodes:
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            module = modules.get(path)
+            if node.op == "call_function" and isinstance(module, UNIT_TYPES):
+                calls.setdefault(key, _Unit(path, module, [])).nodes.append(node)
+                break
+    return {unit.nodes[0]: unit for unit in calls.values()}
+
+
+def _unit(walk: Walk, unit: _Unit, tensors: dict[str, str]) -> dict[str, Any]:
+    """The values of a unit's nodes: its attention output from the module rule, nothing
+    featured inside. Query, key and value are the featured tensors entering the call, in the
+    order the module first uses them (query, then key, then value where they differ)."""
+    inside = set(unit.nodes)
+    entering: list[fx.Node] = []
+    for node in unit.nodes:
+        for arg in node.all_input_nodes:
+            value = walk.values.get(arg.name)
+            fresh = arg not in inside and arg.name not in tensors and arg not in entering
+            if fresh and isinstance(value, Feat) and value.featured and value.param is None:
+                entering.append(arg)
+    leaving = [n for n in unit.nodes if any(user not in inside for user in n.users)]
+    values: dict[str, Any] = {n.name: plain(walk.metas[n.name]) for n in unit.nodes}
+    if not 1 <= len(entering) <= 3:
+        return _unknown_unit(walk, unit, entering, values, "its inputs cannot be told apart")
+    query, key, value = (entering + entering[-1:] * 2)[:3]
+    size = unit.module.embed_dim
+    shape = (*walk.metas[query.name].shape[:-1], size)
+    outputs = [n for n in leaving if getattr(walk.metas[n.name], "shape", None) == shape]
+    if len(outputs) != 1:
+        return _unknown_unit(walk, unit, entering, values, "its output cannot be found")
+    out = outputs[0]
+    stand_in = SimpleNamespace(
+        name=out.name, op="call_module", target=unit.path, args=(query, key, value),
+        kwargs={}, users=out.users, graph=out.graph,
+    )  # fmt: skip
+    meta = (walk.metas[out.name], None)
+    call = Call(walk, stand_in, meta, f"{type(unit.module).__name__} {unit.path!r}", unit.module)
+    result = multihead_attention(call)  # type: ignore[arg-type]
+    if result is None:
+        return _unknown_unit(walk, unit, entering, values, "the rule does not apply")
+    values[out.name] = result.items[0]
+    return values
+
+
+def _unknown_unit(
+    walk: Walk, unit: _Unit, entering: list[fx.Node], values: dict[str, Any], why: str
+) -> dict[str, Any]:
+    reason = f"consumed by {type(unit.module).__name__} {unit.path!r}, where {why}"
+    walk.table.fix_value([walk.values[n.name] for n in entering], reason)
+    for key in walk.keys:
+        if key.startswith(f"{unit.path}."):
+            walk.taint(key, f"{key} is used inside {unit.path!r}, where {why}")
+    return values
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -125,6 +324,9 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
         return output(walk, node)
     if node.op != "call_function":
         return plain(meta)
+    leaf = _leaf(walk, node)
+    if leaf is not None:
+        return _opaque(Call(walk, node, meta, f"leaf module {leaf!r}"), leaf)
     call = Call(walk, node, meta, _describe(node.target))
     rule = rule_for(node.target)
     if rule is not None and not admits(rule, ATEN_HEAD_RULES, call):
@@ -136,9 +338,28 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
     return result
 
 
+def _leaf(walk: Walk, node: fx.Node) -> str | None:
+    """The outermost leaf module (``leaf_modules``) whose call runs ``node``, if any."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path in walk.leaves:
+            return path
+    return None
+
+
+def _opaque(call: Call, leaf: str) -> Any:
+    """An operator inside a leaf module: one opaque unit with it, so every space entering or
+    leaving the leaf is fixed and none of the leaf's parameters can move."""
+    for key in call.walk.keys:
+        if key.startswith(f"{leaf}."):
+            call.walk.taint(key, f"{key} is used inside {call.desc}")
+    call.table.fix_value(call_args(call), f"consumed by {call.desc}, which is kept opaque")
+    return call.plain()
+
+
 def _describe(target: Any) -> str:
     name = getattr(target, "__name__", repr(target))
-    return f"aten.{name}" if hasattr(target, "overloadpacket") else name
+    packet = getattr(target, "overloadpacket", None)
+    return f"aten.{packet.__name__}" if packet is not None else name
 
 
 def _placeholder(walk: Walk, node: fx.Node, meta: Any, tensors: dict[str, str]) -> Any:
@@ -165,18 +386,37 @@ def _channels_first(node: fx.Node) -> bool:
     return any(getattr(user.target, "__name__", "").startswith(names) for user in node.users)
 
 
-def exported_walk(model: nn.Module) -> Walk:
-    """An empty walk over ``model``'s state dict, for :func:`trace_exported`."""
+def exported_walk(model: nn.Module, leaves: set[str] = frozenset()) -> Walk:  # type: ignore[assignment]
+    """An empty walk over ``model``'s state dict, for :func:`trace_exported`, with the
+    qualified names of the modules kept opaque (``leaves``)."""
+    modules = dict(model.named_modules())
+    unknown_leaves = sorted(set(leaves) - set(modules))
+    if unknown_leaves:
+        raise ConfigError(
+            f"leaf_modules {unknown_leaves} are not submodules of {type(model).__name__}"
+            f"{did_you_mean(unknown_leaves[0], list(modules))}; pass qualified names as "
+            "model.named_modules() lists them"
+        )
     state = model.state_dict()
     walk = Walk({}, set(state), Counter())
     walk.shapes = {key: tuple(value.shape) for key, value in state.items()}
+    walk.leaves = set(leaves)
+    walk.modules = modules
     return walk
+
+
+def exported_module(model: nn.Module, example_input: Any) -> fx.GraphModule:
+    """The exported, unlifted module of ``model`` (a GraphModule with the model's parameters
+    and buffers), its nodes named by :func:`name_nodes` as in the traced spec."""
+    module = export_program(model, example_input).module()
+    name_nodes(module.graph, model)
+    return module
 
 
 def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module) -> nn.Module:
     """The exported module of ``model``, calling ``observer(tensor, node, axis, offset)`` after
     every node ``observer.uses`` names (before any later in-place operator changes it)."""
-    module = export_program(model, example_input).module()
+    module = exported_module(model, example_input)
     by_name = {node.name: node for node in module.graph.nodes}
     missing = sorted({point.node for point in observer.uses} - set(by_name))
     if missing:
@@ -197,6 +437,7 @@ def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module)
 def batchnorm_nodes(model: nn.Module, example_input: Any, norm: str) -> list[str]:
     """The exported graph's nodes that apply the BatchNorm module ``norm``."""
     program = export_program(model, example_input)
+    name_nodes(program.graph, model)
     inputs = program.graph_signature.inputs_to_parameters
     found = []
     for node in program.graph.nodes:
