@@ -614,6 +614,17 @@ class Branchy(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
+class MLP3(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(n, m) for n, m in ((3, 4), (4, 5), (5, 6), (6, 2))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
+
+
 class WithBranchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -629,9 +640,15 @@ class WithBranchy(nn.Module):
 def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     model = WithBranchy()
     x = torch.randn(4, 3)
-    with pytest.raises(TraceError, match="leaf_modules"):
+    with pytest.raises(TraceError, match="leaf_modules") as info:
         trace(model, x)
+    # the exporter's reason names the user's line; torch.fx's reason follows
+    message = str(info.value)
+    assert "torch.export could not export WithBranchy" in message
+    assert "self.fc(x) if x.sum() > 0" in message and "torch.fx could not trace" in message
+    # torch.export cannot export the branch even opaque: torch.fx traces around the leaf
     spec = trace(model, x, leaf_modules=["gate"])
+    assert spec.graph == "fx"
     assert not spec["inp"].free and "Branchy 'gate'" in spec["inp"].reason
     assert spec.leaf_modules == ("gate",)
     assert Spec.from_dict(spec.to_dict()).leaf_modules == ("gate",)
@@ -639,6 +656,22 @@ def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     assert all(ref.tensor.split(".")[0] != "gate" for s in spec for ref in s.refs)
     assert spec["out"].free and spec["out"].readers == (AxisRef("hidden.weight", 1),)
     assert_preserved(model, x, spec)
+
+
+def test_leaf_modules_on_the_exported_graph(assert_preserved) -> None:
+    model, x = MLP3(), torch.randn(4, 3)
+    spec = trace(model, x, leaf_modules=["b"])
+    assert spec.graph == "export" and spec.leaf_modules == ("b",)
+    # what enters the leaf is fixed, its parameters move with no space, its output is fresh
+    assert (
+        not spec["a"].free
+        and spec["a"].reason == "consumed by leaf module 'b', which is kept opaque"
+    )
+    assert all(not ref.tensor.startswith("b.") for s in spec for ref in s.refs)
+    assert spec["c"].free
+    assert_preserved(model, x, spec)
+    with pytest.raises(ConfigError, match=r"leaf_modules \['bb'\].*did you mean 'b'"):
+        trace(model, x, leaf_modules=["bb"])
 
 
 def test_opaque_use_of_a_parameter_fixes_its_space() -> None:

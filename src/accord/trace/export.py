@@ -10,13 +10,8 @@ where the model allows it, so the same graph runs the statistics pass on any bat
 
 from __future__ import annotations
 
-import builtins
-import keyword
-import operator
 import re
 from collections import Counter
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,8 +20,9 @@ from torch.export import Dim, ExportedProgram
 
 from accord.errors import ConfigError, TraceError, did_you_mean
 from accord.trace.aten import ATEN_HEAD_RULES, rule_for
-from accord.trace.layers import multihead_attention
+from accord.trace.names import name_nodes
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
+from accord.trace.units import units, walk_unit
 from accord.trace.walk import admits, call_args, output, taint_unused, unknown
 
 
@@ -90,99 +86,6 @@ def _dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return tuple(batch(value) for value in args)
 
 
-# Operators that only describe shapes: named apart, so that a dynamic or a static export of
-# the same model gives every other node the same name.
-_SHAPE_OPS = ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor")
-
-
-def name_nodes(graph: fx.Graph, model: nn.Module) -> None:
-    """Rename ``graph``'s operator nodes after the modules that run them, as torch.fx names
-    its module calls: the one operator of a module without submodules is named by the
-    module's path (``layers_2``, ``attn_q``, ``fc_1`` for the second call of ``fc``), other
-    operators of a module by its path and the operator (``attn_view``, ``attn_view_1``,
-    ``layer1_0_add``), operators of the model's own forward by the operator (``add``,
-    ``add_1``).
-
-    The names depend only on the operators and their module stack, so the tracer, the
-    statistics pass and the BatchNorm lookup, each exporting anew (as an ExportedProgram or
-    as its unlifted module), name every node the same way."""
-    calls = [n for n in graph.nodes if n.op == "call_function"]
-    groups: dict[str, list[fx.Node]] = {}
-    for node in calls:
-        groups.setdefault(_scope(node), []).append(node)
-    parents = {path for path, module in model.named_modules() if next(module.children(), None)}
-    names: dict[fx.Node, str] = {}
-    taken = _reserved(model) | {n.name for n in graph.nodes if n.op != "call_function"}
-    for scope, nodes in groups.items():
-        path, _, index = scope.partition("@")
-        prefix = path.replace(".", "_") + (f"_{index}" if index else "")
-        substantive = [n for n in nodes if not _shape_only(n)]
-        counts: Counter[str] = Counter()
-        for node in nodes:
-            if len(substantive) == 1 and node is substantive[0] and path and path not in parents:
-                candidate = prefix
-            else:
-                op = _op_name(node.target)
-                candidate = f"{prefix}_{op}" if prefix else op
-                counts[candidate] += 1
-                if counts[candidate] > 1:
-                    candidate = f"{candidate}_{counts[candidate] - 1}"
-            names[node] = _unique(_identifier(candidate), taken)
-    # torch.fx's namespace never forgets a name, so renaming through it would number the new
-    # names after the old ones: the names are set, and the namespace rebuilt from them
-    namespace = type(graph._graph_namespace)()
-    for node in graph.nodes:
-        node.name = names.get(node, node.name)
-        namespace._used_names.add(node.name)
-        namespace._obj_to_name[node] = node.name
-    graph._graph_namespace = namespace
-
-
-def _scope(node: fx.Node) -> str:
-    """The innermost module call running ``node``: its path, with ``@k`` for the k-th call
-    of a module called again; "" for the model's own forward."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    key, (path, _) = list(stack.items())[-1]
-    _, at, index = key.rpartition("@")
-    return f"{path}@{index}" if at and index.isdigit() and path else path
-
-
-def _shape_only(node: fx.Node) -> bool:
-    return node.target is operator.getitem or _op_name(node.target).startswith(_SHAPE_OPS)
-
-
-def _op_name(target: Any) -> str:
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet if packet is not None else target, "__name__", "op").strip("_")
-
-
-def _identifier(name: str) -> str:
-    name = re.sub(r"\W", "_", name)
-    name = f"_{name}" if not name or name[0].isdigit() else name
-    return f"{name}_" if keyword.iskeyword(name) or name in dir(builtins) else name
-
-
-def _reserved(model: nn.Module) -> set[str]:
-    """Names other nodes may have in either form of the graph (parameters and buffers as
-    placeholders or attributes, the inputs, the output)."""
-    taken = {"output", "_guards_fn"}
-    for key in model.state_dict(keep_vars=True):
-        flat = _identifier(key.replace(".", "_"))
-        taken |= {flat, f"p_{flat}", f"b_{flat}", f"c_{flat}", f"_{flat}"}
-    return taken
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    unique, count = name, 0
-    while unique in taken:
-        count += 1
-        unique = f"{name}_op{count}"
-    taken.add(unique)
-    return unique
-
-
 def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> ExportedProgram:
     """Walk the exported graph of ``model``, filling ``walk`` (values, events, spaces)."""
     program = export_program(model, example_input)
@@ -199,89 +102,14 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
     for index, node in enumerate(program.graph.nodes):
         walk.order[node.name] = index
         walk.metas[node.name] = _meta(node.meta.get("val"))
-    units = _units(program.graph, walk.modules)
+    calls = units(program.graph, walk.modules)
     for node in program.graph.nodes:
         if node.name not in walk.values:
-            unit = units.get(node)
+            unit = calls.get(node)
             walk.values[node.name] = _visit(walk, node, tensors) if unit is None else None
             if unit is not None:
-                walk.values.update(_unit(walk, unit, tensors))
+                walk.values.update(walk_unit(walk, unit, tensors))
     return program
-
-
-# Modules walked as one call with the torch.fx module rule: torch.export writes
-# nn.MultiheadAttention out with its batch and heads on one axis (and, with need_weights, the
-# weights averaged over heads), which the per-operator rules cannot follow; the module's
-# spaces are known exactly.
-UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
-
-@dataclass
-class _Unit:
-    """One call of a module in ``UNIT_TYPES``: its path, module and operator nodes."""
-
-    path: str
-    module: nn.Module
-    nodes: list[fx.Node]
-
-
-def _units(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, _Unit]:
-    """Per first operator of each call of a unit module, that call."""
-    calls: dict[str, _Unit] = {}
-    for node in graph.nodes:
-        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
-            module = modules.get(path)
-            if node.op == "call_function" and isinstance(module, UNIT_TYPES):
-                calls.setdefault(key, _Unit(path, module, [])).nodes.append(node)
-                break
-    return {unit.nodes[0]: unit for unit in calls.values()}
-
-
-def _unit(walk: Walk, unit: _Unit, tensors: dict[str, str]) -> dict[str, Any]:
-    """The values of a unit's nodes: its attention output from the module rule, nothing
-    featured inside. Query, key and value are the featured tensors entering the call, in the
-    order the module first uses them (query, then key, then value where they differ)."""
-    inside = set(unit.nodes)
-    entering: list[fx.Node] = []
-    for node in unit.nodes:
-        for arg in node.all_input_nodes:
-            value = walk.values.get(arg.name)
-            fresh = arg not in inside and arg.name not in tensors and arg not in entering
-            if fresh and isinstance(value, Feat) and value.featured and value.param is None:
-                entering.append(arg)
-    leaving = [n for n in unit.nodes if any(user not in inside for user in n.users)]
-    values: dict[str, Any] = {n.name: plain(walk.metas[n.name]) for n in unit.nodes}
-    if not 1 <= len(entering) <= 3:
-        return _unknown_unit(walk, unit, entering, values, "its inputs cannot be told apart")
-    query, key, value = (entering + entering[-1:] * 2)[:3]
-    size = unit.module.embed_dim
-    shape = (*walk.metas[query.name].shape[:-1], size)
-    outputs = [n for n in leaving if getattr(walk.metas[n.name], "shape", None) == shape]
-    if len(outputs) != 1:
-        return _unknown_unit(walk, unit, entering, values, "its output cannot be found")
-    out = outputs[0]
-    stand_in = SimpleNamespace(
-        name=out.name, op="call_module", target=unit.path, args=(query, key, value),
-        kwargs={}, users=out.users, graph=out.graph,
-    )  # fmt: skip
-    meta = (walk.metas[out.name], None)
-    call = Call(walk, stand_in, meta, f"{type(unit.module).__name__} {unit.path!r}", unit.module)
-    result = multihead_attention(call)  # type: ignore[arg-type]
-    if result is None:
-        return _unknown_unit(walk, unit, entering, values, "the rule does not apply")
-    values[out.name] = result.items[0]
-    return values
-
-
-def _unknown_unit(
-    walk: Walk, unit: _Unit, entering: list[fx.Node], values: dict[str, Any], why: str
-) -> dict[str, Any]:
-    reason = f"consumed by {type(unit.module).__name__} {unit.path!r}, where {why}"
-    walk.table.fix_value([walk.values[n.name] for n in entering], reason)
-    for key in walk.keys:
-        if key.startswith(f"{unit.path}."):
-            walk.taint(key, f"{key} is used inside {unit.path!r}, where {why}")
-    return values
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
