@@ -104,11 +104,13 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
         walk.metas[node.name] = _meta(node.meta.get("val"))
     calls = units(program.graph, walk.modules)
     for node in program.graph.nodes:
-        if node.name not in walk.values:
-            unit = calls.get(node)
-            walk.values[node.name] = _visit(walk, node, tensors) if unit is None else None
-            if unit is not None:
-                walk.values.update(walk_unit(walk, unit, tensors))
+        if node.name in walk.values:
+            continue  # inside a module walked as one call
+        unit = calls.get(node) if _leaf(walk, node) is None else None
+        if unit is None:
+            walk.values[node.name] = _visit(walk, node, tensors)
+        else:
+            walk.values.update(walk_unit(walk, unit, tensors))
     return program
 
 
