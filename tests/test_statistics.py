@@ -19,7 +19,8 @@ from accord.errors import StatisticsError
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.trace import trace
-from accord.trace.fx import observed_graph, symbolic_graph
+from accord.trace.export import batchnorm_nodes
+from accord.trace.observe import observed_model
 from accord.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -217,10 +218,11 @@ def test_pooled_observation_points() -> None:
 def _graph_outputs(
     models: Sequence[nn.Module], batches: Sequence[tuple], nodes: Sequence[str]
 ) -> list[list[dict[str, torch.Tensor]]]:
-    """Per model, per batch: the outputs of ``nodes``, from accord.trace.fx.observed_graph."""
+    """Per model, per batch: the outputs of ``nodes`` of the exported graph, from
+    accord.trace.observe.observed_model."""
     outputs = []
     for model in models:
-        graph = observed_graph(model, nodes).eval()
+        graph = observed_model(model, nodes, batches[0][0]).eval()
         with torch.no_grad():
             outputs.append([graph(inputs)[1] for inputs, _ in batches])
     return outputs
@@ -247,14 +249,20 @@ def test_traced_zoo_models_match_observed_graph(name: str) -> None:
         models.append(build_model(name, image_size=8, **extra))
     data = _batches((3, 8, 8), [6, 4])
     stats = collect_statistics(models, data, pairs="all", progress=False, **EXACT)
-    spaces = {s.name: s for s in trace(models[0], data[0][0]).free_spaces if s.observe}
+    spec = trace(models[0], data[0][0])
+    assert spec.graph == "export"
+    spaces = {s.name: s for s in spec.free_spaces if s.observe}
     assert set(stats.spaces) == set(spaces) and any(len(s.observe) > 1 for s in spaces.values())
-    graph = symbolic_graph(models[0]).graph
-    nodes = {n.target: n.name for n in graph.nodes if n.op == "call_module"}
     norms = {bn.norm for s in spaces.values() for bn in s.batchnorms}
     assert set(stats.norms) == norms and (name == "vit" or norms)
     groups = [(stats.spaces[k], spaces[k].observe) for k in spaces]
-    groups += [(stats.norms[k], (Observation(nodes[k], 1),)) for k in norms]
+    groups += [
+        (
+            stats.norms[k],
+            tuple(Observation(n, 1) for n in batchnorm_nodes(models[0], data[0][0], k)),
+        )
+        for k in norms
+    ]
     outputs = _graph_outputs(models, data, [p.node for _, points in groups for p in points])
     for got, points in groups:
         xs = [_rows(model_outputs, points) for model_outputs in outputs]

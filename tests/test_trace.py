@@ -19,6 +19,7 @@ from accord.check import check_spec
 from accord.errors import ConfigError, SpecError, TraceError
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
+from accord.trace.tracer import trace_fx
 from accord.zoo import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -160,7 +161,9 @@ def test_pre_activation_observes_the_inputs_of_activations() -> None:
     assert pre["features.0"].observe == (Observation("features_1", 1),)
     resnet = build_model("resnet20", image_size=8)
     stream = trace(resnet, x, observe="pre")["stream:conv1"]
-    assert [o.node for o in stream.observe] == ["bn1", "add", "add_1", "add_2"]
+    # the residual sums, named after the blocks whose forward adds them
+    adds = ["layer1_0_add", "layer1_1_add", "layer1_2_add"]
+    assert [o.node for o in stream.observe] == ["bn1", *adds]
 
 
 # Hand-written architectures ------------------------------------------------------------------
@@ -327,12 +330,46 @@ def test_mobilenet_depthwise_ties_channels(assert_preserved) -> None:
         and AxisRef("dw.1.bias", 0) in stem.elementwise
     )
     assert AxisRef("pw.0.weight", 1) in stem.readers
-    # Depth multiplier 2: each of pw's channels owns two dw2 channels, read as fixed.
+    # Depth multiplier 2: each of pw's channels owns two dw2 channels; the grouped conv
+    # reads its two groups of three with the same columns: one permutation for both groups
     pw = spec["pw.0"]
+    assert pw.free and pw.size == 3 and pw.maps == "permutation"
     assert AxisRef("dw2.weight", 0, 2) in pw.elementwise
-    assert not pw.free and "grouped convolution 'grouped'" in pw.reason
+    assert AxisRef("dw2.weight", 0, 2, 6) in pw.elementwise
+    assert AxisRef("pw.0.weight", 0, 1, 3) in pw.writers
+    assert pw.readers == (AxisRef("grouped.weight", 1, 2),)
     grouped = spec["grouped"]
     assert grouped.free and grouped.groups == 2 and grouped.maps == "linear"
+    assert_preserved(model, x, spec)
+
+
+class ResNeXtBlock(nn.Module):
+    """conv → BN → ReLU → grouped conv (4 groups) → BN → ReLU → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduce, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.grouped, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.reduce(x)))
+        return self.head(torch.relu(self.bn2(self.grouped(h))).mean((2, 3)))
+
+
+def test_grouped_convolution_shares_one_map_across_its_input_groups(assert_preserved) -> None:
+    model = _random_norms(ResNeXtBlock())
+    x = torch.randn(2, 3, 8, 8)
+    spec = trace(model, x)
+    # the 8 input channels are 4 groups of 2, read by the same 2 columns of every group
+    reduce = spec["reduce"]
+    assert reduce.free and reduce.size == 2 and reduce.maps == "dense"
+    assert {r.offset for r in reduce.writers if r.tensor == "reduce.weight"} == {0, 2, 4, 6}
+    assert reduce.readers == (AxisRef("grouped.weight", 1),)
+    assert reduce.batchnorms == (FoldedNorm("bn", "reduce"),)
+    assert len(reduce.observe) == 4  # each group's channels are samples of the same features
+    # the output moves within its groups
+    assert spec["grouped"].free and spec["grouped"].groups == 4
     assert_preserved(model, x, spec)
 
 
@@ -407,7 +444,7 @@ def test_attention_written_out_in_the_graph(assert_preserved) -> None:
     assert qk.readers == (AxisRef("attn.k.weight", 0), AxisRef("attn.k.bias", 0))
     # The query projection's output and the heads joined again are observed.
     assert qk.observe == (Observation("attn_q", 2),)
-    assert v.observe == (Observation("reshape_3", 2),)
+    assert v.observe == (Observation("attn_reshape_3", 2),)
     assert not spec.notes
     assert_preserved(model, x, spec)
 
@@ -421,16 +458,23 @@ def test_keys_used_elsewhere_fix_the_attention() -> None:
             out = F.scaled_dot_product_attention(q, kh, v).transpose(1, 2).reshape(x.shape)
             return self.proj(out) + k
 
-    spec = trace(Encoder(Leaky(8, 2)), torch.randn(2, 4, 5))
-    assert not spec["attn.q"].free and not spec["attn.v"].free
+    model, x = Encoder(Leaky(8, 2)), torch.randn(2, 4, 5)
+    spec = trace(model, x)
+    assert not spec["attn.q"].free
     assert "scaled_dot_product_attention" in spec["attn.q"].reason
+    # the values do not depend on how q and k are used
+    assert spec["attn.v"].free
+    check_spec(spec, model, x)
 
 
 class Transformer(nn.Module):
     """Pre-norm blocks around nn.MultiheadAttention (packed or separate key/value dims)."""
 
-    def __init__(self, dim: int = 8, heads: int = 2, memory: int | None = None) -> None:
+    def __init__(
+        self, dim: int = 8, heads: int = 2, memory: int | None = None, weights: bool = False
+    ) -> None:
         super().__init__()
+        self.weights = weights
         self.embed = nn.Linear(5, dim)
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(
@@ -443,13 +487,16 @@ class Transformer(nn.Module):
         h = self.embed(x)
         q = self.norm(h)
         kv = self.memory(x) if self.memory is not None else q
-        h = h + self.attn(q, kv, kv, need_weights=False)[0]
-        return self.head(h.mean(1))
+        out, weights = self.attn(q, kv, kv, need_weights=self.weights)
+        logits = self.head((h + out).mean(1))
+        # the weights averaged over heads hold no features: they change nothing
+        return logits if weights is None else logits + weights.mean((1, 2))[:, None]
 
 
+@pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("memory", [None, 6])
-def test_multihead_attention(assert_preserved, memory: int | None) -> None:
-    model = Transformer(memory=memory)
+def test_multihead_attention(assert_preserved, memory: int | None, weights: bool) -> None:
+    model = Transformer(memory=memory, weights=weights)
     x = torch.randn(2, 4, 5)
     spec = trace(model, x)
     qk, v = spec["attn.qk"], spec["attn.v"]
@@ -551,7 +598,7 @@ def test_unknown_operation_fixes_its_spaces(assert_preserved) -> None:
     x = torch.randn(4, 4)
     spec = trace(model, x)
     assert not spec["fc1"].free
-    assert spec["fc1"].reason == "consumed by torch.sort, which accord cannot prove safe"
+    assert spec["fc1"].reason == "consumed by aten.sort, which accord cannot prove safe"
     assert spec["fc2"].free
     assert_preserved(model, x, spec)
 
@@ -565,6 +612,17 @@ class Branchy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class MLP3(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(n, m) for n, m in ((3, 4), (4, 5), (5, 6), (6, 2))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
 
 
 class WithBranchy(nn.Module):
@@ -582,9 +640,15 @@ class WithBranchy(nn.Module):
 def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     model = WithBranchy()
     x = torch.randn(4, 3)
-    with pytest.raises(TraceError, match="leaf_modules"):
+    with pytest.raises(TraceError, match="leaf_modules") as info:
         trace(model, x)
+    # the exporter's reason names the user's line; torch.fx's reason follows
+    message = str(info.value)
+    assert "torch.export could not export WithBranchy" in message
+    assert "self.fc(x) if x.sum() > 0" in message and "torch.fx could not trace" in message
+    # torch.export cannot export the branch even opaque: torch.fx traces around the leaf
     spec = trace(model, x, leaf_modules=["gate"])
+    assert spec.graph == "fx"
     assert not spec["inp"].free and "Branchy 'gate'" in spec["inp"].reason
     assert spec.leaf_modules == ("gate",)
     assert Spec.from_dict(spec.to_dict()).leaf_modules == ("gate",)
@@ -592,6 +656,22 @@ def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     assert all(ref.tensor.split(".")[0] != "gate" for s in spec for ref in s.refs)
     assert spec["out"].free and spec["out"].readers == (AxisRef("hidden.weight", 1),)
     assert_preserved(model, x, spec)
+
+
+def test_leaf_modules_on_the_exported_graph(assert_preserved) -> None:
+    model, x = MLP3(), torch.randn(4, 3)
+    spec = trace(model, x, leaf_modules=["b"])
+    assert spec.graph == "export" and spec.leaf_modules == ("b",)
+    # what enters the leaf is fixed, its parameters move with no space, its output is fresh
+    assert (
+        not spec["a"].free
+        and spec["a"].reason == "consumed by leaf module 'b', which is kept opaque"
+    )
+    assert all(not ref.tensor.startswith("b.") for s in spec for ref in s.refs)
+    assert spec["c"].free
+    assert_preserved(model, x, spec)
+    with pytest.raises(ConfigError, match=r"leaf_modules \['bb'\].*did you mean 'b'"):
+        trace(model, x, leaf_modules=["bb"])
 
 
 def test_opaque_use_of_a_parameter_fixes_its_space() -> None:
@@ -677,7 +757,11 @@ def test_sequence_model_with_dict_input_and_outputs() -> None:
     stream = spec["stream:conv"]
     assert AxisRef("embed.weight", 1) in stream.writers
     assert stream.batchnorms == (FoldedNorm("bn", "conv"),)
-    assert spec["glu"].reason == "consumed by Tensor.chunk, which accord cannot prove safe"
+    # a · sigmoid(b) gates feature i of one half with feature i of the other: one space for
+    # both halves (fixed here, being an output)
+    gated = spec["output:glu"]
+    assert gated.size == 3 and not gated.free and gated.maps == "permutation"
+    assert AxisRef("glu.weight", 0, 1, 3) in gated.writers
     check_spec(spec, model, x)
 
 
@@ -740,6 +824,51 @@ def test_save_load_round_trip_and_validation(tmp_path) -> None:
     model.layers[3] = nn.Linear(8, 8, bias=False)
     with pytest.raises(SpecError, match=re.escape("layers.3.bias")):
         Spec.load(path, model)
+
+
+def _structure(spec: Spec) -> list[tuple]:
+    """Everything about the spaces except the names of the graph nodes observed."""
+    return [
+        (s.name, s.size, s.refs, s.batchnorms, s.maps, s.groups, s.free, s.reason, len(s.observe))
+        for s in spec
+    ]
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11", "vit"])
+def test_export_finds_the_spaces_torch_fx_found(name: str) -> None:
+    extra = {"patch_size": 4} if name == "vit" else {}
+    model = build_model(name, image_size=8, **extra)
+    x = torch.randn(2, 3, 8, 8)
+    exported, fx = trace(model, x), trace_fx(model, x, "post", set())
+    assert (exported.graph, fx.graph) == ("export", "fx")
+    assert _structure(exported) == _structure(fx)
+
+
+def test_spec_files_of_the_torch_fx_graph_still_load_and_merge(tmp_path) -> None:
+    from accord.merge import merge
+    from accord.statistics import collect_statistics
+
+    models = [build_model("resnet20", image_size=8, width=1) for _ in range(2)]
+    data = [(torch.randn(6, 3, 8, 8),) for _ in range(2)]
+    x = data[0][0]
+    # a file written before torch.export traced every model: fx node names, no "graph" key
+    old = trace_fx(models[0], x, "pre", set()).to_dict()
+    del old["graph"]
+    path = tmp_path / "spec.json"
+    path.write_text(__import__("json").dumps(old), encoding="utf-8")
+    loaded, exported = Spec.load(path, models[0]), trace(models[0], x, observe="pre")
+    # the residual sums: torch.fx names them by function, torch.export by block
+    assert loaded.graph == "fx" and "add" in {o.node for s in loaded for o in s.observe}
+    assert "layer1_0_add" in {o.node for s in exported for o in s.observe}
+    stats = [collect_statistics(models, data, spec, progress=False) for spec in (loaded, exported)]
+    for space, got in stats[0].spaces.items():
+        torch.testing.assert_close(got.covariance(1, 0), stats[1].spaces[space].covariance(1, 0))
+    merged = [
+        merge(models, data, method="permutation", spec=spec, progress=False).model.state_dict()
+        for spec in (loaded, exported)
+    ]
+    for key, value in merged[0].items():
+        torch.testing.assert_close(value, merged[1][key])
 
 
 def test_bad_observe_option_and_bad_input() -> None:

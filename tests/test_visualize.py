@@ -82,7 +82,7 @@ def test_top_examples_are_those_of_the_unit_activations(digits) -> None:
     model = _mlp(1)
     spec = accord.trace(model, digits.train.images[:2])
     space = spec.free_spaces[0]
-    probe = _probe(space, torch.eye(space.size, dtype=torch.float64))
+    probe = _probe(spec, space, torch.eye(space.size, dtype=torch.float64))
     examples = digits.val.subset(torch.arange(50))
     acts = unit_activations(model, probe, examples)
     with torch.no_grad():  # the first hidden layer by hand: ReLU(W x + b)
@@ -97,7 +97,7 @@ def test_activation_maximisation_raises_the_unit_above_the_data(digits) -> None:
     model = _mlp(2)
     spec = accord.trace(model, digits.train.images[:2])
     space = spec.free_spaces[0]
-    probe = _probe(space, torch.eye(space.size, dtype=torch.float64))
+    probe = _probe(spec, space, torch.eye(space.size, dtype=torch.float64))
     acts = unit_activations(model, probe, digits.val)
     unit = int(live_units(acts).nonzero()[0])
     prior = ImagePrior.of(digits.val)

@@ -24,9 +24,9 @@ A :class:`FeatureSpace` of ``size`` C lists
 
 ``groups`` > 1 restricts maps to block-diagonal ones with ``groups`` equal blocks (attention
 heads). Statistics of a space are recorded at its ``observe`` points: node names of the traced
-graph (``Spec.graph``: torch.fx, or torch.export for models torch.fx cannot trace) with the
-feature axis, and where the space is one part of that axis the offset of its first feature;
-every position along the other axes is one sample.
+graph (``Spec.graph``: torch.export's, or torch.fx's for old spec files and models
+torch.export cannot export) with the feature axis, and where the space is one part of that
+axis the offset of its first feature; every position along the other axes is one sample.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from accord.apply import Transform, apply_transforms
 from accord.data import Dataset, make_loader
 from accord.spec import FeatureSpace, Spec
 from accord.trace import trace
-from accord.trace.fx import observed_graph
+from accord.trace.observe import ObservedModel, observed_model
 
 
 def _mix(features: Tensor, matrix: Tensor, axis: int) -> Tensor:
@@ -29,7 +29,9 @@ def _mix(features: Tensor, matrix: Tensor, axis: int) -> Tensor:
     return (features.movedim(axis, -1) @ matrix.T).movedim(-1, axis)
 
 
-def _attack_graph(model: nn.Module, spec: Spec, space: FeatureSpace, matrix: Tensor) -> nn.Module:
+def _attack_graph(
+    model: nn.Module, spec: Spec, space: FeatureSpace, matrix: Tensor, example: Tensor
+) -> ObservedModel:
     """``model`` (float64) with ``A·h`` in place of the space's observed ``h`` and ``A⁻¹`` folded
     into the space's readers: the same function, the layer in other linear coordinates."""
     readers_only = replace(space, writers=(), elementwise=(), batchnorms=(), maps="linear")
@@ -41,7 +43,8 @@ def _attack_graph(model: nn.Module, spec: Spec, space: FeatureSpace, matrix: Ten
     copy_ = copy.deepcopy(model)
     copy_.load_state_dict(state)
     point = space.observe[0]
-    gm = observed_graph(copy_, [point.node], spec.leaf_modules)
+    observed = _observed(copy_, spec, point.node, example)
+    gm = observed.module
     gm.register_buffer("cka_attack_map", matrix)
     node = next(n for n in gm.graph.nodes if n.name == point.node)
     with gm.graph.inserting_after(node):
@@ -51,7 +54,14 @@ def _attack_graph(model: nn.Module, spec: Spec, space: FeatureSpace, matrix: Ten
     node.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return observed
+
+
+def _observed(model: nn.Module, spec: Spec, node: str, example: Tensor) -> ObservedModel:
+    """``model`` returning ``(logits, {node: features})``, on the graph of ``spec``."""
+    return observed_model(
+        model, [node], example, graph=spec.graph, leaf_modules=spec.leaf_modules
+    ).eval()
 
 
 def _run(graph: nn.Module, inputs: Tensor, node: str, axis: int) -> tuple[Tensor, Tensor]:
@@ -118,7 +128,8 @@ def cka_attack(
     maps, CKA is not (Davari et al., 2023). The map's strength, ``log10`` of its condition number
     in ``[0, log10(max_condition)]``, is found by bisection. Runs on the CPU in float64 on the
     first ``samples`` examples of ``data``. Returns the report and the re-coordinated model (a
-    GraphModule returning ``(logits, {observation node: features})``).
+    :class:`accord.trace.observe.ObservedModel` returning ``(logits, {observation node:
+    features})``).
     """
     if samples is not None and samples < len(data):
         data = data.subset(torch.arange(samples))
@@ -137,7 +148,7 @@ def cka_attack(
         )
     point = chosen.observe[0]
     logits, features = _run(
-        observed_graph(reference, [point.node], spec.leaf_modules), inputs, point.node, point.axis
+        _observed(reference, spec, point.node, inputs[:2]), inputs, point.node, point.axis
     )
     attack_map = _attack_map(features)
     strengths = torch.linspace(0.0, math.log10(max_condition), 81, dtype=torch.float64).tolist()
@@ -158,7 +169,7 @@ def cka_attack(
             high = middle
     strength = (low + high) / 2
     matrix = attack_map(strength)
-    attacked = _attack_graph(reference, spec, chosen, matrix)
+    attacked = _attack_graph(reference, spec, chosen, matrix, inputs[:2])
     new_logits, new_features = _run(attacked, inputs, point.node, point.axis)
     change = float((new_logits - logits).norm() / logits.norm().clamp_min(1e-300))
     if change > rtol:

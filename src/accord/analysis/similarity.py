@@ -39,7 +39,7 @@ from accord.data import Dataset, load_dataset, make_loader
 from accord.match.cca import spd_roots
 from accord.store import checkpoint_dataset, load_checkpoint
 from accord.trace import trace
-from accord.trace.fx import observed_graph
+from accord.trace.observe import observed_model
 
 CAVEATS = (
     "Linear CKA is invariant to orthogonal maps and isotropic scaling only, not to general "
@@ -147,13 +147,14 @@ def layer_features(
     """
     batches = iter(data)
     first = next(batches)
-    axes = {
-        point.node: point.axis
-        for space in trace(model, first[0][:2]).spaces
-        for point in space.observe
-    }
-    graph = observed_graph(model, axes).to(device).eval()
-    order = [n.name for n in graph.graph.nodes if n.name in axes]
+    example = first[0][:2]
+    spec = trace(model, example)
+    axes = {point.node: point.axis for space in spec.spaces for point in space.observe}
+    graph = observed_model(
+        model, axes, example, graph=spec.graph, leaf_modules=spec.leaf_modules
+    ).to(device)
+    graph.eval()
+    order = [n.name for n in graph.module.graph.nodes if n.name in axes]
     rows: dict[str, list[Tensor]] = {name: [] for name in [*order, LOGITS]}
     for inputs, *_ in tqdm([first, *batches], desc="features", leave=False, disable=not progress):
         logits, observed = graph(inputs.to(device))

@@ -47,7 +47,7 @@ from accord.errors import ConfigError
 from accord.merge import merge
 from accord.spec import FeatureSpace, Spec
 from accord.store import checkpoint_dataset, load_checkpoint
-from accord.trace.fx import observed_graph
+from accord.trace.observe import ObservedModel, observed_model
 
 ROLES = ("A", "B", "merged")
 RESTARTS = 16  # random starting images tried until the unit responds to one
@@ -61,13 +61,29 @@ class UnitProbe:
     node: str
     axis: int
     matrix: Tensor  # C × C, float64
+    # the graph the node belongs to (Spec.graph, Spec.leaf_modules)
+    graph: str = "export"
+    leaf_modules: tuple[str, ...] = ()
+
+    def observed(self, model: nn.Module, example: Tensor) -> ObservedModel:
+        """``model`` returning ``(output, {node: features})``; ``example`` is an input
+        batch torch.export runs the model on."""
+        return observed_model(
+            model, [self.node], example, graph=self.graph, leaf_modules=self.leaf_modules
+        )
 
 
-def _probe(space: FeatureSpace, matrix: Tensor) -> UnitProbe:
+def _probe(spec: Spec, space: FeatureSpace, matrix: Tensor) -> UnitProbe:
     if not space.observe:
         raise ConfigError(f"space {space.name!r} has no observation point to read units from")
     point = space.observe[0]
-    return UnitProbe(point.node, point.axis, matrix.to(torch.float64))
+    matrix = matrix.to(torch.float64)
+    return UnitProbe(point.node, point.axis, matrix, spec.graph, spec.leaf_modules)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: torch.export runs it on an input there."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _pooled(observed: Tensor, axis: int) -> Tensor:
@@ -81,7 +97,7 @@ def unit_activations(
     model: nn.Module, probe: UnitProbe, data: Dataset, device: str = "cpu"
 ) -> Tensor:
     """``(n, C)`` float64: every input's activation of every unit (rows of the probe's map)."""
-    graph = observed_graph(model, [probe.node]).to(device).eval()
+    graph = probe.observed(model, data.images[:2].to(_device(model))).to(device).eval()
     rows = []
     for inputs, _ in make_loader(data, batch_size=512):
         _, observed = graph(inputs.to(device))
@@ -176,7 +192,8 @@ def activation_maximisation(
     fx = torch.fft.rfftfreq(width)[None, :]
     scale = 1.0 / torch.sqrt(fy**2 + fx**2).clamp_min(1.0 / max(height, width))
     scale = (scale / scale.square().mean().sqrt()).to(device)  # unit-variance pixels
-    graph = observed_graph(model, [probe.node]).to(device).eval()
+    example = torch.zeros(2, *shape, device=_device(model))
+    graph = probe.observed(model, example).to(device).eval()
     weights = probe.matrix[unit].float().to(device)
     colour, low, high = (t.to(device) for t in (prior.colour, prior.low, prior.high))
 
@@ -275,9 +292,9 @@ def visualize_models(
     for name in _spaces(result.spec, result.transforms[1], spaces):
         space = result.spec[name]
         probes = {
-            "A": _probe(space, result.transforms[0][name].matrix),
-            "B": _probe(space, result.transforms[1][name].matrix),
-            "merged": _probe(space, torch.eye(space.size, dtype=torch.float64)),
+            "A": _probe(result.spec, space, result.transforms[0][name].matrix),
+            "B": _probe(result.spec, space, result.transforms[1][name].matrix),
+            "merged": _probe(result.spec, space, torch.eye(space.size, dtype=torch.float64)),
         }
         acts = {r: unit_activations(models[r], probes[r], examples, device) for r in ROLES}
         visual = _space_visual(name, method, acts, k, min(top, len(examples)))

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import accord
-from accord.trace.fx import observed_graph
+from accord.trace.observe import observed_model
 
 Rows = dict[str, torch.Tensor]
 
@@ -44,7 +44,10 @@ def _passes(
     model: torch.nn.Module, spec: accord.Spec, batches: Sequence[Any], progress: bool
 ) -> Callable[[], Any]:
     nodes = [p.node for s in spec.spaces if s.free for p in s.observe]
-    graph = observed_graph(model, nodes).eval()
+    example = batches[0][0]
+    graph = observed_model(
+        model, nodes, example, graph=spec.graph, leaf_modules=spec.leaf_modules
+    ).eval()
 
     @torch.no_grad()
     def rows() -> Any:

@@ -17,56 +17,10 @@ import torch
 
 from accord.trace import aten_attention, aten_layers, heads, rules
 from accord.trace.rules import Rule
-from accord.trace.state import Call, Feat, Seg, Tup, plain
+from accord.trace.split import split_features
+from accord.trace.state import Call, Feat, Tup, plain
 
 aten = torch.ops.aten
-
-
-def _cuts(x: Feat, pieces: list[tuple[int, int]]) -> list[Feat] | None:
-    """``x`` cut along its feature axis into ``pieces`` (entry ranges) that follow its
-    segments (a piece is whole segments), or None."""
-    bounds, offset = {0}, 0
-    for seg in x.segs:
-        offset += seg.size * seg.block
-        bounds.add(offset)
-    if not all(start in bounds and stop in bounds for start, stop in pieces):
-        return None
-    out, offset = [], 0
-    starts = []
-    for seg in x.segs:
-        starts.append(offset)
-        offset += seg.size * seg.block
-    for start, stop in pieces:
-        segs = tuple(s for s, at in zip(x.segs, starts, strict=True) if start <= at < stop)
-        shape = list(x.shape)
-        shape[x.axis] = stop - start
-        out.append(Feat(tuple(shape), x.axis, segs))
-    return out
-
-
-def _split_features(call: Call, x: Feat, pieces: list[tuple[int, int]], also: set[str]) -> Any:
-    """The pieces of ``x`` cut along its features; a freshly written space (a fused q/k/v or
-    gate/up projection) is split into one space per piece. None when they cannot be."""
-    found = _cuts(x, pieces)
-    if found is not None:
-        return found
-    if len(x.segs) != 1 or x.segs[0].space is None or x.segs[0].block != 1:
-        return None
-    space = x.segs[0].space
-    if not call.only_used_here(space, also):
-        return None
-    parts = call.table.split_written(space, [stop - start for start, stop in pieces])
-    if parts is None:
-        return None
-    whole = Feat(
-        x.shape,
-        x.axis,
-        tuple(Seg(p, stop - start) for p, (start, stop) in zip(parts, pieces, strict=True)),
-    )
-    source = call.input_node()
-    if source is not None:
-        call.walk.values[source] = whole
-    return _cuts(whole, pieces)
 
 
 def slice_rule(call: Call) -> Any:
@@ -94,7 +48,7 @@ def slice_rule(call: Call) -> Any:
         siblings = _sibling_slices(call, dim)
         if siblings is not None:
             pieces = sorted(siblings.values())
-            found = _split_features(call, x, pieces, set(siblings))
+            found = split_features(call, x, pieces, set(siblings))
             if found is not None:
                 call.event("writer_out")
                 return found[pieces.index((start, stop))]
@@ -158,13 +112,36 @@ def split(call: Call) -> Any:
     for item in meta:
         pieces.append((start, start + item.shape[dim]))
         start += item.shape[dim]
-    found = _split_features(call, x, pieces, set())
+    found = split_features(call, x, pieces, set())
     if found is None:
         return None
     for user in call.node.users:
         if user.target is operator.getitem:
             call.event("writer_out", user.name)
     return Tup(tuple(found))
+
+
+def glu(call: Call) -> Any:
+    """aten.glu(x, dim) = a · sigmoid(b) for the halves a, b of ``dim``: along the features
+    the halves of a fresh space (a GLU projection) become one space for the pair, since
+    feature i of a gates with feature i of b; permutations only."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or x.param is not None or x.heads is not None or shape is None:
+        return None
+    if not x.featured:
+        return call.plain()
+    dim = call.arg(1, "dim", -1) % x.ndim
+    call.table.downgrade_value(x, "permutation")
+    if dim != x.axis:
+        call.event("act_out")
+        return x.moved(shape, x.axis)
+    half = x.shape[dim] // 2
+    found = split_features(call, x, [(0, half), (half, 2 * half)], set())
+    if found is None or not call.table.union_layouts(found[0], found[1], residual=False):
+        return None
+    call.table.downgrade_value(found[0], "permutation")
+    call.event("act_out")
+    return found[0].moved(shape, x.axis)
 
 
 def select(call: Call) -> Any:
@@ -366,6 +343,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.stack: rules.stack,
     aten.slice: slice_rule,
     aten.select: select,
+    aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,
     aten.chunk: split,

@@ -15,6 +15,7 @@ from torch import fx
 from accord.spec import AxisRef, FoldedNorm
 from accord.trace.layers import tie_channel_groups, write
 from accord.trace.rules import mark_activation
+from accord.trace.split import split_features
 from accord.trace.state import Call, Feat, Seg, Tup
 
 
@@ -102,7 +103,8 @@ def convolution(call: Call) -> Any:
 
     A depthwise convolution (groups = input channels, ``k`` outputs each) keeps its input's
     spaces, each feature owning ``k`` output channels, and allows permutations only; other
-    grouped convolutions fix their input and give their output ``groups`` blocks.
+    grouped convolutions read one map shared by the input's groups (:func:`_read_groups`)
+    and give their output ``groups`` blocks.
     """
     x, weight, shape = call.x, call.arg(1, "weight"), call.out_shape
     bias, bias_ok = _optional_param(call.arg(2, "bias", None))
@@ -133,9 +135,28 @@ def convolution(call: Call) -> Any:
                 call.table.add_per_feature(x, "elementwise", ref.tensor, 0, scale=k)
         call.table.downgrade_value(x, "permutation")
         return Feat(shape, 1, tuple(Seg(s.space, s.size, s.block * k) for s in x.segs))
+    if x.featured:
+        _read_groups(call, x, weight.param, groups, name)
+    return write(call, name, shape[1], shape, 1, refs, groups=groups)
+
+
+def _read_groups(call: Call, x: Feat, weight: str, groups: int, name: str) -> None:
+    """A grouped convolution reads input group j with the weight columns of its output
+    group j, the columns (axis 1) being shared by all groups: one map for every group keeps
+    it, so the groups of the input become one space (a fresh input space is split into one
+    part per group, the parts united). Output groups are permuted within each group by the
+    output space (``groups`` blocks); whole groups would move input and output together,
+    which one space cannot describe."""
+    width = x.shape[1] // groups
+    pieces = [(j * width, (j + 1) * width) for j in range(groups)]
+    found = split_features(call, x, pieces, set(), per_feature=True) if x.axis == 1 else None
+    if found is not None and all(call.table.union_layouts(found[0], f, False) for f in found):
+        call.table.add_per_feature(found[0], "readers", weight, 1)
+        if call.input_node() is not None:
+            call.event("reader_in", call.input_node())
+        return
     reason = f"grouped convolution {name!r} (groups={groups}) reads its input by group"
     call.table.fix_value(x, reason)
-    return write(call, name, shape[1], shape, 1, refs, groups=groups)
 
 
 def embedding(call: Call) -> Any:

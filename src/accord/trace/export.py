@@ -10,6 +10,7 @@ where the model allows it, so the same graph runs the statistics pass on any bat
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -17,10 +18,16 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from accord.errors import TraceError
+from accord.errors import ConfigError, TraceError, did_you_mean
 from accord.trace.aten import ATEN_HEAD_RULES, rule_for
+from accord.trace.names import name_nodes
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
-from accord.trace.walk import admits, output, taint_unused, unknown
+from accord.trace.units import units, walk_unit
+from accord.trace.walk import admits, call_args, output, taint_unused, unknown
+
+
+class ExportError(TraceError):
+    """torch.export could not export the model (the tracer then tries torch.fx)."""
 
 
 def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
@@ -35,16 +42,29 @@ def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
         except Exception:  # a batch axis the model fixes: export it as it is
             return torch.export.export(model, args, kwargs)
     except Exception as exc:  # any failure of the user's model under the exporter
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TraceError(
-            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: "
-            f"{reason}. Make the code it names exportable (torch.export's guide lists the "
-            "rewrites: torch.cond for data-dependent branches, no Python side effects), or "
-            "write a spec file (accord.Spec.load) instead of tracing"
+        reason = _reason(exc)
+        raise ExportError(
+            f"torch.export could not export {type(model).__name__} on example_input: "
+            f"{type(exc).__name__}: {reason}. Pass an input the model accepts; make the code "
+            "it names exportable (torch.export's guide lists the rewrites: torch.cond for "
+            "data-dependent branches, no Python side effects); keep the submodule it names "
+            "opaque (leaf_modules=['name', ...]: torch.fx then traces around it and fixes "
+            "its spaces); or write a spec file (accord.Spec.load) instead of tracing"
         ) from exc
     finally:
         for module, flag in training:
             module.training = flag
+
+
+def _reason(exc: Exception) -> str:
+    """The exporter's first line, and the user's line of code it names (if it does)."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else ""
+    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
+    if found:
+        path, line, function, code = found[-1]
+        reason += f" (raised by {code.strip()!r} in {function}, {path}:{line})"
+    return reason
 
 
 def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -69,6 +89,7 @@ def _dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> ExportedProgram:
     """Walk the exported graph of ``model``, filling ``walk`` (values, events, spaces)."""
     program = export_program(model, example_input)
+    name_nodes(program.graph, model)
     signature = program.graph_signature
     tensors = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     walk.aliases = _aliases(model)
@@ -81,7 +102,15 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
     for index, node in enumerate(program.graph.nodes):
         walk.order[node.name] = index
         walk.metas[node.name] = _meta(node.meta.get("val"))
-        walk.values[node.name] = _visit(walk, node, tensors)
+    calls = units(program.graph, walk.modules)
+    for node in program.graph.nodes:
+        if node.name in walk.values:
+            continue  # inside a module walked as one call
+        unit = calls.get(node) if _leaf(walk, node) is None else None
+        if unit is None:
+            walk.values[node.name] = _visit(walk, node, tensors)
+        else:
+            walk.values.update(walk_unit(walk, unit, tensors))
     return program
 
 
@@ -125,6 +154,9 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
         return output(walk, node)
     if node.op != "call_function":
         return plain(meta)
+    leaf = _leaf(walk, node)
+    if leaf is not None:
+        return _opaque(Call(walk, node, meta, f"leaf module {leaf!r}"), leaf)
     call = Call(walk, node, meta, _describe(node.target))
     rule = rule_for(node.target)
     if rule is not None and not admits(rule, ATEN_HEAD_RULES, call):
@@ -136,9 +168,28 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
     return result
 
 
+def _leaf(walk: Walk, node: fx.Node) -> str | None:
+    """The outermost leaf module (``leaf_modules``) whose call runs ``node``, if any."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path in walk.leaves:
+            return path
+    return None
+
+
+def _opaque(call: Call, leaf: str) -> Any:
+    """An operator inside a leaf module: one opaque unit with it, so every space entering or
+    leaving the leaf is fixed and none of the leaf's parameters can move."""
+    for key in call.walk.keys:
+        if key.startswith(f"{leaf}."):
+            call.walk.taint(key, f"{key} is used inside {call.desc}")
+    call.table.fix_value(call_args(call), f"consumed by {call.desc}, which is kept opaque")
+    return call.plain()
+
+
 def _describe(target: Any) -> str:
     name = getattr(target, "__name__", repr(target))
-    return f"aten.{name}" if hasattr(target, "overloadpacket") else name
+    packet = getattr(target, "overloadpacket", None)
+    return f"aten.{packet.__name__}" if packet is not None else name
 
 
 def _placeholder(walk: Walk, node: fx.Node, meta: Any, tensors: dict[str, str]) -> Any:
@@ -165,18 +216,37 @@ def _channels_first(node: fx.Node) -> bool:
     return any(getattr(user.target, "__name__", "").startswith(names) for user in node.users)
 
 
-def exported_walk(model: nn.Module) -> Walk:
-    """An empty walk over ``model``'s state dict, for :func:`trace_exported`."""
+def exported_walk(model: nn.Module, leaves: set[str] = frozenset()) -> Walk:  # type: ignore[assignment]
+    """An empty walk over ``model``'s state dict, for :func:`trace_exported`, with the
+    qualified names of the modules kept opaque (``leaves``)."""
+    modules = dict(model.named_modules())
+    unknown_leaves = sorted(set(leaves) - set(modules))
+    if unknown_leaves:
+        raise ConfigError(
+            f"leaf_modules {unknown_leaves} are not submodules of {type(model).__name__}"
+            f"{did_you_mean(unknown_leaves[0], list(modules))}; pass qualified names as "
+            "model.named_modules() lists them"
+        )
     state = model.state_dict()
     walk = Walk({}, set(state), Counter())
     walk.shapes = {key: tuple(value.shape) for key, value in state.items()}
+    walk.leaves = set(leaves)
+    walk.modules = modules
     return walk
+
+
+def exported_module(model: nn.Module, example_input: Any) -> fx.GraphModule:
+    """The exported, unlifted module of ``model`` (a GraphModule with the model's parameters
+    and buffers), its nodes named by :func:`name_nodes` as in the traced spec."""
+    module = export_program(model, example_input).module()
+    name_nodes(module.graph, model)
+    return module
 
 
 def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module) -> nn.Module:
     """The exported module of ``model``, calling ``observer(tensor, node, axis, offset)`` after
     every node ``observer.uses`` names (before any later in-place operator changes it)."""
-    module = export_program(model, example_input).module()
+    module = exported_module(model, example_input)
     by_name = {node.name: node for node in module.graph.nodes}
     missing = sorted({point.node for point in observer.uses} - set(by_name))
     if missing:
@@ -197,6 +267,7 @@ def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module)
 def batchnorm_nodes(model: nn.Module, example_input: Any, norm: str) -> list[str]:
     """The exported graph's nodes that apply the BatchNorm module ``norm``."""
     program = export_program(model, example_input)
+    name_nodes(program.graph, model)
     inputs = program.graph_signature.inputs_to_parameters
     found = []
     for node in program.graph.nodes:

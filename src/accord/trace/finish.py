@@ -38,17 +38,18 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     for root in roots:
         _settle(table.records[root])
         _add_aliases(table.records[root], walk.aliases)
-    names = _names(table, roots)
-    observations = _observations(walk, observe)
-    spaces = [
-        _space(table.records[r], names[r], observations.get(r, []))
+    # A space left without axes (a key space absorbed by attention, a space split into
+    # parts) is gone, unless it is the input or was fixed: those are reported.
+    roots = [
+        r
         for r in roots
-        # A space left without axes (a key space absorbed by attention) is gone, unless it
-        # is the input or was fixed: those are reported.
         if table.records[r].is_input
         or table.records[r].reasons
         or any(table.records[r].refs.values())
     ]
+    names = _names(table, roots)
+    observations = _observations(walk, observe)
+    spaces = [_space(table.records[r], names[r], observations.get(r, [])) for r in roots]
     spec = Spec(
         spaces,
         type(model).__name__,

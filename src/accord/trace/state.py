@@ -179,6 +179,11 @@ class SpaceTable:
             # The earlier space stays the root, so a stream is named after its first writer.
             ra, rb = min(ra, rb), max(ra, rb)
             self.parent[rb] = ra
+            whole, part, _ = self.records[ra].base.rpartition(":")
+            other, part2, _ = self.records[rb].base.rpartition(":")
+            if whole and whole == other and part == part2:
+                # parts of one split space joined again (the halves of a GLU): its name
+                self.records[ra].base = whole
             self.records[ra].absorb(self.records[rb])
             self.records[ra].residual |= residual  # x + f(x) in one space is no stream
         return ra
@@ -208,13 +213,18 @@ class SpaceTable:
         into.maps = weaker(into.maps, other.maps)
         into.groups = common_groups(into.size, into.groups, other.groups)
 
-    def split_written(self, index: int, sizes: list[int]) -> list[int] | None:
-        """A space that only has writers so far, split into consecutive parts of ``sizes``
-        (a fused q/k/v or gate/up projection, or one space per key/value head); None when the
-        space is used already or its head blocks do not fit the parts. The old space is left
-        empty."""
+    def split_written(
+        self, index: int, sizes: list[int], per_feature: bool = False
+    ) -> list[int] | None:
+        """A space that only has writers so far (``per_feature``: and per-feature parameters
+        and folded BatchNorms, which every part lists), split into consecutive parts of
+        ``sizes`` (a fused q/k/v or gate/up projection, one space per key/value head, the
+        groups of a grouped convolution); None when the space is used already or its head
+        blocks do not fit the parts. The old space is left empty."""
         record = self.record(index)
-        used = record.refs["readers"] or record.refs["elementwise"] or record.batchnorms
+        used = record.refs["readers"]
+        if not per_feature:
+            used = used or record.refs["elementwise"] or record.batchnorms
         if used or record.reasons or record.residual or record.is_input or record.is_output:
             return None
         block = record.size // record.groups
@@ -224,12 +234,14 @@ class SpaceTable:
         for number, size in enumerate(sizes):
             groups = size // block if record.groups > 1 else 1
             part = self.new(size, f"{record.base}:{number}", record.maps, groups)
-            for ref in record.refs["writers"]:
-                moved = AxisRef(ref.tensor, ref.axis, ref.block, ref.offset + start * ref.block)
-                self.add_ref(part, "writers", moved)
+            for role in ("writers", "elementwise"):
+                for ref in record.refs[role]:
+                    offset = ref.offset + start * ref.block
+                    self.add_ref(part, role, AxisRef(ref.tensor, ref.axis, ref.block, offset))
+            self.record(part).batchnorms = list(record.batchnorms)
             parts.append(part)
             start += size
-        record.refs["writers"] = []
+        record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
         return parts
 
     def add_ref(self, index: int, role: str, ref: AxisRef) -> None:
@@ -299,6 +311,9 @@ class Walk:
         self.shapes: dict[str, tuple[int, ...]] = {}
         # parameter or buffer -> the other state-dict keys of the very same tensor (tied)
         self.aliases: dict[str, list[str]] = {}
+        # qualified names of the modules kept opaque (torch.export walks; torch.fx keeps them
+        # as single calls)
+        self.leaves: set[str] = set()
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts

@@ -1,15 +1,15 @@
 """Find a network's feature spaces: :func:`trace` turns a model into a Spec.
 
-torch.fx first: the model is traced by :func:`accord.trace.fx.symbolic_graph` (so node names
-match the statistics pass), with the rules below per module, function and method. A model
-torch.fx cannot trace (shape-dependent Python, as in every Hugging Face class) is exported
-with torch.export instead and walked with rules per ATen operator
-(:mod:`accord.trace.export`, :mod:`accord.trace.aten`); ``Spec.graph`` says which graph the
+torch.export first: the model is exported (:mod:`accord.trace.export`) and its ATen graph
+walked with rules per ATen operator (:mod:`accord.trace.aten`); its nodes are named after the
+modules that run them, so the statistics pass, exporting again, finds the observation nodes.
+torch.fx remains for spec files saved with ``graph="fx"`` and as the fallback for a model
+torch.export cannot export (a data-dependent branch, say) but torch.fx can trace, with
+``leaf_modules`` kept opaque: the model is traced by :func:`accord.trace.fx.symbolic_graph`
+with the rules below per module, function and method. ``Spec.graph`` says which graph the
 observation nodes name. The ATen rules prove the same structure from the operators that
-modules and functions decompose into; where the two differ, torch.export's is the one with
-more operators (``nn.MultiheadAttention``, opaque to torch.fx with known spaces, is written
-out there with weights averaged over heads, which fixes its spaces; a chunked Linear output
-is a fused projection there, an unknown call in torch.fx).
+modules and functions decompose into (``nn.MultiheadAttention``, which torch.export writes out
+with batch and heads on one axis, is walked as one call with its module rule).
 
 On torch.fx the model is run once on ``example_input`` to learn every tensor's shape
 (torch.export records them). Each tensor's feature axis is laid out in segments of spaces;
@@ -52,7 +52,7 @@ from torch import fx, nn
 
 from accord.errors import ConfigError, TraceError
 from accord.spec import Spec
-from accord.trace.export import exported_walk, trace_exported
+from accord.trace.export import ExportError, exported_walk, trace_exported
 from accord.trace.finish import finish
 from accord.trace.fx import symbolic_graph
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
@@ -86,24 +86,29 @@ def trace(
     >>> spec["input"].readers[0].block
     1024
 
-    A model torch.fx cannot trace is exported with torch.export (``leaf_modules`` are a
-    torch.fx notion: with them, a torch.fx failure is final). Raises TraceError when neither
-    can trace the model, with both reasons, or when the example input fails.
+    The model is exported with torch.export (``leaf_modules``: every operator inside them is
+    one opaque unit); a model torch.export cannot export is traced with torch.fx. Raises
+    TraceError when neither can trace the model, with both reasons and the remedies, or when
+    the example input fails.
     """
     if observe not in ("post", "pre"):
         raise ConfigError(f"observe={observe!r}: expected 'post' or 'pre'")
     leaves = set(leaf_modules)
+    walk = exported_walk(model, leaves)
     try:
-        graph = symbolic_graph(model, leaves)
-    except TraceError as fx_error:
-        if leaves:
-            raise
-        walk = exported_walk(model)
+        trace_exported(model, example_input, walk)
+    except ExportError as export_error:
         try:
-            trace_exported(model, example_input, walk)
-        except TraceError as export_error:
-            raise TraceError(f"{fx_error}\n{export_error}") from export_error
-        return finish(walk, model, observe, leaves, "export")
+            return trace_fx(model, example_input, observe, leaves)
+        except TraceError as fx_error:
+            raise TraceError(f"{export_error}\n{fx_error}") from export_error
+    return finish(walk, model, observe, leaves, "export")
+
+
+def trace_fx(model: nn.Module, example_input: Any, observe: str, leaves: set[str]) -> Spec:
+    """:func:`trace` on torch.fx's graph (``Spec.graph == "fx"``), as spec files of earlier
+    versions were made; raises TraceError when torch.fx cannot trace the model."""
+    graph = symbolic_graph(model, leaves)
     metas = _record_shapes(model, graph, example_input)
     state = model.state_dict()
     counts = Counter(n.target for n in graph.graph.nodes if n.op == "call_module")
