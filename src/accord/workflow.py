@@ -91,7 +91,15 @@ def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
             raise ConfigError("align, combine: with method 'all' give neither (it runs each)")
         return [((name, None, None), plan_methods(name)) for name in compared_methods()]
     request = (config.method, config.align, config.combine)
-    return [(request, plan_methods(*request))]  # an unknown name fails here, before any work
+    plan = plan_methods(*request)  # an unknown name fails here, before any work
+    if plan.combine.needs.base == "yes":
+        raise ConfigError(
+            f"combine {plan.combine.name!r} merges task vectors against the model the others "
+            "were fine-tuned from, and accord merge takes no base: call accord.merge(models, "
+            "data, combine=..., base=...) or accord.merge_state_dicts in Python, or accord "
+            "llm-merge for Hugging Face checkpoints"
+        )
+    return [(request, plan)]
 
 
 def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
