@@ -256,13 +256,8 @@ def test_traced_zoo_models_match_observed_graph(name: str) -> None:
     norms = {bn.norm for s in spaces.values() for bn in s.batchnorms}
     assert set(stats.norms) == norms and (name == "vit" or norms)
     groups = [(stats.spaces[k], spaces[k].observe) for k in spaces]
-    groups += [
-        (
-            stats.norms[k],
-            tuple(Observation(n, 1) for n in batchnorm_nodes(models[0], data[0][0], k)),
-        )
-        for k in norms
-    ]
+    norm_nodes = batchnorm_nodes(models[0], data[0][0], sorted(norms))
+    groups += [(stats.norms[k], tuple(Observation(n, 1) for n in norm_nodes[k])) for k in norms]
     outputs = _graph_outputs(models, data, [p.node for _, points in groups for p in points])
     for got, points in groups:
         xs = [_rows(model_outputs, points) for model_outputs in outputs]

@@ -64,9 +64,9 @@ def _batchnorm_nodes(
     spec: Spec, model: nn.Module, example: torch.Tensor, names: Sequence[str]
 ) -> dict[str, list[str]]:
     """The nodes of the spec's graph that apply each BatchNorm module of ``names`` (one
-    torch.fx trace for all of them)."""
+    trace or export for all of them)."""
     if spec.graph == "export":
-        return {name: batchnorm_nodes(model, example, name) for name in names}
+        return batchnorm_nodes(model, example, names)
     graph = symbolic_graph(model, spec.leaf_modules).graph
     found: dict[str, list[str]] = {name: [] for name in names}
     for node in graph.nodes:

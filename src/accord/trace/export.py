@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -264,17 +265,26 @@ def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module)
     return module
 
 
-def batchnorm_nodes(model: nn.Module, example_input: Any, norm: str) -> list[str]:
-    """The exported graph's nodes that apply the BatchNorm module ``norm``."""
+def batchnorm_nodes(
+    model: nn.Module, example_input: Any, norms: Sequence[str]
+) -> dict[str, list[str]]:
+    """The exported graph's nodes that apply each BatchNorm module of ``norms`` (one export
+    for all of them: exporting is the costly part)."""
     program = export_program(model, example_input)
     name_nodes(program.graph, model)
     inputs = program.graph_signature.inputs_to_parameters
-    found = []
+    by_weight = {f"{norm}.weight": norm for norm in norms}
+    found: dict[str, list[str]] = {norm: [] for norm in norms}
     for node in program.graph.nodes:
         name = getattr(node.target, "__name__", "")
         if node.op == "call_function" and name.startswith(("batch_norm", "_native_batch_norm")):
             weight = node.args[1]
-            if isinstance(weight, fx.Node) and inputs.get(weight.name) == f"{norm}.weight":
+            norm = (
+                by_weight.get(inputs.get(weight.name, "")) if isinstance(weight, fx.Node) else None
+            )
+            if norm is not None:
                 firsts = [u.name for u in node.users if u.args[1:] == (0,)]
-                found += firsts if isinstance(node.meta.get("val"), tuple | list) else [node.name]
+                found[norm] += (
+                    firsts if isinstance(node.meta.get("val"), tuple | list) else [node.name]
+                )
     return found
