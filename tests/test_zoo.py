@@ -309,7 +309,7 @@ def test_traced_resnet_shows_the_residual_adds_and_vit_the_attention() -> None:
 
 def test_vgg_starts_from_xavier_uniform_with_the_relu_gain() -> None:
     torch.manual_seed(0)
-    model = build_model("vgg11", width=0.5)
+    model = build_model("vgg11", width=0.5, xavier_init=True)
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
             weight = module.weight.detach()
@@ -319,5 +319,5 @@ def test_vgg_starts_from_xavier_uniform_with_the_relu_gain() -> None:
             assert float(weight.abs().max()) <= bound * (1 + 1e-6)  # float32 rounding
             assert float(weight.abs().max()) > 0.9 * bound  # uniform: it reaches the bound
             assert torch.count_nonzero(module.bias) == 0
-    plain = build_model("vgg11", width=0.5, xavier_init=False)
+    plain = build_model("vgg11", width=0.5)  # PyTorch's init by default
     assert torch.count_nonzero(plain.features[0].bias) > 0

@@ -149,7 +149,7 @@ def quality_plan(
                 # without BatchNorm: REPAIR, not a reset, and a lower peak rate to train
                 Architecture(
                     "vgg11",
-                    {"width": 0.25, "batch_norm": False},
+                    {"width": 0.25, "batch_norm": False, "xavier_init": True},
                     replace(train, lr=0.02),
                     limit,
                 ),
