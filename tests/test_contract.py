@@ -127,7 +127,7 @@ def test_inputs_are_kept_reruns_are_identical_outputs_finite(method: str) -> Non
 @pytest.mark.parametrize("method", ALIGNING)
 def test_permuted_copies_of_zoo_models_are_brought_back(method: str, arch: str) -> None:
     model, data = _zoo(arch)
-    for seed, count in [(s, c) for s, c in ((0, 1), (5, 1), (9, 2)) if _merges(method, c + 1)]:
+    for seed, count in [(s, c) for s, c in ((0, 1), (9, 2)) if _merges(method, c + 1)]:
         merged = _merge([model, *_twins(model, data, count, seed)], data, method).model
         assert _difference(model, merged, data[0][0]) <= TOLERANCE, (seed, count)
 
