@@ -40,6 +40,50 @@ def test_three_permuted_twins_come_back_exactly(seed: int) -> None:
     assert tiny.report["h"]["models"][0]["shared_variance"] == pytest.approx([1.0] * size)
 
 
+def _undetermined_twins(kind: str, count: int, seed: int) -> tuple[torch.Tensor, list]:
+    """Features of which CCA determines some directions only up to rounding, and ``count``
+    permuted twins of them with float32-like rounding (1e-7 relative noise).
+
+    ``"dependent"``: two features are linear combinations of others (ReLUs that always fire,
+    in a layer wider than its input), so the covariance is singular along directions that
+    mix features: no feature has zero variance. ``"faint"``: three features with ~1e-7 of
+    the others' variance (ReLUs that nearly never fire), far below the ridge.
+    """
+    size = 8
+    x = features(120, size, seed)
+    generator = torch.Generator().manual_seed(seed + 10)
+    if kind == "dependent":
+        x[:, 6], x[:, 7] = x[:, 0] + x[:, 1], x[:, 2] - 0.5 * x[:, 3]
+    else:
+        faint = torch.randperm(size, generator=generator)[:3]
+        x[:, faint] = 3e-4 * (x[:, faint] - x[:, faint].mean(0)) + 1.0
+    perms = [torch.arange(size)]
+    perms += [torch.randperm(size, generator=generator) for _ in range(count - 1)]
+    twins = [
+        (x * (1 + 1e-7 * torch.randn(x.shape, generator=generator, dtype=torch.float64)))[:, p]
+        for p in perms
+    ]
+    return twins, perms
+
+
+@pytest.mark.parametrize("kind", ["dependent", "faint"])
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_twins_with_undetermined_directions_come_back_as_permutations(
+    kind: str, count: int, seed: int
+) -> None:
+    """Directions of (nearly) zero variance have canonical correlations far below the ridge's
+    scale: a cluster of eigenvalues at 1 in which eigh mixes the models' features, which a
+    merge's ReLUs would see. The maps must still be the twins' permutations (CCA's tie-break:
+    activation matching), not just agree with them on the data."""
+    twins, perms = _undetermined_twins(kind, count, seed)
+    size = twins[0].shape[1]
+    alignment = match("gcca", one_space(size), statistics({"h": twins}), states(count))
+    eye = torch.eye(size, dtype=torch.float64)
+    for perm, transforms in zip(perms, alignment.transforms, strict=True):
+        torch.testing.assert_close(transforms["h"].matrix @ eye[perm], eye, atol=1e-6, rtol=0)
+
+
 def test_dead_features_are_paired_outside_the_solve() -> None:
     size = 6
     x = features(80, size, 3)
@@ -65,6 +109,18 @@ def test_two_models_give_pairwise_cca_exactly() -> None:
     expected = pairwise.transforms[1]["h"].matrix
     found = joint.transforms[1]["h"].matrix
     torch.testing.assert_close(found, expected, atol=1e-9 * float(expected.abs().max()), rtol=0)
+
+
+def test_two_models_break_undetermined_ties_as_pairwise_cca() -> None:
+    """Where the statistics leave directions undetermined, both pair them by activation
+    matching, so N = 2 is still CCA Merge's map."""
+    twins, _ = _undetermined_twins("dependent", 2, 0)
+    size = twins[0].shape[1]
+    twins[1] = twins[1] + 0.05 * _mixed(twins[1].shape[0], size, 4)
+    stats = statistics({"h": twins})
+    joint = match("gcca", one_space(size), stats, states(2)).transforms[1]["h"].matrix
+    pairwise = match("cca", one_space(size), stats, states(2)).transforms[1]["h"].matrix
+    torch.testing.assert_close(joint, pairwise, atol=1e-7 * float(pairwise.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("count", [2, 3, 4])

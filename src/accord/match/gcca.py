@@ -28,9 +28,17 @@ solve in which no model is the reference. For N = 2, ``T_1 = Σ_0'^(1/2) U Vᵀ 
 is CCA Merge's map (the diagonal blocks of M are taken to be I, as CCA takes them).
 
 Features with zero variance (ReLU units that never fire) carry nothing to correlate and are
-paired one to one outside the solve, as CCA Merge does. Spaces admitting permutations only
-fall back to activation matching, orthogonal ones to CCA's Procrustes map, both onto the
-reference (star), and the report says so.
+paired one to one outside the solve, as CCA Merge does. Directions the statistics leave
+undetermined (``λ − 1``, for N = 2 the canonical correlation, below
+:data:`accord.match.cca.UNDETERMINED` of the largest: linearly dependent or nearly constant
+features, whose whitened correlations the ridge shrinks to rounding level) form a cluster of
+eigenvalues at 1 in which eigh mixes the models' features arbitrarily. They are left out of
+the polar factors, and each model's rotation there is the one that pairs its features with
+model 0's by activation matching (:func:`accord.match.cca.tied_polar` with
+:func:`accord.match.cca.matching_target`), CCA Merge's tie-break, so N = 2 is still its map.
+
+Spaces admitting permutations only fall back to activation matching, orthogonal ones to
+CCA's Procrustes map, both onto the reference (star), and the report says so.
 """
 
 from __future__ import annotations
@@ -51,12 +59,15 @@ from accord.match._common import (
     identity_transforms,
 )
 from accord.match.cca import (
+    UNDETERMINED,
     cca_match,
     check_conditioning,
     check_ridge,
+    matching_target,
     nearest_pairing,
     ridges,
     spd_roots,
+    tied_polar,
 )
 from accord.match.permutation import permutation_match
 from accord.registry import POSITIVE, Needs, Option, alignment
@@ -64,9 +75,18 @@ from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
 
-def _polar(matrix: Tensor) -> Tensor:
-    u, _, vh = torch.linalg.svd(matrix)
-    return u @ vh
+def _paired_with_first(
+    covariances: Sequence[Sequence[Tensor]],
+    roots: Sequence[Tensor],
+    inverse_roots: Sequence[Tensor],
+    first: Tensor,
+    i: int,
+) -> Tensor:
+    """The rotation ``Q_i`` that pairs model i's features with model 0's as CCA's tie-break
+    does: ``Q_0 Q_iᵀ`` is :func:`accord.match.cca.matching_target` in whitened coordinates
+    (:func:`accord.match.cca.cca_map`)."""
+    pairing = matching_target(covariances[0][0], covariances[i][i], covariances[0][i])
+    return (inverse_roots[0] @ pairing @ roots[i]).T @ first
 
 
 def gcca_block(
@@ -96,8 +116,15 @@ def gcca_block(
     joint = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
     values, vectors = torch.linalg.eigh((joint + joint.T) / 2)
     values, vectors = values.flip(0)[:size].clamp_min(0), vectors.flip(1)[:, :size]
-    weighted = vectors * values.sqrt()
-    rotations = [_polar(weighted[i * size : (i + 1) * size]) for i in range(count)]
+    # undetermined directions (module docstring) out of the polar factors, whose tie-break
+    # then pairs every model's features there with model 0's, as CCA's does
+    excess = (values - 1).clamp_min(0)
+    determined = excess > UNDETERMINED * excess.max()
+    weighted = vectors * (values.sqrt() * determined)
+    rotations = [tied_polar(weighted[:size], None)[0]]
+    for i in range(1, count):
+        target = partial(_paired_with_first, covariances, roots, inverse_roots, rotations[0], i)
+        rotations.append(tied_polar(weighted[i * size : (i + 1) * size], target)[0])
     # model 0's neurons as the coordinates (module docstring)
     shared = roots[0] @ rotations[0]
     shared_inverse = torch.linalg.inv(shared)
