@@ -51,6 +51,7 @@ from accord.registry import (
 from accord.repair import repair_activations
 from accord.spec import Spec
 from accord.statistics import Statistics, collect_statistics
+from accord.trace.programs import shared_exports
 from accord.tune import merge_tuned
 
 REPAIRS = ("auto", "bn-reset", "repair", "none")
@@ -385,40 +386,43 @@ def merge(
     if needs_data and data is None and statistics is None:
         raise MergeError(f"method {plan.align.name!r} needs data: pass data=... (training batches)")
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    if spec is None:
-        if data is None:
-            raise MergeError("tracing the models needs an example input: pass data or spec")
-        from accord.trace import trace
-
-        spec = trace(models[0], first_inputs(data)[:2])
-    if stop_at is not None:
-        check_stop_at(stop_at, spec)
-    timings["trace"] = time.perf_counter() - clock
-    report = {
-        "method": plan.name,
-        "alignment": plan.align.name,
-        "combine": plan.combine.name,
-        "options": {**plan.align.defaults, **align_options},
-        "combine_options": combine_options,
-    }
-    if len(models) == 1:
-        return _only_model(models[0], spec, report, timings)
-    if needs_data and statistics is None:
+    # the tracer and every model's statistics pass read one exported program
+    with shared_exports():
         clock = time.perf_counter()
-        statistics = collect_statistics(
-            models,
-            batches(data),
-            spec,
-            max_samples=max_samples,
-            device=device,
-            reference=ref,
-            pairs="all" if plan.align.needs.all_pairs and len(models) > 2 else "reference",
-            progress=progress,
-            # with repair="none" the folded BatchNorms stay identities and need no targets
-            batchnorms=needs_batchnorm_statistics(plan.align, batchnorm) and repair_kind != "none",
-        )
-        timings["statistics"] = time.perf_counter() - clock
+        if spec is None:
+            if data is None:
+                raise MergeError("tracing the models needs an example input: pass data or spec")
+            from accord.trace import trace
+
+            spec = trace(models[0], first_inputs(data)[:2])
+        if stop_at is not None:
+            check_stop_at(stop_at, spec)
+        timings["trace"] = time.perf_counter() - clock
+        report = {
+            "method": plan.name,
+            "alignment": plan.align.name,
+            "combine": plan.combine.name,
+            "options": {**plan.align.defaults, **align_options},
+            "combine_options": combine_options,
+        }
+        if len(models) == 1:
+            return _only_model(models[0], spec, report, timings)
+        if needs_data and statistics is None:
+            clock = time.perf_counter()
+            statistics = collect_statistics(
+                models,
+                batches(data),
+                spec,
+                max_samples=max_samples,
+                device=device,
+                reference=ref,
+                pairs="all" if plan.align.needs.all_pairs and len(models) > 2 else "reference",
+                progress=progress,
+                # with repair="none" the folded BatchNorms stay identities and need no targets
+                batchnorms=needs_batchnorm_statistics(plan.align, batchnorm)
+                and repair_kind != "none",
+            )
+            timings["statistics"] = time.perf_counter() - clock
     clock = time.perf_counter()
     states = [m.state_dict() for m in models]
     used = statistics if needs_data else None

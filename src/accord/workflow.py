@@ -30,6 +30,7 @@ from accord.report import merge_figures, write_merge_report
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
 from accord.trace import trace
+from accord.trace.programs import shared_exports
 
 MERGE_OUTPUT = "merge-output"  # the kind of output folder accord merge writes and overwrites
 
@@ -110,6 +111,7 @@ def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
     return make_loader(train, batch_size=config.batch_size)
 
 
+@shared_exports()  # one export of the architecture for the trace and every method's merge
 def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
     """Run the merge described by ``config``; write outputs when ``config.output`` is set."""
     requests = merge_requests(config)

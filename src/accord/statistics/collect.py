@@ -16,8 +16,10 @@ from accord._layout import channels_last as channels_last_weights
 from accord._layout import wants_channels_last
 from accord.errors import StatisticsError
 from accord.spec import Observation
-from accord.trace.export import batchnorm_nodes, statistics_module
-from accord.trace.fx import observed_graph, symbolic_graph
+from accord.trace.export import batchnorm_nodes
+from accord.trace.fx import symbolic_graph
+from accord.trace.observe import call_after, traced_module
+from accord.trace.programs import shared_exports
 
 if TYPE_CHECKING:
     from accord.spec import Spec
@@ -99,22 +101,12 @@ class _Observer(nn.Module):
 def _statistics_graph(
     model: nn.Module, observer: _Observer, spec: Spec, example: torch.Tensor
 ) -> nn.Module:
-    """``model``'s traced forward, calling ``observer`` after every observed node."""
-    if spec.graph == "export":
-        return statistics_module(model, example, observer)  # exported in eval mode
-    # observed_graph checks that the nodes exist; its extra outputs are dropped again
-    gm = observed_graph(model, [point.node for point in observer.uses], spec.leaf_modules)
-    output = next(node for node in gm.graph.nodes if node.op == "output")
-    output.args = (output.args[0][0],)
-    gm.add_submodule("accord_observer", observer)
-    by_name = {node.name: node for node in gm.graph.nodes}
-    for point in observer.uses:
-        with gm.graph.inserting_after(by_name[point.node]):
-            args = (by_name[point.node], point.node, point.axis, point.offset)
-            gm.graph.call_module("accord_observer", args)
-    gm.graph.lint()
-    gm.recompile()
-    return gm.eval()
+    """``model``'s traced forward (the exported one in eval mode: the program of its
+    architecture, shared by every model), calling ``observer`` after every observed node."""
+    module = traced_module(model, example, spec.graph, spec.leaf_modules)
+    calls = [(point.node, (point.node, point.axis, point.offset)) for point in observer.uses]
+    call_after(module, observer, calls, type(model).__name__)
+    return module if spec.graph == "export" else module.eval()
 
 
 def _inputs(batch: Any, index: int) -> torch.Tensor:
@@ -339,28 +331,30 @@ def collect_statistics(
     first = next(stream, None)
     if first is None:
         raise StatisticsError("data is empty: pass at least one batch of inputs")
-    if spec is None:
-        from accord.trace import trace
+    # the tracer, the BatchNorm lookup and every model's pass read one exported program
+    with shared_exports():
+        if spec is None:
+            from accord.trace import trace
 
-        spec = trace(models[0], _inputs(first, 0))
-    example = _inputs(first, 0)
-    spaces, norms = _targets(
-        spec, models[0], example, _pairs(len(models), reference, pairs), batchnorms
-    )
-    device = torch.device(device)
-    order = [reference, *(i for i in range(len(models)) if i != reference)]
-    scratch = Scratch()  # one chunk buffer for every accumulator: it stays in cache
-    accumulators = [Accumulator(t, order, device, precision, scratch) for t in spaces + norms]
-    stats = Statistics({}, len(models), reference, pairs, precision=precision)
-    if not accumulators:
-        return stats
-    rank, world = _world()
-    stride = (0, 1) if sharded else (rank, world)
-    batches = itertools.chain([first], stream)
-    schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
-    failure = _accumulate(
-        models, accumulators, schedule, device, order, spec, example, channels_last
-    )
+            spec = trace(models[0], _inputs(first, 0))
+        example = _inputs(first, 0)
+        spaces, norms = _targets(
+            spec, models[0], example, _pairs(len(models), reference, pairs), batchnorms
+        )
+        device = torch.device(device)
+        order = [reference, *(i for i in range(len(models)) if i != reference)]
+        scratch = Scratch()  # one chunk buffer for every accumulator: it stays in cache
+        accumulators = [Accumulator(t, order, device, precision, scratch) for t in spaces + norms]
+        stats = Statistics({}, len(models), reference, pairs, precision=precision)
+        if not accumulators:
+            return stats
+        rank, world = _world()
+        stride = (0, 1) if sharded else (rank, world)
+        batches = itertools.chain([first], stream)
+        schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
+        failure = _accumulate(
+            models, accumulators, schedule, device, order, spec, example, channels_last
+        )
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
     stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}

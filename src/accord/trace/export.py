@@ -6,91 +6,31 @@ no separate shape-recording run is needed. Parameters and buffers are inputs of 
 named by the export signature; tied tensors (an lm_head sharing the embedding) appear once
 and every state-dict key of the tensor moves with it. The batch axis is exported as dynamic
 where the model allows it, so the same graph runs the statistics pass on any batch size.
+Inside a merge the tracer, the BatchNorm lookup and the statistics pass of every model read
+one program per architecture (:mod:`accord.trace.programs`).
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 
-from accord.errors import ConfigError, TraceError, did_you_mean
+from accord.errors import ConfigError, did_you_mean
 from accord.trace.aten import ATEN_HEAD_RULES, rule_for
-from accord.trace.names import name_nodes
+from accord.trace.programs import bound_module, program_for
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
 from accord.trace.units import units, walk_unit
 from accord.trace.walk import admits, call_args, output, taint_unused, unknown
 
 
-class ExportError(TraceError):
-    """torch.export could not export the model (the tracer then tries torch.fx)."""
-
-
-def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
-    """``model`` exported on ``example_input`` in eval mode (training flags restored), with a
-    dynamic batch axis where the model allows it. Raises TraceError with the exporter's reason."""
-    args, kwargs = _arguments(example_input)
-    training = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        try:
-            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic(args, kwargs))
-        except Exception:  # a batch axis the model fixes: export it as it is
-            return torch.export.export(model, args, kwargs)
-    except Exception as exc:  # any failure of the user's model under the exporter
-        reason = _reason(exc)
-        raise ExportError(
-            f"torch.export could not export {type(model).__name__} on example_input: "
-            f"{type(exc).__name__}: {reason}. Pass an input the model accepts; make the code "
-            "it names exportable (torch.export's guide lists the rewrites: torch.cond for "
-            "data-dependent branches, no Python side effects); keep the submodule it names "
-            "opaque (leaf_modules=['name', ...]: torch.fx then traces around it and fixes "
-            "its spaces); or write a spec file (accord.Spec.load) instead of tracing"
-        ) from exc
-    finally:
-        for module, flag in training:
-            module.training = flag
-
-
-def _reason(exc: Exception) -> str:
-    """The exporter's first line, and the user's line of code it names (if it does)."""
-    text = str(exc).strip()
-    reason = text.splitlines()[0] if text else ""
-    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
-    if found:
-        path, line, function, code = found[-1]
-        reason += f" (raised by {code.strip()!r} in {function}, {path}:{line})"
-    return reason
-
-
-def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_input, dict):
-        return (), dict(example_input)
-    if isinstance(example_input, tuple):
-        return example_input, {}
-    return (example_input,), {}
-
-
-def _dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    def batch(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
-            return {0: Dim.AUTO}
-        return None
-
-    if kwargs:
-        return {key: batch(value) for key, value in kwargs.items()}
-    return tuple(batch(value) for value in args)
-
-
 def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> ExportedProgram:
     """Walk the exported graph of ``model``, filling ``walk`` (values, events, spaces)."""
-    program = export_program(model, example_input)
-    name_nodes(program.graph, model)
+    program = program_for(model, example_input)
     signature = program.graph_signature
     tensors = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     walk.aliases = _aliases(model)
@@ -237,41 +177,19 @@ def exported_walk(model: nn.Module, leaves: set[str] = frozenset()) -> Walk:  # 
 
 
 def exported_module(model: nn.Module, example_input: Any) -> fx.GraphModule:
-    """The exported, unlifted module of ``model`` (a GraphModule with the model's parameters
-    and buffers), its nodes named by :func:`name_nodes` as in the traced spec."""
-    module = export_program(model, example_input).module()
-    name_nodes(module.graph, model)
-    return module
-
-
-def statistics_module(model: nn.Module, example_input: Any, observer: nn.Module) -> nn.Module:
-    """The exported module of ``model``, calling ``observer(tensor, node, axis, offset)`` after
-    every node ``observer.uses`` names (before any later in-place operator changes it)."""
-    module = exported_module(model, example_input)
-    by_name = {node.name: node for node in module.graph.nodes}
-    missing = sorted({point.node for point in observer.uses} - set(by_name))
-    if missing:
-        raise TraceError(
-            f"observation node(s) {missing} are not in the exported graph of "
-            f"{type(model).__name__}; the spec was made for another model or version: trace again"
-        )
-    module.add_submodule("accord_observer", observer)
-    for point in observer.uses:
-        with module.graph.inserting_after(by_name[point.node]):
-            args = (by_name[point.node], point.node, point.axis, point.offset)
-            module.graph.call_module("accord_observer", args)
-    module.graph.lint()
-    module.recompile()
-    return module
+    """The exported, unlifted module of ``model`` (a GraphModule running the model's own
+    parameters and buffers), its nodes named as in the traced spec; inside
+    :func:`accord.trace.programs.shared_exports` the program of its architecture is reused."""
+    return bound_module(program_for(model, example_input), model)
 
 
 def batchnorm_nodes(
     model: nn.Module, example_input: Any, norms: Sequence[str]
 ) -> dict[str, list[str]]:
-    """The exported graph's nodes that apply each BatchNorm module of ``norms`` (one export
-    for all of them: exporting is the costly part)."""
-    program = export_program(model, example_input)
-    name_nodes(program.graph, model)
+    """The exported graph's nodes that apply each BatchNorm module of ``norms`` (one program
+    for all of them, that of :func:`accord.trace.programs.program_for`: exporting is the
+    costly part)."""
+    program = program_for(model, example_input)
     inputs = program.graph_signature.inputs_to_parameters
     by_weight = {f"{norm}.weight": norm for norm in norms}
     found: dict[str, list[str]] = {norm: [] for norm in norms}

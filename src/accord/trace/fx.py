@@ -42,27 +42,4 @@ def symbolic_graph(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.Gra
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def observed_graph(
-    model: nn.Module, nodes: Iterable[str], leaf_modules: Iterable[str] = ()
-) -> fx.GraphModule:
-    """A GraphModule returning ``(model output, {node name: node output})`` for ``nodes``."""
-    gm = symbolic_graph(model, leaf_modules)
-    wanted = list(dict.fromkeys(nodes))
-    by_name = {node.name: node for node in gm.graph.nodes}
-    missing = [name for name in wanted if name not in by_name]
-    if missing:
-        raise TraceError(
-            f"observation node(s) {missing} are not in the traced graph of "
-            f"{type(model).__name__}; the spec was made for another model or version: trace again"
-        )
-    output = next(node for node in gm.graph.nodes if node.op == "output")
-    original = output.args[0]
-    with gm.graph.inserting_before(output):
-        observed = {name: by_name[name] for name in wanted}
-        output.args = ((original, observed),)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-__all__ = ["observed_graph", "symbolic_graph"]
+__all__ = ["symbolic_graph"]

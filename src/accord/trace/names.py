@@ -29,9 +29,9 @@ def name_nodes(graph: fx.Graph, model: nn.Module) -> None:
     ``layer1_0_add``), operators of the model's own forward by the operator (``add``,
     ``add_1``).
 
-    The names depend only on the operators and their module stack, so the tracer, the
-    statistics pass and the BatchNorm lookup, each exporting anew (as an ExportedProgram or
-    as its unlifted module), name every node the same way."""
+    The names depend only on the operators and their module stack, so the same model
+    exported anew (as an ExportedProgram or as its unlifted module), as a spec file's
+    statistics pass does, has every node named the same way."""
     calls = [n for n in graph.nodes if n.op == "call_function"]
     groups: dict[str, list[fx.Node]] = {}
     for node in calls:

@@ -1,10 +1,10 @@
-"""A model's traced forward that also hands back chosen nodes' outputs, on the graph a spec
-names (torch.fx's, or torch.export's), for the tools that read features: similarity, the CKA
-attack, the precision benchmark, feature visualisation."""
+"""Observing a model's traced forward on the graph a spec names (torch.fx's or torch.export's):
+a module called right after chosen nodes, for the statistics pass and for the tools that
+read features (similarity, the CKA attack, the precision benchmark, feature visualisation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import fx, nn
@@ -12,6 +12,47 @@ from torch import fx, nn
 from accord.errors import TraceError
 from accord.trace.export import exported_module
 from accord.trace.fx import symbolic_graph
+
+
+def traced_module(
+    model: nn.Module, example_input: Any, graph: str = "export", leaf_modules: Iterable[str] = ()
+) -> fx.GraphModule:
+    """``model``'s forward as the GraphModule of ``graph`` ("export", or "fx" for specs traced
+    with torch.fx; ``Spec.graph``, ``Spec.leaf_modules``), so a spec's observation node names
+    are its nodes' names. ``example_input`` is what torch.export runs the model on (torch.fx
+    ignores it); the exported module is in eval mode, and inside
+    :func:`accord.trace.programs.shared_exports` it reuses its architecture's program."""
+    if graph == "export":
+        return exported_module(model, example_input)
+    if graph == "fx":
+        return symbolic_graph(model, leaf_modules)
+    raise TraceError(f"graph={graph!r}: expected 'export' or 'fx' (Spec.graph)")
+
+
+def call_after(
+    module: fx.GraphModule,
+    observer: nn.Module,
+    calls: Sequence[tuple[str, tuple[Any, ...]]],
+    model: str,
+) -> fx.GraphModule:
+    """``module`` calling ``observer(node output, *arguments)`` right after each ``(node,
+    arguments)`` of ``calls``, before any later in-place operator (``ReLU(inplace=True)``,
+    ``+=``) can change the output; edited in place, and returned. A node the graph lacks
+    raises TraceError (the spec was made for another model than ``model``)."""
+    by_name = {node.name: node for node in module.graph.nodes}
+    missing = sorted({node for node, _ in calls} - set(by_name))
+    if missing:
+        raise TraceError(
+            f"observation node(s) {missing} are not in the traced graph of {model}; the "
+            "spec was made for another model or version: trace again"
+        )
+    module.add_submodule("accord_observer", observer)
+    for node, arguments in calls:
+        with module.graph.inserting_after(by_name[node]):
+            module.graph.call_module("accord_observer", (by_name[node], *arguments))
+    module.graph.lint()
+    module.recompile()
+    return module
 
 
 class _Collector(nn.Module):
@@ -37,22 +78,9 @@ class ObservedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.exported = exported
-        wanted = list(dict.fromkeys(nodes))
-        by_name = {node.name: node for node in module.graph.nodes}
-        missing = [name for name in wanted if name not in by_name]
-        if missing:
-            raise TraceError(
-                f"observation node(s) {missing} are not in the traced graph of {model}; the "
-                "spec was made for another model or version: trace again"
-            )
         collector = _Collector()
-        module.add_submodule("accord_observed", collector)
-        for name in wanted:
-            with module.graph.inserting_after(by_name[name]):
-                module.graph.call_module("accord_observed", (by_name[name], name))
-        module.graph.lint()
-        module.recompile()
-        self.module = module
+        calls = [(name, (name,)) for name in dict.fromkeys(nodes)]
+        self.module = call_after(module, collector, calls, model)
         self.collector = collector
 
     def train(self, mode: bool = True) -> ObservedModel:
@@ -80,17 +108,11 @@ def observed_model(
     graph: str = "export",
     leaf_modules: Iterable[str] = (),
 ) -> ObservedModel:
-    """``model``'s forward on the graph ``graph`` ("export", or "fx" for specs traced with
-    torch.fx), returning ``(output, {node: output})`` for ``nodes``, observation node names
-    of a spec of that graph (``Spec.graph``, ``Spec.leaf_modules``). ``example_input`` is
-    what torch.export runs the model on (torch.fx ignores it)."""
-    if graph == "export":
-        module = exported_module(model, example_input)
-    elif graph == "fx":
-        module = symbolic_graph(model, leaf_modules)
-    else:
-        raise TraceError(f"graph={graph!r}: expected 'export' or 'fx' (Spec.graph)")
+    """``model``'s forward on the graph ``graph`` (:func:`traced_module`), returning
+    ``(output, {node: output})`` for ``nodes``, observation node names of a spec of that
+    graph (``Spec.graph``, ``Spec.leaf_modules``)."""
+    module = traced_module(model, example_input, graph, leaf_modules)
     return ObservedModel(module, nodes, type(model).__name__, graph == "export")
 
 
-__all__ = ["ObservedModel", "observed_model"]
+__all__ = ["ObservedModel", "call_after", "observed_model", "traced_module"]

@@ -2,7 +2,8 @@
 
 torch.export first: the model is exported (:mod:`accord.trace.export`) and its ATen graph
 walked with rules per ATen operator (:mod:`accord.trace.aten`); its nodes are named after the
-modules that run them, so the statistics pass, exporting again, finds the observation nodes.
+modules that run them, so the statistics pass finds the observation nodes in the same program
+(one export per architecture inside a merge, :mod:`accord.trace.programs`) or in a new export.
 torch.fx remains for spec files saved with ``graph="fx"`` and as the fallback for a model
 torch.export cannot export (a data-dependent branch, say) but torch.fx can trace, with
 ``leaf_modules`` kept opaque: the model is traced by :func:`accord.trace.fx.symbolic_graph`
@@ -52,9 +53,10 @@ from torch import fx, nn
 
 from accord.errors import ConfigError, TraceError
 from accord.spec import Spec
-from accord.trace.export import ExportError, exported_walk, trace_exported
+from accord.trace.export import exported_walk, trace_exported
 from accord.trace.finish import finish
 from accord.trace.fx import symbolic_graph
+from accord.trace.programs import ExportError
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
 from accord.trace.tables import FUNCTION_RULES, HEAD_RULES, METHOD_RULES, MODULE_RULES
 from accord.trace.walk import admits, output, taint_unused, unknown
