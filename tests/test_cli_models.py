@@ -9,7 +9,6 @@ import contextlib
 import json
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +18,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 import accord
+from _hf_models import BUILDERS, VOCAB, transformers
 from accord.cli import main
 from accord.models.hf import HFOutput
-
-transformers = pytest.importorskip("transformers")
-
-VOCAB = 64
-_TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-)
-
-BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "vit": lambda: transformers.ViTForImageClassification(
-        transformers.ViTConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=48,
-            num_labels=3,
-        )
-    ),
-    "bert": lambda: transformers.BertForSequenceClassification(
-        transformers.BertConfig(**_TEXT, max_position_embeddings=20)
-    ),
-    "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**_TEXT, num_key_value_heads=2)
-    ),
-}
 
 
 def _twins(name: str, root: Path) -> tuple[Path, Path, nn.Module, torch.Tensor]:
     """A model's folder, its permuted twin's folder, the wrapped model and an input batch."""
     torch.manual_seed(0)
-    model = BUILDERS[name]().eval()
-    wrapped = HFOutput(model, "logits").eval()
-    x = (
-        torch.randn(4, 3, 16, 16)
-        if model.main_input_name == "pixel_values"
-        else torch.randint(0, VOCAB, (4, 7))
-    )
+    model, inputs = BUILDERS[name]()
+    wrapped = HFOutput(model.eval(), "logits").eval()
+    x = inputs(4)
     spec = accord.trace(wrapped, x[:2])
     twin = accord.randomly_permuted(wrapped, spec, seed=1)
     first, second = root / f"{name}-a", root / f"{name}-b"
@@ -268,7 +233,7 @@ def test_folder_whose_weights_miss_a_tensor_names_it(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    BUILDERS["bert"]().save_pretrained(tmp_path)
+    BUILDERS["bert"]()[0].save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     dropped = "bert.encoder.layer.0.output.dense.weight"
     del state[dropped]
