@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import accord
+from accord import workflow
 from accord.cli import main
 
 
@@ -219,6 +221,62 @@ def test_align_and_combine_flags_name_the_two_methods(
     assert report["combine_options"] == {"weight": 2.0, "normalize": True}
     assert main(["merge", *stored, "--combine", "ties", "--quiet"]) == 2
     error = capsys.readouterr().err
-    assert "'ties'" in error and "accord merge takes no base" in error and "base=" in error
+    assert "'ties'" in error and "--base PATH" in error
     assert main(["merge", *stored, "--method", "all", "--align", "cca"]) == 2
     assert "give neither" in capsys.readouterr().err
+
+
+def test_base_gives_task_vectors_their_origin(stored: list[str], tmp_path: Path, capsys) -> None:
+    """Model 0 as the base: task arithmetic at scale 1 gives θ0 + (θ1 − θ0) = θ1 exactly, and
+    TIES what merge_state_dicts gives the same states and base."""
+    states = [accord.load_checkpoint(p).model.state_dict() for p in stored]
+    given = ["--align", "identity", "--base", stored[0], "--repair", "none", "--quiet"]
+    out = tmp_path / "ta"
+    assert main(["merge", *stored, "--combine", "task_arithmetic", *given, "--out", str(out)]) == 0
+    merged = accord.load_checkpoint(out).model.state_dict()
+    for name, tensor in states[1].items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "report.json").read_text())["config"]["base"] == stored[0]
+    out = tmp_path / "ties"
+    args = ["merge", *stored, "--method", "ties", "--option", "density=0.5", *given]
+    assert main([*args, "--out", str(out)]) == 0
+    expected = accord.merge_state_dicts(states, "ties", base=states[0], density=0.5)
+    merged = accord.load_checkpoint(out).model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+    # chosen on validation: the base reaches every candidate
+    assert main(["merge", *stored, "--method", "ties", *given, "--auto"]) == 0
+    assert "merge: ties" in capsys.readouterr().out
+    # a YAML config names it as base
+    config = tmp_path / "merge.yaml"
+    keys = {"models": stored, "combine": "ties", "align": "identity", "base": stored[0]}
+    config.write_text(yaml.safe_dump({**keys, "repair": "none"}))
+    assert main(["merge", "--config", str(config), "--quiet"]) == 0
+
+
+def test_method_all_with_a_base_adds_the_task_vector_combiners(stored: list[str], capsys) -> None:
+    args = ["merge", *stored, "--method", "all", "--base", stored[0], "--samples", "200"]
+    assert main([*args, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cca", "npmerge", *workflow.task_vector_combiners(2)):
+        assert f"merge: {name}" in out
+
+
+def test_base_errors_name_the_file(stored: list[str], tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nothing"
+    assert main(["merge", *stored, "--combine", "ties", "--base", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    other = tmp_path / "wide"
+    model = accord.load_checkpoint(stored[0]).model
+    wider = accord.build_model(**{**accord.model_config(model), "width": 16})
+    accord.save_checkpoint(wider, other, {})
+    assert main(["merge", *stored, "--combine", "ties", "--base", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the base ({other})" in err and "shape" in err
+    assert main(["merge", *stored, "--method", "cca", "--base", stored[0]]) == 2
+    err = capsys.readouterr().err
+    assert "takes no base" in err and "ties" in err
+    out = tmp_path / "merged"
+    args = ["merge", *stored, "--combine", "ties", "--base", str(out), "--out", str(out)]
+    assert main([*args, "--align", "identity", "--quiet"]) == 2
+    assert "is input model" in capsys.readouterr().err

@@ -9,7 +9,6 @@ import contextlib
 import json
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +18,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 import accord
+from _hf_models import BUILDERS, VOCAB, transformers
 from accord.cli import main
 from accord.models.hf import HFOutput
-
-transformers = pytest.importorskip("transformers")
-
-VOCAB = 64
-_TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-)
-
-BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "vit": lambda: transformers.ViTForImageClassification(
-        transformers.ViTConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=48,
-            num_labels=3,
-        )
-    ),
-    "bert": lambda: transformers.BertForSequenceClassification(
-        transformers.BertConfig(**_TEXT, max_position_embeddings=20)
-    ),
-    "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**_TEXT, num_key_value_heads=2)
-    ),
-}
 
 
 def _twins(name: str, root: Path) -> tuple[Path, Path, nn.Module, torch.Tensor]:
     """A model's folder, its permuted twin's folder, the wrapped model and an input batch."""
     torch.manual_seed(0)
-    model = BUILDERS[name]().eval()
-    wrapped = HFOutput(model, "logits").eval()
-    x = (
-        torch.randn(4, 3, 16, 16)
-        if model.main_input_name == "pixel_values"
-        else torch.randint(0, VOCAB, (4, 7))
-    )
+    model, inputs = BUILDERS[name]()
+    wrapped = HFOutput(model.eval(), "logits").eval()
+    x = inputs(4)
     spec = accord.trace(wrapped, x[:2])
     twin = accord.randomly_permuted(wrapped, spec, seed=1)
     first, second = root / f"{name}-a", root / f"{name}-b"
@@ -160,6 +125,17 @@ NET = textwrap.dedent(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(self.conv(x)).flatten(1)
             return self.out(torch.relu(self.hidden(h)))
+
+
+    class Flat(nn.Module):  # reads flat inputs: digits' 8x8 images as 64 numbers
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = nn.Linear(64, 16)
+            self.out = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.hidden(x)))
     """
 )
 
@@ -205,6 +181,18 @@ def test_own_class_merged_with_its_twin_comes_back(
     merged = accord.load_user_model(out / "model.safetensors", "tests_pkg.module:Net", {"width": 2})
     with torch.no_grad():
         torch.testing.assert_close(merged.module(x), model(x), rtol=1e-4, atol=1e-5)
+    # the first file as the base: the twin aligned to it leaves no task vector, so TIES
+    # returns the base
+    args = ["merge", *map(str, files), *given, "--align", "permutation", "--combine", "ties"]
+    args += ["--base", str(files[0]), "--data", "digits", "--samples", "64", "--repair", "none"]
+    assert main([*args, "--out", str(tmp_path / "ties"), "--quiet"]) == 0
+    merged = accord.load_user_model(
+        tmp_path / "ties" / "model.safetensors", "tests_pkg.module:Net", {"width": 2}
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(merged.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert main([*args[:-2], "--base", str(tmp_path)]) == 2
+    assert f"base {tmp_path} is a folder" in capsys.readouterr().err
 
 
 def test_errors_name_the_file_and_the_fix(
@@ -245,7 +233,7 @@ def test_folder_whose_weights_miss_a_tensor_names_it(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    BUILDERS["bert"]().save_pretrained(tmp_path)
+    BUILDERS["bert"]()[0].save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     dropped = "bert.encoder.layer.0.output.dense.weight"
     del state[dropped]
@@ -285,3 +273,73 @@ def test_text_file_is_tokenized_with_the_folders_tokenizer(tmp_path: Path) -> No
     torch.testing.assert_close(ids, expected)
     with pytest.raises(accord.DataError, match="fewer than one sequence"):
         calibration_batches(str(text), model, None, 2, sequence_length=20)
+
+
+def test_hf_base_folder_gives_task_vectors_their_origin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first folder as the base: its permuted twin aligned to it leaves no task vector,
+    so task arithmetic returns the base, written as a folder with its logits."""
+    first, second, wrapped, x = _twins("bert", tmp_path)
+    out = tmp_path / "merged"
+    args = ["merge", str(first), str(second), "--align", "permutation"]
+    args += ["--combine", "task_arithmetic", "--data", "random-tokens", "--samples", "48"]
+    args += ["--repair", "none", "--quiet"]
+    with pytest.warns(UserWarning, match="smoke test only"):
+        assert main([*args, "--base", str(first), "--out", str(out)]) == 0
+    with torch.no_grad():
+        expected = wrapped(x)
+    torch.testing.assert_close(_logits(out, x), expected, rtol=1e-4, atol=1e-5)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert main([*args, "--base", str(weights)]) == 2
+    assert f"base {weights} is not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_input_shape_traces_a_class_on_it_and_fits_the_data(
+    user_package: type[nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A class that reads flat inputs: --input-shape 64 traces it on 64 numbers and flattens
+    digits' 1x8x8 images to them; shapes it cannot run on, or the data cannot fit, are named."""
+    from accord.models.inputs import fit_input
+
+    flat = sys.modules["tests_pkg.module"].Flat
+    torch.manual_seed(0)
+    model = flat().eval()
+    x = torch.randn(8, 64)
+    twin = accord.randomly_permuted(model, accord.trace(model, x[:2]), seed=1)
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for module, file in zip((model, twin), files, strict=True):
+        save_file(dict(module.state_dict()), str(file))
+    out = tmp_path / "merged"
+    args = ["merge", *map(str, files), "--model", "tests_pkg.module:Flat", "--data", "digits"]
+    args += ["--method", "permutation", "--samples", "64", "--repair", "none", "--quiet"]
+    assert main([*args, "--input-shape", "64", "--out", str(out)]) == 0
+    merged = accord.load_user_model(out / "model.safetensors", "tests_pkg.module:Flat")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "report.json").read_text())["config"]["input_shape"] == [64]
+    # without it the class is traced on the data's first batch: 1x8x8 images it cannot read
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{files[0]} does not run on the data's images, of shape (2, 1, 8, 8)" in err
+    assert main([*args, "--input-shape", "3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-shape 3,8,8: tests_pkg.module:Flat" in err and str(files[0]) in err
+    assert main([*args, "--input-shape", "3,x"]) == 2
+    assert "input_shape: " in capsys.readouterr().err
+    with pytest.raises(
+        accord.DataError, match="--input-shape 4,16: the images of digits are 1×8×8"
+    ):
+        fit_input(torch.zeros(2, 1, 8, 8), (4, 16), "digits")
+    fitted = fit_input(torch.rand(2, 1, 8, 8), (3, 16, 16), "digits")
+    assert fitted.shape == (2, 3, 16, 16) and torch.equal(fitted[:, 0], fitted[:, 2])
+
+
+def test_input_shape_is_for_a_class_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second, _, _ = _twins("vit", tmp_path)
+    args = ["merge", str(first), str(second), "--input-shape", "3,16,16", "--quiet"]
+    assert main(args) == 2
+    assert "input_shape (--input-shape) is for --model" in capsys.readouterr().err

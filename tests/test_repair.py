@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import accord
@@ -21,17 +22,22 @@ def _outputs(model: torch.nn.Module, module: str, inputs: torch.Tensor) -> torch
     return seen[0]
 
 
-def test_repair_targets_under_a_dense_map_are_the_mapped_statistics_of_each_model() -> None:
+@pytest.mark.parametrize("batches", [1, 4])
+def test_repair_targets_under_a_dense_map_are_the_mapped_statistics_of_each_model(
+    batches: int,
+) -> None:
     """After CCA + REPAIR, every merged channel of every hidden layer has mean avg_i (T_i μ_i)
     and std avg_i sqrt(diag(T_i Σ_i T_iᵀ)), from each model's own pre-activations y_i (the
     samples of T_i y_i), and not the statistics of the aligned models, which a dense map
-    before a ReLU makes compute another function."""
+    before a ReLU makes compute another function. Exact over the whole data however it is
+    batched: each layer is measured with the layers before it repaired."""
     torch.manual_seed(0)
     models = [
         accord.build_model("mlp", width=12, depth=2, in_channels=1, image_size=4) for _ in range(2)
     ]
     inputs = torch.randn(400, 1, 4, 4)
-    data = [(inputs, torch.zeros(400, dtype=torch.long))]  # one batch: REPAIR is exact then
+    labels = torch.zeros(400, dtype=torch.long)
+    data = list(zip(inputs.chunk(batches), labels.chunk(batches), strict=True))
     result = accord.merge(models, data, method="cca", repair="repair")
     assert result.report["dense_spaces"]
     drift = 0.0

@@ -88,9 +88,11 @@ def _parsed(option: Option, text: str) -> Any:
 
 
 def _choices(field: str) -> str:
-    """The registered names a merge config field takes, for its help: the alignments, and the
-    combiners that need no base (the others are for accord llm-merge)."""
-    combiners = sorted(name for name, r in COMBINERS.items() if r.needs.base != "yes")
+    """The registered names a merge config field takes, for its help (a combiner that needs
+    a base is marked: it takes --base)."""
+    combiners = sorted(
+        f"{name} (--base)" if r.needs.base == "yes" else name for name, r in COMBINERS.items()
+    )
     tables = {
         "method": ["all", *sorted(ALIGNMENTS), *combiners],
         "align": sorted(ALIGNMENTS),

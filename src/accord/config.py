@@ -4,6 +4,7 @@ Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
 
     models: [models/fashion-mnist-vgg11-iid0of2-s0-..., models/fashion-mnist-vgg11-iid1of2-s1-...]
     method: cca          # or all, or any alignment or combiner (accord.registry)
+    # base: models/BASE  # the model they were fine-tuned from (combine: ties, dare, ...)
     options: {ridge: 0.1}  # or auto: chosen on the validation split
     reference: 0         # or best (validation accuracy)
     repair: auto         # bn-reset, repair, none
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accord.errors import ConfigError, did_you_mean
 
@@ -40,6 +41,12 @@ class MergeConfig(BaseModel):
     )
     align: str | None = Field(None, description="alignment (default: the method's, else cca)")
     combine: str | None = Field(None, description="combiner (default: the method's, else average)")
+    base: str | None = Field(
+        None,
+        description="the model the others were fine-tuned from, of their kind (a checkpoint "
+        "folder, Hugging Face folder or weights file of --model), for the combiners of task "
+        "vectors (ties, dare, task_arithmetic, ...); with method all these join the comparison",
+    )
     options: dict[str, Any] | Literal["auto"] = Field(
         default_factory=dict, description="method options, or 'auto' (chosen on validation)"
     )
@@ -71,6 +78,12 @@ class MergeConfig(BaseModel):
         default_factory=dict,
         description="the --model class's constructor arguments, JSON: '{\"width\": 2}'",
     )
+    input_shape: list[int] | None = Field(
+        None,
+        description="the shape of one input of --model without the batch axis (C,H,W, or N "
+        "for flat inputs): it is traced on random inputs of this shape, and the data's images "
+        "are fitted to it (default: traced on the data's first batch, as it is)",
+    )
     data: str | None = Field(
         None,
         description="statistics data for Hugging Face folders and --model: a dataset name "
@@ -83,6 +96,24 @@ class MergeConfig(BaseModel):
         description="tokens per sequence of text --data (default 32, or the model's positions "
         "when fewer)",
     )
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _parse_shape(cls, value: Any) -> Any:
+        """``"3,32,32"`` (the command line) or one number as a list of sizes."""
+        if isinstance(value, str):
+            try:
+                value = [int(part) for part in value.split(",")]
+            except ValueError:
+                raise ValueError(f"{value!r}: expected sizes such as 3,32,32") from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list | tuple) and (
+            not value
+            or any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in value)
+        ):
+            raise ValueError(f"{value!r}: expected positive sizes such as 3,32,32")
+        return value
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], keys: str) -> dict[str, Any]:

@@ -155,15 +155,20 @@ def check_models(models: Sequence[nn.Module], names: Sequence[str] | None = None
         )
 
 
-def _check_base(
-    base: nn.Module | Mapping[str, torch.Tensor], models: Sequence[nn.Module]
+def check_base(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    models: Sequence[nn.Module],
+    name: str = "the base",
+    names: Sequence[str] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """The base's state, checked as a model would be: of model 0's class (given as a
-    module), with its tensors, shapes and dtypes, every tensor finite."""
+    module), with its tensors, shapes and dtypes, every tensor finite. ``name`` (e.g. "the
+    base (its path)") and ``names`` (the models') label the messages."""
+    first = _model_name(0, names)
     if isinstance(base, nn.Module):
         if type(base) is not type(models[0]):
             raise MergeError(
-                f"the base is a {type(base).__name__}, model 0 a {type(models[0]).__name__}: "
+                f"{name} is a {type(base).__name__}, {first} a {type(models[0]).__name__}: "
                 "give the model the merged ones were fine-tuned from"
             )
         state: Mapping[str, torch.Tensor] = base.state_dict()
@@ -174,10 +179,8 @@ def _check_base(
             f"base is a {type(base).__name__}: give the model the merged ones were fine-tuned "
             "from, or its state dict"
         )
-    _check_same_states([models[0].state_dict(), state], [_model_name(0, None), "the base"])
-    _require_finite(
-        state, "the base", "task vectors against it would make the merged model non-finite"
-    )
+    _check_same_states([models[0].state_dict(), state], [first, name])
+    _require_finite(state, name, "task vectors against it would make the merged model non-finite")
     return state
 
 
@@ -350,7 +353,7 @@ def merge(
     plan = plan_methods(method, align, combine)
     if len(models) > 1:
         check_inputs(plan.combine, len(models), has_base=base is not None)
-    base_state = _check_base(base, models) if base is not None else None
+    base_state = check_base(base, models) if base is not None else None
     if stop_at is not None and (options == "auto" or not plan.combine.tensorwise or data is None):
         raise MergeError(
             f"stop_at={stop_at!r} needs data, fixed options (choose them with a full merge "

@@ -9,6 +9,7 @@ average of the models' statistics, carried into the merged coordinates by their 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,31 +52,16 @@ def _output_moments(
     names: list[str],
     data: Any,
     device: Any,
-    correct: dict | None = None,
     full: frozenset[str] = frozenset(),
 ) -> dict[str, Moments]:
     """Per-channel moments of the named modules' outputs over one pass (with their
-    covariance for the modules in ``full``).
-
-    With ``correct`` (name → (target mean, target std)), each output is also re-standardised
-    on the fly with its batch statistics, so later layers see repaired inputs.
-    """
+    covariance for the modules in ``full``)."""
     modules = dict(model.named_modules())
     moments = {name: Moments(full=[(0, 0)] if name in full else ()) for name in names}
 
     def hook(name: str):
-        def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             moments[name].add(_channel_rows(output, module))
-            if correct is None:
-                return None
-            axis = 1 if isinstance(module, nn.modules.conv._ConvNd) else output.dim() - 1
-            rows = _channel_rows(output, module)
-            mean, std = rows.mean(0), rows.std(0, unbiased=False).clamp_min(1e-8)
-            target_mean, target_std = (t.to(output.dtype) for t in correct[name])
-            shape = [1] * output.dim()
-            shape[axis] = -1
-            scale = (target_std / std).reshape(shape)
-            return (output - mean.reshape(shape)) * scale + target_mean.reshape(shape)
 
         return record
 
@@ -83,12 +69,68 @@ def _output_moments(
     try:
         model.to(device).eval()
         for batch in batches(data):
-            inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            model(inputs.to(device))
+            model(_inputs(batch).to(device))
     finally:
         for handle in handles:
             handle.remove()
     return moments
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, tuple | list) else batch
+
+
+class _Stop(Exception):
+    """Raised by the hook of the layer a measuring pass is for: the rest of the forward, which
+    cannot change that layer's output, is skipped."""
+
+
+@torch.no_grad()
+def _call_order(
+    model: nn.Module, names: list[str], data: Any, device: Any
+) -> tuple[list[str], bool]:
+    """The named modules that run, in the order of their first call on the first batch, and
+    whether each runs once per forward (then a pass may stop after the layer it measures)."""
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: Any, _output: torch.Tensor) -> None:
+            calls[name] = calls.get(name, 0) + 1
+
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        batch = next(iter(batches(data)), None)
+        if batch is not None:
+            model(_inputs(batch).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(calls), all(count == 1 for count in calls.values())
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, name: str, data: Any, device: Any, stop: bool) -> Moments:
+    """Per-channel moments of module ``name``'s output over all of ``data``; with ``stop``,
+    each forward ends at that module."""
+    module = dict(model.named_modules())[name]
+    moment = Moments()
+
+    def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        moment.add(_channel_rows(output, module))
+        if stop:
+            raise _Stop
+
+    handle = module.register_forward_hook(record)
+    try:
+        for batch in batches(data):
+            with contextlib.suppress(_Stop):
+                model(_inputs(batch).to(device))
+    finally:
+        handle.remove()
+    return moment
 
 
 def _target_moments(
@@ -127,8 +169,13 @@ def repair_activations(
     (``ReLU(T y) ≠ T ReLU(y)``), so an aligned model's deeper channels drift from what the
     merged features should match. The merged layer's rows are rescaled and shifted so its
     outputs have the targets (``W ← s·W``, ``b ← s·(b − μ) + μ_target`` with
-    ``s = σ_target / σ``), measured in one pass in which each layer's output is
-    re-standardised with batch statistics, as REPAIR's reset does.
+    ``s = σ_target / σ``). Layers are repaired one at a time in the order they run, each
+    measured over all of ``data`` with the layers before it already repaired, so the merged
+    model's statistics are the targets whatever the batches (re-standardising every layer in
+    one pass with each batch's statistics is exact for one batch only). That costs one pass
+    per repaired layer, each stopped at the layer it measures (about (L + 1) / 2 forward
+    passes for L layers that each run once per forward), besides one pass per model for the
+    targets.
     """
     writers = _writer_modules(merged, spec)
     names = list(writers)
@@ -147,16 +194,25 @@ def repair_activations(
         )
         for name, pairs in targets.items()
     }
-    measured = _output_moments(merged, names, data, device, correct=goal)
+    merged.to(device).eval()
+    order, once = _call_order(merged, names, data, device)
     modules = dict(merged.named_modules())
-    for name in names:
-        module = modules[name]
-        mean, std = measured[name].mean(), measured[name].std()
-        scale = goal[name][1] / std.clamp_min(1e-8)
-        shape = (-1,) + (1,) * (module.weight.dim() - 1)
-        module.weight.mul_(scale.reshape(shape).to(module.weight.dtype))
-        # Without a bias (an architecture choice we keep) only the scale can be repaired.
-        if module.bias is not None:
-            shifted = scale * (module.bias.to(torch.float64) - mean) + goal[name][0]
-            module.bias.copy_(shifted.to(module.bias.dtype))
+    for name in order:
+        measured = _measure(merged, name, data, device, stop=once)
+        _rescale(modules[name], measured, *goal[name])
     return merged.eval()
+
+
+def _rescale(
+    module: nn.Module, measured: Moments, target_mean: torch.Tensor, target_std: torch.Tensor
+) -> None:
+    """Give ``module``'s output channels, measured as ``measured``, the target mean and std:
+    ``W ← s·W``, ``b ← s·(b − μ) + μ_target`` with ``s = σ_target / σ``."""
+    mean, std = measured.mean(), measured.std()
+    scale = target_std / std.clamp_min(1e-8)
+    shape = (-1,) + (1,) * (module.weight.dim() - 1)
+    module.weight.mul_(scale.reshape(shape).to(module.weight.dtype))
+    # Without a bias (an architecture choice we keep) only the scale can be repaired.
+    if module.bias is not None:
+        shifted = scale * (module.bias.to(torch.float64) - mean) + target_mean
+        module.bias.copy_(shifted.to(module.bias.dtype))

@@ -9,6 +9,7 @@ whole output folder at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
-from accord.merge import MergeResult, check_models, choose_reference, merge
-from accord.models import uses_user_models
+from accord.merge import MergeResult, check_base, check_models, choose_reference, merge
+from accord.models import is_hf_folder, uses_user_models
 from accord.registry import ALIGNMENTS, COMBINERS, MethodPlan, plan_methods
 from accord.report import merge_figures, write_merge_report
+from accord.spec import Spec
 from accord.statistics import collect_statistics
 from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
 from accord.trace import trace
@@ -82,7 +84,8 @@ Request = tuple[str | None, str | None, str | None]  # merge's method, align and
 
 
 def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
-    """The merges to run: the comparison's methods, or the one ``config`` asks for."""
+    """The merges to run: the comparison's methods (with a base, and the combiners of task
+    vectors), or the one ``config`` asks for, checked against ``config.base``."""
     if config.method == "all":
         if config.options not in ("auto", {}):
             raise ConfigError(
@@ -90,17 +93,43 @@ def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
             )
         if config.align is not None or config.combine is not None:
             raise ConfigError("align, combine: with method 'all' give neither (it runs each)")
-        return [((name, None, None), plan_methods(name)) for name in compared_methods()]
+        names = compared_methods()
+        if config.base is not None:
+            names += task_vector_combiners(len(config.models))
+        return [((name, None, None), plan_methods(name)) for name in names]
     request = (config.method, config.align, config.combine)
     plan = plan_methods(*request)  # an unknown name fails here, before any work
-    if plan.combine.needs.base == "yes":
+    needs = plan.combine.needs.base
+    if needs == "yes" and config.base is None:
         raise ConfigError(
             f"combine {plan.combine.name!r} merges task vectors against the model the others "
-            "were fine-tuned from, and accord merge takes no base: call accord.merge(models, "
-            "data, combine=..., base=...) or accord.merge_state_dicts in Python, or accord "
-            "llm-merge for Hugging Face checkpoints"
+            "were fine-tuned from: give that model with --base PATH (base: in a config file)"
+        )
+    if needs == "no" and config.base is not None:
+        raise ConfigError(
+            f"base {config.base}: combine {plan.combine.name!r} merges no task vectors, so it "
+            "takes no base; leave --base out, or choose a combiner of task vectors ("
+            f"{', '.join(task_vector_combiners(len(config.models)))})"
         )
     return [(request, plan)]
+
+
+def task_vector_combiners(count: int) -> tuple[str, ...]:
+    """The combiners that merge task vectors against a base (their record needs one) and
+    take ``count`` models: what ``--method all`` adds to the comparison when a base is given."""
+    return tuple(
+        sorted(
+            name
+            for name, record in COMBINERS.items()
+            if record.needs.base == "yes" and record.needs.model_count_problem(name, count) is None
+        )
+    )
+
+
+def merge_inputs(config: MergeConfig) -> list[str]:
+    """The files and folders a merge reads (the models and the base), which its output must
+    never replace."""
+    return [*config.models, *([config.base] if config.base is not None else [])]
 
 
 def calibration_loader(data: DataSplits, config: MergeConfig) -> Any:
@@ -121,26 +150,72 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
             "accord.models.merging.run_user_merge (accord merge chooses it); run_merge merges "
             "checkpoints of accord train on the dataset they were trained on"
         )
+    if config.input_shape is not None:
+        raise ConfigError(
+            "input_shape (--input-shape) is for --model: a checkpoint of accord train is traced "
+            "on its own dataset's images"
+        )
+    if config.base is not None and is_hf_folder(config.base):
+        raise ConfigError(
+            f"base {config.base} is a Hugging Face model folder but the models are checkpoints "
+            "of accord train: give the checkpoint they were fine-tuned from (accord train "
+            "--init BASE)"
+        )
     if config.output:  # a bad output folder fails now, not after the merge
-        check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
+        check_output(
+            config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=merge_inputs(config)
+        )
     checkpoints = [load_checkpoint(p, device=config.device) for p in config.models]
     models: list[nn.Module] = [c.model for c in checkpoints]
-    check_models(models, [str(c.path) for c in checkpoints])  # before the evaluation passes
+    names = [str(c.path) for c in checkpoints]
+    check_models(models, names)  # before the evaluation passes
+    base = None
+    if config.base is not None:
+        base = load_checkpoint(config.base, device=config.device).model
+        check_base(base, models, f"the base ({config.base})", names)
     data = checkpoint_dataset(checkpoints, config.data_dir)
     loader = calibration_loader(data, config)
     val, val_ensemble = evaluate_with_ensemble(models, data.val, config.device)
     test, test_ensemble = evaluate_with_ensemble(models, data.test, config.device)
-    base = [(v.accuracy, t.accuracy) for v, t in zip(val, test, strict=True)]
-    outcome = MergeOutcome(checkpoints, base, (val_ensemble.accuracy, test_ensemble.accuracy))
+    base_accuracy = [(v.accuracy, t.accuracy) for v, t in zip(val, test, strict=True)]
+    outcome = MergeOutcome(
+        checkpoints, base_accuracy, (val_ensemble.accuracy, test_ensemble.accuracy)
+    )
     reference = choose_reference(models, config.reference, data.val, config.device)
     spec = trace(models[0], next(iter(loader))[0][:2])
+    merges = merge_each(models, loader, requests, spec, reference, config, progress, base, data.val)
+    for plan, result, seconds in merges:
+        start = time.perf_counter()
+        val = evaluate(result.model, data.val, config.device).accuracy
+        test = evaluate(result.model, data.test, config.device).accuracy
+        seconds += time.perf_counter() - start
+        outcome.methods.append(MethodOutcome(plan.name, val, test, result, seconds))
+    if config.output:
+        write_outcome(outcome, config)
+    return outcome
+
+
+def merge_each(
+    models: list[nn.Module],
+    data: Any,
+    requests: list[tuple[Request, MethodPlan]],
+    spec: Spec,
+    reference: int,
+    config: MergeConfig,
+    progress: bool,
+    base: nn.Module | None = None,
+    validation: Any = None,
+) -> Iterator[tuple[MethodPlan, MergeResult, float]]:
+    """Each merge of ``requests`` on ``data`` with ``config``'s settings, as it finishes:
+    its plan, result and seconds. One statistics pass serves every data-driven method; the
+    ``base`` goes to the combiners that take one."""
     plans = [plan for _, plan in requests]
-    shared = shared_statistics(models, loader, spec, config, reference, plans, progress)
+    shared = shared_statistics(models, data, spec, config, reference, plans, progress)
     for (method, align, combine), plan in requests:
         start = time.perf_counter()
         result = merge(
             models,
-            loader,
+            data,
             method,
             spec,
             reference,
@@ -149,18 +224,12 @@ def run_merge(config: MergeConfig, progress: bool = True) -> MergeOutcome:
             align=align,
             combine=combine,
             batchnorm=config.batchnorm,
-            validation=data.val,
+            base=None if plan.combine.needs.base == "no" else base,
+            validation=validation,
             device=config.device,
             options=config.options,
         )
-        val = evaluate(result.model, data.val, config.device).accuracy
-        test = evaluate(result.model, data.test, config.device).accuracy
-        outcome.methods.append(
-            MethodOutcome(plan.name, val, test, result, time.perf_counter() - start)
-        )
-    if config.output:
-        write_outcome(outcome, config)
-    return outcome
+        yield plan, result, time.perf_counter() - start
 
 
 def shared_statistics(
@@ -209,7 +278,7 @@ def write_outcome(outcome: MergeOutcome, config: MergeConfig) -> None:
             _write_method(folder, outcome, method, config)
 
     write_folder(
-        config.output, MERGE_OUTPUT, fill, overwrite=config.overwrite, inputs=config.models
+        config.output, MERGE_OUTPUT, fill, overwrite=config.overwrite, inputs=merge_inputs(config)
     )
 
 

@@ -83,9 +83,26 @@ def load_user_model(
     module = module.eval()
     example = None
     if input_shape is not None:
-        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-        generator = torch.Generator().manual_seed(0)
-        example = torch.randn((2, *input_shape), generator=generator).to(dtype or torch.float32)
+        example = _example(module, path, model, tuple(input_shape))
     return UserModel(
         path, module, "module", "tensor", example, model=model, model_args=dict(model_args or {})
     )
+
+
+def _example(module: nn.Module, path: Path, model: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Two random inputs of ``shape`` in the dtype of ``module``'s weights; ModelError naming
+    the shape, the class and its failure when ``module`` does not run on them."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn((2, *shape), generator=generator).to(dtype)
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as exc:  # any failure of the user's forward on this shape
+        given = ",".join(map(str, shape))
+        raise ModelError(
+            f"--input-shape {given}: {model} with the weights of {path} does not run on inputs "
+            f"of shape {tuple(example.shape)} ({type(exc).__name__}: {exc}); give the shape "
+            "of one input it reads, without the batch axis"
+        ) from None
+    return example

@@ -10,7 +10,8 @@
   ids, or a list of lists, concatenated and cut the same way); or ``random-tokens``, uniform
   random ids, **a smoke test only**: their statistics describe no text, so a merge aligned on
   them says nothing about the models' quality.
-- A user's own class: a dataset name, its images as they are (the class reads them).
+- A user's own class: a dataset name, its images as they are (the class reads them), or, given
+  ``--input-shape``, fitted to it (:func:`fit_input`); in the dtype of the class's weights.
 """
 
 from __future__ import annotations
@@ -56,9 +57,17 @@ def calibration_batches(
 def has_labels(model: UserModel, images: torch.Tensor, labels: torch.Tensor) -> bool:
     """Whether the dataset's labels are ``model``'s classes: it maps a batch of images to
     (N, classes) with as many classes as the labels have (a model with another head, e.g.
-    3 classes on digits, gets the images alone)."""
-    with torch.no_grad():
-        outputs = model.module(images[:2])
+    3 classes on digits, gets the images alone). DataError naming the images' shape when
+    ``model`` does not run on them."""
+    try:
+        with torch.no_grad():
+            outputs = model.module(images[:2])
+    except Exception as exc:  # any failure of the user's forward on these images
+        raise DataError(
+            f"{model.source} does not run on the data's images, of shape "
+            f"{tuple(images[:2].shape)} ({type(exc).__name__}: {exc}); give --input-shape, the "
+            "shape of one input it reads (the images are fitted to it), or other --data"
+        ) from None
     classes = int(labels.max()) + 1 if labels.numel() else 0
     return outputs.ndim == 2 and outputs.shape[1] >= classes
 
@@ -75,7 +84,26 @@ def _images(
     images, labels = train.images[:samples], train.labels[:samples]
     if model.kind == "hf":
         images = fit_images(images, image_shape(model.module.model))
-    return images, labels
+    elif model.example is not None:  # a class given its input shape
+        images = fit_input(images, tuple(model.example.shape[1:]), name)
+    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), None)
+    return images if dtype is None else images.to(dtype), labels
+
+
+def fit_input(images: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """N×C×H×W ``images`` as N×``shape``: fitted as :func:`fit_images` does to a C,H,W shape,
+    or flattened to a single axis of C·H·W; DataError naming both shapes for any other."""
+    if len(shape) == 3:
+        return fit_images(images, (shape[0], shape[1], shape[2]))
+    if len(shape) == 1 and shape[0] == images[0].numel():
+        return images.flatten(1)
+    have = "×".join(map(str, images.shape[1:]))
+    raise DataError(
+        f"--input-shape {','.join(map(str, shape))}: the images of {name} are {have}, which "
+        "accord fits to a C,H,W shape (resized, channels repeated or averaged) or flattens to "
+        f"one axis of {images[0].numel()}; give such a shape, or data of the shape the model "
+        "reads"
+    )
 
 
 def fit_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:

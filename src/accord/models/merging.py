@@ -12,7 +12,6 @@ it; the whole output appears in one rename.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,13 @@ from accord._io import write_json
 from accord._outputs import check_output, write_folder
 from accord.config import MergeConfig
 from accord.errors import ConfigError, ModelError
-from accord.merge import MergeResult, check_models, merge
+from accord.merge import MergeResult, check_base, check_models
 from accord.models import UserModel, is_hf_folder, load_user_model
 from accord.models.hf import write_hf_folder
 from accord.models.inputs import Batch, calibration_batches
 from accord.registry import MethodPlan
 from accord.trace import trace
-from accord.workflow import MERGE_OUTPUT, merge_requests, needs_data, shared_statistics
+from accord.workflow import MERGE_OUTPUT, merge_each, merge_inputs, merge_requests
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"  # the class and arguments that rebuild a merged --model
@@ -66,18 +65,18 @@ class UserMergeOutcome:
         return rows
 
 
-def run_user_merge(
-    config: MergeConfig, progress: bool = True, input_shape: tuple[int, ...] | None = None
-) -> UserMergeOutcome:
+def run_user_merge(config: MergeConfig, progress: bool = True) -> UserMergeOutcome:
     """Merge the models ``config.models`` names (Hugging Face folders, or weights files of
-    ``config.model``) on ``config.data``; write them when ``config.output`` is set."""
+    ``config.model``, traced on random inputs of ``config.input_shape`` when given, else on the
+    data's first batch) on ``config.data``; write them when ``config.output`` is set."""
     requests = merge_requests(config)
     _check_config(config)
     if config.output:  # a bad output folder fails now, not after the merge
-        check_output(config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=config.models)
-    users = [
-        load_user_model(p, config.model, config.model_args, input_shape) for p in config.models
-    ]
+        check_output(
+            config.output, MERGE_OUTPUT, overwrite=config.overwrite, inputs=merge_inputs(config)
+        )
+    shape = config.input_shape
+    users = [load_user_model(p, config.model, config.model_args, shape) for p in config.models]
     kinds = {(u.kind, type(u.module)) for u in users}
     if len(kinds) > 1:
         raise ModelError(
@@ -86,6 +85,10 @@ def run_user_merge(
         )
     modules = [u.module for u in users]
     check_models(modules, config.models)
+    base = None
+    if config.base is not None:
+        base = load_user_model(config.base, config.model, config.model_args).module
+        check_base(base, modules, f"the base ({config.base})", config.models)
     data = calibration_batches(
         config.data,
         users[0],
@@ -100,28 +103,11 @@ def run_user_merge(
         skipped = [plan.name for _, plan in requests if _needs_labels(plan)]
         requests = [(request, plan) for request, plan in requests if not _needs_labels(plan)]
     spec = trace(modules[0], example)
-    plans = [plan for _, plan in requests]
-    shared = shared_statistics(modules, data, spec, config, config.reference, plans, progress)
     ensemble = _ensemble_predictions(modules, data)
     agreement = [_agreement(m, data, ensemble) for m in modules]
     outcome = UserMergeOutcome(users, agreement, skipped=skipped)
-    for (method, align, combine), plan in requests:
-        start = time.perf_counter()
-        result = merge(
-            modules,
-            data,
-            method,
-            spec,
-            config.reference,
-            config.repair,
-            shared if needs_data(plan) else None,
-            align=align,
-            combine=combine,
-            batchnorm=config.batchnorm,
-            device=config.device,
-            options=config.options,
-        )
-        seconds = time.perf_counter() - start
+    merges = merge_each(modules, data, requests, spec, config.reference, config, progress, base)
+    for plan, result, seconds in merges:
         agreement = _agreement(result.model.eval(), data, ensemble)
         outcome.methods.append(UserMethodOutcome(plan.name, result, agreement, seconds))
     if config.output:
@@ -142,6 +128,11 @@ def _check_config(config: MergeConfig) -> None:
         )
     if config.model is None and config.model_args:
         raise ConfigError("model_args (--model-args) is given without model (--model CLASS)")
+    if config.model is None and config.input_shape is not None:
+        raise ConfigError(
+            "input_shape (--input-shape) is for --model: a Hugging Face folder's example input "
+            "comes from its config.json"
+        )
     if config.model is None:
         others = [p for p in config.models if not is_hf_folder(p)]
         if others:
@@ -149,6 +140,16 @@ def _check_config(config: MergeConfig) -> None:
                 f"{others[0]} is not a Hugging Face model folder, unlike the other models: "
                 "merge folders of one kind (accord checkpoints apart, with their own run)"
             )
+        if config.base is not None and not is_hf_folder(config.base):
+            raise ConfigError(
+                f"base {config.base} is not a Hugging Face model folder, unlike the models: "
+                "give the folder they were fine-tuned from"
+            )
+    elif config.base is not None and Path(config.base).is_dir():
+        raise ConfigError(
+            f"base {config.base} is a folder, but the models are weights files of --model "
+            f"{config.model}: give the base's weights file (.safetensors, .pt)"
+        )
 
 
 def _ensemble_predictions(models: list[nn.Module], data: list[Batch]) -> list[torch.Tensor]:
@@ -199,7 +200,7 @@ def _write(outcome: UserMergeOutcome, config: MergeConfig) -> None:
             write_json(folder / "report.json", report)
 
     write_folder(
-        config.output, MERGE_OUTPUT, fill, overwrite=config.overwrite, inputs=config.models
+        config.output, MERGE_OUTPUT, fill, overwrite=config.overwrite, inputs=merge_inputs(config)
     )
 
 
