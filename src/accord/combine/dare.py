@@ -6,7 +6,6 @@ arithmetic (``dare``), or with TIES' sign election (``dare_ties``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,30 +18,11 @@ from accord.combine._options import (
     WEIGHT,
     rescale,
 )
-from accord.combine._rows import RowForm
+from accord.combine._rows import task_vector_rows
 from accord.combine._sparse import sparse_task_arithmetic
 from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Yu et al., ICML 2024"
-
-
-def _rowwise(options: dict[str, Any], *, sign_election: bool) -> RowForm | None:
-    """DARE in row blocks: each model's drops drawn from its part of the tensor's stream; the L1
-    rescaling needs the whole tensor."""
-    if options["rescale"] == "l1":
-        return None
-    return RowForm(
-        lambda pruned: sparse_task_arithmetic(
-            pruned,
-            options["weight"],
-            scale=options["scale"],
-            sign_election=sign_election,
-            normalize=options["normalize"],
-        ),
-        prune="random",
-        amounts=options["drop_rate"],
-        rescale=options["rescale"],
-    )
 
 
 def dare(
@@ -108,5 +88,7 @@ register_variants(
     lambda normalize: (WEIGHT, DROP_RATE, SCALE, normalize, rescale(RANDOM_RESCALES)),
     needs=TASK_VECTORS,
     random=True,
-    rowwise=_rowwise,
+    rowwise=lambda o, sign_election: task_vector_rows(
+        o, sign_election=sign_election, prune="random", amounts=o["drop_rate"]
+    ),
 )
