@@ -5,13 +5,14 @@ arithmetic (``dare``), or with TIES' sign election (``dare_ties``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from accord.combine._options import (
     DROP_RATE,
+    NORMALIZE,
     RANDOM_RESCALES,
     SCALE,
     TASK_VECTORS,
@@ -52,31 +53,30 @@ def dare(
     )
 
 
-def _record_function(sign_election: bool) -> Callable[..., Tensor]:
-    def combine_dare(
-        deltas: Iterable[Tensor],
-        *,
-        weight: list[float],
-        drop_rate: list[float],
-        scale: float,
-        normalize: bool,
-        rescale: str,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """The record's function: :func:`dare` of the task vectors (DARE-TIES: with TIES' sign
-        election)."""
-        return dare(
-            deltas,
-            weight,
-            drop_rate=drop_rate,
-            generator=generator,
-            scale=scale,
-            sign_election=sign_election,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    return combine_dare
+def combine_dare(
+    sign_election: bool,
+    deltas: Iterable[Tensor],
+    /,
+    *,
+    weight: list[float],
+    drop_rate: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The records' function: :func:`dare` of the task vectors (``dare_ties``: with TIES' sign
+    election)."""
+    return dare(
+        deltas,
+        weight,
+        drop_rate=drop_rate,
+        generator=generator,
+        scale=scale,
+        sign_election=sign_election,
+        normalize=normalize,
+        rescale=rescale,
+    )
 
 
 register_variants(
@@ -84,8 +84,8 @@ register_variants(
         Variant("dare", _PAPER, "DARE", sign_election=False),
         Variant("dare_ties", f"{_PAPER} + TIES", "DARE-TIES", sign_election=True),
     ),
-    _record_function,
-    lambda normalize: (WEIGHT, DROP_RATE, SCALE, normalize, rescale(RANDOM_RESCALES)),
+    combine_dare,
+    (WEIGHT, DROP_RATE, SCALE, NORMALIZE, rescale(RANDOM_RESCALES)),
     needs=TASK_VECTORS,
     random=True,
     rowwise=lambda o, sign_election: task_vector_rows(
