@@ -191,8 +191,11 @@ def test_merge_state_dicts_refuses_what_its_records_forbid() -> None:
             call()
     broken = [dict(states_[0]), states_[1]]
     broken[0].pop(next(iter(broken[0])))
-    with pytest.raises(MergeError, match="state 1 has tensor"):
+    with pytest.raises(MergeError, match=r"tensor '.+' is in state 1 but not in state 0; "):
         accord.merge_state_dicts(broken, "linear")
+    reshaped = {**states_[1], "head.bias": torch.zeros(4)}
+    with pytest.raises(MergeError, match=r"'head.bias' has shape \(4,\) in the base but \(3,\)"):
+        accord.merge_state_dicts(states_[:2], "ties", base=reshaped)
 
 
 def test_method_is_a_shorthand_for_align_and_combine() -> None:
