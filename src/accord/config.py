@@ -14,6 +14,7 @@ Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,13 +121,20 @@ def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> 
     try:
         return MergeConfig(**data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            hint = _hint(key) if error["type"] == "extra_forbidden" else ""
-            problems.append(f"{key}: {error['msg']}{hint}")
+        problems = validation_problems(exc, lambda path: MergeConfig.model_fields)
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
 
-def _hint(key: str) -> str:
-    return did_you_mean(key, MergeConfig.model_fields)
+def validation_problems(
+    exc: ValidationError, fields: Callable[[list[str]], Iterable[str]]
+) -> list[str]:
+    """One line per error of pydantic's ``exc``: the key's path, what is wrong (a validator's
+    own message, without pydantic's "Value error, " prefix) and, for an unknown key, the
+    closest of ``fields(path)``, the keys known where it stands."""
+    problems = []
+    for error in exc.errors():
+        path = [str(part) for part in error["loc"]]
+        hint = did_you_mean(path[-1], fields(path)) if error["type"] == "extra_forbidden" else ""
+        message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+        problems.append(f"{'.'.join(path) or '(top level)'}: {message}{hint}")
+    return problems

@@ -27,6 +27,7 @@ validated here once translated. Paths are relative to the current directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,8 +42,8 @@ from pydantic import (
 )
 
 from accord._outputs import check_output
-from accord.config import read_yaml_mapping
-from accord.errors import ConfigError, OutputError, did_you_mean
+from accord.config import read_yaml_mapping, validation_problems
+from accord.errors import ConfigError, OutputError
 from accord.llm.io import DEFAULT_SHARD_SIZE, parse_size
 from accord.llm.merge import (
     MERGE_OUTPUT,
@@ -168,7 +169,7 @@ def validate_llm_merge_config(
     try:
         config = LLMMergeConfig(**data)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        problems = validation_problems(exc, _fields)
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
     problems = _semantic_problems(config)
     if problems:
@@ -176,16 +177,11 @@ def validate_llm_merge_config(
     return config
 
 
-def _describe(error: Any) -> str:
-    loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc) or "(top level)"
-    hint = ""
-    if error["type"] == "extra_forbidden":
-        model = {"parameters": Parameters, "models": ModelEntry}.get(loc[0], LLMMergeConfig)
-        hint = did_you_mean(loc[-1], model.model_fields)
-    # a validator's ValueError already says what is wrong; pydantic prefixes "Value error, "
-    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
-    return f"{key}: {message}{hint}"
+def _fields(path: list[str]) -> Iterable[str]:
+    """The keys known where a key of ``path`` stands."""
+    return {"parameters": Parameters, "models": ModelEntry}.get(
+        path[0], LLMMergeConfig
+    ).model_fields
 
 
 def _semantic_problems(config: LLMMergeConfig) -> list[str]:
