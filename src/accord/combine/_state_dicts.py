@@ -108,12 +108,9 @@ def check_inputs(record: CombineMethod, count: int, has_base: bool) -> None:
     problem = record.needs.model_count_problem(record.name, count)
     if problem is not None:
         raise MergeError(f"combine={record.name!r}: {problem}")
-    if record.needs.base == "yes" and not has_base:
-        raise MergeError(
-            f"combine={record.name!r} merges task vectors: give the base they start from (base=...)"
-        )
-    if record.needs.base == "no" and has_base:
-        raise MergeError(f"combine={record.name!r} has no task vectors; remove the base")
+    problem = record.needs.base_problem(f"combine={record.name!r}", has_base)
+    if problem is not None:
+        raise MergeError(problem)
 
 
 def merge_state_dicts(
