@@ -14,14 +14,16 @@ Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from accord.errors import ConfigError, did_you_mean
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 
 class MergeConfig(BaseModel):
@@ -118,19 +120,28 @@ def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> 
             f"{where}: output (--out) is {given}, which names no folder, so nothing would be "
             "written; give a folder, or leave output out to merge without writing"
         )
+    return validated(MergeConfig, data, where, lambda path: MergeConfig.model_fields)
+
+
+def validated(
+    model: type[ConfigModel],
+    data: Mapping[str, Any],
+    where: str,
+    fields: Callable[[list[str]], Iterable[str]],
+) -> ConfigModel:
+    """``model(**data)``, or a ConfigError naming ``where`` and every bad key: its path, what
+    is wrong (a validator's own message, without pydantic's "Value error, " prefix) and, for
+    an unknown key, the closest of ``fields(path)``, the keys known where it stands."""
     try:
-        return MergeConfig(**data)
+        return model(**data)
     except ValidationError as exc:
-        problems = validation_problems(exc, lambda path: MergeConfig.model_fields)
+        problems = _validation_problems(exc, fields)
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
 
-def validation_problems(
+def _validation_problems(
     exc: ValidationError, fields: Callable[[list[str]], Iterable[str]]
 ) -> list[str]:
-    """One line per error of pydantic's ``exc``: the key's path, what is wrong (a validator's
-    own message, without pydantic's "Value error, " prefix) and, for an unknown key, the
-    closest of ``fields(path)``, the keys known where it stands."""
     problems = []
     for error in exc.errors():
         path = [str(part) for part in error["loc"]]

@@ -36,13 +36,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    ValidationError,
     create_model,
     field_validator,
 )
 
 from accord._outputs import check_output
-from accord.config import read_yaml_mapping, validation_problems
+from accord.config import read_yaml_mapping, validated
 from accord.errors import ConfigError, OutputError
 from accord.llm.io import DEFAULT_SHARD_SIZE, parse_size
 from accord.llm.merge import (
@@ -166,11 +165,7 @@ def validate_llm_merge_config(
     data: dict[str, Any], where: str = "llm-merge config"
 ) -> LLMMergeConfig:
     """An :class:`LLMMergeConfig` from plain data; ConfigError naming each bad key."""
-    try:
-        config = LLMMergeConfig(**data)
-    except ValidationError as exc:
-        problems = validation_problems(exc, _fields)
-        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+    config = validated(LLMMergeConfig, data, where, _fields)
     problems = _semantic_problems(config)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from accord.config import validation_problems
+from accord.config import validated
 from accord.errors import ConfigError, did_you_mean
 from accord.llm.io import tokenizer_files
 from accord.llm.merge import setting_problems
@@ -178,11 +178,7 @@ def translate_mergekit_config(
         raise ConfigError(
             f"{where}: both merge_method (mergekit's) and method (accord's) are set; keep one"
         )
-    try:
-        config = MergekitConfig(**data)
-    except ValidationError as exc:
-        problems = validation_problems(exc, _fields)
-        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+    config = validated(MergekitConfig, data, where, _fields)
     problems = _structure_problems(config)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
