@@ -63,6 +63,35 @@ def test_each_record_agrees_with_its_function(record: AlignMethod | CombineMetho
         assert record.default_align in ALIGNMENTS
 
 
+def _public_defaults(record: CombineMethod) -> dict[str, object]:
+    """The defaults that the public function a combiner's record function names (":func:`x`"
+    in its docstring) gives to the record's options (None: a default derived from others)."""
+    import inspect
+
+    function = getattr(record.function, "func", record.function)  # a variant's: a partial
+    named = re.search(r":func:`(\w+)`", function.__doc__ or "")
+    if named is None:
+        return {}
+    public = getattr(importlib.import_module(function.__module__), named.group(1))
+    parameters = inspect.signature(public).parameters
+    options = {option.name for option in record.options}
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if name in options and p.default not in (inspect.Parameter.empty, None)
+    }
+
+
+DEFAULTED = [r for r in COMBINERS.values() if _public_defaults(r)]
+
+
+@pytest.mark.parametrize("record", DEFAULTED, ids=lambda r: r.name)
+def test_public_functions_default_as_their_records(record: CombineMethod) -> None:
+    # ties(), dare(), np_merge(), ... keep defaults for direct calls: they must be the record's
+    for name, default in _public_defaults(record).items():
+        assert default == record.option(name).default, (record.name, name)
+
+
 def test_the_comparison_has_one_place_per_method() -> None:
     places = [r.compare for r in RECORDS if r.compare is not None]
     assert len(places) == len(set(places)) >= 2
