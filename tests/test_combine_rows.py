@@ -175,8 +175,9 @@ def test_llm_merge_by_row_blocks_writes_the_whole_tensor_merge(
 ROWWISE = sorted(name for name, record in COMBINERS.items() if record.rowwise is not None)
 
 
-def test_the_row_forms_are_those_of_the_elementwise_combiners() -> None:
-    assert ROWWISE == ["dare", "dare_ties", "linear", "task_arithmetic", "ties"]
+def test_the_elementwise_combiners_keep_their_row_forms() -> None:
+    # a subset, so that a new combiner with a row form adds no line here (each is checked below)
+    assert {"dare", "dare_ties", "linear", "task_arithmetic", "ties"} <= set(ROWWISE)
 
 
 @pytest.mark.parametrize("method", ROWWISE)

@@ -391,7 +391,7 @@ def test_accord_yaml_reads_the_new_parameters(llamas: dict[str, Path], tmp_path:
         ("sce", {"weight": 1}, {}, "parameters.weight: not used by method 'sce'"),
         ("model_stock", {"filter_wise": "rows"}, {}, "parameters.filter_wise"),
         ("model_stock", {}, {"models": ["ft1"]}, "model_stock needs at least 2 fine-tuned"),
-        ("model_stock", {}, {"base": None}, "base: method 'model_stock' needs the task vectors"),
+        ("model_stock", {}, {"base": None}, "base: method 'model_stock' merges task vectors"),
         ("nuslerp", {}, {"models": ["ft1", "ft2", "ft3"]}, "nuslerp merges exactly 2 models"),
         ("nuslerp", {}, {"base": None, "receiver": "ft3"}, "to add to it without a base"),
         ("breadcrumbs", {"rescale": "expectation"}, {}, "expected one of none, l1"),

@@ -222,3 +222,18 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_read_json_names_the_file_and_the_remedy(tmp_path: Path) -> None:
+    from accord._io import read_json, write_json
+    from accord.errors import StoreError
+
+    write_json(tmp_path / "ok.json", {"a": 1})
+    assert read_json(tmp_path / "ok.json", StoreError) == {"a": 1}
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    with pytest.raises(StoreError, match=r"bad\.json is not valid JSON \(.*\); retrain"):
+        read_json(tmp_path / "bad.json", StoreError, broken="retrain")
+    with pytest.raises(StoreError, match=r"gone\.json does not exist; write it first"):
+        read_json(tmp_path / "gone.json", StoreError, missing="write it first")
+    with pytest.raises(StoreError, match="cannot be read"):
+        read_json(tmp_path, StoreError)  # a folder

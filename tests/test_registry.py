@@ -63,6 +63,35 @@ def test_each_record_agrees_with_its_function(record: AlignMethod | CombineMetho
         assert record.default_align in ALIGNMENTS
 
 
+def _public_defaults(record: CombineMethod) -> dict[str, object]:
+    """The defaults that the public function a combiner's record function names (":func:`x`"
+    in its docstring) gives to the record's options (None: a default derived from others)."""
+    import inspect
+
+    function = getattr(record.function, "func", record.function)  # a variant's: a partial
+    named = re.search(r":func:`(\w+)`", function.__doc__ or "")
+    if named is None:
+        return {}
+    public = getattr(importlib.import_module(function.__module__), named.group(1))
+    parameters = inspect.signature(public).parameters
+    options = {option.name for option in record.options}
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if name in options and p.default not in (inspect.Parameter.empty, None)
+    }
+
+
+DEFAULTED = [r for r in COMBINERS.values() if _public_defaults(r)]
+
+
+@pytest.mark.parametrize("record", DEFAULTED, ids=lambda r: r.name)
+def test_public_functions_default_as_their_records(record: CombineMethod) -> None:
+    # ties(), dare(), np_merge(), ... keep defaults for direct calls: they must be the record's
+    for name, default in _public_defaults(record).items():
+        assert default == record.option(name).default, (record.name, name)
+
+
 def test_the_comparison_has_one_place_per_method() -> None:
     places = [r.compare for r in RECORDS if r.compare is not None]
     assert len(places) == len(set(places)) >= 2
@@ -191,8 +220,11 @@ def test_merge_state_dicts_refuses_what_its_records_forbid() -> None:
             call()
     broken = [dict(states_[0]), states_[1]]
     broken[0].pop(next(iter(broken[0])))
-    with pytest.raises(MergeError, match="state 1 has tensor"):
+    with pytest.raises(MergeError, match=r"tensor '.+' is in state 1 but not in state 0; "):
         accord.merge_state_dicts(broken, "linear")
+    reshaped = {**states_[1], "head.bias": torch.zeros(4)}
+    with pytest.raises(MergeError, match=r"'head.bias' has shape \(4,\) in the base but \(3,\)"):
+        accord.merge_state_dicts(states_[:2], "ties", base=reshaped)
 
 
 def test_method_is_a_shorthand_for_align_and_combine() -> None:

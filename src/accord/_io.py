@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is written next to its target, then renamed over it."""
+"""Atomic file writes (a file is written next to its target, then renamed over it) and JSON
+reads whose errors name the file."""
 
 from __future__ import annotations
 
@@ -42,3 +43,23 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> 
     """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def read_json(
+    path: str | os.PathLike[str], error: type[Exception], *, missing: str = "", broken: str = ""
+) -> Any:
+    """The JSON in file ``path``; ``error`` naming it when it does not exist (``missing``: what
+    that means, or what to do), cannot be read, or is not valid JSON (``broken`` likewise)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise error(f"{path} does not exist{_tail(missing)}") from exc
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){_tail(broken)}") from exc
+
+
+def _tail(text: str) -> str:
+    return f"; {text}" if text else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from accord.errors import MergeError
 
@@ -20,6 +21,11 @@ class TensorShapes:
     label: str
     shapes: Mapping[str, tuple[int, ...]]
     where: Callable[[str], str] | None = None
+
+    @classmethod
+    def of_state(cls, label: str, state: Mapping[str, Any]) -> TensorShapes:
+        """The shapes of the tensors of ``state`` (a state dict), labelled ``label``."""
+        return cls(label, {name: tuple(tensor.shape) for name, tensor in state.items()})
 
     def location(self, name: str) -> str:
         return self.where(name) if self.where is not None else self.label

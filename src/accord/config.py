@@ -15,13 +15,16 @@ Example ``merge.yaml`` (run with ``accord merge --config merge.yaml``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accord.errors import ConfigError, did_you_mean
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 
 class MergeConfig(BaseModel):
@@ -148,16 +151,32 @@ def validate_merge_config(data: dict[str, Any], where: str = "merge config") -> 
             f"{where}: output (--out) is {given}, which names no folder, so nothing would be "
             "written; give a folder, or leave output out to merge without writing"
         )
+    return validated(MergeConfig, data, where, lambda path: MergeConfig.model_fields)
+
+
+def validated(
+    model: type[ConfigModel],
+    data: Mapping[str, Any],
+    where: str,
+    fields: Callable[[list[str]], Iterable[str]],
+) -> ConfigModel:
+    """``model(**data)``, or a ConfigError naming ``where`` and every bad key: its path, what
+    is wrong (a validator's own message, without pydantic's "Value error, " prefix) and, for
+    an unknown key, the closest of ``fields(path)``, the keys known where it stands."""
     try:
-        return MergeConfig(**data)
+        return model(**data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            hint = _hint(key) if error["type"] == "extra_forbidden" else ""
-            problems.append(f"{key}: {error['msg']}{hint}")
+        problems = _validation_problems(exc, fields)
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
 
-def _hint(key: str) -> str:
-    return did_you_mean(key, MergeConfig.model_fields)
+def _validation_problems(
+    exc: ValidationError, fields: Callable[[list[str]], Iterable[str]]
+) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        path = [str(part) for part in error["loc"]]
+        hint = did_you_mean(path[-1], fields(path)) if error["type"] == "extra_forbidden" else ""
+        message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+        problems.append(f"{'.'.join(path) or '(top level)'}: {message}{hint}")
+    return problems

@@ -126,10 +126,7 @@ def _check_same_states(states: Sequence[Mapping[str, torch.Tensor]], labels: lis
     """MergeError naming the first tensor whose name or shape, then dtype, differs from
     ``states[0]``'s."""
     check_same_tensors(
-        [
-            TensorShapes(label, {k: tuple(t.shape) for k, t in state.items()})
-            for label, state in zip(labels, states, strict=True)
-        ],
+        [TensorShapes.of_state(label, state) for label, state in zip(labels, states, strict=True)],
         what="parameter",
     )
     for label, state in zip(labels[1:], states[1:], strict=True):

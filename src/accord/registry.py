@@ -156,6 +156,15 @@ class Needs:
             return f"{name} merges at most {self.max_models} {which}, got {count}"
         return None
 
+    def base_problem(self, name: str, has_base: bool) -> str | None:
+        """Why method ``name`` (as the message calls it) cannot merge with, or without, a
+        base, or None."""
+        if self.base == "yes" and not has_base:
+            return f"{name} merges task vectors: give the base they start from"
+        if self.base == "no" and has_base:
+            return f"{name} has no task vectors; remove the base"
+        return None
+
 
 @dataclass(frozen=True)
 class Method:

@@ -31,16 +31,14 @@ axis the offset of its first feature; every position along the other axes is one
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from accord._io import write_json
+from accord._io import read_json, write_json
 from accord.errors import SpecError, did_you_mean
 
 if TYPE_CHECKING:
@@ -236,13 +234,7 @@ class Spec:
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: nn.Module | None = None) -> Spec:
         """Read a spec written by :meth:`save`; validate it against ``model`` when given."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise SpecError(f"spec file {path} does not exist") from exc
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"spec file {path} is not valid JSON: {exc}") from exc
+        data = read_json(path, SpecError, missing="expected a spec written by Spec.save")
         spec = cls.from_dict(data, where=str(path))
         if model is not None:
             spec.validate(model)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accord._io import write_json
+from accord._io import read_json, write_json
 from accord._outputs import write_folder
 from accord.errors import StoreError
 from accord.zoo import build_model, model_config
@@ -91,12 +91,12 @@ def weights_digest(path: Path) -> str:
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON config of a checkpoint; StoreError naming the file when it is missing or broken."""
     path = Path(directory) / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise StoreError(f"{path} does not exist: {directory} is not an accord checkpoint") from exc
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path} is not valid JSON ({exc}); delete the entry to retrain") from exc
+    config = read_json(
+        path,
+        StoreError,
+        missing=f"{directory} is not an accord checkpoint",
+        broken="delete the entry to retrain",
+    )
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise StoreError(f"{path} has no 'model' entry describing the architecture")
     return config

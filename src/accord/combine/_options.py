@@ -50,6 +50,11 @@ def normalize(default: bool) -> Option:
     return Option("normalize", bool, default, "divide by the (agreeing) weights' sum")
 
 
+# ``normalize`` of a combiner whose variants differ in its default
+# (:func:`accord.combine._variants.register_variants` gives each variant its own).
+NORMALIZE = normalize(False)
+
+
 def rescale(choices: tuple[str, ...]) -> Option:
     """``rescale`` of the pruned entries, ``choices[0]`` by default."""
     return Option("rescale", str, choices[0], "rescaling of the kept entries", choices=choices)

@@ -14,13 +14,21 @@ merges in megabytes. Blocks of any size give the results of the whole tensor, bi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from accord.combine._sparse import LargestMask, dropped, magnitudes, select_largest
+from accord.combine._sparse import (
+    LargestMask,
+    dropped,
+    magnitudes,
+    select_largest,
+    sparse_task_arithmetic,
+)
 
 # Rows ``start:stop`` of one model's tensor along its first axis, in the compute dtype: a new
 # tensor or a view that the merge never writes to.
@@ -45,6 +53,31 @@ class RowForm:
     prune: str | None = None
     amounts: Sequence[float] = ()
     rescale: str = "none"
+
+
+def task_vector_rows(
+    options: Mapping[str, Any],
+    *,
+    sign_election: bool = False,
+    prune: str | None = None,
+    amounts: Sequence[float] = (),
+) -> RowForm | None:
+    """The row form of :func:`accord.combine.sparse_task_arithmetic` with one tensor's resolved
+    ``options`` (``weight``, ``scale``, ``normalize`` and, where the combiner has one,
+    ``rescale``): each task vector pruned as ``prune`` says with ``amounts`` (see
+    :class:`RowForm`), then weighted and summed, or sign-elected and merged disjointly with
+    ``sign_election``. None with the L1 rescaling, which needs the whole tensor."""
+    rescale = options.get("rescale", "none")
+    if rescale == "l1":
+        return None
+    merge = partial(
+        sparse_task_arithmetic,
+        weights=options["weight"],
+        scale=options["scale"],
+        sign_election=sign_election,
+        normalize=options["normalize"],
+    )
+    return RowForm(merge, prune=prune, amounts=amounts, rescale=rescale)
 
 
 def row_spans(shape: Sequence[int], block_entries: int) -> list[tuple[int, int]]:

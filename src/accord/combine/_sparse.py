@@ -1,6 +1,7 @@
 """What the task-vector combiners share: pruning (by magnitude, at random), L1 rescaling, TIES'
-sign election and disjoint merge, and :func:`sparse_task_arithmetic`, of which TIES, DARE and
-their variants are settings, as in mergekit.
+sign election and disjoint merge, and :func:`pruned_task_arithmetic`, of which TIES, DARE,
+DELLA, Model Breadcrumbs and their variants are settings (the pruning, the sign election), as
+in mergekit; :func:`sparse_task_arithmetic` names the pruning of TIES and DARE.
 
 Notation: models ``θ_1 … θ_n`` (one tensor each), base ``θ_0``, task vectors
 ``τ_i = θ_i − θ_0``, per-model weights ``w_i``, scale ``λ``. The task-vector methods return
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from accord.combine._options import model_value
 
 
 def model_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -202,10 +205,6 @@ def disjoint_merge(
     return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
-def _per_model(value: float | Sequence[float], i: int) -> float:
-    return float(value if isinstance(value, (int, float)) else value[i])
-
-
 def sparse_task_arithmetic(
     deltas: Iterable[Tensor],
     weights: Sequence[float] | None = None,
@@ -236,15 +235,36 @@ def sparse_task_arithmetic(
         raise ValueError("random pruning (DARE) needs a torch.Generator for reproducibility")
     if prune == "magnitude" and rescale == "expectation":
         raise ValueError("rescale='expectation' is for random pruning; use 'l1' or 'none'")
+
+    def pruned(delta: Tensor, i: int) -> Tensor:
+        if prune == "magnitude":
+            kept = magnitude_prune(delta, model_value(density, i))
+            return rescaled(delta, kept, rescale or "none")
+        if prune == "random":
+            rate = model_value(drop_rate, i)
+            return random_prune(delta, rate, generator, rescale or "expectation")
+        return delta
+
+    return pruned_task_arithmetic(
+        deltas, pruned, weights, scale=scale, sign_election=sign_election, normalize=normalize
+    )
+
+
+def pruned_task_arithmetic(
+    deltas: Iterable[Tensor],
+    prune: Callable[[Tensor, int], Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    scale: float = 1.0,
+    sign_election: bool = False,
+    normalize: bool | None = None,
+) -> Tensor:
+    """:func:`sparse_task_arithmetic` with each ``τ_i`` pruned by ``prune(τ_i, i)`` (a new
+    tensor, or ``τ_i`` itself) as soon as it is made: TIES, DARE, DELLA and Model Breadcrumbs
+    differ only in ``prune`` and ``sign_election``."""
     pruned = []
     for i, delta in enumerate(deltas):
-        if prune == "magnitude":
-            kept = magnitude_prune(delta, _per_model(density, i))
-            delta = rescaled(delta, kept, rescale or "none")
-        elif prune == "random":
-            delta = random_prune(
-                delta, _per_model(drop_rate, i), generator, rescale or "expectation"
-            )
+        delta = prune(delta, i)
         weight = float(weights[i]) if weights is not None and i < len(weights) else 1.0
         pruned.append(delta * weight if weight != 1.0 else delta)
     if weights is not None and len(weights) != len(pruned):

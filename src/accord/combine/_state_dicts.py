@@ -19,6 +19,7 @@ from torch import Tensor
 
 from accord._finite import describe_non_finite
 from accord.combine._rows import Rows, merge_rows
+from accord.compatible import TensorShapes, check_same_tensors
 from accord.errors import MergeError
 from accord.registry import CombineMethod, lookup, resolve_options
 
@@ -107,12 +108,9 @@ def check_inputs(record: CombineMethod, count: int, has_base: bool) -> None:
     problem = record.needs.model_count_problem(record.name, count)
     if problem is not None:
         raise MergeError(f"combine={record.name!r}: {problem}")
-    if record.needs.base == "yes" and not has_base:
-        raise MergeError(
-            f"combine={record.name!r} merges task vectors: give the base they start from (base=...)"
-        )
-    if record.needs.base == "no" and has_base:
-        raise MergeError(f"combine={record.name!r} has no task vectors; remove the base")
+    problem = record.needs.base_problem(f"combine={record.name!r}", has_base)
+    if problem is not None:
+        raise MergeError(problem)
 
 
 def merge_state_dicts(
@@ -206,20 +204,15 @@ def _rows_of(tensor: Tensor) -> Rows:
 def _check_same_tensors(
     states: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None
 ) -> None:
+    """MergeError naming the first tensor that a state (or the base) lacks, holds with another
+    shape or holds that state 0 lacks (:func:`accord.compatible.check_same_tensors`)."""
     if not states:
         raise MergeError("merge_state_dicts needs at least one state dict")
-    labelled = [(f"state {i}", s) for i, s in enumerate(states)]
-    labelled += [("the base", base)] if base is not None else []
-    first_label, first = labelled[0]
-    for label, state in labelled[1:]:
-        for name, tensor in first.items():
-            if name not in state:
-                raise MergeError(f"{label} has no tensor {name!r} ({first_label} has)")
-            if state[name].shape != tensor.shape:
-                raise MergeError(
-                    f"tensor {name!r} has shape {tuple(state[name].shape)} in {label} but "
-                    f"{tuple(tensor.shape)} in {first_label}"
-                )
-        extra = [name for name in state if name not in first]
-        if extra:
-            raise MergeError(f"{label} has tensor {extra[0]!r} that {first_label} lacks")
+    shapes = [TensorShapes.of_state(f"state {i}", state) for i, state in enumerate(states)]
+    if base is not None:
+        shapes.append(TensorShapes.of_state("the base", base))
+    check_same_tensors(
+        shapes,
+        remedy="merge_state_dicts needs the same tensors (names and shapes) in every state "
+        "dict and the base",
+    )

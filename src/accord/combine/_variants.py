@@ -28,30 +28,28 @@ class Variant:
 
 def register_variants(
     variants: Iterable[Variant],
-    function: Callable[[bool], Callable[..., Tensor]],
-    options: Callable[[Option], tuple[Option, ...]],
+    function: Callable[..., Tensor],
+    options: tuple[Option, ...],
     rowwise: Callable[..., Any] | None = None,
     **record: Any,
 ) -> None:
-    """Register each variant as a combiner: ``function(sign_election)`` is its record's
-    function, ``options(normalize_option)`` its options (given ``normalize`` with the
-    variant's default, so that the caller places it), ``rowwise(options, sign_election=...)`` its
-    row form (see :func:`accord.registry.combiner`) and ``record`` the other fields, shared."""
+    """Register each variant as a combiner whose function is ``function(sign_election, deltas,
+    **options)`` with the variant's ``sign_election`` (so ``function`` takes it first,
+    positional-only, then the record's options as keyword-only arguments), whose options are
+    ``options`` with ``normalize`` defaulting to the variant's ``sign_election``, whose row form
+    is ``rowwise(options, sign_election=...)`` (see :func:`accord.registry.combiner`) and whose
+    other fields are ``record``, shared."""
     for variant in variants:
-        row_form = None
-        if rowwise is not None:
-            row_form = partial(_variant_rows, rowwise, sign_election=variant.sign_election)
+        bound = partial(function, variant.sign_election)
+        bound.__module__ = function.__module__  # the record names the method's module
         combiner(
             variant.name,
             paper=variant.paper,
             label=variant.label,
-            options=options(normalize(variant.sign_election)),
-            rowwise=row_form,
+            options=tuple(
+                normalize(variant.sign_election) if option.name == "normalize" else option
+                for option in options
+            ),
+            rowwise=partial(rowwise, sign_election=variant.sign_election) if rowwise else None,
             **record,
-        )(function(variant.sign_election))
-
-
-def _variant_rows(
-    rowwise: Callable[..., Any], options: dict[str, Any], *, sign_election: bool
-) -> Any:
-    return rowwise(options, sign_election=sign_election)
+        )(bound)

@@ -23,7 +23,7 @@ task vectors; accord keeps the ``n_keep`` largest there, as the formula says.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
@@ -31,13 +31,14 @@ from accord.combine._options import (
     DENSITY,
     GAMMA,
     MAGNITUDE_RESCALES,
+    NORMALIZE,
     SCALE,
     TASK_VECTORS,
     WEIGHT,
     model_value,
     rescale,
 )
-from accord.combine._sparse import largest_mask, rescaled, sparse_task_arithmetic
+from accord.combine._sparse import largest_mask, pruned_task_arithmetic, rescaled
 from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Davari & Belilovsky, ECCV 2024 (Model Breadcrumbs, arXiv:2312.06795)"
@@ -76,40 +77,38 @@ def breadcrumbs(
     model), then task arithmetic, or TIES' sign election and disjoint merge with
     ``sign_election``; ``normalize`` defaults to ``sign_election``."""
 
-    def pruned() -> Iterator[Tensor]:
-        for i, delta in enumerate(deltas):
-            yield breadcrumbs_prune(delta, model_value(density, i), model_value(gamma, i), rescale)
+    def prune(delta: Tensor, i: int) -> Tensor:
+        return breadcrumbs_prune(delta, model_value(density, i), model_value(gamma, i), rescale)
 
-    return sparse_task_arithmetic(
-        pruned(), weights, scale=scale, sign_election=sign_election, normalize=normalize
+    return pruned_task_arithmetic(
+        deltas, prune, weights, scale=scale, sign_election=sign_election, normalize=normalize
     )
 
 
-def _record_function(sign_election: bool) -> Callable[..., Tensor]:
-    def combine_breadcrumbs(
-        deltas: Iterable[Tensor],
-        *,
-        weight: list[float],
-        density: list[float],
-        gamma: list[float],
-        scale: float,
-        normalize: bool,
-        rescale: str,
-    ) -> Tensor:
-        """The record's function: :func:`breadcrumbs`, summed (``breadcrumbs``) or with TIES'
-        sign election (``breadcrumbs_ties``)."""
-        return breadcrumbs(
-            deltas,
-            weight,
-            density=density,
-            gamma=gamma,
-            scale=scale,
-            sign_election=sign_election,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    return combine_breadcrumbs
+def combine_breadcrumbs(
+    sign_election: bool,
+    deltas: Iterable[Tensor],
+    /,
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+) -> Tensor:
+    """The records' function: :func:`breadcrumbs`, summed (``breadcrumbs``) or with TIES' sign
+    election (``breadcrumbs_ties``)."""
+    return breadcrumbs(
+        deltas,
+        weight,
+        density=density,
+        gamma=gamma,
+        scale=scale,
+        sign_election=sign_election,
+        normalize=normalize,
+        rescale=rescale,
+    )
 
 
 register_variants(
@@ -122,7 +121,7 @@ register_variants(
             sign_election=True,
         ),
     ),
-    _record_function,
-    lambda normalize: (WEIGHT, DENSITY, GAMMA, SCALE, normalize, rescale(MAGNITUDE_RESCALES)),
+    combine_breadcrumbs,
+    (WEIGHT, DENSITY, GAMMA, SCALE, NORMALIZE, rescale(MAGNITUDE_RESCALES)),
     needs=TASK_VECTORS,
 )

@@ -5,44 +5,25 @@ arithmetic (``dare``), or with TIES' sign election (``dare_ties``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from accord.combine._options import (
     DROP_RATE,
+    NORMALIZE,
     RANDOM_RESCALES,
     SCALE,
     TASK_VECTORS,
     WEIGHT,
     rescale,
 )
-from accord.combine._rows import RowForm
+from accord.combine._rows import task_vector_rows
 from accord.combine._sparse import sparse_task_arithmetic
 from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Yu et al., ICML 2024"
-
-
-def _rowwise(options: dict[str, Any], *, sign_election: bool) -> RowForm | None:
-    """DARE in row blocks: each model's drops drawn from its part of the tensor's stream; the L1
-    rescaling needs the whole tensor."""
-    if options["rescale"] == "l1":
-        return None
-    return RowForm(
-        lambda pruned: sparse_task_arithmetic(
-            pruned,
-            options["weight"],
-            scale=options["scale"],
-            sign_election=sign_election,
-            normalize=options["normalize"],
-        ),
-        prune="random",
-        amounts=options["drop_rate"],
-        rescale=options["rescale"],
-    )
 
 
 def dare(
@@ -72,31 +53,30 @@ def dare(
     )
 
 
-def _record_function(sign_election: bool) -> Callable[..., Tensor]:
-    def combine_dare(
-        deltas: Iterable[Tensor],
-        *,
-        weight: list[float],
-        drop_rate: list[float],
-        scale: float,
-        normalize: bool,
-        rescale: str,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """The record's function: :func:`dare` of the task vectors (DARE-TIES: with TIES' sign
-        election)."""
-        return dare(
-            deltas,
-            weight,
-            drop_rate=drop_rate,
-            generator=generator,
-            scale=scale,
-            sign_election=sign_election,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    return combine_dare
+def combine_dare(
+    sign_election: bool,
+    deltas: Iterable[Tensor],
+    /,
+    *,
+    weight: list[float],
+    drop_rate: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The records' function: :func:`dare` of the task vectors (``dare_ties``: with TIES' sign
+    election)."""
+    return dare(
+        deltas,
+        weight,
+        drop_rate=drop_rate,
+        generator=generator,
+        scale=scale,
+        sign_election=sign_election,
+        normalize=normalize,
+        rescale=rescale,
+    )
 
 
 register_variants(
@@ -104,9 +84,11 @@ register_variants(
         Variant("dare", _PAPER, "DARE", sign_election=False),
         Variant("dare_ties", f"{_PAPER} + TIES", "DARE-TIES", sign_election=True),
     ),
-    _record_function,
-    lambda normalize: (WEIGHT, DROP_RATE, SCALE, normalize, rescale(RANDOM_RESCALES)),
+    combine_dare,
+    (WEIGHT, DROP_RATE, SCALE, NORMALIZE, rescale(RANDOM_RESCALES)),
     needs=TASK_VECTORS,
     random=True,
-    rowwise=_rowwise,
+    rowwise=lambda o, sign_election: task_vector_rows(
+        o, sign_election=sign_election, prune="random", amounts=o["drop_rate"]
+    ),
 )

@@ -25,7 +25,7 @@ caller's generator; the merge seeds one per tensor from ``seed`` and the tensor'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import Tensor
 from accord.combine._options import (
     DENSITY,
     EPSILON,
+    NORMALIZE,
     RANDOM_RESCALES,
     SCALE,
     TASK_VECTORS,
@@ -41,7 +42,7 @@ from accord.combine._options import (
     model_value,
     rescale,
 )
-from accord.combine._sparse import rescaled, sparse_task_arithmetic
+from accord.combine._sparse import pruned_task_arithmetic, rescaled
 from accord.combine._variants import Variant, register_variants
 
 _PAPER = "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)"
@@ -105,15 +106,13 @@ def della(
     model), then TIES' sign election and disjoint merge (``sign_election``, ``della``) or the
     sum (``della_linear``); ``normalize`` defaults to ``sign_election``."""
 
-    def pruned() -> Iterator[Tensor]:
-        # pruned one at a time, so that only the pruned task vectors are held together
-        for i, delta in enumerate(deltas):
-            yield della_prune(
-                delta, model_value(density, i), model_value(epsilon, i), generator, rescale
-            )
+    def prune(delta: Tensor, i: int) -> Tensor:
+        return della_prune(
+            delta, model_value(density, i), model_value(epsilon, i), generator, rescale
+        )
 
-    return sparse_task_arithmetic(
-        pruned(), weights, scale=scale, sign_election=sign_election, normalize=normalize
+    return pruned_task_arithmetic(
+        deltas, prune, weights, scale=scale, sign_election=sign_election, normalize=normalize
     )
 
 
@@ -129,33 +128,32 @@ def check_della_options(options: dict[str, Any]) -> tuple[int, str] | None:
     return None
 
 
-def _record_function(sign_election: bool) -> Callable[..., Tensor]:
-    def combine_della(
-        deltas: Iterable[Tensor],
-        *,
-        weight: list[float],
-        density: list[float],
-        epsilon: list[float],
-        scale: float,
-        normalize: bool,
-        rescale: str,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """The record's function: :func:`della`, with sign election (``della``) or summed
-        (``della_linear``)."""
-        return della(
-            deltas,
-            weight,
-            density=density,
-            epsilon=epsilon,
-            generator=generator,
-            scale=scale,
-            sign_election=sign_election,
-            normalize=normalize,
-            rescale=rescale,
-        )
-
-    return combine_della
+def combine_della(
+    sign_election: bool,
+    deltas: Iterable[Tensor],
+    /,
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    scale: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """The records' function: :func:`della`, with sign election (``della``) or summed
+    (``della_linear``)."""
+    return della(
+        deltas,
+        weight,
+        density=density,
+        epsilon=epsilon,
+        generator=generator,
+        scale=scale,
+        sign_election=sign_election,
+        normalize=normalize,
+        rescale=rescale,
+    )
 
 
 register_variants(
@@ -168,8 +166,8 @@ register_variants(
             sign_election=False,
         ),
     ),
-    _record_function,
-    lambda normalize: (WEIGHT, DENSITY, EPSILON, SCALE, normalize, rescale(RANDOM_RESCALES)),
+    combine_della,
+    (WEIGHT, DENSITY, EPSILON, SCALE, NORMALIZE, rescale(RANDOM_RESCALES)),
     needs=TASK_VECTORS,
     random=True,
     check=check_della_options,

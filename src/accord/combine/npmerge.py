@@ -34,8 +34,17 @@ from tqdm.auto import tqdm
 from accord._finite import first_non_finite
 from accord.combine.average import average_states, weighted_mean
 from accord.data import batches
-from accord.errors import MergeError, did_you_mean
-from accord.registry import POSITIVE, CombineContext, Combined, Limits, Needs, Option, combiner
+from accord.errors import MergeError
+from accord.registry import (
+    POSITIVE,
+    CombineContext,
+    Combined,
+    Limits,
+    Needs,
+    Option,
+    combiner,
+    lookup,
+)
 
 LOSSES = ("ce", "kl")
 SCHEMES = ("joint", "pairwise")
@@ -78,12 +87,6 @@ class _Task:
     progress: bool
 
 
-def _choice(name: str, value: str, valid: Sequence[str]) -> str | None:
-    if value in valid:
-        return None
-    return f"{name}={value!r}: choose one of {', '.join(valid)}{did_you_mean(str(value), valid)}"
-
-
 def _check_arguments(
     states: Sequence[Mapping[str, torch.Tensor]],
     data: Any,
@@ -94,7 +97,13 @@ def _check_arguments(
 ) -> None:
     """Every problem with the arguments, raised at once before any work."""
     epochs, max_samples, lr = settings
-    problems = [p for p in (_choice("loss", loss, LOSSES), _choice("scheme", scheme, SCHEMES)) if p]
+    record = lookup("combine", "npmerge")
+    given = {"loss": loss, "scheme": scheme, "epochs": epochs, "max_samples": max_samples, "lr": lr}
+    problems = []
+    for name, value in given.items():  # the ranges and choices of the record, at once
+        problem = record.option(name).problem(value)
+        if problem is not None:
+            problems.append(f"{name}={value!r}: {problem}")
     if len(states) < 2:
         problems.append(f"NP Merge needs at least 2 aligned state dicts, got {len(states)}")
     for index, state in enumerate(states):
@@ -105,12 +114,6 @@ def _check_arguments(
         problems.append("NP Merge needs a calibration set (data=...)")
     if loss == "kl" and not teachers:
         problems.append('loss="kl" needs the base models as teachers=[...]')
-    if epochs < 0:
-        problems.append(f"epochs={epochs} must be 0 or more")
-    if max_samples is not None and max_samples < 0:
-        problems.append(f"max_samples={max_samples} must be 0 or more")
-    if not lr > 0:
-        problems.append(f"lr={lr} must be positive")
     if problems:
         raise MergeError("; ".join(problems))
 

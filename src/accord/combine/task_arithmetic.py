@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 from accord.combine._options import SCALE, TASK_VECTORS, WEIGHT, normalize
-from accord.combine._rows import RowForm
+from accord.combine._rows import task_vector_rows
 from accord.combine._sparse import sparse_task_arithmetic
 from accord.registry import combiner
 
@@ -31,9 +31,7 @@ def task_arithmetic(
     label="task arithmetic",
     options=(WEIGHT, SCALE, normalize(False)),
     needs=TASK_VECTORS,
-    rowwise=lambda o: RowForm(
-        lambda rows: task_arithmetic(rows, o["weight"], o["scale"], normalize=o["normalize"])
-    ),
+    rowwise=task_vector_rows,
 )
 def combine_task_arithmetic(
     deltas: Iterable[Tensor], *, weight: list[float], scale: float, normalize: bool

@@ -8,7 +8,6 @@ formulas."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from torch import Tensor
 
@@ -21,7 +20,7 @@ from accord.combine._options import (
     normalize,
     rescale,
 )
-from accord.combine._rows import RowForm
+from accord.combine._rows import task_vector_rows
 from accord.combine._sparse import sparse_task_arithmetic
 from accord.registry import combiner
 
@@ -59,7 +58,9 @@ def ties(
     label="TIES",
     options=(WEIGHT, DENSITY, SCALE, normalize(True), rescale(MAGNITUDE_RESCALES)),
     needs=TASK_VECTORS,
-    rowwise=lambda o: _rowwise(o, sign_election=True),
+    rowwise=lambda o: task_vector_rows(
+        o, sign_election=True, prune="magnitude", amounts=o["density"]
+    ),
 )
 def combine_ties(
     deltas: Iterable[Tensor],
@@ -72,21 +73,3 @@ def combine_ties(
 ) -> Tensor:
     """The record's function: :func:`ties` of the task vectors."""
     return ties(deltas, weight, density=density, scale=scale, normalize=normalize, rescale=rescale)
-
-
-def _rowwise(options: dict[str, Any], *, sign_election: bool) -> RowForm | None:
-    """TIES in row blocks: trimmed to each model's whole-tensor threshold, then elected and
-    merged entry by entry; the L1 rescaling needs the whole tensor."""
-    if options["rescale"] != "none":
-        return None
-    return RowForm(
-        lambda pruned: sparse_task_arithmetic(
-            pruned,
-            options["weight"],
-            scale=options["scale"],
-            sign_election=sign_election,
-            normalize=options["normalize"],
-        ),
-        prune="magnitude",
-        amounts=options["density"],
-    )

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from accord._finite import describe_non_finite
+from accord._io import read_json
 from accord._outputs import write_folder
 from accord.errors import ConfigError, ModelError
 from accord.llm.families import FAMILIES
@@ -94,10 +95,7 @@ def read_adapter(directory: str | os.PathLike[str]) -> LoraAdapter:
     """Read a LoRA adapter folder; ModelError naming the file and entry at fault."""
     path = Path(directory)
     config_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config_path}: cannot read the adapter's config ({exc})") from exc
+    config = read_json(config_path, ModelError, missing="a LoRA adapter needs its config")
     _check_config(config, config_path)
     if not weights_path.is_file():
         raise ModelError(f"{weights_path} does not exist; a LoRA adapter needs its weights")

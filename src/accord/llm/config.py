@@ -27,6 +27,7 @@ validated here once translated. Paths are relative to the current directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,14 +36,13 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    ValidationError,
     create_model,
     field_validator,
 )
 
 from accord._outputs import check_output
-from accord.config import read_yaml_mapping
-from accord.errors import ConfigError, OutputError, did_you_mean
+from accord.config import read_yaml_mapping, validated
+from accord.errors import ConfigError, OutputError
 from accord.llm.io import DEFAULT_SHARD_SIZE, parse_size
 from accord.llm.merge import (
     MERGE_OUTPUT,
@@ -165,27 +165,18 @@ def validate_llm_merge_config(
     data: dict[str, Any], where: str = "llm-merge config"
 ) -> LLMMergeConfig:
     """An :class:`LLMMergeConfig` from plain data; ConfigError naming each bad key."""
-    try:
-        config = LLMMergeConfig(**data)
-    except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
-        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+    config = validated(LLMMergeConfig, data, where, _fields)
     problems = _semantic_problems(config)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return config
 
 
-def _describe(error: Any) -> str:
-    loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc) or "(top level)"
-    hint = ""
-    if error["type"] == "extra_forbidden":
-        model = {"parameters": Parameters, "models": ModelEntry}.get(loc[0], LLMMergeConfig)
-        hint = did_you_mean(loc[-1], model.model_fields)
-    # a validator's ValueError already says what is wrong; pydantic prefixes "Value error, "
-    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
-    return f"{key}: {message}{hint}"
+def _fields(path: list[str]) -> Iterable[str]:
+    """The keys known where a key of ``path`` stands."""
+    return {"parameters": Parameters, "models": ModelEntry}.get(
+        path[0], LLMMergeConfig
+    ).model_fields
 
 
 def _semantic_problems(config: LLMMergeConfig) -> list[str]:

@@ -30,6 +30,7 @@ from pydantic import ByteSize, Field, TypeAdapter, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from accord._io import read_json
 from accord._outputs import write_folder
 from accord.errors import ConfigError, ModelError
 
@@ -130,12 +131,7 @@ class Checkpoint:
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory; ModelError naming the file when unreadable."""
     path = Path(directory) / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelError(f"{path} does not exist; a checkpoint needs its config.json") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    config = read_json(path, ModelError, missing="a checkpoint needs its config.json")
     if not isinstance(config, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return config

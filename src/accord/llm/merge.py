@@ -157,10 +157,8 @@ def check_merge(
                 problems += _value_problems(record.option(key), f"models[{i}].{key}", value)
     base = record.needs.base
     task_vectors = base == "yes" or (base == "optional" and has_base)
-    if base == "yes" and not has_base:
-        problems.append(f"base: method {method!r} needs the task vectors' base model")
-    if base == "no" and has_base:
-        problems.append(f"base: method {method!r} has no task vectors; remove the base")
+    problem = record.needs.base_problem(f"method {method!r}", has_base)
+    problems += [f"base: {problem}"] if problem is not None else []
     if not task_vectors and has_receiver:
         without = " without a base" if base == "optional" else ""
         problems.append(f"receiver: method {method!r} has no task vectors to add to it{without}")

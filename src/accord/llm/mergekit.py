@@ -39,12 +39,14 @@ not read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from accord.config import validated
 from accord.errors import ConfigError, did_you_mean
 from accord.llm.io import tokenizer_files
 from accord.llm.merge import setting_problems
@@ -176,10 +178,7 @@ def translate_mergekit_config(
         raise ConfigError(
             f"{where}: both merge_method (mergekit's) and method (accord's) are set; keep one"
         )
-    try:
-        config = MergekitConfig(**data)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    config = validated(MergekitConfig, data, where, _fields)
     problems = _structure_problems(config)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
@@ -190,14 +189,9 @@ def translate_mergekit_config(
     return translated
 
 
-def _describe(error: Any) -> str:
-    loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc) or "(top level)"
-    hint = ""
-    if error["type"] == "extra_forbidden":
-        fields = MergekitModel.model_fields if loc[0] == "models" else MergekitConfig.model_fields
-        hint = did_you_mean(loc[-1], fields)
-    return f"{key}: {error['msg']}{hint}"
+def _fields(path: list[str]) -> Iterable[str]:
+    """The keys known where a key of ``path`` stands."""
+    return (MergekitModel if path[0] == "models" else MergekitConfig).model_fields
 
 
 def _structure_problems(config: MergekitConfig) -> list[str]:

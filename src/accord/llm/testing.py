@@ -16,6 +16,16 @@ _CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
 
+# The sizes of the tiny decoders (:func:`tiny_config`, :data:`TENSORWISE_VARIANTS`).
+_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+}
+
 # Named tiny configurations covering the attention layouts and options alignment must handle:
 # (family, tiny_config overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -33,17 +43,7 @@ def tiny_config(family: str = "llama", **overrides: Any) -> Any:
     in 2 key/value groups, head dim 8, SwiGLU width 48, vocabulary 100; ``overrides`` win."""
     import transformers
 
-    sizes: dict[str, Any] = {
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "vocab_size": 100,
-        "tie_word_embeddings": False,
-        **overrides,
-    }
+    sizes = {**_DECODER, "head_dim": 8, "tie_word_embeddings": False, **overrides}
     return getattr(transformers, _CLASSES[family][0])(**sizes)
 
 
@@ -53,11 +53,16 @@ def tiny_model(
     """A :func:`tiny_config` model in eval mode whose every parameter (norm gains and biases
     too, which Hugging Face initialises to 1 and 0) has random noise added, so that no
     symmetry is hidden by a constant tensor."""
+    return _perturbed(_CLASSES[family][1], tiny_config(family, **overrides), seed, dtype)
+
+
+def _perturbed(architecture: str, config: Any, seed: int, dtype: torch.dtype) -> nn.Module:
+    """Transformers' ``architecture`` of ``config`` initialised from ``seed``, with noise added
+    to every parameter, in ``dtype`` and eval mode."""
     import transformers
 
-    config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, _CLASSES[family][1])(config)
+    model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -68,14 +73,6 @@ def tiny_model(
 # architecture -> (config class, sizes). Their tensors cover what such merges must handle: tied
 # embeddings (GPT-2, Gemma), fused projections (Phi-3), experts (Mixtral), q/k norms (Qwen3,
 # OLMo 2), encoders with classifier heads (BERT, ViT).
-_DECODER = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-}
 _ENCODER = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
 TENSORWISE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "GPT2LMHeadModel": (
@@ -111,12 +108,7 @@ def tiny_any_model(
 
     config_class, sizes = TENSORWISE_VARIANTS[architecture]
     config = getattr(transformers, config_class)(**{**sizes, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model.to(dtype).eval()
+    return _perturbed(architecture, config, seed, dtype)
 
 
 def tiny_inputs(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -81,6 +81,30 @@ def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform
     ]
 
 
+# One space's alignment: each model's map (a model left out keeps the identity) and the report.
+SpaceAligner = Callable[
+    [FeatureSpace, SpaceStatistics], tuple[dict[int, Transform], dict[str, Any]]
+]
+
+
+def align_spaces(
+    spec: Spec, statistics: Statistics, num_models: int, align: SpaceAligner
+) -> Alignment:
+    """Every free space that has statistics aligned by ``align(space, stats)``; the others keep
+    identities, with a note."""
+    transforms = identity_transforms(spec, num_models)
+    report: dict[str, dict[str, Any]] = {}
+    for space in spec.free_spaces:
+        stats = statistics.spaces.get(space.name)
+        if stats is None:
+            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
+            continue
+        maps, report[space.name] = align(space, stats)
+        for i, transform in maps.items():
+            transforms[i][space.name] = transform
+    return Alignment(transforms, report)
+
+
 def star_alignment(
     spec: Spec,
     statistics: Statistics,
@@ -94,26 +118,24 @@ def star_alignment(
     ``align(space, stats, reference, i)`` matches model i to the reference in one space. The
     reference keeps identities; spaces without statistics keep identities, with a note.
     """
-    transforms = identity_transforms(spec, num_models)
-    report: dict[str, dict[str, Any]] = {}
-    for space in spec.free_spaces:
-        stats = statistics.spaces.get(space.name)
-        if stats is None:
-            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
-            continue
-        used, notes, models = [], [], {}
+
+    def star(
+        space: FeatureSpace, stats: SpaceStatistics
+    ) -> tuple[dict[int, Transform], dict[str, Any]]:
+        maps, used, notes, models = {}, [], [], {}
         for i in range(num_models):
             if i == reference:
                 continue
             matched = align(space, stats, reference, i)
-            transforms[i][space.name] = matched.transform
+            maps[i] = matched.transform
             models[i] = matched.scores
             used.append(matched.method)
             if matched.note and matched.note not in notes:
                 notes.append(matched.note)
         methods = sorted(set(used)) or [method]
-        report[space.name] = {"method": "+".join(methods), "notes": notes, "models": models}
-    return Alignment(transforms, report)
+        return maps, {"method": "+".join(methods), "notes": notes, "models": models}
+
+    return align_spaces(spec, statistics, num_models, star)
 
 
 def check_option(name: str, value: Any, *, low: float, high: float = math.inf) -> None:

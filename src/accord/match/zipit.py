@@ -51,11 +51,10 @@ from accord.apply import Transform
 from accord.errors import MergeError
 from accord.match._alignment import Alignment
 from accord.match._common import (
-    NO_STATISTICS,
+    align_spaces,
     check_option,
     correlation,
     group_slices,
-    identity_transforms,
 )
 from accord.match.permutation import permutation_match
 from accord.registry import Limits, Needs, Option, alignment
@@ -341,14 +340,11 @@ def match_zipit(
             f"zipit merges the features of all {num_models} models jointly and needs the "
             "cross-covariance of every pair of models: collect statistics with pairs='all'"
         )
-    transforms = identity_transforms(spec, num_models)
-    report: dict[str, dict[str, Any]] = {}
-    for space in spec.free_spaces:
-        stats = statistics.spaces.get(space.name)
-        if stats is None:
-            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
-            continue
-        maps, report[space.name] = _zip_space(space, stats, reference, num_models, alpha, beta)
-        for i, transform in enumerate(maps):
-            transforms[i][space.name] = transform
-    return Alignment(transforms, report)
+
+    def zip_space(
+        space: FeatureSpace, stats: SpaceStatistics
+    ) -> tuple[dict[int, Transform], dict[str, Any]]:
+        maps, report = _zip_space(space, stats, reference, num_models, alpha, beta)
+        return dict(enumerate(maps)), report
+
+    return align_spaces(spec, statistics, num_models, zip_space)
