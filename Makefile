@@ -21,8 +21,10 @@ data:
 demo: $(VENV)/.installed data
 	$(VENV)/bin/accord demo
 
+# one worker per core, at most 4 (each worker holds its own torch); tests that share a
+# module-scoped fixture stay on one worker (tests/conftest.py), so it is built once
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup
 
 test-slow: $(VENV)/.installed  # pytest exits 5 when no test is marked slow
 	$(PY) -m pytest -m slow || test $$? -eq 5
