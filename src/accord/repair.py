@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,34 @@ def _writer_modules(model: nn.Module, spec: Any) -> dict[str, str]:
     return names
 
 
+class _Stop(Exception):
+    """Raised by the hook of the layer a measuring pass is for: the rest of the forward, which
+    cannot change that layer's output, is skipped."""
+
+
+Hook = Callable[[nn.Module, Any, torch.Tensor], None]
+
+
 @torch.no_grad()
+def _run(
+    model: nn.Module, hooks: Mapping[str, Hook], data: Any, device: Any, limit: int | None = None
+) -> None:
+    """``model`` on the inputs of ``data``'s batches (the first ``limit``) with a forward hook
+    on each named module; a hook ends a forward by raising :class:`_Stop`."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
+    try:
+        for index, batch in enumerate(batches(data)):
+            if index == limit:
+                break
+            inputs = batch[0] if isinstance(batch, tuple | list) else batch
+            with contextlib.suppress(_Stop):
+                model(inputs.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _output_moments(
     model: nn.Module,
     names: list[str],
@@ -56,66 +83,39 @@ def _output_moments(
 ) -> dict[str, Moments]:
     """Per-channel moments of the named modules' outputs over one pass (with their
     covariance for the modules in ``full``)."""
-    modules = dict(model.named_modules())
     moments = {name: Moments(full=[(0, 0)] if name in full else ()) for name in names}
 
-    def hook(name: str):
+    def hook(name: str) -> Hook:
         def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             moments[name].add(_channel_rows(output, module))
 
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    try:
-        model.to(device).eval()
-        for batch in batches(data):
-            model(_inputs(batch).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    model.to(device).eval()
+    _run(model, {name: hook(name) for name in names}, data, device)
     return moments
 
 
-def _inputs(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, tuple | list) else batch
-
-
-class _Stop(Exception):
-    """Raised by the hook of the layer a measuring pass is for: the rest of the forward, which
-    cannot change that layer's output, is skipped."""
-
-
-@torch.no_grad()
 def _call_order(
     model: nn.Module, names: list[str], data: Any, device: Any
 ) -> tuple[list[str], bool]:
     """The named modules that run, in the order of their first call on the first batch, and
     whether each runs once per forward (then a pass may stop after the layer it measures)."""
-    modules = dict(model.named_modules())
     calls: dict[str, int] = {}
 
-    def hook(name: str):
-        def record(_module: nn.Module, _inputs: Any, _output: torch.Tensor) -> None:
+    def hook(name: str) -> Hook:
+        def count(_module: nn.Module, _inputs: Any, _output: torch.Tensor) -> None:
             calls[name] = calls.get(name, 0) + 1
 
-        return record
+        return count
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    try:
-        batch = next(iter(batches(data)), None)
-        if batch is not None:
-            model(_inputs(batch).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run(model, {name: hook(name) for name in names}, data, device, limit=1)
     return list(calls), all(count == 1 for count in calls.values())
 
 
-@torch.no_grad()
 def _measure(model: nn.Module, name: str, data: Any, device: Any, stop: bool) -> Moments:
     """Per-channel moments of module ``name``'s output over all of ``data``; with ``stop``,
     each forward ends at that module."""
-    module = dict(model.named_modules())[name]
     moment = Moments()
 
     def record(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -123,13 +123,7 @@ def _measure(model: nn.Module, name: str, data: Any, device: Any, stop: bool) ->
         if stop:
             raise _Stop
 
-    handle = module.register_forward_hook(record)
-    try:
-        for batch in batches(data):
-            with contextlib.suppress(_Stop):
-                model(_inputs(batch).to(device))
-    finally:
-        handle.remove()
+    _run(model, {name: record}, data, device)
     return moment
 
 
