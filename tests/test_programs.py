@@ -49,6 +49,7 @@ def test_a_merge_exports_the_architecture_once(exports: list[str], repair: str) 
     data = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5)),)]
     result = accord.merge(_resnets(3), data, method="cca", repair=repair)
     assert exports == ["ResNet20"]
+    assert bool(result.statistics.norms) == (repair == "bn-reset")  # the lookup ran
     with torch.no_grad():
         assert torch.isfinite(result.model(data[0][0])).all()
     exports.clear()
