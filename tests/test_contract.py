@@ -12,6 +12,7 @@ randomly permuted copies back onto the model, on random architectures and seeds
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,9 +22,19 @@ from torch import nn
 
 import accord
 from accord.batchnorm import has_batchnorm
+from accord.trace.programs import shared_exports
 from test_trace_property import networks
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+
+@pytest.fixture
+def one_export() -> Iterator[None]:
+    """A test's twins and merges share one export per architecture (the merge's own sharing,
+    test_programs.py, widened to the whole test): merges are what these tests check."""
+    with shared_exports():
+        yield
+
+
+pytestmark = pytest.mark.usefixtures("single_thread", "one_export")
 
 # Options that keep a method short here (NP Merge: one epoch of training).
 SHORT = {"npmerge": {"epochs": 1}}

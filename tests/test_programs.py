@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import accord
+from accord.trace.observe import observed_model
 from accord.trace.programs import bound_module, program_for, shared_exports
 
 
@@ -48,6 +49,7 @@ def test_a_merge_exports_the_architecture_once(exports: list[str], repair: str) 
     data = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5)),)]
     result = accord.merge(_resnets(3), data, method="cca", repair=repair)
     assert exports == ["ResNet20"]
+    assert bool(result.statistics.norms) == (repair == "bn-reset")  # the lookup ran
     with torch.no_grad():
         assert torch.isfinite(result.model(data[0][0])).all()
     exports.clear()
@@ -63,6 +65,10 @@ def test_a_shared_program_runs_each_models_own_weights_and_batchnorm_statistics(
         program = program_for(first, torch.randn(2, 1, 8, 8))
         # another model of the architecture, another batch size (the batch axis is dynamic)
         assert program_for(second, torch.randn(5, 1, 8, 8)) is program
+        nodes = [node.name for node in program.graph.nodes]
+        # observers go into each model's own copy of the graph, never into the program
+        observed_model(first, ["fc"], torch.randn(3, 1, 8, 8))
+        assert [node.name for node in program.graph.nodes] == nodes
     assert len(exports) == 1
     x = torch.randn(7, 1, 8, 8)
     with torch.no_grad():

@@ -22,6 +22,7 @@ from accord.data import Dataset, make_loader
 from accord.spec import FeatureSpace, Spec
 from accord.trace import trace
 from accord.trace.observe import ObservedModel, observed_model
+from accord.trace.programs import shared_exports
 
 
 def _mix(features: Tensor, matrix: Tensor, axis: int) -> Tensor:
@@ -109,6 +110,7 @@ def _attack_map(features: Tensor) -> Callable[[float], Tensor]:
     return lambda t: vectors @ torch.diag(10.0 ** (t * exponents)) @ vectors.T
 
 
+@shared_exports()  # the trace and both observed graphs read one exported program
 def cka_attack(
     model: nn.Module,
     data: Dataset,

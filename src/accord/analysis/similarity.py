@@ -40,6 +40,7 @@ from accord.match.cca import spd_roots
 from accord.store import checkpoint_dataset, load_checkpoint
 from accord.trace import trace
 from accord.trace.observe import observed_model
+from accord.trace.programs import shared_exports
 
 CAVEATS = (
     "Linear CKA is invariant to orthogonal maps and isotropic scaling only, not to general "
@@ -133,6 +134,7 @@ def mean_cca(x: Tensor, y: Tensor, ridge: float = DEFAULT_RIDGE) -> float:
 
 
 @torch.no_grad()
+@shared_exports()  # the trace and the observed graph read one exported program
 def layer_features(
     model: nn.Module,
     data: Iterable[Any],

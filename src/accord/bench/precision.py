@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import accord
 from accord.trace.observe import observed_model
+from accord.trace.programs import shared_exports
 
 Rows = dict[str, torch.Tensor]
 
@@ -96,6 +97,7 @@ def covariances(rows: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, Any]
     return reference, naive
 
 
+@shared_exports()  # the trace and every pass read one exported program
 def precision_check(
     dataset: str, arch: str, width: float, samples: int, progress: bool = False
 ) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Exported programs: torch.export run on a model, and each architecture exported once per merge.
 
-``torch.export.export`` costs about a second for a small CNN, more than a statistics pass
-over a thousand images; the tracer, the BatchNorm lookup and the statistics pass of every
+``torch.export.export`` is the costliest fixed step of a merge (``accord bench speed``
+times the stages), and the tracer, the BatchNorm lookup and the statistics pass of every
 model read the same graph. Inside :func:`shared_exports` (a merge opens it; so does each
 statistics pass), :func:`program_for` returns the program already exported for a model of the
 same architecture on inputs of the same signature, and :func:`bound_module` runs it with a
@@ -14,7 +14,7 @@ of one architecture share one export. Same signature: the same input structure, 
 devices and shapes, the batch size excepted where the program's batch axis is dynamic. A
 forward that branches on a plain attribute none of these show would share a program it
 should not, which is why the sharing ends with the block: a merge's models are one
-architecture already (:func:`accord.compatible.check_models`). The programs are held (with
+architecture already (:func:`accord.merge.check_models`). The programs are held (with
 the tensors of the model each was exported from) only while the block runs.
 """
 
