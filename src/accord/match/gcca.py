@@ -17,9 +17,13 @@ are ``[u_k; v_k]/√2`` of CCA's SVD ``K = U S Vᵀ`` (``Λ = 1 + S``), so ``Q_1
 
 The canonical variates are whitened; the merged network's ReLUs need neuron-like
 coordinates. Model i's neurons load on the canonical variates with ``L_i = Σ_i'^(1/2) Q_i``;
-the shared space is expressed in model 0's neurons, ``L = L_0``. (An average of the models'
-neurons matched to each other mixes neurons before the ReLUs: on Fashion-MNIST VGG11s it
-lost nearly all accuracy.) Model i's map into the shared space and back are
+the shared space is expressed in model 0's neurons, ``L = L_0``. (Bases that mix the models'
+neurons, an average of neurons matched to each other or per shared neuron the matched neuron
+closest to the others, treat the models' canonical frames as one, though they agree only
+where the canonical correlations are high: the basis comes out ill-conditioned and the merge
+of Fashion-MNIST VGG11s lost nearly all accuracy. One model's neurons per space, the model
+whose neurons lie most in the shared directions, did no better than model 0's on average.)
+Model i's map into the shared space and back are
 
     T_i = L Q_iᵀ Σ_i'^(-1/2),      T_i⁻¹ = Σ_i'^(1/2) Q_i L⁻¹
 
