@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
+import pkgutil
 
 import pytest
 import torch
 
+import accord.combine
 from accord.combine import _sparse
 from accord.combine._sparse import (
     disjoint_merge,
@@ -261,3 +265,13 @@ def test_slerp_interpolates_linearly_above_lerp_cosine() -> None:
     torch.testing.assert_close(angle, torch.tensor([math.cos(0.01), math.sin(0.01)]))
     lerp = slerp(a, b, 0.5, lerp_cosine=0.9995)  # mergekit's threshold
     torch.testing.assert_close(lerp, (a + b) / 2, rtol=0, atol=0)
+
+
+def test_the_combiners_docstring_examples_run() -> None:
+    names = [f"accord.combine.{m.name}" for m in pkgutil.iter_modules(accord.combine.__path__)]
+    attempted = 0
+    for module in [accord.combine, *map(importlib.import_module, names)]:
+        result = doctest.testmod(module, extraglobs={"torch": torch}, report=False)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 10

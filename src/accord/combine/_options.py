@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from accord.registry import FINITE, FRACTION, PROBABILITY, Needs, Option
 
@@ -43,6 +44,21 @@ TASK_VECTORS = Needs(base="yes")
 def model_value(value: float | Sequence[float], i: int) -> float:
     """Model ``i``'s value of a per-model option given as one value for all or one per model."""
     return float(value if isinstance(value, (int, float)) else value[i])
+
+
+def value_problem(option: Option, value: Any) -> str | None:
+    """``name=value: expected …`` when ``value`` is not valid for ``option``, else None: how the
+    public functions (:func:`accord.combine.della.della`, ...), called without their record,
+    check their arguments against it."""
+    problem = option.problem(value)
+    return None if problem is None else f"{option.name}={value}: {problem}"
+
+
+def check_value(option: Option, value: Any) -> None:
+    """ValueError when ``value`` is not valid for ``option`` (see :func:`value_problem`)."""
+    problem = value_problem(option, value)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def normalize(default: bool) -> Option:

@@ -35,6 +35,7 @@ from accord.combine._options import (
     SCALE,
     TASK_VECTORS,
     WEIGHT,
+    check_value,
     model_value,
     rescale,
 )
@@ -51,10 +52,8 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: str 
     >>> breadcrumbs_prune(torch.tensor([5.0, -1.0, 3.0, 0.5]), 0.5, 0.25)
     tensor([ 0., -1.,  3.,  0.])
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density={density}: expected 0 < density <= 1")
-    if not 0 <= gamma < 1:
-        raise ValueError(f"gamma={gamma}: expected 0 <= gamma < 1")
+    check_value(DENSITY, density)
+    check_value(GAMMA, gamma)
     n = delta.numel()
     n_keep = int(density * n)
     n_top = min(int(gamma * n), n - n_keep)

@@ -41,6 +41,7 @@ from accord.combine._options import (
     WEIGHT,
     model_value,
     rescale,
+    value_problem,
 )
 from accord.combine._sparse import pruned_task_arithmetic, rescaled
 from accord.combine._variants import Variant, register_variants
@@ -50,10 +51,9 @@ _PAPER = "Deep et al., 2024 (DELLA-Merging, arXiv:2406.11617)"
 
 def check_della(density: float, epsilon: float) -> str | None:
     """Why ``density`` and ``epsilon`` make no keep probabilities in (0, 1), or None."""
-    if not 0 < density <= 1:
-        return f"density={density}: expected 0 < density <= 1"
-    if not 0 <= epsilon < 1:
-        return f"epsilon={epsilon}: expected 0 <= epsilon < 1"
+    problem = value_problem(DENSITY, density) or value_problem(EPSILON, epsilon)
+    if problem is not None:
+        return problem
     if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         return (
             f"density={density} ± epsilon={epsilon} leaves the keep probabilities outside "

@@ -384,8 +384,8 @@ def np_merge(
     >>> states = [nn.Linear(2, 2).state_dict() for _ in range(2)]
     >>> data = [(torch.randn(8, 2), torch.randint(2, (8,)))]
     >>> result = np_merge(nn.Linear(2, 2), states, data, progress=False)
-    >>> tuple(result.coefficients["weight"].shape), len(result.losses)
-    ((2, 2, 2), 1)
+    >>> tuple(result.coefficients["weight"].shape), len(result.losses)  # one loss an epoch
+    ((2, 2, 2), 3)
     """
     states = list(states)
     _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr))

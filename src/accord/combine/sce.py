@@ -25,9 +25,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from accord.combine._options import TASK_VECTORS
+from accord.combine._options import TASK_VECTORS, check_value
 from accord.combine._sparse import disjoint_merge, elect_sign, largest_mask
 from accord.registry import FRACTION, Option, combiner
+
+SELECT_TOPK = Option(
+    "select_topk", float, 1.0, "fraction of highest-variance entries kept", FRACTION
+)
 
 
 def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:
@@ -36,8 +40,7 @@ def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:
     >>> sce([torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])])  # weights 5/7, 2/7
     tensor([1.7143, 1.0000])
     """
-    if not 0 < select_topk <= 1:
-        raise ValueError(f"select_topk={select_topk}: expected 0 < select_topk <= 1")
+    check_value(SELECT_TOPK, select_topk)
     deltas = list(deltas)
     if not deltas:
         raise ValueError("no task vectors to merge")
@@ -58,9 +61,7 @@ def sce(deltas: Iterable[Tensor], *, select_topk: float = 1.0) -> Tensor:
     "sce",
     paper="Wan et al., 2024 (FuseChat, arXiv:2408.07990)",
     label="SCE",
-    options=(
-        Option("select_topk", float, 1.0, "fraction of highest-variance entries kept", FRACTION),
-    ),
+    options=(SELECT_TOPK,),
     needs=TASK_VECTORS,
 )
 def combine_sce(deltas: Iterable[Tensor], *, select_topk: float) -> Tensor:
