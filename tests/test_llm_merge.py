@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from accord.cli import main as accord_main  # noqa: E402
-from accord.combine import task_arithmetic as task_arithmetic_module  # noqa: E402
 from accord.combine.ties import ties  # noqa: E402
 from accord.errors import ConfigError, ModelError  # noqa: E402
 from accord.llm import (  # noqa: E402
@@ -24,6 +24,7 @@ from accord.llm import (  # noqa: E402
     random_symmetry,
     save_checkpoint,
 )
+from accord.llm import merge as llm_merge_module  # noqa: E402
 from accord.llm.cli import llm_merge_main  # noqa: E402
 from accord.llm.config import validate_llm_merge_config  # noqa: E402
 from accord.llm.merge import merge_checkpoints  # noqa: E402
@@ -180,15 +181,15 @@ def test_failure_mid_write_leaves_no_output(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    original = task_arithmetic_module.task_arithmetic
+    original = llm_merge_module._checked  # every merged tensor (or row block) passes here
 
-    def failing(*args: object, **kwargs: object) -> torch.Tensor:
+    def failing(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk full")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(task_arithmetic_module, "task_arithmetic", failing)
+    monkeypatch.setattr(llm_merge_module, "_checked", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_checkpoints(
             [family["ft1"]],
