@@ -53,14 +53,3 @@ def assert_preserved() -> Preserved:
             assert any(not torch.equal(before[k], after[k]) for k in before)
 
     return check
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`), a module's tests that share a module-scoped fixture
-    (trained models, a bench run) go to one worker, so the fixture is built once; the other
-    tests spread over the workers one by one (``--dist loadgroup``)."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        definitions = info.name2fixturedefs.values() if info is not None else ()
-        if any(defs[-1].scope == "module" for defs in definitions):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
