@@ -12,7 +12,7 @@ import pytest
 
 import accord
 from accord.bench import (
-    Architecture,
+    ModelPlan,
     QualityPlan,
     Setting,
     SpeedCase,
@@ -31,9 +31,9 @@ MICRO = QualityPlan(
     name="quality-micro",
     dataset="digits",
     architectures=(
-        Architecture("mlp", {"width": 16, "depth": 1}, accord.TrainConfig(epochs=1, batch_size=64)),
+        ModelPlan("mlp", {"width": 16, "depth": 1}, accord.TrainConfig(epochs=1, batch_size=64)),
         # BatchNorm: the folded and the transformed BatchNorm routes are both merged
-        Architecture(
+        ModelPlan(
             "vgg11",
             {"width": 0.0625, "batch_norm": True},
             accord.TrainConfig(epochs=1, batch_size=64),

@@ -8,11 +8,11 @@
 
 from accord.bench.cli import add_bench_parser
 from accord.bench.markdown import render_benchmarks_md
-from accord.bench.quality import Architecture, QualityPlan, Setting, quality_plan, run_quality
+from accord.bench.quality import ModelPlan, QualityPlan, Setting, quality_plan, run_quality
 from accord.bench.speed import SpeedCase, SpeedPlan, run_speed, speed_plan
 
 __all__ = [
-    "Architecture",
+    "ModelPlan",
     "QualityPlan",
     "Setting",
     "SpeedCase",

@@ -54,7 +54,7 @@ CURVES = {"direct": None, "permutation": "permutation", "cca": "cca"}
 
 
 @dataclass(frozen=True)
-class Architecture:
+class ModelPlan:
     """One architecture to train: zoo name, its config, optimisation and data size."""
 
     arch: str
@@ -86,7 +86,7 @@ class QualityPlan:
 
     name: str
     dataset: str
-    architectures: tuple[Architecture, ...]
+    architectures: tuple[ModelPlan, ...]
     sizes: tuple[int, ...]
     settings: tuple[Setting, ...]
     seed_starts: tuple[int, ...]
@@ -118,7 +118,7 @@ def quality_plan(
     small = name == "digits"  # 1,797 8×8 images: more epochs, no limit
     settings = (Setting("iid"), Setting("dirichlet", alpha=0.5))
     if quick:
-        vgg = Architecture(
+        vgg = ModelPlan(
             "vgg11",
             {"width": 0.25 if small else 0.125, "batch_norm": True},
             accord.TrainConfig(epochs=20 if small else 4, lr=0.05),
@@ -144,10 +144,10 @@ def quality_plan(
             name="quality" if name == "fashion-mnist" else f"quality-{name}",
             dataset=name,
             architectures=(
-                Architecture("resnet20", {"width": 1}, train, limit),
-                Architecture("vgg11", {"width": 0.25, "batch_norm": True}, train, limit),
+                ModelPlan("resnet20", {"width": 1}, train, limit),
+                ModelPlan("vgg11", {"width": 0.25, "batch_norm": True}, train, limit),
                 # without BatchNorm: REPAIR, not a reset, and a lower peak rate to train
-                Architecture(
+                ModelPlan(
                     "vgg11",
                     {"width": 0.25, "batch_norm": False, "xavier_init": True},
                     replace(train, lr=0.02),
@@ -181,7 +181,7 @@ def only_settings(plan: QualityPlan, labels: Sequence[str]) -> QualityPlan:
 
 def train_pool(
     plan: QualityPlan,
-    architecture: Architecture,
+    architecture: ModelPlan,
     setting: Setting,
     start: int,
     store: str | os.PathLike[str],
