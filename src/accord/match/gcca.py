@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,11 +57,10 @@ from torch import Tensor
 from accord.apply import Transform
 from accord.match._alignment import Alignment
 from accord.match._common import (
-    NO_STATISTICS,
     Matched,
+    align_spaces,
     covariance,
     group_slices,
-    identity_transforms,
 )
 from accord.match.cca import (
     UNDETERMINED,
@@ -282,22 +282,16 @@ def match_gcca(
     """
     check_ridge("ridge", ridge)
     count = len(states)
-    transforms = identity_transforms(spec, count)
-    report = {}
-    solve = partial(gcca_match, ridge=ridge)
-    for space in spec.free_spaces:
-        stats = statistics.spaces.get(space.name)
-        if stats is None:
-            report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
-            continue
-        matched = solve(space, stats, reference, count)
-        for i, one in enumerate(matched):
-            transforms[i][space.name] = one.transform
-        notes = sorted({m.note for m in matched if m.note})
+
+    def joint(
+        space: FeatureSpace, stats: SpaceStatistics
+    ) -> tuple[dict[int, Transform], dict[str, Any]]:
+        matched = gcca_match(space, stats, reference, count, ridge=ridge)
         methods = sorted({m.method for m in matched if m.method != "identity"}) or ["identity"]
-        report[space.name] = {
+        return dict(enumerate(m.transform for m in matched)), {
             "method": "+".join(methods),
-            "notes": notes,
+            "notes": sorted({m.note for m in matched if m.note}),
             "models": {i: m.scores for i, m in enumerate(matched) if m.scores},
         }
-    return Alignment(transforms, report)
+
+    return align_spaces(spec, statistics, count, joint)
