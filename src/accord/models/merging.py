@@ -30,6 +30,7 @@ from accord.models.hf import write_hf_folder
 from accord.models.inputs import Batch, calibration_batches
 from accord.registry import MethodPlan
 from accord.trace import trace
+from accord.trace.programs import shared_exports
 from accord.workflow import MERGE_OUTPUT, merge_each, merge_inputs, merge_requests
 
 WEIGHTS = "model.safetensors"
@@ -65,6 +66,7 @@ class UserMergeOutcome:
         return rows
 
 
+@shared_exports()  # one export of the architecture for the trace and every method's merge
 def run_user_merge(config: MergeConfig, progress: bool = True) -> UserMergeOutcome:
     """Merge the models ``config.models`` names (Hugging Face folders, or weights files of
     ``config.model``, traced on random inputs of ``config.input_shape`` when given, else on the
