@@ -46,6 +46,7 @@ from accord.data import Dataset, DataSplits, make_loader, split_indices
 from accord.errors import ConfigError
 from accord.match import MATCHERS
 from accord.merge import merge
+from accord.registry import lookup
 from accord.store import Checkpoint, load_checkpoint, training_steps
 
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties")
@@ -256,8 +257,7 @@ def _merged_models(
     if method not in TASK_VECTOR_METHODS:
         loader = make_loader(data.train, batch_size=256)
         return [(None, merge(models, loader, method=method, device=device, **options).model)]
-    if base is None:
-        raise ConfigError(f"method {method!r} merges task vectors: give the base checkpoint")
+    _check_method(method, base)
     states = [m.state_dict() for m in models]
     vector = merged_task_vector(base, states, method, density)
     merged = []
@@ -319,8 +319,11 @@ def _check_method(method: str, base: Any) -> None:
     """Refuse, before any work, a method that is neither merge, and a task-vector merge
     without a base."""
     if method in TASK_VECTOR_METHODS:
-        if base is None:
-            raise ConfigError(f"method {method!r} merges task vectors: give the base checkpoint")
+        problem = lookup("combine", method).needs.base_problem(
+            f"method {method!r}", base is not None
+        )
+        if problem:
+            raise ConfigError(problem)
     elif method not in MATCHERS and method != "npmerge":
         choices = ", ".join([*TASK_VECTOR_METHODS, *MATCHERS, "npmerge"])
         raise ConfigError(f"unknown merge method {method!r}; choose one of {choices}")
