@@ -155,7 +155,11 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> type[nn.Mod
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_own_class_merged_with_its_twin_comes_back(
-    suffix: str, user_package: type[nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    suffix: str,
+    user_package: type[nn.Module],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.manual_seed(0)
     model = user_package(width=2).eval()
@@ -172,8 +176,13 @@ def test_own_class_merged_with_its_twin_comes_back(
     assert main(["spec", str(files[0]), *given, "--input-shape", "1,8,8"]) == 0
     assert "free" in capsys.readouterr().out
     out = tmp_path / "merged"
+    exported, export = [], torch.export.export
+    monkeypatch.setattr(
+        torch.export, "export", lambda m, *a, **k: exported.append(m) or export(m, *a, **k)
+    )
     args = ["merge", *map(str, files), *given, "--method", "cca", "--data", "digits"]
     assert main([*args, "--samples", "200", "--out", str(out), "--quiet"]) == 0
+    assert len(exported) == 1  # the trace and the merge's statistics share one export
     assert json.loads((out / "model.json").read_text()) == {
         "model": "tests_pkg.module:Net",
         "model_args": {"width": 2},
