@@ -50,6 +50,7 @@ from accord.store import (
     training_steps,
 )
 from accord.trace import trace
+from accord.trace.programs import shared_exports
 from accord.train import Keep, ModelSetRequest, TrainConfig, train_model, train_model_set
 from accord.workflow import run_merge
 from accord.zoo import MODELS, build_model, example_input, model_config
@@ -115,6 +116,7 @@ __all__ = [
     "run_user_merge",
     "save_checkpoint",
     "select_checkpoints",
+    "shared_exports",
     "spec_table",
     "split_indices",
     "trace",
