@@ -9,9 +9,9 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
   collect it) against plain ``torch.no_grad`` forward passes of the models as given over the
   same batches (their ratio is the pass's overhead), and against accord's own forward
   (``inference_mode``, channels-last on the CPU), in wall time and in CPU time of the
-  process, the fastest of ``repeats`` alternated runs. Each pass runs, as in a merge, the program exported by the
-  trace (:func:`accord.shared_exports`): exporting is a fixed cost of the merge, timed as its
-  trace stage;
+  process, the fastest of ``repeats`` alternated runs. Each pass runs, as in a merge, the
+  program exported by the trace (:func:`accord.shared_exports`): exporting is a fixed cost
+  of the merge, timed as its trace stage;
 * a whole CCA merge, end to end (trace, statistics, match, apply, average, BatchNorm reset),
   alternated with the passes above: its seconds over the plain forward's are what the
   reference's 33.2 s over 19.0 s (1.75×) compare with; its stage times come from
