@@ -66,10 +66,10 @@ def test_diagnostics_match_their_formulas() -> None:
     # (−1, 0, 3, 0); the one entry both keep has opposite signs
     trimmed = task_vector_diagnostics(base, [one, two], density=0.5)
     assert trimmed["sign_conflict"] == pytest.approx(1.0)
-    merged = merged_task_vector(base, [one, two], "task_arithmetic", 1.0)
+    merged = merged_task_vector(base, [one, two], "task_arithmetic")
     assert set(merged) == {"w"}  # integer buffers are not task vectors
     torch.testing.assert_close(merged["w"], torch.tensor([0.0, -2.0, 3.0, 2.0]))
-    ties = merged_task_vector(base, [one, two], "ties", 1.0)
+    ties = merged_task_vector(base, [one, two], "ties", {"density": 1.0})
     # elected signs: +0 → +, −, +, +; disjoint means: 1, −1, 3, 2
     torch.testing.assert_close(ties["w"], torch.tensor([1.0, -1.0, 3.0, 2.0]))
 
