@@ -361,8 +361,9 @@ def merge(
 
     Checked before any work: the models and the base (:func:`check_models`: one architecture
     and dtype, every tensor finite), the methods, whether the combiner needs a base, their
-    option names, and that ``data`` and ``validation`` give inputs of the models' dtype
-    (nothing is cast). A merged model with a NaN or inf tensor is never returned: a
+    options (:func:`check_options`: names, values within their records' ranges, also those
+    given with ``options="auto"``, before ``data`` is read), and that ``data`` and
+    ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a NaN or inf tensor is never returned: a
     MergeError names the tensor and the stage that produced it.
     """
     models = list(models)
