@@ -363,8 +363,9 @@ def merge(
     and dtype, every tensor finite), the methods, whether the combiner needs a base, their
     options (:func:`check_options`: names, values within their records' ranges, also those
     given with ``options="auto"``, before ``data`` is read), and that ``data`` and
-    ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a NaN or inf tensor is never returned: a
-    MergeError names the tensor and the stage that produced it.
+    ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a
+    NaN or inf tensor is never returned: a MergeError names the tensor and the stage that
+    produced it.
     """
     models = list(models)
     check_models(models)
