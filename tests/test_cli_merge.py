@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 import accord
 from accord import workflow
 from accord.cli import main
+from accord.config import validate_merge_config
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +282,40 @@ def test_base_errors_name_the_file(stored: list[str], tmp_path: Path, capsys) ->
     args = ["merge", *stored, "--combine", "ties", "--base", str(out), "--out", str(out)]
     assert main([*args, "--align", "identity", "--quiet"]) == 2
     assert "is input model" in capsys.readouterr().err
+
+
+def test_an_option_out_of_its_range_fails_before_any_work_on_every_path(
+    stored: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """--option, a YAML config's options (align/combine among them), run_merge and the user
+    models' merge: each refuses the value naming the method, option, value, range and why,
+    before a checkpoint is loaded or a statistics pass starts."""
+    from accord.models import merging
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the merge started before its options were checked")
+
+    for module, name in (
+        (workflow, "load_checkpoint"),
+        (workflow, "collect_statistics"),
+        (merging, "load_user_model"),
+    ):
+        monkeypatch.setattr(module, name, no_work)
+    zipit = "method 'zipit': alpha=1.5: expected 0 <= alpha <= 1 (it discounts a repeated match"
+    assert main(["merge", *stored, "--method", "zipit", "--option", "alpha=1.5", "--quiet"]) == 2
+    assert f"--option: {zipit}" in capsys.readouterr().err
+    ridge = "method 'gcca': ridge=-1: expected 0 < ridge (it is added to the covariances'"
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"models": stored, "options": {"align": "gcca", "ridge": -1}}))
+    assert main(["merge", "--config", str(config), "--quiet"]) == 2
+    assert ridge in capsys.readouterr().err
+    density = "method 'ties': density=1.5: expected 0 < density <= 1 (it is the share"
+    given = {"models": stored, "combine": "ties", "base": stored[0], "options": {"density": 1.5}}
+    with pytest.raises(accord.MergeError, match=re.escape(density)):
+        accord.run_merge(validate_merge_config(given))
+    with pytest.raises(accord.MergeError, match=re.escape(zipit)):
+        merging.run_user_merge(
+            validate_merge_config(
+                {"models": stored, "model": "pkg:Net", "method": "zipit", "options": {"alpha": 1.5}}
+            )
+        )

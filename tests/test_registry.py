@@ -266,3 +266,66 @@ def test_merge_takes_align_and_combine_and_the_old_shorthand() -> None:
         accord.merge([*models, copy.deepcopy(models[0])], data, combine="slerp")
     with pytest.raises(MergeError, match=r"'rige' \(did you mean 'ridge'\?\)"):
         accord.merge(models, data, align="cca", combine="npmerge", rige=1)
+
+
+def test_a_record_with_a_default_or_grid_value_outside_its_range_fails_to_register() -> None:
+    def matcher(spec, statistics, states, reference, *, ridge):  # type: ignore[no-untyped-def]
+        raise AssertionError
+
+    for option in (
+        Option("ridge", float, -1.0, "-", Limits(0, None, low_open=True)),
+        Option("ridge", float, 1.0, "-", Limits(0, None, low_open=True), grid=(0.1, 0.0)),
+    ):
+        with pytest.raises(TypeError, match=r"'never': ridge=-?[01]\.0: expected 0 < ridge"):
+            alignment("never", paper="-", label="-", options=(option,))(matcher)
+    assert "never" not in ALIGNMENTS
+
+
+class _Unread:
+    """Data that fails the test when anything reads it: a merge that refuses its options
+    must do so before tracing, a statistics pass or a dtype check looks at a batch."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data was read before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("methods", "option", "value", "message"),
+    [
+        ({}, "ridge", -1.0, "method 'cca': ridge=-1.0: expected 0 < ridge (it is added to"),
+        ({"align": "cca"}, "absolute_ridge", 0.0, "absolute_ridge=0.0: expected 0 < abs"),
+        ({"align": "gcca"}, "ridge", 0.0, "method 'gcca': ridge=0.0: expected 0 < ridge (it"),
+        (
+            {"method": "zipit"},
+            "alpha",
+            1.5,
+            "method 'zipit': alpha=1.5: expected 0 <= alpha <= 1 (it discounts a repeated",
+        ),
+        ({"align": "zipit"}, "beta", -0.1, "beta=-0.1: expected 0 <= beta <= 1 (it is the"),
+        ({"align": "weight_matching"}, "max_iter", 0, "max_iter=0: expected 1 <= max_iter"),
+        ({"combine": "npmerge"}, "lr", 0.0, "method 'npmerge': lr=0.0: expected 0 < lr"),
+        ({"combine": "npmerge"}, "loss", "mse", "loss='mse': expected one of ce, kl"),
+        ({"combine": "linear"}, "weight", [1.0, float("nan")], "weight=nan: expected a fin"),
+        ({"method": "cca"}, "ridg", 1.0, "'ridg' (did you mean 'ridge'?); accepted options:"),
+    ],
+)
+@pytest.mark.parametrize("auto", [False, True], ids=["fixed", "auto"])
+def test_merge_refuses_an_option_out_of_its_range_before_reading_data(
+    methods: dict, option: str, value: object, message: str, auto: bool
+) -> None:
+    """Under options="auto" too: the tuner searches the records' grids, the values given are
+    the user's, checked as they are."""
+    extra = {"options": "auto", "validation": _Unread()} if auto else {}
+    with pytest.raises(MergeError) as error:
+        accord.merge([_mlp(0), _mlp(1)], _Unread(), **methods, **extra, **{option: value})
+    assert message in str(error.value)
+
+
+def test_merge_refuses_options_only_wrong_together_or_per_model_before_reading_data() -> None:
+    models, base = [_mlp(1), _mlp(2)], _mlp(0)
+    with pytest.raises(MergeError, match=r"combine='della', model 0: density=0.2 ± epsilon=0.3"):
+        accord.merge(models, _Unread(), combine="della", base=base, epsilon=0.3)
+    with pytest.raises(MergeError, match="density has 3 values for 2 models"):
+        accord.merge(models, _Unread(), combine="ties", base=base, density=[0.1, 0.2, 0.3])
+    with pytest.raises(MergeError, match=r"method 'ties': density=0: expected 0 < density <= 1"):
+        accord.merge(models, _Unread(), options={"combine": "ties", "density": 0}, base=base)

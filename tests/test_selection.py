@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import accord
+from accord.analysis import selection
 from accord.analysis.selection import (
     _candidates,
     merged_task_vector,
@@ -21,6 +23,16 @@ from accord.analysis.selection import (
     task_vector_diagnostics,
 )
 from accord.cli import main
+from accord.combine._options import SCALE, TASK_VECTORS
+from accord.registry import (
+    ALIGNMENTS,
+    COMBINERS,
+    Limits,
+    Option,
+    alignment,
+    combiner,
+    task_vector_combiners,
+)
 
 TINY = {"width": 16, "depth": 1}
 
@@ -66,10 +78,10 @@ def test_diagnostics_match_their_formulas() -> None:
     # (−1, 0, 3, 0); the one entry both keep has opposite signs
     trimmed = task_vector_diagnostics(base, [one, two], density=0.5)
     assert trimmed["sign_conflict"] == pytest.approx(1.0)
-    merged = merged_task_vector(base, [one, two], "task_arithmetic", 1.0)
+    merged = merged_task_vector(base, [one, two], "task_arithmetic")
     assert set(merged) == {"w"}  # integer buffers are not task vectors
     torch.testing.assert_close(merged["w"], torch.tensor([0.0, -2.0, 3.0, 2.0]))
-    ties = merged_task_vector(base, [one, two], "ties", 1.0)
+    ties = merged_task_vector(base, [one, two], "ties", {"density": 1.0})
     # elected signs: +0 → +, −, +, +; disjoint means: 1, −1, 3, 2
     torch.testing.assert_close(ties["w"], torch.tensor([1.0, -1.0, 3.0, 2.0]))
 
@@ -154,3 +166,83 @@ def test_cli_select_writes_table_json_and_figure(trained, tmp_path: Path, capsys
     document = json.loads((out / "selection.json").read_text())
     assert document["method"] == "ties" and len(document["rows"]) == 3
     assert (out / "selection.png").stat().st_size > 0 and (out / "selection.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "message"),
+    [
+        ("cca", {"options": {"ridge": -1}}, "method 'cca': ridge=-1: expected 0 < ridge (it is"),
+        ("zipit", {"options": {"alpah": 0.5}}, "'alpah' (did you mean 'alpha'?)"),
+        ("ties", {"base": "b", "density": 0}, "ties': density=0: expected 0 < density <= 1 (it"),
+        ("ties", {"base": "b", "options": {"scale": 2}}, "scale of 'ties' is λ"),
+        ("ties", {"base": "b", "options": {"density": 0.5}}, "density is select_checkpoints'"),
+        (
+            "dare",
+            {"base": "b", "options": {"drop_rate": 1.0}},
+            "'dare': drop_rate=1.0: expected 0 <= drop_rate < 1 (it is a probability",
+        ),
+        ("dare", {}, "method 'dare' merges task vectors: give the base"),
+        ("task-arithmetic", {"base": "b"}, "did you mean 'task_arithmetic'"),
+    ],
+)
+def test_the_method_and_its_options_are_checked_before_any_work(
+    method: str, given: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("checkpoints were read before the method was checked")
+
+    monkeypatch.setattr(selection, "expert_from_store", no_work)
+    monkeypatch.setattr(selection, "load_checkpoint", no_work)
+    with pytest.raises(accord.ConfigError) as error:
+        select_checkpoints(["one", "two"], None, method=method, **given)  # type: ignore[arg-type]
+    assert message in str(error.value)
+
+
+def test_a_newly_registered_combiner_or_alignment_is_selectable() -> None:
+    """selection.py names no method: a combiner of task vectors registered anywhere sweeps λ
+    around the base, an alignment merges by accord.merge, their options checked alike."""
+
+    def doubled(deltas, *, scale, gain):  # type: ignore[no-untyped-def]
+        return scale * gain * sum(deltas)
+
+    def aligned(spec, statistics, states, reference, *, sweeps):  # type: ignore[no-untyped-def]
+        raise AssertionError("not run: only checked")
+
+    gain = Option("gain", float, 2.0, "-", Limits(0, None, low_open=True), why="a gain")
+    combiner("gained_sum", paper="-", label="-", options=(SCALE, gain), needs=TASK_VECTORS)(doubled)
+    sweeps = Option("sweeps", int, 1, "-", Limits(1))
+    alignment("sweeping", paper="-", label="-", options=(sweeps,))(aligned)
+    try:
+        base = {"w": torch.zeros(3)}
+        one, two = {"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([0.0, -1.0, 1.0])}
+        merged = merged_task_vector(base, [one, two], "gained_sum", {"gain": 3.0})
+        torch.testing.assert_close(merged["w"], torch.tensor([3.0, 3.0, 12.0]))
+        for method, options, message in (
+            (
+                "gained_sum",
+                {"gain": -1},
+                "method 'gained_sum': gain=-1: expected 0 < gain (a gain)",
+            ),
+            ("sweeping", {"sweeps": 0}, "method 'sweeping': sweeps=0: expected 1 <= sweeps"),
+        ):
+            with pytest.raises(accord.ConfigError, match=re.escape(message)):
+                select_checkpoints(["a", "b"], None, method=method, base="b", options=options)  # type: ignore[arg-type]
+        assert "gained_sum" in task_vector_combiners()
+    finally:
+        COMBINERS.pop("gained_sum", None)
+        ALIGNMENTS.pop("sweeping", None)
+
+
+def test_any_combiner_of_task_vectors_selects_with_its_options(trained) -> None:
+    data, base, experts = trained
+    chosen = select_checkpoints(
+        experts, data, method="dare", base=base, scales=(0.5, 1.0), options={"drop_rate": 0.5}
+    )
+    assert len(chosen.rows) == 3 and chosen.config["options"] == {"drop_rate": 0.5}
+    assert all(row["scale"] in (0.5, 1.0) and "sign_conflict" in row for row in chosen.rows)
+    again = select_checkpoints(
+        experts, data, method="dare", base=base, scales=(0.5, 1.0), options={"drop_rate": 0.5}
+    )
+    assert [r["merged_val_accuracy"] for r in again.rows] == [
+        r["merged_val_accuracy"] for r in chosen.rows
+    ]  # the drops are seeded per tensor

@@ -16,7 +16,7 @@ import accord
 from accord._table import format_table
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
 from accord.errors import AccordError, ConfigError
-from accord.merge import split_options
+from accord.merge import check_options, split_options
 from accord.models import is_hf_folder, load_user_model, uses_user_models
 from accord.models.imported import build_imported
 from accord.models.merging import run_user_merge
@@ -72,12 +72,16 @@ def _method_options(pairs: Sequence[str], config: MergeConfig) -> dict[str, Any]
         split_options(plan, texts)
     except AccordError as exc:
         raise ConfigError(f"--option: {exc}") from None
-    options: dict[str, Any] = dict(methods)
+    options: dict[str, Any] = {}
     for record in (plan.align, plan.combine):
         for option in record.options:
             if option.name in texts:
                 options[option.name] = _parsed(option, texts[option.name])
-    return options
+    try:  # each value in its record's range, before any checkpoint is read
+        check_options(plan, options, len(config.models))
+    except AccordError as exc:
+        raise ConfigError(f"--option: {exc}") from None
+    return {**methods, **options}
 
 
 def _parsed(option: Option, text: str) -> Any:

@@ -32,7 +32,7 @@ from accord.batchnorm import (
     needs_batchnorm_statistics,
     reset_batchnorm,
 )
-from accord.combine._state_dicts import check_inputs, merge_state_dicts
+from accord.combine._state_dicts import check_inputs, merge_state_dicts, spread_options
 from accord.compatible import TensorShapes, check_same_tensors
 from accord.data import batches
 from accord.errors import MergeError, did_you_mean
@@ -72,6 +72,34 @@ def split_options(
         raise MergeError(
             f"method {plan.name!r} has no option {', '.join(hints)}; accepted options: {listed}"
         )
+    return aligned, combined
+
+
+def request_plan(
+    method: str | None, align: str | None, combine: str | None, options: Mapping[str, Any]
+) -> tuple[MethodPlan, dict[str, Any]]:
+    """The alignment and combiner a merge is asked for, and the options left for them:
+    ``align``/``combine`` in ``options`` (how a YAML config or ``--option`` names them) win
+    over the arguments."""
+    rest = dict(options)
+    align = rest.pop("align", align)
+    combine = rest.pop("combine", combine)
+    return plan_methods(method, align, combine), rest
+
+
+def check_options(
+    plan: MethodPlan, options: Mapping[str, Any], count: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into the alignment's and the combiner's (:func:`split_options`), each
+    resolved over its record's defaults and checked against the record (MergeError naming the
+    method, the option, the value and its range), and, with the number of models ``count``, a
+    tensor-wise combiner's per-model values and the values that are only wrong together: what
+    every merge checks before any statistics pass or export."""
+    aligned, combined = split_options(plan, options)
+    aligned = resolve_options(plan.align, aligned)
+    combined = resolve_options(plan.combine, combined)
+    if count is not None and plan.combine.tensorwise:
+        spread_options(plan.combine, combined, count)
     return aligned, combined
 
 
@@ -333,23 +361,24 @@ def merge(
 
     Checked before any work: the models and the base (:func:`check_models`: one architecture
     and dtype, every tensor finite), the methods, whether the combiner needs a base, their
-    option names, and that ``data`` and ``validation`` give inputs of the models' dtype
-    (nothing is cast). A merged model with a NaN or inf tensor is never returned: a
-    MergeError names the tensor and the stage that produced it.
+    options (:func:`check_options`: names, values within their records' ranges, also those
+    given with ``options="auto"``, before ``data`` is read), and that ``data`` and
+    ``validation`` give inputs of the models' dtype (nothing is cast). A merged model with a
+    NaN or inf tensor is never returned: a MergeError names the tensor and the stage that
+    produced it.
     """
     models = list(models)
     check_models(models)
-    _check_input_dtype(models[0], data, "data")
-    _check_input_dtype(models[0], validation, "validation")
     if isinstance(options, str) and options != "auto":
         raise MergeError(f"options={options!r}: give a mapping of method options or 'auto'")
     given = {**(options if isinstance(options, Mapping) else {}), **method_options}
-    # ``align``/``combine`` in the options mapping: how a YAML config or --option names them
-    align = given.pop("align", align)
-    combine = given.pop("combine", combine)
-    plan = plan_methods(method, align, combine)
+    plan, given = request_plan(method, align, combine, given)
+    # the options given, also under "auto" (which tunes the others), before anything reads data
+    align_options, combine_options = check_options(plan, given, len(models))
     if len(models) > 1:
         check_inputs(plan.combine, len(models), has_base=base is not None)
+    _check_input_dtype(models[0], data, "data")
+    _check_input_dtype(models[0], validation, "validation")
     base_state = check_base(base, models) if base is not None else None
     if stop_at is not None and (options == "auto" or not plan.combine.tensorwise or data is None):
         raise MergeError(
@@ -374,8 +403,6 @@ def merge(
             progress=progress,
             **given,
         )
-    align_options, combine_options = split_options(plan, given)
-    combine_options = resolve_options(plan.combine, combine_options)
     if batchnorm not in BATCHNORM_ROUTES:
         raise MergeError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_ROUTES)}")
     if not plan.combine.repair_after and repair == "auto" and not has_batchnorm(models[0]):
@@ -402,7 +429,7 @@ def merge(
             "method": plan.name,
             "alignment": plan.align.name,
             "combine": plan.combine.name,
-            "options": {**plan.align.defaults, **align_options},
+            "options": align_options,
             "combine_options": combine_options,
         }
         if len(models) == 1:

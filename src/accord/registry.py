@@ -69,8 +69,9 @@ POSITIVE = Limits(0, None, low_open=True)
 class Option:
     """One option of a method: its type (``float``, ``int``, ``bool`` or ``str``), default,
     valid range (``limits``, numbers) or ``choices`` (text), the values ``options="auto"``
-    tries (``grid``), whether None is allowed (``nullable``) and whether each model may have
-    its own value (``per_model``: the function gets one value per model)."""
+    tries (``grid``), whether None is allowed (``nullable``), whether each model may have
+    its own value (``per_model``: the function gets one value per model) and why the range is
+    what it is (``why``, said with a value outside it)."""
 
     name: str
     type: type
@@ -81,6 +82,7 @@ class Option:
     grid: tuple[Any, ...] = ()
     nullable: bool = False
     per_model: bool = False
+    why: str = ""
 
     def parse(self, text: str) -> Any:
         """``text`` (a command-line value) as this option's type; ValueError saying what the
@@ -125,7 +127,8 @@ class Option:
         if self.type is int and not isinstance(value, int):
             return "expected an integer"
         if self.limits is not None and not self.limits.holds(float(value)):
-            return f"expected {self.limits.describe(self.name)}"
+            because = f" ({self.why})" if self.why else ""
+            return f"expected {self.limits.describe(self.name)}{because}"
         return None
 
 
@@ -155,6 +158,11 @@ class Needs:
         elif self.max_models is not None and count > self.max_models:
             return f"{name} merges at most {self.max_models} {which}, got {count}"
         return None
+
+    def task_vectors(self, has_base: bool) -> bool:
+        """Whether the method merges task vectors against a base: it needs one, or takes one
+        and is given one."""
+        return self.base == "yes" or (self.base == "optional" and has_base)
 
     def base_problem(self, name: str, has_base: bool) -> str | None:
         """Why method ``name`` (as the message calls it) cannot merge with, or without, a
@@ -323,6 +331,19 @@ def plan_methods(
     return MethodPlan(aligner, combiner, name)
 
 
+def task_vector_combiners(count: int | None = None) -> tuple[str, ...]:
+    """The combiners that merge task vectors against a base (their record needs one), sorted;
+    with ``count``, those that take that many models."""
+    return tuple(
+        sorted(
+            name
+            for name, record in COMBINERS.items()
+            if record.needs.base == "yes"
+            and (count is None or record.needs.model_count_problem(name, count) is None)
+        )
+    )
+
+
 def check_option_names(record: Method, names: Iterable[str]) -> None:
     """MergeError naming each of ``names`` that is not an option of ``record`` (with the
     closest one) and listing the accepted ones."""
@@ -364,6 +385,11 @@ def function_keywords(record: Method) -> set[str]:
 
 
 def _add(table: dict[str, Any], record: Method) -> None:
+    for option in record.options:  # a default or grid value outside its own range
+        for value in (option.default, *option.grid):
+            problem = option.problem(value)
+            if problem is not None:
+                raise TypeError(f"method {record.name!r}: {option.name}={value!r}: {problem}")
     keywords = _keywords(record.function)
     if keywords != function_keywords(record):
         raise TypeError(

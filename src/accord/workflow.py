@@ -24,9 +24,23 @@ from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
 from accord.evaluate import evaluate, evaluate_with_ensemble
-from accord.merge import MergeResult, check_base, check_models, choose_reference, merge
+from accord.merge import (
+    MergeResult,
+    check_base,
+    check_models,
+    check_options,
+    choose_reference,
+    merge,
+    request_plan,
+)
 from accord.models import is_hf_folder, uses_user_models
-from accord.registry import ALIGNMENTS, COMBINERS, MethodPlan, plan_methods
+from accord.registry import (
+    ALIGNMENTS,
+    COMBINERS,
+    MethodPlan,
+    plan_methods,
+    task_vector_combiners,
+)
 from accord.report import merge_figures, write_merge_report
 from accord.spec import Spec
 from accord.statistics import collect_statistics
@@ -85,7 +99,8 @@ Request = tuple[str | None, str | None, str | None]  # merge's method, align and
 
 def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
     """The merges to run: the comparison's methods (with a base, and the combiners of task
-    vectors), or the one ``config`` asks for, checked against ``config.base``."""
+    vectors), or the one ``config`` asks for, checked against ``config.base`` and its options
+    against their records (:func:`accord.merge.check_options`), before any work."""
     if config.method == "all":
         if config.options not in ("auto", {}):
             raise ConfigError(
@@ -98,7 +113,10 @@ def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
             names += task_vector_combiners(len(config.models))
         return [((name, None, None), plan_methods(name)) for name in names]
     request = (config.method, config.align, config.combine)
-    plan = plan_methods(*request)  # an unknown name fails here, before any work
+    given = config.options if isinstance(config.options, dict) else {}
+    # an unknown name or an option out of its range fails here, before any work
+    plan, options = request_plan(*request, given)
+    check_options(plan, options, len(config.models))
     needs = plan.combine.needs.base
     if needs == "yes" and config.base is None:
         raise ConfigError(
@@ -112,18 +130,6 @@ def merge_requests(config: MergeConfig) -> list[tuple[Request, MethodPlan]]:
             f"{', '.join(task_vector_combiners(len(config.models)))})"
         )
     return [(request, plan)]
-
-
-def task_vector_combiners(count: int) -> tuple[str, ...]:
-    """The combiners that merge task vectors against a base (their record needs one) and
-    take ``count`` models: what ``--method all`` adds to the comparison when a base is given."""
-    return tuple(
-        sorted(
-            name
-            for name, record in COMBINERS.items()
-            if record.needs.base == "yes" and record.needs.model_count_problem(name, count) is None
-        )
-    )
 
 
 def merge_inputs(config: MergeConfig) -> list[str]:

@@ -9,10 +9,12 @@ candidate combination, either step k of every expert (``grid="aligned"``) or eve
 (``grid="all"``), and picks the one whose merged model scores best on the validation split;
 never by the experts' own accuracy, never by the test split (reported, not used).
 
-Merges: ``task_arithmetic`` (``θ_0 + λ Σ τ_i``) and ``ties`` (trim each ``τ_i = θ_i − θ_0`` to
-its top ``density`` fraction per tensor, elect signs, disjoint mean, times ``λ``) around a
-``base`` θ_0, with ``λ`` chosen per candidate on validation from ``scales``; or any alignment
-method of :data:`accord.MATCHERS` for experts trained apart (:func:`accord.merge`).
+Merges: any combiner of task vectors ``τ_i = θ_i − θ_0`` around a ``base`` θ_0 (one whose
+record takes a base: task arithmetic ``Σ τ_i``, TIES, DARE, ...; :data:`accord.COMBINERS`), as
+``θ_0 + λ τ`` with ``τ`` the combiner's merged task vector at scale 1 (``density``: its
+``density`` option, e.g. TIES' top fraction per tensor) and ``λ`` chosen per candidate on
+validation from ``scales``; or any alignment, or other combiner, for experts trained apart
+(:func:`accord.merge`).
 
 Diagnostics per candidate (with a base): ‖τ_i‖, the mean pairwise cosine of the task vectors,
 and the sign-conflict rate (TIES' notion: among entries that at least two trimmed task vectors
@@ -38,18 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The task-vector combiners, named in this one place: accord.merge_state_dicts replaces them.
 from accord.combine._sparse import magnitude_prune
-from accord.combine.task_arithmetic import task_arithmetic
-from accord.combine.ties import ties
+from accord.combine._state_dicts import check_inputs, combine_tensor, spread_options
 from accord.data import Dataset, DataSplits, make_loader, split_indices
-from accord.errors import ConfigError
-from accord.match import MATCHERS
-from accord.merge import merge
-from accord.registry import lookup
+from accord.errors import ConfigError, MergeError
+from accord.merge import check_options, merge
+from accord.registry import (
+    CombineMethod,
+    MethodPlan,
+    lookup,
+    plan_methods,
+    resolve_options,
+    task_vector_combiners,
+)
 from accord.store import Checkpoint, load_checkpoint, training_steps
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties")
 GRIDS = ("aligned", "all")
 StateDict = dict[str, Tensor]
 
@@ -126,22 +131,45 @@ def task_vectors(base: StateDict, state: StateDict) -> StateDict:
 
 
 def merged_task_vector(
-    base: StateDict, states: Sequence[StateDict], method: str, density: float
+    base: StateDict,
+    states: Sequence[StateDict],
+    method: str,
+    options: Mapping[str, Any] | None = None,
 ) -> StateDict:
-    """The merged task vector at scale 1 (both methods are linear in ``λ``)."""
-    if method not in TASK_VECTOR_METHODS:
-        raise ConfigError(f"method {method!r} is not a task-vector merge: {TASK_VECTOR_METHODS}")
+    """The task vectors merged by combiner ``method`` with ``options`` at scale 1: every
+    combiner's ``scale`` multiplies its merged task vector, so ``λ`` scales this one."""
+    record = _task_vector_combiner(method)
+    resolved = _task_vector_options(record, options or {}, len(states))
     merged = {}
     for name, tensor in base.items():
         if not tensor.is_floating_point():
             continue
         deltas = [s[name] - tensor for s in states]
-        merged[name] = (
-            task_arithmetic(deltas)
-            if method == "task_arithmetic"
-            else ties(deltas, density=density)
-        )
+        merged[name] = combine_tensor(record, name, deltas, resolved)
     return merged
+
+
+def _task_vector_combiner(method: str) -> CombineMethod:
+    """The record of combiner ``method``, one that merges task vectors tensor by tensor."""
+    record = lookup("combine", method)
+    if not (record.tensorwise and record.needs.base != "no"):
+        raise ConfigError(
+            f"method {method!r} is not a task-vector merge: {', '.join(task_vector_combiners())}"
+        )
+    return record
+
+
+def _task_vector_options(
+    record: CombineMethod, options: Mapping[str, Any], count: int
+) -> dict[str, Any]:
+    """``record``'s options for ``count`` models at scale 1 (``λ`` comes from the scales),
+    checked against the record."""
+    if "scale" in options:
+        raise ConfigError(
+            f"options: scale of {record.name!r} is λ, chosen from scales=...; leave it out"
+        )
+    fixed = {"scale": 1.0} if "scale" in record.defaults else {}
+    return spread_options(record, resolve_options(record, {**options, **fixed}), count)
 
 
 def task_vector_diagnostics(
@@ -253,13 +281,15 @@ def _merged_models(
     device: str,
 ) -> list[tuple[float | None, nn.Module]]:
     """``(λ, merged model)`` for every scale of a task-vector merge, or ``(None, model)`` for
-    an alignment merge."""
-    if method not in TASK_VECTOR_METHODS:
+    merge by :func:`accord.merge`."""
+    plan = plan_methods(method)
+    if not _sweeps_scales(plan, base is not None):
         loader = make_loader(data.train, batch_size=256)
-        return [(None, merge(models, loader, method=method, device=device, **options).model)]
-    _check_method(method, base)
+        given = {"base": base} if plan.combine.needs.task_vectors(base is not None) else {}
+        result = merge(models, loader, method=method, device=device, **given, **options)
+        return [(None, result.model)]
     states = [m.state_dict() for m in models]
-    vector = merged_task_vector(base, states, method, density)
+    vector = merged_task_vector(base, states, method, _with_density(plan, options, density))
     merged = []
     for scale in scales:
         model = copy.deepcopy(models[0])
@@ -315,18 +345,38 @@ def _evaluate_candidate(
     return row
 
 
-def _check_method(method: str, base: Any) -> None:
-    """Refuse, before any work, a method that is neither merge, and a task-vector merge
-    without a base."""
-    if method in TASK_VECTOR_METHODS:
-        problem = lookup("combine", method).needs.base_problem(
-            f"method {method!r}", base is not None
-        )
-        if problem:
-            raise ConfigError(problem)
-    elif method not in MATCHERS and method != "npmerge":
-        choices = ", ".join([*TASK_VECTOR_METHODS, *MATCHERS, "npmerge"])
-        raise ConfigError(f"unknown merge method {method!r}; choose one of {choices}")
+def _sweeps_scales(plan: MethodPlan, has_base: bool) -> bool:
+    """Whether ``plan`` merges as ``θ_0 + λ τ``: its combiner merges task vectors (with the
+    base given) tensor by tensor; otherwise :func:`accord.merge` merges the models."""
+    return plan.combine.tensorwise and plan.combine.needs.task_vectors(has_base)
+
+
+def _with_density(plan: MethodPlan, options: Mapping[str, Any], density: float) -> dict:
+    """``options`` with ``density`` as the combiner's option of that name, if it has one."""
+    if "density" in options:
+        raise ConfigError("options: density is select_checkpoints' density=...; leave it out")
+    return {**options, **({"density": density} if "density" in plan.combine.defaults else {})}
+
+
+def _check_method(
+    method: str, base: Any, options: Mapping[str, Any], density: float, count: int
+) -> None:
+    """Refuse, before any work: a method that is neither an alignment nor a combiner, a
+    task-vector merge without a base, and options (or ``density``) its records refuse."""
+    try:
+        plan = plan_methods(method)
+        has_base = base is not None
+        if plan.combine.needs.task_vectors(has_base):
+            problem = plan.combine.needs.base_problem(f"method {method!r}", has_base)
+            if problem:
+                raise ConfigError(problem)
+        if _sweeps_scales(plan, has_base):
+            check_inputs(plan.combine, count, has_base)
+            _task_vector_options(plan.combine, _with_density(plan, options, density), count)
+        else:
+            check_options(plan, options, count)
+    except MergeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _base_state(base: str | os.PathLike[str] | Checkpoint | nn.Module | None) -> StateDict | None:
@@ -356,12 +406,13 @@ def select_checkpoints(
     merged model has the best validation accuracy (the first of equals).
 
     ``experts``: store entries (their kept steps, then the entry), checkpoint lists in
-    training order, or :class:`Expert` s. ``method``: ``task_arithmetic`` or ``ties`` around
+    training order, or :class:`Expert` s. ``method``: a combiner of task vectors around
     ``base`` (``λ`` from ``scales`` and the choice per candidate on validation; ``density``
-    for TIES), or an alignment method with ``options`` (see the module docstring, which also
-    defines the diagnostics of every row).
+    for a combiner with that option, such as TIES), or an alignment or other combiner, each
+    with ``options`` (see the module docstring, which also defines the diagnostics of every
+    row). The method and its options are checked before any work.
     """
-    _check_method(method, base)
+    _check_method(method, base, options or {}, density, len(experts))
     experts = [e if isinstance(e, Expert) else expert_from_store(e, data, device) for e in experts]
     base_state = _base_state(base)
     candidates = _candidates(experts, grid)

@@ -15,6 +15,7 @@ from accord._io import write_json, write_text, write_with
 from accord._table import format_table
 from accord.analysis.selection import GRIDS, Selection, select_checkpoints
 from accord.errors import ConfigError
+from accord.registry import task_vector_combiners
 from accord.store import checkpoint_dataset, load_checkpoint
 
 TABLE_HEADERS = [
@@ -153,11 +154,18 @@ def add_select_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="ties",
-        help="task_arithmetic or ties (with --base), or an alignment method [%(default)s]",
+        help=f"a combiner of task vectors (with --base: {', '.join(task_vector_combiners())}), "
+        "or an alignment or another combiner [%(default)s]",
     )
     p.add_argument("--base", default=None, help="the checkpoint the experts were tuned from")
     p.add_argument("--scales", type=_floats, default=(1.0,), help="λ candidates [1]")
-    p.add_argument("--density", type=float, default=0.2, help="TIES density [%(default)s]")
+    p.add_argument(
+        "--density",
+        type=float,
+        default=0.2,
+        help="the density of a combiner that has one (TIES...) and of the diagnostics' trimming "
+        "[%(default)s]",
+    )
     p.add_argument("--grid", choices=GRIDS, default="aligned", help="[%(default)s]")
     p.add_argument("--hard-fraction", type=float, default=0.1, help="[%(default)s]")
     p.add_argument("--el2n-step", type=int, default=0, help="checkpoint index for EL2N [0]")

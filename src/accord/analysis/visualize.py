@@ -45,6 +45,7 @@ from accord._table import format_table
 from accord.data import Dataset, load_dataset, make_loader
 from accord.errors import ConfigError
 from accord.merge import merge
+from accord.registry import ALIGNMENTS
 from accord.spec import FeatureSpace, Spec
 from accord.store import checkpoint_dataset, load_checkpoint
 from accord.trace.observe import ObservedModel, observed_model
@@ -417,7 +418,11 @@ def add_visualize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("model_a", help="checkpoint folder (the reference)")
     p.add_argument("model_b", help="checkpoint folder")
     p.add_argument("--space", action="append", default=None, help="space name (repeatable)")
-    p.add_argument("--method", default="permutation", help="permutation or cca [%(default)s]")
+    p.add_argument(
+        "--method",
+        default="permutation",
+        help=f"the alignment ({', '.join(sorted(ALIGNMENTS))}) [%(default)s]",
+    )
     p.add_argument("--k", type=int, default=3, help="best and worst pairs shown [%(default)s]")
     p.add_argument("--top", type=int, default=6, help="top inputs per unit [%(default)s]")
     p.add_argument("--steps", type=int, default=256, help="act-max steps [%(default)s]")

@@ -29,7 +29,8 @@ from accord.analysis.selection import select_checkpoints
 from accord.analysis.selection_report import selection_document
 from accord.bench._common import machine_info, run_facts, summary, today
 
-METHODS = {"task_arithmetic": "task arithmetic", "ties": "TIES"}
+# The study merges by these two combiners (a design choice); their labels are the records'.
+METHODS = {name: accord.COMBINERS[name].label for name in ("task_arithmetic", "ties")}
 
 
 @dataclass(frozen=True)

@@ -54,17 +54,15 @@ from accord.bench.skill_corpus import (
     general_text,
     skill_text,
 )
+from accord.combine._state_dicts import per_model
 from accord.errors import StoreError
 from accord.llm import (
     align,
-    dare,
     load_state_and_config,
     random_symmetry,
     save_checkpoint,
-    task_arithmetic,
-    ties,
 )
-from accord.registry import COMBINERS
+from accord.registry import COMBINERS, resolve_options
 from accord.store import store_entry
 
 ALIGNMENTS = {"none": "unaligned", "weights": "weights", "activations": "activations"}
@@ -376,16 +374,23 @@ def relative_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tenso
     return (squares / sum(float(t.pow(2).sum()) for t in reference.values())) ** 0.5
 
 
+def method_options(method: str, plan: SkillPlan) -> dict[str, Any]:
+    """Combiner ``method``'s options in this study: its records' defaults at scale 1, with the
+    plan's TIES density and DARE drop rate for the combiners that have those options."""
+    record = COMBINERS[method]
+    studied = {"density": plan.ties_density, "drop_rate": plan.dare_drop_rate, "scale": 1.0}
+    given = {k: v for k, v in studied.items() if k in record.defaults}
+    return per_model(record, resolve_options(record, given), 1)
+
+
 def processed(tau: Mapping[str, Tensor], method: str, plan: SkillPlan) -> dict[str, Tensor]:
-    """τ as ``method`` uses it, at scale 1: all three scale linearly in ``λ`` (DARE with a
-    fixed generator), so ``receiver + λ · processed`` is the method's merge at scale ``λ``."""
-    generator = torch.Generator().manual_seed(seed_for(plan.seed, "dare"))
-    combine: dict[str, Callable[[Tensor], Tensor]] = {
-        "task_arithmetic": lambda t: task_arithmetic([t]),
-        "ties": lambda t: ties([t], density=plan.ties_density),
-        "dare": lambda t: dare([t], drop_rate=plan.dare_drop_rate, generator=generator),
-    }
-    return {name: combine[method](t) for name, t in tau.items()}
+    """τ as combiner ``method`` uses it, at scale 1: each scales linearly in ``λ`` (DARE with
+    a fixed generator), so ``receiver + λ · processed`` is the method's merge at scale ``λ``."""
+    record = COMBINERS[method]
+    options = method_options(method, plan)
+    if record.random:  # one generator for the whole τ, drawn from tensor after tensor
+        options["generator"] = torch.Generator().manual_seed(seed_for(plan.seed, "dare"))
+    return {name: record.function([t], **options) for name, t in tau.items()}
 
 
 def _transfer(

@@ -19,9 +19,18 @@ DENSITY = Option(
     FRACTION,
     grid=(0.1, 0.2, 0.5),
     per_model=True,
+    why="it is the share of each task vector's entries kept: 0 would keep none",
 )
 DROP_RATE = Option(
-    "drop_rate", float, 0.9, "probability of a drop", PROBABILITY, grid=(0.5, 0.9), per_model=True
+    "drop_rate",
+    float,
+    0.9,
+    "probability of a drop",
+    PROBABILITY,
+    grid=(0.5, 0.9),
+    per_model=True,
+    why="it is a probability, and the kept entries are rescaled by 1/(1 − drop_rate), which "
+    "1 would divide by 0",
 )
 EPSILON = Option(
     "epsilon",

@@ -103,6 +103,17 @@ def per_model(record: CombineMethod, options: Mapping[str, Any], count: int) -> 
     return spread
 
 
+def spread_options(record: CombineMethod, options: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """Resolved ``options`` of ``record`` for ``count`` models: per-model ones as lists
+    (:func:`per_model`), checked together (``record.check``: e.g. DELLA's density ± epsilon
+    within [0, 1]); MergeError naming the model and why."""
+    spread = per_model(record, options, count)
+    found = record.check(spread) if record.check is not None else None
+    if found is not None:
+        raise MergeError(f"combine={record.name!r}, model {found[0]}: {found[1]}")
+    return spread
+
+
 def check_inputs(record: CombineMethod, count: int, has_base: bool) -> None:
     """MergeError when ``record`` cannot merge ``count`` models with (or without) a base."""
     problem = record.needs.model_count_problem(record.name, count)
@@ -150,10 +161,7 @@ def merge_state_dicts(
     if not 0 <= reference < max(len(states), 1):
         raise MergeError(f"reference={reference} is not a state index (0..{len(states) - 1})")
     check_inputs(record, len(states), base is not None)
-    resolved = per_model(record, resolve_options(record, options), len(states))
-    found = record.check(resolved) if record.check is not None else None
-    if found is not None:
-        raise MergeError(f"combine={combine!r}, model {found[0]}: {found[1]}")
+    resolved = spread_options(record, resolve_options(record, options), len(states))
     _check_same_tensors(states, base)
     receiver = base if base is not None else states[reference]
     merged = {}

@@ -156,7 +156,7 @@ def check_merge(
             else:
                 problems += _value_problems(record.option(key), f"models[{i}].{key}", value)
     base = record.needs.base
-    task_vectors = base == "yes" or (base == "optional" and has_base)
+    task_vectors = record.needs.task_vectors(has_base)
     problem = record.needs.base_problem(f"method {method!r}", has_base)
     problems += [f"base: {problem}"] if problem is not None else []
     if not task_vectors and has_receiver:

@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -51,13 +51,17 @@ from accord.errors import ConfigError, did_you_mean
 from accord.llm.io import tokenizer_files
 from accord.llm.merge import setting_problems
 from accord.llm.settings import Filtered, Setting, map_setting, parse_setting
+from accord.registry import COMBINERS
 
 
 @dataclass(frozen=True)
 class MergekitMethod:
     """A mergekit method accord runs: accord's name for it, the global and per-model parameters
     mergekit reads for it, mergekit's defaults (``normalize``, ``rescale``; None where the
-    method has no such switch) and whether its ``base_model`` may be left out."""
+    method has no such switch), whether its ``base_model`` may be left out, and what the
+    ``base_model`` is to it (``base``): the task vectors' origin (``"task_vectors"``), one of
+    the models it merges, which must be listed (``"listed"``: linear), or the first of the two
+    it interpolates, ``t = 0`` (``"first"``: slerp)."""
 
     accord: str
     parameters: tuple[str, ...]
@@ -65,6 +69,7 @@ class MergekitMethod:
     normalize: bool | None = None
     rescale: bool | None = None
     base_optional: bool = False
+    base: Literal["task_vectors", "listed", "first"] = "task_vectors"
 
 
 _GTA = ("normalize", "lambda", "int8_mask")
@@ -72,8 +77,8 @@ _DELLA = ("weight", "density", "epsilon")
 _BREADCRUMBS = ("weight", "density", "gamma")
 
 MERGEKIT_METHODS = {
-    "linear": MergekitMethod("linear", ("normalize",), ("weight",), normalize=True),
-    "slerp": MergekitMethod("slerp", ("t",), ()),
+    "linear": MergekitMethod("linear", ("normalize",), ("weight",), normalize=True, base="listed"),
+    "slerp": MergekitMethod("slerp", ("t",), (), base="first"),
     "task_arithmetic": MergekitMethod("task_arithmetic", _GTA, ("weight",), normalize=False),
     "ties": MergekitMethod(
         "ties", (*_GTA, "rescale"), ("weight", "density"), normalize=True, rescale=False
@@ -251,7 +256,7 @@ def _translate(config: MergekitConfig, method: MergekitMethod) -> tuple[dict[str
         "parameters", shared, name, (*method.parameters, *method.model_parameters)
     )
     listed = [(i, e) for i, e in enumerate(entries) if base is None or e.model != base]
-    if method.accord == "linear":
+    if method.base == "listed":
         if base is not None and len(listed) == len(entries):
             problems.append(
                 f"base_model: mergekit's linear merges the listed models only; list {base} "
@@ -270,15 +275,17 @@ def _translate(config: MergekitConfig, method: MergekitMethod) -> tuple[dict[str
                 f"models[{i}].parameters.weight: mergekit's {name} needs a weight for every "
                 "model (here or under parameters)"
             )
-    if method.accord == "slerp":
+    if method.base == "first":
         if len(listed) != 1:
             problems.append(
-                f"models: mergekit's slerp interpolates base_model and one other model, got "
+                f"models: mergekit's {name} interpolates base_model and one other model, got "
                 f"{len(listed)} besides the base"
             )
         if "t" not in shared:
-            problems.append("parameters.t: mergekit's slerp needs t (0: base_model, 1: the other)")
-    if not listed and method.accord != "slerp":
+            problems.append(
+                f"parameters.t: mergekit's {name} needs t (0: base_model, 1: the other)"
+            )
+    if not listed and method.base != "first":
         problems.append("models: no model to merge besides base_model")
     if problems:
         return {}, problems
@@ -314,7 +321,9 @@ def _accord_data(
     shared: dict[str, Any],
 ) -> dict[str, Any]:
     base = config.base_model
-    dare = method.accord in ("dare", "dare_ties")
+    # mergekit's density is the fraction kept; a combiner that drops at random takes the
+    # fraction dropped (its record's drop_rate) instead
+    dare = "drop_rate" in COMBINERS[method.accord].defaults
     density_key = "drop_rate" if dare else "density"
 
     def density(setting: Setting) -> Setting:
@@ -352,11 +361,11 @@ def _accord_data(
     if method.rescale is not None:
         parameters["rescale"] = "l1" if shared.get("rescale", method.rescale) else "none"
     data: dict[str, Any] = {"method": method.accord, "parameters": parameters}
-    if method.accord == "slerp":
+    if method.base == "first":
         data["models"] = [{"path": base}, *models]  # t = 0 is the base, as in mergekit
     else:
         data["models"] = models
-        if method.accord != "linear":
+        if method.base == "task_vectors":
             data["base"] = base
     dtype = config.out_dtype or config.dtype
     if dtype is not None:

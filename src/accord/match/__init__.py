@@ -95,10 +95,11 @@ def _check_models(
             )
     if statistics is None:
         if info.needs.data:
+            without = sorted(name for name, r in ALIGNMENTS.items() if not r.needs.data)
             raise MergeError(
                 f"method {info.name!r} aligns features by their activations and needs data: "
                 "collect statistics with accord.collect_statistics(models, spec, data) and pass "
-                "them, or use a method that needs none (weight_matching, identity)"
+                f"them, or use a method that needs none ({', '.join(without)})"
             )
         return
     _check_statistics(spec, statistics, num_models, reference)

@@ -191,6 +191,14 @@ def cca_block(
     return transform, inverse, s, int(dead_x.numel())
 
 
+# Why a ridge must be positive: the record says it with a value outside the range.
+RIDGE_WHY = (
+    "it is added to the covariances' diagonal so that their inverse square roots exist; at 0 "
+    "a dead or duplicated feature leaves them singular and blows the map up, below 0 they "
+    "turn indefinite"
+)
+
+
 def check_ridge(name: str, value: float) -> None:
     """MergeError unless the ridge is a finite number above 0."""
     check_option(name, value, low=0.0)
@@ -287,6 +295,7 @@ def cca_match(
             "scale-relative regulariser",
             POSITIVE,
             grid=(1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0),
+            why=RIDGE_WHY,
         ),
         Option(
             "absolute_ridge",
@@ -295,6 +304,7 @@ def cca_match(
             "one absolute regulariser instead",
             POSITIVE,
             nullable=True,
+            why=RIDGE_WHY,
         ),
     ),
     needs=Needs(data=True),

@@ -63,6 +63,7 @@ from accord.match._common import (
     group_slices,
 )
 from accord.match.cca import (
+    RIDGE_WHY,
     UNDETERMINED,
     cca_match,
     check_conditioning,
@@ -261,6 +262,7 @@ def gcca_match(
             "scale-relative regulariser, as CCA's",
             POSITIVE,
             grid=(1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0),
+            why=RIDGE_WHY,
         ),
     ),
     needs=Needs(data=True, all_pairs=True),

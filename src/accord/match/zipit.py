@@ -298,6 +298,8 @@ def _fallback(
             "discount of a merged feature's correlations",
             Limits(0, 1),
             grid=(0.0, 0.1, 0.3, 0.5, 1.0),
+            why="it discounts a repeated match's score: 0 never repeats a match, 1 repeats it "
+            "at full score",
         ),
         Option(
             "beta",
@@ -306,6 +308,7 @@ def _fallback(
             "fraction of merges within a model",
             Limits(0, 1),
             grid=(0.0, 0.125, 0.5),
+            why="it is the share of all merges made within one model: 0 none, 1 a free zip",
         ),
     ),
     needs=Needs(data=True, all_pairs=True),
