@@ -12,7 +12,14 @@ from accord.batchnorm import fold_batchnorms, reset_batchnorm
 from accord.check import check_spec, randomly_permuted
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
-from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
+from accord.data import (
+    DATASETS,
+    DataSplits,
+    default_dataset,
+    load_dataset,
+    split_indices,
+    task_classes,
+)
 from accord.errors import (
     AccordError,
     ConfigError,
@@ -28,8 +35,10 @@ from accord.errors import (
 from accord.evaluate import (
     Evaluation,
     InterpolationCurve,
+    TaskEvaluation,
     evaluate,
     evaluate_ensemble,
+    evaluate_tasks,
     evaluate_with_ensemble,
     interpolation_curve,
 )
@@ -86,6 +95,7 @@ __all__ = [
     "Statistics",
     "StatisticsError",
     "StoreError",
+    "TaskEvaluation",
     "TraceError",
     "TrainConfig",
     "Transform",
@@ -98,6 +108,7 @@ __all__ = [
     "default_dataset",
     "evaluate",
     "evaluate_ensemble",
+    "evaluate_tasks",
     "evaluate_with_ensemble",
     "example_input",
     "fold_batchnorms",
@@ -119,6 +130,7 @@ __all__ = [
     "shared_exports",
     "spec_table",
     "split_indices",
+    "task_classes",
     "trace",
     "train_model",
     "train_model_set",
