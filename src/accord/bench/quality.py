@@ -133,7 +133,7 @@ class QualityPlan:
 def quality_plan(
     quick: bool = False, dataset: str | None = None, sets: int | None = None
 ) -> QualityPlan:
-    """The ``--quick`` plan (minutes on 2 cores) or the full one (about 2 hours there).
+    """The ``--quick`` plan (minutes on 2 cores) or the full one (hours there).
 
     The task settings (:data:`TASK_SETTINGS`) are in the full plan only: they would add more
     than half again to the quick one's time (``--settings classes,80-20`` runs them).
