@@ -79,6 +79,26 @@ def test_a_model_without_the_option_keeps_its_config_and_a_checkpoint_keeps_the_
     torch.testing.assert_close(loaded(inputs), model.eval()(inputs), rtol=0, atol=0)
 
 
+def test_a_user_s_embeddings_from_a_file_replace_the_seeded_ones(tmp_path) -> None:
+    values = torch.randn(10, DIM, generator=torch.Generator().manual_seed(5))
+    np.save(tmp_path / "clip.npy", values.numpy())
+    torch.save(3 * values, tmp_path / "clip.pt")
+    first = accord.set_class_embeddings(_model("mlp", seed=0), tmp_path / "clip.npy")
+    second = accord.set_class_embeddings(_model("mlp", seed=1), str(tmp_path / "clip.pt"))
+    expected = values / values.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(_head(first).embeddings, expected)
+    torch.testing.assert_close(_head(second).embeddings, expected)
+    accord.save_checkpoint(first, tmp_path / "ckpt", {})
+    loaded = accord.load_checkpoint(tmp_path / "ckpt").model
+    assert torch.equal(_head(loaded).embeddings, _head(first).embeddings)
+    with pytest.raises(accord.ModelError, match=r"shape \(10, 5\); this head needs \(10, 6\)"):
+        accord.set_class_embeddings(_model("mlp"), values[:, :5])
+    with pytest.raises(accord.ModelError, match=r"class_embeddings=d"):
+        accord.set_class_embeddings(_model("mlp", class_embeddings=None), values)
+    with pytest.raises(accord.ModelError, match=r"clip.txt: .* \.npy or \.pt file"):
+        accord.set_class_embeddings(_model("mlp"), tmp_path / "clip.txt")
+
+
 def test_a_bad_embedding_dimension_names_the_key() -> None:
     with pytest.raises(accord.ModelError, match=r"class_embeddings=0 must be positive"):
         accord.build_model("mlp", class_embeddings=0)

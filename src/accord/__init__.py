@@ -62,7 +62,7 @@ from accord.trace import trace
 from accord.trace.programs import shared_exports
 from accord.train import Keep, ModelSetRequest, TrainConfig, train_model, train_model_set
 from accord.workflow import run_merge
-from accord.zoo import MODELS, build_model, example_input, model_config
+from accord.zoo import MODELS, build_model, example_input, model_config, set_class_embeddings
 
 __all__ = [
     "ALIGNMENTS",
@@ -127,6 +127,7 @@ __all__ = [
     "run_user_merge",
     "save_checkpoint",
     "select_checkpoints",
+    "set_class_embeddings",
     "shared_exports",
     "spec_table",
     "split_indices",

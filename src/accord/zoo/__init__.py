@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from accord.errors import ModelError
+from accord.zoo.head import set_class_embeddings
 from accord.zoo.registry import MODELS, model_class, resolve_config
 
-__all__ = ["MODELS", "build_model", "example_input", "model_config"]
+__all__ = ["MODELS", "build_model", "example_input", "model_config", "set_class_embeddings"]
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
@@ -40,7 +41,8 @@ def build_model(name: str, **config: Any) -> nn.Module:
     - every model: class_embeddings [None]: None gives a trainable Linear head; an integer d
       gives the head that models trained on different classes share
       (:class:`accord.zoo.head.SharedClassHead`: the last Linear maps to d features, whose
-      cosines with fixed class embeddings, the same in every model, are the logits).
+      cosines with fixed class embeddings, the same in every model, are the logits;
+      :func:`set_class_embeddings` puts one's own in their place).
 
     Raises ModelError for an unknown name, an unknown key or an invalid value. Weights come
     from torch's global generator: the same ``torch.manual_seed`` gives the same model.

@@ -6,13 +6,20 @@ merged. CCA Merge's reference code gives every model the same frozen head instea
 embeddings of the class names; any fixed embeddings shared by the models serve, and these are
 random unit vectors drawn from a seed of their own, so every model with the same number of
 classes and embedding dimension has the very same ones, whatever its training seed.
+:func:`set_class_embeddings` puts a user's own in their place (CLIP's, say) before training.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from accord.errors import ModelError
 
 # Not the training seed: the embeddings must be the same in every model of a set.
 EMBEDDING_SEED = 1234
@@ -55,3 +62,45 @@ def classifier(in_features: int, num_classes: int, class_embeddings: int | None)
     if class_embeddings is None:
         return nn.Linear(in_features, num_classes)
     return SharedClassHead(in_features, num_classes, class_embeddings)
+
+
+def set_class_embeddings(
+    model: nn.Module, embeddings: torch.Tensor | np.ndarray | str | os.PathLike[str]
+) -> nn.Module:
+    """Give ``model``'s shared head the class embeddings ``embeddings`` (num_classes × d), a
+    tensor, an array or a ``.npy`` / ``.pt`` file of one, e.g. CLIP text embeddings of the class
+    names; rows are normalised. Do it to every model of a set before training: the embeddings
+    are saved with the weights. Returns ``model``; ModelError for a model without a shared head
+    (build it with ``class_embeddings=d``), a file of another kind or a shape that is not the
+    head's."""
+    heads = [m for m in model.modules() if isinstance(m, SharedClassHead)]
+    if len(heads) != 1:
+        raise ModelError(
+            f"{type(model).__name__} has {len(heads)} shared class heads, not one; build it "
+            "with accord.build_model(name, class_embeddings=d)"
+        )
+    where = "the embeddings"
+    if isinstance(embeddings, str | os.PathLike):
+        where = str(embeddings)
+        embeddings = _read_embeddings(Path(embeddings))
+    values = torch.as_tensor(embeddings, dtype=torch.float32)
+    head = heads[0]
+    if values.shape != head.embeddings.shape:
+        raise ModelError(
+            f"{where} have shape {tuple(values.shape)}; this head needs "
+            f"{tuple(head.embeddings.shape)} (num_classes × class_embeddings)"
+        )
+    with torch.no_grad():
+        head.embeddings.copy_(F.normalize(values, dim=1))
+    return model
+
+
+def _read_embeddings(path: Path) -> torch.Tensor | np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".pt":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(loaded, torch.Tensor):
+            return loaded
+        raise ModelError(f"{path} holds a {type(loaded).__name__}, not one tensor")
+    raise ModelError(f"{path}: class embeddings are read from a .npy or .pt file")
