@@ -257,7 +257,8 @@ def test_unknown_keys_are_named_with_the_accepted_keys() -> None:
         build_model("mlp", widht=3, colour=True)
     message = str(error.value)
     assert "'widht'" in message and "did you mean 'width'" in message and "'colour'" in message
-    assert "accepted keys: depth, image_size, in_channels, num_classes, width" in message
+    keys = "class_embeddings, depth, image_size, in_channels, num_classes, width"
+    assert f"accepted keys: {keys}" in message
     with pytest.raises(ModelError, match="batch_norm"):
         build_model("resnet20", batch_norm=True)
 

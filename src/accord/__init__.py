@@ -12,7 +12,14 @@ from accord.batchnorm import fold_batchnorms, reset_batchnorm
 from accord.check import check_spec, randomly_permuted
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
-from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
+from accord.data import (
+    DATASETS,
+    DataSplits,
+    default_dataset,
+    load_dataset,
+    split_indices,
+    task_classes,
+)
 from accord.errors import (
     AccordError,
     ConfigError,
@@ -28,8 +35,10 @@ from accord.errors import (
 from accord.evaluate import (
     Evaluation,
     InterpolationCurve,
+    TaskEvaluation,
     evaluate,
     evaluate_ensemble,
+    evaluate_tasks,
     evaluate_with_ensemble,
     interpolation_curve,
 )
@@ -53,7 +62,7 @@ from accord.trace import trace
 from accord.trace.programs import shared_exports
 from accord.train import Keep, ModelSetRequest, TrainConfig, train_model, train_model_set
 from accord.workflow import run_merge
-from accord.zoo import MODELS, build_model, example_input, model_config
+from accord.zoo import MODELS, build_model, example_input, model_config, set_class_embeddings
 
 __all__ = [
     "ALIGNMENTS",
@@ -86,6 +95,7 @@ __all__ = [
     "Statistics",
     "StatisticsError",
     "StoreError",
+    "TaskEvaluation",
     "TraceError",
     "TrainConfig",
     "Transform",
@@ -98,6 +108,7 @@ __all__ = [
     "default_dataset",
     "evaluate",
     "evaluate_ensemble",
+    "evaluate_tasks",
     "evaluate_with_ensemble",
     "example_input",
     "fold_batchnorms",
@@ -116,9 +127,11 @@ __all__ = [
     "run_user_merge",
     "save_checkpoint",
     "select_checkpoints",
+    "set_class_embeddings",
     "shared_exports",
     "spec_table",
     "split_indices",
+    "task_classes",
     "trace",
     "train_model",
     "train_model_set",

@@ -1,4 +1,5 @@
-"""Accuracy and loss of a model, of a logit-averaging ensemble, and along a linear path.
+"""Accuracy and loss of a model, of a logit-averaging ensemble, per task, and along a linear
+path.
 
 ``data`` is anything that yields ``(inputs, labels)`` batches: a DataLoader, a list of
 batches, or an :class:`accord.data.Dataset` (batched here).
@@ -105,6 +106,86 @@ def evaluate_with_ensemble(
         raise ValueError("evaluation data is empty")
     evaluations = [Evaluation(correct / count, loss / count, count) for correct, loss in tallies]
     return evaluations[:-1], evaluations[-1]
+
+
+@dataclass(frozen=True)
+class TaskEvaluation:
+    """Accuracies (in [0, 1]) of a model whose classes are divided into tasks.
+
+    ``tasks[k]``: on the ``counts[k]`` examples of task k's classes, the prediction being the
+    largest logit among those classes only; ``joint``: on all ``count`` examples, over all
+    classes (:class:`Evaluation`'s accuracy).
+    """
+
+    tasks: tuple[float, ...]
+    joint: float
+    counts: tuple[int, ...]
+    count: int
+
+
+@torch.no_grad()
+def evaluate_tasks(
+    model: nn.Module | Sequence[nn.Module],
+    data: Dataset | Batches,
+    tasks: Sequence[Sequence[int]],
+    device: str | torch.device = "cpu",
+) -> TaskEvaluation:
+    """Accuracy of ``model`` on each task (its classes' examples, logits restricted to its
+    classes) and jointly. A sequence of models is their logit-averaging ensemble.
+
+    ``tasks``: class indices per task, e.g. :func:`accord.data.task_classes` of the split the
+    models were trained on. ValueError for an empty task, a class outside the logits or a task
+    without examples in ``data``.
+    """
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    flags = [m.training for m in models]
+    for member in models:
+        member.to(device).eval()
+    masks: torch.Tensor | None = None
+    correct, counts = [0] * len(tasks), [0] * len(tasks)
+    joint, count = 0, 0
+    try:
+        for inputs, labels in batches(data):
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = torch.stack([m(inputs).float() for m in models]).mean(dim=0)
+            if masks is None:
+                masks = _task_masks(tasks, logits.shape[1], logits.device)
+            joint += int((logits.argmax(dim=1) == labels).sum())
+            count += int(labels.numel())
+            for k, mask in enumerate(masks):
+                members = mask[labels]
+                restricted = logits[members].masked_fill(~mask, -torch.inf)
+                correct[k] += int((restricted.argmax(dim=1) == labels[members]).sum())
+                counts[k] += int(members.sum())
+    finally:
+        for member, flag in zip(models, flags, strict=True):
+            member.train(flag)
+    if count == 0:
+        raise ValueError("evaluation data is empty")
+    missing = [k for k, n in enumerate(counts) if n == 0]
+    if missing:
+        found = ", ".join(f"task {k} {list(tasks[k])}" for k in missing)
+        raise ValueError(f"the evaluation data has no example of {found}")
+    accuracies = tuple(c / n for c, n in zip(correct, counts, strict=True))
+    return TaskEvaluation(accuracies, joint / count, tuple(counts), count)
+
+
+def _task_masks(
+    tasks: Sequence[Sequence[int]], num_classes: int, device: torch.device
+) -> torch.Tensor:
+    """(tasks, num_classes) booleans: which logits each task keeps."""
+    masks = torch.zeros(len(tasks), num_classes, dtype=torch.bool, device=device)
+    for k, classes in enumerate(tasks):
+        classes = [int(c) for c in classes]
+        outside = [c for c in classes if not 0 <= c < num_classes]
+        if not classes or outside:
+            problem = f"classes {outside} are outside" if outside else "has no class out of"
+            raise ValueError(
+                f"task {k} {problem} the model's {num_classes} logits; give each task "
+                f"class indices in 0..{num_classes - 1}"
+            )
+        masks[k, classes] = True
+    return masks
 
 
 def interpolate_states(

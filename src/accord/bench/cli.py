@@ -35,7 +35,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     q.add_argument("--sets", type=int, default=None, help="independent model sets (seed ranges)")
     q.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
     q.add_argument(
-        "--settings", default=None, help="comma-separated data settings, e.g. iid [all the plan's]"
+        "--settings",
+        default=None,
+        help="comma-separated data settings, e.g. iid or classes,80-20 [all the plan's]",
     )
     q.set_defaults(func=_cmd_quality)
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accord._table import format_table
-from accord.bench._common import by_panel, cell, row_names, run_facts
+from accord.bench._common import by_panel, cell, row_names, run_facts, summary
 from accord.bench.llm_memory import render_llm_memory
 from accord.bench.quality import ROW_LABELS
 from accord.bench.select import render_select
@@ -69,10 +69,7 @@ def _quality_setup(config: Mapping[str, Any]) -> list[str]:
         )
         for a in config["architectures"]
     )
-    settings = ", ".join(
-        s["split"] + (f" (α = {s['alpha']})" if s["split"] == "dirichlet" else "")
-        for s in config["settings"]
-    )
+    settings = ", ".join(map(_setting, config["settings"]))
     pools = ", ".join(f"seeds {p[0]}–{p[-1]}" for p in config["pool_seeds"])
     return [
         f"- dataset: {config['dataset']}; architectures: {archs}",
@@ -81,6 +78,50 @@ def _quality_setup(config: Mapping[str, Any]) -> list[str]:
         f"- statistics, repair and NP Merge calibration: the first {config['samples']} "
         "training examples",
     ]
+
+
+def _setting(setting: Mapping[str, Any]) -> str:
+    text = setting["split"] + (
+        f" (α = {setting['alpha']})" if setting["split"] == "dirichlet" else ""
+    )
+    if setting.get("sizes"):
+        sizes = ", ".join(map(str, setting["sizes"]))
+        text += f" (N = {sizes}: a pool of N models per N, each on its own part of the split"
+        if setting.get("class_embeddings"):
+            text += f"; frozen class head shared by the models, d = {setting['class_embeddings']}"
+        text += ")"
+    return text
+
+
+TASKS_NOTE = (
+    "Test accuracy in % on each model's task, the classes it was trained on (all of their "
+    "examples under *classes*, 80 % of them under *80-20*), with the logits restricted to "
+    "that task's classes, and jointly (all test examples, all classes). Every model has the "
+    "same frozen class head (fixed random class embeddings, as the reference code's CLIP text "
+    "embeddings), so their outputs can be merged. *base models*: model k on its own task k "
+    "(joint: the mean of the models' own accuracies)."
+)
+
+
+def _task_table(result: Mapping[str, Any]) -> list[str]:
+    """One configuration of a task setting: each row's accuracy per task, their mean, joint."""
+    tasks = result["tasks"][0]  # every model set splits the same training data the same way
+    headers = [
+        "row",
+        *(f"task {k} (classes {', '.join(map(str, c))})" for k, c in enumerate(tasks)),
+        "task mean",
+        "joint",
+    ]
+    rows = []
+    for row in result["rows"]:
+        cells = ["-"] * (len(tasks) + 1)
+        if "tasks" in row:
+            per_set = zip(*(task["values"] for task in row["tasks"]), strict=True)
+            means = summary([sum(values) / len(values) for values in per_set])
+            cells = [*(_percent(task) for task in row["tasks"]), _percent(means)]
+        rows.append([ROW_LABELS.get(row["name"], row["name"]), *cells, _percent(row["test"])])
+    title = f"### {result['arch']}, {result['setting']}, N = {result['num_models']}: per task"
+    return ["", title, "", format_table(headers, rows, True)]
 
 
 def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -100,6 +141,10 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
             rows.append(["NP Merge epochs kept (per set)", *epochs])
         lines += ["", f"### {panel[0]}, {panel[1]}", "", format_table(headers, rows, True)]
         lines += ["", "Best merge by mean test accuracy: " + "; ".join(map(_best, chosen)) + "."]
+        for result in chosen:
+            if "tasks" in result:
+                lines += [] if TASKS_NOTE in lines else ["", TASKS_NOTE]
+                lines += _task_table(result)
     return lines
 
 

@@ -13,6 +13,12 @@ is one joint softmax) and, for networks with BatchNorm, CCA Merge with the Batch
 Two studies follow (:mod:`accord.bench.studies`): joint CCA against the star for
 ``joint_sizes``, and partial merging (accuracy against parameters kept) for N = 2 in each
 architecture's first setting. Accuracies are on the test split, which chooses nothing.
+
+The full plan adds the CCA Merge paper's task settings (``TASK_SETTINGS``): models trained on
+disjoint class subsets (``classes``, N = 2 and 4) and on the 80/20 split (N = 2), a pool of N
+models per N, all with the same frozen class head (the zoo's ``class_embeddings``) so that
+their outputs can be merged; each row also gets its test accuracy on each model's task
+(:func:`accord.evaluate_tasks`), its ``test`` accuracy being the joint one.
 """
 
 from __future__ import annotations
@@ -70,14 +76,31 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class Setting:
-    """How the training data is divided among a pool's models (``accord.split_indices``)."""
+    """How the training data is divided among a pool's models (``accord.split_indices``).
+
+    ``sizes``: for the paper's task settings (``classes``, ``80-20``), where each model has its
+    own task, a pool of exactly N models is trained on an N-way split for each N of
+    ``sizes`` (empty: one pool of the plan's largest N serves every N). ``class_embeddings``:
+    the zoo option that gives the models one frozen class head (embedding dimension), so
+    that models trained on different classes can be merged.
+    """
 
     split: str
     alpha: float = 0.5
+    sizes: tuple[int, ...] = ()
+    class_embeddings: int | None = None
 
     @property
     def label(self) -> str:
         return f"dirichlet{self.alpha:g}" if self.split == "dirichlet" else self.split
+
+
+# Embedding dimension of the task settings' shared class head (CLIP's text embeddings: 512).
+SHARED_HEAD_DIM = 64
+TASK_SETTINGS = (
+    Setting("classes", sizes=(2, 4), class_embeddings=SHARED_HEAD_DIM),
+    Setting("80-20", sizes=(2,), class_embeddings=SHARED_HEAD_DIM),
+)
 
 
 @dataclass(frozen=True)
@@ -102,14 +125,18 @@ class QualityPlan:
         config["pool_seeds"] = [list(self.seeds(start)) for start in self.seed_starts]
         return config
 
-    def seeds(self, start: int) -> tuple[int, ...]:
-        return tuple(range(start, start + max(self.sizes + self.joint_sizes)))
+    def seeds(self, start: int, size: int | None = None) -> tuple[int, ...]:
+        """A pool's seeds: ``size`` of them, by default the largest N of the plan."""
+        return tuple(range(start, start + (size or max(self.sizes + self.joint_sizes))))
 
 
 def quality_plan(
     quick: bool = False, dataset: str | None = None, sets: int | None = None
 ) -> QualityPlan:
-    """The ``--quick`` plan (minutes on 2 cores) or the full one (about 2 hours there).
+    """The ``--quick`` plan (minutes on 2 cores) or the full one (hours there).
+
+    The task settings (:data:`TASK_SETTINGS`) are in the full plan only: they would add more
+    than half again to the quick one's time (``--settings classes,80-20`` runs them).
 
     ``dataset`` defaults to :func:`accord.default_dataset` (Fashion-MNIST, else digits);
     ``sets`` overrides the number of independent model sets.
@@ -155,7 +182,7 @@ def quality_plan(
                 ),
             ),
             sizes=(2, 3, 4),
-            settings=settings,
+            settings=settings + TASK_SETTINGS,
             seed_starts=(0, 10),
             samples=2000,
             curve_steps=6,
@@ -169,12 +196,13 @@ def quality_plan(
 
 
 def only_settings(plan: QualityPlan, labels: Sequence[str]) -> QualityPlan:
-    """``plan`` with only the data settings named by their labels (``iid``, ``dirichlet0.5``);
-    its command says so. ValueError naming an unknown label and the plan's."""
-    known = {s.label: s for s in plan.settings}
+    """``plan`` with only the data settings named by their labels (``iid``, ``dirichlet0.5``,
+    and the task settings ``classes``, ``80-20`` even where the plan leaves them out, as the
+    quick one does); its command says so. ValueError naming an unknown label and the known."""
+    known = {s.label: s for s in (*plan.settings, *TASK_SETTINGS)}
     unknown = [label for label in labels if label not in known]
     if unknown:
-        raise ValueError(f"unknown settings {unknown}; this plan has {', '.join(known)}")
+        raise ValueError(f"unknown settings {unknown}; known settings: {', '.join(known)}")
     command = f"{plan.command} --settings {','.join(labels)}"
     return replace(plan, settings=tuple(known[label] for label in labels), command=command)
 
@@ -188,15 +216,20 @@ def train_pool(
     *,
     device: str,
     progress: bool,
+    size: int | None = None,
 ) -> list[accord.Checkpoint]:
-    """The pool of ``max(N)`` models of one model set (trained, or loaded from ``store``)."""
+    """The pool of ``size`` (default ``max(N)``) models of one model set, trained on a
+    ``size``-way split (or loaded from ``store``)."""
+    model = dict(architecture.model)
+    if setting.class_embeddings is not None:
+        model["class_embeddings"] = setting.class_embeddings
     request = accord.ModelSetRequest(
         arch=architecture.arch,
         dataset=plan.dataset,
-        seeds=plan.seeds(start),
+        seeds=plan.seeds(start, size),
         split=setting.split,
         alpha=setting.alpha,
-        model=architecture.model,
+        model=model,
         train=architecture.train,
         limit=architecture.limit,
         data_dir=plan.data_dir,
@@ -285,6 +318,39 @@ def variant(
     )
 
 
+Tasks = tuple[list[list[int]], dict[str, tuple[float, ...]]]
+
+
+def task_accuracies(outcome: MergeOutcome, calibrated: Calibrated, device: str) -> Tasks:
+    """Each model's task (:func:`accord.task_classes` of the split it was trained on, read
+    from its store key) and test accuracy per task (logits restricted to the task's classes)
+    of the base models (model k on its own task k), the ensemble and every merge of the run."""
+    data = calibrated[0]
+    split = outcome.checkpoints[0].config["key"]["split"]
+    parts = accord.split_indices(
+        data.train.labels,
+        split["models"],
+        split["mode"],
+        alpha=split["alpha"] or 0.5,  # None: the mode takes no alpha
+        seed=split["seed"],
+    )
+    every = accord.task_classes(data.train.labels, parts)
+    tasks = [every[c.config["key"]["split"]["part"]].tolist() for c in outcome.checkpoints]
+    models = [c.model for c in outcome.checkpoints]
+    own = tuple(
+        accord.evaluate_tasks(model, data.test, [task], device).tasks[0]
+        for model, task in zip(models, tasks, strict=True)
+    )
+    accuracies = {
+        "base": own,
+        "ensemble": accord.evaluate_tasks(models, data.test, tasks, device).tasks,
+    }
+    for method in outcome.methods:
+        evaluation = accord.evaluate_tasks(method.result.model, data.test, tasks, device)
+        accuracies[method.method] = evaluation.tasks
+    return tasks, accuracies
+
+
 def interpolation_curves(
     plan: QualityPlan, outcome: MergeOutcome, calibrated: Calibrated, device: str
 ) -> dict[str, dict[str, Any]]:
@@ -361,12 +427,13 @@ def _configuration(
     outcomes: Sequence[MergeOutcome],
     seconds: float,
     extra: Mapping[str, Sequence[tuple[float, float]]],
+    tasks: Sequence[Tasks] = (),
 ) -> dict[str, Any]:
     options = {
         m.method: [_chosen_options(o.methods[k].result.report) for o in outcomes]
         for k, m in enumerate(outcomes[0].methods)
     }
-    return {
+    configuration = {
         "arch": names[0],
         "setting": names[1],
         "num_models": size,
@@ -375,6 +442,54 @@ def _configuration(
         "options": options,
         "seconds": seconds,
     }
+    if tasks:
+        add_task_rows(configuration, tasks)
+    return configuration
+
+
+def add_task_rows(configuration: dict[str, Any], tasks: Sequence[Tasks]) -> None:
+    """Add each model set's tasks (``"tasks"``: the classes of model k's task per set) and,
+    to each row they measure, its test accuracy per task over the sets (``"tasks"``: one
+    summary per task; a row's joint accuracy is its ``"test"``)."""
+    configuration["tasks"] = [classes for classes, _ in tasks]
+    for row in configuration["rows"]:
+        if row["name"] in tasks[0][1]:
+            per_set = [accuracies[row["name"]] for _, accuracies in tasks]
+            row["tasks"] = [summary(values) for values in zip(*per_set, strict=True)]
+
+
+def merge_pool(
+    plan: QualityPlan,
+    pools: Sequence[Sequence[accord.Checkpoint]],
+    size: int,
+    names: tuple[str, str],
+    tasks: bool,
+    device: str,
+    progress: bool,
+) -> tuple[dict[str, Any], list[MergeOutcome], list[Calibrated]]:
+    """Merge the first ``size`` models of each pool by every method, with the variants (and,
+    for a task setting, the accuracies per task): the configuration's result, the outcomes
+    and their calibration."""
+    clock = time.perf_counter()
+    outcomes = [
+        accord.run_merge(merge_config(plan, pool[:size], device), progress) for pool in pools
+    ]
+    calibrated = [calibration(plan, o, device) for o in outcomes]
+    runs = list(zip(outcomes, calibrated, strict=True))
+    extra = {}
+    if size > 2:  # two models: pairwise is the joint scheme
+        extra["npmerge_pairwise"] = [
+            variant(o, c, "npmerge", device, scheme="pairwise") for o, c in runs
+        ]
+    spaces = outcomes[0].methods[0].result.spec.spaces
+    if size == 2 and any(s.batchnorms for s in spaces):
+        extra["cca_transform"] = [
+            variant(o, c, "cca", device, batchnorm="transform") for o, c in runs
+        ]
+    per_task = [task_accuracies(o, c, device) for o, c in runs] if tasks else []
+    spent = time.perf_counter() - clock
+    configuration = _configuration(pools, size, names, outcomes, spent, extra, per_task)
+    return configuration, outcomes, calibrated
 
 
 def run_quality(
@@ -392,37 +507,36 @@ def run_quality(
     for architecture in plan.architectures:
         for setting in plan.settings:
             names = (architecture.label, setting.label)
-            clock = time.perf_counter()
-            pools = [
-                train_pool(plan, architecture, setting, s, store, device=device, progress=progress)
-                for s in plan.seed_starts
-            ]
-            seconds["training"] += time.perf_counter() - clock
-            for size in plan.sizes:
+            # a task setting trains a pool per N, each model on its own part of an N-way split
+            groups = [(n, (n,)) for n in setting.sizes] or [(None, plan.sizes)]
+            for pool_size, sizes in groups:
                 clock = time.perf_counter()
-                outcomes = [
-                    accord.run_merge(merge_config(plan, pool[:size], device), progress)
-                    for pool in pools
+                pools = [
+                    train_pool(
+                        plan,
+                        architecture,
+                        setting,
+                        s,
+                        store,
+                        device=device,
+                        progress=progress,
+                        size=pool_size,
+                    )
+                    for s in plan.seed_starts
                 ]
-                calibrated = [calibration(plan, o, device) for o in outcomes]
-                runs = list(zip(outcomes, calibrated, strict=True))
-                extra = {}
-                if size > 2:  # two models: pairwise is the joint scheme
-                    extra["npmerge_pairwise"] = [
-                        variant(o, c, "npmerge", device, scheme="pairwise") for o, c in runs
-                    ]
-                spaces = outcomes[0].methods[0].result.spec.spaces
-                if size == 2 and any(s.batchnorms for s in spaces):
-                    extra["cca_transform"] = [
-                        variant(o, c, "cca", device, batchnorm="transform") for o, c in runs
-                    ]
-                spent = time.perf_counter() - clock
-                seconds["merging"] += spent
-                results.append(_configuration(pools, size, names, outcomes, spent, extra))
-                if size == 2:
+                seconds["training"] += time.perf_counter() - clock
+                for size in sizes:
+                    tasks = bool(setting.sizes)
+                    configuration, outcomes, calibrated = merge_pool(
+                        plan, pools, size, names, tasks, device, progress
+                    )
+                    seconds["merging"] += configuration["seconds"]
+                    results.append(configuration)
+                    if size != 2:
+                        continue
                     clock = time.perf_counter()
                     tag = f"{names[0]}-{names[1]}"
-                    figures[tag] = figures_for(plan, *runs[0], tag, root, device)
+                    figures[tag] = figures_for(plan, outcomes[0], calibrated[0], tag, root, device)
                     seconds["figures"] += time.perf_counter() - clock
                     if setting == plan.settings[0]:
                         clock = time.perf_counter()
@@ -430,9 +544,10 @@ def run_quality(
                             partial_study(plan, outcomes, names, merge_config, root, device)
                         )
                         seconds["studies"] += time.perf_counter() - clock
-            clock = time.perf_counter()
-            joint += joint_study(plan, pools, names, merge_config, device)
-            seconds["studies"] += time.perf_counter() - clock
+            if not setting.sizes:  # the joint study takes the pool's first 3, 4... models
+                clock = time.perf_counter()
+                joint += joint_study(plan, pools, names, merge_config, device)
+                seconds["studies"] += time.perf_counter() - clock
     accuracy = root / f"{plan.name}-accuracy.png"
     title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
     accuracy_versus_models(results, ROW_LABELS, accuracy, title)

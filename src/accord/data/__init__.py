@@ -18,7 +18,7 @@ from accord.data.datasets import (
     resolve_root,
 )
 from accord.data.idx import read_idx
-from accord.data.splits import SPLIT_MODES, split_indices
+from accord.data.splits import SPLIT_MODES, split_indices, task_classes
 
 __all__ = [
     "DATASETS",
@@ -32,4 +32,5 @@ __all__ = [
     "read_idx",
     "resolve_root",
     "split_indices",
+    "task_classes",
 ]

@@ -1,7 +1,8 @@
 """Data-split modes: which training examples each model of a set sees.
 
 Every mode returns one sorted index array per model into the given labels; the same labels,
-mode and seed give the same arrays.
+mode and seed give the same arrays. :func:`task_classes` names each model's task, the classes
+it was trained on most, for evaluation per task (:func:`accord.evaluate_tasks`).
 
 - ``iid``: every model sees all the data (models differ only by initialisation).
 - ``classes``: the classes are shuffled and dealt in contiguous groups; each model gets every
@@ -56,6 +57,26 @@ def split_indices(
         raise DataError(f"split mode {mode!r} needs at least one model, got {num_models}.")
     rng = np.random.default_rng(seed)
     return _MODES[mode](labels, num_models, alpha, rng)
+
+
+def task_classes(labels: np.ndarray | torch.Tensor, parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Each model's task: the sorted classes of which its part holds more examples than any
+    other part (the first such part on a tie).
+
+    Under ``classes`` these are the model's own classes; under ``80-20``, those it has 80 % of.
+    Example::
+
+        >>> labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+        >>> [t.tolist() for t in task_classes(labels, split_indices(labels, 2, "80-20"))]
+        [[0], [1]]
+    """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    counts = np.stack([(labels[part][:, None] == classes).sum(axis=0) for part in parts])
+    owners = counts.argmax(axis=0)
+    return [classes[owners == model] for model in range(len(parts))]
 
 
 def _iid(

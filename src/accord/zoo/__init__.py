@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from accord.errors import ModelError
+from accord.zoo.head import set_class_embeddings
 from accord.zoo.registry import MODELS, model_class, resolve_config
 
-__all__ = ["MODELS", "build_model", "example_input", "model_config"]
+__all__ = ["MODELS", "build_model", "example_input", "model_config", "set_class_embeddings"]
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
@@ -37,13 +38,20 @@ def build_model(name: str, **config: Any) -> nn.Module:
     - ``resnet20``: width [1] channel multiplier (stages 16w, 32w, 64w).
     - ``vit``: patch_size [4] (divides image_size), dim [64], depth [2], heads [4]
       (divides dim), mlp_ratio [2.0].
+    - every model: class_embeddings [None]: None gives a trainable Linear head; an integer d
+      gives the head that models trained on different classes share
+      (:class:`accord.zoo.head.SharedClassHead`: the last Linear maps to d features, whose
+      cosines with fixed class embeddings, the same in every model, are the logits;
+      :func:`set_class_embeddings` puts one's own in their place).
 
     Raises ModelError for an unknown name, an unknown key or an invalid value. Weights come
     from torch's global generator: the same ``torch.manual_seed`` gives the same model.
     """
     resolved = resolve_config(name, config)
     model = model_class(name)(**resolved)
-    model.accord_config = {"name": name, **resolved}
+    # An optional setting left off (None) is absent, so the configs, and the model store's
+    # keys, of models built before it existed stay as they were.
+    model.accord_config = {"name": name, **{k: v for k, v in resolved.items() if v is not None}}
     return model
 
 

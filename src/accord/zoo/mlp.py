@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from accord.zoo.head import classifier
+
 
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU] * depth -> Linear.
@@ -21,6 +23,7 @@ class MLP(nn.Module):
         num_classes: int = 10,
         width: int = 128,
         depth: int = 3,
+        class_embeddings: int | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -28,7 +31,7 @@ class MLP(nn.Module):
         for _ in range(depth):
             layers += [nn.Linear(fan_in, width), nn.ReLU()]
             fan_in = width
-        layers.append(nn.Linear(fan_in, num_classes))
+        layers.append(classifier(fan_in, num_classes, class_embeddings))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

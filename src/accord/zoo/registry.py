@@ -67,8 +67,13 @@ def resolve_config(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def _check_value(key: str, value: object, kind: type) -> str | None:
+def _check_value(key: str, value: object, kind: Any) -> str | None:
     """Why ``value`` is not a valid ``kind`` config value, or None if it is."""
+    options = typing.get_args(kind)
+    if type(None) in options:  # an optional setting: None turns it off
+        if value is None:
+            return None
+        kind = next(option for option in options if option is not type(None))
     if kind is bool:
         return None if isinstance(value, bool) else f"{key}={value!r} must be True or False"
     wanted, noun = (numbers.Integral, "an integer") if kind is int else (numbers.Real, "a number")
@@ -80,8 +85,8 @@ def _check_value(key: str, value: object, kind: type) -> str | None:
     return None
 
 
-def _plain(value: Any) -> bool | int | float:
+def _plain(value: Any) -> bool | int | float | None:
     """``value`` as a built-in bool, int or float, so a config given numpy scalars is plain JSON."""
-    if isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)

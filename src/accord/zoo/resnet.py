@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from accord.zoo.head import classifier
+
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     # No bias: the BatchNorm that follows has its own shift.
@@ -58,6 +60,7 @@ class ResNet20(nn.Module):
         image_size: int = 32,
         num_classes: int = 10,
         width: float = 1,
+        class_embeddings: int | None = None,
     ) -> None:
         super().__init__()
         widths = [max(1, round(base * width)) for base in (16, 32, 64)]
@@ -69,7 +72,7 @@ class ResNet20(nn.Module):
         self.layer3 = _stage(widths[1], widths[2], stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(widths[2], num_classes)
+        self.fc = classifier(widths[2], num_classes, class_embeddings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes)."""

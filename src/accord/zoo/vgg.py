@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from accord.zoo.head import classifier
+
 # Output channels of each 3x3 conv, "M" for a 2x2 max pool (Simonyan & Zisserman, 2015).
 VGG11_LAYERS: tuple[int | str, ...] = (
     64,
@@ -56,6 +58,7 @@ class VGG(nn.Module):
         width: float = 1.0,
         batch_norm: bool = False,
         xavier_init: bool = False,
+        class_embeddings: int | None = None,
     ) -> None:
         super().__init__()
         modules: list[nn.Module] = []
@@ -74,7 +77,7 @@ class VGG(nn.Module):
             channels = out_channels
         self.features = nn.Sequential(*modules)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels * size * size, num_classes)
+            nn.Flatten(), classifier(channels * size * size, num_classes, class_embeddings)
         )
         if xavier_init:
             gain = nn.init.calculate_gain("relu")

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from accord.errors import ModelError
+from accord.zoo.head import classifier
 
 
 class Attention(nn.Module):
@@ -73,6 +74,7 @@ class ViT(nn.Module):
         depth: int = 2,
         heads: int = 4,
         mlp_ratio: float = 2.0,
+        class_embeddings: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -93,7 +95,7 @@ class ViT(nn.Module):
         hidden = max(1, round(dim * mlp_ratio))
         self.blocks = nn.Sequential(*(Block(dim, heads, hidden) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = classifier(dim, num_classes, class_embeddings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes) from images (B, in_channels, S, S)."""
