@@ -69,6 +69,19 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
         transformers.Phi3ForCausalLM(transformers.Phi3Config(**_DECODER, pad_token_id=0)),
         _tokens,
     ),
+    # FalconLinear is ``x @ W.T + b``; multi-query attention splits the fused q, k, v by heads
+    "falcon": lambda: (
+        transformers.FalconForCausalLM(
+            transformers.FalconConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                bias=True,
+            )
+        ),
+        _tokens,
+    ),
     "gpt2": lambda: (
         transformers.GPT2LMHeadModel(
             transformers.GPT2Config(

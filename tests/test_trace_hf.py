@@ -249,6 +249,37 @@ def test_phi3_fused_projections(traced: Any) -> None:
     assert not _with(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 0).free
 
 
+def test_falcon_matmul_linears_and_multi_query_heads(traced: Any) -> None:
+    _, _, spec = traced("falcon")
+    layer = "model.transformer.h.0"
+    qkv = f"{layer}.self_attention.query_key_value"
+    stream = _with(spec, "model.transformer.word_embeddings.weight", 1)
+    _free(spec, "model.transformer.word_embeddings.weight", 1, maps="permutation")
+    # FalconLinear's ``x @ W.T + b``: rows and bias write, columns read, as a Linear's
+    _has(stream, "readers", (f"{qkv}.weight", 1), (f"{layer}.mlp.dense_h_to_4h.weight", 1))
+    _has(
+        stream,
+        "writers",
+        (f"{layer}.self_attention.dense.weight", 0),
+        (f"{layer}.self_attention.dense.bias", 0),
+        (f"{layer}.mlp.dense_4h_to_h.weight", 0),
+    )
+    mlp = _with(spec, f"{layer}.mlp.dense_h_to_4h.weight", 0)
+    _free(spec, f"{layer}.mlp.dense_h_to_4h.weight", 0, maps="dense")
+    _has(mlp, "writers", (f"{layer}.mlp.dense_h_to_4h.bias", 0))
+    _has(mlp, "readers", (f"{layer}.mlp.dense_4h_to_h.weight", 1))
+    # split([4, 1, 1]) by heads: 4 query heads, the one key head and the one value head
+    # (its features read by the output columns of every query head); RoPE fixes q and k
+    value = _with(spec, f"{qkv}.weight", 0, 40)
+    _free(spec, f"{qkv}.weight", 0, 40)
+    assert value.size == 8 and AxisRef(f"{qkv}.bias", 0, 1, 40) in value.writers
+    offsets = sorted(r.offset for r in value.readers if r.tensor.endswith("dense.weight"))
+    assert offsets == [0, 8, 16, 24]
+    for offset, size in ((0, 32), (32, 8)):
+        space = _with(spec, f"{qkv}.weight", 0, offset)
+        assert space.size == size and not space.free and "rotary" in space.reason
+
+
 def test_gemma_gain_of_one_plus_w_moves_with_the_stream(traced: Any) -> None:
     _, _, spec = traced("gemma")
     stream = _with(spec, "model.model.embed_tokens.weight", 1)

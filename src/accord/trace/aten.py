@@ -106,6 +106,8 @@ def split(call: Call) -> Any:
             )
             items.append(Feat(item.shape, axis, x.segs, heads=heads_axis))
         return Tup(tuple(items))
+    if dim == x.heads and not name.startswith("unbind"):
+        return _split_heads(call, x, meta, dim)
     if dim != x.axis or x.heads is not None or name.startswith("unbind"):
         return None
     pieces, start = [], 0
@@ -119,6 +121,32 @@ def split(call: Call) -> Any:
         if user.target is operator.getitem:
             call.event("writer_out", user.name)
     return Tup(tuple(found))
+
+
+def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
+    """Heads split into groups of whole heads (Falcon's multi-query ``split([H, 1, 1])`` of
+    its fused q, k and v): a fused projection, cut at head boundaries."""
+    if x.axis != x.heads + 1 or x.repeat is not None:
+        return None
+    width = x.shape[x.axis]
+    flat = Feat((*x.shape[:dim], x.shape[dim] * width, *x.shape[x.axis + 1 :]), dim, x.segs)
+    pieces, start = [], 0
+    for item in meta:
+        pieces.append((start, start + item.shape[dim] * width))
+        start += item.shape[dim] * width
+    found = split_features(call, flat, pieces, set())
+    if found is None:
+        return None
+    source = call.input_node()
+    if source is not None:  # split_features left the source laid out without heads
+        segs = tuple(seg for piece in found for seg in piece.segs)
+        call.walk.values[source] = Feat(x.shape, x.axis, segs, heads=x.heads)
+    return Tup(
+        tuple(
+            Feat(item.shape, x.axis, piece.segs, heads=x.heads)
+            for item, piece in zip(meta, found, strict=True)
+        )
+    )
 
 
 def glu(call: Call) -> Any:
@@ -170,6 +198,21 @@ def expand(call: Call) -> Any:
     if len(shape) != x.ndim or grown != [x.heads + 1] or x.repeat is not None:
         return None
     return Feat(tuple(shape), x.axis, x.segs, heads=x.heads, repeat=x.heads + 1)
+
+
+def unsqueeze(call: Call) -> Any:
+    """aten.unsqueeze(x, dim): the axes from ``dim`` on move one place, heads included (a
+    single key/value head of multi-query attention has a heads axis of size 1, which a
+    reshape cannot place)."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or x.heads is None or shape is None:
+        return heads.reshape(call)
+    dim = call.arg(1, "dim") % len(shape)
+
+    def moved(axis: int | None) -> int | None:
+        return None if axis is None else axis + (axis >= dim)
+
+    return Feat(tuple(shape), moved(x.axis), x.segs, heads=moved(x.heads), repeat=moved(x.repeat))
 
 
 def reduce(kind: str | None) -> Rule:
@@ -262,12 +305,35 @@ def t(call: Call) -> Any:
     return rules.reorder(call, x, [1, 0]) if isinstance(x, Feat) and x.ndim == 2 else None
 
 
+def numpy_t(call: Call) -> Any:
+    """aten.numpy_T (``W.T``): every axis reversed."""
+    x = call.x
+    return rules.reorder(call, x, range(x.ndim)[::-1]) if isinstance(x, Feat) else None
+
+
+def matrix_t(call: Call) -> Any:
+    """aten.mT (``W.mT``): the last two axes swapped."""
+    x = call.x
+    if not isinstance(x, Feat) or x.ndim < 2:
+        return None
+    return rules.reorder(call, x, [*range(x.ndim - 2), x.ndim - 1, x.ndim - 2])
+
+
 def pad(call: Call) -> Any:
     """aten.constant_pad_nd(x, pad, value)."""
     x, widths, value = call.x, call.arg(1, "pad"), call.arg(2, "value", 0)
     if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
         return None
     return rules.pad_features(call, x, widths, value)
+
+
+def getitem(call: Call) -> Any:
+    """operator.getitem: an item of an operator's tuple (a split's pieces, heads included);
+    a tensor split into heads is not indexed here."""
+    container = call.arg(0, "a")
+    if isinstance(container, Feat) and container.heads is not None:
+        return None
+    return rules.getitem(call)
 
 
 _activation = rules.elementwise("dense")
@@ -296,7 +362,7 @@ _CONSTANT = _packets(
     "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
     "new_empty arange zeros ones full empty scalar_tensor"
 )
-_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as")
+_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze view_as")
 _ARITHMETIC = {"add": "add add_", "sub": "sub sub_ rsub", "mul": "mul mul_", "div": "div div_"}
 _POOLS = {
     1: ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"),
@@ -337,7 +403,10 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.permute: rules.permute,
     aten.movedim: rules.movedim,
     aten.t: t,
+    aten.numpy_T: numpy_t,
+    aten.mT: matrix_t,
     aten.expand: expand,
+    aten.unsqueeze: unsqueeze,
     aten.cat: cat,
     aten.concat: cat,
     aten.stack: rules.stack,
@@ -389,7 +458,9 @@ ATEN_HEAD_RULES = frozenset(
         select,
         split,
         expand,
+        unsqueeze,
         cat,
+        getitem,
         *(ATEN_RULES[op] for names in _ARITHMETIC.values() for op in _packets(names)),
     }
 )
@@ -398,5 +469,5 @@ ATEN_HEAD_RULES = frozenset(
 def rule_for(target: Any) -> Rule | None:
     """The rule of an exported graph's call target (an ATen overload or getitem)."""
     if target is operator.getitem:
-        return rules.getitem
+        return getitem
     return ATEN_RULES.get(getattr(target, "overloadpacket", None))

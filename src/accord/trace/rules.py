@@ -425,6 +425,7 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             elif op in ("add", "sub") and not other.applied:
                 call.use(other)
                 call.table.add_per_feature(x, "writers", other.param, pd)
+                _observe_after_bias(call, x_first)
             else:
                 call.use(other)
                 call.table.add_per_feature(x, "elementwise", other.param, pd)
@@ -432,6 +433,16 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             return x.moved(call.out_shape, axis)
     _scalar_effect(call, op, x, x_first)
     return x.moved(call.out_shape, axis)
+
+
+def _observe_after_bias(call: Call, x_first: bool) -> None:
+    """A writer written out as ``x @ Wᵀ`` whose only use is this bias add is observed after
+    the bias, as a Linear is."""
+    source = call.node.args[0 if x_first else 1]
+    event = ("writer_out", getattr(source, "name", None))
+    if event in call.walk.events and len(source.users) == 1:
+        del call.walk.events[event]
+        call.event("writer_out")
 
 
 def _scalar_effect(call: Call, op: str, x: Feat, x_first: bool) -> None:
