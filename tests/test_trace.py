@@ -7,6 +7,7 @@ move, the map kinds, head groups and observation points.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from accord.check import check_spec
+from accord.check import FALLBACK_RTOL, check_spec
 from accord.errors import ConfigError, SpecError, TraceError
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
+from accord.trace.observe import traced_module
 from accord.trace.tracer import trace_fx
 from accord.zoo import build_model
 
@@ -467,6 +469,75 @@ def test_keys_used_elsewhere_fix_the_attention() -> None:
     check_spec(spec, model, x)
 
 
+class MatmulLinear(nn.Module):
+    """A Linear of user code: ``x @ W.T + b`` (or ``x @ W`` with W stored as (in, out))."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool, stored_out_in: bool) -> None:
+        super().__init__()
+        shape = (outputs, inputs) if stored_out_in else (inputs, outputs)
+        self.stored_out_in = stored_out_in
+        self.weight = nn.Parameter(torch.randn(shape) / inputs**0.5)
+        self.bias = nn.Parameter(torch.randn(outputs)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T if self.stored_out_in else x @ self.weight
+        return y if self.bias is None else self.bias + y
+
+
+class MatmulMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = MatmulLinear(4, 6, bias=True, stored_out_in=True)
+        self.b = MatmulLinear(6, 5, bias=True, stored_out_in=False)
+        self.c = MatmulLinear(5, 8, bias=False, stored_out_in=True)
+        self.d = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        h = self.c(h)  # observed where it is read: no activation follows
+        return torch.mm(h.flatten(0, 1), self.d.mT)
+
+
+def test_linear_written_as_a_matrix_product(assert_preserved) -> None:
+    """``x @ W.T + b``, ``x @ W``, ``torch.mm(x, W.mT)``: writers and readers as aten.linear's."""
+    model, x = MatmulMLP(), torch.randn(2, 7, 4)
+    spec = trace(model, x)
+    assert spec.graph == "export" and _names(spec) == ["input", "a", "b", "c", "output"]
+    assert spec["input"].readers == (AxisRef("a.weight", 1),)
+    assert spec["a"].writers == (AxisRef("a.weight", 0), AxisRef("a.bias", 0))
+    assert spec["a"].readers == (AxisRef("b.weight", 0),)
+    assert spec["b"].writers == (AxisRef("b.weight", 1), AxisRef("b.bias", 0))
+    assert spec["b"].readers == (AxisRef("c.weight", 1),)
+    assert spec["c"].writers == (AxisRef("c.weight", 0),)
+    assert spec["c"].readers == (AxisRef("d", 1),)
+    assert spec["output"].writers == (AxisRef("d", 0),)
+    assert all(spec[name].free and spec[name].maps == "dense" for name in "ab")
+    assert spec["c"].free and spec["c"].maps == "linear"
+    assert_preserved(model, x, spec)
+
+
+def test_bias_added_after_a_matrix_product_is_observed_with_it() -> None:
+    """The writer's output is observed after its bias, as an aten.linear's is (where it is
+    seen whole: its reader reads it concatenated with another space)."""
+
+    class Concatenated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = MatmulLinear(4, 6, bias=True, stored_out_in=True)
+            self.z = nn.Linear(4, 2)
+            self.b = MatmulLinear(8, 3, bias=False, stored_out_in=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.cat([self.a(x), self.z(x)], dim=-1))
+
+    model, x = Concatenated(), torch.randn(5, 4)
+    spec = trace(model, x)
+    (point,) = spec["a"].observe
+    graph = traced_module(model, x).graph
+    node = next(n for n in graph.nodes if n.name == point.node)
+    assert node.target is torch.ops.aten.add.Tensor
+
+
 class Transformer(nn.Module):
     """Pre-norm blocks around nn.MultiheadAttention (packed or separate key/value dims)."""
 
@@ -813,6 +884,48 @@ def test_dropping_a_reader_is_caught_by_check() -> None:
     spaces = [broken if s.name == stream.name else s for s in spec]
     with pytest.raises(SpecError, match=re.escape("stream:layer2.0.conv2")):
         check_spec(Spec(spaces, spec.model, spec.observation), model, x)
+
+
+class GroupedExperts(nn.Module):
+    """Two experts applied with ``torch._grouped_mm`` (no float64 kernel), as transformers'
+    mixture-of-experts layers do: tokens 0-1 go to expert 0, the rest to expert 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 8)
+        self.experts = nn.Parameter(torch.randn(2, 8, 4))
+        self.register_buffer("offsets", torch.tensor([2, 6], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return torch._grouped_mm(h, self.experts, offs=self.offsets)
+
+
+def test_check_falls_back_to_the_model_dtype_without_float64_kernels() -> None:
+    model, x = GroupedExperts(), torch.randn(6, 3)
+    with pytest.raises(RuntimeError, match="Double"):
+        copy.deepcopy(model).double()(x.double())
+    spec = trace(model, x)
+    assert spec["fc1"].free
+    with pytest.warns(UserWarning, match=r"does not run in float64.*checked in torch\.float32"):
+        result = check_spec(spec, model, x)
+    assert result.dtype == torch.float32 and result.rtol == FALLBACK_RTOL[torch.float32]
+    assert "Double" in result.note
+    # the tolerance still catches a wrong spec
+    fc1 = spec["fc1"]
+    broken = dataclasses.replace(fc1, readers=())
+    spaces = [broken if s.name == "fc1" else s for s in spec]
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(SpecError, match=r"'fc1'.*checked in torch\.float32"),
+    ):
+        check_spec(Spec(spaces, spec.model, spec.observation), model, x)
+
+
+def test_check_runs_in_float64_where_it_can() -> None:
+    model, x = FunctionalMLP(), torch.randn(8, 6)
+    result = check_spec(trace(model, x), model, x)
+    assert (result.dtype, result.rtol, result.note) == (torch.float64, 1e-5, "")
 
 
 def test_save_load_round_trip_and_validation(tmp_path) -> None:
