@@ -82,6 +82,13 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
         ),
         _tokens,
     ),
+    # a mixture of experts: top-2 of 4 experts, tokens sorted by expert for grouped products
+    "mixtral": lambda: (
+        transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        _tokens,
+    ),
     "gpt2": lambda: (
         transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
@@ -137,6 +144,15 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
     "resnet-bottleneck": lambda: (
         transformers.ResNetForImageClassification(
             transformers.ResNetConfig(**_RESNET, hidden_sizes=[16, 32], layer_type="bottleneck")
+        ),
+        _images,
+    ),
+    # weight-standardized convolutions: each weight is computed from its parameter per call
+    "bit": lambda: (
+        transformers.BitForImageClassification(
+            transformers.BitConfig(
+                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4, num_labels=3
+            )
         ),
         _images,
     ),

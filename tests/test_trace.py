@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from accord.check import FALLBACK_RTOL, check_spec
+from accord.check import FALLBACK_RTOL, check_spec, randomly_permuted
 from accord.errors import ConfigError, SpecError, TraceError
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
@@ -886,6 +886,58 @@ def test_dropping_a_reader_is_caught_by_check() -> None:
         check_spec(Spec(spaces, spec.model, spec.observation), model, x)
 
 
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization as BiT and timm's StdConv2d write it: a batch norm of the
+    weight, one channel per output channel, computed at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        return self._conv_forward(x, weight.reshape_as(self.weight), self.bias)
+
+
+class StandardizedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = StandardizedConv(3, 6, 3, padding=1)
+        self.conv2 = StandardizedConv(6, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(h.mean(dim=(2, 3)))  # no activation: conv2 would be linear
+
+
+def test_weights_computed_from_parameters_allow_permutations_only(assert_preserved) -> None:
+    """A standardized convolution weight and an entrywise function of a weight (``exp``)
+    commute with permutations of the parameter, not with other maps."""
+    model, x = StandardizedNet(), torch.randn(2, 3, 6, 6)
+    spec = trace(model, x)
+    assert spec["conv1"].free and spec["conv1"].maps == "permutation"
+    assert spec["conv1"].readers == (AxisRef("conv2.weight", 1),)
+    conv2 = spec["conv2"]
+    assert conv2.free and conv2.maps == "permutation"
+    assert conv2.writers == (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0))
+    assert conv2.readers == (AxisRef("fc.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_exp_of_a_weight_writes_permutations_only(assert_preserved) -> None:
+    class Exp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.out = nn.Parameter(torch.randn(6, 4)), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.linear(x, torch.exp(self.weight)))
+
+    model, x = Exp(), torch.randn(5, 4)
+    spec = trace(model, x)
+    # without an activation the space would be linear, were the weight the parameter
+    assert spec["weight"].free and spec["weight"].maps == "permutation"
+    assert_preserved(model, x, spec)
+
+
 class GroupedExperts(nn.Module):
     """Two experts applied with ``torch._grouped_mm`` (no float64 kernel), as transformers'
     mixture-of-experts layers do: tokens 0-1 go to expert 0, the rest to expert 1."""
@@ -920,6 +972,36 @@ def test_check_falls_back_to_the_model_dtype_without_float64_kernels() -> None:
         pytest.raises(SpecError, match=r"'fc1'.*checked in torch\.float32"),
     ):
         check_spec(Spec(spaces, spec.model, spec.observation), model, x)
+
+
+def test_grouped_experts_and_gathered_tokens() -> None:
+    """Tokens gathered by an index tensor keep their features; ``torch._grouped_mm`` reads
+    them with every expert's input axis and writes one space with their output axes. (It
+    exports in bfloat16 only, so the model is bfloat16 and checked in it.)"""
+
+    class Routed(GroupedExperts):
+        def __init__(self) -> None:
+            super().__init__()
+            # strides of 16 bytes in bfloat16
+            self.experts, self.out = nn.Parameter(torch.randn(2, 8, 8)), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order = torch.argsort(x[:, 0])  # indices computed from the data
+            h = self.fc2(torch.relu(self.fc1(x)))[order]
+            return self.out(torch._grouped_mm(h, self.experts, offs=self.offsets))
+
+    model, x = Routed().to(torch.bfloat16).eval(), torch.randn(6, 3, dtype=torch.bfloat16)
+    spec = trace(model, x)
+    assert spec.graph == "export" and spec["fc2"].readers == (AxisRef("experts", 1),)
+    assert spec["experts"].free and spec["experts"].writers == (AxisRef("experts", 2),)
+    assert spec["experts"].readers == (AxisRef("out.weight", 1),)
+    assert spec["fc1"].free and spec["fc2"].free and not spec["input"].free
+    with pytest.warns(UserWarning, match="float64"):
+        assert check_spec(spec, model, x).dtype == torch.bfloat16
+    twin = randomly_permuted(model, spec, seed=1).eval()
+    with torch.no_grad():
+        # a permutation reorders no sum: bfloat16 rounds alike
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
 def test_check_runs_in_float64_where_it_can() -> None:

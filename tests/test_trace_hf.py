@@ -233,6 +233,42 @@ def test_resnet_spaces(name: str, traced: Any) -> None:
     _has(streams[1], "writers", (f"{shortcut}.convolution.weight", 0))
 
 
+def test_mixtral_experts_keep_the_stream_free(traced: Any) -> None:
+    model, x, spec = traced("mixtral")
+    mlp = "model.model.layers.0.mlp"
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
+    # the router and every expert read the stream; every expert writes it
+    _has(stream, "readers", (f"{mlp}.gate.weight", 1), (f"{mlp}.experts.gate_up_proj", 2))
+    _has(stream, "writers", (f"{mlp}.experts.down_proj", 1))
+    # the experts' hidden units: gate and up halves of gate_up_proj, read by down_proj, one
+    # permutation for all experts; the router's choice among experts stays fixed
+    hidden = _with(spec, f"{mlp}.experts.gate_up_proj", 1)
+    _free(spec, f"{mlp}.experts.gate_up_proj", 1, maps="permutation")
+    assert AxisRef(f"{mlp}.experts.gate_up_proj", 1, 1, 48) in hidden.writers
+    _has(hidden, "readers", (f"{mlp}.experts.down_proj", 2))
+    assert not _with(spec, f"{mlp}.gate.weight", 0).free
+    # torch._grouped_mm has no float64 kernel: the check runs in float32
+    with pytest.warns(UserWarning, match="float64"):
+        assert accord.check_spec(spec, model, x).dtype == torch.float32
+
+
+def test_bit_standardized_convolutions_allow_permutations(traced: Any) -> None:
+    _, _, spec = traced("bit")
+    stages = "model.bit.encoder.stages"
+    stream = _with(spec, f"{stages}.1.layers.0.downsample.conv.weight", 0)
+    _free(spec, f"{stages}.1.layers.0.downsample.conv.weight", 0, maps="permutation")
+    _has(stream, "writers", (f"{stages}.1.layers.0.conv3.weight", 0))
+    _has(stream, "readers", ("model.classifier.1.weight", 1))
+    _has(stream, "elementwise", ("model.bit.norm.weight", 0))
+    # the standardization (per output channel, over inputs and taps) commutes with
+    # permutations of both, but with no other map: every space is permutations only
+    for conv in ("conv1", "conv2"):
+        _free(spec, f"{stages}.0.layers.0.{conv}.weight", 0, maps="permutation")
+    _free(spec, "model.bit.embedder.convolution.weight", 0, maps="permutation")
+    assert all(space.maps == "permutation" for space in spec.free_spaces)
+
+
 def test_phi3_fused_projections(traced: Any) -> None:
     _, _, spec = traced("phi3")
     layer = "model.model.layers.0"

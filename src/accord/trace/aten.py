@@ -172,6 +172,30 @@ def glu(call: Call) -> Any:
     return found[0].moved(shape, x.axis)
 
 
+def index(call: Call) -> Any:
+    """aten.index(x, [None, …, idx]): rows gathered along one axis other than the features
+    (a mixture of experts sorting its tokens by expert and back) keep the features."""
+    x, indices, shape = call.x, call.arg(1, "indices"), call.out_shape
+    if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
+        return None
+    tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if x.param is not None or x.heads is not None or len(tensors) != 1:
+        return None
+    ((dim, idx),) = tensors
+    if not isinstance(idx, Feat):
+        return None
+    call.table.fix_value(idx, f"used as indices by {call.desc}")
+    if not x.featured:
+        return call.plain()
+    if dim == x.axis:
+        call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
+        return call.plain()
+    axis = x.axis if x.axis < dim else x.axis - 1 + idx.ndim
+    if shape[axis] != x.shape[x.axis]:
+        return None
+    return x.moved(shape, axis)
+
+
 def select(call: Call) -> Any:
     """aten.select(x, dim, index): one entry of an axis other than the features."""
     x, shape = call.x, call.out_shape
@@ -362,7 +386,7 @@ _CONSTANT = _packets(
     "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
     "new_empty arange zeros ones full empty scalar_tensor"
 )
-_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze view_as")
+_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze view_as reshape_as")
 _ARITHMETIC = {"add": "add add_", "sub": "sub sub_ rsub", "mul": "mul mul_", "div": "div div_"}
 _POOLS = {
     1: ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"),
@@ -412,6 +436,8 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.stack: rules.stack,
     aten.slice: slice_rule,
     aten.select: select,
+    aten.index: index,
+    aten._grouped_mm: aten_layers.grouped_mm,
     aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,
@@ -442,6 +468,12 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.scaled_dot_product_attention: aten_attention.sdpa,
 }
 
+# Operators of other libraries that their models export, by qualified name.
+LIBRARY_RULES: dict[str, Rule] = {
+    # transformers' mixture of experts where torch._grouped_mm does not run (CPU, float32)
+    "transformers::grouped_mm_fallback": aten_layers.grouped_mm,
+}
+
 # The rules that understand a space split into attention heads.
 ATEN_HEAD_RULES = frozenset(
     {
@@ -470,4 +502,7 @@ def rule_for(target: Any) -> Rule | None:
     """The rule of an exported graph's call target (an ATen overload or getitem)."""
     if target is operator.getitem:
         return getitem
-    return ATEN_RULES.get(getattr(target, "overloadpacket", None))
+    rule = ATEN_RULES.get(getattr(target, "overloadpacket", None))
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        return LIBRARY_RULES.get(target.name())
+    return rule

@@ -130,7 +130,7 @@ def reshape(call: Call) -> Any:
     if not isinstance(x, Feat) or shape is None:
         return None
     if x.param is not None:
-        return _reshape_param(x, shape)
+        return _reshape_param(x, shape, call.walk.shapes.get(x.param))
     if not x.featured:
         return call.plain()
     out = follow_reshape(x, shape)
@@ -169,18 +169,53 @@ def follow_reshape(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     return Feat(tuple(shape), found[0][0], found[0][1]) if found else None
 
 
-def _reshape_param(x: Feat, shape: tuple[int, ...]) -> Feat | None:
-    """A parameter view that only adds or removes size-1 axes keeps its axis mapping."""
+def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
+    """A parameter view that only adds or removes size-1 axes keeps its axis mapping; a
+    reshape of the parameter itself (``whole`` is its shape) may merge whole axes, in order
+    (-2: ``w.reshape(1, out, -1)`` of weight standardization), and split them back."""
+    if tuple(shape) == whole and in_order(x, whole) is not None:
+        return Feat(tuple(shape), param=x.param, dims=tuple(range(len(shape))), applied=x.applied)
     kept = [(d, n) for d, n in zip(x.dims, x.shape, strict=True) if n != 1]
-    if [n for _, n in kept] != [n for n in shape if n != 1]:
+    if [n for _, n in kept] == [n for n in shape if n != 1]:
+        dims = iter(d for d, _ in kept)
+        return Feat(
+            tuple(shape),
+            param=x.param,
+            dims=tuple(next(dims) if n != 1 else None for n in shape),
+            applied=x.applied,
+        )
+    if whole is None or in_order(x, whole) is None:
         return None
-    dims = iter(d for d, _ in kept)
-    return Feat(
-        tuple(shape),
-        param=x.param,
-        dims=tuple(next(dims) if n != 1 else None for n in shape),
-        applied=x.applied,
-    )
+    dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
+    return None if dims is None else Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+
+
+def in_order(x: Feat, whole: tuple[int, ...]) -> tuple[int | None, ...] | None:
+    """When ``x``'s axes are the parameter's axes in order (size-1 axes aside), each whole or
+    several merged (-2 in ``x.dims``): the parameter axis behind each axis (None for size 1,
+    -2 for a merge); else None."""
+    axes = [d for d, n in enumerate(whole) if n != 1]
+    found: list[int | None] = []
+    for d, n in zip(x.dims, x.shape, strict=True):
+        if n == 1:
+            found.append(None)
+            continue
+        if d is not None and d >= 0:
+            if not axes or axes[0] != d or whole[d] != n:
+                return None
+            found.append(axes.pop(0))
+            continue
+        if d != -2:
+            return None
+        product, taken = 1, 0
+        while taken < len(axes) and product < n:
+            product *= whole[axes[taken]]
+            taken += 1
+        if product != n:
+            return None
+        found.append(axes[0] if taken == 1 else -2)
+        del axes[:taken]
+    return None if axes else tuple(found)
 
 
 def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
