@@ -516,6 +516,26 @@ def test_linear_written_as_a_matrix_product(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+def test_linear_written_as_an_einsum(assert_preserved) -> None:
+    class Einsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(torch.einsum("...i,oi->...o", x, self.a))
+            return torch.einsum("bti,io->bto", h, self.b)
+
+    model, x = Einsum(), torch.randn(2, 5, 4)
+    spec = trace(model, x)
+    assert _names(spec) == ["input", "a", "output"]
+    assert spec["input"].readers == (AxisRef("a", 1),)
+    assert spec["a"].free and spec["a"].maps == "dense"
+    assert spec["a"].writers == (AxisRef("a", 0),) and spec["a"].readers == (AxisRef("b", 0),)
+    assert spec["output"].writers == (AxisRef("b", 1),)
+    assert_preserved(model, x, spec)
+
+
 def test_bias_added_after_a_matrix_product_is_observed_with_it() -> None:
     """The writer's output is observed after its bias, as an aten.linear's is (where it is
     seen whole: its reader reads it concatenated with another space)."""

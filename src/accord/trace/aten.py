@@ -438,6 +438,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.select: select,
     aten.index: index,
     aten._grouped_mm: aten_layers.grouped_mm,
+    aten.einsum: aten_layers.einsum,
     aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,

@@ -111,6 +111,30 @@ def matmul(call: Call) -> Any:
     return product(call, a, b)
 
 
+def einsum(call: Call) -> Any:
+    """aten.einsum of an activation and a 2-d parameter that is a Linear (``"...i,oi->...o"``,
+    ``"bti,io->bto"``): the last letter of the activation is contracted with one axis of the
+    parameter and replaced by its other one in the output."""
+    equation, operands = call.arg(0, "equation"), call.arg(1, "tensors")
+    if not isinstance(equation, str) or not isinstance(operands, list | tuple):
+        return None
+    if len(operands) != 2 or "->" not in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    subscripts = inputs.split(",")
+    params = [isinstance(t, Feat) and t.param is not None for t in operands]
+    if len(subscripts) != 2 or sorted(params) != [False, True]:
+        return None
+    w_at = params.index(True)
+    x, weight, xs, ws = operands[1 - w_at], operands[w_at], subscripts[1 - w_at], subscripts[w_at]
+    if len(ws) != 2 or len(set(ws)) != 2 or not xs or xs[-1] not in ws:
+        return None
+    contracted, written = xs[-1], ws.replace(xs[-1], "")
+    if written in xs or out != xs[:-1] + written:
+        return None
+    return _matrix_writer(call, x, weight, None, transposed=ws == contracted + written)
+
+
 def grouped_mm(call: Call) -> Any:
     """aten._grouped_mm(x, W, offs) / transformers' grouped_mm_fallback: the rows of ``x``
     (tokens sorted by expert) in group g times ``W[g]`` (experts, in, out), the mixture of
