@@ -916,11 +916,22 @@ class StandardizedConv(nn.Conv2d):
         return self._conv_forward(x, weight.reshape_as(self.weight), self.bias)
 
 
+class ManualStandardizedConv(nn.Conv2d):
+    """Weight standardization written out: ``(w - mean) / sqrt(var + eps)`` per output
+    channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, axes = self.weight, (1, 2, 3)
+        var = w.var(dim=axes, keepdim=True, unbiased=False)
+        weight = (w - w.mean(dim=axes, keepdim=True)) / torch.sqrt(var + 1e-6)
+        return self._conv_forward(x, weight, self.bias)
+
+
 class StandardizedNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = StandardizedConv(3, 6, 3, padding=1)
-        self.conv2 = StandardizedConv(6, 8, 1)
+        self.conv2 = ManualStandardizedConv(6, 8, 1)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -929,7 +940,7 @@ class StandardizedNet(nn.Module):
 
 
 def test_weights_computed_from_parameters_allow_permutations_only(assert_preserved) -> None:
-    """A standardized convolution weight and an entrywise function of a weight (``exp``)
+    """Standardized convolution weights (by batch_norm, or written out with mean and var)
     commute with permutations of the parameter, not with other maps."""
     model, x = StandardizedNet(), torch.randn(2, 3, 6, 6)
     spec = trace(model, x)
@@ -939,6 +950,24 @@ def test_weights_computed_from_parameters_allow_permutations_only(assert_preserv
     assert conv2.free and conv2.maps == "permutation"
     assert conv2.writers == (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0))
     assert conv2.readers == (AxisRef("fc.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_weight_combined_with_a_part_of_itself_is_opaque(assert_preserved) -> None:
+    """``w - w[:, :1]`` does not commute with permutations of w's columns: its spaces are
+    fixed (a reduction over the whole axis would be kept)."""
+
+    class FirstColumn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.weight = nn.Linear(3, 4), nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.relu(self.fc(x)), self.weight - self.weight[:, :1])
+
+    model, x = FirstColumn(), torch.randn(6, 3)
+    spec = trace(model, x)
+    assert not spec["fc"].free and "aten.linear" in spec["fc"].reason
     assert_preserved(model, x, spec)
 
 

@@ -247,7 +247,9 @@ def reduce(kind: str | None) -> Rule:
 
     def rule(call: Call) -> Any:
         x, dims = call.x, call.arg(1, "dim", None)
-        if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        if isinstance(x, Feat) and x.param is not None:
+            return _reduced_param(call, x, dims)
+        if not isinstance(x, Feat) or x.heads is not None:
             return None
         if not x.featured:
             return call.plain()
@@ -258,6 +260,20 @@ def reduce(kind: str | None) -> Rule:
         return along(call)
 
     return rule
+
+
+def _reduced_param(call: Call, x: Feat, dims: Any) -> Feat | None:
+    """A reduction of a parameter over whole axes, kept as size-1 axes (the mean and variance
+    of weight standardization): invariant to permutations of those axes (-3, see
+    :func:`rules.same_param`), it moves with the parameter along the others."""
+    arguments = [a.name for a in call.node.target._schema.arguments]
+    keep = "keepdim" in arguments and call.arg(arguments.index("keepdim"), "keepdim", False)
+    if not keep or any(d is None or d < 0 for d in x.dims) or call.out_shape is None:
+        return None
+    dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    reduced = {d % x.ndim for d in dims}
+    out = tuple(-3 if i in reduced else d for i, d in enumerate(x.dims))
+    return Feat(call.out_shape, param=x.param, dims=out, applied=True)
 
 
 def cat(call: Call) -> Any:
@@ -449,6 +465,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.amax: reduce("dense"),
     aten.amin: reduce("dense"),
     aten.var: reduce("dense"),
+    aten.std: reduce("dense"),
     aten.linear: aten_layers.linear,
     aten.addmm: aten_layers.addmm,
     aten.mm: aten_layers.matmul,

@@ -411,6 +411,8 @@ def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
     """A parameter times a number moves like the parameter itself (``T (c p) = c T p``); a
     parameter plus a number (Gemma's ``1 + w`` gain), or a number divided by it, follows
     permutations only."""
+    if isinstance(a, Feat) and isinstance(b, Feat) and a.param and a.param == b.param:
+        return same_param(call, a, b)
     for param, number in ((a, b), (b, a)):
         scalar = not isinstance(number, Feat | Tup)
         if not (scalar and isinstance(param, Feat) and param.param):
@@ -421,6 +423,21 @@ def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
             return param
         return replace(param, applied=True)
     return call.plain()
+
+
+def same_param(call: Call, a: Feat, b: Feat) -> Any:
+    """The parameter combined with a reduction of itself over whole axes (``w - w.mean(1,
+    keepdim=True)``: -3 on the reduced axes, each other axis the same parameter axis) follows
+    permutations of every axis of the parameter, and nothing else."""
+    full, other = (a, b) if a.shape == call.out_shape else (b, a)
+    if full.shape != call.out_shape or other.ndim != full.ndim:
+        return call.plain()
+    if any(d is None or d < 0 for d in full.dims):
+        return call.plain()
+    for d, e, n in zip(full.dims, other.dims, other.shape, strict=True):
+        if e != d and not (e == -3 and n == 1):
+            return call.plain()
+    return replace(full, applied=True)
 
 
 def _both_featured(call: Call, op: str, a: Feat, b: Feat) -> Any:
