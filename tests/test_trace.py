@@ -451,6 +451,39 @@ def test_attention_written_out_in_the_graph(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+class RelativeBias(nn.Module):
+    """Attention with a learned relative-position bias gathered from a table (Swin V2's
+    continuous position bias): the table's space is fixed where it meets the scores, which
+    must not fix the values."""
+
+    def __init__(self, length: int = 5, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.length = heads, length
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.table = nn.Linear(1, heads)
+        offsets = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+        self.register_buffer("index", (offsets + length - 1).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (
+            f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        coords = torch.arange(2 * n - 1.0)[:, None]
+        bias = self.table(coords)[self.index].view(n, n, self.heads).permute(2, 0, 1)
+        scores = q @ k.transpose(-2, -1) + bias
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.o(out)
+
+
+def test_fixed_bias_mixed_into_scores_leaves_values_free(assert_preserved) -> None:
+    model, x = RelativeBias(), torch.randn(3, 5, 8)
+    spec = trace(model, x)
+    assert not spec["table"].free and "combined at node" in spec["table"].reason
+    assert spec["v"].free and spec["v"].readers == (AxisRef("o.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
 def test_keys_used_elsewhere_fix_the_attention() -> None:
     class Leaky(SelfAttention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -474,7 +474,9 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             if pd is None or pd < 0:
                 reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
                 call.table.fix_value(x, reason)
-            elif op in ("add", "sub") and not other.applied:
+                # fixed features never move: what they are mixed into need not follow them
+                return call.plain()
+            if op in ("add", "sub") and not other.applied:
                 call.use(other)
                 call.table.add_per_feature(x, "writers", other.param, pd)
                 _observe_after_bias(call, x_first)
