@@ -69,6 +69,26 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
         transformers.Phi3ForCausalLM(transformers.Phi3Config(**_DECODER, pad_token_id=0)),
         _tokens,
     ),
+    # FalconLinear is ``x @ W.T + b``; multi-query attention splits the fused q, k, v by heads
+    "falcon": lambda: (
+        transformers.FalconForCausalLM(
+            transformers.FalconConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                bias=True,
+            )
+        ),
+        _tokens,
+    ),
+    # a mixture of experts: top-2 of 4 experts, tokens sorted by expert for grouped products
+    "mixtral": lambda: (
+        transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        _tokens,
+    ),
     "gpt2": lambda: (
         transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
@@ -124,6 +144,15 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
     "resnet-bottleneck": lambda: (
         transformers.ResNetForImageClassification(
             transformers.ResNetConfig(**_RESNET, hidden_sizes=[16, 32], layer_type="bottleneck")
+        ),
+        _images,
+    ),
+    # weight-standardized convolutions: each weight is computed from its parameter per call
+    "bit": lambda: (
+        transformers.BitForImageClassification(
+            transformers.BitConfig(
+                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4, num_labels=3
+            )
         ),
         _images,
     ),

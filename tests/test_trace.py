@@ -7,6 +7,7 @@ move, the map kinds, head groups and observation points.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from accord.check import check_spec
+from accord.check import FALLBACK_RTOL, check_spec, randomly_permuted
 from accord.errors import ConfigError, SpecError, TraceError
 from accord.spec import AxisRef, FoldedNorm, Observation, Spec
 from accord.trace import trace
+from accord.trace.observe import traced_module
 from accord.trace.tracer import trace_fx
 from accord.zoo import build_model
 
@@ -449,6 +451,39 @@ def test_attention_written_out_in_the_graph(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+class RelativeBias(nn.Module):
+    """Attention with a learned relative-position bias gathered from a table (Swin V2's
+    continuous position bias): the table's space is fixed where it meets the scores, which
+    must not fix the values."""
+
+    def __init__(self, length: int = 5, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.length = heads, length
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.table = nn.Linear(1, heads)
+        offsets = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+        self.register_buffer("index", (offsets + length - 1).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (
+            f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        coords = torch.arange(2 * n - 1.0)[:, None]
+        bias = self.table(coords)[self.index].view(n, n, self.heads).permute(2, 0, 1)
+        scores = q @ k.transpose(-2, -1) + bias
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.o(out)
+
+
+def test_fixed_bias_mixed_into_scores_leaves_values_free(assert_preserved) -> None:
+    model, x = RelativeBias(), torch.randn(3, 5, 8)
+    spec = trace(model, x)
+    assert not spec["table"].free and "combined at node" in spec["table"].reason
+    assert spec["v"].free and spec["v"].readers == (AxisRef("o.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
 def test_keys_used_elsewhere_fix_the_attention() -> None:
     class Leaky(SelfAttention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,6 +500,95 @@ def test_keys_used_elsewhere_fix_the_attention() -> None:
     # the values do not depend on how q and k are used
     assert spec["attn.v"].free
     check_spec(spec, model, x)
+
+
+class MatmulLinear(nn.Module):
+    """A Linear of user code: ``x @ W.T + b`` (or ``x @ W`` with W stored as (in, out))."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool, stored_out_in: bool) -> None:
+        super().__init__()
+        shape = (outputs, inputs) if stored_out_in else (inputs, outputs)
+        self.stored_out_in = stored_out_in
+        self.weight = nn.Parameter(torch.randn(shape) / inputs**0.5)
+        self.bias = nn.Parameter(torch.randn(outputs)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T if self.stored_out_in else x @ self.weight
+        return y if self.bias is None else self.bias + y
+
+
+class MatmulMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = MatmulLinear(4, 6, bias=True, stored_out_in=True)
+        self.b = MatmulLinear(6, 5, bias=True, stored_out_in=False)
+        self.c = MatmulLinear(5, 8, bias=False, stored_out_in=True)
+        self.d = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        h = self.c(h)  # observed where it is read: no activation follows
+        return torch.mm(h.flatten(0, 1), self.d.mT)
+
+
+def test_linear_written_as_a_matrix_product(assert_preserved) -> None:
+    """``x @ W.T + b``, ``x @ W``, ``torch.mm(x, W.mT)``: writers and readers as aten.linear's."""
+    model, x = MatmulMLP(), torch.randn(2, 7, 4)
+    spec = trace(model, x)
+    assert spec.graph == "export" and _names(spec) == ["input", "a", "b", "c", "output"]
+    assert spec["input"].readers == (AxisRef("a.weight", 1),)
+    assert spec["a"].writers == (AxisRef("a.weight", 0), AxisRef("a.bias", 0))
+    assert spec["a"].readers == (AxisRef("b.weight", 0),)
+    assert spec["b"].writers == (AxisRef("b.weight", 1), AxisRef("b.bias", 0))
+    assert spec["b"].readers == (AxisRef("c.weight", 1),)
+    assert spec["c"].writers == (AxisRef("c.weight", 0),)
+    assert spec["c"].readers == (AxisRef("d", 1),)
+    assert spec["output"].writers == (AxisRef("d", 0),)
+    assert all(spec[name].free and spec[name].maps == "dense" for name in "ab")
+    assert spec["c"].free and spec["c"].maps == "linear"
+    assert_preserved(model, x, spec)
+
+
+def test_linear_written_as_an_einsum(assert_preserved) -> None:
+    class Einsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(torch.einsum("...i,oi->...o", x, self.a))
+            return torch.einsum("bti,io->bto", h, self.b)
+
+    model, x = Einsum(), torch.randn(2, 5, 4)
+    spec = trace(model, x)
+    assert _names(spec) == ["input", "a", "output"]
+    assert spec["input"].readers == (AxisRef("a", 1),)
+    assert spec["a"].free and spec["a"].maps == "dense"
+    assert spec["a"].writers == (AxisRef("a", 0),) and spec["a"].readers == (AxisRef("b", 0),)
+    assert spec["output"].writers == (AxisRef("b", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_bias_added_after_a_matrix_product_is_observed_with_it() -> None:
+    """The writer's output is observed after its bias, as an aten.linear's is (where it is
+    seen whole: its reader reads it concatenated with another space)."""
+
+    class Concatenated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = MatmulLinear(4, 6, bias=True, stored_out_in=True)
+            self.z = nn.Linear(4, 2)
+            self.b = MatmulLinear(8, 3, bias=False, stored_out_in=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.cat([self.a(x), self.z(x)], dim=-1))
+
+    model, x = Concatenated(), torch.randn(5, 4)
+    spec = trace(model, x)
+    (point,) = spec["a"].observe
+    graph = traced_module(model, x).graph
+    node = next(n for n in graph.nodes if n.name == point.node)
+    assert node.target is torch.ops.aten.add.Tensor
 
 
 class Transformer(nn.Module):
@@ -813,6 +937,159 @@ def test_dropping_a_reader_is_caught_by_check() -> None:
     spaces = [broken if s.name == stream.name else s for s in spec]
     with pytest.raises(SpecError, match=re.escape("stream:layer2.0.conv2")):
         check_spec(Spec(spaces, spec.model, spec.observation), model, x)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization as BiT and timm's StdConv2d write it: a batch norm of the
+    weight, one channel per output channel, computed at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        return self._conv_forward(x, weight.reshape_as(self.weight), self.bias)
+
+
+class ManualStandardizedConv(nn.Conv2d):
+    """Weight standardization written out: ``(w - mean) / sqrt(var + eps)`` per output
+    channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, axes = self.weight, (1, 2, 3)
+        var = w.var(dim=axes, keepdim=True, unbiased=False)
+        weight = (w - w.mean(dim=axes, keepdim=True)) / torch.sqrt(var + 1e-6)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class StandardizedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = StandardizedConv(3, 6, 3, padding=1)
+        self.conv2 = ManualStandardizedConv(6, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(h.mean(dim=(2, 3)))  # no activation: conv2 would be linear
+
+
+def test_weights_computed_from_parameters_allow_permutations_only(assert_preserved) -> None:
+    """Standardized convolution weights (by batch_norm, or written out with mean and var)
+    commute with permutations of the parameter, not with other maps."""
+    model, x = StandardizedNet(), torch.randn(2, 3, 6, 6)
+    spec = trace(model, x)
+    assert spec["conv1"].free and spec["conv1"].maps == "permutation"
+    assert spec["conv1"].readers == (AxisRef("conv2.weight", 1),)
+    conv2 = spec["conv2"]
+    assert conv2.free and conv2.maps == "permutation"
+    assert conv2.writers == (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0))
+    assert conv2.readers == (AxisRef("fc.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
+def test_weight_combined_with_a_part_of_itself_is_opaque(assert_preserved) -> None:
+    """``w - w[:, :1]`` does not commute with permutations of w's columns: its spaces are
+    fixed (a reduction over the whole axis would be kept)."""
+
+    class FirstColumn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.weight = nn.Linear(3, 4), nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.relu(self.fc(x)), self.weight - self.weight[:, :1])
+
+    model, x = FirstColumn(), torch.randn(6, 3)
+    spec = trace(model, x)
+    assert not spec["fc"].free and "aten.linear" in spec["fc"].reason
+    assert_preserved(model, x, spec)
+
+
+def test_exp_of_a_weight_writes_permutations_only(assert_preserved) -> None:
+    class Exp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.out = nn.Parameter(torch.randn(6, 4)), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.linear(x, torch.exp(self.weight)))
+
+    model, x = Exp(), torch.randn(5, 4)
+    spec = trace(model, x)
+    # without an activation the space would be linear, were the weight the parameter
+    assert spec["weight"].free and spec["weight"].maps == "permutation"
+    assert_preserved(model, x, spec)
+
+
+class GroupedExperts(nn.Module):
+    """Two experts applied with ``torch._grouped_mm`` (no float64 kernel), as transformers'
+    mixture-of-experts layers do: tokens 0-1 go to expert 0, the rest to expert 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 8)
+        self.experts = nn.Parameter(torch.randn(2, 8, 4))
+        self.register_buffer("offsets", torch.tensor([2, 6], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return torch._grouped_mm(h, self.experts, offs=self.offsets)
+
+
+def test_check_falls_back_to_the_model_dtype_without_float64_kernels() -> None:
+    model, x = GroupedExperts(), torch.randn(6, 3)
+    with pytest.raises(RuntimeError, match="Double"):
+        copy.deepcopy(model).double()(x.double())
+    spec = trace(model, x)
+    assert spec["fc1"].free
+    with pytest.warns(UserWarning, match=r"does not run in float64.*checked in torch\.float32"):
+        result = check_spec(spec, model, x)
+    assert result.dtype == torch.float32 and result.rtol == FALLBACK_RTOL[torch.float32]
+    assert "Double" in result.note
+    # the tolerance still catches a wrong spec
+    fc1 = spec["fc1"]
+    broken = dataclasses.replace(fc1, readers=())
+    spaces = [broken if s.name == "fc1" else s for s in spec]
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(SpecError, match=r"'fc1'.*checked in torch\.float32"),
+    ):
+        check_spec(Spec(spaces, spec.model, spec.observation), model, x)
+
+
+def test_grouped_experts_and_gathered_tokens() -> None:
+    """Tokens gathered by an index tensor keep their features; ``torch._grouped_mm`` reads
+    them with every expert's input axis and writes one space with their output axes. (It
+    exports in bfloat16 only, so the model is bfloat16 and checked in it.)"""
+
+    class Routed(GroupedExperts):
+        def __init__(self) -> None:
+            super().__init__()
+            # strides of 16 bytes in bfloat16
+            self.experts, self.out = nn.Parameter(torch.randn(2, 8, 8)), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order = torch.argsort(x[:, 0])  # indices computed from the data
+            h = self.fc2(torch.relu(self.fc1(x)))[order]
+            return self.out(torch._grouped_mm(h, self.experts, offs=self.offsets))
+
+    model, x = Routed().to(torch.bfloat16).eval(), torch.randn(6, 3, dtype=torch.bfloat16)
+    spec = trace(model, x)
+    assert spec.graph == "export" and spec["fc2"].readers == (AxisRef("experts", 1),)
+    assert spec["experts"].free and spec["experts"].writers == (AxisRef("experts", 2),)
+    assert spec["experts"].readers == (AxisRef("out.weight", 1),)
+    assert spec["fc1"].free and spec["fc2"].free and not spec["input"].free
+    with pytest.warns(UserWarning, match="float64"):
+        assert check_spec(spec, model, x).dtype == torch.bfloat16
+    twin = randomly_permuted(model, spec, seed=1).eval()
+    with torch.no_grad():
+        # a permutation reorders no sum: bfloat16 rounds alike
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
+def test_check_runs_in_float64_where_it_can() -> None:
+    model, x = FunctionalMLP(), torch.randn(8, 6)
+    result = check_spec(trace(model, x), model, x)
+    assert (result.dtype, result.rtol, result.note) == (torch.float64, 1e-5, "")
 
 
 def test_save_load_round_trip_and_validation(tmp_path) -> None:

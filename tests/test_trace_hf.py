@@ -233,6 +233,42 @@ def test_resnet_spaces(name: str, traced: Any) -> None:
     _has(streams[1], "writers", (f"{shortcut}.convolution.weight", 0))
 
 
+def test_mixtral_experts_keep_the_stream_free(traced: Any) -> None:
+    model, x, spec = traced("mixtral")
+    mlp = "model.model.layers.0.mlp"
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
+    # the router and every expert read the stream; every expert writes it
+    _has(stream, "readers", (f"{mlp}.gate.weight", 1), (f"{mlp}.experts.gate_up_proj", 2))
+    _has(stream, "writers", (f"{mlp}.experts.down_proj", 1))
+    # the experts' hidden units: gate and up halves of gate_up_proj, read by down_proj, one
+    # permutation for all experts; the router's choice among experts stays fixed
+    hidden = _with(spec, f"{mlp}.experts.gate_up_proj", 1)
+    _free(spec, f"{mlp}.experts.gate_up_proj", 1, maps="permutation")
+    assert AxisRef(f"{mlp}.experts.gate_up_proj", 1, 1, 48) in hidden.writers
+    _has(hidden, "readers", (f"{mlp}.experts.down_proj", 2))
+    assert not _with(spec, f"{mlp}.gate.weight", 0).free
+    # torch._grouped_mm has no float64 kernel: the check runs in float32
+    with pytest.warns(UserWarning, match="float64"):
+        assert accord.check_spec(spec, model, x).dtype == torch.float32
+
+
+def test_bit_standardized_convolutions_allow_permutations(traced: Any) -> None:
+    _, _, spec = traced("bit")
+    stages = "model.bit.encoder.stages"
+    stream = _with(spec, f"{stages}.1.layers.0.downsample.conv.weight", 0)
+    _free(spec, f"{stages}.1.layers.0.downsample.conv.weight", 0, maps="permutation")
+    _has(stream, "writers", (f"{stages}.1.layers.0.conv3.weight", 0))
+    _has(stream, "readers", ("model.classifier.1.weight", 1))
+    _has(stream, "elementwise", ("model.bit.norm.weight", 0))
+    # the standardization (per output channel, over inputs and taps) commutes with
+    # permutations of both, but with no other map: every space is permutations only
+    for conv in ("conv1", "conv2"):
+        _free(spec, f"{stages}.0.layers.0.{conv}.weight", 0, maps="permutation")
+    _free(spec, "model.bit.embedder.convolution.weight", 0, maps="permutation")
+    assert all(space.maps == "permutation" for space in spec.free_spaces)
+
+
 def test_phi3_fused_projections(traced: Any) -> None:
     _, _, spec = traced("phi3")
     layer = "model.model.layers.0"
@@ -247,6 +283,37 @@ def test_phi3_fused_projections(traced: Any) -> None:
     for head in range(2):
         _free(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 48 + 8 * head)
     assert not _with(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 0).free
+
+
+def test_falcon_matmul_linears_and_multi_query_heads(traced: Any) -> None:
+    _, _, spec = traced("falcon")
+    layer = "model.transformer.h.0"
+    qkv = f"{layer}.self_attention.query_key_value"
+    stream = _with(spec, "model.transformer.word_embeddings.weight", 1)
+    _free(spec, "model.transformer.word_embeddings.weight", 1, maps="permutation")
+    # FalconLinear's ``x @ W.T + b``: rows and bias write, columns read, as a Linear's
+    _has(stream, "readers", (f"{qkv}.weight", 1), (f"{layer}.mlp.dense_h_to_4h.weight", 1))
+    _has(
+        stream,
+        "writers",
+        (f"{layer}.self_attention.dense.weight", 0),
+        (f"{layer}.self_attention.dense.bias", 0),
+        (f"{layer}.mlp.dense_4h_to_h.weight", 0),
+    )
+    mlp = _with(spec, f"{layer}.mlp.dense_h_to_4h.weight", 0)
+    _free(spec, f"{layer}.mlp.dense_h_to_4h.weight", 0, maps="dense")
+    _has(mlp, "writers", (f"{layer}.mlp.dense_h_to_4h.bias", 0))
+    _has(mlp, "readers", (f"{layer}.mlp.dense_4h_to_h.weight", 1))
+    # split([4, 1, 1]) by heads: 4 query heads, the one key head and the one value head
+    # (its features read by the output columns of every query head); RoPE fixes q and k
+    value = _with(spec, f"{qkv}.weight", 0, 40)
+    _free(spec, f"{qkv}.weight", 0, 40)
+    assert value.size == 8 and AxisRef(f"{qkv}.bias", 0, 1, 40) in value.writers
+    offsets = sorted(r.offset for r in value.readers if r.tensor.endswith("dense.weight"))
+    assert offsets == [0, 8, 16, 24]
+    for offset, size in ((0, 32), (32, 8)):
+        space = _with(spec, f"{qkv}.weight", 0, offset)
+        assert space.size == size and not space.free and "rotary" in space.reason
 
 
 def test_gemma_gain_of_one_plus_w_moves_with_the_stream(traced: Any) -> None:

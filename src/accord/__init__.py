@@ -9,7 +9,7 @@ from accord._version import __version__ as __version__
 from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms
 from accord.batchnorm import fold_batchnorms, reset_batchnorm
-from accord.check import check_spec, randomly_permuted
+from accord.check import SpecCheck, check_spec, randomly_permuted
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
 from accord.data import (
@@ -91,6 +91,7 @@ __all__ = [
     "Selection",
     "SpaceStatistics",
     "Spec",
+    "SpecCheck",
     "SpecError",
     "Statistics",
     "StatisticsError",

@@ -106,6 +106,8 @@ def split(call: Call) -> Any:
             )
             items.append(Feat(item.shape, axis, x.segs, heads=heads_axis))
         return Tup(tuple(items))
+    if dim == x.heads and not name.startswith("unbind"):
+        return _split_heads(call, x, meta, dim)
     if dim != x.axis or x.heads is not None or name.startswith("unbind"):
         return None
     pieces, start = [], 0
@@ -119,6 +121,32 @@ def split(call: Call) -> Any:
         if user.target is operator.getitem:
             call.event("writer_out", user.name)
     return Tup(tuple(found))
+
+
+def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
+    """Heads split into groups of whole heads (Falcon's multi-query ``split([H, 1, 1])`` of
+    its fused q, k and v): a fused projection, cut at head boundaries."""
+    if x.axis != x.heads + 1 or x.repeat is not None:
+        return None
+    width = x.shape[x.axis]
+    flat = Feat((*x.shape[:dim], x.shape[dim] * width, *x.shape[x.axis + 1 :]), dim, x.segs)
+    pieces, start = [], 0
+    for item in meta:
+        pieces.append((start, start + item.shape[dim] * width))
+        start += item.shape[dim] * width
+    found = split_features(call, flat, pieces, set())
+    if found is None:
+        return None
+    source = call.input_node()
+    if source is not None:  # split_features left the source laid out without heads
+        segs = tuple(seg for piece in found for seg in piece.segs)
+        call.walk.values[source] = Feat(x.shape, x.axis, segs, heads=x.heads)
+    return Tup(
+        tuple(
+            Feat(item.shape, x.axis, piece.segs, heads=x.heads)
+            for item, piece in zip(meta, found, strict=True)
+        )
+    )
 
 
 def glu(call: Call) -> Any:
@@ -142,6 +170,30 @@ def glu(call: Call) -> Any:
     call.table.downgrade_value(found[0], "permutation")
     call.event("act_out")
     return found[0].moved(shape, x.axis)
+
+
+def index(call: Call) -> Any:
+    """aten.index(x, [None, …, idx]): rows gathered along one axis other than the features
+    (a mixture of experts sorting its tokens by expert and back) keep the features."""
+    x, indices, shape = call.x, call.arg(1, "indices"), call.out_shape
+    if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
+        return None
+    tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if x.param is not None or x.heads is not None or len(tensors) != 1:
+        return None
+    ((dim, idx),) = tensors
+    if not isinstance(idx, Feat):
+        return None
+    call.table.fix_value(idx, f"used as indices by {call.desc}")
+    if not x.featured:
+        return call.plain()
+    if dim == x.axis:
+        call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
+        return call.plain()
+    axis = x.axis if x.axis < dim else x.axis - 1 + idx.ndim
+    if shape[axis] != x.shape[x.axis]:
+        return None
+    return x.moved(shape, axis)
 
 
 def select(call: Call) -> Any:
@@ -172,6 +224,21 @@ def expand(call: Call) -> Any:
     return Feat(tuple(shape), x.axis, x.segs, heads=x.heads, repeat=x.heads + 1)
 
 
+def unsqueeze(call: Call) -> Any:
+    """aten.unsqueeze(x, dim): the axes from ``dim`` on move one place, heads included (a
+    single key/value head of multi-query attention has a heads axis of size 1, which a
+    reshape cannot place)."""
+    x, shape = call.x, call.out_shape
+    if not isinstance(x, Feat) or x.heads is None or shape is None:
+        return heads.reshape(call)
+    dim = call.arg(1, "dim") % len(shape)
+
+    def moved(axis: int | None) -> int | None:
+        return None if axis is None else axis + (axis >= dim)
+
+    return Feat(tuple(shape), moved(x.axis), x.segs, heads=moved(x.heads), repeat=moved(x.repeat))
+
+
 def reduce(kind: str | None) -> Rule:
     """mean / sum / amax / amin / var: over other axes as :func:`rules.reduce`; over the
     features the result has none left and only permutations keep it (an RMSNorm's mean of
@@ -180,7 +247,9 @@ def reduce(kind: str | None) -> Rule:
 
     def rule(call: Call) -> Any:
         x, dims = call.x, call.arg(1, "dim", None)
-        if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        if isinstance(x, Feat) and x.param is not None:
+            return _reduced_param(call, x, dims)
+        if not isinstance(x, Feat) or x.heads is not None:
             return None
         if not x.featured:
             return call.plain()
@@ -191,6 +260,20 @@ def reduce(kind: str | None) -> Rule:
         return along(call)
 
     return rule
+
+
+def _reduced_param(call: Call, x: Feat, dims: Any) -> Feat | None:
+    """A reduction of a parameter over whole axes, kept as size-1 axes (the mean and variance
+    of weight standardization): invariant to permutations of those axes (-3, see
+    :func:`rules.same_param`), it moves with the parameter along the others."""
+    arguments = [a.name for a in call.node.target._schema.arguments]
+    keep = "keepdim" in arguments and call.arg(arguments.index("keepdim"), "keepdim", False)
+    if not keep or any(d is None or d < 0 for d in x.dims) or call.out_shape is None:
+        return None
+    dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    reduced = {d % x.ndim for d in dims}
+    out = tuple(-3 if i in reduced else d for i, d in enumerate(x.dims))
+    return Feat(call.out_shape, param=x.param, dims=out, applied=True)
 
 
 def cat(call: Call) -> Any:
@@ -262,12 +345,35 @@ def t(call: Call) -> Any:
     return rules.reorder(call, x, [1, 0]) if isinstance(x, Feat) and x.ndim == 2 else None
 
 
+def numpy_t(call: Call) -> Any:
+    """aten.numpy_T (``W.T``): every axis reversed."""
+    x = call.x
+    return rules.reorder(call, x, range(x.ndim)[::-1]) if isinstance(x, Feat) else None
+
+
+def matrix_t(call: Call) -> Any:
+    """aten.mT (``W.mT``): the last two axes swapped."""
+    x = call.x
+    if not isinstance(x, Feat) or x.ndim < 2:
+        return None
+    return rules.reorder(call, x, [*range(x.ndim - 2), x.ndim - 1, x.ndim - 2])
+
+
 def pad(call: Call) -> Any:
     """aten.constant_pad_nd(x, pad, value)."""
     x, widths, value = call.x, call.arg(1, "pad"), call.arg(2, "value", 0)
     if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
         return None
     return rules.pad_features(call, x, widths, value)
+
+
+def getitem(call: Call) -> Any:
+    """operator.getitem: an item of an operator's tuple (a split's pieces, heads included);
+    a tensor split into heads is not indexed here."""
+    container = call.arg(0, "a")
+    if isinstance(container, Feat) and container.heads is not None:
+        return None
+    return rules.getitem(call)
 
 
 _activation = rules.elementwise("dense")
@@ -296,7 +402,7 @@ _CONSTANT = _packets(
     "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
     "new_empty arange zeros ones full empty scalar_tensor"
 )
-_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze unsqueeze view_as")
+_RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze view_as reshape_as")
 _ARITHMETIC = {"add": "add add_", "sub": "sub sub_ rsub", "mul": "mul mul_", "div": "div div_"}
 _POOLS = {
     1: ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"),
@@ -337,12 +443,18 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.permute: rules.permute,
     aten.movedim: rules.movedim,
     aten.t: t,
+    aten.numpy_T: numpy_t,
+    aten.mT: matrix_t,
     aten.expand: expand,
+    aten.unsqueeze: unsqueeze,
     aten.cat: cat,
     aten.concat: cat,
     aten.stack: rules.stack,
     aten.slice: slice_rule,
     aten.select: select,
+    aten.index: index,
+    aten._grouped_mm: aten_layers.grouped_mm,
+    aten.einsum: aten_layers.einsum,
     aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,
@@ -353,6 +465,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.amax: reduce("dense"),
     aten.amin: reduce("dense"),
     aten.var: reduce("dense"),
+    aten.std: reduce("dense"),
     aten.linear: aten_layers.linear,
     aten.addmm: aten_layers.addmm,
     aten.mm: aten_layers.matmul,
@@ -373,6 +486,12 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.scaled_dot_product_attention: aten_attention.sdpa,
 }
 
+# Operators of other libraries that their models export, by qualified name.
+LIBRARY_RULES: dict[str, Rule] = {
+    # transformers' mixture of experts where torch._grouped_mm does not run (CPU, float32)
+    "transformers::grouped_mm_fallback": aten_layers.grouped_mm,
+}
+
 # The rules that understand a space split into attention heads.
 ATEN_HEAD_RULES = frozenset(
     {
@@ -389,7 +508,9 @@ ATEN_HEAD_RULES = frozenset(
         select,
         split,
         expand,
+        unsqueeze,
         cat,
+        getitem,
         *(ATEN_RULES[op] for names in _ARITHMETIC.values() for op in _packets(names)),
     }
 )
@@ -398,5 +519,8 @@ ATEN_HEAD_RULES = frozenset(
 def rule_for(target: Any) -> Rule | None:
     """The rule of an exported graph's call target (an ATen overload or getitem)."""
     if target is operator.getitem:
-        return rules.getitem
-    return ATEN_RULES.get(getattr(target, "overloadpacket", None))
+        return getitem
+    rule = ATEN_RULES.get(getattr(target, "overloadpacket", None))
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        return LIBRARY_RULES.get(target.name())
+    return rule

@@ -8,13 +8,14 @@ weight, whatever module or function called it. A space is named after its writer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import fx
 
 from accord.spec import AxisRef, FoldedNorm
 from accord.trace.layers import tie_channel_groups, write
-from accord.trace.rules import mark_activation
+from accord.trace.rules import in_order, mark_activation
 from accord.trace.split import split_features
 from accord.trace.state import Call, Feat, Seg, Tup
 
@@ -57,7 +58,19 @@ def _matrix_writer(call: Call, x: Any, weight: Any, bias: Any, transposed: bool)
     if x.featured:
         _read_axis(call, x, weight.param, reads, x.ndim - 1)
     size = shape[-1]
-    return write(call, _space_name(weight.param), size, shape, len(shape) - 1, tuple(refs))
+    out = write(call, _space_name(weight.param), size, shape, len(shape) - 1, tuple(refs))
+    return _computed_weights(call, x, out, weight, bias)
+
+
+def _computed_weights(call: Call, x: Any, out: Feat, weight: Feat, bias: Feat | None) -> Feat:
+    """A weight or bias computed from its parameter (``exp(w)``, a standardized convolution
+    weight) follows permutations of the parameter's axes, not other maps: the spaces it reads
+    and writes allow permutations only."""
+    if weight.applied or (bias is not None and bias.applied):
+        call.table.downgrade_value(out, "permutation")
+        if isinstance(x, Feat) and x.featured:
+            call.table.downgrade_value(x, "permutation")
+    return out
 
 
 def _read_axis(call: Call, x: Feat, tensor: str, tensor_axis: int, axis: int) -> None:
@@ -98,6 +111,54 @@ def matmul(call: Call) -> Any:
     return product(call, a, b)
 
 
+def einsum(call: Call) -> Any:
+    """aten.einsum of an activation and a 2-d parameter that is a Linear (``"...i,oi->...o"``,
+    ``"bti,io->bto"``): the last letter of the activation is contracted with one axis of the
+    parameter and replaced by its other one in the output."""
+    equation, operands = call.arg(0, "equation"), call.arg(1, "tensors")
+    if not isinstance(equation, str) or not isinstance(operands, list | tuple):
+        return None
+    if len(operands) != 2 or "->" not in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    subscripts = inputs.split(",")
+    params = [isinstance(t, Feat) and t.param is not None for t in operands]
+    if len(subscripts) != 2 or sorted(params) != [False, True]:
+        return None
+    w_at = params.index(True)
+    x, weight, xs, ws = operands[1 - w_at], operands[w_at], subscripts[1 - w_at], subscripts[w_at]
+    if len(ws) != 2 or len(set(ws)) != 2 or not xs or xs[-1] not in ws:
+        return None
+    contracted, written = xs[-1], ws.replace(xs[-1], "")
+    if written in xs or out != xs[:-1] + written:
+        return None
+    return _matrix_writer(call, x, weight, None, transposed=ws == contracted + written)
+
+
+def grouped_mm(call: Call) -> Any:
+    """aten._grouped_mm(x, W, offs) / transformers' grouped_mm_fallback: the rows of ``x``
+    (tokens sorted by expert) in group g times ``W[g]`` (experts, in, out), the mixture of
+    experts' projections. Every expert reads ``x``'s features and writes one new space: a
+    map of it moves the hidden units of all experts alike (one space cannot map each expert
+    on its own)."""
+    x, weight, offsets, shape = call.x, call.arg(1, "mat_b"), call.arg(2, "offs", None), None
+    shape = call.out_shape
+    axes = _param_axes(weight)
+    if axes is None or len(axes) != 3 or not isinstance(x, Feat) or x.param is not None:
+        return None
+    if shape is None or x.ndim != 2 or len(shape) != 2 or offsets is None:
+        return None
+    if call.arg(3, "bias", None) is not None:
+        return None
+    call.use(weight)
+    if x.featured:
+        _read_axis(call, x, weight.param, axes[1], 1)
+    out = write(
+        call, _space_name(weight.param), shape[1], shape, 1, (AxisRef(weight.param, axes[2]),)
+    )
+    return _computed_weights(call, x, out, weight, None)
+
+
 def convolution(call: Call) -> Any:
     """aten.conv1d/2d/3d and aten.convolution (not transposed).
 
@@ -127,7 +188,7 @@ def convolution(call: Call) -> Any:
     if groups == 1:
         if x.featured:
             _read_axis(call, x, weight.param, 1, 1)
-        return write(call, name, shape[1], shape, 1, refs)
+        return _computed_weights(call, x, write(call, name, shape[1], shape, 1, refs), weight, bias)
     if groups == channels and x.featured and x.axis == 1:
         k = shape[1] // channels
         for ref in refs:
@@ -137,7 +198,8 @@ def convolution(call: Call) -> Any:
         return Feat(shape, 1, tuple(Seg(s.space, s.size, s.block * k) for s in x.segs))
     if x.featured:
         _read_groups(call, x, weight.param, groups, name)
-    return write(call, name, shape[1], shape, 1, refs, groups=groups)
+    out = write(call, name, shape[1], shape, 1, refs, groups=groups)
+    return _computed_weights(call, x, out, weight, bias)
 
 
 def _read_groups(call: Call, x: Feat, weight: str, groups: int, name: str) -> None:
@@ -167,7 +229,8 @@ def embedding(call: Call) -> Any:
     call.use(weight)
     call.table.fix_value(indices, f"used as indices by {call.desc}")
     ref = AxisRef(weight.param, 1)
-    return write(call, _space_name(weight.param), shape[-1], shape, len(shape) - 1, (ref,))
+    out = write(call, _space_name(weight.param), shape[-1], shape, len(shape) - 1, (ref,))
+    return _computed_weights(call, None, out, weight, None)
 
 
 def _elementwise(call: Call, x: Feat, params: list[Any], offset: int = 0) -> bool:
@@ -222,7 +285,9 @@ def batch_norm(call: Call) -> Any:
     Right after a writer's only use (and with the only use of its own parameters) it is
     folded into the writer and keeps the space linear; otherwise permutations only."""
     x = call.x
-    if not isinstance(x, Feat) or x.param is not None:
+    if isinstance(x, Feat) and x.param is not None:
+        return _standardized(call, x)
+    if not isinstance(x, Feat):
         return None
     name = call.node.target.__name__
     tupled = name.startswith("_native_batch_norm")
@@ -246,6 +311,22 @@ def batch_norm(call: Call) -> Any:
     call.walk.events.pop(("writer_out", call.input_node()), None)
     call.event("writer_out")
     return result
+
+
+def _standardized(call: Call, x: Feat) -> Feat | None:
+    """Weight standardization (BiT): ``batch_norm(w.reshape(1, out, -1), training=True)``
+    without statistics or affine parameters standardizes each output channel of ``w`` over
+    all its other entries, which commutes with permutations of every axis of ``w``."""
+    name = call.node.target.__name__
+    stats = [call.arg(i, "", None) for i in _BATCHNORM_STATS]
+    whole = call.walk.shapes.get(x.param)
+    if not name.startswith("batch_norm") or any(s is not None for s in stats) or whole is None:
+        return None
+    if not call.arg(5, "training") or x.ndim < 2 or call.out_shape != x.shape:
+        return None
+    if in_order(x, whole) is None or x.dims[1] != 0:
+        return None
+    return replace(x, applied=True)
 
 
 def _foldable_writer(call: Call, stats: list[Any]) -> str | None:

@@ -130,7 +130,7 @@ def reshape(call: Call) -> Any:
     if not isinstance(x, Feat) or shape is None:
         return None
     if x.param is not None:
-        return _reshape_param(x, shape)
+        return _reshape_param(x, shape, call.walk.shapes.get(x.param))
     if not x.featured:
         return call.plain()
     out = follow_reshape(x, shape)
@@ -169,18 +169,53 @@ def follow_reshape(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     return Feat(tuple(shape), found[0][0], found[0][1]) if found else None
 
 
-def _reshape_param(x: Feat, shape: tuple[int, ...]) -> Feat | None:
-    """A parameter view that only adds or removes size-1 axes keeps its axis mapping."""
+def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
+    """A parameter view that only adds or removes size-1 axes keeps its axis mapping; a
+    reshape of the parameter itself (``whole`` is its shape) may merge whole axes, in order
+    (-2: ``w.reshape(1, out, -1)`` of weight standardization), and split them back."""
+    if tuple(shape) == whole and in_order(x, whole) is not None:
+        return Feat(tuple(shape), param=x.param, dims=tuple(range(len(shape))), applied=x.applied)
     kept = [(d, n) for d, n in zip(x.dims, x.shape, strict=True) if n != 1]
-    if [n for _, n in kept] != [n for n in shape if n != 1]:
+    if [n for _, n in kept] == [n for n in shape if n != 1]:
+        dims = iter(d for d, _ in kept)
+        return Feat(
+            tuple(shape),
+            param=x.param,
+            dims=tuple(next(dims) if n != 1 else None for n in shape),
+            applied=x.applied,
+        )
+    if whole is None or in_order(x, whole) is None:
         return None
-    dims = iter(d for d, _ in kept)
-    return Feat(
-        tuple(shape),
-        param=x.param,
-        dims=tuple(next(dims) if n != 1 else None for n in shape),
-        applied=x.applied,
-    )
+    dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
+    return None if dims is None else Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+
+
+def in_order(x: Feat, whole: tuple[int, ...]) -> tuple[int | None, ...] | None:
+    """When ``x``'s axes are the parameter's axes in order (size-1 axes aside), each whole or
+    several merged (-2 in ``x.dims``): the parameter axis behind each axis (None for size 1,
+    -2 for a merge); else None."""
+    axes = [d for d, n in enumerate(whole) if n != 1]
+    found: list[int | None] = []
+    for d, n in zip(x.dims, x.shape, strict=True):
+        if n == 1:
+            found.append(None)
+            continue
+        if d is not None and d >= 0:
+            if not axes or axes[0] != d or whole[d] != n:
+                return None
+            found.append(axes.pop(0))
+            continue
+        if d != -2:
+            return None
+        product, taken = 1, 0
+        while taken < len(axes) and product < n:
+            product *= whole[axes[taken]]
+            taken += 1
+        if product != n:
+            return None
+        found.append(axes[0] if taken == 1 else -2)
+        del axes[:taken]
+    return None if axes else tuple(found)
 
 
 def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
@@ -376,6 +411,8 @@ def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
     """A parameter times a number moves like the parameter itself (``T (c p) = c T p``); a
     parameter plus a number (Gemma's ``1 + w`` gain), or a number divided by it, follows
     permutations only."""
+    if isinstance(a, Feat) and isinstance(b, Feat) and a.param and a.param == b.param:
+        return same_param(call, a, b)
     for param, number in ((a, b), (b, a)):
         scalar = not isinstance(number, Feat | Tup)
         if not (scalar and isinstance(param, Feat) and param.param):
@@ -386,6 +423,21 @@ def _scaled_param(call: Call, op: str, a: Any, b: Any) -> Any:
             return param
         return replace(param, applied=True)
     return call.plain()
+
+
+def same_param(call: Call, a: Feat, b: Feat) -> Any:
+    """The parameter combined with a reduction of itself over whole axes (``w - w.mean(1,
+    keepdim=True)``: -3 on the reduced axes, each other axis the same parameter axis) follows
+    permutations of every axis of the parameter, and nothing else."""
+    full, other = (a, b) if a.shape == call.out_shape else (b, a)
+    if full.shape != call.out_shape or other.ndim != full.ndim:
+        return call.plain()
+    if any(d is None or d < 0 for d in full.dims):
+        return call.plain()
+    for d, e, n in zip(full.dims, other.dims, other.shape, strict=True):
+        if e != d and not (e == -3 and n == 1):
+            return call.plain()
+    return replace(full, applied=True)
 
 
 def _both_featured(call: Call, op: str, a: Feat, b: Feat) -> Any:
@@ -422,9 +474,12 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             if pd is None or pd < 0:
                 reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
                 call.table.fix_value(x, reason)
-            elif op in ("add", "sub") and not other.applied:
+                # fixed features never move: what they are mixed into need not follow them
+                return call.plain()
+            if op in ("add", "sub") and not other.applied:
                 call.use(other)
                 call.table.add_per_feature(x, "writers", other.param, pd)
+                _observe_after_bias(call, x_first)
             else:
                 call.use(other)
                 call.table.add_per_feature(x, "elementwise", other.param, pd)
@@ -432,6 +487,16 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
             return x.moved(call.out_shape, axis)
     _scalar_effect(call, op, x, x_first)
     return x.moved(call.out_shape, axis)
+
+
+def _observe_after_bias(call: Call, x_first: bool) -> None:
+    """A writer written out as ``x @ Wᵀ`` whose only use is this bias add is observed after
+    the bias, as a Linear is."""
+    source = call.node.args[0 if x_first else 1]
+    event = ("writer_out", getattr(source, "name", None))
+    if event in call.walk.events and len(source.users) == 1:
+        del call.walk.events[event]
+        call.event("writer_out")
 
 
 def _scalar_effect(call: Call, op: str, x: Feat, x_first: bool) -> None:

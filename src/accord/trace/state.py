@@ -40,7 +40,9 @@ class Feat:
 
     ``axis`` is its feature axis (non-negative) and ``segs`` their layout, or ``axis`` is None
     when no space's features lie in it. ``param`` names the parameter or buffer it is a view
-    of; ``dims[i]`` is then the parameter axis behind axis ``i`` (None: broadcast, -1: sliced).
+    of; ``dims[i]`` is then the parameter axis behind axis ``i`` (None: broadcast, -1: sliced,
+    -2: consecutive whole parameter axes merged, as a reshape of the parameter merges them,
+    -3: reduced to size 1 by a reduction over the whole parameter axis ``i``).
     ``heads`` is set when attention split one space into heads: feature ``h·D + j`` then lies
     at index ``h`` of axis ``heads`` and ``j`` of axis ``axis`` (D entries). ``repeat`` is the
     axis right after ``heads`` when an expand repeats every head along it (repeat_kv of
