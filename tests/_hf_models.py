@@ -165,3 +165,254 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]
         _images,
     ),
 }
+# Families measured by the survey beyond BUILDERS (same checks, test_trace_hf); the slowest are
+# marked slow by name in SLOW_FAMILIES.
+_SMALL_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+)
+
+
+def _images_16(batch: int = 2) -> torch.Tensor:
+    return _images(batch, 16)
+
+
+MORE_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
+    "opt": lambda: (
+        transformers.OPTForCausalLM(
+            transformers.OPTConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                ffn_dim=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                word_embed_proj_dim=32,
+                max_position_embeddings=20,
+            )
+        ),
+        _tokens,
+    ),
+    "gpt-neo": lambda: (
+        transformers.GPTNeoForCausalLM(
+            transformers.GPTNeoConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_layers=2,
+                num_heads=4,
+                attention_types=[[["global", "local"], 1]],
+                intermediate_size=48,
+                max_position_embeddings=20,
+                window_size=4,
+            )
+        ),
+        _tokens,
+    ),
+    "gpt-neox": lambda: (
+        transformers.GPTNeoXForCausalLM(
+            transformers.GPTNeoXConfig(**_SMALL_DECODER, max_position_embeddings=20)
+        ),
+        _tokens,
+    ),
+    "gptj": lambda: (
+        transformers.GPTJForCausalLM(
+            transformers.GPTJConfig(
+                vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=20
+            )
+        ),
+        _tokens,
+    ),
+    "bloom": lambda: (
+        transformers.BloomForCausalLM(
+            transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4)
+        ),
+        _tokens,
+    ),
+    "phi": lambda: (transformers.PhiForCausalLM(transformers.PhiConfig(**_SMALL_DECODER)), _tokens),
+    "stablelm": lambda: (
+        transformers.StableLmForCausalLM(
+            transformers.StableLmConfig(**_SMALL_DECODER, num_key_value_heads=2)
+        ),
+        _tokens,
+    ),
+    "olmo": lambda: (
+        transformers.OlmoForCausalLM(transformers.OlmoConfig(**_SMALL_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "olmo2": lambda: (
+        transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_SMALL_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "gemma2": lambda: (
+        transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(**_SMALL_DECODER, num_key_value_heads=2, head_dim=8)
+        ),
+        _tokens,
+    ),
+    "qwen3": lambda: (
+        transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**_SMALL_DECODER, num_key_value_heads=2, head_dim=8)
+        ),
+        _tokens,
+    ),
+    "granite": lambda: (
+        transformers.GraniteForCausalLM(
+            transformers.GraniteConfig(**_SMALL_DECODER, num_key_value_heads=2)
+        ),
+        _tokens,
+    ),
+    "albert": lambda: (
+        transformers.AlbertForSequenceClassification(
+            transformers.AlbertConfig(**_ENCODER, embedding_size=16)
+        ),
+        _tokens,
+    ),
+    "electra": lambda: (
+        transformers.ElectraForSequenceClassification(
+            transformers.ElectraConfig(**_ENCODER, embedding_size=16)
+        ),
+        _tokens,
+    ),
+    "xlm-roberta": lambda: (
+        transformers.XLMRobertaForSequenceClassification(
+            transformers.XLMRobertaConfig(**_ENCODER, pad_token_id=1)
+        ),
+        _tokens,
+    ),
+    "deberta-v2": lambda: (
+        transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**_ENCODER)),
+        _tokens,
+    ),
+    "mpnet": lambda: (
+        transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**_ENCODER)),
+        _tokens,
+    ),
+    "modernbert": lambda: (
+        transformers.ModernBertForSequenceClassification(
+            transformers.ModernBertConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=48,
+                pad_token_id=0,
+            )
+        ),
+        _tokens,
+    ),
+    "mobilenet-v2": lambda: (
+        transformers.MobileNetV2ForImageClassification(
+            transformers.MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=3)
+        ),
+        _images,
+    ),
+    "regnet": lambda: (
+        transformers.RegNetForImageClassification(
+            transformers.RegNetConfig(
+                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, num_labels=3
+            )
+        ),
+        _images,
+    ),
+    "convnextv2": lambda: (
+        transformers.ConvNextV2ForImageClassification(
+            transformers.ConvNextV2Config(
+                hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3
+            )
+        ),
+        _images,
+    ),
+    "beit": lambda: (
+        transformers.BeitForImageClassification(transformers.BeitConfig(**_VIT)),
+        _images_16,
+    ),
+    "dinov2": lambda: (
+        transformers.Dinov2ForImageClassification(
+            transformers.Dinov2Config(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                mlp_ratio=2,
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "poolformer": lambda: (
+        transformers.PoolFormerForImageClassification(
+            transformers.PoolFormerConfig(
+                hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_labels=3
+            )
+        ),
+        _images,
+    ),
+    "segformer": lambda: (
+        transformers.SegformerForImageClassification(
+            transformers.SegformerConfig(
+                hidden_sizes=[8, 16, 16, 16],
+                depths=[1, 1, 1, 1],
+                num_attention_heads=[1, 2, 2, 2],
+                decoder_hidden_size=16,
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    "levit": lambda: (
+        transformers.LevitForImageClassification(
+            transformers.LevitConfig(
+                image_size=32,
+                hidden_sizes=[16, 24, 32],
+                num_attention_heads=[1, 2, 2],
+                depths=[1, 1, 1],
+                key_dim=[8, 8, 8],
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    "focalnet": lambda: (
+        transformers.FocalNetForImageClassification(
+            transformers.FocalNetConfig(
+                image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_labels=3
+            )
+        ),
+        _images,
+    ),
+    "swinv2": lambda: (
+        transformers.Swinv2ForImageClassification(
+            transformers.Swinv2Config(
+                image_size=32,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[1, 2],
+                window_size=4,
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    "mobilevit": lambda: (
+        transformers.MobileViTForImageClassification(
+            transformers.MobileViTConfig(
+                image_size=32,
+                hidden_sizes=[16, 24, 32],
+                neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    "efficientnet": lambda: (
+        transformers.EfficientNetForImageClassification(
+            transformers.EfficientNetConfig(depth_coefficient=0.1, image_size=32, num_labels=3)
+        ),
+        _images,
+    ),
+}
+SLOW_FAMILIES = ("mobilevit", "efficientnet")

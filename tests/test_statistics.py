@@ -484,3 +484,59 @@ def test_spec_traced_with_leaf_modules_is_observed_in_the_same_graph() -> None:
     stats = collect_statistics(models, [torch.randn(32, 4)], spec, progress=False)
     assert set(stats.spaces) == {"hidden"}
     assert stats.spaces["hidden"].count == 32
+
+
+def _coordinate_mlp() -> nn.Module:
+    """Hidden units fed a 2-d input with biases that keep every ReLU open: each unit is an
+    affine function of the same two numbers, so many pairs correlate within 1e-4 of 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)
+    return model.eval()
+
+
+def test_nearly_dependent_features_are_collected_in_float64() -> None:
+    import accord
+    from accord.statistics.collect import near_dependent_spaces
+
+    model = _coordinate_mlp()
+    x = torch.rand(1024, 2)
+    spec = trace(model, x[:2])
+    twin = accord.randomly_permuted(model, spec, seed=1).eval()
+    data = [(x[i : i + 256],) for i in range(0, 1024, 256)]
+    exact = collect_statistics([model, twin], data, spec, precision="float64", progress=False)
+    assert near_dependent_spaces(exact) == list(exact.spaces)
+    refined = collect_statistics([model, twin], data, spec, progress=False)
+    assert refined.precision == "float32"
+    for name, space in exact.spaces.items():
+        for pair, block in space.blocks.items():
+            # float32 products would differ near 1e-7 relative; the second pass is float64
+            torch.testing.assert_close(refined.spaces[name].blocks[pair], block, rtol=1e-12, atol=0)
+    merged = accord.merge([model, twin], data, "permutation", spec=spec, repair="none")
+    assert all(torch.equal(merged.model.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_nearly_dependent_features_from_a_one_shot_iterator_warn() -> None:
+    import accord
+
+    model = _coordinate_mlp()
+    x = torch.rand(128, 2)
+    spec = trace(model, x[:2])
+    twin = accord.randomly_permuted(model, spec, seed=1).eval()
+    with pytest.warns(UserWarning, match="one-shot iterator"):
+        stats = collect_statistics(
+            [model, twin], iter([(x[:64],), (x[64:],)]), spec, progress=False
+        )
+    assert stats.precision == "float32"
+
+
+def test_independent_features_need_no_second_pass() -> None:
+    from accord.statistics.collect import near_dependent_spaces
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(256, 8)
+    spec = trace(model, x[:2])
+    stats = collect_statistics([model, model], [(x,)], spec, progress=False)
+    assert near_dependent_spaces(stats) == []

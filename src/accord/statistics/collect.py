@@ -4,7 +4,8 @@ reduction across torch.distributed ranks, and :func:`collect_statistics`."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,11 +37,20 @@ def _pairs(num_models: int, reference: int, pairs: str) -> tuple[Pair, ...]:
 
 
 def _targets(
-    spec: Spec, model: nn.Module, example: torch.Tensor, pairs: tuple[Pair, ...], batchnorms: bool
+    spec: Spec,
+    model: nn.Module,
+    example: torch.Tensor,
+    pairs: tuple[Pair, ...],
+    batchnorms: bool,
+    only: Collection[str] | None = None,
 ) -> tuple[list[Target], list[Target]]:
-    """The free observed spaces, and the BatchNorms folded into them (within-model blocks)
-    when ``batchnorms``."""
-    used = [space for space in spec.spaces if space.free and space.observe]
+    """The free observed spaces (those named in ``only`` when given), and the BatchNorms folded
+    into them (within-model blocks) when ``batchnorms``."""
+    used = [
+        space
+        for space in spec.spaces
+        if space.free and space.observe and (only is None or space.name in only)
+    ]
     spaces = [Target(s.name, s.size, s.observe, pairs) for s in used]
     folded = (bn.norm for space in used for bn in space.batchnorms) if batchnorms else ()
     norm_names = list(dict.fromkeys(folded))
@@ -285,6 +295,7 @@ def collect_statistics(
     precision: Literal["float64", "float32"] = "float32",
     batchnorms: bool = True,
     channels_last: bool = True,
+    spaces: Collection[str] | None = None,
 ) -> Statistics:
     """Means and covariances of every free observed space of N same-architecture models.
 
@@ -309,6 +320,15 @@ def collect_statistics(
     ``channels_last`` runs 2-d convolutions in channels-last memory format on a CPU device
     (:mod:`accord._layout`: a cheaper forward, the same values up to rounding); False runs
     the models exactly as given.
+
+    Features of one model that are nearly linearly dependent on each other (a correlation
+    within :data:`NEAR_DEPENDENT` of ±1, as the hidden units of a small MLP fed a fixed
+    2-d coordinate table have) are told apart only by differences below float32's rounding,
+    so which of them a matching picks would be decided by rounding: with ``"float32"``, the
+    spaces that hold such features are collected again in float64 by a second pass over
+    ``data`` restricted to them (when ``data`` can be iterated twice; a one-shot iterator keeps
+    the float32 statistics, with a warning). ``spaces`` restricts the pass to the free spaces
+    of those names.
 
     ``max_samples`` stops after that many input samples (the last batch is cut). Under
     torch.distributed, every rank reads the whole stream and forwards the batches with
@@ -338,13 +358,13 @@ def collect_statistics(
 
             spec = trace(models[0], _inputs(first, 0))
         example = _inputs(first, 0)
-        spaces, norms = _targets(
-            spec, models[0], example, _pairs(len(models), reference, pairs), batchnorms
+        targets, norms = _targets(
+            spec, models[0], example, _pairs(len(models), reference, pairs), batchnorms, spaces
         )
         device = torch.device(device)
         order = [reference, *(i for i in range(len(models)) if i != reference)]
         scratch = Scratch()  # one chunk buffer for every accumulator: it stays in cache
-        accumulators = [Accumulator(t, order, device, precision, scratch) for t in spaces + norms]
+        accumulators = [Accumulator(t, order, device, precision, scratch) for t in targets + norms]
         stats = Statistics({}, len(models), reference, pairs, precision=precision)
         if not accumulators:
             return stats
@@ -357,9 +377,56 @@ def collect_statistics(
         )
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
-    stats.spaces = {t.name: s for t, s in zip(spaces, finished[: len(spaces)], strict=True)}
-    stats.norms = {t.name: s for t, s in zip(norms, finished[len(spaces) :], strict=True)}
+    stats.spaces = {t.name: s for t, s in zip(targets, finished[: len(targets)], strict=True)}
+    stats.norms = {t.name: s for t, s in zip(norms, finished[len(targets) :], strict=True)}
+    dependent = near_dependent_spaces(stats) if precision == "float32" else []
+    if dependent:
+        if iter(data) is data:
+            warnings.warn(
+                f"spaces {dependent} hold nearly dependent features, which float32 products "
+                "cannot tell apart, and the data is a one-shot iterator: pass data that can be "
+                "iterated twice (a list, a DataLoader) or collect with precision='float64'",
+                stacklevel=2,
+            )
+            return stats
+        exact = collect_statistics(
+            models,
+            data,
+            spec,
+            max_samples=max_samples,
+            device=device,
+            reference=reference,
+            pairs=pairs,
+            progress=progress,
+            sharded=sharded,
+            precision="float64",
+            batchnorms=False,
+            channels_last=channels_last,
+            spaces=dependent,
+        )
+        stats.spaces.update(exact.spaces)
     return stats
+
+
+# Off-diagonal within-model correlations this close to ±1 mark features float32 products
+# cannot tell apart: their covariances carry relative rounding near 1e-7 to 1e-6.
+NEAR_DEPENDENT = 1e-4
+
+
+def near_dependent_spaces(stats: Statistics) -> list[str]:
+    """The spaces of ``stats`` in which two features of one model correlate within
+    :data:`NEAR_DEPENDENT` of ±1."""
+    found = []
+    for name, space in stats.spaces.items():
+        for i in range(stats.num_models):
+            if (i, i) not in space.blocks:
+                continue
+            corr = space.correlation(i, i).abs()
+            corr.fill_diagonal_(0)
+            if corr.numel() and float(corr.max()) >= 1 - NEAR_DEPENDENT:
+                found.append(name)
+                break
+    return found
 
 
 def _finish(accumulators: Sequence[Accumulator]) -> list[SpaceStatistics]:
