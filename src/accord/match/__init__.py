@@ -118,10 +118,11 @@ def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, refer
         )
     for space in spec.free_spaces:
         stats = statistics.spaces.get(space.name)
-        if stats is not None and stats.size != space.size:
+        observed = space.size * space.observed_block
+        if stats is not None and stats.size != observed:
             raise MergeError(
-                f"space {space.name!r} has {space.size} features but its statistics have "
-                f"{stats.size}; collect statistics with this spec"
+                f"space {space.name!r} has {observed} observed entries but its statistics "
+                f"have {stats.size}; collect statistics with this spec"
             )
     for kind, group in (("space", statistics.spaces), ("BatchNorm", statistics.norms)):
         for name, stats in group.items():

@@ -219,7 +219,12 @@ def tupled(rule: Rule) -> Rule:
 
 
 def head_scalar(op: str) -> Rule:
-    """add / sub / mul / div: :func:`rules.binary`, and heads scaled or shifted by a number."""
+    """add / sub / mul / div: :func:`rules.binary`, and heads scaled or shifted by a number.
+
+    A tensor varying along each head's features per position but alike for every head (the
+    cos and sin of rotary embeddings) leaves only permutations of whole heads: the heads
+    become the features (:func:`accord.trace.heads.whole_heads`); anything else varying
+    along the features fixes them."""
     plain_rule = rules.binary(op)
 
     def rule(call: Call) -> Any:
@@ -228,6 +233,11 @@ def head_scalar(op: str) -> Rule:
             return plain_rule(call)
         x, other = (a, b) if isinstance(a, Feat) and a.heads is not None else (b, a)
         if _varies_along(other, x, call.out_shape):
+            # Rotary embeddings: the same position-dependent mix of every head's features,
+            # so whole heads may still move; the heads become the features.
+            if not _varies_along(other, replace(x, axis=x.heads), call.out_shape):
+                if heads.whole_heads(call, x):
+                    return plain_rule(call)
             reason = (
                 f"multiplied or shifted at node {call.node.name!r} by a tensor that varies "
                 "along the features per position (as rotary embeddings do): no map of these "
