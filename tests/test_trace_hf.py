@@ -128,17 +128,15 @@ def test_llama_spaces(traced: Any) -> None:
     mlp = _with(spec, f"{layer}.mlp.gate_proj.weight", 0)
     _free(spec, f"{layer}.mlp.gate_proj.weight", 0, maps="permutation")
     _has(mlp, "writers", (f"{layer}.mlp.up_proj.weight", 0))
-    # grouped-query attention: one value space per key/value head (2 heads of 8), each read
-    # by the output columns of the two query heads that share it
-    for head in range(2):
-        value = _with(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
-        _free(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
-        offsets = sorted(r.offset for r in value.readers if r.tensor.endswith("o_proj.weight"))
-        assert value.size == 8 and offsets == [16 * head, 16 * head + 8]
-    # rotary embeddings: q and k are fixed, with the reason
-    for part in ("q_proj", "k_proj"):
-        space = _with(spec, f"{layer}.self_attn.{part}.weight", 0)
-        assert not space.free and "rotary" in space.reason
+    # rotary embeddings with grouped-query attention: one permutation space of the 2
+    # key/value groups; each moves its k and v rows (8) with the q rows and o columns of its
+    # two query heads (16), observed where o_proj reads them
+    heads = _with(spec, f"{layer}.self_attn.v_proj.weight", 0)
+    _free(spec, f"{layer}.self_attn.v_proj.weight", 0, maps="permutation")
+    assert heads.size == 2 and heads.observed_block == 16
+    for part, block in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+        assert AxisRef(f"{layer}.self_attn.{part}.weight", 0, block) in heads.writers
+    assert heads.readers == (AxisRef(f"{layer}.self_attn.o_proj.weight", 1, 16),)
 
 
 def test_gpt2_spaces(traced: Any) -> None:

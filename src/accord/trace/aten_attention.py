@@ -79,10 +79,9 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
         reason = f"{where} compares rotated query and key heads accord cannot map together"
         table.fix_value([q, k, v], reason)
         return call.plain()
-    parent = table.record(runs).base.rpartition(".")[0]
+    base = table.record(runs).base
     root = table.union(table.union(runs, key.space), value)
-    if parent:
-        table.record(root).base = f"{parent}.heads"
+    table.record(root).base = f"{base.rpartition('.')[0] or base}.heads"
     return Feat(shape, len(shape) - 3, (Seg(root, groups, heads_q // groups),))
 
 
