@@ -196,7 +196,8 @@ def test_block_correlation_averages_entrywise_correlations_over_the_blocks() -> 
     torch.manual_seed(0)
     size, block = 3, 4
     x = torch.randn(500, size * block, dtype=torch.float64)
-    y = x[:, torch.tensor([2, 0, 1]).repeat_interleave(block) * block + torch.arange(block).repeat(size)]
+    order = torch.tensor([2, 0, 1]).repeat_interleave(block) * block
+    y = x[:, order + torch.arange(block).repeat(size)]
     y = y + 0.3 * torch.randn_like(y)
     both = torch.cat([x, y], dim=1)
     cov = torch.cov(both.T)

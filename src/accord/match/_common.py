@@ -74,9 +74,7 @@ def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Ten
     return stats.correlation(i, j).to(torch.float64)
 
 
-def block_correlation(
-    stats: SpaceStatistics, i: int, j: int, space: FeatureSpace
-) -> torch.Tensor:
+def block_correlation(stats: SpaceStatistics, i: int, j: int, space: FeatureSpace) -> torch.Tensor:
     """(C, C): how well model i's feature c (rows) matches model j's feature d (columns), where
     each feature owns a block of entries at its observation points (a whole attention head):
     the correlation of their entries taken in the same order, averaged over the block. Only

@@ -107,8 +107,7 @@ def _statistics_graph(
     architecture, shared by every model), calling ``observer`` after every observed node."""
     module = traced_module(model, example, spec.graph, spec.leaf_modules)
     calls = [
-        (point.node, (point.node, point.axis, point.offset, point.block))
-        for point in observer.uses
+        (point.node, (point.node, point.axis, point.offset, point.block)) for point in observer.uses
     ]
     call_after(module, observer, calls, type(model).__name__)
     return module if spec.graph == "export" else module.eval()

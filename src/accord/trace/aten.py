@@ -52,6 +52,10 @@ def slice_rule(call: Call) -> Any:
             if found is not None:
                 call.event("writer_out")
                 return found[pieces.index((start, stop))]
+    if dim == x.axis and x.heads is not None and heads.whole_heads(call, x):
+        # the same entries of every head (the rotated part under partial rotary embeddings):
+        # whole heads may still move, and the heads are the features from here on
+        return slice_rule(call)
     reason = f"slicing at node {call.node.name!r} keeps only some of the features"
     call.table.fix_value(x, reason)
     return call.plain()
@@ -235,9 +239,9 @@ def head_scalar(op: str) -> Rule:
         if _varies_along(other, x, call.out_shape):
             # Rotary embeddings: the same position-dependent mix of every head's features,
             # so whole heads may still move; the heads become the features.
-            if not _varies_along(other, replace(x, axis=x.heads), call.out_shape):
-                if heads.whole_heads(call, x):
-                    return plain_rule(call)
+            alike = not _varies_along(other, replace(x, axis=x.heads), call.out_shape)
+            if alike and heads.whole_heads(call, x):
+                return plain_rule(call)
             reason = (
                 f"multiplied or shifted at node {call.node.name!r} by a tensor that varies "
                 "along the features per position (as rotary embeddings do): no map of these "
