@@ -1,6 +1,7 @@
 """Rotary embeddings (RoPE) on torch.export: q and k rotated per position leave only
 permutations of whole key/value groups, each moving the group's k/v row blocks with the q row
-blocks and o column blocks of its query heads. The tracer exposes that one space per attention;
+blocks and o column blocks of its query heads. The tracer exposes that one space per attention
+(scaled_dot_product_attention, with or without ``enable_gqa``, or written out with matmul);
 it must be exact (randomly_permuted keeps the logits, check_spec passes) and a merge with a
 permuted twin must find the permutation back, by activation matching and by CCA."""
 
@@ -63,8 +64,9 @@ class RotaryAttention(nn.Module):
         return self.head(torch.relu(h + self.o(out)))
 
 
-def _llama(kv_heads: int) -> nn.Module:
+def _llama(kv_heads: int, attention: str = "sdpa") -> nn.Module:
     config = transformers.LlamaConfig(
+        attn_implementation=attention,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -82,6 +84,13 @@ def _tokens(batch: int) -> torch.Tensor:
 CASES = {
     "llama": (lambda: _llama(4), _tokens, "model.model.layers.{}.self_attn.{}_proj", 2),
     "llama-gqa": (lambda: _llama(2), _tokens, "model.model.layers.{}.self_attn.{}_proj", 2),
+    # attention written out: q @ kᵀ, softmax, @ v, with repeat_kv
+    "llama-gqa-eager": (
+        lambda: _llama(2, "eager"),
+        _tokens,
+        "model.model.layers.{}.self_attn.{}_proj",
+        2,
+    ),
     "hand-written": (RotaryAttention, lambda b: torch.randn(b, 6, 5), "{}{}", 1),
 }
 

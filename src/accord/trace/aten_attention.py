@@ -59,7 +59,19 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
     key/value groups, each moving its key and value head with the query heads that read them
     (the r = H/G heads in a row, with repeated keys or ``enable_gqa``), permutations only.
     The output's features are those groups, r heads each."""
-    where = f"attention at node {call.node.name!r}"
+    groups = _rotary_query_key(call, q, k)
+    value = None if groups is None else _value_groups(call, v, groups.size)
+    if groups is None or value is None:
+        reason = f"attention at node {call.node.name!r} compares rotated heads accord cannot map"
+        call.table.fix_value([q, k, v], reason)
+        return call.plain()
+    root = call.table.union(groups.space, value)
+    return Feat(shape, len(shape) - 3, (Seg(root, groups.size, groups.block),))
+
+
+def _rotary_query_key(call: Call, q: Feat, k: Feat) -> Seg | None:
+    """The query and key heads of rotary attention as one space of the key/value groups
+    (query head h reads group h // r); the segment of the query's heads axis, or None."""
     table, query, key = call.table, q.segs[0], k.segs[0]
     heads_q, groups = q.shape[-3], key.size
     fits = (
@@ -74,15 +86,28 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
     runs = None
     if factor:
         runs = query.space if factor == 1 else heads.regroup(call, query.space, factor)
-    value = None if runs is None else _value_groups(call, v, groups)
-    if value is None:
-        reason = f"{where} compares rotated query and key heads accord cannot map together"
-        table.fix_value([q, k, v], reason)
-        return call.plain()
+    if runs is None:
+        return None
     base = table.record(runs).base
-    root = table.union(table.union(runs, key.space), value)
+    root = table.union(runs, key.space)
     table.record(root).base = f"{base.rpartition('.')[0] or base}.heads"
-    return Feat(shape, len(shape) - 3, (Seg(root, groups, heads_q // groups),))
+    return Seg(root, groups, heads_q // groups)
+
+
+def _rotary_product(call: Call, a: Feat, b: Feat, shape: tuple[int, ...]) -> Any:
+    """Written-out rotary attention: scores ``q @ kᵀ`` of whole heads (features: the key/value
+    groups, as :func:`_rotary`), then ``probabilities @ v`` moving v's heads with them."""
+    if b.featured and b.heads is None:  # q @ kᵀ: kᵀ has its heads on the same axis as q
+        groups = _rotary_query_key(call, a, b)
+        if groups is not None:
+            return Feat(shape, len(shape) - 3, (groups,))
+    elif _whole_heads(a) and a.shape[-3] == a.segs[0].size * a.segs[0].block:
+        value = _value_groups(call, b, a.segs[0].size)
+        if value is not None:
+            call.table.union(a.segs[0].space, value)
+            return Feat(shape, len(shape) - 3, a.segs)
+    call.table.fix_value([a, b], f"attention at node {call.node.name!r} mixes rotated heads")
+    return call.plain()
 
 
 def _value_groups(call: Call, v: Feat, groups: int) -> int | None:
@@ -159,6 +184,8 @@ def product(call: Call, a: Any, b: Any) -> Any:
         return None
     if not b.featured and not a.featured:
         return call.plain()
+    if _whole_heads(a) or _whole_heads(b):
+        return _rotary_product(call, a, b, shape)
     scores = a.featured and b.featured and a.axis == a.ndim - 1 and b.axis == b.ndim - 2
     if scores and a.heads is not None and b.heads is not None:
         b_as_key = Feat(b.shape, b.ndim - 1, b.segs, heads=b.heads)
