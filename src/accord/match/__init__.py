@@ -120,8 +120,9 @@ def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, refer
         stats = statistics.spaces.get(space.name)
         observed = space.size * space.observed_block
         if stats is not None and stats.size != observed:
+            each = "" if observed == space.size else f" of {space.observed_block} entries each"
             raise MergeError(
-                f"space {space.name!r} has {observed} observed entries but its statistics "
+                f"space {space.name!r} has {space.size} features{each} but its statistics "
                 f"have {stats.size}; collect statistics with this spec"
             )
     for kind, group in (("space", statistics.spaces), ("BatchNorm", statistics.norms)):
