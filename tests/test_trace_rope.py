@@ -15,7 +15,7 @@ from torch import nn
 import accord
 from _hf_models import VOCAB, transformers
 from accord import AxisRef, FeatureSpace, Observation, Spec
-from accord.match._common import block_correlation
+from accord.match import block_correlation
 from accord.statistics import SpaceStatistics
 
 
