@@ -222,3 +222,33 @@ def test_block_correlation_averages_entrywise_correlations_over_the_blocks() -> 
             assert got[c, d] == pytest.approx(float(sum(entries) / block), abs=1e-12)
     # new feature c of y is x's feature c: the matching columns are the permutation's inverse
     assert got.argmax(dim=1).tolist() == [1, 2, 0]
+
+
+def test_query_written_by_a_grouped_convolution_keeps_its_groups_in_place() -> None:
+    """Whole groups of a grouped convolution's output cannot move without its input groups,
+    so rotated heads that are those groups stay fixed."""
+
+    class GroupedQuery(RotaryAttention):
+        def __init__(self) -> None:
+            super().__init__(heads=2, kv_heads=2, head_dim=4, width=8)
+            self.q = nn.Conv1d(8, 8, 1, groups=2)  # type: ignore[assignment]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            batch, length, _ = h.shape
+            q = self.q(h.transpose(1, 2)).transpose(1, 2)
+            q = q.reshape(batch, length, 2, 4).transpose(1, 2)
+            k = self.k(h).view(batch, length, 2, 4).transpose(1, 2)
+            v = self.v(h).view(batch, length, 2, 4).transpose(1, 2)
+            angles = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            q = q * angles.cos() + _rotate_half(q) * angles.sin()
+            k = k * angles.cos() + _rotate_half(k) * angles.sin()
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.head(self.o(out.transpose(1, 2).reshape(batch, length, 8)))
+
+    model = GroupedQuery().eval()
+    spec = accord.trace(model, torch.randn(2, 6, 5))
+    query = _head_space(spec, "q.weight")
+    assert not query.free and "rotary" in query.reason
+    accord.check_spec(spec, model, torch.randn(2, 6, 5))

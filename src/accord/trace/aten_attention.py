@@ -72,12 +72,12 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
 def _rotary_query_key(call: Call, q: Feat, k: Feat) -> Seg | None:
     """The query and key heads of rotary attention as one space of the key/value groups
     (query head h reads group h // r); the segment of the query's heads axis, or None."""
+    if not (_whole_heads(q) and _whole_heads(k)):
+        return None
     table, query, key = call.table, q.segs[0], k.segs[0]
     heads_q, groups = q.shape[-3], key.size
     fits = (
-        _whole_heads(q)
-        and _whole_heads(k)
-        and query.size * query.block == heads_q
+        query.size * query.block == heads_q
         and key.size * key.block == k.shape[-3] in (heads_q, groups)
         and heads_q % groups == 0
         and query.size % groups == 0

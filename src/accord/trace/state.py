@@ -128,6 +128,9 @@ class SpaceRecord:
     # each feature is a run of entries that only moves whole (an attention head under rotary
     # embeddings): observed entry by entry, see FeatureSpace.observed_block
     runs: bool = False
+    # its groups come from a grouped convolution, so whole groups may not be permuted (the
+    # groups of a split into attention heads may)
+    kept_groups: bool = False
 
     def absorb(self, other: SpaceRecord) -> None:
         for role in ROLES:
@@ -140,6 +143,7 @@ class SpaceRecord:
         self.is_input |= other.is_input
         self.is_output |= other.is_output
         self.runs |= other.runs
+        self.kept_groups |= other.kept_groups
 
 
 def weaker(a: str, b: str) -> str:
@@ -243,6 +247,7 @@ class SpaceTable:
                     offset = ref.offset + start * ref.block
                     self.add_ref(part, role, AxisRef(ref.tensor, ref.axis, ref.block, offset))
             self.record(part).batchnorms = list(record.batchnorms)
+            self.record(part).kept_groups = record.kept_groups
             parts.append(part)
             start += size
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
@@ -266,10 +271,11 @@ class SpaceTable:
         ``factor`` consecutive features (whole attention heads), which move only whole:
         permutations of the runs, every axis giving each run ``factor`` times its block. None
         where the space's groups would split a run or cut across runs (a run must be one
-        group, or the space ungrouped). The old space is left empty."""
+        group of a split into heads, or the space ungrouped). The old space is left empty."""
         record = self.record(index)
         runs = record.size // factor if record.size % factor == 0 else 0
-        if not runs or not self.only_written(index) or record.groups not in (1, runs):
+        grouped = record.groups > 1 and (record.kept_groups or record.groups != runs)
+        if not runs or not self.only_written(index) or grouped:
             return None
         part = self.new(runs, record.base, "permutation")
         new = self.records[part]
