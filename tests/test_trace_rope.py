@@ -77,6 +77,20 @@ def _llama(kv_heads: int, attention: str = "sdpa") -> nn.Module:
     return Logits(transformers.LlamaForCausalLM(config)).eval()
 
 
+def _qwen3() -> nn.Module:
+    """Qwen3: an RMSNorm over each head's dimension (one gain for every head) before RoPE."""
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    return Logits(transformers.Qwen3ForCausalLM(config)).eval()
+
+
 def _tokens(batch: int) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, 7))
 
@@ -91,6 +105,7 @@ CASES = {
         "model.model.layers.{}.self_attn.{}_proj",
         2,
     ),
+    "qwen3-qk-norm": (_qwen3, _tokens, "model.model.layers.{}.self_attn.{}_proj", 2),
     "hand-written": (RotaryAttention, lambda b: torch.randn(b, 6, 5), "{}{}", 1),
 }
 
@@ -120,9 +135,10 @@ def test_rotary_attention_has_one_space_of_whole_key_value_groups(
     name: str, traced: dict[str, tuple[nn.Module, Spec]]
 ) -> None:
     model, spec = traced[name]
-    module = model.model.model.layers[0].self_attn if name.startswith("llama") else model
+    hf = name != "hand-written"
+    module = model.model.model.layers[0].self_attn if hf else model
     heads = 4
-    kv_heads = module.config.num_key_value_heads if name.startswith("llama") else 2
+    kv_heads = module.config.num_key_value_heads if hf else 2
     head_dim = module.head_dim
     group = heads // kv_heads * head_dim
     for layer in range(CASES[name][3]):

@@ -184,7 +184,11 @@ def reduce(kind: str | None) -> Rule:
 
     def rule(call: Call) -> Any:
         x, dims = call.x, call.arg(1, "dim", None)
-        if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        if isinstance(x, Feat) and x.heads is not None and x.param is None:
+            # over each head's features alike (a norm over the head dimension): whole heads
+            over = {dims % x.ndim} if isinstance(dims, int) else {d % x.ndim for d in dims or ()}
+            return rule(call) if over == {x.axis} and heads.whole_heads(call, x) else None
+        if not isinstance(x, Feat) or x.param is not None:
             return None
         if not x.featured:
             return call.plain()
@@ -236,6 +240,9 @@ def head_scalar(op: str) -> Rule:
         if not any(isinstance(v, Feat) and v.heads is not None for v in (a, b)):
             return plain_rule(call)
         x, other = (a, b) if isinstance(a, Feat) and a.heads is not None else (b, a)
+        if _shared_gain(other, x, call.out_shape) and heads.whole_heads(call, x):
+            call.use(other)
+            return plain_rule(call)
         if _varies_along(other, x, call.out_shape):
             # Rotary embeddings: the same position-dependent mix of every head's features,
             # so whole heads may still move; the heads become the features.
@@ -259,6 +266,20 @@ def head_scalar(op: str) -> Rule:
         return x
 
     return rule
+
+
+def _shared_gain(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
+    """A parameter that scales each head's features alike in every head (the gain of a norm
+    over the head dimension, Qwen3's q/k norm): only whole heads move under it, and it stays."""
+    if not isinstance(other, Feat) or other.param is None or other.applied or not shape:
+        return False
+    lead = len(shape) - other.ndim
+
+    def size(axis: int) -> int:
+        d = axis + len(shape) - x.ndim - lead
+        return other.shape[d] if d >= 0 else 1
+
+    return size(x.axis) > 1 and size(x.heads) == 1
 
 
 def _varies_along(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
@@ -393,6 +414,9 @@ ATEN_HEAD_RULES = frozenset(
         _activation,
         _math,
         rules.passthrough,
+        rules.metadata,
+        ATEN_RULES[aten.mean],
+        ATEN_RULES[aten.sum],
         rules.transpose,
         rules.permute,
         rules.movedim,
