@@ -137,17 +137,15 @@ def test_llama_spaces(traced: Any) -> None:
     mlp = _with(spec, f"{layer}.mlp.gate_proj.weight", 0)
     _free(spec, f"{layer}.mlp.gate_proj.weight", 0, maps="permutation")
     _has(mlp, "writers", (f"{layer}.mlp.up_proj.weight", 0))
-    # grouped-query attention: one value space per key/value head (2 heads of 8), each read
-    # by the output columns of the two query heads that share it
-    for head in range(2):
-        value = _with(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
-        _free(spec, f"{layer}.self_attn.v_proj.weight", 0, 8 * head)
-        offsets = sorted(r.offset for r in value.readers if r.tensor.endswith("o_proj.weight"))
-        assert value.size == 8 and offsets == [16 * head, 16 * head + 8]
-    # rotary embeddings: q and k are fixed, with the reason
-    for part in ("q_proj", "k_proj"):
-        space = _with(spec, f"{layer}.self_attn.{part}.weight", 0)
-        assert not space.free and "rotary" in space.reason
+    # rotary embeddings with grouped-query attention: one permutation space of the 2
+    # key/value groups; each moves its k and v rows (8) with the q rows and o columns of its
+    # two query heads (16), observed where o_proj reads them
+    heads = _with(spec, f"{layer}.self_attn.v_proj.weight", 0)
+    _free(spec, f"{layer}.self_attn.v_proj.weight", 0, maps="permutation")
+    assert heads.size == 2 and heads.observed_block == 16
+    for part, block in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+        assert AxisRef(f"{layer}.self_attn.{part}.weight", 0, block) in heads.writers
+    assert heads.readers == (AxisRef(f"{layer}.self_attn.o_proj.weight", 1, 16),)
 
 
 def test_gpt2_spaces(traced: Any) -> None:
@@ -288,10 +286,16 @@ def test_phi3_fused_projections(traced: Any) -> None:
         gate_up.size == 48
         and AxisRef(f"{layer}.mlp.gate_up_proj.weight", 0, 1, 48) in gate_up.writers
     )
-    # q, k and v fused and sliced: v (from 32 + 16) is free per key/value head
-    for head in range(2):
-        _free(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 48 + 8 * head)
-    assert not _with(spec, f"{layer}.self_attn.qkv_proj.weight", 0, 0).free
+    # q, k and v fused and sliced, partial rotary embeddings (a slice of every head): one
+    # permutation space of the 2 key/value groups, q rows from 0, k from 32, v from 48
+    qkv = f"{layer}.self_attn.qkv_proj.weight"
+    heads = _with(spec, qkv, 0, 0)
+    _free(spec, qkv, 0, 0, maps="permutation")
+    assert heads.size == 2 and set(heads.writers) == {
+        AxisRef(qkv, 0, 16, 0),
+        AxisRef(qkv, 0, 8, 32),
+        AxisRef(qkv, 0, 8, 48),
+    }
 
 
 def test_falcon_matmul_linears_and_multi_query_heads(traced: Any) -> None:
@@ -337,7 +341,8 @@ def test_spec_of_an_exported_model_round_trips(traced: Any, tmp_path: Any) -> No
     spec.save(tmp_path / "spec.json")
     loaded = Spec.load(tmp_path / "spec.json", model)
     assert loaded == spec and loaded.graph == "export"
-    assert any(o.offset is not None for s in loaded for o in s.observe)
+    # the heads are observed in blocks (offsets: test_trace_rope's round trip)
+    assert any(o.block > 1 for s in loaded for o in s.observe)
 
 
 def test_model_neither_tracer_handles_gets_both_reasons() -> None:

@@ -73,11 +73,13 @@ class AxisRef:
 class Observation:
     """Where a space's activations are recorded: a graph node and the feature axis of its
     output, which holds the space's features alone, or from ``offset`` on when the space is
-    one part of that axis (a piece of a fused projection)."""
+    one part of that axis (a piece of a fused projection). Feature ``c`` owns the ``block``
+    consecutive entries from ``c * block`` there (a whole attention head owns its outputs)."""
 
     node: str
     axis: int
     offset: int | None = None
+    block: int = 1
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,16 @@ class FeatureSpace:
         """Every axis this space moves."""
         return self.writers + self.readers + self.elementwise
 
+    @property
+    def observed_block(self) -> int:
+        """Entries per feature at the observation points (1 but for whole heads)."""
+        return self.observe[0].block if self.observe else 1
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("writers", "readers", "elementwise"):
             data[key] = [_ref_to_list(ref) for ref in getattr(self, key)]
-        data["observe"] = [
-            [obs.node, obs.axis, *([] if obs.offset is None else [obs.offset])]
-            for obs in self.observe
-        ]
+        data["observe"] = [_observation_to_list(obs) for obs in self.observe]
         data["batchnorms"] = [[bn.norm, bn.writer] for bn in self.batchnorms]
         return data
 
@@ -134,10 +138,7 @@ class FeatureSpace:
                 readers=tuple(_ref_from_list(r) for r in data.get("readers", ())),
                 elementwise=tuple(_ref_from_list(r) for r in data.get("elementwise", ())),
                 batchnorms=tuple(FoldedNorm(*bn) for bn in data.get("batchnorms", ())),
-                observe=tuple(
-                    Observation(str(n), int(a), *map(int, rest))
-                    for n, a, *rest in data.get("observe", ())
-                ),
+                observe=tuple(_observation_from_list(item) for item in data.get("observe", ())),
                 maps=data.get("maps", "permutation"),
                 groups=int(data.get("groups", 1)),
                 free=bool(data.get("free", True)),
@@ -147,6 +148,22 @@ class FeatureSpace:
             raise SpecError(
                 f"{where}: malformed entry ({exc!r}); see Spec.save for the format"
             ) from exc
+
+
+def _observation_to_list(obs: Observation) -> list[Any]:
+    out: list[Any] = [obs.node, obs.axis]
+    if obs.offset is not None or obs.block != 1:
+        out.append(obs.offset)
+    if obs.block != 1:
+        out.append(obs.block)
+    return out
+
+
+def _observation_from_list(item: Any) -> Observation:
+    node, axis, *rest = item
+    offset = rest[0] if rest else None
+    block = int(rest[1]) if len(rest) > 1 else 1
+    return Observation(str(node), int(axis), None if offset is None else int(offset), block)
 
 
 def _ref_to_list(ref: AxisRef) -> list[Any]:
@@ -228,7 +245,8 @@ class Spec:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset))]``."""
+        """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset))]``,
+        an observation ``[node, axis(, offset or null(, block))]``."""
         write_json(path, self.to_dict())
 
     @classmethod
@@ -256,6 +274,9 @@ def _space_problems(space: FeatureSpace, tensors: Mapping[str, torch.Tensor]) ->
         problems.append(f"{where}: maps={space.maps!r} is not one of {list(MAP_KINDS)}")
     if space.size < 1 or space.groups < 1 or space.size % space.groups:
         problems.append(f"{where}: size {space.size} is not a positive multiple of groups")
+    blocks = {obs.block for obs in space.observe}
+    if len(blocks) > 1 or min(blocks, default=1) < 1:
+        problems.append(f"{where}: its observations own blocks of {sorted(blocks)} entries")
     for ref in space.refs:
         if ref.tensor not in tensors:
             hint = _close(ref.tensor, tensors)

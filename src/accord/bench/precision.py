@@ -34,9 +34,8 @@ def _space_rows(spec: accord.Spec, observed: dict[str, torch.Tensor]) -> Rows:
     rows = {}
     for space in spec.spaces:
         if space.free and space.observe:
-            parts = [
-                observed[p.node].movedim(p.axis, -1).reshape(-1, space.size) for p in space.observe
-            ]
+            width = space.size * space.observed_block
+            parts = [observed[p.node].movedim(p.axis, -1).reshape(-1, width) for p in space.observe]
             rows[space.name] = torch.cat(parts)
     return rows
 

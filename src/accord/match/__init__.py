@@ -29,6 +29,7 @@ from torch import Tensor
 from accord._finite import first_non_finite
 from accord.errors import MergeError
 from accord.match._alignment import Alignment
+from accord.match._common import block_correlation
 from accord.registry import ALIGNMENTS, AlignMethod, check_option_names, lookup
 from accord.spec import Spec
 from accord.statistics import Statistics
@@ -36,7 +37,7 @@ from accord.statistics import Statistics
 # The alignments' records (:data:`accord.registry.ALIGNMENTS`), by the name accord has exported
 MATCHERS = ALIGNMENTS
 
-__all__ = ["MATCHERS", "Alignment", "match", "matcher"]
+__all__ = ["MATCHERS", "Alignment", "block_correlation", "match", "matcher"]
 
 # Every method module registers its record when imported: adding one is adding its file.
 for _module in pkgutil.iter_modules(__path__):
@@ -119,10 +120,12 @@ def _check_statistics(spec: Spec, statistics: Statistics, num_models: int, refer
         )
     for space in spec.free_spaces:
         stats = statistics.spaces.get(space.name)
-        if stats is not None and stats.size != space.size:
+        observed = space.size * space.observed_block
+        if stats is not None and stats.size != observed:
+            each = "" if observed == space.size else f" of {space.observed_block} entries each"
             raise MergeError(
-                f"space {space.name!r} has {space.size} features but its statistics have "
-                f"{stats.size}; collect statistics with this spec"
+                f"space {space.name!r} has {space.size} features{each} but its statistics "
+                f"have {stats.size}; collect statistics with this spec"
             )
     for kind, group in (("space", statistics.spaces), ("BatchNorm", statistics.norms)):
         for name, stats in group.items():

@@ -74,6 +74,38 @@ def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Ten
     return stats.correlation(i, j).to(torch.float64)
 
 
+def block_correlation(stats: SpaceStatistics, i: int, j: int, space: FeatureSpace) -> torch.Tensor:
+    """(C, C): how well model i's feature c (rows) matches model j's feature d (columns), where
+    each feature owns a block of entries at its observation points (a whole attention head):
+    the correlation of their entries taken in the same order, averaged over the block. Only
+    whole blocks move, so entry k of one block can only ever meet entry k of another."""
+    corr = correlation(stats, i, j, space.name)
+    size, block = space.size, space.observed_block
+    return corr.reshape(size, block, size, block).diagonal(dim1=1, dim2=3).mean(-1)
+
+
+def _whole_blocks(
+    space: FeatureSpace, stats: SpaceStatistics, num_models: int, reference: int, method: str
+) -> tuple[dict[int, Transform], dict[str, Any]]:
+    """Every model onto the reference by the permutation of whole blocks that maximises
+    :func:`block_correlation` (Hungarian algorithm, within groups)."""
+    maps, models = {}, {}
+    for i in range(num_models):
+        if i == reference:
+            continue
+        score = block_correlation(stats, reference, i, space)
+        perm = assign(score, space.groups)
+        maps[i] = Transform.from_permutation(perm)
+        models[i] = {"mean_correlation": float(score[torch.arange(space.size), perm].mean())}
+    notes = []
+    if method != "permutation":
+        notes.append(
+            f"fell back to permutation: each feature is a block of {space.observed_block} "
+            "entries (a whole attention head) that moves only as a whole"
+        )
+    return maps, {"method": "permutation", "notes": notes, "models": models}
+
+
 def identity_transforms(spec: Spec, num_models: int) -> list[dict[str, Transform]]:
     """Identity maps for every free space of every model."""
     return [
@@ -88,10 +120,17 @@ SpaceAligner = Callable[
 
 
 def align_spaces(
-    spec: Spec, statistics: Statistics, num_models: int, align: SpaceAligner
+    spec: Spec,
+    statistics: Statistics,
+    num_models: int,
+    align: SpaceAligner,
+    reference: int,
+    method: str,
 ) -> Alignment:
     """Every free space that has statistics aligned by ``align(space, stats)``; the others keep
-    identities, with a note."""
+    identities, with a note. A space whose features are blocks of entries at their
+    observation points (whole attention heads) admits permutations of whole blocks only,
+    whatever the method: each model is permuted onto ``reference`` block by block."""
     transforms = identity_transforms(spec, num_models)
     report: dict[str, dict[str, Any]] = {}
     for space in spec.free_spaces:
@@ -99,7 +138,10 @@ def align_spaces(
         if stats is None:
             report[space.name] = {"method": "identity", "notes": [NO_STATISTICS], "models": {}}
             continue
-        maps, report[space.name] = align(space, stats)
+        if space.observed_block > 1:
+            maps, report[space.name] = _whole_blocks(space, stats, num_models, reference, method)
+        else:
+            maps, report[space.name] = align(space, stats)
         for i, transform in maps.items():
             transforms[i][space.name] = transform
     return Alignment(transforms, report)
@@ -135,7 +177,7 @@ def star_alignment(
         methods = sorted(set(used)) or [method]
         return maps, {"method": "+".join(methods), "notes": notes, "models": models}
 
-    return align_spaces(spec, statistics, num_models, star)
+    return align_spaces(spec, statistics, num_models, star, reference, method)
 
 
 def check_option(name: str, value: Any, *, low: float, high: float = math.inf) -> None:

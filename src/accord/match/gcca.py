@@ -296,4 +296,4 @@ def match_gcca(
             "models": {i: m.scores for i, m in enumerate(matched) if m.scores},
         }
 
-    return align_spaces(spec, statistics, count, joint)
+    return align_spaces(spec, statistics, count, joint, reference, "gcca")

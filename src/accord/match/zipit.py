@@ -350,4 +350,4 @@ def match_zipit(
         maps, report = _zip_space(space, stats, reference, num_models, alpha, beta)
         return dict(enumerate(maps)), report
 
-    return align_spaces(spec, statistics, num_models, zip_space)
+    return align_spaces(spec, statistics, num_models, zip_space, reference, "zipit")

@@ -51,7 +51,7 @@ def _targets(
         for space in spec.spaces
         if space.free and space.observe and (only is None or space.name in only)
     ]
-    spaces = [Target(s.name, s.size, s.observe, pairs) for s in used]
+    spaces = [Target(s.name, s.size * s.observed_block, s.observe, pairs) for s in used]
     folded = (bn.norm for space in used for bn in space.batchnorms) if batchnorms else ()
     norm_names = list(dict.fromkeys(folded))
     if not norm_names:
@@ -99,8 +99,10 @@ class _Observer(nn.Module):
             for index, point in enumerate(accumulator.target.points):
                 self.uses.setdefault(point, []).append((accumulator, index))
 
-    def forward(self, tensor: Any, node: str, axis: int, offset: int | None = None) -> None:
-        for accumulator, index in self.uses[Observation(node, axis, offset)]:
+    def forward(
+        self, tensor: Any, node: str, axis: int, offset: int | None = None, block: int = 1
+    ) -> None:
+        for accumulator, index in self.uses[Observation(node, axis, offset, block)]:
             size, seen = accumulator.target.size, tensor
             part = offset is not None and isinstance(tensor, torch.Tensor)
             if part and tensor.shape[axis] >= offset + size:
@@ -114,7 +116,9 @@ def _statistics_graph(
     """``model``'s traced forward (the exported one in eval mode: the program of its
     architecture, shared by every model), calling ``observer`` after every observed node."""
     module = traced_module(model, example, spec.graph, spec.leaf_modules)
-    calls = [(point.node, (point.node, point.axis, point.offset)) for point in observer.uses]
+    calls = [
+        (point.node, (point.node, point.axis, point.offset, point.block)) for point in observer.uses
+    ]
     call_after(module, observer, calls, type(model).__name__)
     return module if spec.graph == "export" else module.eval()
 

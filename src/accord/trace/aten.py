@@ -52,6 +52,10 @@ def slice_rule(call: Call) -> Any:
             if found is not None:
                 call.event("writer_out")
                 return found[pieces.index((start, stop))]
+    if dim == x.axis and x.heads is not None and heads.whole_heads(call, x):
+        # the same entries of every head (the rotated part under partial rotary embeddings):
+        # whole heads may still move, and the heads are the features from here on
+        return slice_rule(call)
     reason = f"slicing at node {call.node.name!r} keeps only some of the features"
     call.table.fix_value(x, reason)
     return call.plain()
@@ -249,7 +253,11 @@ def reduce(kind: str | None) -> Rule:
         x, dims = call.x, call.arg(1, "dim", None)
         if isinstance(x, Feat) and x.param is not None:
             return _reduced_param(call, x, dims)
-        if not isinstance(x, Feat) or x.heads is not None:
+        if isinstance(x, Feat) and x.heads is not None:
+            # over each head's features alike (a norm over the head dimension): whole heads
+            over = {dims % x.ndim} if isinstance(dims, int) else {d % x.ndim for d in dims or ()}
+            return rule(call) if over == {x.axis} and heads.whole_heads(call, x) else None
+        if not isinstance(x, Feat):
             return None
         if not x.featured:
             return call.plain()
@@ -302,7 +310,12 @@ def tupled(rule: Rule) -> Rule:
 
 
 def head_scalar(op: str) -> Rule:
-    """add / sub / mul / div: :func:`rules.binary`, and heads scaled or shifted by a number."""
+    """add / sub / mul / div: :func:`rules.binary`, and heads scaled or shifted by a number.
+
+    A tensor varying along each head's features per position but alike for every head (the
+    cos and sin of rotary embeddings) leaves only permutations of whole heads: the heads
+    become the features (:func:`accord.trace.heads.whole_heads`); anything else varying
+    along the features fixes them."""
     plain_rule = rules.binary(op)
 
     def rule(call: Call) -> Any:
@@ -310,7 +323,15 @@ def head_scalar(op: str) -> Rule:
         if not any(isinstance(v, Feat) and v.heads is not None for v in (a, b)):
             return plain_rule(call)
         x, other = (a, b) if isinstance(a, Feat) and a.heads is not None else (b, a)
+        if _shared_gain(other, x, call.out_shape) and heads.whole_heads(call, x):
+            call.use(other)
+            return plain_rule(call)
         if _varies_along(other, x, call.out_shape):
+            # Rotary embeddings: the same position-dependent mix of every head's features,
+            # so whole heads may still move; the heads become the features.
+            alike = not _varies_along(other, replace(x, axis=x.heads), call.out_shape)
+            if alike and heads.whole_heads(call, x):
+                return plain_rule(call)
             reason = (
                 f"multiplied or shifted at node {call.node.name!r} by a tensor that varies "
                 "along the features per position (as rotary embeddings do): no map of these "
@@ -328,6 +349,20 @@ def head_scalar(op: str) -> Rule:
         return x
 
     return rule
+
+
+def _shared_gain(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
+    """A parameter that scales each head's features alike in every head (the gain of a norm
+    over the head dimension, Qwen3's q/k norm): only whole heads move under it, and it stays."""
+    if not isinstance(other, Feat) or other.param is None or other.applied or not shape:
+        return False
+    lead = len(shape) - other.ndim
+
+    def size(axis: int) -> int:
+        d = axis + len(shape) - x.ndim - lead
+        return other.shape[d] if d >= 0 else 1
+
+    return size(x.axis) > 1 and size(x.heads) == 1
 
 
 def _varies_along(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
@@ -498,6 +533,9 @@ ATEN_HEAD_RULES = frozenset(
         _activation,
         _math,
         rules.passthrough,
+        rules.metadata,
+        ATEN_RULES[aten.mean],
+        ATEN_RULES[aten.sum],
         rules.transpose,
         rules.permute,
         rules.movedim,

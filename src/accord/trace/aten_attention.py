@@ -3,8 +3,11 @@
 Heads are split and joined by the reshape rule of :mod:`accord.trace.heads`. ``q·k`` per
 head is kept when ``q ← T q`` and ``k ← T⁻ᵀ k``, so k's writers become readers of q's space
 (the "qk" space, orthogonal maps per head) when both are freshly written and reach nothing
-else. Anything in between (rotary embeddings, norms of q and k) is outside what the tracer
-proves: those spaces are fixed, by the rule of the operator that touched them. Values are
+else. Rotary embeddings leave q and k as whole heads (:func:`accord.trace.heads.whole_heads`):
+then only permutations of whole key/value groups keep the attention, each moving its key and
+value head with its query heads and their output columns, one space of permutations for all
+of them. Anything else in between (norms of q and k) is outside what the tracer proves: those
+spaces are fixed, by the rule of the operator that touched them. Values are
 per head: the output lies in v's space, laid out as the heads of the query (grouped-query
 attention repeats each key/value head, see :func:`accord.trace.heads.reshape`).
 """
@@ -25,6 +28,8 @@ def sdpa(call: Call) -> Any:
         return None
     if not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
         return None
+    if _whole_heads(q) or _whole_heads(k):
+        return _rotary(call, q, k, v, shape)
     _query_key(call, q, k, f"attention at node {call.node.name!r}")
     if not v.featured:
         return call.plain()
@@ -35,6 +40,93 @@ def sdpa(call: Call) -> Any:
     if segs is None:
         return call.plain()
     return Feat(shape, len(shape) - 1, segs, heads=len(shape) - 3)
+
+
+def _whole_heads(t: Feat) -> bool:
+    """Features that are whole heads (see :func:`accord.trace.heads.whole_heads`) on the
+    heads axis of (…, H, L, D), one space."""
+    return (
+        t.featured
+        and t.heads is None
+        and t.axis == t.ndim - 3
+        and len(t.segs) == 1
+        and t.segs[0].space is not None
+    )
+
+
+def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> Any:
+    """Attention whose query and key are whole heads (rotary embeddings): one space of the
+    key/value groups, each moving its key and value head with the query heads that read them
+    (the r = H/G heads in a row, with repeated keys or ``enable_gqa``), permutations only.
+    The output's features are those groups, r heads each."""
+    groups = _rotary_query_key(call, q, k)
+    value = None if groups is None else _value_groups(call, v, groups.size)
+    if groups is None or value is None:
+        reason = f"attention at node {call.node.name!r} compares rotated heads accord cannot map"
+        call.table.fix_value([q, k, v], reason)
+        return call.plain()
+    root = call.table.union(groups.space, value)
+    return Feat(shape, len(shape) - 3, (Seg(root, groups.size, groups.block),))
+
+
+def _rotary_query_key(call: Call, q: Feat, k: Feat) -> Seg | None:
+    """The query and key heads of rotary attention as one space of the key/value groups
+    (query head h reads group h // r); the segment of the query's heads axis, or None."""
+    if not (_whole_heads(q) and _whole_heads(k)):
+        return None
+    table, query, key = call.table, q.segs[0], k.segs[0]
+    heads_q, groups = q.shape[-3], key.size
+    fits = (
+        query.size * query.block == heads_q
+        and key.size * key.block == k.shape[-3] in (heads_q, groups)
+        and heads_q % groups == 0
+        and query.size % groups == 0
+    )
+    factor = query.size // groups if fits else 0
+    runs = None
+    if factor:
+        runs = query.space if factor == 1 else heads.regroup(call, query.space, factor)
+    if runs is None:
+        return None
+    base = table.record(runs).base
+    root = table.union(runs, key.space)
+    table.record(root).base = f"{base.rpartition('.')[0] or base}.heads"
+    return Seg(root, groups, heads_q // groups)
+
+
+def _rotary_product(call: Call, a: Feat, b: Feat, shape: tuple[int, ...]) -> Any:
+    """Written-out rotary attention: scores ``q @ kᵀ`` of whole heads (features: the key/value
+    groups, as :func:`_rotary`), then ``probabilities @ v`` moving v's heads with them."""
+    if b.featured and b.heads is None:  # q @ kᵀ: kᵀ has its heads on the same axis as q
+        groups = _rotary_query_key(call, a, b)
+        if groups is not None:
+            return Feat(shape, len(shape) - 3, (groups,))
+    elif _whole_heads(a) and a.shape[-3] == a.segs[0].size * a.segs[0].block:
+        value = _value_groups(call, b, a.segs[0].size)
+        if value is not None:
+            call.table.union(a.segs[0].space, value)
+            return Feat(shape, len(shape) - 3, a.segs)
+    call.table.fix_value([a, b], f"attention at node {call.node.name!r} mixes rotated heads")
+    return call.plain()
+
+
+def _value_groups(call: Call, v: Feat, groups: int) -> int | None:
+    """v's space as ``groups`` whole heads (one per key/value group), or None."""
+    if v.heads != v.ndim - 3 or v.axis != v.ndim - 1 or v.repeat is not None:
+        return None
+    width, segs = v.shape[-1], v.segs
+    if len(segs) == 1 and segs[0].space is not None and segs[0].size == groups * width:
+        return heads.regroup(call, segs[0].space, width)
+    # repeated value heads (repeat_kv): one space per group, each r times in a row
+    times = len(segs) // groups
+    parts = [seg.space for seg in segs[::times]] if times and len(segs) % groups == 0 else []
+    repeated = all(
+        seg.space is not None and seg.space == parts[i // times] and seg.size == width
+        for i, seg in enumerate(segs)
+    )
+    if not parts or not repeated or not all(call.only_used_here(p) for p in parts):
+        return None
+    return call.table.join_parts(parts)
 
 
 def _query_layout(call: Call, v: Feat, query_heads: int) -> tuple[Seg, ...] | None:
@@ -92,6 +184,8 @@ def product(call: Call, a: Any, b: Any) -> Any:
         return None
     if not b.featured and not a.featured:
         return call.plain()
+    if _whole_heads(a) or _whole_heads(b):
+        return _rotary_product(call, a, b, shape)
     scores = a.featured and b.featured and a.axis == a.ndim - 1 and b.axis == b.ndim - 2
     if scores and a.heads is not None and b.heads is not None:
         b_as_key = Feat(b.shape, b.ndim - 1, b.segs, heads=b.heads)

@@ -177,7 +177,8 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
         if kind not in kinds or not _pure(value):
             continue
         root = walk.table.find(value.segs[0].space)
-        found[root].setdefault(kind, []).append(Observation(node, value.axis))
+        if not walk.table.records[root].runs:  # whole heads are seen whole, see _runs
+            found[root].setdefault(kind, []).append(Observation(node, value.axis))
     sliced: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
     for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
         value = walk.values.get(node)
@@ -186,9 +187,31 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
                 sliced[space].setdefault(kind, []).append(observation)
     for root, lists in sliced.items():
         found.setdefault(root, lists)  # parts of a tensor only where nothing sees it whole
+    for root, lists in _runs(walk, kinds).items():
+        found.setdefault(root, lists)
     return {
         root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
     }
+
+
+def _runs(walk: Walk, kinds: tuple[str, ...]) -> dict[int, dict[str, list[Observation]]]:
+    """Per space of whole heads (``SpaceRecord.runs``), where a tensor holds it alone with each
+    feature a block of entries (the heads' outputs where the output projection reads them),
+    observed entry by entry; each kind keeps the points with its first point's block."""
+    found: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
+    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+        value = walk.values.get(node)
+        if kind not in kinds or not isinstance(value, Feat) or not value.featured:
+            continue
+        if len(value.segs) != 1 or value.segs[0].space is None or value.heads is not None:
+            continue
+        root = walk.table.find(value.segs[0].space)
+        if walk.table.records[root].runs:
+            point = Observation(node, value.axis, None, value.segs[0].block)
+            points = found[root].setdefault(kind, [point])
+            if point.block == points[0].block and point not in points:
+                points.append(point)
+    return found
 
 
 def _parts(walk: Walk, node: str, value: Any) -> list[tuple[int, Observation]]:
@@ -197,7 +220,7 @@ def _parts(walk: Walk, node: str, value: Any) -> list[tuple[int, Observation]]:
         return []
     found, offset = [], 0
     for seg in value.segs:
-        if seg.space is not None and seg.block == 1:
+        if seg.space is not None and seg.block == 1 and not walk.table.record(seg.space).runs:
             found.append((walk.table.find(seg.space), Observation(node, value.axis, offset)))
         offset += seg.size * seg.block
     return found

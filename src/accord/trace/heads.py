@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from accord.trace import rules as rules
-from accord.trace.state import Call, Feat, Seg
+from accord.trace.state import Call, Feat, Seg, Tup
 
 
 def reshape(call: Call) -> Any:
@@ -107,6 +107,62 @@ def _per_head_segs(call: Call, x: Feat, heads: int) -> list[Seg] | None:
         return None
     parts = call.table.split_written(space, [width] * heads)
     return None if parts is None else [Seg(part, width) for part in parts]
+
+
+def whole_heads(call: Call, x: Feat) -> bool:
+    """Re-describe a freshly written space split into heads (``x``) as its heads, which then
+    move only whole (rotary embeddings mix each head's features per position, the same way in
+    every head): a new space of H features on ``x``'s heads axis, each owning the D entries
+    of its head on every axis (:meth:`SpaceTable.coarsen`). False, changing nothing, where
+    some traced value holds the space otherwise than whole."""
+    if x.heads is None or x.repeat is not None or len(x.segs) != 1 or x.segs[0].block != 1:
+        return False
+    space, width = x.segs[0].space, x.shape[x.axis]
+    if space is None or x.segs[0].size != x.shape[x.heads] * width:
+        return False
+    return regroup(call, space, width) is not None
+
+
+def regroup(call: Call, space: int, factor: int) -> int | None:
+    """``space`` as the space of its runs of ``factor`` features (:meth:`SpaceTable.coarsen`),
+    with every traced value that holds it rewritten to hold the runs; None, changing nothing,
+    where the table refuses or a value holds the space otherwise than whole."""
+    table, values = call.table, call.walk.values
+    root = table.find(space)
+    size = table.record(root).size
+    holders = [n for n, v in values.items() if root in map(table.find, table.spaces(v))]
+    if any(_as_runs(table, values[n], root, size, factor, -1) is None for n in holders):
+        return None
+    runs = table.coarsen(root, factor)
+    if runs is None:
+        return None
+    for name in holders:
+        values[name] = _as_runs(table, values[name], root, size, factor, runs)
+    return runs
+
+
+def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: int) -> Any:
+    """``value`` with the space ``root`` (``size`` features) replaced by ``runs``, its runs of
+    ``factor`` features; None where that cannot be said: split into heads other than one run
+    per head, or only part of the space in one segment."""
+    if isinstance(value, Tup):
+        items = [_as_runs(table, item, root, size, factor, runs) for item in value.items]
+        return None if any(item is None for item in items) else Tup(tuple(items))
+    if not isinstance(value, Feat) or root not in map(table.find, table.spaces(value)):
+        return value
+    if value.heads is not None:
+        whole = len(value.segs) == 1 and value.segs[0].block == 1 and value.repeat is None
+        if not whole or value.shape[value.axis] != factor or value.segs[0].size != size:
+            return None
+        return Feat(value.shape, value.heads, (Seg(runs, size // factor),))
+    segs = []
+    for seg in value.segs:
+        if seg.space is not None and table.find(seg.space) == root:
+            if seg.size != size:
+                return None
+            seg = Seg(runs, size // factor, seg.block * factor)
+        segs.append(seg)
+    return Feat(value.shape, value.axis, tuple(segs))
 
 
 def _join(x: Feat, shape: tuple[int, ...]) -> Feat | None:

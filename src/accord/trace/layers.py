@@ -42,8 +42,11 @@ def write(
     refs: tuple[AxisRef | None, ...],
     groups: int = 1,
 ) -> Feat:
-    """A new space ``name`` written by ``refs`` (None entries: absent biases)."""
+    """A new space ``name`` written by ``refs`` (None entries: absent biases); ``groups`` > 1:
+    a grouped convolution, whose output groups never move as wholes (its input would have to
+    move with them)."""
     space = call.table.new(size, name, groups=groups)
+    call.table.record(space).kept_groups = groups > 1
     for ref in refs:
         if ref is not None:
             call.table.add_ref(space, "writers", ref)

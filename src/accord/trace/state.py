@@ -127,6 +127,12 @@ class SpaceRecord:
     residual: bool = False
     is_input: bool = False
     is_output: bool = False
+    # each feature is a run of entries that only moves whole (an attention head under rotary
+    # embeddings): observed entry by entry, see FeatureSpace.observed_block
+    runs: bool = False
+    # its groups come from a grouped convolution, so whole groups may not be permuted (the
+    # groups of a split into attention heads may)
+    kept_groups: bool = False
 
     def absorb(self, other: SpaceRecord) -> None:
         for role in ROLES:
@@ -138,6 +144,8 @@ class SpaceRecord:
         self.residual |= other.residual
         self.is_input |= other.is_input
         self.is_output |= other.is_output
+        self.runs |= other.runs
+        self.kept_groups |= other.kept_groups
 
 
 def weaker(a: str, b: str) -> str:
@@ -241,10 +249,77 @@ class SpaceTable:
                     offset = ref.offset + start * ref.block
                     self.add_ref(part, role, AxisRef(ref.tensor, ref.axis, ref.block, offset))
             self.record(part).batchnorms = list(record.batchnorms)
+            self.record(part).kept_groups = record.kept_groups
             parts.append(part)
             start += size
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
         return parts
+
+    def only_written(self, index: int) -> bool:
+        """The space has writers and nothing else yet: a fresh projection's output."""
+        record = self.record(index)
+        return not (
+            record.refs["readers"]
+            or record.refs["elementwise"]
+            or record.batchnorms
+            or record.reasons
+            or record.residual
+            or record.is_input
+            or record.is_output
+        )
+
+    def coarsen(self, index: int, factor: int) -> int | None:
+        """A freshly written space (:meth:`only_written`) as a new space of its runs of
+        ``factor`` consecutive features (whole attention heads), which move only whole:
+        permutations of the runs, every axis giving each run ``factor`` times its block. None
+        where the space's groups would split a run or cut across runs (a run must be one
+        group of a split into heads, or the space ungrouped). The old space is left empty."""
+        record = self.record(index)
+        runs = record.size // factor if record.size % factor == 0 else 0
+        grouped = record.groups > 1 and (record.kept_groups or record.groups != runs)
+        if not runs or not self.only_written(index) or grouped:
+            return None
+        part = self.new(runs, record.base, "permutation")
+        new = self.records[part]
+        new.order, new.runs = record.order, True
+        for role in ROLES:
+            new.refs[role] = [
+                AxisRef(r.tensor, r.axis, r.block * factor, r.offset) for r in record.refs[role]
+            ]
+            record.refs[role] = []
+        return part
+
+    def join_parts(self, parts: list[int]) -> int | None:
+        """Freshly written spaces of equal size, part ``g`` claiming on every axis the run
+        right after part ``g - 1``'s (one value head each, as :meth:`split_written` leaves
+        them), as one space of those runs, permutations only; None where they do not line up.
+        The parts are left empty."""
+        records = [self.record(p) for p in parts]
+        first = records[0]
+        if not all(self.only_written(p) for p in parts) or len(set(map(self.find, parts))) < len(
+            parts
+        ):
+            return None
+        for g, record in enumerate(records):
+            for role in ROLES:
+                expected = [
+                    AxisRef(r.tensor, r.axis, r.block, r.offset + g * first.size * r.block)
+                    for r in first.refs[role]
+                ]
+                if record.size != first.size or record.refs[role] != expected:
+                    return None
+        base = first.base.rpartition(":")[0] or first.base
+        part = self.new(len(parts), base, "permutation")
+        new = self.records[part]
+        new.order, new.runs = first.order, True
+        for role in ROLES:
+            new.refs[role] = [
+                AxisRef(r.tensor, r.axis, r.block * first.size, r.offset) for r in first.refs[role]
+            ]
+        for record in records:
+            for role in ROLES:
+                record.refs[role] = []
+        return part
 
     def add_ref(self, index: int, role: str, ref: AxisRef) -> None:
         self.record(index).refs[role].append(ref)
