@@ -78,9 +78,18 @@ def _zoo(name: str) -> tuple[nn.Module, list]:
 
 
 def _difference(a: nn.Module, b: nn.Module, inputs: torch.Tensor) -> float:
-    """Largest logit difference relative to the largest logit."""
+    """Largest logit difference relative to the largest logit, both models run in float64.
+
+    The contract is about the function the merged weights define. A float32 forward adds
+    rounding of its own that BatchNorm multiplies by γ/√(var + eps): up to 316 on a channel
+    that is constant on the data (behind a dead ReLU). No statistic tells such channels apart,
+    so a twin's order of them is not undone (any order computes the function) and the merged
+    constants differ from the model's, with them the float32 rounding: by 1.4e-5 of the
+    logits on a random architecture, where float64 gives 1e-14.
+    """
+    a, b = copy.deepcopy(a).double(), copy.deepcopy(b).double()
     with torch.no_grad():
-        want, got = a.eval()(inputs), b.eval()(inputs)
+        want, got = a.eval()(inputs.double()), b.eval()(inputs.double())
     return float((want - got).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
@@ -144,10 +153,9 @@ def test_permuted_copies_of_zoo_models_are_brought_back(method: str, arch: str) 
 
 
 @pytest.mark.parametrize("method", ALIGNING)
-# 8 random architectures per method. With the one_export fixture 20 cost less than 8 did
-# before, but at 20 NP Merge (one epoch) missed the tolerance on one example (1.4e-5, with
-# the order of the earlier tests deciding), so 8 until that is looked into
-@settings(max_examples=8, deadline=None)
+# 20 random architectures per method: each example exports its architecture once (the
+# one_export fixture), its main cost
+@settings(max_examples=20, deadline=None)
 @given(network=networks, seed=st.integers(0, 2**16), count=st.integers(1, 2))
 def test_permuted_copies_of_random_architectures_are_brought_back(
     method: str, network: tuple[nn.Module, torch.Tensor], seed: int, count: int
