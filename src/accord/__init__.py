@@ -10,11 +10,13 @@ from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms
 from accord.batchnorm import fold_batchnorms, reset_batchnorm
 from accord.check import check_spec, randomly_permuted
+from accord.checkpoint import Checkpoint, LazyState, load_checkpoint, open_checkpoint
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
 from accord.data import DATASETS, DataSplits, default_dataset, load_dataset, split_indices
 from accord.errors import (
     AccordError,
+    CheckpointError,
     ConfigError,
     DataError,
     MergeError,
@@ -42,10 +44,8 @@ from accord.registry import ALIGNMENTS, COMBINERS
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.store import (
-    Checkpoint,
     checkpoint_dataset,
     list_checkpoints,
-    load_checkpoint,
     save_checkpoint,
     training_steps,
 )
@@ -64,6 +64,7 @@ __all__ = [
     "AccordError",
     "AxisRef",
     "Checkpoint",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "DataSplits",
@@ -71,6 +72,7 @@ __all__ = [
     "FeatureSpace",
     "InterpolationCurve",
     "Keep",
+    "LazyState",
     "MergeConfig",
     "MergeError",
     "MergeResult",
@@ -109,6 +111,7 @@ __all__ = [
     "merge",
     "merge_state_dicts",
     "model_config",
+    "open_checkpoint",
     "parameters_kept",
     "randomly_permuted",
     "reset_batchnorm",
