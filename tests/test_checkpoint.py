@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import accord
 import accord.checkpoint
@@ -91,6 +92,14 @@ def test_vision_and_llm_folders_open_into_one_type_with_lazy_state(
     assert sorted(reads[1:]) == sorted(model.state_dict())
     for key, tensor in model.state_dict().items():
         assert torch.equal(built.state_dict()[key], tensor)
+
+
+def test_other_safetensors_beside_the_weights_are_not_the_model(tmp_path: Path) -> None:
+    model = accord.build_model("mlp", **TINY)
+    accord.save_checkpoint(model, tmp_path / "m", {})
+    save_file({"mean": torch.zeros(3)}, str(tmp_path / "m" / "statistics.safetensors"))
+    checkpoint = accord.load_checkpoint(tmp_path / "m")
+    assert sorted(checkpoint.state) == sorted(model.state_dict())
 
 
 def test_a_folder_without_a_zoo_model_has_no_module(tmp_path: Path) -> None:

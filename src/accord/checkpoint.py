@@ -148,7 +148,9 @@ def open_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder without reading any tensor.
 
     Every shard named by the index must exist and hold the tensors the index gives it
-    (CheckpointError naming the file); without an index, every ``*.safetensors`` file is read.
+    (CheckpointError naming the file); without an index the weights are ``model.safetensors``
+    where it exists (other files beside it, such as saved statistics, are not the model's),
+    else every ``*.safetensors`` file.
     """
     path = Path(directory)
     if not path.is_dir():
@@ -264,7 +266,8 @@ def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
 
 
 def _scanned_files(directory: Path) -> dict[str, Path]:
-    shards = sorted(directory.glob("*.safetensors"))
+    single = directory / WEIGHTS
+    shards = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(
             f"{directory} holds no *.safetensors file ({WEIGHTS}, or shards listed by {INDEX}); "
