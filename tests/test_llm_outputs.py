@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import accord.checkpoint  # noqa: E402
 import accord.llm.io  # noqa: E402
 from accord import _outputs  # noqa: E402
 from accord.errors import ConfigError, OutputError  # noqa: E402
@@ -69,7 +70,7 @@ def _refuse_weight_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a weight file was opened before the output folder was checked")
 
-    monkeypatch.setattr(accord.llm.io, "safe_open", refuse)
+    monkeypatch.setattr(accord.checkpoint, "safe_open", refuse)
 
 
 # A bad output: (what makes it, overwrite, what the error must say); ``make(tmp_path, inputs)``

@@ -122,9 +122,10 @@ def test_altered_weights_are_refused_and_checkpoints_without_a_digest_still_load
 
 
 def test_checkpoints_of_different_data_are_refused_by_name(tmp_path: Path) -> None:
-    model = accord.build_model("mlp", width=4, depth=1, in_channels=1, image_size=4)
     checkpoints = [
-        accord.Checkpoint(tmp_path / name, model, {"key": {"dataset": "digits", "limit": limit}})
+        accord.Checkpoint(
+            tmp_path / name, {"key": {"dataset": "digits", "limit": limit}}, accord.LazyState({})
+        )
         for name, limit in (("small", 100), ("large", 200))
     ]
     with pytest.raises(accord.StoreError, match=r"one size limit.*small.*limit 100.*limit 200"):

@@ -10,6 +10,7 @@ from accord.analysis.selection import Selection, select_checkpoints
 from accord.apply import Transform, apply_transforms
 from accord.batchnorm import fold_batchnorms, reset_batchnorm
 from accord.check import SpecCheck, check_spec, randomly_permuted
+from accord.checkpoint import Checkpoint, LazyState, load_checkpoint, open_checkpoint
 from accord.combine import merge_state_dicts
 from accord.config import MergeConfig
 from accord.data import (
@@ -22,6 +23,7 @@ from accord.data import (
 )
 from accord.errors import (
     AccordError,
+    CheckpointError,
     ConfigError,
     DataError,
     MergeError,
@@ -51,10 +53,8 @@ from accord.registry import ALIGNMENTS, COMBINERS
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec, spec_table
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.store import (
-    Checkpoint,
     checkpoint_dataset,
     list_checkpoints,
-    load_checkpoint,
     save_checkpoint,
     training_steps,
 )
@@ -73,6 +73,7 @@ __all__ = [
     "AccordError",
     "AxisRef",
     "Checkpoint",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "DataSplits",
@@ -80,6 +81,7 @@ __all__ = [
     "FeatureSpace",
     "InterpolationCurve",
     "Keep",
+    "LazyState",
     "MergeConfig",
     "MergeError",
     "MergeResult",
@@ -121,6 +123,7 @@ __all__ = [
     "merge",
     "merge_state_dicts",
     "model_config",
+    "open_checkpoint",
     "parameters_kept",
     "randomly_permuted",
     "reset_batchnorm",

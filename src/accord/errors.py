@@ -27,6 +27,11 @@ class StoreError(AccordError, ValueError):
     """A model store entry is inconsistent (weights do not match its JSON, missing files)."""
 
 
+class CheckpointError(StoreError, ModelError):
+    """A checkpoint folder (accord's or Hugging Face's) is missing, incomplete, corrupt, or its
+    weights do not match its config.json; caught as either of its bases."""
+
+
 class OutputError(StoreError):
     """An output folder cannot be written: it is accord's input, holds what accord did not
     write, already exists without overwrite, or lies where nothing can be written."""

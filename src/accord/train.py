@@ -25,19 +25,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from accord._outputs import check_output, write_folder
+from accord.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, weights_digest
 from accord.data import DataSplits, load_dataset, make_loader, split_indices
 from accord.errors import ConfigError
 from accord.evaluate import evaluate
 from accord.store import (
     CHECKPOINT_KIND,
     SNAPSHOTS,
-    WEIGHTS,
-    Checkpoint,
     find_entry,
-    load_checkpoint,
     snapshot_name,
     store_entry,
-    weights_digest,
     write_checkpoint,
 )
 from accord.zoo import build_model

@@ -20,6 +20,7 @@ from torch import nn
 from accord._io import write_json
 from accord._outputs import check_output, write_folder
 from accord.batchnorm import needs_batchnorm_statistics
+from accord.checkpoint import Checkpoint, load_checkpoint
 from accord.config import MergeConfig
 from accord.data import DataSplits, make_loader
 from accord.errors import ConfigError
@@ -44,7 +45,7 @@ from accord.registry import (
 from accord.report import merge_figures, write_merge_report
 from accord.spec import Spec
 from accord.statistics import collect_statistics
-from accord.store import Checkpoint, checkpoint_dataset, load_checkpoint, write_checkpoint
+from accord.store import checkpoint_dataset, write_checkpoint
 from accord.trace import trace
 from accord.trace.programs import shared_exports
 

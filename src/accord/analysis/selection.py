@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from accord.checkpoint import Checkpoint, load_checkpoint
 from accord.combine._sparse import magnitude_prune
 from accord.combine._state_dicts import check_inputs, combine_tensor, spread_options
 from accord.data import Dataset, DataSplits, make_loader, split_indices
@@ -53,7 +54,7 @@ from accord.registry import (
     resolve_options,
     task_vector_combiners,
 )
-from accord.store import Checkpoint, load_checkpoint, training_steps
+from accord.store import training_steps
 
 GRIDS = ("aligned", "all")
 StateDict = dict[str, Tensor]

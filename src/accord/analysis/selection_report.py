@@ -14,9 +14,10 @@ import numpy as np
 from accord._io import write_json, write_text, write_with
 from accord._table import format_table
 from accord.analysis.selection import GRIDS, Selection, select_checkpoints
+from accord.checkpoint import load_checkpoint
 from accord.errors import ConfigError
 from accord.registry import task_vector_combiners
-from accord.store import checkpoint_dataset, load_checkpoint
+from accord.store import checkpoint_dataset
 
 TABLE_HEADERS = [
     "steps",

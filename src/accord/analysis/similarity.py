@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from accord._io import write_json, write_text, write_with
 from accord._table import format_table
+from accord.checkpoint import load_checkpoint
 from accord.data import Dataset, load_dataset, make_loader
 from accord.match.cca import spd_roots
-from accord.store import checkpoint_dataset, load_checkpoint
+from accord.store import checkpoint_dataset
 from accord.trace import trace
 from accord.trace.observe import observed_model
 from accord.trace.programs import shared_exports

@@ -42,12 +42,13 @@ from torch import Tensor, nn
 
 from accord._io import write_json, write_with
 from accord._table import format_table
+from accord.checkpoint import load_checkpoint
 from accord.data import Dataset, load_dataset, make_loader
 from accord.errors import ConfigError
 from accord.merge import merge
 from accord.registry import ALIGNMENTS
 from accord.spec import FeatureSpace, Spec
-from accord.store import checkpoint_dataset, load_checkpoint
+from accord.store import checkpoint_dataset
 from accord.trace.observe import ObservedModel, observed_model
 
 ROLES = ("A", "B", "merged")

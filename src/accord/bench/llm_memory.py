@@ -154,7 +154,7 @@ def measure(command: Sequence[str], threads: int) -> dict[str, Any]:
 def compare_outputs(first: Path, second: Path) -> dict[str, Any]:
     """Tensor by tensor: how many entries differ between two checkpoints, the largest
     difference, and the tensors that differ (in float32)."""
-    from accord.llm.io import open_checkpoint
+    from accord.checkpoint import open_checkpoint
 
     one, two = open_checkpoint(first).state, open_checkpoint(second).state
     differing, entries, largest, total = [], 0, 0.0, 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from accord.checkpoint import Checkpoint, LazyState, load_state_and_config, open_checkpoint
 from accord.combine.dare import dare
 from accord.combine.linear import linear
 from accord.combine.slerp import slerp
@@ -28,13 +29,7 @@ from accord.llm.adapters import merge_adapters, open_adapter
 from accord.llm.align import align, find_alignment
 from accord.llm.arch import SUPPORTED_ARCHITECTURES, Architecture
 from accord.llm.cli import llm_merge_main
-from accord.llm.io import (
-    Checkpoint,
-    LazyState,
-    load_state_and_config,
-    open_checkpoint,
-    save_checkpoint,
-)
+from accord.llm.io import save_checkpoint
 from accord.llm.merge import METHODS, merge_checkpoints
 from accord.llm.symmetry import (
     SYMMETRY_KINDS,

@@ -5,7 +5,7 @@ A model is given as one of
 - a Hugging Face ``PreTrainedModel`` (``LlamaForCausalLM``, ...): its ``state_dict()`` and config;
 - a ``(state, config)`` pair: a state dict (name → tensor, possibly lazy) and the ``config.json``
   contents as a dict (or a transformers config object);
-- a checkpoint directory (``str`` or path): read lazily, see :mod:`accord.llm.io`.
+- a checkpoint directory (``str`` or path): read lazily, see :mod:`accord.checkpoint`.
 
 Results come back in the form given: a new module for a module, a ``(state, config)`` pair for a
 pair or a directory. Inputs are never modified.
@@ -21,9 +21,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from accord.checkpoint import LazyState, open_checkpoint
 from accord.errors import ModelError
 from accord.llm.arch import Architecture
-from accord.llm.io import LazyState, open_checkpoint
 
 ModelLike = Any  # nn.Module | tuple[Mapping[str, Tensor], dict] | str | os.PathLike
 

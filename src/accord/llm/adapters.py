@@ -44,9 +44,9 @@ from torch import Tensor
 from accord._finite import describe_non_finite
 from accord._io import read_json
 from accord._outputs import write_folder
+from accord.checkpoint import Checkpoint, LazyState, open_checkpoint
 from accord.errors import ConfigError, ModelError
 from accord.llm.families import FAMILIES
-from accord.llm.io import Checkpoint, LazyState, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -172,9 +172,6 @@ class AdapterState(LazyState):
         self.transposed = {name: self._orientation(name) for name in adapter.factors}
         for name, (_, tensor) in adapter.whole.items():
             self._check_shape(name, tuple(tensor.shape))
-
-    def __contains__(self, name: object) -> bool:  # Mapping's would compute the tensor
-        return name in self._files
 
     def __getitem__(self, name: str) -> Tensor:
         base = self.base.state[name]

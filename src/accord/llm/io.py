@@ -1,9 +1,6 @@
-"""Lazy reading and streaming, atomic writing of Hugging Face checkpoints (safetensors shards).
-
-A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or several shards
-listed by ``model.safetensors.index.json`` (a directory of shards without an index works too).
-Nothing is read eagerly: :class:`LazyState` opens the shard holding a tensor with
-``safetensors.safe_open`` when the tensor is asked for, so a merge holds a few tensors at once.
+"""Streaming, atomic writing of Hugging Face checkpoints (safetensors shards); reading is
+:mod:`accord.checkpoint`'s, whose :class:`~accord.checkpoint.Checkpoint` (folder, config.json
+and lazy state) serves vision and LLM checkpoints alike.
 
 Writing streams too: the safetensors header (names, dtypes, shapes, byte offsets) is known
 before any tensor is computed, so each shard is written header first and then tensor by tensor.
@@ -16,27 +13,28 @@ ever left.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 import torch
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from accord._io import read_json
 from accord._outputs import write_folder
+from accord.checkpoint import (
+    CONFIG,
+    DTYPE_CODES,
+    INDEX,
+    WEIGHTS,
+    LazyState,
+    TensorInfo,
+)
 from accord.errors import ConfigError, ModelError
 
-CONFIG = "config.json"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 CHECKPOINT_KIND = "hf-checkpoint"  # the kind of output folder save_checkpoint writes
 DEFAULT_SHARD_SIZE = "2GB"
 
@@ -56,149 +54,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "video_preprocessor_config.json",
 )
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor's name, shape and dtype, known without reading its data."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-class LazyState(Mapping[str, Tensor]):
-    """A read-only state dict over safetensors shards; a tensor is read when it is asked for."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self._files = files  # tensor name -> shard holding it
-
-    def __getitem__(self, name: str) -> Tensor:
-        path = self._files[name]
-        with safe_open(path, framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def rows(self, name: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of tensor ``name`` (along its first axis), read alone: the file
-        is mapped only while they are copied, so what was read leaves no resident pages."""
-        with safe_open(self._files[name], framework="pt") as handle:
-            return handle.get_slice(name)[start:stop]
-
-    def file(self, name: str) -> Path:
-        """The shard holding ``name``."""
-        return self._files[name]
-
-    def info(self, name: str) -> TensorInfo:
-        """Shape and dtype of ``name`` from the shard header."""
-        with safe_open(self._files[name], framework="pt") as handle:
-            view = handle.get_slice(name)
-            return TensorInfo(name, tuple(view.get_shape()), _DTYPES[view.get_dtype()])
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A Hugging Face causal LM on disk: its directory, ``config.json`` and lazy state."""
-
-    path: Path
-    config: dict[str, Any]
-    state: LazyState
-
-
-def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config.json`` of a checkpoint directory; ModelError naming the file when unreadable."""
-    path = Path(directory) / CONFIG
-    config = read_json(path, ModelError, missing="a checkpoint needs its config.json")
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return config
-
-
-def open_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint without reading any tensor.
-
-    Every shard named by the index must exist and hold the tensors the index gives it
-    (ModelError naming the file); without an index, every ``*.safetensors`` file is read.
-    """
-    path = Path(directory)
-    if not path.is_dir():
-        raise ModelError(f"{path} is not a directory; expected a Hugging Face checkpoint folder")
-    config = read_config(path)
-    index = path / INDEX
-    files = _indexed_files(path, index) if index.exists() else _scanned_files(path)
-    return Checkpoint(path, config, LazyState(files))
-
-
-def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelError(f"{index} is not a safetensors index (no 'weight_map'): {exc}") from exc
-    files = {name: directory / shard for name, shard in weight_map.items()}
-    for shard in sorted(set(files.values())):
-        held = set(_shard_keys(shard))
-        listed = [name for name, where in files.items() if where == shard]
-        missing = [name for name in listed if name not in held]
-        if missing:
-            raise ModelError(f"{shard} lacks tensor {missing[0]!r} that {index.name} places there")
-    return files
-
-
-def _scanned_files(directory: Path) -> dict[str, Path]:
-    shards = sorted(directory.glob("*.safetensors"))
-    if not shards:
-        raise ModelError(f"{directory} holds no *.safetensors file (and no {INDEX})")
-    files: dict[str, Path] = {}
-    for shard in shards:
-        for name in _shard_keys(shard):
-            if name in files:
-                raise ModelError(f"tensor {name!r} is in both {files[name]} and {shard}")
-            files[name] = shard
-    return files
-
-
-def _shard_keys(shard: Path) -> list[str]:
-    """The tensor names of ``shard`` in name order: without an index they set the order of the
-    output tensors, which must not vary between runs."""
-    if not shard.exists():
-        raise ModelError(f"shard {shard} is missing; the checkpoint is incomplete")
-    try:
-        with safe_open(shard, framework="pt") as handle:
-            return sorted(handle.keys())
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"shard {shard} cannot be read: {exc}") from exc
-
-
-def load_state_and_config(
-    directory: str | os.PathLike[str],
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Every tensor of a checkpoint in memory, and its config: ``(state, config)``."""
-    checkpoint = open_checkpoint(directory)
-    return {name: checkpoint.state[name] for name in checkpoint.state}, checkpoint.config
-
 
 _SIZE = TypeAdapter(Annotated[ByteSize, Field(gt=0)])
 
@@ -300,7 +155,7 @@ def _write_shards(
     count = len(shards)
     weight_map: dict[str, str] = {}
     for number, shard in enumerate(shards, start=1):
-        name = SINGLE if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        name = WEIGHTS if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
         with open(staging / name, "wb") as handle:
             handle.write(_header(shard))
             for info in shard:
@@ -320,7 +175,7 @@ def _header(shard: Sequence[TensorInfo]) -> bytes:
     offset = 0
     for info in shard:
         entries[info.name] = {
-            "dtype": _CODES[info.dtype],
+            "dtype": DTYPE_CODES[info.dtype],
             "shape": list(info.shape),
             "data_offsets": [offset, offset + info.nbytes],
         }

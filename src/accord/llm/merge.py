@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from accord._finite import describe_non_finite
 from accord._outputs import check_output
+from accord.checkpoint import Checkpoint, TensorInfo, open_checkpoint, read_config
 from accord.combine._rows import Rows
 from accord.combine._state_dicts import combine_rows, combine_tensor, compute_dtype
 from accord.compatible import TensorShapes, check_same_tensors
@@ -72,11 +73,7 @@ from accord.llm.arch import (
 from accord.llm.io import (
     DEFAULT_SHARD_SIZE,
     TOKENIZER_FILES,
-    Checkpoint,
-    TensorInfo,
-    open_checkpoint,
     parse_size,
-    read_config,
     tokenizer_files,
     write_checkpoint,
 )
