@@ -220,9 +220,10 @@ def test_npmerge_auto_starts_from_the_tuned_alignment() -> None:
         assert torch.allclose(learned.model.state_dict()[key], value, atol=1e-6)
 
 
-def test_npmerge_auto_keeps_the_plain_average_when_training_hurts_validation() -> None:
-    """Calibration labels that contradict the validation split: the trained coefficients score
-    below their start there, so options="auto" returns the aligned average (epochs=0)."""
+def test_npmerge_keeps_the_plain_average_when_training_hurts_validation() -> None:
+    """Calibration labels that contradict the validation split: every trained pass scores below
+    the start there, so early stopping keeps pass 0, the aligned average, and options="auto"
+    finds the trained candidate level with epochs=0."""
     models, batches = _labelled_mlps(160)
     validation = batches[3:]
     wrong = [(inputs, (labels + 1) % 10) for inputs, labels in batches[:3]]
@@ -230,8 +231,10 @@ def test_npmerge_auto_keeps_the_plain_average_when_training_hurts_validation() -
     result = accord.merge(models, wrong, "npmerge", epochs=20, lr=0.5, **tuned)
     trained, untrained = result.report["tuning"][-2:]
     assert trained["options"] == {"epochs": 20} and untrained["options"] == {"epochs": 0}
-    assert trained["val_accuracy"] < untrained["val_accuracy"]
-    assert result.report["npmerge"]["options"]["epochs"] == 0
+    assert trained["val_accuracy"] == untrained["val_accuracy"]
+    [stage] = result.report["npmerge"]["stages"]
+    assert len(stage["validation"]) == 21 and stage["kept_pass"] == 0
+    assert max(stage["validation"][1:]) < stage["validation"][0] == untrained["val_accuracy"]
     assert accord.evaluate(result.model, validation).accuracy == untrained["val_accuracy"]
 
 
