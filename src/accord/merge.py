@@ -315,8 +315,9 @@ def merge(
 
     ``method`` is a shorthand for either (:func:`plan_methods`): ``method="cca"`` is
     ``align="cca"`` averaged, ``method="npmerge"`` is ``combine="npmerge"`` after its default
-    alignment (permutation). ``data``: batches ``(inputs, labels)`` of training data for the statistics
-    pass, the repair and combiners that learn. Both methods' options (e.g. ``ridge`` for CCA,
+    alignment (permutation). ``data``: batches ``(inputs, labels)`` of training data for the
+    statistics pass, the repair and combiners that learn (NP Merge early-stops on
+    ``validation`` when given). Both methods' options (e.g. ``ridge`` for CCA,
     ``epochs`` for NP Merge) come as keywords or as the ``options`` mapping; ``options="auto"``
     chooses them on ``validation`` (:func:`accord.tune.merge_tuned`). ``statistics`` from an
     earlier :func:`accord.collect_statistics` call are reused rather than collected again.
