@@ -251,3 +251,24 @@ def test_figures_are_written(tmp_path) -> None:
     loss_curve(result.losses, tmp_path / "loss.png")
     assert matplotlib.image.imread(tmp_path / "loss.png").shape[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["few.png", "loss.png", "many.png"]
+
+
+def test_early_stopping_keeps_the_best_pass_on_validation() -> None:
+    """The kept state is the state after the best pass: a run stopped there gives it bit for
+    bit; pass 0 is the plain average, measured as evaluation measures it."""
+    states = states_of(mlp(0, dropout=0.3), mlp(1, dropout=0.3))
+    train = toy_data(batches=2)
+    # labels of another linear map: what training learns helps them only part of the way
+    # (measured: 23 % at the start, 42 % after pass 2, 38 % after pass 6)
+    held = toy_data(batches=4, seed=3)
+    result = np_merge(
+        mlp(9, dropout=0.3), states, train, epochs=6, lr=0.2, validation=held, progress=False
+    )
+    curve, kept = result.stages[0]["validation"], result.stages[0]["kept_pass"]
+    assert len(curve) == 7 and curve[kept] == max(curve) and curve.index(max(curve)) == kept
+    assert curve[0] == pytest.approx(accuracy(average_states(states), mlp(9, dropout=0.3), held))
+    assert 0 < kept < 6  # neither end, so the test tells keeping from not keeping
+    stopped = np_merge(mlp(9, dropout=0.3), states, train, epochs=kept, lr=0.2, progress=False)
+    for key, value in stopped.state.items():
+        assert torch.equal(result.state[key], value), key
+    assert len(result.losses) == 6 * len(train)  # every pass trained; only the kept one stays

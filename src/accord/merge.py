@@ -343,8 +343,9 @@ def merge(
 
     ``method`` is a shorthand for either (:func:`plan_methods`): ``method="cca"`` is
     ``align="cca"`` averaged, ``method="npmerge"`` is ``combine="npmerge"`` after its default
-    alignment (CCA). ``data``: batches ``(inputs, labels)`` of training data for the statistics
-    pass, the repair and combiners that learn. Both methods' options (e.g. ``ridge`` for CCA,
+    alignment (permutation). ``data``: batches ``(inputs, labels)`` of training data for the
+    statistics pass, the repair and combiners that learn (NP Merge early-stops on
+    ``validation`` when given). Both methods' options (e.g. ``ridge`` for CCA,
     ``epochs`` for NP Merge) come as keywords or as the ``options`` mapping; ``options="auto"``
     chooses them on ``validation`` (:func:`accord.tune.merge_tuned`). ``statistics`` from an
     earlier :func:`accord.collect_statistics` call are reused rather than collected again.
@@ -466,7 +467,7 @@ def merge(
         dense = dense_spaces(spec, alignment)
         base_state = align_state(holder, spec, alignment.transforms[ref], dense, batchnorm)
     combiner = _combine_stage(
-        plan.combine, combine_options, models, data, device, progress, base_state
+        plan.combine, combine_options, models, data, device, progress, base_state, validation
     )
     result = combine_aligned(
         models,
@@ -480,6 +481,7 @@ def merge(
         device,
         timings,
         combiner,
+        fits_data=not plan.combine.repair_after,
     )
     result.report.update({**report, "reference": ref, "num_models": len(models)})
     if stop_at is not None:
@@ -516,16 +518,17 @@ def _combine_stage(
     device: str,
     progress: bool,
     base: Mapping[str, torch.Tensor] | None = None,
+    validation: Any = None,
 ) -> Combine:
     """The combine stage: ``(aligned states, reference) -> Combined`` by ``record`` (with the
-    aligned ``base`` for task vectors)."""
+    aligned ``base`` for task vectors; ``validation`` for the combiners that learn)."""
 
     def tensorwise(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
         merged = merge_state_dicts(aligned, record.name, base=base, reference=reference, **options)
         return Combined(merged)
 
     def whole(aligned: list[dict[str, torch.Tensor]], reference: int) -> Combined:
-        context = CombineContext(models, reference, data, device, progress)
+        context = CombineContext(models, reference, data, device, progress, validation)
         return record.function(aligned, context, **options)
 
     return tensorwise if record.tensorwise else whole
@@ -547,17 +550,21 @@ def combine_aligned(
     device: str,
     timings: dict[str, float],
     combiner: Combine = _average,
+    fits_data: bool = False,
 ) -> MergeResult:
     """Apply the alignment, combine (``combiner``: averaging by default), and repair: the
-    stages after matching. Every stage's output is checked to be finite (from finite models)."""
+    stages after matching. Every stage's output is checked to be finite (from finite models).
+
+    On folded BatchNorm spaces under dense maps, each aligned model gets its own target
+    statistics before combining, so that it computes after a reset what it computed before;
+    the merged state gets the averaged targets unless the combiner ``fits_data`` (NP Merge),
+    whose learned γ/β already fit the reset model it trained."""
     _check_maps(alignment)
     clock = time.perf_counter()
     aligned = align_states(models, spec, alignment, batchnorm)
     timings["apply"] = time.perf_counter() - clock
     _check_aligned(aligned)
     clock = time.perf_counter()
-    combined = combiner(aligned, reference)
-    merged_state = combined.state
     dense = dense_spaces(spec, alignment)
     folded = [n for n in dense if spec[n].batchnorms] if batchnorm == "fold" else []
     # With repair="none" the folded BatchNorms keep what folding left them: the identity
@@ -572,11 +579,13 @@ def combine_aligned(
             )
         eps = {n: m.eps for n, m in models[reference].named_modules() if hasattr(m, "eps")}
         maps = {n: [t[n].matrix for t in alignment.transforms] for n in dense}
-        batchnorm_targets(spec, maps, statistics, merged_state, eps)
-        # each aligned model gets its own targets, so that it works after a BatchNorm reset
         for i, state in enumerate(aligned):
             one_hot = [float(i == j) for j in range(len(aligned))]
             batchnorm_targets(spec, maps, statistics, state, eps, one_hot)
+    combined = combiner(aligned, reference)
+    merged_state = combined.state
+    if folded and repair != "none" and not fits_data:
+        batchnorm_targets(spec, maps, statistics, merged_state, eps)
     _require_finite(
         merged_state,
         "the merged model",

@@ -247,13 +247,15 @@ class CombineMethod(Method):
 @dataclass
 class CombineContext:
     """What a whole-state combiner may use besides the states: the models (``models[0]`` is
-    the template), the reference index, the calibration batches and where to compute."""
+    the template), the reference index, the calibration batches, where to compute, and the
+    validation batches of the merge (None when it has none)."""
 
     models: list[Any]
     reference: int
     data: Any
     device: str
     progress: bool
+    validation: Any = None
 
 
 @dataclass

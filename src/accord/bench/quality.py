@@ -44,7 +44,7 @@ def _row_labels() -> dict[str, str]:
     """Display names of the result rows (the JSON uses the keys): the records' labels of the
     compared methods, with the variants this benchmark adds."""
     npmerge = accord.COMBINERS["npmerge"]
-    aligned = f"aligned by {npmerge.default_align.upper()}"  # as the tables name it: CCA
+    aligned = f"aligned by {npmerge.default_align}"
     labels = {"base": "base models (mean)", "ensemble": "ensemble (logit average)"}
     for name in compared_methods():
         record = accord.ALIGNMENTS.get(name) or accord.COMBINERS[name]

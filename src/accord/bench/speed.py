@@ -16,8 +16,8 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
   alternated with the passes above: its seconds over the plain forward's are what the
   reference's 33.2 s over 19.0 s (1.75×) compare with; its stage times come from
   ``MergeResult.report["timings"]`` (``combine`` = averaging, ``repair`` = BatchNorm reset)
-  of the fastest repeat; and one NP Merge reusing the statistics (its ``combine`` is the
-  coefficient training);
+  of the fastest repeat; and one NP Merge aligned by CCA reusing the statistics (its
+  ``combine`` is the coefficient training);
 * memory: resident set size (RSS) sampled every 2 ms in a thread; a stage's peak is the most
   RSS seen during it above the RSS when it started (stage boundaries inside a merge are
   reconstructed from the reported durations, so they are exact to the gaps between stages).
@@ -335,7 +335,8 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         stages.update(merge_stages)
         common = {"spec": spec, "statistics": stats, "repair": "bn-reset", "device": plan.device}
         start = time.perf_counter()
-        npm = accord.merge(models, batches, "npmerge", **common, ridge=plan.ridge)
+        # aligned by CCA, whose statistics these are (NP Merge's default start is permutation)
+        npm = accord.merge(models, batches, "npmerge", align="cca", **common, ridge=plan.ridge)
         names = {"combine": "npmerge_training"}
         stages.update(_merge_stages(sampler, start, npm.report["timings"], names))
     forward = runs["forward"]

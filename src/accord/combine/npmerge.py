@@ -32,6 +32,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from accord._finite import first_non_finite
+from accord.batchnorm import is_batchnorm
 from accord.combine.average import average_states, weighted_mean
 from accord.data import batches
 from accord.errors import MergeError
@@ -85,6 +86,7 @@ class _Task:
     lr: float
     device: torch.device
     progress: bool
+    validation: Any = None
 
 
 def _check_arguments(
@@ -168,8 +170,9 @@ def _split(batch: Any, loss: str, index: int) -> tuple[torch.Tensor, torch.Tenso
     return inputs, labels
 
 
-def _stream(task: _Task) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``epochs`` passes over the data, cut at ``max_samples`` samples in total."""
+def _stream(task: _Task) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """``(pass, inputs, labels)`` over ``epochs`` passes of the data (passes counted from 1),
+    cut at ``max_samples`` samples in total."""
     seen = 0
     if task.max_samples == 0:
         return
@@ -182,7 +185,7 @@ def _stream(task: _Task) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
                 inputs = inputs[: task.max_samples - seen]
                 labels = None if labels is None else labels[: task.max_samples - seen]
             seen += len(inputs)
-            yield inputs, labels
+            yield epoch + 1, inputs, labels
             if task.max_samples is not None and seen >= task.max_samples:
                 return
         if count == 0:
@@ -211,6 +214,37 @@ def _loss(task: _Task, outputs: Any, inputs: torch.Tensor, labels: Any) -> torch
         reduction="batchmean",
         log_target=True,
     )
+
+
+@contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (no dropout) but the BatchNorms, which normalise by the
+    batch as in training; train mode restored afterwards."""
+    model.eval()
+    for module in model.modules():
+        if is_batchnorm(module):
+            module.train()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+@torch.no_grad()
+def _accuracy(task: _Task, params: Mapping[str, torch.Tensor], buffers: dict) -> float:
+    """Accuracy of the merged parameters on the validation batches, BatchNorm on batch
+    statistics as the coefficients were trained (a reset afterwards gives nearly the same)."""
+    correct = total = 0
+    with _batch_statistics(task.probe):
+        for index, batch in enumerate(batches(task.validation)):
+            inputs, labels = _split(batch, "ce", index)
+            outputs = functional_call(task.probe, {**params, **buffers}, (inputs.to(task.device),))
+            found = _class_rows(outputs).argmax(-1)
+            correct += (found == labels.to(task.device).reshape(-1)).sum().item()
+            total += found.numel()
+    if total == 0:
+        raise MergeError("NP Merge: the validation data gave no batches")
+    return correct / total
 
 
 def _non_finite(
@@ -248,14 +282,34 @@ def _train_stage(
     weigh: Weigh,
     desc: str,
 ) -> dict[str, Any]:
-    """Train ``logits`` in place on θ = Σ_i weigh(a)_i ⊙ constants_i; the stage's record."""
+    """Train ``logits`` in place on θ = Σ_i weigh(a)_i ⊙ constants_i; the stage's record.
+
+    With validation data, the accuracy after every pass (and at the start, pass 0) is recorded
+    and the logits of the best pass are kept."""
     optimizer = torch.optim.Adam(list(logits.values()), lr=task.lr)
     buffers = {k: v.clone() for k, v in task.buffers.items()}  # BN train mode writes into them
-    record: dict[str, Any] = {"steps": 0, "samples": 0, "losses": []}
+    record: dict[str, Any] = {"steps": 0, "samples": 0, "losses": [], "validation": []}
     record["memory"] = {"parameters": _nbytes(constants.values()), "logits": 0, "optimizer": 0}
-    for inputs, labels in tqdm(_stream(task), desc=desc, disable=not task.progress):
+    best: dict[str, torch.Tensor] = {}
+
+    def merged() -> dict[str, torch.Tensor]:
+        return {n: (weigh(a) * constants[n]).sum(0).to(task.dtypes[n]) for n, a in logits.items()}
+
+    def validate() -> None:
+        if task.validation is None:
+            return
+        record["validation"].append(_accuracy(task, merged(), buffers))
+        if record["validation"][-1] > max(record["validation"][:-1], default=-1.0):
+            best.update({n: a.detach().clone() for n, a in logits.items()})
+
+    validate()
+    done = 0
+    for epoch, inputs, labels in tqdm(_stream(task), desc=desc, disable=not task.progress):
+        if epoch != done + 1:  # a pass has ended
+            validate()
+            done = epoch - 1
         step, inputs = record["steps"] + 1, inputs.to(task.device)
-        params = {n: (weigh(a) * constants[n]).sum(0).to(task.dtypes[n]) for n, a in logits.items()}
+        params = merged()
         value = _loss(
             task, functional_call(task.probe, {**params, **buffers}, (inputs,)), inputs, labels
         )
@@ -276,6 +330,17 @@ def _train_stage(
         if step == 1:
             state = [t for s in optimizer.state.values() for t in s.values()]
             record["memory"].update(logits=_nbytes(logits.values()), optimizer=_nbytes(state))
+    if record["steps"]:
+        validate()
+    if best:
+        with torch.no_grad():
+            for name, value in best.items():
+                logits[name].copy_(value)
+    record["kept_pass"] = (
+        max(range(len(record["validation"])), key=record["validation"].__getitem__)
+        if record["validation"]
+        else None
+    )
     return record
 
 
@@ -366,6 +431,7 @@ def np_merge(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    validation: Any = None,
 ) -> NPMergeResult:
     """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
 
@@ -375,7 +441,11 @@ def np_merge(
     log k so that every stage starts at the plain average of its models (σ = 1/2 would give the
     last model weight 1/2). With ``epochs=0`` or ``max_samples=0`` the joint result is
     :func:`average_states` bit for bit (pairwise: to rounding). Training runs ``epochs`` passes
-    over ``data``, at most ``max_samples`` samples per stage; ``seed`` fixes dropout.
+    over ``data``, at most ``max_samples`` samples per stage; ``seed`` fixes dropout. With
+    ``validation`` batches ``(inputs, labels)``, the accuracy at the start and after every pass
+    is measured there (BatchNorm on batch statistics, as trained) and each stage keeps the
+    coefficients of its best pass (early stopping): the stages' ``validation`` and
+    ``kept_pass`` say which.
 
     The coefficients are trained with BatchNorm normalising by batch statistics (the model
     runs in train mode); the returned buffers are the plain averages, untouched by training,
@@ -404,6 +474,7 @@ def np_merge(
         lr=lr,
         device=device,
         progress=progress,
+        validation=validation,
     )
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with rng, _teaching(task.teachers, device):
@@ -433,6 +504,8 @@ def _result(
             "steps": r["steps"],
             "samples": r["samples"],
             "loss": r["losses"][-1] if r["losses"] else None,
+            "validation": r["validation"],
+            "kept_pass": r["kept_pass"],
         }
         for r in records
     ]
@@ -457,6 +530,7 @@ def _result(
     ),
     needs=Needs(data=True, labels=True),
     tensorwise=False,
+    default_align="permutation",
     repair_after=False,
     compare=6,
 )
@@ -483,6 +557,7 @@ def combine_npmerge(
         teachers=context.models,
         device=context.device,
         progress=context.progress,
+        validation=None if context.validation is None else batches(context.validation),
         max_samples=max_samples,
         **options,
     )

@@ -1,0 +1,146 @@
+"""NP Merge at the ensemble (issue 17, item 3): which start, parametrisation, learning rate,
+number of passes, early stopping and BatchNorm handling bring NP Merge to the ensemble.
+
+Trains (or loads from ``--store``) ``--models`` ResNet20×1 with BatchNorm on Fashion-MNIST
+(28×28, one channel; :data:`TRAIN`, two epochs since four did not fit the shared machine;
+every model sees all 54,000 training images; seeds 0, 1, …), then merges them with each
+variant. Calibration: the first ``--samples`` training images (labelled, as a
+user would have them); validation: the dataset's validation split (6,000 images, apart from
+every training image); test: the test split, which chooses nothing. Each variant is
+``align:option=value,...``: the alignment NP Merge starts from (``merge`` for
+``accord.merge(method="npmerge")`` with its defaults), then :func:`accord.combine.np_merge`
+options (``epochs``, ``lr``, ``loss``, ``scheme``) and ``val=1`` (early stopping on the
+validation split); ``epochs=0`` is the aligned average. Every merged model's BatchNorm
+statistics are reset on the calibration images; the ``no reset`` column keeps the averaged
+running statistics NP Merge returns.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/npmerge_study.py \
+        --store /work/np17-cache permutation:epochs=0 permutation:epochs=3 cca:epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import accord
+from accord.combine import np_merge
+from accord.data import DataSplits, make_loader
+
+TRAIN = accord.TrainConfig(epochs=2, lr=0.05)
+NUMBERS = {"epochs": int, "lr": float, "val": int}
+
+
+def trained_models(store: str, count: int, data: DataSplits) -> list[nn.Module]:
+    """``count`` ResNet20×1 (seeds 0…count−1), trained once and kept in ``store``."""
+    request = accord.ModelSetRequest(
+        arch="resnet20",
+        dataset="fashion-mnist",
+        seeds=tuple(range(count)),
+        model={"width": 1},
+        train=TRAIN,
+    )
+    checkpoints = accord.train_model_set(request, store, progress=False, data=data)
+    return [c.model for c in checkpoints]
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``align:key=value,...`` as ``(align, options)``; numbers parsed by :data:`NUMBERS`."""
+    align, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = NUMBERS.get(key, str)(value)
+    return align, options
+
+
+def accuracy(model: nn.Module, data: Any) -> float:
+    return 100 * accord.evaluate(model, data).accuracy
+
+
+def with_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_variant(
+    text: str,
+    models: list[nn.Module],
+    data: DataSplits,
+    calibration: Any,
+    aligned: dict[str, list[dict[str, torch.Tensor]]],
+) -> list[str]:
+    """One table row: variant, passes kept, val, test after a reset, test without, seconds."""
+    clock = time.perf_counter()
+    align, options = parse_variant(text)
+    if align == "merge":  # the library's route and defaults, nothing chosen here
+        merged = accord.merge(models, calibration, method="npmerge", **options).model
+        val, test = accuracy(merged, data.val), accuracy(merged, data.test)
+        return [text, "-", f"{val:.2f}", f"{test:.2f}", "-", f"{time.perf_counter() - clock:.0f}"]
+    if align not in aligned:  # the aligned states of the averaging merge, BN targets included
+        aligned[align] = accord.merge(models, calibration, align=align).aligned
+    early = options.pop("val", 0)
+    result = np_merge(
+        models[0],
+        aligned[align],
+        calibration,
+        teachers=models,
+        progress=False,
+        validation=data.val if early else None,
+        **options,
+    )
+    unreset = with_state(models[0], result.state)
+    merged = accord.reset_batchnorm(copy.deepcopy(unreset), calibration)
+    kept = result.stages[-1]["kept_pass"]
+    curve = result.stages[-1]["validation"]
+    passes = f"{kept} ({'/'.join(f'{100 * v:.1f}' for v in curve)})" if early else "all"
+    return [
+        text,
+        passes,
+        f"{accuracy(merged, data.val):.2f}",
+        f"{accuracy(merged, data.test):.2f}",
+        f"{accuracy(unreset, data.test):.2f}",
+        f"{time.perf_counter() - clock:.0f}",
+    ]
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    head = ["variant", "passes kept (val % per pass)", "val %", "test %", "no reset", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", default=["merge:", "permutation:epochs=3"])
+    parser.add_argument("--store", default="/work/np17-cache")
+    parser.add_argument("--models", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    data = accord.load_dataset("fashion-mnist")
+    models = trained_models(args.store, args.models, data)
+    calibration = make_loader(
+        data.train.subset(torch.arange(args.samples)), batch_size=args.batch_size
+    )
+    bases = [accuracy(m, data.test) for m in models]
+    ensemble = 100 * accord.evaluate_ensemble(models, data.test).accuracy
+    print(f"bases {' / '.join(f'{b:.2f}' for b in bases)} % test, ensemble {ensemble:.2f} %")
+    rows: list[list[str]] = []
+    aligned: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for variant in args.variants:
+        rows.append(run_variant(variant, models, data, calibration, aligned))
+        print(" | ".join(rows[-1]), flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
