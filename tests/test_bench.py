@@ -235,3 +235,16 @@ def test_design_measurements_carry_their_command_and_reach_benchmarks_md() -> No
         assert entry["command"] and entry["findings"] and entry["commit"]
         assert f"### {entry['choice']}" in section
     assert section in (root / "BENCHMARKS.md").read_text("utf-8")
+
+
+def test_npmerge_rows_name_the_start_their_results_file_records() -> None:
+    from accord.bench.markdown import _label
+    from accord.bench.quality import npmerge_start
+
+    recorded = {"options": {"npmerge": [{"align": "permutation", "epochs": 3}]}}
+    older = {"options": {"npmerge": [{"ridge": 0.3, "epochs": 3}]}}  # written before the record
+    assert npmerge_start(recorded) == "permutation"
+    assert npmerge_start(older) == "cca"
+    assert _label("npmerge", [recorded]).endswith("(aligned by permutation)")
+    assert _label("npmerge_pairwise", [older, recorded]).endswith("(aligned by cca/permutation)")
+    assert _label("cca", [recorded]) == accord.ALIGNMENTS["cca"].label

@@ -11,7 +11,7 @@ from typing import Any
 from accord._table import format_table
 from accord.bench._common import by_panel, cell, row_names, run_facts, summary
 from accord.bench.llm_memory import render_llm_memory
-from accord.bench.quality import ROW_LABELS
+from accord.bench.quality import ROW_LABELS, npmerge_start
 from accord.bench.select import render_select
 from accord.bench.skill import render_skill
 
@@ -119,7 +119,7 @@ def _task_table(result: Mapping[str, Any]) -> list[str]:
             per_set = zip(*(task["values"] for task in row["tasks"]), strict=True)
             means = summary([sum(values) / len(values) for values in per_set])
             cells = [*(_percent(task) for task in row["tasks"]), _percent(means)]
-        rows.append([ROW_LABELS.get(row["name"], row["name"]), *cells, _percent(row["test"])])
+        rows.append([_label(row["name"], [result]), *cells, _percent(row["test"])])
     title = f"### {result['arch']}, {result['setting']}, N = {result['num_models']}: per task"
     return ["", title, "", format_table(headers, rows, True)]
 
@@ -130,7 +130,7 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
         headers = ["row", *(f"N = {r['num_models']}" for r in chosen)]
         rows = []
         for name in row_names(chosen):
-            rows.append([ROW_LABELS.get(name, name), *(_percent(cell(r, name)) for r in chosen)])
+            rows.append([_label(name, chosen), *(_percent(cell(r, name)) for r in chosen)])
         ridges = ["/".join(f"{o['ridge']:g}" for o in r["options"].get("cca", [])) for r in chosen]
         rows.append(["CCA ridge chosen (per set)", *ridges])
         epochs = [
@@ -148,12 +148,18 @@ def _quality_tables(results: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _label(name: str, results: Sequence[Mapping[str, Any]]) -> str:
+    """A row's display name; NP Merge's names the alignment it started from in ``results``."""
+    starts = sorted({npmerge_start(result) for result in results})
+    return ROW_LABELS.get(name, name).replace("{start}", "/".join(starts))
+
+
 def _best(result: Mapping[str, Any]) -> str:
     merges = [row for row in result["rows"] if row["name"] not in ("base", "ensemble")]
     best = max(merges, key=lambda row: row["test"]["mean"])
     ensemble = cell(result, "ensemble")["mean"]
     return (
-        f"N = {result['num_models']}: {ROW_LABELS.get(best['name'], best['name'])} "
+        f"N = {result['num_models']}: {_label(best['name'], [result])} "
         f"{100 * best['test']['mean']:.1f} (ensemble {100 * ensemble:.1f})"
     )
 

@@ -43,8 +43,7 @@ from accord.workflow import MergeOutcome, calibration_loader, compared_methods
 def _row_labels() -> dict[str, str]:
     """Display names of the result rows (the JSON uses the keys): the records' labels of the
     compared methods, with the variants this benchmark adds."""
-    npmerge = accord.COMBINERS["npmerge"]
-    aligned = f"aligned by {npmerge.default_align}"
+    aligned = "aligned by {start}"  # filled per results file (npmerge_start)
     labels = {"base": "base models (mean)", "ensemble": "ensemble (logit average)"}
     for name in compared_methods():
         record = accord.ALIGNMENTS.get(name) or accord.COMBINERS[name]
@@ -413,11 +412,20 @@ def figures_for(
 
 
 def _chosen_options(report: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge's options; for NP Merge, its alignment's and the epochs it kept."""
+    """A merge's options; for NP Merge, its alignment's, the alignment it started from and
+    the epochs it kept."""
     options = dict(report.get("options", {}))
     if "npmerge" in report:
         options["epochs"] = report["npmerge"]["options"]["epochs"]
+        options["align"] = report["alignment"]
     return options
+
+
+def npmerge_start(result: Mapping[str, Any]) -> str:
+    """The alignment NP Merge started from in one configuration of a results file: recorded
+    with its options, or CCA (the default then) in files written before it was recorded."""
+    chosen = result.get("options", {}).get("npmerge") or [{}]
+    return str(chosen[0].get("align", "cca"))
 
 
 def _configuration(
@@ -550,7 +558,9 @@ def run_quality(
                 seconds["studies"] += time.perf_counter() - clock
     accuracy = root / f"{plan.name}-accuracy.png"
     title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
-    accuracy_versus_models(results, ROW_LABELS, accuracy, title)
+    starts = "/".join(sorted({npmerge_start(result) for result in results}))
+    labels = {name: label.replace("{start}", starts) for name, label in ROW_LABELS.items()}
+    accuracy_versus_models(results, labels, accuracy, title)
     seconds["total"] = time.perf_counter() - start
     document = {
         "benchmark": "quality",
