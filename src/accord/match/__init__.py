@@ -6,15 +6,9 @@ its name, paper, label, what it needs and its options. :func:`match` checks a re
 completely, then runs the method.
 
 >>> from accord.match import MATCHERS
->>> for name, info in sorted(MATCHERS.items()):
-...     print(f"{name:16} needs data: {info.needs.data!s:5} options: {info.defaults}")
-cca              needs data: True  options: {'ridge': 0.1, 'absolute_ridge': None}
-gcca             needs data: True  options: {'ridge': 0.1}
-identity         needs data: False options: {}
-ot               needs data: True  options: {}
-permutation      needs data: True  options: {}
-weight_matching  needs data: False options: {'seed': 0, 'max_iter': 100}
-zipit            needs data: True  options: {'alpha': 0.3, 'beta': 0.125}
+>>> info = MATCHERS["cca"]
+>>> print(f"needs data: {info.needs.data}, options: {info.defaults}")
+needs data: True, options: {'ridge': 0.1, 'absolute_ridge': None}
 """
 
 from __future__ import annotations
