@@ -295,7 +295,7 @@ def test_which_merges_need_batchnorm_statistics() -> None:
     assert not needs_batchnorm_statistics("weight_matching", "fold")
     assert needs_batchnorm_statistics("cca", "fold")
     assert needs_batchnorm_statistics("zipit", "fold")
-    assert not needs_batchnorm_statistics("npmerge", "fold")  # its default: permutation
+    assert needs_batchnorm_statistics("npmerge", "fold")  # its default alignment: CCA
     assert not needs_batchnorm_statistics("cca", "transform")
 
 

@@ -230,7 +230,7 @@ def test_merge_state_dicts_refuses_what_its_records_forbid() -> None:
 def test_method_is_a_shorthand_for_align_and_combine() -> None:
     assert plan_methods().align.name == "cca" and plan_methods().combine.name == "average"
     plan = plan_methods("npmerge")
-    assert (plan.align.name, plan.combine.name, plan.name) == ("permutation", "npmerge", "npmerge")
+    assert (plan.align.name, plan.combine.name, plan.name) == ("cca", "npmerge", "npmerge")
     plan = plan_methods("zipit", combine="linear")
     assert (plan.align.name, plan.combine.name) == ("zipit", "linear")
     assert plan_methods(align="ot", combine="npmerge").name == "ot+npmerge"

@@ -343,7 +343,7 @@ def merge(
 
     ``method`` is a shorthand for either (:func:`plan_methods`): ``method="cca"`` is
     ``align="cca"`` averaged, ``method="npmerge"`` is ``combine="npmerge"`` after its default
-    alignment (permutation). ``data``: batches ``(inputs, labels)`` of training data for the
+    alignment (CCA). ``data``: batches ``(inputs, labels)`` of training data for the
     statistics pass, the repair and combiners that learn (NP Merge early-stops on
     ``validation`` when given). Both methods' options (e.g. ``ridge`` for CCA,
     ``epochs`` for NP Merge) come as keywords or as the ``options`` mapping; ``options="auto"``

@@ -335,7 +335,7 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
         stages.update(merge_stages)
         common = {"spec": spec, "statistics": stats, "repair": "bn-reset", "device": plan.device}
         start = time.perf_counter()
-        # aligned by CCA, whose statistics these are (NP Merge's default start is permutation)
+        # aligned by CCA, whose statistics these are
         npm = accord.merge(models, batches, "npmerge", align="cca", **common, ridge=plan.ridge)
         names = {"combine": "npmerge_training"}
         stages.update(_merge_stages(sampler, start, npm.report["timings"], names))

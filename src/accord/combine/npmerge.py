@@ -530,7 +530,7 @@ def _result(
     ),
     needs=Needs(data=True, labels=True),
     tensorwise=False,
-    default_align="permutation",
+    default_align="cca",
     repair_after=False,
     compare=6,
 )
