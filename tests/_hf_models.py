@@ -19,6 +19,17 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
+class Logits(nn.Module):
+    """``x -> model(x).logits``, the way a user hands a Hugging Face model to accord."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
 def _tokens(batch: int = 2) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, 7))
 

@@ -14,23 +14,12 @@ import torch
 from torch import nn
 
 import accord
-from _hf_models import BUILDERS, MORE_BUILDERS, SLOW_FAMILIES
+from _hf_models import BUILDERS, MORE_BUILDERS, SLOW_FAMILIES, Logits
 from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
 
 # the families of the README's list: the tests' own and those the survey added
 FAMILIES = {**BUILDERS, **MORE_BUILDERS}
-
-
-class Logits(nn.Module):
-    """``x -> model(x).logits``, the way a user hands a Hugging Face model to accord."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import accord
-from _hf_models import VOCAB, transformers
+from _hf_models import VOCAB, Logits, transformers
 from accord import AxisRef, FeatureSpace, Observation, Spec
 from accord.match import block_correlation
 from accord.statistics import SpaceStatistics
-
-
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
