@@ -82,14 +82,16 @@ def recovers(transform: Transform, perm: torch.Tensor) -> bool:
 
 
 def test_registry_metadata() -> None:
-    assert set(DATA_METHODS) == {"permutation", "zipit", "ot", "cca", "gcca"}
+    # a new alignment adds to these sets from its record; no list here to edit
+    assert {"permutation", "zipit", "ot", "cca", "gcca"} <= set(DATA_METHODS)
+    assert not {"identity", "weight_matching"} & set(DATA_METHODS)
     assert MATCHERS["zipit"].defaults == {"alpha": 0.3, "beta": 0.125}
     assert MATCHERS["weight_matching"].defaults == {"seed": 0, "max_iter": 100}
     assert all(info.paper for info in MATCHERS.values())
 
 
 def test_module_docstring_examples_run() -> None:
-    assert doctest.testmod(accord.match, raise_on_error=True).attempted == 2
+    assert doctest.testmod(accord.match, raise_on_error=True).attempted == 3
 
 
 def test_unknown_method_suggests_the_closest() -> None:
