@@ -15,7 +15,7 @@ statistics are reset on the calibration images; the ``no reset`` column keeps th
 running statistics NP Merge returns.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/npmerge_study.py \
-        --store /work/np17-cache permutation:epochs=0 permutation:epochs=3 cca:epochs=3
+        --store benchmarks/cache/npmerge-study permutation:epochs=0 cca:epochs=3
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", default=["merge:", "permutation:epochs=3"])
-    parser.add_argument("--store", default="/work/np17-cache")
+    parser.add_argument("--store", default="benchmarks/cache/npmerge-study", help="model store")
     parser.add_argument("--models", type=int, default=2)
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=256)
