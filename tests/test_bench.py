@@ -247,3 +247,15 @@ def test_npmerge_rows_name_the_start_their_results_file_records() -> None:
     assert _label("npmerge", [recorded]).endswith("(aligned by permutation)")
     assert _label("npmerge_pairwise", [older, recorded]).endswith("(aligned by cca/permutation)")
     assert _label("cca", [recorded]) == accord.ALIGNMENTS["cca"].label
+
+
+def test_speed_page_says_whether_the_passes_shared_the_trace_export() -> None:
+    from accord.bench.markdown import render_speed
+    from accord.bench.speed import speed_plan
+
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "speed.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["config"].pop("export_shared", None)  # a file written before the field
+    assert "includes tracing the models" in render_speed(document)
+    document["config"]["export_shared"] = speed_plan().export_shared
+    assert "runs the program the merge's trace exported" in render_speed(document)

@@ -372,8 +372,13 @@ def render_speed(document: Mapping[str, Any]) -> str:
         '`precision="float64"`; *statistics_spaces_only*: the default without the '
         "BatchNorm-output blocks (what `permutation` collects: only dense maps need them). "
         "Ratios are statistics / forward, in wall time / in the process's CPU time; the "
-        "CPU-time ratio is the one to trust when other processes share the cores. Every pass "
-        "includes tracing the models, a fixed cost that more samples amortise.",
+        "CPU-time ratio is the one to trust when other processes share the cores. "
+        + (
+            "Every pass runs the program the merge's trace exported (exporting is the trace "
+            "stage's cost)."
+            if document["config"].get("export_shared", False)
+            else "Every pass includes tracing the models, a fixed cost that more samples amortise."
+        ),
         "",
         format_table(
             [

@@ -103,6 +103,9 @@ class SpeedPlan:
     command: str
     repeats: int = 2
     isolate: bool = True
+    # the statistics passes run the program the trace exported, as in a merge (files written
+    # before this field existed re-exported in every pass)
+    export_shared: bool = True
     device: str = "cpu"
 
 
