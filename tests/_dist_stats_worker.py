@@ -55,13 +55,24 @@ def conv_bn_spec() -> Spec:
     )
 
 
+def blocks_spec() -> Spec:
+    """c1's 6 channels as 3 features of 2 entries each (as attention heads are observed)."""
+    return Spec(
+        [
+            FeatureSpace("c1", 3, observe=(Observation("_2", 1, None, 2),)),
+            FeatureSpace("c2", 5, observe=(Observation("_4", 1),)),
+        ]
+    )
+
+
 def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
     """Keyword arguments of collect_statistics per case, for this rank.
 
     ``many``: 7 uneven batches, cut by max_samples; ``many-float64``: the same with float64
-    products of the models as given (exact to rounding); ``one``: one batch, so rank 1 has
-    none; ``sharded``: each rank is given its own share of the batches; ``nan``: a NaN in
-    batch 1. All but ``many-float64`` use the default float32 products.
+    products of the models as given (exact to rounding); ``blocks-float64``: the same with
+    a space of blocks (its entrywise covariances); ``one``: one batch, so rank 1 has none;
+    ``sharded``: each rank is given its own share of the batches; ``nan``: a NaN in batch 1.
+    All but the float64 ones use the default float32 products.
     """
     generator = torch.Generator().manual_seed(0)
     sizes = [9, 4, 7, 12, 5, 8, 3]
@@ -73,6 +84,16 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
         "many": {**common, "data": batches, "pairs": "all", "max_samples": 40, "reference": 1},
         "many-float64": {
             **common,
+            "data": batches,
+            "pairs": "all",
+            "max_samples": 40,
+            "reference": 1,
+            "precision": "float64",
+            "channels_last": False,
+        },
+        "blocks-float64": {
+            **common,
+            "spec": blocks_spec(),
             "data": batches,
             "pairs": "all",
             "max_samples": 40,

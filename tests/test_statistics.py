@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import subprocess
 import sys
 import warnings
@@ -16,6 +17,7 @@ from torch import nn
 
 import accord.statistics.accumulator
 from accord.errors import StatisticsError
+from accord.match import block_correlation
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
 from accord.statistics import SpaceStatistics, Statistics, collect_statistics
 from accord.trace import trace
@@ -213,6 +215,92 @@ def test_pooled_observation_points() -> None:
     stats = collect_statistics(models, data, spec, progress=False, **EXACT)
     assert stats.spaces["stream"].count == 120
     _assert_matches_direct(stats.spaces["stream"], models, data, ["1", "3"])
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("layout", ["mlp", "conv", "conv-chunked", "conv-channels-last"])
+def test_spaces_of_blocks_keep_the_full_covariances_entrywise(
+    layout: str, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Features of several entries (whole attention heads) keep only the covariances of entries
+    at one position of two features: those of the full covariance, and the block correlation
+    the matching reads is the full correlation's, averaged over each pair of blocks."""
+    if layout == "mlp":  # (samples, entries) rows
+        models, data, node, points = _mlps(), _batches((6,), [50, 30]), "_0", ["0"]
+        size, block = 2, 5
+    else:  # (N, C, H·W) columns; channels-last: rows again
+        models, data, node, points = _convs(), _batches((3, 5, 5), [7, 5]), "_0", ["0"]
+        size, block = 4, 2
+    if layout == "conv-chunked":
+        monkeypatch.setattr(accord.statistics.accumulator, "CHUNK_ELEMENTS", 8 * 5 * 5)
+    if layout == "conv-channels-last":
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+        data = [(x.to(memory_format=torch.channels_last), y) for x, y in data]
+    spec = Spec([FeatureSpace("heads", size, observe=(Observation(node, 1, None, block),))])
+    exact = {"precision": precision, "channels_last": False}
+    stats = collect_statistics(models, data, spec, progress=False, reference=1, **exact)
+    space = stats.spaces["heads"]
+    mean, cov = _direct(models, data, points)
+    rtol = 1e-10 if precision == "float64" else 1e-5
+    _assert_close(space.mean, mean, rtol)
+    n = size * block
+    corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    for i, j in [(1, 1), (0, 1), (1, 0), (2, 1), (0, 0)]:
+        full = cov[i * n : (i + 1) * n, j * n : (j + 1) * n].reshape(size, block, size, block)
+        entries = np.moveaxis(np.diagonal(full, axis1=1, axis2=3), -1, 0)  # (block, F, F)
+        _assert_close(space.entry_covariance(i, j, block), entries, rtol)
+        # what block_correlation computed from the full covariance before
+        whole = corr[i * n : (i + 1) * n, j * n : (j + 1) * n].reshape(size, block, size, block)
+        expected = np.diagonal(whole, axis1=1, axis2=3).mean(-1)
+        got = block_correlation(space, i, j, spec["heads"])
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=rtol)
+    # (block, F, F) per pair instead of (F·block)²: block times fewer values
+    assert all(b.shape == (block, size, size) for b in space.blocks.values())
+    with pytest.raises(StatisticsError, match="entry_covariance"):
+        space.covariance(0, 1)
+
+
+def test_spaces_of_blocks_save_load_and_old_full_statistics_give_one_block_correlation(
+    tmp_path: Path,
+) -> None:
+    models, data = _mlps(2), _batches((6,), [60])
+    heads = FeatureSpace("heads", 2, observe=(Observation("_0", 1, None, 5),))
+    # an entry-by-entry space of the same node: the full covariances statistics kept before
+    whole = FeatureSpace("whole", 10, observe=(Observation("_0", 1),))
+    stats = collect_statistics(models, data, Spec([heads, whole]), progress=False, **EXACT)
+    assert (stats.spaces["heads"].block, stats.spaces["whole"].block) == (5, 1)
+    stats.save(tmp_path / "stats.safetensors")
+    loaded = Statistics.load(tmp_path / "stats.safetensors")
+    _assert_equal(loaded, stats)
+    assert loaded.spaces["heads"].block == 5
+    reduced = block_correlation(loaded.spaces["heads"], 0, 1, heads)
+    full = block_correlation(loaded.spaces["whole"], 0, 1, heads)
+    torch.testing.assert_close(reduced, full, rtol=0, atol=1e-12)
+    with pytest.raises(StatisticsError, match="blocks of 2"):
+        loaded.spaces["heads"].entry_covariance(0, 1, 2)
+    # a format-1 file kept a head space's full covariances, and no block: it still loads
+    old = Statistics({"heads": stats.spaces["whole"]}, 2)
+    old.save(tmp_path / "old.safetensors")
+    _rewrite_metadata(tmp_path / "old.safetensors", format=1, without="block")
+    from_old = Statistics.load(tmp_path / "old.safetensors").spaces["heads"]
+    assert from_old.block == 1
+    torch.testing.assert_close(
+        block_correlation(from_old, 0, 1, heads), reduced, atol=1e-12, rtol=0
+    )
+
+
+def _rewrite_metadata(path: Path, format: int, without: str) -> None:
+    """The statistics file at ``path`` as an older accord wrote it: ``format``, and no
+    ``without`` key in its space entries."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["accord"])
+    meta["format"] = format
+    for entry in meta["spaces"] + meta["norms"]:
+        del entry[without]
+    save_file(load_file(str(path)), str(path), metadata={"accord": json.dumps(meta)})
 
 
 def _graph_outputs(

@@ -179,6 +179,30 @@ def test_permuted_twin_is_exact_and_merges_back(
             torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_head_spaces_keep_block_times_fewer_statistics(
+    traced: dict[str, tuple[nn.Module, Spec]],
+) -> None:
+    """A head space's statistics are, per pair of models, the covariances of entries at one
+    position of two key/value groups, (block, n_kv, n_kv), not the full (n_kv·block)²: for
+    the tiny grouped-query Llama (2 groups of 2 heads of 8), 3 × 16·2² = 192 values per
+    space instead of 3 × 32² = 3,072."""
+    model, spec = traced["llama-gqa"]
+    twin = accord.randomly_permuted(model, spec, seed=0).eval()
+    head_spaces = [s for s in spec.free_spaces if s.observed_block > 1]
+    assert len(head_spaces) == 2  # one per layer
+    names = [s.name for s in head_spaces]
+    data = [(_tokens(4),)]
+    stats = accord.collect_statistics([model, twin], data, spec, progress=False, spaces=names)
+    for space in head_spaces:
+        kept = stats.spaces[space.name]
+        kv, block = space.size, space.observed_block
+        assert (kv, block, kept.block, len(kept.blocks)) == (2, 16, 16, 3)
+        assert all(b.shape == (block, kv, kv) for b in kept.blocks.values())
+        stored = sum(b.numel() for b in kept.blocks.values())
+        full = len(kept.blocks) * (kv * block) ** 2  # what the full covariances held
+        assert (stored, full) == (192, 3072) and stored * block == full
+
+
 def test_rotation_that_differs_per_head_fixes_query_and_key() -> None:
     """A per-position factor that also varies across heads makes heads unequal: no
     permutation of them is proven to keep the attention, so the spaces stay fixed."""
@@ -219,7 +243,7 @@ def test_block_correlation_averages_entrywise_correlations_over_the_blocks() -> 
     cov = torch.cov(both.T)
     n = size * block
     blocks = {(0, 0): cov[:n, :n], (1, 1): cov[n:, n:], (0, 1): cov[:n, n:]}
-    stats = SpaceStatistics(500, both.mean(0).reshape(2, n)[0], blocks)
+    stats = SpaceStatistics(500, both.mean(0).reshape(2, n), blocks)
     space = FeatureSpace("h", size, observe=(Observation("a", 1, None, block),))
     got = block_correlation(stats, 0, 1, space)
     corr = torch.corrcoef(both.T)[:n, n:]

@@ -61,10 +61,14 @@ def covariance(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tens
     try:
         return stats.covariance(i, j).to(torch.float64)
     except KeyError:
-        raise MergeError(
-            f"space {space!r}: the covariance of models {i} and {j} was not collected; "
-            "collect statistics with pairs='all'"
-        ) from None
+        raise _not_collected(space, i, j) from None
+
+
+def _not_collected(space: str, i: int, j: int) -> MergeError:
+    return MergeError(
+        f"space {space!r}: the covariance of models {i} and {j} was not collected; "
+        "collect statistics with pairs='all'"
+    )
 
 
 def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Tensor:
@@ -76,12 +80,19 @@ def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Ten
 
 def block_correlation(stats: SpaceStatistics, i: int, j: int, space: FeatureSpace) -> torch.Tensor:
     """(C, C): how well model i's feature c (rows) matches model j's feature d (columns), where
-    each feature owns a block of entries at its observation points (a whole attention head):
-    the correlation of their entries taken in the same order, averaged over the block. Only
-    whole blocks move, so entry k of one block can only ever meet entry k of another."""
-    corr = correlation(stats, i, j, space.name)
-    size, block = space.size, space.observed_block
-    return corr.reshape(size, block, size, block).diagonal(dim1=1, dim2=3).mean(-1)
+    each feature owns a block of B entries at its observation points (a whole attention head):
+    the correlation of their entries taken in the same order, averaged over the block,
+
+        S[c, d] = (1/B) Σ_k Cov(x_i[cB + k], x_j[dB + k]) / (σ_i[cB + k] σ_j[dB + k]).
+
+    Only whole blocks move, so entry k of one block can only ever meet entry k of another:
+    these entrywise covariances are all the statistics keep of such a space
+    (:meth:`SpaceStatistics.entry_covariance`)."""
+    try:
+        corr = stats.entry_correlation(i, j, space.observed_block)
+    except KeyError:
+        raise _not_collected(space.name, i, j) from None
+    return corr.to(torch.float64).mean(0)
 
 
 def _whole_blocks(

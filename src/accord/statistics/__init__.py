@@ -9,6 +9,11 @@ Accumulation (one pass, float64). For model i with features ``x_i`` (C,) and a s
 
     Cov(x_i, x_j) = (P_ij − t_i t_jᵀ / n) / (n − 1).
 
+A space of blocks (each feature owns B consecutive entries, a whole attention head, that move
+only together) keeps of ``P_ij`` only its entries at one position k of two features c and d, as
+``P_ij[k, c, d]`` (rows ``cB + k``, columns ``dB + k``), and of the covariances the same
+entries: B times fewer values, all that matching whole blocks reads.
+
 The shift keeps the subtraction well conditioned when features have a large offset. Sums add
 across processes: each rank re-expresses its sums around one common shift and all-reduces them.
 

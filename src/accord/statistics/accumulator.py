@@ -17,13 +17,28 @@ from accord.statistics.types import Pair, SpaceStatistics
 
 @dataclass(frozen=True)
 class Target:
-    """What one accumulator observes: a space or a BatchNorm output, and the blocks it keeps."""
+    """What one accumulator observes: a space or a BatchNorm output, and the blocks it keeps.
+
+    ``block`` > 1: each feature owns ``block`` consecutive entries of the ``size`` observed
+    ones, and only the products of entries at one position of two features are summed
+    (:class:`SpaceStatistics`).
+    """
 
     name: str
     size: int
     points: tuple[Observation, ...]
     pairs: tuple[Pair, ...]
     kind: Literal["space", "BatchNorm"] = "space"
+    block: int = 1
+
+    @property
+    def product_shape(self) -> tuple[int, ...]:
+        """The shape of one pair's sum of products: (size, size), or (block, F, F) for F
+        features of ``block`` entries."""
+        if self.block == 1:
+            return (self.size, self.size)
+        features = self.size // self.block
+        return (self.block, features, features)
 
     def describe(self) -> str:
         return f"{self.kind} {self.name!r}"
@@ -137,14 +152,38 @@ def _reused(
     return memory[index][:numel].view(shape)
 
 
-def _add_products(product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool) -> None:
-    """``product += Σ_samples x yᵀ`` of two chunks: in the chunks' dtype, summed into the
-    product's (float64)."""
-    left, right = (x.T, y) if rows else (x, y.T)
-    if x.dtype == product.dtype:
+def _add_products(
+    product: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: bool, block: int
+) -> None:
+    """``product += Σ_samples x yᵀ`` of two chunks, or for features of ``block`` entries only
+    its entries at one position of two features, as (block, F, F) (:class:`Target`): in the
+    chunks' dtype, summed into the product's (float64)."""
+    if block == 1:
+        left, right = (x.T, y) if rows else (x, y.T)
+    else:
+        left, right = _by_position(x, rows, block), _by_position(y, rows, block).mT
+    if x.dtype != product.dtype:
+        product += (left @ right).to(product.dtype)
+    elif block == 1:
         product.addmm_(left, right)
     else:
-        product += (left @ right).to(product.dtype)
+        product.baddbmm_(left, right)
+
+
+def _by_position(x: torch.Tensor, rows: bool, block: int) -> torch.Tensor:
+    """A chunk of F features of ``block`` entries as (block, F, samples): entry k of every
+    feature, position by position (a view)."""
+    if rows:  # (samples, F·block)
+        return x.view(x.shape[0], -1, block).permute(2, 1, 0)
+    return x.view(-1, block, x.shape[1]).transpose(0, 1)  # (F·block, samples)
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """``a bᵀ`` of two (size,) vectors as a pair's product keeps it: whole, or for features of
+    ``block`` entries the (block, F, F) products of entries at one position."""
+    if block == 1:
+        return torch.outer(a, b)
+    return a.view(-1, block).T[:, :, None] * b.view(-1, block).T[:, None, :]
 
 
 class Accumulator:
@@ -172,7 +211,7 @@ class Accumulator:
         self.first = order[0]
         self.shift = torch.zeros(num_models, target.size, **zeros)
         self.total = torch.zeros(num_models, target.size, **zeros)
-        self.products = {p: torch.zeros(target.size, target.size, **zeros) for p in target.pairs}
+        self.products = {p: torch.zeros(target.product_shape, **zeros) for p in target.pairs}
         self.has_shift = [False] * num_models
         position = {model: k for k, model in enumerate(order)}
         # model -> the models observed before it with which it has a block
@@ -220,6 +259,7 @@ class Accumulator:
                 "architecture"
             )
         partners = [(j, self.kept[(j, point)]) for j in self.partners[model]]
+        block = self.target.block
         keep = model in self.kept_models
         kept: list[torch.Tensor] = []
         total = torch.zeros_like(self.total[model])
@@ -235,12 +275,12 @@ class Accumulator:
                 out = self.scratch.get(shape, dtype, source.tensor.device)
             x = self._chunk(model, source, start, stop, rows, out)
             total += x.sum(0 if rows else 1).to(torch.float64)
-            _add_products(self.products[(model, model)], x, x, rows)
+            _add_products(self.products[(model, model)], x, x, rows, block)
             for j, chunks in partners:
                 if j < model:
-                    _add_products(self.products[(j, model)], chunks[index], x, rows)
+                    _add_products(self.products[(j, model)], chunks[index], x, rows, block)
                 else:
-                    _add_products(self.products[(model, j)], x, chunks[index], rows)
+                    _add_products(self.products[(model, j)], x, chunks[index], rows, block)
             if keep:
                 kept.append(x)
         self.batch_totals[(model, point)] = total
@@ -274,11 +314,11 @@ class Accumulator:
 
     def reshift(self, shift: torch.Tensor) -> None:
         """Re-express the sums around ``shift``: with ``d = s − shift``, ``t ← t + n·d`` and
-        ``P_ij ← P_ij + t_i d_jᵀ + d_i t_jᵀ + n d_i d_jᵀ``."""
-        d = self.shift - shift
+        ``P_ij ← P_ij + t_i d_jᵀ + d_i t_jᵀ + n d_i d_jᵀ`` (the entries of them it keeps)."""
+        d, block = self.shift - shift, self.target.block
         for (i, j), product in self.products.items():
-            product += torch.outer(self.total[i], d[j]) + torch.outer(d[i], self.total[j])
-            product += self.count * torch.outer(d[i], d[j])
+            product += _outer(self.total[i], d[j], block) + _outer(d[i], self.total[j], block)
+            product += self.count * _outer(d[i], d[j], block)
         self.total += self.count * d
         self.shift = shift.clone()
 
@@ -300,20 +340,21 @@ class Accumulator:
 
     def finish(self) -> SpaceStatistics:
         """Means and unbiased covariances, on the CPU."""
-        n, name, size = self.count, self.target.describe(), self.target.size
+        n, name, block = self.count, self.target.describe(), self.target.block
+        features = self.target.size // block
         if n < 2:
             raise StatisticsError(f"{name}: {n} sample(s); covariances need at least 2")
-        if n < size:
+        if n < features:
             warnings.warn(
-                f"{name}: {n} samples for {size} features, so its covariances are singular; "
+                f"{name}: {n} samples for {features} features, so its covariances are singular; "
                 "collect more data (the ridge keeps later solves stable)",
                 stacklevel=4,  # the caller of collect_statistics
             )
         blocks = {}
         for (i, j), product in self.products.items():
-            block = (product - torch.outer(self.total[i], self.total[j]) / n) / (n - 1)
-            blocks[(i, j)] = ((block + block.T) / 2 if i == j else block).cpu()
-        stats = SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks)
+            cov = (product - _outer(self.total[i], self.total[j], block) / n) / (n - 1)
+            blocks[(i, j)] = ((cov + cov.mT) / 2 if i == j else cov).cpu()
+        stats = SpaceStatistics(n, (self.shift + self.total / n).cpu(), blocks, block)
         found = stats.non_finite()
         if found is not None:
             raise StatisticsError(

@@ -51,7 +51,10 @@ def _targets(
         for space in spec.spaces
         if space.free and space.observe and (only is None or space.name in only)
     ]
-    spaces = [Target(s.name, s.size * s.observed_block, s.observe, pairs) for s in used]
+    spaces = [
+        Target(s.name, s.size * s.observed_block, s.observe, pairs, block=s.observed_block)
+        for s in used
+    ]
     folded = (bn.norm for space in used for bn in space.batchnorms) if batchnorms else ()
     norm_names = list(dict.fromkeys(folded))
     if not norm_names:
@@ -311,10 +314,14 @@ def collect_statistics(
 
     Kept, in float64 (module docstring): ``mean[i]``, ``Cov(x_i, x_i)``, and ``Cov(x_r, x_i)``
     with the ``reference`` r (``pairs="reference"``, O(N·C²) memory) or every ``Cov(x_i, x_j)``
-    (``pairs="all"``). ``norms`` gets each model's output statistics of every BatchNorm that
-    the observed spaces fold, which dense maps need (``batchnorms=False`` skips them: methods
-    whose maps are permutations never use them). Fixed spaces and spaces without observations
-    get no entry. ``spec`` defaults to ``accord.trace.trace(models[0], first batch's inputs)``.
+    (``pairs="all"``). A space whose features own blocks of B entries at their observation
+    points (whole attention heads, :attr:`FeatureSpace.observed_block`) keeps only the
+    covariances of entries at one position of two features, (B, F, F) per pair instead of
+    (F·B)² (:class:`SpaceStatistics`): all its matching reads. ``norms`` gets each model's
+    output statistics of every BatchNorm that the observed spaces fold, which dense maps need
+    (``batchnorms=False`` skips them: methods whose maps are permutations never use them).
+    Fixed spaces and spaces without observations get no entry. ``spec`` defaults to
+    ``accord.trace.trace(models[0], first batch's inputs)``.
 
     ``precision`` is the dtype each chunk of shifted samples (about 2.6·10⁵ values, so its
     own rounding stays small) is multiplied in; the chunks' products are summed in float64
@@ -419,14 +426,15 @@ NEAR_DEPENDENT = 1e-4
 
 def near_dependent_spaces(stats: Statistics) -> list[str]:
     """The spaces of ``stats`` in which two features of one model correlate within
-    :data:`NEAR_DEPENDENT` of ±1."""
+    :data:`NEAR_DEPENDENT` of ±1 (in a space of blocks, two entries at one position of two
+    features: the only ones kept, and the only ones a matching of whole blocks compares)."""
     found = []
     for name, space in stats.spaces.items():
         for i in range(stats.num_models):
             if (i, i) not in space.blocks:
                 continue
-            corr = space.correlation(i, i).abs()
-            corr.fill_diagonal_(0)
+            corr = space.entry_correlation(i, i, space.block).abs()
+            corr.diagonal(dim1=-2, dim2=-1).zero_()
             if corr.numel() and float(corr.max()) >= 1 - NEAR_DEPENDENT:
                 found.append(name)
                 break
