@@ -7,6 +7,8 @@ permuted twin must find the permutation back, by activation matching and by CCA.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,24 +185,42 @@ def test_head_spaces_keep_block_times_fewer_statistics(
     traced: dict[str, tuple[nn.Module, Spec]],
 ) -> None:
     """A head space's statistics are, per pair of models, the covariances of entries at one
-    position of two key/value groups, (block, n_kv, n_kv), not the full (n_kv·block)²: for
-    the tiny grouped-query Llama (2 groups of 2 heads of 8), 3 × 16·2² = 192 values per
-    space instead of 3 × 32² = 3,072."""
+    position of two key/value groups, (block, n_kv, n_kv), not the full (n_kv·block)² that
+    observing its entries one by one keeps: for the tiny grouped-query Llama (2 groups of 2
+    heads of 8), 3 × 16·2² = 192 values per space instead of 3 × 32² = 3,072, and the same
+    block correlations."""
     model, spec = traced["llama-gqa"]
     twin = accord.randomly_permuted(model, spec, seed=0).eval()
     head_spaces = [s for s in spec.free_spaces if s.observed_block > 1]
     assert len(head_spaces) == 2  # one per layer
     names = [s.name for s in head_spaces]
-    data = [(_tokens(4),)]
-    stats = accord.collect_statistics([model, twin], data, spec, progress=False, spaces=names)
+    # the same spaces observed entry by entry: the full covariances statistics kept before
+    whole = spec
     for space in head_spaces:
-        kept = stats.spaces[space.name]
+        entries = tuple(replace(o, block=1) for o in space.observe)
+        width = space.size * space.observed_block
+        whole = whole.replace_space(space.name, size=width, observe=entries)
+    data = [(_tokens(8),)]  # 56 tokens for 32 entries
+    kept, full = (
+        accord.collect_statistics(
+            [model, twin], data, s, progress=False, spaces=names, precision="float64"
+        )
+        for s in (spec, whole)
+    )
+    for space in head_spaces:
+        reduced, before = kept.spaces[space.name], full.spaces[space.name]
         kv, block = space.size, space.observed_block
-        assert (kv, block, kept.block, len(kept.blocks)) == (2, 16, 16, 3)
-        assert all(b.shape == (block, kv, kv) for b in kept.blocks.values())
-        stored = sum(b.numel() for b in kept.blocks.values())
-        full = len(kept.blocks) * (kv * block) ** 2  # what the full covariances held
-        assert (stored, full) == (192, 3072) and stored * block == full
+        assert (kv, block, reduced.block, len(reduced.blocks)) == (2, 16, 16, 3)
+        assert all(b.shape == (block, kv, kv) for b in reduced.blocks.values())
+        stored = sum(b.numel() for b in reduced.blocks.values())
+        assert sum(b.numel() for b in before.blocks.values()) == 3 * (kv * block) ** 2
+        assert (stored, 3 * (kv * block) ** 2) == (192, 3072)
+        torch.testing.assert_close(
+            block_correlation(reduced, 0, 1, space),
+            block_correlation(before, 0, 1, space),
+            rtol=0,
+            atol=1e-10,
+        )
 
 
 def test_rotation_that_differs_per_head_fixes_query_and_key() -> None:
