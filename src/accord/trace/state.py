@@ -441,6 +441,21 @@ class Call:
             raise KeyError(name)
         return default
 
+    def schema_arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
+        """Argument ``name`` where the target's schema puts it (an ATen overload: keepdim is
+        argument 2 of ``mean.dim`` but 3 of ``var.dim`` and keyword-only in ``var.correction``);
+        ``default`` when the overload has no such argument. Targets without a schema (torch.fx's
+        functions and methods) have it at ``index``."""
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None:
+            names = [a.name for a in schema.arguments]
+            if name not in names:
+                if default is _MISSING:
+                    raise KeyError(name)
+                return default
+            index = names.index(name)
+        return self.arg(index, name, default)
+
     @property
     def x(self) -> Any:
         """The main input: a module's input, a method's tensor, a function's first argument."""
