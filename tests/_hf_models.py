@@ -191,6 +191,13 @@ def _images_16(batch: int = 2) -> torch.Tensor:
     return _images(batch, 16)
 
 
+def _falcon(**config: object) -> tuple[nn.Module, Callable[[int], torch.Tensor]]:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, bias=True
+    )
+    return transformers.FalconForCausalLM(transformers.FalconConfig(**base, **config)), _tokens
+
+
 MORE_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
     "opt": lambda: (
         transformers.OPTForCausalLM(
@@ -425,5 +432,15 @@ MORE_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Ten
         ),
         _images,
     ),
+    # Falcon's other layouts of its fused q, k and v (BUILDERS' "falcon" is multi-query):
+    # per key/value group its query heads, its key and its value in a row (Falcon-40B)
+    "falcon-grouped": lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2),
+    # q, k and v interleaved per head
+    "falcon-heads": lambda: _falcon(multi_query=False),
+    # ALiBi: a position bias of each head's own, through the attention mask
+    "falcon-alibi": lambda: _falcon(alibi=True),
+    "falcon-alibi-heads": lambda: _falcon(alibi=True, multi_query=False),
+    # attention written out: q @ kᵀ plus the ALiBi bias, softmax, @ v
+    "falcon-alibi-eager": lambda: _falcon(alibi=True, attn_implementation="eager"),
 }
 SLOW_FAMILIES = ("mobilevit", "efficientnet")

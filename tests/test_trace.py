@@ -549,6 +549,40 @@ def test_linear_written_as_a_matrix_product(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+class HandWrittenNorms(nn.Module):
+    """Norms written out with var and std, whose keepdim sits at another place in each ATen
+    overload: var.correction (keyword-only), std.dim and var.dim (argument 3, after unbiased)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.gain = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        # a LayerNorm over the features
+        var = h.var(-1, correction=0, keepdim=True)
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(var + 1e-5) * self.gain
+        g = self.b(h)
+        # an instance norm over the tokens, each feature alone
+        g = (g - g.mean(1, keepdim=True)) / torch.std(g, 1, False, True)
+        # pooled over the tokens by their spread
+        return self.c(torch.var(g, 1, True, False))
+
+
+def test_var_and_std_keep_their_dims_by_the_operator_schema(assert_preserved) -> None:
+    model, x = HandWrittenNorms(), torch.randn(2, 7, 4)
+    spec = trace(model, x)
+    assert spec.graph == "export" and _names(spec) == ["input", "a", "b", "output"]
+    assert spec["a"].free and spec["a"].maps == "permutation"
+    assert spec["a"].elementwise == (AxisRef("gain", 0),)
+    assert spec["a"].readers == (AxisRef("b.weight", 1),)
+    # over the tokens each feature is normalised alone, but divided by a feature tensor
+    assert spec["b"].free and spec["b"].maps == "permutation"
+    assert spec["b"].readers == (AxisRef("c.weight", 1),)
+    assert_preserved(model, x, spec)
+
+
 def test_linear_written_as_an_einsum(assert_preserved) -> None:
     class Einsum(nn.Module):
         def __init__(self) -> None:

@@ -318,6 +318,53 @@ def test_falcon_matmul_linears_and_multi_query_heads(traced: Any) -> None:
         assert space.size == size and not space.free and "rotary" in space.reason
 
 
+@pytest.mark.parametrize(
+    ("name", "groups", "run", "heads_per_group"),
+    [("falcon-grouped", 2, 32, 2), ("falcon-heads", 4, 24, 1)],
+)
+def test_falcon_interleaved_heads_move_whole(
+    name: str, groups: int, run: int, heads_per_group: int, traced: Any
+) -> None:
+    """The fused projection laid out per key/value group (its query heads, its key, its
+    value: 32 rows) or per head (q, k, v: 24 rows), under rotary embeddings: one space of
+    permutations of the groups, each its run of rows and the output columns of its query
+    heads."""
+    _, _, spec = traced(name)
+    attn = "model.transformer.h.0.self_attention"
+    heads = _with(spec, f"{attn}.query_key_value.weight", 0)
+    _free(spec, f"{attn}.query_key_value.weight", 0, maps="permutation")
+    assert heads.size == groups and heads.observed_block == 8 * heads_per_group
+    assert set(heads.writers) == {
+        AxisRef(f"{attn}.query_key_value.{p}", 0, run) for p in ("weight", "bias")
+    }
+    assert heads.readers == (AxisRef(f"{attn}.dense.weight", 1, 8 * heads_per_group),)
+
+
+def test_falcon_alibi_keeps_heads_in_place(traced: Any) -> None:
+    """ALiBi's bias differs per head: whole heads may not move."""
+    qkv = "model.transformer.h.0.self_attention.query_key_value"
+    _, _, spec = traced("falcon-alibi-heads")
+    heads = _with(spec, f"{qkv}.weight", 0)
+    assert not heads.free and "differs per head" in heads.reason
+
+
+@pytest.mark.parametrize("name", ["falcon-alibi", "falcon-alibi-eager"])
+def test_falcon_multi_query_heads_share_one_key(name: str, traced: Any) -> None:
+    """Without rotary embeddings the four query heads of multi-query attention read one key
+    head: one qk space of that head's 8 features, whose map acts on every query head alike
+    (rows 0, 8, 16, 24) and on the key (row 32); the one value head is read by the output
+    columns of every query head."""
+    qkv = "model.transformer.h.0.self_attention.query_key_value"
+    _, _, spec = traced(name)
+    qk = _with(spec, f"{qkv}.weight", 0)
+    _free(spec, f"{qkv}.weight", 0, maps="orthogonal")
+    assert qk.size == 8 and set(qk.writers) == {
+        AxisRef(f"{qkv}.{p}", 0, 1, offset) for p in ("weight", "bias") for offset in (0, 8, 16, 24)
+    }
+    assert set(qk.readers) == {AxisRef(f"{qkv}.{p}", 0, 1, 32) for p in ("weight", "bias")}
+    _free(spec, f"{qkv}.weight", 0, 40, maps="linear")
+
+
 def test_gemma_gain_of_one_plus_w_moves_with_the_stream(traced: Any) -> None:
     _, _, spec = traced("gemma")
     stream = _with(spec, "model.model.embed_tokens.weight", 1)

@@ -250,19 +250,18 @@ def reduce(kind: str | None) -> Rule:
     along = rules.reduce(kind)
 
     def rule(call: Call) -> Any:
-        x, dims = call.x, call.arg(1, "dim", None)
-        if isinstance(x, Feat) and x.param is not None:
-            return _reduced_param(call, x, dims)
-        if isinstance(x, Feat) and x.heads is not None:
-            # over each head's features alike (a norm over the head dimension): whole heads
-            over = {dims % x.ndim} if isinstance(dims, int) else {d % x.ndim for d in dims or ()}
-            return rule(call) if over == {x.axis} and heads.whole_heads(call, x) else None
+        x = call.x
         if not isinstance(x, Feat):
             return None
+        dims = rules.reduced_axes(call, x.ndim)
+        if x.param is not None:
+            return _reduced_param(call, x, dims)
+        if x.heads is not None:
+            # over each head's features alike (a norm over the head dimension): whole heads
+            return rule(call) if dims == {x.axis} and heads.whole_heads(call, x) else None
         if not x.featured:
             return call.plain()
-        dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
-        if x.axis in {d % x.ndim for d in dims}:
+        if x.axis in dims:
             call.table.downgrade_value(x, "permutation")
             return call.plain()
         return along(call)
@@ -270,17 +269,14 @@ def reduce(kind: str | None) -> Rule:
     return rule
 
 
-def _reduced_param(call: Call, x: Feat, dims: Any) -> Feat | None:
+def _reduced_param(call: Call, x: Feat, dims: set[int]) -> Feat | None:
     """A reduction of a parameter over whole axes, kept as size-1 axes (the mean and variance
     of weight standardization): invariant to permutations of those axes (-3, see
     :func:`rules.same_param`), it moves with the parameter along the others."""
-    arguments = [a.name for a in call.node.target._schema.arguments]
-    keep = "keepdim" in arguments and call.arg(arguments.index("keepdim"), "keepdim", False)
+    keep = call.schema_arg(2, "keepdim", False)
     if not keep or any(d is None or d < 0 for d in x.dims) or call.out_shape is None:
         return None
-    dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
-    reduced = {d % x.ndim for d in dims}
-    out = tuple(-3 if i in reduced else d for i, d in enumerate(x.dims))
+    out = tuple(-3 if i in dims else d for i, d in enumerate(x.dims))
     return Feat(call.out_shape, param=x.param, dims=out, applied=True)
 
 

@@ -3,10 +3,12 @@
 Heads are split and joined by the reshape rule of :mod:`accord.trace.heads`. ``q·k`` per
 head is kept when ``q ← T q`` and ``k ← T⁻ᵀ k``, so k's writers become readers of q's space
 (the "qk" space, orthogonal maps per head) when both are freshly written and reach nothing
-else. Rotary embeddings leave q and k as whole heads (:func:`accord.trace.heads.whole_heads`):
-then only permutations of whole key/value groups keep the attention, each moving its key and
-value head with its query heads and their output columns, one space of permutations for all
-of them. Anything else in between (norms of q and k) is outside what the tracer proves: those
+else; query heads that all read one key head (multi-query attention) share one map, the
+query's space folded into one head's features. Rotary embeddings leave q and k as whole heads
+(:func:`accord.trace.heads.whole_heads`), as does a fused projection whose q, k and v heads
+are interleaved: then only permutations of whole key/value groups keep the attention, each
+moving its key and value head with its query heads and their output columns, one space of
+permutations for all of them, unless the mask differs per head (ALiBi). Anything else in between (norms of q and k) is outside what the tracer proves: those
 spaces are fixed, by the rule of the operator that touched them. Values are
 per head: the output lies in v's space, laid out as the heads of the query (grouped-query
 attention repeats each key/value head, see :func:`accord.trace.heads.reshape`).
@@ -29,6 +31,11 @@ def sdpa(call: Call) -> Any:
     if not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
         return None
     if _whole_heads(q) or _whole_heads(k):
+        if isinstance(mask, Feat) and mask.ndim >= 3 and mask.shape[-3] > 1:
+            # a bias of each head's own (ALiBi's slopes): its heads may not move
+            reason = f"attention at node {call.node.name!r} adds a mask that differs per head"
+            call.table.fix_value([q, k, v], reason)
+            return call.plain()
         return _rotary(call, q, k, v, shape)
     _query_key(call, q, k, f"attention at node {call.node.name!r}")
     if not v.featured:
@@ -112,6 +119,10 @@ def _rotary_product(call: Call, a: Feat, b: Feat, shape: tuple[int, ...]) -> Any
 
 def _value_groups(call: Call, v: Feat, groups: int) -> int | None:
     """v's space as ``groups`` whole heads (one per key/value group), or None."""
+    if _whole_heads(v):
+        # already whole (interleaved with q and k: one space with them)
+        seg = v.segs[0]
+        return seg.space if seg.size == groups and seg.size * seg.block == v.shape[-3] else None
     if v.heads != v.ndim - 3 or v.axis != v.ndim - 1 or v.repeat is not None:
         return None
     width, segs = v.shape[-1], v.segs
@@ -145,22 +156,42 @@ def _query_layout(call: Call, v: Feat, query_heads: int) -> tuple[Seg, ...] | No
 
 
 def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
-    """One qk space when q and k are each one freshly written space per head; else fixed."""
+    """One qk space when q and k are each one freshly written space per head, or the query
+    heads all read one key head (multi-query attention: the query's space folded into one
+    head's features that every query head holds, :func:`heads.fold`); else fixed."""
     if not (q.featured or k.featured):
         return
-    if _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]:
-        table = call.table
+    table, single = call.table, _single_key(k, q)
+    same_heads = _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]
+    if _per_head(q) and (single is not None or same_heads):
         query, key = q.segs[0].space, k.segs[0].space
         if table.find(query) != table.find(key) and heads._only_written(call, key):
-            table.absorb_as_readers(query, key)
-            table.downgrade(query, "orthogonal")
-            record, key_record = table.record(query), table.record(key)
-            parent = record.base.rpartition(".")[0]
-            if parent and key_record.base.rpartition(".")[0] == parent:
-                record.base = f"{parent}.qk"
-            return
+            if single is not None:
+                query = heads.fold(call, query, q.shape[q.heads])
+            if query is not None:
+                table.absorb_as_readers(query, key)
+                table.downgrade(query, "orthogonal")
+                record, key_record = table.record(query), table.record(key)
+                parent = record.base.rpartition(".")[0]
+                if parent and key_record.base.rpartition(".")[0] == parent:
+                    record.base = f"{parent}.qk"
+                return
     reason = f"{where} compares query and key features accord cannot map together"
     call.table.fix_value([q, k], reason)
+
+
+def _single_key(k: Feat, q: Feat) -> int | None:
+    """The space of a single key head that every query head reads (multi-query attention,
+    the key repeated per query head or not), when there are several query heads."""
+    if q.heads is None or q.shape[q.heads] < 2 or k.heads is None or k.repeat is not None:
+        return None
+    if k.axis != k.ndim - 1 or k.shape[k.heads] not in (1, q.shape[q.heads]):
+        return None
+    width, spaces = q.shape[q.axis], {seg.space for seg in k.segs}
+    whole = all(seg.size == width and seg.block == 1 for seg in k.segs)
+    if len(spaces) != 1 or None in spaces or not whole or len(k.segs) != k.shape[k.heads]:
+        return None
+    return k.segs[0].space
 
 
 def _per_head(t: Feat) -> bool:

@@ -29,6 +29,8 @@ def reshape(call: Call) -> Any:
             return _join_repeated(call, x, shape)
         joined = _join(x, shape)
         if joined is None:
+            joined = _interleaved(call, x, shape)
+        if joined is None:
             call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes heads")
             return call.plain()
         return joined
@@ -95,6 +97,25 @@ def _join_repeated(call: Call, x: Feat, shape: tuple[int, ...]) -> Any:
     return Feat(tuple(shape), b + 1 + x.axis - x.repeat - 1, segs, heads=b)
 
 
+def _interleaved(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, H, D) → (…, A, B, D) with H = A·B: the heads of a fused projection interleaved in
+    groups of B (Falcon's q, k and v per head, or each key/value group's query heads, key and
+    value in a row), whose slots the next operators take apart. Each group moves only whole,
+    its B·D features a run (:func:`regroup`): the A groups become the features, on the axis of
+    A, and every axis after it is per position. None, changing nothing, where the space is
+    not one freshly written space split into heads."""
+    at, heads_shape = x.heads, x.shape[x.heads]
+    if x.axis != at + 1 or len(x.segs) != 1 or x.segs[0].block != 1 or x.segs[0].space is None:
+        return None
+    if len(shape) != x.ndim + 1 or tuple(shape[:at]) != x.shape[:at]:
+        return None
+    groups, slots = shape[at], shape[at + 1]
+    if groups * slots != heads_shape or slots == 1 or tuple(shape[at + 2 :]) != x.shape[at + 1 :]:
+        return None
+    runs = regroup(call, x.segs[0].space, slots * x.shape[x.axis])
+    return None if runs is None else Feat(tuple(shape), at, (Seg(runs, groups),))
+
+
 def _per_head_segs(call: Call, x: Feat, heads: int) -> list[Seg] | None:
     """``x``'s layout as one segment of one space per head, splitting a fresh space."""
     width = x.shape[x.axis]
@@ -141,6 +162,46 @@ def regroup(call: Call, space: int, factor: int) -> int | None:
     return runs
 
 
+def fold(call: Call, space: int, times: int) -> int | None:
+    """``space``, split into ``times`` heads, as one space that each head holds
+    (:meth:`SpaceTable.fold`), with every traced value that holds it rewritten to hold it
+    once per head; None, changing nothing, where the table refuses or a value holds the
+    space otherwise than whole."""
+    table, values = call.table, call.walk.values
+    root = table.find(space)
+    size = table.record(root).size
+    holders = [n for n, v in values.items() if root in map(table.find, table.spaces(v))]
+    if any(_as_folded(table, values[n], root, size, times, -1) is None for n in holders):
+        return None
+    folded = table.fold(root, times)
+    if folded is None:
+        return None
+    for name in holders:
+        values[name] = _as_folded(table, values[name], root, size, times, folded)
+    return folded
+
+
+def _as_folded(table: Any, value: Any, root: int, size: int, times: int, folded: int) -> Any:
+    """``value`` with each whole segment of ``root`` (``size`` features) replaced by
+    ``times`` segments of ``folded``; None where a segment holds only part of the space."""
+    if isinstance(value, Tup):
+        items = [_as_folded(table, item, root, size, times, folded) for item in value.items]
+        return None if any(item is None for item in items) else Tup(tuple(items))
+    if not isinstance(value, Feat) or root not in map(table.find, table.spaces(value)):
+        return value
+    if value.repeat is not None:
+        return None
+    segs = []
+    for seg in value.segs:
+        if seg.space is not None and table.find(seg.space) == root:
+            if seg.size != size:
+                return None
+            segs += [Seg(folded, size // times, seg.block)] * times
+        else:
+            segs.append(seg)
+    return Feat(value.shape, value.axis, tuple(segs), heads=value.heads)
+
+
 def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: int) -> Any:
     """``value`` with the space ``root`` (``size`` features) replaced by ``runs``, its runs of
     ``factor`` features; None where that cannot be said: split into heads other than one run
@@ -151,10 +212,12 @@ def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: in
     if not isinstance(value, Feat) or root not in map(table.find, table.spaces(value)):
         return value
     if value.heads is not None:
+        # each run one head, or several heads in a row (interleaved groups)
         whole = len(value.segs) == 1 and value.segs[0].block == 1 and value.repeat is None
-        if not whole or value.shape[value.axis] != factor or value.segs[0].size != size:
+        if not whole or factor % value.shape[value.axis] or value.segs[0].size != size:
             return None
-        return Feat(value.shape, value.heads, (Seg(runs, size // factor),))
+        per_run = factor // value.shape[value.axis]
+        return Feat(value.shape, value.heads, (Seg(runs, size // factor, per_run),))
     segs = []
     for seg in value.segs:
         if seg.space is not None and table.find(seg.space) == root:

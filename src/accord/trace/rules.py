@@ -291,24 +291,32 @@ def expand(call: Call) -> Any:
 
 
 def reduce(kind: str | None) -> Rule:
-    """mean / sum / amax / amin over axes other than the features."""
+    """mean / sum / amax / amin / var / std over axes other than the features."""
 
     def rule(call: Call) -> Any:
-        x, dims = call.x, call.arg(1, "dim", None)
-        if not isinstance(x, Feat) or call.out_shape is None or dims is None:
+        x = call.x
+        if not isinstance(x, Feat) or call.out_shape is None:
             return None
         if not x.featured:
             return call.plain()
-        dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+        dims = reduced_axes(call, x.ndim)
         if x.axis in dims:
             return None
-        keep = call.arg(2, "keepdim", False)
+        keep = call.schema_arg(2, "keepdim", False)
         axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
         if kind:
             call.table.downgrade_value(x, kind)
         return x.moved(call.out_shape, axis)
 
     return rule
+
+
+def reduced_axes(call: Call, ndim: int) -> set[int]:
+    """The axes a reduction's ``dim`` names; none named (None, or an empty list) is all."""
+    dims = call.schema_arg(1, "dim", None)
+    if dims is None or (isinstance(dims, Sequence) and not dims):
+        return set(range(ndim))
+    return {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
 
 
 def getattr_rule(call: Call) -> Any:

@@ -272,11 +272,11 @@ class SpaceTable:
         """A freshly written space (:meth:`only_written`) as a new space of its runs of
         ``factor`` consecutive features (whole attention heads), which move only whole:
         permutations of the runs, every axis giving each run ``factor`` times its block. None
-        where the space's groups would split a run or cut across runs (a run must be one
-        group of a split into heads, or the space ungrouped). The old space is left empty."""
+        where the space's groups would split a run or cut across runs (a run must be whole
+        groups of a split into heads, or the space ungrouped). The old space is left empty."""
         record = self.record(index)
         runs = record.size // factor if record.size % factor == 0 else 0
-        grouped = record.groups > 1 and (record.kept_groups or record.groups != runs)
+        grouped = record.groups > 1 and (record.kept_groups or record.groups % max(runs, 1))
         if not runs or not self.only_written(index) or grouped:
             return None
         part = self.new(runs, record.base, "permutation")
@@ -287,6 +287,28 @@ class SpaceTable:
                 AxisRef(r.tensor, r.axis, r.block * factor, r.offset) for r in record.refs[role]
             ]
             record.refs[role] = []
+        return part
+
+    def fold(self, index: int, times: int) -> int | None:
+        """A freshly written space (:meth:`only_written`) of ``times`` equal heads, each a
+        group of its split into heads, as one space of a head's features that every head
+        holds: its map acts on each head alike (the query heads that all read one key head).
+        Every writer lists each head's run. None where the space is used or grouped otherwise.
+        The old space is left empty."""
+        record = self.record(index)
+        width = record.size // times if record.size % times == 0 else 0
+        if not width or not self.only_written(index) or record.kept_groups:
+            return None
+        if record.groups % times:
+            return None
+        part = self.new(width, record.base, record.maps, record.groups // times)
+        self.records[part].order = record.order
+        self.records[part].refs["writers"] = [
+            AxisRef(r.tensor, r.axis, r.block, r.offset + h * width * r.block)
+            for r in record.refs["writers"]
+            for h in range(times)
+        ]
+        record.refs["writers"] = []
         return part
 
     def join_parts(self, parts: list[int]) -> int | None:
@@ -440,6 +462,21 @@ class Call:
         if default is _MISSING:
             raise KeyError(name)
         return default
+
+    def schema_arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
+        """Argument ``name`` where the target's schema puts it (an ATen overload: keepdim is
+        argument 2 of ``mean.dim`` but 3 of ``var.dim`` and keyword-only in ``var.correction``);
+        ``default`` when the overload has no such argument. Targets without a schema (torch.fx's
+        functions and methods) have it at ``index``."""
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None:
+            names = [a.name for a in schema.arguments]
+            if name not in names:
+                if default is _MISSING:
+                    raise KeyError(name)
+                return default
+            index = names.index(name)
+        return self.arg(index, name, default)
 
     @property
     def x(self) -> Any:
