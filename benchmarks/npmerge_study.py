@@ -9,13 +9,15 @@ user would have them); validation: the dataset's validation split (6,000 images,
 every training image); test: the test split, which chooses nothing. Each variant is
 ``align:option=value,...``: the alignment NP Merge starts from (``merge`` for
 ``accord.merge(method="npmerge")`` with its defaults), then :func:`accord.combine.np_merge`
-options (``epochs``, ``lr``, ``loss``, ``scheme``) and ``val=1`` (early stopping on the
-validation split); ``epochs=0`` is the aligned average. Every merged model's BatchNorm
-statistics are reset on the calibration images; the ``no reset`` column keeps the averaged
-running statistics NP Merge returns.
+options (``epochs``, ``lr``, ``loss``, ``scheme``), ``val=1`` (early stopping on the
+validation split) and ``models=K`` (merge the first K of the ``--models``, all by default, so
+that N = 2 and N = 4 share one store); ``epochs=0`` is the aligned average. Every merged
+model's BatchNorm statistics are reset on the calibration images; the ``no reset`` column keeps
+the averaged running statistics NP Merge returns.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/npmerge_study.py \
         --store benchmarks/cache/npmerge-study permutation:epochs=0 cca:epochs=3
+    ... --models 4 cca:epochs=3,models=2 cca:epochs=3   # N = 2 and N = 4 of one model set
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from accord.combine import np_merge
 from accord.data import DataSplits, make_loader
 
 TRAIN = accord.TrainConfig(epochs=2, lr=0.05)
-NUMBERS = {"epochs": int, "lr": float, "val": int}
+NUMBERS = {"epochs": int, "lr": float, "val": int, "models": int}
 
 
 def trained_models(store: str, count: int, data: DataSplits) -> list[nn.Module]:
@@ -75,21 +77,24 @@ def run_variant(
     models: list[nn.Module],
     data: DataSplits,
     calibration: Any,
-    aligned: dict[str, list[dict[str, torch.Tensor]]],
+    aligned: dict[tuple[str, int], list[dict[str, torch.Tensor]]],
 ) -> list[str]:
-    """One table row: variant, passes kept, val, test after a reset, test without, seconds."""
+    """One table row: variant, N, passes kept, val, test after a reset, test without, seconds."""
     clock = time.perf_counter()
     align, options = parse_variant(text)
+    models = models[: options.pop("models", len(models))]
+    count = str(len(models))
     if align == "merge":  # the library's route and defaults, nothing chosen here
         merged = accord.merge(models, calibration, method="npmerge", **options).model
         val, test = accuracy(merged, data.val), accuracy(merged, data.test)
-        return [text, "-", f"{val:.2f}", f"{test:.2f}", "-", f"{time.perf_counter() - clock:.0f}"]
-    if align not in aligned:  # the aligned states of the averaging merge, BN targets included
-        aligned[align] = accord.merge(models, calibration, align=align).aligned
+        seconds = f"{time.perf_counter() - clock:.0f}"
+        return [text, count, "-", f"{val:.2f}", f"{test:.2f}", "-", seconds]
+    if (align, len(models)) not in aligned:  # the averaging merge's states, BN targets included
+        aligned[align, len(models)] = accord.merge(models, calibration, align=align).aligned
     early = options.pop("val", 0)
     result = np_merge(
         models[0],
-        aligned[align],
+        aligned[align, len(models)],
         calibration,
         teachers=models,
         progress=False,
@@ -103,6 +108,7 @@ def run_variant(
     passes = f"{kept} ({'/'.join(f'{100 * v:.1f}' for v in curve)})" if early else "all"
     return [
         text,
+        count,
         passes,
         f"{accuracy(merged, data.val):.2f}",
         f"{accuracy(merged, data.test):.2f}",
@@ -112,7 +118,7 @@ def run_variant(
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
-    head = ["variant", "passes kept (val % per pass)", "val %", "test %", "no reset", "s"]
+    head = ["variant", "N", "passes kept (val % per pass)", "val %", "test %", "no reset", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -132,10 +138,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         data.train.subset(torch.arange(args.samples)), batch_size=args.batch_size
     )
     bases = [accuracy(m, data.test) for m in models]
-    ensemble = 100 * accord.evaluate_ensemble(models, data.test).accuracy
-    print(f"bases {' / '.join(f'{b:.2f}' for b in bases)} % test, ensemble {ensemble:.2f} %")
+    print(f"bases {' / '.join(f'{b:.2f}' for b in bases)} % test")
+    for count in sorted({parse_variant(v)[1].get("models", len(models)) for v in args.variants}):
+        ensemble = 100 * accord.evaluate_ensemble(models[:count], data.test).accuracy
+        print(f"ensemble of {count}: {ensemble:.2f} % test")
     rows: list[list[str]] = []
-    aligned: dict[str, list[dict[str, torch.Tensor]]] = {}
+    aligned: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
     for variant in args.variants:
         rows.append(run_variant(variant, models, data, calibration, aligned))
         print(" | ".join(rows[-1]), flush=True)

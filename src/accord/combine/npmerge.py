@@ -427,7 +427,7 @@ def np_merge(
     scheme: str = "joint",
     epochs: int = 3,
     max_samples: int | None = None,
-    lr: float = 0.05,
+    lr: float = 0.025,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -515,8 +515,9 @@ def _result(
 
 
 # Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
-# only perturbs the average: hence 3 epochs at 0.05 (measured: BENCHMARKS.md, "Measurements
-# behind design choices").
+# only perturbs the average: hence 3 epochs. At N = 2 the joint softmax's two logits move apart
+# by 2·lr (a sigmoid's by lr), so joint at 0.025 steps as pairwise at 0.05; 0.025 beat 0.05 on
+# validation at N = 2 and N = 4 (BENCHMARKS.md, "Measurements behind design choices").
 @combiner(
     "npmerge",
     paper="Orozco Camacho et al., Non-Uniform Parameter-Wise Model Merging, arXiv:2412.15467",
@@ -525,7 +526,7 @@ def _result(
         Option("loss", str, "ce", "ce on the labels, or kl to the ensemble", choices=LOSSES),
         Option("scheme", str, "joint", "one softmax, or pairwise stages", choices=SCHEMES),
         Option("epochs", int, 3, "passes over the calibration data", Limits(0), grid=(0,)),
-        Option("lr", float, 0.05, "Adam's learning rate", POSITIVE),
+        Option("lr", float, 0.025, "Adam's learning rate", POSITIVE),
         Option("max_samples", int, None, "samples per stage at most", Limits(0), nullable=True),
     ),
     needs=Needs(data=True, labels=True),
