@@ -187,7 +187,7 @@ def test_options_are_parsed_by_the_types_of_the_method_options(
     for option, message in (
         ("ridge", "--option 'ridge': expected KEY=VALUE"),
         ("rige=0.1", "has no option 'rige' (did you mean 'ridge'?)"),
-        ("ridge=abc", "--option ridge=abc: ridge takes a number (default 0.1)"),
+        ("ridge=abc", "--option ridge=abc: ridge takes a number (default 1.0)"),
     ):
         assert main(["merge", *stored, "--method", "cca", "--option", option]) == 2
         err = capsys.readouterr().err

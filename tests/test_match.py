@@ -85,7 +85,7 @@ def test_registry_metadata() -> None:
     # a new alignment adds to these sets from its record; no list here to edit
     assert {"permutation", "zipit", "ot", "cca", "gcca"} <= set(DATA_METHODS)
     assert not {"identity", "weight_matching"} & set(DATA_METHODS)
-    assert MATCHERS["zipit"].defaults == {"alpha": 0.3, "beta": 0.125}
+    assert MATCHERS["zipit"].defaults == {"alpha": 0.3, "beta": 0.5}
     assert MATCHERS["weight_matching"].defaults == {"seed": 0, "max_iter": 100}
     assert all(info.paper for info in MATCHERS.values())
 

@@ -43,13 +43,14 @@ def test_cca_matches_an_independent_scipy_computation() -> None:
     stats = random_pair()
     sxx, syy, sxy = blocks(stats)
     size = sxx.shape[0]
-    g_x, g_y = 0.1 * np.trace(sxx) / size, 0.1 * np.trace(syy) / size
+    ridge = 0.1
+    g_x, g_y = ridge * np.trace(sxx) / size, ridge * np.trace(syy) / size
     x_root = scipy.linalg.sqrtm(sxx + g_x * np.eye(size)).real
     y_root = scipy.linalg.sqrtm(syy + g_y * np.eye(size)).real
     k = np.linalg.solve(x_root, sxy) @ np.linalg.inv(y_root)
     u, s, vh = np.linalg.svd(k)
     expected = x_root @ u @ vh @ np.linalg.inv(y_root)
-    matrix, _, correlations = cca_transform(stats)
+    matrix, _, correlations = cca_transform(stats, ridge=ridge)
     np.testing.assert_allclose(matrix.numpy(), expected, atol=1e-9)
     np.testing.assert_allclose(correlations.numpy(), s, atol=1e-10)
     assert torch.all(correlations[:-1] >= correlations[1:])

@@ -291,7 +291,7 @@ def cca_match(
         Option(
             "ridge",
             float,
-            0.1,
+            1.0,
             "scale-relative regulariser",
             POSITIVE,
             grid=(1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0),

@@ -258,7 +258,7 @@ def gcca_match(
         Option(
             "ridge",
             float,
-            0.1,
+            1.0,
             "scale-relative regulariser, as CCA's",
             POSITIVE,
             grid=(1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 10.0),
