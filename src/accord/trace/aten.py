@@ -177,8 +177,9 @@ def glu(call: Call) -> Any:
 
 
 def index(call: Call) -> Any:
-    """aten.index(x, [None, …, idx]): rows gathered along one axis other than the features
-    (a mixture of experts sorting its tokens by expert and back) keep the features."""
+    """aten.index(x, [None, …, idx]): rows gathered along axes other than the features (a
+    mixture of experts sorting its tokens by expert and back; a boolean mask picking the
+    positions of an end-of-sequence token, ``x[mask]``) keep the features."""
     x, indices, shape = call.x, call.arg(1, "indices"), call.out_shape
     if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
         return None
@@ -188,13 +189,18 @@ def index(call: Call) -> Any:
     ((dim, idx),) = tensors
     if not isinstance(idx, Feat):
         return None
+    # integer indices replace one axis with theirs; a boolean mask replaces as many axes as
+    # it has with one (told apart by the output's rank where the two differ)
+    taken, given = (1, idx.ndim) if len(shape) == x.ndim - 1 + idx.ndim else (idx.ndim, 1)
+    if len(shape) != x.ndim - taken + given:
+        return None
     call.table.fix_value(idx, f"used as indices by {call.desc}")
     if not x.featured:
         return call.plain()
-    if dim == x.axis:
+    if dim <= x.axis < dim + taken:
         call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
         return call.plain()
-    axis = x.axis if x.axis < dim else x.axis - 1 + idx.ndim
+    axis = x.axis if x.axis < dim else x.axis - taken + given
     if shape[axis] != x.shape[x.axis]:
         return None
     return x.moved(shape, axis)
@@ -268,6 +274,29 @@ def reduce(kind: str | None) -> Rule:
         return along(call)
 
     return rule
+
+
+def extreme(call: Call) -> Any:
+    """aten.max / aten.min: of every entry (as amax over all axes), or along one axis,
+    returning the values and their indices (Hiera's max over the positions of its pooling
+    window)."""
+    along = reduce("dense")
+    return tupled(along)(call) if isinstance(call.meta, tuple) else along(call)
+
+
+def vector_norm(call: Call) -> Any:
+    """aten.linalg_vector_norm(x, ord, dim, keepdim): over the features (``F.normalize``)
+    the result has none left and only permutations keep it; over other axes it is unknown."""
+    x, dims = call.x, call.arg(2, "dim", None)
+    if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    over = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    if x.axis not in {d % x.ndim for d in over}:
+        return None
+    call.table.downgrade_value(x, "permutation")
+    return call.plain()
 
 
 def _reduced_param(call: Call, x: Feat, dims: Any) -> Feat | None:
@@ -372,6 +401,27 @@ def _varies_along(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
         return False
     d = x.axis + len(shape) - x.ndim - (len(shape) - other.ndim)
     return d >= 0 and other.shape[d] != 1
+
+
+def repeat(call: Call) -> Any:
+    """aten.repeat(x, sizes): tiling along axes other than the features keeps them; a
+    parameter tiled along its size-1 axes (a learned query repeated over the batch) is a
+    broadcast view of it."""
+    x, sizes, shape = call.x, call.arg(1, "repeats"), call.out_shape
+    if not isinstance(x, Feat) or not isinstance(sizes, list | tuple) or shape is None:
+        return None
+    lead = len(sizes) - x.ndim
+    times = list(sizes[lead:])
+    if x.param is not None:
+        if any(n != 1 and size != 1 for n, size in zip(times, x.shape, strict=True)):
+            return None
+        dims = [None] * lead + [d if n == 1 else None for d, n in zip(x.dims, times, strict=True)]
+        return Feat(shape, param=x.param, dims=tuple(dims), applied=x.applied)
+    if not x.featured:
+        return call.plain()
+    if times[x.axis] != 1 or x.heads is not None:
+        return None
+    return x.moved(shape, lead + x.axis)
 
 
 def t(call: Call) -> Any:
@@ -481,6 +531,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.numpy_T: numpy_t,
     aten.mT: matrix_t,
     aten.expand: expand,
+    aten.expand_as: expand,
+    aten.repeat: repeat,
+    aten.broadcast_to: expand,
     aten.unsqueeze: unsqueeze,
     aten.cat: cat,
     aten.concat: cat,
@@ -500,6 +553,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.amax: reduce("dense"),
     aten.amin: reduce("dense"),
     aten.var: reduce("dense"),
+    aten.max: extreme,
+    aten.min: extreme,
+    aten.linalg_vector_norm: vector_norm,
     aten.std: reduce("dense"),
     aten.linear: aten_layers.linear,
     aten.addmm: aten_layers.addmm,

@@ -28,6 +28,7 @@ def sdpa(call: Call) -> Any:
         return None
     if not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
         return None
+    q, k, v = _one_head(q), _one_head(k), _one_head(v)
     if _whole_heads(q) or _whole_heads(k):
         return _rotary(call, q, k, v, shape)
     _query_key(call, q, k, f"attention at node {call.node.name!r}")
@@ -40,6 +41,20 @@ def sdpa(call: Call) -> Any:
     if segs is None:
         return call.plain()
     return Feat(shape, len(shape) - 1, segs, heads=len(shape) - 3)
+
+
+def _one_head(t: Feat) -> Feat:
+    """A key or value of (…, H, L, D) never split into heads, its D features on the last axis
+    (multi-query attention slicing its one key and value head off a fused projection, maybe
+    repeated for every query head) as the same head on every index of the heads axis."""
+    if t.featured and t.heads is None and t.ndim >= 3 and len(t.segs) == 1:
+        seg = t.segs[0]
+        if t.axis == t.ndim - 1 and seg.space is not None and (seg.size, seg.block) == (
+            t.shape[-1],
+            1,
+        ):
+            return Feat(t.shape, t.axis, (seg,) * t.shape[-3], heads=t.ndim - 3)
+    return t
 
 
 def _whole_heads(t: Feat) -> bool:
@@ -148,19 +163,94 @@ def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
     """One qk space when q and k are each one freshly written space per head; else fixed."""
     if not (q.featured or k.featured):
         return
-    if _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]:
-        table = call.table
-        query, key = q.segs[0].space, k.segs[0].space
-        if table.find(query) != table.find(key) and heads._only_written(call, key):
-            table.absorb_as_readers(query, key)
-            table.downgrade(query, "orthogonal")
-            record, key_record = table.record(query), table.record(key)
-            parent = record.base.rpartition(".")[0]
-            if parent and key_record.base.rpartition(".")[0] == parent:
-                record.base = f"{parent}.qk"
+    if _per_head(q) and _one_space(k) and k.shape[-1] == q.shape[-1] and q.shape[q.heads] > 1:
+        if _shared_key(call, q, k):
+            return
+    elif _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]:
+        if _absorb_key(call, q.segs[0].space, k.segs[0].space):
             return
     reason = f"{where} compares query and key features accord cannot map together"
     call.table.fix_value([q, k], reason)
+
+
+def _absorb_key(call: Call, query: int, key: int) -> bool:
+    """The key space's writers as readers of the query space (one "qk" space, orthogonal
+    maps), where the key space is freshly written and reaches nothing else."""
+    table = call.table
+    if table.find(query) == table.find(key) or not heads._only_written(call, key):
+        return False
+    table.absorb_as_readers(query, key)
+    table.downgrade(query, "orthogonal")
+    record, key_record = table.record(query), table.record(key)
+    parent = record.base.rpartition(".")[0]
+    if parent and key_record.base.rpartition(".")[0] == parent:
+        record.base = f"{parent}.qk"
+    return True
+
+
+def _single_head(t: Feat) -> bool:
+    """One space on the last axis, never split into heads (attention with one head)."""
+    return (
+        t.featured
+        and t.heads is None
+        and t.axis == t.ndim - 1
+        and len(t.segs) == 1
+        and t.segs[0].space is not None
+        and t.segs[0].block == 1
+    )
+
+
+def _shared_key(call: Call, q: Feat, k: Feat) -> bool:
+    """Multi-query attention: every query head meets the one key head, so ``q·k`` is kept
+    when each query head maps by the same ``T`` and the key by ``T⁻ᵀ``: q's heads become one
+    space of D features (written at every head's rows), the key's writers its readers."""
+    table, key = call.table, k.segs[0].space
+    if table.find(q.segs[0].space) == table.find(key) or not heads._only_written(call, key):
+        return False
+    old = table.find(q.segs[0].space)
+    holders = [n for n, v in call.walk.values.items() if old in map(table.find, table.spaces(v))]
+    parts = heads._per_head_segs(call, q, q.shape[q.heads])
+    if parts is None:
+        return False
+    shared = parts[0].space
+    for part in parts[1:]:
+        shared = table.union(shared, part.space)
+    # the query's tensors so far hold the shared space once per head: observed head by head
+    for name in holders:
+        call.walk.values[name] = _per_head_copies(table, call.walk.values[name], old, parts)
+    table.absorb_as_readers(shared, key)
+    table.downgrade(shared, "orthogonal")
+    record = table.record(shared)
+    record.base = f"{record.base.rpartition(':')[0] or record.base}.qk"
+    return True
+
+
+def _one_space(t: Feat) -> bool:
+    """Every head of ``t`` holds the same D features of one space (:func:`_one_head`)."""
+    seg = t.segs[0] if t.segs else None
+    return (
+        seg is not None
+        and t.heads is not None
+        and t.repeat is None
+        and t.axis == t.ndim - 1
+        and seg.space is not None
+        and all(s == seg for s in t.segs)
+        and (seg.size, seg.block) == (t.shape[-1], 1)
+    )
+
+
+def _per_head_copies(table: Any, value: Any, old: int, parts: list[Seg]) -> Any:
+    """``value`` with its segment of the space ``old`` as the segments ``parts`` (same
+    block)."""
+    if not isinstance(value, Feat):
+        return value
+    segs = []
+    for seg in value.segs:
+        if seg.space is not None and table.find(seg.space) == old:
+            segs += [Seg(part.space, part.size, seg.block) for part in parts]
+        else:
+            segs.append(seg)
+    return Feat(value.shape, value.axis, tuple(segs), value.param, value.dims, value.heads)
 
 
 def _per_head(t: Feat) -> bool:
@@ -190,6 +280,13 @@ def product(call: Call, a: Any, b: Any) -> Any:
     if scores and a.heads is not None and b.heads is not None:
         b_as_key = Feat(b.shape, b.ndim - 1, b.segs, heads=b.heads)
         _query_key(call, a, b_as_key, f"attention scores at node {call.node.name!r}")
+        return call.plain()
+    b_as_key = Feat(b.shape, b.ndim - 1, b.segs) if b.featured else b
+    if scores and _single_head(a) and _single_head(b_as_key) and a.heads is None:
+        # one head (PVT's stages with one head): q·k over all the features
+        if not _absorb_key(call, a.segs[0].space, b.segs[0].space):
+            reason = f"attention scores at node {call.node.name!r} compare features accord "
+            call.table.fix_value([a, b], reason + "cannot map together")
         return call.plain()
     values = not a.featured and b.featured and b.axis == b.ndim - 1
     if values and (b.heads is None or b.heads < b.ndim - 2):

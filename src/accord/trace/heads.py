@@ -27,7 +27,7 @@ def reshape(call: Call) -> Any:
             return squeezed
         if x.repeat is not None:
             return _join_repeated(call, x, shape)
-        joined = _join(x, shape)
+        joined = _join(x, shape) or _batch_heads(x, shape)
         if joined is None:
             call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes heads")
             return call.plain()
@@ -165,9 +165,32 @@ def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: in
     return Feat(value.shape, value.axis, tuple(segs))
 
 
+def head_count(x: Feat) -> int:
+    """How many heads a tensor split into heads holds (its features over each head's)."""
+    return sum(seg.size * seg.block for seg in x.segs) // x.shape[x.axis]
+
+
+def _batch_heads(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """Heads merged into the batch, heads minor, and split out again: (B, H, L, D) ↔
+    (B·H, L, D), attention written with ``bmm`` (XGLM, Bloom). The heads axis then holds
+    B·H entries, head ``i mod H`` at entry ``i``; the axes after it stay as they are."""
+    if x.repeat is not None or x.axis < x.heads:
+        return None
+    heads, rest = head_count(x), x.shape[x.heads + 1 :]
+    before = math.prod(x.shape[: x.heads + 1])
+    for b in range(len(shape)):
+        if tuple(shape[b + 1 :]) != tuple(rest) or math.prod(shape[: b + 1]) != before:
+            continue
+        merged = shape[b] % heads == 0 and shape[b] > heads == x.shape[x.heads]
+        split = shape[b] == heads < x.shape[x.heads]
+        if merged or split:
+            return Feat(tuple(shape), b + x.axis - x.heads, x.segs, heads=b)
+    return None
+
+
 def _join(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     """(…, H, D, …) → (…, H·D, …): heads axis right before the per-head axis."""
-    if x.axis != x.heads + 1:
+    if x.axis != x.heads + 1 or x.shape[x.heads] != head_count(x):
         return None
     before = math.prod(x.shape[: x.heads])
     for b, size in enumerate(shape):
