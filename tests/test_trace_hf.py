@@ -14,12 +14,19 @@ import torch
 from torch import nn
 
 import accord
-from _hf_models import BUILDERS, MORE_BUILDERS, SLOW_FAMILIES, Logits
+from _hf_models import (
+    BUILDERS,
+    FURTHER_BUILDERS,
+    FURTHER_SLOW,
+    MORE_BUILDERS,
+    SLOW_FAMILIES,
+    Logits,
+)
 from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
 
-# the families of the README's list: the tests' own and those the survey added
-FAMILIES = {**BUILDERS, **MORE_BUILDERS}
+# the families of the README's list: the tests' own and those the surveys added
+FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,9 @@ def _has(space: FeatureSpace, role: str, *refs: tuple[str, int]) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FAMILIES else name
+        pytest.param(name, marks=pytest.mark.slow)
+        if name in (*SLOW_FAMILIES, *FURTHER_SLOW)
+        else name
         for name in FAMILIES
     ],
 )

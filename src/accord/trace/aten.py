@@ -101,6 +101,10 @@ def split(call: Call) -> Any:
         return None
     if not x.featured:
         return call.plain()
+    if x.pieces is not None:
+        if dim != x.pieces or not name.startswith("unbind"):
+            return None
+        return Tup(tuple(_piece(x, item.shape, dim, i) for i, item in enumerate(meta)))
     if dim != x.axis and dim != x.heads and dim != x.repeat:
         items = []
         for item in meta:
@@ -214,11 +218,22 @@ def select(call: Call) -> Any:
     if not x.featured:
         return call.plain()
     dim = call.arg(1, "dim") % x.ndim
+    if dim == x.pieces:
+        return _piece(x, shape, dim, call.arg(2, "index") % x.shape[dim])
     if dim in (x.axis, x.heads, x.repeat):
         call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
         return call.plain()
+
+    def kept(axis: int | None) -> int | None:
+        return None if axis is None else axis - (dim < axis)
+
+    return Feat(shape, kept(x.axis), x.segs, heads=kept(x.heads), pieces=kept(x.pieces))
+
+
+def _piece(x: Feat, shape: tuple[int, ...], dim: int, index: int) -> Feat:
+    """Piece ``index`` of a fused projection cut on axis ``dim`` (``Feat.pieces``)."""
     heads_axis = None if x.heads is None else x.heads - (dim < x.heads)
-    return Feat(shape, x.axis - (dim < x.axis), x.segs, heads=heads_axis)
+    return Feat(tuple(shape), x.axis - (dim < x.axis), (x.segs[index],), heads=heads_axis)
 
 
 def expand(call: Call) -> Any:
@@ -262,6 +277,8 @@ def reduce(kind: str | None) -> Rule:
         if isinstance(x, Feat) and x.heads is not None:
             # over each head's features alike (a norm over the head dimension): whole heads
             over = {dims % x.ndim} if isinstance(dims, int) else {d % x.ndim for d in dims or ()}
+            if over and not over & {x.axis, x.heads} and x.repeat is None and call.out_shape:
+                return _reduced_heads(call, x, over, kind)
             return rule(call) if over == {x.axis} and heads.whole_heads(call, x) else None
         if not isinstance(x, Feat):
             return None
@@ -297,6 +314,20 @@ def vector_norm(call: Call) -> Any:
         return None
     call.table.downgrade_value(x, "permutation")
     return call.plain()
+
+
+def _reduced_heads(call: Call, x: Feat, over: set[int], kind: str | None) -> Feat:
+    """Heads reduced over other axes (positions): each head keeps its features; ``kind`` is
+    the weakest map the reduction allows (a max: permutations)."""
+    arguments = [a.name for a in call.node.target._schema.arguments]
+    keep = "keepdim" in arguments and call.arg(arguments.index("keepdim"), "keepdim", False)
+
+    def kept(axis: int) -> int:
+        return axis if keep else axis - sum(d < axis for d in over)
+
+    if kind:
+        call.table.downgrade_value(x, kind)
+    return Feat(call.out_shape, kept(x.axis), x.segs, heads=kept(x.heads))
 
 
 def _reduced_param(call: Call, x: Feat, dims: Any) -> Feat | None:
@@ -496,13 +527,50 @@ _POOLS = {
 }
 
 
+def window_pool(dims: int, kind: str | None = None) -> Rule:
+    """max_pool / avg_pool (x, kernel_size, stride, padding, …): :func:`rules.spatial`, and a
+    window of one entry along the features (Funnel pooling its sequence with
+    ``avg_pool2d(x[:, None], (2, 1))``) acts on each feature alone."""
+    spatial = rules.spatial(dims, kind)
+
+    def rule(call: Call) -> Any:
+        x, shape = call.x, call.out_shape
+        if not isinstance(x, Feat) or not x.featured or x.param is not None or shape is None:
+            return spatial(call)
+        at = x.axis - (x.ndim - dims)
+        if at < 0 or x.heads is not None or len(shape) != x.ndim:
+            return spatial(call)
+        kernel = _per_axis(call.arg(1, "kernel_size"), dims)
+        stride = _per_axis(call.arg(2, "stride", None) or kernel, dims)
+        padding = _per_axis(call.arg(3, "padding", 0), dims)
+        if None in (kernel, stride, padding) or (kernel[at], stride[at], padding[at]) != (1, 1, 0):
+            return spatial(call)
+        if shape[x.axis] != x.shape[x.axis]:
+            return None
+        if kind:
+            call.table.downgrade_value(x, kind)
+        return x.moved(shape, x.axis)
+
+    return rule
+
+
+def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
+    """A pooling argument (an int or one per axis) as one int per pooled axis."""
+    if isinstance(value, int):
+        return (value,) * dims
+    if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+        return tuple(value) * dims if len(value) == 1 else tuple(value)
+    return None
+
+
 def _pool_rules() -> dict[Any, Rule]:
     table: dict[Any, Rule] = {}
     for dims, (max_pool, avg_pool, adaptive_avg, adaptive_max) in _POOLS.items():
-        table[getattr(aten, max_pool)] = rules.spatial(dims, "dense")
-        table[getattr(aten, f"{max_pool}_with_indices")] = tupled(rules.spatial(dims, "dense"))
+        table[getattr(aten, max_pool)] = window_pool(dims, "dense")
+        table[getattr(aten, f"{max_pool}_with_indices")] = tupled(window_pool(dims, "dense"))
         table[getattr(aten, adaptive_max)] = tupled(rules.spatial(dims, "dense"))
-        table[getattr(aten, avg_pool)] = table[getattr(aten, adaptive_avg)] = rules.spatial(dims)
+        table[getattr(aten, avg_pool)] = window_pool(dims)
+        table[getattr(aten, adaptive_avg)] = rules.spatial(dims)
     return table
 
 
@@ -592,12 +660,14 @@ ATEN_HEAD_RULES = frozenset(
         rules.metadata,
         ATEN_RULES[aten.mean],
         ATEN_RULES[aten.sum],
+        extreme,
         rules.transpose,
         rules.permute,
         rules.movedim,
         heads.reshape,
         aten_attention.sdpa,
         aten_layers.matmul,
+        aten_layers.einsum,
         slice_rule,
         select,
         split,

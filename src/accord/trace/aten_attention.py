@@ -49,9 +49,14 @@ def _one_head(t: Feat) -> Feat:
     repeated for every query head) as the same head on every index of the heads axis."""
     if t.featured and t.heads is None and t.ndim >= 3 and len(t.segs) == 1:
         seg = t.segs[0]
-        if t.axis == t.ndim - 1 and seg.space is not None and (seg.size, seg.block) == (
-            t.shape[-1],
-            1,
+        if (
+            t.axis == t.ndim - 1
+            and seg.space is not None
+            and (seg.size, seg.block)
+            == (
+                t.shape[-1],
+                1,
+            )
         ):
             return Feat(t.shape, t.axis, (seg,) * t.shape[-3], heads=t.ndim - 3)
     return t
@@ -163,12 +168,12 @@ def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
     """One qk space when q and k are each one freshly written space per head; else fixed."""
     if not (q.featured or k.featured):
         return
-    if _per_head(q) and _one_space(k) and k.shape[-1] == q.shape[-1] and q.shape[q.heads] > 1:
-        if _shared_key(call, q, k):
-            return
-    elif _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]:
-        if _absorb_key(call, q.segs[0].space, k.segs[0].space):
-            return
+    shared = _per_head(q) and _one_space(k) and k.shape[-1] == q.shape[-1] and q.shape[q.heads] > 1
+    if shared and _shared_key(call, q, k):
+        return
+    same = not shared and _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]
+    if same and _absorb_key(call, q.segs[0].space, k.segs[0].space):
+        return
     reason = f"{where} compares query and key features accord cannot map together"
     call.table.fix_value([q, k], reason)
 
@@ -217,7 +222,7 @@ def _shared_key(call: Call, q: Feat, k: Feat) -> bool:
         shared = table.union(shared, part.space)
     # the query's tensors so far hold the shared space once per head: observed head by head
     for name in holders:
-        call.walk.values[name] = _per_head_copies(table, call.walk.values[name], old, parts)
+        call.walk.values[name] = heads.replace_segs(table, call.walk.values[name], old, parts)
     table.absorb_as_readers(shared, key)
     table.downgrade(shared, "orthogonal")
     record = table.record(shared)
@@ -237,20 +242,6 @@ def _one_space(t: Feat) -> bool:
         and all(s == seg for s in t.segs)
         and (seg.size, seg.block) == (t.shape[-1], 1)
     )
-
-
-def _per_head_copies(table: Any, value: Any, old: int, parts: list[Seg]) -> Any:
-    """``value`` with its segment of the space ``old`` as the segments ``parts`` (same
-    block)."""
-    if not isinstance(value, Feat):
-        return value
-    segs = []
-    for seg in value.segs:
-        if seg.space is not None and table.find(seg.space) == old:
-            segs += [Seg(part.space, part.size, seg.block) for part in parts]
-        else:
-            segs.append(seg)
-    return Feat(value.shape, value.axis, tuple(segs), value.param, value.dims, value.heads)
 
 
 def _per_head(t: Feat) -> bool:

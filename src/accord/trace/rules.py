@@ -239,7 +239,8 @@ def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
     if not x.featured:
         return call.plain()
     heads = None if x.heads is None else list(perm).index(x.heads)
-    return Feat(call.out_shape, list(perm).index(x.axis), x.segs, heads=heads)
+    pieces = None if x.pieces is None else list(perm).index(x.pieces)
+    return Feat(call.out_shape, list(perm).index(x.axis), x.segs, heads=heads, pieces=pieces)
 
 
 def transpose(call: Call) -> Any:
