@@ -165,7 +165,8 @@ def _query_layout(call: Call, v: Feat, query_heads: int) -> tuple[Seg, ...] | No
 
 
 def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
-    """One qk space when q and k are each one freshly written space per head; else fixed."""
+    """One qk space when q and k are each one freshly written space per head, or k is one
+    head every query head meets (multi-query attention, :func:`_shared_key`); else fixed."""
     if not (q.featured or k.featured):
         return
     shared = _per_head(q) and _one_space(k) and k.shape[-1] == q.shape[-1] and q.shape[q.heads] > 1
