@@ -444,3 +444,369 @@ MORE_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Ten
     "falcon-alibi-eager": lambda: _falcon(alibi=True, attn_implementation="eager"),
 }
 SLOW_FAMILIES = ("mobilevit", "efficientnet")
+
+# Issue #16's survey: further classes, measured by the same test (test_trace_hf). Where the
+# class's own initialisation shrinks a tiny random model's logits to nothing (convolutions
+# drawn with std 0.02), PyTorch's default initialisation is restored, so that the checks
+# compare numbers that carry the model's function.
+
+
+def _default_init(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
+def _ending_in_eos(batch: int = 2) -> torch.Tensor:
+    """Tokens whose last one alone is the end of sequence (id 2): Bart-like classifiers read
+    the features at the end-of-sequence token."""
+    tokens = torch.randint(3, VOCAB, (batch, 7))
+    tokens[:, -1] = 2
+    return tokens
+
+
+def _images_64(batch: int = 2) -> torch.Tensor:
+    return _images(batch, 64)
+
+
+_SEQ2SEQ = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    max_position_embeddings=20,
+)
+_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)
+_PYRAMID = dict(
+    image_size=32,
+    depths=[1, 1, 1, 1],
+    hidden_sizes=[8, 16, 16, 16],
+    num_attention_heads=[1, 1, 2, 2],
+    mlp_ratios=[2, 2, 2, 2],
+    num_labels=3,
+)
+
+FURTHER_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
+    # multi-query attention: one key and one value head sliced off the fused projection
+    "gpt-bigcode": lambda: (
+        transformers.GPTBigCodeForCausalLM(
+            transformers.GPTBigCodeConfig(
+                vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=20
+            )
+        ),
+        _tokens,
+    ),
+    "codegen": lambda: (
+        transformers.CodeGenForCausalLM(
+            transformers.CodeGenConfig(
+                vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=20
+            )
+        ),
+        _tokens,
+    ),
+    "starcoder2": lambda: (
+        transformers.Starcoder2ForCausalLM(
+            transformers.Starcoder2Config(
+                **_SMALL_DECODER, num_key_value_heads=2, max_position_embeddings=20
+            )
+        ),
+        _tokens,
+    ),
+    "cohere": lambda: (
+        transformers.CohereForCausalLM(
+            transformers.CohereConfig(**_SMALL_DECODER, num_key_value_heads=2)
+        ),
+        _tokens,
+    ),
+    "gemma3": lambda: (
+        transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(
+                **_SMALL_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=4
+            )
+        ),
+        _tokens,
+    ),
+    "persimmon": lambda: (
+        transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**_SMALL_DECODER)),
+        _tokens,
+    ),
+    "qwen2-moe": lambda: (
+        transformers.Qwen2MoeForCausalLM(
+            transformers.Qwen2MoeConfig(
+                **_DECODER,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+            )
+        ),
+        _tokens,
+    ),
+    "olmoe": lambda: (
+        transformers.OlmoeForCausalLM(
+            transformers.OlmoeConfig(**_DECODER, num_experts=4, num_experts_per_tok=2)
+        ),
+        _tokens,
+    ),
+    "mpt": lambda: (
+        transformers.MptForCausalLM(
+            transformers.MptConfig(
+                vocab_size=VOCAB,
+                d_model=32,
+                n_heads=4,
+                n_layers=1,
+                expansion_ratio=2,
+                max_seq_len=20,
+            )
+        ),
+        _tokens,
+    ),
+    "biogpt": lambda: (
+        transformers.BioGptForCausalLM(transformers.BioGptConfig(**_ENCODER)),
+        _tokens,
+    ),
+    # attention on batch and heads merged (bmm); sinusoidal positions outside the state dict
+    "xglm": lambda: (
+        transformers.XGLMForCausalLM(
+            transformers.XGLMConfig(
+                vocab_size=VOCAB,
+                d_model=32,
+                num_layers=1,
+                attention_heads=4,
+                ffn_dim=48,
+                max_position_embeddings=20,
+            )
+        ),
+        _tokens,
+    ),
+    "convbert": lambda: (
+        transformers.ConvBertForSequenceClassification(
+            transformers.ConvBertConfig(**_ENCODER, embedding_size=32, conv_kernel_size=3)
+        ),
+        _tokens,
+    ),
+    "squeezebert": lambda: (
+        transformers.SqueezeBertForSequenceClassification(
+            transformers.SqueezeBertConfig(**_ENCODER, embedding_size=32)
+        ),
+        _tokens,
+    ),
+    "mobilebert": lambda: (
+        transformers.MobileBertForSequenceClassification(
+            transformers.MobileBertConfig(
+                **_ENCODER, embedding_size=16, intra_bottleneck_size=16, num_feedforward_networks=2
+            )
+        ),
+        _tokens,
+    ),
+    "funnel": lambda: (
+        transformers.FunnelForSequenceClassification(
+            transformers.FunnelConfig(
+                vocab_size=VOCAB,
+                block_sizes=[1, 1],
+                d_model=32,
+                n_head=4,
+                d_head=8,
+                d_inner=48,
+                num_decoder_layers=1,
+            )
+        ),
+        _tokens,
+    ),
+    "canine": lambda: (
+        transformers.CanineForSequenceClassification(
+            transformers.CanineConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=48,
+                num_hash_functions=2,
+                num_hash_buckets=16,
+                downsampling_rate=2,
+                upsampling_kernel_size=3,
+                local_transformer_stride=4,
+                max_position_embeddings=64,
+            )
+        ),
+        _tokens,
+    ),
+    "big-bird": lambda: (
+        transformers.BigBirdForSequenceClassification(
+            transformers.BigBirdConfig(**_ENCODER, attention_type="original_full")
+        ),
+        _tokens,
+    ),
+    "xlnet": lambda: (
+        transformers.XLNetForSequenceClassification(
+            transformers.XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=4, d_inner=48)
+        ),
+        _tokens,
+    ),
+    # the classifiers read the decoder's features at the end-of-sequence token (x[mask])
+    "bart": lambda: (
+        transformers.BartForSequenceClassification(transformers.BartConfig(**_SEQ2SEQ)),
+        _ending_in_eos,
+    ),
+    "mbart": lambda: (
+        transformers.MBartForSequenceClassification(transformers.MBartConfig(**_SEQ2SEQ)),
+        _ending_in_eos,
+    ),
+    "t5": lambda: (
+        transformers.T5ForSequenceClassification(
+            transformers.T5Config(**_T5, decoder_start_token_id=0, eos_token_id=2)
+        ),
+        _ending_in_eos,
+    ),
+    "t5-encoder": lambda: (
+        transformers.T5ForTokenClassification(transformers.T5Config(**_T5)),
+        _tokens,
+    ),
+    # a stage's layers index their drop-path rates by stage: depth must exceed the stage
+    "cvt": lambda: (
+        _default_init(
+            transformers.CvtForImageClassification(
+                transformers.CvtConfig(
+                    embed_dim=[8, 16, 16], num_heads=[1, 2, 2], depth=[1, 2, 3], num_labels=3
+                )
+            )
+        ),
+        _images,
+    ),
+    "pvt": lambda: (
+        _default_init(transformers.PvtForImageClassification(transformers.PvtConfig(**_PYRAMID))),
+        _images,
+    ),
+    "pvt-v2": lambda: (
+        _default_init(
+            transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**_PYRAMID))
+        ),
+        _images,
+    ),
+    "mobilenet-v1": lambda: (
+        _default_init(
+            transformers.MobileNetV1ForImageClassification(
+                transformers.MobileNetV1Config(depth_multiplier=0.25, image_size=32, num_labels=3)
+            )
+        ),
+        _images,
+    ),
+    "data2vec-vision": lambda: (
+        transformers.Data2VecVisionForImageClassification(
+            transformers.Data2VecVisionConfig(**_VIT)
+        ),
+        _images_16,
+    ),
+    "swiftformer": lambda: (
+        _default_init(
+            transformers.SwiftFormerForImageClassification(
+                transformers.SwiftFormerConfig(
+                    depths=[1, 1, 1, 1], embed_dims=[8, 16, 16, 16], mlp_ratio=2, num_labels=3
+                )
+            )
+        ),
+        _images,
+    ),
+    # q, k and v cut from one projection on an axis of their own, query positions max-pooled
+    "hiera": lambda: (
+        _default_init(
+            transformers.HieraForImageClassification(
+                transformers.HieraConfig(
+                    image_size=[32, 32],
+                    embed_dim=8,
+                    depths=[1, 1, 1, 1],
+                    num_heads=[1, 1, 2, 2],
+                    num_labels=3,
+                )
+            )
+        ),
+        _images,
+    ),
+    "dinov2-registers": lambda: (
+        transformers.Dinov2WithRegistersForImageClassification(
+            transformers.Dinov2WithRegistersConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                mlp_ratio=2,
+                num_register_tokens=2,
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "mobilevitv2": lambda: (
+        _default_init(
+            transformers.MobileViTV2ForImageClassification(
+                transformers.MobileViTV2Config(image_size=64, width_multiplier=0.25, num_labels=3)
+            )
+        ),
+        _images_64,
+    ),
+    # the attention-pooling head: a learned probe queries nn.MultiheadAttention
+    "siglip": lambda: (
+        transformers.SiglipForImageClassification(
+            transformers.SiglipConfig(
+                vision_config=dict(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                ),
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "hgnet-v2": lambda: (
+        _default_init(
+            transformers.HGNetV2ForImageClassification(
+                transformers.HGNetV2Config(
+                    num_labels=3,
+                    embedding_size=8,
+                    hidden_sizes=[16, 16, 16, 16],
+                    depths=[1, 1, 1, 1],
+                    stem_channels=[3, 8, 8],
+                    stage_in_channels=[8, 16, 16, 16],
+                    stage_mid_channels=[8, 8, 8, 8],
+                    stage_out_channels=[16, 16, 16, 16],
+                    stage_num_blocks=[1, 1, 1, 1],
+                    stage_numb_of_layers=[2, 2, 2, 2],
+                )
+            )
+        ),
+        _images,
+    ),
+    "textnet": lambda: (
+        _default_init(
+            transformers.TextNetForImageClassification(
+                transformers.TextNetConfig(
+                    num_labels=3,
+                    stem_out_channels=8,
+                    hidden_sizes=[8, 8, 16, 16, 16],
+                    conv_layer_kernel_sizes=[[[3, 3]], [[3, 3]], [[3, 3]], [[3, 3]]],
+                    conv_layer_strides=[[1], [2], [2], [2]],
+                )
+            )
+        ),
+        _images,
+    ),
+}
+FURTHER_SLOW = ("mobilevitv2",)
+# Known not to come back exactly, with why (the test expects the failure, strictly)
+FURTHER_INEXACT = {
+    "mobilevitv2": (
+        "CCA brings the twin back 1e-4 off (permutation matching is exact): its linear "
+        "attention's key and value share one space (relu(value) * context), observed only at "
+        "relu(value), where 3 to 24 features per layer are zero on all the data and so are "
+        "matched arbitrarily; with the CCA maps of the FFN spaces after them the error shows"
+    ),
+}

@@ -101,6 +101,10 @@ def split(call: Call) -> Any:
         return None
     if not x.featured:
         return call.plain()
+    if x.pieces is not None:
+        if dim != x.pieces or not name.startswith("unbind"):
+            return None
+        return Tup(tuple(_piece(x, item.shape, dim, i) for i, item in enumerate(meta)))
     if dim != x.axis and dim != x.heads and dim != x.repeat:
         items = []
         for item in meta:
@@ -177,8 +181,9 @@ def glu(call: Call) -> Any:
 
 
 def index(call: Call) -> Any:
-    """aten.index(x, [None, …, idx]): rows gathered along one axis other than the features
-    (a mixture of experts sorting its tokens by expert and back) keep the features."""
+    """aten.index(x, [None, …, idx]): rows gathered along axes other than the features (a
+    mixture of experts sorting its tokens by expert and back; a boolean mask picking the
+    positions of an end-of-sequence token, ``x[mask]``) keep the features."""
     x, indices, shape = call.x, call.arg(1, "indices"), call.out_shape
     if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
         return None
@@ -188,13 +193,18 @@ def index(call: Call) -> Any:
     ((dim, idx),) = tensors
     if not isinstance(idx, Feat):
         return None
+    # integer indices replace one axis with theirs; a boolean mask replaces as many axes as
+    # it has with one (told apart by the output's rank where the two differ)
+    taken, given = (1, idx.ndim) if len(shape) == x.ndim - 1 + idx.ndim else (idx.ndim, 1)
+    if len(shape) != x.ndim - taken + given:
+        return None
     call.table.fix_value(idx, f"used as indices by {call.desc}")
     if not x.featured:
         return call.plain()
-    if dim == x.axis:
+    if dim <= x.axis < dim + taken:
         call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
         return call.plain()
-    axis = x.axis if x.axis < dim else x.axis - 1 + idx.ndim
+    axis = x.axis if x.axis < dim else x.axis - taken + given
     if shape[axis] != x.shape[x.axis]:
         return None
     return x.moved(shape, axis)
@@ -208,11 +218,22 @@ def select(call: Call) -> Any:
     if not x.featured:
         return call.plain()
     dim = call.arg(1, "dim") % x.ndim
+    if dim == x.pieces:
+        return _piece(x, shape, dim, call.arg(2, "index") % x.shape[dim])
     if dim in (x.axis, x.heads, x.repeat):
         call.table.fix_value(x, f"indexing at node {call.node.name!r} keeps only some features")
         return call.plain()
+
+    def kept(axis: int | None) -> int | None:
+        return None if axis is None else axis - (dim < axis)
+
+    return Feat(shape, kept(x.axis), x.segs, heads=kept(x.heads), pieces=kept(x.pieces))
+
+
+def _piece(x: Feat, shape: tuple[int, ...], dim: int, index: int) -> Feat:
+    """Piece ``index`` of a fused projection cut on axis ``dim`` (``Feat.pieces``)."""
     heads_axis = None if x.heads is None else x.heads - (dim < x.heads)
-    return Feat(shape, x.axis - (dim < x.axis), x.segs, heads=heads_axis)
+    return Feat(tuple(shape), x.axis - (dim < x.axis), (x.segs[index],), heads=heads_axis)
 
 
 def expand(call: Call) -> Any:
@@ -257,6 +278,8 @@ def reduce(kind: str | None) -> Rule:
         if x.param is not None:
             return _reduced_param(call, x, dims)
         if x.heads is not None:
+            if not dims & {x.axis, x.heads} and x.repeat is None and call.out_shape:
+                return _reduced_heads(call, x, dims, kind)
             # over each head's features alike (a norm over the head dimension): whole heads
             return rule(call) if dims == {x.axis} and heads.whole_heads(call, x) else None
         if not x.featured:
@@ -267,6 +290,42 @@ def reduce(kind: str | None) -> Rule:
         return along(call)
 
     return rule
+
+
+def extreme(call: Call) -> Any:
+    """aten.max / aten.min: of every entry (as amax over all axes), or along one axis,
+    returning the values and their indices (Hiera's max over the positions of its pooling
+    window)."""
+    along = reduce("dense")
+    return tupled(along)(call) if isinstance(call.meta, tuple) else along(call)
+
+
+def vector_norm(call: Call) -> Any:
+    """aten.linalg_vector_norm(x, ord, dim, keepdim): over the features (``F.normalize``)
+    the result has none left and only permutations keep it; over other axes it is unknown."""
+    x, dims = call.x, call.arg(2, "dim", None)
+    if not isinstance(x, Feat) or x.param is not None or x.heads is not None:
+        return None
+    if not x.featured:
+        return call.plain()
+    over = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    if x.axis not in {d % x.ndim for d in over}:
+        return None
+    call.table.downgrade_value(x, "permutation")
+    return call.plain()
+
+
+def _reduced_heads(call: Call, x: Feat, over: set[int], kind: str | None) -> Feat:
+    """Heads reduced over other axes (positions): each head keeps its features; ``kind`` is
+    the weakest map the reduction allows (a max: permutations)."""
+    keep = call.schema_arg(2, "keepdim", False)
+
+    def kept(axis: int) -> int:
+        return axis if keep else axis - sum(d < axis for d in over)
+
+    if kind:
+        call.table.downgrade_value(x, kind)
+    return Feat(call.out_shape, kept(x.axis), x.segs, heads=kept(x.heads))
 
 
 def _reduced_param(call: Call, x: Feat, dims: set[int]) -> Feat | None:
@@ -370,6 +429,27 @@ def _varies_along(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
     return d >= 0 and other.shape[d] != 1
 
 
+def repeat(call: Call) -> Any:
+    """aten.repeat(x, sizes): tiling along axes other than the features keeps them; a
+    parameter tiled along its size-1 axes (a learned query repeated over the batch) is a
+    broadcast view of it."""
+    x, sizes, shape = call.x, call.arg(1, "repeats"), call.out_shape
+    if not isinstance(x, Feat) or not isinstance(sizes, list | tuple) or shape is None:
+        return None
+    lead = len(sizes) - x.ndim
+    times = list(sizes[lead:])
+    if x.param is not None:
+        if any(n != 1 and size != 1 for n, size in zip(times, x.shape, strict=True)):
+            return None
+        dims = [None] * lead + [d if n == 1 else None for d, n in zip(x.dims, times, strict=True)]
+        return Feat(shape, param=x.param, dims=tuple(dims), applied=x.applied)
+    if not x.featured:
+        return call.plain()
+    if times[x.axis] != 1 or x.heads is not None:
+        return None
+    return x.moved(shape, lead + x.axis)
+
+
 def t(call: Call) -> Any:
     """aten.t: a 2-d transpose."""
     x = call.x
@@ -442,13 +522,50 @@ _POOLS = {
 }
 
 
+def window_pool(dims: int, kind: str | None = None) -> Rule:
+    """max_pool / avg_pool (x, kernel_size, stride, padding, …): :func:`rules.spatial`, and a
+    window of one entry along the features (Funnel pooling its sequence with
+    ``avg_pool2d(x[:, None], (2, 1))``) acts on each feature alone."""
+    spatial = rules.spatial(dims, kind)
+
+    def rule(call: Call) -> Any:
+        x, shape = call.x, call.out_shape
+        if not isinstance(x, Feat) or not x.featured or x.param is not None or shape is None:
+            return spatial(call)
+        at = x.axis - (x.ndim - dims)
+        if at < 0 or x.heads is not None or len(shape) != x.ndim:
+            return spatial(call)
+        kernel = _per_axis(call.arg(1, "kernel_size"), dims)
+        stride = _per_axis(call.arg(2, "stride", None) or kernel, dims)
+        padding = _per_axis(call.arg(3, "padding", 0), dims)
+        if None in (kernel, stride, padding) or (kernel[at], stride[at], padding[at]) != (1, 1, 0):
+            return spatial(call)
+        if shape[x.axis] != x.shape[x.axis]:
+            return None
+        if kind:
+            call.table.downgrade_value(x, kind)
+        return x.moved(shape, x.axis)
+
+    return rule
+
+
+def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
+    """A pooling argument (an int or one per axis) as one int per pooled axis."""
+    if isinstance(value, int):
+        return (value,) * dims
+    if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+        return tuple(value) * dims if len(value) == 1 else tuple(value)
+    return None
+
+
 def _pool_rules() -> dict[Any, Rule]:
     table: dict[Any, Rule] = {}
     for dims, (max_pool, avg_pool, adaptive_avg, adaptive_max) in _POOLS.items():
-        table[getattr(aten, max_pool)] = rules.spatial(dims, "dense")
-        table[getattr(aten, f"{max_pool}_with_indices")] = tupled(rules.spatial(dims, "dense"))
+        table[getattr(aten, max_pool)] = window_pool(dims, "dense")
+        table[getattr(aten, f"{max_pool}_with_indices")] = tupled(window_pool(dims, "dense"))
         table[getattr(aten, adaptive_max)] = tupled(rules.spatial(dims, "dense"))
-        table[getattr(aten, avg_pool)] = table[getattr(aten, adaptive_avg)] = rules.spatial(dims)
+        table[getattr(aten, avg_pool)] = window_pool(dims)
+        table[getattr(aten, adaptive_avg)] = rules.spatial(dims)
     return table
 
 
@@ -477,6 +594,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.numpy_T: numpy_t,
     aten.mT: matrix_t,
     aten.expand: expand,
+    aten.expand_as: expand,
+    aten.repeat: repeat,
+    aten.broadcast_to: expand,
     aten.unsqueeze: unsqueeze,
     aten.cat: cat,
     aten.concat: cat,
@@ -496,6 +616,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.amax: reduce("dense"),
     aten.amin: reduce("dense"),
     aten.var: reduce("dense"),
+    aten.max: extreme,
+    aten.min: extreme,
+    aten.linalg_vector_norm: vector_norm,
     aten.std: reduce("dense"),
     aten.linear: aten_layers.linear,
     aten.addmm: aten_layers.addmm,
@@ -532,12 +655,14 @@ ATEN_HEAD_RULES = frozenset(
         rules.metadata,
         ATEN_RULES[aten.mean],
         ATEN_RULES[aten.sum],
+        extreme,
         rules.transpose,
         rules.permute,
         rules.movedim,
         heads.reshape,
         aten_attention.sdpa,
         aten_layers.matmul,
+        aten_layers.einsum,
         slice_rule,
         select,
         split,

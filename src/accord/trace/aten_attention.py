@@ -8,10 +8,11 @@ query's space folded into one head's features. Rotary embeddings leave q and k a
 (:func:`accord.trace.heads.whole_heads`), as does a fused projection whose q, k and v heads
 are interleaved: then only permutations of whole key/value groups keep the attention, each
 moving its key and value head with its query heads and their output columns, one space of
-permutations for all of them, unless the mask differs per head (ALiBi). Anything else in between (norms of q and k) is outside what the tracer proves: those
-spaces are fixed, by the rule of the operator that touched them. Values are
-per head: the output lies in v's space, laid out as the heads of the query (grouped-query
-attention repeats each key/value head, see :func:`accord.trace.heads.reshape`).
+permutations for all of them, unless the mask differs per head (ALiBi). Anything else in
+between (norms of q and k) is outside what the tracer proves: those spaces are fixed, by the
+rule of the operator that touched them. Values are per head: the output lies in v's space,
+laid out as the heads of the query (grouped-query attention repeats each key/value head, see
+:func:`accord.trace.heads.reshape`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def sdpa(call: Call) -> Any:
         return None
     if not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
         return None
+    q, k, v = _one_head(q), _one_head(k), _one_head(v)
     if _whole_heads(q) or _whole_heads(k):
         if isinstance(mask, Feat) and mask.ndim >= 3 and mask.shape[-3] > 1:
             # a bias of each head's own (ALiBi's slopes): its heads may not move
@@ -47,6 +49,25 @@ def sdpa(call: Call) -> Any:
     if segs is None:
         return call.plain()
     return Feat(shape, len(shape) - 1, segs, heads=len(shape) - 3)
+
+
+def _one_head(t: Feat) -> Feat:
+    """A key or value of (…, H, L, D) never split into heads, its D features on the last axis
+    (multi-query attention slicing its one key and value head off a fused projection, maybe
+    repeated for every query head) as the same head on every index of the heads axis."""
+    if t.featured and t.heads is None and t.ndim >= 3 and len(t.segs) == 1:
+        seg = t.segs[0]
+        if (
+            t.axis == t.ndim - 1
+            and seg.space is not None
+            and (seg.size, seg.block)
+            == (
+                t.shape[-1],
+                1,
+            )
+        ):
+            return Feat(t.shape, t.axis, (seg,) * t.shape[-3], heads=t.ndim - 3)
+    return t
 
 
 def _whole_heads(t: Feat) -> bool:
@@ -165,17 +186,11 @@ def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
     same_heads = _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]
     if _per_head(q) and (single is not None or same_heads):
         query, key = q.segs[0].space, k.segs[0].space
-        if table.find(query) != table.find(key) and heads._only_written(call, key):
-            if single is not None:
-                query = heads.fold(call, query, q.shape[q.heads])
-            if query is not None:
-                table.absorb_as_readers(query, key)
-                table.downgrade(query, "orthogonal")
-                record, key_record = table.record(query), table.record(key)
-                parent = record.base.rpartition(".")[0]
-                if parent and key_record.base.rpartition(".")[0] == parent:
-                    record.base = f"{parent}.qk"
-                return
+        fresh = table.find(query) != table.find(key) and heads._only_written(call, key)
+        if single is not None and fresh:
+            query = heads.fold(call, query, q.shape[q.heads])
+        if query is not None and _absorb_key(call, query, key):
+            return
     reason = f"{where} compares query and key features accord cannot map together"
     call.table.fix_value([q, k], reason)
 
@@ -192,6 +207,33 @@ def _single_key(k: Feat, q: Feat) -> int | None:
     if len(spaces) != 1 or None in spaces or not whole or len(k.segs) != k.shape[k.heads]:
         return None
     return k.segs[0].space
+
+
+def _absorb_key(call: Call, query: int, key: int) -> bool:
+    """The key space's writers as readers of the query space (one "qk" space, orthogonal
+    maps), where the key space is freshly written and reaches nothing else."""
+    table = call.table
+    if table.find(query) == table.find(key) or not heads._only_written(call, key):
+        return False
+    table.absorb_as_readers(query, key)
+    table.downgrade(query, "orthogonal")
+    record, key_record = table.record(query), table.record(key)
+    parent = record.base.rpartition(".")[0]
+    if parent and key_record.base.rpartition(".")[0] == parent:
+        record.base = f"{parent}.qk"
+    return True
+
+
+def _single_head(t: Feat) -> bool:
+    """One space on the last axis, never split into heads (attention with one head)."""
+    return (
+        t.featured
+        and t.heads is None
+        and t.axis == t.ndim - 1
+        and len(t.segs) == 1
+        and t.segs[0].space is not None
+        and t.segs[0].block == 1
+    )
 
 
 def _per_head(t: Feat) -> bool:
@@ -221,6 +263,13 @@ def product(call: Call, a: Any, b: Any) -> Any:
     if scores and a.heads is not None and b.heads is not None:
         b_as_key = Feat(b.shape, b.ndim - 1, b.segs, heads=b.heads)
         _query_key(call, a, b_as_key, f"attention scores at node {call.node.name!r}")
+        return call.plain()
+    b_as_key = Feat(b.shape, b.ndim - 1, b.segs) if b.featured else b
+    if scores and _single_head(a) and _single_head(b_as_key) and a.heads is None:
+        # one head (PVT's stages with one head): q·k over all the features
+        if not _absorb_key(call, a.segs[0].space, b.segs[0].space):
+            reason = f"attention scores at node {call.node.name!r} compare features accord "
+            call.table.fix_value([a, b], reason + "cannot map together")
         return call.plain()
     values = not a.featured and b.featured and b.axis == b.ndim - 1
     if values and (b.heads is None or b.heads < b.ndim - 2):

@@ -14,6 +14,7 @@ from typing import Any
 from torch import fx
 
 from accord.spec import AxisRef, FoldedNorm
+from accord.trace import aten_attention
 from accord.trace.layers import tie_channel_groups, write
 from accord.trace.rules import in_order, mark_activation
 from accord.trace.split import split_features
@@ -123,7 +124,11 @@ def einsum(call: Call) -> Any:
     inputs, out = equation.replace(" ", "").split("->")
     subscripts = inputs.split(",")
     params = [isinstance(t, Feat) and t.param is not None for t in operands]
+    if len(subscripts) == 2 and not any(params):
+        return _batched_product(call, operands, subscripts, out)
     if len(subscripts) != 2 or sorted(params) != [False, True]:
+        return None
+    if any(isinstance(t, Feat) and t.heads is not None for t in operands):
         return None
     w_at = params.index(True)
     x, weight, xs, ws = operands[1 - w_at], operands[w_at], subscripts[1 - w_at], subscripts[w_at]
@@ -133,6 +138,36 @@ def einsum(call: Call) -> Any:
     if written in xs or out != xs[:-1] + written:
         return None
     return _matrix_writer(call, x, weight, None, transposed=ws == contracted + written)
+
+
+def _batched_product(call: Call, operands: Any, subscripts: list[str], out: str) -> Any:
+    """An einsum of two activations that is a batched matrix product, ``"bhlk,bhtk->bhlt"``
+    (``q @ kᵀ``) or ``"bhlt,bhtv->bhlv"`` (``p @ v``): attention's products (CvT), traced as
+    :func:`accord.trace.aten_attention.product`."""
+    a, b = operands
+    (sa, sb), n = subscripts, len(out)
+    if not (isinstance(a, Feat) and isinstance(b, Feat)) or not (len(sa) == len(sb) == n >= 2):
+        return None
+    if len(set(sa)) != n or len(set(sb)) != n or sa[:-2] != sb[:-2] or sa[:-2] != out[:-2]:
+        return None
+    if out[-2] != sa[-2] or sa[-1] in out:
+        return None
+    if (sb[-2], sb[-1]) == (sa[-1], out[-1]):
+        return aten_attention.product(call, a, b)
+    if (sb[-1], sb[-2]) == (sa[-1], out[-1]):
+        return aten_attention.product(call, a, _last_swapped(b))
+    return None
+
+
+def _last_swapped(x: Feat) -> Feat:
+    """``x.transpose(-1, -2)`` as a traced value."""
+    last, before = x.ndim - 1, x.ndim - 2
+    swap = {last: before, before: last}
+    shape = (*x.shape[:-2], x.shape[-1], x.shape[-2])
+    if not x.featured:
+        return Feat(shape)
+    heads = None if x.heads is None else swap.get(x.heads, x.heads)
+    return Feat(shape, swap.get(x.axis, x.axis), x.segs, heads=heads)
 
 
 def grouped_mm(call: Call) -> Any:

@@ -95,6 +95,8 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
         return output(walk, node)
     if node.op != "call_function":
         return plain(meta)
+    if not node.users and _pure(node.target):
+        return plain(meta)  # its result is never used (``x[:, :, -1]`` read for its shape)
     leaf = _leaf(walk, node)
     if leaf is not None:
         return _opaque(Call(walk, node, meta, f"leaf module {leaf!r}"), leaf)
@@ -107,6 +109,12 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
         result = unknown(call)
     taint_unused(call, result)
     return result
+
+
+def _pure(target: Any) -> bool:
+    """An ATen operator that changes none of its arguments (its schema writes to none)."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and not schema.is_mutable
 
 
 def _leaf(walk: Walk, node: fx.Node) -> str | None:

@@ -27,7 +27,7 @@ def reshape(call: Call) -> Any:
             return squeezed
         if x.repeat is not None:
             return _join_repeated(call, x, shape)
-        joined = _join(x, shape)
+        joined = _join(x, shape) or _batch_heads(x, shape) or _other_axes(x, shape)
         if joined is None:
             joined = _interleaved(call, x, shape)
         if joined is None:
@@ -39,7 +39,61 @@ def reshape(call: Call) -> Any:
         if split is not None:
             call.table.constrain_groups(x.segs[0].space, shape[split.heads])
             return split
+        pieces = _split_pieces(call, x, shape)
+        if pieces is not None:
+            return pieces
     return rules.reshape(call)
+
+
+def _split_pieces(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, C, …) → (…, P, H, D, …) with C = P·H·D: a fused projection (q, k and v) cut into
+    P pieces of H heads each on an axis of their own (``Feat.pieces``), for a tensor holding
+    one freshly written space, which splits into one space per piece."""
+    if len(x.segs) != 1 or x.segs[0].block != 1 or x.segs[0].space is None:
+        return None
+    space, before = x.segs[0].space, math.prod(x.shape[: x.axis])
+    b = next(
+        (
+            b
+            for b in range(len(shape) - 2)
+            if math.prod(shape[:b]) == before
+            and shape[b] * shape[b + 1] * shape[b + 2] == x.shape[x.axis]
+            and shape[b] > 1
+            and shape[b + 2] > 1
+        ),
+        None,
+    )
+    if b is None or not call.only_used_here(space):
+        return None
+    table, values = call.table, call.walk.values
+    old = table.find(space)
+    holders = [n for n, v in values.items() if old in map(table.find, table.spaces(v))]
+    count, heads = shape[b], shape[b + 1]
+    parts = table.split_written(space, [heads * shape[b + 2]] * count)
+    if parts is None:
+        return None
+    segs = [Seg(part, heads * shape[b + 2]) for part in parts]
+    for part in parts:
+        table.constrain_groups(part, heads)
+    for name in holders:  # the projection's output: each piece observed where it is written
+        values[name] = replace_segs(table, values[name], old, segs)
+    return Feat(tuple(shape), b + 2, tuple(segs), heads=b + 1, pieces=b)
+
+
+def replace_segs(table: Any, value: Any, old: int, segs: list[Seg]) -> Any:
+    """``value`` with its segment of the space ``old`` replaced by ``segs`` (its block kept):
+    the same features, now of the spaces it was split into."""
+    if not isinstance(value, Feat):
+        return value
+    found: list[Seg] = []
+    for seg in value.segs:
+        if seg.space is not None and table.find(seg.space) == old:
+            found += [Seg(new.space, new.size, seg.block) for new in segs]
+        else:
+            found.append(seg)
+    return Feat(
+        value.shape, value.axis, tuple(found), value.param, value.dims, value.heads, value.repeat
+    )
 
 
 def _split(x: Feat, shape: tuple[int, ...]) -> Feat | None:
@@ -228,9 +282,51 @@ def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: in
     return Feat(value.shape, value.axis, tuple(segs))
 
 
+def _other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """A reshape that regroups only axes other than the heads and the features: both start
+    and end at the same entries (Hiera's pooling of query positions, ``q.view(B, H, W, s, -1,
+    D)``), so every head keeps its features."""
+    if x.repeat is not None or x.pieces is not None:
+        return None
+
+    def same(axis: int) -> int | None:
+        start, size = math.prod(x.shape[:axis]), x.shape[axis]
+        return next(
+            (b for b, n in enumerate(shape) if n == size and math.prod(shape[:b]) == start), None
+        )
+
+    heads, axis = same(x.heads), same(x.axis)
+    if heads is None or axis is None or (heads < axis) != (x.heads < x.axis):
+        return None
+    return Feat(tuple(shape), axis, x.segs, heads=heads)
+
+
+def head_count(x: Feat) -> int:
+    """How many heads a tensor split into heads holds (its features over each head's)."""
+    return sum(seg.size * seg.block for seg in x.segs) // x.shape[x.axis]
+
+
+def _batch_heads(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """Heads merged into the batch, heads minor, and split out again: (B, H, L, D) ↔
+    (B·H, L, D), attention written with ``bmm`` (XGLM, Bloom). The heads axis then holds
+    B·H entries, head ``i mod H`` at entry ``i``; the axes after it stay as they are."""
+    if x.repeat is not None or x.axis < x.heads:
+        return None
+    heads, rest = head_count(x), x.shape[x.heads + 1 :]
+    before = math.prod(x.shape[: x.heads + 1])
+    for b in range(len(shape)):
+        if tuple(shape[b + 1 :]) != tuple(rest) or math.prod(shape[: b + 1]) != before:
+            continue
+        merged = shape[b] % heads == 0 and shape[b] > heads == x.shape[x.heads]
+        split = shape[b] == heads < x.shape[x.heads]
+        if merged or split:
+            return Feat(tuple(shape), b + x.axis - x.heads, x.segs, heads=b)
+    return None
+
+
 def _join(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     """(…, H, D, …) → (…, H·D, …): heads axis right before the per-head axis."""
-    if x.axis != x.heads + 1:
+    if x.axis != x.heads + 1 or x.shape[x.heads] != head_count(x):
         return None
     before = math.prod(x.shape[: x.heads])
     for b, size in enumerate(shape):

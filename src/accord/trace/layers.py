@@ -318,11 +318,20 @@ def _mha_read(call: Call, inputs: list[Feat]) -> None:
     if not featured:
         return
     first = featured[0]
-    if len(featured) < 3 or not all(
-        x.axis == x.ndim - 1 and layouts_match(first, x) for x in featured
+    # a parameter as an input (a learned query) writes the features the others carry
+    learned = [x for x in inputs if not x.featured and x.param is not None]
+    last = [x.dims[-1] for x in learned if x.dims and not x.applied]
+    if (
+        len(featured) + len(last) < 3
+        or any(d is None or d < 0 for d in last)
+        or any(x.shape[-1] != first.shape[first.axis] for x in learned)
+        or not all(x.axis == x.ndim - 1 and layouts_match(first, x) for x in featured)
     ):
         call.table.fix_value(inputs, f"{call.desc} reads query, key and value with one matrix")
         return
     for x in featured[1:]:
         call.table.union_layouts(first, x, residual=False)
+    for x in learned:
+        call.use(x)
+        call.table.add_per_feature(first, "writers", x.param, x.dims[-1])
     read(call, first, f"{name}.in_proj_weight", first.ndim - 1)

@@ -149,11 +149,10 @@ def follow_reshape(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     it). That axis may merge the feature axis with the axes after it (each entry then owns
     ``q`` entries: blocks grow by ``q``) or undo such a merge (blocks shrink by ``q``).
     """
-    before = math.prod(x.shape[: x.axis])
     entries = x.shape[x.axis]
     found = []
     for b, size in enumerate(shape):
-        if math.prod(shape[:b]) != before or size == 0:
+        if not _starts_alike(x.shape, x.axis, shape, b) or size == 0:
             continue
         if size % entries == 0:
             q = size // entries
@@ -167,6 +166,17 @@ def follow_reshape(x: Feat, shape: tuple[int, ...]) -> Feat | None:
     # Size-1 axes make several positions fit; the batch axis never carries the features.
     found.sort(key=lambda item: item[0] < min(x.axis, 1))
     return Feat(tuple(shape), found[0][0], found[0][1]) if found else None
+
+
+def _starts_alike(a: tuple[int, ...], i: int, b: tuple[int, ...], j: int) -> bool:
+    """Whether axis ``i`` of shape ``a`` and axis ``j`` of shape ``b`` (the same entries) start
+    at the same place: the axes before them have equal products, or, where a size before them
+    is unknown (-1: a data-dependent size, such as the rows a boolean mask picks), the axes
+    from them on do."""
+    if min(a[:i], default=0) >= 0 and min(b[:j], default=0) >= 0:
+        return math.prod(a[:i]) == math.prod(b[:j])
+    rest_a, rest_b = a[i:], b[j:]
+    return min((*rest_a, *rest_b)) >= 0 and math.prod(rest_a) == math.prod(rest_b)
 
 
 def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
@@ -229,7 +239,8 @@ def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
     if not x.featured:
         return call.plain()
     heads = None if x.heads is None else list(perm).index(x.heads)
-    return Feat(call.out_shape, list(perm).index(x.axis), x.segs, heads=heads)
+    pieces = None if x.pieces is None else list(perm).index(x.pieces)
+    return Feat(call.out_shape, list(perm).index(x.axis), x.segs, heads=heads, pieces=pieces)
 
 
 def transpose(call: Call) -> Any:

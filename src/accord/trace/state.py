@@ -47,6 +47,9 @@ class Feat:
     at index ``h`` of axis ``heads`` and ``j`` of axis ``axis`` (D entries). ``repeat`` is the
     axis right after ``heads`` when an expand repeats every head along it (repeat_kv of
     grouped-query attention); only a reshape joining it with the heads axis keeps the features.
+    ``pieces`` is set when a reshape cut a fused projection into pieces along an axis of
+    their own, before the heads (``qkv.reshape(B, L, 3, H, D)``): index ``p`` of that axis
+    holds ``segs[p]``, one space per piece, until a select or unbind takes the pieces apart.
     """
 
     shape: tuple[int, ...]
@@ -56,6 +59,7 @@ class Feat:
     dims: tuple[int | None, ...] = ()
     heads: int | None = None
     repeat: int | None = None
+    pieces: int | None = None
     # an entrywise function of the parameter (``1 + w``, ``exp(w)``): it follows permutations
     # only, so it can scale features but never write them
     applied: bool = False
@@ -149,7 +153,11 @@ class SpaceRecord:
 
 
 def weaker(a: str, b: str) -> str:
-    """The more restrictive of two map kinds."""
+    """The more restrictive of two map kinds. "dense" (exact for permutations only, see
+    accord.spec) with "orthogonal" leaves permutations: an elementwise max or activation is
+    not kept by rotations (a max over q's positions before q·k)."""
+    if {a, b} == {"dense", "orthogonal"}:
+        return "permutation"
     return a if MAP_KINDS.index(a) >= MAP_KINDS.index(b) else b
 
 

@@ -50,8 +50,7 @@ def walk_unit(walk: Walk, unit: Unit, tensors: dict[str, str]) -> dict[str, Any]
     for node in unit.nodes:
         for arg in node.all_input_nodes:
             value = walk.values.get(arg.name)
-            fresh = arg not in inside and arg.name not in tensors and arg not in entering
-            if fresh and isinstance(value, Feat) and value.featured and value.param is None:
+            if arg not in inside and arg not in entering and _enters(value, unit.path):
                 entering.append(arg)
     leaving = [n for n in unit.nodes if any(user not in inside for user in n.users)]
     values: dict[str, Any] = {n.name: plain(walk.metas[n.name]) for n in unit.nodes}
@@ -75,6 +74,17 @@ def walk_unit(walk: Walk, unit: Unit, tensors: dict[str, str]) -> dict[str, Any]
         return _unknown_unit(walk, unit, entering, values, "the rule does not apply")
     values[out.name] = result.items[0]
     return values
+
+
+def _enters(value: Any, path: str) -> bool:
+    """Whether ``value`` is an input of the unit at ``path``: a tensor with features, or a
+    view of a parameter of another module (a learned query: SigLIP's attention pooling
+    probe), not one of the unit's own weights."""
+    if not isinstance(value, Feat):
+        return False
+    if value.param is not None:
+        return not value.param.startswith(f"{path}.")
+    return value.featured
 
 
 def _unknown_unit(
