@@ -21,6 +21,7 @@ from accord.apply import Transform, apply_transforms
 from accord.check import random_permutation
 from accord.errors import MergeError
 from accord.match import MATCHERS, match
+from accord.match._common import TIED, assign
 from accord.spec import AxisRef, FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -169,6 +170,51 @@ def test_permutation_reports_mean_correlation() -> None:
     report = match("permutation", one_space(6), stats, states(2)).report["h"]
     assert report["method"] == "permutation"
     assert report["models"][1]["mean_correlation"] == pytest.approx(1.0)
+
+
+def affine_features(samples: int, size: int, seed: int) -> torch.Tensor:
+    """ReLU(a_c·u + b_c) of one non-negative input u, the ReLUs never cut (b_c > 0, a_c > 0 or
+    a_c·u + b_c > 0 on all samples): the features correlate ±1 with one another, as the
+    channels of a 1×1 conv fed one channel do, and only means and scales tell them apart."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(samples, 1, generator=generator, dtype=torch.float64)
+    scale = torch.randn(size, generator=generator, dtype=torch.float64)
+    shift = scale.clamp_max(0).abs() + torch.rand(size, generator=generator, dtype=torch.float64)
+    return torch.relu(u * scale + shift)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(2, 9), seed=st.integers(0, 10_000))
+def test_permutation_breaks_correlation_ties_by_means_and_scales(size: int, seed: int) -> None:
+    x = affine_features(200, size, seed)
+    perm = random_permutation(size, 1, torch.Generator().manual_seed(seed + 1))
+    stats = statistics({"h": [x, x[:, perm]]})
+    alignment = match("permutation", one_space(size), stats, states(2))
+    assert recovers(alignment.transforms[1]["h"], perm)
+
+
+def test_the_tie_break_changes_no_permutation_that_is_not_tied() -> None:
+    # Noisy, unrelated and permuted pairs: whatever the correlation alone picks stays
+    for seed in range(40):
+        size = 3 + seed % 30
+        x = features(8 * size + 40, size, seed)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+        others = (features(8 * size + 40, size, seed + 1), x[:, torch.randperm(size)] + noise)
+        for y in others:
+            stats = statistics({"h": [x, y]})
+            got = match("permutation", one_space(size), stats, states(2)).transforms[1]["h"]
+            plain = assign(stats.spaces["h"].correlation(0, 1))
+            assert torch.equal(got.permutation, plain), seed
+
+
+def test_a_tie_cost_moves_a_sum_by_at_most_the_tolerance() -> None:
+    rows = [[1.0, 1.0 - TIED / 2, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    score = torch.tensor(rows, dtype=torch.float64)
+    prefer_swap = torch.tensor([[2.0, 0.0, 2.0], [0.0, 2.0, 2.0], [2.0, 2.0, 0.0]])
+    assert assign(score).tolist() == [0, 1, 2]
+    assert assign(score, tie_cost=prefer_swap).tolist() == [1, 0, 2]  # within TIED: tied
+    score[0, 1] = 1.0 - 2 * TIED
+    assert assign(score, tie_cost=prefer_swap).tolist() == [0, 1, 2]  # ahead by more: kept
 
 
 def test_star_methods_align_every_model_to_the_reference() -> None:

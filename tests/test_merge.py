@@ -72,6 +72,27 @@ def test_merging_a_permuted_copy_returns_the_model(arch: str, method: str) -> No
     assert _relative_difference(model, result.model, data[0][0]) <= 1e-4
 
 
+def test_permuted_copies_come_back_where_correlations_tie() -> None:
+    # The five channels after the 1×1 conv are a·u + b of one channel u: behind the ReLU
+    # they correlate ±1 with each other (or are constant), so only the tie-break of the
+    # permutation matching (means and scales) tells them apart.
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(2, 1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(1, 5, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(5 * 6 * 6, 3),
+        ).eval()
+        inputs = torch.randn(256, 2, 6, 6, generator=torch.Generator().manual_seed(seed))
+        data = [(inputs, torch.zeros(256, dtype=torch.long))]
+        twin = accord.randomly_permuted(model, accord.trace(model, inputs[:2]), seed=seed + 1)
+        merged = accord.merge([model, twin], data, method="permutation").model
+        assert _relative_difference(model, merged, inputs) < 1e-5, seed
+
+
 def test_merge_keeps_inputs_and_is_deterministic() -> None:
     model = _model("vgg11-bn")
     data = _data(model)

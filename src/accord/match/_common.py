@@ -38,19 +38,37 @@ def group_slices(size: int, groups: int) -> list[slice]:
     return [slice(g * block, (g + 1) * block) for g in range(groups)]
 
 
-def assign(score: torch.Tensor, groups: int = 1) -> torch.Tensor:
+# Permutations whose score sums (over one block) lie within this of each other are tied: the
+# statistics' own rounding (float32 products: relative covariance errors near 1e-7–1e-6) can
+# order them, no sample can.
+TIED = 1e-6
+
+
+def assign(
+    score: torch.Tensor, groups: int = 1, tie_cost: torch.Tensor | None = None
+) -> torch.Tensor:
     """The permutation ``perm`` maximising ``Σ_c score[c, perm[c]]``, block by block.
 
     ``score`` is (C, C) with rows in the target coordinates and columns the model's features,
     so ``Transform.from_permutation(perm)`` maps the model into the target. Grouped spaces are
     solved per diagonal block (Hungarian algorithm, scipy ``linear_sum_assignment``).
+
+    ``tie_cost`` (C, C), entries in [0, 2], breaks ties: among the permutations whose score
+    sums lie within :data:`TIED` of the best, the one of least ``Σ_c tie_cost[c, perm[c]]``
+    wins. Solved as the lexicographic optimum by perturbation: maximising
+    ``score − ε·tie_cost`` with ``ε = TIED / (2·block size)`` moves any sum by at most TIED,
+    so a permutation that leads by more than TIED is the answer with or without ``tie_cost``.
     """
     from scipy.optimize import linear_sum_assignment  # here: scipy costs every command a second
 
     size = score.shape[0]
     perm = torch.empty(size, dtype=torch.long)
     for part in group_slices(size, groups):
-        block = score[part, part].to(torch.float64).numpy()
+        block = score[part, part].to(torch.float64)
+        if tie_cost is not None:
+            width = part.stop - part.start
+            block = block - TIED / (2 * width) * tie_cost[part, part].to(torch.float64)
+        block = block.numpy()
         _, cols = linear_sum_assignment(block, maximize=True)
         perm[part] = torch.as_tensor(cols, dtype=torch.long) + part.start
     return perm
@@ -76,6 +94,23 @@ def correlation(stats: SpaceStatistics, i: int, j: int, space: str) -> torch.Ten
     MergeError that says how to collect the block."""
     covariance(stats, i, j, space)  # a missing block fails here with its remedy
     return stats.correlation(i, j).to(torch.float64)
+
+
+def moment_mismatch(stats: SpaceStatistics, i: int, j: int) -> torch.Tensor:
+    """(C, C) in [0, 2]: how far model i's feature c (rows) lies from model j's feature d
+    (columns) in mean and scale, ``|z_c − z_d|² / (|z_c|² + |z_d|²)`` with ``z = (mean, std)``
+    (0 for two constant zeros).
+
+    Correlation cannot tell apart features that are affine functions of one another (the
+    channels of a 1×1 conv fed one channel, constant channels); their means and scales can,
+    and a permuted copy's feature has exactly its original's.
+    """
+    mean_i, mean_j = stats.mean[i].to(torch.float64), stats.mean[j].to(torch.float64)
+    std_i = torch.diagonal(stats.covariance(i, i)).to(torch.float64).clamp_min(0).sqrt()
+    std_j = torch.diagonal(stats.covariance(j, j)).to(torch.float64).clamp_min(0).sqrt()
+    apart = (mean_i[:, None] - mean_j[None, :]) ** 2 + (std_i[:, None] - std_j[None, :]) ** 2
+    size_i, size_j = mean_i**2 + std_i**2, mean_j**2 + std_j**2
+    return apart / (size_i[:, None] + size_j[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def block_correlation(stats: SpaceStatistics, i: int, j: int, space: FeatureSpace) -> torch.Tensor:
