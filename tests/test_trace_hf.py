@@ -59,6 +59,17 @@ def _has(space: FeatureSpace, role: str, *refs: tuple[str, int]) -> None:
     assert set(refs) <= found, (space.name, role, set(refs) - found)
 
 
+def _assert_carries_the_input(name: str, logits: torch.Tensor) -> None:
+    """Logits near zero, or the same for every input, make every comparison pass: a builder
+    whose class initialisation shrinks them so needs ``_default_init``."""
+    largest = logits.abs().max().item()
+    spread = logits.std(dim=0).max().item()
+    assert largest > 1e-3 and spread > 1e-4, (
+        f"{name}: logits carry nothing of the input (max |logit| {largest:.3g}, largest "
+        f"std over the batch {spread:.3g}); restore the default initialisation in its builder"
+    )
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -79,6 +90,7 @@ def test_hf_model_traces_and_merges_back(name: str, traced: Any) -> None:
     data = [(inputs(16),) for _ in range(3)]
     with torch.no_grad():
         expected = model(data[0][0])
+    _assert_carries_the_input(name, expected)
     for method in ("permutation", "cca"):
         # repair="none": REPAIR and BatchNorm resets fit statistics of the data, which these
         # random models were never trained on
