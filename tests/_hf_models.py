@@ -621,9 +621,14 @@ FURTHER_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.
         _tokens,
     ),
     "mobilebert": lambda: (
-        transformers.MobileBertForSequenceClassification(
-            transformers.MobileBertConfig(
-                **_ENCODER, embedding_size=16, intra_bottleneck_size=16, num_feedforward_networks=2
+        _default_init(
+            transformers.MobileBertForSequenceClassification(
+                transformers.MobileBertConfig(
+                    **_ENCODER,
+                    embedding_size=16,
+                    intra_bottleneck_size=16,
+                    num_feedforward_networks=2,
+                )
             )
         ),
         _tokens,

@@ -10,6 +10,7 @@ is in v's space; the reshape back to (B, L, H·D) joins the heads again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from accord.trace import rules as rules
@@ -202,18 +203,7 @@ def regroup(call: Call, space: int, factor: int) -> int | None:
     """``space`` as the space of its runs of ``factor`` features (:meth:`SpaceTable.coarsen`),
     with every traced value that holds it rewritten to hold the runs; None, changing nothing,
     where the table refuses or a value holds the space otherwise than whole."""
-    table, values = call.table, call.walk.values
-    root = table.find(space)
-    size = table.record(root).size
-    holders = [n for n, v in values.items() if root in map(table.find, table.spaces(v))]
-    if any(_as_runs(table, values[n], root, size, factor, -1) is None for n in holders):
-        return None
-    runs = table.coarsen(root, factor)
-    if runs is None:
-        return None
-    for name in holders:
-        values[name] = _as_runs(table, values[name], root, size, factor, runs)
-    return runs
+    return _rewritten(call, space, factor, call.table.coarsen, _as_runs)
 
 
 def fold(call: Call, space: int, times: int) -> int | None:
@@ -221,18 +211,30 @@ def fold(call: Call, space: int, times: int) -> int | None:
     (:meth:`SpaceTable.fold`), with every traced value that holds it rewritten to hold it
     once per head; None, changing nothing, where the table refuses or a value holds the
     space otherwise than whole."""
+    return _rewritten(call, space, times, call.table.fold, _as_folded)
+
+
+def _rewritten(
+    call: Call,
+    space: int,
+    count: int,
+    change: Callable[[int, int], int | None],
+    rewrite: Callable[..., Any],
+) -> int | None:
+    """The space ``change(root, count)`` makes of ``space``, every traced value holding it
+    rewritten by ``rewrite`` (checked first with -1: None where one cannot be rewritten)."""
     table, values = call.table, call.walk.values
     root = table.find(space)
     size = table.record(root).size
     holders = [n for n, v in values.items() if root in map(table.find, table.spaces(v))]
-    if any(_as_folded(table, values[n], root, size, times, -1) is None for n in holders):
+    if any(rewrite(table, values[n], root, size, count, -1) is None for n in holders):
         return None
-    folded = table.fold(root, times)
-    if folded is None:
+    new = change(root, count)
+    if new is None:
         return None
     for name in holders:
-        values[name] = _as_folded(table, values[name], root, size, times, folded)
-    return folded
+        values[name] = rewrite(table, values[name], root, size, count, new)
+    return new
 
 
 def _as_folded(table: Any, value: Any, root: int, size: int, times: int, folded: int) -> Any:
