@@ -7,7 +7,8 @@ Loads ``--models`` ResNet20×1 trained by :func:`npmerge_study.trained_models` (
 two epochs, seeds 0, 1, …; the store's entries are keyed by the size of the set, so
 ``--models`` must be the size it was trained with), then merges each pair of ``--pairs`` with
 ``accord.merge(method="permutation")`` (its defaults: REPAIR as ``repair="auto"`` chooses)
-on the first ``--samples`` training images, once per variant of the traced spec:
+on the first ``--samples`` training images, once per variant of the traced spec
+(``--method`` merges by another alignment, e.g. ``cca``, with the same observations):
 
 - ``every``: the spec as traced: a stream's statistics pool every block output;
 - ``last``: each space observed at several points keeps its last one only (the reference);
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--method", default="permutation", help="alignment merged [%(default)s]")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = accord.load_dataset("fashion-mnist")
@@ -81,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for variant in args.variants:
             clock = time.perf_counter()
             spec = observed_at(traced, variant)
-            merged = accord.merge(chosen, calibration, method="permutation", spec=spec).model
+            merged = accord.merge(chosen, calibration, method=args.method, spec=spec).model
             print(
-                f"pair {pair} {variant}: {observation_count(spec)} observations, "
+                f"pair {pair} {args.method} {variant}: {observation_count(spec)} observations, "
                 f"{accuracy(merged, data.test):.2f} % test "
                 f"({time.perf_counter() - clock:.0f} s)",
                 flush=True,
