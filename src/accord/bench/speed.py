@@ -120,7 +120,7 @@ def speed_plan(
         samples=samples or DEFAULT_SAMPLES,
         batch_size=256,
         cases=(*by_models, *by_width),
-        ridge=0.1,
+        ridge=accord.ALIGNMENTS["cca"].defaults["ridge"],
         command="accord bench speed" + ("" if device == "cpu" else f" --device {device}"),
         device=device,
     )
