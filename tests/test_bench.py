@@ -24,7 +24,7 @@ from accord.bench import (
     speed_plan,
 )
 from accord.bench.markdown import render_design, render_speed
-from accord.bench.quality import ROW_LABELS, only_settings, train_pool
+from accord.bench.quality import ROW_LABELS, only_settings, settings_of, train_pool
 from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
@@ -259,3 +259,12 @@ def test_speed_page_says_whether_the_passes_shared_the_trace_export() -> None:
     assert "includes tracing the models" in render_speed(document)
     document["config"]["export_shared"] = speed_plan().export_shared
     assert "runs the program the merge's trace exported" in render_speed(document)
+
+
+def test_quick_plan_guards_networks_without_batchnorm_in_one_setting() -> None:
+    plan = quality_plan(quick=True, dataset="fashion-mnist")
+    with_bn, without = plan.architectures
+    assert with_bn.model["batch_norm"] and not without.model["batch_norm"]
+    assert [s.label for s in settings_of(plan, with_bn)] == ["iid", "dirichlet0.5"]
+    assert [s.label for s in settings_of(plan, without)] == ["iid"]
+    assert without.label == "vgg11-w0.125"
