@@ -21,6 +21,7 @@ from _hf_models import (
     MORE_BUILDERS,
     SLOW_FAMILIES,
     Logits,
+    transformers,
 )
 from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
@@ -355,6 +356,50 @@ def test_falcon_interleaved_heads_move_whole(
         AxisRef(f"{attn}.query_key_value.{p}", 0, run) for p in ("weight", "bias")
     }
     assert heads.readers == (AxisRef(f"{attn}.dense.weight", 1, 8 * heads_per_group),)
+
+
+@pytest.mark.parametrize(
+    ("name", "attn", "qkv", "out"),
+    [
+        ("gpt-neox", "model.gpt_neox.layers.0.attention", "query_key_value", "dense"),
+        ("codegen", "model.transformer.h.0.attn", "qkv_proj", "out_proj"),
+    ],
+)
+def test_heads_cut_into_q_k_v_move_whole(
+    name: str, attn: str, qkv: str, out: str, traced: Any
+) -> None:
+    """The fused projection viewed as (…, H, 3·D) and each head cut into q, k and v (GPT-NeoX's
+    chunk, CodeGen's split of its mp_num blocks, here one head each), under rotary embeddings:
+    one space of permutations of the 4 heads, each its run of 24 rows and its 8 output
+    columns; every space but the output's free."""
+    _, _, spec = traced(name)
+    heads = _with(spec, f"{attn}.{qkv}.weight", 0)
+    _free(spec, f"{attn}.{qkv}.weight", 0, maps="permutation")
+    assert heads.size == 4 and heads.observed_block == 8
+    assert AxisRef(f"{attn}.{qkv}.weight", 0, 24) in heads.writers
+    assert heads.readers == (AxisRef(f"{attn}.{out}.weight", 1, 8),)
+    assert len(spec.free_spaces) == len(list(spec)) - 1
+
+
+def test_codegen_moves_its_mp_blocks_whole() -> None:
+    """CodeGen lays its fused projection out in mp_num = 4 blocks, each the queries, values and
+    keys of H/4 heads: with 8 heads the blocks (24 rows, two heads' 8 output columns) move."""
+    torch.manual_seed(0)
+    config = transformers.CodeGenConfig(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=8, rotary_dim=2, n_positions=20
+    )
+    model = Logits(transformers.CodeGenForCausalLM(config)).eval()
+    x = torch.randint(2, 64, (2, 7))
+    spec = accord.trace(model, x)
+    attn = "model.transformer.h.0.attn"
+    blocks = _with(spec, f"{attn}.qkv_proj.weight", 0)
+    assert blocks.free and blocks.size == 4 and blocks.maps == "permutation"
+    assert blocks.writers == (AxisRef(f"{attn}.qkv_proj.weight", 0, 24),)
+    assert blocks.readers == (AxisRef(f"{attn}.out_proj.weight", 1, 8),)
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_falcon_alibi_keeps_heads_in_place(traced: Any) -> None:

@@ -105,6 +105,10 @@ def split(call: Call) -> Any:
         if dim != x.pieces or not name.startswith("unbind"):
             return None
         return Tup(tuple(_piece(x, item.shape, dim, i) for i, item in enumerate(meta)))
+    if dim == x.axis and x.heads is not None and heads.whole_heads(call, x):
+        # each head of a fused projection cut into its q, k and v (GPT-NeoX's chunk of
+        # (…, H, 3·D), CodeGen's split): whole heads may still move, the heads are the features
+        return split(call)
     if dim != x.axis and dim != x.heads and dim != x.repeat:
         items = []
         for item in meta:
