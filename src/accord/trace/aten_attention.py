@@ -4,11 +4,15 @@ Heads are split and joined by the reshape rule of :mod:`accord.trace.heads`. ``q
 head is kept when ``q ← T q`` and ``k ← T⁻ᵀ k``, so k's writers become readers of q's space
 (the "qk" space, orthogonal maps per head) when both are freshly written and reach nothing
 else; query heads that all read one key head (multi-query attention) share one map, the
-query's space folded into one head's features. Rotary embeddings leave q and k as whole heads
-(:func:`accord.trace.heads.whole_heads`), as does a fused projection whose q, k and v heads
-are interleaved: then only permutations of whole key/value groups keep the attention, each
-moving its key and value head with its query heads and their output columns, one space of
-permutations for all of them, unless the mask differs per head (ALiBi). Anything else in
+query's space folded into one head's features. A fused projection whose q, k and v lie in a
+row per head is cut into one space per head and slot (:func:`accord.trace.heads.cut_slots`):
+q·k is then one qk space per head and v one value space per head, which a mask that differs
+per head (ALiBi) keeps, since no head moves. Rotary embeddings leave q and k as whole heads
+(:func:`accord.trace.heads.whole_heads`, joining each head's slots of such a cut again), as
+does a fused projection whose query heads are sliced off each key/value group: then only
+permutations of whole key/value groups keep the attention, each moving its key and value head
+with its query heads and their output columns, one space of permutations for all of them,
+unless the mask differs per head (ALiBi). Anything else in
 between (norms of q and k) is outside what the tracer proves: those spaces are fixed, by the
 rule of the operator that touched them. Values are per head: the output lies in v's space,
 laid out as the heads of the query (grouped-query attention repeats each key/value head, see

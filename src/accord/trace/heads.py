@@ -4,7 +4,10 @@
 features (the space then admits block-diagonal maps only, one block per head);
 ``F.scaled_dot_product_attention(q, k, v)`` keeps ``q·k`` per head when ``q ← T q`` and
 ``k ← T⁻ᵀ k``, so k's writers become readers of q's space (the "qk" space), and its output
-is in v's space; the reshape back to (B, L, H·D) joins the heads again.
+is in v's space; the reshape back to (B, L, H·D) joins the heads again. A fused projection
+laid out per head (``view(B, L, H, 3·D)`` and chunked, ``view(B, L, H, 3, D)`` and selected)
+is cut into one space per head and slot (:func:`cut_slots`), which rotary embeddings join
+into whole heads again (:func:`whole_heads`).
 """
 
 from __future__ import annotations
