@@ -385,10 +385,11 @@ def layer_norm(call: Call) -> Any:
     per_head = x.heads is not None and x.axis == x.ndim - 1 and len(normalized) == 1
     if per_head and heads.whole_heads(call, x):
         x = call.x
-    whole = x.featured and x.heads is None and x.axis < x.ndim - len(normalized)
-    runs = all(seg.space is not None and call.table.record(seg.space).runs for seg in x.segs)
     if x.heads is not None:
         return None
+    # whole heads (a run of entries per feature) on an axis the norm does not reduce
+    whole = x.featured and x.axis < x.ndim - len(normalized)
+    runs = all(seg.space is not None and call.table.record(seg.space).runs for seg in x.segs)
     if not (whole and runs):
         return aten_layers.layer_norm(call)
     for param in (call.arg(2, "weight", None), call.arg(3, "bias", None)):
