@@ -451,6 +451,38 @@ def test_attention_written_out_in_the_graph(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+class FusedPerHead(nn.Module):
+    """q, k and v of each head in a row of one projection, without rotary embeddings (the
+    layout of GPT-NeoX, chunked per head)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).transpose(1, 2).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def test_heads_fused_in_a_row_are_one_qk_and_one_value_space_each(assert_preserved) -> None:
+    """Each head's 12 rows: q (writes its qk space), k (reads it), v (read by the head's 4
+    output columns); no space reaches across heads."""
+    model, x = Encoder(FusedPerHead()), torch.randn(2, 4, 5)
+    spec = trace(model, x)
+    for head in range(2):
+        start = 12 * head
+        qk = next(s for s in spec if AxisRef("attn.qkv.weight", 0, 1, start) in s.writers)
+        assert (qk.free, qk.maps, qk.size) == (True, "orthogonal", 4)
+        assert AxisRef("attn.qkv.weight", 0, 1, start + 4) in qk.readers
+        v = next(s for s in spec if AxisRef("attn.qkv.weight", 0, 1, start + 8) in s.writers)
+        assert (v.free, v.maps, v.size) == (True, "linear", 4)
+        assert v.readers == (AxisRef("attn.proj.weight", 1, 1, 4 * head),)
+    assert len(spec.free_spaces) == len(list(spec)) - 2  # all but the input and the output
+    assert_preserved(model, x, spec)
+
+
 class RelativeBias(nn.Module):
     """Attention with a learned relative-position bias gathered from a table (Swin V2's
     continuous position bias): the table's space is fixed where it meets the scores, which

@@ -21,6 +21,8 @@ from _hf_models import (
     MORE_BUILDERS,
     SLOW_FAMILIES,
     Logits,
+    _falcon,
+    transformers,
 )
 from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
@@ -357,12 +359,85 @@ def test_falcon_interleaved_heads_move_whole(
     assert heads.readers == (AxisRef(f"{attn}.dense.weight", 1, 8 * heads_per_group),)
 
 
-def test_falcon_alibi_keeps_heads_in_place(traced: Any) -> None:
-    """ALiBi's bias differs per head: whole heads may not move."""
-    qkv = "model.transformer.h.0.self_attention.query_key_value"
-    _, _, spec = traced("falcon-alibi-heads")
-    heads = _with(spec, f"{qkv}.weight", 0)
-    assert not heads.free and "differs per head" in heads.reason
+@pytest.mark.parametrize(
+    ("name", "attn", "qkv", "out"),
+    [
+        ("gpt-neox", "model.gpt_neox.layers.0.attention", "query_key_value", "dense"),
+        ("codegen", "model.transformer.h.0.attn", "qkv_proj", "out_proj"),
+        ("persimmon", "model.model.layers.0.self_attn", "query_key_value", "dense"),
+    ],
+)
+def test_heads_cut_into_q_k_v_move_whole(
+    name: str, attn: str, qkv: str, out: str, traced: Any
+) -> None:
+    """The fused projection viewed as (…, H, 3·D) and each head cut into q, k and v (GPT-NeoX's
+    chunk, CodeGen's split of its mp_num blocks, here one head each), or as (…, H, 3, D) and
+    selected (Persimmon, with q and k norms over each head), under partial rotary embeddings:
+    one space of permutations of the 4 heads, each its run of 24 rows and its 8 output
+    columns; every space but the output's free."""
+    _, _, spec = traced(name)
+    heads = _with(spec, f"{attn}.{qkv}.weight", 0)
+    _free(spec, f"{attn}.{qkv}.weight", 0, maps="permutation")
+    assert heads.size == 4 and heads.observed_block == 8
+    assert AxisRef(f"{attn}.{qkv}.weight", 0, 24) in heads.writers
+    assert heads.readers == (AxisRef(f"{attn}.{out}.weight", 1, 8),)
+    assert len(spec.free_spaces) == len(list(spec)) - 1
+
+
+def test_codegen_moves_its_mp_blocks_whole() -> None:
+    """CodeGen lays its fused projection out in mp_num = 4 blocks, each the queries, values and
+    keys of H/4 heads: with 8 heads the blocks (24 rows, two heads' 8 output columns) move."""
+    torch.manual_seed(0)
+    config = transformers.CodeGenConfig(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=8, rotary_dim=2, n_positions=20
+    )
+    model = Logits(transformers.CodeGenForCausalLM(config)).eval()
+    x = torch.randint(2, 64, (2, 7))
+    spec = accord.trace(model, x)
+    attn = "model.transformer.h.0.attn"
+    blocks = _with(spec, f"{attn}.qkv_proj.weight", 0)
+    assert blocks.free and blocks.size == 4 and blocks.maps == "permutation"
+    assert blocks.writers == (AxisRef(f"{attn}.qkv_proj.weight", 0, 24),)
+    assert blocks.readers == (AxisRef(f"{attn}.out_proj.weight", 1, 8),)
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon-alibi-heads"])
+def test_alibi_keeps_heads_in_place_and_frees_each_head(name: str, traced: Any) -> None:
+    """ALiBi adds a slope of each head's own to its scores, so heads may not move; within a
+    head q·k and v are as free as anywhere. q, k and v of a head lie in a row of the fused
+    projection (Bloom's ``view(B, L, H, 3, D)`` and select, Falcon's ``unflatten`` and
+    ``unbind``): per head one qk space (its q rows write, its k rows read) and one value
+    space read by its 8 output columns."""
+    _, _, spec = traced(name)
+    attn = "model.transformer.h.0.self_attention"
+    qkv = f"{attn}.query_key_value.weight"
+    for head in range(4):
+        start = 24 * head
+        qk = _with(spec, qkv, 0, start)
+        _free(spec, qkv, 0, start, maps="orthogonal")
+        assert qk.size == 8 and AxisRef(qkv, 0, 1, start + 8) in qk.readers
+        value = _with(spec, qkv, 0, start + 16)
+        _free(spec, qkv, 0, start + 16, maps="linear")
+        assert value.size == 8
+        assert value.readers == (AxisRef(f"{attn}.dense.weight", 1, 1, 8 * head),)
+    assert len(spec.free_spaces) == len(list(spec)) - 1  # all but the output
+
+
+def test_alibi_keeps_whole_groups_in_place() -> None:
+    """Falcon's grouped layout (per key/value group its query heads, key and value) slices
+    the query heads off each group, so only whole groups could move, and ALiBi's slopes
+    differ per head: the groups stay fixed, with that reason."""
+    torch.manual_seed(0)
+    model, tokens = _falcon(alibi=True, new_decoder_architecture=True, num_kv_heads=2)
+    wrapped, x = Logits(model).eval(), tokens(2)
+    spec = accord.trace(wrapped, x)
+    groups = _with(spec, "model.transformer.h.0.self_attention.query_key_value.weight", 0)
+    assert not groups.free and "differs per head" in groups.reason
+    accord.check_spec(spec, wrapped, x)
 
 
 @pytest.mark.parametrize("name", ["falcon-alibi", "falcon-alibi-eager"])

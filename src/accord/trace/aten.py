@@ -105,6 +105,17 @@ def split(call: Call) -> Any:
         if dim != x.pieces or not name.startswith("unbind"):
             return None
         return Tup(tuple(_piece(x, item.shape, dim, i) for i, item in enumerate(meta)))
+    if dim == x.axis and x.heads is not None and not name.startswith("unbind"):
+        # each head of a fused projection cut into its q, k and v (GPT-NeoX's chunk of
+        # (…, H, 3·D), CodeGen's split of its mp_num blocks)
+        slots = _cut(call, x, [item.shape[dim] for item in meta])
+        if slots is not None:
+            return Tup(
+                tuple(
+                    Feat(item.shape, x.axis, segs, heads=x.heads)
+                    for item, segs in zip(meta, slots, strict=True)
+                )
+            )
     if dim != x.axis and dim != x.heads and dim != x.repeat:
         items = []
         for item in meta:
@@ -129,6 +140,15 @@ def split(call: Call) -> Any:
         if user.target is operator.getitem:
             call.event("writer_out", user.name)
     return Tup(tuple(found))
+
+
+def _cut(call: Call, x: Feat, sizes: list[int]) -> list[tuple[Any, ...]] | None:
+    """The slots of ``sizes`` of every head of ``x``, one freshly written space split into
+    heads (:func:`accord.trace.heads.cut_slots`), or None."""
+    seg = x.segs[0] if len(x.segs) == 1 else None
+    if x.repeat is not None or seg is None or seg.space is None or seg.block != 1:
+        return None
+    return heads.cut_slots(call, seg.space, x.shape[x.heads], sizes)
 
 
 def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
@@ -231,9 +251,11 @@ def select(call: Call) -> Any:
 
 
 def _piece(x: Feat, shape: tuple[int, ...], dim: int, index: int) -> Feat:
-    """Piece ``index`` of a fused projection cut on axis ``dim`` (``Feat.pieces``)."""
+    """Piece ``index`` of a fused projection cut on axis ``dim`` (``Feat.pieces``): its
+    segment, or after the heads its segment of every head."""
     heads_axis = None if x.heads is None else x.heads - (dim < x.heads)
-    return Feat(tuple(shape), x.axis - (dim < x.axis), (x.segs[index],), heads=heads_axis)
+    segs = (x.segs[index],) if x.heads is None or dim < x.heads else x.segs[index :: x.shape[dim]]
+    return Feat(tuple(shape), x.axis - (dim < x.axis), segs, heads=heads_axis)
 
 
 def expand(call: Call) -> Any:
@@ -350,6 +372,30 @@ def cat(call: Call) -> Any:
     if any(isinstance(item, Feat) and item.heads is not None for item in kept):
         return None
     return rules.cat(call)
+
+
+def layer_norm(call: Call) -> Any:
+    """aten.layer_norm / rms_norm: :func:`aten_layers.layer_norm`, and a norm over each head's
+    features alike with one gain for every head (Persimmon's q and k norms): only whole heads
+    move (:func:`accord.trace.heads.whole_heads`), each normalised on its own, and the gain
+    and shift stay where they are."""
+    x, normalized = call.x, call.arg(1, "normalized_shape")
+    if not isinstance(x, Feat) or x.param is not None or call.out_shape != x.shape:
+        return aten_layers.layer_norm(call)
+    per_head = x.heads is not None and x.axis == x.ndim - 1 and len(normalized) == 1
+    if per_head and heads.whole_heads(call, x):
+        x = call.x
+    if x.heads is not None:
+        return None
+    # whole heads (a run of entries per feature) on an axis the norm does not reduce
+    whole = x.featured and x.axis < x.ndim - len(normalized)
+    runs = all(seg.space is not None and call.table.record(seg.space).runs for seg in x.segs)
+    if not (whole and runs):
+        return aten_layers.layer_norm(call)
+    for param in (call.arg(2, "weight", None), call.arg(3, "bias", None)):
+        if isinstance(param, Feat):
+            call.use(param)
+    return x
 
 
 def tupled(rule: Rule) -> Rule:
@@ -625,13 +671,14 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.mm: aten_layers.matmul,
     aten.matmul: aten_layers.matmul,
     aten.bmm: aten_layers.matmul,
+    aten.baddbmm: aten_attention.baddbmm,
     aten.conv1d: aten_layers.convolution,
     aten.conv2d: aten_layers.convolution,
     aten.conv3d: aten_layers.convolution,
     aten.convolution: aten_layers.convolution,
     aten.embedding: aten_layers.embedding,
-    aten.layer_norm: aten_layers.layer_norm,
-    aten.rms_norm: aten_layers.layer_norm,
+    aten.layer_norm: layer_norm,
+    aten.rms_norm: layer_norm,
     aten.group_norm: aten_layers.group_norm,
     aten.batch_norm: aten_layers.batch_norm,
     aten._native_batch_norm_legit_no_training: aten_layers.batch_norm,
@@ -661,6 +708,8 @@ ATEN_HEAD_RULES = frozenset(
         rules.movedim,
         heads.reshape,
         aten_attention.sdpa,
+        aten_attention.baddbmm,
+        layer_norm,
         aten_layers.matmul,
         aten_layers.einsum,
         slice_rule,

@@ -4,11 +4,15 @@ Heads are split and joined by the reshape rule of :mod:`accord.trace.heads`. ``q
 head is kept when ``q ← T q`` and ``k ← T⁻ᵀ k``, so k's writers become readers of q's space
 (the "qk" space, orthogonal maps per head) when both are freshly written and reach nothing
 else; query heads that all read one key head (multi-query attention) share one map, the
-query's space folded into one head's features. Rotary embeddings leave q and k as whole heads
-(:func:`accord.trace.heads.whole_heads`), as does a fused projection whose q, k and v heads
-are interleaved: then only permutations of whole key/value groups keep the attention, each
-moving its key and value head with its query heads and their output columns, one space of
-permutations for all of them, unless the mask differs per head (ALiBi). Anything else in
+query's space folded into one head's features. A fused projection whose q, k and v lie in a
+row per head is cut into one space per head and slot (:func:`accord.trace.heads.cut_slots`):
+q·k is then one qk space per head and v one value space per head, which a mask that differs
+per head (ALiBi) keeps, since no head moves. Rotary embeddings leave q and k as whole heads
+(:func:`accord.trace.heads.whole_heads`, joining each head's slots of such a cut again), as
+does a fused projection whose query heads are sliced off each key/value group: then only
+permutations of whole key/value groups keep the attention, each moving its key and value head
+with its query heads and their output columns, one space of permutations for all of them,
+unless the mask differs per head (ALiBi). Anything else in
 between (norms of q and k) is outside what the tracer proves: those spaces are fixed, by the
 rule of the operator that touched them. Values are per head: the output lies in v's space,
 laid out as the heads of the query (grouped-query attention repeats each key/value head, see
@@ -179,8 +183,15 @@ def _query_layout(call: Call, v: Feat, query_heads: int) -> tuple[Seg, ...] | No
 def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
     """One qk space when q and k are each one freshly written space per head, or the query
     heads all read one key head (multi-query attention: the query's space folded into one
-    head's features that every query head holds, :func:`heads.fold`); else fixed."""
+    head's features that every query head holds, :func:`heads.fold`); one qk space per head
+    where q and k hold a space of each head (the slots of a cut, :func:`heads.cut_slots`);
+    else fixed."""
     if not (q.featured or k.featured):
+        return
+    pairs = _head_pairs(call, q, k)
+    if pairs is not None:
+        for query, key in pairs:
+            _absorb_key(call, query, key)
         return
     table, single = call.table, _single_key(k, q)
     same_heads = _per_head(q) and _per_head(k) and q.shape[q.heads] == k.shape[k.heads]
@@ -193,6 +204,37 @@ def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
             return
     reason = f"{where} compares query and key features accord cannot map together"
     call.table.fix_value([q, k], reason)
+
+
+def _head_pairs(call: Call, q: Feat, k: Feat) -> list[tuple[int, int]] | None:
+    """The query and key space of each head, where q and k hold one whole space per head
+    (in the same order) and every key space is freshly written and reaches nothing else."""
+    if q.heads is None or k.heads is None or q.repeat is not None or k.repeat is not None:
+        return None
+    width = q.shape[q.axis]
+    if len(q.segs) < 2 or len(q.segs) != len(k.segs) or q.shape[q.heads] != k.shape[k.heads]:
+        return None
+    segs = q.segs + k.segs
+    if any(seg.space is None or seg.block != 1 or seg.size != width for seg in segs):
+        return None
+    table = call.table
+    pairs = [(a.space, b.space) for a, b in zip(q.segs, k.segs, strict=True)]
+    roots = {table.find(space) for pair in pairs for space in pair}
+    if len(roots) != 2 * len(pairs) or not all(heads._only_written(call, b) for _, b in pairs):
+        return None
+    return pairs  # type: ignore[return-value]
+
+
+def baddbmm(call: Call) -> Any:
+    """aten.baddbmm(bias, a, b, beta, alpha) = beta·bias + alpha·(a @ b): attention scores
+    ``q @ kᵀ`` (:func:`product`) with a bias that carries no features (Bloom's ALiBi, one
+    slope per head: the heads stay in place, each head's q·k is kept)."""
+    bias, a, b = call.arg(0, "self"), call.arg(1, "batch1"), call.arg(2, "batch2")
+    if not isinstance(bias, Feat) or bias.featured or bias.param is not None:
+        return None
+    if not (isinstance(a, Feat) and isinstance(b, Feat) and a.featured and b.featured):
+        return None
+    return product(call, a, b)
 
 
 def _single_key(k: Feat, q: Feat) -> int | None:

@@ -4,7 +4,10 @@
 features (the space then admits block-diagonal maps only, one block per head);
 ``F.scaled_dot_product_attention(q, k, v)`` keeps ``q·k`` per head when ``q ← T q`` and
 ``k ← T⁻ᵀ k``, so k's writers become readers of q's space (the "qk" space), and its output
-is in v's space; the reshape back to (B, L, H·D) joins the heads again.
+is in v's space; the reshape back to (B, L, H·D) joins the heads again. A fused projection
+laid out per head (``view(B, L, H, 3·D)`` and chunked, ``view(B, L, H, 3, D)`` and selected)
+is cut into one space per head and slot (:func:`cut_slots`), which rotary embeddings join
+into whole heads again (:func:`whole_heads`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ def reshape(call: Call) -> Any:
         if x.repeat is not None:
             return _join_repeated(call, x, shape)
         joined = _join(x, shape) or _batch_heads(x, shape) or _other_axes(x, shape)
+        joined = joined or _finer_heads(call, x, shape)
         if joined is None:
-            joined = _interleaved(call, x, shape)
+            joined = _interleaved_slots(call, x, shape) or _interleaved(call, x, shape)
         if joined is None:
             call.table.fix_value(x, f"{call.desc} at node {call.node.name!r} mixes heads")
             return call.plain()
@@ -40,10 +44,46 @@ def reshape(call: Call) -> Any:
         if split is not None:
             call.table.constrain_groups(x.segs[0].space, shape[split.heads])
             return split
-        pieces = _split_pieces(call, x, shape)
+        pieces = _split_slots(call, x, shape) or _split_pieces(call, x, shape)
         if pieces is not None:
             return pieces
     return rules.reshape(call)
+
+
+def _split_slots(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, C) → (…, H, S, D) with C = H·S·D, every user taking it apart along S (Bloom's and
+    Persimmon's ``fused.view(B, L, H, 3, D)[..., 0, :]``): each head's q, k and v in a row,
+    cut into one space per head and slot (:func:`cut_slots`); S is the axis of the pieces,
+    after the heads (``Feat.pieces``)."""
+    if len(x.segs) != 1 or x.segs[0].block != 1 or x.segs[0].space is None:
+        return None
+    if x.axis != x.ndim - 1 or len(shape) != x.ndim + 2:
+        return None
+    b = x.axis
+    heads, slots, width = shape[b], shape[b + 1], shape[b + 2]
+    if tuple(shape[:b]) != x.shape[:b] or heads * slots * width != x.shape[b] or heads == 1:
+        return None
+    if slots == 1 or not _taken_apart(call, b + 1, len(shape)):
+        return None
+    cut = cut_slots(call, x.segs[0].space, heads, [width] * slots)
+    if cut is None:
+        return None
+    segs = tuple(seg for head in zip(*cut, strict=True) for seg in head)
+    return Feat(tuple(shape), b + 2, segs, heads=b, pieces=b + 1)
+
+
+def _taken_apart(call: Call, axis: int, ndim: int) -> bool:
+    """Whether every user of the call's output selects along ``axis`` or unbinds it."""
+    users = list(call.node.users)
+
+    def along(user: Any) -> bool:
+        name = getattr(user.target, "__name__", "")
+        if not name.startswith(("select.", "unbind.")):
+            return False
+        dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % ndim == axis
+
+    return bool(users) and all(along(user) for user in users)
 
 
 def _split_pieces(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
@@ -171,6 +211,27 @@ def _interleaved(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
     return None if runs is None else Feat(tuple(shape), at, (Seg(runs, groups),))
 
 
+def _interleaved_slots(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, H, D) → (…, A, B, D) with H = A·B, every user taking it apart along B (Falcon's
+    q, k and v per head, ``unflatten`` and ``unbind``): each of the A heads cut into B slots
+    (:func:`cut_slots`), B the axis of the pieces after the heads (``Feat.pieces``)."""
+    at = x.heads
+    if x.axis != at + 1 or len(x.segs) != 1 or x.segs[0].block != 1 or x.segs[0].space is None:
+        return None
+    if len(shape) != x.ndim + 1 or tuple(shape[:at]) != x.shape[:at] or x.repeat is not None:
+        return None
+    groups, slots, width = shape[at], shape[at + 1], x.shape[x.axis]
+    if groups * slots != x.shape[at] or slots == 1 or tuple(shape[at + 2 :]) != x.shape[at + 1 :]:
+        return None
+    if not _taken_apart(call, at + 1, len(shape)):
+        return None
+    cut = cut_slots(call, x.segs[0].space, groups, [width] * slots)
+    if cut is None:
+        return None
+    segs = tuple(seg for head in zip(*cut, strict=True) for seg in head)
+    return Feat(tuple(shape), at + 2, segs, heads=at, pieces=at + 1)
+
+
 def _per_head_segs(call: Call, x: Feat, heads: int) -> list[Seg] | None:
     """``x``'s layout as one segment of one space per head, splitting a fresh space."""
     width = x.shape[x.axis]
@@ -189,14 +250,108 @@ def whole_heads(call: Call, x: Feat) -> bool:
     """Re-describe a freshly written space split into heads (``x``) as its heads, which then
     move only whole (rotary embeddings mix each head's features per position, the same way in
     every head): a new space of H features on ``x``'s heads axis, each owning the D entries
-    of its head on every axis (:meth:`SpaceTable.coarsen`). False, changing nothing, where
-    some traced value holds the space otherwise than whole."""
-    if x.heads is None or x.repeat is not None or len(x.segs) != 1 or x.segs[0].block != 1:
+    of its head on every axis (:meth:`SpaceTable.coarsen`); or, for one slot of every head
+    of a cut (:func:`cut_slots`), every slot of each head joined into one run again. False,
+    changing nothing, where some traced value holds the space otherwise than whole."""
+    if x.heads is None or x.repeat is not None:
+        return False
+    if len(x.segs) > 1:
+        return _joined_cut(call, x)
+    if x.segs[0].block != 1:
         return False
     space, width = x.segs[0].space, x.shape[x.axis]
     if space is None or x.segs[0].size != x.shape[x.heads] * width:
         return False
     return regroup(call, space, width) is not None
+
+
+def cut_slots(call: Call, space: int, heads: int, sizes: list[int]) -> list[tuple[Seg, ...]] | None:
+    """Each of the ``heads`` heads of a freshly written ``space`` cut along its features into
+    slots of ``sizes`` (GPT-NeoX's chunk of (…, H, 3·D) into q, k and v, Bloom's select from
+    (…, H, 3, D)): one space per head and slot, since q, k and v of a head lie in a row; the
+    cut is recorded so that rotary embeddings can join each head's slots again
+    (:func:`whole_heads`). Per slot its segments, head by head; None, changing nothing,
+    where the space is used already or cut across its heads."""
+    table, values = call.table, call.walk.values
+    if table.record(space).size != heads * sum(sizes) or not call.only_used_here(space):
+        return None
+    old = table.find(space)
+    holders = [n for n, v in values.items() if old in map(table.find, table.spaces(v))]
+    parts = table.split_written(space, sizes * heads)
+    if parts is None:
+        return None
+    base = table.record(parts[0]).base.rpartition(":")[0]
+    for number, part in enumerate(parts):  # head h's slots: base:h0.0, base:h0.1, …
+        table.record(part).base = f"{base}:head{number // len(sizes)}.{number % len(sizes)}"
+    table.cuts.append((parts, len(sizes)))
+    segs = [Seg(part, size) for part, size in zip(parts, sizes * heads, strict=True)]
+    for name in holders:  # the projection's output: each part observed where it is written
+        values[name] = replace_segs(table, values[name], old, segs)
+    return [tuple(segs[slot :: len(sizes)]) for slot in range(len(sizes))]
+
+
+def _joined_cut(call: Call, x: Feat) -> bool:
+    """``x``, one slot of every head of a cut (:func:`cut_slots`), as whole heads: every part
+    of the cut joined into one space of the heads (:meth:`SpaceTable.join_parts`), every
+    traced value holding a part rewritten; False, changing nothing, where that fails."""
+    table, values = call.table, call.walk.values
+    spaces = [None if seg.space is None else table.find(seg.space) for seg in x.segs]
+    width, size = x.shape[x.axis], x.segs[0].size
+    # one segment per head, or per run of heads (CodeGen's blocks of H/mp_num heads)
+    if any(seg.block != 1 or seg.size != size for seg in x.segs) or size % width:
+        return False
+    if len(x.segs) * size != x.shape[x.heads] * width:
+        return False
+    for parts, slots in table.cuts:
+        roots = [table.find(p) for p in parts]
+        if not any(spaces == roots[slot::slots] for slot in range(slots)):
+            continue
+        holders = [
+            n for n, v in values.items() if set(roots) & set(map(table.find, table.spaces(v)))
+        ]
+        if any(_as_joined(values[n], roots, slots, -1, table) is None for n in holders):
+            return False
+        runs = table.join_parts(parts, slots)
+        if runs is None:
+            return False
+        for name in holders:
+            values[name] = _as_joined(values[name], roots, slots, runs, table)
+        return True
+    return False
+
+
+def _as_joined(value: Any, roots: list[int], slots: int, runs: int, table: Any) -> Any:
+    """``value`` with the parts of a cut (``roots``, ``slots`` a head) replaced by ``runs``,
+    one feature per head: split into heads, every slot of each head or one slot of every
+    head; laid out without heads, all parts or one slot of each head in a row. None where
+    that cannot be said."""
+    if isinstance(value, Tup):
+        items = [_as_joined(item, roots, slots, runs, table) for item in value.items]
+        return None if any(item is None for item in items) else Tup(tuple(items))
+    if not isinstance(value, Feat) or not set(roots) & set(map(table.find, table.spaces(value))):
+        return value
+    found = [None if seg.space is None else table.find(seg.space) for seg in value.segs]
+    count = len(roots) // slots
+    patterns = [roots] + [roots[slot::slots] for slot in range(slots)]
+    if value.heads is not None:
+        # every head of a run in a row: the run's features are those heads
+        heads, width = value.shape[value.heads], value.shape[value.axis]
+        width *= 1 if value.pieces is None else value.shape[value.pieces]
+        whole = value.repeat is None and all(seg.block == 1 for seg in value.segs)
+        whole = whole and heads % count == 0 and sum(s.size for s in value.segs) == heads * width
+        if whole and found in patterns:
+            return Feat(value.shape, value.heads, (Seg(runs, count, heads // count),))
+        return None
+    for pattern in patterns:
+        per_run = len(pattern) // count
+        for i in range(len(found) - len(pattern) + 1):
+            segs = value.segs[i : i + len(pattern)]
+            if found[i : i + len(pattern)] != pattern or len({seg.block for seg in segs}) > 1:
+                continue
+            block = sum(seg.size for seg in segs[:per_run]) * segs[0].block
+            joined = (*value.segs[:i], Seg(runs, count, block), *value.segs[i + len(pattern) :])
+            return Feat(value.shape, value.axis, joined)
+    return None
 
 
 def regroup(call: Call, space: int, factor: int) -> int | None:
@@ -282,6 +437,24 @@ def _as_runs(table: Any, value: Any, root: int, size: int, factor: int, runs: in
             seg = Seg(runs, size // factor, seg.block * factor)
         segs.append(seg)
     return Feat(value.shape, value.axis, tuple(segs))
+
+
+def _finer_heads(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """(…, A, W) → (…, A·r, W/r): every head cut into r heads (CodeGen's mp_num blocks of
+    H/mp_num heads each); each space's maps then act per new head."""
+    if x.axis != x.heads + 1 or x.repeat is not None or x.pieces is not None:
+        return None
+    at, count, width = x.heads, x.shape[x.heads], x.shape[x.axis]
+    if len(shape) != x.ndim or shape[:at] != x.shape[:at] or shape[at + 2 :] != x.shape[at + 2 :]:
+        return None
+    if shape[at] <= count or shape[at] * shape[at + 1] != count * width:
+        return None
+    if any(seg.block != 1 or seg.size % shape[at + 1] for seg in x.segs):
+        return None
+    for seg in x.segs:
+        if seg.space is not None:
+            call.table.constrain_groups(seg.space, seg.size // shape[at + 1])
+    return Feat(tuple(shape), at + 1, x.segs, heads=at)
 
 
 def _other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:

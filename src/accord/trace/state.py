@@ -49,7 +49,9 @@ class Feat:
     grouped-query attention); only a reshape joining it with the heads axis keeps the features.
     ``pieces`` is set when a reshape cut a fused projection into pieces along an axis of
     their own, before the heads (``qkv.reshape(B, L, 3, H, D)``): index ``p`` of that axis
-    holds ``segs[p]``, one space per piece, until a select or unbind takes the pieces apart.
+    holds ``segs[p]``, one space per piece, until a select or unbind takes the pieces apart;
+    or after the heads (``qkv.view(B, L, H, 3, D)``, each head's q, k and v in a row): index
+    ``p`` holds ``segs[p::P]``, one space per head and piece.
     """
 
     shape: tuple[int, ...]
@@ -175,6 +177,9 @@ class SpaceTable:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.records: list[SpaceRecord] = []
+        # each head of a space cut into slots (q, k, v): the parts, head by head, and how many
+        # slots a head has (:func:`accord.trace.heads.cut_slots`)
+        self.cuts: list[tuple[list[int], int]] = []
 
     def new(self, size: int, base: str, maps: str = "linear", groups: int = 1) -> int:
         index = len(self.parent)
@@ -237,8 +242,8 @@ class SpaceTable:
         """A space that only has writers so far (``per_feature``: and per-feature parameters
         and folded BatchNorms, which every part lists), split into consecutive parts of
         ``sizes`` (a fused q/k/v or gate/up projection, one space per key/value head, the
-        groups of a grouped convolution); None when the space is used already or its head
-        blocks do not fit the parts. The old space is left empty."""
+        groups of a grouped convolution, each head's q, k and v); None when the space is used
+        already or a part cuts across its head blocks. The old space is left empty."""
         record = self.record(index)
         used = record.refs["readers"]
         if not per_feature:
@@ -246,11 +251,11 @@ class SpaceTable:
         if used or record.reasons or record.residual or record.is_input or record.is_output:
             return None
         block = record.size // record.groups
-        if sum(sizes) != record.size or (record.groups > 1 and any(n % block for n in sizes)):
+        if sum(sizes) != record.size or not _within_blocks(sizes, block):
             return None
         parts, start = [], 0
         for number, size in enumerate(sizes):
-            groups = size // block if record.groups > 1 else 1
+            groups = size // block if record.groups > 1 and size % block == 0 else 1
             part = self.new(size, f"{record.base}:{number}", record.maps, groups)
             for role in ("writers", "elementwise"):
                 for ref in record.refs[role]:
@@ -319,32 +324,38 @@ class SpaceTable:
         record.refs["writers"] = []
         return part
 
-    def join_parts(self, parts: list[int]) -> int | None:
-        """Freshly written spaces of equal size, part ``g`` claiming on every axis the run
-        right after part ``g - 1``'s (one value head each, as :meth:`split_written` leaves
-        them), as one space of those runs, permutations only; None where they do not line up.
+    def join_parts(self, parts: list[int], per_run: int = 1) -> int | None:
+        """Freshly written spaces, each claiming on every axis the entries right after the
+        previous one's (as :meth:`split_written` leaves them), as one space of their runs of
+        ``per_run`` parts in a row (one value head each, or each head's q, k and v), whose
+        sizes repeat from run to run; permutations only. None where they do not line up.
         The parts are left empty."""
         records = [self.record(p) for p in parts]
-        first = records[0]
+        first, sizes = records[0], [r.size for r in records]
+        width, runs = sum(sizes[:per_run]), len(parts) // per_run
+        if len(parts) % per_run or sizes != sizes[:per_run] * runs:
+            return None
         if not all(self.only_written(p) for p in parts) or len(set(map(self.find, parts))) < len(
             parts
         ):
             return None
-        for g, record in enumerate(records):
+        start = 0
+        for record in records:
             for role in ROLES:
                 expected = [
-                    AxisRef(r.tensor, r.axis, r.block, r.offset + g * first.size * r.block)
+                    AxisRef(r.tensor, r.axis, r.block, r.offset + start * r.block)
                     for r in first.refs[role]
                 ]
-                if record.size != first.size or record.refs[role] != expected:
+                if record.refs[role] != expected:
                     return None
+            start += record.size
         base = first.base.rpartition(":")[0] or first.base
-        part = self.new(len(parts), base, "permutation")
+        part = self.new(runs, base, "permutation")
         new = self.records[part]
         new.order, new.runs = first.order, True
         for role in ROLES:
             new.refs[role] = [
-                AxisRef(r.tensor, r.axis, r.block * first.size, r.offset) for r in first.refs[role]
+                AxisRef(r.tensor, r.axis, r.block * width, r.offset) for r in first.refs[role]
             ]
         for record in records:
             for role in ROLES:
@@ -395,6 +406,18 @@ class SpaceTable:
             else:
                 self.union(x.space, y.space, residual)
         return True
+
+
+def _within_blocks(sizes: list[int], block: int) -> bool:
+    """Whether consecutive parts of ``sizes`` each lie within one block of ``block`` entries
+    or are whole blocks."""
+    start = 0
+    for size in sizes:
+        whole = start % block == 0 and size % block == 0
+        if not whole and start // block != (start + size - 1) // block:
+            return False
+        start += size
+    return True
 
 
 def layouts_match(a: Feat, b: Feat) -> bool:
