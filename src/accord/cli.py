@@ -125,13 +125,19 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--seeds", type=_seeds, default=(0, 1), help="e.g. 0,1,2 or 0-3 (one model each)"
     )
-    p.add_argument("--split", default="iid", help="data split: iid, classes, dirichlet, 80-20")
     p.add_argument(
-        "--alpha", type=float, default=0.5, help="Dirichlet concentration (split dirichlet)"
+        "--split", default="iid", help="data split: iid, classes, dirichlet, 80-20 [%(default)s]"
     )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration (split dirichlet) [%(default)s]",
+    )
+    defaults = accord.TrainConfig()
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="[%(default)s]")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="[%(default)s]")
     p.add_argument("--width", type=_number, default=None, help="width (multiplier, or MLP units)")
     p.add_argument("--depth", type=int, default=None, help="MLP hidden layers / ViT blocks")
     p.add_argument("--batch-norm", action="store_true", help="VGG with BatchNorm")

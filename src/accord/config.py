@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accord.errors import ConfigError, did_you_mean
+from accord.models.inputs import SEQUENCE_LENGTH
+from accord.registry import DEFAULT_ALIGN, DEFAULT_COMBINE
 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
@@ -40,10 +42,14 @@ class MergeConfig(BaseModel):
     method: str | None = Field(
         None,
         description="an alignment or a combiner (see align, combine), or 'all' for a comparison "
-        "table; default cca",
+        f"table; default {DEFAULT_ALIGN}",
     )
-    align: str | None = Field(None, description="alignment (default: the method's, else cca)")
-    combine: str | None = Field(None, description="combiner (default: the method's, else average)")
+    align: str | None = Field(
+        None, description=f"alignment (default: the method's, else {DEFAULT_ALIGN})"
+    )
+    combine: str | None = Field(
+        None, description=f"combiner (default: the method's, else {DEFAULT_COMBINE})"
+    )
     base: str | None = Field(
         None,
         description="the model the others were fine-tuned from, of their kind (a checkpoint "
@@ -96,8 +102,8 @@ class MergeConfig(BaseModel):
     sequence_length: int | None = Field(
         None,
         gt=0,
-        description="tokens per sequence of text --data (default 32, or the model's positions "
-        "when fewer)",
+        description=f"tokens per sequence of text --data (default {SEQUENCE_LENGTH}, or the "
+        "model's positions when fewer)",
     )
 
     @field_validator("input_shape", mode="before")

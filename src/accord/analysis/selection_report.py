@@ -159,7 +159,12 @@ def add_select_parser(sub: Any) -> argparse.ArgumentParser:
         "or an alignment or another combiner [%(default)s]",
     )
     p.add_argument("--base", default=None, help="the checkpoint the experts were tuned from")
-    p.add_argument("--scales", type=_floats, default=(1.0,), help="λ candidates [1]")
+    p.add_argument(
+        "--scales",
+        type=_floats,
+        default="1",  # argparse passes a text default through type: (1.0,)
+        help="λ candidates, comma-separated [%(default)s]",
+    )
     p.add_argument(
         "--density",
         type=float,
@@ -169,7 +174,9 @@ def add_select_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--grid", choices=GRIDS, default="aligned", help="[%(default)s]")
     p.add_argument("--hard-fraction", type=float, default=0.1, help="[%(default)s]")
-    p.add_argument("--el2n-step", type=int, default=0, help="checkpoint index for EL2N [0]")
+    p.add_argument(
+        "--el2n-step", type=int, default=0, help="checkpoint index for EL2N [%(default)s]"
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="selection", help="output folder [%(default)s]")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")

@@ -427,7 +427,12 @@ def add_visualize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3, help="best and worst pairs shown [%(default)s]")
     p.add_argument("--top", type=int, default=6, help="top inputs per unit [%(default)s]")
     p.add_argument("--steps", type=int, default=256, help="act-max steps [%(default)s]")
-    p.add_argument("--split", choices=("val", "test", "train"), default="val")
+    p.add_argument(
+        "--split",
+        choices=("val", "test", "train"),
+        default="val",
+        help="the split whose top-activating inputs are shown [%(default)s]",
+    )
     p.add_argument("--data", default=None, help="dataset name (default: the checkpoints' own)")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--out", default="visualize", help="output folder [%(default)s]")

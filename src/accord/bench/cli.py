@@ -24,7 +24,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``accord bench quality | speed | skill | select | llm-memory | markdown`` to the
     ``accord`` subparsers ``sub``."""
     p = sub.add_parser(
-        "bench", help="quality, speed and skill-transfer benchmarks (JSON + figures)"
+        "bench",
+        help="benchmarks: quality, speed, skill transfer, checkpoint selection, LLM merge "
+        "memory (JSON + figures), and BENCHMARKS.md from them",
     )
     kinds = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     q = kinds.add_parser(
@@ -99,7 +101,9 @@ def _add_llm_memory(kinds: Any) -> None:
     e.add_argument(
         "--mergekit", default=None, help="mergekit-yaml to compare with [the one on the PATH]"
     )
-    e.add_argument("--repeats", type=int, default=1, help="runs of each merge (best kept)")
+    e.add_argument(
+        "--repeats", type=int, default=1, help="runs of each merge (best kept) [%(default)s]"
+    )
     e.add_argument("--out", default=RESULTS, help="results folder [%(default)s]")
     e.set_defaults(func=_cmd_llm_memory)
 

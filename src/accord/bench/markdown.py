@@ -460,7 +460,7 @@ def _precision(precision: Mapping[str, Any]) -> list[str]:
         f"{precision['inputs']} inputs)",
         "",
         "Relative error against an exact two-pass float64 covariance: accord's shifted "
-        "one-pass sums with float64 products (f64, `precision=\"float64\"`) and with float32 "
+        'one-pass sums with float64 products (f64, `precision="float64"`) and with float32 '
         "chunk products summed in float64 (f32, the default), and a naive float32 "
         "E[xxᵀ] − μμᵀ over the same "
         "batches (naive). Worst space: "

@@ -33,8 +33,9 @@ Each merged feature is the average of its cluster: with the unmerge matrix U (N�
 N transformed models yields ZipIt's merged writers ``Σ_i M_i W_i`` and readers ``W_i U_i``.
 When every cluster holds one feature of each model (a one-to-one matching), the maps are
 returned as permutations onto the reference's coordinates instead — the same merge, exactly.
-Grouped spaces are zipped per group. Defaults α = 0.3, β = 0.5 are the measured best of the
-grid (benchmarks/defaults_study.py; the authors' ``match_tensors_zipit`` uses β = 0.125).
+Grouped spaces are zipped per group. Defaults α = 0.3, β = 0.5 were chosen on validation
+(benchmarks/defaults_study.py; BENCHMARKS.md, "Measurements behind design choices"); the
+authors' ``match_tensors_zipit`` uses β = 0.125.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ dtype in one pass into one buffer shared by every observation (it stays in cache
 the chunks a later model pairs with (the reference's) are kept, in memory reused batch after
 batch, until the batch ends: memory holds one model's activations, not N. The default
 ``precision="float32"`` multiplies each chunk in float32 and sums the chunks' products in
-float64 around the shift; ``"float64"`` multiplies in float64 too, for about twice the cost of
-the products (``accord bench speed`` measures both; see BENCHMARKS.md). The graph of each
+float64 around the shift; ``"float64"`` multiplies in float64 too, at a higher cost
+(``accord bench speed`` measures both; see BENCHMARKS.md). The graph of each
 model is traced once per pass.
 """
 

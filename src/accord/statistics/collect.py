@@ -325,9 +325,10 @@ def collect_statistics(
 
     ``precision`` is the dtype each chunk of shifted samples (about 2.6·10⁵ values, so its
     own rounding stays small) is multiplied in; the chunks' products are summed in float64
-    either way. ``"float32"`` (the default) keeps the activations' dtype, at least float32:
-    relative covariance errors near 1e-7–1e-6, which no merge notices, at about half the
-    cost of ``"float64"`` (errors near 1e-12). ``accord bench speed`` measures both.
+    either way. ``"float32"`` (the default) keeps the activations' dtype, at least float32;
+    ``"float64"`` is more exact and slower. ``accord bench speed`` measures both, their errors
+    against an exact covariance and their cost (BENCHMARKS.md; the measurement behind the
+    default is there too).
     ``channels_last`` runs 2-d convolutions in channels-last memory format on a CPU device
     (:mod:`accord._layout`: a cheaper forward, the same values up to rounding); False runs
     the models exactly as given.
