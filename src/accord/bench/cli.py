@@ -79,7 +79,7 @@ def _add_select(kinds: Any) -> None:
         "select",
         help="do experts' early checkpoints merge better? (task arithmetic, TIES; one thread)",
     )
-    e.add_argument("--quick", action="store_true", help="the small plan: about a minute")
+    e.add_argument("--quick", action="store_true", help="the small plan: seconds")
     e.add_argument("--dataset", default="digits", help="[%(default)s]")
     e.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     e.add_argument(

@@ -19,7 +19,7 @@ HEADER = """# Benchmarks
 
 Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
-reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (about 2 h on 2 CPU
+reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
 cores; trained models are cached in the model store), `accord bench speed`,
 `accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
 `accord bench llm-memory` (minutes; next to mergekit when installed), then

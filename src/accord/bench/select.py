@@ -56,7 +56,7 @@ class SelectPlan:
 
 
 def select_plan(quick: bool = False, dataset: str = "digits") -> SelectPlan:
-    """The ``--quick`` plan (about a minute on one core) or the full one (a few minutes)."""
+    """The ``--quick`` plan or the full one (each run's time is in its JSON, ``seconds``)."""
     return SelectPlan(
         name="select-quick" if quick else "select",
         dataset=dataset,
