@@ -15,6 +15,7 @@ import yaml
 import accord
 from accord._table import format_table
 from accord.config import MergeConfig, load_merge_config, validate_merge_config
+from accord.demo import DEMO_MODELS
 from accord.errors import AccordError, ConfigError
 from accord.merge import check_options, split_options
 from accord.models import is_hf_folder, load_user_model, uses_user_models
@@ -126,7 +127,9 @@ def _add_train(sub: Any) -> None:
         "--seeds", type=_seeds, default=(0, 1), help="e.g. 0,1,2 or 0-3 (one model each)"
     )
     p.add_argument(
-        "--split", default="iid", help="data split: iid, classes, dirichlet, 80-20 [%(default)s]"
+        "--split",
+        default="iid",
+        help=f"data split: {', '.join(accord.data.SPLIT_MODES)} [%(default)s]",
     )
     p.add_argument(
         "--alpha",
@@ -402,7 +405,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="train 4 small models (or reuse them) and compare merges")
+    p = sub.add_parser(
+        "demo", help=f"train {DEMO_MODELS} small models (or reuse them) and compare merges"
+    )
     p.add_argument(
         "--dataset", default="auto", help="auto: Fashion-MNIST when installed, else digits"
     )
