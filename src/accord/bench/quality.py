@@ -152,9 +152,9 @@ def quality_plan(
             accord.TrainConfig(epochs=20 if small else 4, lr=0.05),
             limit=None if small else 6000,
         )
-        # without BatchNorm (REPAIR, not a reset; a lower peak rate and twice the epochs to
-        # train: 82 % test against 74 % in 4 epochs), iid only: the quick guard on the merges
-        # of networks without BatchNorm (issue 17)
+        # without BatchNorm (REPAIR, not a reset; it trains with a lower peak rate and twice
+        # the epochs), iid only: the quick guard on the merges of networks without BatchNorm
+        # (issue 17)
         vgg_plain = ModelPlan(
             "vgg11",
             {"width": 0.25 if small else 0.125, "batch_norm": False, "xavier_init": True},
