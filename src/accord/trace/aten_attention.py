@@ -55,35 +55,30 @@ def sdpa(call: Call) -> Any:
     return Feat(shape, len(shape) - 1, segs, heads=len(shape) - 3)
 
 
+def _one_space_on(t: Feat, axis: int) -> bool:
+    """One space, never split into heads, on ``axis`` of ``t``."""
+    return (
+        t.featured
+        and t.heads is None
+        and t.axis == axis
+        and len(t.segs) == 1
+        and t.segs[0].space is not None
+    )
+
+
 def _one_head(t: Feat) -> Feat:
     """A key or value of (…, H, L, D) never split into heads, its D features on the last axis
     (multi-query attention slicing its one key and value head off a fused projection, maybe
     repeated for every query head) as the same head on every index of the heads axis."""
-    if t.featured and t.heads is None and t.ndim >= 3 and len(t.segs) == 1:
-        seg = t.segs[0]
-        if (
-            t.axis == t.ndim - 1
-            and seg.space is not None
-            and (seg.size, seg.block)
-            == (
-                t.shape[-1],
-                1,
-            )
-        ):
-            return Feat(t.shape, t.axis, (seg,) * t.shape[-3], heads=t.ndim - 3)
+    if t.ndim >= 3 and _single_head(t) and t.segs[0].size == t.shape[-1]:
+        return Feat(t.shape, t.axis, t.segs * t.shape[-3], heads=t.ndim - 3)
     return t
 
 
 def _whole_heads(t: Feat) -> bool:
     """Features that are whole heads (see :func:`accord.trace.heads.whole_heads`) on the
     heads axis of (…, H, L, D), one space."""
-    return (
-        t.featured
-        and t.heads is None
-        and t.axis == t.ndim - 3
-        and len(t.segs) == 1
-        and t.segs[0].space is not None
-    )
+    return _one_space_on(t, t.ndim - 3)
 
 
 def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> Any:
@@ -268,14 +263,7 @@ def _absorb_key(call: Call, query: int, key: int) -> bool:
 
 def _single_head(t: Feat) -> bool:
     """One space on the last axis, never split into heads (attention with one head)."""
-    return (
-        t.featured
-        and t.heads is None
-        and t.axis == t.ndim - 1
-        and len(t.segs) == 1
-        and t.segs[0].space is not None
-        and t.segs[0].block == 1
-    )
+    return _one_space_on(t, t.ndim - 1) and t.segs[0].block == 1
 
 
 def _per_head(t: Feat) -> bool:
