@@ -959,6 +959,57 @@ def test_scaled_positional_embedding_is_a_writer(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+def test_position_embeddings_resized_to_the_grid_write_the_stream(assert_preserved) -> None:
+    """YOLOS / DPT: the class token's row of the position embeddings, the patches' rows
+    resized by interpolation and put back together are still the parameter's feature axis."""
+
+    class Resized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch, self.out = nn.Conv2d(3, 4, 2, stride=2), nn.Linear(4, 2)
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.pos = nn.Parameter(torch.randn(1, 5, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            patches = self.patch(x).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1)
+            grid = self.pos[:, 1:].transpose(1, 2).reshape(1, 4, 2, 2)
+            grid = F.interpolate(grid, size=(3, 3), mode="bicubic").flatten(2).transpose(1, 2)
+            pos = torch.cat([self.pos[:, 0].unsqueeze(1), grid], dim=1)
+            return self.out(torch.relu(tokens + pos)).mean(1)
+
+    model, x = Resized(), torch.randn(2, 3, 6, 6)
+    spec = trace(model, x)
+    stream = spec["patch"]
+    assert stream.free and {AxisRef("pos", 2), AxisRef("cls", 2)} <= set(stream.writers)
+    assert_preserved(model, x, spec)
+
+
+def test_transposed_convolution_reads_axis_0_and_writes_axis_1(assert_preserved) -> None:
+    """ConvTranspose2d's weight is (in, out, kh, kw); a BatchNorm after it is not folded
+    (folding scales a convolution's axis 0)."""
+
+    class Upsampling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.up = nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(5, 6, 2, stride=2)
+            self.norm, self.head = nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.norm(self.up(torch.relu(self.conv(x))))))
+
+    model, x = Upsampling().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    spec = trace(model, x)
+    assert spec["conv"].free and AxisRef("up.weight", 0) in spec["conv"].readers
+    up = spec["up"]
+    assert up.free and {AxisRef("up.weight", 1), AxisRef("up.bias", 0)} <= set(up.writers)
+    assert not up.batchnorms and up.maps == "permutation"
+    assert_preserved(model, x, spec)
+
+
 # The spec itself --------------------------------------------------------------------------
 
 

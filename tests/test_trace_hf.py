@@ -20,13 +20,15 @@ from _hf_models import (
     FURTHER_SLOW,
     MORE_BUILDERS,
     SLOW_FAMILIES,
+    SURVEY_BUILDERS,
+    SURVEY_SLOW,
     Logits,
 )
 from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
 
 # the families of the README's list: the tests' own and those the surveys added
-FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS}
+FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS, **SURVEY_BUILDERS}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def _assert_carries_the_input(name: str, logits: torch.Tensor) -> None:
 
 
 def _marks(name: str) -> list[Any]:
-    return [pytest.mark.slow] if name in (*SLOW_FAMILIES, *FURTHER_SLOW) else []
+    return [pytest.mark.slow] if name in (*SLOW_FAMILIES, *FURTHER_SLOW, *SURVEY_SLOW) else []
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in FAMILIES])

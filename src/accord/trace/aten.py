@@ -211,13 +211,17 @@ def index(call: Call) -> Any:
 
 
 def select(call: Call) -> Any:
-    """aten.select(x, dim, index): one entry of an axis other than the features."""
+    """aten.select(x, dim, index): one entry of an axis other than the features; of a
+    parameter, its other axes (the class token's row of the position embeddings)."""
     x, shape = call.x, call.out_shape
-    if not isinstance(x, Feat) or shape is None or x.param is not None:
+    if not isinstance(x, Feat) or shape is None:
         return None
+    dim = call.arg(1, "dim") % x.ndim
+    if x.param is not None:
+        dims = x.dims[:dim] + x.dims[dim + 1 :]
+        return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
     if not x.featured:
         return call.plain()
-    dim = call.arg(1, "dim") % x.ndim
     if dim == x.pieces:
         return _piece(x, shape, dim, call.arg(2, "index") % x.shape[dim])
     if dim in (x.axis, x.heads, x.repeat):
@@ -558,6 +562,14 @@ def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
     return None
 
 
+# interpolation along the axes after the channels, each channel on its own
+_UPSAMPLE = """
+    upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
+    _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d
+    upsample_trilinear3d upsample_bicubic2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa
+"""
+
+
 def _pool_rules() -> dict[Any, Rule]:
     table: dict[Any, Rule] = {}
     for dims, (max_pool, avg_pool, adaptive_avg, adaptive_max) in _POOLS.items():
@@ -578,8 +590,7 @@ ATEN_RULES: dict[Any, Rule] = {
     **{op: heads.reshape for op in _RESHAPE},
     **{op: head_scalar(kind) for kind, names in _ARITHMETIC.items() for op in _packets(names)},
     **_pool_rules(),
-    aten.upsample_nearest2d: rules.spatial(None),
-    aten.upsample_bilinear2d: rules.spatial(None),
+    **{op: rules.spatial(None) for op in _packets(_UPSAMPLE)},
     aten.constant_pad_nd: pad,
     aten.pad: rules.pad,
     aten.softmax: rules.softmax,
@@ -629,6 +640,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.conv2d: aten_layers.convolution,
     aten.conv3d: aten_layers.convolution,
     aten.convolution: aten_layers.convolution,
+    aten.conv_transpose1d: aten_layers.conv_transpose,
+    aten.conv_transpose2d: aten_layers.conv_transpose,
+    aten.conv_transpose3d: aten_layers.conv_transpose,
     aten.embedding: aten_layers.embedding,
     aten.layer_norm: aten_layers.layer_norm,
     aten.rms_norm: aten_layers.layer_norm,

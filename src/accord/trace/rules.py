@@ -87,9 +87,19 @@ def spatial(dims: int | None, kind: str | None = None) -> Rule:
         x, shape = call.x, call.out_shape
         if not isinstance(x, Feat) or shape is None or len(shape) != x.ndim:
             return None
+        touched = x.ndim - 2 if dims is None else dims
+        if x.param is not None:
+            # a parameter resized along its other axes (position embeddings interpolated to
+            # the image's grid, YOLOS) keeps its feature axes
+            kept = x.ndim - touched
+            return Feat(
+                tuple(shape),
+                param=x.param,
+                dims=(*x.dims[:kept], *(-1 if n != 1 else None for n in shape[kept:])),
+                applied=x.applied,
+            )
         if not x.featured:
             return call.plain()
-        touched = x.ndim - 2 if dims is None else dims
         if x.axis >= x.ndim - touched or shape[x.axis] != x.shape[x.axis]:
             return None
         if kind:
@@ -194,10 +204,32 @@ def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | Non
             dims=tuple(next(dims) if n != 1 else None for n in shape),
             applied=x.applied,
         )
-    if whole is None or in_order(x, whole) is None:
+    if whole is not None and in_order(x, whole) is not None:
+        dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
+        if dims is not None:
+            return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+    return _reshape_other_axes(x, tuple(shape))
+
+
+def _reshape_other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """A reshape of a parameter view that merges or splits only some of its axes (a
+    resized grid of position embeddings flattened back into positions): an axis that starts
+    where an output axis starts and has its size is carried unchanged; every other output
+    axis holds no whole parameter axis (-1). None when no parameter axis is carried."""
+    if min((*x.shape, *shape)) < 0 or math.prod(x.shape) != math.prod(shape):
         return None
-    dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
-    return None if dims is None else Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+    dims: list[int | None] = [None if n == 1 else -1 for n in shape]
+    for i, d in enumerate(x.dims):
+        if d is None or d < 0:
+            continue
+        before = math.prod(x.shape[:i])
+        for j, n in enumerate(shape):
+            if n == x.shape[i] and math.prod(shape[:j]) == before:
+                dims[j] = d
+                break
+    if not any(d is not None and d >= 0 for d in dims):
+        return None
+    return Feat(shape, param=x.param, dims=tuple(dims), applied=x.applied)
 
 
 def in_order(x: Feat, whole: tuple[int, ...]) -> tuple[int | None, ...] | None:
@@ -533,7 +565,7 @@ def cat(call: Call) -> Any:
         return None
     featured = [item for item in items if item.featured]
     if not featured:
-        return call.plain()
+        return _cat_param_pieces(items, dim % len(shape), shape) or call.plain()
     axis = featured[0].axis
     if any(item.axis != axis for item in featured):
         return None
@@ -557,6 +589,25 @@ def cat(call: Call) -> Any:
             call.use(item)
             call.table.add_per_feature(first, "writers", item.param, pd)
     return first.moved(shape, axis)
+
+
+def _cat_param_pieces(items: Sequence[Feat], dim: int, shape: tuple[int, ...]) -> Feat | None:
+    """Pieces of one parameter put back together along ``dim`` (YOLOS's position embeddings:
+    the class token's, the patches' resized, the detection tokens'): every other axis that is
+    the same parameter axis in every piece stays that axis."""
+    first = items[0]
+    if first.param is None or any(
+        item.param != first.param or item.applied != first.applied or item.ndim != len(shape)
+        for item in items
+    ):
+        return None
+    dims: list[int | None] = [None if n == 1 else -1 for n in shape]
+    for axis in range(len(shape)):
+        if axis != dim and all(item.dims[axis] == first.dims[axis] for item in items):
+            dims[axis] = first.dims[axis]
+    if not any(d is not None and d >= 0 for d in dims):
+        return None
+    return Feat(shape, param=first.param, dims=tuple(dims), applied=first.applied)
 
 
 def stack(call: Call) -> Any:
