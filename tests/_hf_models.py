@@ -826,7 +826,7 @@ FURTHER_SLOW = ("mobilevitv2",)
 
 # Issue #16's second survey: encoders with rotary or fused attention, recent decoders (MoE,
 # multi-head latent attention, state-space models), CLIP-style vision towers, detection and
-# depth heads, Perceiver, and audio front ends (1-d convolutions, group norm, a positional
+# depth heads, and audio front ends (1-d convolutions, group norm, a positional
 # convolution). Measured by the same test (test_trace_hf).
 
 
@@ -896,16 +896,6 @@ _LATENT_ATTENTION = dict(
     n_group=1,
     topk_group=1,
     first_k_dense_replace=0,
-)
-_PERCEIVER = dict(
-    num_latents=8,
-    d_latents=32,
-    d_model=16,
-    num_blocks=1,
-    num_self_attends_per_block=1,
-    num_self_attention_heads=4,
-    num_cross_attention_heads=1,
-    num_labels=3,
 )
 
 SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
@@ -1028,6 +1018,23 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _tokens,
     ),
+    # experts in a Python loop (F.linear on each expert's slice of one parameter), summed back
+    # by index_add; its mixture of attention heads stays fixed
+    "jetmoe": lambda: (
+        transformers.JetMoeForCausalLM(
+            transformers.JetMoeConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_key_value_heads=2,
+                kv_channels=8,
+                intermediate_size=48,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+            )
+        ),
+        _tokens,
+    ),
     # no key/value groups: multi-head latent attention has a key and a value per query head
     "deepseek-v3": lambda: (
         transformers.DeepseekV3ForCausalLM(
@@ -1127,12 +1134,6 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _images_16,
     ),
-    "perceiver": lambda: (
-        transformers.PerceiverForImageClassificationLearned(
-            transformers.PerceiverConfig(**_PERCEIVER, image_size=16)
-        ),
-        _images_16,
-    ),
     # audio
     "wav2vec2": lambda: (
         transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(**_AUDIO)),
@@ -1193,4 +1194,4 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         _mel_features,
     ),
 }
-SURVEY_SLOW: tuple[str, ...] = ()
+SURVEY_SLOW = ("dpt", "mamba", "mamba2")

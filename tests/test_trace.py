@@ -985,6 +985,61 @@ def test_position_embeddings_resized_to_the_grid_write_the_stream(assert_preserv
     assert_preserved(model, x, spec)
 
 
+def test_tensor_split_cuts_a_fused_projection(assert_preserved) -> None:
+    """``tensor_split`` (Mamba's reference scan) cuts like ``split``: two pieces of a fresh
+    space, each its own."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(3, 8), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = torch.tensor_split(self.up(x), [4], dim=-1)
+            return self.down(torch.relu(a) * b)
+
+    model, x = Gated(), torch.randn(2, 3)
+    spec = trace(model, x)
+    assert spec["up"].free and spec["up"].size == 4
+    assert AxisRef("up.weight", 0, 1, 4) in spec["up"].writers
+    assert_preserved(model, x, spec)
+
+
+def test_experts_in_a_loop_summed_back_by_index_add(assert_preserved) -> None:
+    """JetMoE's experts: ``F.linear(x_i, W[i])`` for each expert's rows, the outputs summed
+    back into zeros by ``index_add``: every expert reads and writes the stream, their hidden
+    units one space."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.up = nn.Parameter(torch.randn(2, 6, 4))
+            self.down = nn.Parameter(torch.randn(2, 4, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            order = torch.tensor([3, 0, 2, 1])
+            rows = h[order].split([2, 2], dim=0)
+            out = torch.cat(
+                [
+                    F.linear(torch.relu(F.linear(r, self.up[i])), self.down[i])
+                    for i, r in enumerate(rows)
+                ]
+            )
+            return self.head(torch.relu(h + torch.zeros_like(h).index_add(0, order, out)))
+
+    model, x = Experts(), torch.randn(4, 3)
+    spec = trace(model, x)
+    stream, hidden = spec["stream:embed"], spec["up"]
+    assert stream.free and {AxisRef("up", 2), AxisRef("down", 1)} <= {
+        *stream.readers,
+        *stream.writers,
+    }
+    assert hidden.free and AxisRef("down", 2) in hidden.readers
+    assert_preserved(model, x, spec)
+
+
 def test_transposed_convolution_reads_axis_0_and_writes_axis_1(assert_preserved) -> None:
     """ConvTranspose2d's weight is (in, out, kh, kw); a BatchNorm after it is not folded
     (folding scales a convolution's axis 0)."""

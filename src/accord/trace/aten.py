@@ -91,7 +91,7 @@ def _sibling_slices(call: Call, dim: int) -> dict[str, tuple[int, int]] | None:
 
 
 def split(call: Call) -> Any:
-    """aten.split / split_with_sizes / chunk / unbind: pieces along one axis."""
+    """aten.split / split_with_sizes / chunk / tensor_split / unbind: pieces along one axis."""
     x, meta = call.x, call.meta
     if not isinstance(x, Feat) or not isinstance(meta, tuple):
         return None
@@ -155,6 +155,29 @@ def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
             for item, piece in zip(meta, found, strict=True)
         )
     )
+
+
+def index_add(call: Call) -> Any:
+    """aten.index_add(zeros, dim, index, source): rows of ``source`` summed into zeros at
+    ``index`` along an axis other than the features (a mixture of experts putting each
+    token's expert outputs back in place, JetMoE) keep the features. Into anything but
+    zeros it is unknown: the rows added to could carry other features."""
+    x, source, shape = call.x, call.arg(3, "source"), call.out_shape
+    start = call.node.args[0]
+    packet = getattr(getattr(start, "target", None), "overloadpacket", None)
+    zeros = packet in (aten.zeros, aten.zeros_like, aten.new_zeros)
+    if not isinstance(source, Feat) or not isinstance(x, Feat) or shape is None or not zeros:
+        return None
+    if source.param is not None or source.heads is not None or source.ndim != len(shape):
+        return None
+    if not source.featured:
+        return call.plain()
+    if (
+        call.arg(1, "dim") % len(shape) == source.axis
+        or source.shape[source.axis] != shape[source.axis]
+    ):
+        return None
+    return source.moved(shape, source.axis)
 
 
 def glu(call: Call) -> Any:
@@ -615,12 +638,14 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.slice: slice_rule,
     aten.select: select,
     aten.index: index,
+    aten.index_add: index_add,
     aten._grouped_mm: aten_layers.grouped_mm,
     aten.einsum: aten_layers.einsum,
     aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,
     aten.chunk: split,
+    aten.tensor_split: split,
     aten.unbind: split,
     aten.mean: reduce(None),
     aten.sum: reduce(None),
