@@ -1134,6 +1134,68 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _images_16,
     ),
+    "ijepa": lambda: (
+        transformers.IJepaForImageClassification(transformers.IJepaConfig(**_VIT)),
+        _images_16,
+    ),
+    "metaclip2": lambda: (
+        transformers.MetaClip2ForImageClassification(
+            transformers.MetaClip2Config(
+                vision_config=_VISION_TOWER,
+                text_config=dict(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                ),
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "donut-swin": lambda: (
+        transformers.DonutSwinForImageClassification(
+            transformers.DonutSwinConfig(
+                image_size=32,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[2, 2],
+                window_size=4,
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    # backbones without a head, as x -> model(x).pooler_output: the pooled stream is the
+    # output (fixed); 2-d rotary embeddings leave DINOv3's heads as one permutation space
+    "dinov3-vit": lambda: (
+        Output(
+            transformers.DINOv3ViTModel(
+                transformers.DINOv3ViTConfig(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                    num_register_tokens=2,
+                )
+            ),
+            "pooler_output",
+        ),
+        _images_16,
+    ),
+    "dinov3-convnext": lambda: (
+        Output(
+            transformers.DINOv3ConvNextModel(
+                transformers.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1])
+            ),
+            "pooler_output",
+        ),
+        _images,
+    ),
     # audio
     "wav2vec2": lambda: (
         transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(**_AUDIO)),
