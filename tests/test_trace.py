@@ -1040,6 +1040,31 @@ def test_experts_in_a_loop_summed_back_by_index_add(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+@pytest.mark.parametrize("part", ["select", "slice"])
+def test_part_of_a_weight_picked_by_position_fixes_that_axis(part: str) -> None:
+    """``W[0]`` / ``W[0:1]`` of a Linear's weight used elsewhere: a map of W's rows would
+    change which row is picked, so the space of those rows is fixed, naming the node."""
+
+    class Picked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gain = self.a.weight[0] if part == "select" else self.a.weight[0:1]
+            return self.b(torch.relu(self.a(x))).sum(-1) + self.c(x * gain).sum(-1)
+
+    model, x = Picked().eval(), torch.randn(5, 3)
+    spec = trace(model, x)
+    done = {"select": "selected", "slice": "sliced"}[part]
+    assert not spec["a"].free and f"a.weight is {done} at node" in spec["a"].reason
+    assert spec["b"].free and spec["c"].free
+    for seed in range(4):
+        with torch.no_grad():
+            permuted = randomly_permuted(model, spec, seed=seed).eval()
+            torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_transposed_convolution_reads_axis_0_and_writes_axis_1(assert_preserved) -> None:
     """ConvTranspose2d's weight is (in, out, kh, kw); a BatchNorm after it is not folded
     (folding scales a convolution's axis 0)."""

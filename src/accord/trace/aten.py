@@ -37,6 +37,7 @@ def slice_rule(call: Call) -> Any:
         dims = tuple(
             -1 if i == dim and not whole and d is not None else d for i, d in enumerate(x.dims)
         )
+        call.walk.taint_axes(x, dims, f"{x.param} is sliced at node {call.node.name!r}")
         return Feat(shape, param=x.param, dims=dims, applied=x.applied)
     if not x.featured:
         return call.plain()
@@ -242,6 +243,8 @@ def select(call: Call) -> Any:
     dim = call.arg(1, "dim") % x.ndim
     if x.param is not None:
         dims = x.dims[:dim] + x.dims[dim + 1 :]
+        reason = f"{x.param} is selected at node {call.node.name!r}"
+        call.walk.taint_axes(x, dims, reason)
         return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
     if not x.featured:
         return call.plain()

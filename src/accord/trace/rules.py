@@ -90,14 +90,16 @@ def spatial(dims: int | None, kind: str | None = None) -> Rule:
         touched = x.ndim - 2 if dims is None else dims
         if x.param is not None:
             # a parameter resized along its other axes (position embeddings interpolated to
-            # the image's grid, YOLOS) keeps its feature axes
+            # the image's grid, YOLOS) keeps its feature axes; those it mixes stay in place
             kept = x.ndim - touched
-            return Feat(
+            out = Feat(
                 tuple(shape),
                 param=x.param,
                 dims=(*x.dims[:kept], *(-1 if n != 1 else None for n in shape[kept:])),
                 applied=x.applied,
             )
+            call.walk.taint_axes(x, out.dims, f"{x.param} is resized by {call.desc}")
+            return out
         if not x.featured:
             return call.plain()
         if x.axis >= x.ndim - touched or shape[x.axis] != x.shape[x.axis]:
@@ -140,7 +142,7 @@ def reshape(call: Call) -> Any:
     if not isinstance(x, Feat) or shape is None:
         return None
     if x.param is not None:
-        return _reshape_param(x, shape, call.walk.shapes.get(x.param))
+        return _reshape_param(call, x, shape, call.walk.shapes.get(x.param))
     if not x.featured:
         return call.plain()
     out = follow_reshape(x, shape)
@@ -189,7 +191,9 @@ def _starts_alike(a: tuple[int, ...], i: int, b: tuple[int, ...], j: int) -> boo
     return min((*rest_a, *rest_b)) >= 0 and math.prod(rest_a) == math.prod(rest_b)
 
 
-def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
+def _reshape_param(
+    call: Call, x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None
+) -> Feat | None:
     """A parameter view that only adds or removes size-1 axes keeps its axis mapping; a
     reshape of the parameter itself (``whole`` is its shape) may merge whole axes, in order
     (-2: ``w.reshape(1, out, -1)`` of weight standardization), and split them back."""
@@ -208,7 +212,11 @@ def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | Non
         dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
         if dims is not None:
             return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
-    return _reshape_other_axes(x, tuple(shape))
+    out = _reshape_other_axes(x, tuple(shape))
+    if out is not None:
+        reason = f"{x.param} is reshaped at node {call.node.name!r} across some of its axes"
+        call.walk.taint_axes(x, out.dims, reason)
+    return out
 
 
 def _reshape_other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:
