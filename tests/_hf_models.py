@@ -898,6 +898,17 @@ _LATENT_ATTENTION = dict(
     first_k_dense_replace=0,
 )
 
+# routed experts beside a shared one, DeepSeek's way (GLM-4-MoE, dots.llm1)
+_ROUTED = dict(
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+)
+
 SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
     # text encoders
     "roformer": lambda: (
@@ -1018,6 +1029,65 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _tokens,
     ),
+    "ernie4_5": lambda: (
+        transformers.Ernie4_5ForCausalLM(
+            transformers.Ernie4_5Config(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "arcee": lambda: (
+        transformers.ArceeForCausalLM(transformers.ArceeConfig(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    # xIELU (a where over x > 0 with learned scalars): its MLP units stay fixed
+    "apertus": lambda: (
+        transformers.ApertusForCausalLM(transformers.ApertusConfig(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "seed-oss": lambda: (
+        transformers.SeedOssForCausalLM(
+            transformers.SeedOssConfig(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "hunyuan-dense": lambda: (
+        transformers.HunYuanDenseV1ForCausalLM(
+            transformers.HunYuanDenseV1Config(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "glm4-moe": lambda: (
+        transformers.Glm4MoeForCausalLM(
+            transformers.Glm4MoeConfig(**_DECODER, head_dim=8, pad_token_id=0, **_ROUTED)
+        ),
+        _tokens,
+    ),
+    "dots1": lambda: (
+        transformers.Dots1ForCausalLM(
+            transformers.Dots1Config(**_DECODER, head_dim=8, pad_token_id=0, **_ROUTED)
+        ),
+        _tokens,
+    ),
+    "granitemoe-shared": lambda: (
+        transformers.GraniteMoeSharedForCausalLM(
+            transformers.GraniteMoeSharedConfig(
+                **_DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=24
+            )
+        ),
+        _tokens,
+    ),
+    # a short convolution layer (its in_proj fixed: the cache is written in place) and an
+    # attention layer
+    "lfm2": lambda: (
+        transformers.Lfm2ForCausalLM(
+            transformers.Lfm2Config(
+                **{**_DECODER, "num_hidden_layers": 2},
+                pad_token_id=0,
+                layer_types=["conv", "full_attention"],
+            )
+        ),
+        _tokens,
+    ),
     # experts in a Python loop (F.linear on each expert's slice of one parameter), summed back
     # by index_add; its mixture of attention heads stays fixed
     "jetmoe": lambda: (
@@ -1052,6 +1122,20 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
     "mamba": lambda: (
         transformers.MambaForCausalLM(
             transformers.MambaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                state_size=4,
+                num_hidden_layers=1,
+                expand=2,
+                conv_kernel=4,
+                time_step_rank=4,
+            )
+        ),
+        _tokens,
+    ),
+    "falcon-mamba": lambda: (
+        transformers.FalconMambaForCausalLM(
+            transformers.FalconMambaConfig(
                 vocab_size=VOCAB,
                 hidden_size=32,
                 state_size=4,
