@@ -1039,7 +1039,7 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         transformers.ArceeForCausalLM(transformers.ArceeConfig(**_DECODER, pad_token_id=0)),
         _tokens,
     ),
-    # xIELU (a where over x > 0 with learned scalars): its MLP units stay fixed
+    # xIELU: where(x > 0, ...) with learned scalars, entry by entry: its MLP units permute
     "apertus": lambda: (
         transformers.ApertusForCausalLM(transformers.ApertusConfig(**_DECODER, pad_token_id=0)),
         _tokens,

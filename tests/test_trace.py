@@ -1065,6 +1065,34 @@ def test_part_of_a_weight_picked_by_position_fixes_that_axis(part: str) -> None:
             torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_activation_written_with_where_and_comparisons(assert_preserved) -> None:
+    """xIELU-like: ``where(x > 0, a x², (expm1(min(x, eps)) - x) b)`` with learned scalars
+    is entry by entry of x: its units permute. A mask that differs per feature and is not a
+    feature of any space fixes them."""
+
+    class Where(nn.Module):
+        def __init__(self, per_feature: bool) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(3, 5), nn.Linear(5, 2)
+            self.alpha, self.beta = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+            self.eps = nn.Buffer(torch.tensor(-1e-6))
+            self.mask = nn.Buffer(torch.arange(5) % 2 == 0)
+            self.per_feature = per_feature
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.up(x)
+            negative = (torch.expm1(torch.min(h, self.eps)) - h) * F.softplus(self.beta)
+            keep = self.mask if self.per_feature else h > 0
+            return self.down(torch.where(keep, F.softplus(self.alpha) * h * h, negative))
+
+    model, x = Where(per_feature=False), torch.randn(4, 3)
+    spec = trace(model, x)
+    assert spec["up"].free and spec["up"].maps == "permutation"
+    assert_preserved(model, x, spec)
+    spec = trace(Where(per_feature=True), x)
+    assert not spec["up"].free and "cannot map" in spec["up"].reason
+
+
 def test_transposed_convolution_reads_axis_0_and_writes_axis_1(assert_preserved) -> None:
     """ConvTranspose2d's weight is (in, out, kh, kw); a BatchNorm after it is not folded
     (folding scales a convolution's axis 0)."""

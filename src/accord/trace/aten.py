@@ -325,7 +325,9 @@ def reduce(kind: str | None) -> Rule:
 def extreme(call: Call) -> Any:
     """aten.max / aten.min: of every entry (as amax over all axes), or along one axis,
     returning the values and their indices (Hiera's max over the positions of its pooling
-    window)."""
+    window); of two tensors (``max.other``), entry by entry."""
+    if call.node.target._overloadname == "other":
+        return rules.entrywise(call)
     along = reduce("dense")
     return tupled(along)(call) if isinstance(call.meta, tuple) else along(call)
 
@@ -534,6 +536,8 @@ _MATH = _packets(
     "abs exp sqrt rsqrt square pow clamp clamp_ clamp_min clamp_max cos sin log erf "
     "reciprocal sign log1p expm1"
 )
+# entry by entry of several tensors: comparisons (a mask of the features), selections
+_ENTRYWISE = "gt ge lt le eq ne where minimum maximum fmin fmax"
 _PASS = _packets(
     "dropout dropout_ feature_dropout feature_dropout_ alpha_dropout alpha_dropout_ clone "
     "contiguous alias detach detach_ lift_fresh_copy _to_copy to type_as neg"
@@ -617,6 +621,7 @@ ATEN_RULES: dict[Any, Rule] = {
     **{op: head_scalar(kind) for kind, names in _ARITHMETIC.items() for op in _packets(names)},
     **_pool_rules(),
     **{op: rules.spatial(None) for op in _packets(_UPSAMPLE)},
+    **{op: rules.entrywise for op in _packets(_ENTRYWISE)},
     aten.constant_pad_nd: pad,
     aten.pad: rules.pad,
     aten.softmax: rules.softmax,

@@ -61,6 +61,39 @@ def mark_activation(call: Call) -> None:
         call.event("act_in", call.input_node())
 
 
+def entrywise(call: Call) -> Any:
+    """Entry by entry of several tensors (``where(x > 0, a, b)``, ``minimum(x, eps)``): the
+    featured ones must hold the same features, which become one space; the others must be
+    the same for every feature (numbers, or size 1 along the features). Permutations exactly,
+    other maps as an approximation."""
+    operands = [call.resolve(a) for a in (*call.node.args, *call.node.kwargs.values())]
+    tensors = [a for a in operands if isinstance(a, Feat)]
+    shape = call.out_shape
+    if shape is None or any(isinstance(a, Tup) for a in operands) or not tensors:
+        return None
+    featured = [t for t in tensors if t.featured and t.param is None]
+    if not featured:
+        return call.plain()
+    n = len(shape)
+    first = featured[0]
+    axis = first.axis + n - first.ndim
+    for t in featured:
+        if t.heads is not None or t.axis + n - t.ndim != axis or t.shape[t.axis] != shape[axis]:
+            return None
+    for t in tensors:
+        d = axis - (n - t.ndim)
+        if not t.featured and d >= 0 and t.shape[d] != 1:
+            reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
+            for f in featured:
+                call.table.fix_value(f, reason)
+            return call.plain()
+    for t in featured[1:]:
+        if not call.table.union_layouts(first, t, residual=False):
+            return None
+    call.table.downgrade_value(first, "dense")
+    return first.moved(shape, axis)
+
+
 def _has_tensor(call: Call, args: Sequence[Any]) -> bool:
     return any(isinstance(call.resolve(a), Feat | Tup) for a in args)
 
