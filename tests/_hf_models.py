@@ -1340,4 +1340,4 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         _mel_features,
     ),
 }
-SURVEY_SLOW = ("dpt", "mamba", "mamba2")
+SURVEY_SLOW = ("dpt", "mamba2")
