@@ -9,6 +9,7 @@ when transformers is not installed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -822,3 +823,521 @@ FURTHER_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.
     ),
 }
 FURTHER_SLOW = ("mobilevitv2",)
+
+# Issue #16's second survey: encoders with rotary or fused attention, recent decoders (MoE,
+# multi-head latent attention, state-space models), CLIP-style vision towers, detection and
+# depth heads, and audio front ends (1-d convolutions, group norm, a positional
+# convolution). Measured by the same test (test_trace_hf).
+
+
+class Output(nn.Module):
+    """``x -> model(x).<field>``, handed on as ``.logits``: a tower whose output is not named
+    ``logits`` (CLIP's ``image_embeds``, DPT's ``predicted_depth``), wrapped as users wrap
+    it."""
+
+    def __init__(self, model: nn.Module, field: str) -> None:
+        super().__init__()
+        self.model, self.field = model, field
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=getattr(self.model(x), self.field))
+
+
+def _waveforms(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 400)
+
+
+def _spectrograms(batch: int = 2) -> torch.Tensor:
+    """(batch, frames, mel bins), as the Audio Spectrogram Transformer reads them."""
+    return torch.randn(batch, 32, 16)
+
+
+def _mel_features(batch: int = 2) -> torch.Tensor:
+    """(batch, mel bins, frames), as Whisper's encoder reads them."""
+    return torch.randn(batch, 8, 16)
+
+
+_VISION_TOWER = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=48,
+)
+# wav2vec 2.0's front end: two 1-d convolutions (the first group-normed), a feature
+# projection, a grouped positional convolution added to the stream
+_AUDIO = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=48,
+    conv_dim=(16, 16),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 8),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=4,
+    classifier_proj_size=16,
+    vocab_size=VOCAB,
+    num_labels=3,
+)
+# DeepSeek's multi-head latent attention: q and kv through low-rank latents, a rotary part of
+# each head beside a part without positions, one key rotary part shared by every head
+_LATENT_ATTENTION = dict(
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    moe_intermediate_size=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=0,
+)
+
+# routed experts beside a shared one, DeepSeek's way (GLM-4-MoE, dots.llm1)
+_ROUTED = dict(
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+)
+
+SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.Tensor]]]] = {
+    # text encoders
+    "roformer": lambda: (
+        transformers.RoFormerForSequenceClassification(
+            transformers.RoFormerConfig(**_ENCODER, embedding_size=32)
+        ),
+        _tokens,
+    ),
+    # q, k and v fused in one projection and cut per head (chunk of each head's features)
+    "deberta": lambda: (
+        transformers.DebertaForSequenceClassification(transformers.DebertaConfig(**_ENCODER)),
+        _tokens,
+    ),
+    "esm": lambda: (
+        transformers.EsmForSequenceClassification(
+            transformers.EsmConfig(**_ENCODER, pad_token_id=1, position_embedding_type="rotary")
+        ),
+        _tokens,
+    ),
+    "rembert": lambda: (
+        transformers.RemBertForSequenceClassification(
+            transformers.RemBertConfig(
+                **_ENCODER, input_embedding_size=16, output_embedding_size=16
+            )
+        ),
+        _tokens,
+    ),
+    "layoutlm": lambda: (
+        transformers.LayoutLMForSequenceClassification(
+            transformers.LayoutLMConfig(**_ENCODER, max_2d_position_embeddings=32)
+        ),
+        _tokens,
+    ),
+    "nystromformer": lambda: (
+        transformers.NystromformerForSequenceClassification(
+            transformers.NystromformerConfig(**_ENCODER, num_landmarks=7, segment_means_seq_len=7)
+        ),
+        _tokens,
+    ),
+    # Fourier mixing along positions and features: the features after the embedding's
+    # projection are fixed
+    "fnet": lambda: (
+        transformers.FNetForSequenceClassification(
+            transformers.FNetConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                intermediate_size=48,
+                max_position_embeddings=20,
+            )
+        ),
+        _tokens,
+    ),
+    "ernie": lambda: (
+        transformers.ErnieForSequenceClassification(transformers.ErnieConfig(**_ENCODER)),
+        _tokens,
+    ),
+    # decoders
+    "nemotron": lambda: (
+        transformers.NemotronForCausalLM(transformers.NemotronConfig(**_DECODER)),
+        _tokens,
+    ),
+    "glm": lambda: (
+        transformers.GlmForCausalLM(transformers.GlmConfig(**_DECODER, head_dim=8, pad_token_id=0)),
+        _tokens,
+    ),
+    "glm4": lambda: (
+        transformers.Glm4ForCausalLM(
+            transformers.Glm4Config(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "helium": lambda: (
+        transformers.HeliumForCausalLM(transformers.HeliumConfig(**_DECODER, head_dim=8)),
+        _tokens,
+    ),
+    "exaone4": lambda: (
+        transformers.Exaone4ForCausalLM(
+            transformers.Exaone4Config(**_DECODER, head_dim=8, sliding_window=4)
+        ),
+        _tokens,
+    ),
+    "smollm3": lambda: (
+        transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "cohere2": lambda: (
+        transformers.Cohere2ForCausalLM(transformers.Cohere2Config(**_DECODER, sliding_window=4)),
+        _tokens,
+    ),
+    "olmo3": lambda: (
+        transformers.Olmo3ForCausalLM(
+            transformers.Olmo3Config(**_DECODER, pad_token_id=0, sliding_window=4)
+        ),
+        _tokens,
+    ),
+    "qwen3-moe": lambda: (
+        transformers.Qwen3MoeForCausalLM(
+            transformers.Qwen3MoeConfig(
+                **_DECODER,
+                head_dim=8,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+            )
+        ),
+        _tokens,
+    ),
+    "phimoe": lambda: (
+        transformers.PhimoeForCausalLM(
+            transformers.PhimoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        _tokens,
+    ),
+    "granitemoe": lambda: (
+        transformers.GraniteMoeForCausalLM(
+            transformers.GraniteMoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        _tokens,
+    ),
+    "ernie4_5": lambda: (
+        transformers.Ernie4_5ForCausalLM(
+            transformers.Ernie4_5Config(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "arcee": lambda: (
+        transformers.ArceeForCausalLM(transformers.ArceeConfig(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    # xIELU: where(x > 0, ...) with learned scalars, entry by entry: its MLP units permute
+    "apertus": lambda: (
+        transformers.ApertusForCausalLM(transformers.ApertusConfig(**_DECODER, pad_token_id=0)),
+        _tokens,
+    ),
+    "seed-oss": lambda: (
+        transformers.SeedOssForCausalLM(
+            transformers.SeedOssConfig(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "hunyuan-dense": lambda: (
+        transformers.HunYuanDenseV1ForCausalLM(
+            transformers.HunYuanDenseV1Config(**_DECODER, head_dim=8, pad_token_id=0)
+        ),
+        _tokens,
+    ),
+    "glm4-moe": lambda: (
+        transformers.Glm4MoeForCausalLM(
+            transformers.Glm4MoeConfig(**_DECODER, head_dim=8, pad_token_id=0, **_ROUTED)
+        ),
+        _tokens,
+    ),
+    "dots1": lambda: (
+        transformers.Dots1ForCausalLM(
+            transformers.Dots1Config(**_DECODER, head_dim=8, pad_token_id=0, **_ROUTED)
+        ),
+        _tokens,
+    ),
+    "granitemoe-shared": lambda: (
+        transformers.GraniteMoeSharedForCausalLM(
+            transformers.GraniteMoeSharedConfig(
+                **_DECODER, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=24
+            )
+        ),
+        _tokens,
+    ),
+    # a short convolution layer (its in_proj fixed: the cache is written in place) and an
+    # attention layer
+    "lfm2": lambda: (
+        transformers.Lfm2ForCausalLM(
+            transformers.Lfm2Config(
+                **{**_DECODER, "num_hidden_layers": 2},
+                pad_token_id=0,
+                layer_types=["conv", "full_attention"],
+            )
+        ),
+        _tokens,
+    ),
+    # experts in a Python loop (F.linear on each expert's slice of one parameter), summed back
+    # by index_add; its mixture of attention heads stays fixed
+    "jetmoe": lambda: (
+        transformers.JetMoeForCausalLM(
+            transformers.JetMoeConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_key_value_heads=2,
+                kv_channels=8,
+                intermediate_size=48,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+            )
+        ),
+        _tokens,
+    ),
+    # no key/value groups: multi-head latent attention has a key and a value per query head
+    "deepseek-v3": lambda: (
+        transformers.DeepseekV3ForCausalLM(
+            transformers.DeepseekV3Config(**_SMALL_DECODER, **_LATENT_ATTENTION)
+        ),
+        _tokens,
+    ),
+    "deepseek-v2": lambda: (
+        transformers.DeepseekV2ForCausalLM(
+            transformers.DeepseekV2Config(**_SMALL_DECODER, **_LATENT_ATTENTION)
+        ),
+        _tokens,
+    ),
+    # state-space models: the residual stream permutes; the mixer's channels stay fixed
+    "mamba": lambda: (
+        transformers.MambaForCausalLM(
+            transformers.MambaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                state_size=4,
+                num_hidden_layers=1,
+                expand=2,
+                conv_kernel=4,
+                time_step_rank=4,
+            )
+        ),
+        _tokens,
+    ),
+    "falcon-mamba": lambda: (
+        transformers.FalconMambaForCausalLM(
+            transformers.FalconMambaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                state_size=4,
+                num_hidden_layers=1,
+                expand=2,
+                conv_kernel=4,
+                time_step_rank=4,
+            )
+        ),
+        _tokens,
+    ),
+    "mamba2": lambda: (
+        transformers.Mamba2ForCausalLM(
+            transformers.Mamba2Config(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                state_size=4,
+                num_hidden_layers=1,
+                expand=2,
+                conv_kernel=4,
+                num_heads=8,
+                head_dim=8,
+                n_groups=1,
+                chunk_size=8,
+            )
+        ),
+        _tokens,
+    ),
+    # vision
+    "clip-vision-projection": lambda: (
+        Output(
+            transformers.CLIPVisionModelWithProjection(
+                transformers.CLIPVisionConfig(**_VISION_TOWER, projection_dim=16)
+            ),
+            "image_embeds",
+        ),
+        _images_16,
+    ),
+    "clip": lambda: (
+        transformers.CLIPForImageClassification(
+            transformers.CLIPConfig(
+                vision_config=_VISION_TOWER,
+                text_config=dict(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                ),
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "vit-msn": lambda: (
+        transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(**_VIT)),
+        _images_16,
+    ),
+    # the class logits of the detection tokens
+    "yolos": lambda: (
+        transformers.YolosForObjectDetection(
+            transformers.YolosConfig(**{**_VIT, "image_size": [16, 16]}, num_detection_tokens=3)
+        ),
+        _images_16,
+    ),
+    "dpt": lambda: (
+        Output(
+            _default_init(
+                transformers.DPTForDepthEstimation(
+                    transformers.DPTConfig(
+                        **{**_VIT, "num_hidden_layers": 4},
+                        backbone_out_indices=[0, 1, 2, 3],
+                        neck_hidden_sizes=[8, 8, 16, 16],
+                        fusion_hidden_size=16,
+                        head_in_index=-1,
+                    )
+                )
+            ),
+            "predicted_depth",
+        ),
+        _images_16,
+    ),
+    "ijepa": lambda: (
+        transformers.IJepaForImageClassification(transformers.IJepaConfig(**_VIT)),
+        _images_16,
+    ),
+    "metaclip2": lambda: (
+        transformers.MetaClip2ForImageClassification(
+            transformers.MetaClip2Config(
+                vision_config=_VISION_TOWER,
+                text_config=dict(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                ),
+                num_labels=3,
+            )
+        ),
+        _images_16,
+    ),
+    "donut-swin": lambda: (
+        transformers.DonutSwinForImageClassification(
+            transformers.DonutSwinConfig(
+                image_size=32,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[2, 2],
+                window_size=4,
+                num_labels=3,
+            )
+        ),
+        _images,
+    ),
+    # backbones without a head, as x -> model(x).pooler_output: the pooled stream is the
+    # output (fixed); 2-d rotary embeddings leave DINOv3's heads as one permutation space
+    "dinov3-vit": lambda: (
+        Output(
+            transformers.DINOv3ViTModel(
+                transformers.DINOv3ViTConfig(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                    num_register_tokens=2,
+                )
+            ),
+            "pooler_output",
+        ),
+        _images_16,
+    ),
+    "dinov3-convnext": lambda: (
+        Output(
+            transformers.DINOv3ConvNextModel(
+                transformers.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1])
+            ),
+            "pooler_output",
+        ),
+        _images,
+    ),
+    # audio
+    "wav2vec2": lambda: (
+        transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(**_AUDIO)),
+        _waveforms,
+    ),
+    "hubert": lambda: (
+        transformers.HubertForSequenceClassification(transformers.HubertConfig(**_AUDIO)),
+        _waveforms,
+    ),
+    "wavlm": lambda: (
+        transformers.WavLMForSequenceClassification(
+            transformers.WavLMConfig(**_AUDIO, num_buckets=8, max_bucket_distance=20)
+        ),
+        _waveforms,
+    ),
+    "data2vec-audio": lambda: (
+        transformers.Data2VecAudioForSequenceClassification(
+            transformers.Data2VecAudioConfig(**_AUDIO)
+        ),
+        _waveforms,
+    ),
+    "ast": lambda: (
+        transformers.ASTForAudioClassification(
+            transformers.ASTConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=48,
+                patch_size=4,
+                frequency_stride=4,
+                time_stride=4,
+                max_length=32,
+                num_mel_bins=16,
+                num_labels=3,
+            )
+        ),
+        _spectrograms,
+    ),
+    "whisper": lambda: (
+        _default_init(
+            transformers.WhisperForAudioClassification(
+                transformers.WhisperConfig(
+                    vocab_size=VOCAB,
+                    d_model=32,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=4,
+                    decoder_attention_heads=4,
+                    encoder_ffn_dim=48,
+                    decoder_ffn_dim=48,
+                    num_mel_bins=8,
+                    max_source_positions=8,
+                    classifier_proj_size=16,
+                    num_labels=3,
+                )
+            )
+        ),
+        _mel_features,
+    ),
+}
+SURVEY_SLOW = ("dpt", "mamba2")

@@ -991,6 +991,165 @@ def test_scaled_positional_embedding_is_a_writer(assert_preserved) -> None:
     assert_preserved(model, x, spec)
 
 
+def test_position_embeddings_resized_to_the_grid_write_the_stream(assert_preserved) -> None:
+    """YOLOS / DPT: the class token's row of the position embeddings, the patches' rows
+    resized by interpolation and put back together are still the parameter's feature axis."""
+
+    class Resized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch, self.out = nn.Conv2d(3, 4, 2, stride=2), nn.Linear(4, 2)
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.pos = nn.Parameter(torch.randn(1, 5, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            patches = self.patch(x).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1)
+            grid = self.pos[:, 1:].transpose(1, 2).reshape(1, 4, 2, 2)
+            grid = F.interpolate(grid, size=(3, 3), mode="bicubic").flatten(2).transpose(1, 2)
+            pos = torch.cat([self.pos[:, 0].unsqueeze(1), grid], dim=1)
+            return self.out(torch.relu(tokens + pos)).mean(1)
+
+    model, x = Resized(), torch.randn(2, 3, 6, 6)
+    spec = trace(model, x)
+    stream = spec["patch"]
+    assert stream.free and {AxisRef("pos", 2), AxisRef("cls", 2)} <= set(stream.writers)
+    assert_preserved(model, x, spec)
+
+
+def test_tensor_split_cuts_a_fused_projection(assert_preserved) -> None:
+    """``tensor_split`` (Mamba's reference scan) cuts like ``split``: two pieces of a fresh
+    space, each its own."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(3, 8), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = torch.tensor_split(self.up(x), [4], dim=-1)
+            return self.down(torch.relu(a) * b)
+
+    model, x = Gated(), torch.randn(2, 3)
+    spec = trace(model, x)
+    assert spec["up"].free and spec["up"].size == 4
+    assert AxisRef("up.weight", 0, 1, 4) in spec["up"].writers
+    assert_preserved(model, x, spec)
+
+
+def test_experts_in_a_loop_summed_back_by_index_add(assert_preserved) -> None:
+    """JetMoE's experts: ``F.linear(x_i, W[i])`` for each expert's rows, the outputs summed
+    back into zeros by ``index_add``: every expert reads and writes the stream, their hidden
+    units one space."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.up = nn.Parameter(torch.randn(2, 6, 4))
+            self.down = nn.Parameter(torch.randn(2, 4, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            order = torch.tensor([3, 0, 2, 1])
+            rows = h[order].split([2, 2], dim=0)
+            out = torch.cat(
+                [
+                    F.linear(torch.relu(F.linear(r, self.up[i])), self.down[i])
+                    for i, r in enumerate(rows)
+                ]
+            )
+            return self.head(torch.relu(h + torch.zeros_like(h).index_add(0, order, out)))
+
+    model, x = Experts(), torch.randn(4, 3)
+    spec = trace(model, x)
+    stream, hidden = spec["stream:embed"], spec["up"]
+    assert stream.free and {AxisRef("up", 2), AxisRef("down", 1)} <= {
+        *stream.readers,
+        *stream.writers,
+    }
+    assert hidden.free and AxisRef("down", 2) in hidden.readers
+    assert_preserved(model, x, spec)
+
+
+@pytest.mark.parametrize("part", ["select", "slice"])
+def test_part_of_a_weight_picked_by_position_fixes_that_axis(part: str) -> None:
+    """``W[0]`` / ``W[0:1]`` of a Linear's weight used elsewhere: a map of W's rows would
+    change which row is picked, so the space of those rows is fixed, naming the node."""
+
+    class Picked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gain = self.a.weight[0] if part == "select" else self.a.weight[0:1]
+            return self.b(torch.relu(self.a(x))).sum(-1) + self.c(x * gain).sum(-1)
+
+    model, x = Picked().eval(), torch.randn(5, 3)
+    spec = trace(model, x)
+    done = {"select": "selected", "slice": "sliced"}[part]
+    assert not spec["a"].free and f"a.weight is {done} at node" in spec["a"].reason
+    assert spec["b"].free and spec["c"].free
+    for seed in range(4):
+        with torch.no_grad():
+            permuted = randomly_permuted(model, spec, seed=seed).eval()
+            torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_written_with_where_and_comparisons(assert_preserved) -> None:
+    """xIELU-like: ``where(x > 0, a x², (expm1(min(x, eps)) - x) b)`` with learned scalars
+    is entry by entry of x: its units permute. A mask that differs per feature and is not a
+    feature of any space fixes them."""
+
+    class Where(nn.Module):
+        def __init__(self, per_feature: bool) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(3, 5), nn.Linear(5, 2)
+            self.alpha, self.beta = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+            self.eps = nn.Buffer(torch.tensor(-1e-6))
+            self.mask = nn.Buffer(torch.arange(5) % 2 == 0)
+            self.per_feature = per_feature
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.up(x)
+            negative = (torch.expm1(torch.min(h, self.eps)) - h) * F.softplus(self.beta)
+            keep = self.mask if self.per_feature else h > 0
+            return self.down(torch.where(keep, F.softplus(self.alpha) * h * h, negative))
+
+    model, x = Where(per_feature=False), torch.randn(4, 3)
+    spec = trace(model, x)
+    assert spec["up"].free and spec["up"].maps == "permutation"
+    assert_preserved(model, x, spec)
+    spec = trace(Where(per_feature=True), x)
+    assert not spec["up"].free and "cannot map" in spec["up"].reason
+
+
+def test_transposed_convolution_reads_axis_0_and_writes_axis_1(assert_preserved) -> None:
+    """ConvTranspose2d's weight is (in, out, kh, kw); a BatchNorm after it is not folded
+    (folding scales a convolution's axis 0)."""
+
+    class Upsampling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.up = nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(5, 6, 2, stride=2)
+            self.norm, self.head = nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.norm(self.up(torch.relu(self.conv(x))))))
+
+    model, x = Upsampling().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    spec = trace(model, x)
+    assert spec["conv"].free and AxisRef("up.weight", 0) in spec["conv"].readers
+    up = spec["up"]
+    assert up.free and {AxisRef("up.weight", 1), AxisRef("up.bias", 0)} <= set(up.writers)
+    assert not up.batchnorms and up.maps == "permutation"
+    assert_preserved(model, x, spec)
+
+
 # The spec itself --------------------------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from _hf_models import (
     FURTHER_SLOW,
     MORE_BUILDERS,
     SLOW_FAMILIES,
+    SURVEY_BUILDERS,
+    SURVEY_SLOW,
     Logits,
     _falcon,
     transformers,
@@ -28,7 +30,7 @@ from accord import AxisRef, FeatureSpace, Spec
 from accord.errors import TraceError
 
 # the families of the README's list: the tests' own and those the surveys added
-FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS}
+FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS, **SURVEY_BUILDERS}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def _assert_carries_the_input(name: str, logits: torch.Tensor) -> None:
 
 
 def _marks(name: str) -> list[Any]:
-    return [pytest.mark.slow] if name in (*SLOW_FAMILIES, *FURTHER_SLOW) else []
+    return [pytest.mark.slow] if name in (*SLOW_FAMILIES, *FURTHER_SLOW, *SURVEY_SLOW) else []
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in FAMILIES])
@@ -569,3 +571,83 @@ def test_operator_without_a_rule_fixes_only_its_spaces() -> None:
     assert spec.graph == "export" and spec["a"].free
     assert not spec["b"].free and "aten.sort" in spec["b"].reason
     accord.check_spec(spec, model, x)
+
+
+def test_yolos_resized_position_embeddings_write_the_stream(traced: Any) -> None:
+    _, _, spec = traced("yolos")
+    emb = "model.vit.embeddings"
+    stream = _with(spec, f"{emb}.patch_embeddings.projection.weight", 0)
+    _free(spec, f"{emb}.patch_embeddings.projection.weight", 0, maps="permutation")
+    # the position embeddings' patch rows bicubically resized to the image's grid, put back
+    # between the class token's row and the detection tokens' rows
+    _has(
+        stream,
+        "writers",
+        (f"{emb}.position_embeddings", 2),
+        (f"{emb}.cls_token", 2),
+        (f"{emb}.detection_tokens", 2),
+    )
+
+
+def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
+    _, _, spec = traced("dpt")
+    layer = "model.model.neck.reassemble_stage.layers.0"
+    resize = _with(spec, f"{layer}.resize.weight", 1)
+    _free(spec, f"{layer}.resize.weight", 1, maps="linear")
+    _has(resize, "writers", (f"{layer}.resize.bias", 0))
+    _has(_with(spec, f"{layer}.projection.weight", 0), "readers", (f"{layer}.resize.weight", 0))
+    _free(spec, "model.model.dpt.embeddings.patch_embeddings.projection.weight", 0)
+    assert len(spec.free_spaces) == len(list(spec)) - 2  # all but the input and the output
+
+
+def test_latent_attention_frees_its_latents(traced: Any) -> None:
+    """DeepSeek's multi-head latent attention: the q latent and the kv latent (each
+    RMS-normed) permute; each head's features are cut into a part without positions and a
+    rotary part (split_with_sizes within the heads), which the head rules do not follow, so
+    the heads stay fixed, named with that reason."""
+    _, _, spec = traced("deepseek-v3")
+    attn = "model.model.layers.0.self_attn"
+    _free(spec, f"{attn}.q_a_proj.weight", 0, maps="permutation")
+    _free(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, maps="permutation")
+    for proj in ("q_b_proj", "kv_b_proj"):
+        heads = _with(spec, f"{attn}.{proj}.weight", 0)
+        assert not heads.free and "split_with_sizes" in heads.reason
+    _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
+
+
+def test_state_space_mixers_stay_fixed_with_their_reasons(traced: Any) -> None:
+    """Mamba's channels are a permutation symmetry (in_proj rows, the depthwise conv, A_log,
+    D, dt_proj, out_proj columns move together), but the reference scan multiplies them with
+    the state on other axes and writes them into its cache in place: no rule proves it, so
+    only the residual stream is free."""
+    _, _, spec = traced("mamba")
+    _free(spec, "model.backbone.embeddings.weight", 1, maps="permutation")
+    mixer = _with(spec, "model.backbone.layers.0.mixer.in_proj.weight", 0)
+    assert not mixer.free and "aten.copy_" in mixer.reason
+    assert [s.name for s in spec.free_spaces] == ["stream:model.backbone.embeddings"]
+
+
+def test_audio_front_ends(traced: Any) -> None:
+    """wav2vec 2.0's feature encoder: 1-d convolutions, the first group-normed (one group per
+    channel: permutations), free; the stream is read by the grouped positional convolution,
+    whose weight is weight-normed (wav2vec 2.0) or plain (Data2Vec-Audio): a grouped
+    convolution reading the stream keeps it fixed, with the reason."""
+    _, _, spec = traced("wav2vec2")
+    convs = "model.wav2vec2.feature_extractor.conv_layers"
+    _free(spec, f"{convs}.0.conv.weight", 0, maps="permutation")
+    _free(spec, f"{convs}.1.conv.weight", 0, maps="permutation")
+    stream = _with(spec, "model.wav2vec2.feature_projection.projection.weight", 0)
+    assert not stream.free and "aten.conv1d" in stream.reason
+    _free(spec, "model.wav2vec2.encoder.layers.0.attention.q_proj.weight", 0, maps="orthogonal")
+    _, _, spec = traced("data2vec-audio")
+    stream = _with(spec, "model.data2vec_audio.feature_projection.projection.weight", 0)
+    assert not stream.free and "reads its input by group" in stream.reason
+
+
+def test_fourier_mixing_fixes_the_features_it_mixes(traced: Any) -> None:
+    """FNet's FFT runs along the features as well as the positions: no permutation of the
+    features commutes with it."""
+    _, _, spec = traced("fnet")
+    stream = _with(spec, "model.fnet.embeddings.projection.weight", 0)
+    assert not stream.free and "aten.fft_fftn" in stream.reason
+    _free(spec, "model.fnet.encoder.layer.0.intermediate.dense.weight", 0)

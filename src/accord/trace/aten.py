@@ -37,6 +37,7 @@ def slice_rule(call: Call) -> Any:
         dims = tuple(
             -1 if i == dim and not whole and d is not None else d for i, d in enumerate(x.dims)
         )
+        call.walk.taint_axes(x, dims, f"{x.param} is sliced at node {call.node.name!r}")
         return Feat(shape, param=x.param, dims=dims, applied=x.applied)
     if not x.featured:
         return call.plain()
@@ -91,7 +92,7 @@ def _sibling_slices(call: Call, dim: int) -> dict[str, tuple[int, int]] | None:
 
 
 def split(call: Call) -> Any:
-    """aten.split / split_with_sizes / chunk / unbind: pieces along one axis."""
+    """aten.split / split_with_sizes / chunk / tensor_split / unbind: pieces along one axis."""
     x, meta = call.x, call.meta
     if not isinstance(x, Feat) or not isinstance(meta, tuple):
         return None
@@ -177,6 +178,29 @@ def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
     )
 
 
+def index_add(call: Call) -> Any:
+    """aten.index_add(zeros, dim, index, source): rows of ``source`` summed into zeros at
+    ``index`` along an axis other than the features (a mixture of experts putting each
+    token's expert outputs back in place, JetMoE) keep the features. Into anything but
+    zeros it is unknown: the rows added to could carry other features."""
+    x, source, shape = call.x, call.arg(3, "source"), call.out_shape
+    start = call.node.args[0]
+    packet = getattr(getattr(start, "target", None), "overloadpacket", None)
+    zeros = packet in (aten.zeros, aten.zeros_like, aten.new_zeros)
+    if not isinstance(source, Feat) or not isinstance(x, Feat) or shape is None or not zeros:
+        return None
+    if source.param is not None or source.heads is not None or source.ndim != len(shape):
+        return None
+    if not source.featured:
+        return call.plain()
+    if (
+        call.arg(1, "dim") % len(shape) == source.axis
+        or source.shape[source.axis] != shape[source.axis]
+    ):
+        return None
+    return source.moved(shape, source.axis)
+
+
 def glu(call: Call) -> Any:
     """aten.glu(x, dim) = a · sigmoid(b) for the halves a, b of ``dim``: along the features
     the halves of a fresh space (a GLU projection) become one space for the pair, since
@@ -231,13 +255,19 @@ def index(call: Call) -> Any:
 
 
 def select(call: Call) -> Any:
-    """aten.select(x, dim, index): one entry of an axis other than the features."""
+    """aten.select(x, dim, index): one entry of an axis other than the features; of a
+    parameter, its other axes (the class token's row of the position embeddings)."""
     x, shape = call.x, call.out_shape
-    if not isinstance(x, Feat) or shape is None or x.param is not None:
+    if not isinstance(x, Feat) or shape is None:
         return None
+    dim = call.arg(1, "dim") % x.ndim
+    if x.param is not None:
+        dims = x.dims[:dim] + x.dims[dim + 1 :]
+        reason = f"{x.param} is selected at node {call.node.name!r}"
+        call.walk.taint_axes(x, dims, reason)
+        return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
     if not x.featured:
         return call.plain()
-    dim = call.arg(1, "dim") % x.ndim
     if dim == x.pieces:
         return _piece(x, shape, dim, call.arg(2, "index") % x.shape[dim])
     if dim in (x.axis, x.heads, x.repeat):
@@ -317,7 +347,9 @@ def reduce(kind: str | None) -> Rule:
 def extreme(call: Call) -> Any:
     """aten.max / aten.min: of every entry (as amax over all axes), or along one axis,
     returning the values and their indices (Hiera's max over the positions of its pooling
-    window)."""
+    window); of two tensors (``max.other``), entry by entry."""
+    if call.node.target._overloadname == "other":
+        return rules.entrywise(call)
     along = reduce("dense")
     return tupled(along)(call) if isinstance(call.meta, tuple) else along(call)
 
@@ -550,6 +582,8 @@ _MATH = _packets(
     "abs exp sqrt rsqrt square pow clamp clamp_ clamp_min clamp_max cos sin log erf "
     "reciprocal sign log1p expm1"
 )
+# entry by entry of several tensors: comparisons (a mask of the features), selections
+_ENTRYWISE = "gt ge lt le eq ne where minimum maximum fmin fmax"
 _PASS = _packets(
     "dropout dropout_ feature_dropout feature_dropout_ alpha_dropout alpha_dropout_ clone "
     "contiguous alias detach detach_ lift_fresh_copy _to_copy to type_as neg"
@@ -604,6 +638,14 @@ def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
     return None
 
 
+# interpolation along the axes after the channels, each channel on its own
+_UPSAMPLE = """
+    upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
+    _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d
+    upsample_trilinear3d upsample_bicubic2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa
+"""
+
+
 def _pool_rules() -> dict[Any, Rule]:
     table: dict[Any, Rule] = {}
     for dims, (max_pool, avg_pool, adaptive_avg, adaptive_max) in _POOLS.items():
@@ -624,8 +666,8 @@ ATEN_RULES: dict[Any, Rule] = {
     **{op: heads.reshape for op in _RESHAPE},
     **{op: head_scalar(kind) for kind, names in _ARITHMETIC.items() for op in _packets(names)},
     **_pool_rules(),
-    aten.upsample_nearest2d: rules.spatial(None),
-    aten.upsample_bilinear2d: rules.spatial(None),
+    **{op: rules.spatial(None) for op in _packets(_UPSAMPLE)},
+    **{op: rules.entrywise for op in _packets(_ENTRYWISE)},
     aten.constant_pad_nd: pad,
     aten.pad: rules.pad,
     aten.softmax: rules.softmax,
@@ -650,12 +692,14 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.slice: slice_rule,
     aten.select: select,
     aten.index: index,
+    aten.index_add: index_add,
     aten._grouped_mm: aten_layers.grouped_mm,
     aten.einsum: aten_layers.einsum,
     aten.glu: glu,
     aten.split: split,
     aten.split_with_sizes: split,
     aten.chunk: split,
+    aten.tensor_split: split,
     aten.unbind: split,
     aten.mean: reduce(None),
     aten.sum: reduce(None),
@@ -676,6 +720,9 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.conv2d: aten_layers.convolution,
     aten.conv3d: aten_layers.convolution,
     aten.convolution: aten_layers.convolution,
+    aten.conv_transpose1d: aten_layers.conv_transpose,
+    aten.conv_transpose2d: aten_layers.conv_transpose,
+    aten.conv_transpose3d: aten_layers.conv_transpose,
     aten.embedding: aten_layers.embedding,
     aten.layer_norm: layer_norm,
     aten.rms_norm: layer_norm,

@@ -206,7 +206,7 @@ def convolution(call: Call) -> Any:
     bias, bias_ok = _optional_param(call.arg(2, "bias", None))
     if call.node.target.__name__.startswith("convolution"):
         if call.arg(6, "transposed"):
-            return None
+            return _transposed_convolution(call, call.arg(8, "groups", 1))
         groups = call.arg(8, "groups", 1)
     else:
         groups = call.arg(6, "groups", 1)
@@ -234,6 +234,33 @@ def convolution(call: Call) -> Any:
     if x.featured:
         _read_groups(call, x, weight.param, groups, name)
     out = write(call, name, shape[1], shape, 1, refs, groups=groups)
+    return _computed_weights(call, x, out, weight, bias)
+
+
+def conv_transpose(call: Call) -> Any:
+    """aten.conv_transpose1d/2d/3d(x, W, b, stride, padding, output_padding, groups)."""
+    return _transposed_convolution(call, call.arg(6, "groups", 1))
+
+
+def _transposed_convolution(call: Call, groups: int) -> Any:
+    """A transposed convolution's weight is (in, out, taps...): its axis 0 reads the input's
+    channels, its axis 1 and the bias write the output's (DPT's upsampling of its
+    reassembled features). Grouped ones are unknown."""
+    x, weight, shape = call.x, call.arg(1, "weight"), call.out_shape
+    bias, bias_ok = _optional_param(call.arg(2, "bias", None))
+    axes = _param_axes(weight)
+    if groups != 1 or axes is None or axes[:2] != (0, 1) or not bias_ok or shape is None:
+        return None
+    if not isinstance(x, Feat) or x.param is not None:
+        return None
+    call.use(weight)
+    refs = [AxisRef(weight.param, 1)]
+    if bias is not None:
+        call.use(bias)
+        refs.append(AxisRef(bias.param, 0))
+    if x.featured:
+        _read_axis(call, x, weight.param, 0, 1)
+    out = write(call, _space_name(weight.param), shape[1], shape, 1, tuple(refs))
     return _computed_weights(call, x, out, weight, bias)
 
 
@@ -371,6 +398,10 @@ def _foldable_writer(call: Call, stats: list[Any]) -> str | None:
         return None
     if not source.target.__name__.startswith(("conv", "linear")):
         return None
+    if source.target.__name__.startswith("conv_transpose") or (
+        source.target.__name__.startswith("convolution") and source.args[6:7] == (True,)
+    ):
+        return None  # its output channels are the weight's axis 1, which folding does not scale
     if source.target.__name__.startswith("convolution") and source.args[8:9] not in ((), (1,)):
         return None
     if source.target.__name__.startswith("conv") and source.args[6:7] not in ((), (1,)):

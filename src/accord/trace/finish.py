@@ -33,6 +33,8 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
         for ref in (r for refs in table.records[root].refs.values() for r in refs):
             if ref.tensor in walk.tainted:
                 table.fix(root, walk.tainted[ref.tensor])
+            if (ref.tensor, ref.axis) in walk.tainted_axes:
+                table.fix(root, walk.tainted_axes[ref.tensor, ref.axis])
     _strip_overlaps(table, walk.shapes)
     roots = sorted(table.roots(), key=lambda r: table.records[r].order)
     for root in roots:

@@ -61,6 +61,39 @@ def mark_activation(call: Call) -> None:
         call.event("act_in", call.input_node())
 
 
+def entrywise(call: Call) -> Any:
+    """Entry by entry of several tensors (``where(x > 0, a, b)``, ``minimum(x, eps)``): the
+    featured ones must hold the same features, which become one space; the others must be
+    the same for every feature (numbers, or size 1 along the features). Permutations exactly,
+    other maps as an approximation."""
+    operands = [call.resolve(a) for a in (*call.node.args, *call.node.kwargs.values())]
+    tensors = [a for a in operands if isinstance(a, Feat)]
+    shape = call.out_shape
+    if shape is None or any(isinstance(a, Tup) for a in operands) or not tensors:
+        return None
+    featured = [t for t in tensors if t.featured and t.param is None]
+    if not featured:
+        return call.plain()
+    n = len(shape)
+    first = featured[0]
+    axis = first.axis + n - first.ndim
+    for t in featured:
+        if t.heads is not None or t.axis + n - t.ndim != axis or t.shape[t.axis] != shape[axis]:
+            return None
+    for t in tensors:
+        d = axis - (n - t.ndim)
+        if not t.featured and d >= 0 and t.shape[d] != 1:
+            reason = f"combined at node {call.node.name!r} with a tensor accord cannot map"
+            for f in featured:
+                call.table.fix_value(f, reason)
+            return call.plain()
+    for t in featured[1:]:
+        if not call.table.union_layouts(first, t, residual=False):
+            return None
+    call.table.downgrade_value(first, "dense")
+    return first.moved(shape, axis)
+
+
 def _has_tensor(call: Call, args: Sequence[Any]) -> bool:
     return any(isinstance(call.resolve(a), Feat | Tup) for a in args)
 
@@ -87,9 +120,21 @@ def spatial(dims: int | None, kind: str | None = None) -> Rule:
         x, shape = call.x, call.out_shape
         if not isinstance(x, Feat) or shape is None or len(shape) != x.ndim:
             return None
+        touched = x.ndim - 2 if dims is None else dims
+        if x.param is not None:
+            # a parameter resized along its other axes (position embeddings interpolated to
+            # the image's grid, YOLOS) keeps its feature axes; those it mixes stay in place
+            kept = x.ndim - touched
+            out = Feat(
+                tuple(shape),
+                param=x.param,
+                dims=(*x.dims[:kept], *(-1 if n != 1 else None for n in shape[kept:])),
+                applied=x.applied,
+            )
+            call.walk.taint_axes(x, out.dims, f"{x.param} is resized by {call.desc}")
+            return out
         if not x.featured:
             return call.plain()
-        touched = x.ndim - 2 if dims is None else dims
         if x.axis >= x.ndim - touched or shape[x.axis] != x.shape[x.axis]:
             return None
         if kind:
@@ -130,7 +175,7 @@ def reshape(call: Call) -> Any:
     if not isinstance(x, Feat) or shape is None:
         return None
     if x.param is not None:
-        return _reshape_param(x, shape, call.walk.shapes.get(x.param))
+        return _reshape_param(call, x, shape, call.walk.shapes.get(x.param))
     if not x.featured:
         return call.plain()
     out = follow_reshape(x, shape)
@@ -179,7 +224,9 @@ def _starts_alike(a: tuple[int, ...], i: int, b: tuple[int, ...], j: int) -> boo
     return min((*rest_a, *rest_b)) >= 0 and math.prod(rest_a) == math.prod(rest_b)
 
 
-def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
+def _reshape_param(
+    call: Call, x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None
+) -> Feat | None:
     """A parameter view that only adds or removes size-1 axes keeps its axis mapping; a
     reshape of the parameter itself (``whole`` is its shape) may merge whole axes, in order
     (-2: ``w.reshape(1, out, -1)`` of weight standardization), and split them back."""
@@ -194,10 +241,36 @@ def _reshape_param(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | Non
             dims=tuple(next(dims) if n != 1 else None for n in shape),
             applied=x.applied,
         )
-    if whole is None or in_order(x, whole) is None:
+    if whole is not None and in_order(x, whole) is not None:
+        dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
+        if dims is not None:
+            return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+    out = _reshape_other_axes(x, tuple(shape))
+    if out is not None:
+        reason = f"{x.param} is reshaped at node {call.node.name!r} across some of its axes"
+        call.walk.taint_axes(x, out.dims, reason)
+    return out
+
+
+def _reshape_other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:
+    """A reshape of a parameter view that merges or splits only some of its axes (a
+    resized grid of position embeddings flattened back into positions): an axis that starts
+    where an output axis starts and has its size is carried unchanged; every other output
+    axis holds no whole parameter axis (-1). None when no parameter axis is carried."""
+    if min((*x.shape, *shape)) < 0 or math.prod(x.shape) != math.prod(shape):
         return None
-    dims = in_order(Feat(tuple(shape), param=x.param, dims=(-2,) * len(shape)), whole)
-    return None if dims is None else Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+    dims: list[int | None] = [None if n == 1 else -1 for n in shape]
+    for i, d in enumerate(x.dims):
+        if d is None or d < 0:
+            continue
+        before = math.prod(x.shape[:i])
+        for j, n in enumerate(shape):
+            if n == x.shape[i] and math.prod(shape[:j]) == before:
+                dims[j] = d
+                break
+    if not any(d is not None and d >= 0 for d in dims):
+        return None
+    return Feat(shape, param=x.param, dims=tuple(dims), applied=x.applied)
 
 
 def in_order(x: Feat, whole: tuple[int, ...]) -> tuple[int | None, ...] | None:
@@ -533,7 +606,7 @@ def cat(call: Call) -> Any:
         return None
     featured = [item for item in items if item.featured]
     if not featured:
-        return call.plain()
+        return _cat_param_pieces(items, dim % len(shape), shape) or call.plain()
     axis = featured[0].axis
     if any(item.axis != axis for item in featured):
         return None
@@ -557,6 +630,25 @@ def cat(call: Call) -> Any:
             call.use(item)
             call.table.add_per_feature(first, "writers", item.param, pd)
     return first.moved(shape, axis)
+
+
+def _cat_param_pieces(items: Sequence[Feat], dim: int, shape: tuple[int, ...]) -> Feat | None:
+    """Pieces of one parameter put back together along ``dim`` (YOLOS's position embeddings:
+    the class token's, the patches' resized, the detection tokens'): every other axis that is
+    the same parameter axis in every piece stays that axis."""
+    first = items[0]
+    if first.param is None or any(
+        item.param != first.param or item.applied != first.applied or item.ndim != len(shape)
+        for item in items
+    ):
+        return None
+    dims: list[int | None] = [None if n == 1 else -1 for n in shape]
+    for axis in range(len(shape)):
+        if axis != dim and all(item.dims[axis] == first.dims[axis] for item in items):
+            dims[axis] = first.dims[axis]
+    if not any(d is not None and d >= 0 for d in dims):
+        return None
+    return Feat(shape, param=first.param, dims=tuple(dims), applied=first.applied)
 
 
 def stack(call: Call) -> Any:

@@ -14,7 +14,7 @@ Spaces are merged with union-find; a space's map kind only weakens as evidence a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,6 +437,9 @@ class Walk:
         # (kind, node name) in graph order; kinds: act_in, act_out, reader_in, writer_out.
         self.events: dict[tuple[str, str], None] = {}
         self.tainted: dict[str, str] = {}
+        # (parameter, axis) -> why a space may not move that axis (a view picks some of its
+        # entries by position: a map of the axis would pick others)
+        self.tainted_axes: dict[tuple[str, int], str] = {}
         self.order: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         # parameter or buffer -> the other state-dict keys of the very same tensor (tied)
@@ -451,6 +454,15 @@ class Walk:
     def taint(self, tensor: str, reason: str) -> None:
         """Any space claiming ``tensor`` will be fixed: ``tensor`` is also used opaquely."""
         self.tainted.setdefault(tensor, reason)
+
+    def taint_axes(self, view: Feat, kept: Sequence[int | None], reason: str) -> None:
+        """The parameter axes behind ``view`` that ``kept`` (the axes of the view made from
+        it) no longer holds whole: any space claiming one of them will be fixed."""
+        if view.param is None:
+            return
+        for d in set(view.dims) - set(kept):
+            if d is not None and d >= 0:
+                self.tainted_axes.setdefault((view.param, d), reason)
 
 
 _MISSING = object()
