@@ -603,15 +603,17 @@ def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
 def test_latent_attention_frees_its_latents(traced: Any) -> None:
     """DeepSeek's multi-head latent attention: the q latent and the kv latent (each
     RMS-normed) permute; each head's features are cut into a part without positions and a
-    rotary part (split_with_sizes within the heads), which the head rules do not follow, so
-    the heads stay fixed, named with that reason."""
+    rotary part (split_with_sizes within the heads), which the head rules do not map, so
+    the heads stay fixed, the attention that compares them named in the reason."""
     _, _, spec = traced("deepseek-v3")
     attn = "model.model.layers.0.self_attn"
     _free(spec, f"{attn}.q_a_proj.weight", 0, maps="permutation")
     _free(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, maps="permutation")
-    for proj in ("q_b_proj", "kv_b_proj"):
+    # the query's heads are cut into q slots and compared under rotary embeddings; the
+    # key/value heads are cut by split_with_sizes
+    for proj, named in (("q_b_proj", "scaled_dot_product_attention"), ("kv_b_proj", "split")):
         heads = _with(spec, f"{attn}.{proj}.weight", 0)
-        assert not heads.free and "split_with_sizes" in heads.reason
+        assert not heads.free and named in heads.reason
     _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
 
 
