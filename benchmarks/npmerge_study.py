@@ -13,9 +13,9 @@ options (``epochs``, ``lr``, ``loss``, ``scheme``), ``val=1`` (early stopping on
 validation split, the validation and test accuracy after every pass printed; the test
 curve chooses nothing: it shows what ``epochs=E`` without early stopping would reach, E up
 to the passes run, as the calibration order is fixed) and ``models=K`` (merge the first K of
-the ``--models``, all by default, so that N = 2 and N = 4 share one store); ``epochs=0`` is the aligned average. Every merged
-model's BatchNorm statistics are reset on the calibration images; the ``no reset`` column keeps
-the averaged running statistics NP Merge returns.
+the ``--models``, all by default, so that N = 2 and N = 4 share one store); ``epochs=0`` is
+the aligned average. Every merged model's BatchNorm statistics are reset on the calibration
+images; the ``no reset`` column keeps the averaged running statistics NP Merge returns.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/npmerge_study.py \
         --store benchmarks/cache/npmerge-study permutation:epochs=0 cca:epochs=3
