@@ -10,10 +10,12 @@ every training image); test: the test split, which chooses nothing. Each variant
 ``align:option=value,...``: the alignment NP Merge starts from (``merge`` for
 ``accord.merge(method="npmerge")`` with its defaults), then :func:`accord.combine.np_merge`
 options (``epochs``, ``lr``, ``loss``, ``scheme``), ``val=1`` (early stopping on the
-validation split) and ``models=K`` (merge the first K of the ``--models``, all by default, so
-that N = 2 and N = 4 share one store); ``epochs=0`` is the aligned average. Every merged
-model's BatchNorm statistics are reset on the calibration images; the ``no reset`` column keeps
-the averaged running statistics NP Merge returns.
+validation split, the validation and test accuracy after every pass printed; the test
+curve chooses nothing: it shows what ``epochs=E`` without early stopping would reach, E up
+to the passes run, as the calibration order is fixed) and ``models=K`` (merge the first K of
+the ``--models``, all by default, so that N = 2 and N = 4 share one store); ``epochs=0`` is
+the aligned average. Every merged model's BatchNorm statistics are reset on the calibration
+images; the ``no reset`` column keeps the averaged running statistics NP Merge returns.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/npmerge_study.py \
         --store benchmarks/cache/npmerge-study permutation:epochs=0 cca:epochs=3
@@ -24,15 +26,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
 
 import accord
-from accord.combine import np_merge
+from accord.combine import np_merge, npmerge
 from accord.data import DataSplits, make_loader
 
 TRAIN = accord.TrainConfig(epochs=2, lr=0.05)
@@ -72,6 +77,25 @@ def with_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
     return model.eval()
 
 
+@contextmanager
+def test_curve(test: Any, curve: list[float]) -> Iterator[None]:
+    """Wherever NP Merge measures validation accuracy (after every pass), ``curve`` gets the
+    test accuracy of the same coefficients, measured the same way (BatchNorm on batch
+    statistics)."""
+    measure = npmerge._accuracy
+
+    def both(task: Any, params: Any, buffers: Any) -> float:
+        curve.append(measure(dataclasses.replace(task, validation=test), params, buffers))
+        return measure(task, params, buffers)
+
+    with mock.patch.object(npmerge, "_accuracy", both):
+        yield
+
+
+def percents(values: Sequence[float]) -> str:
+    return "/".join(f"{100 * v:.1f}" for v in values)
+
+
 def run_variant(
     text: str,
     models: list[nn.Module],
@@ -92,20 +116,23 @@ def run_variant(
     if (align, len(models)) not in aligned:  # the averaging merge's states, BN targets included
         aligned[align, len(models)] = accord.merge(models, calibration, align=align).aligned
     early = options.pop("val", 0)
-    result = np_merge(
-        models[0],
-        aligned[align, len(models)],
-        calibration,
-        teachers=models,
-        progress=False,
-        validation=data.val if early else None,
-        **options,
-    )
+    tests: list[float] = []
+    with test_curve(data.test, tests):
+        result = np_merge(
+            models[0],
+            aligned[align, len(models)],
+            calibration,
+            teachers=models,
+            progress=False,
+            validation=data.val if early else None,
+            **options,
+        )
     unreset = with_state(models[0], result.state)
     merged = accord.reset_batchnorm(copy.deepcopy(unreset), calibration)
     kept = result.stages[-1]["kept_pass"]
     curve = result.stages[-1]["validation"]
-    passes = f"{kept} ({'/'.join(f'{100 * v:.1f}' for v in curve)})" if early else "all"
+    stage_tests = tests[-len(curve) :] if curve else []
+    passes = f"{kept} (val {percents(curve)}; test {percents(stage_tests)})" if early else "all"
     return [
         text,
         count,
@@ -118,7 +145,8 @@ def run_variant(
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
-    head = ["variant", "N", "passes kept (val % per pass)", "val %", "test %", "no reset", "s"]
+    passes = "passes kept (val %, test % per pass)"
+    head = ["variant", "N", passes, "val %", "test %", "no reset", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
