@@ -36,8 +36,8 @@ from accord.registry import lookup
 from accord.tune import candidates
 
 sys.path.insert(0, str(Path(__file__).parent))
-import cca_without_batchnorm as nobn  # noqa: E402
-import npmerge_study  # noqa: E402
+import cca_without_batchnorm as nobn
+import npmerge_study
 
 
 def resnet20_bn(args: argparse.Namespace, count: int) -> tuple[list[nn.Module], DataSplits]:
