@@ -132,6 +132,13 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--crop-padding",
+        type=int,
+        default=0,
+        metavar="K",
+        help="random crops: pad each image by K background pixels, crop back at a random shift",
+    )
     p.add_argument("--width", type=_number, default=None, help="width (multiplier, or MLP units)")
     p.add_argument("--depth", type=int, default=None, help="MLP hidden layers / ViT blocks")
     p.add_argument("--batch-norm", action="store_true", help="VGG with BatchNorm")
@@ -170,7 +177,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         split=args.split,
         alpha=args.alpha,
         model=model,
-        train=accord.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
+        train=accord.TrainConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            crop_padding=args.crop_padding,
+        ),
         limit=args.limit,
         data_dir=args.data_dir,
         keep=args.keep_every,
