@@ -230,6 +230,12 @@ def test_cli_train_then_eval(tmp_path: Path, capsys) -> None:
     assert "ensemble of 2" in capsys.readouterr().out
 
 
+def test_diverging_training_stops_with_a_clear_error(digits) -> None:
+    model = accord.build_model("mlp", in_channels=1, image_size=8, num_classes=10, **TINY)
+    with pytest.raises(accord.ConfigError, match="diverged at step"):
+        accord.train_model(model, digits, None, accord.TrainConfig(epochs=2, lr=1e6), seed=0)
+
+
 def test_cli_trains_on_random_crops(tmp_path: Path, digits) -> None:
     args = ["train", "--arch", "mlp", "--dataset", "digits", "--seeds", "0", "--epochs", "1"]
     args += ["--width", "16", "--depth", "1", "--store", str(tmp_path), "--quiet"]

@@ -147,6 +147,12 @@ def train_model(
             inputs = random_crops(inputs, config.crop_padding, crops, background)
             inputs, labels = inputs.to(device), labels.to(device)
             loss = F.cross_entropy(model(inputs), labels)
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"seed {seed}: training diverged at step {step + 1} of {total} (epoch "
+                    f"{epoch + 1}, learning rate {schedule.get_last_lr()[0]:.3g}, loss "
+                    f"{loss.item()}); lower lr (peak {config.lr}) or lengthen the warm-up"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
