@@ -31,7 +31,6 @@ from torch import nn
 
 import accord
 from accord.data import Dataset, DataSplits, make_loader
-from accord.match.cca import ridges, spd_roots
 
 
 def padded_rgb(data: DataSplits) -> DataSplits:
@@ -116,17 +115,19 @@ def variants(quick: bool) -> list[tuple[str, str, str, dict]]:
 
 
 def canonical_correlations(stats, x: int, y: int) -> torch.Tensor:
-    """The canonical correlations of models x and y in one space (live features, a ridge of
-    1e-6 of the mean variance against rounding), which the merge's ridge would shrink."""
-    sxx, syy, sxy = stats.covariance(x, x), stats.covariance(y, y), stats.covariance(x, y)
-    live_x = torch.diagonal(sxx) > 1e-10 * torch.diagonal(sxx).max()
-    live_y = torch.diagonal(syy) > 1e-10 * torch.diagonal(syy).max()
-    sxx, syy, sxy = sxx[live_x][:, live_x], syy[live_y][:, live_y], sxy[live_x][:, live_y]
-    sxx, syy, sxy = sxx.double(), syy.double(), sxy.double()
-    g_x, g_y = ridges(sxx, syy, 1e-6, None)
-    x_inverse_root = spd_roots(sxx + g_x * torch.eye(len(sxx), dtype=sxx.dtype))[1]
-    y_inverse_root = spd_roots(syy + g_y * torch.eye(len(syy), dtype=syy.dtype))[1]
-    return torch.linalg.svdvals(x_inverse_root @ sxy @ y_inverse_root)
+    """The canonical correlations of models x and y in one space, on the directions each
+    model's features span numerically (eigenvalues above 1e-9 of the largest): a ridge would
+    shrink them, and a rank-deficient space (the first convolution's pre-activations of 3
+    repeated input channels span at most 10 directions) gives noise above 1 without the cut."""
+
+    def whitening(covariance: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(covariance.double())
+        kept = values > 1e-9 * values.max()
+        return vectors[:, kept] * values[kept].rsqrt()
+
+    sxy = stats.covariance(x, y).double()
+    wx, wy = whitening(stats.covariance(x, x)), whitening(stats.covariance(y, y))
+    return torch.linalg.svdvals(wx.T @ sxy @ wy)
 
 
 def diagnose(
