@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 
 import accord
 from accord.cli import main
+from accord.data import random_crops
 from accord.evaluate import interpolate_states
-from accord.train import warmup_then_decay
+from accord.train import _store_key, warmup_then_decay
 
 TINY = {"width": 16, "depth": 1}
 
@@ -44,6 +45,44 @@ def test_schedule_rises_then_falls_to_zero() -> None:
     assert values[-1] == pytest.approx(1 / 90)
     assert all(a <= b for a, b in pairwise(values[:10]))
     assert all(a >= b for a, b in pairwise(values[9:]))
+
+
+def test_random_crops_are_shifted_windows_of_the_padded_image() -> None:
+    images = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    fill = torch.tensor([-1.0, -2.0, -3.0])
+    generator = torch.Generator().manual_seed(0)
+    assert random_crops(images, 0, generator, fill) is images
+    padded = fill.view(1, 3, 1, 1).expand(2, 3, 9, 10).clone()
+    padded[:, :, 2:7, 2:8] = images
+    seen = []
+    for _ in range(6):
+        crops = random_crops(images, 2, generator, fill)
+        assert crops.shape == images.shape
+        for crop, window in zip(crops, padded, strict=True):
+            shifts = [
+                (top, left)
+                for top in range(5)
+                for left in range(5)
+                if torch.equal(crop, window[:, top : top + 5, left : left + 6])
+            ]
+            assert len(shifts) == 1
+            seen.append(shifts[0])
+    assert len(set(seen)) > 3  # the shift is drawn per image and per batch
+    with pytest.raises(accord.ConfigError, match="crop padding -1"):
+        accord.TrainConfig(crop_padding=-1)
+
+
+def test_crop_padding_enters_the_store_key_only_when_asked_for() -> None:
+    config = {"name": "mlp", **TINY}
+    plain = _store_key(_request(seeds=(0,)), config, 0, 0, None)
+    assert set(plain["train"]) == {
+        "epochs", "lr", "batch_size", "momentum", "weight_decay", "warmup"
+    }  # fmt: skip
+    cropped = _request(
+        seeds=(0,), train=accord.TrainConfig(epochs=2, batch_size=64, crop_padding=2)
+    )
+    key = _store_key(cropped, config, 0, 0, None)
+    assert key["train"] == {**plain["train"], "crop_padding": 2}
 
 
 def test_train_set_writes_loadable_models_and_reuses_them(tmp_path: Path, digits) -> None:
@@ -189,6 +228,26 @@ def test_cli_train_then_eval(tmp_path: Path, capsys) -> None:
     assert len(accord.list_checkpoints(tmp_path)) == 2
     assert main(["eval", "--store", str(tmp_path)]) == 0
     assert "ensemble of 2" in capsys.readouterr().out
+
+
+def test_diverging_training_stops_with_a_clear_error(digits) -> None:
+    model = accord.build_model("mlp", in_channels=1, image_size=8, num_classes=10, **TINY)
+    with pytest.raises(accord.ConfigError, match="diverged at step"):
+        accord.train_model(model, digits, None, accord.TrainConfig(epochs=2, lr=1e6), seed=0)
+
+
+def test_cli_trains_on_random_crops(tmp_path: Path, digits) -> None:
+    args = ["train", "--arch", "mlp", "--dataset", "digits", "--seeds", "0", "--epochs", "1"]
+    args += ["--width", "16", "--depth", "1", "--store", str(tmp_path), "--quiet"]
+    assert main([*args, "--crop-padding", "2"]) == 0
+    cropped = accord.load_checkpoint(accord.list_checkpoints(tmp_path)[0])
+    assert cropped.config["key"]["train"]["crop_padding"] == 2
+    plain = _request(seeds=(0,), train=accord.TrainConfig(epochs=1))
+    (uncropped,) = accord.train_model_set(plain, tmp_path, progress=False, data=digits)
+    assert uncropped.path != cropped.path
+    assert "crop_padding" not in uncropped.config["key"]["train"]
+    weights = [c.model.state_dict()["layers.1.weight"] for c in (cropped, uncropped)]
+    assert not torch.allclose(*weights, atol=1e-3)  # same seed and order: the crops changed it
 
 
 def test_cli_errors_name_the_problem(tmp_path: Path, capsys) -> None:

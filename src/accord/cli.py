@@ -141,6 +141,14 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="[%(default)s]")
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate [%(default)s]")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="[%(default)s]")
+    p.add_argument(
+        "--crop-padding",
+        type=int,
+        default=defaults.crop_padding,
+        metavar="K",
+        help="random crops: pad by K background pixels, crop back at a random shift "
+        "[%(default)s: none]",
+    )
     p.add_argument("--width", type=_number, default=None, help="width (multiplier, or MLP units)")
     p.add_argument("--depth", type=int, default=None, help="MLP hidden layers / ViT blocks")
     p.add_argument("--batch-norm", action="store_true", help="VGG with BatchNorm")
@@ -179,7 +187,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         split=args.split,
         alpha=args.alpha,
         model=model,
-        train=accord.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size),
+        train=accord.TrainConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            crop_padding=args.crop_padding,
+        ),
         limit=args.limit,
         data_dir=args.data_dir,
         keep=args.keep_every,

@@ -1,7 +1,8 @@
 """Seeded training of model sets, in the shape of the CCA Merge recipe.
 
 SGD (momentum 0.9, weight decay 5e-4) with a learning rate that rises linearly from 0 over the
-first ``warmup`` fraction of the steps, then falls linearly to 0. Model k of a set is trained
+first ``warmup`` fraction of the steps, then falls linearly to 0, optionally on random shifted
+crops of each batch (``crop_padding``, drawn from the model's seed). Model k of a set is trained
 from seed k on part k of the training set under a split mode (``iid``: all of it), from a fresh
 initialisation or from a stored checkpoint (``init``: fine-tuning experts from one base).
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from accord._outputs import check_output, write_folder
 from accord.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, weights_digest
-from accord.data import DataSplits, load_dataset, make_loader, split_indices
+from accord.data import DataSplits, load_dataset, make_loader, random_crops, split_indices
 from accord.errors import ConfigError
 from accord.evaluate import evaluate
 from accord.store import (
@@ -50,6 +51,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup: float = 0.1
+    crop_padding: int = 0  # random crops after padding by this many pixels; 0: none
+
+    def __post_init__(self) -> None:
+        if self.crop_padding < 0:
+            raise ConfigError(
+                f"crop padding {self.crop_padding}: give 0 (no crops) or a positive pixel count"
+            )
 
 
 def warmup_then_decay(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -124,6 +132,8 @@ def train_model(
         nesterov=True,
     )
     total = config.epochs * len(loader)
+    crops = torch.Generator().manual_seed(seed)
+    background = train.images.amin(dim=(0, 2, 3))  # per channel: what a crop shifts in
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total, config.warmup))
     step = 0
     for epoch in range(config.epochs):
@@ -134,8 +144,15 @@ def train_model(
             disable=not progress,
         )
         for inputs, labels in bar:
+            inputs = random_crops(inputs, config.crop_padding, crops, background)
             inputs, labels = inputs.to(device), labels.to(device)
             loss = F.cross_entropy(model(inputs), labels)
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"seed {seed}: training diverged at step {step + 1} of {total} (epoch "
+                    f"{epoch + 1}, learning rate {schedule.get_last_lr()[0]:.3g}, loss "
+                    f"{loss.item()}); lower lr (peak {config.lr}) or lengthen the warm-up"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -310,6 +327,8 @@ def _store_key(
         "train": asdict(request.train),
     }
     # absent unless asked for, so the keys of models trained without them stay as they were
+    if not request.train.crop_padding:
+        del key["train"]["crop_padding"]
     if request.keep is not None:
         key["keep"] = asdict(request.keep)
     if init is not None:

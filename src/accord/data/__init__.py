@@ -7,6 +7,7 @@ Example::
     loader = make_loader(splits.train.subset(parts[0]), batch_size=64, shuffle=True)
 """
 
+from accord.data.crops import random_crops
 from accord.data.datasets import (
     DATASETS,
     Dataset,
@@ -29,6 +30,7 @@ __all__ = [
     "default_dataset",
     "load_dataset",
     "make_loader",
+    "random_crops",
     "read_idx",
     "resolve_root",
     "split_indices",
