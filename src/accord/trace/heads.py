@@ -65,11 +65,7 @@ def _split_slots(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | None:
         return None
     if slots == 1 or not _taken_apart(call, b + 1, len(shape)):
         return None
-    cut = cut_slots(call, x.segs[0].space, heads, [width] * slots)
-    if cut is None:
-        return None
-    segs = tuple(seg for head in zip(*cut, strict=True) for seg in head)
-    return Feat(tuple(shape), b + 2, segs, heads=b, pieces=b + 1)
+    return _in_slots(call, x.segs[0].space, heads, slots, width, shape, b)
 
 
 def _taken_apart(call: Call, axis: int, ndim: int) -> bool:
@@ -225,7 +221,16 @@ def _interleaved_slots(call: Call, x: Feat, shape: tuple[int, ...]) -> Feat | No
         return None
     if not _taken_apart(call, at + 1, len(shape)):
         return None
-    cut = cut_slots(call, x.segs[0].space, groups, [width] * slots)
+    return _in_slots(call, x.segs[0].space, groups, slots, width, shape, at)
+
+
+def _in_slots(
+    call: Call, space: int, heads: int, slots: int, width: int, shape: Any, at: int
+) -> Feat | None:
+    """The value of ``shape`` whose heads (axis ``at``) each hold ``slots`` pieces (the next
+    axis) of ``width`` features of ``space`` (cut by :func:`cut_slots`); None where it cannot
+    be cut."""
+    cut = cut_slots(call, space, heads, [width] * slots)
     if cut is None:
         return None
     segs = tuple(seg for head in zip(*cut, strict=True) for seg in head)
