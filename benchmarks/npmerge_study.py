@@ -67,6 +67,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return align, options
 
 
+def study_setup(
+    store: str, count: int, samples: int, batch_size: int
+) -> tuple[DataSplits, list[nn.Module], Any]:
+    """Fashion-MNIST, the ``count`` trained models of ``store`` and a loader of the first
+    ``samples`` training images (the calibration data of every study on these models)."""
+    torch.manual_seed(0)
+    data = accord.load_dataset("fashion-mnist")
+    models = trained_models(store, count, data)
+    calibration = make_loader(data.train.subset(torch.arange(samples)), batch_size=batch_size)
+    return data, models, calibration
+
+
 def accuracy(model: nn.Module, data: Any) -> float:
     return 100 * accord.evaluate(model, data).accuracy
 
@@ -159,12 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    data = accord.load_dataset("fashion-mnist")
-    models = trained_models(args.store, args.models, data)
-    calibration = make_loader(
-        data.train.subset(torch.arange(args.samples)), batch_size=args.batch_size
-    )
+    data, models, calibration = study_setup(args.store, args.models, args.samples, args.batch_size)
     bases = [accuracy(m, data.test) for m in models]
     print(f"bases {' / '.join(f'{b:.2f}' for b in bases)} % test")
     for count in sorted({parse_variant(v)[1].get("models", len(models)) for v in args.variants}):

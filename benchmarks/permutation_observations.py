@@ -26,13 +26,9 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 
-import torch
-from torch import nn
-
 import accord
-from accord.data import make_loader
 from accord.spec import Observation, Spec
-from npmerge_study import trained_models
+from npmerge_study import accuracy, study_setup
 
 VARIANTS: dict[str, Callable[[tuple[Observation, ...]], tuple[Observation, ...]]] = {
     "every": lambda observe: observe,
@@ -54,10 +50,6 @@ def observation_count(spec: Spec) -> int:
     return sum(len(space.observe) for space in spec.free_spaces)
 
 
-def accuracy(model: nn.Module, data: object) -> float:
-    return 100 * accord.evaluate(model, data).accuracy
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default="benchmarks/cache/npmerge-study", help="model store")
@@ -68,12 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--method", default="permutation", help="alignment merged [%(default)s]")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    data = accord.load_dataset("fashion-mnist")
-    models = trained_models(args.store, args.models, data)
-    calibration = make_loader(
-        data.train.subset(torch.arange(args.samples)), batch_size=args.batch_size
-    )
+    data, models, calibration = study_setup(args.store, args.models, args.samples, args.batch_size)
     example = next(iter(calibration))[0][:2]
     for pair in args.pairs:
         chosen = [models[int(k)] for k in pair.split(",")]
