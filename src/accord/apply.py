@@ -9,7 +9,7 @@ moves like a bias.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +86,44 @@ class Transform:
         return cls(matrix, inverse.to(torch.float64))
 
 
+def sub_tensor(tensor: torch.Tensor, ref: AxisRef) -> tuple[torch.Tensor, AxisRef]:
+    """The part of ``tensor`` that ``ref`` lies in (a view: its slice ``ref.at`` of another
+    axis, or the whole tensor) and ``ref`` on that part."""
+    if ref.at is None:
+        return tensor, ref
+    other_axis, index = ref.at[0] % tensor.dim(), ref.at[1]
+    axis = ref.axis % tensor.dim()
+    inner = AxisRef(ref.tensor, axis - (axis > other_axis), ref.block, ref.offset)
+    return tensor.select(other_axis, index), inner
+
+
 def transform_axis(
     tensor: torch.Tensor, ref: AxisRef, size: int, map_: torch.Tensor
 ) -> torch.Tensor:
     """``new[c] = Σ_d map_[c, d] · old[d]`` over the features of ``ref`` in ``tensor``."""
+    return _on_part(tensor, ref, lambda part, inner: _mixed(part, inner, size, map_))
+
+
+def permute_axis(tensor: torch.Tensor, ref: AxisRef, size: int, perm: torch.Tensor) -> torch.Tensor:
+    """Exact gather of the features of ``ref``: new feature ``c`` is old feature ``perm[c]``."""
+    return _on_part(tensor, ref, lambda part, inner: _gathered(part, inner, size, perm))
+
+
+def _on_part(
+    tensor: torch.Tensor, ref: AxisRef, change: Callable[[torch.Tensor, AxisRef], torch.Tensor]
+) -> torch.Tensor:
+    """A copy of ``tensor`` with its part of ``ref`` (:func:`sub_tensor`) replaced by
+    ``change(part, ref on the part)``."""
+    part, inner = sub_tensor(tensor, ref)
+    changed = change(part, inner)
+    if ref.at is None:
+        return changed
+    out = tensor.clone()
+    out.select(ref.at[0] % tensor.dim(), ref.at[1]).copy_(changed)
+    return out
+
+
+def _mixed(tensor: torch.Tensor, ref: AxisRef, size: int, map_: torch.Tensor) -> torch.Tensor:
     axis = ref.axis % tensor.dim()
     moved = tensor.movedim(axis, 0)
     stop = ref.offset + size * ref.block
@@ -102,8 +136,7 @@ def transform_axis(
     return out.movedim(0, axis)
 
 
-def permute_axis(tensor: torch.Tensor, ref: AxisRef, size: int, perm: torch.Tensor) -> torch.Tensor:
-    """Exact gather of the features of ``ref``: new feature ``c`` is old feature ``perm[c]``."""
+def _gathered(tensor: torch.Tensor, ref: AxisRef, size: int, perm: torch.Tensor) -> torch.Tensor:
     axis = ref.axis % tensor.dim()
     moved = tensor.movedim(axis, 0)
     stop = ref.offset + size * ref.block

@@ -36,7 +36,8 @@ def _writer_modules(model: nn.Module, spec: Any) -> dict[str, str]:
         for ref in space.writers:
             name, _, leaf = ref.tensor.rpartition(".")
             module = modules.get(name)
-            whole = ref.axis == 0 and ref.block == 1 and ref.offset == 0 and leaf == "weight"
+            whole = ref.axis == 0 and ref.block == 1 and ref.offset == 0 and ref.at is None
+            whole = whole and leaf == "weight"
             if (
                 whole
                 and isinstance(module, nn.Linear | nn.modules.conv._ConvNd)

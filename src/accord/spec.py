@@ -56,17 +56,29 @@ class AxisRef:
     The features occupy ``size * block`` entries from ``offset`` along ``axis``; feature ``c``
     owns the contiguous entries ``offset + c*block ... offset + (c+1)*block - 1`` (``block`` > 1
     when a Flatten gives each channel a block of a Linear layer's columns).
+
+    ``at = (other axis, index)`` restricts the reference to the entries at ``index`` of another
+    axis: one expert of a mixture of experts' parameter packed as (experts, …), whose
+    features each expert permutes on its own. ``axis`` still counts the whole tensor's axes.
     """
 
     tensor: str
     axis: int
     block: int = 1
     offset: int = 0
+    at: tuple[int, int] | None = None
 
     def describe(self) -> str:
         extra = "" if self.block == 1 else f", block {self.block}"
         extra += "" if self.offset == 0 else f", from {self.offset}"
+        extra += "" if self.at is None else f"; axis {self.at[0]} at {self.at[1]}"
         return f"{self.tensor}[{self.axis}{extra}]"
+
+    def apart_from(self, other: AxisRef) -> bool:
+        """Whether the two lie in different entries of one other axis of a tensor (two
+        experts' slices), so that they never share an entry."""
+        a, b = self.at, other.at
+        return a is not None and b is not None and a[0] == b[0] and a[1] != b[1]
 
 
 @dataclass(frozen=True)
@@ -74,12 +86,16 @@ class Observation:
     """Where a space's activations are recorded: a graph node and the feature axis of its
     output, which holds the space's features alone, or from ``offset`` on when the space is
     one part of that axis (a piece of a fused projection). Feature ``c`` owns the ``block``
-    consecutive entries from ``c * block`` there (a whole attention head owns its outputs)."""
+    consecutive entries from ``c * block`` there (a whole attention head owns its outputs).
+    ``rows = (offsets node, g)``: only the rows of group ``g`` along axis 0 are samples, those
+    between the end offsets the node ``offsets`` holds for groups ``g - 1`` and ``g`` (the
+    tokens a mixture of experts sent to expert ``g``, sorted by expert)."""
 
     node: str
     axis: int
     offset: int | None = None
     block: int = 1
+    rows: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,10 +168,12 @@ class FeatureSpace:
 
 def _observation_to_list(obs: Observation) -> list[Any]:
     out: list[Any] = [obs.node, obs.axis]
-    if obs.offset is not None or obs.block != 1:
+    if obs.offset is not None or obs.block != 1 or obs.rows is not None:
         out.append(obs.offset)
-    if obs.block != 1:
+    if obs.block != 1 or obs.rows is not None:
         out.append(obs.block)
+    if obs.rows is not None:
+        out.append(list(obs.rows))
     return out
 
 
@@ -163,23 +181,34 @@ def _observation_from_list(item: Any) -> Observation:
     node, axis, *rest = item
     offset = rest[0] if rest else None
     block = int(rest[1]) if len(rest) > 1 else 1
-    return Observation(str(node), int(axis), None if offset is None else int(offset), block)
+    rows = (str(rest[2][0]), int(rest[2][1])) if len(rest) > 2 else None
+    return Observation(str(node), int(axis), None if offset is None else int(offset), block, rows)
 
 
 def _ref_to_list(ref: AxisRef) -> list[Any]:
     out: list[Any] = [ref.tensor, ref.axis]
-    if ref.block != 1 or ref.offset != 0:
+    if ref.block != 1 or ref.offset != 0 or ref.at is not None:
         out.append(ref.block)
-    if ref.offset != 0:
+    if ref.offset != 0 or ref.at is not None:
         out.append(ref.offset)
+    if ref.at is not None:
+        out.append(list(ref.at))
     return out
 
 
 def _ref_from_list(item: Any) -> AxisRef:
     if isinstance(item, Mapping):
-        return AxisRef(**item)
+        item = dict(item)
+        at = item.pop("at", None)
+        return AxisRef(**item, at=None if at is None else _at(at))
     tensor, axis, *rest = item
-    return AxisRef(str(tensor), int(axis), *(int(x) for x in rest))
+    numbers, at = rest[:2], (_at(rest[2]) if len(rest) > 2 else None)
+    return AxisRef(str(tensor), int(axis), *(int(x) for x in numbers), at=at)
+
+
+def _at(value: Any) -> tuple[int, int]:
+    other_axis, index = value
+    return int(other_axis), int(index)
 
 
 @dataclass
@@ -245,8 +274,9 @@ class Spec:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset))]``,
-        an observation ``[node, axis(, offset or null(, block))]``."""
+        """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset(,
+        [other axis, index])))]``, an observation ``[node, axis(, offset or null(, block(,
+        [offsets node, group])))]``."""
         write_json(path, self.to_dict())
 
     @classmethod
@@ -286,6 +316,12 @@ def _space_problems(space: FeatureSpace, tensors: Mapping[str, torch.Tensor]) ->
         if not -len(shape) <= ref.axis < len(shape):
             problems.append(f"{where}: {ref.describe()} has no axis {ref.axis} (shape {shape})")
             continue
+        if ref.at is not None and not _fits_at(ref.at, ref.axis, shape):
+            problems.append(
+                f"{where}: {ref.describe()} names axis {ref.at[0]} at {ref.at[1]}, which is "
+                f"not an entry of another axis of the tensor (shape {shape})"
+            )
+            continue
         needed = ref.offset + space.size * ref.block
         if shape[ref.axis] < needed:
             problems.append(
@@ -295,18 +331,27 @@ def _space_problems(space: FeatureSpace, tensors: Mapping[str, torch.Tensor]) ->
     return problems
 
 
+def _fits_at(at: tuple[int, int], axis: int, shape: tuple[int, ...]) -> bool:
+    """Whether ``at`` names an entry of an axis of ``shape`` other than ``axis``."""
+    other_axis, index = at
+    if not -len(shape) <= other_axis < len(shape):
+        return False
+    return other_axis % len(shape) != axis % len(shape) and 0 <= index < shape[other_axis]
+
+
 def _overlap_problems(spaces: Iterable[FeatureSpace]) -> list[str]:
-    owner: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+    owner: dict[tuple[str, int], list[tuple[int, int, AxisRef, str]]] = {}
     problems = []
     for space in spaces:
         for ref in space.refs:
             start, stop = ref.offset, ref.offset + space.size * ref.block
-            for other_start, other_stop, other in owner.get((ref.tensor, ref.axis), []):
-                if start < other_stop and other_start < stop and other != space.name:
+            for other_start, other_stop, other_ref, other in owner.get((ref.tensor, ref.axis), []):
+                apart = ref.apart_from(other_ref)
+                if start < other_stop and other_start < stop and other != space.name and not apart:
                     problems.append(
                         f"{ref.describe()} is claimed by spaces {other!r} and {space.name!r}"
                     )
-            owner.setdefault((ref.tensor, ref.axis), []).append((start, stop, space.name))
+            owner.setdefault((ref.tensor, ref.axis), []).append((start, stop, ref, space.name))
     return problems
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from accord.apply import Transform, permute_axis
+from accord.apply import Transform, permute_axis, sub_tensor
 from accord.errors import MergeError
 from accord.match._alignment import Alignment
 from accord.match._common import assign, check_integer
@@ -79,7 +79,9 @@ def _scored_spaces(spec: Spec) -> list[FeatureSpace]:
 
 
 def _slices(tensor: Tensor, ref: AxisRef, size: int) -> Tensor:
-    """(C, rest): row c holds every entry of feature c along ``ref``'s axis."""
+    """(C, rest): row c holds every entry of feature c along ``ref``'s axis (in its slice
+    ``ref.at`` alone, where it names one)."""
+    tensor, ref = sub_tensor(tensor, ref)
     moved = tensor.movedim(ref.axis % tensor.dim(), 0)
     return moved[ref.offset : ref.offset + size * ref.block].reshape(size, -1)
 

@@ -252,11 +252,20 @@ class Accumulator:
         if model == self.first:
             self.samples[point] = source.samples
             self.count += source.samples
+        elif source.samples != self.samples[point] and self.target.points[point].rows:
+            raise StatisticsError(
+                f"{where}: the models send different tokens to this expert ({source.samples} "
+                f"rows in model {model}, {self.samples[point]} in model {self.first}), so its "
+                "hidden units have no common samples; per-expert statistics need models that "
+                "route alike (a model and its permuted twin): align the experts from their "
+                "weights (method 'weight_matching')"
+            )
         elif source.samples != self.samples[point]:
             raise StatisticsError(
                 f"{where} gives {source.samples} samples in model {model} and "
                 f"{self.samples[point]} in model {self.first}; statistics need models of one "
-                "architecture"
+                "architecture (and of a mixture of experts, models that send the same tokens "
+                "to each expert: align experts from their weights, method 'weight_matching')"
             )
         partners = [(j, self.kept[(j, point)]) for j in self.partners[model]]
         block = self.target.block

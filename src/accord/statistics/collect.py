@@ -19,7 +19,7 @@ from accord.errors import StatisticsError
 from accord.spec import Observation
 from accord.trace.export import batchnorm_nodes
 from accord.trace.fx import symbolic_graph
-from accord.trace.observe import call_after, traced_module
+from accord.trace.observe import GraphValue, call_after, traced_module
 from accord.trace.programs import shared_exports
 
 if TYPE_CHECKING:
@@ -103,14 +103,30 @@ class _Observer(nn.Module):
                 self.uses.setdefault(point, []).append((accumulator, index))
 
     def forward(
-        self, tensor: Any, node: str, axis: int, offset: int | None = None, block: int = 1
+        self,
+        tensor: Any,
+        node: str,
+        axis: int,
+        offset: int | None = None,
+        block: int = 1,
+        rows: tuple[str, int] | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> None:
-        for accumulator, index in self.uses[Observation(node, axis, offset, block)]:
+        for accumulator, index in self.uses[Observation(node, axis, offset, block, rows)]:
             size, seen = accumulator.target.size, tensor
             part = offset is not None and isinstance(tensor, torch.Tensor)
             if part and tensor.shape[axis] >= offset + size:
                 seen = tensor.narrow(axis, offset, size)
+            if rows is not None and isinstance(seen, torch.Tensor) and offsets is not None:
+                seen = _group_rows(seen, offsets, rows[1])
             accumulator.observe(self.model, index, seen)
+
+
+def _group_rows(tensor: torch.Tensor, offsets: torch.Tensor, group: int) -> torch.Tensor:
+    """The rows of ``group`` along axis 0 (``Observation.rows``): from the end offset of the
+    group before (0 for the first) to the group's own."""
+    start = int(offsets[group - 1]) if group > 0 else 0
+    return tensor.narrow(0, start, int(offsets[group]) - start)
 
 
 def _statistics_graph(
@@ -120,10 +136,16 @@ def _statistics_graph(
     architecture, shared by every model), calling ``observer`` after every observed node."""
     module = traced_module(model, example, spec.graph, spec.leaf_modules)
     calls = [
-        (point.node, (point.node, point.axis, point.offset, point.block)) for point in observer.uses
+        (point.node, (point.node, point.axis, point.offset, point.block, *_rows(point)))
+        for point in observer.uses
     ]
     call_after(module, observer, calls, type(model).__name__)
     return module if spec.graph == "export" else module.eval()
+
+
+def _rows(point: Observation) -> tuple[Any, ...]:
+    """The observer's arguments that pick a group's rows: the group and its offsets node."""
+    return () if point.rows is None else (point.rows, GraphValue(point.rows[0]))
 
 
 def _inputs(batch: Any, index: int) -> torch.Tensor:

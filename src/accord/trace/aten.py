@@ -179,26 +179,36 @@ def _split_heads(call: Call, x: Feat, meta: tuple[Any, ...], dim: int) -> Any:
 
 
 def index_add(call: Call) -> Any:
-    """aten.index_add(zeros, dim, index, source): rows of ``source`` summed into zeros at
+    """aten.index_add(start, dim, index, source): rows of ``source`` summed into ``start`` at
     ``index`` along an axis other than the features (a mixture of experts putting each
-    token's expert outputs back in place, JetMoE) keep the features. Into anything but
-    zeros it is unknown: the rows added to could carry other features."""
+    token's expert outputs back in place: JetMoE, or experts of a ModuleList adding theirs one
+    after the other) keep the features. ``start`` is zeros, or holds the same features, which
+    become one space with the source's (feature ``c`` is added to feature ``c``, as in a
+    residual add). Into anything else it is unknown: the rows added to could carry other
+    features."""
     x, source, shape = call.x, call.arg(3, "source"), call.out_shape
     start = call.node.args[0]
     packet = getattr(getattr(start, "target", None), "overloadpacket", None)
     zeros = packet in (aten.zeros, aten.zeros_like, aten.new_zeros)
-    if not isinstance(source, Feat) or not isinstance(x, Feat) or shape is None or not zeros:
+    if not isinstance(source, Feat) or not isinstance(x, Feat) or shape is None:
         return None
     if source.param is not None or source.heads is not None or source.ndim != len(shape):
         return None
+    if not (zeros or (x.featured and x.shape == tuple(shape) and x.param is None)):
+        return None
     if not source.featured:
-        return call.plain()
+        return call.plain() if zeros else None
     if (
         call.arg(1, "dim") % len(shape) == source.axis
         or source.shape[source.axis] != shape[source.axis]
     ):
         return None
-    return source.moved(shape, source.axis)
+    out = source.moved(shape, source.axis)
+    if zeros:
+        return out
+    if x.axis != source.axis or x.heads is not None or not call.table.union_layouts(x, out, True):
+        return None
+    return out
 
 
 def glu(call: Call) -> Any:
@@ -265,7 +275,10 @@ def select(call: Call) -> Any:
         dims = x.dims[:dim] + x.dims[dim + 1 :]
         reason = f"{x.param} is selected at node {call.node.name!r}"
         call.walk.taint_axes(x, dims, reason)
-        return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied)
+        # one entry of a whole parameter axis, picked from a parameter not picked before
+        whole = x.dims[dim] is not None and x.dims[dim] >= 0 and x.picked is None
+        picked = (x.dims[dim], call.arg(2, "index") % x.shape[dim]) if whole else None
+        return Feat(tuple(shape), param=x.param, dims=dims, applied=x.applied, picked=picked)
     if not x.featured:
         return call.plain()
     if dim == x.pieces:
@@ -693,6 +706,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.select: select,
     aten.index: index,
     aten.index_add: index_add,
+    aten.index_add_: index_add,
     aten._grouped_mm: aten_layers.grouped_mm,
     aten.einsum: aten_layers.einsum,
     aten.glu: glu,

@@ -18,7 +18,7 @@ from accord.trace import aten_attention
 from accord.trace.layers import tie_channel_groups, write
 from accord.trace.rules import in_order, mark_activation
 from accord.trace.split import split_features
-from accord.trace.state import Call, Feat, Seg, Tup
+from accord.trace.state import Call, Feat, Routed, Seg, SpaceRecord, Tup
 
 
 def _param_axes(value: Any) -> tuple[int, ...] | None:
@@ -52,12 +52,12 @@ def _matrix_writer(call: Call, x: Any, weight: Any, bias: Any, transposed: bool)
         return None
     reads, writes = (axes[0], axes[1]) if transposed else (axes[1], axes[0])
     call.use(weight)
-    refs = [AxisRef(weight.param, writes)]
+    refs = [AxisRef(weight.param, writes, at=weight.picked)]
     if bias is not None:
         call.use(bias)
         refs.append(AxisRef(bias.param, 0))
     if x.featured:
-        _read_axis(call, x, weight.param, reads, x.ndim - 1)
+        _read_axis(call, x, weight.param, reads, x.ndim - 1, weight.picked)
     size = shape[-1]
     out = write(call, _space_name(weight.param), size, shape, len(shape) - 1, tuple(refs))
     return _computed_weights(call, x, out, weight, bias)
@@ -74,13 +74,21 @@ def _computed_weights(call: Call, x: Any, out: Feat, weight: Feat, bias: Feat | 
     return out
 
 
-def _read_axis(call: Call, x: Feat, tensor: str, tensor_axis: int, axis: int) -> None:
-    """Axis ``tensor_axis`` of ``tensor`` reads ``x``'s features, which must lie on ``axis``."""
+def _read_axis(
+    call: Call,
+    x: Feat,
+    tensor: str,
+    tensor_axis: int,
+    axis: int,
+    at: tuple[int, int] | None = None,
+) -> None:
+    """Axis ``tensor_axis`` of ``tensor`` (in its slice ``at``, see AxisRef) reads ``x``'s
+    features, which must lie on ``axis``."""
     if x.axis != axis:
         reason = f"{call.desc} reads axis {axis}, but the features lie on axis {x.axis}"
         call.table.fix_value(x, reason)
         return
-    call.table.add_per_feature(x, "readers", tensor, tensor_axis)
+    call.table.add_per_feature(x, "readers", tensor, tensor_axis, at=at)
     if call.input_node(_x_index(call)) is not None:
         call.event("reader_in", call.input_node(_x_index(call)))
 
@@ -173,9 +181,10 @@ def _last_swapped(x: Feat) -> Feat:
 def grouped_mm(call: Call) -> Any:
     """aten._grouped_mm(x, W, offs) / transformers' grouped_mm_fallback: the rows of ``x``
     (tokens sorted by expert) in group g times ``W[g]`` (experts, in, out), the mixture of
-    experts' projections. Every expert reads ``x``'s features and writes one new space: a
-    map of it moves the hidden units of all experts alike (one space cannot map each expert
-    on its own)."""
+    experts' projections. Every expert reads ``x``'s features and writes one new space,
+    whose rows are grouped by expert (``Feat.routed``); where ``x``'s rows are grouped by the
+    same offsets, expert g reads the rows of group g alone. :mod:`accord.trace.experts`
+    gives each expert a space of its own where nothing else mixes their rows."""
     x, weight, offsets, shape = call.x, call.arg(1, "mat_b"), call.arg(2, "offs", None), None
     shape = call.out_shape
     axes = _param_axes(weight)
@@ -186,12 +195,29 @@ def grouped_mm(call: Call) -> Any:
     if call.arg(3, "bias", None) is not None:
         return None
     call.use(weight)
+    offsets_node = call.node.args[2] if len(call.node.args) > 2 else call.node.kwargs["offs"]
+    routed = None
+    if isinstance(offsets_node, fx.Node):
+        routed = Routed(offsets_node.name, weight.shape[0])
     if x.featured:
         _read_axis(call, x, weight.param, axes[1], 1)
+        if routed is not None and x.routed == routed:
+            for space in call.table.spaces(x):
+                _by_expert(call.table.record(space), routed, (weight.param, axes[1]), axes[0])
     out = write(
         call, _space_name(weight.param), shape[1], shape, 1, (AxisRef(weight.param, axes[2]),)
     )
-    return _computed_weights(call, x, out, weight, None)
+    if routed is None:
+        return _computed_weights(call, x, out, weight, None)
+    _by_expert(call.table.record(out.segs[0].space), routed, (weight.param, axes[2]), axes[0])
+    return replace(_computed_weights(call, x, out, weight, None), routed=routed)
+
+
+def _by_expert(record: SpaceRecord, routed: Routed, claim: tuple[str, int], expert: int) -> None:
+    """The grouped product claims ``claim`` (tensor, feature axis) of ``record``'s space row
+    group by row group, expert ``g`` at entry ``g`` of the tensor's axis ``expert``."""
+    record.routed.add(routed)
+    record.expert_axes[claim] = expert
 
 
 def convolution(call: Call) -> Any:

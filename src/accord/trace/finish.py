@@ -9,12 +9,14 @@ the model: a mismatch is a bug in the tracer, never a user error.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from accord.errors import SpecError, TraceError
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec
+from accord.trace.experts import per_expert, routing
 from accord.trace.state import Feat, SpaceRecord, SpaceTable, Walk, weaker
 
 # Observation kinds, best first: activations (their outputs, or inputs for "pre"), then
@@ -39,6 +41,7 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     roots = sorted(table.roots(), key=lambda r: table.records[r].order)
     for root in roots:
         _settle(table.records[root])
+        _join_slices(table.records[root], walk.shapes)
         _add_aliases(table.records[root], walk.aliases)
     # A space left without axes (a key space absorbed by attention, a space split into
     # parts) is gone, unless it is the input or was fixed: those are reported.
@@ -51,7 +54,11 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     ]
     names = _names(table, roots)
     observations = _observations(walk, observe)
-    spaces = [_space(table.records[r], names[r], observations.get(r, [])) for r in roots]
+    spaces = []
+    for root in roots:
+        space = _space(table.records[root], names[root], observations.get(root, []))
+        routed = routing(walk, root) if space.free else None
+        spaces += [space] if routed is None else per_expert(space, table.records[root], routed)
     spec = Spec(
         spaces,
         type(model).__name__,
@@ -102,7 +109,7 @@ def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> No
                 same = (root, role, ref) == (root2, role2, ref2)
                 if (root, ref) == (root2, ref2) and {role, role2} == {"writers", "readers"}:
                     tied.add((root, ref))
-                elif not same and start < stop2 and start2 < stop:
+                elif not same and start < stop2 and start2 < stop and not ref.apart_from(ref2):
                     reason = f"{ref.describe()} is claimed twice, in different ways"
                     table.fix(root, reason)
                     table.fix(root2, reason)
@@ -127,7 +134,7 @@ def _add_aliases(record: SpaceRecord, aliases: dict[str, list[str]]) -> None:
     shared tensor once per key)."""
     for refs in record.refs.values():
         refs += [
-            AxisRef(alias, ref.axis, ref.block, ref.offset)
+            replace(ref, tensor=alias)
             for ref in list(refs)
             for alias in aliases.get(ref.tensor, ())
             if all(r.tensor != alias for r in refs)
@@ -145,6 +152,23 @@ def _settle(record: SpaceRecord) -> None:
         record.maps = weaker(record.maps, "permutation")
     if record.size > 1 and record.groups == record.size:
         record.reasons.append("its groups leave every feature in place")
+
+
+def _join_slices(record: SpaceRecord, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Claims of every slice of a tensor's other axis (each expert of a packed parameter read
+    by one space, the stream) are one claim of the whole axis."""
+    for role, refs in record.refs.items():
+        slices: dict[AxisRef, set[int]] = defaultdict(set)
+        for ref in refs:
+            if ref.at is not None:
+                slices[replace(ref, at=(ref.at[0], -1))].add(ref.at[1])
+        for key, found in slices.items():
+            shape = shapes.get(key.tensor, ())
+            if key.at is None or not shape or found != set(range(shape[key.at[0]])):
+                continue
+            whole = replace(key, at=None)
+            kept = [r for r in refs if r.at is None or replace(r, at=(r.at[0], -1)) != key]
+            record.refs[role] = refs = kept + ([] if whole in kept else [whole])
 
 
 def _names(table: SpaceTable, roots: list[int]) -> dict[int, str]:

@@ -5,6 +5,7 @@ read features (similarity, the CKA attack, the precision benchmark, feature visu
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
@@ -29,6 +30,14 @@ def traced_module(
     raise TraceError(f"graph={graph!r}: expected 'export' or 'fx' (Spec.graph)")
 
 
+@dataclass(frozen=True)
+class GraphValue:
+    """An argument of :func:`call_after`'s calls that stands for the output of the graph's
+    node ``node`` (computed before the observed node)."""
+
+    node: str
+
+
 def call_after(
     module: fx.GraphModule,
     observer: nn.Module,
@@ -37,10 +46,12 @@ def call_after(
 ) -> fx.GraphModule:
     """``module`` calling ``observer(node output, *arguments)`` right after each ``(node,
     arguments)`` of ``calls``, before any later in-place operator (``ReLU(inplace=True)``,
-    ``+=``) can change the output; edited in place, and returned. A node the graph lacks
-    raises TraceError (the spec was made for another model than ``model``)."""
+    ``+=``) can change the output; edited in place, and returned. An argument that is a
+    :class:`GraphValue` passes that node's output. A node the graph lacks raises TraceError
+    (the spec was made for another model than ``model``)."""
     by_name = {node.name: node for node in module.graph.nodes}
-    missing = sorted({node for node, _ in calls} - set(by_name))
+    named = {arg.node for _, arguments in calls for arg in arguments if isinstance(arg, GraphValue)}
+    missing = sorted(({node for node, _ in calls} | named) - set(by_name))
     if missing:
         raise TraceError(
             f"observation node(s) {missing} are not in the traced graph of {model}; the "
@@ -48,8 +59,9 @@ def call_after(
         )
     module.add_submodule("accord_observer", observer)
     for node, arguments in calls:
+        passed = tuple(by_name[a.node] if isinstance(a, GraphValue) else a for a in arguments)
         with module.graph.inserting_after(by_name[node]):
-            module.graph.call_module("accord_observer", (by_name[node], *arguments))
+            module.graph.call_module("accord_observer", (by_name[node], *passed))
     module.graph.lint()
     module.recompile()
     return module
@@ -115,4 +127,4 @@ def observed_model(
     return ObservedModel(module, nodes, type(model).__name__, graph == "export")
 
 
-__all__ = ["ObservedModel", "call_after", "observed_model", "traced_module"]
+__all__ = ["GraphValue", "ObservedModel", "call_after", "observed_model", "traced_module"]

@@ -60,7 +60,10 @@ def split_features(
         return None
     _relabel(call, space, parts, sizes)
     whole = Feat(
-        x.shape, x.axis, tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True))
+        x.shape,
+        x.axis,
+        tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True)),
+        routed=x.routed,
     )
     source = call.input_node()
     if source is not None:
@@ -77,4 +80,4 @@ def _relabel(call: Call, space: int, parts: list[int], sizes: list[int]) -> None
         if whole and value.segs[0].space is not None and table.find(value.segs[0].space) == space:
             block = value.segs[0].block
             segs = tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True))
-            call.walk.values[name] = Feat(value.shape, value.axis, segs)
+            call.walk.values[name] = Feat(value.shape, value.axis, segs, routed=value.routed)

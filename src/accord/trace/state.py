@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx
@@ -32,6 +32,16 @@ class Seg:
     space: int | None
     size: int
     block: int = 1
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Rows sorted into groups, as a mixture of experts sorts its tokens by expert: along axis
+    0, group ``g`` holds the rows between the end offsets that node ``offsets`` holds for
+    ``g - 1`` and ``g`` (``groups`` of them; the first group starts at row 0)."""
+
+    offsets: str
+    groups: int
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,9 @@ class Feat:
     holds ``segs[p]``, one space per piece, until a select or unbind takes the pieces apart;
     or after the heads (``qkv.view(B, L, H, 3, D)``, each head's q, k and v in a row): index
     ``p`` holds ``segs[p::P]``, one space per head and piece.
+    ``routed`` is set on the output of a mixture of experts' grouped product and what acts on
+    it row by row: its rows are grouped by expert, each group computed by its own expert
+    (:mod:`accord.trace.experts`).
     """
 
     shape: tuple[int, ...]
@@ -65,6 +78,10 @@ class Feat:
     # an entrywise function of the parameter (``1 + w``, ``exp(w)``): it follows permutations
     # only, so it can scale features but never write them
     applied: bool = False
+    routed: Routed | None = None
+    # a view of one entry of a parameter axis, (parameter axis, index): ``W[e]``, one expert
+    # of a packed (experts, …) parameter, whose axes a space claims in that slice alone
+    picked: tuple[int, int] | None = None
 
     @property
     def ndim(self) -> int:
@@ -139,6 +156,10 @@ class SpaceRecord:
     # its groups come from a grouped convolution, so whole groups may not be permuted (the
     # groups of a split into attention heads may)
     kept_groups: bool = False
+    # the row groupings of the grouped products (mixture of experts) that write or read it
+    # expert by expert, and per (tensor, feature axis) they claim, the tensor's expert axis
+    routed: set[Routed] = field(default_factory=set)
+    expert_axes: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def absorb(self, other: SpaceRecord) -> None:
         for role in ROLES:
@@ -152,6 +173,8 @@ class SpaceRecord:
         self.is_output |= other.is_output
         self.runs |= other.runs
         self.kept_groups |= other.kept_groups
+        self.routed |= other.routed
+        self.expert_axes.update(other.expert_axes)
 
 
 def weaker(a: str, b: str) -> str:
@@ -260,9 +283,11 @@ class SpaceTable:
             for role in ("writers", "elementwise"):
                 for ref in record.refs[role]:
                     offset = ref.offset + start * ref.block
-                    self.add_ref(part, role, AxisRef(ref.tensor, ref.axis, ref.block, offset))
+                    self.add_ref(part, role, replace(ref, offset=offset))
             self.record(part).batchnorms = list(record.batchnorms)
             self.record(part).kept_groups = record.kept_groups
+            self.record(part).routed = set(record.routed)
+            self.record(part).expert_axes = dict(record.expert_axes)
             parts.append(part)
             start += size
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
@@ -296,9 +321,7 @@ class SpaceTable:
         new = self.records[part]
         new.order, new.runs = record.order, True
         for role in ROLES:
-            new.refs[role] = [
-                AxisRef(r.tensor, r.axis, r.block * factor, r.offset) for r in record.refs[role]
-            ]
+            new.refs[role] = [replace(r, block=r.block * factor) for r in record.refs[role]]
             record.refs[role] = []
         return part
 
@@ -317,7 +340,7 @@ class SpaceTable:
         part = self.new(width, record.base, record.maps, record.groups // times)
         self.records[part].order = record.order
         self.records[part].refs["writers"] = [
-            AxisRef(r.tensor, r.axis, r.block, r.offset + h * width * r.block)
+            replace(r, offset=r.offset + h * width * r.block)
             for r in record.refs["writers"]
             for h in range(times)
         ]
@@ -342,10 +365,7 @@ class SpaceTable:
         start = 0
         for record in records:
             for role in ROLES:
-                expected = [
-                    AxisRef(r.tensor, r.axis, r.block, r.offset + start * r.block)
-                    for r in first.refs[role]
-                ]
+                expected = [replace(r, offset=r.offset + start * r.block) for r in first.refs[role]]
                 if record.refs[role] != expected:
                     return None
             start += record.size
@@ -354,9 +374,7 @@ class SpaceTable:
         new = self.records[part]
         new.order, new.runs = first.order, True
         for role in ROLES:
-            new.refs[role] = [
-                AxisRef(r.tensor, r.axis, r.block * width, r.offset) for r in first.refs[role]
-            ]
+            new.refs[role] = [replace(r, block=r.block * width) for r in first.refs[role]]
         for record in records:
             for role in ROLES:
                 record.refs[role] = []
@@ -387,12 +405,19 @@ class SpaceTable:
             self.downgrade(space, kind)
 
     def add_per_feature(
-        self, feat: Feat, role: str, tensor: str, axis: int, scale: int = 1
+        self,
+        feat: Feat,
+        role: str,
+        tensor: str,
+        axis: int,
+        scale: int = 1,
+        at: tuple[int, int] | None = None,
     ) -> None:
-        """``tensor``'s ``axis`` carries ``feat``'s features (``scale`` entries per entry)."""
+        """``tensor``'s ``axis`` (in its slice ``at``, see AxisRef) carries ``feat``'s
+        features (``scale`` entries per entry)."""
         for seg, offset in seg_offsets(feat, scale):
             if seg.space is not None:
-                ref = AxisRef(tensor, axis, seg.block * scale, offset)
+                ref = AxisRef(tensor, axis, seg.block * scale, offset, at)
                 self.add_ref(seg.space, role, ref)
 
     def union_layouts(self, a: Feat, b: Feat, residual: bool) -> bool:
