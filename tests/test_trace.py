@@ -1039,8 +1039,8 @@ def test_tensor_split_cuts_a_fused_projection(assert_preserved) -> None:
 
 def test_experts_in_a_loop_summed_back_by_index_add(assert_preserved) -> None:
     """JetMoE's experts: ``F.linear(x_i, W[i])`` for each expert's rows, the outputs summed
-    back into zeros by ``index_add``: every expert reads and writes the stream, their hidden
-    units one space."""
+    back into zeros by ``index_add``: every expert reads and writes the stream, and its own
+    hidden units, a space of its slices of the packed parameters."""
 
     class Experts(nn.Module):
         def __init__(self) -> None:
@@ -1063,12 +1063,15 @@ def test_experts_in_a_loop_summed_back_by_index_add(assert_preserved) -> None:
 
     model, x = Experts(), torch.randn(4, 3)
     spec = trace(model, x)
-    stream, hidden = spec["stream:embed"], spec["up"]
+    stream = spec["stream:embed"]
     assert stream.free and {AxisRef("up", 2), AxisRef("down", 1)} <= {
         *stream.readers,
         *stream.writers,
     }
-    assert hidden.free and AxisRef("down", 2) in hidden.readers
+    for expert in range(2):
+        hidden = spec[f"up[{expert}]"]
+        assert hidden.free and hidden.writers == (AxisRef("up", 1, at=(0, expert)),)
+        assert hidden.readers == (AxisRef("down", 2, at=(0, expert)),)
     assert_preserved(model, x, spec)
 
 
@@ -1387,3 +1390,167 @@ def test_tracing_keeps_training_flags() -> None:
     trace(model, torch.randn(2, 3, 8, 8))
     assert all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class GroupedMLP(nn.Module):
+    """A mixture of experts' MLP as transformers computes it: tokens sorted by expert (rows
+    0-5 go to expert 0, 6-11 to expert 1), ``torch._grouped_mm`` into each expert's hidden
+    units and back. ``mix_rows`` reverses the hidden rows between the two products, so that
+    expert 1 reads what expert 0 wrote. (It exports in bfloat16 only, with strides of 16
+    bytes.)"""
+
+    def __init__(self, mix_rows: bool = False) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.up = nn.Parameter(torch.randn(2, 8, 16) / 3)  # (experts, in, out)
+        self.down = nn.Parameter(torch.randn(2, 16, 8) / 3)
+        self.register_buffer("offsets", torch.tensor([6, 12], dtype=torch.int32))
+        self.mix_rows = mix_rows
+        self.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        hidden = torch.relu(torch._grouped_mm(h, self.up, offs=self.offsets))
+        if self.mix_rows:
+            hidden = hidden[torch.arange(hidden.shape[0] - 1, -1, -1)]
+        return self.head(h + torch._grouped_mm(hidden, self.down, offs=self.offsets))
+
+
+def test_grouped_experts_get_one_space_each(tmp_path) -> None:
+    """Each expert's hidden units are read by that expert alone: one space per expert, moving
+    its slice of the packed parameters and observed on its rows; the stream stays one space
+    that every expert reads and writes whole."""
+    model, x = GroupedMLP().eval(), _tokens()
+    spec = trace(model, x)
+    stream = spec["stream:embed"]
+    assert AxisRef("up", 1) in stream.readers and AxisRef("down", 2) in stream.writers
+    for expert in range(2):
+        space = spec[f"up[{expert}]"]
+        assert space.free and space.maps == "dense" and space.size == 16
+        assert space.writers == (AxisRef("up", 2, at=(0, expert)),)
+        assert space.readers == (AxisRef("down", 1, at=(0, expert)),)
+        assert [point.rows for point in space.observe] == [("offsets", expert)]
+    assert "up" not in {s.name for s in spec}
+    spec.save(tmp_path / "spec.json")
+    assert Spec.load(tmp_path / "spec.json", model) == spec
+    with pytest.warns(UserWarning, match="float64"):
+        check_spec(spec, model, x)
+    twin = randomly_permuted(model, spec, seed=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+    # each expert's slice moves on its own: the twin's experts are permuted differently
+    stream = _nearest_rows(twin.embed.weight, model.embed.weight)
+    hidden = [_nearest_rows(twin.up[e].T, model.up[e][stream].T) for e in range(2)]
+    assert not torch.equal(hidden[0], hidden[1])
+
+
+def _nearest_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row of ``a``, the index of the nearest row of ``b``."""
+    return torch.cdist(a.float(), b.float()).argmin(1)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randn(12, 3, dtype=torch.bfloat16)
+
+
+def test_grouped_experts_whose_rows_mix_share_one_space() -> None:
+    """Hidden rows reordered between the products reach another expert: one space for all."""
+    model, x = GroupedMLP(mix_rows=True).eval(), _tokens()
+    spec = trace(model, x)
+    assert spec["up"].free and spec["up"].writers == (AxisRef("up", 2),)
+    assert not any(s.name.startswith("up[") for s in spec)
+    with pytest.warns(UserWarning, match="float64"):
+        check_spec(spec, model, x)
+
+
+@pytest.mark.parametrize("method", ["permutation", "cca", "weight_matching"])
+def test_grouped_experts_merge_back_from_a_permuted_twin(method: str) -> None:
+    from accord.merge import merge
+
+    model = GroupedMLP().eval()
+    spec = trace(model, _tokens())
+    twin = randomly_permuted(model, spec, seed=2).eval()
+    data = [(_tokens(),) for _ in range(6)]
+    result = merge([model, twin], data, method=method, spec=spec, repair="none", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(data[0][0]), model(data[0][0]))
+
+
+class ListedExperts(nn.Module):
+    """Mixtral before transformers 5: experts in a ModuleList, each a gated MLP of its own
+    Linear layers applied to the tokens routed to it, summed back one after another by
+    ``index_add_``."""
+
+    def __init__(self, experts: int = 3, top_k: int = 2) -> None:
+        super().__init__()
+        self.embed, self.gate, self.head = nn.Linear(5, 8), nn.Linear(8, experts), nn.Linear(8, 3)
+        self.experts = nn.ModuleList(
+            nn.ModuleDict({"w1": nn.Linear(8, 12), "w3": nn.Linear(8, 12), "w2": nn.Linear(12, 8)})
+            for _ in range(experts)
+        )
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        weights, chosen = torch.topk(F.softmax(self.gate(h), dim=-1), self.top_k, dim=-1)
+        mask = F.one_hot(chosen, len(self.experts)).permute(2, 1, 0)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(mask[e])
+            rows = h[token]
+            y = expert["w2"](F.silu(expert["w1"](rows)) * expert["w3"](rows))
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return self.head(h + out)
+
+
+def test_experts_of_a_module_list_get_one_space_each(assert_preserved) -> None:
+    model, x = ListedExperts().eval(), torch.randn(10, 5)
+    spec = trace(model, x)
+    stream = spec["stream:embed"]
+    assert stream.free and {f"experts.{e}.w2.weight" for e in range(3)} <= {
+        r.tensor for r in stream.writers
+    }
+    for e in range(3):
+        hidden = spec[f"experts.{e}.w1"]
+        assert hidden.free and hidden.observe
+        assert {r.tensor for r in hidden.writers} == {
+            f"experts.{e}.{w}.{p}" for w in ("w1", "w3") for p in ("weight", "bias")
+        }
+        assert hidden.readers == (AxisRef(f"experts.{e}.w2.weight", 1),)
+    assert not spec["gate"].free
+    assert_preserved(model, x, spec)
+
+
+@pytest.mark.parametrize("method", ["permutation", "cca"])
+def test_experts_of_a_module_list_merge_back_from_a_permuted_twin(method: str) -> None:
+    from accord.merge import merge
+
+    model = ListedExperts().eval()
+    spec = trace(model, torch.randn(10, 5))
+    twin = randomly_permuted(model, spec, seed=2).eval()
+    data = [(torch.randn(16, 5),) for _ in range(6)]
+    result = merge([model, twin], data, method=method, spec=spec, repair="none", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(data[0][0]), model(data[0][0]))
+
+
+def test_slices_of_another_axis_validate_and_move_alone() -> None:
+    from accord.apply import permute_axis
+    from accord.spec import FeatureSpace
+
+    model = GroupedMLP()
+    good = [FeatureSpace(f"e{e}", 16, writers=(AxisRef("up", 2, at=(0, e)),)) for e in range(2)]
+    Spec(good).validate(model)
+    for bad, message in (
+        (AxisRef("up", 2, at=(2, 0)), "not an entry of another axis"),
+        (AxisRef("up", 2, at=(0, 2)), "not an entry of another axis"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            Spec([FeatureSpace("e", 16, writers=(bad,))]).validate(model)
+    whole = FeatureSpace("all", 16, readers=(AxisRef("up", 2),))
+    with pytest.raises(SpecError, match="claimed by spaces 'e0' and 'all'"):
+        Spec([*good, whole]).validate(model)
+    perm = torch.randperm(16)
+    moved = permute_axis(model.up.data, AxisRef("up", 2, at=(0, 1)), 16, perm)
+    torch.testing.assert_close(moved[0], model.up.data[0], rtol=0, atol=0)
+    torch.testing.assert_close(moved[1], model.up.data[1][:, perm], rtol=0, atol=0)

@@ -27,7 +27,7 @@ from _hf_models import (
     transformers,
 )
 from accord import AxisRef, FeatureSpace, Spec
-from accord.errors import TraceError
+from accord.errors import StatisticsError, TraceError
 
 # the families of the README's list: the tests' own and those the surveys added
 FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS, **SURVEY_BUILDERS}
@@ -258,16 +258,71 @@ def test_mixtral_experts_keep_the_stream_free(traced: Any) -> None:
     # the router and every expert read the stream; every expert writes it
     _has(stream, "readers", (f"{mlp}.gate.weight", 1), (f"{mlp}.experts.gate_up_proj", 2))
     _has(stream, "writers", (f"{mlp}.experts.down_proj", 1))
-    # the experts' hidden units: gate and up halves of gate_up_proj, read by down_proj, one
-    # permutation for all experts; the router's choice among experts stays fixed
-    hidden = _with(spec, f"{mlp}.experts.gate_up_proj", 1)
-    _free(spec, f"{mlp}.experts.gate_up_proj", 1, maps="permutation")
-    assert AxisRef(f"{mlp}.experts.gate_up_proj", 1, 1, 48) in hidden.writers
-    _has(hidden, "readers", (f"{mlp}.experts.down_proj", 2))
+    # the experts' hidden units: one space per expert, its slice of the gate and up halves of
+    # gate_up_proj and of down_proj, observed on the tokens sent to it; the router's choice
+    # among experts stays fixed
+    gate_up, down = f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj"
+    for expert in range(4):
+        hidden = spec[f"{gate_up}[{expert}]"]
+        assert hidden.free and hidden.maps == "permutation" and hidden.observe
+        assert hidden.writers == (
+            AxisRef(gate_up, 1, at=(0, expert)),
+            AxisRef(gate_up, 1, 1, 48, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(down, 2, at=(0, expert)),)
+        assert {point.rows[1] for point in hidden.observe if point.rows} == {expert}
     assert not _with(spec, f"{mlp}.gate.weight", 0).free
     # torch._grouped_mm has no float64 kernel: the check runs in float32
     with pytest.warns(UserWarning, match="float64"):
         assert accord.check_spec(spec, model, x).dtype == torch.float32
+
+
+# the mixtures of experts with packed (experts, …) parameters, 4 experts in one layer
+PACKED_EXPERTS = (
+    "mixtral",
+    "qwen2-moe",
+    "olmoe",
+    "qwen3-moe",
+    "phimoe",
+    "granitemoe",
+    "granitemoe-shared",
+    "glm4-moe",
+    "dots1",
+    "deepseek-v2",
+    "deepseek-v3",
+)
+
+
+@pytest.mark.parametrize("name", PACKED_EXPERTS)
+def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
+    """Each expert's hidden units are a free space of their own, moving its slice of the
+    packed parameters; weight matching, which needs no observations, brings a permuted twin
+    back (permutation and CCA do in test_hf_model_traces_and_merges_back)."""
+    model, _, spec = traced(name)
+    experts = [s for s in spec.free_spaces if any(r.at is not None for r in s.refs)]
+    assert sorted(s.name[-3:] for s in experts) == [f"[{e}]" for e in range(4)]
+    for space in experts:
+        expert = int(space.name[-2])
+        assert all(r.at == (0, expert) for r in space.refs), space.name
+        assert space.observe and all(p.rows[1] == expert for p in space.observe)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    data = [(FAMILIES[name]()[1](16),)]
+    result = accord.merge([model, twin], data, method="weight_matching", progress=False)
+    with torch.no_grad():
+        expected = model(data[0][0])
+        got = result.model.eval()(data[0][0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_routing_tokens_differently_have_no_common_samples(traced: Any) -> None:
+    """Per-expert statistics pair tokens only where two models send the same tokens to the
+    expert; otherwise the statistics pass says so and names weight matching."""
+    model, _, spec = traced("mixtral")
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["mixtral"]()[0]).eval()
+    data = [(FAMILIES["mixtral"]()[1](16),)]
+    with pytest.raises(StatisticsError, match=r"different tokens.*weight_matching"):
+        accord.collect_statistics([model, other], data, spec, progress=False)
 
 
 def test_bit_standardized_convolutions_allow_permutations(traced: Any) -> None:

@@ -59,7 +59,8 @@ def _matrix_writer(call: Call, x: Any, weight: Any, bias: Any, transposed: bool)
     if x.featured:
         _read_axis(call, x, weight.param, reads, x.ndim - 1, weight.picked)
     size = shape[-1]
-    out = write(call, _space_name(weight.param), size, shape, len(shape) - 1, tuple(refs))
+    name = _space_name(weight.param) + ("" if weight.picked is None else f"[{weight.picked[1]}]")
+    out = write(call, name, size, shape, len(shape) - 1, tuple(refs))
     return _computed_weights(call, x, out, weight, bias)
 
 
@@ -198,7 +199,9 @@ def grouped_mm(call: Call) -> Any:
     offsets_node = call.node.args[2] if len(call.node.args) > 2 else call.node.kwargs["offs"]
     routed = None
     if isinstance(offsets_node, fx.Node):
-        routed = Routed(offsets_node.name, weight.shape[0])
+        # a buffer goes by its state-dict key (the observed module reads it by that name)
+        held = offsets.param if isinstance(offsets, Feat) else None
+        routed = Routed(held or offsets_node.name, weight.shape[0])
     if x.featured:
         _read_axis(call, x, weight.param, axes[1], 1)
         if routed is not None and x.routed == routed:

@@ -33,7 +33,8 @@ def traced_module(
 @dataclass(frozen=True)
 class GraphValue:
     """An argument of :func:`call_after`'s calls that stands for the output of the graph's
-    node ``node`` (computed before the observed node)."""
+    node ``node`` (computed before the observed node), or of the parameter or buffer of that
+    state-dict key."""
 
     node: str
 
@@ -50,8 +51,10 @@ def call_after(
     :class:`GraphValue` passes that node's output. A node the graph lacks raises TraceError
     (the spec was made for another model than ``model``)."""
     by_name = {node.name: node for node in module.graph.nodes}
+    held = {node.target: node for node in module.graph.nodes if node.op == "get_attr"}
     named = {arg.node for _, arguments in calls for arg in arguments if isinstance(arg, GraphValue)}
-    missing = sorted(({node for node, _ in calls} | named) - set(by_name))
+    missing = sorted({node for node, _ in calls} - set(by_name))
+    missing += sorted(named - set(by_name) - set(held))
     if missing:
         raise TraceError(
             f"observation node(s) {missing} are not in the traced graph of {model}; the "
@@ -59,7 +62,10 @@ def call_after(
         )
     module.add_submodule("accord_observer", observer)
     for node, arguments in calls:
-        passed = tuple(by_name[a.node] if isinstance(a, GraphValue) else a for a in arguments)
+        passed = tuple(
+            by_name.get(a.node, held.get(a.node)) if isinstance(a, GraphValue) else a
+            for a in arguments
+        )
         with module.graph.inserting_after(by_name[node]):
             module.graph.call_module("accord_observer", (by_name[node], *passed))
     module.graph.lint()
