@@ -441,6 +441,23 @@ def test_heads_cut_into_q_k_v_move_whole(
     assert len(spec.free_spaces) == len(list(spec)) - 1
 
 
+def test_deberta_per_head_biases_move_with_their_heads(traced: Any) -> None:
+    """DeBERTa cuts its fused projection per head into q, k and v, then adds q_bias and
+    v_bias viewed as (H, D): each head's run of a bias is a writer of that head's q·k or v
+    space, so every space but the output's is free."""
+    _, _, spec = traced("deberta")
+    attn = "model.deberta.encoder.layer.0.attention"
+    qkv, out = f"{attn}.self.in_proj.weight", f"{attn}.output.dense.weight"
+    for head in range(4):
+        qk, v = _with(spec, qkv, 0, 24 * head), _with(spec, qkv, 0, 24 * head + 16)
+        assert qk.free and qk.maps == "orthogonal" and qk.size == 8
+        assert AxisRef(f"{attn}.self.q_bias", 0, 1, 8 * head) in qk.writers
+        assert AxisRef(qkv, 0, 1, 24 * head + 8) in qk.readers  # the head's keys
+        assert v.free and AxisRef(f"{attn}.self.v_bias", 0, 1, 8 * head) in v.writers
+        assert v.readers == (AxisRef(out, 1, 1, 8 * head),)
+    assert len(spec.free_spaces) == len(list(spec)) - 1
+
+
 def test_codegen_moves_its_mp_blocks_whole() -> None:
     """CodeGen lays its fused projection out in mp_num = 4 blocks, each the queries, values and
     keys of H/4 heads: with 8 heads the blocks (24 rows, two heads' 8 output columns) move."""

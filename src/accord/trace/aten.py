@@ -469,6 +469,8 @@ def head_scalar(op: str) -> Rule:
         if not any(isinstance(v, Feat) and v.heads is not None for v in (a, b)):
             return plain_rule(call)
         x, other = (a, b) if isinstance(a, Feat) and a.heads is not None else (b, a)
+        if _per_head_param(other, x, call.out_shape):
+            return _add_per_head(call, op, x, other)
         if _shared_gain(other, x, call.out_shape) and heads.whole_heads(call, x):
             call.use(other)
             return plain_rule(call)
@@ -495,6 +497,32 @@ def head_scalar(op: str) -> Rule:
         return x
 
     return rule
+
+
+def _per_head_param(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:
+    """A 1-d parameter cut into the heads of ``x`` (``Feat.heads_of``), head by head and
+    feature by feature where ``x`` holds them, alike for every other position."""
+    if not isinstance(other, Feat) or other.heads_of is None or shape != x.shape:
+        return False
+    if x.repeat is not None or x.pieces is not None:
+        return False
+    lead = x.ndim - other.ndim
+    heads_axis, axis = (a + lead for a in other.heads_of)
+    return (heads_axis, axis) == (x.heads, x.axis) and other.shape[other.heads_of[0]] == x.shape[
+        x.heads
+    ]
+
+
+def _add_per_head(call: Call, op: str, x: Feat, bias: Feat) -> Feat:
+    """Each head's features shifted by its run of a 1-d parameter (a writer of theirs:
+    DeBERTa's q and v biases) or scaled by it (per-feature: permutations only)."""
+    call.use(bias)
+    if op in ("add", "sub") and not bias.applied:
+        call.table.add_per_feature(x, "writers", bias.param, 0)
+    else:
+        call.table.add_per_feature(x, "elementwise", bias.param, 0)
+        call.table.downgrade_value(x, "permutation")
+    return x
 
 
 def _shared_gain(other: Any, x: Feat, shape: tuple[int, ...] | None) -> bool:

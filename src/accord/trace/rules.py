@@ -232,6 +232,9 @@ def _reshape_param(
     (-2: ``w.reshape(1, out, -1)`` of weight standardization), and split them back."""
     if tuple(shape) == whole and in_order(x, whole) is not None:
         return Feat(tuple(shape), param=x.param, dims=tuple(range(len(shape))), applied=x.applied)
+    heads = _cut_into_heads(x, shape, whole)
+    if heads is not None:
+        return heads
     kept = [(d, n) for d, n in zip(x.dims, x.shape, strict=True) if n != 1]
     if [n for _, n in kept] == [n for n in shape if n != 1]:
         dims = iter(d for d, _ in kept)
@@ -250,6 +253,22 @@ def _reshape_param(
         reason = f"{x.param} is reshaped at node {call.node.name!r} across some of its axes"
         call.walk.taint_axes(x, out.dims, reason)
     return out
+
+
+def _cut_into_heads(x: Feat, shape: tuple[int, ...], whole: tuple[int, ...] | None) -> Feat | None:
+    """A whole 1-d parameter (size-1 axes aside) viewed as (H, D) on two consecutive axes,
+    the rest size 1 (``Feat.heads_of``)."""
+    if whole is None or len(whole) != 1 or x.heads_of is not None:
+        return None
+    if [n for n in x.shape if n != 1] != list(whole) or 0 not in x.dims:
+        return None
+    cut = [i for i, n in enumerate(shape) if n != 1]
+    if len(cut) != 2 or cut[1] != cut[0] + 1 or shape[cut[0]] * shape[cut[1]] != whole[0]:
+        return None
+    dims = tuple(None if n == 1 else -1 for n in shape)
+    return Feat(
+        tuple(shape), param=x.param, dims=dims, applied=x.applied, heads_of=(cut[0], cut[1])
+    )
 
 
 def _reshape_other_axes(x: Feat, shape: tuple[int, ...]) -> Feat | None:
@@ -306,9 +325,9 @@ def reorder(call: Call, x: Feat, perm: Sequence[int]) -> Any:
     if sorted(perm) != list(range(x.ndim)):
         return None
     if x.param is not None:
-        return Feat(
-            call.out_shape, param=x.param, dims=tuple(x.dims[p] for p in perm), applied=x.applied
-        )
+        cut = None if x.heads_of is None else tuple(list(perm).index(a) for a in x.heads_of)
+        dims = tuple(x.dims[p] for p in perm)
+        return Feat(call.out_shape, param=x.param, dims=dims, applied=x.applied, heads_of=cut)
     if not x.featured:
         return call.plain()
     heads = None if x.heads is None else list(perm).index(x.heads)

@@ -82,6 +82,9 @@ class Feat:
     # a view of one entry of a parameter axis, (parameter axis, index): ``W[e]``, one expert
     # of a packed (experts, …) parameter, whose axes a space claims in that slice alone
     picked: tuple[int, int] | None = None
+    # a 1-d parameter cut into heads (DeBERTa's q and v biases, ``b.view(1, 1, H, -1)``):
+    # entry ``h·D + j`` at index ``h`` of axis ``heads_of[0]`` and ``j`` of axis ``heads_of[1]``
+    heads_of: tuple[int, int] | None = None
 
     @property
     def ndim(self) -> int:
