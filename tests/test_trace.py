@@ -1554,3 +1554,24 @@ def test_slices_of_another_axis_validate_and_move_alone() -> None:
     moved = permute_axis(model.up.data, AxisRef("up", 2, at=(0, 1)), 16, perm)
     torch.testing.assert_close(moved[0], model.up.data[0], rtol=0, atol=0)
     torch.testing.assert_close(moved[1], model.up.data[1][:, perm], rtol=0, atol=0)
+
+
+def test_an_expert_sent_no_tokens_gets_no_statistics() -> None:
+    """A batch may send an expert no tokens (it adds nothing); an expert sent fewer than two
+    in the whole data gets no statistics, with a warning, and activation-based methods leave
+    it as it is. Here it never runs, so the merge still gives the model's outputs."""
+    from accord.merge import merge
+    from accord.statistics import collect_statistics
+
+    model = GroupedMLP().eval()
+    model.offsets.copy_(torch.tensor([12, 12], dtype=torch.int32))
+    spec = trace(model, _tokens())
+    twin = randomly_permuted(model, spec, seed=1).eval()
+    data = [(_tokens(),) for _ in range(4)]
+    with pytest.warns(UserWarning, match=r"experts' spaces \['up\[1\]'\] were sent fewer"):
+        stats = collect_statistics([model, twin], data, spec, progress=False)
+    assert stats.spaces["up[0]"].count == 48 and "up[1]" not in stats.spaces
+    with pytest.warns(UserWarning, match="fewer than 2 tokens"):
+        result = merge([model, twin], data, method="cca", spec=spec, repair="none", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(data[0][0]), model(data[0][0]))

@@ -248,25 +248,12 @@ class Accumulator:
                 f"{self.target.size} features on axis {axis}; the spec was made for another "
                 "model: trace again"
             )
+        if tensor.numel() == 0:
+            # an expert sent no tokens in this batch (Observation.rows): nothing to add
+            self._count(model, point, 0, where)
+            return
         source = Source.of(tensor, axis)
-        if model == self.first:
-            self.samples[point] = source.samples
-            self.count += source.samples
-        elif source.samples != self.samples[point] and self.target.points[point].rows:
-            raise StatisticsError(
-                f"{where}: the models send different tokens to this expert ({source.samples} "
-                f"rows in model {model}, {self.samples[point]} in model {self.first}), so its "
-                "hidden units have no common samples; per-expert statistics need models that "
-                "route alike (a model and its permuted twin): align the experts from their "
-                "weights (method 'weight_matching')"
-            )
-        elif source.samples != self.samples[point]:
-            raise StatisticsError(
-                f"{where} gives {source.samples} samples in model {model} and "
-                f"{self.samples[point]} in model {self.first}; statistics need models of one "
-                "architecture (and of a mixture of experts, models that send the same tokens "
-                "to each expert: align experts from their weights, method 'weight_matching')"
-            )
+        self._count(model, point, source.samples, where)
         partners = [(j, self.kept[(j, point)]) for j in self.partners[model]]
         block = self.target.block
         keep = model in self.kept_models
@@ -295,6 +282,27 @@ class Accumulator:
         self.batch_totals[(model, point)] = total
         if keep:
             self.kept[(model, point)] = kept
+
+    def _count(self, model: int, point: int, samples: int, where: str) -> None:
+        """Count the first model's samples of a point; every other model must have as many."""
+        if model == self.first:
+            self.samples[point] = samples
+            self.count += samples
+        elif samples != self.samples[point] and self.target.points[point].rows:
+            raise StatisticsError(
+                f"{where}: the models send different tokens to this expert ({samples} "
+                f"rows in model {model}, {self.samples[point]} in model {self.first}), so its "
+                "hidden units have no common samples; per-expert statistics need models that "
+                "route alike (a model and its permuted twin): align the experts from their "
+                "weights (method 'weight_matching')"
+            )
+        elif samples != self.samples[point]:
+            raise StatisticsError(
+                f"{where} gives {samples} samples in model {model} and "
+                f"{self.samples[point]} in model {self.first}; statistics need models of one "
+                "architecture (and of a mixture of experts, models that send the same tokens "
+                "to each expert: align experts from their weights, method 'weight_matching')"
+            )
 
     def add(self, batch: int) -> None:
         """Close the batch: check its sums are finite and add them to ``t``."""

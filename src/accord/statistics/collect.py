@@ -411,8 +411,11 @@ def collect_statistics(
         )
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
-    stats.spaces = {t.name: s for t, s in zip(targets, finished[: len(targets)], strict=True)}
-    stats.norms = {t.name: s for t, s in zip(norms, finished[len(targets) :], strict=True)}
+    spaces = zip(targets, finished[: len(targets)], strict=True)
+    stats.spaces = {t.name: s for t, s in spaces if s is not None}
+    stats.norms = {
+        t.name: s for t, s in zip(norms, finished[len(targets) :], strict=True) if s is not None
+    }
     dependent = near_dependent_spaces(stats) if precision == "float32" else []
     if dependent:
         if iter(data) is data:
@@ -464,10 +467,25 @@ def near_dependent_spaces(stats: Statistics) -> list[str]:
     return found
 
 
-def _finish(accumulators: Sequence[Accumulator]) -> list[SpaceStatistics]:
-    finished = []
+def _finish(accumulators: Sequence[Accumulator]) -> list[SpaceStatistics | None]:
+    """Each accumulator's statistics; None for an expert's space (``Observation.rows``) that
+    saw fewer than 2 tokens in the whole data, with a warning: it gets no statistics, as a
+    space without observation points."""
+    finished: list[SpaceStatistics | None] = []
+    starved = []
     for accumulator in accumulators:  # no comprehension: warnings' stacklevel counts frames
+        if accumulator.count < 2 and any(p.rows for p in accumulator.target.points):
+            starved.append(accumulator.target.name)
+            finished.append(None)
+            continue
         finished.append(accumulator.finish())
+    if starved:
+        warnings.warn(
+            f"experts' spaces {starved} were sent fewer than 2 tokens in the whole data: no "
+            "statistics, so methods that align by activations leave them as they are "
+            "(weight matching aligns them); collect more data",
+            stacklevel=3,  # the caller of collect_statistics
+        )
     return finished
 
 
