@@ -27,7 +27,7 @@ from _hf_models import (
     transformers,
 )
 from accord import AxisRef, FeatureSpace, Spec
-from accord.errors import StatisticsError, TraceError
+from accord.errors import TraceError
 
 # the families of the README's list: the tests' own and those the surveys added
 FAMILIES = {**BUILDERS, **MORE_BUILDERS, **FURTHER_BUILDERS, **SURVEY_BUILDERS}
@@ -314,15 +314,46 @@ def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_experts_routing_tokens_differently_have_no_common_samples(traced: Any) -> None:
-    """Per-expert statistics pair tokens only where two models send the same tokens to the
-    expert; otherwise the statistics pass says so and names weight matching."""
+def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: Any) -> None:
+    """Each expert's hidden units are observed on every token, zero where the router did not
+    send it there: two models that route differently pair their samples by token. Checked
+    against the experts computed by hand from each model's router and packed weights."""
     model, _, spec = traced("mixtral")
     torch.manual_seed(1)
     other = Logits(FAMILIES["mixtral"]()[0]).eval()
-    data = [(FAMILIES["mixtral"]()[1](16),)]
-    with pytest.raises(StatisticsError, match=r"different tokens.*weight_matching"):
-        accord.collect_statistics([model, other], data, spec, progress=False)
+    x = FAMILIES["mixtral"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_expert_hidden(m, x) for m in (model, other)]
+    routed = [h.ne(0).any(-1) for h in hidden]
+    assert not torch.equal(routed[0], routed[1])  # the two models route differently
+    for expert in range(4):
+        got = stats.spaces[f"model.model.layers.0.mlp.experts.gate_up_proj[{expert}]"]
+        a, b = (h[:, expert].double() for h in hidden)
+        assert got.count == x.numel()  # one sample per token
+        torch.testing.assert_close(got.mean, torch.stack([a.mean(0), b.mean(0)]))
+        cross = (a - a.mean(0)).T @ (b - b.mean(0)) / (len(a) - 1)
+        torch.testing.assert_close(got.covariance(0, 1), cross)
+
+
+def _expert_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of Mixtral's only layer: ``silu(gate)`` of each expert
+    (the activation, where the spec observes its hidden units) for the tokens its router sends
+    there, zero elsewhere."""
+    moe, seen = model.model.model.layers[0].mlp, {}
+    handle = moe.register_forward_hook(lambda _m, args, _o: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        _, _, chosen = moe.gate(h)
+        experts = []
+        for expert in range(moe.experts.gate_up_proj.shape[0]):
+            gate = (h @ moe.experts.gate_up_proj[expert].T).chunk(2, dim=-1)[0]
+            sent = (chosen == expert).any(-1, keepdim=True)
+            experts.append(torch.nn.functional.silu(gate) * sent)
+    return torch.stack(experts, dim=1)
 
 
 def test_bit_standardized_convolutions_allow_permutations(traced: Any) -> None:

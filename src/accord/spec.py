@@ -89,13 +89,17 @@ class Observation:
     consecutive entries from ``c * block`` there (a whole attention head owns its outputs).
     ``rows = (offsets node, g)``: only the rows of group ``g`` along axis 0 are samples, those
     between the end offsets the node ``offsets`` holds for groups ``g - 1`` and ``g`` (the
-    tokens a mixture of experts sent to expert ``g``, sorted by expert)."""
+    tokens a mixture of experts sent to expert ``g``, sorted by expert). ``scatter = (index
+    node, source node)``: the rows (those of the group) are rows of the source picked by the
+    index, and are summed back into zeros of the source's rows, so that the samples are the
+    source's rows (every token, zero where it did not reach the expert) in every model."""
 
     node: str
     axis: int
     offset: int | None = None
     block: int = 1
     rows: tuple[str, int] | None = None
+    scatter: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,22 +171,26 @@ class FeatureSpace:
 
 
 def _observation_to_list(obs: Observation) -> list[Any]:
-    out: list[Any] = [obs.node, obs.axis]
-    if obs.offset is not None or obs.block != 1 or obs.rows is not None:
-        out.append(obs.offset)
-    if obs.block != 1 or obs.rows is not None:
-        out.append(obs.block)
-    if obs.rows is not None:
-        out.append(list(obs.rows))
+    out: list[Any] = [obs.node, obs.axis, obs.offset, obs.block]
+    out += [None if obs.rows is None else list(obs.rows)]
+    out += [None if obs.scatter is None else list(obs.scatter)]
+    while len(out) > 2 and out[-1] == (1 if len(out) == 4 else None):
+        out.pop()  # the defaults from the end
     return out
 
 
 def _observation_from_list(item: Any) -> Observation:
     node, axis, *rest = item
-    offset = rest[0] if rest else None
-    block = int(rest[1]) if len(rest) > 1 else 1
-    rows = (str(rest[2][0]), int(rest[2][1])) if len(rest) > 2 else None
-    return Observation(str(node), int(axis), None if offset is None else int(offset), block, rows)
+    rest += [None] * (4 - len(rest))
+    offset, block, rows, scatter = rest[:4]
+    return Observation(
+        str(node),
+        int(axis),
+        None if offset is None else int(offset),
+        1 if block is None else int(block),
+        None if rows is None else (str(rows[0]), int(rows[1])),
+        None if scatter is None else (str(scatter[0]), str(scatter[1])),
+    )
 
 
 def _ref_to_list(ref: AxisRef) -> list[Any]:
@@ -276,7 +284,7 @@ class Spec:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset(,
         [other axis, index])))]``, an observation ``[node, axis(, offset or null(, block(,
-        [offsets node, group])))]``."""
+        [offsets node, group] or null(, [index node, source node])))))]``."""
         write_json(path, self.to_dict())
 
     @classmethod

@@ -110,23 +110,41 @@ class _Observer(nn.Module):
         offset: int | None = None,
         block: int = 1,
         rows: tuple[str, int] | None = None,
+        scatter: tuple[str, str] | None = None,
         offsets: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
     ) -> None:
-        for accumulator, index in self.uses[Observation(node, axis, offset, block, rows)]:
+        for accumulator, at in self.uses[Observation(node, axis, offset, block, rows, scatter)]:
             size, seen = accumulator.target.size, tensor
             part = offset is not None and isinstance(tensor, torch.Tensor)
             if part and tensor.shape[axis] >= offset + size:
                 seen = tensor.narrow(axis, offset, size)
-            if rows is not None and isinstance(seen, torch.Tensor) and offsets is not None:
-                seen = _group_rows(seen, offsets, rows[1])
-            accumulator.observe(self.model, index, seen)
+            if isinstance(seen, torch.Tensor):
+                seen = _rows_seen(seen, rows, offsets, index, source)
+            accumulator.observe(self.model, at, seen)
 
 
-def _group_rows(tensor: torch.Tensor, offsets: torch.Tensor, group: int) -> torch.Tensor:
-    """The rows of ``group`` along axis 0 (``Observation.rows``): from the end offset of the
-    group before (0 for the first) to the group's own."""
-    start = int(offsets[group - 1]) if group > 0 else 0
-    return tensor.narrow(0, start, int(offsets[group]) - start)
+def _rows_seen(
+    tensor: torch.Tensor,
+    rows: tuple[str, int] | None,
+    offsets: torch.Tensor | None,
+    index: torch.Tensor | None,
+    source: torch.Tensor | None,
+) -> torch.Tensor:
+    """The samples of an observation with ``rows`` or ``scatter`` (:class:`Observation`): the
+    rows of one group along axis 0, from the end offset of the group before (0 for the first)
+    to the group's own; then, with an index and its source, those rows summed back into zeros
+    of the source's rows."""
+    if rows is not None and offsets is not None:
+        group = rows[1]
+        start = int(offsets[group - 1]) if group > 0 else 0
+        tensor = tensor.narrow(0, start, int(offsets[group]) - start)
+        index = None if index is None else index.narrow(0, start, tensor.shape[0])
+    if index is None or source is None:
+        return tensor
+    summed = tensor.new_zeros((source.shape[0], *tensor.shape[1:]))
+    return summed.index_add_(0, index.to(tensor.device), tensor)
 
 
 def _statistics_graph(
@@ -144,8 +162,13 @@ def _statistics_graph(
 
 
 def _rows(point: Observation) -> tuple[Any, ...]:
-    """The observer's arguments that pick a group's rows: the group and its offsets node."""
-    return () if point.rows is None else (point.rows, GraphValue(point.rows[0]))
+    """The observer's arguments that pick a group's rows and sum them back into the source's:
+    ``rows``, ``scatter`` and the offsets, index and source they name."""
+    if point.rows is None and point.scatter is None:
+        return ()
+    offsets = None if point.rows is None else GraphValue(point.rows[0])
+    index, source = (None, None) if point.scatter is None else map(GraphValue, point.scatter)
+    return (point.rows, point.scatter, offsets, index, source)
 
 
 def _inputs(batch: Any, index: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from accord.trace import aten_attention, aten_layers, heads, rules
 from accord.trace.rules import Rule
 from accord.trace.split import split_features
-from accord.trace.state import Call, Feat, Tup, plain
+from accord.trace.state import Call, Feat, Tup, graph_name, plain
 
 aten = torch.ops.aten
 
@@ -261,7 +261,19 @@ def index(call: Call) -> Any:
     axis = x.axis if x.axis < dim else x.axis - taken + given
     if shape[axis] != x.shape[x.axis]:
         return None
-    return x.moved(shape, axis)
+    return replace(x.moved(shape, axis), gathered=_gathered_rows(call, x, dim, idx))
+
+
+def _gathered_rows(call: Call, x: Feat, dim: int, idx: Feat) -> tuple[str, str] | None:
+    """``(index, source)`` where rows of a 2-d tensor are picked by a 1-d integer index."""
+    source, index = call.node.args[0], call.node.args[1][dim]
+    val = getattr(index, "meta", {}).get("val")
+    integer = (
+        isinstance(val, torch.Tensor) and not val.is_floating_point() and val.dtype != torch.bool
+    )
+    if dim != 0 or x.ndim != 2 or idx.ndim != 1 or not integer:
+        return None
+    return graph_name(index, idx), graph_name(source, x)
 
 
 def select(call: Call) -> Any:

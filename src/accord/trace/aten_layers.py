@@ -18,7 +18,7 @@ from accord.trace import aten_attention
 from accord.trace.layers import tie_channel_groups, write
 from accord.trace.rules import in_order, mark_activation
 from accord.trace.split import split_features
-from accord.trace.state import Call, Feat, Routed, Seg, SpaceRecord, Tup
+from accord.trace.state import Call, Feat, Routed, Seg, SpaceRecord, Tup, graph_name
 
 
 def _param_axes(value: Any) -> tuple[int, ...] | None:
@@ -199,9 +199,7 @@ def grouped_mm(call: Call) -> Any:
     offsets_node = call.node.args[2] if len(call.node.args) > 2 else call.node.kwargs["offs"]
     routed = None
     if isinstance(offsets_node, fx.Node):
-        # a buffer goes by its state-dict key (the observed module reads it by that name)
-        held = offsets.param if isinstance(offsets, Feat) else None
-        routed = Routed(held or offsets_node.name, weight.shape[0])
+        routed = Routed(graph_name(offsets_node, offsets), weight.shape[0])
     if x.featured:
         _read_axis(call, x, weight.param, axes[1], 1)
         if routed is not None and x.routed == routed:

@@ -10,8 +10,15 @@ expert apart, is one space per expert, each moving the slice of its expert
 
 The rows stay apart through operators that act row by row (activations, arithmetic, the
 halves of a gated unit): the tracer carries ``Feat.routed`` through them only
-(:func:`carry_routing`). Any other operator on such a tensor leaves its space one space for
+(:func:`carry_rows`). Any other operator on such a tensor leaves its space one space for
 all experts, which is exact too, only coarser.
+
+Which tokens an expert sees depends on the model's router, so two models' rows of one expert
+are different tokens. The tracer also carries where gathered rows came from
+(``Feat.gathered``: ``x[index]``, through row-by-row operators and writers), and such a
+point is observed with its rows summed back into the source's rows
+(``Observation.scatter``): every model then gives one sample per token, zero where the token
+did not reach the expert, and samples of two models pair by token.
 """
 
 from __future__ import annotations
@@ -45,28 +52,51 @@ _ROW_PACKETS = frozenset(
 )
 
 
-def carry_routing(call: Call, result: Any) -> Any:
-    """``result`` with ``Feat.routed`` kept where the call acts row by row on tensors of one
-    row grouping and keeps their rows, else dropped (a rule may return its input as it is)."""
-    if _name(call.node.target) in _GROUPED:
-        return result  # the grouped product groups its output's rows
-    groupings = {f.routed for f in feats(call_args(call)) if f.routed is not None}
-    routed = next(iter(groupings)) if len(groupings) == 1 else None
-    rows = {f.shape[0] for f in feats(call_args(call)) if f.routed is not None}
+# writers whose every output row comes from the same row of their one activation input
+_WRITER_PACKETS = frozenset({aten.linear, aten.addmm, aten.mm, aten.matmul})
+
+
+def carry_rows(call: Call, result: Any) -> Any:
+    """``result`` with ``Feat.routed`` and ``Feat.gathered`` kept where the call keeps its
+    input's rows, else dropped (a rule may return its input as it is): operators acting row
+    by row keep both; writers (a Linear, a grouped product) keep where the rows came from.
+    The grouped products set their grouping, ``aten.index`` its gathering."""
+    inputs = [f for f in feats(call_args(call)) if f.param is None]
     packet = getattr(call.node.target, "overloadpacket", None)
+    grouped = _name(call.node.target) in _GROUPED
     row_by_row = call.node.target is operator.getitem or packet in _ROW_PACKETS
-    kept = routed is not None and row_by_row and len(rows) == 1
-    return _marked(result, routed if kept else None, rows)
+    writer = grouped or (packet in _WRITER_PACKETS and len(inputs) == 1)
+    if grouped or packet is aten.index:
+        own = result if isinstance(result, Feat) else Feat(())
+        routed = own.routed if grouped else None
+        gathered = own.gathered if packet is aten.index else _only(f.gathered for f in inputs)
+        return _marked(result, routed, gathered, None)
+    rows = {f.shape[0] for f in inputs if f.routed or f.gathered}
+    routed = _only(f.routed for f in inputs) if row_by_row else None
+    gathered = _only(f.gathered for f in inputs) if row_by_row or writer else None
+    return _marked(result, routed, gathered, rows if len(rows) == 1 else set())
 
 
-def _marked(value: Any, routed: Routed | None, rows: set[int]) -> Any:
+def _only(marks: Any) -> Any:
+    """The one mark the inputs carry, or None when they carry none or several."""
+    found = {mark for mark in marks if mark is not None}
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def _marked(value: Any, routed: Routed | None, gathered: Any, rows: set[int] | None) -> Any:
+    """``value`` (each item of a tuple) marked so where it is a 2-d activation with its
+    features on axis 1 and, unless ``rows`` is None, as many rows as its inputs."""
     if isinstance(value, Tup):
-        return Tup(tuple(_marked(item, routed, rows) for item in value.items))
-    if not isinstance(value, Feat) or (value.routed is None and routed is None):
+        return Tup(tuple(_marked(item, routed, gathered, rows) for item in value.items))
+    if not isinstance(value, Feat):
         return value
-    keeps = routed is not None and value.featured and value.axis != 0 and value.ndim == 2
-    keeps = keeps and value.shape[0] in rows and value.param is None and value.heads is None
-    return replace(value, routed=routed if keeps else None)
+    fits = value.featured and value.axis != 0 and value.ndim == 2
+    fits = fits and value.param is None and value.heads is None
+    fits = fits and (rows is None or value.shape[0] in rows)
+    marks = (routed, gathered) if fits else (None, None)
+    if (value.routed, value.gathered) == marks:
+        return value
+    return replace(value, routed=marks[0], gathered=marks[1])
 
 
 # the grouped products, whose rules set ``Feat.routed``
@@ -128,4 +158,4 @@ def per_expert(space: FeatureSpace, record: SpaceRecord, routed: Routed) -> list
     ]
 
 
-__all__ = ["carry_routing", "per_expert", "routing"]
+__all__ = ["carry_rows", "per_expert", "routing"]

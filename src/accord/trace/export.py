@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 
 from accord.errors import ConfigError, did_you_mean
 from accord.trace.aten import ATEN_HEAD_RULES, rule_for
-from accord.trace.experts import carry_routing
+from accord.trace.experts import carry_rows
 from accord.trace.programs import bound_module, program_for
 from accord.trace.state import Call, Feat, Seg, TensorMeta, Walk, plain
 from accord.trace.units import units, walk_unit
@@ -109,7 +109,7 @@ def _visit(walk: Walk, node: fx.Node, tensors: dict[str, str]) -> Any:
     if result is None:
         result = unknown(call)
     taint_unused(call, result)
-    return carry_routing(call, result)
+    return carry_rows(call, result)
 
 
 def _pure(target: Any) -> bool:

@@ -215,9 +215,18 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
         found.setdefault(root, lists)  # parts of a tensor only where nothing sees it whole
     for root, lists in _runs(walk, kinds).items():
         found.setdefault(root, lists)
-    return {
+    chosen = {
         root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
     }
+    return {root: [_scattered(walk, point) for point in points] for root, points in chosen.items()}
+
+
+def _scattered(walk: Walk, point: Observation) -> Observation:
+    """A point whose rows were gathered from a source (``Feat.gathered``: the tokens sent to
+    an expert) is observed summed back into the source's rows (``Observation.scatter``)."""
+    value = walk.values.get(point.node)
+    gathered = value.gathered if isinstance(value, Feat) else None
+    return point if gathered is None else replace(point, scatter=gathered)
 
 
 def _runs(walk: Walk, kinds: tuple[str, ...]) -> dict[int, dict[str, list[Observation]]]:

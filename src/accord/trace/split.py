@@ -64,6 +64,7 @@ def split_features(
         x.axis,
         tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True)),
         routed=x.routed,
+        gathered=x.gathered,
     )
     source = call.input_node()
     if source is not None:
@@ -80,4 +81,6 @@ def _relabel(call: Call, space: int, parts: list[int], sizes: list[int]) -> None
         if whole and value.segs[0].space is not None and table.find(value.segs[0].space) == space:
             block = value.segs[0].block
             segs = tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True))
-            call.walk.values[name] = Feat(value.shape, value.axis, segs, routed=value.routed)
+            call.walk.values[name] = Feat(
+                value.shape, value.axis, segs, routed=value.routed, gathered=value.gathered
+            )

@@ -82,6 +82,9 @@ class Feat:
     # a view of one entry of a parameter axis, (parameter axis, index): ``W[e]``, one expert
     # of a packed (experts, …) parameter, whose axes a space claims in that slice alone
     picked: tuple[int, int] | None = None
+    # (index, source): its rows are rows of the source picked by the 1-d integer index (the
+    # tokens gathered for an expert), node names or state-dict keys (accord.trace.experts)
+    gathered: tuple[str, str] | None = None
     # a 1-d parameter cut into heads (DeBERTa's q and v biases, ``b.view(1, 1, H, -1)``):
     # entry ``h·D + j`` at index ``h`` of axis ``heads_of[0]`` and ``j`` of axis ``heads_of[1]``
     heads_of: tuple[int, int] | None = None
@@ -111,6 +114,14 @@ class Other:
     """A traced non-tensor (shape, int, None, ...), with its value from the example run."""
 
     value: Any = None
+
+
+def graph_name(node: Any, value: Any) -> str:
+    """How an observer finds a node's output in the observed module: a parameter or buffer
+    by its state-dict key (the unlifted module reads it as an attribute), else the node's
+    name."""
+    held = value.param if isinstance(value, Feat) else None
+    return held or node.name
 
 
 def plain(meta: Any) -> Any:
