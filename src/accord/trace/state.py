@@ -244,6 +244,11 @@ class SpaceTable:
             if whole and whole == other and part == part2:
                 # parts of one split space joined again (the halves of a GLU): its name
                 self.records[ra].base = whole
+            bases = (self.records[ra].base, self.records[rb].base)
+            stem, stem2 = map(_slice_stem, bases)
+            if stem is not None and stem == stem2 and bases[0] != bases[1]:
+                # spaces of two slices of one parameter (experts) joined: the parameter's name
+                self.records[ra].base = stem
             self.records[ra].absorb(self.records[rb])
             self.records[ra].residual |= residual  # x + f(x) in one space is no stream
         return ra
@@ -445,6 +450,12 @@ class SpaceTable:
             else:
                 self.union(x.space, y.space, residual)
         return True
+
+
+def _slice_stem(base: str) -> str | None:
+    """``w`` of a space named after slice ``w[i]`` of a parameter, else None."""
+    stem, bracket, index = base.rpartition("[")
+    return stem if bracket and index.endswith("]") and index[:-1].isdigit() else None
 
 
 def _within_blocks(sizes: list[int], block: int) -> bool:
