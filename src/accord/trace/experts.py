@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from accord.spec import AxisRef, FeatureSpace
-from accord.trace.state import Call, Feat, Routed, SpaceRecord, SpaceTable, Tup, Walk
+from accord.trace.state import Call, Feat, Routed, SpaceRecord, Tup, Walk
 from accord.trace.walk import call_args, feats
 
 aten = torch.ops.aten
@@ -108,32 +108,37 @@ def _name(target: Any) -> str:
     return name() if callable(name) else ""
 
 
-def routing(walk: Walk, root: int) -> Routed | None:
+def groupings_held(walk: Walk) -> dict[int, set[Routed | None]]:
+    """Per space (its root), the row groupings of the tensors holding it (None: a tensor
+    whose rows are not grouped)."""
+    held: dict[int, set[Routed | None]] = {}
+    for value in walk.values.values():
+        for feat in feats(value):
+            for seg in feat.segs:
+                if seg.space is not None:
+                    held.setdefault(walk.table.find(seg.space), set()).add(feat.routed)
+    return held
+
+
+def routing(walk: Walk, root: int, held: dict[int, set[Routed | None]]) -> Routed | None:
     """The row grouping by which ``root`` is one space per expert, or None: every axis of it
     is claimed expert by expert by grouped products of one grouping, and every tensor holding
-    it has its rows grouped so."""
-    table = walk.table
-    record = table.records[root]
+    it has its rows grouped so (``held``: :func:`groupings_held`)."""
+    record = walk.table.records[root]
     if len(record.routed) != 1 or record.reasons or record.batchnorms or record.runs:
         return None
-    refs = [ref for refs in record.refs.values() for ref in refs]
-    if not refs or any((ref.tensor, ref.axis) not in record.expert_axes for ref in refs):
-        return None
     (routed,) = record.routed
+    refs = [ref for refs in record.refs.values() for ref in refs]
+    if not refs or held.get(root) != {routed}:
+        return None
     for ref in refs:
+        expert = record.expert_axes.get((ref.tensor, ref.axis))
         shape = walk.shapes.get(ref.tensor, ())
-        if shape[record.expert_axes[ref.tensor, ref.axis]] != routed.groups:
+        if ref.at is not None or expert is None or len(shape) <= expert:
             return None
-    return routed if _rows_kept(walk.values.values(), table, root, routed) else None
-
-
-def _rows_kept(values: Any, table: SpaceTable, root: int, routed: Routed) -> bool:
-    for value in values:
-        for feat in feats(value):
-            holds = any(s.space is not None and table.find(s.space) == root for s in feat.segs)
-            if holds and feat.routed != routed:
-                return False
-    return True
+        if shape[expert] != routed.groups:
+            return None
+    return routed
 
 
 def per_expert(space: FeatureSpace, record: SpaceRecord, routed: Routed) -> list[FeatureSpace]:
@@ -158,4 +163,4 @@ def per_expert(space: FeatureSpace, record: SpaceRecord, routed: Routed) -> list
     ]
 
 
-__all__ = ["carry_rows", "per_expert", "routing"]
+__all__ = ["carry_rows", "groupings_held", "per_expert", "routing"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from accord.errors import SpecError, TraceError
 from accord.spec import AxisRef, FeatureSpace, Observation, Spec
-from accord.trace.experts import per_expert, routing
+from accord.trace.experts import groupings_held, per_expert, routing
 from accord.trace.state import Feat, SpaceRecord, SpaceTable, Walk, weaker
 
 # Observation kinds, best first: activations (their outputs, or inputs for "pre"), then
@@ -54,10 +54,10 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     ]
     names = _names(table, roots)
     observations = _observations(walk, observe)
-    spaces = []
+    spaces, held = [], groupings_held(walk)
     for root in roots:
         space = _space(table.records[root], names[root], observations.get(root, []))
-        routed = routing(walk, root) if space.free else None
+        routed = routing(walk, root, held) if space.free else None
         spaces += [space] if routed is None else per_expert(space, table.records[root], routed)
     spec = Spec(
         spaces,
