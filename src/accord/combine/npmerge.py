@@ -516,10 +516,12 @@ def _result(
 
 # Adam's first steps move every logit by about lr whatever its gradient, so one short epoch
 # only perturbs the average. On 10,000 images, validation and test peaked after 5 passes at
-# N = 2 and fell after (the coefficients over-fit); at N = 4, 5 passes beat 3 on both: hence
-# 5 epochs. At N = 2 the joint softmax's two logits move apart by 2·lr (a sigmoid's by lr), so
-# joint at 0.025 steps as pairwise at 0.05; 0.025 beat 0.05 on validation at N = 2 and N = 4
-# (BENCHMARKS.md, "Measurements behind design choices").
+# N = 2 and N = 4 and fell after (the coefficients over-fit): hence 5 epochs. The CCA start
+# stays: after 5 passes the permutation start (N = 2) and the ZipIt! start (N = 2 and 4) were
+# within 0.1 point of it on validation, and loss="kl" was behind ce. At N = 2 the joint
+# softmax's two logits move apart by 2·lr (a sigmoid's by lr), so joint at 0.025 steps as
+# pairwise at 0.05; 0.025 beat 0.05 on validation at N = 2 and N = 4 (BENCHMARKS.md,
+# "Measurements behind design choices").
 @combiner(
     "npmerge",
     paper="Orozco Camacho et al., Non-Uniform Parameter-Wise Model Merging, arXiv:2412.15467",
