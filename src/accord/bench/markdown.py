@@ -187,9 +187,13 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     seconds = document["seconds"]
     spent = (
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, merging "
-        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s)"
+        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s, studies "
+        f"{seconds.get('studies', 0.0):.0f} s)"
     )
+    if "units" in document:  # a resumable run: its configurations may span several runs
+        spent += ", summed over the configurations"
     lines = [f"## Quality: `{document['config']['name']}`", "", *run_facts(document, spent)]
+    lines += _unfinished(document)
     lines += _quality_setup(document["config"])
     lines += [
         "",
@@ -206,7 +210,8 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     ]
     lines += _quality_tables(document["results"])
     figures = document["figures"]
-    lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
+    if figures["accuracy"]:
+        lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
     lines += ["", INTERPOLATION_NOTE]
     for tag, entry in figures["pairs"].items():
         files = entry["files"]
@@ -218,6 +223,22 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     lines += _joint(document.get("joint", []))
     lines += _partial(document.get("partial", []), link)
     return "\n".join(lines)
+
+
+def _unfinished(document: Mapping[str, Any]) -> list[str]:
+    """A run stopped before its end (files written before runs were resumable are complete):
+    what is missing, and how to continue."""
+    missing = document.get("missing", [])
+    if not missing:
+        return []
+    units = document["units"]
+    return [
+        "",
+        f"**Partial run: {units['done']} of {units['total']} configurations (model sets) done.** "
+        "Only the configurations whose every model set is done are shown; missing: "
+        f"{', '.join(f'`{label}`' for label in missing)}. Run `{document['command']}` again "
+        "(same options) to continue.",
+    ]
 
 
 def _joint(entries: Sequence[Mapping[str, Any]]) -> list[str]:
