@@ -20,7 +20,8 @@ HEADER = """# Benchmarks
 Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
-cores; trained models are cached in the model store), `accord bench speed`,
+cores; resumable: `--max-minutes M` stops it, the same command again continues; trained models
+are cached in the model store), `accord bench speed`,
 `accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
 `accord bench llm-memory` (minutes; next to mergekit when installed), then
 `accord bench markdown`. Accuracies are on the test
@@ -185,10 +186,10 @@ def _barriers(figures: Mapping[str, Any]) -> list[str]:
 def render_quality(document: Mapping[str, Any], link: str) -> str:
     """The section of one quality run."""
     seconds = document["seconds"]
+    studies = f", studies {seconds['studies']:.0f} s" if "studies" in seconds else ""
     spent = (
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, merging "
-        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s, studies "
-        f"{seconds.get('studies', 0.0):.0f} s)"
+        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s{studies})"
     )
     if "units" in document:  # a resumable run: its configurations may span several runs
         spent += ", summed over the configurations"
