@@ -19,6 +19,11 @@ disjoint class subsets (``classes``, N = 2 and 4) and on the 80/20 split (N = 2)
 models per N, all with the same frozen class head (the zoo's ``class_embeddings``) so that
 their outputs can be merged; each row also gets its test accuracy on each model's task
 (:func:`accord.evaluate_tasks`), its ``test`` accuracy being the joint one.
+
+A run is resumable (:mod:`accord.bench.resume`): its units (:func:`plan_units`: the merges
+of N models of one model set, with the figures and partial-merging run where it has them, or
+the joint study of them) are each written as soon as done under a digest of
+:func:`unit_key`, and the JSON is written from the units done (:func:`write_quality`).
 """
 
 from __future__ import annotations
