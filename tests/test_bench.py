@@ -17,6 +17,7 @@ from accord.bench import (
     Setting,
     SpeedCase,
     add_bench_parser,
+    quality,
     quality_plan,
     render_benchmarks_md,
     run_quality,
@@ -25,6 +26,7 @@ from accord.bench import (
 )
 from accord.bench.markdown import render_design, render_speed
 from accord.bench.quality import ROW_LABELS, only_settings, settings_of, train_pool
+from accord.bench.resume import Budget, digest
 from accord.registry import COMBINERS
 
 MICRO = QualityPlan(
@@ -268,3 +270,148 @@ def test_quick_plan_guards_networks_without_batchnorm_in_one_setting() -> None:
     assert [s.label for s in settings_of(plan, with_bn)] == ["iid", "dirichlet0.5"]
     assert [s.label for s in settings_of(plan, without)] == ["iid"]
     assert without.label == "vgg11-w0.125"
+
+
+def _without_timings(value: object, name: str) -> object:
+    """A results document without what differs between runs of one plan (timings, date,
+    machine, the progress of the run), plan ``name`` written as ``PLAN``."""
+    if isinstance(value, dict):
+        dropped = {"seconds", "date", "machine", "units", "config", "command"}
+        return {k: _without_timings(v, name) for k, v in value.items() if k not in dropped}
+    if isinstance(value, list):
+        return [_without_timings(v, name) for v in value]
+    if isinstance(value, str):
+        return value.replace(name, "PLAN")
+    return value
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, ran: list[str], interrupt: str | None = None) -> None:
+    """Record the label of every unit run; raise KeyboardInterrupt (Ctrl-C) when ``interrupt``
+    starts."""
+    run_unit = getattr(quality.run_unit, "__wrapped__", quality.run_unit)  # not an earlier spy
+
+    def spied(plan, unit, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ran.append(unit.label)
+        if unit.label == interrupt:
+            raise KeyboardInterrupt
+        return run_unit(plan, unit, *args, **kwargs)
+
+    spied.__wrapped__ = run_unit  # type: ignore[attr-defined]
+    monkeypatch.setattr(quality, "run_unit", spied)
+
+
+def test_an_interrupted_run_continues_to_the_uninterrupted_result(
+    results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MLP of the micro plan (pools from the fixture's store) run one unit at a time:
+    stopped by its budget, then by Ctrl-C, then to the end; the same document as the
+    fixture's uninterrupted run, and only the unit whose plan entry changes runs again."""
+    plan = replace(MICRO, name="quality-resumed", architectures=MICRO.architectures[:1])
+    store, out = results / "store", tmp_path / "results"
+    labels = [unit.label for unit in quality.plan_units(plan)]
+    assert labels == [
+        "merge-mlp-w16-iid-n2-s0",
+        "merge-mlp-w16-iid-n3-s0",
+        "joint-mlp-w16-iid-n3-s0",
+    ]
+    ran: list[str] = []
+    _spy(monkeypatch, ran, interrupt=labels[2])
+    first = run_quality(plan, store, out, progress=False, budget=Budget(units=1))
+    assert ran == labels[:1]
+    assert not first["complete"] and first["missing"] == labels[1:]
+    assert first["units"] == {"done": 1, "total": 3}
+    assert [(r["arch"], r["num_models"]) for r in first["results"]] == [("mlp-w16", 2)]
+    assert first["joint"] == [] and len(first["partial"]) == 1
+    text = render_benchmarks_md(out, link="results")
+    assert "**Partial run: 1 of 3 configurations (model sets) done.**" in text
+    assert "`merge-mlp-w16-iid-n3-s0`, `joint-mlp-w16-iid-n3-s0`" in text
+    with pytest.raises(KeyboardInterrupt):
+        run_quality(plan, store, out, progress=False)
+    assert ran == labels  # the third was interrupted; the second is kept
+    assert quality.quality_progress(plan, out).remaining == quality.plan_units(plan)[2:]
+    ran.clear()
+    _spy(monkeypatch, ran)
+    resumed = run_quality(plan, store, out, progress=False)
+    assert ran == labels[2:]
+    assert resumed["complete"] and resumed["missing"] == []
+    assert "Partial run" not in render_benchmarks_md(out, link="results")
+    whole = json.loads((results / "results" / "quality-micro.json").read_text())
+    mlp = {
+        "results": whole["results"][:2],
+        "joint": whole["joint"][:1],
+        "partial": whole["partial"][:1],
+        "figures": {
+            "accuracy": whole["figures"]["accuracy"],
+            "pairs": {"mlp-w16-iid": whole["figures"]["pairs"]["mlp-w16-iid"]},
+        },
+    }
+    expected = _without_timings(mlp, "quality-micro")
+    found = _without_timings({k: resumed[k] for k in mlp}, "quality-resumed")
+    assert _close(found, expected)
+    # a plan entry one unit depends on (the interpolation curves of model set 0, N = 2)
+    ran.clear()
+    changed = run_quality(replace(plan, curve_steps=4), store, out, progress=False)
+    assert ran == labels[:1] and changed["complete"]
+    curves = changed["figures"]["pairs"]["mlp-w16-iid"]["curves"]
+    assert len(curves["direct"]["alphas"]) == 4
+    assert len(list((out / "quality-resumed-units").iterdir())) == 3  # the old file replaced
+    ran.clear()
+    run_quality(replace(plan, curve_steps=4), store, out, progress=False)
+    assert ran == []
+
+
+def _close(found: object, expected: object) -> bool:
+    """Same structure and text; numbers equal to 1e-9."""
+    if isinstance(expected, dict):
+        return (
+            isinstance(found, dict)
+            and found.keys() == expected.keys()
+            and all(_close(found[k], v) for k, v in expected.items())
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(found, list)
+            and len(found) == len(expected)
+            and all(_close(f, e) for f, e in zip(found, expected, strict=True))
+        )
+    if isinstance(expected, float):
+        return isinstance(found, int | float) and found == pytest.approx(expected, abs=1e-9)
+    return found == expected
+
+
+def test_a_method_default_changes_the_keys_of_the_units_that_run_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    units = quality.plan_units(MICRO)
+    before = {unit.label: quality.unit_key(MICRO, unit, "cpu") for unit in units}
+    record = COMBINERS["npmerge"]
+    epochs = next(o for o in record.options if o.name == "epochs")
+    options = tuple(
+        replace(o, default=epochs.default + 1) if o is epochs else o for o in record.options
+    )
+    monkeypatch.setitem(COMBINERS, "npmerge", replace(record, options=options))
+    after = {unit.label: quality.unit_key(MICRO, unit, "cpu") for unit in units}
+    changed = {label for label in before if digest(before[label]) != digest(after[label])}
+    assert changed == {unit.label for unit in units if unit.kind == "merge"}
+    assert any(unit.kind == "joint" for unit in units)
+    # the number of calibration examples changes every unit
+    fewer = replace(MICRO, samples=100)
+    assert all(
+        digest(quality.unit_key(fewer, unit, "cpu")) != digest(before[unit.label]) for unit in units
+    )
+
+
+def test_status_lists_the_configurations_to_do(tmp_path: Path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    bounds = ["--status", "--max-minutes", "30", "--max-configurations", "2"]
+    args = parser.parse_args(
+        ["bench", "quality", "--quick", "--dataset", "digits", "--out", str(tmp_path), *bounds]
+    )
+    assert args.max_minutes == 30.0 and args.max_configurations == 2
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    total = len(quality.plan_units(quality_plan(True, "digits")))
+    assert lines[0] == f"quality quality-quick-digits: 0 of {total} configurations done"
+    assert lines[1] == "  to do: merge-vgg11-w0.25-bn-iid-n2-s0" and len(lines) == total + 1
+    assert not (tmp_path / "quality-quick-digits.json").exists()  # nothing run, nothing written

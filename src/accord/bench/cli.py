@@ -12,7 +12,8 @@ from typing import Any
 from accord._io import write_text
 from accord.bench.llm_memory import LLMMemoryPlan, quick_plan, run_llm_memory
 from accord.bench.markdown import render_benchmarks_md
-from accord.bench.quality import only_settings, quality_plan, run_quality
+from accord.bench.quality import only_settings, quality_plan, quality_progress, run_quality
+from accord.bench.resume import Budget
 from accord.bench.select import run_select, select_plan
 from accord.bench.skill import run_skill, skill_plan
 from accord.bench.speed import DEFAULT_SAMPLES, run_speed, speed_plan
@@ -40,6 +41,26 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "--settings",
         default=None,
         help="comma-separated data settings, e.g. iid or classes,80-20 [all the plan's]",
+    )
+    q.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no configuration after this many minutes; run again to continue",
+    )
+    q.add_argument(
+        "--max-configurations",
+        type=int,
+        default=None,
+        help="run at most this many configurations (model sets); run again to continue",
+    )
+    q.add_argument(
+        "--status",
+        action="store_true",
+        help="say which configurations are done and which remain; run nothing",
+    )
+    q.add_argument(
+        "--fresh", action="store_true", help="run every configuration again, even those done"
     )
     q.set_defaults(func=_cmd_quality)
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
@@ -132,8 +153,32 @@ def _cmd_quality(args: argparse.Namespace) -> int:
     if args.settings:
         plan = only_settings(plan, args.settings.split(","))
     plan = replace(plan, data_dir=args.data_dir)
-    document = run_quality(plan, args.store, args.out, device=args.device, progress=not args.quiet)
-    print(f"quality: {document['seconds']['total']:.0f} s; written to {args.out}/{plan.name}.json")
+    if args.status:
+        state = quality_progress(plan, args.out, args.device)
+        total = len(state.done) + len(state.remaining)
+        print(f"quality {plan.name}: {len(state.done)} of {total} configurations done")
+        for unit in state.remaining:
+            print(f"  to do: {unit.label}")
+        return 0
+    budget = Budget(args.max_minutes, args.max_configurations)
+    document = run_quality(
+        plan,
+        args.store,
+        args.out,
+        device=args.device,
+        progress=not args.quiet,
+        budget=budget,
+        fresh=args.fresh,
+    )
+    done, total = document["units"]["done"], document["units"]["total"]
+    path = f"{args.out}/{plan.name}.json"
+    if document["complete"]:
+        print(f"quality: all {total} configurations done; written to {path}")
+    else:
+        print(
+            f"quality: stopped with {done} of {total} configurations done (partial results "
+            f"in {path}); {total - done} remain: run the same command again to continue"
+        )
     return 0
 
 

@@ -20,7 +20,8 @@ HEADER = """# Benchmarks
 Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
-cores; trained models are cached in the model store), `accord bench speed`,
+cores; resumable: `--max-minutes M` stops it, the same command again continues; trained models
+are cached in the model store), `accord bench speed`,
 `accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
 `accord bench llm-memory` (minutes; next to mergekit when installed), then
 `accord bench markdown`. Accuracies are on the test
@@ -185,11 +186,15 @@ def _barriers(figures: Mapping[str, Any]) -> list[str]:
 def render_quality(document: Mapping[str, Any], link: str) -> str:
     """The section of one quality run."""
     seconds = document["seconds"]
+    studies = f", studies {seconds['studies']:.0f} s" if "studies" in seconds else ""
     spent = (
         f"{seconds['total']:.0f} s (training {seconds['training']:.0f} s, merging "
-        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s)"
+        f"{seconds['merging']:.0f} s, figures {seconds['figures']:.0f} s{studies})"
     )
+    if "units" in document:  # a resumable run: its configurations may span several runs
+        spent += ", summed over the configurations"
     lines = [f"## Quality: `{document['config']['name']}`", "", *run_facts(document, spent)]
+    lines += _unfinished(document)
     lines += _quality_setup(document["config"])
     lines += [
         "",
@@ -206,7 +211,8 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     ]
     lines += _quality_tables(document["results"])
     figures = document["figures"]
-    lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
+    if figures["accuracy"]:
+        lines += _figure(link, figures["accuracy"], "Test accuracy against the number of models")
     lines += ["", INTERPOLATION_NOTE]
     for tag, entry in figures["pairs"].items():
         files = entry["files"]
@@ -218,6 +224,22 @@ def render_quality(document: Mapping[str, Any], link: str) -> str:
     lines += _joint(document.get("joint", []))
     lines += _partial(document.get("partial", []), link)
     return "\n".join(lines)
+
+
+def _unfinished(document: Mapping[str, Any]) -> list[str]:
+    """A run stopped before its end (files written before runs were resumable are complete):
+    what is missing, and how to continue."""
+    missing = document.get("missing", [])
+    if not missing:
+        return []
+    units = document["units"]
+    return [
+        "",
+        f"**Partial run: {units['done']} of {units['total']} configurations (model sets) done.** "
+        "Only the configurations whose every model set is done are shown; missing: "
+        f"{', '.join(f'`{label}`' for label in missing)}. Run `{document['command']}` again "
+        "(same options) to continue.",
+    ]
 
 
 def _joint(entries: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -19,11 +19,17 @@ disjoint class subsets (``classes``, N = 2 and 4) and on the 80/20 split (N = 2)
 models per N, all with the same frozen class head (the zoo's ``class_embeddings``) so that
 their outputs can be merged; each row also gets its test accuracy on each model's task
 (:func:`accord.evaluate_tasks`), its ``test`` accuracy being the joint one.
+
+A run is resumable (:mod:`accord.bench.resume`): its units (:func:`plan_units`: the merges
+of N models of one model set, with the figures and partial-merging run where it has them, or
+the joint study of them) are each written as soon as done under a digest of
+:func:`unit_key`, and the JSON is written from the units done (:func:`write_quality`).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +41,14 @@ import accord
 from accord._io import write_json
 from accord.bench._common import machine_info, summary, today
 from accord.bench.figures import accuracy_versus_models, interpolation_figure
-from accord.bench.studies import joint_study, partial_study
+from accord.bench.resume import Budget, UnitFiles
+from accord.bench.studies import (
+    JOINT_METHODS,
+    joint_entry,
+    joint_once,
+    partial_entry,
+    partial_once,
+)
 from accord.figures import canonical_correlation_spectra, coefficient_histograms
 from accord.workflow import MergeOutcome, calibration_loader, compared_methods
 
@@ -255,12 +268,10 @@ def train_pool(
     return accord.train_model_set(request, store, device=device, progress=progress)
 
 
-def merge_config(
-    plan: QualityPlan, checkpoints: Sequence[accord.Checkpoint], device: str
-) -> accord.MergeConfig:
-    """Every method on these checkpoints, options chosen on the validation split."""
+def merge_config(plan: QualityPlan, models: Sequence[str], device: str) -> accord.MergeConfig:
+    """Every method on the checkpoints ``models``, options chosen on the validation split."""
     return accord.MergeConfig(
-        models=[str(c.path) for c in checkpoints],
+        models=list(models),
         method="all",
         options="auto",
         samples=plan.samples,
@@ -275,37 +286,31 @@ Calibrated = tuple[accord.DataSplits, Any]
 def calibration(plan: QualityPlan, outcome: MergeOutcome, device: str) -> Calibrated:
     """``(dataset splits, calibration batches)`` exactly as the merge of ``outcome`` used."""
     data = accord.checkpoint_dataset(list(outcome.checkpoints), plan.data_dir)
-    return data, calibration_loader(data, merge_config(plan, outcome.checkpoints, device))
+    return data, calibration_loader(
+        data, merge_config(plan, [str(c.path) for c in outcome.checkpoints], device)
+    )
 
 
 def _row(name: str, val: Sequence[float], test: Sequence[float]) -> dict[str, Any]:
     return {"name": name, "val": summary(val), "test": summary(test)}
 
 
-def summarise(
-    outcomes: Sequence[MergeOutcome],
-    extra: Mapping[str, Sequence[tuple[float, float]]] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows (base mean, ensemble, each method, then ``extra``'s rows of ``(val, test)`` per
-    model set): val and test accuracy over the model sets."""
+def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (base mean, ensemble, each method, then the variants' rows) of one configuration's
+    model sets (:func:`merge_set`'s records): val and test accuracy over the sets."""
     rows = [
         _row(
             "base",
-            [sum(v for v, _ in o.base) / len(o.base) for o in outcomes],
-            [sum(t for _, t in o.base) / len(o.base) for o in outcomes],
+            [sum(v for v, _ in r["base"]) / len(r["base"]) for r in records],
+            [sum(t for _, t in r["base"]) / len(r["base"]) for r in records],
         ),
-        _row("ensemble", [o.ensemble[0] for o in outcomes], [o.ensemble[1] for o in outcomes]),
+        _row("ensemble", [r["ensemble"][0] for r in records], [r["ensemble"][1] for r in records]),
     ]
-    for index, method in enumerate(outcomes[0].methods):
-        results = [o.methods[index] for o in outcomes]
-        rows.append(
-            _row(
-                method.method,
-                [r.val_accuracy for r in results],
-                [r.test_accuracy for r in results],
-            )
-        )
-    for name, accuracies in (extra or {}).items():
+    for index, method in enumerate(records[0]["methods"]):
+        results = [r["methods"][index] for r in records]
+        rows.append(_row(method["name"], [m["val"] for m in results], [m["test"] for m in results]))
+    for name in records[0]["extra"]:
+        accuracies = [r["extra"][name] for r in records]
         rows.append(_row(name, [v for v, _ in accuracies], [t for _, t in accuracies]))
     return rows
 
@@ -447,33 +452,6 @@ def npmerge_start(result: Mapping[str, Any]) -> str:
     return str(chosen[0].get("align", "cca"))
 
 
-def _configuration(
-    pools: Sequence[Sequence[accord.Checkpoint]],
-    size: int,
-    names: tuple[str, str],
-    outcomes: Sequence[MergeOutcome],
-    seconds: float,
-    extra: Mapping[str, Sequence[tuple[float, float]]],
-    tasks: Sequence[Tasks] = (),
-) -> dict[str, Any]:
-    options = {
-        m.method: [_chosen_options(o.methods[k].result.report) for o in outcomes]
-        for k, m in enumerate(outcomes[0].methods)
-    }
-    configuration = {
-        "arch": names[0],
-        "setting": names[1],
-        "num_models": size,
-        "models": [[str(c.path) for c in pool[:size]] for pool in pools],
-        "rows": summarise(outcomes, extra),
-        "options": options,
-        "seconds": seconds,
-    }
-    if tasks:
-        add_task_rows(configuration, tasks)
-    return configuration
-
-
 def add_task_rows(configuration: dict[str, Any], tasks: Sequence[Tasks]) -> None:
     """Add each model set's tasks (``"tasks"``: the classes of model k's task per set) and,
     to each row they measure, its test accuracy per task over the sets (``"tasks"``: one
@@ -485,38 +463,243 @@ def add_task_rows(configuration: dict[str, Any], tasks: Sequence[Tasks]) -> None
             row["tasks"] = [summary(values) for values in zip(*per_set, strict=True)]
 
 
-def merge_pool(
+# Bumped when what a unit records changes, so that units written before are run again.
+UNIT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of a quality run, kept in a file of its own as soon as it is done
+    (:mod:`accord.bench.resume`): the merges of N = ``size`` models of one model set (pool
+    seeds from ``start``; ``kind="merge"``, with the figures of model set 0 for N = 2 and the
+    partial-merging study where ``partial``), or the joint-CCA study of them
+    (``kind="joint"``). ``pool_size``: a task setting's pool of exactly N models (None: the
+    plan's largest N)."""
+
+    kind: str
+    architecture: ModelPlan
+    setting: Setting
+    pool_size: int | None
+    size: int
+    start: int
+    figures: bool = False
+    partial: bool = False
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.architecture.label, self.setting.label
+
+    @property
+    def configuration(self) -> tuple[str, str, str, int]:
+        """What the unit is one model set of: kind, architecture, setting and N."""
+        return self.kind, *self.names, self.size
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}-{self.names[0]}-{self.names[1]}-n{self.size}-s{self.start}"
+
+
+def plan_units(plan: QualityPlan) -> list[Unit]:
+    """Every unit of ``plan`` in the order a run does them: per architecture and setting, the
+    merges of each N (model set by model set), then the joint study of each of its N."""
+    units = []
+    for architecture in plan.architectures:
+        settings = settings_of(plan, architecture)
+        for setting in settings:
+            # a task setting trains a pool per N, each model on its own part of an N-way split
+            groups = [(n, (n,)) for n in setting.sizes] or [(None, plan.sizes)]
+            for pool_size, sizes in groups:
+                for size in sizes:
+                    for start in plan.seed_starts:
+                        pair = size == 2
+                        first = start == plan.seed_starts[0]
+                        partial = pair and setting == settings[0]
+                        units.append(
+                            Unit(
+                                "merge",
+                                architecture,
+                                setting,
+                                pool_size,
+                                size,
+                                start,
+                                pair and first,
+                                partial,
+                            )
+                        )
+            if not setting.sizes:  # the joint study takes the pool's first 3, 4... models
+                for size in plan.joint_sizes:
+                    for start in plan.seed_starts:
+                        units.append(Unit("joint", architecture, setting, None, size, start))
+    return units
+
+
+def _records_key(names: Sequence[str]) -> dict[str, Any]:
+    """The defaults and tuning grids of the method records ``names`` (alignments and
+    combiners): what ``options="auto"`` starts from and tries."""
+    key = {}
+    for name in sorted(set(names)):
+        record = accord.ALIGNMENTS.get(name) or accord.COMBINERS[name]
+        entry = {"defaults": record.defaults, "grid": record.grid()}
+        if name in accord.COMBINERS:
+            entry |= {"align": record.default_align, "repair": record.repair_after}
+        key[name] = entry
+    return key
+
+
+def _methods_key(kind: str) -> dict[str, Any]:
+    """Accord's defaults that a unit of ``kind`` depends on: the records of the methods it runs
+    (every compared method and what it aligns with, or the joint study's), the comparison's
+    methods and :func:`accord.merge`'s defaults."""
+    if kind == "joint":
+        names = [*JOINT_METHODS, accord.registry.DEFAULT_COMBINE]
+        compared: tuple[str, ...] = ()
+    else:
+        compared = compared_methods()
+        plans = [accord.registry.plan_methods(name) for name in compared]
+        names = [record.name for plan in plans for record in (plan.align, plan.combine)]
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(accord.merge).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    return {"records": _records_key(names), "compared": compared, "merge": defaults}
+
+
+def unit_key(plan: QualityPlan, unit: Unit, device: str) -> dict[str, Any]:
+    """Everything that determines a unit's result: the plan entry (architecture, training,
+    data setting, the pool's seeds, N, calibration examples, figures), the merge's settings,
+    accord's version and method defaults, and the device."""
+    config = merge_config(plan, ["model 0", "model 1"], device)
+    settings = config.model_dump(exclude={"models", "device", "data_dir"})
+    architecture = asdict(unit.architecture)
+    del architecture["settings"]  # which settings it runs, not how
+    return {
+        "format": UNIT_FORMAT,
+        "accord": accord.__version__,
+        "kind": unit.kind,
+        "dataset": plan.dataset,
+        "architecture": architecture,
+        "setting": asdict(unit.setting),
+        "seeds": plan.seeds(unit.start, unit.pool_size),
+        "num_models": unit.size,
+        "merge": settings,
+        "methods": _methods_key(unit.kind),
+        "curve_steps": plan.curve_steps if unit.figures else None,
+        "partial": unit.partial,
+        "device": device,
+    }
+
+
+def merge_set(
     plan: QualityPlan,
-    pools: Sequence[Sequence[accord.Checkpoint]],
-    size: int,
-    names: tuple[str, str],
-    tasks: bool,
+    unit: Unit,
+    pool: Sequence[accord.Checkpoint],
+    out: Path,
     device: str,
     progress: bool,
-) -> tuple[dict[str, Any], list[MergeOutcome], list[Calibrated]]:
-    """Merge the first ``size`` models of each pool by every method, with the variants (and,
-    for a task setting, the accuracies per task): the configuration's result, the outcomes
-    and their calibration."""
+) -> dict[str, Any]:
+    """The record of a merge unit: the first N models of one model set merged by every method,
+    with the variants (for a task setting, the accuracies per task), and the figures and the
+    partial-merging run where the unit has them."""
     clock = time.perf_counter()
-    outcomes = [
-        accord.run_merge(merge_config(plan, pool[:size], device), progress) for pool in pools
-    ]
-    calibrated = [calibration(plan, o, device) for o in outcomes]
-    runs = list(zip(outcomes, calibrated, strict=True))
+    checkpoints = pool[: unit.size]
+    config = merge_config(plan, [str(c.path) for c in checkpoints], device)
+    outcome = accord.run_merge(config, progress)
+    calibrated = calibration(plan, outcome, device)
     extra = {}
-    if size > 2:  # two models: pairwise is the joint scheme
-        extra["npmerge_pairwise"] = [
-            variant(o, c, "npmerge", device, scheme="pairwise") for o, c in runs
-        ]
-    spaces = outcomes[0].methods[0].result.spec.spaces
-    if size == 2 and any(s.batchnorms for s in spaces):
-        extra["cca_transform"] = [
-            variant(o, c, "cca", device, batchnorm="transform") for o, c in runs
-        ]
-    per_task = [task_accuracies(o, c, device) for o, c in runs] if tasks else []
-    spent = time.perf_counter() - clock
-    configuration = _configuration(pools, size, names, outcomes, spent, extra, per_task)
-    return configuration, outcomes, calibrated
+    if unit.size > 2:  # two models: pairwise is the joint scheme
+        extra["npmerge_pairwise"] = variant(
+            outcome, calibrated, "npmerge", device, scheme="pairwise"
+        )
+    spaces = outcome.methods[0].result.spec.spaces
+    if unit.size == 2 and any(s.batchnorms for s in spaces):
+        extra["cca_transform"] = variant(outcome, calibrated, "cca", device, batchnorm="transform")
+    record: dict[str, Any] = {
+        "models": [str(c.path) for c in checkpoints],
+        "base": outcome.base,
+        "ensemble": outcome.ensemble,
+        "methods": [
+            {
+                "name": m.method,
+                "val": m.val_accuracy,
+                "test": m.test_accuracy,
+                "options": _chosen_options(m.result.report),
+            }
+            for m in outcome.methods
+        ],
+        "extra": extra,
+    }
+    if unit.setting.sizes:
+        record["tasks"] = task_accuracies(outcome, calibrated, device)
+    seconds = {"merging": time.perf_counter() - clock}
+    if unit.figures:
+        clock = time.perf_counter()
+        tag = f"{unit.names[0]}-{unit.names[1]}"
+        record["figures"] = figures_for(plan, outcome, calibrated, tag, out, device)
+        seconds["figures"] = time.perf_counter() - clock
+    if unit.partial:
+        clock = time.perf_counter()
+        record["partial"] = partial_once(outcome, config, device)
+        seconds["studies"] = time.perf_counter() - clock
+    record["seconds"] = seconds
+    return record
+
+
+def joint_set(
+    plan: QualityPlan, unit: Unit, pool: Sequence[accord.Checkpoint], device: str
+) -> dict[str, Any]:
+    """The record of a joint unit: star and joint CCA of one model set's first N models."""
+    clock = time.perf_counter()
+    checkpoints = pool[: unit.size]
+    models = [str(c.path) for c in checkpoints]
+    runs = joint_once(checkpoints, merge_config(plan, models, device), device)
+    return {
+        "models": models,
+        "methods": runs,
+        "seconds": {"studies": time.perf_counter() - clock},
+    }
+
+
+def run_unit(
+    plan: QualityPlan,
+    unit: Unit,
+    pool: Sequence[accord.Checkpoint],
+    out: Path,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """The record of ``unit`` (its models: ``pool``)."""
+    if unit.kind == "joint":
+        return joint_set(plan, unit, pool, device)
+    return merge_set(plan, unit, pool, out, device, progress)
+
+
+def units_folder(plan: QualityPlan, out: str | os.PathLike[str]) -> Path:
+    """Where a run of ``plan`` keeps its finished units: ``<out>/<plan.name>-units``."""
+    return Path(out) / f"{plan.name}-units"
+
+
+@dataclass
+class QualityProgress:
+    """Which units of a run are done (their records by label) and which remain."""
+
+    done: dict[str, dict[str, Any]]
+    remaining: list[Unit]
+
+
+def quality_progress(
+    plan: QualityPlan, out: str | os.PathLike[str], device: str = "cpu"
+) -> QualityProgress:
+    """The units of ``plan`` already done in ``out`` (with today's defaults) and the rest."""
+    files = UnitFiles(units_folder(plan, out))
+    done, remaining = {}, []
+    for unit in plan_units(plan):
+        record = files.load(unit.label, unit_key(plan, unit, device))
+        if record is None:
+            remaining.append(unit)
+        else:
+            done[unit.label] = record
+    return QualityProgress(done, remaining)
 
 
 def run_quality(
@@ -526,72 +709,127 @@ def run_quality(
     *,
     device: str = "cpu",
     progress: bool = True,
+    budget: Budget | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Run ``plan``: train or load the pools, merge, draw; write ``out/<plan.name>.json``."""
-    start, root = time.perf_counter(), Path(out)
+    """Run ``plan``: train or load the pools, merge, draw; write ``out/<plan.name>.json``.
+
+    Each unit (:func:`plan_units`) is written to ``out/<plan.name>-units/`` as soon as it is
+    done, and a unit done before with the same key (:func:`unit_key`) is not run again
+    (``fresh``: every unit is). The run stops starting units once ``budget`` is spent; the
+    JSON then holds the configurations whose every model set is done and lists the missing
+    units (``"complete": false``). Running the same plan again continues."""
+    budget = budget or Budget()
+    root = Path(out)
+    files = UnitFiles(units_folder(plan, root))
+    units = plan_units(plan)
+    pools: dict[tuple[str, str, int | None, int], list[accord.Checkpoint]] = {}
+    for unit in units:
+        key = unit_key(plan, unit, device)
+        if not fresh and files.load(unit.label, key) is not None:
+            continue
+        if budget.spent():
+            break
+        clock = time.perf_counter()
+        pool_key = (*unit.names, unit.pool_size, unit.start)
+        if pool_key not in pools:
+            pools[pool_key] = train_pool(
+                plan,
+                unit.architecture,
+                unit.setting,
+                unit.start,
+                store,
+                device=device,
+                progress=progress,
+                size=unit.pool_size,
+            )
+        training = time.perf_counter() - clock
+        record = run_unit(plan, unit, pools[pool_key], root, device, progress)
+        record["seconds"]["training"] = training
+        files.save(unit.label, key, record)
+        budget.done += 1
+        if progress:
+            print(f"quality: {unit.label} done", flush=True)
+    return write_quality(plan, root, device)
+
+
+def _sum_seconds(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     seconds = {"training": 0.0, "merging": 0.0, "figures": 0.0, "studies": 0.0}
+    for record in records:
+        for stage, spent in record["seconds"].items():
+            seconds[stage] += spent
+    return seconds
+
+
+def write_quality(plan: QualityPlan, out: Path, device: str) -> dict[str, Any]:
+    """Write ``out/<plan.name>.json`` and the accuracy, partial-merging figures from the units
+    of ``plan`` done in ``out``: every configuration whose model sets are all done; the rest
+    listed as ``"missing"`` (``"complete"`` false)."""
+    state = quality_progress(plan, out, device)
+    groups: dict[tuple[str, str, str, int], list[Unit]] = {}
+    for unit in plan_units(plan):
+        groups.setdefault(unit.configuration, []).append(unit)
     results, figures, joint, partial = [], {}, [], []
-    for architecture in plan.architectures:
-        for setting in settings_of(plan, architecture):
-            names = (architecture.label, setting.label)
-            # a task setting trains a pool per N, each model on its own part of an N-way split
-            groups = [(n, (n,)) for n in setting.sizes] or [(None, plan.sizes)]
-            for pool_size, sizes in groups:
-                clock = time.perf_counter()
-                pools = [
-                    train_pool(
-                        plan,
-                        architecture,
-                        setting,
-                        s,
-                        store,
-                        device=device,
-                        progress=progress,
-                        size=pool_size,
-                    )
-                    for s in plan.seed_starts
-                ]
-                seconds["training"] += time.perf_counter() - clock
-                for size in sizes:
-                    tasks = bool(setting.sizes)
-                    configuration, outcomes, calibrated = merge_pool(
-                        plan, pools, size, names, tasks, device, progress
-                    )
-                    seconds["merging"] += configuration["seconds"]
-                    results.append(configuration)
-                    if size != 2:
-                        continue
-                    clock = time.perf_counter()
-                    tag = f"{names[0]}-{names[1]}"
-                    figures[tag] = figures_for(plan, outcomes[0], calibrated[0], tag, root, device)
-                    seconds["figures"] += time.perf_counter() - clock
-                    if setting == settings_of(plan, architecture)[0]:
-                        clock = time.perf_counter()
-                        partial.append(
-                            partial_study(plan, outcomes, names, merge_config, root, device)
-                        )
-                        seconds["studies"] += time.perf_counter() - clock
-            if not setting.sizes:  # the joint study takes the pool's first 3, 4... models
-                clock = time.perf_counter()
-                joint += joint_study(plan, pools, names, merge_config, device)
-                seconds["studies"] += time.perf_counter() - clock
-    accuracy = root / f"{plan.name}-accuracy.png"
-    title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
-    starts = "/".join(sorted({npmerge_start(result) for result in results}))
-    labels = {name: label.replace("{start}", starts) for name, label in ROW_LABELS.items()}
-    accuracy_versus_models(results, labels, accuracy, title)
-    seconds["total"] = time.perf_counter() - start
+    for (kind, arch, setting, size), group in groups.items():
+        records = [state.done.get(unit.label) for unit in group]
+        if any(record is None for record in records):
+            continue
+        names = (arch, setting)
+        if kind == "joint":
+            joint.append(joint_entry([r["methods"] for r in records], names, size))
+            continue
+        results.append(_configuration(names, size, records))
+        if group[0].figures:
+            figures[f"{arch}-{setting}"] = records[0]["figures"]
+        if group[0].partial:
+            runs = [r["partial"] for r in records]
+            partial.append(partial_entry(plan, runs, names, size, out))
+    clock = time.perf_counter()
+    accuracy = out / f"{plan.name}-accuracy.png"
+    if results:
+        title = f"{plan.dataset}: test accuracy of merging N models (mean ± std over model sets)"
+        starts = "/".join(sorted({npmerge_start(result) for result in results}))
+        labels = {name: label.replace("{start}", starts) for name, label in ROW_LABELS.items()}
+        accuracy_versus_models(results, labels, accuracy, title)
+    seconds = _sum_seconds(list(state.done.values()))
+    seconds["figures"] += time.perf_counter() - clock
+    seconds["total"] = sum(seconds.values())
     document = {
         "benchmark": "quality",
         "command": plan.command,
         "date": today(),
         "machine": machine_info(device),
         "config": plan.to_json(),
+        "complete": not state.remaining,
+        "missing": [unit.label for unit in state.remaining],
+        "units": {"done": len(state.done), "total": len(state.done) + len(state.remaining)},
         "seconds": seconds,
         "results": results,
         "joint": joint,
         "partial": partial,
-        "figures": {"accuracy": accuracy.name, "pairs": figures},
+        "figures": {"accuracy": accuracy.name if results else None, "pairs": figures},
     }
-    write_json(root / f"{plan.name}.json", document)
+    write_json(out / f"{plan.name}.json", document)
     return document
+
+
+def _configuration(
+    names: tuple[str, str], size: int, records: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One configuration's result from its model sets' records."""
+    options = {
+        method["name"]: [r["methods"][k]["options"] for r in records]
+        for k, method in enumerate(records[0]["methods"])
+    }
+    configuration = {
+        "arch": names[0],
+        "setting": names[1],
+        "num_models": size,
+        "models": [r["models"] for r in records],
+        "rows": summarise(records),
+        "options": options,
+        "seconds": sum(r["seconds"]["merging"] for r in records),
+    }
+    if "tasks" in records[0]:
+        add_task_rows(configuration, [r["tasks"] for r in records])
+    return configuration

@@ -1,13 +1,17 @@
 """Two studies the quality benchmark adds to its method comparison (issue #17, items 4 and 5).
 
-* **Joint CCA against the star** (:func:`joint_study`): for each N of ``plan.joint_sizes``,
-  the first N models of every model set merged by CCA Merge aligned to model 0 (star) and by
-  joint CCA (``gcca``: one shared space, no reference), each with its ridge chosen on the
-  validation split, on one statistics pass with every pair's cross-covariances.
-* **Partial merging** (:func:`partial_study`): the CCA merge of N = 2 models (its options as
+* **Joint CCA against the star** (:func:`joint_once` per model set, :func:`joint_entry`
+  over the sets): for each N of ``plan.joint_sizes``, the first N models of a model set
+  merged by CCA Merge aligned to model 0 (star) and by joint CCA (``gcca``: one shared space,
+  no reference), each with its ridge chosen on the validation split, on one statistics pass
+  with every pair's cross-covariances.
+* **Partial merging** (:func:`partial_once` per model set, :func:`partial_entry` over the
+  sets): the CCA merge of N = 2 models (its options as
   the comparison chose them) cut after k = 0 … K feature spaces (``accord.merge(stop_at=k)``):
   test accuracy against the parameters the partially merged model keeps, from the ensemble
   (k = 0, 2× the parameters) to one merged model (k = K).
+
+Each model set's run is one unit of the resumable quality run (:mod:`accord.bench.resume`).
 
 Accuracies are on the test split, which chooses nothing.
 """
@@ -33,7 +37,7 @@ def _accuracies(model: Any, data: accord.DataSplits, device: str) -> tuple[float
     )
 
 
-def _joint_once(
+def joint_once(
     checkpoints: Sequence[accord.Checkpoint], config: accord.MergeConfig, device: str
 ) -> dict[str, dict[str, Any]]:
     """``{method: {"val", "test", "ridge"} or {"error"}}`` of the star and the joint CCA
@@ -64,40 +68,29 @@ def _joint_once(
     return found
 
 
-def joint_study(
-    plan: Any,
-    pools: Sequence[Sequence[accord.Checkpoint]],
-    names: tuple[str, str],
-    merge_config: Any,
-    device: str,
-) -> list[dict[str, Any]]:
-    """One entry per N of ``plan.joint_sizes``: val/test accuracy of star and joint CCA."""
-    entries = []
-    for size in plan.joint_sizes:
-        runs = [
-            _joint_once(pool[:size], merge_config(plan, pool[:size], device), device)
-            for pool in pools
-        ]
-        rows = []
-        for method in JOINT_METHODS:
-            done = [run[method] for run in runs if "error" not in run[method]]
-            rows.append(
-                {
-                    "name": method,
-                    "val": summary([one["val"] for one in done]),
-                    "test": summary([one["test"] for one in done]),
-                    "ridge": [one["ridge"] for one in done],
-                    "errors": [run[method]["error"] for run in runs if "error" in run[method]],
-                }
-            )
-        entries.append({"arch": names[0], "setting": names[1], "num_models": size, "rows": rows})
-    return entries
+def joint_entry(
+    runs: Sequence[dict[str, dict[str, Any]]], names: tuple[str, str], size: int
+) -> dict[str, Any]:
+    """The study's entry for N = ``size``: val/test accuracy of star and joint CCA over the
+    model sets' runs (:func:`joint_once`)."""
+    rows = []
+    for method in JOINT_METHODS:
+        done = [run[method] for run in runs if "error" not in run[method]]
+        rows.append(
+            {
+                "name": method,
+                "val": summary([one["val"] for one in done]),
+                "test": summary([one["test"] for one in done]),
+                "ridge": [one["ridge"] for one in done],
+                "errors": [run[method]["error"] for run in runs if "error" in run[method]],
+            }
+        )
+    return {"arch": names[0], "setting": names[1], "num_models": size, "rows": rows}
 
 
-def _partial_once(
-    outcome: MergeOutcome, config: accord.MergeConfig, device: str
-) -> tuple[list[int], list[tuple[float, float]], int]:
-    """Parameters kept and (val, test) accuracy for k = 0 … K, and K, of one model set."""
+def partial_once(outcome: MergeOutcome, config: accord.MergeConfig, device: str) -> dict[str, Any]:
+    """``{"parameters", "accuracy", "spaces"}`` of one model set: parameters kept and
+    (val, test) accuracy for k = 0 … K, and K."""
     cca = next(m.result for m in outcome.methods if m.method == "cca")
     data = accord.checkpoint_dataset(list(outcome.checkpoints), config.data_dir)
     loader = calibration_loader(data, config)
@@ -118,40 +111,39 @@ def _partial_once(
         )
         kept.append(result.report["partial"]["parameters"])
         accuracies.append(_accuracies(result.model, data, device))
-    return kept, accuracies, spaces
+    return {"parameters": kept, "accuracy": accuracies, "spaces": spaces}
 
 
-def partial_study(
+def partial_entry(
     plan: Any,
-    outcomes: Sequence[MergeOutcome],
+    runs: Sequence[dict[str, Any]],
     names: tuple[str, str],
-    merge_config: Any,
+    size: int,
     out: Path,
-    device: str,
 ) -> dict[str, Any]:
-    """The partial-merging curve of CCA over k for these (N = 2) merges, and its figure."""
-    runs = [_partial_once(o, merge_config(plan, o.checkpoints, device), device) for o in outcomes]
-    kept, _, spaces = runs[0]
+    """The partial-merging curve of CCA over k for the model sets' runs
+    (:func:`partial_once`) of one N = ``size`` configuration, and its figure."""
+    kept, spaces = runs[0]["parameters"], runs[0]["spaces"]
     points = [
         {
             "stop_at": k,
             "parameters": kept[k],
-            "val": summary([run[1][k][0] for run in runs]),
-            "test": summary([run[1][k][1] for run in runs]),
+            "val": summary([run["accuracy"][k][0] for run in runs]),
+            "test": summary([run["accuracy"][k][1] for run in runs]),
         }
         for k in range(spaces + 1)
     ]
     tag = f"{names[0]}-{names[1]}"
     path = out / f"{plan.name}-partial-{tag}.png"
     title = (
-        f"{tag}: CCA merge of {len(outcomes[0].checkpoints)} models, first k of {spaces} "
+        f"{tag}: CCA merge of {size} models, first k of {spaces} "
         "feature spaces merged (mean over model sets)"
     )
     partial_figure(points, path, title)
     return {
         "arch": names[0],
         "setting": names[1],
-        "num_models": len(outcomes[0].checkpoints),
+        "num_models": size,
         "method": "cca",
         "spaces": spaces,
         "points": points,
