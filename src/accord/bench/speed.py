@@ -16,7 +16,9 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
   alternated with the passes above: its seconds over the plain forward's are what the
   reference's 33.2 s over 19.0 s (1.75×) compare with; its stage times come from
   ``MergeResult.report["timings"]`` (``combine`` = averaging, ``repair`` = BatchNorm reset)
-  of the fastest repeat; and one NP Merge aligned by CCA reusing the statistics (its
+  of the fastest repeat, but its statistics stage (``statistics_in_merge``), which is the
+  fastest of its repeats in wall and in CPU seconds (``report["cpu_timings"]``), as the
+  standalone passes are; and one NP Merge aligned by CCA reusing the statistics (its
   ``combine`` is the coefficient training);
 * memory: resident set size (RSS) sampled every 2 ms in a thread; a stage's peak is the most
   RSS seen during it above the RSS when it started (stage boundaries inside a merge are
