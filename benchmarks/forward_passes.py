@@ -114,6 +114,7 @@ def passes(data: accord.DataSplits, width: float, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    what, width, repeats = sys.argv[1], float(sys.argv[2:3] or [1]), int(sys.argv[3:4] or [3])
+    what, *rest = sys.argv[1:]
+    width, repeats = float(rest[0]) if rest else 1.0, int(rest[1]) if len(rest) > 1 else 3
     data = accord.load_dataset(accord.default_dataset())
     {"modes": modes, "passes": passes}[what](data, width, repeats)
