@@ -160,6 +160,10 @@ def test_speed_json_times_every_stage_and_the_precision(results: Path) -> None:
     for timing in ("forward", "forward_fast", "merge"):
         assert case[timing]["seconds"] > 0 and case[timing]["cpu_seconds"] > 0
         assert len(case[timing]["repeats"]) == document["config"]["repeats"]
+    # the merge's own pass, the fastest of its repeats as the standalone pass is
+    in_merge = case["stages"]["statistics_in_merge"]
+    assert in_merge["cpu_seconds"] == min(r["cpu_seconds"] for r in in_merge["repeats"])
+    assert len(in_merge["repeats"]) == document["config"]["repeats"]
     assert document["config"]["device"] == document["machine"]["device"] == "cpu"
     assert "peak_device_mib" not in case["forward"]  # measured on CUDA devices only
     for ratios in (case["statistics_over_forward"], case["statistics_over_forward_fast"]):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import accord
+from _counted import CountedBatches
 from accord.combine.average import average_states
 from accord.merge import check_compatible
 
@@ -106,6 +107,26 @@ def test_merge_keeps_inputs_and_is_deterministic() -> None:
         torch.equal(first.model.state_dict()[k], v) for k, v in second.model.state_dict().items()
     )
     assert first.model is not model and type(first.model) is type(model)
+
+
+def test_a_merge_reads_the_data_once_per_pass() -> None:
+    """One statistics pass (these features are not nearly dependent: no second pass), and
+    under repair="bn-reset" one reset pass. The checks before it and the trace read only the
+    first batch, so every later batch is drawn once per pass."""
+    model = _model("vgg11-bn")
+    inputs = _data(model)[0][0]
+    twin = accord.randomly_permuted(model, accord.trace(model, inputs[:2]), seed=1)
+    data = CountedBatches((x, torch.zeros(len(x), dtype=torch.long)) for x in inputs.split(128))
+    plain = accord.merge([model, twin], data, "cca", repair="none")
+    assert data.drawn[1:] == [1, 1, 1]
+    data.drawn = [0] * len(data)
+    accord.merge([model, twin], data, "cca", repair="bn-reset")
+    assert data.drawn[1:] == [2, 2, 2]
+    # every stage's wall seconds, and its CPU seconds (what shared cores hardly move)
+    assert list(plain.report["cpu_timings"]) == list(plain.report["timings"])
+    stages = {"trace", "statistics", "match", "apply", "combine", "repair"}
+    assert set(plain.report["timings"]) == stages
+    assert all(seconds >= 0 for seconds in plain.report["cpu_timings"].values())
 
 
 def test_statistics_are_reused_across_methods_and_options() -> None:

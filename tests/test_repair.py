@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import accord
+from accord.repair import _writer_modules
 
 
 def _outputs(model: torch.nn.Module, module: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -57,3 +59,32 @@ def test_repair_targets_under_a_dense_map_are_the_mapped_statistics_of_each_mode
         drift = max(drift, float((measured - target_std).abs().max()))
     # the aligned model's deeper channels drifted: the targets above are not its statistics
     assert drift > 1e-3
+
+
+def test_repair_of_convolutions_meets_the_permuted_targets_and_keeps_the_weight_layout() -> None:
+    """A VGG without BatchNorm, permutation + REPAIR over 3 batches: every merged convolution
+    channel has the average of the models' own statistics, permuted. The measuring passes
+    run channels-last on the CPU, and each rescale lands in the weights as given."""
+    torch.manual_seed(0)
+    config = {"width": 0.0625, "in_channels": 1, "image_size": 8}
+    models = [accord.build_model("vgg11", **config).eval() for _ in range(2)]
+    inputs = torch.randn(300, 1, 8, 8)
+    data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in inputs.split(100)]
+    result = accord.merge(models, data, method="permutation", repair="repair")
+    writers = _writer_modules(result.model, result.spec)
+    convolutions = [n for n in writers if isinstance(result.model.get_submodule(n), nn.Conv2d)]
+    assert len(convolutions) >= 4
+    for name in convolutions:
+        space = writers[name]
+        targets = []
+        for model, maps in zip(models, result.transforms, strict=True):
+            own = _outputs(model, name, inputs).transpose(0, 1).flatten(1).double()
+            order = maps[space].permutation
+            targets.append((own.mean(1)[order], own.std(1, unbiased=False)[order]))
+        merged = _outputs(result.model, name, inputs).transpose(0, 1).flatten(1).double()
+        target_mean = torch.stack([m for m, _ in targets]).mean(0)
+        target_std = torch.stack([s for _, s in targets]).mean(0)
+        torch.testing.assert_close(merged.mean(1), target_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged.std(1, unbiased=False), target_std, rtol=1e-4, atol=1e-4)
+        given = models[0].get_submodule(name).weight  # the layout every model's weights have
+        assert result.model.get_submodule(name).weight.stride() == given.stride()

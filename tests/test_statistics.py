@@ -27,6 +27,7 @@ from accord.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_stats_worker as worker
+from _counted import CountedBatches
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -595,8 +596,10 @@ def test_nearly_dependent_features_are_collected_in_float64() -> None:
     data = [(x[i : i + 256],) for i in range(0, 1024, 256)]
     exact = collect_statistics([model, twin], data, spec, precision="float64", progress=False)
     assert near_dependent_spaces(exact) == list(exact.spaces)
-    refined = collect_statistics([model, twin], data, spec, progress=False)
+    counted = CountedBatches(data)
+    refined = collect_statistics([model, twin], counted, spec, progress=False)
     assert refined.precision == "float32"
+    assert counted.drawn == [2, 2, 2, 2]  # the float32 pass and the float64 one
     for name, space in exact.spaces.items():
         for pair, block in space.blocks.items():
             # float32 products would differ near 1e-7 relative; the second pass is float64
@@ -626,5 +629,7 @@ def test_independent_features_need_no_second_pass() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     x = torch.randn(256, 8)
     spec = trace(model, x[:2])
-    stats = collect_statistics([model, model], [(x,)], spec, progress=False)
+    data = CountedBatches((part,) for part in x.split(64))
+    stats = collect_statistics([model, model], data, spec, progress=False)
     assert near_dependent_spaces(stats) == []
+    assert data.drawn == [1, 1, 1, 1]  # one pass

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from accord._layout import channels_last, wants_channels_last
 from accord.batchnorm import reset_batchnorm
 from accord.data import Dataset, batches
 
@@ -55,11 +56,14 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Evaluation:
-    """Accuracy and loss of ``model`` (in eval mode) on ``data``."""
+    """Accuracy and loss of ``model`` (in eval mode) on ``data``. On a CPU the pass runs 2-d
+    convolutions channels-last (:mod:`accord._layout`: cheaper, the same logits up to
+    rounding); the weights are given back as they were."""
     was_training = model.training
     model.to(device).eval()
     try:
-        return _evaluate_logits(model, data, device, "evaluate", progress)
+        with channels_last([model], wants_channels_last(device)):
+            return _evaluate_logits(model, data, device, "evaluate", progress)
     finally:
         model.train(was_training)
 
@@ -82,23 +86,24 @@ def evaluate_with_ensemble(
     progress: bool = False,
 ) -> tuple[list[Evaluation], Evaluation]:
     """Each model's evaluation and their logit-averaging ensemble's, from one forward pass
-    of each model per batch (what :func:`evaluate` and :func:`evaluate_ensemble` give)."""
+    of each model per batch (what :func:`evaluate` and :func:`evaluate_ensemble` give),
+    channels-last on a CPU as :func:`evaluate` runs."""
     flags = [m.training for m in models]
     for model in models:
         model.to(device).eval()
     tallies = [[0, 0.0] for _ in range(len(models) + 1)]  # correct, summed loss
     count = 0
+    loader = tqdm(batches(data), desc="evaluate", leave=False, disable=not progress)
     try:
-        for inputs, labels in tqdm(
-            batches(data), desc="evaluate", leave=False, disable=not progress
-        ):
-            inputs, labels = inputs.to(device), labels.to(device)
-            logits = [m(inputs).float() for m in models]
-            logits.append(torch.stack(logits).mean(dim=0))
-            for tally, output in zip(tallies, logits, strict=True):
-                tally[0] += int((output.argmax(dim=1) == labels).sum())
-                tally[1] += float(F.cross_entropy(output, labels, reduction="sum"))
-            count += int(labels.numel())
+        with channels_last(models, wants_channels_last(device)):
+            for inputs, labels in loader:
+                inputs, labels = inputs.to(device), labels.to(device)
+                logits = [m(inputs).float() for m in models]
+                logits.append(torch.stack(logits).mean(dim=0))
+                for tally, output in zip(tallies, logits, strict=True):
+                    tally[0] += int((output.argmax(dim=1) == labels).sum())
+                    tally[1] += float(F.cross_entropy(output, labels, reduction="sum"))
+                count += int(labels.numel())
     finally:
         for model, flag in zip(models, flags, strict=True):
             model.train(flag)
@@ -135,7 +140,7 @@ def evaluate_tasks(
 
     ``tasks``: class indices per task, e.g. :func:`accord.data.task_classes` of the split the
     models were trained on. ValueError for an empty task, a class outside the logits or a task
-    without examples in ``data``.
+    without examples in ``data``. Channels-last on a CPU as :func:`evaluate` runs.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     flags = [m.training for m in models]
@@ -145,18 +150,19 @@ def evaluate_tasks(
     correct, counts = [0] * len(tasks), [0] * len(tasks)
     joint, count = 0, 0
     try:
-        for inputs, labels in batches(data):
-            inputs, labels = inputs.to(device), labels.to(device)
-            logits = torch.stack([m(inputs).float() for m in models]).mean(dim=0)
-            if masks is None:
-                masks = _task_masks(tasks, logits.shape[1], logits.device)
-            joint += int((logits.argmax(dim=1) == labels).sum())
-            count += int(labels.numel())
-            for k, mask in enumerate(masks):
-                members = mask[labels]
-                restricted = logits[members].masked_fill(~mask, -torch.inf)
-                correct[k] += int((restricted.argmax(dim=1) == labels[members]).sum())
-                counts[k] += int(members.sum())
+        with channels_last(models, wants_channels_last(device)):
+            for inputs, labels in batches(data):
+                inputs, labels = inputs.to(device), labels.to(device)
+                logits = torch.stack([m(inputs).float() for m in models]).mean(dim=0)
+                if masks is None:
+                    masks = _task_masks(tasks, logits.shape[1], logits.device)
+                joint += int((logits.argmax(dim=1) == labels).sum())
+                count += int(labels.numel())
+                for k, mask in enumerate(masks):
+                    members = mask[labels]
+                    restricted = logits[members].masked_fill(~mask, -torch.inf)
+                    correct[k] += int((restricted.argmax(dim=1) == labels[members]).sum())
+                    counts[k] += int(members.sum())
     finally:
         for member, flag in zip(models, flags, strict=True):
             member.train(flag)

@@ -112,6 +112,24 @@ def declared_options(
     return {**plan.align.defaults, **plan.combine.defaults}
 
 
+class StageClock:
+    """Each stage's wall seconds (the report's ``timings``) and CPU seconds of this process, all
+    its threads (``cpu_timings``: other processes on the cores hardly move them, unlike wall
+    time), from :meth:`start` to :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.start()
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, stage: str) -> None:
+        self.wall[stage] = time.perf_counter() - self._wall
+        self.cpu[stage] = time.process_time() - self._cpu
+
+
 @dataclass
 class MergeResult:
     """The merged model (a new module of the models' class) and how it was made."""
@@ -413,10 +431,9 @@ def merge(
     needs_data = plan.align.needs.data
     if needs_data and data is None and statistics is None:
         raise MergeError(f"method {plan.align.name!r} needs data: pass data=... (training batches)")
-    timings: dict[str, float] = {}
+    clock = StageClock()
     # the tracer and every model's statistics pass read one exported program
     with shared_exports():
-        clock = time.perf_counter()
         if spec is None:
             if data is None:
                 raise MergeError("tracing the models needs an example input: pass data or spec")
@@ -425,7 +442,7 @@ def merge(
             spec = trace(models[0], first_inputs(data)[:2])
         if stop_at is not None:
             check_stop_at(stop_at, spec)
-        timings["trace"] = time.perf_counter() - clock
+        clock.stop("trace")
         report = {
             "method": plan.name,
             "alignment": plan.align.name,
@@ -434,9 +451,9 @@ def merge(
             "combine_options": combine_options,
         }
         if len(models) == 1:
-            return _only_model(models[0], spec, report, timings)
+            return _only_model(models[0], spec, report, clock)
         if needs_data and statistics is None:
-            clock = time.perf_counter()
+            clock.start()
             statistics = collect_statistics(
                 models,
                 batches(data),
@@ -450,8 +467,8 @@ def merge(
                 batchnorms=needs_batchnorm_statistics(plan.align, batchnorm)
                 and repair_kind != "none",
             )
-            timings["statistics"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+            clock.stop("statistics")
+    clock.start()
     states = [m.state_dict() for m in models]
     used = statistics if needs_data else None
     alignment = snap_permutations(
@@ -459,7 +476,7 @@ def merge(
     )
     if stop_at is not None:
         alignment = restrict(spec, alignment, stop_at)
-    timings["match"] = time.perf_counter() - clock
+    clock.stop("match")
     if base_state is not None:
         # the base moves as the reference does (the fine-tunes share its coordinates)
         holder = copy.deepcopy(models[ref])
@@ -479,7 +496,7 @@ def merge(
         data,
         batchnorm,
         device,
-        timings,
+        clock,
         combiner,
         fits_data=not plan.combine.repair_after,
     )
@@ -492,7 +509,7 @@ def merge(
 
 
 def _only_model(
-    model: nn.Module, spec: Spec, report: dict[str, Any], timings: dict[str, float]
+    model: nn.Module, spec: Spec, report: dict[str, Any], clock: StageClock
 ) -> MergeResult:
     """The merge of one model: a copy of it, since every method returns a model merged with
     itself unchanged."""
@@ -501,7 +518,8 @@ def _only_model(
         "reference": 0,
         "num_models": 1,
         "notes": ["one model: nothing to merge, the result is a copy of it"],
-        "timings": timings,
+        "timings": clock.wall,
+        "cpu_timings": clock.cpu,
     }
     transforms = [{s.name: Transform.identity(s.size) for s in spec.free_spaces}]
     return MergeResult(copy.deepcopy(model).eval(), transforms, report, spec)
@@ -548,7 +566,7 @@ def combine_aligned(
     data: Any,
     batchnorm: str,
     device: str,
-    timings: dict[str, float],
+    clock: StageClock,
     combiner: Combine = _average,
     fits_data: bool = False,
 ) -> MergeResult:
@@ -560,11 +578,11 @@ def combine_aligned(
     the merged state gets the averaged targets unless the combiner ``fits_data`` (NP Merge),
     whose learned γ/β already fit the reset model it trained."""
     _check_maps(alignment)
-    clock = time.perf_counter()
+    clock.start()
     aligned = align_states(models, spec, alignment, batchnorm)
-    timings["apply"] = time.perf_counter() - clock
+    clock.stop("apply")
     _check_aligned(aligned)
-    clock = time.perf_counter()
+    clock.start()
     dense = dense_spaces(spec, alignment)
     folded = [n for n in dense if spec[n].batchnorms] if batchnorm == "fold" else []
     # With repair="none" the folded BatchNorms keep what folding left them: the identity
@@ -593,8 +611,8 @@ def combine_aligned(
     )
     merged = copy.deepcopy(models[reference])
     merged.load_state_dict(merged_state)
-    timings["combine"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    clock.stop("combine")
+    clock.start()
     if repair == "bn-reset":
         reset_batchnorm(merged, data, device=device)
     elif repair == "repair":
@@ -605,13 +623,14 @@ def combine_aligned(
         "its activations on the training data overflow; check the data, or merge with "
         "repair='none'",
     )
-    timings["repair"] = time.perf_counter() - clock
+    clock.stop("repair")
     report = {
         "repair": repair,
         "batchnorm": batchnorm if dense else None,
         "dense_spaces": dense,
         "spaces": alignment.report,
-        "timings": timings,
+        "timings": clock.wall,
+        "cpu_timings": clock.cpu,
     }
     if combined.report is not None:
         report["combination"] = combined.report

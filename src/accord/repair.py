@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from accord._layout import channels_last, wants_channels_last
 from accord.apply import Transform
 from accord.data import batches
 from accord.statistics.moments import Moments
@@ -60,16 +61,19 @@ def _run(
     model: nn.Module, hooks: Mapping[str, Hook], data: Any, device: Any, limit: int | None = None
 ) -> None:
     """``model`` on the inputs of ``data``'s batches (the first ``limit``) with a forward hook
-    on each named module; a hook ends a forward by raising :class:`_Stop`."""
+    on each named module; a hook ends a forward by raising :class:`_Stop`. On a CPU the pass
+    runs 2-d convolutions channels-last (:mod:`accord._layout`); the weights are given back
+    when it ends, before a repair rescales them."""
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
     try:
-        for index, batch in enumerate(batches(data)):
-            if index == limit:
-                break
-            inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            with contextlib.suppress(_Stop):
-                model(inputs.to(device))
+        with channels_last([model], wants_channels_last(device)):
+            for index, batch in enumerate(batches(data)):
+                if index == limit:
+                    break
+                inputs = batch[0] if isinstance(batch, tuple | list) else batch
+                with contextlib.suppress(_Stop):
+                    model(inputs.to(device))
     finally:
         for handle in handles:
             handle.remove()
