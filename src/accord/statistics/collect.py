@@ -433,10 +433,12 @@ NEAR_DEPENDENT = 1e-4
 NEAR_SINGULAR = 1e-5
 
 
-def _nearly_dependent(correlation: torch.Tensor) -> bool:
+def _nearly_dependent(correlation: torch.Tensor, samples: int) -> bool:
     """Whether the (…, F, F) within-model ``correlation`` has two features within
     :data:`NEAR_DEPENDENT` of ±1 or an eigenvalue below :data:`NEAR_SINGULAR`, on the features
-    that vary (a dead unit's zero row says nothing about rounding)."""
+    that vary (a dead unit's zero row says nothing about rounding). With no more ``samples``
+    than features the matrix is singular whatever the precision (the pass warns of that), so
+    only the pairs are checked."""
     live = torch.diagonal(correlation, dim1=-2, dim2=-1) > 0.5
     pairs = correlation.abs() * (live[..., :, None] & live[..., None, :])
     pairs.diagonal(dim1=-2, dim2=-1).zero_()
@@ -450,7 +452,7 @@ def _nearly_dependent(correlation: torch.Tensor) -> bool:
         block = matrix[kept][:, kept].to(torch.float64)
         shifted = block - NEAR_SINGULAR * torch.eye(len(block), dtype=torch.float64)
         # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's cost
-        if len(block) and int(torch.linalg.cholesky_ex(shifted).info) != 0:
+        if 0 < len(block) < samples and int(torch.linalg.cholesky_ex(shifted).info) != 0:
             return True
     return False
 
@@ -465,7 +467,7 @@ def near_dependent_spaces(stats: Statistics) -> list[str]:
         for i in range(stats.num_models):
             if (i, i) not in space.blocks:
                 continue
-            if _nearly_dependent(space.entry_correlation(i, i, space.block)):
+            if _nearly_dependent(space.entry_correlation(i, i, space.block), space.count):
                 found.append(name)
                 break
     return found
