@@ -17,23 +17,31 @@ seed per process with ``--train``, then the merges::
     ... (the same options) --sizes 2,4
 
 With accord's trainer (Nesterov momentum) peak lr 0.08 diverged to NaN on 18,000 images
-(--limit 20000); 0.04 trained, to 71–75 % test in 6 epochs (design-measurements.json).
+(--limit 20000); 0.04 trained, to 71–75 % test in 6 epochs, with many dead ReLUs
+(design-measurements.json). ``--limit 12000 --epochs 6 --lr 0.02 --batch-size 128
+--crop-padding 4`` trains to 84–87 % in 3–5 minutes a model, with few. Other merges:
+``--variants 'permutation;cca:ridge=10/none;cca/aligned'`` (``method[:key=value,...][/repair]``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import accord
+import accord.match.cca
 from accord.data import Dataset, DataSplits, make_loader
+from accord.match import Alignment
+from accord.repair import repair_activations
 
 
 def padded_rgb(data: DataSplits) -> DataSplits:
@@ -117,6 +125,64 @@ def variants(quick: bool) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
+NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float}
+
+
+def spliced(permuted: set[str]):
+    """``accord.match`` giving the spaces in ``permuted`` activation matching's permutations
+    and every other space CCA's maps: where along the network CCA gains or loses."""
+    module = importlib.import_module("accord.merge")  # accord.merge is the function
+    original = module.match
+
+    def match(name, spec, statistics, states, **options):
+        cca = original(name, spec, statistics, states, **options)
+        perm = original("permutation", spec, statistics, states, reference=options["reference"])
+        transforms = [
+            {s: (p[s] if s in permuted else c[s]) for s in c}
+            for c, p in zip(cca.transforms, perm.transforms, strict=True)
+        ]
+        return Alignment(transforms, cca.report)
+
+    return mock.patch.object(module, "match", match)
+
+
+def parse_variant(text: str) -> tuple[str, str, str, dict]:
+    """``method[:key=value,...][/repair]`` (e.g. ``cca:ridge=0.01/none``; repair defaults to
+    REPAIR) as a :func:`variants` row."""
+    spec, _, repair = text.partition("/")
+    method, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = NUMBERS.get(key, str)(value)
+    return text, method, repair or "repair", options
+
+
+def merge_variant(models, loader, method, spec, repair, stats, options):
+    """``accord.merge``; ``repair="aligned"``: REPAIR whose targets are the statistics of
+    the aligned models themselves (as Jordan et al. measure the endpoints), not each model's
+    own statistics carried into the merged coordinates by its map (the library's)."""
+    options = dict(options)
+    if "undetermined" in options:  # a study of CCA's tie threshold (accord.match.cca)
+        with mock.patch.object(accord.match.cca, "UNDETERMINED", options.pop("undetermined")):
+            return merge_variant(models, loader, method, spec, repair, stats, options)
+    if "permute" in options:  # e.g. permute=features.0+features.3: those spaces permuted
+        with spliced(set(options.pop("permute").split("+"))):
+            return merge_variant(models, loader, method, spec, repair, stats, options)
+    if repair != "aligned":
+        return accord.merge(
+            models, loader, method, spec, repair=repair, statistics=stats, **options
+        )
+    merged = accord.merge(models, loader, method, spec, repair="none", statistics=stats, **options)
+    aligned = []
+    for model, state in zip(models, merged.aligned, strict=True):
+        aligned.append(copy.deepcopy(model))
+        aligned[-1].load_state_dict(state)
+    identities = [{} for _ in models]
+    repair_activations(merged.model, aligned, identities, merged.spec, loader)
+    return merged
+
+
 def canonical_correlations(stats, x: int, y: int) -> torch.Tensor:
     """The canonical correlations of models x and y in one space, on the directions each
     model's features span numerically (eigenvalues above 1e-9 of the largest): a ridge would
@@ -188,6 +254,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10000, help="statistics/repair images")
     parser.add_argument("--sizes", default="2,4")
     parser.add_argument("--quick", action="store_true", help="fewer variants")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="these merges instead, ';'-separated: method[:key=value,...][/repair], "
+        "e.g. 'cca:ridge=0.01/none;permutation'",
+    )
+    parser.add_argument(
+        "--repair-samples",
+        type=int,
+        default=None,
+        help="REPAIR on the first this many images (default: --samples)",
+    )
     parser.add_argument("--json", default=None, help="write the figures here too")
     parser.add_argument(
         "--observe",
@@ -214,6 +292,14 @@ def main() -> None:
     calibration = data.train.subset(range(min(args.samples, len(data.train))))
     loader = make_loader(calibration, batch_size=500)
     spec = accord.trace(models[0], calibration.images[:2], observe=args.observe)
+    repair_images = calibration.subset(
+        range(min(args.repair_samples or args.samples, len(calibration)))
+    )
+    repair_loader = make_loader(repair_images, batch_size=500)
+    if args.variants:
+        rows = [parse_variant(text) for text in args.variants.split(";")]
+    else:
+        rows = variants(args.quick)
     results: dict[str, dict[str, float]] = {}
     diagnoses: dict[str, object] = {}
     for size in sizes:
@@ -226,11 +312,9 @@ def main() -> None:
         print(f"N={size}: statistics in {time.perf_counter() - clock:.0f}s")
         if args.diagnose:
             diagnoses[f"N={size}"] = diagnose(chosen, loader, data, spec, stats, size)
-        for label, method, repair, options in variants(args.quick):
+        for label, method, repair, options in rows:
             clock = time.perf_counter()
-            merged = accord.merge(
-                chosen, loader, method, spec, repair=repair, statistics=stats, **options
-            )
+            merged = merge_variant(chosen, repair_loader, method, spec, repair, stats, options)
             accuracy = accord.evaluate(merged.model, data.test).accuracy
             results.setdefault(label, {})[f"N={size}"] = accuracy
             seconds = time.perf_counter() - clock

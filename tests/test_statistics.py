@@ -608,6 +608,39 @@ def test_nearly_dependent_features_are_collected_in_float64() -> None:
     assert all(torch.equal(merged.model.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_rank_deficient_features_are_collected_in_float64() -> None:
+    """16 pre-activations of a 3-d input span 3 directions, no two of them nearly collinear:
+    float32 products leave the two models' joint covariance indefinite (canonical
+    correlations far above 1 under a small ridge); the second pass in float64 keeps it
+    positive semi-definite, so they stay within [0, 1]."""
+    import accord
+    from accord.match.cca import spd_roots
+    from accord.statistics.collect import near_dependent_spaces
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(4096, 3) * 100 + 50  # far from zero: rounding is large against the signal
+    spec = trace(model, x[:2], observe="pre")
+    twin = accord.randomly_permuted(model, spec, seed=1).eval()
+    data = [(x[i : i + 512],) for i in range(0, 4096, 512)]
+    exact = collect_statistics([model, twin], data, spec, precision="float64", progress=False)
+    (name,) = exact.spaces
+    correlation = exact.spaces[name].correlation(0, 0).abs()
+    assert float((correlation - torch.eye(16)).max()) < 1 - 1e-3  # no pair is near ±1
+    assert near_dependent_spaces(exact) == [name]
+    refined = collect_statistics([model, twin], data, spec, progress=False)
+    space = refined.spaces[name]
+    for pair, block in exact.spaces[name].blocks.items():
+        torch.testing.assert_close(space.blocks[pair], block, rtol=1e-12, atol=0)
+    sxx, syy, sxy = space.covariance(0, 0), space.covariance(1, 1), space.covariance(0, 1)
+    eye = torch.eye(16, dtype=torch.float64)
+    wx = spd_roots(sxx + 1e-9 * sxx.trace() / 16 * eye)[1]
+    wy = spd_roots(syy + 1e-9 * syy.trace() / 16 * eye)[1]
+    correlations = torch.linalg.svdvals(wx @ sxy @ wy)
+    assert float(correlations.max()) <= 1 + 1e-6
+    assert float(correlations[2]) > 0.999  # the twin's 3 directions are the model's
+
+
 def test_nearly_dependent_features_from_a_one_shot_iterator_warn() -> None:
     import accord
 

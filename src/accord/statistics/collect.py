@@ -378,9 +378,12 @@ def collect_statistics(
     (:mod:`accord._layout`: a cheaper forward, the same values up to rounding); False runs
     the models exactly as given.
 
-    Features of one model that are nearly linearly dependent on each other (a correlation
-    within :data:`NEAR_DEPENDENT` of ±1, as the hidden units of a small MLP fed a fixed
-    2-d coordinate table have) are told apart only by differences below float32's rounding,
+    Features of one model that are nearly linearly dependent on each other (two that
+    correlate within :data:`NEAR_DEPENDENT` of ±1, as the hidden units of a small MLP fed a
+    fixed 2-d coordinate table do; or several together, as the pre-activations of a first
+    convolution whose input channels repeat one grey image, which span at most 10 of its
+    channels' directions: :data:`NEAR_SINGULAR`) are told apart only by differences below
+    float32's rounding,
     so which of them a matching picks would be decided by rounding: with ``"float32"``, the
     spaces that hold such features are collected again in float64 by a second pass over
     ``data`` restricted to them (when ``data`` can be iterated twice; a one-shot iterator keeps
@@ -471,20 +474,48 @@ def collect_statistics(
 # Off-diagonal within-model correlations this close to ±1 mark features float32 products
 # cannot tell apart: their covariances carry relative rounding near 1e-7 to 1e-6.
 NEAR_DEPENDENT = 1e-4
+# A within-model correlation matrix with an eigenvalue below this marks features that are
+# dependent several together (a rank-deficient space): float32 rounding of the covariances,
+# about 1e-6 on that eigenvalue for 32 features, then leaves the joint covariance of two
+# models indefinite, and a small ridge's CCA gives canonical correlations far above 1.
+NEAR_SINGULAR = 1e-5
+
+
+def _nearly_dependent(correlation: torch.Tensor, samples: int) -> bool:
+    """Whether the (…, F, F) within-model ``correlation`` has two features within
+    :data:`NEAR_DEPENDENT` of ±1 or an eigenvalue below :data:`NEAR_SINGULAR`, on the features
+    that vary (a dead unit's zero row says nothing about rounding). With no more ``samples``
+    than features the matrix is singular whatever the precision (the pass warns of that), so
+    only the pairs are checked."""
+    live = torch.diagonal(correlation, dim1=-2, dim2=-1) > 0.5
+    pairs = correlation.abs() * (live[..., :, None] & live[..., None, :])
+    pairs.diagonal(dim1=-2, dim2=-1).zero_()
+    if pairs.numel() and float(pairs.max()) >= 1 - NEAR_DEPENDENT:
+        return True
+    for matrix, kept in zip(
+        correlation.reshape(-1, *correlation.shape[-2:]),
+        live.reshape(-1, live.shape[-1]),
+        strict=True,
+    ):
+        block = matrix[kept][:, kept].to(torch.float64)
+        shifted = block - NEAR_SINGULAR * torch.eye(len(block), dtype=torch.float64)
+        # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's cost
+        if 0 < len(block) < samples and int(torch.linalg.cholesky_ex(shifted).info) != 0:
+            return True
+    return False
 
 
 def near_dependent_spaces(stats: Statistics) -> list[str]:
-    """The spaces of ``stats`` in which two features of one model correlate within
-    :data:`NEAR_DEPENDENT` of ±1 (in a space of blocks, two entries at one position of two
-    features: the only ones kept, and the only ones a matching of whole blocks compares)."""
+    """The spaces of ``stats`` in which the features of one model are nearly linearly
+    dependent (:func:`_nearly_dependent`; in a space of blocks, the entries at one position
+    of the features: the only ones kept, and the only ones a matching of whole blocks
+    compares)."""
     found = []
     for name, space in stats.spaces.items():
         for i in range(stats.num_models):
             if (i, i) not in space.blocks:
                 continue
-            corr = space.entry_correlation(i, i, space.block).abs()
-            corr.diagonal(dim1=-2, dim2=-1).zero_()
-            if corr.numel() and float(corr.max()) >= 1 - NEAR_DEPENDENT:
+            if _nearly_dependent(space.entry_correlation(i, i, space.block), space.count):
                 found.append(name)
                 break
     return found
