@@ -109,6 +109,47 @@ def test_hf_model_traces_and_merges_back(name: str, traced: Any) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("name", "groups", "per_group"), [("olmo2", 4, 8), ("olmo3", 2, 16)])
+def test_one_norm_across_heads_moves_with_whole_heads(
+    name: str, groups: int, per_group: int, traced: Any
+) -> None:
+    """OLMo 2 and 3 RMS-normalise q (and k) over all the heads' features at once, then apply
+    rotary embeddings per head: the mean of squares over every head is kept by any permutation
+    of the features, so whole key/value groups permute (as under per-head norms), each norm's
+    gain moving with its group; one space of the groups' q, k and v rows, their output columns
+    and both gains, and every space but the output's free."""
+    model, x, spec = traced(name)
+    attn = "model.model.layers.0.self_attn"
+    heads = _with(spec, f"{attn}.q_proj.weight", 0)
+    _free(spec, f"{attn}.q_proj.weight", 0, maps="permutation")
+    assert heads.size == groups
+    assert set(heads.writers) == {
+        AxisRef(f"{attn}.q_proj.weight", 0, per_group),
+        AxisRef(f"{attn}.k_proj.weight", 0, 8),
+        AxisRef(f"{attn}.v_proj.weight", 0, 8),
+    }
+    assert heads.readers == (AxisRef(f"{attn}.o_proj.weight", 1, per_group),)
+    assert set(heads.elementwise) == {
+        AxisRef(f"{attn}.q_norm.weight", 0, per_group),
+        AxisRef(f"{attn}.k_norm.weight", 0, 8),
+    }
+    assert len(spec.free_spaces) == len(list(spec)) - 1
+    # the twin's gains are the model's, moved group by group with the rows of q (found by
+    # their norms, which the stream's permutation of the columns keeps)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    before, after = model.state_dict(), twin.state_dict()
+    rows, moved = (
+        state[f"{attn}.q_proj.weight"].norm(dim=1).reshape(groups, per_group)
+        for state in (before, after)
+    )
+    order = [int((rows - moved[h]).abs().sum(1).argmin()) for h in range(groups)]
+    assert sorted(order) == list(range(groups)) and order != list(range(groups))
+    gain = before[f"{attn}.q_norm.weight"].reshape(groups, per_group)
+    torch.testing.assert_close(after[f"{attn}.q_norm.weight"].reshape(groups, -1), gain[order])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_repair_brings_an_exact_twin_back_from_several_batches(name: str, traced: Any) -> None:
     """REPAIR's targets are each model's own statistics carried by its map, so for an exact

@@ -312,12 +312,13 @@ class SpaceTable:
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
         return parts
 
-    def only_written(self, index: int) -> bool:
-        """The space has writers and nothing else yet: a fresh projection's output."""
+    def only_written(self, index: int, per_feature: bool = False) -> bool:
+        """The space has writers and nothing else yet: a fresh projection's output
+        (``per_feature``: or also per-feature parameters, a norm's gain)."""
         record = self.record(index)
         return not (
             record.refs["readers"]
-            or record.refs["elementwise"]
+            or (record.refs["elementwise"] and not per_feature)
             or record.batchnorms
             or record.reasons
             or record.residual
@@ -326,15 +327,17 @@ class SpaceTable:
         )
 
     def coarsen(self, index: int, factor: int) -> int | None:
-        """A freshly written space (:meth:`only_written`) as a new space of its runs of
-        ``factor`` consecutive features (whole attention heads), which move only whole:
-        permutations of the runs, every axis giving each run ``factor`` times its block. None
-        where the space's groups would split a run or cut across runs (a run must be whole
-        groups of a split into heads, or the space ungrouped). The old space is left empty."""
+        """A freshly written space (:meth:`only_written`), its per-feature parameters allowed,
+        as a new space of its runs of ``factor`` consecutive features (whole attention heads),
+        which move only whole: permutations of the runs, every axis giving each run ``factor``
+        times its block. A gain over all the features (OLMo 2's RMSNorm of q across every
+        head, whose mean of squares any permutation keeps) moves with the runs. None where the
+        space's groups would split a run or cut across runs (a run must be whole groups of a
+        split into heads, or the space ungrouped). The old space is left empty."""
         record = self.record(index)
         runs = record.size // factor if record.size % factor == 0 else 0
         grouped = record.groups > 1 and (record.kept_groups or record.groups % max(runs, 1))
-        if not runs or not self.only_written(index) or grouped:
+        if not runs or not self.only_written(index, per_feature=True) or grouped:
             return None
         part = self.new(runs, record.base, "permutation")
         new = self.records[part]
