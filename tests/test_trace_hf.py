@@ -744,20 +744,38 @@ def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
     assert len(spec.free_spaces) == len(list(spec)) - 2  # all but the input and the output
 
 
-def test_latent_attention_frees_its_latents(traced: Any) -> None:
+@pytest.mark.parametrize(
+    ("name", "query_reason", "rotary_reason"),
+    [
+        # V2 rotates through complex numbers: its query's parts are cat'ed as complex pairs
+        ("deepseek-v2", "aten.cat", "aten.view_as_complex"),
+        ("deepseek-v3", "key heads accord cannot map", "slicing"),
+    ],
+)
+def test_latent_attention_frees_its_latents_and_value_heads(
+    name: str, query_reason: str, rotary_reason: str, traced: Any
+) -> None:
     """DeepSeek's multi-head latent attention: the q latent and the kv latent (each
-    RMS-normed) permute; each head's features are cut into a part without positions and a
-    rotary part (split_with_sizes within the heads), which the head rules do not map, so
-    the heads stay fixed, the attention that compares them named in the reason."""
-    _, _, spec = traced("deepseek-v3")
+    RMS-normed) permute. kv_b_proj's heads are cut into a key part without positions and a
+    value part (split_with_sizes within the heads); the key is written into an empty tensor
+    in place (``new_empty``, ``copy_``) beside a rotary part shared by every head, so q·k
+    stays fixed, but the heads stay in place and each value head maps with its output
+    columns (any invertible map)."""
+    _, _, spec = traced(name)
     attn = "model.model.layers.0.self_attn"
     _free(spec, f"{attn}.q_a_proj.weight", 0, maps="permutation")
     _free(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, maps="permutation")
-    # the query's heads are cut into q slots and compared under rotary embeddings; the
-    # key/value heads are cut by split_with_sizes
-    for proj, named in (("q_b_proj", "scaled_dot_product_attention"), ("kv_b_proj", "split")):
-        heads = _with(spec, f"{attn}.{proj}.weight", 0)
-        assert not heads.free and named in heads.reason
+    for head in range(4):
+        value = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4)
+        _free(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4, maps="linear")
+        assert value.size == 8
+        assert value.readers == (AxisRef(f"{attn}.o_proj.weight", 1, 1, 8 * head),)
+        key = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head)
+        assert not key.free and "aten.copy_" in key.reason
+    query = _with(spec, f"{attn}.q_b_proj.weight", 0)
+    assert not query.free and query_reason in query.reason
+    rotary_key = _with(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, 16)
+    assert not rotary_key.free and rotary_reason in rotary_key.reason
     _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
 
 

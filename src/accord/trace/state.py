@@ -24,6 +24,14 @@ from accord.spec import MAP_KINDS, AxisRef, FoldedNorm
 
 ROLES = ("writers", "readers", "elementwise")
 
+# ATen operators that read only their input's shape, dtype and device, never its entries
+SHAPE_READERS = "sym_size sym_numel sym_stride _assert_tensor_metadata dim size"
+SHAPE_MAKERS = (
+    "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
+    "new_empty arange zeros ones full empty scalar_tensor"
+)
+_SHAPE_ONLY = frozenset((SHAPE_READERS + " " + SHAPE_MAKERS).split())
+
 
 @dataclass(frozen=True)
 class Seg:
@@ -614,7 +622,13 @@ class Call:
         # a fused projection, an item of a split); any use of the space itself left a mark
         # on its record (readers, a reason) or its output holds it.
         return all(
-            user.name in allowed or user.name in walk.values
+            user.name in allowed or user.name in walk.values or _reads_shape_only(user)
             for name in holders
             for user in nodes[name].users
         )
+
+
+def _reads_shape_only(node: Any) -> bool:
+    """Whether the node reads no entry of its inputs (``new_empty``, ``size``)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") in _SHAPE_ONLY
