@@ -109,6 +109,47 @@ def test_hf_model_traces_and_merges_back(name: str, traced: Any) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("name", "groups", "per_group"), [("olmo2", 4, 8), ("olmo3", 2, 16)])
+def test_one_norm_across_heads_moves_with_whole_heads(
+    name: str, groups: int, per_group: int, traced: Any
+) -> None:
+    """OLMo 2 and 3 RMS-normalise q (and k) over all the heads' features at once, then apply
+    rotary embeddings per head: the mean of squares over every head is kept by any permutation
+    of the features, so whole key/value groups permute (as under per-head norms), each norm's
+    gain moving with its group; one space of the groups' q, k and v rows, their output columns
+    and both gains, and every space but the output's free."""
+    model, x, spec = traced(name)
+    attn = "model.model.layers.0.self_attn"
+    heads = _with(spec, f"{attn}.q_proj.weight", 0)
+    _free(spec, f"{attn}.q_proj.weight", 0, maps="permutation")
+    assert heads.size == groups
+    assert set(heads.writers) == {
+        AxisRef(f"{attn}.q_proj.weight", 0, per_group),
+        AxisRef(f"{attn}.k_proj.weight", 0, 8),
+        AxisRef(f"{attn}.v_proj.weight", 0, 8),
+    }
+    assert heads.readers == (AxisRef(f"{attn}.o_proj.weight", 1, per_group),)
+    assert set(heads.elementwise) == {
+        AxisRef(f"{attn}.q_norm.weight", 0, per_group),
+        AxisRef(f"{attn}.k_norm.weight", 0, 8),
+    }
+    assert len(spec.free_spaces) == len(list(spec)) - 1
+    # the twin's gains are the model's, moved group by group with the rows of q (found by
+    # their norms, which the stream's permutation of the columns keeps)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    before, after = model.state_dict(), twin.state_dict()
+    rows, moved = (
+        state[f"{attn}.q_proj.weight"].norm(dim=1).reshape(groups, per_group)
+        for state in (before, after)
+    )
+    order = [int((rows - moved[h]).abs().sum(1).argmin()) for h in range(groups)]
+    assert sorted(order) == list(range(groups)) and order != list(range(groups))
+    gain = before[f"{attn}.q_norm.weight"].reshape(groups, per_group)
+    torch.testing.assert_close(after[f"{attn}.q_norm.weight"].reshape(groups, -1), gain[order])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_repair_brings_an_exact_twin_back_from_several_batches(name: str, traced: Any) -> None:
     """REPAIR's targets are each model's own statistics carried by its map, so for an exact
@@ -703,20 +744,38 @@ def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
     assert len(spec.free_spaces) == len(list(spec)) - 2  # all but the input and the output
 
 
-def test_latent_attention_frees_its_latents(traced: Any) -> None:
+@pytest.mark.parametrize(
+    ("name", "query_reason", "rotary_reason"),
+    [
+        # V2 rotates through complex numbers: its query's parts are cat'ed as complex pairs
+        ("deepseek-v2", "aten.cat", "aten.view_as_complex"),
+        ("deepseek-v3", "key heads accord cannot map", "slicing"),
+    ],
+)
+def test_latent_attention_frees_its_latents_and_value_heads(
+    name: str, query_reason: str, rotary_reason: str, traced: Any
+) -> None:
     """DeepSeek's multi-head latent attention: the q latent and the kv latent (each
-    RMS-normed) permute; each head's features are cut into a part without positions and a
-    rotary part (split_with_sizes within the heads), which the head rules do not map, so
-    the heads stay fixed, the attention that compares them named in the reason."""
-    _, _, spec = traced("deepseek-v3")
+    RMS-normed) permute. kv_b_proj's heads are cut into a key part without positions and a
+    value part (split_with_sizes within the heads); the key is written into an empty tensor
+    in place (``new_empty``, ``copy_``) beside a rotary part shared by every head, so q·k
+    stays fixed, but the heads stay in place and each value head maps with its output
+    columns (any invertible map)."""
+    _, _, spec = traced(name)
     attn = "model.model.layers.0.self_attn"
     _free(spec, f"{attn}.q_a_proj.weight", 0, maps="permutation")
     _free(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, maps="permutation")
-    # the query's heads are cut into q slots and compared under rotary embeddings; the
-    # key/value heads are cut by split_with_sizes
-    for proj, named in (("q_b_proj", "scaled_dot_product_attention"), ("kv_b_proj", "split")):
-        heads = _with(spec, f"{attn}.{proj}.weight", 0)
-        assert not heads.free and named in heads.reason
+    for head in range(4):
+        value = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4)
+        _free(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4, maps="linear")
+        assert value.size == 8
+        assert value.readers == (AxisRef(f"{attn}.o_proj.weight", 1, 1, 8 * head),)
+        key = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head)
+        assert not key.free and "aten.copy_" in key.reason
+    query = _with(spec, f"{attn}.q_b_proj.weight", 0)
+    assert not query.free and query_reason in query.reason
+    rotary_key = _with(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, 16)
+    assert not rotary_key.free and rotary_reason in rotary_key.reason
     _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
 
 

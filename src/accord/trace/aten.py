@@ -18,7 +18,7 @@ import torch
 from accord.trace import aten_attention, aten_layers, heads, rules
 from accord.trace.rules import Rule
 from accord.trace.split import split_features
-from accord.trace.state import Call, Feat, Tup, graph_name, plain
+from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Tup, graph_name, plain
 
 aten = torch.ops.aten
 
@@ -641,11 +641,8 @@ _PASS = _packets(
     "dropout dropout_ feature_dropout feature_dropout_ alpha_dropout alpha_dropout_ clone "
     "contiguous alias detach detach_ lift_fresh_copy _to_copy to type_as neg"
 )
-_META = _packets("sym_size sym_numel sym_stride _assert_tensor_metadata dim size")
-_CONSTANT = _packets(
-    "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
-    "new_empty arange zeros ones full empty scalar_tensor"
-)
+_META = _packets(SHAPE_READERS)
+_CONSTANT = _packets(SHAPE_MAKERS)
 _RESHAPE = _packets("view reshape _unsafe_view flatten unflatten squeeze view_as reshape_as")
 _ARITHMETIC = {"add": "add add_", "sub": "sub sub_ rsub", "mul": "mul mul_", "div": "div div_"}
 _POOLS = {

@@ -44,15 +44,31 @@ def sdpa(call: Call) -> Any:
             return call.plain()
         return _rotary(call, q, k, v, shape)
     _query_key(call, q, k, f"attention at node {call.node.name!r}")
+    return _values(call, v, shape, f"attention at node {call.node.name!r}")
+
+
+def _values(call: Call, v: Feat, shape: tuple[int, ...], where: str) -> Any:
+    """The attention's output in v's spaces, each value head where it is (the query heads in
+    place)."""
     if not v.featured:
         return call.plain()
-    if v.heads != v.ndim - 3 or v.axis != v.ndim - 1 or v.repeat is not None:
-        call.table.fix_value(v, f"attention at node {call.node.name!r} mixes value features")
+    if not _per_head_values(v):
+        call.table.fix_value(v, f"{where} mixes value features")
         return call.plain()
     segs = _query_layout(call, v, shape[-3])
     if segs is None:
         return call.plain()
     return Feat(shape, len(shape) - 1, segs, heads=len(shape) - 3)
+
+
+def _per_head_values(v: Feat) -> bool:
+    """Values split into heads on (…, H, L, D), each head's features on the last axis."""
+    return v.heads == v.ndim - 3 and v.axis == v.ndim - 1 and v.repeat is None
+
+
+def _untraced(k: Feat) -> str:
+    """Why the key's heads are unknown, where it carries no traced features."""
+    return "" if k.featured else " (the key carries no features accord traced)"
 
 
 def _one_space_on(t: Feat, axis: int) -> bool:
@@ -87,6 +103,13 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
     (the r = H/G heads in a row, with repeated keys or ``enable_gqa``), permutations only.
     The output's features are those groups, r heads each."""
     groups = _rotary_query_key(call, q, k)
+    if groups is None and _per_head_values(v):
+        # the heads stay in place: each value head still maps with the output's columns
+        # (DeepSeek's key, written into an empty tensor in place, is not traced as heads)
+        where = f"attention at node {call.node.name!r}"
+        reason = f"{where} compares rotated query heads with key heads accord cannot map"
+        call.table.fix_value([q, k], reason + _untraced(k))
+        return _values(call, v, shape, where)
     value = None if groups is None else _value_groups(call, v, groups.size)
     if groups is None or value is None:
         reason = f"attention at node {call.node.name!r} compares rotated heads accord cannot map"

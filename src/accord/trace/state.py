@@ -24,6 +24,14 @@ from accord.spec import MAP_KINDS, AxisRef, FoldedNorm
 
 ROLES = ("writers", "readers", "elementwise")
 
+# ATen operators that read only their input's shape, dtype and device, never its entries
+SHAPE_READERS = "sym_size sym_numel sym_stride _assert_tensor_metadata dim size"
+SHAPE_MAKERS = (
+    "zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones new_full "
+    "new_empty arange zeros ones full empty scalar_tensor"
+)
+_SHAPE_ONLY = frozenset((SHAPE_READERS + " " + SHAPE_MAKERS).split())
+
 
 @dataclass(frozen=True)
 class Seg:
@@ -312,12 +320,13 @@ class SpaceTable:
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
         return parts
 
-    def only_written(self, index: int) -> bool:
-        """The space has writers and nothing else yet: a fresh projection's output."""
+    def only_written(self, index: int, per_feature: bool = False) -> bool:
+        """The space has writers and nothing else yet: a fresh projection's output
+        (``per_feature``: or also per-feature parameters, a norm's gain)."""
         record = self.record(index)
         return not (
             record.refs["readers"]
-            or record.refs["elementwise"]
+            or (record.refs["elementwise"] and not per_feature)
             or record.batchnorms
             or record.reasons
             or record.residual
@@ -326,15 +335,17 @@ class SpaceTable:
         )
 
     def coarsen(self, index: int, factor: int) -> int | None:
-        """A freshly written space (:meth:`only_written`) as a new space of its runs of
-        ``factor`` consecutive features (whole attention heads), which move only whole:
-        permutations of the runs, every axis giving each run ``factor`` times its block. None
-        where the space's groups would split a run or cut across runs (a run must be whole
-        groups of a split into heads, or the space ungrouped). The old space is left empty."""
+        """A freshly written space (:meth:`only_written`), its per-feature parameters allowed,
+        as a new space of its runs of ``factor`` consecutive features (whole attention heads),
+        which move only whole: permutations of the runs, every axis giving each run ``factor``
+        times its block. A gain over all the features (OLMo 2's RMSNorm of q across every
+        head, whose mean of squares any permutation keeps) moves with the runs. None where the
+        space's groups would split a run or cut across runs (a run must be whole groups of a
+        split into heads, or the space ungrouped). The old space is left empty."""
         record = self.record(index)
         runs = record.size // factor if record.size % factor == 0 else 0
         grouped = record.groups > 1 and (record.kept_groups or record.groups % max(runs, 1))
-        if not runs or not self.only_written(index) or grouped:
+        if not runs or not self.only_written(index, per_feature=True) or grouped:
             return None
         part = self.new(runs, record.base, "permutation")
         new = self.records[part]
@@ -611,7 +622,13 @@ class Call:
         # a fused projection, an item of a split); any use of the space itself left a mark
         # on its record (readers, a reason) or its output holds it.
         return all(
-            user.name in allowed or user.name in walk.values
+            user.name in allowed or user.name in walk.values or _reads_shape_only(user)
             for name in holders
             for user in nodes[name].users
         )
+
+
+def _reads_shape_only(node: Any) -> bool:
+    """Whether the node reads no entry of its inputs (``new_empty``, ``size``)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") in _SHAPE_ONLY

@@ -64,16 +64,21 @@ def feats(value: Any) -> Iterator[Feat]:
 def admits(rule: Any, head_rules: frozenset[Any], call: Call) -> bool:
     """Whether ``rule`` understands the call's arguments: heads need a head rule, repeated
     heads the reshape that joins them (the one head rule named ``reshape``), the pieces of a
-    fused projection a rule that moves its axes or takes the pieces apart."""
+    fused projection a rule that moves its axes or takes the pieces apart; a rule reading
+    only the input's shape (``new_empty``) any input."""
     found = list(feats(call_args(call)))
+    name = getattr(rule, "__name__", "")
+    if name in _SHAPE_RULES:
+        return True
     if any(feat.heads is not None for feat in found) and rule not in head_rules:
         return False
-    name = getattr(rule, "__name__", "")
     if any(feat.pieces is not None for feat in found) and name not in _PIECE_RULES:
         return False
     repeated = any(feat.repeat is not None for feat in found)
     return not repeated or name == "reshape"
 
 
+# the rules that read only their input's shape (accord.trace.rules)
+_SHAPE_RULES = frozenset({"constant", "metadata"})
 # the rules that keep or take apart the pieces of a fused projection (Feat.pieces)
 _PIECE_RULES = frozenset({"transpose", "permute", "movedim", "select", "split", "passthrough"})
