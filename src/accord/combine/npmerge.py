@@ -17,7 +17,8 @@ coefficients to fit on the calibration set.
 ``scheme="pairwise"`` (the paper's route for N > 2) trains one sigmoid logit tensor per stage
 between the running merge and the next model. Memory: the logits and Adam's two moments are 3
 tensors of each model's size per model (joint) or per stage (pairwise), next to the N (or 2)
-stacked copies of the aligned parameters (with ``granularity="channel"``, a row each instead).
+stacked copies of the aligned parameters; with ``granularity="channel"`` those 3 hold one value
+per output channel of each weight instead.
 """
 
 from __future__ import annotations
