@@ -219,6 +219,40 @@ def test_memory_is_three_times_the_parameters_per_model() -> None:
     assert pairwise.memory_bytes["logits"] == size
 
 
+@pytest.mark.parametrize("scheme", ["joint", "pairwise"])
+def test_channel_granularity_learns_one_coefficient_per_output_channel(scheme: str) -> None:
+    """Models 0, 1, 2 hold 1, 2, 6 everywhere: the start is their average, 3, and the
+    trained coefficients are constant along every axis but a weight's first."""
+    template = mlp(9)
+    states = [
+        {k: torch.full_like(v, value) for k, v in template.state_dict().items()}
+        for value in (1.0, 2.0, 6.0)
+    ]
+    start = np_merge(
+        template, states, toy_data(), scheme=scheme, epochs=0, progress=False, granularity="channel"
+    )
+    for value in start.state.values():
+        torch.testing.assert_close(value, torch.full_like(value, 3.0), rtol=0, atol=1e-6)
+    states = states_of(mlp(0), mlp(1), mlp(2))
+    result = np_merge(
+        template, states, toy_data(), scheme=scheme, lr=0.05, progress=False, granularity="channel"
+    )
+    for key, weights in result.coefficients.items():
+        assert weights.shape == (3, *states[0][key].shape)
+        torch.testing.assert_close(weights.sum(0), torch.ones_like(weights[0]))
+        rows = weights.flatten(2) if weights.dim() > 2 else weights.unsqueeze(-1)
+        torch.testing.assert_close(rows, rows[..., :1].expand_as(rows), rtol=0, atol=0)
+    assert result.coefficients["0.weight"][0, :, 0].std() > 0  # rows learn apart
+    # logits: one per row of the two weights (16 + 3) and per entry of the biases (16 + 3)
+    per_model = 2 * (16 + 3) * 4
+    assert result.memory_bytes["logits"] == (3 if scheme == "joint" else 1) * per_model
+
+
+def test_unknown_granularity_is_refused() -> None:
+    with pytest.raises(MergeError, match=r"granularity='row'.*parameter, channel"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), granularity="row")
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

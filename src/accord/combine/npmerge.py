@@ -10,10 +10,15 @@ with ``a = 0`` at the start, which is the plain average. Only the logits train (
 aligned parameters are frozen constants. The loss is cross-entropy on labels, or
 KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels.
 
+``granularity="channel"`` trains one logit per output channel (row) of each parameter instead,
+broadcast over the rest of the tensor (a 1-d parameter keeps one per entry): far fewer
+coefficients to fit on the calibration set.
+
 ``scheme="pairwise"`` (the paper's route for N > 2) trains one sigmoid logit tensor per stage
 between the running merge and the next model. Memory: the logits and Adam's two moments are 3
 tensors of each model's size per model (joint) or per stage (pairwise), next to the N (or 2)
-stacked copies of the aligned parameters.
+stacked copies of the aligned parameters; with ``granularity="channel"`` those 3 hold one value
+per output channel of each weight instead.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from accord.registry import (
 
 LOSSES = ("ce", "kl")
 SCHEMES = ("joint", "pairwise")
+GRANULARITIES = ("parameter", "channel")
 
 Weigh = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,6 +93,7 @@ class _Task:
     device: torch.device
     progress: bool
     validation: Any = None
+    granularity: str = "parameter"
 
 
 def _check_arguments(
@@ -95,12 +102,19 @@ def _check_arguments(
     loss: str,
     teachers: Sequence[nn.Module] | None,
     scheme: str,
-    settings: tuple[int, int | None, float],
+    settings: tuple[int, int | None, float, str],
 ) -> None:
     """Every problem with the arguments, raised at once before any work."""
-    epochs, max_samples, lr = settings
+    epochs, max_samples, lr, granularity = settings
     record = lookup("combine", "npmerge")
-    given = {"loss": loss, "scheme": scheme, "epochs": epochs, "max_samples": max_samples, "lr": lr}
+    given = {
+        "loss": loss,
+        "scheme": scheme,
+        "epochs": epochs,
+        "max_samples": max_samples,
+        "lr": lr,
+        "granularity": granularity,
+    }
     problems = []
     for name, value in given.items():  # the ranges and choices of the record, at once
         problem = record.option(name).problem(value)
@@ -275,6 +289,14 @@ def _nbytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _logit_shape(shape: torch.Size, granularity: str) -> tuple[int, ...]:
+    """The shape of a parameter's coefficient logits (per model): the parameter's, or with
+    ``granularity="channel"`` one per output channel, broadcast over the other axes."""
+    if granularity == "channel" and len(shape) > 1:
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    return tuple(shape)
+
+
 def _train_stage(
     task: _Task,
     constants: dict[str, torch.Tensor],
@@ -353,11 +375,17 @@ def _joint(
         for n in names
     }
     logits = {
-        n: torch.zeros_like(c, dtype=torch.float32).requires_grad_() for n, c in constants.items()
+        n: torch.zeros(
+            len(states), *_logit_shape(c.shape[1:], task.granularity), device=task.device
+        ).requires_grad_()
+        for n, c in constants.items()
     }
     record = _train_stage(task, constants, logits, lambda a: torch.softmax(a, 0), "NP Merge")
     record["models"] = list(range(len(states)))
-    weights = {n: torch.softmax(a.detach().cpu().double(), 0) for n, a in logits.items()}
+    weights = {
+        n: torch.softmax(a.detach().cpu().double(), 0).expand(constants[n].shape).clone()
+        for n, a in logits.items()
+    }
     return weights, [record]
 
 
@@ -385,7 +413,9 @@ def _pairwise(
             for n in names
         }
         logits = {
-            n: torch.full(states[0][n].shape, math.log(k), device=task.device).requires_grad_()
+            n: torch.full(
+                _logit_shape(states[0][n].shape, task.granularity), math.log(k), device=task.device
+            ).requires_grad_()
             for n in names
         }
         record = _train_stage(
@@ -394,7 +424,7 @@ def _pairwise(
         record["models"] = list(range(k + 1))
         records.append(record)
         for n, a in logits.items():
-            pair = _sigmoid_pair(a.detach().cpu().double())
+            pair = _sigmoid_pair(a.detach().cpu().double().expand(states[0][n].shape))
             weights[n] = torch.cat([weights[n] * pair[0], pair[1:]])
     return weights, records
 
@@ -432,6 +462,7 @@ def np_merge(
     seed: int = 0,
     progress: bool = True,
     validation: Any = None,
+    granularity: str = "parameter",
 ) -> NPMergeResult:
     """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
 
@@ -445,7 +476,9 @@ def np_merge(
     ``validation`` batches ``(inputs, labels)``, the accuracy at the start and after every pass
     is measured there (BatchNorm on batch statistics, as trained) and each stage keeps the
     coefficients of its best pass (early stopping): the stages' ``validation`` and
-    ``kept_pass`` say which.
+    ``kept_pass`` say which. ``granularity="channel"``: one logit per output channel (row)
+    of each parameter, broadcast over its other axes (1-d parameters: one per entry);
+    ``coefficients`` still have each parameter's full shape.
 
     The coefficients are trained with BatchNorm normalising by batch statistics (the model
     runs in train mode); the returned buffers are the plain averages, untouched by training,
@@ -458,7 +491,7 @@ def np_merge(
     ((2, 2, 2), 5)
     """
     states = list(states)
-    _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr))
+    _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr, granularity))
     params, aliases = _parameters(model, states)
     base = average_states(states)
     device = torch.device(device)
@@ -475,6 +508,7 @@ def np_merge(
         device=device,
         progress=progress,
         validation=validation,
+        granularity=granularity,
     )
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with rng, _teaching(task.teachers, device):
@@ -532,6 +566,13 @@ def _result(
         Option("epochs", int, 5, "passes over the calibration data", Limits(0), grid=(0,)),
         Option("lr", float, 0.025, "Adam's learning rate", POSITIVE),
         Option("max_samples", int, None, "samples per stage at most", Limits(0), nullable=True),
+        Option(
+            "granularity",
+            str,
+            "parameter",
+            "one coefficient per parameter entry, or per output channel",
+            choices=GRANULARITIES,
+        ),
     ),
     needs=Needs(data=True, labels=True),
     tensorwise=False,
@@ -548,13 +589,20 @@ def combine_npmerge(
     epochs: int,
     lr: float,
     max_samples: int | None,
+    granularity: str,
 ) -> Combined:
     """The record's function: :func:`np_merge` of the aligned states, the models as teachers;
     the report holds its options, loss curve, stages, memory and each parameter's mean weight
     per model. (An untrained start, ``epochs=0``, is ``options="auto"``'s other candidate.)"""
     if context.data is None:
         raise MergeError("NP Merge needs a calibration set: pass data=... (training batches)")
-    options = {"loss": loss, "scheme": scheme, "epochs": epochs, "lr": lr}
+    options = {
+        "loss": loss,
+        "scheme": scheme,
+        "epochs": epochs,
+        "lr": lr,
+        "granularity": granularity,
+    }
     outcome = np_merge(
         context.models[0],
         states,
