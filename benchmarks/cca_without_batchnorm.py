@@ -125,7 +125,7 @@ def variants(quick: bool) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
-NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float}
+NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float, "dead_fallback": float}
 
 
 def spliced(permuted: set[str]):
