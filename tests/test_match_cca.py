@@ -264,13 +264,15 @@ def test_dead_fallback_permutes_a_space_of_mostly_dead_features() -> None:
     size = perm.numel()
     expected = torch.zeros(size, size, dtype=torch.float64)
     expected[torch.arange(size), torch.argsort(perm)] = 1.0
-    alignment = match("cca", one_space(size), stats, states(2), dead_fallback=0.5)
-    report = alignment.report["h"]
-    torch.testing.assert_close(alignment.transforms[1]["h"].matrix, expected, atol=0, rtol=0)
-    assert report["method"] == "permutation"
-    assert "50% of the features are nearly dead" in report["notes"][0]
+    for options in ({"dead_fallback": 0.5}, {}):  # the default, 0.3, permutes it too
+        alignment = match("cca", one_space(size), stats, states(2), **options)
+        report = alignment.report["h"]
+        matrix = alignment.transforms[1]["h"].matrix
+        torch.testing.assert_close(matrix, expected, atol=0, rtol=0)
+        assert report["method"] == "permutation"
+        assert "50% of the features are nearly dead" in report["notes"][0]
     # half the features are nearly dead: a higher threshold, or none, keeps the dense CCA map
-    for options in ({"dead_fallback": 0.6}, {}):
+    for options in ({"dead_fallback": 0.6}, {"dead_fallback": None}):
         alignment = match("cca", one_space(size), stats, states(2), **options)
         matrix = alignment.transforms[1]["h"].matrix
         assert alignment.report["h"]["method"] == "cca"

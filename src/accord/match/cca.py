@@ -240,6 +240,13 @@ def procrustes(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
 NEARLY_DEAD = 0.01
 
 
+# The default dead_fallback: on the VGG11×0.5 no-BatchNorm pairs of issue 17 (design
+# measurements) 0.3 permuted the dead-heavy spaces of a weakly trained pair (+6.6 points over
+# CCA alone) and no space of a well-trained set; 0.1 and 0.2 permuted some of the latter's too
+# and cost it up to 3.6 points.
+DEAD_FALLBACK = 0.3
+
+
 def nearly_dead_fraction(covariance_matrix: Tensor) -> float:
     """The fraction of features whose variance is below ``NEARLY_DEAD`` × the mean variance."""
     variance = torch.diagonal(covariance_matrix)
@@ -259,9 +266,9 @@ def cca_match(
     """CCA Merge of model i onto the reference in one space (block-diagonal when grouped).
 
     ``dead_fallback``: when at least this fraction of either model's features is nearly dead
-    (:func:`nearly_dead_fraction`), the space gets activation matching's permutation instead,
-    and the report says so. Report: ``canonical_correlations`` (all groups, descending) and
-    their mean.
+    (:func:`nearly_dead_fraction`), a dense space gets activation matching's permutation
+    instead, and the report says so. Report: ``canonical_correlations`` (all groups,
+    descending) and their mean.
     """
     if space.maps == "permutation":
         note = "fell back to permutation: the space admits permutations only"
@@ -269,7 +276,7 @@ def cca_match(
     sxx = covariance(stats, reference, reference, space.name)
     syy = covariance(stats, i, i, space.name)
     sxy = covariance(stats, reference, i, space.name)
-    if dead_fallback is not None:
+    if dead_fallback is not None and space.maps != "orthogonal":
         dead_share = max(nearly_dead_fraction(sxx), nearly_dead_fraction(syy))
         if dead_share >= dead_fallback:
             note = (
@@ -332,7 +339,7 @@ def cca_match(
         Option(
             "dead_fallback",
             float,
-            None,
+            DEAD_FALLBACK,
             "permute spaces with at least this fraction of nearly dead features",
             FRACTION,
             nullable=True,
@@ -356,8 +363,9 @@ def match_cca(
 
     ``ridge`` (r > 0): scale-relative regulariser ``g = r·trace(S)/C`` per side; choose it on
     a validation split. ``absolute_ridge`` (g > 0): overrides it with one absolute g.
-    ``dead_fallback`` (0 < f ≤ 1): spaces where at least a fraction f of either model's
-    features is nearly dead (variance below 1 % of the mean) are permuted instead.
+    ``dead_fallback`` (0 < f ≤ 1, default 0.3; None: off): dense spaces where at least a
+    fraction f of either model's features is nearly dead (variance below 1 % of the space's
+    mean) get activation matching's permutation instead.
     """
     check_ridge("ridge", ridge)
     if absolute_ridge is not None:
