@@ -125,7 +125,7 @@ def variants(quick: bool) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
-NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float}
+NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float, "dead_fallback": float}
 
 
 def spliced(permuted: set[str]):
@@ -319,6 +319,12 @@ def main() -> None:
             results.setdefault(label, {})[f"N={size}"] = accuracy
             seconds = time.perf_counter() - clock
             print(f"N={size} {label:36s} {100 * accuracy:5.1f}  ({seconds:.0f}s)", flush=True)
+            spaces = merged.report.get("spaces", {})
+            permuted = [
+                s for s, entry in spaces.items() if "permutation" in entry.get("method", "")
+            ]
+            if method == "cca" and permuted:
+                print(f"  permuted: {' '.join(permuted)}", flush=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps(

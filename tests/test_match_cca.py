@@ -242,3 +242,38 @@ def test_permuted_twins_with_degenerate_features_give_the_permutation(
     varying = torch.diagonal(statistics({"h": [x]}).spaces["h"].covariance(0, 0)) > 0
     # constant features are paired one to one in some order; every other one is recovered
     torch.testing.assert_close(matrix[varying], expected[varying], atol=1e-5, rtol=0)
+
+
+def mostly_dead_twins(live: int = 4, dead: int = 4) -> tuple[Statistics, torch.Tensor]:
+    """Model 0: ``live`` features and ``dead`` nearly dead ones (firing weakly on 2 samples
+    each); model 1: the same features permuted, the live ones with a little noise of their own
+    (so that CCA's map is dense, not a permutation)."""
+    generator = torch.Generator().manual_seed(3)
+    x = features(300, live, 5)
+    sparse = torch.zeros(x.shape[0], dead, dtype=torch.float64)
+    for c in range(dead):
+        sparse[2 * c : 2 * c + 2, c] = 0.01 * (1 + torch.rand(2, generator=generator))
+    x = torch.cat([x, sparse], dim=1)
+    noise = torch.cat([0.2 * features(300, live, 6), torch.zeros_like(sparse)], dim=1)
+    perm = torch.randperm(live + dead, generator=generator)
+    return statistics({"h": [x, (x + noise)[:, perm]]}), perm
+
+
+def test_dead_fallback_permutes_a_space_of_mostly_dead_features() -> None:
+    stats, perm = mostly_dead_twins()
+    size = perm.numel()
+    expected = torch.zeros(size, size, dtype=torch.float64)
+    expected[torch.arange(size), torch.argsort(perm)] = 1.0
+    for options in ({"dead_fallback": 0.5}, {"dead_fallback": 0.3}):
+        alignment = match("cca", one_space(size), stats, states(2), **options)
+        report = alignment.report["h"]
+        matrix = alignment.transforms[1]["h"].matrix
+        torch.testing.assert_close(matrix, expected, atol=0, rtol=0)
+        assert report["method"] == "permutation"
+        assert "50% of the features are nearly dead" in report["notes"][0]
+    # half the features are nearly dead: a higher threshold, or none, keeps the dense CCA map
+    for options in ({"dead_fallback": 0.6}, {}):  # off by default
+        alignment = match("cca", one_space(size), stats, states(2), **options)
+        matrix = alignment.transforms[1]["h"].matrix
+        assert alignment.report["h"]["method"] == "cca"
+        assert float((matrix - expected).abs().max()) > 0.01

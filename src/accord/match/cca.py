@@ -45,7 +45,7 @@ from accord.match._common import (
     star_alignment,
 )
 from accord.match.permutation import permutation_match
-from accord.registry import POSITIVE, Needs, Option, alignment
+from accord.registry import FRACTION, POSITIVE, Needs, Option, alignment
 from accord.spec import FeatureSpace, Spec
 from accord.statistics import SpaceStatistics, Statistics
 
@@ -235,6 +235,17 @@ def procrustes(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
     return tied_polar(sxy, partial(matching_target, sxx, syy, sxy))[0]
 
 
+# A feature is nearly dead when its variance is below this fraction of its space's mean
+# feature variance (ReLU units that fire on almost no sample).
+NEARLY_DEAD = 0.01
+
+
+def nearly_dead_fraction(covariance_matrix: Tensor) -> float:
+    """The fraction of features whose variance is below ``NEARLY_DEAD`` × the mean variance."""
+    variance = torch.diagonal(covariance_matrix)
+    return float((variance < NEARLY_DEAD * variance.mean()).double().mean())
+
+
 def cca_match(
     space: FeatureSpace,
     stats: SpaceStatistics,
@@ -243,10 +254,14 @@ def cca_match(
     *,
     ridge: float,
     absolute_ridge: float | None,
+    dead_fallback: float | None = None,
 ) -> Matched:
     """CCA Merge of model i onto the reference in one space (block-diagonal when grouped).
 
-    Report: ``canonical_correlations`` (all groups, descending) and their mean.
+    ``dead_fallback``: when at least this fraction of either model's features is nearly dead
+    (:func:`nearly_dead_fraction`), a dense space gets activation matching's permutation
+    instead, and the report says so. Report: ``canonical_correlations`` (all groups,
+    descending) and their mean.
     """
     if space.maps == "permutation":
         note = "fell back to permutation: the space admits permutations only"
@@ -254,6 +269,14 @@ def cca_match(
     sxx = covariance(stats, reference, reference, space.name)
     syy = covariance(stats, i, i, space.name)
     sxy = covariance(stats, reference, i, space.name)
+    if dead_fallback is not None and space.maps != "orthogonal":
+        dead_share = max(nearly_dead_fraction(sxx), nearly_dead_fraction(syy))
+        if dead_share >= dead_fallback:
+            note = (
+                f"fell back to permutation: {dead_share:.0%} of the features are nearly dead "
+                f"(dead_fallback={dead_fallback})"
+            )
+            return permutation_match(space, stats, reference, i, note)
     maps, inverses, correlations, dead = [], [], [], 0
     for part in group_slices(space.size, space.groups):
         block_xx, block_yy, block_xy = sxx[part, part], syy[part, part], sxy[part, part]
@@ -306,6 +329,15 @@ def cca_match(
             nullable=True,
             why=RIDGE_WHY,
         ),
+        Option(
+            "dead_fallback",
+            float,
+            None,
+            "permute spaces with at least this fraction of nearly dead features",
+            FRACTION,
+            nullable=True,
+            why="it is a fraction of a space's features",
+        ),
     ),
     needs=Needs(data=True),
     compare=5,
@@ -318,14 +350,20 @@ def match_cca(
     *,
     ridge: float,
     absolute_ridge: float | None,
+    dead_fallback: float | None,
 ) -> Alignment:
     """Align every model to the reference with CCA Merge (star).
 
     ``ridge`` (r > 0): scale-relative regulariser ``g = r·trace(S)/C`` per side; choose it on
     a validation split. ``absolute_ridge`` (g > 0): overrides it with one absolute g.
+    ``dead_fallback`` (0 < f ≤ 1; None, the default: off): dense spaces where at least a
+    fraction f of either model's features is nearly dead (variance below 1 % of the space's
+    mean) get activation matching's permutation instead.
     """
     check_ridge("ridge", ridge)
     if absolute_ridge is not None:
         check_ridge("absolute_ridge", absolute_ridge)
-    align = partial(cca_match, ridge=ridge, absolute_ridge=absolute_ridge)
+    align = partial(
+        cca_match, ridge=ridge, absolute_ridge=absolute_ridge, dead_fallback=dead_fallback
+    )
     return star_alignment(spec, statistics, len(states), reference, "cca", align)
