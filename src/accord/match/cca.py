@@ -363,6 +363,13 @@ def match_cca(
     check_ridge("ridge", ridge)
     if absolute_ridge is not None:
         check_ridge("absolute_ridge", absolute_ridge)
+    if dead_fallback is not None:
+        check_option("dead_fallback", dead_fallback, low=0.0, high=1.0)
+        if dead_fallback == 0:
+            raise MergeError(
+                "option dead_fallback=0 would permute every space; give a fraction in (0, 1], "
+                "or None to keep CCA's maps everywhere"
+            )
     align = partial(
         cca_match, ridge=ridge, absolute_ridge=absolute_ridge, dead_fallback=dead_fallback
     )
