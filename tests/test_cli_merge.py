@@ -183,6 +183,7 @@ def test_options_are_parsed_by_the_types_of_the_method_options(
         "epochs": 0,
         "lr": 1.0,
         "max_samples": None,
+        "granularity": "parameter",
     }
     for option, message in (
         ("ridge", "--option 'ridge': expected KEY=VALUE"),
