@@ -331,6 +331,8 @@ PACKED_EXPERTS = (
     "dots1",
     "deepseek-v2",
     "deepseek-v3",
+    # a Python loop over the experts' slices, their rows concatenated before the activation
+    "jetmoe",
 )
 
 
@@ -376,6 +378,64 @@ def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: 
         torch.testing.assert_close(got.mean, torch.stack([a.mean(0), b.mean(0)]))
         cross = (a - a.mean(0)).T @ (b - b.mean(0)) / (len(a) - 1)
         torch.testing.assert_close(got.covariance(0, 1), cross)
+
+
+def test_jetmoe_experts_cut_by_run_time_sizes_get_one_space_each(traced: Any) -> None:
+    """JetMoE splits its tokens, sorted by expert, into one piece per expert by sizes known
+    at run time, runs each piece through its expert's slice of the packed weight in a Python
+    loop and concatenates the rows again before the activation: the split and the
+    concatenation in order are one grouping of the rows, so each expert's hidden units are
+    a space of their own, observed on the rows of its piece (found from the split's pieces)
+    and summed back into every token, so that models routing differently pair samples by
+    token. Checked against the experts computed by hand."""
+    model, x, spec = traced("jetmoe")
+    mlp = "model.model.layers.0.mlp"
+    split = "model_model_layers_0_mlp_input_linear_split_with_sizes"
+    for expert in range(4):
+        hidden = spec[f"{mlp}.input_linear[{expert}]"]
+        assert hidden.free and hidden.maps == "permutation" and hidden.size == 48
+        assert hidden.writers == (
+            AxisRef(f"{mlp}.input_linear.weight", 1, at=(0, expert)),
+            AxisRef(f"{mlp}.input_linear.weight", 1, 1, 48, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(f"{mlp}.output_linear.weight", 2, at=(0, expert)),)
+        assert [point.rows for point in hidden.observe] == [(split, expert)]
+    # the stream is not observed on the pieces: how many rows each holds depends on the router
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    assert stream.free and not any("getitem" in point.node for point in stream.observe)
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["jetmoe"]()[0]).eval()
+    x = FAMILIES["jetmoe"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_jetmoe_hidden(m, x) for m in (model, other)]
+    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
+    for expert in range(4):
+        got = stats.spaces[f"{mlp}.input_linear[{expert}]"]
+        a, b = (h[:, expert].double() for h in hidden)
+        assert got.count == x.numel()
+        torch.testing.assert_close(got.mean, torch.stack([a.mean(0), b.mean(0)]))
+        cross = (a - a.mean(0)).T @ (b - b.mean(0)) / (len(a) - 1)
+        torch.testing.assert_close(got.covariance(0, 1), cross)
+
+
+def _jetmoe_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of JetMoE's only MLP: ``silu(gate)`` of each expert for
+    the tokens its router sends there, zero elsewhere."""
+    moe, seen = model.model.model.layers[0].mlp, {}
+    handle = moe.register_forward_hook(lambda _m, args, _o: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        chosen = moe.router.layer(h).topk(moe.router.top_k, dim=1).indices
+        experts = []
+        for expert in range(moe.input_linear.weight.shape[0]):
+            gate = (h @ moe.input_linear.weight[expert].T).chunk(2, dim=-1)[0]
+            sent = (chosen == expert).any(-1, keepdim=True)
+            experts.append(torch.nn.functional.silu(gate) * sent)
+    return torch.stack(experts, dim=1)
 
 
 def _expert_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ class _Observer(nn.Module):
         block: int = 1,
         rows: tuple[str, int] | None = None,
         scatter: tuple[str, str] | None = None,
-        offsets: torch.Tensor | None = None,
+        offsets: Any = None,
         index: torch.Tensor | None = None,
         source: torch.Tensor | None = None,
     ) -> None:
@@ -125,22 +125,30 @@ class _Observer(nn.Module):
             accumulator.observe(self.model, at, seen)
 
 
+def group_rows(offsets: Any, group: int) -> tuple[int, int]:
+    """``(first row, rows)`` of group ``group`` (:class:`Observation` ``rows``): between the
+    end offsets of groups ``group - 1`` and ``group``, or, where the offsets node is a split
+    along axis 0 (its pieces), the rows of piece ``group``."""
+    if isinstance(offsets, list | tuple):
+        return sum(len(piece) for piece in offsets[:group]), len(offsets[group])
+    start = int(offsets[group - 1]) if group > 0 else 0
+    return start, int(offsets[group]) - start
+
+
 def _rows_seen(
     tensor: torch.Tensor,
     rows: tuple[str, int] | None,
-    offsets: torch.Tensor | None,
+    offsets: Any,
     index: torch.Tensor | None,
     source: torch.Tensor | None,
 ) -> torch.Tensor:
     """The samples of an observation with ``rows`` or ``scatter`` (:class:`Observation`): the
-    rows of one group along axis 0, from the end offset of the group before (0 for the first)
-    to the group's own; then, with an index and its source, those rows summed back into zeros
-    of the source's rows."""
+    rows of one group along axis 0 (:func:`group_rows`); then, with an index and its source,
+    those rows summed back into zeros of the source's rows."""
     if rows is not None and offsets is not None:
-        group = rows[1]
-        start = int(offsets[group - 1]) if group > 0 else 0
-        tensor = tensor.narrow(0, start, int(offsets[group]) - start)
-        index = None if index is None else index.narrow(0, start, tensor.shape[0])
+        start, size = group_rows(offsets, rows[1])
+        tensor = tensor.narrow(0, start, size)
+        index = None if index is None else index.narrow(0, start, size)
     if index is None or source is None:
         return tensor
     summed = tensor.new_zeros((source.shape[0], *tensor.shape[1:]))

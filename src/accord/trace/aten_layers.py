@@ -61,7 +61,25 @@ def _matrix_writer(call: Call, x: Any, weight: Any, bias: Any, transposed: bool)
     size = shape[-1]
     name = _space_name(weight.param) + ("" if weight.picked is None else f"[{weight.picked[1]}]")
     out = write(call, name, size, shape, len(shape) - 1, tuple(refs))
+    if x.group is not None and weight.picked is not None:
+        _by_group(call, x, out, weight, (reads, writes))
     return _computed_weights(call, x, out, weight, bias)
+
+
+def _by_group(call: Call, x: Feat, out: Feat, weight: Feat, axes: tuple[int, int]) -> None:
+    """One expert's slice ``W[e]`` of a packed parameter on the rows of one group (JetMoE's
+    experts in a Python loop, each on its piece of the tokens): where the group is expert
+    ``e``'s, its claims on ``x``'s spaces and on the output's are made expert by expert, as
+    a grouped product's (:func:`grouped_mm`); else those spaces stay one for every expert."""
+    (routed, group), (expert_axis, expert) = x.group, weight.picked
+    claims = [(space, axes[0]) for space in call.table.spaces(x)]
+    claims += [(space, axes[1]) for space in call.table.spaces(out)]
+    for space, axis in claims:
+        record = call.table.record(space)
+        if group == expert:
+            _by_expert(record, routed, (weight.param, axis), expert_axis)
+        else:
+            record.crossed = True
 
 
 def _computed_weights(call: Call, x: Any, out: Feat, weight: Feat, bias: Feat | None) -> Feat:

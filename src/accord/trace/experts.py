@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import fx
 
 from accord.spec import AxisRef, FeatureSpace
 from accord.trace.state import Call, Feat, Routed, SpaceRecord, Tup, Walk
@@ -57,24 +58,82 @@ _WRITER_PACKETS = frozenset({aten.linear, aten.addmm, aten.mm, aten.matmul})
 
 
 def carry_rows(call: Call, result: Any) -> Any:
-    """``result`` with ``Feat.routed`` and ``Feat.gathered`` kept where the call keeps its
-    input's rows, else dropped (a rule may return its input as it is): operators acting row
-    by row keep both; writers (a Linear, a grouped product) keep where the rows came from.
-    The grouped products set their grouping, ``aten.index`` its gathering."""
+    """``result`` with ``Feat.routed``, ``Feat.gathered`` and ``Feat.group`` kept where the
+    call keeps its input's rows, else dropped (a rule may return its input as it is):
+    operators acting row by row keep all three; writers (a Linear, a grouped product) keep
+    where the rows came from and the group. The grouped products set their grouping,
+    ``aten.index`` its gathering, a split along axis 0 the group of each piece, and a
+    concatenation of the groups of one grouping in order the grouping."""
     inputs = [f for f in feats(call_args(call)) if f.param is None]
     packet = getattr(call.node.target, "overloadpacket", None)
     grouped = _name(call.node.target) in _GROUPED
-    row_by_row = call.node.target is operator.getitem or packet in _ROW_PACKETS
+    if call.node.target is operator.getitem:
+        return result  # the item taken is marked as the call that made it marked it
+    row_by_row = packet in _ROW_PACKETS
     writer = grouped or (packet in _WRITER_PACKETS and len(inputs) == 1)
     if grouped or packet is aten.index:
         own = result if isinstance(result, Feat) else Feat(())
         routed = own.routed if grouped else None
         gathered = own.gathered if packet is aten.index else _only(f.gathered for f in inputs)
-        return _marked(result, routed, gathered, None)
-    rows = {f.shape[0] for f in inputs if f.routed or f.gathered}
+        return _marked(result, routed, gathered, None, None)
+    if packet is aten.split_with_sizes and _row_dim(call) == 0:
+        return _split_rows(call, result)
+    if packet is aten.cat and _row_dim(call) == 0:
+        joined = _joined_groups(call, result)
+        if joined is not None:
+            return joined
+    rows = {f.shape[0] for f in inputs if f.routed or f.gathered or f.group}
     routed = _only(f.routed for f in inputs) if row_by_row else None
     gathered = _only(f.gathered for f in inputs) if row_by_row or writer else None
-    return _marked(result, routed, gathered, rows if len(rows) == 1 else set())
+    group = _only(f.group for f in inputs) if row_by_row or writer else None
+    return _marked(result, routed, gathered, rows if len(rows) == 1 else set(), group)
+
+
+def _row_dim(call: Call) -> int | None:
+    """The axis a split or concatenation runs along, when it is a plain int."""
+    dim = call.node.args[2] if len(call.node.args) > 2 else call.node.kwargs.get("dim", 0)
+    if call.node.target.overloadpacket is aten.cat:
+        dim = call.node.args[1] if len(call.node.args) > 1 else call.node.kwargs.get("dim", 0)
+    return dim if isinstance(dim, int) else None
+
+
+def _split_rows(call: Call, result: Any) -> Any:
+    """A 2-d activation split along its rows by sizes (JetMoE cuts its tokens, sorted by
+    expert, into one piece per expert by sizes known at run time): piece ``g`` holds group
+    ``g`` of the grouping of those sizes, one grouping per list of sizes (the split that
+    first cuts by them names it, and is where an observer finds the groups' rows)."""
+    x, sizes = call.x, call.node.args[1]
+    fits = isinstance(x, Feat) and x.featured and x.ndim == 2 and x.axis == 1
+    fits = fits and x.param is None and x.heads is None and isinstance(result, Tup)
+    if not fits or not isinstance(sizes, list | tuple) or len(result.items) != len(sizes) < 2:
+        return _marked(result, None, None, None, None)
+    key = tuple(size.name if isinstance(size, fx.Node) else size for size in sizes)
+    routed, _ = call.walk.row_groups.setdefault(
+        key, (Routed(call.node.name, len(sizes)), x.gathered)
+    )
+    pieces = tuple(
+        _marked(item, None, None, None, (routed, g)) for g, item in enumerate(result.items)
+    )
+    return Tup(pieces)
+
+
+def _joined_groups(call: Call, result: Any) -> Any:
+    """The pieces of every group of one grouping concatenated in order along the rows
+    (JetMoE's experts' outputs): rows grouped so (``Feat.routed``), gathered where the rows
+    that were split were; None for any other concatenation."""
+    items = call.arg(0, "tensors")
+    if not isinstance(items, list | tuple) or not all(isinstance(i, Feat) for i in items):
+        return None
+    groups = [item.group for item in items]
+    if any(group is None for group in groups):
+        return None
+    routed = groups[0][0]
+    if groups != [(routed, g) for g in range(routed.groups)]:
+        return None
+    gathered = next(
+        (gathered for r, gathered in call.walk.row_groups.values() if r == routed), None
+    )
+    return _marked(result, routed, gathered, None, None)
 
 
 def _only(marks: Any) -> Any:
@@ -83,20 +142,26 @@ def _only(marks: Any) -> Any:
     return next(iter(found)) if len(found) == 1 else None
 
 
-def _marked(value: Any, routed: Routed | None, gathered: Any, rows: set[int] | None) -> Any:
+def _marked(
+    value: Any,
+    routed: Routed | None,
+    gathered: Any,
+    rows: set[int] | None,
+    group: tuple[Routed, int] | None,
+) -> Any:
     """``value`` (each item of a tuple) marked so where it is a 2-d activation with its
     features on axis 1 and, unless ``rows`` is None, as many rows as its inputs."""
     if isinstance(value, Tup):
-        return Tup(tuple(_marked(item, routed, gathered, rows) for item in value.items))
+        return Tup(tuple(_marked(item, routed, gathered, rows, group) for item in value.items))
     if not isinstance(value, Feat):
         return value
     fits = value.featured and value.axis != 0 and value.ndim == 2
     fits = fits and value.param is None and value.heads is None
     fits = fits and (rows is None or value.shape[0] in rows)
-    marks = (routed, gathered) if fits else (None, None)
-    if (value.routed, value.gathered) == marks:
+    marks = (routed, gathered, group) if fits else (None, None, None)
+    if (value.routed, value.gathered, value.group) == marks:
         return value
-    return replace(value, routed=marks[0], gathered=marks[1])
+    return replace(value, routed=marks[0], gathered=marks[1], group=marks[2])
 
 
 # the grouped products, whose rules set ``Feat.routed``
@@ -110,22 +175,27 @@ def _name(target: Any) -> str:
 
 def groupings_held(walk: Walk) -> dict[int, set[Routed | None]]:
     """Per space (its root), the row groupings of the tensors holding it (None: a tensor
-    whose rows are not grouped)."""
+    whose rows are not grouped; a tensor holding one group of a grouping counts as grouped
+    so)."""
     held: dict[int, set[Routed | None]] = {}
     for value in walk.values.values():
         for feat in feats(value):
+            grouping = feat.routed if feat.group is None else feat.group[0]
             for seg in feat.segs:
                 if seg.space is not None:
-                    held.setdefault(walk.table.find(seg.space), set()).add(feat.routed)
+                    held.setdefault(walk.table.find(seg.space), set()).add(grouping)
     return held
 
 
 def routing(walk: Walk, root: int, held: dict[int, set[Routed | None]]) -> Routed | None:
     """The row grouping by which ``root`` is one space per expert, or None: every axis of it
     is claimed expert by expert by grouped products of one grouping, and every tensor holding
-    it has its rows grouped so (``held``: :func:`groupings_held`)."""
+    it has its rows grouped so (``held``: :func:`groupings_held`), and no expert's rows met
+    another expert's slice of a parameter."""
     record = walk.table.records[root]
     if len(record.routed) != 1 or record.reasons or record.batchnorms or record.runs:
+        return None
+    if record.crossed:
         return None
     (routed,) = record.routed
     refs = [ref for refs in record.refs.values() for ref in refs]
@@ -141,9 +211,17 @@ def routing(walk: Walk, root: int, held: dict[int, set[Routed | None]]) -> Route
     return routed
 
 
-def per_expert(space: FeatureSpace, record: SpaceRecord, routed: Routed) -> list[FeatureSpace]:
+def per_expert(
+    space: FeatureSpace, record: SpaceRecord, routed: Routed, walk: Walk
+) -> list[FeatureSpace]:
     """``space`` as one space per expert: expert ``g``'s moves entry ``g`` of each tensor's
-    expert axis and is observed on the rows of group ``g``."""
+    expert axis and is observed on the rows of group ``g`` (at the points holding every
+    group's rows; a piece holding one group's is left out)."""
+    points = [
+        point
+        for point in space.observe
+        if getattr(walk.values.get(point.node), "routed", None) == routed
+    ]
 
     def refs(items: tuple[AxisRef, ...], expert: int) -> tuple[AxisRef, ...]:
         return tuple(
@@ -157,7 +235,7 @@ def per_expert(space: FeatureSpace, record: SpaceRecord, routed: Routed) -> list
             writers=refs(space.writers, expert),
             readers=refs(space.readers, expert),
             elementwise=refs(space.elementwise, expert),
-            observe=tuple(replace(point, rows=(routed.offsets, expert)) for point in space.observe),
+            observe=tuple(replace(point, rows=(routed.offsets, expert)) for point in points),
         )
         for expert in range(routed.groups)
     ]

@@ -58,7 +58,9 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     for root in roots:
         space = _space(table.records[root], names[root], observations.get(root, []))
         routed = routing(walk, root, held) if space.free else None
-        spaces += [space] if routed is None else per_expert(space, table.records[root], routed)
+        spaces += (
+            [space] if routed is None else per_expert(space, table.records[root], routed, walk)
+        )
     spec = Spec(
         spaces,
         type(model).__name__,
@@ -197,8 +199,9 @@ def _names(table: SpaceTable, roots: list[int]) -> dict[int, str]:
 def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
     """Per root, the observation points of the best kind it has (see ``_KINDS``)."""
     kinds = _KINDS[observe]
+    events = _events(walk)
     found: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
-    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+    for kind, node in events:
         value = walk.values.get(node)
         if kind not in kinds or not _pure(value):
             continue
@@ -206,14 +209,14 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
         if not walk.table.records[root].runs:  # whole heads are seen whole, see _runs
             found[root].setdefault(kind, []).append(Observation(node, value.axis))
     sliced: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
-    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+    for kind, node in events:
         value = walk.values.get(node)
         if kind in kinds and not _pure(value):
             for space, observation in _parts(walk, node, value):
                 sliced[space].setdefault(kind, []).append(observation)
     for root, lists in sliced.items():
         found.setdefault(root, lists)  # parts of a tensor only where nothing sees it whole
-    for root, lists in _runs(walk, kinds).items():
+    for root, lists in _runs(walk, kinds, events).items():
         found.setdefault(root, lists)
     chosen = {
         root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
@@ -229,12 +232,26 @@ def _scattered(walk: Walk, point: Observation) -> Observation:
     return point if gathered is None else replace(point, scatter=gathered)
 
 
-def _runs(walk: Walk, kinds: tuple[str, ...]) -> dict[int, dict[str, list[Observation]]]:
+def _events(walk: Walk) -> list[tuple[str, str]]:
+    """The events in graph order, but for tensors holding one group of rows of a grouping
+    (a piece of the tokens sorted by expert): how many rows a model sends to each group
+    depends on its router, so two models' rows there are not the same samples."""
+    events = sorted(walk.events, key=lambda event: walk.order[event[1]])
+    return [
+        (kind, node)
+        for kind, node in events
+        if getattr(walk.values.get(node), "group", None) is None
+    ]
+
+
+def _runs(
+    walk: Walk, kinds: tuple[str, ...], events: list[tuple[str, str]]
+) -> dict[int, dict[str, list[Observation]]]:
     """Per space of whole heads (``SpaceRecord.runs``), where a tensor holds it alone with each
     feature a block of entries (the heads' outputs where the output projection reads them),
     observed entry by entry; each kind keeps the points with its first point's block."""
     found: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
-    for kind, node in sorted(walk.events, key=lambda event: walk.order[event[1]]):
+    for kind, node in events:
         value = walk.values.get(node)
         if kind not in kinds or not isinstance(value, Feat) or not value.featured:
             continue

@@ -65,6 +65,7 @@ def split_features(
         tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True)),
         routed=x.routed,
         gathered=x.gathered,
+        group=x.group,
     )
     source = call.input_node()
     if source is not None:
@@ -82,5 +83,10 @@ def _relabel(call: Call, space: int, parts: list[int], sizes: list[int]) -> None
             block = value.segs[0].block
             segs = tuple(Seg(p, n, block) for p, n in zip(parts, sizes, strict=True))
             call.walk.values[name] = Feat(
-                value.shape, value.axis, segs, routed=value.routed, gathered=value.gathered
+                value.shape,
+                value.axis,
+                segs,
+                routed=value.routed,
+                gathered=value.gathered,
+                group=value.group,
             )

@@ -46,7 +46,9 @@ class Seg:
 class Routed:
     """Rows sorted into groups, as a mixture of experts sorts its tokens by expert: along axis
     0, group ``g`` holds the rows between the end offsets that node ``offsets`` holds for
-    ``g - 1`` and ``g`` (``groups`` of them; the first group starts at row 0)."""
+    ``g - 1`` and ``g`` (``groups`` of them; the first group starts at row 0), or, where node
+    ``offsets`` is a split along axis 0 (sizes known at run time only, JetMoE), the rows of
+    its piece ``g``."""
 
     offsets: str
     groups: int
@@ -93,6 +95,9 @@ class Feat:
     # (index, source): its rows are rows of the source picked by the 1-d integer index (the
     # tokens gathered for an expert), node names or state-dict keys (accord.trace.experts)
     gathered: tuple[str, str] | None = None
+    # (grouping, g): its rows are group ``g`` of the grouping alone, a piece of a split along
+    # axis 0 and what acts on it row by row (accord.trace.experts)
+    group: tuple[Routed, int] | None = None
     # a 1-d parameter cut into heads (DeBERTa's q and v biases, ``b.view(1, 1, H, -1)``):
     # entry ``h·D + j`` at index ``h`` of axis ``heads_of[0]`` and ``j`` of axis ``heads_of[1]``
     heads_of: tuple[int, int] | None = None
@@ -182,6 +187,9 @@ class SpaceRecord:
     # expert by expert, and per (tensor, feature axis) they claim, the tensor's expert axis
     routed: set[Routed] = field(default_factory=set)
     expert_axes: dict[tuple[str, int], int] = field(default_factory=dict)
+    # the rows of one expert's group met another expert's slice of a parameter: one space
+    # for all experts
+    crossed: bool = False
 
     def absorb(self, other: SpaceRecord) -> None:
         for role in ROLES:
@@ -197,6 +205,7 @@ class SpaceRecord:
         self.kept_groups |= other.kept_groups
         self.routed |= other.routed
         self.expert_axes.update(other.expert_axes)
+        self.crossed |= other.crossed
 
 
 def weaker(a: str, b: str) -> str:
@@ -315,6 +324,7 @@ class SpaceTable:
             self.record(part).kept_groups = record.kept_groups
             self.record(part).routed = set(record.routed)
             self.record(part).expert_axes = dict(record.expert_axes)
+            self.record(part).crossed = record.crossed
             parts.append(part)
             start += size
         record.refs["writers"], record.refs["elementwise"], record.batchnorms = [], [], []
@@ -508,6 +518,9 @@ class Walk:
         # qualified names of the modules kept opaque (torch.export walks; torch.fx keeps them
         # as single calls)
         self.leaves: set[str] = set()
+        # per list of split sizes (node names or ints), the grouping of rows that splits
+        # along axis 0 by those sizes cut, and where the rows so grouped were gathered from
+        self.row_groups: dict[tuple[Any, ...], tuple[Routed, tuple[str, str] | None]] = {}
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts
