@@ -875,3 +875,60 @@ def test_fourier_mixing_fixes_the_features_it_mixes(traced: Any) -> None:
     stream = _with(spec, "model.fnet.embeddings.projection.weight", 0)
     assert not stream.free and "aten.fft_fftn" in stream.reason
     _free(spec, "model.fnet.encoder.layer.0.intermediate.dense.weight", 0)
+
+
+class _TokensFromImages(nn.Module):
+    """JetMoE fed from images (its token ids read off the first pixels), for the image-only
+    analysis tools."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(1)[:, :7].abs().mul(20).long().clamp(2, 63)
+        return self.model(tokens).logits
+
+
+@pytest.mark.parametrize("name", ["mixtral", "jetmoe"])
+def test_precision_bench_takes_the_samples_statistics_take(name: str, traced: Any) -> None:
+    """An expert's space is observed on the tokens routed to it (``Observation.rows``: end
+    offsets for Mixtral, the pieces of a split for JetMoE), summed back into every token:
+    the precision bench's reference covariance is computed on the very samples
+    collect_statistics takes."""
+    from accord.bench.precision import _passes, covariances
+
+    model, _, spec = traced(name)
+    batches = [(FAMILIES[name]()[1](8), None)]
+    stats = accord.collect_statistics([model], batches, spec, progress=False, precision="float64")
+    reference, _ = covariances(_passes(model, spec, batches, False))
+    experts = [s.name for s in spec.free_spaces if any(p.rows for p in s.observe)]
+    assert len(experts) == 4
+    for space in experts:
+        assert stats.spaces[space].count == batches[0][0].numel()
+        torch.testing.assert_close(reference[space], stats.spaces[space].covariance(0, 0))
+
+
+def test_analysis_tools_leave_out_or_refuse_expert_rows(traced: Any) -> None:
+    """The tools that need one row per input leave out the nodes observed on one expert's
+    tokens (layer similarity, with a warning) or refuse such a space by name (unit
+    visualisation, the CKA attack)."""
+    from accord.analysis.cka_attack import cka_attack
+    from accord.analysis.similarity import layer_features
+    from accord.analysis.visualize import _spaces
+    from accord.data import Dataset
+
+    model, _, spec = traced("jetmoe")
+    experts = [s.name for s in spec.free_spaces if any(p.rows for p in s.observe)]
+    with pytest.warns(UserWarning, match="routed to one expert"):
+        features = layer_features(model, [(FAMILIES["jetmoe"]()[1](8),)], progress=False)
+    expert_nodes = {p.node for s in spec.spaces for p in s.observe if p.rows}
+    assert expert_nodes and not expert_nodes & set(features) and len(features["logits"]) == 8
+    transforms = {space.name: None for space in spec.spaces}
+    assert experts[0] not in _spaces(spec, transforms, None)
+    with pytest.raises(accord.ConfigError, match="routed to one expert"):
+        _spaces(spec, transforms, [experts[0]])
+    images = Dataset(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
+    wrapped = _TokensFromImages(model.model).eval()
+    with pytest.raises(ValueError, match="one expert's"):
+        cka_attack(wrapped, images, experts[0], 0.5)

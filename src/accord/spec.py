@@ -89,7 +89,8 @@ class Observation:
     consecutive entries from ``c * block`` there (a whole attention head owns its outputs).
     ``rows = (offsets node, g)``: only the rows of group ``g`` along axis 0 are samples, those
     between the end offsets the node ``offsets`` holds for groups ``g - 1`` and ``g`` (the
-    tokens a mixture of experts sent to expert ``g``, sorted by expert). ``scatter = (index
+    tokens a mixture of experts sent to expert ``g``, sorted by expert), or, where that node
+    is a split along axis 0, the rows of its piece ``g`` (JetMoE's). ``scatter = (index
     node, source node)``: the rows (those of the group) are rows of the source picked by the
     index, and are summed back into zeros of the source's rows, so that the samples are the
     source's rows (every token, zero where it did not reach the expert) in every model."""
@@ -100,6 +101,18 @@ class Observation:
     block: int = 1
     rows: tuple[str, int] | None = None
     scatter: tuple[str, str] | None = None
+
+    @property
+    def picks_rows(self) -> bool:
+        """Whether its samples are rows picked from the node's output (``rows``, ``scatter``)
+        rather than every position of every input."""
+        return self.rows is not None or self.scatter is not None
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The node observed and the nodes its rows are picked with (``rows``, ``scatter``)."""
+        rows = () if self.rows is None else (self.rows[0],)
+        return (self.node, *rows, *(self.scatter or ()))
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,17 @@ def cka_attack(
     spec = trace(reference, inputs[:2])
     by_name = {s.name: s for s in spec.spaces}
     chosen = by_name.get(space)
-    usable = [s.name for s in spec.spaces if s.free and s.observe and s.readers]
+    usable = [
+        s.name
+        for s in spec.spaces
+        if s.free and s.observe and s.readers and not any(p.picks_rows for p in s.observe)
+    ]
+    if chosen is not None and any(p.picks_rows for p in chosen.observe):
+        raise ValueError(
+            f"space {space!r} of {type(model).__name__} is one expert's, observed on the tokens "
+            "routed to it (Observation.rows): a map of its observed node would change every "
+            f"expert's rows; choose one of {usable}"
+        )
     if chosen is None or chosen.name not in usable:
         raise ValueError(
             f"space {space!r} of {type(model).__name__} is not one whose features are observed "

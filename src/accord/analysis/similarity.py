@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +147,23 @@ def layer_features(
     """Per layer (graph order, then ``"logits"``): one row per input, spatially averaged.
 
     Layers are the observation nodes of ``accord.trace(model, first batch)``; each feature
-    axis is moved last and every other non-batch axis is averaged.
+    axis is moved last and every other non-batch axis is averaged. Nodes observed on the rows
+    of one expert (a mixture of experts' tokens sorted by expert) hold no row per input:
+    they are left out, with a warning.
     """
     batches = iter(data)
     first = next(batches)
     example = first[0][:2]
     spec = trace(model, example)
-    axes = {point.node: point.axis for space in spec.spaces for point in space.observe}
+    points = [point for space in spec.spaces for point in space.observe]
+    picked = sorted({point.node for point in points if point.picks_rows})
+    if picked:
+        warnings.warn(
+            f"layer_features: node(s) {picked} left out: they are observed on the tokens "
+            "routed to one expert (Observation.rows), not one row per input",
+            stacklevel=3,
+        )
+    axes = {point.node: point.axis for point in points if point.node not in picked}
     graph = observed_model(
         model, axes, example, graph=spec.graph, leaf_modules=spec.leaf_modules
     ).to(device)

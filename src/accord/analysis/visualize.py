@@ -79,6 +79,11 @@ def _probe(spec: Spec, space: FeatureSpace, matrix: Tensor) -> UnitProbe:
     if not space.observe:
         raise ConfigError(f"space {space.name!r} has no observation point to read units from")
     point = space.observe[0]
+    if point.picks_rows:
+        raise ConfigError(
+            f"space {space.name!r} is observed on the tokens routed to one expert "
+            "(Observation.rows), not one activation per input: its units cannot be read so"
+        )
     matrix = matrix.to(torch.float64)
     return UnitProbe(point.node, point.axis, matrix, spec.graph, spec.leaf_modules)
 
@@ -258,9 +263,19 @@ class SpaceVisual:
 
 
 def _spaces(spec: Spec, transforms: dict[str, Any], names: Sequence[str] | None) -> list[str]:
-    available = [s.name for s in spec.spaces if s.name in transforms and s.observe]
+    """The spaces to show: those named, else every aligned space read one row per input (an
+    expert's, observed on the tokens routed to it, is not)."""
+    aligned = [s for s in spec.spaces if s.name in transforms and s.observe]
+    available = [s.name for s in aligned if not any(p.picks_rows for p in s.observe)]
     if not names:
         return available
+    experts = [n for n in names if n in {s.name for s in aligned} and n not in available]
+    if experts:
+        raise ConfigError(
+            f"space(s) {experts} are observed on the tokens routed to one expert "
+            "(Observation.rows), not one activation per input, so their units have no top "
+            f"inputs; choose from {available}"
+        )
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ConfigError(

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import accord
+from accord.statistics.collect import observed_samples
 from accord.trace.observe import observed_model
 from accord.trace.programs import shared_exports
 
@@ -30,12 +31,15 @@ Rows = dict[str, torch.Tensor]
 
 
 def _space_rows(spec: accord.Spec, observed: dict[str, torch.Tensor]) -> Rows:
-    """Each observed space's samples × features rows, its observation points pooled."""
+    """Each observed space's samples × features rows, its observation points pooled, each
+    point's samples as :func:`accord.collect_statistics` takes them (its part of the node's
+    features, the rows of its expert summed back into every token)."""
     rows = {}
     for space in spec.spaces:
         if space.free and space.observe:
             width = space.size * space.observed_block
-            parts = [observed[p.node].movedim(p.axis, -1).reshape(-1, width) for p in space.observe]
+            seen = [(observed_samples(p, width, observed), p.axis) for p in space.observe]
+            parts = [tensor.movedim(axis, -1).reshape(-1, width) for tensor, axis in seen]
             rows[space.name] = torch.cat(parts)
     return rows
 
@@ -43,7 +47,7 @@ def _space_rows(spec: accord.Spec, observed: dict[str, torch.Tensor]) -> Rows:
 def _passes(
     model: torch.nn.Module, spec: accord.Spec, batches: Sequence[Any], progress: bool
 ) -> Callable[[], Any]:
-    nodes = [p.node for s in spec.spaces if s.free for p in s.observe]
+    nodes = [node for s in spec.spaces if s.free for p in s.observe for node in p.nodes]
     example = batches[0][0]
     graph = observed_model(
         model, nodes, example, graph=spec.graph, leaf_modules=spec.leaf_modules

@@ -115,14 +115,38 @@ class _Observer(nn.Module):
         index: torch.Tensor | None = None,
         source: torch.Tensor | None = None,
     ) -> None:
-        for accumulator, at in self.uses[Observation(node, axis, offset, block, rows, scatter)]:
-            size, seen = accumulator.target.size, tensor
-            part = offset is not None and isinstance(tensor, torch.Tensor)
-            if part and tensor.shape[axis] >= offset + size:
-                seen = tensor.narrow(axis, offset, size)
-            if isinstance(seen, torch.Tensor):
-                seen = _rows_seen(seen, rows, offsets, index, source)
+        point = Observation(node, axis, offset, block, rows, scatter)
+        for accumulator, at in self.uses[point]:
+            seen = samples_seen(point, accumulator.target.size, tensor, offsets, index, source)
             accumulator.observe(self.model, at, seen)
+
+
+def samples_seen(
+    point: Observation,
+    size: int,
+    tensor: Any,
+    offsets: Any = None,
+    index: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+) -> Any:
+    """What ``point`` contributes of its node's output ``tensor``, ``size`` entries of it (the
+    space's size times the point's block): its part from ``offset`` on, then the rows it
+    picks (``rows`` and ``scatter``, with the outputs of the nodes they name: ``offsets``,
+    ``index``, ``source``)."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    axis, offset = point.axis, point.offset
+    if offset is not None and tensor.shape[axis] >= offset + size:
+        tensor = tensor.narrow(axis, offset, size)
+    return _rows_seen(tensor, point.rows, offsets, index, source)
+
+
+def observed_samples(point: Observation, size: int, observed: dict[str, Any]) -> Any:
+    """:func:`samples_seen` from the outputs of a model run that kept every node of
+    ``point.nodes`` (``observed``, by node name)."""
+    offsets = None if point.rows is None else observed[point.rows[0]]
+    index, source = (None, None) if point.scatter is None else map(observed.get, point.scatter)
+    return samples_seen(point, size, observed[point.node], offsets, index, source)
 
 
 def group_rows(offsets: Any, group: int) -> tuple[int, int]:
