@@ -805,37 +805,42 @@ def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "query_reason", "rotary_reason"),
+    ("name", "query_reason", "key_reason"),
     [
-        # V2 rotates through complex numbers: its query's parts are cat'ed as complex pairs
-        ("deepseek-v2", "aten.cat", "aten.view_as_complex"),
-        ("deepseek-v3", "key heads accord cannot map", "slicing"),
+        # V2 rotates through complex numbers (each head's pairs viewed as complex numbers
+        # across the heads), V3 through interleaved slices
+        ("deepseek-v2", "mixes heads", "aten.view_as_complex"),
+        ("deepseek-v3", "slicing", "slicing"),
     ],
 )
-def test_latent_attention_frees_its_latents_and_value_heads(
-    name: str, query_reason: str, rotary_reason: str, traced: Any
+def test_latent_attention_maps_each_head_without_positions(
+    name: str, query_reason: str, key_reason: str, traced: Any
 ) -> None:
     """DeepSeek's multi-head latent attention: the q latent and the kv latent (each
-    RMS-normed) permute. kv_b_proj's heads are cut into a key part without positions and a
-    value part (split_with_sizes within the heads); the key is written into an empty tensor
-    in place (``new_empty``, ``copy_``) beside a rotary part shared by every head, so q·k
-    stays fixed, but the heads stay in place and each value head maps with its output
-    columns (any invertible map)."""
+    RMS-normed) permute. Each query head is its part without positions (q_b_proj rows) beside
+    a rotated part; each key head its part without positions (kv_b_proj rows, cut from its
+    value by split_with_sizes within the heads) beside a rotated part shared by every head,
+    the two written into an empty tensor in place (``new_empty``, ``copy_``: a concatenation).
+    The rotated parts stay in place, and so do the heads; each head's parts without
+    positions are one q·k space (orthogonal maps: q rows write it, k rows read it), and each
+    value head maps with its output columns (any invertible map)."""
     _, _, spec = traced(name)
     attn = "model.model.layers.0.self_attn"
     _free(spec, f"{attn}.q_a_proj.weight", 0, maps="permutation")
     _free(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, maps="permutation")
     for head in range(4):
+        qk = _with(spec, f"{attn}.q_b_proj.weight", 0, 8 * head)
+        _free(spec, f"{attn}.q_b_proj.weight", 0, 8 * head, maps="orthogonal")
+        assert qk.size == 4
+        assert qk.readers == (AxisRef(f"{attn}.kv_b_proj.weight", 0, 1, 12 * head),)
+        rotated = _with(spec, f"{attn}.q_b_proj.weight", 0, 8 * head + 4)
+        assert not rotated.free and query_reason in rotated.reason
         value = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4)
         _free(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head + 4, maps="linear")
         assert value.size == 8
         assert value.readers == (AxisRef(f"{attn}.o_proj.weight", 1, 1, 8 * head),)
-        key = _with(spec, f"{attn}.kv_b_proj.weight", 0, 12 * head)
-        assert not key.free and "aten.copy_" in key.reason
-    query = _with(spec, f"{attn}.q_b_proj.weight", 0)
-    assert not query.free and query_reason in query.reason
     rotary_key = _with(spec, f"{attn}.kv_a_proj_with_mqa.weight", 0, 16)
-    assert not rotary_key.free and rotary_reason in rotary_key.reason
+    assert not rotary_key.free and key_reason in rotary_key.reason
     _free(spec, "model.model.embed_tokens.weight", 1, maps="permutation")
 
 

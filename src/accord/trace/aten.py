@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from accord.trace import aten_attention, aten_layers, heads, rules
+from accord.trace import aten_attention, aten_layers, concat, heads, rules
 from accord.trace.rules import Rule
 from accord.trace.split import split_features
 from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Tup, graph_name, plain
@@ -30,6 +30,8 @@ def slice_rule(call: Call) -> Any:
     x, shape = call.x, call.out_shape
     if not isinstance(x, Feat) or shape is None:
         return None
+    if concat.written_slice(call.node):
+        return call.plain()  # only copied into: it reads nothing of x
     dim = call.arg(1, "dim", 0) % x.ndim
     start, stop, step = _bounds(call, x.shape[dim])
     whole = (start, stop, step) == (0, x.shape[dim], 1)
@@ -427,7 +429,11 @@ def cat(call: Call) -> Any:
     if len(kept) == 1 and isinstance(kept[0], Feat) and call.out_shape == kept[0].shape:
         return kept[0]
     if any(isinstance(item, Feat) and item.heads is not None for item in kept):
-        return None
+        # heads joined head by head along their features (DeepSeek's query)
+        dim, shape = call.arg(1, "dim", 0), call.out_shape
+        if not all(isinstance(item, Feat) for item in kept) or shape is None:
+            return None
+        return concat.joined(kept, tuple(shape), dim % len(shape))
     return rules.cat(call)
 
 
@@ -738,6 +744,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.unsqueeze: unsqueeze,
     aten.cat: cat,
     aten.concat: cat,
+    aten.copy_: concat.copy_into,
     aten.stack: rules.stack,
     aten.slice: slice_rule,
     aten.select: select,
@@ -816,6 +823,7 @@ ATEN_HEAD_RULES = frozenset(
         expand,
         unsqueeze,
         cat,
+        concat.copy_into,
         getitem,
         *(ATEN_RULES[op] for names in _ARITHMETIC.values() for op in _packets(names)),
     }

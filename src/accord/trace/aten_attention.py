@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from accord.trace import heads as heads
+from accord.trace import concat, heads
 from accord.trace.state import Call, Feat, Seg
 
 
@@ -109,6 +109,7 @@ def _rotary(call: Call, q: Feat, k: Feat, v: Feat, shape: tuple[int, ...]) -> An
         where = f"attention at node {call.node.name!r}"
         reason = f"{where} compares rotated query heads with key heads accord cannot map"
         call.table.fix_value([q, k], reason + _untraced(k))
+        call.walk.rotated_dead_end = True
         return _values(call, v, shape, where)
     value = None if groups is None else _value_groups(call, v, groups.size)
     if groups is None or value is None:
@@ -225,22 +226,34 @@ def _query_key(call: Call, q: Feat, k: Feat, where: str) -> None:
 
 
 def _head_pairs(call: Call, q: Feat, k: Feat) -> list[tuple[int, int]] | None:
-    """The query and key space of each head, where q and k hold one whole space per head
-    (in the same order) and every key space is freshly written and reaches nothing else."""
+    """The query and key space of each part of each head, where q and k hold whole spaces
+    per head laid out alike (one per head, or several in a row: DeepSeek's part without
+    positions beside a rotated part no space owns, which stays where it is on both sides),
+    and every key space is freshly written and reaches nothing else."""
     if q.heads is None or k.heads is None or q.repeat is not None or k.repeat is not None:
         return None
-    width = q.shape[q.axis]
-    if len(q.segs) < 2 or len(q.segs) != len(k.segs) or q.shape[q.heads] != k.shape[k.heads]:
+    count = q.shape[q.heads]
+    if count != k.shape[k.heads] or q.shape[q.axis] != k.shape[k.axis]:
         return None
-    segs = q.segs + k.segs
-    if any(seg.space is None or seg.block != 1 or seg.size != width for seg in segs):
+    query, key = concat.head_chunks(q, count), concat.head_chunks(k, count)
+    if query is None or key is None:
         return None
+    pairs = []
+    for a, b in zip(query, key, strict=True):
+        if [(s.size, s.block) for s in a] != [(s.size, s.block) for s in b]:
+            return None
+        for sa, sb in zip(a, b, strict=True):
+            if sa.block != 1 or (sa.space is None) != (sb.space is None):
+                return None
+            if sa.space is not None:
+                pairs.append((sa.space, sb.space))
     table = call.table
-    pairs = [(a.space, b.space) for a, b in zip(q.segs, k.segs, strict=True)]
     roots = {table.find(space) for pair in pairs for space in pair}
-    if len(roots) != 2 * len(pairs) or not all(heads._only_written(call, b) for _, b in pairs):
+    if len(pairs) < 2 or len(roots) != 2 * len(pairs):
         return None
-    return pairs  # type: ignore[return-value]
+    if not all(heads._only_written(call, b) for _, b in pairs):
+        return None
+    return pairs
 
 
 def baddbmm(call: Call) -> Any:

@@ -256,12 +256,13 @@ def whole_heads(call: Call, x: Feat) -> bool:
     move only whole (rotary embeddings mix each head's features per position, the same way in
     every head): a new space of H features on ``x``'s heads axis, each owning the D entries
     of its head on every axis (:meth:`SpaceTable.coarsen`); or, for one slot of every head
-    of a cut (:func:`cut_slots`), every slot of each head joined into one run again. False,
-    changing nothing, where some traced value holds the space otherwise than whole."""
+    of a cut (:func:`cut_slots`), every slot of each head joined into one run again (unless
+    the walk keeps rotated slots in place, ``Walk.join_rotated_slots``). False, changing
+    nothing, where some traced value holds the space otherwise than whole."""
     if x.heads is None or x.repeat is not None:
         return False
     if len(x.segs) > 1:
-        return _joined_cut(call, x)
+        return call.walk.join_rotated_slots and _joined_cut(call, x)
     if x.segs[0].block != 1:
         return False
     space, width = x.segs[0].space, x.shape[x.axis]

@@ -521,6 +521,14 @@ class Walk:
         # per list of split sizes (node names or ints), the grouping of rows that splits
         # along axis 0 by those sizes cut, and where the rows so grouped were gathered from
         self.row_groups: dict[tuple[Any, ...], tuple[Routed, tuple[str, str] | None]] = {}
+        # per fresh tensor filled piece by piece (copy_ into its slices), what each entry
+        # range of its last axis holds (accord.trace.concat)
+        self.fills: dict[str, dict[tuple[int, int], Feat]] = {}
+        # whether rotary embeddings on one slot of each head of a cut join every slot of the
+        # head into a whole head (else the rotated slot stays in place, accord.trace.heads),
+        # and whether rotated query heads met a key that could not be mapped so
+        self.join_rotated_slots = True
+        self.rotated_dead_end = False
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts

@@ -104,7 +104,19 @@ def trace(
             return trace_fx(model, example_input, observe, leaves)
         except TraceError as fx_error:
             raise TraceError(f"{export_error}\n{fx_error}") from export_error
-    return finish(walk, model, observe, leaves, "export")
+    spec = finish(walk, model, observe, leaves, "export")
+    if walk.rotated_dead_end:
+        # rotated query heads met a key accord cannot map as whole heads (DeepSeek's, a part
+        # without positions beside a rotated part shared by every head): with the rotated
+        # parts left in place instead, the heads stay where they are and their other parts
+        # may still map; the spec with more free spaces is kept (both are exact)
+        in_place = exported_walk(model, leaves)
+        in_place.join_rotated_slots = False
+        trace_exported(model, example_input, in_place)
+        other = finish(in_place, model, observe, leaves, "export")
+        if len(other.free_spaces) > len(spec.free_spaces):
+            return other
+    return spec
 
 
 def trace_fx(model: nn.Module, example_input: Any, observe: str, leaves: set[str]) -> Spec:
