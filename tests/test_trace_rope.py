@@ -303,3 +303,93 @@ def test_query_written_by_a_grouped_convolution_keeps_its_groups_in_place() -> N
     query = _head_space(spec, "q.weight")
     assert not query.free and "rotary" in query.reason
     accord.check_spec(spec, model, torch.randn(2, 6, 5))
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's way, written out: each query head a part without positions beside a
+    rotated part, each key head its part without positions (cut from the value's projection)
+    beside one rotated part shared by every head, written into an empty tensor in place."""
+
+    def __init__(self, heads: int = 2, nope: int = 4, rope: int = 2, value: int = 4) -> None:
+        super().__init__()
+        self.heads, self.nope, self.rope, self.value = heads, nope, rope, value
+        self.embed = nn.Linear(5, 12)
+        self.q = nn.Linear(12, heads * (nope + rope))
+        self.kv = nn.Linear(12, heads * (nope + value))
+        self.k_rot = nn.Linear(12, rope)
+        self.o = nn.Linear(heads * value, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        cos, sin = (
+            torch.linspace(0.1, 1.0, n).cos()[:, None],
+            torch.linspace(0.1, 1.0, n).sin()[:, None],
+        )
+        q = self.q(h).view(b, n, self.heads, -1).transpose(1, 2)
+        q_pass, q_rot = q.split([self.nope, self.rope], dim=-1)
+        q_rot = q_rot * cos + _rotate_half(q_rot) * sin
+        kv = self.kv(h).view(b, n, self.heads, -1).transpose(1, 2)
+        k_pass, v = kv.split([self.nope, self.value], dim=-1)
+        k_rot = self.k_rot(h).view(b, 1, n, self.rope)
+        k_rot = (k_rot * cos + _rotate_half(k_rot) * sin).expand(-1, self.heads, -1, -1)
+        key = kv.new_empty(b, self.heads, n, self.nope + self.rope)
+        key[..., : self.nope].copy_(k_pass)
+        key[..., self.nope :].copy_(k_rot)
+        query = torch.cat((q_pass, q_rot), dim=-1)
+        out = F.scaled_dot_product_attention(query, key, v)
+        h = h + self.o(out.transpose(1, 2).reshape(b, n, -1))
+        return self.head(h.mean(1))
+
+
+def test_latent_attention_maps_each_heads_part_without_positions() -> None:
+    """The rotated parts stay in place, so do the heads; each head's parts without positions
+    are one q·k space (q rows write it, the key's rows read it: orthogonal maps), each value
+    head maps with its output columns; exact, and a permuted twin comes back by activation
+    matching and by CCA."""
+    torch.manual_seed(0)
+    model = LatentAttention().eval()
+    x = torch.randn(2, 6, 5)
+    spec = accord.trace(model, x)
+    for head in range(2):
+        qk = next(s for s in spec if AxisRef("q.weight", 0, 1, 6 * head) in s.writers)
+        assert qk.free and qk.maps == "orthogonal" and qk.size == 4, qk
+        assert qk.readers == (
+            AxisRef("kv.weight", 0, 1, 8 * head),
+            AxisRef("kv.bias", 0, 1, 8 * head),
+        )
+        rotated = next(s for s in spec if AxisRef("q.weight", 0, 1, 6 * head + 4) in s.writers)
+        assert not rotated.free
+        value = next(s for s in spec if AxisRef("kv.weight", 0, 1, 8 * head + 4) in s.writers)
+        assert value.free and value.maps == "linear"
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+    data = [(torch.randn(32, 6, 5),) for _ in range(2)]
+    for method in ("permutation", "cca"):
+        merged = accord.merge([model, twin], data, method=method, repair="none", progress=False)
+        with torch.no_grad():
+            got = merged.model.eval()(data[0][0])
+            torch.testing.assert_close(got, model(data[0][0]), rtol=1e-4, atol=1e-5)
+
+
+class _CopyIntoFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).clone()
+        h[:, :4].copy_(self.b(x)[:, :4])
+        return self.c(h)
+
+
+def test_copy_into_features_fixes_both() -> None:
+    """copy_ into part of a tensor that holds features (not a fresh one) overwrites some of
+    them: the spaces of both stay fixed."""
+    spec = accord.trace(_CopyIntoFeatures().eval(), torch.randn(2, 5))
+    for name in ("a", "b"):
+        space = next(s for s in spec if any(r.tensor == f"{name}.weight" for r in s.writers))
+        assert not space.free, space.name
