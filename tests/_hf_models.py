@@ -898,6 +898,18 @@ _LATENT_ATTENTION = dict(
     first_k_dense_replace=0,
 )
 
+# Perceiver: learned latents read the inputs by cross-attention, learned queries the latents
+_PERCEIVER = dict(
+    num_latents=8,
+    d_latents=32,
+    d_model=16,
+    num_blocks=1,
+    num_self_attends_per_block=1,
+    num_self_attention_heads=4,
+    num_cross_attention_heads=1,
+    num_labels=3,
+)
+
 # routed experts beside a shared one, DeepSeek's way (GLM-4-MoE, dots.llm1)
 _ROUTED = dict(
     n_routed_experts=4,
@@ -1218,6 +1230,19 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _images_16,
     ),
+    # learned latents and output queries: their q·k spaces are observed at the keys
+    "perceiver": lambda: (
+        transformers.PerceiverForImageClassificationLearned(
+            transformers.PerceiverConfig(**_PERCEIVER, image_size=16)
+        ),
+        _images_16,
+    ),
+    "perceiver-text": lambda: (
+        transformers.PerceiverForSequenceClassification(
+            transformers.PerceiverConfig(**_PERCEIVER, vocab_size=VOCAB, max_position_embeddings=16)
+        ),
+        _tokens,
+    ),
     "ijepa": lambda: (
         transformers.IJepaForImageClassification(transformers.IJepaConfig(**_VIT)),
         _images_16,
@@ -1340,4 +1365,4 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         _mel_features,
     ),
 }
-SURVEY_SLOW = ("dpt", "mamba2")
+SURVEY_SLOW = ("dpt", "mamba2", "perceiver")

@@ -937,3 +937,22 @@ def test_analysis_tools_leave_out_or_refuse_expert_rows(traced: Any) -> None:
     wrapped = _TokensFromImages(model.model).eval()
     with pytest.raises(ValueError, match="one expert's"):
         cka_attack(wrapped, images, experts[0], 0.5)
+
+
+@pytest.mark.parametrize("name", ["perceiver", "perceiver-text"])
+def test_perceiver_learned_queries_are_observed_at_their_keys(name: str, traced: Any) -> None:
+    """Perceiver's latents and its decoder's output queries are parameters: the query of
+    their cross-attention is the same for every input, so its q·k space (orthogonal maps,
+    which move the key alike) is observed at the key, where the inputs vary; the
+    self-attention's query varies and is observed there."""
+    _, _, spec = traced(name)
+    attentions = {
+        "model.perceiver.encoder.cross_attention": "key",
+        "model.perceiver.decoder.decoder.decoding_cross_attention": "key",
+        "model.perceiver.encoder.self_attends.0": "query",
+    }
+    for attention, observed in attentions.items():
+        _free(spec, f"{attention}.attention.self.query.weight", 0, maps="orthogonal")
+        qk = _with(spec, f"{attention}.attention.self.query.weight", 0)
+        node = attention.replace(".", "_") + f"_attention_self_{observed}"
+        assert [point.node for point in qk.observe] == [node], qk.observe

@@ -44,6 +44,7 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
     for index, node in enumerate(program.graph.nodes):
         walk.order[node.name] = index
         walk.metas[node.name] = _meta(node.meta.get("val"))
+    walk.constant = _constant_nodes(program.graph, set(signature.user_inputs))
     calls = units(program.graph, walk.modules)
     for node in program.graph.nodes:
         if node.name in walk.values:
@@ -54,6 +55,17 @@ def trace_exported(model: nn.Module, example_input: Any, walk: Walk) -> Exported
         else:
             walk.values.update(walk_unit(walk, unit, tensors))
     return program
+
+
+def _constant_nodes(graph: fx.Graph, user_inputs: set[str]) -> set[str]:
+    """The nodes whose output no user input's entries reach (its shape may: a learned query
+    expanded to the batch): the same for every input."""
+    varying: set[str] = set()
+    for node in graph.nodes:
+        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if node.name in user_inputs or any(arg.name in varying for arg in tensors):
+            varying.add(node.name)
+    return {node.name for node in graph.nodes} - varying
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

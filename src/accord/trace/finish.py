@@ -221,7 +221,22 @@ def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
     chosen = {
         root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
     }
+    _keys_for_constant_queries(walk, chosen)
     return {root: [_scattered(walk, point) for point in points] for root, points in chosen.items()}
+
+
+def _keys_for_constant_queries(walk: Walk, chosen: dict[int, list[Observation]]) -> None:
+    """A q·k space whose query is the same for every input (a learned query: Perceiver's
+    latents) gives no samples there; it is observed at its key instead, which its maps
+    (orthogonal: ``T⁻ᵀ = T``) move alike."""
+    table = walk.table
+    for query, key in table.absorbed:
+        root, key_root = table.find(query), table.find(key)
+        points = chosen.get(root, [])
+        if table.records[root].maps not in ("orthogonal", "permutation") or key_root == root:
+            continue
+        if points and all(p.node in walk.constant for p in points) and chosen.get(key_root):
+            chosen[root] = chosen[key_root]
 
 
 def _scattered(walk: Walk, point: Observation) -> Observation:

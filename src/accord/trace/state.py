@@ -234,6 +234,8 @@ class SpaceTable:
         # each head of a space cut into slots (q, k, v): the parts, head by head, and how many
         # slots a head has (:func:`accord.trace.heads.cut_slots`)
         self.cuts: list[tuple[list[int], int]] = []
+        # (query, key) of every key space absorbed into a query space as its readers
+        self.absorbed: list[tuple[int, int]] = []
 
     def new(self, size: int, base: str, maps: str = "linear", groups: int = 1) -> int:
         index = len(self.parent)
@@ -294,6 +296,7 @@ class SpaceTable:
         other.refs["writers"] = []
         into.maps = weaker(into.maps, other.maps)
         into.groups = common_groups(into.size, into.groups, other.groups)
+        self.absorbed.append((query, key))
 
     def split_written(
         self, index: int, sizes: list[int], per_feature: bool = False
@@ -529,6 +532,9 @@ class Walk:
         # and whether rotated query heads met a key that could not be mapped so
         self.join_rotated_slots = True
         self.rotated_dead_end = False
+        # the nodes whose output is the same for every input (computed from parameters,
+        # buffers and constants alone)
+        self.constant: set[str] = set()
         self.modules = modules
         self.keys = keys
         self.call_counts = call_counts
