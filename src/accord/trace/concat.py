@@ -100,7 +100,8 @@ def copy_into(call: Call) -> Any:
         return None
     if src.shape != piece:
         return None
-    start, stop, step = slice(*(list(dst.args[2:5]) + [None] * 3)[:3]).indices(shape[-1])
+    bounds = (*dst.args[2:5], None, None, None)[:3]  # slice(x, dim, start, end, step)
+    start, stop, step = slice(*bounds).indices(shape[-1])
     if step != 1 or stop - start != piece[-1]:
         return None
     fills = call.walk.fills.setdefault(fresh.name, {})

@@ -90,10 +90,11 @@ def carry_rows(call: Call, result: Any) -> Any:
 
 
 def _row_dim(call: Call) -> int | None:
-    """The axis a split or concatenation runs along, when it is a plain int."""
-    dim = call.node.args[2] if len(call.node.args) > 2 else call.node.kwargs.get("dim", 0)
-    if call.node.target.overloadpacket is aten.cat:
-        dim = call.node.args[1] if len(call.node.args) > 1 else call.node.kwargs.get("dim", 0)
+    """The axis a split (``split_with_sizes(x, sizes, dim)``) or a concatenation
+    (``cat(tensors, dim)``) runs along, when it is a plain int."""
+    at = 1 if call.node.target.overloadpacket is aten.cat else 2
+    args = call.node.args
+    dim = args[at] if len(args) > at else call.node.kwargs.get("dim", 0)
     return dim if isinstance(dim, int) else None
 
 
@@ -105,7 +106,8 @@ def _split_rows(call: Call, result: Any) -> Any:
     x, sizes = call.x, call.node.args[1]
     fits = isinstance(x, Feat) and x.featured and x.ndim == 2 and x.axis == 1
     fits = fits and x.param is None and x.heads is None and isinstance(result, Tup)
-    if not fits or not isinstance(sizes, list | tuple) or len(result.items) != len(sizes) < 2:
+    fits = fits and isinstance(sizes, list | tuple) and len(sizes) >= 2
+    if not fits or len(result.items) != len(sizes):
         return _marked(result, None, None, None, None)
     key = tuple(size.name if isinstance(size, fx.Node) else size for size in sizes)
     routed, _ = call.walk.row_groups.setdefault(
