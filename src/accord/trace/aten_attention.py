@@ -232,11 +232,11 @@ def _head_pairs(call: Call, q: Feat, k: Feat) -> list[tuple[int, int]] | None:
     and every key space is freshly written and reaches nothing else."""
     if q.heads is None or k.heads is None or q.repeat is not None or k.repeat is not None:
         return None
-    count = q.shape[q.heads]
-    if count != k.shape[k.heads] or q.shape[q.axis] != k.shape[k.axis]:
+    if q.shape[q.heads] != k.shape[k.heads]:
         return None
-    query, key = concat.head_chunks(q, count), concat.head_chunks(k, count)
-    if query is None or key is None:
+    width = q.shape[q.axis]  # k may come transposed (q @ kᵀ)
+    query, key = concat.head_chunks(q, width), concat.head_chunks(k, width)
+    if query is None or key is None or len(query) != len(key):
         return None
     pairs = []
     for a, b in zip(query, key, strict=True):

@@ -44,23 +44,22 @@ def joined(items: list[Feat], shape: tuple[int, ...], dim: int) -> Feat | None:
         return None
     (heads,) = head_axes
     count = shape[heads]
-    chunks = [head_chunks(item, count, heads) for item in items]
-    if any(chunk is None for chunk in chunks):
+    chunks = [
+        head_chunks(item) if item.featured else [(Seg(None, item.shape[dim]),)] * count
+        for item in items
+    ]
+    if any(chunk is None or len(chunk) != count for chunk in chunks):
         return None
     segs = [seg for h in range(count) for chunk in chunks for seg in chunk[h]]  # type: ignore[index]
     return Feat(shape, dim, tuple(segs), heads=heads)
 
 
-def head_chunks(item: Feat, count: int, heads: int | None = None) -> list[tuple[Seg, ...]] | None:
-    """The segments of each of ``count`` heads of ``item`` (split into heads on axis
-    ``heads``, or without features: no space's), or None where a segment crosses heads."""
-    width = item.shape[-1]
-    if not item.featured:
-        return [(Seg(None, width),)] * count
-    if item.heads is None or (heads is not None and item.heads != heads):
+def head_chunks(item: Feat, width: int | None = None) -> list[tuple[Seg, ...]] | None:
+    """The segments of each head of ``item``, split into heads of ``width`` entries (as many
+    as its features axis has, unless given), or None where a segment crosses heads."""
+    if not item.featured or item.heads is None:
         return None
-    if item.shape[item.heads] != count or item.axis != item.ndim - 1:
-        return None
+    width = item.shape[item.axis] if width is None else width
     chunks: list[tuple[Seg, ...]] = []
     current: list[Seg] = []
     filled = 0
@@ -72,7 +71,7 @@ def head_chunks(item: Feat, count: int, heads: int | None = None) -> list[tuple[
         if filled == width:
             chunks.append(tuple(current))
             current, filled = [], 0
-    return chunks if len(chunks) == count and not current else None
+    return None if current else chunks
 
 
 def copy_into(call: Call) -> Any:
