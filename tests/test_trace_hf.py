@@ -217,6 +217,8 @@ def test_gpt2_spaces(traced: Any) -> None:
     qk = _with(spec, f"{attn}.c_attn.weight", 1, 0)
     _free(spec, f"{attn}.c_attn.weight", 1, 0, maps="orthogonal")
     assert qk.groups == 4 and AxisRef(f"{attn}.c_attn.weight", 1, 1, 32) in qk.readers
+    # the query varies with the input: observed there (its piece of c_attn's output)
+    assert [p.node for p in qk.observe] == ["model_transformer_h_0_attn_getitem"]
     value = _with(spec, f"{attn}.c_attn.weight", 1, 64)
     _free(spec, f"{attn}.c_attn.weight", 1, 64)
     assert value.groups == 4 and AxisRef(f"{attn}.c_attn.bias", 0, 1, 64) in value.writers

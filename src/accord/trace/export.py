@@ -62,10 +62,15 @@ def _constant_nodes(graph: fx.Graph, user_inputs: set[str]) -> set[str]:
     expanded to the batch): the same for every input."""
     varying: set[str] = set()
     for node in graph.nodes:
-        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if node.name in user_inputs or any(arg.name in varying for arg in tensors):
+        entries = [a for a in node.all_input_nodes if not _size_like(a.meta.get("val"))]
+        if node.name in user_inputs or any(arg.name in varying for arg in entries):
             varying.add(node.name)
     return {node.name for node in graph.nodes} - varying
+
+
+def _size_like(value: Any) -> bool:
+    """A number (a size read off a tensor's shape), not a tensor or tensors."""
+    return isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
