@@ -14,7 +14,9 @@ permutations of whole key/value groups keep the attention, each moving its key a
 with its query heads and their output columns, one space of permutations for all of them,
 unless the mask differs per head (ALiBi). Anything else in
 between (norms of q and k) is outside what the tracer proves: those spaces are fixed, by the
-rule of the operator that touched them. Values are per head: the output lies in v's space,
+rule of the operator that touched them; where a head's q and k each hold several parts in a
+row (DeepSeek's part without positions beside a rotated part left in place), each pair of
+parts is a qk space of its own. Values are per head: the output lies in v's space,
 laid out as the heads of the query (grouped-query attention repeats each key/value head, see
 :func:`accord.trace.heads.reshape`).
 """

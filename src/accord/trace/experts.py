@@ -8,6 +8,11 @@ claimed by grouped products expert by expert, and whose every tensor keeps the r
 expert apart, is one space per expert, each moving the slice of its expert
 (``AxisRef.at``) and observed on its expert's rows (``Observation.rows``).
 
+Without an offsets tensor (JetMoE), a split along the rows by sizes known at run time cuts
+the tokens into one piece per expert (``Feat.group``), each piece runs through its expert's
+slice ``W[g]`` of the packed parameter, and the pieces concatenated again in order are rows
+grouped so; the split names the grouping and gives the observers each group's rows.
+
 The rows stay apart through operators that act row by row (activations, arithmetic, the
 halves of a gated unit): the tracer carries ``Feat.routed`` through them only
 (:func:`carry_rows`). Any other operator on such a tensor leaves its space one space for
