@@ -3,9 +3,10 @@ reduction across torch.distributed ranks, and :func:`collect_statistics`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +21,7 @@ from accord.spec import Observation
 from accord.trace.export import batchnorm_nodes
 from accord.trace.fx import symbolic_graph
 from accord.trace.observe import GraphValue, call_after, traced_module
-from accord.trace.programs import shared_exports
+from accord.trace.programs import Binding, bindings, shared_exports
 
 if TYPE_CHECKING:
     from accord.spec import Spec
@@ -159,6 +160,38 @@ def _statistics_graph(
     ]
     call_after(module, observer, calls, type(model).__name__)
     return module if spec.graph == "export" else module.eval()
+
+
+def _statistics_graphs(
+    models: Sequence[nn.Module],
+    order: Sequence[int],
+    accumulators: Sequence[Accumulator],
+    spec: Spec,
+    example: torch.Tensor,
+) -> list[Callable[[torch.Tensor], Any]]:
+    """The statistics graph (:func:`_statistics_graph`) of each model of ``order``: on the
+    exported program one graph, built once (a fixed cost of each model otherwise) and bound
+    to each model's parameters and buffers before it runs; on torch.fx's graph, which calls
+    each model's own modules, one per model."""
+    if spec.graph != "export":
+        return [
+            _statistics_graph(models[i], _Observer(i, accumulators), spec, example) for i in order
+        ]
+    observer = _Observer(order[0], accumulators)
+    module = _statistics_graph(models[order[0]], observer, spec, example)
+    return [
+        functools.partial(_run_bound, module, observer, i, bindings(module, models[i]))
+        for i in order
+    ]
+
+
+def _run_bound(
+    module: nn.Module, observer: _Observer, model: int, bound: list[Binding], inputs: torch.Tensor
+) -> Any:
+    for slots, name, tensor in bound:
+        slots[name] = tensor
+    observer.model = model
+    return module(inputs)
 
 
 def _rows(point: Observation) -> tuple[Any, ...]:
@@ -318,10 +351,7 @@ def _accumulate(
             torch.inference_mode(),
         ):
             example = example.to(device)
-            graphs = [
-                _statistics_graph(models[i], _Observer(i, accumulators), spec, example)
-                for i in order
-            ]
+            graphs = _statistics_graphs(models, order, accumulators, spec, example)
             for index, inputs in schedule:
                 inputs = inputs.to(device)
                 for graph in graphs:
