@@ -516,21 +516,33 @@ def _nearly_dependent(correlation: torch.Tensor, samples: int) -> bool:
     :data:`NEAR_DEPENDENT` of ±1 or an eigenvalue below :data:`NEAR_SINGULAR`, on the features
     that vary (a dead unit's zero row says nothing about rounding). With no more ``samples``
     than features the matrix is singular whatever the precision (the pass warns of that), so
-    only the pairs are checked."""
+    only the pairs are checked.
+
+    One float64 copy of each matrix is worked in place (at LLM widths an F×F temporary is
+    most of the cost besides the factorisation: ``accord bench``'s design measurements)."""
     live = torch.diagonal(correlation, dim1=-2, dim2=-1) > 0.5
-    pairs = correlation.abs() * (live[..., :, None] & live[..., None, :])
-    pairs.diagonal(dim1=-2, dim2=-1).zero_()
-    if pairs.numel() and float(pairs.max()) >= 1 - NEAR_DEPENDENT:
-        return True
     for matrix, kept in zip(
         correlation.reshape(-1, *correlation.shape[-2:]),
         live.reshape(-1, live.shape[-1]),
         strict=True,
     ):
-        block = matrix[kept][:, kept].to(torch.float64)
-        shifted = block - NEAR_SINGULAR * torch.eye(len(block), dtype=torch.float64)
-        # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's cost
-        if 0 < len(block) < samples and int(torch.linalg.cholesky_ex(shifted).info) != 0:
+        some = matrix if bool(kept.all()) else matrix[kept][:, kept]
+        block = some.to(torch.float64, copy=True)
+        if not len(block):
+            continue
+        diagonal = block.diagonal().clone()
+        block.diagonal().zero_()
+        low, high = torch.aminmax(block)
+        if max(-float(low), float(high)) >= 1 - NEAR_DEPENDENT:
+            return True
+        if len(block) >= samples:
+            continue
+        block.diagonal().copy_(diagonal - NEAR_SINGULAR)
+        # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's
+        # cost; it overwrites the copy rather than allocating its factor
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(block, out=(block, info))
+        if int(info) != 0:
             return True
     return False
 
