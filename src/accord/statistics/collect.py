@@ -472,7 +472,7 @@ def collect_statistics(
     stats.norms = {
         t.name: s for t, s in zip(norms, finished[len(targets) :], strict=True) if s is not None
     }
-    dependent = near_dependent_spaces(stats) if precision == "float32" else []
+    dependent = near_dependent_spaces(stats, device) if precision == "float32" else []
     if dependent:
         if iter(data) is data:
             warnings.warn(
@@ -540,24 +540,26 @@ def _nearly_dependent(correlation: torch.Tensor, samples: int) -> bool:
         block.diagonal().copy_(diagonal - NEAR_SINGULAR)
         # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's
         # cost; it overwrites the copy rather than allocating its factor
-        info = torch.empty((), dtype=torch.int32)
+        info = torch.empty((), dtype=torch.int32, device=block.device)
         torch.linalg.cholesky_ex(block, out=(block, info))
         if int(info) != 0:
             return True
     return False
 
 
-def near_dependent_spaces(stats: Statistics) -> list[str]:
+def near_dependent_spaces(stats: Statistics, device: str | torch.device = "cpu") -> list[str]:
     """The spaces of ``stats`` in which the features of one model are nearly linearly
     dependent (:func:`_nearly_dependent`; in a space of blocks, the entries at one position
     of the features: the only ones kept, and the only ones a matching of whole blocks
-    compares)."""
+    compares), tested on ``device`` (the pass's: an F×F factorisation per model and space,
+    seconds on a CPU at LLM widths)."""
     found = []
     for name, space in stats.spaces.items():
         for i in range(stats.num_models):
             if (i, i) not in space.blocks:
                 continue
-            if _nearly_dependent(space.entry_correlation(i, i, space.block), space.count):
+            correlation = space.entry_correlation(i, i, space.block).to(device)
+            if _nearly_dependent(correlation, space.count):
                 found.append(name)
                 break
     return found
