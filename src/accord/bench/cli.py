@@ -66,6 +66,12 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     s = kinds.add_parser("speed", help="time and memory of each stage; scaling in N and width")
     s.add_argument("--samples", type=int, default=None, help=f"images per pass [{DEFAULT_SAMPLES}]")
     s.add_argument("--dataset", default=None, help="default: Fashion-MNIST, else digits")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each case on a CPU; 0: torch's default [1]",
+    )
     s.set_defaults(func=_cmd_speed)
     k = kinds.add_parser(
         "skill",
@@ -183,7 +189,9 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
-    plan = speed_plan(args.dataset, args.samples, args.device)
+    plan = replace(
+        speed_plan(args.dataset, args.samples, args.device), threads=args.threads or None
+    )
     document = run_speed(plan, args.out, progress=not args.quiet)
     print(f"speed: {document['seconds']:.0f} s; written to {args.out}/speed.json")
     return 0

@@ -349,6 +349,8 @@ def render_speed(document: Mapping[str, Any]) -> str:
     memory_names = [*SPEED_PASSES, *MERGE_STAGES[:1], *MERGE_STAGES[2:], "npmerge_training"]
     for case in document["cases"]:
         label = f"{case['arch']} w{case['width']:g} N={case['models']}"
+        if case["samples"] != document["config"]["samples"]:
+            label += f" ({case['samples']:,} images)"
         stages, ratio = case["stages"], case["statistics_over_forward"]
         fast = case.get("statistics_over_forward_fast", {})
         pass_rows.append(
@@ -380,11 +382,14 @@ def render_speed(document: Mapping[str, Any]) -> str:
         "## Speed",
         "",
         *run_facts(document, f"{document['seconds']:.0f} s"),
-        f"- data: the first {config['samples']} training images of {config['dataset']} in "
+        f"- data: the first {config['samples']} training images of {config['dataset']} "
+        "(where a case names another number, that many) in "
         f"batches of {config['batch_size']}; randomly initialised models; CCA ridge "
         f"{config['ridge']}; NP Merge: its default options (`accord.merge`) over the same "
         f"images; forward, statistics and whole merges: the fastest of {config['repeats']} "
-        "alternated repeats (all are in the JSON)",
+        "alternated repeats (all are in the JSON; the float64 and spaces-only passes of runs "
+        "with threads set ran once)"
+        + (f"; {config['threads']} torch thread(s) per case" if config.get("threads") else ""),
         "",
         "The statistics pass, in seconds. *forward*: plain `torch.no_grad` passes of the N "
         "models as given over the images; *forward (accord)*: the same under "

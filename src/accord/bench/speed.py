@@ -1,7 +1,9 @@
 """Speed benchmark: wall time and peak memory of each merge stage, scaling in N and width.
 
 Each case (ResNet20 of one width, N randomly initialised models: speed does not depend on
-training) runs in a fresh process, so its memory peaks start from a clean slate:
+training; images in inverse proportion to the width) runs in a fresh process, so its memory
+peaks start from a clean slate, on one torch thread unless the plan says otherwise (the
+CPU-time ratios then hold however other processes share the cores):
 
 * the statistics pass (:func:`accord.collect_statistics` as merges run it: float32 chunk
   products, channels-last convolutions on the CPU; the same with ``precision="float64"``; and
@@ -9,7 +11,8 @@ training) runs in a fresh process, so its memory peaks start from a clean slate:
   collect it) against plain ``torch.no_grad`` forward passes of the models as given over the
   same batches (their ratio is the pass's overhead), and against accord's own forward
   (``inference_mode``, channels-last on the CPU), in wall time and in CPU time of the
-  process, the fastest of ``repeats`` alternated runs. Each pass runs, as in a merge, the
+  process, the fastest of ``repeats`` alternated runs (the float64 and spaces-only variants
+  run in the first repeat only: they are minutes at width 4). Each pass runs, as in a merge, the
   program exported by the trace (:func:`accord.shared_exports`): exporting is a fixed cost
   of the merge, timed as its trace stage;
 * a whole CCA merge, end to end (trace, statistics, match, apply, average, BatchNorm reset),
@@ -91,6 +94,8 @@ class SpeedCase:
     arch: str
     width: float
     models: int
+    # images per pass; None: the plan's
+    samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,17 +114,23 @@ class SpeedPlan:
     # before this field existed re-exported in every pass)
     export_shared: bool = True
     device: str = "cpu"
+    # torch threads of each case's process (None: torch's default): CPU seconds of one thread
+    # do not count the other threads' waits, which grow when other processes share the cores
+    threads: int | None = 1
 
 
 def speed_plan(
     dataset: str | None = None, samples: int | None = None, device: str = "cpu"
 ) -> SpeedPlan:
-    """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2, on ``device``."""
-    by_models = [SpeedCase("resnet20", 1, n) for n in (2, 4, 8)]
-    by_width = [SpeedCase("resnet20", w, 2) for w in (2, 4)]
+    """ResNet20: N = 2, 4, 8 at width 1, and widths 1, 2, 4 at N = 2, on ``device``; each
+    width over images in inverse proportion to it (twice ``samples`` at width 1, half at
+    width 4), so the pass of the smallest models is seconds long, not one second of noise."""
+    samples = samples or DEFAULT_SAMPLES
+    by_models = [SpeedCase("resnet20", 1, n, 2 * samples) for n in (2, 4, 8)]
+    by_width = [SpeedCase("resnet20", w, 2, round(2 * samples / w)) for w in (2, 4)]
     return SpeedPlan(
         dataset=dataset or accord.default_dataset(),
-        samples=samples or DEFAULT_SAMPLES,
+        samples=samples,
         batch_size=256,
         cases=(*by_models, *by_width),
         ridge=accord.ALIGNMENTS["cca"].defaults["ridge"],
@@ -195,8 +206,11 @@ def _models(case: SpeedCase, data: accord.DataSplits, device: str) -> list[nn.Mo
     return models
 
 
-def _batches(plan: SpeedPlan, data: accord.DataSplits) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    images, labels = data.train[torch.arange(plan.samples)]
+def _batches(
+    plan: SpeedPlan, data: accord.DataSplits, samples: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``samples`` (default: the plan's) training images and labels, in batches."""
+    images, labels = data.train[torch.arange(samples or plan.samples)]
     images, labels = images.to(plan.device), labels.to(plan.device)
     return list(zip(images.split(plan.batch_size), labels.split(plan.batch_size), strict=True))
 
@@ -292,7 +306,7 @@ def _passes(
     merges: list[tuple[float, float, dict[str, float]]] = []
     in_merge: list[dict[str, float]] = []
     device = torch.device(plan.device)
-    for _ in range(plan.repeats):
+    for repeat in range(plan.repeats):
         runs.setdefault("forward", []).append(forward_pass(models, batches, progress))
         runs.setdefault("forward_fast", []).append(forward_pass(models, batches, progress, True))
         # as in a merge, the passes run the program its trace exported (untimed here: the
@@ -300,6 +314,8 @@ def _passes(
         with accord.shared_exports():
             accord.trace(models[0], batches[0][0][:2])
             for name, arguments in STATISTICS_PASSES.items():
+                if repeat and name != "default":  # the other variants once: minutes at w4
+                    continue
                 window: dict[str, float] = {}
                 with _stopwatch(window, device):
                     stats = accord.collect_statistics(
@@ -340,8 +356,10 @@ def _over(timing: Mapping[str, float], base: Mapping[str, float]) -> dict[str, f
 
 def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[str, Any]:
     """Time and measure every stage of one case (see the module docstring)."""
+    if plan.threads is not None and plan.device == "cpu":
+        torch.set_num_threads(plan.threads)
     data = accord.load_dataset(plan.dataset)
-    models, batches = _models(case, data, plan.device), _batches(plan, data)
+    models, batches = _models(case, data, plan.device), _batches(plan, data, case.samples)
     spec = accord.trace(models[0], batches[0][0][:2])
     with MemorySampler() as sampler:
         runs, stats, merge_stages = _passes(plan, models, batches, spec, sampler, progress)
@@ -357,7 +375,8 @@ def run_case(plan: SpeedPlan, case: SpeedCase, progress: bool = False) -> dict[s
     return {
         **asdict(case),
         "parameters_per_model": sum(p.numel() for p in models[0].parameters()),
-        "samples": plan.samples,
+        "samples": sum(len(x) for x, _ in batches),
+        "threads": torch.get_num_threads(),
         "forward": forward,
         "forward_fast": runs["forward_fast"],
         "statistics_over_forward": {p: _over(runs[p], forward) for p in STATISTICS_PASSES},

@@ -118,14 +118,14 @@ class Source:
     ) -> torch.Tensor:
         """``x − s`` of groups ``start:stop`` written into ``out`` (in its dtype, one pass),
         as (k·S, C) rows or (C, k·S) columns: either way one long matmul. Reading is in
-        order when rows are taken from features-last tensors and columns from the others."""
+        order when rows are taken from features-last tensors and columns from the others.
+        ``shift`` is ``s`` in ``out``'s dtype."""
         part = self.tensor[start:stop]
         if self.features_last:  # (k, S, C)
             view = part if rows else part.permute(2, 0, 1)
         else:  # (k, C, S)
             view = part.transpose(1, 2) if rows else part.transpose(0, 1)
-        centre = shift.to(out.dtype) if rows else shift.to(out.dtype)[:, None, None]
-        torch.sub(view, centre, out=out.view(view.shape))
+        torch.sub(view, shift if rows else shift[:, None, None], out=out.view(view.shape))
         return out
 
     def chunk_shape(self, start: int, stop: int, rows: bool) -> tuple[int, int]:
@@ -162,8 +162,8 @@ def _add_products(
         left, right = (x.T, y) if rows else (x, y.T)
     else:
         left, right = _by_position(x, rows, block), _by_position(y, rows, block).mT
-    if x.dtype != product.dtype:
-        product += (left @ right).to(product.dtype)
+    if x.dtype != product.dtype:  # add_ converts the chunk's product as it sums it
+        product.add_(left @ right)
     elif block == 1:
         product.addmm_(left, right)
     else:
@@ -213,6 +213,8 @@ class Accumulator:
         self.total = torch.zeros(num_models, target.size, **zeros)
         self.products = {p: torch.zeros(target.product_shape, **zeros) for p in target.pairs}
         self.has_shift = [False] * num_models
+        # each model's shift in the dtype its chunks are centred in, converted once
+        self.shifts: list[torch.Tensor | None] = [None] * num_models
         position = {model: k for k, model in enumerate(order)}
         # model -> the models observed before it with which it has a block
         self.partners: dict[int, list[int]] = {model: [] for model in order}
@@ -270,7 +272,7 @@ class Accumulator:
             else:
                 out = self.scratch.get(shape, dtype, source.tensor.device)
             x = self._chunk(model, source, start, stop, rows, out)
-            total += x.sum(0 if rows else 1).to(torch.float64)
+            total.add_(x.sum(0 if rows else 1))
             _add_products(self.products[(model, model)], x, x, rows, block)
             for j, chunks in partners:
                 if j < model:
@@ -321,11 +323,14 @@ class Accumulator:
     ) -> torch.Tensor:
         """A chunk of ``x − s`` (rows or columns) in ``out``; the model's first chunk sets its
         shift ``s`` (its mean)."""
-        x = source.chunk(start, stop, self.shift[model], rows, out)
+        if self.shifts[model] is None or self.shifts[model].dtype != out.dtype:
+            self.shifts[model] = self.shift[model].to(out.dtype)
+        x = source.chunk(start, stop, self.shifts[model], rows, out)
         if not self.has_shift[model]:
             mean = x.mean(0 if rows else 1, keepdim=True)
             x -= mean
             self.shift[model] = mean.flatten().to(self.shift.dtype)
+            self.shifts[model] = None
             self.has_shift[model] = True
         return x
 
@@ -338,6 +343,7 @@ class Accumulator:
             product += self.count * _outer(d[i], d[j], block)
         self.total += self.count * d
         self.shift = shift.clone()
+        self.shifts = [None] * len(self.shifts)
 
     def flat(self) -> torch.Tensor:
         """``[n, t, P…]`` as one float64 vector, for one all-reduce."""

@@ -3,9 +3,10 @@ reduction across torch.distributed ranks, and :func:`collect_statistics`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +21,7 @@ from accord.spec import Observation
 from accord.trace.export import batchnorm_nodes
 from accord.trace.fx import symbolic_graph
 from accord.trace.observe import GraphValue, call_after, traced_module
-from accord.trace.programs import shared_exports
+from accord.trace.programs import Binding, bindings, shared_exports
 
 if TYPE_CHECKING:
     from accord.spec import Spec
@@ -193,6 +194,38 @@ def _statistics_graph(
     return module if spec.graph == "export" else module.eval()
 
 
+def _statistics_graphs(
+    models: Sequence[nn.Module],
+    order: Sequence[int],
+    accumulators: Sequence[Accumulator],
+    spec: Spec,
+    example: torch.Tensor,
+) -> list[Callable[[torch.Tensor], Any]]:
+    """The statistics graph (:func:`_statistics_graph`) of each model of ``order``: on the
+    exported program one graph, built once (a fixed cost of each model otherwise) and bound
+    to each model's parameters and buffers before it runs; on torch.fx's graph, which calls
+    each model's own modules, one per model."""
+    if spec.graph != "export":
+        return [
+            _statistics_graph(models[i], _Observer(i, accumulators), spec, example) for i in order
+        ]
+    observer = _Observer(order[0], accumulators)
+    module = _statistics_graph(models[order[0]], observer, spec, example)
+    return [
+        functools.partial(_run_bound, module, observer, i, bindings(module, models[i]))
+        for i in order
+    ]
+
+
+def _run_bound(
+    module: nn.Module, observer: _Observer, model: int, bound: list[Binding], inputs: torch.Tensor
+) -> Any:
+    for slots, name, tensor in bound:
+        slots[name] = tensor
+    observer.model = model
+    return module(inputs)
+
+
 def _rows(point: Observation) -> tuple[Any, ...]:
     """The observer's arguments that pick a group's rows and sum them back into the source's:
     ``rows``, ``scatter`` and the offsets, index and source they name."""
@@ -350,10 +383,7 @@ def _accumulate(
             torch.inference_mode(),
         ):
             example = example.to(device)
-            graphs = [
-                _statistics_graph(models[i], _Observer(i, accumulators), spec, example)
-                for i in order
-            ]
+            graphs = _statistics_graphs(models, order, accumulators, spec, example)
             for index, inputs in schedule:
                 inputs = inputs.to(device)
                 for graph in graphs:
@@ -474,7 +504,7 @@ def collect_statistics(
     stats.norms = {
         t.name: s for t, s in zip(norms, finished[len(targets) :], strict=True) if s is not None
     }
-    dependent = near_dependent_spaces(stats) if precision == "float32" else []
+    dependent = near_dependent_spaces(stats, device) if precision == "float32" else []
     if dependent:
         if iter(data) is data:
             warnings.warn(
@@ -518,36 +548,50 @@ def _nearly_dependent(correlation: torch.Tensor, samples: int) -> bool:
     :data:`NEAR_DEPENDENT` of ±1 or an eigenvalue below :data:`NEAR_SINGULAR`, on the features
     that vary (a dead unit's zero row says nothing about rounding). With no more ``samples``
     than features the matrix is singular whatever the precision (the pass warns of that), so
-    only the pairs are checked."""
+    only the pairs are checked.
+
+    One float64 copy of each matrix is worked in place (at LLM widths an F×F temporary is
+    most of the cost besides the factorisation: ``accord bench``'s design measurements)."""
     live = torch.diagonal(correlation, dim1=-2, dim2=-1) > 0.5
-    pairs = correlation.abs() * (live[..., :, None] & live[..., None, :])
-    pairs.diagonal(dim1=-2, dim2=-1).zero_()
-    if pairs.numel() and float(pairs.max()) >= 1 - NEAR_DEPENDENT:
-        return True
     for matrix, kept in zip(
         correlation.reshape(-1, *correlation.shape[-2:]),
         live.reshape(-1, live.shape[-1]),
         strict=True,
     ):
-        block = matrix[kept][:, kept].to(torch.float64)
-        shifted = block - NEAR_SINGULAR * torch.eye(len(block), dtype=torch.float64)
-        # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's cost
-        if 0 < len(block) < samples and int(torch.linalg.cholesky_ex(shifted).info) != 0:
+        some = matrix if bool(kept.all()) else matrix[kept][:, kept]
+        block = some.to(torch.float64, copy=True)
+        if not len(block):
+            continue
+        diagonal = block.diagonal().clone()
+        block.diagonal().zero_()
+        low, high = torch.aminmax(block)
+        if max(-float(low), float(high)) >= 1 - NEAR_DEPENDENT:
+            return True
+        if len(block) >= samples:
+            continue
+        block.diagonal().copy_(diagonal - NEAR_SINGULAR)
+        # Cholesky fails exactly when an eigenvalue is below the shift, at a tenth of eigh's
+        # cost; it overwrites the copy rather than allocating its factor
+        info = torch.empty((), dtype=torch.int32, device=block.device)
+        torch.linalg.cholesky_ex(block, out=(block, info))
+        if int(info) != 0:
             return True
     return False
 
 
-def near_dependent_spaces(stats: Statistics) -> list[str]:
+def near_dependent_spaces(stats: Statistics, device: str | torch.device = "cpu") -> list[str]:
     """The spaces of ``stats`` in which the features of one model are nearly linearly
     dependent (:func:`_nearly_dependent`; in a space of blocks, the entries at one position
     of the features: the only ones kept, and the only ones a matching of whole blocks
-    compares)."""
+    compares), tested on ``device`` (the pass's: an F×F factorisation per model and space,
+    seconds on a CPU at LLM widths)."""
     found = []
     for name, space in stats.spaces.items():
         for i in range(stats.num_models):
             if (i, i) not in space.blocks:
                 continue
-            if _nearly_dependent(space.entry_correlation(i, i, space.block), space.count):
+            correlation = space.entry_correlation(i, i, space.block).to(device)
+            if _nearly_dependent(correlation, space.count):
                 found.append(name)
                 break
     return found

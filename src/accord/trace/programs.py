@@ -81,18 +81,32 @@ def bound_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModule:
     Tensor constants that are neither (plain tensor attributes) stay the exported model's."""
     module = program.module()
     name_nodes(module.graph, model)
+    for slots, leaf, tensor in bindings(module, model):
+        slots[leaf] = tensor
+    return module
+
+
+Binding = tuple[dict[str, Any], str, torch.Tensor]
+
+
+def bindings(module: fx.GraphModule, model: nn.Module) -> list[Binding]:
+    """``(slots, name, tensor)``: setting ``slots[name] = tensor`` for each points the
+    parameters and buffers of ``module`` (one of :func:`bound_module`'s, edited or not) at
+    ``model``'s own, a model of the architecture it was exported from; so one graph runs each
+    of N models in turn."""
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     held = [
         *module.named_parameters(remove_duplicate=False),
         *module.named_buffers(remove_duplicate=False),
     ]
+    found = []
     for name, _ in held:
         path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(path)
         slots = owner._parameters if leaf in owner._parameters else owner._buffers
-        slots[leaf] = own[name]
-    return module
+        found.append((slots, leaf, own[name]))
+    return found
 
 
 def _named(model: nn.Module, example_input: Any) -> ExportedProgram:
