@@ -21,6 +21,22 @@ With accord's trainer (Nesterov momentum) peak lr 0.08 diverged to NaN on 18,000
 (design-measurements.json). ``--limit 12000 --epochs 6 --lr 0.02 --batch-size 128
 --crop-padding 4`` trains to 84–87 % in 3–5 minutes a model, with few. Other merges:
 ``--variants 'permutation;cca:ridge=10/none;cca/aligned'`` (``method[:key=value,...][/repair]``).
+At peak lr 0.08, batch 500, warm-up 0.1, on 30,000 images (``--limit 30000``) accord's trainer
+trains (seeds 0, 1: 79.4 and 62.9 % test, 11–14 minutes a model) with most ReLUs of several
+layers nearly dead; the reference code's schedule (``train_logits``) warms up linearly over its
+first 5 epochs, not a short fraction.
+
+Dead units and the dead_fallback choice: ``--dead-units`` prints, per space and model, the
+percentage of nearly dead features (variance below 1 % of the space's mean: what CCA's
+``dead_fallback`` counts) and of dead ones; ``--variants ''`` stops there. Every merge is
+scored on the validation split (held-out training images: choose with it) and on test.
+``--checkpoints A,B,...`` takes accord checkpoints (e.g. a BatchNorm set) instead::
+
+    ... cca_without_batchnorm.py --store STORE RECIPE --dead-units --sizes 2 --json OUT.json \
+        --variants 'cca;cca:dead_fallback=0.3;cca:dead_fallback=0.2;cca:dead_below=0.01;permutation'
+
+A rerun with the same ``--json`` skips the merges already there; ``dead_fallback`` values that
+permute the same spaces are merged once.
 """
 
 from __future__ import annotations
