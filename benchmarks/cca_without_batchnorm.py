@@ -21,6 +21,22 @@ With accord's trainer (Nesterov momentum) peak lr 0.08 diverged to NaN on 18,000
 (design-measurements.json). ``--limit 12000 --epochs 6 --lr 0.02 --batch-size 128
 --crop-padding 4`` trains to 84–87 % in 3–5 minutes a model, with few. Other merges:
 ``--variants 'permutation;cca:ridge=10/none;cca/aligned'`` (``method[:key=value,...][/repair]``).
+At peak lr 0.08, batch 500, warm-up 0.1, on 30,000 images (``--limit 30000``) accord's trainer
+trains (seeds 0, 1: 79.4 and 62.9 % test, 11–14 minutes a model) with most ReLUs of several
+layers nearly dead; the reference code's schedule (``train_logits``) warms up linearly over its
+first 5 epochs, not a short fraction.
+
+Dead units and the dead_fallback choice: ``--dead-units`` prints, per space and model, the
+percentage of nearly dead features (variance below 1 % of the space's mean: what CCA's
+``dead_fallback`` counts) and of dead ones; ``--variants ''`` stops there. Every merge is
+scored on the validation split (held-out training images: choose with it) and on test.
+``--checkpoints A,B,...`` takes accord checkpoints (e.g. a BatchNorm set) instead::
+
+    ... cca_without_batchnorm.py --store STORE RECIPE --dead-units --sizes 2 --json OUT.json \
+        --variants 'cca;cca:dead_fallback=0.3;cca:dead_fallback=0.2;cca:dead_below=0.01;permutation'
+
+A rerun with the same ``--json`` skips the merges already there; ``dead_fallback`` values that
+permute the same spaces are merged once.
 """
 
 from __future__ import annotations
@@ -74,6 +90,19 @@ def reference_init(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def checkpoint_set(folders: list[str]) -> tuple[list[nn.Module], DataSplits]:
+    """Accord checkpoints (e.g. a BatchNorm set for comparison) and their dataset, all of it:
+    calibration, validation and test then come from the full splits (the validation split may
+    hold images one of the models trained on when they were trained on a subset)."""
+    checkpoints = [accord.load_checkpoint(folder) for folder in folders]
+    config = checkpoints[0].config
+    data = accord.load_dataset(config["key"]["dataset"])
+    model = config["model"]
+    if model.get("in_channels", data.in_channels) == 3 and data.in_channels == 1:
+        data = padded_rgb(data)
+    return [c.model.eval() for c in checkpoints], data
+
+
 def trained_model(args: argparse.Namespace, data: DataSplits, seed: int) -> nn.Module:
     """Model ``seed`` from the store, or trained and saved there."""
     config = {"width": args.width, "batch_norm": False, "in_channels": 3, "image_size": 32}
@@ -125,7 +154,13 @@ def variants(quick: bool) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
-NUMBERS = {"ridge": float, "absolute_ridge": float, "undetermined": float, "dead_fallback": float}
+NUMBERS = {
+    "ridge": float,
+    "absolute_ridge": float,
+    "undetermined": float,
+    "dead_fallback": float,
+    "dead_below": float,
+}
 
 
 def spliced(permuted: set[str]):
@@ -230,6 +265,61 @@ def diagnose(
     return {"aligned_alone": alone, "canonical_correlations": spaces}
 
 
+def dead_units(stats, spec) -> dict[str, list[dict[str, float]]]:
+    """Per free space and model: the fraction of nearly dead features (variance below
+    ``accord.match.cca.NEARLY_DEAD`` of the space's mean, what ``dead_fallback`` counts) and
+    of dead ones (variance ≤ 1e-10 of the largest, what CCA always pairs outside its solve)."""
+    counts = {}
+    for space in spec.free_spaces:
+        if space.name not in stats.spaces:
+            continue
+        space_stats = stats.spaces[space.name]
+        counts[space.name] = rows = []
+        for i in range(space_stats.num_models):
+            covariance = space_stats.covariance(i, i).double()
+            variance = torch.diagonal(covariance)
+            rows.append(
+                {
+                    "nearly_dead": accord.match.cca.nearly_dead_fraction(covariance),
+                    "dead": float((variance <= 1e-10 * variance.max()).double().mean()),
+                }
+            )
+    return counts
+
+
+def print_dead_units(label: str, counts: dict[str, list[dict[str, float]]]) -> None:
+    for space, rows in counts.items():
+        nearly = " ".join(f"{100 * r['nearly_dead']:3.0f}" for r in rows)
+        dead = " ".join(f"{100 * r['dead']:3.0f}" for r in rows)
+        print(f"{label} {space:20s} nearly dead % per model: {nearly}   dead %: {dead}")
+
+
+def fallback_spaces(counts, spec, fraction: float, size: int) -> list[str]:
+    """``space/i`` of every (space, model i ≠ 0) that ``dead_fallback=fraction`` permutes
+    (star around model 0; orthogonal and permutation-only spaces never count)."""
+    chosen = []
+    for space in spec.free_spaces:
+        if space.name not in counts or space.maps in ("orthogonal", "permutation"):
+            continue
+        rows = counts[space.name]
+        for i in range(1, size):
+            if max(rows[0]["nearly_dead"], rows[i]["nearly_dead"]) >= fraction:
+                chosen.append(f"{space.name}/{i}")
+    return chosen
+
+
+def same_merge_key(method, repair, options, counts, spec, size) -> str:
+    """Variants that differ only in a ``dead_fallback`` permuting the same spaces merge the
+    same: one key for them (no fallback at all: the key of CCA without the option)."""
+    options = dict(options)
+    fraction = options.pop("dead_fallback", None)
+    if fraction is not None and method == "cca":
+        permuted = fallback_spaces(counts, spec, fraction, size)
+        if permuted:
+            options["permuted"] = "+".join(permuted)
+    return json.dumps([method, repair, sorted(options.items())])
+
+
 def _limit(text: str) -> int | None:
     return None if text == "all" else int(text)
 
@@ -266,7 +356,22 @@ def main() -> None:
         default=None,
         help="REPAIR on the first this many images (default: --samples)",
     )
-    parser.add_argument("--json", default=None, help="write the figures here too")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="write the figures here too, after every merge; a rerun skips merges already there",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        default=None,
+        help="merge these accord checkpoint folders (comma-separated) instead of trained VGGs",
+    )
+    parser.add_argument(
+        "--dead-units",
+        action="store_true",
+        help="count nearly dead and dead features per space and model (then merge, unless "
+        "--variants is empty)",
+    )
     parser.add_argument(
         "--observe",
         choices=("post", "pre"),
@@ -280,15 +385,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = padded_rgb(accord.load_dataset("fashion-mnist", limit=args.limit))
-    if args.train is not None:
-        for seed in (int(s) for s in args.train.split(",")):
-            trained_model(args, data, seed)
-        return
     sizes = [int(s) for s in args.sizes.split(",")]
-    models = [trained_model(args, data, seed) for seed in range(max(sizes))]
+    if args.checkpoints:
+        models, data = checkpoint_set(args.checkpoints.split(","))
+    else:
+        data = padded_rgb(accord.load_dataset("fashion-mnist", limit=args.limit))
+        if args.train is not None:
+            for seed in (int(s) for s in args.train.split(",")):
+                trained_model(args, data, seed)
+            return
+        models = [trained_model(args, data, seed) for seed in range(max(sizes))]
     base = [accord.evaluate(m, data.test).accuracy for m in models]
     print("base test accuracies:", " ".join(f"{a:.4f}" for a in base))
+    print(f"validation {len(data.val)} images, test {len(data.test)}")
     calibration = data.train.subset(range(min(args.samples, len(data.train))))
     loader = make_loader(calibration, batch_size=500)
     spec = accord.trace(models[0], calibration.images[:2], observe=args.observe)
@@ -296,13 +405,34 @@ def main() -> None:
         range(min(args.repair_samples or args.samples, len(calibration)))
     )
     repair_loader = make_loader(repair_images, batch_size=500)
-    if args.variants:
-        rows = [parse_variant(text) for text in args.variants.split(";")]
+    if args.variants is not None:
+        rows = [parse_variant(text) for text in args.variants.split(";") if text]
     else:
         rows = variants(args.quick)
-    results: dict[str, dict[str, float]] = {}
-    diagnoses: dict[str, object] = {}
+    done = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    results: dict[str, dict[str, float]] = done.get("results", {})
+    validation: dict[str, dict[str, float]] = done.get("validation", {})
+    diagnoses: dict[str, object] = done.get("diagnoses", {})
+    dead: dict[str, object] = done.get("dead_units", {})
+
+    def save() -> None:
+        if args.json:
+            figures = {
+                "args": vars(args),
+                "base": base,
+                "validation_images": len(data.val),
+                "test_images": len(data.test),
+                "results": results,
+                "validation": validation,
+                "diagnoses": diagnoses,
+                "dead_units": dead,
+            }
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+
     for size in sizes:
+        todo = [row for row in rows if f"N={size}" not in results.get(row[0], {})]
+        if not todo and (f"N={size}" in dead or not args.dead_units):
+            continue
         chosen = models[:size]
         clock = time.perf_counter()
         # every pair: ZipIt! matches all models' features jointly
@@ -312,26 +442,47 @@ def main() -> None:
         print(f"N={size}: statistics in {time.perf_counter() - clock:.0f}s")
         if args.diagnose:
             diagnoses[f"N={size}"] = diagnose(chosen, loader, data, spec, stats, size)
+        counts = dead_units(stats, spec)
+        if args.dead_units:
+            dead[f"N={size}"] = counts
+            print_dead_units(f"N={size}", counts)
+            save()
+        merged_before: dict[str, tuple[float, float]] = {}
         for label, method, repair, options in rows:
+            key = same_merge_key(method, repair, options, counts, spec, size)
+            if f"N={size}" in results.get(label, {}):
+                merged_before.setdefault(
+                    key, (validation[label][f"N={size}"], results[label][f"N={size}"])
+                )
+                continue
+            if key in merged_before:  # e.g. a dead_fallback that permutes no space
+                val_accuracy, accuracy = merged_before[key]
+                validation.setdefault(label, {})[f"N={size}"] = val_accuracy
+                results.setdefault(label, {})[f"N={size}"] = accuracy
+                print(f"N={size} {label:36s} {100 * accuracy:5.1f}  (the same merge as before)")
+                save()
+                continue
             clock = time.perf_counter()
             merged = merge_variant(chosen, repair_loader, method, spec, repair, stats, options)
+            val_accuracy = accord.evaluate(merged.model, data.val).accuracy
             accuracy = accord.evaluate(merged.model, data.test).accuracy
+            merged_before[key] = (val_accuracy, accuracy)
+            validation.setdefault(label, {})[f"N={size}"] = val_accuracy
             results.setdefault(label, {})[f"N={size}"] = accuracy
+            save()
             seconds = time.perf_counter() - clock
-            print(f"N={size} {label:36s} {100 * accuracy:5.1f}  ({seconds:.0f}s)", flush=True)
+            print(
+                f"N={size} {label:36s} {100 * accuracy:5.1f}  (validation "
+                f"{100 * val_accuracy:.1f}; {seconds:.0f}s)",
+                flush=True,
+            )
             spaces = merged.report.get("spaces", {})
             permuted = [
                 s for s, entry in spaces.items() if "permutation" in entry.get("method", "")
             ]
             if method == "cca" and permuted:
                 print(f"  permuted: {' '.join(permuted)}", flush=True)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"args": vars(args), "base": base, "results": results, "diagnoses": diagnoses},
-                indent=1,
-            )
-        )
+    save()
 
 
 if __name__ == "__main__":

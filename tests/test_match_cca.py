@@ -277,3 +277,25 @@ def test_dead_fallback_permutes_a_space_of_mostly_dead_features() -> None:
         matrix = alignment.transforms[1]["h"].matrix
         assert alignment.report["h"]["method"] == "cca"
         assert float((matrix - expected).abs().max()) > 0.01
+
+
+def test_dead_below_pairs_nearly_dead_features_one_to_one_outside_the_solve() -> None:
+    live, dead = 4, 4
+    stats, perm = mostly_dead_twins(live, dead)
+    size = live + dead
+    expected = torch.zeros(size, size, dtype=torch.float64)
+    expected[torch.arange(size), torch.argsort(perm)] = 1.0
+    alignment = match("cca", one_space(size), stats, states(2), dead_below=0.05)
+    matrix, inverse = alignment.transforms[1]["h"].matrix, alignment.transforms[1]["h"].inverse
+    nearly_dead = torch.arange(live, size)
+    # each nearly dead feature goes to its twin alone, and no live feature reads or writes it
+    torch.testing.assert_close(matrix[nearly_dead], expected[nearly_dead], atol=0, rtol=0)
+    dead_columns = torch.argsort(perm)[nearly_dead]
+    assert float(matrix[:live][:, dead_columns].abs().max()) == 0.0
+    torch.testing.assert_close(
+        matrix @ inverse, torch.eye(size, dtype=torch.float64), atol=1e-8, rtol=0
+    )
+    # the live features keep CCA's dense map
+    assert float((matrix[:live] - expected[:live]).abs().max()) > 0.01
+    assert alignment.report["h"]["method"] == "cca"
+    assert "4 features with variance below 0.05×mean" in alignment.report["h"]["notes"][0]

@@ -145,18 +145,25 @@ def matching_target(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
 
 
 def dead_features(
-    sxx: Tensor, syy: Tensor, sxy: Tensor, tol: float = 1e-10
+    sxx: Tensor, syy: Tensor, sxy: Tensor, tol: float = 1e-10, below: float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Index pairs ``(dead_x, dead_y)`` of features with (numerically) zero variance.
+    """Index pairs ``(dead_x, dead_y)`` of features with (numerically) zero variance, or with
+    a variance below ``below`` × the mean feature variance of their side when given.
 
-    Such features (ReLU units that never fire) carry no information for CCA, and a dense map
-    would mix their pre-activation weights into live units, waking them. The ``k`` least
-    variable features of each side are paired by :func:`nearest_pairing`, ``k`` being the
-    smaller count.
+    Such features (ReLU units that never or almost never fire) carry no information for CCA,
+    and a dense map would mix their pre-activation weights into live units, waking them. The
+    ``k`` least variable features of each side are paired by :func:`nearest_pairing`, ``k``
+    being the smaller count.
     """
     var_x, var_y = torch.diagonal(sxx), torch.diagonal(syy)
-    dead_x = torch.nonzero(var_x <= tol * var_x.max().clamp_min(1e-300)).flatten()
-    dead_y = torch.nonzero(var_y <= tol * var_y.max().clamp_min(1e-300)).flatten()
+
+    def dead(variance: Tensor) -> Tensor:
+        threshold = tol * variance.max().clamp_min(1e-300)
+        if below is not None:
+            threshold = torch.maximum(threshold, below * variance.mean())
+        return torch.nonzero(variance <= threshold).flatten()
+
+    dead_x, dead_y = dead(var_x), dead(var_y)
     count = min(dead_x.numel(), dead_y.numel())
     dead_x = dead_x[torch.argsort(var_x[dead_x], stable=True)[:count]].sort().values
     dead_y = dead_y[torch.argsort(var_y[dead_y], stable=True)[:count]].sort().values
@@ -167,10 +174,16 @@ def dead_features(
 
 
 def cca_block(
-    sxx: Tensor, syy: Tensor, sxy: Tensor, ridge: float, absolute_ridge: float | None
+    sxx: Tensor,
+    syy: Tensor,
+    sxy: Tensor,
+    ridge: float,
+    absolute_ridge: float | None,
+    dead_below: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``(T, T⁻¹, S, dead)``: CCA on the live features, dead features paired one to one."""
-    dead_x, dead_y = dead_features(sxx, syy, sxy)
+    """``(T, T⁻¹, S, dead)``: CCA on the live features, dead features (``dead_below``: also
+    nearly dead ones, :func:`dead_features`) paired one to one."""
+    dead_x, dead_y = dead_features(sxx, syy, sxy, below=dead_below)
     size = sxx.shape[0]
     keep = torch.ones(size, dtype=torch.bool)
     live_x, live_y = keep.clone(), keep.clone()
@@ -255,12 +268,15 @@ def cca_match(
     ridge: float,
     absolute_ridge: float | None,
     dead_fallback: float | None = None,
+    dead_below: float | None = None,
 ) -> Matched:
     """CCA Merge of model i onto the reference in one space (block-diagonal when grouped).
 
     ``dead_fallback``: when at least this fraction of either model's features is nearly dead
     (:func:`nearly_dead_fraction`), a dense space gets activation matching's permutation
-    instead, and the report says so. Report: ``canonical_correlations`` (all groups,
+    instead, and the report says so. ``dead_below``: features whose variance is below this
+    fraction of their side's mean are paired one to one outside the solve, as dead ones are
+    (:func:`cca_block`). Report: ``canonical_correlations`` (all groups,
     descending) and their mean.
     """
     if space.maps == "permutation":
@@ -281,7 +297,7 @@ def cca_match(
     for part in group_slices(space.size, space.groups):
         block_xx, block_yy, block_xy = sxx[part, part], syy[part, part], sxy[part, part]
         transform, inverse, s, block_dead = cca_block(
-            block_xx, block_yy, block_xy, ridge, absolute_ridge
+            block_xx, block_yy, block_xy, ridge, absolute_ridge, dead_below
         )
         dead += block_dead
         if space.maps == "orthogonal":
@@ -301,7 +317,8 @@ def cca_match(
         note = "procrustes: the space admits orthogonal maps only (the g → ∞ limit of CCA)"
         return Matched("procrustes", result, scores, note)
     if dead:
-        note = f"{dead} features with zero variance paired one to one, outside CCA"
+        which = "zero variance" if dead_below is None else f"variance below {dead_below:g}×mean"
+        note = f"{dead} features with {which} paired one to one, outside CCA"
         return Matched("cca", result, scores, note)
     return Matched("cca", result, scores)
 
@@ -338,6 +355,15 @@ def cca_match(
             nullable=True,
             why="it is a fraction of a space's features",
         ),
+        Option(
+            "dead_below",
+            float,
+            None,
+            "pair features below this fraction of the mean variance one to one, outside CCA",
+            FRACTION,
+            nullable=True,
+            why="it is a fraction of the space's mean feature variance",
+        ),
     ),
     needs=Needs(data=True),
     compare=5,
@@ -351,6 +377,7 @@ def match_cca(
     ridge: float,
     absolute_ridge: float | None,
     dead_fallback: float | None,
+    dead_below: float | None,
 ) -> Alignment:
     """Align every model to the reference with CCA Merge (star).
 
@@ -358,7 +385,9 @@ def match_cca(
     a validation split. ``absolute_ridge`` (g > 0): overrides it with one absolute g.
     ``dead_fallback`` (0 < f ≤ 1; None, the default: off): dense spaces where at least a
     fraction f of either model's features is nearly dead (variance below 1 % of the space's
-    mean) get activation matching's permutation instead.
+    mean) get activation matching's permutation instead. ``dead_below`` (0 < b ≤ 1; None,
+    the default: only features of zero variance): features whose variance is below b × their
+    side's mean are paired one to one outside the solve, as far as both models have them.
     """
     check_ridge("ridge", ridge)
     if absolute_ridge is not None:
@@ -370,7 +399,18 @@ def match_cca(
                 "option dead_fallback=0 would permute every space; give a fraction in (0, 1], "
                 "or None to keep CCA's maps everywhere"
             )
+    if dead_below is not None:
+        check_option("dead_below", dead_below, low=0.0, high=1.0)
+        if dead_below == 0:
+            raise MergeError(
+                "option dead_below=0 pairs only features of zero variance, as None does; give "
+                "a fraction of the mean variance in (0, 1], or None"
+            )
     align = partial(
-        cca_match, ridge=ridge, absolute_ridge=absolute_ridge, dead_fallback=dead_fallback
+        cca_match,
+        ridge=ridge,
+        absolute_ridge=absolute_ridge,
+        dead_fallback=dead_fallback,
+        dead_below=dead_below,
     )
     return star_alignment(spec, statistics, len(states), reference, "cca", align)
