@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from accord._finite import first_non_finite
 from accord.batchnorm import is_batchnorm
 from accord.combine.average import average_states, weighted_mean
-from accord.data import batches
+from accord.data import batches, random_crops
 from accord.errors import MergeError
 from accord.registry import (
     POSITIVE,
@@ -52,9 +52,10 @@ from accord.registry import (
     lookup,
 )
 
-LOSSES = ("ce", "kl")
+LOSSES = ("ce", "kl", "ce+kl")
 SCHEMES = ("joint", "pairwise")
 GRANULARITIES = ("parameter", "channel")
+SCHEDULES = ("constant", "cosine")
 
 Weigh = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,27 +95,21 @@ class _Task:
     progress: bool
     validation: Any = None
     granularity: str = "parameter"
+    logit_decay: float = 0.0
+    crop_padding: int = 0
+    schedule: str = "constant"
+    seed: int = 0
 
 
 def _check_arguments(
     states: Sequence[Mapping[str, torch.Tensor]],
     data: Any,
-    loss: str,
     teachers: Sequence[nn.Module] | None,
-    scheme: str,
-    settings: tuple[int, int | None, float, str],
+    given: Mapping[str, Any],
 ) -> None:
-    """Every problem with the arguments, raised at once before any work."""
-    epochs, max_samples, lr, granularity = settings
+    """Every problem with the arguments (``given``: the record's options by name), raised at
+    once before any work."""
     record = lookup("combine", "npmerge")
-    given = {
-        "loss": loss,
-        "scheme": scheme,
-        "epochs": epochs,
-        "max_samples": max_samples,
-        "lr": lr,
-        "granularity": granularity,
-    }
     problems = []
     for name, value in given.items():  # the ranges and choices of the record, at once
         problem = record.option(name).problem(value)
@@ -128,8 +123,8 @@ def _check_arguments(
             problems.append(f"state {index}: tensor {found[0]!r} has {found[1]}")
     if data is None or (hasattr(data, "__len__") and len(data) == 0):
         problems.append("NP Merge needs a calibration set (data=...)")
-    if loss == "kl" and not teachers:
-        problems.append('loss="kl" needs the base models as teachers=[...]')
+    if given["loss"] != "ce" and not teachers:
+        problems.append(f"loss={given['loss']!r} needs the base models as teachers=[...]")
     if problems:
         raise MergeError("; ".join(problems))
 
@@ -175,9 +170,10 @@ def _split(batch: Any, loss: str, index: int) -> tuple[torch.Tensor, torch.Tenso
     pair = isinstance(batch, tuple | list)
     inputs = batch[0] if pair else batch
     labels = batch[1] if pair and len(batch) > 1 else None
-    if loss == "ce" and labels is None:
+    if loss != "kl" and labels is None:
         raise MergeError(
-            f"NP Merge: batch {index} of the calibration data has no labels, which loss='ce' "
+            f"NP Merge: batch {index} of the calibration data has no labels, which "
+            f"loss={loss!r} "
             "needs; "
             "use loss='kl' with teachers=[...] to distil the ensemble instead"
         )
@@ -190,11 +186,14 @@ def _stream(task: _Task) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | Non
     seen = 0
     if task.max_samples == 0:
         return
+    crops = torch.Generator().manual_seed(task.seed)
     for epoch in range(task.epochs):
         count = 0
         for batch in batches(task.data):
             count += 1
             inputs, labels = _split(batch, task.loss, count - 1)
+            if task.crop_padding:
+                inputs = _cropped(inputs, task.crop_padding, crops, count - 1)
             if task.max_samples is not None:
                 inputs = inputs[: task.max_samples - seen]
                 labels = None if labels is None else labels[: task.max_samples - seen]
@@ -209,6 +208,20 @@ def _stream(task: _Task) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | Non
             )
 
 
+def _cropped(
+    inputs: torch.Tensor, padding: int, generator: torch.Generator, index: int
+) -> torch.Tensor:
+    """Random shifted crops of an image batch, each channel padded with its smallest value in
+    the batch (the background)."""
+    if inputs.dim() != 4 or not inputs.is_floating_point():
+        raise MergeError(
+            f"NP Merge: crop_padding needs image batches N×C×H×W of floats; batch {index} of "
+            f"the calibration data has shape {tuple(inputs.shape)} ({inputs.dtype}): "
+            "use crop_padding=0"
+        )
+    return random_crops(inputs, padding, generator, inputs.amin(dim=(0, 2, 3)))
+
+
 def _class_rows(logits: Any) -> torch.Tensor:
     """Model outputs as ``(rows, classes)``: the last axis holds the classes."""
     logits = getattr(logits, "logits", logits)
@@ -216,12 +229,17 @@ def _class_rows(logits: Any) -> torch.Tensor:
 
 
 def _loss(task: _Task, outputs: Any, inputs: torch.Tensor, labels: Any) -> torch.Tensor:
-    """Cross-entropy on ``labels``, or KL(teachers' averaged logits ‖ merged)."""
+    """Cross-entropy on ``labels``, KL(teachers' averaged logits ‖ merged), or (``ce+kl``)
+    cross-entropy on targets half the label, half the teachers' distribution: the mean of
+    the two losses, up to the teachers' entropy, which no coefficient changes."""
     logits = _class_rows(outputs)
     if task.loss == "ce":
         return F.cross_entropy(logits, labels.to(task.device).reshape(-1))
     with torch.no_grad():
         teacher = torch.stack([_class_rows(t(inputs)) for t in task.teachers]).mean(0)
+    if task.loss == "ce+kl":
+        hard = F.one_hot(labels.to(task.device).reshape(-1), logits.shape[-1]).to(logits)
+        return F.cross_entropy(logits, (hard + F.softmax(teacher, -1)) / 2)
     return F.kl_div(
         F.log_softmax(logits, -1),
         F.log_softmax(teacher, -1),
@@ -297,6 +315,14 @@ def _logit_shape(shape: torch.Size, granularity: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _pass_factor(task: _Task, epoch: int) -> float:
+    """The learning-rate factor of pass ``epoch`` (from 1): 1, or with ``schedule="cosine"``
+    a half cosine from 1 at the first pass toward 0 after the last."""
+    if task.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / task.epochs))
+
+
 def _train_stage(
     task: _Task,
     constants: dict[str, torch.Tensor],
@@ -308,7 +334,11 @@ def _train_stage(
 
     With validation data, the accuracy after every pass (and at the start, pass 0) is recorded
     and the logits of the best pass are kept."""
-    optimizer = torch.optim.Adam(list(logits.values()), lr=task.lr)
+    # decoupled decay (AdamW) shrinks every logit toward 0, the plain average's, by lr·decay
+    # a step, whatever the size of its gradient
+    optimizer = torch.optim.AdamW(
+        list(logits.values()), lr=task.lr, weight_decay=task.logit_decay
+    )
     buffers = {k: v.clone() for k, v in task.buffers.items()}  # BN train mode writes into them
     record: dict[str, Any] = {"steps": 0, "samples": 0, "losses": [], "validation": []}
     record["memory"] = {"parameters": _nbytes(constants.values()), "logits": 0, "optimizer": 0}
@@ -331,6 +361,8 @@ def _train_stage(
             validate()
             done = epoch - 1
         step, inputs = record["steps"] + 1, inputs.to(task.device)
+        for group in optimizer.param_groups:
+            group["lr"] = task.lr * _pass_factor(task, epoch)
         params = merged()
         value = _loss(
             task, functional_call(task.probe, {**params, **buffers}, (inputs,)), inputs, labels
@@ -399,9 +431,10 @@ def _pairwise(
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Successive pairs: stage k merges the running merge of models 0..k−1 with model k.
 
-    Stage k's logit starts at log(k), so σ = k/(k+1) and every stage starts at the plain
-    average of models 0..k (successive averaging with σ = 1/2 would give model k weight 1/2).
-    Effective weights: w_{0..k−1} ← σ ⊙ w_{0..k−1}, w_k = 1 − σ.
+    Stage k's sigmoid reads its trained logit plus log(k), so that at the start (logits 0)
+    σ = k/(k+1) and every stage starts at the plain average of models 0..k (successive
+    averaging with σ = 1/2 would give model k weight 1/2), and ``logit_decay`` pulls toward
+    that average. Effective weights: w_{0..k−1} ← σ ⊙ w_{0..k−1}, w_k = 1 − σ.
     """
     weights = {n: torch.ones(1, *states[0][n].shape, dtype=torch.float64) for n in names}
     records = []
@@ -413,18 +446,23 @@ def _pairwise(
             for n in names
         }
         logits = {
-            n: torch.full(
-                _logit_shape(states[0][n].shape, task.granularity), math.log(k), device=task.device
+            n: torch.zeros(
+                _logit_shape(states[0][n].shape, task.granularity), device=task.device
             ).requires_grad_()
             for n in names
         }
+        start = math.log(k)
         record = _train_stage(
-            task, constants, logits, _sigmoid_pair, f"NP Merge {k}/{len(states) - 1}"
+            task,
+            constants,
+            logits,
+            lambda a, start=start: _sigmoid_pair(a + start),
+            f"NP Merge {k}/{len(states) - 1}",
         )
         record["models"] = list(range(k + 1))
         records.append(record)
         for n, a in logits.items():
-            pair = _sigmoid_pair(a.detach().cpu().double().expand(states[0][n].shape))
+            pair = _sigmoid_pair(a.detach().cpu().double().expand(states[0][n].shape) + start)
             weights[n] = torch.cat([weights[n] * pair[0], pair[1:]])
     return weights, records
 
@@ -463,6 +501,9 @@ def np_merge(
     progress: bool = True,
     validation: Any = None,
     granularity: str = "parameter",
+    logit_decay: float = 0.0,
+    crop_padding: int = 0,
+    schedule: str = "constant",
 ) -> NPMergeResult:
     """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
 
@@ -491,7 +532,18 @@ def np_merge(
     ((2, 2, 2), 5)
     """
     states = list(states)
-    _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr, granularity))
+    given = {
+        "loss": loss,
+        "scheme": scheme,
+        "epochs": epochs,
+        "max_samples": max_samples,
+        "lr": lr,
+        "granularity": granularity,
+        "logit_decay": logit_decay,
+        "crop_padding": crop_padding,
+        "schedule": schedule,
+    }
+    _check_arguments(states, data, teachers, given)
     params, aliases = _parameters(model, states)
     base = average_states(states)
     device = torch.device(device)
@@ -509,6 +561,10 @@ def np_merge(
         progress=progress,
         validation=validation,
         granularity=granularity,
+        logit_decay=logit_decay,
+        crop_padding=crop_padding,
+        schedule=schedule,
+        seed=seed,
     )
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with rng, _teaching(task.teachers, device):
@@ -573,6 +629,23 @@ def _result(
             "one coefficient per parameter entry, or per output channel",
             choices=GRANULARITIES,
         ),
+        Option(
+            "logit_decay",
+            float,
+            0.0,
+            "decoupled decay of the coefficient logits toward the plain average",
+            Limits(0),
+        ),
+        Option(
+            "crop_padding",
+            int,
+            0,
+            "random shifted crops of the calibration images, padded by this many pixels",
+            Limits(0),
+        ),
+        Option(
+            "schedule", str, "constant", "learning rate per pass", choices=SCHEDULES
+        ),
     ),
     needs=Needs(data=True, labels=True),
     tensorwise=False,
@@ -590,6 +663,9 @@ def combine_npmerge(
     lr: float,
     max_samples: int | None,
     granularity: str,
+    logit_decay: float,
+    crop_padding: int,
+    schedule: str,
 ) -> Combined:
     """The record's function: :func:`np_merge` of the aligned states, the models as teachers;
     the report holds its options, loss curve, stages, memory and each parameter's mean weight
@@ -602,6 +678,9 @@ def combine_npmerge(
         "epochs": epochs,
         "lr": lr,
         "granularity": granularity,
+        "logit_decay": logit_decay,
+        "crop_padding": crop_padding,
+        "schedule": schedule,
     }
     outcome = np_merge(
         context.models[0],
