@@ -101,6 +101,25 @@ def with_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
     return model.eval()
 
 
+class Remembering(nn.Module):
+    """A teacher that answers an input it has seen (the calibration batches come back in the
+    same order every pass, and a teacher in eval mode is deterministic) from memory: loss=kl
+    and ce+kl then run each teacher once per calibration batch, not once per pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+        self.seen: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.flatten()
+        key = (tuple(inputs.shape), flat.sum().item(), flat[::97].sum().item())
+        if key not in self.seen:
+            self.seen[key] = self.model(inputs)
+        return self.seen[key]
+
+
 @contextmanager
 def test_curve(test: Any, curve: list[float]) -> Iterator[None]:
     """Wherever NP Merge measures validation accuracy (after every pass), ``curve`` gets the
@@ -147,7 +166,7 @@ def run_variant(
             models[0],
             aligned[align, len(models)],
             calibration,
-            teachers=models,
+            teachers=[Remembering(m) for m in models],
             progress=False,
             validation=data.val if early else None,
             **options,
