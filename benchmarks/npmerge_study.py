@@ -9,8 +9,8 @@ user would have them); validation: the dataset's validation split (6,000 images,
 every training image); test: the test split, which chooses nothing. Each variant is
 ``align:option=value,...``: the alignment NP Merge starts from (``merge`` for
 ``accord.merge(method="npmerge")`` with its defaults), then :func:`accord.combine.np_merge`
-options (``epochs``, ``lr``, ``loss``, ``scheme``, ``granularity``, ``logit_decay``,
-``crop_padding``, ``schedule``), ``val=1`` (early stopping on the
+options (``epochs``, ``lr``, ``loss``, ``scheme``, ``granularity``,
+``crop_padding``), ``val=1`` (early stopping on the
 validation split, the validation and test accuracy after every pass printed; the test
 curve chooses nothing: it shows what ``epochs=E`` without early stopping would reach, E up
 to the passes run, as the calibration order is fixed) and ``models=K`` (merge the first K of
@@ -51,7 +51,6 @@ NUMBERS = {
     "lr": float,
     "val": int,
     "models": int,
-    "logit_decay": float,
     "crop_padding": int,
 }
 

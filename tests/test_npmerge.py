@@ -308,46 +308,6 @@ def test_early_stopping_keeps_the_best_pass_on_validation() -> None:
     assert len(result.losses) == 6 * len(train)  # every pass trained; only the kept one stays
 
 
-def logit_gap(result: object, key: str) -> torch.Tensor:
-    """a_0 − a_1 of a two-model joint merge, read back from its coefficients."""
-    weights = result.coefficients[key].double()  # type: ignore[attr-defined]
-    return weights[0].log() - weights[1].log()
-
-
-def test_logit_decay_pulls_toward_the_average_by_lr_times_decay() -> None:
-    """AdamW's decoupled decay: a ← (1 − lr·decay)·a − lr·u. With decay = 1/lr the second
-    step starts from the average again, so its logits are the no-decay run's after two steps
-    minus its logits after one (the first step, from 0, is the same in both)."""
-    states = states_of(mlp(0), mlp(1))
-    data = toy_data(batches=1)
-    lr = 0.05
-    runs = {
-        (epochs, decay): np_merge(
-            mlp(9), states, data, lr=lr, epochs=epochs, logit_decay=decay, progress=False
-        )
-        for epochs, decay in ((1, 0.0), (2, 0.0), (2, 1 / lr))
-    }
-    for key in states[0]:
-        one, two = logit_gap(runs[1, 0.0], key), logit_gap(runs[2, 0.0], key)
-        torch.testing.assert_close(logit_gap(runs[2, 1 / lr], key), two - one, rtol=0, atol=1e-5)
-        assert (two - one).abs().max() > 0.01  # the two runs differ: the test tells them apart
-
-
-@pytest.mark.parametrize("scheme", ["joint", "pairwise"])
-def test_strong_logit_decay_keeps_three_models_near_the_average(scheme: str) -> None:
-    """Pairwise stages decay toward their start log k (the average), not toward σ = 1/2."""
-    states = states_of(mlp(0), mlp(1), mlp(2))
-
-    def spread(decay: float) -> float:
-        result = np_merge(
-            mlp(9), states, toy_data(), scheme=scheme, lr=0.05, logit_decay=decay, progress=False
-        )
-        return max((w - 1 / 3).abs().max().item() for w in result.coefficients.values())
-
-    # decay = 1/lr: every logit is one Adam step (|u| ≤ 3.2) away from the start
-    assert spread(20.0) < 0.1 < spread(0.0)
-
-
 def recording_model(seen: list[torch.Tensor]) -> nn.Module:
     class Recording(nn.Module):
         def __init__(self) -> None:
@@ -418,20 +378,3 @@ def test_ce_plus_kl_needs_teachers_and_labels() -> None:
     with pytest.raises(MergeError, match=r"no labels, which loss='ce\+kl'"):
         np_merge(mlp(9), states_of(*models), inputs, loss="ce+kl", teachers=models)
 
-
-def test_cosine_schedule_halves_the_second_of_two_passes() -> None:
-    """Pass e of E runs at lr·(1 + cos(π(e−1)/E))/2: of two passes, the first at lr and the
-    second at lr/2, so the second step moves the logits half as far as without it."""
-    states = states_of(mlp(0), mlp(1))
-    data = toy_data(batches=1)
-    one = np_merge(mlp(9), states, data, lr=0.05, epochs=1, progress=False)
-    constant = np_merge(mlp(9), states, data, lr=0.05, epochs=2, progress=False)
-    cosine = np_merge(mlp(9), states, data, lr=0.05, epochs=2, schedule="cosine", progress=False)
-    for key in states[0]:
-        first = logit_gap(one, key)
-        torch.testing.assert_close(
-            logit_gap(cosine, key) - first,
-            (logit_gap(constant, key) - first) / 2,
-            rtol=0,
-            atol=1e-5,
-        )

@@ -7,8 +7,11 @@ gets a coefficient-logit tensor ``a`` of shape ``(N, *S)``; the merged parameter
     θ = Σ_i softmax_i(a) ⊙ θ_i            (N = 2: σ(a)·θ_0 + (1 − σ(a))·θ_1)
 
 with ``a = 0`` at the start, which is the plain average. Only the logits train (Adam); the
-aligned parameters are frozen constants. The loss is cross-entropy on labels, or
-KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels.
+aligned parameters are frozen constants. The loss is cross-entropy on labels,
+KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels, or
+``ce+kl``: cross-entropy on targets half the label, half the ensemble's distribution
+(labels smoothed by the ensemble). ``crop_padding`` trains on random shifted crops of the
+calibration images, fresh every pass.
 
 ``granularity="channel"`` trains one logit per output channel (row) of each parameter instead,
 broadcast over the rest of the tensor (a 1-d parameter keeps one per entry): far fewer
@@ -55,7 +58,6 @@ from accord.registry import (
 LOSSES = ("ce", "kl", "ce+kl")
 SCHEMES = ("joint", "pairwise")
 GRANULARITIES = ("parameter", "channel")
-SCHEDULES = ("constant", "cosine")
 
 Weigh = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,9 +97,7 @@ class _Task:
     progress: bool
     validation: Any = None
     granularity: str = "parameter"
-    logit_decay: float = 0.0
     crop_padding: int = 0
-    schedule: str = "constant"
     seed: int = 0
 
 
@@ -315,14 +315,6 @@ def _logit_shape(shape: torch.Size, granularity: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _pass_factor(task: _Task, epoch: int) -> float:
-    """The learning-rate factor of pass ``epoch`` (from 1): 1, or with ``schedule="cosine"``
-    a half cosine from 1 at the first pass toward 0 after the last."""
-    if task.schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / task.epochs))
-
-
 def _train_stage(
     task: _Task,
     constants: dict[str, torch.Tensor],
@@ -334,11 +326,7 @@ def _train_stage(
 
     With validation data, the accuracy after every pass (and at the start, pass 0) is recorded
     and the logits of the best pass are kept."""
-    # decoupled decay (AdamW) shrinks every logit toward 0, the plain average's, by lr·decay
-    # a step, whatever the size of its gradient
-    optimizer = torch.optim.AdamW(
-        list(logits.values()), lr=task.lr, weight_decay=task.logit_decay
-    )
+    optimizer = torch.optim.Adam(list(logits.values()), lr=task.lr)
     buffers = {k: v.clone() for k, v in task.buffers.items()}  # BN train mode writes into them
     record: dict[str, Any] = {"steps": 0, "samples": 0, "losses": [], "validation": []}
     record["memory"] = {"parameters": _nbytes(constants.values()), "logits": 0, "optimizer": 0}
@@ -361,8 +349,6 @@ def _train_stage(
             validate()
             done = epoch - 1
         step, inputs = record["steps"] + 1, inputs.to(task.device)
-        for group in optimizer.param_groups:
-            group["lr"] = task.lr * _pass_factor(task, epoch)
         params = merged()
         value = _loss(
             task, functional_call(task.probe, {**params, **buffers}, (inputs,)), inputs, labels
@@ -431,10 +417,9 @@ def _pairwise(
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Successive pairs: stage k merges the running merge of models 0..k−1 with model k.
 
-    Stage k's sigmoid reads its trained logit plus log(k), so that at the start (logits 0)
-    σ = k/(k+1) and every stage starts at the plain average of models 0..k (successive
-    averaging with σ = 1/2 would give model k weight 1/2), and ``logit_decay`` pulls toward
-    that average. Effective weights: w_{0..k−1} ← σ ⊙ w_{0..k−1}, w_k = 1 − σ.
+    Stage k's logit starts at log(k), so σ = k/(k+1) and every stage starts at the plain
+    average of models 0..k (successive averaging with σ = 1/2 would give model k weight 1/2).
+    Effective weights: w_{0..k−1} ← σ ⊙ w_{0..k−1}, w_k = 1 − σ.
     """
     weights = {n: torch.ones(1, *states[0][n].shape, dtype=torch.float64) for n in names}
     records = []
@@ -446,23 +431,18 @@ def _pairwise(
             for n in names
         }
         logits = {
-            n: torch.zeros(
-                _logit_shape(states[0][n].shape, task.granularity), device=task.device
+            n: torch.full(
+                _logit_shape(states[0][n].shape, task.granularity), math.log(k), device=task.device
             ).requires_grad_()
             for n in names
         }
-        start = math.log(k)
         record = _train_stage(
-            task,
-            constants,
-            logits,
-            lambda a, start=start: _sigmoid_pair(a + start),
-            f"NP Merge {k}/{len(states) - 1}",
+            task, constants, logits, _sigmoid_pair, f"NP Merge {k}/{len(states) - 1}"
         )
         record["models"] = list(range(k + 1))
         records.append(record)
         for n, a in logits.items():
-            pair = _sigmoid_pair(a.detach().cpu().double().expand(states[0][n].shape) + start)
+            pair = _sigmoid_pair(a.detach().cpu().double().expand(states[0][n].shape))
             weights[n] = torch.cat([weights[n] * pair[0], pair[1:]])
     return weights, records
 
@@ -501,9 +481,7 @@ def np_merge(
     progress: bool = True,
     validation: Any = None,
     granularity: str = "parameter",
-    logit_decay: float = 0.0,
     crop_padding: int = 0,
-    schedule: str = "constant",
 ) -> NPMergeResult:
     """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
 
@@ -539,9 +517,7 @@ def np_merge(
         "max_samples": max_samples,
         "lr": lr,
         "granularity": granularity,
-        "logit_decay": logit_decay,
         "crop_padding": crop_padding,
-        "schedule": schedule,
     }
     _check_arguments(states, data, teachers, given)
     params, aliases = _parameters(model, states)
@@ -561,9 +537,7 @@ def np_merge(
         progress=progress,
         validation=validation,
         granularity=granularity,
-        logit_decay=logit_decay,
         crop_padding=crop_padding,
-        schedule=schedule,
         seed=seed,
     )
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
@@ -630,21 +604,11 @@ def _result(
             choices=GRANULARITIES,
         ),
         Option(
-            "logit_decay",
-            float,
-            0.0,
-            "decoupled decay of the coefficient logits toward the plain average",
-            Limits(0),
-        ),
-        Option(
             "crop_padding",
             int,
             0,
             "random shifted crops of the calibration images, padded by this many pixels",
             Limits(0),
-        ),
-        Option(
-            "schedule", str, "constant", "learning rate per pass", choices=SCHEDULES
         ),
     ),
     needs=Needs(data=True, labels=True),
@@ -663,9 +627,7 @@ def combine_npmerge(
     lr: float,
     max_samples: int | None,
     granularity: str,
-    logit_decay: float,
     crop_padding: int,
-    schedule: str,
 ) -> Combined:
     """The record's function: :func:`np_merge` of the aligned states, the models as teachers;
     the report holds its options, loss curve, stages, memory and each parameter's mean weight
@@ -678,9 +640,7 @@ def combine_npmerge(
         "epochs": epochs,
         "lr": lr,
         "granularity": granularity,
-        "logit_decay": logit_decay,
         "crop_padding": crop_padding,
-        "schedule": schedule,
     }
     outcome = np_merge(
         context.models[0],
