@@ -355,9 +355,7 @@ def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> N
     models = [mlp(0), mlp(1)]
     states = states_of(*models)
     data = toy_data(batches=1)
-    result = np_merge(
-        mlp(9), states, data, loss="ce+kl", teachers=models, epochs=1, progress=False
-    )
+    result = np_merge(mlp(9), states, data, loss="ce+kl", teachers=models, epochs=1, progress=False)
     x, y = data[0]
     average = mlp(9)
     average.load_state_dict(average_states(states))
@@ -377,4 +375,3 @@ def test_ce_plus_kl_needs_teachers_and_labels() -> None:
     inputs = [x for x, _ in toy_data()]
     with pytest.raises(MergeError, match=r"no labels, which loss='ce\+kl'"):
         np_merge(mlp(9), states_of(*models), inputs, loss="ce+kl", teachers=models)
-
