@@ -184,6 +184,7 @@ def test_options_are_parsed_by_the_types_of_the_method_options(
         "lr": 1.0,
         "max_samples": None,
         "granularity": "parameter",
+        "crop_padding": 0,
     }
     for option, message in (
         ("ridge", "--option 'ridge': expected KEY=VALUE"),

@@ -306,3 +306,72 @@ def test_early_stopping_keeps_the_best_pass_on_validation() -> None:
     for key, value in stopped.state.items():
         assert torch.equal(result.state[key], value), key
     assert len(result.losses) == 6 * len(train)  # every pass trained; only the kept one stays
+
+
+def recording_model(seen: list[torch.Tensor]) -> nn.Module:
+    class Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(1 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.detach().clone())
+            return self.head(x.flatten(1))
+
+    return Recording()
+
+
+def test_crop_padding_trains_on_shifted_crops_of_each_batch() -> None:
+    """Every image the model sees is its calibration image shifted by at most the padding,
+    the uncovered border filled with the batch's smallest value; the shifts vary."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 6, 6, generator=g) + 1  # background 0 lies outside [1, 2)
+    images[0, 0, 0, 0] = 0.5  # the batch minimum, the fill
+    data = [(images, torch.randint(3, (8,), generator=g))]
+    seen: list[torch.Tensor] = []
+    states = states_of(recording_model([]), recording_model([]))
+    np_merge(recording_model(seen), states, data, crop_padding=2, epochs=3, progress=False)
+    padded = F.pad(images, (2, 2, 2, 2), value=0.5)
+    shifts = set()
+    for batch in seen:
+        for image, crop in zip(padded, batch, strict=True):
+            found = [
+                (dy, dx)
+                for dy in range(5)
+                for dx in range(5)
+                if torch.equal(image[:, dy : dy + 6, dx : dx + 6], crop)
+            ]
+            assert found, "an input is no crop of its image"
+            shifts.add(found[0])
+    assert len(seen) == 3 and len(shifts) > 5
+
+
+def test_crop_padding_needs_image_batches() -> None:
+    with pytest.raises(MergeError, match=r"crop_padding needs image batches.*\(32, 4\)"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), crop_padding=2, progress=False)
+
+
+def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> None:
+    models = [mlp(0), mlp(1)]
+    states = states_of(*models)
+    data = toy_data(batches=1)
+    result = np_merge(mlp(9), states, data, loss="ce+kl", teachers=models, epochs=1, progress=False)
+    x, y = data[0]
+    average = mlp(9)
+    average.load_state_dict(average_states(states))
+    with torch.no_grad():
+        teacher = torch.stack([m(x) for m in models]).mean(0).log_softmax(-1)
+        merged = average(x).log_softmax(-1)
+    kl = (teacher.exp() * (teacher - merged)).sum(-1).mean()
+    entropy = -(teacher.exp() * teacher).sum(-1).mean()
+    expected = (F.nll_loss(merged, y) + kl + entropy) / 2
+    assert result.losses[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ce_plus_kl_needs_teachers_and_labels() -> None:
+    with pytest.raises(MergeError, match=r"loss='ce\+kl' needs the base models"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="ce+kl")
+    models = [mlp(0), mlp(1)]
+    inputs = [x for x, _ in toy_data()]
+    with pytest.raises(MergeError, match=r"no labels, which loss='ce\+kl'"):
+        np_merge(mlp(9), states_of(*models), inputs, loss="ce+kl", teachers=models)

@@ -7,8 +7,11 @@ gets a coefficient-logit tensor ``a`` of shape ``(N, *S)``; the merged parameter
     θ = Σ_i softmax_i(a) ⊙ θ_i            (N = 2: σ(a)·θ_0 + (1 − σ(a))·θ_1)
 
 with ``a = 0`` at the start, which is the plain average. Only the logits train (Adam); the
-aligned parameters are frozen constants. The loss is cross-entropy on labels, or
-KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels.
+aligned parameters are frozen constants. The loss is cross-entropy on labels,
+KL(ensemble ‖ merged) to the teachers' averaged logits when there are no labels, or
+``ce+kl``: cross-entropy on targets half the label, half the ensemble's distribution
+(labels smoothed by the ensemble). ``crop_padding`` trains on random shifted crops of the
+calibration images, fresh every pass.
 
 ``granularity="channel"`` trains one logit per output channel (row) of each parameter instead,
 broadcast over the rest of the tensor (a 1-d parameter keeps one per entry): far fewer
@@ -39,7 +42,7 @@ from tqdm.auto import tqdm
 from accord._finite import first_non_finite
 from accord.batchnorm import is_batchnorm
 from accord.combine.average import average_states, weighted_mean
-from accord.data import batches
+from accord.data import batches, random_crops
 from accord.errors import MergeError
 from accord.registry import (
     POSITIVE,
@@ -52,7 +55,7 @@ from accord.registry import (
     lookup,
 )
 
-LOSSES = ("ce", "kl")
+LOSSES = ("ce", "kl", "ce+kl")
 SCHEMES = ("joint", "pairwise")
 GRANULARITIES = ("parameter", "channel")
 
@@ -94,27 +97,19 @@ class _Task:
     progress: bool
     validation: Any = None
     granularity: str = "parameter"
+    crop_padding: int = 0
+    seed: int = 0
 
 
 def _check_arguments(
     states: Sequence[Mapping[str, torch.Tensor]],
     data: Any,
-    loss: str,
     teachers: Sequence[nn.Module] | None,
-    scheme: str,
-    settings: tuple[int, int | None, float, str],
+    given: Mapping[str, Any],
 ) -> None:
-    """Every problem with the arguments, raised at once before any work."""
-    epochs, max_samples, lr, granularity = settings
+    """Every problem with the arguments (``given``: the record's options by name), raised at
+    once before any work."""
     record = lookup("combine", "npmerge")
-    given = {
-        "loss": loss,
-        "scheme": scheme,
-        "epochs": epochs,
-        "max_samples": max_samples,
-        "lr": lr,
-        "granularity": granularity,
-    }
     problems = []
     for name, value in given.items():  # the ranges and choices of the record, at once
         problem = record.option(name).problem(value)
@@ -128,8 +123,8 @@ def _check_arguments(
             problems.append(f"state {index}: tensor {found[0]!r} has {found[1]}")
     if data is None or (hasattr(data, "__len__") and len(data) == 0):
         problems.append("NP Merge needs a calibration set (data=...)")
-    if loss == "kl" and not teachers:
-        problems.append('loss="kl" needs the base models as teachers=[...]')
+    if given["loss"] != "ce" and not teachers:
+        problems.append(f"loss={given['loss']!r} needs the base models as teachers=[...]")
     if problems:
         raise MergeError("; ".join(problems))
 
@@ -175,9 +170,10 @@ def _split(batch: Any, loss: str, index: int) -> tuple[torch.Tensor, torch.Tenso
     pair = isinstance(batch, tuple | list)
     inputs = batch[0] if pair else batch
     labels = batch[1] if pair and len(batch) > 1 else None
-    if loss == "ce" and labels is None:
+    if loss != "kl" and labels is None:
         raise MergeError(
-            f"NP Merge: batch {index} of the calibration data has no labels, which loss='ce' "
+            f"NP Merge: batch {index} of the calibration data has no labels, which "
+            f"loss={loss!r} "
             "needs; "
             "use loss='kl' with teachers=[...] to distil the ensemble instead"
         )
@@ -190,11 +186,14 @@ def _stream(task: _Task) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | Non
     seen = 0
     if task.max_samples == 0:
         return
+    crops = torch.Generator().manual_seed(task.seed)
     for epoch in range(task.epochs):
         count = 0
         for batch in batches(task.data):
             count += 1
             inputs, labels = _split(batch, task.loss, count - 1)
+            if task.crop_padding:
+                inputs = _cropped(inputs, task.crop_padding, crops, count - 1)
             if task.max_samples is not None:
                 inputs = inputs[: task.max_samples - seen]
                 labels = None if labels is None else labels[: task.max_samples - seen]
@@ -209,6 +208,20 @@ def _stream(task: _Task) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | Non
             )
 
 
+def _cropped(
+    inputs: torch.Tensor, padding: int, generator: torch.Generator, index: int
+) -> torch.Tensor:
+    """Random shifted crops of an image batch, each channel padded with its smallest value in
+    the batch (the background)."""
+    if inputs.dim() != 4 or not inputs.is_floating_point():
+        raise MergeError(
+            f"NP Merge: crop_padding needs image batches N×C×H×W of floats; batch {index} of "
+            f"the calibration data has shape {tuple(inputs.shape)} ({inputs.dtype}): "
+            "use crop_padding=0"
+        )
+    return random_crops(inputs, padding, generator, inputs.amin(dim=(0, 2, 3)))
+
+
 def _class_rows(logits: Any) -> torch.Tensor:
     """Model outputs as ``(rows, classes)``: the last axis holds the classes."""
     logits = getattr(logits, "logits", logits)
@@ -216,12 +229,17 @@ def _class_rows(logits: Any) -> torch.Tensor:
 
 
 def _loss(task: _Task, outputs: Any, inputs: torch.Tensor, labels: Any) -> torch.Tensor:
-    """Cross-entropy on ``labels``, or KL(teachers' averaged logits ‖ merged)."""
+    """Cross-entropy on ``labels``, KL(teachers' averaged logits ‖ merged), or (``ce+kl``)
+    cross-entropy on targets half the label, half the teachers' distribution: the mean of
+    the two losses, up to the teachers' entropy, which no coefficient changes."""
     logits = _class_rows(outputs)
     if task.loss == "ce":
         return F.cross_entropy(logits, labels.to(task.device).reshape(-1))
     with torch.no_grad():
         teacher = torch.stack([_class_rows(t(inputs)) for t in task.teachers]).mean(0)
+    if task.loss == "ce+kl":
+        hard = F.one_hot(labels.to(task.device).reshape(-1), logits.shape[-1]).to(logits)
+        return F.cross_entropy(logits, (hard + F.softmax(teacher, -1)) / 2)
     return F.kl_div(
         F.log_softmax(logits, -1),
         F.log_softmax(teacher, -1),
@@ -463,6 +481,7 @@ def np_merge(
     progress: bool = True,
     validation: Any = None,
     granularity: str = "parameter",
+    crop_padding: int = 0,
 ) -> NPMergeResult:
     """Merge N aligned state dicts of ``model``'s architecture with learned coefficients.
 
@@ -491,7 +510,16 @@ def np_merge(
     ((2, 2, 2), 5)
     """
     states = list(states)
-    _check_arguments(states, data, loss, teachers, scheme, (epochs, max_samples, lr, granularity))
+    given = {
+        "loss": loss,
+        "scheme": scheme,
+        "epochs": epochs,
+        "max_samples": max_samples,
+        "lr": lr,
+        "granularity": granularity,
+        "crop_padding": crop_padding,
+    }
+    _check_arguments(states, data, teachers, given)
     params, aliases = _parameters(model, states)
     base = average_states(states)
     device = torch.device(device)
@@ -509,6 +537,8 @@ def np_merge(
         progress=progress,
         validation=validation,
         granularity=granularity,
+        crop_padding=crop_padding,
+        seed=seed,
     )
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with rng, _teaching(task.teachers, device):
@@ -573,6 +603,13 @@ def _result(
             "one coefficient per parameter entry, or per output channel",
             choices=GRANULARITIES,
         ),
+        Option(
+            "crop_padding",
+            int,
+            0,
+            "random shifted crops of the calibration images, padded by this many pixels",
+            Limits(0),
+        ),
     ),
     needs=Needs(data=True, labels=True),
     tensorwise=False,
@@ -590,6 +627,7 @@ def combine_npmerge(
     lr: float,
     max_samples: int | None,
     granularity: str,
+    crop_padding: int,
 ) -> Combined:
     """The record's function: :func:`np_merge` of the aligned states, the models as teachers;
     the report holds its options, loss curve, stages, memory and each parameter's mean weight
@@ -602,6 +640,7 @@ def combine_npmerge(
         "epochs": epochs,
         "lr": lr,
         "granularity": granularity,
+        "crop_padding": crop_padding,
     }
     outcome = np_merge(
         context.models[0],
