@@ -405,6 +405,27 @@ def test_a_method_default_changes_the_keys_of_the_units_that_run_it(
     )
 
 
+def test_a_new_option_off_by_default_keeps_the_units_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    units = quality.plan_units(MICRO)
+    before = {unit.label: digest(quality.unit_key(MICRO, unit, "cpu")) for unit in units}
+    record = COMBINERS["npmerge"]
+    epochs = next(o for o in record.options if o.name == "epochs")
+    for off in (None, False, 0):
+        added = replace(epochs, name="new_option", default=off, grid=())
+        monkeypatch.setitem(COMBINERS, "npmerge", replace(record, options=(*record.options, added)))
+        after = {unit.label: digest(quality.unit_key(MICRO, unit, "cpu")) for unit in units}
+        assert after == before
+    # switched on by default, it changes the units that run it
+    added = replace(epochs, name="new_option", default=3, grid=())
+    monkeypatch.setitem(COMBINERS, "npmerge", replace(record, options=(*record.options, added)))
+    after = {unit.label: digest(quality.unit_key(MICRO, unit, "cpu")) for unit in units}
+    assert {label for label in before if after[label] != before[label]} == {
+        unit.label for unit in units if unit.kind == "merge"
+    }
+
+
 def test_status_lists_the_configurations_to_do(tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers(dest="command"))

@@ -533,13 +533,20 @@ def plan_units(plan: QualityPlan) -> list[Unit]:
     return units
 
 
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or (type(value) is int and value == 0)
+
+
 def _records_key(names: Sequence[str]) -> dict[str, Any]:
     """The defaults and tuning grids of the method records ``names`` (alignments and
     combiners): what ``options="auto"`` starts from and tries."""
     key = {}
     for name in sorted(set(names)):
         record = accord.ALIGNMENTS.get(name) or accord.COMBINERS[name]
-        entry = {"defaults": record.defaults, "grid": record.grid()}
+        # an option that is off by default (None, False, 0) changes no result: adding one
+        # keeps the units already done
+        defaults = {k: v for k, v in record.defaults.items() if not _is_off(v)}
+        entry = {"defaults": defaults, "grid": record.grid()}
         if name in accord.COMBINERS:
             entry |= {"align": record.default_align, "repair": record.repair_after}
         key[name] = entry
