@@ -7,8 +7,8 @@ completely, then runs the method.
 
 >>> from accord.match import MATCHERS
 >>> info = MATCHERS["cca"]
->>> print(f"needs data: {info.needs.data}, options: {info.defaults}")
-needs data: True, options: {'ridge': 1.0, 'absolute_ridge': None, 'dead_fallback': None, 'dead_below': None}
+>>> print(f"needs data: {info.needs.data}, options: {sorted(info.defaults)}")
+needs data: True, options: ['absolute_ridge', 'dead_below', 'dead_fallback', 'ridge']
 """
 
 from __future__ import annotations
