@@ -20,6 +20,12 @@ from accord.figures import coefficient_histograms, loss_curve
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def np_merge_ce(*args, **kwargs):
+    """np_merge with loss="ce" unless the test names a loss: its default, ce+kl, needs teachers."""
+    kwargs.setdefault("loss", "ce")
+    return np_merge(*args, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread: None) -> Iterator[None]:
     yield
@@ -53,7 +59,7 @@ def accuracy(state: dict[str, torch.Tensor], model: nn.Module, data: list[Batch]
 @pytest.mark.parametrize("budget", [{"epochs": 0}, {"max_samples": 0}])
 def test_zero_steps_is_the_plain_average_exactly(budget: dict[str, int]) -> None:
     states = states_of(mlp(0, batchnorm=True), mlp(1, batchnorm=True), mlp(2, batchnorm=True))
-    result = np_merge(mlp(9, batchnorm=True), states, toy_data(), progress=False, **budget)
+    result = np_merge_ce(mlp(9, batchnorm=True), states, toy_data(), progress=False, **budget)
     average = average_states(states)
     assert result.state.keys() == average.keys()
     for key, value in average.items():
@@ -67,7 +73,7 @@ def test_training_lowers_the_loss_and_changes_nothing_else() -> None:
     before_template = states_of(template)[0]
     states = states_of(mlp(0), mlp(1))
     before = [{k: v.clone() for k, v in s.items()} for s in states]
-    result = np_merge(template, states, toy_data(), epochs=3, lr=0.05, progress=False)
+    result = np_merge_ce(template, states, toy_data(), epochs=3, lr=0.05, progress=False)
     assert result.losses[-1] < result.losses[0]
     assert len(result.losses) == 24 and result.stages[0]["samples"] == 3 * 256
     for key, value in template.state_dict().items():
@@ -88,7 +94,7 @@ def test_first_step_is_adams_sign_step() -> None:
     x, y = data[0]
     F.cross_entropy(F.linear(x, theta["weight"], theta["bias"]), y).backward()
     for scheme, scale in (("joint", 2.0), ("pairwise", 1.0)):
-        result = np_merge(
+        result = np_merge_ce(
             nn.Linear(4, 3), states, data, scheme=scheme, lr=lr, epochs=1, progress=False
         )
         for key in theta:
@@ -113,7 +119,7 @@ def test_coefficients_move_toward_the_correct_model() -> None:
     probe = nn.Linear(2, 2)
     plain = accuracy(average_states([good, bad]), probe, data)
     for scheme in ("joint", "pairwise"):
-        result = np_merge(
+        result = np_merge_ce(
             nn.Linear(2, 2), [good, bad], data, epochs=5, lr=0.1, scheme=scheme, progress=False
         )
         assert result.coefficients["weight"][0].mean() > 0.6
@@ -123,7 +129,7 @@ def test_coefficients_move_toward_the_correct_model() -> None:
 def test_kl_to_the_ensemble_needs_no_labels() -> None:
     models = [mlp(0), mlp(1)]
     inputs = [x for x, _ in toy_data()]
-    result = np_merge(
+    result = np_merge_ce(
         mlp(9), states_of(*models), inputs, loss="kl", teachers=models, epochs=2, progress=False
     )
     assert result.losses[-1] < result.losses[0]
@@ -133,23 +139,23 @@ def test_kl_to_the_ensemble_needs_no_labels() -> None:
 def test_cross_entropy_without_labels_suggests_kl() -> None:
     inputs = [x for x, _ in toy_data()]
     with pytest.raises(MergeError, match="loss='kl'"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), inputs, progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), inputs, progress=False)
     with pytest.raises(MergeError, match="kl"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), [(inputs[0], None)], progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), [(inputs[0], None)], progress=False)
 
 
 def test_arguments_are_checked_together() -> None:
     with pytest.raises(MergeError) as error:
-        np_merge(mlp(9), states_of(mlp(0)), None, loss="cee", scheme="jiont", lr=0)
+        np_merge_ce(mlp(9), states_of(mlp(0)), None, loss="cee", scheme="jiont", lr=0)
     message = str(error.value)
     for part in ("did you mean 'ce'", "did you mean 'joint'", "at least 2", "data=...", "lr=0"):
         assert part in message
     with pytest.raises(MergeError, match="teachers"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="kl")
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="kl")
     with pytest.raises(MergeError, match="calibration set"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), [], progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), [], progress=False)
     with pytest.raises(MergeError, match="calibration set"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), iter(toy_data()), epochs=2, progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), iter(toy_data()), epochs=2, progress=False)
 
 
 def test_non_finite_states_are_refused_naming_the_tensor() -> None:
@@ -159,16 +165,16 @@ def test_non_finite_states_are_refused_naming_the_tensor() -> None:
     with pytest.raises(
         MergeError, match=rf"state 1: tensor {re.escape(repr(name))} has 1 inf among"
     ):
-        np_merge(mlp(9), states, toy_data(), epochs=0, progress=False)
+        np_merge_ce(mlp(9), states, toy_data(), epochs=0, progress=False)
 
 
 @pytest.mark.parametrize("scheme", ["joint", "pairwise"])
 def test_three_models_start_at_the_average(scheme: str) -> None:
     states = states_of(mlp(0), mlp(1), mlp(2))
-    start = np_merge(mlp(9), states, toy_data(), scheme=scheme, epochs=0, progress=False)
+    start = np_merge_ce(mlp(9), states, toy_data(), scheme=scheme, epochs=0, progress=False)
     for key, value in average_states(states).items():
         torch.testing.assert_close(start.state[key], value, rtol=0, atol=1e-6)
-    result = np_merge(mlp(9), states, toy_data(), scheme=scheme, lr=0.05, progress=False)
+    result = np_merge_ce(mlp(9), states, toy_data(), scheme=scheme, lr=0.05, progress=False)
     assert len(result.stages) == (1 if scheme == "joint" else 2)
     assert result.stages[-1]["models"] == [0, 1, 2]
     for key, weights in result.coefficients.items():
@@ -182,7 +188,7 @@ def test_non_finite_batch_names_the_step() -> None:
     data = toy_data(batches=3)
     data[2] = (torch.full_like(data[2][0], math.nan), data[2][1])
     with pytest.raises(MergeError, match=r"step 3.*input batch has non-finite"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), data, progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), data, progress=False)
 
 
 def test_batchnorm_buffers_are_plain_averages() -> None:
@@ -191,7 +197,7 @@ def test_batchnorm_buffers_are_plain_averages() -> None:
         state["1.running_mean"] += i + 1.0
         state["1.running_var"] *= 2.0 + i
         state["1.num_batches_tracked"] += 5 * (i + 1)
-    result = np_merge(mlp(9, batchnorm=True), states, toy_data(), epochs=2, progress=False)
+    result = np_merge_ce(mlp(9, batchnorm=True), states, toy_data(), epochs=2, progress=False)
     average = average_states(states)
     for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(result.state[key], average[key]), key
@@ -201,7 +207,8 @@ def test_batchnorm_buffers_are_plain_averages() -> None:
 def test_same_inputs_give_identical_outputs() -> None:
     states = states_of(mlp(0, dropout=0.3), mlp(1, dropout=0.3))
     runs = [
-        np_merge(mlp(9, dropout=0.3), states, toy_data(), seed=3, progress=False) for _ in range(2)
+        np_merge_ce(mlp(9, dropout=0.3), states, toy_data(), seed=3, progress=False)
+        for _ in range(2)
     ]
     assert runs[0].losses == runs[1].losses
     assert all(torch.equal(runs[0].state[k], runs[1].state[k]) for k in runs[0].state)
@@ -211,11 +218,11 @@ def test_memory_is_three_times_the_parameters_per_model() -> None:
     template = mlp(9)
     size = sum(p.numel() * p.element_size() for p in template.parameters())
     states = states_of(mlp(0), mlp(1), mlp(2))
-    result = np_merge(template, states, toy_data(batches=1), progress=False)
+    result = np_merge_ce(template, states, toy_data(batches=1), progress=False)
     assert result.memory_bytes["parameters"] == 3 * size
     assert result.memory_bytes["logits"] == 3 * size
     assert 2 * 3 * size <= result.memory_bytes["optimizer"] <= 2 * 3 * size + 64 * 4
-    pairwise = np_merge(template, states, toy_data(batches=1), scheme="pairwise", progress=False)
+    pairwise = np_merge_ce(template, states, toy_data(batches=1), scheme="pairwise", progress=False)
     assert pairwise.memory_bytes["logits"] == size
 
 
@@ -228,13 +235,13 @@ def test_channel_granularity_learns_one_coefficient_per_output_channel(scheme: s
         {k: torch.full_like(v, value) for k, v in template.state_dict().items()}
         for value in (1.0, 2.0, 6.0)
     ]
-    start = np_merge(
+    start = np_merge_ce(
         template, states, toy_data(), scheme=scheme, epochs=0, progress=False, granularity="channel"
     )
     for value in start.state.values():
         torch.testing.assert_close(value, torch.full_like(value, 3.0), rtol=0, atol=1e-6)
     states = states_of(mlp(0), mlp(1), mlp(2))
-    result = np_merge(
+    result = np_merge_ce(
         template, states, toy_data(), scheme=scheme, lr=0.05, progress=False, granularity="channel"
     )
     for key, weights in result.coefficients.items():
@@ -250,7 +257,7 @@ def test_channel_granularity_learns_one_coefficient_per_output_channel(scheme: s
 
 def test_unknown_granularity_is_refused() -> None:
     with pytest.raises(MergeError, match=r"granularity='row'.*parameter, channel"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), granularity="row")
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), granularity="row")
 
 
 class Tied(nn.Module):
@@ -269,14 +276,14 @@ def test_tied_parameters_stay_tied() -> None:
     states = states_of(Tied(), Tied())
     x = torch.randn(64, 3)
     data = [(x, x.argmax(1))]
-    result = np_merge(Tied(), states, data, epochs=3, progress=False)
+    result = np_merge_ce(Tied(), states, data, epochs=3, progress=False)
     assert set(result.coefficients) == {"encode.weight", "decode.bias"}
     assert torch.equal(result.state["decode.weight"], result.state["encode.weight"])
 
 
 def test_figures_are_written(tmp_path) -> None:
-    pair = np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), progress=False)
-    result = np_merge(mlp(9), states_of(mlp(0), mlp(1), mlp(2)), toy_data(), progress=False)
+    pair = np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), progress=False)
+    result = np_merge_ce(mlp(9), states_of(mlp(0), mlp(1), mlp(2)), toy_data(), progress=False)
     many = {f"layer{i}.weight": result.coefficients["0.weight"] for i in range(30)}
     for name, coefficients in (("few", pair.coefficients), ("many", many)):
         coefficient_histograms(coefficients, tmp_path / f"{name}.png")
@@ -295,14 +302,14 @@ def test_early_stopping_keeps_the_best_pass_on_validation() -> None:
     # labels of another linear map: what training learns helps them only part of the way
     # (measured: 23 % at the start, 42 % after pass 2, 38 % after pass 6)
     held = toy_data(batches=4, seed=3)
-    result = np_merge(
+    result = np_merge_ce(
         mlp(9, dropout=0.3), states, train, epochs=6, lr=0.2, validation=held, progress=False
     )
     curve, kept = result.stages[0]["validation"], result.stages[0]["kept_pass"]
     assert len(curve) == 7 and curve[kept] == max(curve) and curve.index(max(curve)) == kept
     assert curve[0] == pytest.approx(accuracy(average_states(states), mlp(9, dropout=0.3), held))
     assert 0 < kept < 6  # neither end, so the test tells keeping from not keeping
-    stopped = np_merge(mlp(9, dropout=0.3), states, train, epochs=kept, lr=0.2, progress=False)
+    stopped = np_merge_ce(mlp(9, dropout=0.3), states, train, epochs=kept, lr=0.2, progress=False)
     for key, value in stopped.state.items():
         assert torch.equal(result.state[key], value), key
     assert len(result.losses) == 6 * len(train)  # every pass trained; only the kept one stays
@@ -330,7 +337,7 @@ def test_crop_padding_trains_on_shifted_crops_of_each_batch() -> None:
     data = [(images, torch.randint(3, (8,), generator=g))]
     seen: list[torch.Tensor] = []
     states = states_of(recording_model([]), recording_model([]))
-    np_merge(recording_model(seen), states, data, crop_padding=2, epochs=3, progress=False)
+    np_merge_ce(recording_model(seen), states, data, crop_padding=2, epochs=3, progress=False)
     padded = F.pad(images, (2, 2, 2, 2), value=0.5)
     shifts = set()
     for batch in seen:
@@ -348,14 +355,16 @@ def test_crop_padding_trains_on_shifted_crops_of_each_batch() -> None:
 
 def test_crop_padding_needs_image_batches() -> None:
     with pytest.raises(MergeError, match=r"crop_padding needs image batches.*\(32, 4\)"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), crop_padding=2, progress=False)
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), crop_padding=2, progress=False)
 
 
 def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> None:
     models = [mlp(0), mlp(1)]
     states = states_of(*models)
     data = toy_data(batches=1)
-    result = np_merge(mlp(9), states, data, loss="ce+kl", teachers=models, epochs=1, progress=False)
+    result = np_merge_ce(
+        mlp(9), states, data, loss="ce+kl", teachers=models, epochs=1, progress=False
+    )
     x, y = data[0]
     average = mlp(9)
     average.load_state_dict(average_states(states))
@@ -370,8 +379,13 @@ def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> N
 
 def test_ce_plus_kl_needs_teachers_and_labels() -> None:
     with pytest.raises(MergeError, match=r"loss='ce\+kl' needs the base models"):
-        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="ce+kl")
+        np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), loss="ce+kl")
     models = [mlp(0), mlp(1)]
     inputs = [x for x, _ in toy_data()]
     with pytest.raises(MergeError, match=r"no labels, which loss='ce\+kl'"):
-        np_merge(mlp(9), states_of(*models), inputs, loss="ce+kl", teachers=models)
+        np_merge_ce(mlp(9), states_of(*models), inputs, loss="ce+kl", teachers=models)
+
+
+def test_the_default_loss_needs_teachers() -> None:
+    with pytest.raises(MergeError, match=r"loss='ce\+kl' needs the base models as teachers"):
+        np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), progress=False)
