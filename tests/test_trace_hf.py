@@ -373,13 +373,9 @@ def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: 
     hidden = [_expert_hidden(m, x) for m in (model, other)]
     routed = [h.ne(0).any(-1) for h in hidden]
     assert not torch.equal(routed[0], routed[1])  # the two models route differently
-    for expert in range(4):
-        got = stats.spaces[f"model.model.layers.0.mlp.experts.gate_up_proj[{expert}]"]
-        a, b = (h[:, expert].double() for h in hidden)
-        assert got.count == x.numel()  # one sample per token
-        torch.testing.assert_close(got.mean, torch.stack([a.mean(0), b.mean(0)]))
-        cross = (a - a.mean(0)).T @ (b - b.mean(0)) / (len(a) - 1)
-        torch.testing.assert_close(got.covariance(0, 1), cross)
+    _assert_token_statistics(
+        stats, "model.model.layers.0.mlp.experts.gate_up_proj[{}]", hidden, x.numel()
+    )
 
 
 def test_jetmoe_experts_cut_by_run_time_sizes_get_one_space_each(traced: Any) -> None:
@@ -413,10 +409,18 @@ def test_jetmoe_experts_cut_by_run_time_sizes_get_one_space_each(traced: Any) ->
     )
     hidden = [_jetmoe_hidden(m, x) for m in (model, other)]
     assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
-    for expert in range(4):
-        got = stats.spaces[f"{mlp}.input_linear[{expert}]"]
+    _assert_token_statistics(stats, f"{mlp}.input_linear[{{}}]", hidden, x.numel())
+
+
+def _assert_token_statistics(
+    stats: Any, name: str, hidden: list[torch.Tensor], tokens: int
+) -> None:
+    """Each expert's space (``name`` formatted with its index) holds one sample per token:
+    the means and cross-covariance of the two models' hand-computed ``hidden`` units."""
+    for expert in range(hidden[0].shape[1]):
+        got = stats.spaces[name.format(expert)]
         a, b = (h[:, expert].double() for h in hidden)
-        assert got.count == x.numel()
+        assert got.count == tokens  # one sample per token
         torch.testing.assert_close(got.mean, torch.stack([a.mean(0), b.mean(0)]))
         cross = (a - a.mean(0)).T @ (b - b.mean(0)) / (len(a) - 1)
         torch.testing.assert_close(got.covariance(0, 1), cross)
