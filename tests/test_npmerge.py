@@ -358,7 +358,9 @@ def test_crop_padding_needs_image_batches() -> None:
         np_merge_ce(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), crop_padding=2, progress=False)
 
 
-def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> None:
+def test_ce_plus_kl_is_the_mean_of_both_losses_where_the_teachers_are_right() -> None:
+    """On rows whose label is the teachers' top class: the mean of cross-entropy and KL up to
+    the teachers' entropy; on the others: cross-entropy on the label alone."""
     models = [mlp(0), mlp(1)]
     states = states_of(*models)
     data = toy_data(batches=1)
@@ -371,9 +373,12 @@ def test_ce_plus_kl_is_the_mean_of_both_losses_up_to_the_teachers_entropy() -> N
     with torch.no_grad():
         teacher = torch.stack([m(x) for m in models]).mean(0).log_softmax(-1)
         merged = average(x).log_softmax(-1)
-    kl = (teacher.exp() * (teacher - merged)).sum(-1).mean()
-    entropy = -(teacher.exp() * teacher).sum(-1).mean()
-    expected = (F.nll_loss(merged, y) + kl + entropy) / 2
+    ce = F.nll_loss(merged, y, reduction="none")
+    kl = (teacher.exp() * (teacher - merged)).sum(-1)
+    entropy = -(teacher.exp() * teacher).sum(-1)
+    right = teacher.argmax(-1) == y
+    assert 0 < right.sum() < len(y)  # both kinds of rows
+    expected = torch.where(right, (ce + kl + entropy) / 2, ce).mean()
     assert result.losses[0] == pytest.approx(expected.item(), rel=1e-5)
 
 
