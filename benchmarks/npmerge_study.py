@@ -10,7 +10,7 @@ every training image); test: the test split, which chooses nothing. Each variant
 ``align:option=value,...``: the alignment NP Merge starts from (``merge`` for
 ``accord.merge(method="npmerge")`` with its defaults), then :func:`accord.combine.np_merge`
 options (``epochs``, ``lr``, ``loss``, ``scheme``, ``granularity``,
-``crop_padding``), ``val=1`` (early stopping on the
+``crop_padding``, ``schedule``), ``val=1`` (early stopping on the
 validation split, the validation and test accuracy after every pass printed; the test
 curve chooses nothing: it shows what ``epochs=E`` without early stopping would reach, E up
 to the passes run, as the calibration order is fixed) and ``models=K`` (merge the first K of

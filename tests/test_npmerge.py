@@ -302,14 +302,14 @@ def test_early_stopping_keeps_the_best_pass_on_validation() -> None:
     # labels of another linear map: what training learns helps them only part of the way
     # (measured: 23 % at the start, 42 % after pass 2, 38 % after pass 6)
     held = toy_data(batches=4, seed=3)
-    result = np_merge_ce(
-        mlp(9, dropout=0.3), states, train, epochs=6, lr=0.2, validation=held, progress=False
-    )
+    # a constant rate: under the cosine schedule the rate of a pass depends on the epochs
+    fixed = {"lr": 0.2, "schedule": "constant", "progress": False}
+    result = np_merge_ce(mlp(9, dropout=0.3), states, train, epochs=6, validation=held, **fixed)
     curve, kept = result.stages[0]["validation"], result.stages[0]["kept_pass"]
     assert len(curve) == 7 and curve[kept] == max(curve) and curve.index(max(curve)) == kept
     assert curve[0] == pytest.approx(accuracy(average_states(states), mlp(9, dropout=0.3), held))
     assert 0 < kept < 6  # neither end, so the test tells keeping from not keeping
-    stopped = np_merge_ce(mlp(9, dropout=0.3), states, train, epochs=kept, lr=0.2, progress=False)
+    stopped = np_merge_ce(mlp(9, dropout=0.3), states, train, epochs=kept, **fixed)
     for key, value in stopped.state.items():
         assert torch.equal(result.state[key], value), key
     assert len(result.losses) == 6 * len(train)  # every pass trained; only the kept one stays
@@ -394,3 +394,26 @@ def test_ce_plus_kl_needs_teachers_and_labels() -> None:
 def test_the_default_loss_needs_teachers() -> None:
     with pytest.raises(MergeError, match=r"loss='ce\+kl' needs the base models as teachers"):
         np_merge(mlp(9), states_of(mlp(0), mlp(1)), toy_data(), progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_learning_rate_of_each_pass_follows_the_schedule(
+    schedule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch a pass: step e + 1 runs at lr·(1 + cos(π·e/E))/2 (cosine) or at lr."""
+    rates: list[float] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    states = states_of(mlp(0), mlp(1))
+    np_merge_ce(
+        mlp(9), states, toy_data(batches=1), epochs=4, lr=0.1, schedule=schedule, progress=False
+    )
+    expected = [
+        0.1 * (1 + math.cos(math.pi * e / 4)) / 2 if schedule == "cosine" else 0.1 for e in range(4)
+    ]
+    assert rates == pytest.approx(expected, rel=1e-12)
