@@ -335,6 +335,8 @@ PACKED_EXPERTS = (
     "deepseek-v3",
     # a Python loop over the experts' slices, their rows concatenated before the activation
     "jetmoe",
+    # every expert on every token: torch.bmm of (experts, tokens, features)
+    "llama4",
 )
 
 
@@ -349,7 +351,7 @@ def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
     for space in experts:
         expert = int(space.name[-2])
         assert all(r.at == (0, expert) for r in space.refs), space.name
-        assert space.observe and all(p.rows[1] == expert for p in space.observe)
+        assert space.observe and all(_expert_of(p) == expert for p in space.observe)
     twin = accord.randomly_permuted(model, spec, seed=3).eval()
     data = [(FAMILIES[name]()[1](16),)]
     result = accord.merge([model, twin], data, method="weight_matching", progress=False)
@@ -357,6 +359,11 @@ def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
         expected = model(data[0][0])
         got = result.model.eval()(data[0][0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _expert_of(point: Any) -> int:
+    """The expert whose rows an observation point samples (``rows`` or ``entry``)."""
+    return point.entry if point.entry is not None else point.rows[1]
 
 
 def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: Any) -> None:
@@ -441,6 +448,58 @@ def _jetmoe_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             gate = (h @ moe.input_linear.weight[expert].T).chunk(2, dim=-1)[0]
             sent = (chosen == expert).any(-1, keepdim=True)
             experts.append(torch.nn.functional.silu(gate) * sent)
+    return torch.stack(experts, dim=1)
+
+
+def test_experts_batched_over_every_token_are_observed_each_on_its_entry(traced: Any) -> None:
+    """Llama 4 runs every expert on every token, each token scaled by the expert's routing
+    weight (zero where the router did not choose it), as one torch.bmm of (experts, tokens,
+    features) by the packed (experts, in, out) parameter: entry g of the product is expert
+    g's alone, so each expert's hidden units are a space of their own, moving its slice of
+    both packed parameters and observed on entry g (one sample per token, in every model).
+    Checked against the experts computed by hand from each model's router and weights."""
+    model, _, spec = traced("llama4")
+    experts = "model.model.layers.0.feed_forward.experts"
+    for expert in range(4):
+        hidden = spec[f"{experts}.gate_up_proj[{expert}]"]
+        assert hidden.free and hidden.size == 48
+        assert hidden.writers == (
+            AxisRef(f"{experts}.gate_up_proj", 2, at=(0, expert)),
+            AxisRef(f"{experts}.gate_up_proj", 2, 1, 48, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
+        assert [point.entry for point in hidden.observe] == [expert]
+    assert spec.to_dict() == Spec.from_dict(spec.to_dict()).to_dict()  # entry round-trips
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["llama4"]()[0]).eval()
+    x = FAMILIES["llama4"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_llama4_hidden(m, x) for m in (model, other)]
+    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
+    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
+
+
+def _llama4_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of Llama 4's only MoE layer: ``silu(gate)`` of each
+    expert on every token scaled by its routing weight (zero where not chosen)."""
+    moe, seen = model.model.model.layers[0].feed_forward, {}
+    handle = moe.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        logits = moe.router(h)[1]
+        top = logits.topk(moe.top_k, dim=-1)
+        scores = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
+        scores = scores.sigmoid()
+        width = moe.experts.down_proj.shape[1]
+        experts = []
+        for expert in range(moe.experts.gate_up_proj.shape[0]):
+            routed = h * scores[:, expert : expert + 1]
+            gate = (routed @ moe.experts.gate_up_proj[expert])[:, :width]
+            experts.append(torch.nn.functional.silu(gate))
     return torch.stack(experts, dim=1)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from accord.spec import AxisRef, FeatureSpace
+from accord.spec import AxisRef, FeatureSpace, Observation
 from accord.trace.state import Call, Feat, Routed, SpaceRecord, Tup, Walk
 from accord.trace.walk import call_args, feats
 
@@ -71,7 +71,7 @@ def carry_rows(call: Call, result: Any) -> Any:
     concatenation of the groups of one grouping in order the grouping."""
     inputs = [f for f in feats(call_args(call)) if f.param is None]
     packet = getattr(call.node.target, "overloadpacket", None)
-    grouped = _name(call.node.target) in _GROUPED
+    grouped = _name(call.node.target) in _GROUPED or _batched(result)
     if call.node.target is operator.getitem:
         return result  # the item taken is marked as the call that made it marked it
     row_by_row = packet in _ROW_PACKETS
@@ -92,6 +92,12 @@ def carry_rows(call: Call, result: Any) -> Any:
     gathered = _only(f.gathered for f in inputs) if row_by_row or writer else None
     group = _only(f.group for f in inputs) if row_by_row or writer else None
     return _marked(result, routed, gathered, rows if len(rows) == 1 else set(), group)
+
+
+def _batched(result: Any) -> bool:
+    """Whether a rule marked its output as a product batched over the experts (the rule of
+    ``torch.bmm`` by a packed parameter: :func:`accord.trace.aten_layers.matmul`)."""
+    return isinstance(result, Feat) and result.routed is not None and result.routed.batched
 
 
 def _row_dim(call: Call) -> int | None:
@@ -157,12 +163,14 @@ def _marked(
     group: tuple[Routed, int] | None,
 ) -> Any:
     """``value`` (each item of a tuple) marked so where it is a 2-d activation with its
-    features on axis 1 and, unless ``rows`` is None, as many rows as its inputs."""
+    features on axis 1 (a product batched over the experts: 3-d, features on axis 2) and,
+    unless ``rows`` is None, as many rows as its inputs."""
     if isinstance(value, Tup):
         return Tup(tuple(_marked(item, routed, gathered, rows, group) for item in value.items))
     if not isinstance(value, Feat):
         return value
-    fits = value.featured and value.axis != 0 and value.ndim == 2
+    ndim = 3 if routed is not None and routed.batched else 2
+    fits = value.featured and value.axis == ndim - 1 and value.ndim == ndim
     fits = fits and value.param is None and value.heads is None
     fits = fits and (rows is None or value.shape[0] in rows)
     marks = (routed, gathered, group) if fits else (None, None, None)
@@ -242,10 +250,17 @@ def per_expert(
             writers=refs(space.writers, expert),
             readers=refs(space.readers, expert),
             elementwise=refs(space.elementwise, expert),
-            observe=tuple(replace(point, rows=(routed.offsets, expert)) for point in points),
+            observe=tuple(_picked(point, routed, expert) for point in points),
         )
         for expert in range(routed.groups)
     ]
+
+
+def _picked(point: Observation, routed: Routed, expert: int) -> Observation:
+    """``point`` observed on expert ``expert``'s rows of the grouping ``routed``."""
+    if routed.batched:
+        return replace(point, entry=expert)
+    return replace(point, rows=(routed.offsets, expert))
 
 
 __all__ = ["carry_rows", "groupings_held", "per_expert", "routing"]

@@ -48,10 +48,13 @@ class Routed:
     0, group ``g`` holds the rows between the end offsets that node ``offsets`` holds for
     ``g - 1`` and ``g`` (``groups`` of them; the first group starts at row 0), or, where node
     ``offsets`` is a split along axis 0 (sizes known at run time only, JetMoE), the rows of
-    its piece ``g``."""
+    its piece ``g``. ``batched``: group ``g`` is entry ``g`` of axis 0 instead, every row in
+    every group (a product batched over the experts, ``torch.bmm`` by a packed parameter;
+    ``offsets`` then names the first such product)."""
 
     offsets: str
     groups: int
+    batched: bool = False
 
 
 @dataclass(frozen=True)
