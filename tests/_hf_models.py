@@ -1095,6 +1095,20 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _tokens,
     ),
+    # experts with biases (each token's picked by its sorted expert id) and gate and up
+    # units interleaved in one packed parameter, clamped
+    "gpt-oss": lambda: (
+        transformers.GptOssForCausalLM(
+            transformers.GptOssConfig(
+                **{**_DECODER, "intermediate_size": 16},
+                head_dim=8,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                pad_token_id=0,
+            )
+        ),
+        _tokens,
+    ),
     "granitemoe-shared": lambda: (
         transformers.GraniteMoeSharedForCausalLM(
             transformers.GraniteMoeSharedConfig(

@@ -337,6 +337,8 @@ PACKED_EXPERTS = (
     "jetmoe",
     # every expert on every token: torch.bmm of (experts, tokens, features)
     "llama4",
+    # per-expert biases picked by the sorted expert ids; gate and up units interleaved
+    "gpt-oss",
 )
 
 
@@ -479,6 +481,54 @@ def test_experts_batched_over_every_token_are_observed_each_on_its_entry(traced:
     hidden = [_llama4_hidden(m, x) for m in (model, other)]
     assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
     _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
+
+
+def test_expert_biases_and_interleaved_units_move_with_their_expert(traced: Any) -> None:
+    """GPT-OSS packs each expert's gate and up units in turn (unit c owns entries 2c and
+    2c + 1: a block of 2) and adds each token's expert bias, picked by the sorted expert ids
+    whose counts make the grouped product's offsets: each expert's units are a space of their
+    own moving its slice of both weights and of both biases (the down bias with the stream).
+    The samples are checked against the experts computed by hand."""
+    model, _, spec = traced("gpt-oss")
+    experts = "model.model.layers.0.mlp.experts"
+    for expert in range(4):
+        hidden = spec[f"{experts}.gate_up_proj[{expert}]"]
+        assert hidden.free and hidden.size == 16 and hidden.maps == "permutation"
+        assert hidden.writers == (
+            AxisRef(f"{experts}.gate_up_proj", 2, 2, at=(0, expert)),
+            AxisRef(f"{experts}.gate_up_proj_bias", 1, 2, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    assert stream.free and AxisRef(f"{experts}.down_proj_bias", 1) in stream.writers
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["gpt-oss"]()[0]).eval()
+    x = FAMILIES["gpt-oss"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_gpt_oss_hidden(m, x) for m in (model, other)]
+    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
+    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
+
+
+def _gpt_oss_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of GPT-OSS's only MLP: ``sigmoid(α · min(gate,
+    limit))`` of each expert (where the spec observes its units) for the tokens its router
+    sends there, zero elsewhere."""
+    mlp, seen = model.model.model.layers[0].mlp, {}
+    handle = mlp.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        _, _, chosen = mlp.router(h)
+        moe, experts = mlp.experts, []
+        for expert in range(moe.gate_up_proj.shape[0]):
+            gate = (h @ moe.gate_up_proj[expert] + moe.gate_up_proj_bias[expert])[:, ::2]
+            unit = torch.sigmoid(gate.clamp(max=moe.limit) * moe.alpha)
+            experts.append(unit * (chosen == expert).any(-1, keepdim=True))
+    return torch.stack(experts, dim=1)
 
 
 def _llama4_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from accord.trace import aten_attention, aten_layers, concat, heads, rules
 from accord.trace.rules import Rule
 from accord.trace.split import split_features
-from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Tup, graph_name, plain
+from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Seg, Tup, graph_name, plain
 
 aten = torch.ops.aten
 
@@ -55,6 +55,10 @@ def slice_rule(call: Call) -> Any:
             if found is not None:
                 call.event("writer_out")
                 return found[pieces.index((start, stop))]
+    if dim == x.axis and x.heads is None and step > 1:
+        found = _interleaved(call, x, start, stop, step)
+        if found is not None:
+            return found
     if dim == x.axis and x.heads is not None and heads.whole_heads(call, x):
         # the same entries of every head (the rotated part under partial rotary embeddings):
         # whole heads may still move, and the heads are the features from here on
@@ -62,6 +66,59 @@ def slice_rule(call: Call) -> Any:
     reason = f"slicing at node {call.node.name!r} keeps only some of the features"
     call.table.fix_value(x, reason)
     return call.plain()
+
+
+def _interleaved(call: Call, x: Feat, start: int, stop: int, step: int) -> Any:
+    """``x[..., p::k]`` of features in blocks of ``k`` entries: entry ``p`` of every block, the
+    features themselves (one piece of projections written interleaved, GPT-OSS's gate and up
+    units in turn). A freshly written space whose every use is such a slice, each ``p`` from
+    0 to ``k - 1`` once, is made so first (:meth:`SpaceTable.interleave`). None otherwise."""
+    if len(x.segs) != 1 or x.segs[0].space is None or stop != x.shape[x.axis] or start >= step:
+        return None
+    seg = x.segs[0]
+    if seg.block == 1 and seg.size % step == 0 and _interleaved_siblings(call, step):
+        space = call.table.find(seg.space)
+        if call.only_used_here(space, {user.name for user in call.node.args[0].users}):
+            part = call.table.interleave(space, step)
+            if part is not None:
+                seg = Seg(part, seg.size // step, step)
+                _relabel_whole(call, space, seg)
+                x = replace(x, segs=(seg,))
+    if seg.block != step:
+        return None
+    shape = list(x.shape)
+    shape[x.axis] = seg.size
+    return replace(x, shape=tuple(shape), segs=(Seg(seg.space, seg.size),))
+
+
+def _interleaved_siblings(call: Call, step: int) -> bool:
+    """Every user of this slice's input is a slice of its feature axis to the end with step
+    ``step``, the starts 0 to ``step - 1`` once each."""
+    source = call.node.args[0]
+    x = call.resolve(source)
+    starts = []
+    for user in source.users:
+        if getattr(user.target, "overloadpacket", None) is not aten.slice:
+            return False
+        other = Call(call.walk, user, None, "")
+        if other.arg(1, "dim", 0) % x.ndim != x.axis:
+            return False
+        begin, end, every = _bounds(other, x.shape[x.axis])
+        if every != step or end != x.shape[x.axis]:
+            return False
+        starts.append(begin)
+    return sorted(starts) == list(range(step))
+
+
+def _relabel_whole(call: Call, space: int, seg: Seg) -> None:
+    """Every traced tensor holding ``space`` whole holds ``seg`` instead."""
+    table = call.table
+    for name, value in call.walk.values.items():
+        if not isinstance(value, Feat) or len(value.segs) != 1 or value.heads is not None:
+            continue
+        held = value.segs[0]
+        if held.space is not None and table.find(held.space) == space and held.block == 1:
+            call.walk.values[name] = replace(value, segs=(seg,))
 
 
 def _bounds(call: Call, size: int) -> tuple[int, int, int]:
@@ -244,11 +301,13 @@ def index(call: Call) -> Any:
     if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
         return None
     tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
-    if x.param is not None or x.heads is not None or len(tensors) != 1:
+    if x.heads is not None or len(tensors) != 1:
         return None
     ((dim, idx),) = tensors
     if not isinstance(idx, Feat):
         return None
+    if x.param is not None:
+        return _gathered_param(call, x, dim, idx)
     # integer indices replace one axis with theirs; a boolean mask replaces as many axes as
     # it has with one (told apart by the output's rank where the two differ)
     taken, given = (1, idx.ndim) if len(shape) == x.ndim - 1 + idx.ndim else (idx.ndim, 1)
@@ -264,6 +323,18 @@ def index(call: Call) -> Any:
     if shape[axis] != x.shape[x.axis]:
         return None
     return replace(x.moved(shape, axis), gathered=_gathered_rows(call, x, dim, idx))
+
+
+def _gathered_param(call: Call, x: Feat, dim: int, idx: Feat) -> Any:
+    """``W[ids]``: rows of a 2-d parameter picked by a 1-d integer index (each token's row of
+    a mixture of experts' packed (experts, out) bias): its other axis is the parameter's,
+    and the rows are marked as picked by the index (``Feat.gathered``), for
+    :func:`accord.trace.experts.claim_picked_rows`."""
+    gathered = _gathered_rows(call, x, dim, idx)
+    if gathered is None or x.dims[1] is None or x.dims[1] < 0 or x.dims[0] != 0:
+        return None
+    call.table.fix_value(idx, f"used as indices by {call.desc}")
+    return Feat(call.out_shape, param=x.param, dims=(-1, x.dims[1]), gathered=gathered)
 
 
 def _gathered_rows(call: Call, x: Feat, dim: int, idx: Feat) -> tuple[str, str] | None:

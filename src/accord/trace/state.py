@@ -371,6 +371,25 @@ class SpaceTable:
             record.refs[role] = []
         return part
 
+    def interleave(self, index: int, times: int) -> int | None:
+        """A freshly written space (:meth:`only_written`; per-feature parameters allowed)
+        whose ``times`` interleaved pieces are taken apart (``x[..., p::times]``: GPT-OSS's
+        gate and up units in turn), as a space of ``size / times`` features, feature ``c``
+        owning the ``times`` entries from ``c · times`` on every axis (a block). None where the
+        space is grouped or used otherwise. The old space is left empty."""
+        record = self.record(index)
+        width = record.size // times if record.size % times == 0 else 0
+        if not width or record.groups > 1 or not self.only_written(index, per_feature=True):
+            return None
+        part = self.new(width, record.base, record.maps)
+        new = self.records[part]
+        new.order, new.routed, new.crossed = record.order, set(record.routed), record.crossed
+        new.expert_axes = dict(record.expert_axes)
+        for role in ROLES:
+            new.refs[role] = [replace(r, block=r.block * times) for r in record.refs[role]]
+            record.refs[role] = []
+        return part
+
     def fold(self, index: int, times: int) -> int | None:
         """A freshly written space (:meth:`only_written`) of ``times`` equal heads, each a
         group of its split into heads, as one space of a head's features that every head
