@@ -483,6 +483,36 @@ def test_experts_batched_over_every_token_are_observed_each_on_its_entry(traced:
     _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
 
 
+@pytest.mark.parametrize("name", ["qwen3-moe", "gpt-oss"])
+def test_experts_by_each_tokens_own_weights_share_one_space(name: str) -> None:
+    """transformers' ``batched_mm`` experts repeat each token once per chosen expert and
+    multiply it by its expert's weights picked by id (``W[ids] @ x``, torch.bmm): the
+    experts' rows are not sorted apart, so their hidden units are one space for all experts
+    (one map moves every expert's slice alike, exact), and the residual stream stays free.
+    A permuted twin comes back exactly (permutation and CCA)."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[name]()
+    model.config._experts_implementation = "batched_mm"
+    model, x = Logits(model).eval(), inputs(2)
+    spec = accord.trace(model, x)
+    experts = "model.model.layers.0.mlp.experts"
+    hidden = _with(spec, f"{experts}.gate_up_proj", 2 if name == "gpt-oss" else 1)
+    assert hidden.free and all(r.at is None for r in hidden.refs)
+    assert AxisRef(f"{experts}.down_proj", 1 if name == "gpt-oss" else 2) in hidden.readers
+    assert _with(spec, "model.model.embed_tokens.weight", 1).free
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    data = [(inputs(16),)]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+        expected = model(data[0][0])
+    for method in ("permutation", "cca"):
+        result = accord.merge([model, twin], data, method=method, repair="none", progress=False)
+        with torch.no_grad():
+            got = result.model.eval()(data[0][0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_expert_biases_and_interleaved_units_move_with_their_expert(traced: Any) -> None:
     """GPT-OSS packs each expert's gate and up units in turn (unit c owns entries 2c and
     2c + 1: a block of 2) and adds each token's expert bias, picked by the sorted expert ids

@@ -326,15 +326,22 @@ def index(call: Call) -> Any:
 
 
 def _gathered_param(call: Call, x: Feat, dim: int, idx: Feat) -> Any:
-    """``W[ids]``: rows of a 2-d parameter picked by a 1-d integer index (each token's row of
-    a mixture of experts' packed (experts, out) bias): its other axis is the parameter's,
-    and the rows are marked as picked by the index (``Feat.gathered``), for
-    :func:`accord.trace.experts.claim_picked_rows`."""
-    gathered = _gathered_rows(call, x, dim, idx)
-    if gathered is None or x.dims[1] is None or x.dims[1] < 0 or x.dims[0] != 0:
+    """``W[ids]``: entries of a parameter's axis 0 picked by a 1-d integer index (each token's
+    expert bias or weights of a mixture of experts' packed (experts, …) parameter): its other
+    axes are the parameter's, and axis 0 is marked as picked by the index
+    (``Feat.gathered``), for :func:`accord.trace.experts.claim_picked_rows` and the products
+    by each token's weights (:func:`accord.trace.aten_layers.matmul`)."""
+    index = call.node.args[1][dim]
+    val = getattr(index, "meta", {}).get("val")
+    integer = isinstance(val, torch.Tensor) and val.dtype not in (torch.bool,)
+    integer = integer and not val.is_floating_point()
+    if dim != 0 or idx.ndim != 1 or not integer or x.dims[0] != 0 or x.picked is not None:
+        return None
+    if any(d is None or d < 0 for d in x.dims[1:]) or x.applied:
         return None
     call.table.fix_value(idx, f"used as indices by {call.desc}")
-    return Feat(call.out_shape, param=x.param, dims=(-1, x.dims[1]), gathered=gathered)
+    gathered = (graph_name(index, idx), x.param)
+    return Feat(call.out_shape, param=x.param, dims=(-1, *x.dims[1:]), gathered=gathered)
 
 
 def _gathered_rows(call: Call, x: Feat, dim: int, idx: Feat) -> tuple[str, str] | None:
@@ -658,6 +665,21 @@ def repeat(call: Call) -> Any:
     return x.moved(shape, lead + x.axis)
 
 
+def repeat_interleave(call: Call) -> Any:
+    """aten.repeat_interleave(x, k, dim): every entry repeated ``k`` times in a row along an
+    axis other than the features (each token once per expert it goes to) keeps them."""
+    x, dim, shape = call.x, call.arg(2, "dim", None), call.out_shape
+    if not isinstance(x, Feat) or x.param is not None or not isinstance(dim, int):
+        return None
+    if shape is None or len(shape) != x.ndim:
+        return None
+    if not x.featured:
+        return call.plain()
+    if dim % x.ndim == x.axis or x.heads is not None:
+        return None
+    return x.moved(shape, x.axis)
+
+
 def t(call: Call) -> Any:
     """aten.t: a 2-d transpose."""
     x = call.x
@@ -811,6 +833,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.expand: expand,
     aten.expand_as: expand,
     aten.repeat: repeat,
+    aten.repeat_interleave: repeat_interleave,
     aten.broadcast_to: expand,
     aten.unsqueeze: unsqueeze,
     aten.cat: cat,

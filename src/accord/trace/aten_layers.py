@@ -134,8 +134,11 @@ def matmul(call: Call) -> Any:
     a, b = call.arg(0, "self"), call.arg(1, "other")
     if isinstance(b, Feat) and b.param is not None and b.ndim == 2:
         return _matrix_writer(call, a, b, None, True)
-    if isinstance(b, Feat) and b.param is not None and b.ndim == 3:
+    if isinstance(b, Feat) and b.param is not None and b.ndim == 3 and b.gathered is None:
         return _batched_writer(call, a, b)
+    for weight, x in ((a, b), (b, a)):
+        if isinstance(weight, Feat) and weight.gathered is not None and weight.ndim == 3:
+            return _gathered_writer(call, x, weight, weight_first=weight is a)
     from accord.trace.aten_attention import product
 
     return product(call, a, b)
@@ -261,6 +264,32 @@ def _batched_writer(call: Call, x: Any, weight: Feat) -> Any:
     out = write(call, name, shape[2], shape, 2, (AxisRef(weight.param, axes[2]),))
     _by_expert(call.table.record(out.segs[0].space), routed, (weight.param, axes[2]), axes[0])
     return replace(_computed_weights(call, x, out, weight, None), routed=routed)
+
+
+def _gathered_writer(call: Call, x: Any, weight: Feat, weight_first: bool) -> Any:
+    """aten.bmm of each row's own weights ``W[ids]`` (rows of a packed (experts, out, in)
+    parameter picked by the token's expert id: transformers' ``batched_mm`` experts) and the
+    row as a column, ``W[ids] @ x[:, :, None]``, or as a row, ``x[:, None] @ W[ids]``: every
+    expert reads ``x``'s features and writes one new space, the same for all experts (their
+    rows are not sorted apart, so one map moves every expert's slice alike, which is exact)."""
+    shape = call.out_shape
+    if not isinstance(x, Feat) or x.param is not None or not x.featured or shape is None:
+        return None
+    if x.ndim != 3 or len(shape) != 3 or x.heads is not None:
+        return None
+    # (rows, out, in) @ (rows, in, 1) -> (rows, out, 1); (rows, 1, in) @ (rows, in, out)
+    if weight_first and x.shape[2] == 1 and x.axis == 1:
+        reads, writes, axis = weight.dims[2], weight.dims[1], 1
+    elif not weight_first and x.shape[1] == 1 and x.axis == 2:
+        reads, writes, axis = weight.dims[1], weight.dims[2], 2
+    else:
+        return None
+    call.use(weight)
+    _read_axis(call, x, weight.param, reads, x.axis)
+    out = write(
+        call, _space_name(weight.param), shape[axis], shape, axis, (AxisRef(weight.param, writes),)
+    )
+    return _computed_weights(call, x, out, weight, None)
 
 
 def _by_expert(record: SpaceRecord, routed: Routed, claim: tuple[str, int], expert: int) -> None:
