@@ -302,7 +302,7 @@ class Spec:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset(,
         [other axis, index])))]``, an observation ``[node, axis(, offset or null(, block(,
-        [offsets node, group] or null(, [index node, source node])))))]``."""
+        [offsets node, group] or null(, [index node, source node] or null(, entry)))))))]``."""
         write_json(path, self.to_dict())
 
     @classmethod

@@ -74,7 +74,7 @@ def carry_rows(call: Call, result: Any) -> Any:
     grouped = _name(call.node.target) in _GROUPED or _batched(result)
     if call.node.target is operator.getitem:
         return result  # the item taken is marked as the call that made it marked it
-    row_by_row = packet in _ROW_PACKETS or (packet is aten.slice and _row_dim(call) != 0)
+    row_by_row = packet in _ROW_PACKETS or (packet is aten.slice and _along_features(call))
     writer = grouped or (packet in _WRITER_PACKETS and len(inputs) == 1)
     if grouped or packet is aten.index:
         own = result if isinstance(result, Feat) else Feat(())
@@ -108,6 +108,12 @@ def _row_dim(call: Call) -> int | None:
     args = call.node.args
     dim = args[at] if len(args) > at else call.node.kwargs.get("dim", 0)
     return dim if isinstance(dim, int) else None
+
+
+def _along_features(call: Call) -> bool:
+    """A slice along an axis other than the rows (axis 0) of its input."""
+    dim, x = _row_dim(call), call.x
+    return isinstance(dim, int) and isinstance(x, Feat) and x.ndim > 0 and dim % x.ndim != 0
 
 
 def _split_rows(call: Call, result: Any) -> Any:
