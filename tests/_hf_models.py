@@ -1080,6 +1080,35 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _tokens,
     ),
+    # every expert on every token (scaled by its routing weight), as one torch.bmm of
+    # (experts, tokens, features) by the packed (experts, in, out) parameter
+    "llama4": lambda: (
+        transformers.Llama4ForCausalLM(
+            transformers.Llama4TextConfig(
+                **_DECODER,
+                head_dim=8,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                intermediate_size_mlp=48,
+                pad_token_id=0,
+            )
+        ),
+        _tokens,
+    ),
+    # experts with biases (each token's picked by its sorted expert id) and gate and up
+    # units interleaved in one packed parameter, clamped
+    "gpt-oss": lambda: (
+        transformers.GptOssForCausalLM(
+            transformers.GptOssConfig(
+                **{**_DECODER, "intermediate_size": 16},
+                head_dim=8,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                pad_token_id=0,
+            )
+        ),
+        _tokens,
+    ),
     "granitemoe-shared": lambda: (
         transformers.GraniteMoeSharedForCausalLM(
             transformers.GraniteMoeSharedConfig(

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from accord.check import FALLBACK_RTOL, check_spec, randomly_permuted
 from accord.errors import ConfigError, SpecError, TraceError
-from accord.spec import AxisRef, FoldedNorm, Observation, Spec
+from accord.spec import AxisRef, FeatureSpace, FoldedNorm, Observation, Spec
 from accord.trace import trace
 from accord.trace.observe import traced_module
 from accord.trace.tracer import trace_fx
@@ -1575,3 +1575,71 @@ def test_an_expert_sent_no_tokens_gets_no_statistics() -> None:
         result = merge([model, twin], data, method="cca", spec=spec, repair="none", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(result.model.eval()(data[0][0]), model(data[0][0]))
+
+
+class InterleavedGLU(nn.Module):
+    """Gate and up units written in turn by one projection (GPT-OSS's packed experts):
+    ``gate = h[..., ::2]``, ``up = h[..., 1::2]``."""
+
+    def __init__(self, interleaved: bool = True) -> None:
+        super().__init__()
+        # not interleaved: every third entry is left out, so no slice holds a space's features
+        self.step = 2 if interleaved else 3
+        self.up, self.down = nn.Linear(4, 6 * self.step), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        gate, up = h[..., :: self.step], h[..., 1 :: self.step]
+        return self.down(torch.sigmoid(gate.clamp(max=7.0)) * (up.clamp(-7.0, 7.0) + 1))
+
+
+def test_units_written_interleaved_own_a_block_of_entries_each(assert_preserved) -> None:
+    """Unit c owns entries 2c and 2c + 1 of the projection (a block of 2): the units permute,
+    each moving its gate and up rows together; slices that leave entries out stay fixed."""
+    model, x = InterleavedGLU(), torch.randn(2, 5, 4)
+    spec = trace(model, x)
+    units = _with_ref(spec, "down.weight")
+    assert units.free and units.size == 6 and units.maps == "permutation"
+    assert units.writers == (AxisRef("up.weight", 0, 2), AxisRef("up.bias", 0, 2))
+    assert units.readers == (AxisRef("down.weight", 1),)
+    assert_preserved(model, x, spec)
+    other = InterleavedGLU(interleaved=False)
+    spec = trace(other, x)
+    assert not spec.free_spaces or all("up" not in s.name for s in spec.free_spaces)
+    assert_preserved(other, x, spec)
+
+
+def _with_ref(spec: Spec, tensor: str) -> FeatureSpace:
+    return next(s for s in spec if any(r.tensor == tensor for r in s.refs))
+
+
+class _SortedCounts(nn.Module):
+    def __init__(self, descending: bool, top: int) -> None:
+        super().__init__()
+        self.descending, self.top = descending, top
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, _ = torch.sort(ids, descending=self.descending)
+        counts = torch.histc(ids.float(), bins=4, min=0, max=self.top)
+        return torch.cumsum(counts, dim=0) + ids.sum()
+
+
+@pytest.mark.parametrize(
+    ("descending", "top", "proved"), [(False, 3, True), (True, 3, False), (False, 4, False)]
+)
+def test_offsets_are_proved_to_count_sorted_expert_ids(
+    descending: bool, top: int, proved: bool
+) -> None:
+    """Row s of rows sorted by expert id lies in group ids[s] of the end offsets
+    ``cumsum(histc(ids, bins=E, min=0, max=E-1))`` of ascending ids (each token's expert
+    bias picked by those ids then moves with its expert); histc over another range, or ids
+    sorted the other way, prove nothing."""
+    from accord.trace.experts import _sorted_ids
+    from accord.trace.state import Routed
+
+    model = _SortedCounts(descending, top)
+    graph = torch.export.export(model, (torch.randint(0, 4, (9,)),)).graph
+    offsets = next(n for n in graph.nodes if n.target == torch.ops.aten.cumsum.default)
+    ids = next(n for n in graph.nodes if n.op == "call_function" and "getitem" in n.name)
+    found = _sorted_ids(graph, Routed(offsets.name, 4))
+    assert found == (ids.name if proved else None)

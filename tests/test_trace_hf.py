@@ -335,6 +335,10 @@ PACKED_EXPERTS = (
     "deepseek-v3",
     # a Python loop over the experts' slices, their rows concatenated before the activation
     "jetmoe",
+    # every expert on every token: torch.bmm of (experts, tokens, features)
+    "llama4",
+    # per-expert biases picked by the sorted expert ids; gate and up units interleaved
+    "gpt-oss",
 )
 
 
@@ -349,7 +353,7 @@ def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
     for space in experts:
         expert = int(space.name[-2])
         assert all(r.at == (0, expert) for r in space.refs), space.name
-        assert space.observe and all(p.rows[1] == expert for p in space.observe)
+        assert space.observe and all(_expert_of(p) == expert for p in space.observe)
     twin = accord.randomly_permuted(model, spec, seed=3).eval()
     data = [(FAMILIES[name]()[1](16),)]
     result = accord.merge([model, twin], data, method="weight_matching", progress=False)
@@ -357,6 +361,11 @@ def test_packed_experts_get_one_space_each(name: str, traced: Any) -> None:
         expected = model(data[0][0])
         got = result.model.eval()(data[0][0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _expert_of(point: Any) -> int:
+    """The expert whose rows an observation point samples (``rows`` or ``entry``)."""
+    return point.entry if point.entry is not None else point.rows[1]
 
 
 def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: Any) -> None:
@@ -441,6 +450,136 @@ def _jetmoe_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             gate = (h @ moe.input_linear.weight[expert].T).chunk(2, dim=-1)[0]
             sent = (chosen == expert).any(-1, keepdim=True)
             experts.append(torch.nn.functional.silu(gate) * sent)
+    return torch.stack(experts, dim=1)
+
+
+def test_experts_batched_over_every_token_are_observed_each_on_its_entry(traced: Any) -> None:
+    """Llama 4 runs every expert on every token, each token scaled by the expert's routing
+    weight (zero where the router did not choose it), as one torch.bmm of (experts, tokens,
+    features) by the packed (experts, in, out) parameter: entry g of the product is expert
+    g's alone, so each expert's hidden units are a space of their own, moving its slice of
+    both packed parameters and observed on entry g (one sample per token, in every model).
+    Checked against the experts computed by hand from each model's router and weights."""
+    model, _, spec = traced("llama4")
+    experts = "model.model.layers.0.feed_forward.experts"
+    for expert in range(4):
+        hidden = spec[f"{experts}.gate_up_proj[{expert}]"]
+        assert hidden.free and hidden.size == 48
+        assert hidden.writers == (
+            AxisRef(f"{experts}.gate_up_proj", 2, at=(0, expert)),
+            AxisRef(f"{experts}.gate_up_proj", 2, 1, 48, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
+        assert [point.entry for point in hidden.observe] == [expert]
+    assert spec.to_dict() == Spec.from_dict(spec.to_dict()).to_dict()  # entry round-trips
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["llama4"]()[0]).eval()
+    x = FAMILIES["llama4"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_llama4_hidden(m, x) for m in (model, other)]
+    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
+    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "gpt-oss"])
+def test_experts_by_each_tokens_own_weights_share_one_space(name: str) -> None:
+    """transformers' ``batched_mm`` experts repeat each token once per chosen expert and
+    multiply it by its expert's weights picked by id (``W[ids] @ x``, torch.bmm): the
+    experts' rows are not sorted apart, so their hidden units are one space for all experts
+    (one map moves every expert's slice alike, exact), and the residual stream stays free.
+    A permuted twin comes back exactly (permutation and CCA)."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[name]()
+    model.config._experts_implementation = "batched_mm"
+    model, x = Logits(model).eval(), inputs(2)
+    spec = accord.trace(model, x)
+    experts = "model.model.layers.0.mlp.experts"
+    hidden = _with(spec, f"{experts}.gate_up_proj", 2 if name == "gpt-oss" else 1)
+    assert hidden.free and all(r.at is None for r in hidden.refs)
+    assert AxisRef(f"{experts}.down_proj", 1 if name == "gpt-oss" else 2) in hidden.readers
+    assert _with(spec, "model.model.embed_tokens.weight", 1).free
+    accord.check_spec(spec, model, x)
+    twin = accord.randomly_permuted(model, spec, seed=3).eval()
+    data = [(inputs(16),)]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+        expected = model(data[0][0])
+    for method in ("permutation", "cca"):
+        result = accord.merge([model, twin], data, method=method, repair="none", progress=False)
+        with torch.no_grad():
+            got = result.model.eval()(data[0][0])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_biases_and_interleaved_units_move_with_their_expert(traced: Any) -> None:
+    """GPT-OSS packs each expert's gate and up units in turn (unit c owns entries 2c and
+    2c + 1: a block of 2) and adds each token's expert bias, picked by the sorted expert ids
+    whose counts make the grouped product's offsets: each expert's units are a space of their
+    own moving its slice of both weights and of both biases (the down bias with the stream).
+    The samples are checked against the experts computed by hand."""
+    model, _, spec = traced("gpt-oss")
+    experts = "model.model.layers.0.mlp.experts"
+    for expert in range(4):
+        hidden = spec[f"{experts}.gate_up_proj[{expert}]"]
+        assert hidden.free and hidden.size == 16 and hidden.maps == "permutation"
+        assert hidden.writers == (
+            AxisRef(f"{experts}.gate_up_proj", 2, 2, at=(0, expert)),
+            AxisRef(f"{experts}.gate_up_proj_bias", 1, 2, at=(0, expert)),
+        )
+        assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
+    stream = _with(spec, "model.model.embed_tokens.weight", 1)
+    assert stream.free and AxisRef(f"{experts}.down_proj_bias", 1) in stream.writers
+    torch.manual_seed(1)
+    other = Logits(FAMILIES["gpt-oss"]()[0]).eval()
+    x = FAMILIES["gpt-oss"]()[1](8)
+    stats = accord.collect_statistics(
+        [model, other], [(x,)], spec, progress=False, precision="float64"
+    )
+    hidden = [_gpt_oss_hidden(m, x) for m in (model, other)]
+    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
+    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
+
+
+def _gpt_oss_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of GPT-OSS's only MLP: ``sigmoid(α · min(gate,
+    limit))`` of each expert (where the spec observes its units) for the tokens its router
+    sends there, zero elsewhere."""
+    mlp, seen = model.model.model.layers[0].mlp, {}
+    handle = mlp.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        _, _, chosen = mlp.router(h)
+        moe, experts = mlp.experts, []
+        for expert in range(moe.gate_up_proj.shape[0]):
+            gate = (h @ moe.gate_up_proj[expert] + moe.gate_up_proj_bias[expert])[:, ::2]
+            unit = torch.sigmoid(gate.clamp(max=moe.limit) * moe.alpha)
+            experts.append(unit * (chosen == expert).any(-1, keepdim=True))
+    return torch.stack(experts, dim=1)
+
+
+def _llama4_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts, hidden units) of Llama 4's only MoE layer: ``silu(gate)`` of each
+    expert on every token scaled by its routing weight (zero where not chosen)."""
+    moe, seen = model.model.model.layers[0].feed_forward, {}
+    handle = moe.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        h = seen["x"].reshape(-1, seen["x"].shape[-1])
+        logits = moe.router(h)[1]
+        top = logits.topk(moe.top_k, dim=-1)
+        scores = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
+        scores = scores.sigmoid()
+        width = moe.experts.down_proj.shape[1]
+        experts = []
+        for expert in range(moe.experts.gate_up_proj.shape[0]):
+            routed = h * scores[:, expert : expert + 1]
+            gate = (routed @ moe.experts.gate_up_proj[expert])[:, :width]
+            experts.append(torch.nn.functional.silu(gate))
     return torch.stack(experts, dim=1)
 
 
@@ -814,9 +953,11 @@ def test_dpt_transposed_convolutions_upsample_free_spaces(traced: Any) -> None:
     ("name", "query_reason", "key_reason"),
     [
         # V2 rotates through complex numbers (each head's pairs viewed as complex numbers
-        # across the heads), V3 through interleaved slices
+        # across the heads), V3 through interleaved slices (the key's rotary part, never
+        # split into heads, is read as pairs, x[..., ::2] and x[..., 1::2], which the
+        # rotation's cos and sin then multiply each by its own frequency)
         ("deepseek-v2", "mixes heads", "aten.view_as_complex"),
-        ("deepseek-v3", "slicing", "slicing"),
+        ("deepseek-v3", "slicing", "with a tensor accord cannot map"),
     ],
 )
 def test_latent_attention_maps_each_head_without_positions(

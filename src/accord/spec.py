@@ -93,7 +93,10 @@ class Observation:
     is a split along axis 0, the rows of its piece ``g`` (JetMoE's). ``scatter = (index
     node, source node)``: the rows (those of the group) are rows of the source picked by the
     index, and are summed back into zeros of the source's rows, so that the samples are the
-    source's rows (every token, zero where it did not reach the expert) in every model."""
+    source's rows (every token, zero where it did not reach the expert) in every model.
+    ``entry = g``: only entry ``g`` along axis 0 is sampled, expert ``g``'s part of a product
+    batched over the experts (``torch.bmm`` of (experts, tokens, features) by a packed
+    (experts, …) parameter: every token in every expert, so samples pair by token)."""
 
     node: str
     axis: int
@@ -101,12 +104,13 @@ class Observation:
     block: int = 1
     rows: tuple[str, int] | None = None
     scatter: tuple[str, str] | None = None
+    entry: int | None = None
 
     @property
     def picks_rows(self) -> bool:
-        """Whether its samples are rows picked from the node's output (``rows``, ``scatter``)
-        rather than every position of every input."""
-        return self.rows is not None or self.scatter is not None
+        """Whether its samples are rows picked from the node's output (``rows``, ``scatter``,
+        ``entry``) rather than every position of every input."""
+        return self.rows is not None or self.scatter is not None or self.entry is not None
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -186,7 +190,7 @@ class FeatureSpace:
 def _observation_to_list(obs: Observation) -> list[Any]:
     out: list[Any] = [obs.node, obs.axis, obs.offset, obs.block]
     out += [None if obs.rows is None else list(obs.rows)]
-    out += [None if obs.scatter is None else list(obs.scatter)]
+    out += [None if obs.scatter is None else list(obs.scatter), obs.entry]
     while len(out) > 2 and out[-1] == (1 if len(out) == 4 else None):
         out.pop()  # the defaults from the end
     return out
@@ -194,8 +198,8 @@ def _observation_to_list(obs: Observation) -> list[Any]:
 
 def _observation_from_list(item: Any) -> Observation:
     node, axis, *rest = item
-    rest += [None] * (4 - len(rest))
-    offset, block, rows, scatter = rest[:4]
+    rest += [None] * (5 - len(rest))
+    offset, block, rows, scatter, entry = rest[:5]
     return Observation(
         str(node),
         int(axis),
@@ -203,6 +207,7 @@ def _observation_from_list(item: Any) -> Observation:
         1 if block is None else int(block),
         None if rows is None else (str(rows[0]), int(rows[1])),
         None if scatter is None else (str(scatter[0]), str(scatter[1])),
+        None if entry is None else int(entry),
     )
 
 
@@ -297,7 +302,7 @@ class Spec:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the spec as JSON, atomically. An axis is ``[tensor, axis(, block(, offset(,
         [other axis, index])))]``, an observation ``[node, axis(, offset or null(, block(,
-        [offsets node, group] or null(, [index node, source node])))))]``."""
+        [offsets node, group] or null(, [index node, source node] or null(, entry)))))))]``."""
         write_json(path, self.to_dict())
 
     @classmethod

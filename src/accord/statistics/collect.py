@@ -110,13 +110,14 @@ class _Observer(nn.Module):
         axis: int,
         offset: int | None = None,
         block: int = 1,
+        entry: int | None = None,
         rows: tuple[str, int] | None = None,
         scatter: tuple[str, str] | None = None,
         offsets: Any = None,
         index: torch.Tensor | None = None,
         source: torch.Tensor | None = None,
     ) -> None:
-        point = Observation(node, axis, offset, block, rows, scatter)
+        point = Observation(node, axis, offset, block, rows, scatter, entry)
         for accumulator, at in self.uses[point]:
             seen = samples_seen(point, accumulator.target.size, tensor, offsets, index, source)
             accumulator.observe(self.model, at, seen)
@@ -131,14 +132,16 @@ def samples_seen(
     source: torch.Tensor | None = None,
 ) -> Any:
     """What ``point`` contributes of its node's output ``tensor``, ``size`` entries of it (the
-    space's size times the point's block): its part from ``offset`` on, then the rows it
-    picks (``rows`` and ``scatter``, with the outputs of the nodes they name: ``offsets``,
-    ``index``, ``source``)."""
+    space's size times the point's block): its part from ``offset`` on, its ``entry`` along
+    axis 0, then the rows it picks (``rows`` and ``scatter``, with the outputs of the nodes
+    they name: ``offsets``, ``index``, ``source``)."""
     if not isinstance(tensor, torch.Tensor):
         return tensor
     axis, offset = point.axis, point.offset
     if offset is not None and tensor.shape[axis] >= offset + size:
         tensor = tensor.narrow(axis, offset, size)
+    if point.entry is not None:
+        tensor = tensor.narrow(0, point.entry, 1)  # keeps the axes, so ``axis`` still holds
     return _rows_seen(tensor, point.rows, offsets, index, source)
 
 
@@ -187,7 +190,7 @@ def _statistics_graph(
     architecture, shared by every model), calling ``observer`` after every observed node."""
     module = traced_module(model, example, spec.graph, spec.leaf_modules)
     calls = [
-        (point.node, (point.node, point.axis, point.offset, point.block, *_rows(point)))
+        (point.node, (point.node, point.axis, point.offset, point.block, *_picks(point)))
         for point in observer.uses
     ]
     call_after(module, observer, calls, type(model).__name__)
@@ -224,6 +227,11 @@ def _run_bound(
         slots[name] = tensor
     observer.model = model
     return module(inputs)
+
+
+def _picks(point: Observation) -> tuple[Any, ...]:
+    """The observer's arguments after ``block``: the point's ``entry``, then :func:`_rows`."""
+    return (point.entry, *_rows(point))
 
 
 def _rows(point: Observation) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ import torch
 from accord.trace import aten_attention, aten_layers, concat, heads, rules
 from accord.trace.rules import Rule
 from accord.trace.split import split_features
-from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Tup, graph_name, plain
+from accord.trace.state import SHAPE_MAKERS, SHAPE_READERS, Call, Feat, Seg, Tup, graph_name, plain
 
 aten = torch.ops.aten
 
@@ -55,6 +55,10 @@ def slice_rule(call: Call) -> Any:
             if found is not None:
                 call.event("writer_out")
                 return found[pieces.index((start, stop))]
+    if dim == x.axis and x.heads is None and step > 1:
+        found = _interleaved(call, x, start, stop, step)
+        if found is not None:
+            return found
     if dim == x.axis and x.heads is not None and heads.whole_heads(call, x):
         # the same entries of every head (the rotated part under partial rotary embeddings):
         # whole heads may still move, and the heads are the features from here on
@@ -62,6 +66,59 @@ def slice_rule(call: Call) -> Any:
     reason = f"slicing at node {call.node.name!r} keeps only some of the features"
     call.table.fix_value(x, reason)
     return call.plain()
+
+
+def _interleaved(call: Call, x: Feat, start: int, stop: int, step: int) -> Any:
+    """``x[..., p::k]`` of features in blocks of ``k`` entries: entry ``p`` of every block, the
+    features themselves (one piece of projections written interleaved, GPT-OSS's gate and up
+    units in turn). A freshly written space whose every use is such a slice, each ``p`` from
+    0 to ``k - 1`` once, is made so first (:meth:`SpaceTable.interleave`). None otherwise."""
+    if len(x.segs) != 1 or x.segs[0].space is None or stop != x.shape[x.axis] or start >= step:
+        return None
+    seg = x.segs[0]
+    if seg.block == 1 and seg.size % step == 0 and _interleaved_siblings(call, step):
+        space = call.table.find(seg.space)
+        if call.only_used_here(space, {user.name for user in call.node.args[0].users}):
+            part = call.table.interleave(space, step)
+            if part is not None:
+                seg = Seg(part, seg.size // step, step)
+                _relabel_whole(call, space, seg)
+                x = replace(x, segs=(seg,))
+    if seg.block != step:
+        return None
+    shape = list(x.shape)
+    shape[x.axis] = seg.size
+    return replace(x, shape=tuple(shape), segs=(Seg(seg.space, seg.size),))
+
+
+def _interleaved_siblings(call: Call, step: int) -> bool:
+    """Every user of this slice's input is a slice of its feature axis to the end with step
+    ``step``, the starts 0 to ``step - 1`` once each."""
+    source = call.node.args[0]
+    x = call.resolve(source)
+    starts = []
+    for user in source.users:
+        if getattr(user.target, "overloadpacket", None) is not aten.slice:
+            return False
+        other = Call(call.walk, user, None, "")
+        if other.arg(1, "dim", 0) % x.ndim != x.axis:
+            return False
+        begin, end, every = _bounds(other, x.shape[x.axis])
+        if every != step or end != x.shape[x.axis]:
+            return False
+        starts.append(begin)
+    return sorted(starts) == list(range(step))
+
+
+def _relabel_whole(call: Call, space: int, seg: Seg) -> None:
+    """Every traced tensor holding ``space`` whole holds ``seg`` instead."""
+    table = call.table
+    for name, value in call.walk.values.items():
+        if not isinstance(value, Feat) or len(value.segs) != 1 or value.heads is not None:
+            continue
+        held = value.segs[0]
+        if held.space is not None and table.find(held.space) == space and held.block == 1:
+            call.walk.values[name] = replace(value, segs=(seg,))
 
 
 def _bounds(call: Call, size: int) -> tuple[int, int, int]:
@@ -244,11 +301,13 @@ def index(call: Call) -> Any:
     if not isinstance(x, Feat) or not isinstance(indices, list | tuple) or shape is None:
         return None
     tensors = [(d, i) for d, i in enumerate(indices) if i is not None]
-    if x.param is not None or x.heads is not None or len(tensors) != 1:
+    if x.heads is not None or len(tensors) != 1:
         return None
     ((dim, idx),) = tensors
     if not isinstance(idx, Feat):
         return None
+    if x.param is not None:
+        return _gathered_param(call, x, dim, idx)
     # integer indices replace one axis with theirs; a boolean mask replaces as many axes as
     # it has with one (told apart by the output's rank where the two differ)
     taken, given = (1, idx.ndim) if len(shape) == x.ndim - 1 + idx.ndim else (idx.ndim, 1)
@@ -264,6 +323,25 @@ def index(call: Call) -> Any:
     if shape[axis] != x.shape[x.axis]:
         return None
     return replace(x.moved(shape, axis), gathered=_gathered_rows(call, x, dim, idx))
+
+
+def _gathered_param(call: Call, x: Feat, dim: int, idx: Feat) -> Any:
+    """``W[ids]``: entries of a parameter's axis 0 picked by a 1-d integer index (each token's
+    expert bias or weights of a mixture of experts' packed (experts, …) parameter): its other
+    axes are the parameter's, and axis 0 is marked as picked by the index
+    (``Feat.gathered``), for :func:`accord.trace.experts.claim_picked_rows` and the products
+    by each token's weights (:func:`accord.trace.aten_layers.matmul`)."""
+    index = call.node.args[1][dim]
+    val = getattr(index, "meta", {}).get("val")
+    integer = isinstance(val, torch.Tensor) and val.dtype not in (torch.bool,)
+    integer = integer and not val.is_floating_point()
+    if dim != 0 or idx.ndim != 1 or not integer or x.dims[0] != 0 or x.picked is not None:
+        return None
+    if any(d is None or d < 0 for d in x.dims[1:]) or x.applied:
+        return None
+    call.table.fix_value(idx, f"used as indices by {call.desc}")
+    gathered = (graph_name(index, idx), x.param)
+    return Feat(call.out_shape, param=x.param, dims=(-1, *x.dims[1:]), gathered=gathered)
 
 
 def _gathered_rows(call: Call, x: Feat, dim: int, idx: Feat) -> tuple[str, str] | None:
@@ -587,6 +665,21 @@ def repeat(call: Call) -> Any:
     return x.moved(shape, lead + x.axis)
 
 
+def repeat_interleave(call: Call) -> Any:
+    """aten.repeat_interleave(x, k, dim): every entry repeated ``k`` times in a row along an
+    axis other than the features (each token once per expert it goes to) keeps them."""
+    x, dim, shape = call.x, call.arg(2, "dim", None), call.out_shape
+    if not isinstance(x, Feat) or x.param is not None or not isinstance(dim, int):
+        return None
+    if shape is None or len(shape) != x.ndim:
+        return None
+    if not x.featured:
+        return call.plain()
+    if dim % x.ndim == x.axis or x.heads is not None:
+        return None
+    return x.moved(shape, x.axis)
+
+
 def t(call: Call) -> Any:
     """aten.t: a 2-d transpose."""
     x = call.x
@@ -740,6 +833,7 @@ ATEN_RULES: dict[Any, Rule] = {
     aten.expand: expand,
     aten.expand_as: expand,
     aten.repeat: repeat,
+    aten.repeat_interleave: repeat_interleave,
     aten.broadcast_to: expand,
     aten.unsqueeze: unsqueeze,
     aten.cat: cat,

@@ -134,6 +134,11 @@ def matmul(call: Call) -> Any:
     a, b = call.arg(0, "self"), call.arg(1, "other")
     if isinstance(b, Feat) and b.param is not None and b.ndim == 2:
         return _matrix_writer(call, a, b, None, True)
+    if isinstance(b, Feat) and b.param is not None and b.ndim == 3 and b.gathered is None:
+        return _batched_writer(call, a, b)
+    for weight, x in ((a, b), (b, a)):
+        if isinstance(weight, Feat) and weight.gathered is not None and weight.ndim == 3:
+            return _gathered_writer(call, x, weight, weight_first=weight is a)
     from accord.trace.aten_attention import product
 
     return product(call, a, b)
@@ -230,6 +235,61 @@ def grouped_mm(call: Call) -> Any:
         return _computed_weights(call, x, out, weight, None)
     _by_expert(call.table.record(out.segs[0].space), routed, (weight.param, axes[2]), axes[0])
     return replace(_computed_weights(call, x, out, weight, None), routed=routed)
+
+
+def _batched_writer(call: Call, x: Any, weight: Feat) -> Any:
+    """aten.bmm / matmul(x, W) with W a 3-d parameter view (experts, in, out) and x
+    (experts, tokens, in): entry g of x times ``W[g]``, every expert on every token (Llama 4's
+    experts, the tokens scaled by each expert's routing weight). Every expert reads ``x``'s
+    features and writes one new space, entry g of axis 0 computed by expert g alone
+    (``Routed.batched``); where ``x`` is so already, expert g reads its entry alone.
+    :mod:`accord.trace.experts` gives each expert a space of its own where nothing else mixes
+    their entries."""
+    axes, shape = _param_axes(weight), call.out_shape
+    if axes is None or len(axes) != 3 or shape is None or len(shape) != 3:
+        return None
+    if not isinstance(x, Feat) or x.param is not None or x.ndim != 3 or x.heads is not None:
+        return None
+    if x.shape[0] != weight.shape[0] or weight.picked is not None:
+        return None
+    call.use(weight)
+    same = x.routed is not None and x.routed.batched and x.routed.groups == weight.shape[0]
+    routed = x.routed if same else Routed(call.node.name, weight.shape[0], batched=True)
+    if x.featured:
+        _read_axis(call, x, weight.param, axes[1], 2)
+        if same:
+            for space in call.table.spaces(x):
+                _by_expert(call.table.record(space), routed, (weight.param, axes[1]), axes[0])
+    name = _space_name(weight.param)
+    out = write(call, name, shape[2], shape, 2, (AxisRef(weight.param, axes[2]),))
+    _by_expert(call.table.record(out.segs[0].space), routed, (weight.param, axes[2]), axes[0])
+    return replace(_computed_weights(call, x, out, weight, None), routed=routed)
+
+
+def _gathered_writer(call: Call, x: Any, weight: Feat, weight_first: bool) -> Any:
+    """aten.bmm of each row's own weights ``W[ids]`` (rows of a packed (experts, out, in)
+    parameter picked by the token's expert id: transformers' ``batched_mm`` experts) and the
+    row as a column, ``W[ids] @ x[:, :, None]``, or as a row, ``x[:, None] @ W[ids]``: every
+    expert reads ``x``'s features and writes one new space, the same for all experts (their
+    rows are not sorted apart, so one map moves every expert's slice alike, which is exact)."""
+    shape = call.out_shape
+    if not isinstance(x, Feat) or x.param is not None or not x.featured or shape is None:
+        return None
+    if x.ndim != 3 or len(shape) != 3 or x.heads is not None:
+        return None
+    # (rows, out, in) @ (rows, in, 1) -> (rows, out, 1); (rows, 1, in) @ (rows, in, out)
+    if weight_first and x.shape[2] == 1 and x.axis == 1:
+        reads, writes, axis = weight.dims[2], weight.dims[1], 1
+    elif not weight_first and x.shape[1] == 1 and x.axis == 2:
+        reads, writes, axis = weight.dims[1], weight.dims[2], 2
+    else:
+        return None
+    call.use(weight)
+    _read_axis(call, x, weight.param, reads, x.axis)
+    out = write(
+        call, _space_name(weight.param), shape[axis], shape, axis, (AxisRef(weight.param, writes),)
+    )
+    return _computed_weights(call, x, out, weight, None)
 
 
 def _by_expert(record: SpaceRecord, routed: Routed, claim: tuple[str, int], expert: int) -> None:

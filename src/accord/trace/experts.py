@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from accord.spec import AxisRef, FeatureSpace
+from accord.spec import AxisRef, FeatureSpace, Observation
 from accord.trace.state import Call, Feat, Routed, SpaceRecord, Tup, Walk
 from accord.trace.walk import call_args, feats
 
@@ -71,10 +71,10 @@ def carry_rows(call: Call, result: Any) -> Any:
     concatenation of the groups of one grouping in order the grouping."""
     inputs = [f for f in feats(call_args(call)) if f.param is None]
     packet = getattr(call.node.target, "overloadpacket", None)
-    grouped = _name(call.node.target) in _GROUPED
+    grouped = _name(call.node.target) in _GROUPED or _batched(result)
     if call.node.target is operator.getitem:
         return result  # the item taken is marked as the call that made it marked it
-    row_by_row = packet in _ROW_PACKETS
+    row_by_row = packet in _ROW_PACKETS or (packet is aten.slice and _along_features(call))
     writer = grouped or (packet in _WRITER_PACKETS and len(inputs) == 1)
     if grouped or packet is aten.index:
         own = result if isinstance(result, Feat) else Feat(())
@@ -94,13 +94,26 @@ def carry_rows(call: Call, result: Any) -> Any:
     return _marked(result, routed, gathered, rows if len(rows) == 1 else set(), group)
 
 
+def _batched(result: Any) -> bool:
+    """Whether a rule marked its output as a product batched over the experts (the rule of
+    ``torch.bmm`` by a packed parameter: :func:`accord.trace.aten_layers.matmul`)."""
+    return isinstance(result, Feat) and result.routed is not None and result.routed.batched
+
+
 def _row_dim(call: Call) -> int | None:
-    """The axis a split (``split_with_sizes(x, sizes, dim)``) or a concatenation
-    (``cat(tensors, dim)``) runs along, when it is a plain int."""
-    at = 1 if call.node.target.overloadpacket is aten.cat else 2
+    """The axis a split (``split_with_sizes(x, sizes, dim)``), a concatenation
+    (``cat(tensors, dim)``) or a slice (``slice(x, dim, …)``) runs along, when it is a plain
+    int."""
+    at = 2 if call.node.target.overloadpacket is aten.split_with_sizes else 1
     args = call.node.args
     dim = args[at] if len(args) > at else call.node.kwargs.get("dim", 0)
     return dim if isinstance(dim, int) else None
+
+
+def _along_features(call: Call) -> bool:
+    """A slice along an axis other than the rows (axis 0) of its input."""
+    dim, x = _row_dim(call), call.x
+    return isinstance(dim, int) and isinstance(x, Feat) and x.ndim > 0 and dim % x.ndim != 0
 
 
 def _split_rows(call: Call, result: Any) -> Any:
@@ -157,12 +170,14 @@ def _marked(
     group: tuple[Routed, int] | None,
 ) -> Any:
     """``value`` (each item of a tuple) marked so where it is a 2-d activation with its
-    features on axis 1 and, unless ``rows`` is None, as many rows as its inputs."""
+    features on axis 1 (a product batched over the experts: 3-d, features on axis 2) and,
+    unless ``rows`` is None, as many rows as its inputs."""
     if isinstance(value, Tup):
         return Tup(tuple(_marked(item, routed, gathered, rows, group) for item in value.items))
-    if not isinstance(value, Feat):
-        return value
-    fits = value.featured and value.axis != 0 and value.ndim == 2
+    if not isinstance(value, Feat) or value.param is not None:
+        return value  # a parameter's rows picked by an index keep their mark (aten.index)
+    ndim = 3 if routed is not None and routed.batched else 2
+    fits = value.featured and value.axis == ndim - 1 and value.ndim == ndim
     fits = fits and value.param is None and value.heads is None
     fits = fits and (rows is None or value.shape[0] in rows)
     marks = (routed, gathered, group) if fits else (None, None, None)
@@ -242,10 +257,74 @@ def per_expert(
             writers=refs(space.writers, expert),
             readers=refs(space.readers, expert),
             elementwise=refs(space.elementwise, expert),
-            observe=tuple(replace(point, rows=(routed.offsets, expert)) for point in points),
+            observe=tuple(_picked(point, routed, expert) for point in points),
         )
         for expert in range(routed.groups)
     ]
 
 
-__all__ = ["carry_rows", "groupings_held", "per_expert", "routing"]
+def claim_picked_rows(call: Call, x: Feat, picked: Feat, axis: int) -> None:
+    """``picked`` (rows of a packed (experts, …) parameter picked by an index, ``W[ids]``:
+    each token's expert bias) combined entry by entry with ``x`` along its parameter axis
+    ``axis``. Where the index is the sorted expert ids whose counts make the end offsets of
+    ``x``'s row grouping (:func:`_sorted_ids`), row ``s`` in group ``g`` picks row ``g``:
+    the axis is claimed expert by expert, as a grouped product claims its weight's. Any
+    other index leaves the claim on every expert's rows (one space for all experts)."""
+    routed, index = x.routed, picked.gathered[0] if picked.gathered else None
+    if routed is None or routed.batched or index is None or picked.dims[0] != -1:
+        return
+    if _sorted_ids(call.node.graph, routed) != index:
+        return
+    for space in call.table.spaces(x):
+        record = call.table.record(space)
+        record.routed.add(routed)
+        record.expert_axes[(picked.param, axis)] = 0
+
+
+# conversions between integer and floating dtypes, which keep the expert ids
+_CASTS = frozenset({aten.to, aten._to_copy, aten.type_as})
+
+
+def _sorted_ids(graph: fx.Graph, routed: Routed) -> str | None:
+    """The node holding sorted expert ids whose counts per expert make ``routed``'s end
+    offsets: ``cumsum(histc(ids, bins=E, min=0, max=E-1))`` with ``ids = sort(…)[0]``
+    ascending (transformers' grouped experts). In rows sorted so, group ``g`` is exactly the
+    rows whose id is ``g``: histc puts integer ``g`` < E - 1 in bin ``g`` (bins (E-1)/E wide)
+    and E - 1 in the last, which includes its upper edge."""
+    nodes = {node.name: node for node in graph.nodes}
+    offsets = nodes.get(routed.offsets)
+    if offsets is None or _packet(offsets) is not aten.cumsum or _arg(offsets, 1, "dim") != 0:
+        return None
+    counts = offsets.args[0]
+    if _packet(counts) is not aten.histc:
+        return None
+    bins, low, high = (_arg(counts, i, key) for i, key in ((1, "bins"), (2, "min"), (3, "max")))
+    if (bins, low, high) != (routed.groups, 0, routed.groups - 1):
+        return None
+    ids = counts.args[0]
+    while _packet(ids) in _CASTS:
+        ids = ids.args[0]
+    if not (isinstance(ids, fx.Node) and ids.target is operator.getitem and ids.args[1] == 0):
+        return None
+    sort = ids.args[0]
+    if _packet(sort) is not aten.sort or _arg(sort, 2, "descending") not in (None, False):
+        return None
+    return ids.name
+
+
+def _packet(node: Any) -> Any:
+    return getattr(getattr(node, "target", None), "overloadpacket", None)
+
+
+def _arg(node: fx.Node, at: int, key: str) -> Any:
+    return node.args[at] if len(node.args) > at else node.kwargs.get(key)
+
+
+def _picked(point: Observation, routed: Routed, expert: int) -> Observation:
+    """``point`` observed on expert ``expert``'s rows of the grouping ``routed``."""
+    if routed.batched:
+        return replace(point, entry=expert)
+    return replace(point, rows=(routed.offsets, expert))
+
+
+__all__ = ["carry_rows", "claim_picked_rows", "groupings_held", "per_expert", "routing"]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from accord.trace.experts import claim_picked_rows
 from accord.trace.state import Call, Feat, Other, Seg, Tup, layouts_match
 
 Rule = Callable[[Call], Any]
@@ -595,6 +596,8 @@ def _one_featured(call: Call, op: str, x: Feat, other: Any, x_first: bool) -> An
                 call.use(other)
                 call.table.add_per_feature(x, "elementwise", other.param, pd)
                 call.table.downgrade_value(x, "permutation")
+            if other.gathered is not None:
+                claim_picked_rows(call, x, other, pd)
             return x.moved(call.out_shape, axis)
     _scalar_effect(call, op, x, x_first)
     return x.moved(call.out_shape, axis)

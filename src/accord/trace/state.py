@@ -48,10 +48,13 @@ class Routed:
     0, group ``g`` holds the rows between the end offsets that node ``offsets`` holds for
     ``g - 1`` and ``g`` (``groups`` of them; the first group starts at row 0), or, where node
     ``offsets`` is a split along axis 0 (sizes known at run time only, JetMoE), the rows of
-    its piece ``g``."""
+    its piece ``g``. ``batched``: group ``g`` is entry ``g`` of axis 0 instead, every row in
+    every group (a product batched over the experts, ``torch.bmm`` by a packed parameter;
+    ``offsets`` then names the first such product)."""
 
     offsets: str
     groups: int
+    batched: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,6 +368,25 @@ class SpaceTable:
         new.order, new.runs = record.order, True
         for role in ROLES:
             new.refs[role] = [replace(r, block=r.block * factor) for r in record.refs[role]]
+            record.refs[role] = []
+        return part
+
+    def interleave(self, index: int, times: int) -> int | None:
+        """A freshly written space (:meth:`only_written`; per-feature parameters allowed)
+        whose ``times`` interleaved pieces are taken apart (``x[..., p::times]``: GPT-OSS's
+        gate and up units in turn), as a space of ``size / times`` features, feature ``c``
+        owning the ``times`` entries from ``c · times`` on every axis (a block). None where the
+        space is grouped or used otherwise. The old space is left empty."""
+        record = self.record(index)
+        width = record.size // times if record.size % times == 0 else 0
+        if not width or record.groups > 1 or not self.only_written(index, per_feature=True):
+            return None
+        part = self.new(width, record.base, record.maps)
+        new = self.records[part]
+        new.order, new.routed, new.crossed = record.order, set(record.routed), record.crossed
+        new.expert_axes = dict(record.expert_axes)
+        for role in ROLES:
+            new.refs[role] = [replace(r, block=r.block * times) for r in record.refs[role]]
             record.refs[role] = []
         return part
 
