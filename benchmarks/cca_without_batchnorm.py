@@ -352,6 +352,12 @@ def main() -> None:
     parser.add_argument(
         "--train", default=None, metavar="SEEDS", help="only train (or find) these seeds: 0,1"
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="merge the models of these seeds, the first N for size N (default 0, 1, ...): "
+        "e.g. 0,2 to leave out a seed whose training collapsed",
+    )
     parser.add_argument("--samples", type=int, default=10000, help="statistics/repair images")
     parser.add_argument("--sizes", default="2,4")
     parser.add_argument("--quick", action="store_true", help="fewer variants")
@@ -405,7 +411,8 @@ def main() -> None:
             for seed in (int(s) for s in args.train.split(",")):
                 trained_model(args, data, seed)
             return
-        models = [trained_model(args, data, seed) for seed in range(max(sizes))]
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else range(max(sizes))
+        models = [trained_model(args, data, seed) for seed in seeds]
     base = [accord.evaluate(m, data.test).accuracy for m in models]
     print("base test accuracies:", " ".join(f"{a:.4f}" for a in base))
     print(f"validation {len(data.val)} images, test {len(data.test)}")
