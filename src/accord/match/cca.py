@@ -346,6 +346,9 @@ def cca_match(
             nullable=True,
             why=RIDGE_WHY,
         ),
+        # Off by default: at 0.3 it gains 14 validation points on a mostly dead no-BN pair
+        # but costs 0.4–13.9 on the quick bench's no-BN VGG11×0.125 sets, whose spaces it
+        # permutes (30–53 % nearly dead) merge better with CCA (design-measurements.json).
         Option(
             "dead_fallback",
             float,
