@@ -90,6 +90,7 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
             "reference": 1,
             "precision": "float64",
             "channels_last": False,
+            "fuse_batchnorms": False,
         },
         "blocks-float64": {
             **common,
@@ -100,6 +101,7 @@ def cases(rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
             "reference": 1,
             "precision": "float64",
             "channels_last": False,
+            "fuse_batchnorms": False,
         },
         "one": {**common, "data": batches[:1]},
         "sharded": {**common, "data": batches[rank::world], "sharded": True},

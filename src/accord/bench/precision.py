@@ -128,6 +128,7 @@ def precision_check(
             progress=False,
             precision=precision,
             channels_last=False,
+            fuse_batchnorms=False,
         )
         for precision in ("float64", "float32")
     }

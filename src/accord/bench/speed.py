@@ -6,10 +6,12 @@ peaks start from a clean slate, on one torch thread unless the plan says otherwi
 CPU-time ratios then hold however other processes share the cores):
 
 * the statistics pass (:func:`accord.collect_statistics` as merges run it: float32 chunk
-  products, channels-last convolutions on the CPU; the same with ``precision="float64"``; and
-  the default without the BatchNorm-output blocks, as methods whose maps are permutations
-  collect it) against plain ``torch.no_grad`` forward passes of the models as given over the
-  same batches (their ratio is the pass's overhead), and against accord's own forward
+  products, channels-last convolutions on the CPU, BatchNorms fused into the convolutions
+  before them, in-place ReLUs and adds: :mod:`accord.trace.lean`; the same with
+  ``precision="float64"``; and the default without the BatchNorm-output blocks, as methods
+  whose maps are permutations collect it) against plain ``torch.no_grad`` forward passes of
+  the models as given over the same batches (their ratio is the pass's overhead), and
+  against accord's own forward
   (``inference_mode``, channels-last on the CPU), in wall time and in CPU time of the
   process, the fastest of ``repeats`` alternated runs (the float64 and spaces-only variants
   run in the first repeat only: they are minutes at width 4). Each pass runs, as in a merge, the

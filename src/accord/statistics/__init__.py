@@ -18,9 +18,11 @@ The shift keeps the subtraction well conditioned when features have a large offs
 across processes: each rank re-expresses its sums around one common shift and all-reduces them.
 
 Cost. The models run one after another on each batch, the reference first, under
-``torch.inference_mode`` (channels-last convolutions on a CPU); each observed output is summed
-as soon as it is produced, in chunks of about 2¹⁸ values shifted and converted to the product
-dtype in one pass into one buffer shared by every observation (it stays in cache), and only
+``torch.inference_mode`` (channels-last convolutions on a CPU; on an exported graph, BatchNorms
+fused into the layer before them and in-place ``relu``/``add``: :mod:`accord.trace.lean`);
+each observed output is summed as soon as it is produced, in chunks of about 2¹⁸ values
+shifted and converted to the product dtype in one pass into one buffer shared by every
+observation (it stays in cache), and only
 the chunks a later model pairs with (the reference's) are kept, in memory reused batch after
 batch, until the batch ends: memory holds one model's activations, not N. The default
 ``precision="float32"`` multiplies each chunk in float32 and sums the chunks' products in

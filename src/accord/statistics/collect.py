@@ -20,8 +20,9 @@ from accord.errors import StatisticsError
 from accord.spec import Observation
 from accord.trace.export import batchnorm_nodes
 from accord.trace.fx import symbolic_graph
+from accord.trace.lean import fold_batchnorms, in_place, lean_bindings
 from accord.trace.observe import GraphValue, call_after, traced_module
-from accord.trace.programs import Binding, bindings, shared_exports
+from accord.trace.programs import Binding, shared_exports
 
 if TYPE_CHECKING:
     from accord.spec import Spec
@@ -203,19 +204,24 @@ def _statistics_graphs(
     accumulators: Sequence[Accumulator],
     spec: Spec,
     example: torch.Tensor,
+    fuse_batchnorms: bool,
 ) -> list[Callable[[torch.Tensor], Any]]:
     """The statistics graph (:func:`_statistics_graph`) of each model of ``order``: on the
-    exported program one graph, built once (a fixed cost of each model otherwise) and bound
-    to each model's parameters and buffers before it runs; on torch.fx's graph, which calls
-    each model's own modules, one per model."""
+    exported program one graph, built once (a fixed cost of each model otherwise), made
+    cheaper by :mod:`accord.trace.lean` (BatchNorms fused where ``fuse_batchnorms``, in-place
+    operators where nothing reads their input later) and bound to each model's parameters
+    and buffers before it runs; on torch.fx's graph, which calls each model's own modules,
+    one per model, as given."""
     if spec.graph != "export":
         return [
             _statistics_graph(models[i], _Observer(i, accumulators), spec, example) for i in order
         ]
     observer = _Observer(order[0], accumulators)
     module = _statistics_graph(models[order[0]], observer, spec, example)
+    folds = fold_batchnorms(module, models[order[0]]) if fuse_batchnorms else []
+    in_place(module, "accord_observer")
     return [
-        functools.partial(_run_bound, module, observer, i, bindings(module, models[i]))
+        functools.partial(_run_bound, module, observer, i, lean_bindings(module, folds, models[i]))
         for i in order
     ]
 
@@ -379,6 +385,7 @@ def _accumulate(
     spec: Spec,
     example: torch.Tensor,
     channels_last: bool,
+    fuse_batchnorms: bool,
 ) -> StatisticsError | None:
     """Forward every scheduled batch through every model once, in ``order`` (under
     ``torch.inference_mode``, channels-last convolutions where :mod:`accord._layout` says);
@@ -391,7 +398,7 @@ def _accumulate(
             torch.inference_mode(),
         ):
             example = example.to(device)
-            graphs = _statistics_graphs(models, order, accumulators, spec, example)
+            graphs = _statistics_graphs(models, order, accumulators, spec, example, fuse_batchnorms)
             for index, inputs in schedule:
                 inputs = inputs.to(device)
                 for graph in graphs:
@@ -417,6 +424,7 @@ def collect_statistics(
     precision: Literal["float64", "float32"] = "float32",
     batchnorms: bool = True,
     channels_last: bool = True,
+    fuse_batchnorms: bool = True,
     spaces: Collection[str] | None = None,
 ) -> Statistics:
     """Means and covariances of every free observed space of N same-architecture models.
@@ -445,8 +453,11 @@ def collect_statistics(
     against an exact covariance and their cost (BENCHMARKS.md; the measurement behind the
     default is there too).
     ``channels_last`` runs 2-d convolutions in channels-last memory format on a CPU device
-    (:mod:`accord._layout`: a cheaper forward, the same values up to rounding); False runs
-    the models exactly as given.
+    (:mod:`accord._layout`), and ``fuse_batchnorms`` each eval-mode BatchNorm of an exported
+    graph fused into the convolution or linear layer before it (:mod:`accord.trace.lean`):
+    each a cheaper forward, the same values up to rounding; False runs the models exactly as
+    given (``relu`` and ``add`` write in place where nothing reads their input later either
+    way: the same values exactly).
 
     Features of one model that are nearly linearly dependent on each other (two that
     correlate within :data:`NEAR_DEPENDENT` of ±1, as the hidden units of a small MLP fed a
@@ -503,7 +514,15 @@ def collect_statistics(
         batches = itertools.chain([first], stream)
         schedule = _schedule(batches, _length(data), max_samples, stride, progress and rank == 0)
         failure = _accumulate(
-            models, accumulators, schedule, device, order, spec, example, channels_last
+            models,
+            accumulators,
+            schedule,
+            device,
+            order,
+            spec,
+            example,
+            channels_last,
+            fuse_batchnorms,
         )
     _synchronise(accumulators, failure, device)
     finished = _finish(accumulators)
@@ -535,6 +554,7 @@ def collect_statistics(
             precision="float64",
             batchnorms=False,
             channels_last=channels_last,
+            fuse_batchnorms=fuse_batchnorms,
             spaces=dependent,
         )
         stats.spaces.update(exact.spaces)

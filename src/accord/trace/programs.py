@@ -89,11 +89,12 @@ def bound_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModule:
 Binding = tuple[dict[str, Any], str, torch.Tensor]
 
 
-def bindings(module: fx.GraphModule, model: nn.Module) -> list[Binding]:
+def bindings(module: fx.GraphModule, model: nn.Module, derived: str | None = None) -> list[Binding]:
     """``(slots, name, tensor)``: setting ``slots[name] = tensor`` for each points the
     parameters and buffers of ``module`` (one of :func:`bound_module`'s, edited or not) at
     ``model``'s own, a model of the architecture it was exported from; so one graph runs each
-    of N models in turn."""
+    of N models in turn. The tensors of the submodule ``derived`` are no model's (computed
+    from them: :func:`accord.trace.lean.lean_bindings` binds those)."""
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     held = [
@@ -102,6 +103,8 @@ def bindings(module: fx.GraphModule, model: nn.Module) -> list[Binding]:
     ]
     found = []
     for name, _ in held:
+        if derived is not None and name.startswith(f"{derived}."):
+            continue
         path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(path)
         slots = owner._parameters if leaf in owner._parameters else owner._buffers
