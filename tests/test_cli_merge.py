@@ -185,6 +185,7 @@ def test_options_are_parsed_by_the_types_of_the_method_options(
         "max_samples": None,
         "granularity": "parameter",
         "crop_padding": 0,
+        "schedule": "constant",
     }
     for option, message in (
         ("ridge", "--option 'ridge': expected KEY=VALUE"),
