@@ -64,8 +64,10 @@ def main() -> None:
                 key = f"{tag}|{Path(models[0]).name}|{loss}"
                 if key not in done:
                     done[key] = merge_once(paths, loss, run["config"]["samples"], args.device)
-                    if args.json:
-                        Path(args.json).write_text(json.dumps(done, indent=1))
+                    if args.json:  # atomically: a stopped run leaves the last whole file
+                        partial = Path(f"{args.json}.partial")
+                        partial.write_text(json.dumps(done, indent=1))
+                        partial.replace(args.json)
                 figures = done[key]
                 print(
                     f"{key}: val {100 * figures['val']:.2f} test {100 * figures['test']:.2f} "

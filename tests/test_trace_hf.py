@@ -373,17 +373,8 @@ def test_expert_statistics_pair_tokens_of_models_that_route_differently(traced: 
     send it there: two models that route differently pair their samples by token. Checked
     against the experts computed by hand from each model's router and packed weights."""
     model, _, spec = traced("mixtral")
-    torch.manual_seed(1)
-    other = Logits(FAMILIES["mixtral"]()[0]).eval()
-    x = FAMILIES["mixtral"]()[1](8)
-    stats = accord.collect_statistics(
-        [model, other], [(x,)], spec, progress=False, precision="float64"
-    )
-    hidden = [_expert_hidden(m, x) for m in (model, other)]
-    routed = [h.ne(0).any(-1) for h in hidden]
-    assert not torch.equal(routed[0], routed[1])  # the two models route differently
-    _assert_token_statistics(
-        stats, "model.model.layers.0.mlp.experts.gate_up_proj[{}]", hidden, x.numel()
+    _assert_expert_statistics(
+        "mixtral", model, spec, _expert_hidden, "model.model.layers.0.mlp.experts.gate_up_proj[{}]"
     )
 
 
@@ -395,7 +386,7 @@ def test_jetmoe_experts_cut_by_run_time_sizes_get_one_space_each(traced: Any) ->
     a space of their own, observed on the rows of its piece (found from the split's pieces)
     and summed back into every token, so that models routing differently pair samples by
     token. Checked against the experts computed by hand."""
-    model, x, spec = traced("jetmoe")
+    model, _, spec = traced("jetmoe")
     mlp = "model.model.layers.0.mlp"
     split = "model_model_layers_0_mlp_input_linear_split_with_sizes"
     for expert in range(4):
@@ -410,22 +401,25 @@ def test_jetmoe_experts_cut_by_run_time_sizes_get_one_space_each(traced: Any) ->
     # the stream is not observed on the pieces: how many rows each holds depends on the router
     stream = _with(spec, "model.model.embed_tokens.weight", 1)
     assert stream.free and not any("getitem" in point.node for point in stream.observe)
+    _assert_expert_statistics("jetmoe", model, spec, _jetmoe_hidden, f"{mlp}.input_linear[{{}}]")
+
+
+def _assert_expert_statistics(
+    family: str, model: nn.Module, spec: Any, hidden_of: Any, name: str
+) -> None:
+    """``model`` and another of ``family`` (seed 1) route 8 tokens differently; each expert's
+    space (``name`` formatted with its index) holds one sample per token: the means and
+    cross-covariance of the two models' hidden units computed by hand, ``hidden_of(model,
+    x)`` as (tokens, experts, units)."""
     torch.manual_seed(1)
-    other = Logits(FAMILIES["jetmoe"]()[0]).eval()
-    x = FAMILIES["jetmoe"]()[1](8)
+    other = Logits(FAMILIES[family]()[0]).eval()
+    x = FAMILIES[family]()[1](8)
     stats = accord.collect_statistics(
         [model, other], [(x,)], spec, progress=False, precision="float64"
     )
-    hidden = [_jetmoe_hidden(m, x) for m in (model, other)]
+    hidden = [hidden_of(m, x) for m in (model, other)]
     assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
-    _assert_token_statistics(stats, f"{mlp}.input_linear[{{}}]", hidden, x.numel())
-
-
-def _assert_token_statistics(
-    stats: Any, name: str, hidden: list[torch.Tensor], tokens: int
-) -> None:
-    """Each expert's space (``name`` formatted with its index) holds one sample per token:
-    the means and cross-covariance of the two models' hand-computed ``hidden`` units."""
+    tokens = x.numel()
     for expert in range(hidden[0].shape[1]):
         got = stats.spaces[name.format(expert)]
         a, b = (h[:, expert].double() for h in hidden)
@@ -472,15 +466,9 @@ def test_experts_batched_over_every_token_are_observed_each_on_its_entry(traced:
         assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
         assert [point.entry for point in hidden.observe] == [expert]
     assert spec.to_dict() == Spec.from_dict(spec.to_dict()).to_dict()  # entry round-trips
-    torch.manual_seed(1)
-    other = Logits(FAMILIES["llama4"]()[0]).eval()
-    x = FAMILIES["llama4"]()[1](8)
-    stats = accord.collect_statistics(
-        [model, other], [(x,)], spec, progress=False, precision="float64"
+    _assert_expert_statistics(
+        "llama4", model, spec, _llama4_hidden, f"{experts}.gate_up_proj[{{}}]"
     )
-    hidden = [_llama4_hidden(m, x) for m in (model, other)]
-    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
-    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
 
 
 @pytest.mark.parametrize("name", ["qwen3-moe", "gpt-oss"])
@@ -531,15 +519,9 @@ def test_expert_biases_and_interleaved_units_move_with_their_expert(traced: Any)
         assert hidden.readers == (AxisRef(f"{experts}.down_proj", 1, at=(0, expert)),)
     stream = _with(spec, "model.model.embed_tokens.weight", 1)
     assert stream.free and AxisRef(f"{experts}.down_proj_bias", 1) in stream.writers
-    torch.manual_seed(1)
-    other = Logits(FAMILIES["gpt-oss"]()[0]).eval()
-    x = FAMILIES["gpt-oss"]()[1](8)
-    stats = accord.collect_statistics(
-        [model, other], [(x,)], spec, progress=False, precision="float64"
+    _assert_expert_statistics(
+        "gpt-oss", model, spec, _gpt_oss_hidden, f"{experts}.gate_up_proj[{{}}]"
     )
-    hidden = [_gpt_oss_hidden(m, x) for m in (model, other)]
-    assert not torch.equal(*(h.ne(0).any(-1) for h in hidden))  # routed differently
-    _assert_token_statistics(stats, f"{experts}.gate_up_proj[{{}}]", hidden, x.numel())
 
 
 def _gpt_oss_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
