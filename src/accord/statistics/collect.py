@@ -471,7 +471,11 @@ def collect_statistics(
 
     One pass over ``data`` (batches ``(inputs, labels)``, ``(inputs,)`` or bare tensors), each
     model run once per batch in eval mode under ``torch.inference_mode`` on ``device``; the
-    models' devices, training flags and weights are restored afterwards. At an observation
+    models' devices, training flags and weights are restored afterwards. On a CPU, batches
+    after the first run in pieces of fewer samples when their activations are large
+    (:data:`PIECE_BYTES`: each is then read while in cache), except for models with routed
+    experts; an eval-mode forward computes each sample on its own, so only the order of the
+    sums changes. At an observation
     with feature axis ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every
     spatial position or token is one, and the positions of all of a space's observations pool.
 
