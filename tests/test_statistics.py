@@ -8,8 +8,8 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest

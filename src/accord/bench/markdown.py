@@ -22,7 +22,8 @@ Every number on this page is generated from the JSON files in `{results}` by
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
 cores; resumable: `--max-minutes M` stops it, the same command again continues; trained models
 are cached in the model store), `accord bench speed`, `python benchmarks/merge_stages.py`
-(minutes; its command is in its section), `accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
+(minutes; its command is in its section), `accord bench skill [--quick]`,
+`accord bench select [--quick]` (seconds, one thread),
 `accord bench llm-memory` (minutes; next to mergekit when installed), then
 `accord bench markdown`. Accuracies are on the test
 split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
@@ -479,9 +480,8 @@ def render_merge_stages(document: Mapping[str, Any]) -> str:
     def row(label: str, timing: Mapping[str, float]) -> list[str]:
         wall = timing["seconds"] / forward["seconds"]
         cpu = timing["cpu_seconds"] / forward["cpu_seconds"]
-        return [label, f"{timing['seconds']:.2f}", f"{timing['cpu_seconds']:.2f}"] + [
-            f"{wall:.2f} / {cpu:.2f}"
-        ]
+        seconds, cpu_seconds = f"{timing['seconds']:.2f}", f"{timing['cpu_seconds']:.2f}"
+        return [label, seconds, cpu_seconds, f"{wall:.2f} / {cpu:.2f}"]
 
     rows = [row("plain forward of the models", forward)]
     rows += [row(label, document["stages"][s]) for s, label in MERGE_STAGE_ROWS.items()]
