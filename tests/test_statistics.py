@@ -9,7 +9,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ import torch
 from torch import nn
 
 import accord.statistics.accumulator
-import accord.statistics.collect
 from accord.errors import StatisticsError
 from accord.match import block_correlation
 from accord.spec import FeatureSpace, FoldedNorm, Observation, Spec
@@ -388,33 +386,6 @@ def test_batch_sizes_do_not_matter() -> None:
     one_tuple = collect_statistics(models, [(whole,)], spec, pairs="all", progress=False)
     _assert_equal(split, one, rtol=1e-12)
     _assert_equal(one, one_tuple)
-
-
-def test_batches_in_pieces_give_the_statistics_of_the_whole_batches(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # a traced ResNet (exported graph, BatchNorms fused) in float64, so that only the order of
-    # the sums differs; pieces of 2 samples after the first batch, which runs whole
-    models = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        models.append(build_model("resnet20", width=0.25, in_channels=3, image_size=8).double())
-    data = [(x.double(), y) for x, y in _batches((3, 8, 8), [5, 7, 6])]
-    spec = trace(models[0], data[0][0][:2])
-    whole = collect_statistics(models, data, spec, progress=False)
-    largest = 4 * 8 * 8 * 8  # bytes of one sample's largest observed activation (4 channels)
-    monkeypatch.setattr(accord.statistics.collect, "PIECE_BYTES", 2 * largest)
-    sizes: list[int] = []
-    piece_size = accord.statistics.collect._piece_size
-
-    def recorded(observers: Sequence[Any], samples: int) -> int:
-        sizes.append(piece_size(observers, samples))
-        return sizes[-1]
-
-    monkeypatch.setattr(accord.statistics.collect, "_piece_size", recorded)
-    pieces = collect_statistics(models, data, spec, progress=False)
-    assert sizes == [2] and whole.norms  # BatchNorm outputs too
-    _assert_equal(pieces, whole, rtol=1e-12)
 
 
 def test_float32_products_are_the_default_close_and_recorded(tmp_path: Path) -> None:

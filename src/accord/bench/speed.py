@@ -7,9 +7,8 @@ CPU-time ratios then hold however other processes share the cores):
 
 * the statistics pass (:func:`accord.collect_statistics` as merges run it: float32 chunk
   products, channels-last convolutions on the CPU, BatchNorms fused into the convolutions
-  before them, in-place ReLUs and adds: :mod:`accord.trace.lean`; on the CPU, batches in
-  pieces that keep each activation in cache: ``accord.statistics.collect.PIECE_BYTES``; the
-  same with ``precision="float64"``; and the default without the BatchNorm-output blocks, as methods
+  before them, in-place ReLUs and adds: :mod:`accord.trace.lean`; the same with
+  ``precision="float64"``; and the default without the BatchNorm-output blocks, as methods
   whose maps are permutations collect it) against plain ``torch.no_grad`` forward passes of
   the models as given over the same batches (their ratio is the pass's overhead), and
   against accord's own forward

@@ -99,8 +99,6 @@ class _Observer(nn.Module):
     def __init__(self, model: int, accumulators: Sequence[Accumulator]) -> None:
         super().__init__()
         self.model = model
-        # bytes of the largest tensor observed so far (:func:`_piece_size`)
-        self.largest = 0
         self.uses: dict[Observation, list[tuple[Accumulator, int]]] = {}
         for accumulator in accumulators:
             for index, point in enumerate(accumulator.target.points):
@@ -121,8 +119,6 @@ class _Observer(nn.Module):
         source: torch.Tensor | None = None,
     ) -> None:
         point = Observation(node, axis, offset, block, rows, scatter, entry)
-        if isinstance(tensor, torch.Tensor):
-            self.largest = max(self.largest, tensor.nbytes)
         for accumulator, at in self.uses[point]:
             seen = samples_seen(point, accumulator.target.size, tensor, offsets, index, source)
             accumulator.observe(self.model, at, seen)
@@ -209,29 +205,25 @@ def _statistics_graphs(
     spec: Spec,
     example: torch.Tensor,
     fuse_batchnorms: bool,
-) -> tuple[list[Callable[[torch.Tensor], Any]], list[_Observer]]:
+) -> list[Callable[[torch.Tensor], Any]]:
     """The statistics graph (:func:`_statistics_graph`) of each model of ``order``: on the
     exported program one graph, built once (a fixed cost of each model otherwise), made
     cheaper by :mod:`accord.trace.lean` (BatchNorms fused where ``fuse_batchnorms``, in-place
     operators where nothing reads their input later) and bound to each model's parameters
     and buffers before it runs; on torch.fx's graph, which calls each model's own modules,
-    one per model, as given. Returned with their observers."""
+    one per model, as given."""
     if spec.graph != "export":
-        observers = [_Observer(i, accumulators) for i in order]
-        graphs = [
-            _statistics_graph(models[i], observer, spec, example)
-            for i, observer in zip(order, observers, strict=True)
+        return [
+            _statistics_graph(models[i], _Observer(i, accumulators), spec, example) for i in order
         ]
-        return graphs, observers
     observer = _Observer(order[0], accumulators)
     module = _statistics_graph(models[order[0]], observer, spec, example)
     folds = fold_batchnorms(module, models[order[0]]) if fuse_batchnorms else []
     in_place(module, "accord_observer")
-    graphs = [
+    return [
         functools.partial(_run_bound, module, observer, i, lean_bindings(module, folds, models[i]))
         for i in order
     ]
-    return graphs, [observer]
 
 
 def _run_bound(
@@ -406,48 +398,16 @@ def _accumulate(
             torch.inference_mode(),
         ):
             example = example.to(device)
-            graphs, observers = _statistics_graphs(
-                models, order, accumulators, spec, example, fuse_batchnorms
-            )
-            size = None  # samples per piece: set by the first batch, which runs whole
+            graphs = _statistics_graphs(models, order, accumulators, spec, example, fuse_batchnorms)
             for index, inputs in schedule:
                 inputs = inputs.to(device)
-                for piece in inputs.split(size or len(inputs)):
-                    for graph in graphs:
-                        graph(piece)
-                    for accumulator in accumulators:
-                        accumulator.add(index)
-                if size is None and _in_pieces(accumulators, device):
-                    size = _piece_size(observers, len(inputs))
+                for graph in graphs:
+                    graph(inputs)
+                for accumulator in accumulators:
+                    accumulator.add(index)
     except StatisticsError as exc:  # raised on every rank by _synchronise, not here
         return exc
     return None
-
-
-# On a CPU, batches run in pieces whose largest observed activation is about this many bytes:
-# each activation is then still in the cache when the observers read it, and the reference's
-# kept chunks when the other models pair with them (``accord bench speed``; design measurements
-# in BENCHMARKS.md).
-PIECE_BYTES = 4 << 20
-
-
-def _in_pieces(accumulators: Sequence[Accumulator], device: torch.device) -> bool:
-    """Whether batches may run in pieces: on a CPU (a GPU wants large batches), for models
-    whose eval forward computes each sample on its own, so that the pieces' statistics sum to
-    the batch's; a point that picks the rows a router sends to an expert
-    (``Observation.rows``, ``scatter``) marks a model where that may not hold (routing with a
-    capacity per batch)."""
-    routed = any(
-        p.rows is not None or p.scatter is not None for a in accumulators for p in a.target.points
-    )
-    return device.type == "cpu" and not routed
-
-
-def _piece_size(observers: Sequence[_Observer], samples: int) -> int:
-    """Samples per piece: :data:`PIECE_BYTES` of the largest observed activation of a batch of
-    ``samples`` samples (at least one sample)."""
-    largest = max(observer.largest for observer in observers)
-    return max(1, samples * PIECE_BYTES // max(largest, 1))
 
 
 def collect_statistics(
@@ -471,11 +431,7 @@ def collect_statistics(
 
     One pass over ``data`` (batches ``(inputs, labels)``, ``(inputs,)`` or bare tensors), each
     model run once per batch in eval mode under ``torch.inference_mode`` on ``device``; the
-    models' devices, training flags and weights are restored afterwards. On a CPU, batches
-    after the first run in pieces of fewer samples when their activations are large
-    (:data:`PIECE_BYTES`: each is then read while in cache), except for models with routed
-    experts; an eval-mode forward computes each sample on its own, so only the order of the
-    sums changes. At an observation
+    models' devices, training flags and weights are restored afterwards. At an observation
     with feature axis ``a``, ``t.movedim(a, -1).reshape(-1, C)`` gives the samples: every
     spatial position or token is one, and the positions of all of a space's observations pool.
 
