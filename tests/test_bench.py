@@ -267,6 +267,33 @@ def test_speed_page_says_whether_the_passes_shared_the_trace_export() -> None:
     assert "runs the program the merge's trace exported" in render_speed(document)
 
 
+def test_merge_stages_section_gives_each_stage_over_the_forward(tmp_path: Path) -> None:
+    timing = {"seconds": 3.0, "cpu_seconds": 2.0}
+    stages = ["trace", "statistics", "match", "apply", "combine", "repair", "other"]
+    document = {
+        "command": "python benchmarks/merge_stages.py",
+        "date": "2026-12-08T00:00:00+00:00",
+        "machine": accord.bench._common.machine_info(),
+        "seconds": 60.0,
+        "config": {
+            "checkpoints": ["a", "b"],
+            "samples": 10_000,
+            "batch_size": 500,
+            "repeats": 3,
+            "repair": "bn-reset",
+        },
+        "forward": {"seconds": 10.0, "cpu_seconds": 8.0},
+        "merge": {"seconds": 15.0, "cpu_seconds": 12.0},
+        "stages": dict.fromkeys(stages, timing),
+        "reference": {**accord.bench.speed.REFERENCE, "target_over_forward": 1.31},
+    }
+    (tmp_path / "merge-stages.json").write_text(json.dumps(document), encoding="utf-8")
+    text = render_benchmarks_md(tmp_path)
+    assert "## Whole merge by stage" in text and "1.31× the forward" in text
+    assert "| **whole merge**" in text and "| 1.50 / 1.50 |" in text  # 15/10 wall, 12/8 CPU
+    assert text.count("| 0.30 / 0.25 |") == len(stages)
+
+
 def test_quick_plan_guards_networks_without_batchnorm_in_one_setting() -> None:
     plan = quality_plan(quick=True, dataset="fashion-mnist")
     with_bn, without = plan.architectures

@@ -21,8 +21,9 @@ Every number on this page is generated from the JSON files in `{results}` by
 `accord.bench.render_benchmarks_md` (`accord bench markdown`); do not edit it by hand. To
 reproduce: `accord bench quality --quick` (minutes), `accord bench quality` (hours on 2 CPU
 cores; resumable: `--max-minutes M` stops it, the same command again continues; trained models
-are cached in the model store), `accord bench speed`,
-`accord bench skill [--quick]`, `accord bench select [--quick]` (seconds, one thread),
+are cached in the model store), `accord bench speed`, `python benchmarks/merge_stages.py`
+(minutes; its command is in its section), `accord bench skill [--quick]`,
+`accord bench select [--quick]` (seconds, one thread),
 `accord bench llm-memory` (minutes; next to mergekit when installed), then
 `accord bench markdown`. Accuracies are on the test
 split, which chooses nothing: every hyper-parameter (CCA's ridge, ZipIt!'s α and β, the
@@ -458,6 +459,57 @@ def render_speed(document: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The stages of a whole merge (``benchmarks/merge_stages.py``) as its report names them, with
+# what each one does.
+MERGE_STAGE_ROWS = {
+    "trace": "trace (export, spaces)",
+    "statistics": "statistics pass",
+    "match": "matching",
+    "apply": "apply the maps",
+    "combine": "average, BatchNorm targets",
+    "repair": "repair (BatchNorm reset)",
+    "other": "checks before the stages",
+}
+
+
+def render_merge_stages(document: Mapping[str, Any]) -> str:
+    """The section of one ``benchmarks/merge_stages.py`` run: a whole default CCA merge stage
+    by stage beside a plain forward of the same models over the same data (issue 19)."""
+    forward, config, reference = document["forward"], document["config"], document["reference"]
+
+    def row(label: str, timing: Mapping[str, float]) -> list[str]:
+        wall = timing["seconds"] / forward["seconds"]
+        cpu = timing["cpu_seconds"] / forward["cpu_seconds"]
+        seconds, cpu_seconds = f"{timing['seconds']:.2f}", f"{timing['cpu_seconds']:.2f}"
+        return [label, seconds, cpu_seconds, f"{wall:.2f} / {cpu:.2f}"]
+
+    rows = [row("plain forward of the models", forward)]
+    rows += [row(label, document["stages"][s]) for s, label in MERGE_STAGE_ROWS.items()]
+    rows.append(row("**whole merge**", document["merge"]))
+    ratio = reference["merge_seconds"] / reference["forward_seconds"]
+    return "\n".join(
+        [
+            "## Whole merge by stage",
+            "",
+            *run_facts(document, f"{document['seconds']:.0f} s"),
+            f"- models: {', '.join(config['checkpoints'])}; data: the first "
+            f"{config['samples']:,} training images in batches of {config['batch_size']} (a "
+            f"loader); repair {config['repair']!r}; the fastest of {config['repeats']} "
+            "alternated repeats, in wall and in CPU seconds separately",
+            "",
+            "`accord.merge(models, loader, 'cca')` with its defaults, each stage's seconds from "
+            "its report (`timings`, `cpu_timings`), beside a plain forward (`torch.no_grad`, "
+            "the models as given) of the same models over the same data; the last column is "
+            "over that forward (wall / CPU). The CCA Merge reference code took "
+            f"{reference['merge_seconds']:g} s for a {reference['forward_seconds']:g} s "
+            f"forward ({ratio:.2f}×, {reference['source']}); {reference['target']:g}× of its "
+            f"time, the target, is {reference['target_over_forward']:.2f}× the forward.",
+            "",
+            format_table(["stage", "seconds", "CPU seconds", "/ forward"], rows, True),
+        ]
+    )
+
+
 # Covariance estimates of the precision check, with their column labels.
 KINDS = {"accord_float64": "f64", "accord_float32": "f32", "naive_float32": "naive"}
 
@@ -514,7 +566,7 @@ def render_design(document: Mapping[str, Any]) -> str:
 
 def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None = None) -> str:
     """BENCHMARKS.md from ``results_dir``'s ``quality*.json``, ``speed.json``,
-    ``skill-transfer*.json``, ``select*.json``, ``llm-memory*.json`` and
+    ``merge-stages.json``, ``skill-transfer*.json``, ``select*.json``, ``llm-memory*.json`` and
     ``design-measurements.json``.
 
     Figures are linked as ``link/<file>`` (default: ``results_dir`` as given, right for a
@@ -528,6 +580,9 @@ def render_benchmarks_md(results_dir: str | os.PathLike[str], link: str | None =
     speed = root / "speed.json"
     if speed.is_file():
         sections.append(render_speed(json.loads(speed.read_text(encoding="utf-8"))))
+    stages = root / "merge-stages.json"
+    if stages.is_file():
+        sections.append(render_merge_stages(json.loads(stages.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("skill-transfer*.json")):
         sections.append(render_skill(json.loads(path.read_text(encoding="utf-8"))))
     for path in sorted(root.glob("select*.json")):
