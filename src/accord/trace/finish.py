@@ -79,14 +79,18 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
 
 
 def _union_shared(table: SpaceTable) -> None:
-    """Spaces claiming the very same axis (shared module, parameter used twice) are one."""
+    """Spaces claiming the very same axis (shared module, parameter used twice) are one; so
+    are a space writing an axis and one reading it (an embedding tied to an output layer that
+    reads another space than the stream the embedding writes, as masked-LM heads do): one map
+    must move both, and :func:`_tie` keeps it orthogonal."""
     first: dict[Any, int] = {}
     pairs = []
     for root in table.roots():
         record = table.records[root]
         for role, refs in record.refs.items():
             for ref in refs:
-                other = first.setdefault((role, ref, record.size), root)
+                claim = "matrix" if role in ("writers", "readers") else role
+                other = first.setdefault((claim, ref, record.size), root)
                 if other != root:
                     pairs.append((other, root))
     for a, b in pairs:
