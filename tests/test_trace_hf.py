@@ -874,6 +874,9 @@ def test_tied_output_layer_joins_the_space_it_reads_to_the_stream(traced: Any) -
         ("model.lm_head.decoder.weight", 1),
     )
     _has(stream, "elementwise", ("model.lm_head.layer_norm.weight", 0))
+    # observed along the stream as well as at the head's activation
+    nodes = [point.node for point in stream.observe]
+    assert any("encoder_layer" in node for node in nodes) and "model_lm_head_gelu" in nodes
 
 
 @pytest.mark.parametrize("name", ["t5", "umt5"])
