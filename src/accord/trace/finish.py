@@ -212,9 +212,7 @@ def _names(table: SpaceTable, roots: list[int]) -> dict[int, str]:
     return names
 
 
-def _observations(
-    walk: Walk, observe: str, parts: dict[int, int]
-) -> dict[int, list[Observation]]:
+def _observations(walk: Walk, observe: str, parts: dict[int, int]) -> dict[int, list[Observation]]:
     """Per root, the observation points of the best kind it has (see ``_KINDS``); a root
     that ties joined (``parts``: a stream and the space its tied output layer reads) keeps
     those of every part, so the stream is not seen only where the head's activation is."""
