@@ -1334,6 +1334,18 @@ SURVEY_BUILDERS: dict[str, Callable[[], tuple[nn.Module, Callable[[int], torch.T
         ),
         _images,
     ),
+    # an output layer tied to the embedding that reads the masked-LM head's own space
+    "camembert-mlm": lambda: (
+        transformers.CamembertForMaskedLM(transformers.CamembertConfig(**_ENCODER)),
+        _tokens,
+    ),
+    # a learned relative position bias per head, added as the attention mask in every layer
+    "umt5": lambda: (
+        transformers.UMT5ForSequenceClassification(
+            transformers.UMT5Config(**_T5, decoder_start_token_id=0, eos_token_id=2)
+        ),
+        _ending_in_eos,
+    ),
     # audio
     "wav2vec2": lambda: (
         transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(**_AUDIO)),

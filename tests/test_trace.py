@@ -827,6 +827,37 @@ class WithBranchy(nn.Module):
         return self.hidden(F.relu(self.out(self.gate(F.relu(self.inp(x))))))
 
 
+class MaskOnlyWhenEager(nn.Module):
+    """Builds its mask only outside the exporter (as transformers' LongT5 does with
+    ``is_torchdynamo_compiling``), then reads the mask's shape; torch.fx stops at the branch
+    on a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None if torch.compiler.is_exporting() else torch.ones_like(x)
+        scale = _mask_rows(mask) if x.shape[0] > 1 else 1
+        return self.fc(x) * scale
+
+
+def _mask_rows(mask: torch.Tensor) -> int:
+    return mask.shape[0]
+
+
+def test_export_error_of_the_models_own_python_names_its_line() -> None:
+    with pytest.raises(
+        TraceError, match=r"torch\.export could not export MaskOnlyWhenEager"
+    ) as info:
+        trace(MaskOnlyWhenEager(), torch.randn(4, 3))
+    # the exporter's message names no line: the innermost frame outside torch does
+    message = str(info.value).splitlines()[0]
+    assert "'NoneType' object has no attribute 'shape'" in message
+    assert "raised by 'return mask.shape[0]' in _mask_rows" in message
+    assert "test_trace.py" in message
+
+
 def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     model = WithBranchy()
     x = torch.randn(4, 3)

@@ -859,6 +859,41 @@ def test_xglm_heads_merged_into_the_batch(traced: Any) -> None:
     assert not _with(spec, "model.model.embed_tokens.weight", 1).free
 
 
+def test_tied_output_layer_joins_the_space_it_reads_to_the_stream(traced: Any) -> None:
+    # the embedding writes the stream, the tied decoder reads the masked-LM head's dense
+    # space: one map must move both (before, both were fixed: "claimed twice")
+    _, _, spec = traced("camembert-mlm")
+    emb = "model.roberta.embeddings"
+    stream = _with(spec, f"{emb}.word_embeddings.weight", 1)
+    assert stream is _with(spec, "model.lm_head.dense.weight", 0)
+    _free(spec, f"{emb}.word_embeddings.weight", 1, maps="permutation")
+    _has(
+        stream,
+        "writers",
+        (f"{emb}.position_embeddings.weight", 1),
+        ("model.lm_head.decoder.weight", 1),
+    )
+    _has(stream, "elementwise", ("model.lm_head.layer_norm.weight", 0))
+    # observed along the stream as well as at the head's activation
+    nodes = [point.node for point in stream.observe]
+    assert any("encoder_layer" in node for node in nodes) and "model_lm_head_gelu" in nodes
+
+
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_relative_position_bias_keeps_each_heads_maps(name: str, traced: Any) -> None:
+    # the bias (batch, heads, queries, keys) is added per head: heads stay in place, each
+    # head's q·k and values still map
+    _, _, spec = traced(name)
+    for stack in ("encoder", "decoder"):
+        attention = f"model.transformer.{stack}.block.0.layer.0.SelfAttention"
+        _free(spec, f"{attention}.q.weight", 0, maps="orthogonal")
+        assert _with(spec, f"{attention}.q.weight", 0).groups == 4
+        _has(_with(spec, f"{attention}.q.weight", 0), "readers", (f"{attention}.k.weight", 0))
+        _free(spec, f"{attention}.v.weight", 0, maps="linear")
+        bias = _with(spec, f"{attention}.relative_attention_bias.weight", 1)
+        assert not bias.free and "adds a bias of each head's own" in bias.reason
+
+
 def test_spec_of_an_exported_model_round_trips(traced: Any, tmp_path: Any) -> None:
     model, _, spec = traced("llama")
     spec.save(tmp_path / "spec.json")

@@ -33,10 +33,15 @@ def sdpa(call: Call) -> Any:
     """aten.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, enable_gqa)."""
     q, k, v = (call.arg(i, name) for i, name in enumerate(("query", "key", "value")))
     mask, shape = call.arg(3, "attn_mask", None), call.out_shape
-    if shape is None or (isinstance(mask, Feat) and mask.featured):
+    if shape is None or not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
         return None
-    if not all(isinstance(t, Feat) and t.param is None for t in (q, k, v)):
-        return None
+    if isinstance(mask, Feat) and mask.featured:
+        if not _bias_per_head(mask, shape):
+            return None
+        # a learned bias of each head's own (T5's relative position bias): whole heads stay in
+        # place, as under ALiBi, and each head's q·k and values may still map
+        reason = f"attention at node {call.node.name!r} adds a bias of each head's own"
+        call.table.fix_value(mask, reason)
     q, k, v = _one_head(q), _one_head(k), _one_head(v)
     if _whole_heads(q) or _whole_heads(k):
         if isinstance(mask, Feat) and mask.ndim >= 3 and mask.shape[-3] > 1:
@@ -47,6 +52,17 @@ def sdpa(call: Call) -> Any:
         return _rotary(call, q, k, v, shape)
     _query_key(call, q, k, f"attention at node {call.node.name!r}")
     return _values(call, v, shape, f"attention at node {call.node.name!r}")
+
+
+def _bias_per_head(mask: Feat, shape: tuple[int, ...]) -> bool:
+    """A mask of (…, H, L, S) whose features are the H heads, on the output's heads axis."""
+    return (
+        mask.heads is None
+        and mask.param is None
+        and mask.ndim >= 3
+        and mask.axis == mask.ndim - 3
+        and mask.shape[-3] == shape[-3] > 1
+    )
 
 
 def _values(call: Call, v: Feat, shape: tuple[int, ...], where: str) -> Any:

@@ -30,7 +30,7 @@ _KINDS = {
 def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: str = "fx") -> Spec:
     """The Spec of a walked graph (``graph``: "fx" or "export"), validated against ``model``."""
     table = walk.table
-    _union_shared(table)
+    parts = _union_shared(table)
     for root in table.roots():
         for ref in (r for refs in table.records[root].refs.values() for r in refs):
             if ref.tensor in walk.tainted:
@@ -53,7 +53,7 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
         or any(table.records[r].refs.values())
     ]
     names = _names(table, roots)
-    observations = _observations(walk, observe)
+    observations = _observations(walk, observe, parts)
     spaces, held = [], groupings_held(walk)
     for root in roots:
         space = _space(table.records[root], names[root], observations.get(root, []))
@@ -78,8 +78,12 @@ def finish(walk: Walk, model: nn.Module, observe: str, leaves: set[str], graph: 
     return spec
 
 
-def _union_shared(table: SpaceTable) -> None:
-    """Spaces claiming the very same axis (shared module, parameter used twice) are one."""
+def _union_shared(table: SpaceTable) -> dict[int, int]:
+    """Spaces claiming the very same axis (shared module, parameter used twice) are one; so
+    are a space writing an axis and one reading it (an embedding tied to an output layer that
+    reads another space than the stream the embedding writes, as masked-LM heads do): one map
+    must move both, and :func:`_tie` keeps it orthogonal. Returns, per space, its root before
+    such ties joined it, whose observation points it keeps (:func:`_observations`)."""
     first: dict[Any, int] = {}
     pairs = []
     for root in table.roots():
@@ -91,6 +95,18 @@ def _union_shared(table: SpaceTable) -> None:
                     pairs.append((other, root))
     for a, b in pairs:
         table.union(a, b)
+    parts = {space: table.find(space) for space in range(len(table.parent))}
+    written = {
+        (ref, table.records[root].size): root
+        for root in table.roots()
+        for ref in table.records[root].refs["writers"]
+    }
+    for root in table.roots():
+        for ref in table.records[root].refs["readers"]:
+            writer = written.get((ref, table.records[root].size))
+            if writer is not None:
+                table.union(writer, root)
+    return parts
 
 
 def _strip_overlaps(table: SpaceTable, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -196,31 +212,36 @@ def _names(table: SpaceTable, roots: list[int]) -> dict[int, str]:
     return names
 
 
-def _observations(walk: Walk, observe: str) -> dict[int, list[Observation]]:
-    """Per root, the observation points of the best kind it has (see ``_KINDS``)."""
+def _observations(walk: Walk, observe: str, parts: dict[int, int]) -> dict[int, list[Observation]]:
+    """Per root, the observation points of the best kind it has (see ``_KINDS``); a root
+    that ties joined (``parts``: a stream and the space its tied output layer reads) keeps
+    those of every part, so the stream is not seen only where the head's activation is."""
     kinds = _KINDS[observe]
     events = _events(walk)
+    table = walk.table
     found: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
     for kind, node in events:
         value = walk.values.get(node)
         if kind not in kinds or not _pure(value):
             continue
-        root = walk.table.find(value.segs[0].space)
-        if not walk.table.records[root].runs:  # whole heads are seen whole, see _runs
-            found[root].setdefault(kind, []).append(Observation(node, value.axis))
+        space = value.segs[0].space
+        if not table.records[table.find(space)].runs:  # whole heads are seen whole, see _runs
+            part = parts.get(space, table.find(space))
+            found[part].setdefault(kind, []).append(Observation(node, value.axis))
+    chosen: dict[int, list[Observation]] = {}
+    for part, lists in found.items():
+        best = next(lists[kind] for kind in kinds if kind in lists)
+        chosen.setdefault(table.find(part), []).extend(best)
     sliced: dict[int, dict[str, list[Observation]]] = defaultdict(dict)
     for kind, node in events:
         value = walk.values.get(node)
         if kind in kinds and not _pure(value):
             for space, observation in _parts(walk, node, value):
                 sliced[space].setdefault(kind, []).append(observation)
-    for root, lists in sliced.items():
-        found.setdefault(root, lists)  # parts of a tensor only where nothing sees it whole
-    for root, lists in _runs(walk, kinds, events).items():
-        found.setdefault(root, lists)
-    chosen = {
-        root: next(lists[kind] for kind in kinds if kind in lists) for root, lists in found.items()
-    }
+    # parts of a tensor only where nothing sees it whole
+    for root, lists in [*sliced.items(), *_runs(walk, kinds, events).items()]:
+        if root not in chosen:
+            chosen[root] = next(lists[kind] for kind in kinds if kind in lists)
     _keys_for_constant_queries(walk, chosen)
     return {root: [_scattered(walk, point) for point in points] for root, points in chosen.items()}
 

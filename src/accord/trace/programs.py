@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,14 +210,25 @@ def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
 
 
 def _reason(exc: Exception) -> str:
-    """The exporter's first line, and the user's line of code it names (if it does)."""
+    """The exporter's first line, and the user's line of code it names; where its message
+    names none (an error of the model's own Python under the exporter: a branch on an input
+    left as None), the innermost line of the traceback outside torch."""
     text = str(exc).strip()
     reason = text.splitlines()[0] if text else ""
     found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
+    if not found:
+        found = [
+            (frame.filename, frame.lineno, frame.name, frame.line or "")
+            for frame in traceback.extract_tb(exc.__traceback__)
+            if not frame.filename.startswith(_TORCH)
+        ][-1:]
     if found:
         path, line, function, code = found[-1]
         reason += f" (raised by {code.strip()!r} in {function}, {path}:{line})"
     return reason
+
+
+_TORCH = str(Path(torch.__file__).parent)
 
 
 def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
