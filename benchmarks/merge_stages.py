@@ -45,9 +45,16 @@ STAGES = ("trace", "statistics", "match", "apply", "combine", "repair")
 
 def checkpoints(store: str, count: int) -> list[Path]:
     """The first ``count`` checkpoints of ``store``, sorted by directory name."""
-    directories = sorted(p for p in Path(store).iterdir() if (p / "config.json").is_file())
+    root = Path(store)
+    directories = (
+        sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    )
     if len(directories) < count:
-        raise SystemExit(f"{store} holds {len(directories)} checkpoints, {count} asked for")
+        raise SystemExit(
+            f"{store} holds {len(directories)} checkpoints, {count} asked for: train the "
+            f"ResNet20s once with python benchmarks/npmerge_study.py --store {store} --models 4 "
+            "(they are kept there), or pass --store with a folder of accord checkpoints"
+        )
     return directories[:count]
 
 
@@ -87,7 +94,7 @@ def fastest(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default="/work/cache/np-store")
+    parser.add_argument("--store", default="benchmarks/cache/npmerge-study", help="model store")
     parser.add_argument("--models", type=int, default=2)
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=500)
