@@ -858,6 +858,15 @@ def test_export_error_of_the_models_own_python_names_its_line() -> None:
     assert "test_trace.py" in message
 
 
+def test_export_error_of_an_input_the_model_does_not_take_names_no_library_line() -> None:
+    # the exporter binds the input to forward's signature in Python's inspect: no line of
+    # the model's code is at fault, so none is named (not inspect's, torch's or accord's)
+    with pytest.raises(TraceError, match=r"missing a required argument: 'x'") as info:
+        trace(MaskOnlyWhenEager(), {"y": torch.randn(4, 3)})
+    message = str(info.value).splitlines()[0]
+    assert "raised by" not in message and "Pass an input the model accepts" in message
+
+
 def test_untraceable_model_and_leaf_modules(assert_preserved) -> None:
     model = WithBranchy()
     x = torch.randn(4, 3)

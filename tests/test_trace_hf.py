@@ -429,15 +429,23 @@ def _assert_expert_statistics(
         torch.testing.assert_close(got.covariance(0, 1), cross)
 
 
+def _rows_into(module: nn.Module, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``module``'s last call when ``model`` runs on ``x``, as (tokens,
+    features). (The hook returns None: a value would replace the module's output.)"""
+    seen: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["x"].reshape(-1, seen["x"].shape[-1])
+
+
 def _jetmoe_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(tokens, experts, hidden units) of JetMoE's only MLP: ``silu(gate)`` of each expert for
     the tokens its router sends there, zero elsewhere."""
-    moe, seen = model.model.model.layers[0].mlp, {}
-    handle = moe.register_forward_hook(lambda _m, args, _o: seen.setdefault("x", args[0]))
+    moe = model.model.model.layers[0].mlp
+    h = _rows_into(moe, model, x)
     with torch.no_grad():
-        model(x)
-        handle.remove()
-        h = seen["x"].reshape(-1, seen["x"].shape[-1])
         chosen = moe.router.layer(h).topk(moe.router.top_k, dim=1).indices
         experts = []
         for expert in range(moe.input_linear.weight.shape[0]):
@@ -528,12 +536,9 @@ def _gpt_oss_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(tokens, experts, hidden units) of GPT-OSS's only MLP: ``sigmoid(α · min(gate,
     limit))`` of each expert (where the spec observes its units) for the tokens its router
     sends there, zero elsewhere."""
-    mlp, seen = model.model.model.layers[0].mlp, {}
-    handle = mlp.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    mlp = model.model.model.layers[0].mlp
+    h = _rows_into(mlp, model, x)
     with torch.no_grad():
-        model(x)
-        handle.remove()
-        h = seen["x"].reshape(-1, seen["x"].shape[-1])
         _, _, chosen = mlp.router(h)
         moe, experts = mlp.experts, []
         for expert in range(moe.gate_up_proj.shape[0]):
@@ -546,12 +551,9 @@ def _gpt_oss_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _llama4_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(tokens, experts, hidden units) of Llama 4's only MoE layer: ``silu(gate)`` of each
     expert on every token scaled by its routing weight (zero where not chosen)."""
-    moe, seen = model.model.model.layers[0].feed_forward, {}
-    handle = moe.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    moe = model.model.model.layers[0].feed_forward
+    h = _rows_into(moe, model, x)
     with torch.no_grad():
-        model(x)
-        handle.remove()
-        h = seen["x"].reshape(-1, seen["x"].shape[-1])
         logits = moe.router(h)[1]
         top = logits.topk(moe.top_k, dim=-1)
         scores = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
@@ -569,12 +571,9 @@ def _expert_hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(tokens, experts, hidden units) of Mixtral's only layer: ``silu(gate)`` of each expert
     (the activation, where the spec observes its hidden units) for the tokens its router sends
     there, zero elsewhere."""
-    moe, seen = model.model.model.layers[0].mlp, {}
-    handle = moe.register_forward_hook(lambda _m, args, _o: seen.setdefault("x", args[0]))
+    moe = model.model.model.layers[0].mlp
+    h = _rows_into(moe, model, x)
     with torch.no_grad():
-        model(x)
-        handle.remove()
-        h = seen["x"].reshape(-1, seen["x"].shape[-1])
         _, _, chosen = moe.gate(h)
         experts = []
         for expert in range(moe.experts.gate_up_proj.shape[0]):

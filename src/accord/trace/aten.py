@@ -333,8 +333,8 @@ def _gathered_param(call: Call, x: Feat, dim: int, idx: Feat) -> Any:
     by each token's weights (:func:`accord.trace.aten_layers.matmul`)."""
     index = call.node.args[1][dim]
     val = getattr(index, "meta", {}).get("val")
-    integer = isinstance(val, torch.Tensor) and val.dtype not in (torch.bool,)
-    integer = integer and not val.is_floating_point()
+    integer = isinstance(val, torch.Tensor) and val.dtype != torch.bool
+    integer = integer and not val.is_floating_point() and not val.is_complex()
     if dim != 0 or idx.ndim != 1 or not integer or x.dims[0] != 0 or x.picked is not None:
         return None
     if any(d is None or d < 0 for d in x.dims[1:]) or x.applied:

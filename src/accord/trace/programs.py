@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -209,10 +210,24 @@ def export_program(model: nn.Module, example_input: Any) -> ExportedProgram:
             module.training = flag
 
 
+# where a frame's code is not the model's: torch, accord and Python's standard library (the
+# packages installed beside it, transformers among them, are models' code)
+_NOT_THE_MODEL = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parents[1]))
+_STANDARD = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
+_INSTALLED = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+
+
+def _models_code(filename: str) -> bool:
+    """Whether a traceback frame's file is the model's code (see ``_NOT_THE_MODEL``)."""
+    if filename.startswith(_NOT_THE_MODEL):
+        return False
+    return filename.startswith(_INSTALLED) or not filename.startswith(_STANDARD)
+
+
 def _reason(exc: Exception) -> str:
     """The exporter's first line, and the user's line of code it names; where its message
     names none (an error of the model's own Python under the exporter: a branch on an input
-    left as None), the innermost line of the traceback outside torch."""
+    left as None), the innermost line of the traceback in the model's code, if any."""
     text = str(exc).strip()
     reason = text.splitlines()[0] if text else ""
     found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
@@ -220,15 +235,12 @@ def _reason(exc: Exception) -> str:
         found = [
             (frame.filename, frame.lineno, frame.name, frame.line or "")
             for frame in traceback.extract_tb(exc.__traceback__)
-            if not frame.filename.startswith(_TORCH)
+            if _models_code(frame.filename)
         ][-1:]
     if found:
         path, line, function, code = found[-1]
         reason += f" (raised by {code.strip()!r} in {function}, {path}:{line})"
     return reason
-
-
-_TORCH = str(Path(torch.__file__).parent)
 
 
 def _arguments(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
