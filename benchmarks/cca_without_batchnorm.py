@@ -59,6 +59,7 @@ from torch import nn
 
 import accord
 import accord.match.cca
+from accord._io import write_json
 from accord.data import Dataset, DataSplits, make_loader
 from accord.match import Alignment
 from accord.repair import repair_activations
@@ -449,10 +450,7 @@ def main() -> None:
                 "diagnoses": diagnoses,
                 "dead_units": dead,
             }
-            path = Path(args.json)
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(figures, indent=1))
-            partial.replace(path)  # atomic: a run cut short leaves the last complete figures
+            write_json(args.json, figures)  # atomic: a run cut short leaves the last whole file
 
     for size in sizes:
         todo = [row for row in rows if f"N={size}" not in results.get(row[0], {})]

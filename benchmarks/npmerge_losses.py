@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import accord
+from accord._io import write_json
 
 
 def merge_once(models: list[str], loss: str, samples: int, device: str) -> dict[str, Any]:
@@ -65,9 +66,7 @@ def main() -> None:
                 if key not in done:
                     done[key] = merge_once(paths, loss, run["config"]["samples"], args.device)
                     if args.json:  # atomically: a stopped run leaves the last whole file
-                        partial = Path(f"{args.json}.partial")
-                        partial.write_text(json.dumps(done, indent=1))
-                        partial.replace(args.json)
+                        write_json(args.json, done)
                 figures = done[key]
                 print(
                     f"{key}: val {100 * figures['val']:.2f} test {100 * figures['test']:.2f} "
